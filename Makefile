@@ -1,0 +1,39 @@
+# tooti: the two commands. `make run` starts a gateway with an in-process node on the
+# embedded llama.cpp backend; `make test` runs the whole test suite.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+LISTEN ?= 127.0.0.1:8080
+PLUGINS := $(wildcard plugins/*/pyproject.toml)
+
+.PHONY: run test lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed-run: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[local]'
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml $(PLUGINS) | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[local,test]' $(foreach p,$(PLUGINS),-e $(dir $(p)))
+	touch $@
+
+run: $(VENV)/.installed-run
+	$(BIN)/tooti run --listen $(LISTEN)
+
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q
+	$(BIN)/ruff check tooti tests bench
+	$(BIN)/mypy
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check tooti tests bench
+	$(BIN)/mypy
+
+bench: $(VENV)/.installed-test
+	$(BIN)/python bench/overhead.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

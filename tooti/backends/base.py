@@ -1,0 +1,150 @@
+"""The contract every node backend fulfils.
+
+A backend wraps one model server (or simulates one). The node calls it for
+model discovery, health, and to serve one OpenAI-style request. Request bodies
+arrive as the exact bytes the client sent (so tools, ``response_format``,
+array content and every other field pass through intact) together with the
+decoded JSON object for backends that need to look inside.
+
+A response is an HTTP-like head (status, content type) plus an async iterator
+of raw byte chunks in OpenAI wire format: a JSON object for a non-streaming
+call, ``text/event-stream`` SSE events (ending with ``data: [DONE]``) for a
+streaming one. The node forwards these bytes unchanged and reads usage from
+them; a backend never needs to frame or meter anything itself.
+
+Cancellation: the node runs :meth:`Backend.open` inside the stream's cancel
+scope. When the client goes away the scope is cancelled, and the backend's
+upstream HTTP request must be closed so the model server sees the disconnect.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+ENDPOINTS = ("chat/completions", "completions", "embeddings")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One model a backend serves, as advertised in the tunnel's MODELS frame."""
+
+    id: str
+    endpoints: tuple[str, ...] = ENDPOINTS
+    context_length: int | None = None
+    max_concurrency: int = 8
+    price_input: float = 0.0
+    """Price per 1M prompt tokens, in the operator's currency unit."""
+    price_output: float = 0.0
+    """Price per 1M completion tokens."""
+    warm: bool = True
+    owned_by: str = "tooti"
+    meta: dict[str, Any] = field(default_factory=dict)
+    """Extra metadata shown in ``/v1/models`` (e.g. ``{"simulated": true}``)."""
+
+    def to_wire(self) -> dict[str, Any]:
+        """Return the JSON-able dict sent in a MODELS frame."""
+        return {
+            "id": self.id,
+            "endpoints": list(self.endpoints),
+            "context_length": self.context_length,
+            "max_concurrency": self.max_concurrency,
+            "price": {"input": self.price_input, "output": self.price_output},
+            "warm": self.warm,
+            "owned_by": self.owned_by,
+            "meta": self.meta,
+        }
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> ModelInfo:
+        """Build a ModelInfo from a MODELS frame entry (already type-checked)."""
+        price = data.get("price") or {}
+        return cls(
+            id=str(data["id"]),
+            endpoints=tuple(data.get("endpoints") or ENDPOINTS),
+            context_length=data.get("context_length"),
+            max_concurrency=int(data.get("max_concurrency") or 8),
+            price_input=float(price.get("input") or 0.0),
+            price_output=float(price.get("output") or 0.0),
+            warm=bool(data.get("warm", True)),
+            owned_by=str(data.get("owned_by") or "tooti"),
+            meta=dict(data.get("meta") or {}),
+        )
+
+
+@dataclass
+class BackendResponse:
+    """The head and body of one backend answer."""
+
+    status: int
+    content_type: str
+    chunks: AsyncIterator[bytes]
+    """Raw body bytes in OpenAI wire format, in arbitrary chunk boundaries."""
+
+
+class BackendError(Exception):
+    """A backend failed before producing a response head.
+
+    ``status`` is the HTTP status to report (the upstream's where meaningful,
+    502 for a transport failure); ``code`` is an OpenAI-style error code.
+    ``retryable`` tells the gateway whether another node may succeed.
+    """
+
+    def __init__(
+        self, message: str, *, status: int = 502, code: str = "backend_error",
+        retryable: bool = True,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.code = code
+        self.retryable = retryable
+
+
+class Backend(Protocol):
+    """What a node needs from a backend (see the module docstring)."""
+
+    type_name: str
+    """The config name of this backend type (``openai``, ``simulated``, ...)."""
+
+    async def start(self) -> None:
+        """Prepare the backend (start a child server, open clients).
+
+        Returns once the backend can answer :meth:`models`. Long-running
+        supervision, if any, is done by :meth:`run`.
+        """
+        ...
+
+    async def run(self) -> None:
+        """Supervise whatever the backend owns until cancelled.
+
+        Backends with nothing to supervise simply sleep forever. Called in the
+        node's nursery after :meth:`start`.
+        """
+        ...
+
+    async def models(self) -> list[ModelInfo]:
+        """List the models this backend serves right now."""
+        ...
+
+    async def health(self) -> bool:
+        """Return True when the backend can take traffic."""
+        ...
+
+    def open(
+        self, endpoint: str, body: bytes, request: dict[str, Any]
+    ) -> AbstractAsyncContextManager[BackendResponse]:
+        """Start one request; the context yields the response head and body.
+
+        ``endpoint`` is one of :data:`ENDPOINTS`; ``body`` the client's exact
+        bytes; ``request`` the decoded body. Raises :class:`BackendError` if
+        no response head can be produced. Leaving the context (normally or by
+        cancellation) closes the upstream request.
+        """
+        ...
+
+    async def close(self) -> None:
+        """Release every resource (clients, child processes)."""
+        ...

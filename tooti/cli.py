@@ -1,0 +1,113 @@
+"""The ``tooti`` command line: ``tooti run`` and ``tooti config check``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from tooti import __version__
+from tooti.config import ConfigError, build_settings, load_file
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``tooti`` command line with ``argv`` (default ``sys.argv[1:]``)."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, usage errors
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
+    code: int = args.handler(args)
+    return code
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tooti", description="Decentralized AI inference network."
+    )
+    parser.add_argument("--version", action="version", version=f"tooti {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser(
+        "run",
+        help="run gateway / node / relay roles",
+        description="Run one or more roles. Every flag can also be set with the "
+        "TOOTI_* variable in brackets; flags win over the environment, which wins "
+        "over the config file.",
+    )
+    run.add_argument(
+        "--role",
+        action="append",
+        metavar="ROLE",
+        help="gateway, node or relay; repeatable [TOOTI_ROLE, comma-separated]",
+    )
+    run.add_argument("--config", metavar="FILE", help="TOML config file [TOOTI_CONFIG]")
+    run.add_argument("--listen", metavar="HOST:PORT", help="gateway address [TOOTI_LISTEN]")
+    run.add_argument(
+        "--peer",
+        action="append",
+        metavar="URL",
+        help="ws(s):// gateway or relay to dial; repeatable [TOOTI_PEER]",
+    )
+    run.add_argument(
+        "--backend",
+        action="append",
+        metavar="TYPE[=URL]",
+        help="node backend, e.g. openai=http://127.0.0.1:8000/v1; repeatable [TOOTI_BACKEND]",
+    )
+    run.add_argument(
+        "--join-token",
+        metavar="T",
+        help="shared node join token; prefer the variable [TOOTI_JOIN_TOKEN]",
+    )
+    run.add_argument(
+        "--admin-key", metavar="K", help="admin API key; prefer the variable [TOOTI_ADMIN_KEY]"
+    )
+    run.add_argument("--data-dir", metavar="DIR", help="state directory [TOOTI_DATA_DIR]")
+    run.add_argument("--node-id", metavar="ID", help="node id [TOOTI_NODE_ID]")
+    run.add_argument(
+        "--log-level", metavar="L", help="debug, info, warning or error [TOOTI_LOG_LEVEL]"
+    )
+    run.add_argument(
+        "--drain-grace",
+        metavar="S",
+        help="seconds to finish streams on shutdown [TOOTI_DRAIN_GRACE]",
+    )
+    run.set_defaults(handler=_run)
+
+    config = commands.add_parser("config", help="work with config files")
+    config_commands = config.add_subparsers(dest="config_command", required=True, metavar="COMMAND")
+    check = config_commands.add_parser("check", help="validate a config file")
+    check.add_argument("file", metavar="FILE")
+    check.set_defaults(handler=_config_check)
+    return parser
+
+
+def _error(exc: ConfigError) -> int:
+    print(f"tooti: error: {exc}", file=sys.stderr)
+    return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        settings = build_settings(args, os.environ)
+        runner = importlib.import_module("tooti.runner")
+        code: int = runner.run(settings)
+    except ConfigError as exc:
+        return _error(exc)
+    return code
+
+
+def _config_check(args: argparse.Namespace) -> int:
+    try:
+        settings = load_file(args.file)
+    except ConfigError as exc:
+        return _error(exc)
+    roles = ", ".join(settings.roles) if settings.roles else "default (gateway, node)"
+    print(f"{args.file}: ok")
+    print(f"  roles: {roles}")
+    print(f"  listen: {settings.gateway.listen}")
+    print(f"  backends: {len(settings.node.backends)}")
+    print(f"  peers: {len(settings.node.peers)}")
+    return 0

@@ -1,0 +1,1 @@
+"""The gateway role: OpenAI-compatible HTTP front door, peer registry and router."""

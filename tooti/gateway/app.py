@@ -1,0 +1,227 @@
+"""The gateway: an ASGI app served by hypercorn on trio.
+
+Routes: ``GET /v1/models``, ``POST /v1/chat/completions``, ``/v1/completions``,
+``/v1/embeddings``, ``GET /healthz`` and the tunnel WebSocket at
+``/tooti/v1/tunnel``. A plain ASGI callable (rather than a framework) keeps
+the per-request path short; every response carries ``x-request-id``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+
+from tooti.errors import APIError
+from tooti.gateway.http import (
+    ClientGone,
+    Headers,
+    Receive,
+    Scope,
+    Send,
+    header,
+    read_body,
+    send_error,
+    send_json,
+)
+from tooti.gateway.proxy import ProxySettings, forward
+from tooti.gateway.registry import Registry
+from tooti.gateway.tunnels import TunnelAuth, serve_tunnel
+from tooti.gateway.validation import parse_request
+from tooti.settings import GatewaySettings, TunnelSettings
+from tooti.transport import Transport
+from tooti.transport.websocket import SUBPROTOCOL, TUNNEL_PATH, ASGIWebSocketTransport
+from tooti.tunnel import TunnelSession
+
+log = logging.getLogger("tooti.gateway")
+
+API_ROUTES = {
+    "/v1/chat/completions": "chat/completions",
+    "/v1/completions": "completions",
+    "/v1/embeddings": "embeddings",
+}
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (``[::1]:8080`` for IPv6) into host and port."""
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+class Gateway:
+    """Registry, router and HTTP/tunnel front door of one gateway."""
+
+    def __init__(self, settings: GatewaySettings, tunnel: TunnelSettings) -> None:
+        self.settings = settings
+        self.tunnel_settings = tunnel
+        self.registry = Registry()
+        self.auth = TunnelAuth(settings.join_token)
+        self.proxy_settings = ProxySettings(
+            max_attempts=settings.max_attempts,
+            first_byte_timeout=settings.first_byte_timeout,
+            request_timeout=settings.request_timeout,
+        )
+        self.sessions: set[TunnelSession] = set()
+        self.bound: list[str] = []
+        self.draining = False
+        self.in_flight = 0
+        self._idle = trio.Event()
+        self._idle.set()
+        self._shutdown = trio.Event()
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def serve(self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+                    grace: float = 10.0) -> None:
+        """Serve HTTP and tunnels until :meth:`shutdown`; reports the bound URLs."""
+        config = Config()
+        config.bind = [self.settings.listen]
+        config.accesslog = None
+        config.graceful_timeout = grace
+        config.keep_alive_timeout = 75
+        config.websocket_max_message_size = self.tunnel_settings.max_frame_bytes
+        config.include_server_header = False
+        if not self.auth.open_to_network:
+            log.warning("no join token configured: node tunnels are accepted from loopback only")
+
+        async with trio.open_nursery() as nursery:
+            self.bound = await nursery.start(
+                lambda task_status: serve(self, config, shutdown_trigger=self._shutdown.wait,
+                                          task_status=task_status)
+            )
+            log.info("gateway listening on %s", ", ".join(self.bound))
+            task_status.started(self.bound)
+
+    async def drain(self, grace: float) -> None:
+        """Stop taking requests, tell peers GOAWAY, wait up to ``grace`` for in-flight ones."""
+        self.draining = True
+        for session in list(self.sessions):
+            with trio.move_on_after(1):
+                try:
+                    await session.goaway("draining", "gateway shutting down")
+                except Exception:  # the peer is already gone
+                    log.debug("goaway to %s failed", session.name)
+        with trio.move_on_after(grace):
+            await self._idle.wait()
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        """Stop the HTTP server and close every tunnel."""
+        self._shutdown.set()
+        for session in list(self.sessions):
+            session.abort("gateway shutting down")
+
+    async def attach(self, transport: Transport) -> None:
+        """Serve a tunnel over an already-connected transport (in-memory peers)."""
+        await serve_tunnel(transport, self.registry, self.tunnel_settings, self.sessions)
+
+    # ------------------------------------------------------------ ASGI
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "websocket":
+            await self._websocket(scope, receive, send)
+        elif kind == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request_id = "req_" + uuid.uuid4().hex
+        headers: Headers = [(b"x-request-id", request_id.encode())]
+        path = scope["path"]
+        method = scope["method"]
+        self.in_flight += 1
+        self._idle = trio.Event() if self.in_flight == 1 else self._idle
+        try:
+            endpoint = API_ROUTES.get(path)
+            if endpoint is not None:
+                if method != "POST":
+                    raise APIError(405, f"{method} is not allowed on {path}; use POST",
+                                   code="method_not_allowed")
+                if self.draining:
+                    raise APIError(503, "gateway is shutting down", code="shutting_down",
+                                   type="service_unavailable")
+                raw = await read_body(scope, receive, self.settings.max_body_bytes)
+                request = parse_request(endpoint, raw)
+                await forward(self.registry, self.proxy_settings, request, raw, request_id,
+                              send, headers)
+            elif path == "/v1/models":
+                if method != "GET":
+                    raise APIError(405, "use GET on /v1/models", code="method_not_allowed")
+                await send_json(send, 200, self.models_list(), headers)
+            elif path == "/healthz":
+                await send_json(send, 200, {
+                    "status": "draining" if self.draining else "ok",
+                    "peers": len(self.registry.peers),
+                    "models": len(self.registry.live_models()),
+                }, headers)
+            else:
+                raise APIError(404, f"no route for {method} {path}", code="not_found")
+        except APIError as error:
+            await send_error(send, error, headers)
+        except ClientGone:
+            return
+        except trio.TooSlowError:
+            await send_error(send, APIError(504, "request timed out", code="timeout"), headers)
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self._idle.set()
+
+    def models_list(self) -> dict[str, Any]:
+        """The ``/v1/models`` body: the union of live nodes' models."""
+        data = []
+        for model, peers in sorted(self.registry.live_models().items()):
+            info = peers[0].models[model]
+            data.append({
+                "id": model,
+                "object": "model",
+                "created": int(min(p.connected_at for p in peers)),
+                "owned_by": info.owned_by,
+                "meta": {
+                    **info.meta,
+                    "nodes": len(peers),
+                    "context_length": info.context_length,
+                    "endpoints": list(info.endpoints),
+                },
+            })
+        return {"object": "list", "data": data}
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        message = await receive()
+        if message["type"] != "websocket.connect":
+            return
+        client = scope.get("client")
+        host = client[0] if client else None
+        if scope["path"] != TUNNEL_PATH:
+            await send({"type": "websocket.close", "code": 1008, "reason": "unknown path"})
+            return
+        if SUBPROTOCOL not in scope.get("subprotocols", []):
+            await send({"type": "websocket.close", "code": 1002,
+                        "reason": f"subprotocol {SUBPROTOCOL} required"})
+            return
+        refusal = self.auth.check(header(scope, b"authorization"), host)
+        if refusal is None and self.draining:
+            refusal = "gateway is shutting down"
+        if refusal is not None:
+            log.warning("tunnel from %s refused: %s", host, refusal)
+            await send({"type": "websocket.close", "code": 1008, "reason": refusal})
+            return
+        await send({"type": "websocket.accept", "subprotocol": SUBPROTOCOL})
+        remote = f"{client[0]}:{client[1]}" if client else "unknown"
+        transport = ASGIWebSocketTransport(receive, send, remote)
+        started = time.monotonic()
+        await serve_tunnel(transport, self.registry, self.tunnel_settings, self.sessions)
+        log.debug("tunnel from %s ended after %.1fs", remote, time.monotonic() - started)

@@ -1,0 +1,142 @@
+"""Accepting node tunnels: authentication, handshake, registration."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import logging
+import uuid
+
+import trio
+
+from tooti import __version__
+from tooti.backends.base import ModelInfo
+from tooti.gateway.registry import Peer, Registry
+from tooti.protocol.connection import (
+    Connection,
+    Event,
+    GoAwayReceived,
+    HeartbeatReceived,
+    HelloReceived,
+    Limits,
+    ModelsReceived,
+    ProtocolError,
+    Side,
+)
+from tooti.settings import TunnelSettings
+from tooti.transport import Transport, TransportClosed
+from tooti.tunnel import CLOSE_PROTOCOL_ERROR, TunnelSession
+
+log = logging.getLogger("tooti.gateway")
+
+HANDSHAKE_TIMEOUT = 10.0
+
+
+def limits_from(settings: TunnelSettings) -> Limits:
+    """The protocol limits a tunnel end enforces, from settings."""
+    return Limits(
+        max_frame_bytes=settings.max_frame_bytes,
+        max_streams=settings.max_streams,
+        initial_window=settings.initial_window,
+        max_control_bytes=settings.max_control_bytes,
+    )
+
+
+class TunnelAuth:
+    """Decides whether a dialing peer may open a tunnel.
+
+    The join token is kept only as its SHA-256 digest and compared in
+    constant time. With no token configured, only loopback peers are accepted.
+    """
+
+    def __init__(self, join_token: str) -> None:
+        self._digest = hashlib.sha256(join_token.encode()).digest() if join_token else None
+
+    @property
+    def open_to_network(self) -> bool:
+        """True when a join token is configured (non-loopback peers allowed)."""
+        return self._digest is not None
+
+    def check(self, authorization: bytes | None, client_host: str | None) -> str | None:
+        """Return None if the peer is admitted, else the reason it is refused."""
+        if self._digest is None:
+            if client_host is None or client_host == "memory":
+                return None
+            try:
+                if ipaddress.ip_address(client_host).is_loopback:
+                    return None
+            except ValueError:
+                pass
+            return "no join token configured: tunnels are accepted from loopback only"
+        token = b""
+        if authorization and authorization[:7].lower() == b"bearer ":
+            token = authorization[7:].strip()
+        if not hmac.compare_digest(hashlib.sha256(token).digest(), self._digest):
+            return "invalid join token"
+        return None
+
+
+async def serve_tunnel(
+    transport: Transport, registry: Registry, settings: TunnelSettings,
+    sessions: set[TunnelSession],
+) -> None:
+    """Run the acceptor side of one tunnel until it closes."""
+    conn = Connection(Side.ACCEPTOR, limits_from(settings))
+    hello: Event | None = None
+    try:
+        with trio.move_on_after(HANDSHAKE_TIMEOUT):
+            hello = conn.receive_message(await transport.receive())
+        if not isinstance(hello, HelloReceived):
+            raise ProtocolError("handshake_timeout", "no HELLO received")
+        version = conn.choose_version(hello.versions)
+        await transport.send(conn.send_welcome(
+            version, uuid.uuid4().hex, settings.heartbeat_interval,
+            extra={"software": f"tooti/{__version__}"},
+        ))
+    except ProtocolError as exc:
+        log.warning("tunnel from %s refused: %s", transport.remote, exc)
+        with trio.move_on_after(1):
+            try:
+                await transport.send(conn.send_goaway(exc.code, exc.message))
+            except TransportClosed:
+                pass
+        await transport.aclose(CLOSE_PROTOCOL_ERROR, exc.code)
+        return
+    except TransportClosed:
+        return
+    peer_ref: list[Peer] = []
+
+    def on_event(event: Event) -> None:
+        peer = peer_ref[0]
+        if isinstance(event, HeartbeatReceived):
+            peer.stats = event.stats
+        elif isinstance(event, ModelsReceived):
+            try:
+                models = [ModelInfo.from_wire(m) for m in event.models]
+            except (TypeError, ValueError, AttributeError) as exc:
+                session.abort(f"bad MODELS frame: {exc}")
+                return
+            registry.set_models(peer, models)
+            log.info("peer %s serves %s", peer.id, ", ".join(sorted(peer.models)) or "nothing")
+        elif isinstance(event, GoAwayReceived):
+            peer.draining = True
+
+    session = TunnelSession(
+        transport, conn, heartbeat_interval=settings.heartbeat_interval, on_event=on_event,
+        name=hello.peer_id,
+    )
+    peer = Peer(
+        id=hello.peer_id, role=hello.role, session=session, address=transport.remote,
+        labels=hello.labels, software=hello.software,
+    )
+    peer_ref.append(peer)
+    replaced = registry.add(peer)
+    if replaced is not None:
+        replaced.session.abort("replaced by a newer session of the same node")
+    sessions.add(session)
+    try:
+        await session.run()
+    finally:
+        sessions.discard(session)
+        registry.remove(peer)

@@ -1,0 +1,124 @@
+"""Checking an OpenAI request body before it is routed.
+
+Only what the gateway needs (the model, whether to stream) and what would
+otherwise fail obscurely on a backend is checked; every other field passes
+through untouched. Each failure names the offending parameter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from tooti.errors import APIError
+
+_decoder = msgspec.json.Decoder()
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedRequest:
+    """What the gateway learned from a request body."""
+
+    endpoint: str
+    model: str
+    stream: bool
+    body: dict[str, Any]
+
+
+def _bad(message: str, param: str | None, code: str = "invalid_value") -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+_NUMBER_FIELDS = ("temperature", "top_p", "presence_penalty", "frequency_penalty")
+_INT_FIELDS = ("max_tokens", "max_completion_tokens", "n", "seed", "top_logprobs")
+
+
+def parse_request(endpoint: str, raw: bytes) -> ParsedRequest:
+    """Decode and check a request body for ``endpoint``; raise APIError(400)."""
+    try:
+        body = _decoder.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise _bad("request body must be a JSON object", None, "invalid_type")
+    model = body.get("model")
+    if model is None:
+        raise _bad("you must provide a model parameter", "model", "missing_required_parameter")
+    if not isinstance(model, str) or not model:
+        raise _bad("model must be a non-empty string", "model", "invalid_type")
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise _bad("stream must be a boolean", "stream", "invalid_type")
+    options = body.get("stream_options")
+    if options is not None:
+        if not isinstance(options, dict):
+            raise _bad("stream_options must be an object", "stream_options", "invalid_type")
+        if not stream:
+            raise _bad("stream_options is only allowed when stream is true", "stream_options")
+        include = options.get("include_usage")
+        if include is not None and not isinstance(include, bool):
+            raise _bad("include_usage must be a boolean", "stream_options.include_usage",
+                       "invalid_type")
+    for name in _NUMBER_FIELDS:
+        value = body.get(name)
+        if value is not None and not _is_number(value):
+            raise _bad(f"{name} must be a number", name, "invalid_type")
+    for name in _INT_FIELDS:
+        value = body.get(name)
+        if value is not None and not _is_int(value):
+            raise _bad(f"{name} must be an integer", name, "invalid_type")
+    for name in ("max_tokens", "max_completion_tokens", "n"):
+        value = body.get(name)
+        if value is not None and value < 1:
+            raise _bad(f"{name} must be at least 1", name)
+    stop = body.get("stop")
+    if stop is not None and not (
+        isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))
+    ):
+        raise _bad("stop must be a string or a list of strings", "stop", "invalid_type")
+    if endpoint == "chat/completions":
+        _check_messages(body.get("messages"))
+    elif endpoint == "completions":
+        prompt = body.get("prompt")
+        if prompt is None:
+            raise _bad("you must provide a prompt", "prompt", "missing_required_parameter")
+        if not isinstance(prompt, str | list):
+            raise _bad("prompt must be a string or an array", "prompt", "invalid_type")
+    elif endpoint == "embeddings":
+        value = body.get("input")
+        if value is None:
+            raise _bad("you must provide an input", "input", "missing_required_parameter")
+        if not isinstance(value, str | list) or (isinstance(value, list) and not value):
+            raise _bad("input must be a string or a non-empty array", "input", "invalid_type")
+        if stream:
+            raise _bad("embeddings cannot be streamed", "stream")
+    return ParsedRequest(endpoint, model, stream, body)
+
+
+def _check_messages(messages: Any) -> None:
+    if messages is None:
+        raise _bad("you must provide messages", "messages", "missing_required_parameter")
+    if not isinstance(messages, list) or not messages:
+        raise _bad("messages must be a non-empty array", "messages", "invalid_type")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise _bad(f"messages[{i}] must be an object", f"messages[{i}]", "invalid_type")
+        if not isinstance(message.get("role"), str):
+            raise _bad(f"messages[{i}].role must be a string", f"messages[{i}].role",
+                       "invalid_type")
+        content = message.get("content")
+        if content is not None and not isinstance(content, str | list):
+            raise _bad(f"messages[{i}].content must be a string or an array",
+                       f"messages[{i}].content", "invalid_type")

@@ -1,0 +1,1 @@
+"""The node role: serves gateway streams from local backends."""

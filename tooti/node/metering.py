@@ -1,0 +1,137 @@
+"""Reading usage out of a backend's answer as it streams past.
+
+The node forwards backend bytes untouched except for two things this module
+does: it forwards SSE only in whole events (so a stream cut mid-event never
+leaves half an event at the client), and it can drop the usage-only chunk
+that the node itself asked the backend for (``stream_options.include_usage``)
+when the client did not ask for it. Usage is taken from the backend's own
+figures; when a stream dies before reporting them, the count of delivered
+content chunks stands in for completion tokens (flagged as estimated).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+_decoder = msgspec.json.Decoder()
+MAX_JSON_BYTES = 64 * 1024 * 1024
+
+
+class UsageMeter:
+    """Feeds on response bytes, returns the bytes to forward, remembers usage."""
+
+    def __init__(self, sse: bool, strip_usage_chunk: bool = False) -> None:
+        self.sse = sse
+        self.strip_usage_chunk = strip_usage_chunk
+        self.usage: dict[str, Any] | None = None
+        self.finish_reason: str | None = None
+        self.content_chunks = 0
+        self.done = False
+        self._pending = b""
+        self._json: list[bytes] = []
+        self._json_size = 0
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Take backend bytes; return what may be forwarded now."""
+        if not self.sse:
+            self._json_size += len(chunk)
+            if self._json_size <= MAX_JSON_BYTES:
+                self._json.append(chunk)
+            return chunk
+        if b"\r" in chunk:
+            chunk = chunk.replace(b"\r\n", b"\n")
+        data = self._pending + chunk if self._pending else chunk
+        cut = data.rfind(b"\n\n")
+        if cut < 0:
+            self._pending = data
+            return b""
+        complete, self._pending = data[: cut + 2], data[cut + 2 :]
+        if b'"usage"' not in complete and (
+            b'"finish_reason":null' in complete or b'"finish_reason"' not in complete
+        ):
+            # Fast path: no usage and no finish reason in these events.
+            self.content_chunks += complete.count(b"\n\n")
+            if b"[DONE]" in complete:
+                self.done = True
+                self.content_chunks -= 1
+            return complete
+        kept = [event for event in complete.split(b"\n\n")[:-1] if self._event(event)]
+        return b"".join(event + b"\n\n" for event in kept)
+
+    def _event(self, event: bytes) -> bool:
+        """Inspect one SSE event; return False to drop it."""
+        if not event.startswith(b"data:"):
+            return True
+        payload = event[5:].strip()
+        if payload == b"[DONE]":
+            self.done = True
+            return True
+        if b'"usage"' not in payload and b'"finish_reason"' not in payload:
+            self.content_chunks += 1
+            return True
+        try:
+            obj = _decoder.decode(payload)
+        except msgspec.DecodeError:
+            return True
+        if not isinstance(obj, dict):
+            return True
+        usage = obj.get("usage")
+        if isinstance(usage, dict):
+            self.usage = usage
+        choices = obj.get("choices")
+        if isinstance(choices, list):
+            for choice in choices:
+                if isinstance(choice, dict) and isinstance(choice.get("finish_reason"), str):
+                    self.finish_reason = choice["finish_reason"]
+            if choices:
+                self.content_chunks += 1
+            elif self.strip_usage_chunk and isinstance(usage, dict):
+                return False
+        return True
+
+    def finish(self) -> bytes:
+        """The backend is done: return any trailing bytes and settle usage."""
+        if not self.sse:
+            if self._json_size <= MAX_JSON_BYTES and self._json:
+                try:
+                    obj = _decoder.decode(b"".join(self._json))
+                except msgspec.DecodeError:
+                    return b""
+                if isinstance(obj, dict):
+                    usage = obj.get("usage")
+                    if isinstance(usage, dict):
+                        self.usage = usage
+                    choices = obj.get("choices")
+                    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+                        reason = choices[0].get("finish_reason")
+                        self.finish_reason = reason if isinstance(reason, str) else None
+            return b""
+        tail, self._pending = self._pending, b""
+        return tail
+
+    def report(self) -> dict[str, Any]:
+        """The END frame's usage fields for what was delivered."""
+        out: dict[str, Any] = {"finish_reason": self.finish_reason}
+        usage = self.usage
+        if usage is not None:
+            prompt = _int(usage.get("prompt_tokens"))
+            completion = _int(usage.get("completion_tokens"))
+            out["usage"] = {
+                "prompt_tokens": prompt,
+                "completion_tokens": completion,
+                "total_tokens": _int(usage.get("total_tokens")) or prompt + completion,
+            }
+        else:
+            out["usage"] = {
+                "prompt_tokens": 0,
+                "completion_tokens": self.content_chunks,
+                "total_tokens": self.content_chunks,
+                "estimated": True,
+            }
+        return out
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0

@@ -1,0 +1,313 @@
+"""The node role: serve streams from gateways out of local backends.
+
+A node dials every configured peer (re-dialling with exponential backoff and
+jitter), introduces itself with HELLO, announces its models, sends load
+figures in heartbeats, and answers each OPEN by calling the backend that
+serves the model. A CANCEL frame, or the tunnel's loss, cancels the stream's
+scope, which closes the backend's upstream request.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from typing import Any
+
+import msgspec
+import trio
+from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
+
+from tooti import __version__
+from tooti.backends.base import Backend, BackendError, ModelInfo
+from tooti.gateway.tunnels import limits_from
+from tooti.node.metering import UsageMeter
+from tooti.protocol.connection import (
+    Connection,
+    GoAwayReceived,
+    ProtocolError,
+    Side,
+    WelcomeReceived,
+)
+from tooti.settings import NodeSettings, TunnelSettings
+from tooti.transport import Transport, TransportClosed
+from tooti.transport.websocket import SUBPROTOCOL, ClientWebSocketTransport
+from tooti.tunnel import InboundStream, TunnelLost, TunnelSession
+
+log = logging.getLogger("tooti.node")
+_decoder = msgspec.json.Decoder()
+_encoder = msgspec.json.Encoder()
+
+HANDSHAKE_TIMEOUT = 10.0
+MAX_REQUEST_BYTES = 64 * 1024 * 1024
+
+
+class TunnelRefused(Exception):
+    """The peer refused our HELLO (GOAWAY or a broken handshake)."""
+
+
+def _error(status: int, code: str, message: str) -> dict[str, Any]:
+    return {"error": {"status": status, "code": code, "message": message}}
+
+
+class Node:
+    """One node: backends, model table, and a tunnel session per peer."""
+
+    def __init__(
+        self, settings: NodeSettings, tunnel: TunnelSettings, backends: list[Backend],
+        node_id: str, poll_interval: float = 30.0,
+    ) -> None:
+        self.settings = settings
+        self.tunnel_settings = tunnel
+        self.backends = backends
+        self.id = node_id
+        self.poll_interval = poll_interval
+        self.sessions: set[TunnelSession] = set()
+        self.models: dict[str, tuple[Backend, ModelInfo]] = {}
+        self.in_flight = 0
+        self.queued = 0
+        self.healthy = True
+        self.draining = False
+        self.connected = trio.Event()
+        """Set each time a session completes its handshake (for callers that wait)."""
+        self._slots: dict[str, trio.Semaphore] = {}
+        self._idle = trio.Event()
+        self._idle.set()
+        self._ttft_ms = 0.0
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Start backends, dial every peer, and serve until cancelled."""
+        for backend in self.backends:
+            await backend.start()
+        try:
+            await self.refresh_models()
+            async with trio.open_nursery() as nursery:
+                for backend in self.backends:
+                    nursery.start_soon(backend.run)
+                nursery.start_soon(self._poll_models)
+                for url in self.settings.peers:
+                    nursery.start_soon(self.dial_forever, url)
+                task_status.started()
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                for backend in self.backends:
+                    await backend.close()
+
+    async def drain(self, grace: float) -> None:
+        """Refuse new streams (GOAWAY), let in-flight ones finish for up to ``grace``."""
+        self.draining = True
+        for session in list(self.sessions):
+            with trio.move_on_after(1):
+                try:
+                    await session.goaway("draining", "node shutting down")
+                except TunnelLost:
+                    pass
+        with trio.move_on_after(grace):
+            await self._idle.wait()
+        for session in list(self.sessions):
+            session.abort("node shutting down")
+
+    async def refresh_models(self) -> bool:
+        """Re-read every healthy backend's models; True if the table changed."""
+        table: dict[str, tuple[Backend, ModelInfo]] = {}
+        healthy_any = False
+        for backend in self.backends:
+            try:
+                if not await backend.health():
+                    continue
+                for info in await backend.models():
+                    table.setdefault(info.id, (backend, info))
+                healthy_any = True
+            except Exception as exc:  # a sick backend only loses its models
+                log.warning("backend %s unavailable: %s", backend.type_name, exc)
+        self.healthy = healthy_any
+        changed = {k: v[1] for k, v in table.items()} != {k: v[1] for k, v in self.models.items()}
+        self.models = table
+        for model, (_, info) in table.items():
+            if model not in self._slots:
+                self._slots[model] = trio.Semaphore(max(1, info.max_concurrency))
+        return changed
+
+    def models_wire(self) -> list[dict[str, Any]]:
+        """The MODELS frame payload."""
+        return [info.to_wire() for _, info in self.models.values()]
+
+    async def _poll_models(self) -> None:
+        while True:
+            await trio.sleep(self.poll_interval)
+            if await self.refresh_models():
+                log.info("models changed: %s", ", ".join(sorted(self.models)) or "none")
+                for session in list(self.sessions):
+                    try:
+                        await session.send_frame(session.conn.send_models(self.models_wire()))
+                    except (TunnelLost, RuntimeError):
+                        continue
+
+    def stats(self) -> dict[str, Any]:
+        """The HEARTBEAT payload: load and health."""
+        return {
+            "in_flight": self.in_flight,
+            "queued": self.queued,
+            "capacity": sum(info.max_concurrency for _, info in self.models.values()),
+            "healthy": self.healthy,
+            "ttft_ms": round(self._ttft_ms, 3),
+        }
+
+    # ------------------------------------------------------------ dialling
+
+    async def dial_forever(self, url: str) -> None:
+        """Keep one session with ``url``, re-dialling with backoff and jitter."""
+        delay = self.settings.reconnect_initial
+        headers = []
+        if self.settings.join_token:
+            headers.append((b"authorization", b"Bearer " + self.settings.join_token.encode()))
+        while not self.draining:
+            started = time.monotonic()
+            try:
+                async with open_websocket_url(
+                    url, subprotocols=[SUBPROTOCOL], extra_headers=headers,
+                    max_message_size=self.tunnel_settings.max_frame_bytes,
+                    connect_timeout=10, disconnect_timeout=2,
+                ) as ws:
+                    if ws.subprotocol != SUBPROTOCOL:
+                        raise TunnelRefused(f"peer chose subprotocol {ws.subprotocol!r}")
+                    await self.serve_transport(ClientWebSocketTransport(ws, url))
+            except (OSError, HandshakeError, ConnectionClosed, TunnelRefused,
+                    trio.TooSlowError) as exc:
+                log.info("tunnel to %s: %s", url, exc or type(exc).__name__)
+            if self.draining:
+                return
+            if time.monotonic() - started > 10 * self.settings.reconnect_initial + 5:
+                delay = self.settings.reconnect_initial
+            pause = delay * random.uniform(0.5, 1.0)
+            log.info("re-dialling %s in %.2fs", url, pause)
+            await trio.sleep(pause)
+            delay = min(delay * 2, self.settings.reconnect_max)
+
+    async def serve_transport(self, transport: Transport) -> None:
+        """Run the dialer side of one tunnel (handshake, then serve) until it closes."""
+        conn = Connection(Side.DIALER, limits_from(self.tunnel_settings))
+        try:
+            await transport.send(conn.send_hello(
+                self.id, "node", f"tooti/{__version__}", dict(self.settings.labels)))
+            event = None
+            with trio.move_on_after(HANDSHAKE_TIMEOUT):
+                event = conn.receive_message(await transport.receive())
+        except ProtocolError as exc:
+            await transport.aclose(1002, exc.code)
+            raise TunnelRefused(f"bad handshake: {exc}") from None
+        except TransportClosed as exc:
+            raise TunnelRefused(f"closed during handshake: {exc}") from None
+        if isinstance(event, GoAwayReceived):
+            await transport.aclose(1000, "refused")
+            raise TunnelRefused(f"refused: {event.code} {event.reason}")
+        if not isinstance(event, WelcomeReceived):
+            await transport.aclose(1002, "no welcome")
+            raise TunnelRefused("no WELCOME from peer")
+        session = TunnelSession(
+            transport, conn, heartbeat_interval=event.heartbeat_interval, stats=self.stats,
+            handler=self._serve_stream, name=transport.remote,
+        )
+        try:
+            await transport.send(conn.send_models(self.models_wire()))
+        except TransportClosed:
+            return
+        log.info("connected to %s (session %s)", transport.remote, event.session_id)
+        self.sessions.add(session)
+        self.connected.set()
+        self.connected = trio.Event()
+        try:
+            await session.run()
+        finally:
+            self.sessions.discard(session)
+            log.info("tunnel to %s closed: %s", transport.remote, session.close_reason)
+
+    # ------------------------------------------------------------ serving
+
+    async def _serve_stream(self, stream: InboundStream) -> None:
+        meta = stream.meta
+        endpoint, model = meta.get("endpoint"), meta.get("model")
+        if not isinstance(endpoint, str) or not isinstance(model, str):
+            await stream.end(_error(400, "bad_open", "OPEN needs endpoint and model strings"))
+            return
+        entry = self.models.get(model)
+        if entry is None or endpoint not in entry[1].endpoints:
+            await stream.end(_error(503, "model_not_served",
+                                    f"node {self.id} does not serve {model} on /{endpoint}"))
+            return
+        backend, _info = entry
+        try:
+            body = await stream.read_body(MAX_REQUEST_BYTES)
+            request = _decoder.decode(body)
+        except (ValueError, msgspec.DecodeError) as exc:
+            await stream.end(_error(400, "bad_body", str(exc)))
+            return
+        if not isinstance(request, dict):
+            await stream.end(_error(400, "bad_body", "request body must be a JSON object"))
+            return
+        streaming = request.get("stream") is True
+        strip = False
+        if streaming:
+            options = request.get("stream_options")
+            if not (isinstance(options, dict) and options.get("include_usage") is True):
+                request["stream_options"] = {**(options or {}), "include_usage": True}
+                body = _encoder.encode(request)
+                strip = True
+        self.in_flight += 1
+        self._idle = trio.Event() if self.in_flight == 1 else self._idle
+        try:
+            self.queued += 1
+            try:
+                await self._slots[model].acquire()
+            finally:
+                self.queued -= 1
+            try:
+                await self._call_backend(stream, backend, endpoint, body, request, strip)
+            finally:
+                self._slots[model].release()
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self._idle.set()
+
+    async def _call_backend(
+        self, stream: InboundStream, backend: Backend, endpoint: str, body: bytes,
+        request: dict[str, Any], strip: bool,
+    ) -> None:
+        meter: UsageMeter | None = None
+        started = time.monotonic()
+        try:
+            async with backend.open(endpoint, body, request) as response:
+                sse = response.content_type.startswith("text/event-stream")
+                meter = UsageMeter(sse=sse, strip_usage_chunk=strip and sse)
+                await stream.respond(response.status, {"content-type": response.content_type})
+                first = True
+                async for chunk in response.chunks:
+                    out = meter.feed(chunk)
+                    if out:
+                        if first:
+                            first = False
+                            self._ttft_ms = 0.8 * self._ttft_ms + 0.2 * (
+                                (time.monotonic() - started) * 1000)
+                        await stream.send(out)
+                tail = meter.finish()
+                if tail:
+                    await stream.send(tail)
+        except BackendError as exc:
+            await stream.end({
+                **(meter.report() if meter else {}),
+                **_error(exc.status, exc.code, exc.message),
+                "retryable": exc.retryable,
+            })
+            return
+        except TunnelLost:
+            raise
+        except Exception as exc:
+            log.warning("backend %s failed: %r", backend.type_name, exc)
+            info = meter.report() if meter else {}
+            await stream.end({**info, **_error(502, "backend_failed",
+                                                f"backend failed: {type(exc).__name__}")})
+            return
+        await stream.end(meter.report())

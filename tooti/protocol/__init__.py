@@ -1,0 +1,1 @@
+"""Tunnel protocol v1: sans-I/O frames and connection state machine."""

@@ -1,0 +1,637 @@
+"""Tunnel v1 connection state machine (sans-I/O).
+
+A :class:`Connection` is fed whole WebSocket messages with
+:meth:`Connection.receive_message` and returns the events they carry; its
+``send_*`` methods return the bytes to put on the wire. It owns the handshake,
+stream lifecycle, stream-id rules, per-stream credit flow control and every
+hard limit, and never touches a socket or a clock, so it can be driven by
+memory streams in tests and fuzzed.
+
+Roles: the *dialer* (a node or relay connecting out) sends HELLO; the
+*acceptor* (a gateway or relay) answers WELCOME. Either side may open
+streams; the acceptor uses even stream ids, the dialer odd ones. In practice
+the acceptor opens streams (it forwards client requests to the node).
+
+Violations raise :class:`ProtocolError`; the adapter then sends the frame
+from :meth:`Connection.send_goaway` and closes the transport.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from tooti.protocol import frames
+from tooti.protocol.frames import FLAG_ACK, FLAG_FIN, FrameError, FrameType
+
+SUPPORTED_VERSIONS = (1,)
+
+
+class ProtocolError(Exception):
+    """The peer broke the protocol; the session must close with ``code``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class FlowControlError(Exception):
+    """A local send exceeded the stream's credit or the peer's limits."""
+
+
+class Side(Enum):
+    """Which end of the tunnel this connection is."""
+
+    DIALER = "dialer"
+    ACCEPTOR = "acceptor"
+
+
+class State(Enum):
+    """Connection lifecycle."""
+
+    HANDSHAKE = "handshake"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one side accepts from its peer; exchanged in HELLO / WELCOME."""
+
+    max_frame_bytes: int = 1_048_576
+    max_streams: int = 256
+    initial_window: int = 262_144
+    max_control_bytes: int = 65_536
+
+    def to_wire(self) -> dict[str, int]:
+        """Return the JSON form carried in HELLO / WELCOME."""
+        return {
+            "max_frame_bytes": self.max_frame_bytes,
+            "max_streams": self.max_streams,
+            "initial_window": self.initial_window,
+        }
+
+
+# --------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True, slots=True)
+class HelloReceived:
+    """Acceptor side: the dialer introduced itself."""
+
+    peer_id: str
+    role: str
+    versions: list[int]
+    software: str
+    labels: dict[str, str]
+    extra: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class WelcomeReceived:
+    """Dialer side: the acceptor accepted the session."""
+
+    version: int
+    session_id: str
+    heartbeat_interval: float
+    peers: list[str]
+    extra: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelsReceived:
+    """The peer's full model list (replaces any earlier one)."""
+
+    models: list[dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatReceived:
+    """The peer's heartbeat; answer with :meth:`Connection.send_heartbeat_ack`."""
+
+    stats: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatAcked:
+    """The peer echoed our heartbeat; ``sent_at`` is the value we sent."""
+
+    sent_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class StreamOpened:
+    """The peer opened a stream (a request for us to serve)."""
+
+    stream_id: int
+    meta: dict[str, Any]
+    body: bytes
+    fin: bool
+
+
+@dataclass(frozen=True, slots=True)
+class DataReceived:
+    """Stream bytes: request body (``fin`` ends it) or response body."""
+
+    stream_id: int
+    data: bytes
+    fin: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseStarted:
+    """The responder's response head for a stream we opened."""
+
+    stream_id: int
+    status: int
+    headers: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEnded:
+    """The responder finished a stream we opened (usage or error inside)."""
+
+    stream_id: int
+    info: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class StreamCancelled:
+    """The opener cancelled a stream we serve."""
+
+    stream_id: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class WindowUpdated:
+    """The peer granted more send credit on a stream."""
+
+    stream_id: int
+    increment: int
+
+
+@dataclass(frozen=True, slots=True)
+class GoAwayReceived:
+    """The peer will accept no new streams (draining or closing)."""
+
+    code: str
+    reason: str
+
+
+Event = (
+    HelloReceived | WelcomeReceived | ModelsReceived | HeartbeatReceived | HeartbeatAcked
+    | StreamOpened | DataReceived | ResponseStarted | StreamEnded | StreamCancelled
+    | WindowUpdated | GoAwayReceived
+)
+
+
+@dataclass(slots=True)
+class _Stream:
+    local: bool
+    send_credit: int
+    recv_window: int
+    unacked: int = 0
+    request_done: bool = False
+    response_started: bool = False
+
+
+@dataclass
+class Connection:
+    """The protocol state of one tunnel session (see module docstring)."""
+
+    side: Side
+    limits: Limits = field(default_factory=Limits)
+    state: State = State.HANDSHAKE
+    peer_limits: Limits = field(default_factory=Limits)
+    version: int = 0
+    goaway_received: bool = False
+    goaway_sent: bool = False
+    _streams: dict[int, _Stream] = field(default_factory=dict)
+    _next_local_id: int = 0
+    _highest_peer_id: int = 0
+    _hello_sent: bool = False
+    _hello_received: bool = False
+
+    def __post_init__(self) -> None:
+        self._next_local_id = 1 if self.side is Side.DIALER else 2
+
+    # ------------------------------------------------------------ queries
+
+    @property
+    def active_streams(self) -> int:
+        """Number of streams not yet ended or cancelled."""
+        return len(self._streams)
+
+    def has_stream(self, stream_id: int) -> bool:
+        """True while ``stream_id`` is open."""
+        return stream_id in self._streams
+
+    def send_credit(self, stream_id: int) -> int:
+        """Bytes of DATA we may still send on ``stream_id`` (0 if closed)."""
+        stream = self._streams.get(stream_id)
+        return stream.send_credit if stream else 0
+
+    def max_data_payload(self) -> int:
+        """Largest DATA payload the peer accepts in one frame."""
+        return self.peer_limits.max_frame_bytes - frames.HEADER_SIZE
+
+    def can_open_stream(self) -> bool:
+        """True if a new stream may be opened now."""
+        return (
+            self.state is State.OPEN
+            and not self.goaway_received
+            and not self.goaway_sent
+            and self._local_count() < self.peer_limits.max_streams
+        )
+
+    def _local_count(self) -> int:
+        return sum(1 for s in self._streams.values() if s.local)
+
+    # ------------------------------------------------------------ sending
+
+    def send_hello(
+        self, peer_id: str, role: str, software: str, labels: dict[str, str],
+        extra: dict[str, Any] | None = None,
+    ) -> bytes:
+        """Dialer: the first frame of a session."""
+        if self.side is not Side.DIALER or self._hello_sent:
+            raise RuntimeError("HELLO is sent once, by the dialer")
+        self._hello_sent = True
+        obj: dict[str, Any] = dict(extra or {})
+        obj.update(
+            versions=list(SUPPORTED_VERSIONS), peer_id=peer_id, role=role,
+            software=software, labels=labels, limits=self.limits.to_wire(),
+        )
+        return frames.encode_json(FrameType.HELLO, 0, obj)
+
+    def send_welcome(
+        self, version: int, session_id: str, heartbeat_interval: float,
+        peers: list[str] | None = None, extra: dict[str, Any] | None = None,
+    ) -> bytes:
+        """Acceptor: accept the session after HELLO; the connection opens."""
+        if self.side is not Side.ACCEPTOR or self.state is not State.HANDSHAKE:
+            raise RuntimeError("WELCOME is sent once, by the acceptor, after HELLO")
+        if not self._hello_received:
+            raise RuntimeError("WELCOME before HELLO was received")
+        self.version = version
+        self.state = State.OPEN
+        obj: dict[str, Any] = dict(extra or {})
+        obj.update(
+            version=version, session_id=session_id, heartbeat_interval=heartbeat_interval,
+            limits=self.limits.to_wire(), peers=list(peers or []),
+        )
+        return frames.encode_json(FrameType.WELCOME, 0, obj)
+
+    def send_models(self, models: list[dict[str, Any]]) -> bytes:
+        """Announce the full model list."""
+        self._require_open()
+        return frames.encode_json(FrameType.MODELS, 0, {"models": models})
+
+    def send_heartbeat(self, stats: dict[str, Any]) -> bytes:
+        """Send load figures; include ``t`` (sender's clock) to measure RTT."""
+        self._require_open()
+        return frames.encode_json(FrameType.HEARTBEAT, 0, stats)
+
+    def send_heartbeat_ack(self, sent_at: float) -> bytes:
+        """Echo a received heartbeat's ``t`` back to its sender."""
+        self._require_open()
+        return frames.encode_json(FrameType.HEARTBEAT, 0, {"t": sent_at}, FLAG_ACK)
+
+    def open_stream(self, meta: dict[str, Any], body: bytes) -> tuple[int, bytes, bytes]:
+        """Open a stream; returns (stream id, OPEN frame, body bytes not yet sent).
+
+        As much of ``body`` as credit and frame size allow rides in the OPEN
+        frame; the rest must follow with :meth:`send_data` (``fin=True`` on the
+        last piece) as credit arrives.
+        """
+        if not self.can_open_stream():
+            raise FlowControlError("cannot open a stream now (limit, GOAWAY or closed)")
+        sid = self._next_local_id
+        if sid > frames.MAX_STREAM_ID:
+            raise FlowControlError("stream ids exhausted")
+        self._next_local_id += 2
+        stream = _Stream(
+            local=True, send_credit=self.peer_limits.initial_window,
+            recv_window=self.limits.initial_window,
+        )
+        self._streams[sid] = stream
+        room = self.peer_limits.max_frame_bytes - frames.HEADER_SIZE - 4 - 1024
+        room = max(0, min(room, stream.send_credit))
+        first, rest = body[:room], body[room:]
+        stream.send_credit -= len(first)
+        fin = not rest
+        stream.request_done = fin
+        return sid, frames.encode_open(sid, meta, first, fin), rest
+
+    def send_response(self, stream_id: int, status: int, headers: dict[str, Any]) -> bytes:
+        """Responder: the response head (after it, failover is impossible)."""
+        stream = self._peer_stream(stream_id)
+        if stream.response_started:
+            raise RuntimeError("RESPONSE sent twice")
+        stream.response_started = True
+        return frames.encode_json(
+            FrameType.RESPONSE, stream_id, {"status": status, "headers": headers}
+        )
+
+    def send_data(self, stream_id: int, data: bytes, fin: bool = False) -> bytes:
+        """DATA on an open stream; ``len(data)`` must fit the send credit."""
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            raise FlowControlError(f"stream {stream_id} is not open")
+        if len(data) > stream.send_credit:
+            raise FlowControlError("DATA exceeds send credit")
+        if len(data) > self.max_data_payload():
+            raise FlowControlError("DATA exceeds the peer's frame size")
+        stream.send_credit -= len(data)
+        if fin and stream.local:
+            stream.request_done = True
+        return frames.encode(FrameType.DATA, stream_id, data, FLAG_FIN if fin else 0)
+
+    def send_end(self, stream_id: int, info: dict[str, Any]) -> bytes:
+        """Responder: finish a stream (usage, finish reason or error); it closes."""
+        self._peer_stream(stream_id)
+        del self._streams[stream_id]
+        return frames.encode_json(FrameType.END, stream_id, info)
+
+    def send_cancel(self, stream_id: int, reason: str) -> bytes:
+        """Opener: abandon a stream; it closes at once. b'' if already closed."""
+        stream = self._streams.get(stream_id)
+        if stream is None or not stream.local:
+            return b""
+        del self._streams[stream_id]
+        return frames.encode_json(FrameType.CANCEL, stream_id, {"reason": reason})
+
+    def consumed(self, stream_id: int, nbytes: int) -> bytes:
+        """Report that the application consumed ``nbytes`` received on a stream.
+
+        Returns a WINDOW frame once half the initial window is consumed (so
+        credit is granted in large steps), else b''.
+        """
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return b""
+        stream.unacked += nbytes
+        if stream.unacked < self.limits.initial_window // 2:
+            return b""
+        increment, stream.unacked = stream.unacked, 0
+        stream.recv_window += increment
+        return frames.encode_window(stream_id, increment)
+
+    def send_goaway(self, code: str, reason: str) -> bytes:
+        """Tell the peer no new streams will be accepted (drain or error)."""
+        self.goaway_sent = True
+        return frames.encode_json(FrameType.GOAWAY, 0, {"code": code, "reason": reason})
+
+    def close(self) -> None:
+        """Mark the connection closed; every stream is gone."""
+        self.state = State.CLOSED
+        self._streams.clear()
+
+    # ------------------------------------------------------------ receiving
+
+    def receive_message(self, message: bytes) -> Event | None:
+        """Feed one WebSocket message; return its event (None if ignorable)."""
+        if self.state is State.CLOSED:
+            raise ProtocolError("closed", "message after close")
+        try:
+            frame = frames.decode(message, self.limits.max_frame_bytes)
+            return self._dispatch(frame)
+        except FrameError as exc:
+            raise ProtocolError(exc.code, exc.message) from None
+
+    def _dispatch(self, frame: frames.Frame) -> Event | None:
+        ftype = frame.type
+        if self.state is State.HANDSHAKE:
+            return self._handshake(frame)
+        if ftype is FrameType.DATA:
+            return self._on_data(frame)
+        if ftype is FrameType.WINDOW:
+            return self._on_window(frame)
+        if ftype is FrameType.OPEN:
+            return self._on_open(frame)
+        if ftype in (FrameType.HELLO, FrameType.WELCOME):
+            raise ProtocolError("unexpected_frame", f"{ftype.name} after handshake")
+        obj = frames.decode_json(frame, self.limits.max_control_bytes)
+        if ftype is FrameType.HEARTBEAT:
+            if frame.flags & FLAG_ACK:
+                return HeartbeatAcked(_number(obj, "t"))
+            return HeartbeatReceived(obj)
+        if ftype is FrameType.MODELS:
+            models = obj.get("models")
+            if not isinstance(models, list) or not all(
+                isinstance(m, dict) and isinstance(m.get("id"), str) for m in models
+            ):
+                raise ProtocolError("bad_models", "MODELS needs a list of objects with an id")
+            return ModelsReceived(models)
+        if ftype is FrameType.GOAWAY:
+            self.goaway_received = True
+            return GoAwayReceived(_str(obj, "code", "goaway"), _str(obj, "reason", ""))
+        if ftype is FrameType.RESPONSE:
+            stream = self._local_stream(frame.stream_id)
+            if stream is None:
+                return None
+            if stream.response_started:
+                raise ProtocolError("unexpected_frame", "second RESPONSE on a stream")
+            status = obj.get("status")
+            if not isinstance(status, int) or not 100 <= status <= 599:
+                raise ProtocolError("bad_response", "RESPONSE status must be 100..599")
+            headers = obj.get("headers") or {}
+            if not isinstance(headers, dict):
+                raise ProtocolError("bad_response", "RESPONSE headers must be an object")
+            stream.response_started = True
+            return ResponseStarted(frame.stream_id, status, headers)
+        if ftype is FrameType.END:
+            if self._local_stream(frame.stream_id) is None:
+                return None
+            del self._streams[frame.stream_id]
+            return StreamEnded(frame.stream_id, obj)
+        # CANCEL
+        if self._peer_stream_or_none(frame.stream_id) is None:
+            return None
+        del self._streams[frame.stream_id]
+        return StreamCancelled(frame.stream_id, _str(obj, "reason", ""))
+
+    def _handshake(self, frame: frames.Frame) -> Event:
+        if frame.type is FrameType.GOAWAY:
+            obj = frames.decode_json(frame, self.limits.max_control_bytes)
+            self.goaway_received = True
+            return GoAwayReceived(_str(obj, "code", "goaway"), _str(obj, "reason", ""))
+        if self.side is Side.ACCEPTOR:
+            if frame.type is not FrameType.HELLO or self._hello_received:
+                raise ProtocolError("unexpected_frame", f"expected HELLO, got {frame.type.name}")
+            obj = frames.decode_json(frame, self.limits.max_control_bytes)
+            versions = obj.get("versions")
+            if not isinstance(versions, list) or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in versions
+            ):
+                raise ProtocolError("bad_hello", "versions must be a list of integers")
+            peer_id = _str(obj, "peer_id", "")
+            if not peer_id or len(peer_id) > 128:
+                raise ProtocolError("bad_hello", "peer_id must be 1..128 characters")
+            labels = obj.get("labels") or {}
+            if not isinstance(labels, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
+            ):
+                raise ProtocolError("bad_hello", "labels must map strings to strings")
+            self.peer_limits = _limits(obj.get("limits"))
+            self._hello_received = True
+            extra = {k: v for k, v in obj.items() if k not in _HELLO_KEYS}
+            return HelloReceived(
+                peer_id, _str(obj, "role", "node"), versions, _str(obj, "software", ""),
+                labels, extra,
+            )
+        if frame.type is not FrameType.WELCOME:
+            raise ProtocolError("unexpected_frame", f"expected WELCOME, got {frame.type.name}")
+        obj = frames.decode_json(frame, self.limits.max_control_bytes)
+        version = obj.get("version")
+        if version not in SUPPORTED_VERSIONS:
+            raise ProtocolError("unsupported_version", f"acceptor chose {version!r}")
+        peers = obj.get("peers") or []
+        if not isinstance(peers, list) or not all(isinstance(p, str) for p in peers):
+            raise ProtocolError("bad_welcome", "peers must be a list of strings")
+        self.peer_limits = _limits(obj.get("limits"))
+        self.version = int(version)
+        self.state = State.OPEN
+        extra = {k: v for k, v in obj.items() if k not in _WELCOME_KEYS}
+        return WelcomeReceived(
+            self.version, _str(obj, "session_id", ""), _number(obj, "heartbeat_interval"),
+            peers, extra,
+        )
+
+    def choose_version(self, offered: list[int]) -> int:
+        """Acceptor: the highest version both sides speak, or ProtocolError."""
+        common = set(offered) & set(SUPPORTED_VERSIONS)
+        if not common:
+            raise ProtocolError("unsupported_version", f"offered {offered}, speak {SUPPORTED_VERSIONS}")
+        return max(common)
+
+    def _on_open(self, frame: frames.Frame) -> Event | None:
+        sid = frame.stream_id
+        peer_parity = 1 if self.side is Side.ACCEPTOR else 0
+        if sid % 2 != peer_parity:
+            raise ProtocolError("bad_stream_id", f"peer may not open stream {sid}")
+        if sid <= self._highest_peer_id:
+            raise ProtocolError("bad_stream_id", f"stream {sid} reused")
+        if self.goaway_sent:
+            # We said no new streams; the peer may not have seen it yet.
+            self._highest_peer_id = sid
+            return None
+        peer_opened = len(self._streams) - self._local_count()
+        if peer_opened >= self.limits.max_streams:
+            raise ProtocolError("too_many_streams", f"more than {self.limits.max_streams} streams")
+        meta, body = frames.decode_open(frame, self.limits.max_control_bytes)
+        if len(body) > self.limits.initial_window:
+            raise ProtocolError("flow_control", "OPEN body exceeds the initial window")
+        self._highest_peer_id = sid
+        fin = bool(frame.flags & FLAG_FIN)
+        self._streams[sid] = _Stream(
+            local=False, send_credit=self.peer_limits.initial_window,
+            recv_window=self.limits.initial_window - len(body), request_done=fin,
+        )
+        return StreamOpened(sid, meta, body, fin)
+
+    def _on_data(self, frame: frames.Frame) -> Event | None:
+        sid = frame.stream_id
+        stream = self._streams.get(sid)
+        if stream is None:
+            self._check_was_open(sid)
+            return None
+        fin = bool(frame.flags & FLAG_FIN)
+        if stream.local:
+            if not stream.response_started:
+                raise ProtocolError("unexpected_frame", "DATA before RESPONSE")
+            if fin:
+                raise ProtocolError("unknown_flags", "FIN on response DATA")
+        else:
+            if stream.request_done:
+                raise ProtocolError("unexpected_frame", "request DATA after FIN")
+            stream.request_done = fin
+        if not frame.payload and not fin:
+            raise ProtocolError("empty_data", "empty DATA frame without FIN")
+        if len(frame.payload) > stream.recv_window:
+            raise ProtocolError("flow_control", f"DATA beyond the window on stream {sid}")
+        stream.recv_window -= len(frame.payload)
+        return DataReceived(sid, frame.payload, fin)
+
+    def _on_window(self, frame: frames.Frame) -> Event | None:
+        increment = frames.decode_window(frame)
+        stream = self._streams.get(frame.stream_id)
+        if stream is None:
+            self._check_was_open(frame.stream_id)
+            return None
+        if stream.send_credit + increment >= 2**31:
+            raise ProtocolError("flow_control", "window overflow")
+        stream.send_credit += increment
+        return WindowUpdated(frame.stream_id, increment)
+
+    # ------------------------------------------------------------ helpers
+
+    def _require_open(self) -> None:
+        if self.state is not State.OPEN:
+            raise RuntimeError(f"connection is {self.state.value}")
+
+    def _peer_stream(self, stream_id: int) -> _Stream:
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.local:
+            raise FlowControlError(f"stream {stream_id} is not an open peer stream")
+        return stream
+
+    def _peer_stream_or_none(self, stream_id: int) -> _Stream | None:
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            self._check_was_open(stream_id)
+            return None
+        if stream.local:
+            raise ProtocolError("unexpected_frame", "CANCEL on a stream we opened")
+        return stream
+
+    def _local_stream(self, stream_id: int) -> _Stream | None:
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            self._check_was_open(stream_id)
+            return None
+        if not stream.local:
+            raise ProtocolError("unexpected_frame", "response frame on a stream the peer opened")
+        return stream
+
+    def _check_was_open(self, sid: int) -> None:
+        """Frames on closed streams are ignored; on never-opened ones, an error."""
+        local_parity = 0 if self.side is Side.ACCEPTOR else 1
+        if sid % 2 == local_parity:
+            if sid >= self._next_local_id:
+                raise ProtocolError("bad_stream_id", f"stream {sid} was never opened")
+        elif sid > self._highest_peer_id:
+            raise ProtocolError("bad_stream_id", f"stream {sid} was never opened")
+
+
+_HELLO_KEYS = frozenset({"versions", "peer_id", "role", "software", "labels", "limits"})
+_WELCOME_KEYS = frozenset({"version", "session_id", "heartbeat_interval", "limits", "peers"})
+
+
+def _str(obj: dict[str, Any], key: str, default: str) -> str:
+    value = obj.get(key, default)
+    if not isinstance(value, str):
+        raise ProtocolError("bad_field", f"{key} must be a string")
+    return value
+
+
+def _number(obj: dict[str, Any], key: str) -> float:
+    value = obj.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ProtocolError("bad_field", f"{key} must be a number")
+    return float(value)
+
+
+def _limits(obj: Any) -> Limits:
+    if not isinstance(obj, dict):
+        raise ProtocolError("bad_limits", "limits must be an object")
+    values: dict[str, int] = {}
+    for key, low in (("max_frame_bytes", 4096), ("max_streams", 1), ("initial_window", 1024)):
+        value = obj.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value < 2**31:
+            raise ProtocolError("bad_limits", f"limits.{key} must be an integer >= {low}")
+        values[key] = value
+    return Limits(**values)

@@ -1,0 +1,176 @@
+"""``tooti run``: every requested role in one ``trio.run``, with signal-driven drain.
+
+Roles share one root nursery. A gateway and a node in the same process are
+joined by an in-memory transport that speaks the same tunnel protocol as a
+WebSocket. The first SIGINT/SIGTERM drains (gateway and node send GOAWAY,
+in-flight streams get ``drain_grace`` seconds), then the process exits 0; a
+second signal cancels everything at once and exits 130.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from tooti.backends.base import Backend
+from tooti.gateway.app import Gateway
+from tooti.node.node import Node
+from tooti.settings import BackendSettings, Settings
+from tooti.transport.memory import memory_pair
+
+log = logging.getLogger("tooti")
+
+EXIT_INTERRUPTED = 130
+
+
+def effective_roles(settings: Settings) -> list[str]:
+    """The roles to run: the configured ones, or gateway + node by default."""
+    return list(dict.fromkeys(settings.roles)) or ["gateway", "node"]
+
+
+def node_id(settings: Settings) -> str:
+    """The configured node id, or one generated once and kept in the data dir."""
+    if settings.node.id:
+        return settings.node.id
+    data_dir = Path(os.path.expanduser(settings.data_dir))
+    path = data_dir / "node_id"
+    try:
+        existing = path.read_text().strip()
+        if existing:
+            return existing
+    except FileNotFoundError:
+        pass
+    data_dir.mkdir(parents=True, exist_ok=True)
+    new_id = "node-" + secrets.token_hex(6)
+    path.write_text(new_id + "\n")
+    return new_id
+
+
+def build_backends(settings: Settings) -> list[Backend]:
+    """Instantiate the node's backends (the embedded llamacpp one by default)."""
+    from tooti.backends import create_backend
+
+    configured = settings.node.backends or [BackendSettings(type="llamacpp")]
+    return [create_backend(b) for b in configured]
+
+
+@dataclass
+class Process:
+    """The live objects of one ``tooti run`` (exposed for tests and embedding)."""
+
+    settings: Settings
+    gateway: Gateway | None = None
+    node: Node | None = None
+    urls: list[str] = field(default_factory=list)
+    ready: trio.Event = field(default_factory=trio.Event)
+
+    async def drain(self) -> None:
+        """Drain every role: stop new work, let in-flight streams finish."""
+        grace = self.settings.drain_grace
+        async with trio.open_nursery() as nursery:
+            if self.node is not None:
+                nursery.start_soon(self.node.drain, grace)
+            if self.gateway is not None:
+                nursery.start_soon(self.gateway.drain, grace)
+
+
+async def serve(process: Process, *, task_status: trio.TaskStatus[Process] = trio.TASK_STATUS_IGNORED
+                ) -> None:
+    """Run the process's roles until they all finish (after a drain) or are cancelled."""
+    settings = process.settings
+    roles = effective_roles(settings)
+    if "relay" in roles:
+        raise NotImplementedError("the relay role is not available in this version")
+    async with trio.open_nursery() as nursery:
+        if "gateway" in roles:
+            process.gateway = Gateway(settings.gateway, settings.tunnel)
+            process.urls = await nursery.start(
+                lambda task_status: process.gateway.serve(  # type: ignore[union-attr]
+                    grace=settings.drain_grace, task_status=task_status)
+            )
+        if "node" in roles:
+            poll = min((b.poll_interval for b in settings.node.backends), default=30.0)
+            process.node = Node(settings.node, settings.tunnel, build_backends(settings),
+                                node_id(settings), poll_interval=poll)
+            await nursery.start(process.node.run)
+            if process.gateway is not None:
+                nursery.start_soon(_attach_local, process.gateway, process.node)
+        process.ready.set()
+        task_status.started(process)
+        if process.gateway is not None:
+            for url in process.urls:
+                log.info("try: curl %s/v1/models", url)
+
+
+async def _attach_local(gateway: Gateway, node: Node) -> None:
+    """Join an in-process node to an in-process gateway, re-attaching if the session ends."""
+    while not node.draining and not gateway.draining:
+        dialer, acceptor = memory_pair()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(gateway.attach, acceptor)
+            try:
+                await node.serve_transport(dialer)
+            except Exception as exc:  # the session failed; log and re-attach
+                log.warning("in-process tunnel failed: %s", exc)
+            nursery.cancel_scope.cancel()
+        await trio.sleep(0.1)
+
+
+def setup_logging(level: str) -> None:
+    """Configure the root logger once (plain text on stderr)."""
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("hypercorn").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("trio-websocket").setLevel(logging.WARNING)
+
+
+async def main(settings: Settings) -> int:
+    """The async body of ``tooti run``; returns the exit code."""
+    process = Process(settings)
+    exit_code = 0
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            roles_scope = trio.CancelScope()
+
+            async def run_roles() -> None:
+                with roles_scope:
+                    await serve(process)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(run_roles)
+            count = 0
+            async for signum in signals:
+                count += 1
+                if count == 1:
+                    log.info("%s: draining (grace %.0fs); send again to stop now",
+                             signal.Signals(signum).name, settings.drain_grace)
+
+                    async def drain_then_stop() -> None:
+                        await process.drain()
+                        roles_scope.cancel()
+
+                    nursery.start_soon(drain_then_stop)
+                else:
+                    log.warning("second signal: stopping now")
+                    exit_code = EXIT_INTERRUPTED
+                    nursery.cancel_scope.cancel()
+                    break
+    return exit_code
+
+
+def run(settings: Settings) -> int:
+    """Run ``tooti`` with ``settings``; returns the process exit code."""
+    setup_logging(settings.log_level)
+    try:
+        return trio.run(main, settings)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED

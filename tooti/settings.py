@@ -1,0 +1,110 @@
+"""Typed settings for every role, with their defaults.
+
+This module is the single schema: the TOML loader (:mod:`tooti.config`)
+validates files against these dataclasses, and ``config.example.toml``
+documents every field. Durations are seconds, sizes are bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+ROLES = ("gateway", "node", "relay")
+
+
+@dataclass
+class TunnelSettings:
+    """Limits and timers of tunnel protocol v1 (both ends)."""
+
+    heartbeat_interval: float = 3.0
+    """Seconds between HEARTBEAT frames; a peer silent for 3x this is dead."""
+    max_frame_bytes: int = 1_048_576
+    """Largest binary WebSocket message (one frame) accepted."""
+    max_streams: int = 256
+    """Most concurrent streams per session."""
+    initial_window: int = 262_144
+    """Per-stream flow-control credit, in DATA payload bytes."""
+    max_control_bytes: int = 65_536
+    """Largest JSON control payload (HELLO, MODELS, OPEN metadata, ...)."""
+
+
+@dataclass
+class GatewaySettings:
+    """The OpenAI-compatible front door."""
+
+    listen: str = "127.0.0.1:8080"
+    """HOST:PORT for HTTP and the tunnel endpoint; port 0 picks a free port."""
+    join_token: str = ""
+    """Token nodes must present; empty = accept tunnels from loopback only."""
+    admin_key: str = ""
+    """Key for /admin/v1; empty = admin API on loopback only."""
+    max_body_bytes: int = 4_194_304
+    """Largest request body accepted (413 above)."""
+    max_attempts: int = 3
+    """Nodes tried for one request before giving up (failover before first byte)."""
+    first_byte_timeout: float = 60.0
+    """Seconds to wait for a node's response head before trying another."""
+    request_timeout: float = 600.0
+    """Upper bound on one whole request, streaming included."""
+
+
+@dataclass
+class BackendSettings:
+    """One backend a node serves from."""
+
+    type: str = "simulated"
+    """Backend type name: ``openai``, ``llamacpp``, ``simulated``."""
+    url: str = ""
+    """Base URL for server backends, e.g. ``http://127.0.0.1:8000/v1``."""
+    api_key: str = ""
+    """Upstream API key (sent as a bearer token), if the server needs one."""
+    models: list[str] = field(default_factory=list)
+    """Models to advertise; empty = discover from the server."""
+    max_concurrency: int = 8
+    """Concurrent requests per model advertised to gateways."""
+    price_input: float = 0.0
+    """Price per 1M prompt tokens advertised for this backend's models."""
+    price_output: float = 0.0
+    """Price per 1M completion tokens advertised for this backend's models."""
+    poll_interval: float = 30.0
+    """Seconds between model-list refreshes."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Backend-specific options (e.g. simulated ``ttft``, ``tokens_per_second``)."""
+
+
+@dataclass
+class NodeSettings:
+    """A node: wraps backends and dials out to gateways."""
+
+    peers: list[str] = field(default_factory=list)
+    """Tunnel URLs of gateways/relays to dial (``ws://host:port/tooti/v1/tunnel``)."""
+    join_token: str = ""
+    """Token presented to peers in the Authorization header."""
+    id: str = ""
+    """Node id; empty = generated once and kept in the data dir."""
+    labels: dict[str, str] = field(default_factory=dict)
+    """Free-form labels sent in HELLO (e.g. ``region = "eu"``)."""
+    backends: list[BackendSettings] = field(default_factory=list)
+    """Backends to serve from; empty = the role's default."""
+    reconnect_initial: float = 0.25
+    """First re-dial delay in seconds (doubles each failure, with jitter)."""
+    reconnect_max: float = 10.0
+    """Longest re-dial delay in seconds."""
+
+
+@dataclass
+class Settings:
+    """Everything one ``tooti`` process needs."""
+
+    roles: list[str] = field(default_factory=list)
+    """Roles to run; empty = gateway + node on the embedded llamacpp backend."""
+    data_dir: str = "~/.local/share/tooti"
+    """Where persistent state (node identity, ledger) lives."""
+    log_level: str = "info"
+    """Logging level: debug, info, warning, error."""
+    drain_grace: float = 10.0
+    """Seconds in-flight streams may take to finish after SIGINT/SIGTERM."""
+    gateway: GatewaySettings = field(default_factory=GatewaySettings)
+    node: NodeSettings = field(default_factory=NodeSettings)
+    tunnel: TunnelSettings = field(default_factory=TunnelSettings)

@@ -1,0 +1,35 @@
+"""Message transports that carry tunnel frames: WebSocket (both ends) and in-memory.
+
+A transport moves whole binary messages; one message is one tunnel frame. The
+tunnel session (:mod:`tooti.tunnel`) is written against :class:`Transport`
+only, so a gateway and a node in the same process talk through
+:func:`tooti.transport.memory.memory_pair` with exactly the same protocol as
+over a real WebSocket.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class TransportClosed(Exception):
+    """The transport is closed (by either side, or the link failed)."""
+
+
+class Transport(Protocol):
+    """A bidirectional carrier of binary messages."""
+
+    remote: str
+    """Human-readable peer address (``127.0.0.1:51234``, ``memory``)."""
+
+    async def send(self, message: bytes) -> None:
+        """Send one message; raise :class:`TransportClosed` if closed."""
+        ...
+
+    async def receive(self) -> bytes:
+        """Return the next message; raise :class:`TransportClosed` at the end."""
+        ...
+
+    async def aclose(self, code: int = 1000, reason: str = "") -> None:
+        """Close the transport (idempotent); ``code`` is a WebSocket close code."""
+        ...

@@ -1,0 +1,443 @@
+"""The trio adapter around the sans-I/O tunnel connection.
+
+:class:`TunnelSession` runs one :class:`~tooti.protocol.connection.Connection`
+over one :class:`~tooti.transport.Transport`: a reader task that never blocks
+on any single stream (stream data goes into per-stream buffers bounded by the
+flow-control window), a heartbeat task, and a liveness deadline (a peer silent
+for three heartbeat intervals is dead). Streams we open are
+:class:`OutboundStream` objects consumed by the caller's own task (so the
+caller's cancellation - a client going away - reaches the stream);
+streams the peer opens are served by a handler in the session's nursery,
+inside a cancel scope that a CANCEL frame or the tunnel's loss cancels.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import trio
+
+from tooti.protocol.connection import (
+    Connection,
+    DataReceived,
+    Event,
+    FlowControlError,
+    GoAwayReceived,
+    HeartbeatAcked,
+    HeartbeatReceived,
+    ProtocolError,
+    ResponseStarted,
+    StreamCancelled,
+    StreamEnded,
+    StreamOpened,
+    WindowUpdated,
+)
+from tooti.transport import Transport, TransportClosed
+
+log = logging.getLogger("tooti.tunnel")
+
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_PROTOCOL_ERROR = 1002
+CLOSE_POLICY = 1008
+
+
+class TunnelLost(Exception):
+    """The tunnel closed (or the stream was cancelled) while a stream was open."""
+
+
+class _StreamIO:
+    """Adapter-side buffers and wake-ups of one stream."""
+
+    __slots__ = ("changed", "chunks", "credit", "end", "fin", "head", "lost", "scope")
+
+    def __init__(self) -> None:
+        self.chunks: deque[bytes] = deque()
+        self.fin = False
+        self.head: ResponseStarted | None = None
+        self.end: dict[str, Any] | None = None
+        self.lost: str | None = None
+        self.changed = trio.Event()
+        self.credit = trio.Event()
+        self.scope: trio.CancelScope | None = None
+
+    def wake(self) -> None:
+        self.changed.set()
+
+    async def wait_changed(self) -> None:
+        await self.changed.wait()
+        self.changed = trio.Event()
+
+    def fail(self, reason: str) -> None:
+        self.lost = reason
+        self.changed.set()
+        self.credit.set()
+        if self.scope is not None:
+            self.scope.cancel()
+
+
+StreamHandler = Callable[["InboundStream"], Awaitable[None]]
+EventHook = Callable[[Event], None]
+StatsSource = Callable[[], dict[str, Any]]
+
+
+class TunnelSession:
+    """One live tunnel: frames in and out, streams, heartbeats, liveness."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        conn: Connection,
+        *,
+        heartbeat_interval: float,
+        stats: StatsSource | None = None,
+        on_event: EventHook | None = None,
+        handler: StreamHandler | None = None,
+        name: str = "",
+    ) -> None:
+        self.transport = transport
+        self.conn = conn
+        self.heartbeat_interval = heartbeat_interval
+        self.name = name or transport.remote
+        self.rtt: float | None = None
+        self.closed = trio.Event()
+        self.close_reason = ""
+        self._stats = stats or dict
+        self._on_event = on_event
+        self._handler = handler
+        self._streams: dict[int, _StreamIO] = {}
+        self._nursery: trio.Nursery | None = None
+        self._cancel_scope = trio.CancelScope()
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        """Serve the session until the transport closes, the peer times out or breaks
+        the protocol, or :meth:`abort` is called. Never raises for peer faults."""
+        code, reason = CLOSE_NORMAL, "closed"
+        try:
+            with self._cancel_scope:
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    nursery.start_soon(self._heartbeats)
+                    code, reason = await self._read_loop()
+                    nursery.cancel_scope.cancel()
+            if self._cancel_scope.cancelled_caught:
+                code, reason = CLOSE_GOING_AWAY, self.close_reason or "aborted"
+        finally:
+            self.close_reason = self.close_reason or reason
+            for io in list(self._streams.values()):
+                io.fail(self.close_reason)
+            self._streams.clear()
+            self.conn.close()
+            self.closed.set()
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await self.transport.aclose(code, reason)
+
+    def abort(self, reason: str) -> None:
+        """Stop the session now (its streams fail with ``reason``)."""
+        self.close_reason = self.close_reason or reason
+        self._cancel_scope.cancel()
+
+    async def goaway(self, code: str, reason: str) -> None:
+        """Tell the peer we accept no new streams (draining)."""
+        await self.send_frame(self.conn.send_goaway(code, reason))
+
+    async def send_frame(self, data: bytes) -> None:
+        """Send one encoded frame; a closed transport ends the session."""
+        if not data:
+            return
+        try:
+            await self.transport.send(data)
+        except TransportClosed:
+            self.abort("transport closed")
+            raise TunnelLost("transport closed") from None
+
+    async def _send_quiet(self, data: bytes) -> None:
+        try:
+            await self.send_frame(data)
+        except TunnelLost:
+            return
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await trio.sleep(self.heartbeat_interval)
+            stats = self._stats()
+            stats["t"] = time.monotonic()
+            await self._send_quiet(self.conn.send_heartbeat(stats))
+
+    async def _read_loop(self) -> tuple[int, str]:
+        timeout = 3 * self.heartbeat_interval
+        while True:
+            with trio.move_on_after(timeout) as scope:
+                try:
+                    message = await self.transport.receive()
+                except TransportClosed as exc:
+                    return CLOSE_NORMAL, str(exc)
+            if scope.cancelled_caught:
+                log.warning("tunnel %s: peer silent for %.1fs, closing", self.name, timeout)
+                self.close_reason = "heartbeat timeout"
+                return CLOSE_GOING_AWAY, "heartbeat timeout"
+            try:
+                event = self.conn.receive_message(message)
+            except ProtocolError as exc:
+                log.warning("tunnel %s: protocol error %s, closing", self.name, exc)
+                self.close_reason = f"protocol error: {exc.code}"
+                with trio.move_on_after(1):
+                    await self._send_quiet(self.conn.send_goaway(exc.code, exc.message))
+                return CLOSE_PROTOCOL_ERROR, exc.code
+            if event is not None:
+                self._dispatch(event)
+
+    def _dispatch(self, event: Event) -> None:
+        if isinstance(event, DataReceived):
+            io = self._streams.get(event.stream_id)
+            if io is not None:
+                if event.data:
+                    io.chunks.append(event.data)
+                io.fin = io.fin or event.fin
+                io.wake()
+            return
+        if isinstance(event, WindowUpdated):
+            io = self._streams.get(event.stream_id)
+            if io is not None:
+                io.credit.set()
+            return
+        if isinstance(event, ResponseStarted):
+            io = self._streams.get(event.stream_id)
+            if io is not None:
+                io.head = event
+                io.wake()
+            return
+        if isinstance(event, StreamEnded):
+            io = self._streams.pop(event.stream_id, None)
+            if io is not None:
+                io.end = event.info
+                io.wake()
+                io.credit.set()
+            return
+        if isinstance(event, StreamOpened):
+            self._accept_stream(event)
+            return
+        if isinstance(event, StreamCancelled):
+            io = self._streams.pop(event.stream_id, None)
+            if io is not None:
+                io.fail(f"cancelled: {event.reason}")
+            return
+        if isinstance(event, HeartbeatReceived):
+            sent_at = event.stats.get("t")
+            if isinstance(sent_at, int | float) and self._nursery is not None:
+                self._nursery.start_soon(
+                    self._send_quiet, self.conn.send_heartbeat_ack(float(sent_at))
+                )
+        elif isinstance(event, HeartbeatAcked):
+            self.rtt = max(0.0, time.monotonic() - event.sent_at)
+        elif isinstance(event, GoAwayReceived):
+            log.info("tunnel %s: GOAWAY %s %s", self.name, event.code, event.reason)
+        if self._on_event is not None:
+            self._on_event(event)
+
+    # ------------------------------------------------------------ streams we serve
+
+    def _accept_stream(self, event: StreamOpened) -> None:
+        io = _StreamIO()
+        if event.body:
+            io.chunks.append(event.body)
+        io.fin = event.fin
+        io.scope = trio.CancelScope()
+        self._streams[event.stream_id] = io
+        stream = InboundStream(self, event.stream_id, event.meta, io)
+        if self._handler is None or self._nursery is None:
+            self._nursery_send_refusal(stream)
+            return
+        self._nursery.start_soon(self._serve_stream, stream)
+
+    def _nursery_send_refusal(self, stream: InboundStream) -> None:
+        assert self._nursery is not None
+        self._nursery.start_soon(
+            stream.end, {"error": {"code": "not_serving", "message": "peer serves no streams",
+                                   "status": 503}}
+        )
+
+    async def _serve_stream(self, stream: InboundStream) -> None:
+        io = stream._io
+        assert io.scope is not None and self._handler is not None
+        try:
+            with io.scope:
+                await self._handler(stream)
+        except TunnelLost:
+            pass
+        except Exception:
+            log.exception("tunnel %s: stream %d handler failed", self.name, stream.id)
+            if self.conn.has_stream(stream.id):
+                await stream.end(
+                    {"error": {"code": "internal_error", "message": "node failed to serve",
+                               "status": 500}}
+                )
+        finally:
+            self._streams.pop(stream.id, None)
+
+    # ------------------------------------------------------------ streams we open
+
+    async def open_stream(self, meta: dict[str, Any], body: bytes) -> OutboundStream:
+        """Open a stream carrying ``body``; returns once the whole body is sent.
+
+        Raises :class:`FlowControlError` if the session cannot take a new
+        stream and :class:`TunnelLost` if the tunnel fails meanwhile.
+        """
+        if self.closed.is_set():
+            raise TunnelLost(self.close_reason or "closed")
+        sid, frame, rest = self.conn.open_stream(meta, body)
+        io = _StreamIO()
+        self._streams[sid] = io
+        stream = OutboundStream(self, sid, io)
+        try:
+            await self.send_frame(frame)
+            if rest:
+                await self._send_data(sid, io, rest, fin=True)
+        except BaseException:
+            await stream.cancel("open failed")
+            raise
+        return stream
+
+    async def _send_data(self, sid: int, io: _StreamIO, data: bytes, fin: bool) -> None:
+        """Send ``data`` on a stream, waiting for credit; split to the frame limit."""
+        maximum = self.conn.max_data_payload()
+        offset, total = 0, len(data)
+        while True:
+            if io.lost is not None:
+                raise TunnelLost(io.lost)
+            if not self.conn.has_stream(sid):
+                raise TunnelLost("stream closed")
+            credit = self.conn.send_credit(sid)
+            remaining = total - offset
+            if remaining and credit == 0:
+                io.credit = trio.Event()
+                await io.credit.wait()
+                continue
+            n = min(credit, maximum, remaining)
+            last = offset + n >= total
+            await self.send_frame(
+                self.conn.send_data(sid, data[offset : offset + n], fin and last)
+            )
+            offset += n
+            if last:
+                return
+
+    async def _consumed(self, sid: int, nbytes: int) -> None:
+        frame = self.conn.consumed(sid, nbytes)
+        if frame:
+            await self._send_quiet(frame)
+
+
+class InboundStream:
+    """A stream the peer opened: read its request, answer it."""
+
+    def __init__(self, session: TunnelSession, stream_id: int, meta: dict[str, Any],
+                 io: _StreamIO) -> None:
+        self.session = session
+        self.id = stream_id
+        self.meta = meta
+        self._io = io
+        self.started = False
+
+    async def read_body(self, limit: int) -> bytes:
+        """Collect the whole request body (granting credit as it is consumed).
+
+        Raises ValueError if it exceeds ``limit`` bytes and TunnelLost if the
+        stream or tunnel dies first.
+        """
+        parts: list[bytes] = []
+        size = 0
+        io = self._io
+        while True:
+            while io.chunks:
+                chunk = io.chunks.popleft()
+                size += len(chunk)
+                if size > limit:
+                    raise ValueError(f"request body over {limit} bytes")
+                parts.append(chunk)
+                await self.session._consumed(self.id, len(chunk))
+            if io.fin:
+                return b"".join(parts)
+            if io.lost is not None:
+                raise TunnelLost(io.lost)
+            await io.wait_changed()
+
+    async def respond(self, status: int, headers: dict[str, Any]) -> None:
+        """Send the response head."""
+        self.started = True
+        await self.session.send_frame(self.session.conn.send_response(self.id, status, headers))
+
+    async def send(self, data: bytes) -> None:
+        """Send response body bytes, waiting for flow-control credit."""
+        if data:
+            await self.session._send_data(self.id, self._io, data, fin=False)
+
+    async def end(self, info: dict[str, Any]) -> None:
+        """Finish the stream with usage / finish reason / error details."""
+        conn = self.session.conn
+        if conn.has_stream(self.id):
+            await self.session.send_frame(conn.send_end(self.id, info))
+
+
+class OutboundStream:
+    """A stream we opened: wait for the head, read the body, learn how it ended."""
+
+    def __init__(self, session: TunnelSession, stream_id: int, io: _StreamIO) -> None:
+        self.session = session
+        self.id = stream_id
+        self._io = io
+
+    @property
+    def end_info(self) -> dict[str, Any] | None:
+        """The END payload once the stream has ended, else None."""
+        return self._io.end
+
+    async def head(self) -> ResponseStarted | None:
+        """Wait for the response head; None means the stream ended without one
+        (see :attr:`end_info`). Raises TunnelLost if the tunnel died."""
+        io = self._io
+        while True:
+            if io.head is not None:
+                return io.head
+            if io.end is not None:
+                return None
+            if io.lost is not None:
+                raise TunnelLost(io.lost)
+            await io.wait_changed()
+
+    async def body(self) -> AsyncIterator[bytes]:
+        """Yield response body chunks until END; raises TunnelLost on loss."""
+        io = self._io
+        while True:
+            while io.chunks:
+                chunk = io.chunks.popleft()
+                await self.session._consumed(self.id, len(chunk))
+                yield chunk
+            if io.end is not None:
+                return
+            if io.lost is not None:
+                raise TunnelLost(io.lost)
+            await io.wait_changed()
+
+    async def cancel(self, reason: str) -> None:
+        """Abandon the stream (idempotent); the peer cancels its work."""
+        self.session._streams.pop(self.id, None)
+        frame = self.session.conn.send_cancel(self.id, reason)
+        if frame:
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await self.session._send_quiet(frame)
+
+
+__all__ = [
+    "FlowControlError",
+    "InboundStream",
+    "OutboundStream",
+    "TunnelLost",
+    "TunnelSession",
+]
