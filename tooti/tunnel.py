@@ -44,6 +44,8 @@ CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
 CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_POLICY = 1008
+CLOSE_TIMEOUT = 0.25
+"""Seconds to wait for the peer to acknowledge a WebSocket close."""
 
 
 class TunnelLost(Exception):
@@ -135,7 +137,7 @@ class TunnelSession:
             self._streams.clear()
             self.conn.close()
             self.closed.set()
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
+            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
                 await self.transport.aclose(code, reason)
 
     def abort(self, reason: str) -> None:

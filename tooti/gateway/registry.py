@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+import trio
 
 from tooti.backends.base import ModelInfo
 from tooti.tunnel import TunnelSession
@@ -70,6 +73,17 @@ class Registry:
         self._by_model: dict[str, list[Peer]] = {}
         self.known_models: set[str] = set()
         """Every model id ever advertised here (unknown vs. unavailable)."""
+        self._changed = trio.Event()
+
+    async def wait_until(self, condition: Callable[[], bool]) -> None:
+        """Wait until ``condition()`` holds, re-checking on every registry change."""
+        while not condition():
+            await self._changed.wait()
+
+    def changed(self) -> None:
+        """Wake everyone waiting in :meth:`wait_until` (peer state changed)."""
+        self._changed.set()
+        self._changed = trio.Event()
 
     def add(self, peer: Peer) -> Peer | None:
         """Register ``peer``; returns the peer it replaces (same id), if any."""
@@ -111,3 +125,4 @@ class Registry:
             for model in peer.models:
                 index.setdefault(model, []).append(peer)
         self._by_model = index
+        self.changed()

@@ -121,6 +121,7 @@ async def serve_tunnel(
             log.info("peer %s serves %s", peer.id, ", ".join(sorted(peer.models)) or "nothing")
         elif isinstance(event, GoAwayReceived):
             peer.draining = True
+            registry.changed()
 
     session = TunnelSession(
         transport, conn, heartbeat_interval=settings.heartbeat_interval, on_event=on_event,

@@ -1,0 +1,206 @@
+"""Tests for the ``tooti`` command line (tooti.cli)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+import tooti
+from tooti.cli import main
+from tooti.config import ConfigError
+from tooti.settings import BackendSettings, Settings
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.toml"
+SECRETS = ("s3cret-join", "s3cret-admin", "sk-s3cret")
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("TOOTI_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def runner(monkeypatch: pytest.MonkeyPatch) -> list[Settings]:
+    """Replace tooti.runner with a fake that records the Settings it gets."""
+    calls: list[Settings] = []
+
+    def run(settings: Settings) -> int:
+        calls.append(settings)
+        return 0
+
+    monkeypatch.setitem(sys.modules, "tooti.runner", types.SimpleNamespace(run=run))
+    return calls
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "tooti.toml"
+    path.write_text(text)
+    return path
+
+
+# -- config check ----------------------------------------------------------
+
+
+def test_config_check_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(
+        tmp_path,
+        'roles = ["gateway", "node"]\n[gateway]\nlisten = "0.0.0.0:8080"\n'
+        f'join_token = "{SECRETS[0]}"\nadmin_key = "{SECRETS[1]}"\n'
+        '[node]\npeers = ["ws://a:1", "ws://b:2"]\n'
+        f'[[node.backends]]\ntype = "openai"\nurl = "http://h/v1"\napi_key = "{SECRETS[2]}"\n',
+    )
+    assert main(["config", "check", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [
+        f"{path}: ok",
+        "  roles: gateway, node",
+        "  listen: 0.0.0.0:8080",
+        "  backends: 1",
+        "  peers: 2",
+    ]
+    assert err == ""
+    assert not any(secret in out for secret in SECRETS)
+
+
+def test_config_check_example(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "check", str(EXAMPLE)]) == 0
+    assert capsys.readouterr().out.startswith(f"{EXAMPLE}: ok\n")
+
+
+def test_config_check_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, '[gateway]\nlisten = "127.0.0.1:1"\nmax_body_bytes = "big"\n')
+    assert main(["config", "check", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == (
+        f'tooti: error: {path}:3: gateway.max_body_bytes: expected integer, got string "big"\n'
+    )
+
+
+def test_config_check_syntax_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, "[gateway\n")
+    assert main(["config", "check", str(path)]) == 2
+    assert capsys.readouterr().err.startswith(f"tooti: error: {path}:1: invalid TOML")
+
+
+def test_config_check_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "check", str(tmp_path / "nope.toml")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read config file" in err and "Traceback" not in err
+
+
+def test_config_check_does_not_echo_secret(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, "[gateway]\nadmin_key = 987654321\n")
+    assert main(["config", "check", str(path)]) == 2
+    assert "987654321" not in capsys.readouterr().err
+
+
+def test_python_m_tooti_config_check() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "tooti", "config", "check", str(EXAMPLE)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"{EXAMPLE}: ok")
+
+
+# -- run -------------------------------------------------------------------
+
+
+def test_run_passes_settings_to_runner(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, runner: list[Settings]
+) -> None:
+    path = write(tmp_path, 'data_dir = "/file"\n[gateway]\nmax_attempts = 5\n')
+    monkeypatch.setenv("TOOTI_LISTEN", "127.0.0.1:9999")
+    monkeypatch.setenv("TOOTI_LOG_LEVEL", "debug")
+    argv = [
+        "run", "--config", str(path), "--role", "gateway", "--role", "node",
+        "--peer", "ws://gw:8080", "--backend", "openai=http://127.0.0.1:8000/v1",
+        "--backend", "simulated", "--join-token", "t", "--admin-key", "k",
+        "--node-id", "n1", "--log-level", "warning", "--drain-grace", "3",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    (s,) = runner
+    assert s.roles == ["gateway", "node"]
+    assert s.data_dir == "/file" and s.gateway.max_attempts == 5
+    assert s.gateway.listen == "127.0.0.1:9999"
+    assert s.log_level == "warning"
+    assert s.node.peers == ["ws://gw:8080/tooti/v1/tunnel"]
+    assert s.node.backends == [
+        BackendSettings(type="openai", url="http://127.0.0.1:8000/v1"),
+        BackendSettings(type="simulated"),
+    ]
+    assert (s.gateway.join_token, s.node.join_token, s.gateway.admin_key) == ("t", "t", "k")
+    assert (s.node.id, s.drain_grace) == ("n1", 3.0)
+
+
+def test_run_returns_runner_exit_code(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = types.SimpleNamespace(run=lambda settings: 3)
+    monkeypatch.setitem(sys.modules, "tooti.runner", fake)
+    assert main(["run"]) == 3
+
+
+def test_run_bad_flag(runner: list[Settings], capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["run", "--join-token", SECRETS[0], "--admin-key", SECRETS[1], "--listen", "nope"]
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith("tooti: error: --listen: invalid listen address 'nope'")
+    assert runner == []
+    assert not any(secret in out + err for secret in SECRETS)
+
+
+def test_run_bad_env(
+    monkeypatch: pytest.MonkeyPatch, runner: list[Settings], capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("TOOTI_PEER", "http://gw:8080")
+    assert main(["run"]) == 2
+    assert capsys.readouterr().err.startswith("tooti: error: TOOTI_PEER: peer URL")
+    assert runner == []
+
+
+def test_run_bad_config_file(
+    tmp_path: Path, runner: list[Settings], capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, "\n\ngatewy = 1\n")
+    assert main(["run", "--config", str(path)]) == 2
+    assert capsys.readouterr().err.startswith(f"tooti: error: {path}:3: unknown key 'gatewy'")
+
+
+def test_run_runner_config_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def run(settings: Settings) -> int:
+        raise ConfigError("unknown backend type 'nope'", key="node.backends[0].type")
+
+    monkeypatch.setitem(sys.modules, "tooti.runner", types.SimpleNamespace(run=run))
+    assert main(["run", "--backend", "nope"]) == 2
+    assert capsys.readouterr().err == (
+        "tooti: error: node.backends[0].type: unknown backend type 'nope'\n"
+    )
+
+
+# -- misc ------------------------------------------------------------------
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"tooti {tooti.__version__}\n"
+
+
+def test_usage_errors_return_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    assert main(["config"]) == 2
+    assert main(["run", "--bogus"]) == 2
+    assert "usage: tooti" in capsys.readouterr().err
