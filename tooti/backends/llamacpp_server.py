@@ -28,7 +28,9 @@ import threading
 from typing import Any
 
 READY_PREFIX = "TOOTI-LLAMACPP-READY "
+"""Start of the stdout line announcing the base URL (parents match this text)."""
 API_KEY_ENV = "TOOTI_LLAMACPP_API_KEY"
+"""Environment variable holding the API key the server requires, if any."""
 POOLING = ("none", "mean", "cls", "last", "rank")
 
 
@@ -129,11 +131,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.exit_on_stdin_eof:
 
         def watch_stdin() -> None:
+            # Raw reads: a daemon thread blocked inside sys.stdin's buffered
+            # reader would abort the interpreter at shutdown.
             try:
-                while sys.stdin.buffer.read(65536):
+                while os.read(0, 65536):
                     pass
-            finally:
-                stop.set()
+            except OSError:
+                pass
+            stop.set()
 
         threading.Thread(target=watch_stdin, name="stdin-watch", daemon=True).start()
     print(f"{READY_PREFIX}{server.listening_address}", flush=True)

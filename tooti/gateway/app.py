@@ -24,6 +24,7 @@ from tooti.gateway.http import (
     Receive,
     Scope,
     Send,
+    cancel_on_disconnect,
     header,
     read_body,
     send_error,
@@ -155,8 +156,8 @@ class Gateway:
                                    type="service_unavailable")
                 raw = await read_body(scope, receive, self.settings.max_body_bytes)
                 request = parse_request(endpoint, raw)
-                await forward(self.registry, self.proxy_settings, request, raw, request_id,
-                              send, headers)
+                await cancel_on_disconnect(receive, lambda: forward(
+                    self.registry, self.proxy_settings, request, raw, request_id, send, headers))
             elif path == "/v1/models":
                 if method != "GET":
                     raise APIError(405, "use GET on /v1/models", code="method_not_allowed")

@@ -6,6 +6,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
+import trio
 
 from tooti.errors import APIError
 
@@ -82,3 +83,26 @@ async def send_error(send: Send, error: APIError, headers: Headers) -> None:
     """Send an OpenAI error object with its status (and extra headers)."""
     extra = [(k.encode(), v.encode()) for k, v in error.headers.items()]
     await send_bytes(send, error.status, error.to_json(), headers + extra)
+
+
+async def cancel_on_disconnect(receive: Receive, work: Callable[[], Awaitable[None]]) -> bool:
+    """Run ``work`` until it finishes or the client disconnects; True if it finished.
+
+    Hypercorn reports a client's disconnect only as an ``http.disconnect``
+    message; it does not cancel the app. A watcher task waits for that message
+    (after the body has been read, so nothing else is received) and cancels
+    ``work``, which propagates the cancellation down the tunnel to the backend.
+    """
+    finished = False
+    async with trio.open_nursery() as nursery:
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(watch)
+        await work()
+        finished = True
+        nursery.cancel_scope.cancel()
+    return finished

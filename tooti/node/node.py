@@ -105,9 +105,13 @@ class Node:
                 except TunnelLost:
                     pass
         with trio.move_on_after(grace):
-            await self._idle.wait()
+            await self.wait_idle()
         for session in list(self.sessions):
             session.abort("node shutting down")
+
+    async def wait_idle(self) -> None:
+        """Wait until no stream is in flight on this node."""
+        await self._idle.wait()
 
     async def refresh_models(self) -> bool:
         """Re-read every healthy backend's models; True if the table changed."""

@@ -18,6 +18,7 @@ from :meth:`Connection.send_goaway` and closes the transport.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -312,14 +313,17 @@ class Connection:
         sid = self._next_local_id
         if sid > frames.MAX_STREAM_ID:
             raise FlowControlError("stream ids exhausted")
+        meta_len = len(frames.encode_json(FrameType.OPEN, sid, meta)) - frames.HEADER_SIZE
+        room = self.peer_limits.max_frame_bytes - frames.HEADER_SIZE - 4 - meta_len
+        if room < 0:
+            raise FlowControlError("OPEN metadata exceeds the peer's frame size")
         self._next_local_id += 2
         stream = _Stream(
             local=True, send_credit=self.peer_limits.initial_window,
             recv_window=self.limits.initial_window,
         )
         self._streams[sid] = stream
-        room = self.peer_limits.max_frame_bytes - frames.HEADER_SIZE - 4 - 1024
-        room = max(0, min(room, stream.send_credit))
+        room = min(room, stream.send_credit)
         first, rest = body[:room], body[room:]
         stream.send_credit -= len(first)
         fin = not rest
@@ -492,20 +496,24 @@ class Connection:
         peers = obj.get("peers") or []
         if not isinstance(peers, list) or not all(isinstance(p, str) for p in peers):
             raise ProtocolError("bad_welcome", "peers must be a list of strings")
+        interval = _number(obj, "heartbeat_interval")
+        if not 0 < interval < math.inf:
+            raise ProtocolError("bad_welcome", "heartbeat_interval must be a positive number")
         self.peer_limits = _limits(obj.get("limits"))
         self.version = int(version)
         self.state = State.OPEN
         extra = {k: v for k, v in obj.items() if k not in _WELCOME_KEYS}
         return WelcomeReceived(
-            self.version, _str(obj, "session_id", ""), _number(obj, "heartbeat_interval"),
-            peers, extra,
+            self.version, _str(obj, "session_id", ""), interval, peers, extra,
         )
 
     def choose_version(self, offered: list[int]) -> int:
         """Acceptor: the highest version both sides speak, or ProtocolError."""
         common = set(offered) & set(SUPPORTED_VERSIONS)
         if not common:
-            raise ProtocolError("unsupported_version", f"offered {offered}, speak {SUPPORTED_VERSIONS}")
+            raise ProtocolError(
+                "unsupported_version", f"offered {offered}, speak {SUPPORTED_VERSIONS}"
+            )
         return max(common)
 
     def _on_open(self, frame: frames.Frame) -> Event | None:
@@ -622,7 +630,10 @@ def _number(obj: dict[str, Any], key: str) -> float:
     value = obj.get(key)
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ProtocolError("bad_field", f"{key} must be a number")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # a JSON integer too large for a float
+        raise ProtocolError("bad_field", f"{key} is out of range") from None
 
 
 def _limits(obj: Any) -> Limits:

@@ -59,6 +59,8 @@ FLAG_FIN = 0x01
 FLAG_ACK = 0x02
 """On HEARTBEAT: this is the echo of the peer's heartbeat (for RTT)."""
 KNOWN_FLAGS = FLAG_FIN | FLAG_ACK
+ALLOWED_FLAGS = {FrameType.OPEN: FLAG_FIN, FrameType.DATA: FLAG_FIN, FrameType.HEARTBEAT: FLAG_ACK}
+"""The flags each frame type may carry; every other type carries none."""
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder()
@@ -126,7 +128,7 @@ def decode(message: bytes, max_frame_bytes: int) -> Frame:
         ftype = FrameType(raw_type)
     except ValueError:
         raise FrameError("unknown_frame_type", f"type 0x{raw_type:02x}") from None
-    if flags & ~KNOWN_FLAGS:
+    if flags & ~ALLOWED_FLAGS.get(ftype, 0):
         raise FrameError("unknown_flags", f"flags 0x{flags:02x} on {ftype.name}")
     if ftype in CONNECTION_FRAMES:
         if stream_id != 0:
@@ -142,7 +144,7 @@ def decode_json(frame: Frame, max_bytes: int) -> dict[str, Any]:
         raise FrameError("control_too_large", f"{frame.type.name} payload > {max_bytes}")
     try:
         obj = _decoder.decode(frame.payload)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, RecursionError) as exc:  # too deep nesting: RecursionError
         raise FrameError("bad_json", f"{frame.type.name}: {exc}") from None
     if not isinstance(obj, dict):
         raise FrameError("bad_json", f"{frame.type.name} payload must be an object")
@@ -161,7 +163,7 @@ def decode_open(frame: Frame, max_meta_bytes: int) -> tuple[dict[str, Any], byte
         raise FrameError("frame_truncated", "OPEN metadata longer than frame")
     try:
         meta = _decoder.decode(payload[4 : 4 + meta_len])
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, RecursionError) as exc:
         raise FrameError("bad_json", f"OPEN: {exc}") from None
     if not isinstance(meta, dict):
         raise FrameError("bad_json", "OPEN metadata must be an object")
