@@ -13,6 +13,7 @@ import logging
 import os
 import secrets
 import signal
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,11 +54,22 @@ def node_id(settings: Settings) -> str:
 
 
 def build_backends(settings: Settings) -> list[Backend]:
-    """Instantiate the node's backends (the embedded llamacpp one by default)."""
+    """Instantiate the node's backends (the embedded llamacpp one by default).
+
+    Raises :class:`~tooti.config.ConfigError` naming the backend entry when a
+    type is unknown or its extra is not installed.
+    """
     from tooti.backends import create_backend
+    from tooti.config import ConfigError
 
     configured = settings.node.backends or [BackendSettings(type="llamacpp")]
-    return [create_backend(b) for b in configured]
+    backends = []
+    for index, backend in enumerate(configured):
+        try:
+            backends.append(create_backend(backend))
+        except (ValueError, ImportError, RuntimeError) as exc:
+            raise ConfigError(str(exc), key=f"node.backends[{index}].type") from None
+    return backends
 
 
 @dataclass
@@ -65,6 +77,8 @@ class Process:
     """The live objects of one ``tooti run`` (exposed for tests and embedding)."""
 
     settings: Settings
+    backends: list[Backend] | None = None
+    """Pre-built node backends; None = build them from the settings."""
     gateway: Gateway | None = None
     node: Node | None = None
     urls: list[str] = field(default_factory=list)
@@ -96,16 +110,32 @@ async def serve(process: Process, *, task_status: trio.TaskStatus[Process] = tri
             )
         if "node" in roles:
             poll = min((b.poll_interval for b in settings.node.backends), default=30.0)
-            process.node = Node(settings.node, settings.tunnel, build_backends(settings),
+            backends = process.backends
+            if backends is None:
+                backends = build_backends(settings)
+            process.node = Node(settings.node, settings.tunnel, backends,
                                 node_id(settings), poll_interval=poll)
             await nursery.start(process.node.run)
             if process.gateway is not None:
                 nursery.start_soon(_attach_local, process.gateway, process.node)
+                registry, local = process.gateway.registry, process.node
+                await registry.wait_until(
+                    lambda: not local.models or bool(registry.peers.get(local.id, None)
+                                                     and registry.peers[local.id].models))
         process.ready.set()
         task_status.started(process)
-        if process.gateway is not None:
-            for url in process.urls:
-                log.info("try: curl %s/v1/models", url)
+        if process.gateway is not None and process.node is not None and process.node.models:
+            model = sorted(process.node.models)[0]
+            print(ready_banner(process.urls[0], model), flush=True)
+
+
+def ready_banner(url: str, model: str) -> str:
+    """The line printed once a gateway with a local node is ready: a working curl."""
+    body = ('{"model": "%s", "messages": [{"role": "user", "content": "Hello!"}], '
+            '"max_tokens": 32}' % model)
+    return (f"tooti is ready on {url} serving {model}. Try:\n"
+            f"  curl {url}/v1/chat/completions -H 'content-type: application/json' "
+            f"-d '{body}'")
 
 
 async def _attach_local(gateway: Gateway, node: Node) -> None:
@@ -133,9 +163,9 @@ def setup_logging(level: str) -> None:
     logging.getLogger("trio-websocket").setLevel(logging.WARNING)
 
 
-async def main(settings: Settings) -> int:
+async def main(settings: Settings, backends: list[Backend] | None = None) -> int:
     """The async body of ``tooti run``; returns the exit code."""
-    process = Process(settings)
+    process = Process(settings, backends)
     exit_code = 0
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
@@ -168,9 +198,32 @@ async def main(settings: Settings) -> int:
 
 
 def run(settings: Settings) -> int:
-    """Run ``tooti`` with ``settings``; returns the process exit code."""
+    """Run ``tooti`` with ``settings``; returns the process exit code.
+
+    Configuration problems raise :class:`~tooti.config.ConfigError` (the CLI
+    prints them); a port that cannot be bound is reported in one line, exit 1.
+    """
     setup_logging(settings.log_level)
+    backends = build_backends(settings) if "node" in effective_roles(settings) else None
     try:
-        return trio.run(main, settings)
+        return trio.run(main, settings, backends)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except BaseException as exc:
+        failure = _first(exc, OSError)
+        if failure is None:
+            raise
+        print(f"tooti: error: {failure}", file=sys.stderr)
+        return 1
+
+
+def _first(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The first exception of ``kind`` inside (possibly nested) exception groups."""
+    if isinstance(exc, kind):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _first(inner, kind)
+            if found is not None:
+                return found
+    return None

@@ -232,7 +232,9 @@ class TunnelSession:
             return
         if isinstance(event, HeartbeatReceived):
             sent_at = event.stats.get("t")
-            if isinstance(sent_at, int | float) and self._nursery is not None:
+            # abs() < 1e300 keeps float() from overflowing on a huge JSON integer
+            if (isinstance(sent_at, int | float) and abs(sent_at) < 1e300
+                    and self._nursery is not None):
                 self._nursery.start_soon(
                     self._send_quiet, self.conn.send_heartbeat_ack(float(sent_at))
                 )
@@ -261,9 +263,17 @@ class TunnelSession:
     def _nursery_send_refusal(self, stream: InboundStream) -> None:
         assert self._nursery is not None
         self._nursery.start_soon(
-            stream.end, {"error": {"code": "not_serving", "message": "peer serves no streams",
-                                   "status": 503}}
+            self._end_quiet, stream, {"error": {"code": "not_serving",
+                                                "message": "peer serves no streams",
+                                                "status": 503}}
         )
+
+    async def _end_quiet(self, stream: InboundStream, info: dict[str, Any]) -> None:
+        """END a stream if still open; a lost tunnel is not an error here."""
+        try:
+            await stream.end(info)
+        except TunnelLost:
+            return
 
     async def _serve_stream(self, stream: InboundStream) -> None:
         io = stream._io
@@ -271,15 +281,15 @@ class TunnelSession:
         try:
             with io.scope:
                 await self._handler(stream)
+            if self.conn.has_stream(stream.id):
+                log.error("tunnel %s: stream %d handler returned without END", self.name,
+                          stream.id)
+                await self._end_quiet(stream, _INTERNAL_ERROR)
         except TunnelLost:
             pass
         except Exception:
             log.exception("tunnel %s: stream %d handler failed", self.name, stream.id)
-            if self.conn.has_stream(stream.id):
-                await stream.end(
-                    {"error": {"code": "internal_error", "message": "node failed to serve",
-                               "status": 500}}
-                )
+            await self._end_quiet(stream, _INTERNAL_ERROR)
         finally:
             self._streams.pop(stream.id, None)
 
@@ -313,6 +323,8 @@ class TunnelSession:
         while True:
             if io.lost is not None:
                 raise TunnelLost(io.lost)
+            if io.end is not None:
+                return  # the responder ended the stream early: the rest is moot
             if not self.conn.has_stream(sid):
                 raise TunnelLost("stream closed")
             credit = self.conn.send_credit(sid)
@@ -334,6 +346,11 @@ class TunnelSession:
         frame = self.conn.consumed(sid, nbytes)
         if frame:
             await self._send_quiet(frame)
+
+
+_INTERNAL_ERROR: dict[str, Any] = {
+    "error": {"code": "internal_error", "message": "node failed to serve", "status": 500}
+}
 
 
 class InboundStream:
