@@ -77,6 +77,8 @@ def simulated(**options: Any) -> SimulatedBackend:
 
 NetworkFactory = Callable[..., Any]
 
+pytest_plugins = ["tests.backend_fixtures"]
+
 
 @pytest.fixture
 async def network(nursery: trio.Nursery) -> AsyncIterator[Network]:

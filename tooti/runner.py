@@ -9,6 +9,7 @@ second signal cancels everything at once and exits 130.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -94,8 +95,9 @@ class Process:
                 nursery.start_soon(self.gateway.drain, grace)
 
 
-async def serve(process: Process, *, task_status: trio.TaskStatus[Process] = trio.TASK_STATUS_IGNORED
-                ) -> None:
+async def serve(
+    process: Process, *, task_status: trio.TaskStatus[Process] = trio.TASK_STATUS_IGNORED
+) -> None:
     """Run the process's roles until they all finish (after a drain) or are cancelled."""
     settings = process.settings
     roles = effective_roles(settings)
@@ -131,8 +133,8 @@ async def serve(process: Process, *, task_status: trio.TaskStatus[Process] = tri
 
 def ready_banner(url: str, model: str) -> str:
     """The line printed once a gateway with a local node is ready: a working curl."""
-    body = ('{"model": "%s", "messages": [{"role": "user", "content": "Hello!"}], '
-            '"max_tokens": 32}' % model)
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello!"}],
+                       "max_tokens": 32})
     return (f"tooti is ready on {url} serving {model}. Try:\n"
             f"  curl {url}/v1/chat/completions -H 'content-type: application/json' "
             f"-d '{body}'")

@@ -81,7 +81,12 @@ class BackendResponse:
     status: int
     content_type: str
     chunks: AsyncIterator[bytes]
-    """Raw body bytes in OpenAI wire format, in arbitrary chunk boundaries."""
+    """Raw body bytes in OpenAI wire format, in arbitrary chunk boundaries.
+
+    A failure after the head (upstream connection lost, ...) is raised from
+    the iterator; the bundled backends raise :class:`BackendError` there too.
+    Iterating after the :meth:`Backend.open` context was left is an error.
+    """
 
 
 class BackendError(Exception):
@@ -126,7 +131,11 @@ class Backend(Protocol):
         ...
 
     async def models(self) -> list[ModelInfo]:
-        """List the models this backend serves right now."""
+        """List the models this backend serves right now.
+
+        May raise (e.g. :class:`BackendError` when a server cannot be asked);
+        callers should then keep serving the previous list or none.
+        """
         ...
 
     async def health(self) -> bool:

@@ -23,7 +23,7 @@ Options:
 ``model_path``
     GGUF file to serve instead of the packaged Gemma 3 270M.
 ``parallel``
-    Parallel request slots (default 4).
+    Parallel request slots (default 4), advertised as the model's max concurrency.
 ``context_size``
     Context tokens per slot, i.e. per request (default 2048); advertised as
     the model's context length.
@@ -149,7 +149,7 @@ async def _pump_lines(
                 on_line(line.decode("utf-8", "replace").rstrip("\r"))
         if buffer:
             on_line(buffer.decode("utf-8", "replace"))
-    except (trio.Cancelled, trio.ClosedResourceError, trio.BrokenResourceError, OSError):
+    except (trio.ClosedResourceError, trio.BrokenResourceError, OSError):
         pass
     except Exception:  # pragma: no cover - a logging handler failed; never crash the run
         logger.exception("llama.cpp output pump failed")
@@ -221,7 +221,7 @@ class LlamaCppBackend:
             url="http://127.0.0.1:0/v1",  # re-pointed once the child reports its port
             api_key=self._api_key,
             models=[self.model_id],
-            max_concurrency=settings.max_concurrency,
+            max_concurrency=self.parallel,
             price_input=settings.price_input,
             price_output=settings.price_output,
             options={"clients": int(opts.get("clients", 4))},
@@ -344,7 +344,8 @@ class LlamaCppBackend:
                 backoff = min(backoff * 2, self.restart_max)
                 try:
                     await self._launch()
-                except LlamaCppStartError as exc:
+                except (LlamaCppStartError, OSError) as exc:
+                    # The dead child stays current, so the loop backs off again.
                     logger.error("llama.cpp restart failed: %s", exc)
 
     async def models(self) -> list[ModelInfo]:
@@ -353,7 +354,7 @@ class LlamaCppBackend:
         return [ModelInfo(
             id=self.model_id,
             context_length=self.context_size,
-            max_concurrency=s.max_concurrency,
+            max_concurrency=self.parallel,
             price_input=s.price_input,
             price_output=s.price_output,
             meta={"engine": "llama.cpp"},

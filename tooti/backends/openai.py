@@ -113,6 +113,10 @@ class _Chunks:
                 f"upstream stream broke: {exc!r}", status=502, code="backend_stream_error"
             ) from exc
 
+    async def aclose(self) -> None:
+        """Finalize httpx's body generator (an unfinished one would be left to the GC)."""
+        await _aclose(self._iter)
+
 
 class OpenAIBackend:
     """A backend forwarding requests to an OpenAI-compatible server (type ``openai``).
@@ -277,30 +281,42 @@ class OpenAIBackend:
                 f"upstream request to {self.url} failed: {exc!r}", status=502,
                 code="backend_error",
             ) from exc
+        chunks = _Chunks(response)
         try:
             if response.status_code >= 400:
                 raise upstream_error(response.status_code, await _read_bounded(response))
             yield BackendResponse(
                 status=response.status_code,
                 content_type=response.headers.get("content-type", "application/json"),
-                chunks=_Chunks(response),
+                chunks=chunks,
             )
         finally:
             # Closing an unfinished response drops the connection, which is how
             # the server learns that the client went away. Shielded so that it
             # also happens when we are being cancelled.
             with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+                await chunks.aclose()
                 await response.aclose()
 
 
 async def _read_bounded(response: httpx.Response, limit: int = MAX_ERROR_BODY) -> bytes:
     """Read at most ``limit`` bytes of an (error) response body."""
     data = bytearray()
+    body = response.aiter_bytes()
     try:
-        async for chunk in response.aiter_bytes():
+        async for chunk in body:
             data += chunk
             if len(data) >= limit:
                 break
     except httpx.HTTPError:
         pass
+    finally:
+        await _aclose(body)
     return bytes(data[:limit])
+
+
+async def _aclose(iterator: AsyncIterator[bytes]) -> None:
+    """Close an async generator that may not have been exhausted."""
+    aclose = getattr(iterator, "aclose", None)
+    if aclose is not None:
+        await aclose()

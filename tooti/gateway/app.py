@@ -91,8 +91,9 @@ class Gateway:
             log.warning("no join token configured: node tunnels are accepted from loopback only")
 
         async with trio.open_nursery() as nursery:
+            app: Any = self
             self.bound = await nursery.start(
-                lambda task_status: serve(self, config, shutdown_trigger=self._shutdown.wait,
+                lambda task_status: serve(app, config, shutdown_trigger=self._shutdown.wait,
                                           task_status=task_status)
             )
             log.info("gateway listening on %s", ", ".join(self.bound))

@@ -94,15 +94,21 @@ async def cancel_on_disconnect(receive: Receive, work: Callable[[], Awaitable[No
     ``work``, which propagates the cancellation down the tunnel to the backend.
     """
     finished = False
-    async with trio.open_nursery() as nursery:
+    try:
+        async with trio.open_nursery() as nursery:
 
-        async def watch() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
+            async def watch() -> None:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch)
+            await work()
+            finished = True
             nursery.cancel_scope.cancel()
-
-        nursery.start_soon(watch)
-        await work()
-        finished = True
-        nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # The watcher never raises, so the group holds ``work``'s own exception.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
     return finished

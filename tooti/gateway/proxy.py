@@ -129,8 +129,8 @@ async def _serve_from(
             if error.status in RETRYABLE_STATUS:
                 raise _Retry(error)
             raise error
-        node_headers = headers + [(b"x-tooti-node", peer.id.encode()),
-                                  (b"x-tooti-model", model.encode())]
+        node_headers = [*headers, (b"x-tooti-node", peer.id.encode()),
+                        (b"x-tooti-model", model.encode())]
         content_type = str(head.headers.get("content-type") or "application/json").encode()
         if request.stream and head.status == 200:
             await _stream_body(out, head.status, content_type, send, node_headers, request_id)

@@ -499,13 +499,12 @@ class Connection:
         interval = _number(obj, "heartbeat_interval")
         if not 0 < interval < math.inf:
             raise ProtocolError("bad_welcome", "heartbeat_interval must be a positive number")
+        session_id = _str(obj, "session_id", "")
         self.peer_limits = _limits(obj.get("limits"))
         self.version = int(version)
         self.state = State.OPEN
         extra = {k: v for k, v in obj.items() if k not in _WELCOME_KEYS}
-        return WelcomeReceived(
-            self.version, _str(obj, "session_id", ""), interval, peers, extra,
-        )
+        return WelcomeReceived(self.version, session_id, interval, peers, extra)
 
     def choose_version(self, offered: list[int]) -> int:
         """Acceptor: the highest version both sides speak, or ProtocolError."""
