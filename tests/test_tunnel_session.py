@@ -100,7 +100,9 @@ class EventLog:
 class Service:
     """The dialer's stream handler; ``meta["mode"]`` picks the behaviour.
 
-    Per stream name it records when the handler started, was cancelled and
+    Per stream name it records when the handler started, was stopped from
+    outside (``cancelled``: trio.Cancelled from the stream's scope, or
+    TunnelLost from a send blocked on credit when the stream was cancelled),
     finished, and how many response bytes it has sent.
     """
 
@@ -122,7 +124,7 @@ class Service:
         self.started[name].set()
         try:
             await self._modes[mode](stream, name)
-        except trio.Cancelled:
+        except (trio.Cancelled, TunnelLost):
             self.cancelled[name].set()
             raise
         finally:

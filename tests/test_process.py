@@ -110,3 +110,31 @@ async def test_second_signal_exits_at_once(nursery: trio.Nursery, tmp_path: Path
             with trio.fail_after(10):
                 code = await tooti.process.wait()
     assert code == 130, tooti.text
+
+
+async def test_default_run_serves_the_embedded_model(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """`tooti run` with no role: gateway + in-process node + embedded llama.cpp."""
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "tooti", "run", "--listen", "127.0.0.1:0",
+         "--data-dir", str(tmp_path / "data")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    assert process.stdout is not None
+    tooti = Tooti(process)
+    nursery.start_soon(tooti.pump, process.stdout)
+    with trio.fail_after(120):
+        match = await tooti.wait_for(r"tooti is ready on (http://\S+) serving (\S+)\.")
+    url, model = match.group(1), match.group(2)
+    assert model == "gemma-3-270m"
+    curl = (await tooti.wait_for(r"curl (http://\S+) -H '([^']+)' -d '([^']+)'"))
+    async with httpx.AsyncClient(timeout=60) as http:
+        response = await http.post(curl.group(1), content=curl.group(3),
+                                   headers={"content-type": "application/json"})
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] > 0
+    assert url in curl.group(1)
+    process.send_signal(signal.SIGTERM)
+    with trio.fail_after(30):
+        assert await process.wait() == 0, tooti.text
