@@ -35,6 +35,7 @@ import contextlib
 import ctypes
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -45,6 +46,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -131,6 +133,18 @@ class Children:
         child = Child(name, proc, log_path)
         self.children.append(child)
         return child
+
+    def finish(self, child: Child, timeout: float) -> str:
+        """Wait up to ``timeout`` for ``child`` to exit (else kill it); return its output."""
+        try:
+            child.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            _signal_group(child.proc, signal.SIGKILL)
+            child.proc.wait()
+        finally:
+            if child in self.children:
+                self.children.remove(child)
+        return child.log_path.read_text(errors="replace") if child.log_path else ""
 
     def stop_all(self, timeout: float = 5.0) -> None:
         """SIGTERM every process group, then SIGKILL what is left after ``timeout``."""
@@ -277,6 +291,22 @@ def rss_mib(pid: int) -> float:
     return total_kib / 1024
 
 
+def wait_quiet(children: Children, threshold: float, max_wait: float) -> float:
+    """Wait (up to ``max_wait`` s) for a 1-s window with at most ``threshold`` foreign CPUs."""
+    deadline = time.monotonic() + max_wait
+    announced = False
+    while True:
+        load = ForeignLoad(children)
+        time.sleep(1.0)
+        cpus = load.cpus()
+        if cpus <= threshold or time.monotonic() >= deadline:
+            return cpus
+        if not announced:
+            print(f"  (other processes busy {cpus:.2f} CPU; waiting up to {max_wait:.0f} s "
+                  "for a quieter moment)", flush=True)
+            announced = True
+
+
 # --------------------------------------------------------------------- layout
 
 
@@ -327,6 +357,19 @@ class Target:
     name: str
     url: str
     pids: dict[str, int] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def settle(self, timeout: float = 30.0) -> None:
+        """Wait until the target lists the model again (a tunnel may be re-dialling)."""
+        models = self.url.removesuffix("/chat/completions") + "/models"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError, urllib.error.URLError, ValueError):
+                if serves_model(models, self.headers):
+                    time.sleep(0.3)
+                    return
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.name} stopped serving {MODEL} for {timeout:.0f}s")
 
 
 def start_upstream(children: Children, layout: Layout, chunks: int) -> Target:
@@ -399,7 +442,24 @@ def start_litellm(children: Children, layout: Layout, upstream: Target) -> Targe
     base = f"http://127.0.0.1:{port}"
     auth = {"Authorization": f"Bearer {API_KEY}"}
     wait_until(lambda: serves_model(f"{base}/v1/models", auth), child, "the LiteLLM proxy", 180)
-    return Target("litellm", f"{base}/v1/chat/completions", {"litellm": child.proc.pid})
+    return Target("litellm", f"{base}/v1/chat/completions", {"litellm": child.proc.pid}, auth)
+
+
+_TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\d \S+ ")
+_NUMBER = re.compile(r"\d+")
+
+
+def log_warnings(children: Children) -> Counter[str]:
+    """WARNING/ERROR lines of the gateway and node logs, numbers blanked, counted."""
+    found: Counter[str] = Counter()
+    for child in children.children:
+        if child.name not in ("gateway", "node") or child.log_path is None:
+            continue
+        for line in child.log_path.read_text(errors="replace").splitlines():
+            if (" WARNING " in line or " ERROR " in line) and "no join token" not in line:
+                message = _NUMBER.sub("N", _TIMESTAMP.sub("", line))
+                found[f"{child.name}: {message[:150]}"] += 1
+    return found
 
 
 # --------------------------------------------------------------------- load
@@ -419,6 +479,7 @@ class Measurement:
     p99_ms: float
     requests: int
     errors: int
+    errors_status: int
     foreign_cpus: float
 
 
@@ -439,15 +500,7 @@ def run_wrk(
     """Run one wrk load and return the fields of its RESULT line."""
     argv = [wrk, "-t1", f"-c{concurrency}", f"-d{max(1, round(duration))}s", "--latency",
             "--timeout", "30s", "-s", str(LUA[mode]), url]
-    child = children.start("wrk", argv, layout.wrk)
-    try:
-        child.proc.wait(duration + 60)
-    finally:
-        if child.proc.poll() is None:
-            _signal_group(child.proc, signal.SIGKILL)
-            child.proc.wait()
-        children.children.remove(child)
-    output = child.log_path.read_text(errors="replace") if child.log_path else ""
+    output = children.finish(children.start("wrk", argv, layout.wrk), duration + 60)
     for line in output.splitlines():
         if line.startswith("RESULT "):
             return {k: float(v) for k, v in (kv.split("=") for kv in line.split()[1:])}
@@ -456,9 +509,12 @@ def run_wrk(
 
 def measure(
     wrk: str, children: Children, layout: Layout, target: Target, mode: str,
-    concurrency: int, duration: float, run: int,
+    concurrency: int, duration: float, run: int, quiet: tuple[float, float],
 ) -> Measurement:
-    """Measure one cell and print a progress line."""
+    """Measure one cell (once the target serves and the machine is quiet); print a line."""
+    target.settle()
+    if quiet[1] > 0:
+        wait_quiet(children, *quiet)
     load = ForeignLoad(children)
     fields = run_wrk(wrk, children, layout, target.url, mode, concurrency, duration)
     foreign = load.cpus()
@@ -466,12 +522,56 @@ def measure(
         target=target.name, mode=mode, concurrency=concurrency, run=run, rps=fields["rps"],
         p50_ms=fields["p50_ms"], p90_ms=fields["p90_ms"], p99_ms=fields["p99_ms"],
         requests=int(fields["requests"]),
-        errors=int(fields["errors_status"] + fields["errors_socket"]), foreign_cpus=foreign,
+        errors=int(fields["errors_status"] + fields["errors_socket"]),
+        errors_status=int(fields["errors_status"]), foreign_cpus=foreign,
     )
     print(f"  run {run} {target.name:8} {mode:10} c={concurrency:<3} {m.rps:10.1f} req/s  "
           f"p50 {m.p50_ms:8.3f} ms  p99 {m.p99_ms:8.3f} ms  other load {foreign:4.2f} CPU"
-          + (f"  ERRORS {m.errors}" if m.errors else ""), flush=True)
+          + (f"  ERRORS {m.errors} ({m.errors_status} non-2xx)" if m.errors else ""), flush=True)
     return m
+
+
+def find_pyspy() -> str:
+    """The py-spy executable (on PATH or next to this Python), or exit with a message."""
+    found = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+    if found is None:
+        sys.exit("error: --profile needs py-spy: `python -m pip install py-spy` into this venv")
+    return found
+
+
+def profile_tooti(
+    wrk: str, children: Children, layout: Layout, target: Target, duration: float,
+    out_dir: Path, top: int,
+) -> None:
+    """Record the gateway and node with py-spy under c=16 load and print their hot spots.
+
+    py-spy samples 100 times a second in its default blocking mode (exact
+    stacks, the process pauses for each sample); these runs are not reported
+    as figures.
+    """
+    from profile_summary import load, summary  # bench/ is sys.path[0]
+
+    pyspy = find_pyspy()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seconds = max(2, round(duration))
+    for mode in MODES:
+        recorders = []
+        for proc, pid in target.pids.items():
+            path = out_dir / f"{proc}-{mode}.txt"
+            recorders.append((proc, path, children.start(f"py-spy-{proc}", [
+                pyspy, "record", "-p", str(pid), "-d", str(seconds), "-r", "100",
+                "-f", "raw", "-o", path,
+            ], None)))
+        time.sleep(0.5)  # let py-spy attach before the load starts
+        fields = run_wrk(wrk, children, layout, target.url, mode, 16, seconds + 1)
+        print(f"profiled {mode} c=16: {fields['rps']:.0f} req/s under py-spy", flush=True)
+        for proc, path, child in recorders:
+            output = children.finish(child, 30)
+            if not path.exists():
+                print(f"py-spy recorded nothing for the {proc}:\n{output}", file=sys.stderr)
+                continue
+            print(summary(load(path, str(REPO_DIR)), f"{proc}, {mode}, c=16 ({path})", top))
+            print(flush=True)
 
 
 # --------------------------------------------------------------------- report
@@ -505,8 +605,8 @@ def _fmt_runs(values: Sequence[float], digits: int) -> str:
 
 def report(results: Results, targets: list[str], rss: dict[str, dict[str, float]]) -> str:
     """The figures table, LiteLLM ratios and target verdicts, as Markdown."""
-    lines = ["| path | mode | c | req/s | p50 ms | p99 ms | added p50 ms | errors |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| path | mode | c | req/s | p50 ms | p99 ms | added p50 ms | errors | other CPU |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for target in targets:
         for mode in MODES:
             for c in CONCURRENCIES:
@@ -518,9 +618,11 @@ def report(results: Results, targets: list[str], rss: dict[str, dict[str, float]
                     f"| {target} | {mode} | {c} | {_fmt_runs([m.rps for m in runs], 0)} | "
                     f"{_fmt_runs([m.p50_ms for m in runs], 2)} | "
                     f"{_fmt_runs([m.p99_ms for m in runs], 2)} | "
-                    f"{_fmt_runs(added, 2)} | {sum(m.errors for m in runs)} |")
-    out = ["", "Figures (each run separated by ' / '; added p50 = p50 minus direct p50 "
-           "of the same run):", "", *lines, ""]
+                    f"{_fmt_runs(added, 2)} | {sum(m.errors for m in runs)} | "
+                    f"{_fmt_runs([m.foreign_cpus for m in runs], 2)} |")
+    out = ["", "Figures (runs separated by ' / '; added p50 = p50 minus the direct p50 of "
+           "the same run; other CPU = CPUs kept busy by processes outside this benchmark):",
+           "", *lines, ""]
     if rss:
         out.append("RSS after the runs: " + "; ".join(
             f"{name} {mib:.0f} MiB" for t in rss.values() for name, mib in t.items()))
@@ -601,7 +703,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "CPU on two-CPU machines)")
     parser.add_argument("--only", default="",
                         help="comma-separated subset of targets: direct,tooti,litellm")
+    parser.add_argument("--quiet-below", type=float, default=0.3, metavar="CPUS",
+                        help="before each cell wait for other processes to use at most this "
+                             "many CPUs (default 0.3)")
+    parser.add_argument("--quiet-wait", type=float, default=60.0, metavar="S",
+                        help="longest wait for that, per cell; 0 disables (default 60)")
     parser.add_argument("--json", type=Path, help="also write every measurement to this file")
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="after the runs, record the gateway and node with py-spy under "
+                             "c=16 load (raw profiles into DIR) and print their hot spots")
+    parser.add_argument("--profile-top", type=int, default=15,
+                        help="rows per hot-spot table (default 15)")
     args = parser.parse_args(argv)
     if args.quick:
         args.duration, args.repeat = 3.0, 1
@@ -612,6 +724,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; exit status 0 even when targets are not met."""
     args = parse_args(argv)
     wrk = find_wrk()
+    if args.profile:
+        find_pyspy()
     try:
         import tooti
     except ImportError:
@@ -626,6 +740,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.duration:g} s per cell, {args.repeat} run(s), {args.chunks}-chunk streams, "
           f"targets: {', '.join(targets)}", flush=True)
     measurements: list[Measurement] = []
+    warnings: Counter[str] = Counter()
     rss: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="tooti-bench-") as tmp, _terminate_on_signals():
         children = Children(Path(tmp))
@@ -646,10 +761,15 @@ def main(argv: list[str] | None = None) -> int:
                 for target in started.values():
                     for mode in MODES:
                         for c in CONCURRENCIES:
-                            measurements.append(measure(wrk, children, layout, target, mode, c,
-                                                        args.duration, run))
+                            measurements.append(measure(
+                                wrk, children, layout, target, mode, c, args.duration, run,
+                                (args.quiet_below, args.quiet_wait)))
             for name, target in started.items():
                 rss[name] = {proc: rss_mib(pid) for proc, pid in target.pids.items()}
+            warnings = log_warnings(children)
+            if args.profile and "tooti" in started:
+                profile_tooti(wrk, children, layout, started["tooti"], args.duration,
+                              args.profile, args.profile_top)
         except KeyboardInterrupt:
             print("\ninterrupted; stopping children", file=sys.stderr)
             return 130
@@ -664,6 +784,9 @@ def main(argv: list[str] | None = None) -> int:
                 signal.signal(signal.SIGINT, signal.default_int_handler)
     results = Results(measurements)
     print(report(results, targets, rss))
+    if warnings:
+        print("Warnings logged by tooti during the run (count, message):")
+        print("\n".join(f"  {n:5d}  {line}" for line, n in warnings.most_common(12)))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({

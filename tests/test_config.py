@@ -86,7 +86,8 @@ def test_example_documents_every_field() -> None:
 
 def test_unknown_top_level_key() -> None:
     err = error_of('roles = ["gateway"]\n\ngatewy = 1\n')
-    assert str(err).startswith("tooti.toml:3: unknown key 'gatewy' (known: data_dir, drain_grace")
+    assert str(err).startswith(
+        "tooti.toml:3: unknown key 'gatewy' (known: billing, data_dir, drain_grace")
     assert "did you mean 'gateway'?" in str(err)
     assert err.line == 3
 

@@ -74,7 +74,24 @@ def _parser() -> argparse.ArgumentParser:
         metavar="S",
         help="seconds to finish streams on shutdown [TOOTI_DRAIN_GRACE]",
     )
+    run.add_argument(
+        "--plugins-dir", metavar="DIR", help="extra plugin files to load [TOOTI_PLUGINS_DIR]"
+    )
     run.set_defaults(handler=_run)
+
+    plugins = commands.add_parser(
+        "plugins", help="list loaded plugins and what they provide",
+        description="List every plugin: built-in, installed (entry points in group 'tooti') "
+        "and from --plugins-dir. Set TOOTI_DISABLE_PLUGIN_AUTOLOAD=1 to skip entry points.",
+    )
+    plugins.add_argument("--plugins-dir", metavar="DIR", help="extra plugin files to load")
+    plugins.set_defaults(handler=_plugins)
+
+    usage = commands.add_parser("usage", help="summarize the usage ledger")
+    usage.add_argument("--data-dir", metavar="DIR", help="state directory [TOOTI_DATA_DIR]")
+    usage.add_argument("--by", choices=("key", "model", "node", "status"), action="append",
+                       help="group by (repeatable; default: key, model and node)")
+    usage.set_defaults(handler=_usage)
 
     config = commands.add_parser("config", help="work with config files")
     config_commands = config.add_subparsers(dest="config_command", required=True, metavar="COMMAND")
@@ -100,8 +117,11 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _config_check(args: argparse.Namespace) -> int:
+    from tooti.runner import check_plugin_names
+
     try:
         settings = load_file(args.file)
+        check_plugin_names(settings)
     except ConfigError as exc:
         return _error(exc)
     roles = ", ".join(settings.roles) if settings.roles else "default (gateway, node)"
@@ -110,4 +130,42 @@ def _config_check(args: argparse.Namespace) -> int:
     print(f"  listen: {settings.gateway.listen}")
     print(f"  backends: {len(settings.node.backends)}")
     print(f"  peers: {len(settings.node.peers)}")
+    return 0
+
+
+def _plugins(args: argparse.Namespace) -> int:
+    from tooti import plugins
+
+    loaded = plugins.load(args.plugins_dir)
+    failed = 0
+    for info in loaded.infos:
+        origin = f"{info.distribution} {info.version}".strip() or info.source
+        print(f"{info.name}  ({info.source}: {origin})")
+        if info.error:
+            failed += 1
+            print(f"    FAILED: {info.error}")
+        for hook, names in sorted(info.provides.items()):
+            print(f"    {hook}: {', '.join(names)}")
+    return 1 if failed else 0
+
+
+def _usage(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tooti.billing.ledger import FILENAME, summarize
+    from tooti.settings import Settings
+
+    data_dir = args.data_dir or os.environ.get("TOOTI_DATA_DIR") or Settings().data_dir
+    path = Path(os.path.expanduser(data_dir)) / FILENAME
+    if not path.exists():
+        print(f"tooti: no usage ledger at {path}", file=sys.stderr)
+        return 1
+    for by in args.by or ["key", "model", "node"]:
+        rows = summarize(path, by)
+        print(f"by {by}:")
+        print(f"  {by:<28} {'requests':>9} {'prompt':>10} {'completion':>11} {'cost':>12}")
+        for row in rows:
+            print(f"  {row.group:<28} {row.requests:>9} {row.prompt_tokens:>10} "
+                  f"{row.completion_tokens:>11} {row.cost:>12.6f}")
+        print()
     return 0

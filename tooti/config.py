@@ -347,6 +347,7 @@ _OPTIONS: dict[str, tuple[str, str]] = {
     "log_level": ("TOOTI_LOG_LEVEL", "--log-level"),
     "node_id": ("TOOTI_NODE_ID", "--node-id"),
     "drain_grace": ("TOOTI_DRAIN_GRACE", "--drain-grace"),
+    "plugins_dir": ("TOOTI_PLUGINS_DIR", "--plugins-dir"),
 }
 _LIST_OPTIONS = frozenset({"role", "peer", "backend"})
 
@@ -405,6 +406,8 @@ def _apply_option(s: Settings, option: str, values: list[str], source: str) -> N
             s.node.id = value
         elif option == "drain_grace":
             s.drain_grace = _parse_seconds(value)
+        elif option == "plugins_dir":
+            s.plugins_dir = value
         else:  # pragma: no cover - _OPTIONS and this chain must agree
             raise AssertionError(option)
     except ConfigError as exc:

@@ -21,8 +21,10 @@ from pathlib import Path
 import trio
 
 from tooti.backends.base import Backend
+from tooti.billing.base import Billing, BillingSetup
 from tooti.gateway.app import Gateway
 from tooti.node.node import Node
+from tooti.routing.base import RoutingPolicy
 from tooti.settings import BackendSettings, Settings
 from tooti.transport.memory import memory_pair
 
@@ -52,6 +54,41 @@ def node_id(settings: Settings) -> str:
     new_id = "node-" + secrets.token_hex(6)
     path.write_text(new_id + "\n")
     return new_id
+
+
+def check_plugin_names(settings: Settings) -> None:
+    """Fail with a ConfigError naming the key if a backend type, routing policy or
+    billing plugin is not provided by any loaded plugin."""
+    from tooti import plugins
+    from tooti.config import ConfigError
+
+    loaded = plugins.get(settings.plugins_dir or None)
+    checks: list[tuple[str, str, str, str]] = [
+        ("tooti_routing_policies", settings.routing.policy, "routing policy", "routing.policy"),
+    ]
+    checks += [("tooti_billing", name, "billing plugin", f"billing.plugins[{i}]")
+               for i, name in enumerate(settings.billing.plugins)]
+    checks += [("tooti_backends", b.type, "backend type", f"node.backends[{i}].type")
+               for i, b in enumerate(settings.node.backends)]
+    for hook, name, what, key in checks:
+        try:
+            loaded.factory(hook, name, what)
+        except plugins.PluginError as exc:
+            raise ConfigError(str(exc), key=key) from None
+
+
+def build_gateway_plugins(settings: Settings) -> tuple[RoutingPolicy, list[Billing]]:
+    """The routing policy and billing plugins named in the settings."""
+    from tooti import plugins
+
+    loaded = plugins.get(settings.plugins_dir or None)
+    policy = loaded.factory("tooti_routing_policies", settings.routing.policy,
+                            "routing policy")(dict(settings.routing.options))
+    setup = BillingSetup(Path(os.path.expanduser(settings.data_dir)),
+                         dict(settings.billing.options))
+    billing = [loaded.factory("tooti_billing", name, "billing plugin")(setup)
+               for name in settings.billing.plugins]
+    return policy, billing
 
 
 def build_backends(settings: Settings) -> list[Backend]:
@@ -105,7 +142,8 @@ async def serve(
         raise NotImplementedError("the relay role is not available in this version")
     async with trio.open_nursery() as nursery:
         if "gateway" in roles:
-            process.gateway = Gateway(settings.gateway, settings.tunnel)
+            policy, billing = build_gateway_plugins(settings)
+            process.gateway = Gateway(settings.gateway, settings.tunnel, policy, billing)
             process.urls = await nursery.start(
                 lambda task_status: process.gateway.serve(  # type: ignore[union-attr]
                     grace=settings.drain_grace, task_status=task_status)
@@ -206,6 +244,7 @@ def run(settings: Settings) -> int:
     prints them); a port that cannot be bound is reported in one line, exit 1.
     """
     setup_logging(settings.log_level)
+    check_plugin_names(settings)
     backends = build_backends(settings) if "node" in effective_roles(settings) else None
     try:
         return trio.run(main, settings, backends)

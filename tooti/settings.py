@@ -94,6 +94,26 @@ class NodeSettings:
 
 
 @dataclass
+class RoutingSettings:
+    """How the gateway chooses a node."""
+
+    policy: str = "least-loaded"
+    """Routing policy name (from the ``tooti_routing_policies`` hook)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Options passed to the policy's factory."""
+
+
+@dataclass
+class BillingSettings:
+    """What the gateway does with every request's usage."""
+
+    plugins: list[str] = field(default_factory=lambda: ["usage-ledger"])
+    """Billing plugins (from the ``tooti_billing`` hook), all active, in order."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Options passed to every billing plugin's factory."""
+
+
+@dataclass
 class Settings:
     """Everything one ``tooti`` process needs."""
 
@@ -105,6 +125,10 @@ class Settings:
     """Logging level: debug, info, warning, error."""
     drain_grace: float = 10.0
     """Seconds in-flight streams may take to finish after SIGINT/SIGTERM."""
+    plugins_dir: str = ""
+    """Directory of extra plugin files (``*.py``) to load; empty = none."""
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
     node: NodeSettings = field(default_factory=NodeSettings)
     tunnel: TunnelSettings = field(default_factory=TunnelSettings)
+    routing: RoutingSettings = field(default_factory=RoutingSettings)
+    billing: BillingSettings = field(default_factory=BillingSettings)

@@ -8,6 +8,7 @@ the per-request path short; every response carries ``x-request-id``.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 import uuid
@@ -17,6 +18,8 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
+from tooti.billing.base import Billing, RequestContext
+from tooti.billing.pipeline import BillingPipeline
 from tooti.errors import APIError
 from tooti.gateway.http import (
     ClientGone,
@@ -30,10 +33,12 @@ from tooti.gateway.http import (
     send_error,
     send_json,
 )
-from tooti.gateway.proxy import ProxySettings, forward
+from tooti.gateway.proxy import Outcome, ProxySettings, check_routable, forward
 from tooti.gateway.registry import Registry
 from tooti.gateway.tunnels import TunnelAuth, serve_tunnel
-from tooti.gateway.validation import parse_request
+from tooti.gateway.validation import ParsedRequest, parse_request
+from tooti.routing.base import RouteRequest, RoutingPolicy
+from tooti.routing.policies import LeastLoaded
 from tooti.settings import GatewaySettings, TunnelSettings
 from tooti.transport import Transport
 from tooti.transport.websocket import SUBPROTOCOL, TUNNEL_PATH, ASGIWebSocketTransport
@@ -48,6 +53,16 @@ API_ROUTES = {
 }
 
 
+def key_id_of(authorization: bytes | None) -> str:
+    """A stable, non-secret id for the caller's API key (``anonymous`` without one)."""
+    if not authorization or authorization[:7].lower() != b"bearer ":
+        return "anonymous"
+    token = authorization[7:].strip()
+    if not token:
+        return "anonymous"
+    return "key-" + hashlib.sha256(token).hexdigest()[:16]
+
+
 def split_listen(listen: str) -> tuple[str, int]:
     """Split ``HOST:PORT`` (``[::1]:8080`` for IPv6) into host and port."""
     host, _, port = listen.rpartition(":")
@@ -57,8 +72,13 @@ def split_listen(listen: str) -> tuple[str, int]:
 class Gateway:
     """Registry, router and HTTP/tunnel front door of one gateway."""
 
-    def __init__(self, settings: GatewaySettings, tunnel: TunnelSettings) -> None:
+    def __init__(
+        self, settings: GatewaySettings, tunnel: TunnelSettings,
+        policy: RoutingPolicy | None = None, billing: list[Billing] | None = None,
+    ) -> None:
         self.settings = settings
+        self.policy: RoutingPolicy = policy or LeastLoaded()
+        self.billing = BillingPipeline(billing or [])
         self.tunnel_settings = tunnel
         self.registry = Registry()
         self.auth = TunnelAuth(settings.join_token)
@@ -90,9 +110,20 @@ class Gateway:
         if not self.auth.open_to_network:
             log.warning("no join token configured: node tunnels are accepted from loopback only")
 
-        async with trio.open_nursery() as nursery:
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.billing.run)
+                await self._serve_http(config, task_status)
+                nursery.cancel_scope.cancel()
+        finally:
+            await self.billing.close()
+
+    async def _serve_http(
+        self, config: Config, task_status: trio.TaskStatus[list[str]]
+    ) -> None:
+        async with trio.open_nursery() as http_nursery:
             app: Any = self
-            self.bound = await nursery.start(
+            self.bound = await http_nursery.start(
                 lambda task_status: serve(app, config, shutdown_trigger=self._shutdown.wait,
                                           task_status=task_status)
             )
@@ -157,8 +188,7 @@ class Gateway:
                                    type="service_unavailable")
                 raw = await read_body(scope, receive, self.settings.max_body_bytes)
                 request = parse_request(endpoint, raw)
-                await cancel_on_disconnect(receive, lambda: forward(
-                    self.registry, self.proxy_settings, request, raw, request_id, send, headers))
+                await self._serve_api(scope, receive, send, request_id, headers, request, raw)
             elif path == "/v1/models":
                 if method != "GET":
                     raise APIError(405, "use GET on /v1/models", code="method_not_allowed")
@@ -181,6 +211,35 @@ class Gateway:
             self.in_flight -= 1
             if self.in_flight == 0:
                 self._idle.set()
+
+    async def _serve_api(
+        self, scope: Scope, receive: Receive, send: Send, request_id: str, headers: Headers,
+        request: ParsedRequest, raw: bytes,
+    ) -> None:
+        """Authorize, forward (cancelled if the client leaves), then settle or refund."""
+        check_routable(self.registry, request.model)
+        key_id = key_id_of(header(scope, b"authorization"))
+        ctx = RequestContext(request_id, key_id, request.model, request.endpoint, request.stream)
+        await self.billing.authorize(ctx)
+        route = RouteRequest(
+            request_id, request.model, request.endpoint,
+            {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]},
+            request.body, key_id,
+        )
+        outcome = Outcome()
+        started = time.monotonic()
+        try:
+            finished = await cancel_on_disconnect(receive, lambda: forward(
+                self.registry, self.policy, self.proxy_settings, request, route, raw, send,
+                headers, outcome))
+            if not finished:
+                outcome.status = "cancelled"
+        except BaseException:
+            if outcome.status in ("pending", "ok"):
+                outcome.status = "cancelled" if outcome.served else "failed"
+            raise
+        finally:
+            await self.billing.finish(ctx, outcome, len(raw), started)
 
     def models_list(self) -> dict[str, Any]:
         """The ``/v1/models`` body: the union of live nodes' models."""

@@ -24,9 +24,9 @@ import trio
 from tooti.errors import APIError, from_end_info
 from tooti.gateway.http import Headers, Send, send_bytes
 from tooti.gateway.registry import Peer, Registry
-from tooti.gateway.router import choose
 from tooti.gateway.validation import ParsedRequest
 from tooti.protocol.connection import FlowControlError
+from tooti.routing.base import RouteRequest, RoutingPolicy
 from tooti.tunnel import OutboundStream, TunnelLost
 
 log = logging.getLogger("tooti.gateway")
@@ -46,6 +46,25 @@ class ProxySettings:
     request_timeout: float
 
 
+@dataclass
+class Outcome:
+    """What happened to one request, filled in as it goes (read by billing)."""
+
+    served: bool = False
+    """A node sent a response head (so it did the work)."""
+    node_id: str = ""
+    model: str = ""
+    price_input: float = 0.0
+    price_output: float = 0.0
+    usage: dict[str, Any] | None = None
+    """The END frame's usage, when the node reported it."""
+    status: str = "pending"
+    """``ok``, ``error``, ``failed_midstream``, ``cancelled`` or ``pending``."""
+    delivered_events: int = 0
+    """SSE events relayed to the client (an estimate of tokens when usage is missing)."""
+    attempts: int = 0
+
+
 class _Retry(Exception):
     """This node failed before anything reached the client; try another."""
 
@@ -54,32 +73,55 @@ class _Retry(Exception):
         self.error = error
 
 
+def choose(
+    registry: Registry, policy: RoutingPolicy, route: RouteRequest, excluded: set[str]
+) -> Peer | None:
+    """The best live node for ``route`` per ``policy``, skipping ``excluded`` ones."""
+    candidates = registry.candidates(route.model)
+    if excluded:
+        candidates = [p for p in candidates if p.id not in excluded]
+    if not candidates:
+        return None
+    ranked = policy.rank(route, candidates)
+    return ranked[0] if ranked else None
+
+
+def check_routable(registry: Registry, model: str) -> None:
+    """404 for a model never advertised here, 503 for one with no live node now."""
+    if registry.candidates(model):
+        return
+    if model in registry.known_models:
+        raise APIError(503, f"no live node serves model '{model}' right now",
+                       code="no_capacity", type="service_unavailable")
+    raise APIError(404, f"the model '{model}' does not exist", param="model",
+                   code="model_not_found")
+
+
 async def forward(
     registry: Registry,
+    policy: RoutingPolicy,
     settings: ProxySettings,
     request: ParsedRequest,
+    route: RouteRequest,
     raw_body: bytes,
-    request_id: str,
     send: Send,
     headers: Headers,
+    outcome: Outcome,
 ) -> None:
     """Serve ``request`` from the best node, failing over before the first byte."""
     model = request.model
-    if not registry.candidates(model):
-        if model in registry.known_models:
-            raise APIError(503, f"no live node serves model '{model}' right now",
-                           code="no_capacity", type="service_unavailable")
-        raise APIError(404, f"the model '{model}' does not exist", param="model",
-                       code="model_not_found")
+    request_id = route.request_id
     excluded: set[str] = set()
     last_error: APIError | None = None
     with trio.fail_after(settings.request_timeout):
-        for _attempt in range(max(1, settings.max_attempts)):
-            peer = choose(registry, model, excluded)
+        for attempt in range(max(1, settings.max_attempts)):
+            peer = choose(registry, policy, route, excluded)
             if peer is None:
                 break
+            outcome.attempts = attempt + 1
             try:
-                await _serve_from(peer, settings, request, raw_body, request_id, send, headers)
+                await _serve_from(peer, settings, request, raw_body, request_id, send, headers,
+                                  outcome)
                 return
             except _Retry as retry:
                 excluded.add(peer.id)
@@ -87,7 +129,7 @@ async def forward(
                 last_error = retry.error
                 log.info("request %s: node %s failed before first byte (%s), %s",
                          request_id, peer.id, retry.error.message,
-                         "retrying" if _attempt + 1 < settings.max_attempts else "giving up")
+                         "retrying" if attempt + 1 < settings.max_attempts else "giving up")
     if last_error is None:
         raise APIError(503, f"no live node serves model '{model}' right now",
                        code="no_capacity", type="service_unavailable")
@@ -102,6 +144,7 @@ async def _serve_from(
     request_id: str,
     send: Send,
     headers: Headers,
+    outcome: Outcome,
 ) -> None:
     model = request.model
     meta: dict[str, Any] = {
@@ -128,14 +171,24 @@ async def _serve_from(
             error = from_end_info(out.end_info or {})
             if error.status in RETRYABLE_STATUS:
                 raise _Retry(error)
+            outcome.node_id, outcome.model, outcome.status = peer.id, model, "error"
             raise error
+        info = peer.models.get(model)
+        outcome.node_id, outcome.model = peer.id, model
+        outcome.price_input = info.price_input if info else 0.0
+        outcome.price_output = info.price_output if info else 0.0
         node_headers = [*headers, (b"x-tooti-node", peer.id.encode()),
                         (b"x-tooti-model", model.encode())]
         content_type = str(head.headers.get("content-type") or "application/json").encode()
         if request.stream and head.status == 200:
-            await _stream_body(out, head.status, content_type, send, node_headers, request_id)
+            outcome.served = True
+            await _stream_body(out, head.status, content_type, send, node_headers, request_id,
+                               outcome)
         else:
             body = await _collect(out, peer)
+            outcome.served = True
+            outcome.usage = _usage_of(out.end_info)
+            outcome.status = "ok" if head.status < 400 else "error"
             await send_bytes(send, head.status, body, node_headers, content_type)
     except BaseException:
         if out is not None:
@@ -164,9 +217,14 @@ async def _collect(out: OutboundStream, peer: Peer) -> bytes:
     return b"".join(parts)
 
 
+def _usage_of(info: dict[str, Any] | None) -> dict[str, Any] | None:
+    usage = (info or {}).get("usage")
+    return usage if isinstance(usage, dict) else None
+
+
 async def _stream_body(
     out: OutboundStream, status: int, content_type: bytes, send: Send, headers: Headers,
-    request_id: str,
+    request_id: str, outcome: Outcome,
 ) -> None:
     """Relay an SSE answer as it arrives; a late failure is reported in-band."""
     await send({
@@ -182,13 +240,16 @@ async def _stream_body(
     error: APIError | None = None
     try:
         async for chunk in out.body():
+            outcome.delivered_events += chunk.count(b"\n\n")
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
     except TunnelLost as exc:
         error = APIError(502, f"node lost mid-stream: {exc}", code="node_lost")
     else:
         info = out.end_info or {}
+        outcome.usage = _usage_of(info)
         if "error" in info:
             error = from_end_info(info)
+    outcome.status = "ok" if error is None else "failed_midstream"
     tail = b""
     if error is not None:
         log.warning("request %s: stream failed after first byte: %s", request_id, error.message)

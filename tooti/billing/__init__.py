@@ -1,0 +1,1 @@
+"""Billing: reserve → settle → refund around every request (see :mod:`tooti.billing.base`)."""

@@ -1,0 +1,94 @@
+"""The billing contract and the records it receives.
+
+For every request that passes validation the gateway calls, in order:
+
+1. ``authorize(ctx)`` before routing — a plugin may refuse by raising
+   :class:`tooti.errors.APIError` (e.g. 402 or 429), or reserve funds;
+2. then exactly one of:
+   * ``settle(ctx, usage)`` when a node took the request — with the tokens
+     actually delivered, whether it finished, was cancelled by the client or
+     failed mid-stream (``usage.status`` says which);
+   * ``refund(ctx, reason)`` when no node served it (no capacity, every
+     attempt failed before the first byte) — nothing was consumed.
+
+``settle`` and ``refund`` must be idempotent by ``ctx.request_id``. They are
+awaited after the response has been sent, under a shield with a timeout, so a
+client that leaves cannot skip them; keep them quick (queue the write).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class BillingSetup:
+    """What a billing factory receives."""
+
+    data_dir: Path
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RequestContext:
+    """One client request as billing sees it."""
+
+    request_id: str
+    key_id: str
+    model: str
+    endpoint: str
+    stream: bool
+    started: float = field(default_factory=time.time)
+
+
+@dataclass
+class Usage:
+    """What one request consumed and delivered."""
+
+    node_id: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    status: str
+    """``ok``, ``cancelled`` (client left), ``failed_midstream``, or ``error`` (the node
+    answered with an error)."""
+    price_input: float = 0.0
+    """The serving node's advertised price per 1M prompt tokens."""
+    price_output: float = 0.0
+    """The serving node's advertised price per 1M completion tokens."""
+    estimated: bool = False
+    """True when the node could not report exact token counts."""
+    latency_ms: float = 0.0
+
+    @property
+    def cost(self) -> float:
+        """Prompt and completion tokens at the node's own prices."""
+        return (self.prompt_tokens * self.price_input
+                + self.completion_tokens * self.price_output) / 1_000_000
+
+
+class Billing(Protocol):
+    """A billing plugin (see the module docstring for the call order)."""
+
+    async def run(self) -> None:
+        """Background work (e.g. a batching writer) until cancelled; may just sleep forever."""
+        ...
+
+    async def authorize(self, ctx: RequestContext) -> None:
+        """Reserve before routing, or raise APIError to refuse the request."""
+        ...
+
+    async def settle(self, ctx: RequestContext, usage: Usage) -> None:
+        """Record what was delivered (idempotent by request id)."""
+        ...
+
+    async def refund(self, ctx: RequestContext, reason: str) -> None:
+        """Release the reservation of a request no node served (idempotent)."""
+        ...
+
+    async def close(self) -> None:
+        """Flush and release resources."""
+        ...

@@ -1,0 +1,166 @@
+"""``usage-ledger``: the built-in billing plugin, one usage record per request in SQLite.
+
+Records go to ``<data_dir>/usage.sqlite3`` (WAL mode), keyed by request id so
+settling twice writes once. Writes are queued on a bounded channel and
+written in batches off the event loop by :meth:`UsageLedger.run`, so the
+request path never waits on the disk unless the queue is full. Accounts and
+balances come later; ``authorize`` admits every request.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from tooti.billing.base import Billing, BillingSetup, RequestContext, Usage
+from tooti.hookspecs import hookimpl
+
+log = logging.getLogger("tooti.billing")
+
+FILENAME = "usage.sqlite3"
+QUEUE = 10_000
+BATCH = 512
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS usage (
+    request_id TEXT PRIMARY KEY,
+    ts REAL NOT NULL,
+    key_id TEXT NOT NULL,
+    model TEXT NOT NULL,
+    node_id TEXT NOT NULL,
+    endpoint TEXT NOT NULL,
+    stream INTEGER NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    estimated INTEGER NOT NULL,
+    price_input REAL NOT NULL,
+    price_output REAL NOT NULL,
+    cost REAL NOT NULL,
+    status TEXT NOT NULL,
+    latency_ms REAL NOT NULL
+)
+"""
+INSERT = "INSERT OR IGNORE INTO usage VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+
+Row = tuple[Any, ...]
+
+
+def open_db(path: Path) -> sqlite3.Connection:
+    """Open (creating if needed) the ledger database in WAL mode."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
+    db.execute(SCHEMA)
+    return db
+
+
+class UsageLedger:
+    """Queues usage rows and writes them in batches (see the module docstring)."""
+
+    def __init__(self, setup: BillingSetup) -> None:
+        self.path = Path(setup.options.get("usage_ledger_path") or setup.data_dir / FILENAME)
+        self._db = open_db(self.path)
+        self._send, self._receive = trio.open_memory_channel[Row](QUEUE)
+        self._lock = trio.Lock()
+
+    async def run(self) -> None:
+        """Write queued rows in batches until cancelled."""
+        while True:
+            batch = [await self._receive.receive()]
+            while len(batch) < BATCH:
+                try:
+                    batch.append(self._receive.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            await self._write(batch)
+
+    async def _write(self, rows: list[Row]) -> None:
+        async with self._lock:
+            await trio.to_thread.run_sync(self._write_sync, rows)
+
+    def _write_sync(self, rows: list[Row]) -> None:
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany(INSERT, rows)
+
+    async def flush(self) -> None:
+        """Write everything queued so far (used at shutdown and by tests)."""
+        rows: list[Row] = []
+        while True:
+            try:
+                rows.append(self._receive.receive_nowait())
+            except trio.WouldBlock:
+                break
+        # Taking the lock also waits for a batch the run loop is writing now.
+        if rows:
+            await self._write(rows)
+        else:
+            async with self._lock:
+                pass
+
+    async def authorize(self, ctx: RequestContext) -> None:
+        """No balances yet: every request is admitted."""
+        return None
+
+    async def settle(self, ctx: RequestContext, usage: Usage) -> None:
+        """Queue the request's usage record."""
+        await self._send.send((
+            ctx.request_id, time.time(), ctx.key_id, usage.model, usage.node_id, ctx.endpoint,
+            int(ctx.stream), usage.prompt_tokens, usage.completion_tokens, int(usage.estimated),
+            usage.price_input, usage.price_output, usage.cost, usage.status, usage.latency_ms,
+        ))
+
+    async def refund(self, ctx: RequestContext, reason: str) -> None:
+        """Record a request no node served (zero tokens, status ``failed``)."""
+        await self._send.send((
+            ctx.request_id, time.time(), ctx.key_id, ctx.model, "", ctx.endpoint,
+            int(ctx.stream), 0, 0, 0, 0.0, 0.0, 0.0, "failed", 0.0,
+        ))
+
+    async def close(self) -> None:
+        """Flush the queue and close the database."""
+        with trio.CancelScope(shield=True):
+            await self.flush()
+        self._db.close()
+
+
+@dataclass(frozen=True)
+class SummaryRow:
+    """One line of ``tooti usage``."""
+
+    group: str
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost: float
+
+
+GROUPS = {"key": "key_id", "model": "model", "node": "node_id", "status": "status"}
+
+
+def summarize(path: Path, by: str) -> list[SummaryRow]:
+    """Totals per key, model, node or status from a ledger file."""
+    column = GROUPS[by]
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        rows = db.execute(
+            f"SELECT {column}, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(cost) "
+            f"FROM usage GROUP BY {column} ORDER BY SUM(cost) DESC, COUNT(*) DESC"
+        ).fetchall()
+    finally:
+        db.close()
+    return [SummaryRow(str(r[0]) or "-", r[1], r[2] or 0, r[3] or 0, r[4] or 0.0) for r in rows]
+
+
+@hookimpl
+def tooti_billing() -> Mapping[str, Callable[[BillingSetup], Billing]]:
+    """The built-in ``usage-ledger`` plugin."""
+    return {"usage-ledger": UsageLedger}

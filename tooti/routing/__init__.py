@@ -1,0 +1,1 @@
+"""Routing policies: how a gateway orders candidate nodes for a request."""
