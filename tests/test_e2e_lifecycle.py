@@ -7,6 +7,8 @@ import trio
 from trio_websocket import open_websocket_url
 
 from tests.conftest import Network, simulated
+from tests.upstream import SlowUpstream, start_upstream
+from tooti.backends.openai import OpenAIBackend
 from tooti.gateway.app import Gateway
 from tooti.node.node import Node
 from tooti.protocol.connection import Connection, Limits, Side
@@ -125,3 +127,25 @@ async def test_tunnel_needs_token_when_configured(nursery: trio.Nursery) -> None
         await registry.wait_until(lambda: "good" in registry.peers)
     assert "bad" not in registry.peers
     gateway.shutdown()
+
+
+async def test_sick_backend_models_stop_receiving_traffic(
+    network: Network, nursery: trio.Nursery
+) -> None:
+    upstream = SlowUpstream()
+    url = await start_upstream(nursery, upstream)
+    await network.add_node(
+        [OpenAIBackend(BackendSettings(type="openai", url=url))], node_id="sickly",
+        health_interval=0.05)
+    registry = network.gateway.registry
+    assert registry.candidates("slow")
+    upstream.health_status = 503  # llama.cpp says this while (re)loading a model
+    with trio.fail_after(10):
+        await registry.wait_until(lambda: not registry.candidates("slow"))
+    async with network.client() as http:
+        response = await http.post("/v1/chat/completions", json={
+            "model": "slow", "messages": [{"role": "user", "content": "x"}]})
+    assert response.status_code == 503
+    upstream.health_status = 200
+    with trio.fail_after(10):
+        await registry.wait_until(lambda: bool(registry.candidates("slow")))

@@ -635,8 +635,11 @@ def test_goaway_sent_stops_new_streams_both_ways() -> None:
     dialer, _ = pair()
     dialer.send_goaway("draining", "")
     assert dialer.goaway_sent and not dialer.can_open_stream()
-    # An OPEN that crossed the GOAWAY is ignored, and so are its later frames.
-    assert dialer.receive_message(frames.encode_open(2, {}, b"x", False)) is None
+    # An OPEN that crossed the GOAWAY is still a stream (so it can be answered with a
+    # retryable END at once, and the opener fails over without waiting).
+    event = dialer.receive_message(frames.encode_open(2, {}, b"x", False))
+    assert event == StreamOpened(2, {}, b"x", False)
+    dialer.send_end(2, {"error": {"status": 503, "code": "draining"}, "retryable": True})
     assert dialer.receive_message(frames.encode(FrameType.DATA, 2, b"y")) is None
     assert not dialer.has_stream(2)
 

@@ -349,6 +349,19 @@ async def test_responder_ending_early_returns_the_stream_with_its_end() -> None:
             assert await exchange(pair.acceptor, b"ok") == (200, b"ok", END_INFO)
 
 
+async def test_open_crossing_our_goaway_is_refused_retryably_at_once() -> None:
+    """A stream opened before the peer saw our GOAWAY gets a retryable 503 END, not silence."""
+    with trio.fail_after(10):
+        async with running_pair(Service()) as pair:
+            pair.dialer.conn.send_goaway("draining", "")  # state only: not yet on the wire
+            out = await pair.acceptor.open_stream({"mode": "echo"}, b"late")
+            assert await out.head() is None
+            assert out.end_info is not None
+            assert out.end_info["retryable"] is True
+            assert out.end_info["error"]["code"] == "draining"
+            assert out.end_info["error"]["status"] == 503
+
+
 # ------------------------------------------------------------------ cancellation and loss
 
 

@@ -24,6 +24,7 @@ class SlowUpstream:
     """An ASGI app that streams a token every ``interval`` seconds, forever."""
 
     interval: float = 0.05
+    health_status: int = 200
     started: trio.Event = field(default_factory=trio.Event)
     gone: trio.Event = field(default_factory=trio.Event)
     gone_at: float = 0.0
@@ -46,7 +47,8 @@ class SlowUpstream:
             await send({"type": "http.response.body", "body": body})
             return
         if scope["path"] == "/health":
-            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.start", "status": self.health_status,
+                        "headers": []})
             await send({"type": "http.response.body", "body": b"{}"})
             return
         request = b""

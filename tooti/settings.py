@@ -87,6 +87,8 @@ class NodeSettings:
     """Free-form labels sent in HELLO (e.g. ``region = "eu"``)."""
     backends: list[BackendSettings] = field(default_factory=list)
     """Backends to serve from; empty = the role's default."""
+    health_interval: float = 5.0
+    """Seconds between backend health checks (a sick backend's models are withdrawn)."""
     reconnect_initial: float = 0.25
     """First re-dial delay in seconds (doubles each failure, with jitter)."""
     reconnect_max: float = 10.0

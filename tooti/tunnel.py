@@ -255,18 +255,19 @@ class TunnelSession:
         io.scope = trio.CancelScope()
         self._streams[event.stream_id] = io
         stream = InboundStream(self, event.stream_id, event.meta, io)
-        if self._handler is None or self._nursery is None:
-            self._nursery_send_refusal(stream)
-            return
-        self._nursery.start_soon(self._serve_stream, stream)
-
-    def _nursery_send_refusal(self, stream: InboundStream) -> None:
         assert self._nursery is not None
-        self._nursery.start_soon(
-            self._end_quiet, stream, {"error": {"code": "not_serving",
-                                                "message": "peer serves no streams",
-                                                "status": 503}}
-        )
+        if self._handler is None:
+            self._refuse(stream, "not_serving", "peer serves no streams")
+        elif self.conn.goaway_sent:
+            self._refuse(stream, "draining", "peer is draining (GOAWAY sent)")
+        else:
+            self._nursery.start_soon(self._serve_stream, stream)
+
+    def _refuse(self, stream: InboundStream, code: str, message: str) -> None:
+        """Answer a stream we will not serve with a retryable 503 END."""
+        assert self._nursery is not None
+        self._nursery.start_soon(self._end_quiet, stream, {
+            "error": {"code": code, "message": message, "status": 503}, "retryable": True})
 
     async def _end_quiet(self, stream: InboundStream, info: dict[str, Any]) -> None:
         """END a stream if still open; a lost tunnel is not an error here."""

@@ -240,12 +240,14 @@ class OpenAIBackend:
         return self.url.removesuffix("/v1")
 
     async def health(self) -> bool:
-        """True if ``{root}/health`` answers 200, or else ``{url}/models`` succeeds."""
+        """True if ``{root}/health`` answers 200; a server without that route (404 or
+        405) is healthy when ``{url}/models`` succeeds. Any other status (llama.cpp
+        answers 503 while loading) is unhealthy."""
         client = self._client()
         try:
             response = await client.get(f"{self.root_url}/health", timeout=self.control_timeout)
-            if response.status_code == 200:
-                return True
+            if response.status_code not in (404, 405):
+                return response.status_code == 200
             response = await client.get(f"{self.url}/models", timeout=self.control_timeout)
             return response.status_code == 200
         except httpx.HTTPError:

@@ -168,8 +168,10 @@ async def _serve_from(
                                   f"{settings.first_byte_timeout:g}s", code="first_byte_timeout"))
         assert out is not None
         if head is None:
-            error = from_end_info(out.end_info or {})
-            if error.status in RETRYABLE_STATUS:
+            end = out.end_info or {}
+            error = from_end_info(end)
+            retryable = end.get("retryable")
+            if retryable is True or (retryable is None and error.status in RETRYABLE_STATUS):
                 raise _Retry(error)
             outcome.node_id, outcome.model, outcome.status = peer.id, model, "error"
             raise error

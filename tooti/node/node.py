@@ -62,6 +62,7 @@ class Node:
         self.backends = backends
         self.id = node_id
         self.poll_interval = poll_interval
+        self.health_interval = settings.health_interval
         self.sessions: set[TunnelSession] = set()
         self.models: dict[str, tuple[Backend, ModelInfo]] = {}
         self.in_flight = 0
@@ -71,6 +72,8 @@ class Node:
         self.connected = trio.Event()
         """Set each time a session completes its handshake (for callers that wait)."""
         self._slots: dict[str, trio.Semaphore] = {}
+        self._listed: dict[int, list[ModelInfo]] = {}
+        self._backend_ok: dict[int, bool] = {}
         self._idle = trio.Event()
         self._idle.set()
         self._ttft_ms = 0.0
@@ -86,7 +89,7 @@ class Node:
             async with trio.open_nursery() as nursery:
                 for backend in self.backends:
                     nursery.start_soon(backend.run)
-                nursery.start_soon(self._poll_models)
+                nursery.start_soon(self._watch_backends)
                 for url in self.settings.peers:
                     nursery.start_soon(self.dial_forever, url)
                 task_status.started()
@@ -113,19 +116,32 @@ class Node:
         """Wait until no stream is in flight on this node."""
         await self._idle.wait()
 
-    async def refresh_models(self) -> bool:
-        """Re-read every healthy backend's models; True if the table changed."""
+    async def refresh_models(self, list_models: bool = True) -> bool:
+        """Check every backend's health and (with ``list_models``) re-read its models.
+
+        Only healthy backends' models are served, so a sick backend's models
+        stop receiving traffic at the next announcement. Returns True if the
+        served model table changed.
+        """
         table: dict[str, tuple[Backend, ModelInfo]] = {}
         healthy_any = False
-        for backend in self.backends:
+        for index, backend in enumerate(self.backends):
             try:
                 if not await backend.health():
-                    continue
-                for info in await backend.models():
-                    table.setdefault(info.id, (backend, info))
-                healthy_any = True
+                    raise RuntimeError("health check failed")
+                if list_models or index not in self._listed:
+                    self._listed[index] = await backend.models()
             except Exception as exc:  # a sick backend only loses its models
-                log.warning("backend %s unavailable: %s", backend.type_name, exc)
+                if self._backend_ok.get(index, True):
+                    log.warning("backend %s unavailable: %s", backend.type_name, exc)
+                self._backend_ok[index] = False
+                continue
+            if not self._backend_ok.get(index, True):
+                log.info("backend %s is healthy again", backend.type_name)
+            self._backend_ok[index] = True
+            healthy_any = True
+            for info in self._listed[index]:
+                table.setdefault(info.id, (backend, info))
         self.healthy = healthy_any
         changed = {k: v[1] for k, v in table.items()} != {k: v[1] for k, v in self.models.items()}
         self.models = table
@@ -138,16 +154,25 @@ class Node:
         """The MODELS frame payload."""
         return [info.to_wire() for _, info in self.models.values()]
 
-    async def _poll_models(self) -> None:
+    async def _watch_backends(self) -> None:
+        """Health every ``health_interval``, models every ``poll_interval``; announce changes."""
+        next_listing = trio.current_time() + self.poll_interval
         while True:
-            await trio.sleep(self.poll_interval)
-            if await self.refresh_models():
+            await trio.sleep(min(self.health_interval, self.poll_interval))
+            list_models = trio.current_time() >= next_listing
+            if list_models:
+                next_listing = trio.current_time() + self.poll_interval
+            if await self.refresh_models(list_models):
                 log.info("models changed: %s", ", ".join(sorted(self.models)) or "none")
-                for session in list(self.sessions):
-                    try:
-                        await session.send_frame(session.conn.send_models(self.models_wire()))
-                    except (TunnelLost, RuntimeError):
-                        continue
+                await self.announce_models()
+
+    async def announce_models(self) -> None:
+        """Send the current model table to every connected peer."""
+        for session in list(self.sessions):
+            try:
+                await session.send_frame(session.conn.send_models(self.models_wire()))
+            except (TunnelLost, RuntimeError):
+                continue
 
     def stats(self) -> dict[str, Any]:
         """The HEARTBEAT payload: load and health."""

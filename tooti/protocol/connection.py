@@ -522,10 +522,8 @@ class Connection:
             raise ProtocolError("bad_stream_id", f"peer may not open stream {sid}")
         if sid <= self._highest_peer_id:
             raise ProtocolError("bad_stream_id", f"stream {sid} reused")
-        if self.goaway_sent:
-            # We said no new streams; the peer may not have seen it yet.
-            self._highest_peer_id = sid
-            return None
+        # After our GOAWAY the stream is still accepted here (the peer may not have
+        # seen it yet); the adapter answers it at once with a retryable END.
         peer_opened = len(self._streams) - self._local_count()
         if peer_opened >= self.limits.max_streams:
             raise ProtocolError("too_many_streams", f"more than {self.limits.max_streams} streams")
