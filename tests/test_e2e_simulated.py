@@ -203,3 +203,18 @@ async def test_mid_stream_failure_is_in_band(network: Network) -> None:
     assert events[-1] == "data: [DONE]"
     assert '"error"' in events[-2]
     assert sum('"content"' in e for e in events[:-2]) >= 3
+
+
+async def test_request_timeout_mid_stream_is_in_band(network: Network) -> None:
+    network.gateway.proxy_settings.request_timeout = 0.5
+    await network.add_node([simulated(tokens=1000, tokens_per_second=20)])
+    async with network.client() as http:
+        async with http.stream("POST", "/v1/chat/completions", json={
+            "model": "tooti-sim", "stream": True,
+            "messages": [{"role": "user", "content": "x"}]}) as response:
+            events = [line async for line in response.aiter_lines() if line.startswith("data:")]
+        slow = await http.post("/v1/chat/completions", json={
+            "model": "tooti-sim", "messages": [{"role": "user", "content": "x"}]})
+    assert events[-1] == "data: [DONE]"
+    assert '"code":"timeout"' in events[-2]
+    assert slow.status_code == 504 and slow.json()["error"]["code"] == "timeout"

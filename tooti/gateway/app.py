@@ -33,7 +33,7 @@ from tooti.gateway.http import (
     send_error,
     send_json,
 )
-from tooti.gateway.proxy import Outcome, ProxySettings, check_routable, forward
+from tooti.gateway.proxy import DONE, Outcome, ProxySettings, check_routable, forward
 from tooti.gateway.registry import Registry
 from tooti.gateway.tunnels import TunnelAuth, serve_tunnel
 from tooti.gateway.validation import ParsedRequest, parse_request
@@ -205,8 +205,6 @@ class Gateway:
             await send_error(send, error, headers)
         except ClientGone:
             return
-        except trio.TooSlowError:
-            await send_error(send, APIError(504, "request timed out", code="timeout"), headers)
         finally:
             self.in_flight -= 1
             if self.in_flight == 0:
@@ -234,6 +232,15 @@ class Gateway:
                 headers, outcome))
             if not finished:
                 outcome.status = "cancelled"
+        except trio.TooSlowError:
+            outcome.status = "failed_midstream" if outcome.served else "failed"
+            timeout = APIError(504, f"request exceeded {self.settings.request_timeout:g}s",
+                               code="timeout")
+            if not (outcome.served and request.stream):
+                raise timeout from None
+            # The stream has started: the error goes in-band, then [DONE].
+            await send({"type": "http.response.body", "more_body": False,
+                        "body": b"data: " + timeout.to_json() + b"\n\n" + DONE})
         except BaseException:
             if outcome.status in ("pending", "ok"):
                 outcome.status = "cancelled" if outcome.served else "failed"
