@@ -59,7 +59,7 @@ class SlowUpstream:
                 break
         stream = msgspec.json.decode(request).get("stream") is True
         self.started.set()
-        await cancel_on_disconnect(receive, lambda: self._generate(send, stream))
+        await cancel_on_disconnect(receive, send, lambda tracked: self._generate(tracked, stream))
 
     async def _generate(self, send: Any, stream: bool) -> None:
         try:

@@ -13,9 +13,10 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import importlib.util
+import inspect
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -66,7 +67,14 @@ class Plugins:
         out: dict[str, Any] = {}
         owner: dict[str, str] = {}
         for impl in reversed(getattr(self.manager.hook, hook).get_hookimpls()):
-            for name, factory in (impl.function() or {}).items():
+            try:
+                provided = impl.function()
+                if not isinstance(provided, Mapping):
+                    raise TypeError(f"returned {type(provided).__name__}, not a mapping")
+            except Exception as exc:  # one broken plugin must not hide the others
+                log.error("plugin %s: %s failed: %s", impl.plugin_name, hook, exc)
+                continue
+            for name, factory in provided.items():
                 if name in out:
                     raise PluginError(
                         f"{hook}: '{name}' is provided by both {owner[name]} and "
@@ -84,6 +92,10 @@ class Plugins:
 
 
 def _register(pm: pluggy.PluginManager, module: ModuleType | object, name: str) -> None:
+    for hook in HOOKS:
+        if inspect.iscoroutinefunction(getattr(module, hook, None)):
+            raise PluginError(f"{hook} must be a plain function returning factories, "
+                              "not 'async def'")
     if pm.get_plugin(name) is None and not pm.is_registered(module):
         pm.register(module, name=name)
 
@@ -172,9 +184,3 @@ def reset() -> None:
     _loaded = None
 
 
-BackendFactory = Callable[..., Any]
-
-
-def tables(plugins: Plugins) -> Mapping[str, Mapping[str, Any]]:
-    """Every hook's name → factory table (for listing)."""
-    return {hook: plugins.table(hook) for hook in HOOKS}

@@ -70,6 +70,9 @@ class UsageLedger:
         self._db = open_db(self.path)
         self._send, self._receive = trio.open_memory_channel[Row](QUEUE)
         self._lock = trio.Lock()
+        self._queued = 0
+        self._written = 0
+        self._wrote = trio.Event()
 
     async def run(self) -> None:
         """Write queued rows in batches until cancelled."""
@@ -85,6 +88,9 @@ class UsageLedger:
     async def _write(self, rows: list[Row]) -> None:
         async with self._lock:
             await trio.to_thread.run_sync(self._write_sync, rows)
+        self._written += len(rows)
+        self._wrote.set()
+        self._wrote = trio.Event()
 
     def _write_sync(self, rows: list[Row]) -> None:
         with self._db:
@@ -92,19 +98,18 @@ class UsageLedger:
             self._db.executemany(INSERT, rows)
 
     async def flush(self) -> None:
-        """Write everything queued so far (used at shutdown and by tests)."""
+        """Return once every row queued before the call is written (shutdown, tests)."""
+        target = self._queued
         rows: list[Row] = []
         while True:
             try:
                 rows.append(self._receive.receive_nowait())
             except trio.WouldBlock:
                 break
-        # Taking the lock also waits for a batch the run loop is writing now.
         if rows:
             await self._write(rows)
-        else:
-            async with self._lock:
-                pass
+        while self._written < target:  # the run loop holds the rest: wait for its write
+            await self._wrote.wait()
 
     async def authorize(self, ctx: RequestContext) -> None:
         """No balances yet: every request is admitted."""
@@ -112,6 +117,7 @@ class UsageLedger:
 
     async def settle(self, ctx: RequestContext, usage: Usage) -> None:
         """Queue the request's usage record."""
+        self._queued += 1
         await self._send.send((
             ctx.request_id, time.time(), ctx.key_id, usage.model, usage.node_id, ctx.endpoint,
             int(ctx.stream), usage.prompt_tokens, usage.completion_tokens, int(usage.estimated),
@@ -120,6 +126,7 @@ class UsageLedger:
 
     async def refund(self, ctx: RequestContext, reason: str) -> None:
         """Record a request no node served (zero tokens, status ``failed``)."""
+        self._queued += 1
         await self._send.send((
             ctx.request_id, time.time(), ctx.key_id, ctx.model, "", ctx.endpoint,
             int(ctx.stream), 0, 0, 0, 0.0, 0.0, 0.0, "failed", 0.0,

@@ -227,10 +227,10 @@ class Gateway:
         outcome = Outcome()
         started = time.monotonic()
         try:
-            finished = await cancel_on_disconnect(receive, lambda: forward(
-                self.registry, self.policy, self.proxy_settings, request, route, raw, send,
+            complete = await cancel_on_disconnect(receive, send, lambda tracked: forward(
+                self.registry, self.policy, self.proxy_settings, request, route, raw, tracked,
                 headers, outcome))
-            if not finished:
+            if not complete:
                 outcome.status = "cancelled"
         except trio.TooSlowError:
             outcome.status = "failed_midstream" if outcome.served else "failed"

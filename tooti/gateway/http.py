@@ -85,30 +85,43 @@ async def send_error(send: Send, error: APIError, headers: Headers) -> None:
     await send_bytes(send, error.status, error.to_json(), headers + extra)
 
 
-async def cancel_on_disconnect(receive: Receive, work: Callable[[], Awaitable[None]]) -> bool:
-    """Run ``work`` until it finishes or the client disconnects; True if it finished.
+async def cancel_on_disconnect(
+    receive: Receive, send: Send, work: Callable[[Send], Awaitable[None]]
+) -> bool:
+    """Run ``work(send)`` until it finishes or the client disconnects.
 
-    Hypercorn reports a client's disconnect only as an ``http.disconnect``
-    message; it does not cancel the app. A watcher task waits for that message
-    (after the body has been read, so nothing else is received) and cancels
-    ``work``, which propagates the cancellation down the tunnel to the backend.
+    Returns True if the response was completed (its last body part handed to
+    the server), False if the client left first. Hypercorn reports a client's
+    disconnect only as an ``http.disconnect`` message; it does not cancel the
+    app. A watcher task waits for that message (after the body has been read,
+    so nothing else is received) and cancels ``work``, which propagates the
+    cancellation down the tunnel to the backend. Hypercorn also sends
+    ``http.disconnect`` once a response is complete; the watcher ignores it
+    then, so a finished response is never taken for a cancelled one.
     """
-    finished = False
+    complete = False
+
+    async def tracking_send(message: dict[str, Any]) -> None:
+        nonlocal complete
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            complete = True
+        await send(message)
+
     try:
         async with trio.open_nursery() as nursery:
 
             async def watch() -> None:
                 while (await receive())["type"] != "http.disconnect":
                     pass
-                nursery.cancel_scope.cancel()
+                if not complete:
+                    nursery.cancel_scope.cancel()
 
             nursery.start_soon(watch)
-            await work()
-            finished = True
+            await work(tracking_send)
             nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         # The watcher never raises, so the group holds ``work``'s own exception.
         if len(group.exceptions) == 1:
             raise group.exceptions[0] from None
         raise
-    return finished
+    return complete

@@ -124,10 +124,9 @@ class UsageMeter:
                 "total_tokens": _int(usage.get("total_tokens")) or prompt + completion,
             }
         else:
+            # Prompt tokens are unknown (the gateway estimates them from the body).
             out["usage"] = {
-                "prompt_tokens": 0,
                 "completion_tokens": self.content_chunks,
-                "total_tokens": self.content_chunks,
                 "estimated": True,
             }
         return out
