@@ -47,6 +47,18 @@ class GatewaySettings:
     """Seconds to wait for a node's response head before trying another."""
     request_timeout: float = 600.0
     """Upper bound on one whole request, streaming included."""
+    queue_timeout: float = 30.0
+    """Seconds a request may wait for a free slot when every node is full (then 429)."""
+    max_queue: int = 1024
+    """Requests that may wait for a slot at once; more get 429 at once."""
+    cooldown_failures: int = 3
+    """Failures of one node's model within ``cooldown_window`` that start a cooldown."""
+    cooldown_window: float = 60.0
+    """Seconds over which failures are counted."""
+    cooldown_seconds: float = 5.0
+    """First cooldown; each repeated cooldown doubles it."""
+    cooldown_max_seconds: float = 300.0
+    """Longest cooldown."""
 
 
 @dataclass

@@ -431,19 +431,24 @@ class OutboundStream:
                 raise TunnelLost(io.lost)
             await io.wait_changed()
 
-    async def body(self) -> AsyncIterator[bytes]:
-        """Yield response body chunks until END; raises TunnelLost on loss."""
+    async def next_chunk(self) -> bytes | None:
+        """The next response body chunk, or None at END; raises TunnelLost on loss."""
         io = self._io
         while True:
-            while io.chunks:
+            if io.chunks:
                 chunk = io.chunks.popleft()
                 await self.session._consumed(self.id, len(chunk))
-                yield chunk
+                return chunk
             if io.end is not None:
-                return
+                return None
             if io.lost is not None:
                 raise TunnelLost(io.lost)
             await io.wait_changed()
+
+    async def body(self) -> AsyncIterator[bytes]:
+        """Yield response body chunks until END; raises TunnelLost on loss."""
+        while (chunk := await self.next_chunk()) is not None:
+            yield chunk
 
     async def cancel(self, reason: str) -> None:
         """Abandon the stream (idempotent); the peer cancels its work."""

@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 
 from tooti.backends.base import Backend, BackendError, BackendResponse, ModelInfo
 from tooti.backends.llamacpp import LlamaCppBackend
+from tooti.backends.ollama import OllamaBackend
 from tooti.backends.openai import OpenAIBackend
 from tooti.backends.simulated import SimulatedBackend
 from tooti.hookspecs import hookimpl
@@ -30,6 +31,7 @@ __all__ = [
 
 BACKEND_TYPES: dict[str, type] = {
     "llamacpp": LlamaCppBackend,
+    "ollama": OllamaBackend,
     "openai": OpenAIBackend,
     "simulated": SimulatedBackend,
 }

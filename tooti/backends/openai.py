@@ -37,7 +37,6 @@ the chunk iterator as a ``BackendError`` with code ``backend_stream_error``.
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -48,18 +47,23 @@ import msgspec
 import trio
 
 from tooti.backends.base import ENDPOINTS, BackendError, BackendResponse, ModelInfo
+from tooti.backends.http_util import (
+    CLOSE_TIMEOUT,
+    MAX_ERROR_BODY,
+    ClientShards,
+    HttpOptions,
+    aclose_iterator,
+    close_response,
+    read_bounded,
+    retryable,
+    stream_error,
+    transport_error,
+)
 from tooti.settings import BackendSettings
 
+__all__ = ["CLOSE_TIMEOUT", "MAX_ERROR_BODY", "OpenAIBackend", "upstream_error"]
+
 log = logging.getLogger("tooti.backends.openai")
-
-MAX_ERROR_BODY = 65_536
-"""Bytes of an upstream error body read to build the error message."""
-CLOSE_TIMEOUT = 5.0
-"""Seconds allowed to close an upstream response (shielded from cancellation)."""
-
-
-def _retryable(status: int) -> bool:
-    return status >= 500 or status in (408, 429)
 
 
 def upstream_error(status: int, body: bytes) -> BackendError:
@@ -93,7 +97,7 @@ def upstream_error(status: int, body: bytes) -> BackendError:
     if not message:
         text = body[:500].decode("utf-8", "replace").strip()
         message = f"upstream answered {status}" + (f": {text}" if text else "")
-    return BackendError(message, status=status, code=code, retryable=_retryable(status))
+    return BackendError(message, status=status, code=code, retryable=retryable(status))
 
 
 class _Chunks:
@@ -109,13 +113,11 @@ class _Chunks:
         try:
             return await self._iter.__anext__()
         except httpx.HTTPError as exc:
-            raise BackendError(
-                f"upstream stream broke: {exc!r}", status=502, code="backend_stream_error"
-            ) from exc
+            raise stream_error(exc) from exc
 
     async def aclose(self) -> None:
         """Finalize httpx's body generator (an unfinished one would be left to the GC)."""
-        await _aclose(self._iter)
+        await aclose_iterator(self._iter)
 
 
 class OpenAIBackend:
@@ -139,37 +141,20 @@ class OpenAIBackend:
         if not isinstance(rename, dict):
             raise ValueError("openai backend: options.rename must be a table of names")
         self.rename: dict[str, str] = {str(k): str(v) for k, v in rename.items()}
-        extra = opts.get("headers") or {}
-        if not isinstance(extra, dict):
-            raise ValueError("openai backend: options.headers must be a table of strings")
-        # Identity encoding: chunks are forwarded raw, so they must not be compressed.
-        self.headers: dict[str, str] = {"Accept-Encoding": "identity"}
-        if settings.api_key:
-            self.headers["Authorization"] = f"Bearer {settings.api_key}"
-        self.headers.update({str(k): str(v) for k, v in extra.items()})
-        self.n_clients = max(1, int(opts.get("clients", 4)))
-        self.connect_timeout = float(opts.get("connect_timeout", 10.0))
-        self.max_connections = int(opts.get("max_connections", 1000))
-        self.control_timeout = float(opts.get("control_timeout", 10.0))
-        self._clients: list[httpx.AsyncClient] = []
-        self._turn = itertools.count()
+        # Identity encoding (chunks are forwarded raw), bearer key, extra headers.
+        http = HttpOptions.from_settings(settings, "openai")
+        self.headers: dict[str, str] = http.headers
+        self.n_clients = http.clients
+        self.connect_timeout = http.connect_timeout
+        self.max_connections = http.max_connections
+        self.control_timeout = http.control_timeout
+        self._clients = ClientShards(http)
 
     # -- lifecycle ------------------------------------------------------
 
     def _client(self) -> httpx.AsyncClient:
         """Return the next client shard (round-robin), creating the shards once."""
-        if not self._clients:
-            timeout = httpx.Timeout(None, connect=self.connect_timeout)
-            limits = httpx.Limits(
-                max_connections=self.max_connections,
-                max_keepalive_connections=min(self.max_connections, 100),
-                keepalive_expiry=30.0,
-            )
-            self._clients = [
-                httpx.AsyncClient(timeout=timeout, limits=limits, headers=self.headers)
-                for _ in range(self.n_clients)
-            ]
-        return self._clients[next(self._turn) % len(self._clients)]
+        return self._clients.next()
 
     async def start(self) -> None:
         """Create the HTTP clients; the server need not be up yet."""
@@ -181,10 +166,7 @@ class OpenAIBackend:
 
     async def close(self) -> None:
         """Close every HTTP client."""
-        clients, self._clients = self._clients, []
-        with trio.CancelScope(shield=True):
-            for client in clients:
-                await client.aclose()
+        await self._clients.aclose()
 
     # -- discovery and health -------------------------------------------
 
@@ -274,19 +256,12 @@ class OpenAIBackend:
         )
         try:
             response = await client.send(upstream, stream=True)
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            raise BackendError(
-                f"cannot reach {self.url}: {exc!r}", status=502, code="backend_unavailable"
-            ) from exc
         except httpx.HTTPError as exc:
-            raise BackendError(
-                f"upstream request to {self.url} failed: {exc!r}", status=502,
-                code="backend_error",
-            ) from exc
+            raise transport_error(exc, self.url) from exc
         chunks = _Chunks(response)
         try:
             if response.status_code >= 400:
-                raise upstream_error(response.status_code, await _read_bounded(response))
+                raise upstream_error(response.status_code, await read_bounded(response))
             yield BackendResponse(
                 status=response.status_code,
                 content_type=response.headers.get("content-type", "application/json"),
@@ -294,31 +269,6 @@ class OpenAIBackend:
             )
         finally:
             # Closing an unfinished response drops the connection, which is how
-            # the server learns that the client went away. Shielded so that it
-            # also happens when we are being cancelled.
-            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
-                await chunks.aclose()
-                await response.aclose()
-
-
-async def _read_bounded(response: httpx.Response, limit: int = MAX_ERROR_BODY) -> bytes:
-    """Read at most ``limit`` bytes of an (error) response body."""
-    data = bytearray()
-    body = response.aiter_bytes()
-    try:
-        async for chunk in body:
-            data += chunk
-            if len(data) >= limit:
-                break
-    except httpx.HTTPError:
-        pass
-    finally:
-        await _aclose(body)
-    return bytes(data[:limit])
-
-
-async def _aclose(iterator: AsyncIterator[bytes]) -> None:
-    """Close an async generator that may not have been exhausted."""
-    aclose = getattr(iterator, "aclose", None)
-    if aclose is not None:
-        await aclose()
+            # the server learns that the client went away (shielded, see
+            # close_response).
+            await close_response(response, chunks)

@@ -21,6 +21,7 @@ from hypercorn.trio import serve
 from tooti.billing.base import Billing, RequestContext
 from tooti.billing.pipeline import BillingPipeline
 from tooti.errors import APIError
+from tooti.gateway.health import CooldownPolicy
 from tooti.gateway.http import (
     ClientGone,
     Headers,
@@ -33,8 +34,9 @@ from tooti.gateway.http import (
     send_error,
     send_json,
 )
-from tooti.gateway.proxy import DONE, Outcome, ProxySettings, check_routable, forward
-from tooti.gateway.registry import Registry
+from tooti.gateway.probe import probe_until_healthy
+from tooti.gateway.proxy import DONE, Outcome, Proxy, ProxySettings, check_routable
+from tooti.gateway.registry import Peer, Registry
 from tooti.gateway.tunnels import TunnelAuth, serve_tunnel
 from tooti.gateway.validation import ParsedRequest, parse_request
 from tooti.routing.base import RouteRequest, RoutingPolicy
@@ -86,7 +88,16 @@ class Gateway:
             max_attempts=settings.max_attempts,
             first_byte_timeout=settings.first_byte_timeout,
             request_timeout=settings.request_timeout,
+            queue_timeout=settings.queue_timeout,
+            max_queue=settings.max_queue,
+            cooldown=CooldownPolicy(
+                failures=settings.cooldown_failures, window=settings.cooldown_window,
+                base=settings.cooldown_seconds, maximum=settings.cooldown_max_seconds,
+            ),
         )
+        self.proxy = Proxy(self.registry, self.policy, self.proxy_settings)
+        self.proxy.on_cooldown = self._schedule_probe
+        self._nursery: trio.Nursery | None = None
         self.sessions: set[TunnelSession] = set()
         self.bound: list[str] = []
         self.draining = False
@@ -112,6 +123,7 @@ class Gateway:
 
         try:
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 nursery.start_soon(self.billing.run)
                 await self._serve_http(config, task_status)
                 nursery.cancel_scope.cancel()
@@ -148,6 +160,12 @@ class Gateway:
         self._shutdown.set()
         for session in list(self.sessions):
             session.abort("gateway shutting down")
+
+    def _schedule_probe(self, peer: Peer, model: str) -> None:
+        """A node's model entered cooldown: probe it when the cooldown ends."""
+        if self._nursery is not None:
+            self._nursery.start_soon(
+                probe_until_healthy, self.registry, peer, model, self.proxy_settings)
 
     async def attach(self, transport: Transport) -> None:
         """Serve a tunnel over an already-connected transport (in-memory peers)."""
@@ -215,7 +233,7 @@ class Gateway:
         request: ParsedRequest, raw: bytes,
     ) -> None:
         """Authorize, forward (cancelled if the client leaves), then settle or refund."""
-        check_routable(self.registry, request.model)
+        check_routable(self.registry, request.models)
         key_id = key_id_of(header(scope, b"authorization"))
         ctx = RequestContext(request_id, key_id, request.model, request.endpoint, request.stream)
         await self.billing.authorize(ctx)
@@ -227,9 +245,8 @@ class Gateway:
         outcome = Outcome()
         started = time.monotonic()
         try:
-            complete = await cancel_on_disconnect(receive, send, lambda tracked: forward(
-                self.registry, self.policy, self.proxy_settings, request, route, raw, tracked,
-                headers, outcome))
+            complete = await cancel_on_disconnect(receive, send, lambda tracked: (
+                self.proxy.forward(request, route, raw, tracked, headers, outcome)))
             if not complete:
                 outcome.status = "cancelled"
         except trio.TooSlowError:

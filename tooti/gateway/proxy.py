@@ -1,31 +1,43 @@
-"""Forwarding one client request to a node over its tunnel, with failover.
+"""Forwarding one client request to a node over its tunnel: routing, queueing, failover.
 
 The whole exchange runs in the client's own request task: when the client
-disconnects, hypercorn cancels that task, and the ``except BaseException``
-paths here send CANCEL down the tunnel so the node stops its backend call.
+disconnects, that task is cancelled (see ``cancel_on_disconnect``), and the
+``except BaseException`` paths here send CANCEL down the tunnel so the node
+stops its backend call.
 
-Before the response head arrives any failure (tunnel lost, node busy, a
-retryable backend error, the first-byte timeout) excludes that node and the
-next one is tried. A non-streaming answer is collected whole before the
-client sees anything, so it can fail over until its END; a streaming one is
-committed once its head is sent, and a later failure becomes an in-band
-``data: {"error": ...}`` event followed by ``data: [DONE]``.
+For each model to try (the request's ``model``, then its ``models`` fallbacks)
+the proxy picks a node — per-request preferences first, else the gateway's
+routing policy — among live nodes not in cooldown that have a free slot. When
+every candidate is full the request waits for a slot, at most
+``queue_timeout`` seconds and behind at most ``max_queue`` others, then gets
+429 with ``Retry-After``: the queue is never unbounded.
+
+Before the first token, any failure (tunnel lost, node busy, a retryable
+backend status, the first-token timeout) excludes that node and the next one
+is tried. A non-streaming answer is collected whole before the client sees
+it, so it can fail over until its END; a streaming one is committed with its
+first token, and a later failure becomes an in-band ``data: {"error": ...}``
+event followed by ``data: [DONE]``. Every failure is counted toward the
+node's cooldown (see :mod:`tooti.gateway.health`).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 import trio
 
 from tooti.errors import APIError, from_end_info
+from tooti.gateway.health import CooldownPolicy
 from tooti.gateway.http import Headers, Send, send_bytes
 from tooti.gateway.registry import Peer, Registry
-from tooti.gateway.validation import ParsedRequest
-from tooti.protocol.connection import FlowControlError
+from tooti.gateway.validation import ParsedRequest, Preferences
+from tooti.protocol.connection import FlowControlError, ResponseStarted
 from tooti.routing.base import RouteRequest, RoutingPolicy
 from tooti.tunnel import OutboundStream, TunnelLost
 
@@ -35,15 +47,20 @@ _encoder = msgspec.json.Encoder()
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 DONE = b"data: [DONE]\n\n"
+GATEWAY_FIELDS = ("provider", "tooti", "models")
 
 
 @dataclass
 class ProxySettings:
     """The gateway settings the proxy reads."""
 
-    max_attempts: int
-    first_byte_timeout: float
-    request_timeout: float
+    max_attempts: int = 3
+    first_byte_timeout: float = 60.0
+    """Seconds from OPEN to the first token (streams) or the whole answer (non-stream)."""
+    request_timeout: float = 600.0
+    queue_timeout: float = 30.0
+    max_queue: int = 1024
+    cooldown: CooldownPolicy = field(default_factory=CooldownPolicy)
 
 
 @dataclass
@@ -51,7 +68,7 @@ class Outcome:
     """What happened to one request, filled in as it goes (read by billing)."""
 
     served: bool = False
-    """A node sent a response head (so it did the work)."""
+    """A node answered (so it did the work)."""
     node_id: str = ""
     model: str = ""
     price_input: float = 0.0
@@ -59,10 +76,11 @@ class Outcome:
     usage: dict[str, Any] | None = None
     """The END frame's usage, when the node reported it."""
     status: str = "pending"
-    """``ok``, ``error``, ``failed_midstream``, ``cancelled`` or ``pending``."""
+    """``ok``, ``error``, ``failed_midstream``, ``cancelled``, ``failed`` or ``pending``."""
     delivered_events: int = 0
     """SSE events relayed to the client (an estimate of tokens when usage is missing)."""
     attempts: int = 0
+    nodes_tried: list[str] = field(default_factory=list)
 
 
 class _Retry(Exception):
@@ -73,131 +91,275 @@ class _Retry(Exception):
         self.error = error
 
 
-def choose(
-    registry: Registry, policy: RoutingPolicy, route: RouteRequest, excluded: set[str]
-) -> Peer | None:
-    """The best live node for ``route`` per ``policy``, skipping ``excluded`` ones."""
-    candidates = registry.candidates(route.model)
-    if excluded:
-        candidates = [p for p in candidates if p.id not in excluded]
-    if not candidates:
-        return None
-    ranked = policy.rank(route, candidates)
-    return ranked[0] if ranked else None
-
-
-def check_routable(registry: Registry, model: str) -> None:
-    """404 for a model never advertised here, 503 for one with no live node now."""
-    if registry.candidates(model):
+def check_routable(registry: Registry, models: Sequence[str]) -> None:
+    """404 if no model in ``models`` was ever advertised here, 503 if none has a live node."""
+    if any(registry.serving(m) for m in models):
         return
-    if model in registry.known_models:
-        raise APIError(503, f"no live node serves model '{model}' right now",
+    if any(m in registry.known_models for m in models):
+        raise APIError(503, f"no live node serves model '{models[0]}' right now",
                        code="no_capacity", type="service_unavailable")
-    raise APIError(404, f"the model '{model}' does not exist", param="model",
+    raise APIError(404, f"the model '{models[0]}' does not exist", param="model",
                    code="model_not_found")
 
 
-async def forward(
-    registry: Registry,
-    policy: RoutingPolicy,
-    settings: ProxySettings,
-    request: ParsedRequest,
-    route: RouteRequest,
-    raw_body: bytes,
-    send: Send,
-    headers: Headers,
-    outcome: Outcome,
-) -> None:
-    """Serve ``request`` from the best node, failing over before the first byte."""
-    model = request.model
-    request_id = route.request_id
-    excluded: set[str] = set()
-    last_error: APIError | None = None
-    with trio.fail_after(settings.request_timeout):
-        for attempt in range(max(1, settings.max_attempts)):
-            peer = choose(registry, policy, route, excluded)
+def _sort_key(sort: str, model: str) -> Callable[[Peer], tuple[float, ...]]:
+    def key(peer: Peer) -> tuple[float, ...]:
+        info = peer.models.get(model)
+        health = peer.health.get(model)
+        load = peer.load(model)
+        if sort == "price":
+            return ((info.price_input + info.price_output) if info else 0.0, load)
+        if sort == "latency":
+            ttft = health.ttft_ms if health and health.ttft_ms is not None else 0.0
+            return (ttft, load)
+        if sort == "throughput":
+            tps = health.tokens_per_s if health and health.tokens_per_s is not None else 1e12
+            return (-tps, load)
+        return (load,)
+
+    return key
+
+
+class Proxy:
+    """Routes and forwards requests for one gateway."""
+
+    def __init__(self, registry: Registry, policy: RoutingPolicy,
+                 settings: ProxySettings) -> None:
+        self.registry = registry
+        self.policy = policy
+        self.settings = settings
+        self.queued = 0
+        """Requests waiting for a free slot right now."""
+        self.on_cooldown: Callable[[Peer, str], None] | None = None
+        """Called when a node's model enters cooldown (the gateway schedules a probe)."""
+
+    # ------------------------------------------------------------ choosing
+
+    def choose(self, route: RouteRequest, prefs: Preferences, candidates: list[Peer]
+               ) -> Peer | None:
+        """The node to try for ``route`` among ``candidates`` (all with a free slot)."""
+        if not candidates:
+            return None
+        if prefs.order:
+            position = {node: i for i, node in enumerate(prefs.order)}
+            listed = [p for p in candidates if p.id in position]
+            if listed:
+                return min(listed, key=lambda p: position[p.id])
+        if prefs.sort is not None:
+            return min(candidates, key=_sort_key(prefs.sort, route.model))
+        ranked = self.policy.rank(route, candidates)
+        return ranked[0] if ranked else None
+
+    def _eligible(self, model: str, prefs: Preferences, excluded: set[str]) -> list[Peer]:
+        candidates = self.registry.candidates(model)
+        if excluded or not prefs.is_default:
+            allowed = prefs.only
+            if not prefs.allow_fallbacks and prefs.order:
+                allowed = frozenset(prefs.order) if allowed is None else allowed & set(
+                    prefs.order)
+            candidates = [
+                p for p in candidates
+                if p.id not in excluded and p.id not in prefs.ignore
+                and (allowed is None or p.id in allowed)
+                and _within_price(p, model, prefs)
+            ]
+        return candidates
+
+    async def acquire(self, route: RouteRequest, prefs: Preferences, excluded: set[str]
+                      ) -> Peer | None:
+        """Reserve a slot on the best eligible node, queueing while all are full.
+
+        Returns None when no node is eligible at all; raises APIError(429) when
+        the queue is full or the wait exceeds ``queue_timeout``.
+        """
+        model = route.model
+        deadline = trio.current_time() + self.settings.queue_timeout
+        waiting = False
+        try:
+            while True:
+                eligible = self._eligible(model, prefs, excluded)
+                if not eligible:
+                    return None
+                peer = self.choose(route, prefs, [p for p in eligible if p.has_slot(model)])
+                if peer is not None:
+                    peer.in_flight[model] = peer.in_flight.get(model, 0) + 1
+                    return peer
+                if not waiting:
+                    if self.queued >= self.settings.max_queue:
+                        raise _busy(model, "the gateway's queue is full")
+                    self.queued += 1
+                    waiting = True
+                with trio.move_on_at(deadline) as timer:
+                    await self.registry.wait_for_slot(model)
+                if timer.cancelled_caught:
+                    raise _busy(model, f"every node serving '{model}' stayed busy for "
+                                f"{self.settings.queue_timeout:g}s")
+        finally:
+            if waiting:
+                self.queued -= 1
+
+    # ------------------------------------------------------------ forwarding
+
+    async def forward(
+        self, request: ParsedRequest, route: RouteRequest, raw_body: bytes, send: Send,
+        headers: Headers, outcome: Outcome,
+    ) -> None:
+        """Serve ``request``: each model in turn, each node in turn, until one answers."""
+        last_error: APIError | None = None
+        with trio.fail_after(self.settings.request_timeout):
+            for index, model in enumerate(request.models):
+                if not self.registry.serving(model):
+                    last_error = last_error or APIError(
+                        503, f"no live node serves model '{model}' right now",
+                        code="no_capacity", type="service_unavailable")
+                    continue
+                body = raw_body if not request.rewrite else _rewrite(request.body, model)
+                model_route = route if model == route.model else RouteRequest(
+                    route.request_id, model, route.endpoint, route.headers, route.body,
+                    route.key_id)
+                try:
+                    await self._forward_model(request, model_route, body, send, headers,
+                                              outcome)
+                    return
+                except APIError as error:
+                    if outcome.served or error.status not in RETRYABLE_STATUS:
+                        raise
+                    last_error = error
+                    if index + 1 < len(request.models):
+                        log.info("request %s: model %s unavailable (%s), falling back to %s",
+                                 route.request_id, model, error.message,
+                                 request.models[index + 1])
+        raise last_error or APIError(503, "no live node serves the requested models",
+                                     code="no_capacity", type="service_unavailable")
+
+    async def _forward_model(
+        self, request: ParsedRequest, route: RouteRequest, body: bytes, send: Send,
+        headers: Headers, outcome: Outcome,
+    ) -> None:
+        prefs = request.preferences
+        attempts = max(1, self.settings.max_attempts) if prefs.allow_fallbacks else 1
+        excluded: set[str] = set()
+        last_error: APIError | None = None
+        for _ in range(attempts):
+            peer = await self.acquire(route, prefs, excluded)
             if peer is None:
                 break
-            outcome.attempts = attempt + 1
+            outcome.attempts += 1
+            outcome.nodes_tried.append(peer.id)
             try:
-                await _serve_from(peer, settings, request, raw_body, request_id, send, headers,
-                                  outcome)
+                await self._serve_from(peer, request, route, body, send, headers, outcome)
                 return
             except _Retry as retry:
                 excluded.add(peer.id)
-                peer.failures += 1
                 last_error = retry.error
-                log.info("request %s: node %s failed before first byte (%s), %s",
-                         request_id, peer.id, retry.error.message,
-                         "retrying" if attempt + 1 < settings.max_attempts else "giving up")
-    if last_error is None:
-        raise APIError(503, f"no live node serves model '{model}' right now",
-                       code="no_capacity", type="service_unavailable")
-    raise last_error
+                self.node_failed(peer, route.model, retry.error.message)
+                log.info("request %s: node %s failed before the first token (%s)",
+                         route.request_id, peer.id, retry.error.message)
+            finally:
+                self.registry.release(peer, route.model)
+        raise last_error or APIError(503, f"no live node serves model '{route.model}' now",
+                                     code="no_capacity", type="service_unavailable")
+
+    def node_failed(self, peer: Peer, model: str, reason: str) -> None:
+        """Count a failure against ``peer``'s ``model``; maybe start a cooldown."""
+        peer.failures += 1
+        record = peer.health_of(model)
+        if record.record_failure(reason, self.settings.cooldown):
+            log.warning("node %s model %s in cooldown for %.0fs after repeated failures (%s)",
+                        peer.id, model, record.cooldown_until - time.monotonic(), reason)
+            self.registry.changed()
+            if self.on_cooldown is not None:
+                self.on_cooldown(peer, model)
+
+    async def _serve_from(
+        self, peer: Peer, request: ParsedRequest, route: RouteRequest, body: bytes,
+        send: Send, headers: Headers, outcome: Outcome,
+    ) -> None:
+        model = route.model
+        meta: dict[str, Any] = {
+            "request_id": route.request_id, "endpoint": request.endpoint, "model": model,
+            "stream": request.stream,
+        }
+        out: OutboundStream | None = None
+        opened = time.monotonic()
+        first: bytes | None = None
+        head: ResponseStarted | None = None
+        try:
+            with trio.move_on_after(self.settings.first_byte_timeout) as timer:
+                try:
+                    out = await peer.session.open_stream(meta, body)
+                    head = await out.head()
+                    if head is not None and request.stream and head.status == 200:
+                        first = await out.next_chunk()
+                except (TunnelLost, FlowControlError) as exc:
+                    raise _Retry(APIError(502, f"node {peer.id} unavailable: {exc}",
+                                          code="node_unavailable")) from None
+            if timer.cancelled_caught:
+                raise _Retry(APIError(504, f"node {peer.id} sent no token within "
+                                      f"{self.settings.first_byte_timeout:g}s",
+                                      code="first_token_timeout"))
+            assert out is not None
+            info = peer.models.get(model)
+            outcome.node_id, outcome.model = peer.id, model
+            outcome.price_input = info.price_input if info else 0.0
+            outcome.price_output = info.price_output if info else 0.0
+            if head is None or (request.stream and head.status == 200 and first is None):
+                end = out.end_info or {}
+                error = from_end_info(end)
+                retryable = end.get("retryable")
+                if retryable is True or (retryable is None and error.status in RETRYABLE_STATUS):
+                    raise _Retry(error)
+                outcome.status = "error"
+                raise error
+            first_token_at = time.monotonic()
+            node_headers = [*headers, (b"x-tooti-node", peer.id.encode()),
+                            (b"x-tooti-model", model.encode())]
+            content_type = str(head.headers.get("content-type") or "application/json").encode()
+            if first is not None:
+                outcome.served = True
+                await _stream_body(out, first, head.status, content_type, send, node_headers,
+                                   route.request_id, outcome)
+                if outcome.status == "failed_midstream":
+                    self.node_failed(peer, model, "failed mid-stream")
+            else:
+                data = await _collect(out, peer)
+                outcome.served = True
+                outcome.usage = _usage_of(out.end_info)
+                outcome.status = "ok" if head.status < 400 else "error"
+                await send_bytes(send, head.status, data, node_headers, content_type)
+            if outcome.status == "ok":
+                tokens = (outcome.usage or {}).get("completion_tokens")
+                peer.health_of(model).record_success(
+                    (first_token_at - opened) if request.stream else None,
+                    tokens if isinstance(tokens, int) else 0,
+                    time.monotonic() - first_token_at,
+                )
+        except BaseException:
+            if out is not None:
+                await out.cancel("client gone" if out.end_info is None else "done")
+            raise
 
 
-async def _serve_from(
-    peer: Peer,
-    settings: ProxySettings,
-    request: ParsedRequest,
-    raw_body: bytes,
-    request_id: str,
-    send: Send,
-    headers: Headers,
-    outcome: Outcome,
-) -> None:
-    model = request.model
-    meta: dict[str, Any] = {
-        "request_id": request_id,
-        "endpoint": request.endpoint,
-        "model": model,
-        "stream": request.stream,
-    }
-    peer.in_flight[model] = peer.in_flight.get(model, 0) + 1
-    out: OutboundStream | None = None
-    try:
-        with trio.move_on_after(settings.first_byte_timeout) as timer:
-            try:
-                out = await peer.session.open_stream(meta, raw_body)
-                head = await out.head()
-            except (TunnelLost, FlowControlError) as exc:
-                raise _Retry(APIError(502, f"node {peer.id} unavailable: {exc}",
-                                      code="node_unavailable")) from None
-        if timer.cancelled_caught:
-            raise _Retry(APIError(504, f"node {peer.id} sent no response within "
-                                  f"{settings.first_byte_timeout:g}s", code="first_byte_timeout"))
-        assert out is not None
-        if head is None:
-            end = out.end_info or {}
-            error = from_end_info(end)
-            retryable = end.get("retryable")
-            if retryable is True or (retryable is None and error.status in RETRYABLE_STATUS):
-                raise _Retry(error)
-            outcome.node_id, outcome.model, outcome.status = peer.id, model, "error"
-            raise error
-        info = peer.models.get(model)
-        outcome.node_id, outcome.model = peer.id, model
-        outcome.price_input = info.price_input if info else 0.0
-        outcome.price_output = info.price_output if info else 0.0
-        node_headers = [*headers, (b"x-tooti-node", peer.id.encode()),
-                        (b"x-tooti-model", model.encode())]
-        content_type = str(head.headers.get("content-type") or "application/json").encode()
-        if request.stream and head.status == 200:
-            outcome.served = True
-            await _stream_body(out, head.status, content_type, send, node_headers, request_id,
-                               outcome)
-        else:
-            body = await _collect(out, peer)
-            outcome.served = True
-            outcome.usage = _usage_of(out.end_info)
-            outcome.status = "ok" if head.status < 400 else "error"
-            await send_bytes(send, head.status, body, node_headers, content_type)
-    except BaseException:
-        if out is not None:
-            await out.cancel("client gone" if out.end_info is None else "done")
-        raise
-    finally:
-        peer.in_flight[model] -= 1
+def _busy(model: str, why: str) -> APIError:
+    return APIError(429, f"{why}; retry shortly", code="capacity_exhausted",
+                    type="rate_limit_error", headers={"retry-after": "1"})
+
+
+def _within_price(peer: Peer, model: str, prefs: Preferences) -> bool:
+    info = peer.models.get(model)
+    if info is None:
+        return False
+    if prefs.max_price_prompt is not None and info.price_input > prefs.max_price_prompt:
+        return False
+    return not (prefs.max_price_completion is not None
+                and info.price_output > prefs.max_price_completion)
+
+
+def _rewrite(body: dict[str, Any], model: str) -> bytes:
+    """The body for the backend: gateway-only fields removed, ``model`` set."""
+    clean = {k: v for k, v in body.items() if k not in GATEWAY_FIELDS}
+    clean["model"] = model
+    return _encoder.encode(clean)
 
 
 async def _collect(out: OutboundStream, peer: Peer) -> bytes:
@@ -225,8 +387,8 @@ def _usage_of(info: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 async def _stream_body(
-    out: OutboundStream, status: int, content_type: bytes, send: Send, headers: Headers,
-    request_id: str, outcome: Outcome,
+    out: OutboundStream, first: bytes, status: int, content_type: bytes, send: Send,
+    headers: Headers, request_id: str, outcome: Outcome,
 ) -> None:
     """Relay an SSE answer as it arrives; a late failure is reported in-band."""
     await send({
@@ -239,6 +401,8 @@ async def _stream_body(
             *headers,
         ],
     })
+    outcome.delivered_events += first.count(b"\n\n")
+    await send({"type": "http.response.body", "body": first, "more_body": True})
     error: APIError | None = None
     try:
         async for chunk in out.body():

@@ -11,6 +11,7 @@ from typing import Any
 import trio
 
 from tooti.backends.base import ModelInfo
+from tooti.gateway.health import ModelHealth
 from tooti.tunnel import TunnelSession
 
 log = logging.getLogger("tooti.gateway")
@@ -34,6 +35,8 @@ class Peer:
     connected_at: float = field(default_factory=time.time)
     draining: bool = False
     failures: int = 0
+    health: dict[str, ModelHealth] = field(default_factory=dict)
+    """What this gateway measured for each model on this peer."""
 
     @property
     def live(self) -> bool:
@@ -43,6 +46,22 @@ class Peer:
             and not self.session.closed.is_set()
             and self.stats.get("healthy", True) is not False
         )
+
+    def health_of(self, model: str) -> ModelHealth:
+        """This peer's measured record for ``model`` (created on first use)."""
+        record = self.health.get(model)
+        if record is None:
+            record = self.health[model] = ModelHealth()
+        return record
+
+    def capacity(self, model: str) -> int:
+        """Concurrent streams the peer advertises for ``model``."""
+        info = self.models.get(model)
+        return max(1, info.max_concurrency) if info else 1
+
+    def has_slot(self, model: str) -> bool:
+        """True while in-flight streams for ``model`` are below its capacity."""
+        return self.in_flight.get(model, 0) < self.capacity(model)
 
     def load(self, model: str) -> float:
         """In-flight streams for ``model`` divided by its advertised capacity."""
@@ -62,7 +81,31 @@ class Peer:
             "in_flight": self.total_in_flight(), "draining": self.draining,
             "rtt_ms": None if self.session.rtt is None else round(self.session.rtt * 1000, 3),
             "connected_at": self.connected_at,
+            "state": self.state(),
+            "failures": self.failures,
+            "stats": self.stats,
+            "per_model": {
+                model: {
+                    "in_flight": self.in_flight.get(model, 0),
+                    "capacity": self.capacity(model),
+                    "price": {"input": info.price_input, "output": info.price_output},
+                    **self.health_of(model).describe(),
+                }
+                for model, info in sorted(self.models.items())
+            },
         }
+
+    def state(self) -> str:
+        """``live``, ``draining``, ``unhealthy``, ``cooldown`` (every model) or ``gone``."""
+        if self.session.closed.is_set():
+            return "gone"
+        if self.draining:
+            return "draining"
+        if self.stats.get("healthy", True) is False:
+            return "unhealthy"
+        if self.models and all(self.health_of(m).in_cooldown for m in self.models):
+            return "cooldown"
+        return "live"
 
 
 class Registry:
@@ -74,6 +117,7 @@ class Registry:
         self.known_models: set[str] = set()
         """Every model id ever advertised here (unknown vs. unavailable)."""
         self._changed = trio.Event()
+        self._slot_events: dict[str, trio.Event] = {}
 
     async def wait_until(self, condition: Callable[[], bool]) -> None:
         """Wait until ``condition()`` holds, re-checking on every registry change."""
@@ -107,8 +151,39 @@ class Registry:
         self._reindex()
 
     def candidates(self, model: str) -> list[Peer]:
-        """Live peers serving ``model``."""
+        """Live peers serving ``model`` and not in cooldown for it."""
+        out = []
+        for peer in self._by_model.get(model, ()):
+            if peer.live:
+                record = peer.health.get(model)
+                if record is None or not record.in_cooldown:
+                    out.append(peer)
+        return out
+
+    def serving(self, model: str) -> list[Peer]:
+        """Live peers serving ``model``, cooldown or not."""
         return [p for p in self._by_model.get(model, ()) if p.live]
+
+    async def wait_for_slot(self, model: str) -> None:
+        """Wait until a stream of ``model`` ends somewhere or the peers change."""
+        event = self._slot_events.get(model)
+        if event is None:
+            event = self._slot_events[model] = trio.Event()
+        changed = self._changed
+        async with trio.open_nursery() as nursery:
+            async def either(wait: Callable[[], Any]) -> None:
+                await wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(either, event.wait)
+            nursery.start_soon(either, changed.wait)
+
+    def release(self, peer: Peer, model: str) -> None:
+        """A stream of ``model`` on ``peer`` ended: free its slot, wake one queue."""
+        peer.in_flight[model] -= 1
+        event = self._slot_events.pop(model, None)
+        if event is not None:
+            event.set()
 
     def live_models(self) -> dict[str, list[Peer]]:
         """Model id → live peers serving it (models with none are left out)."""

@@ -18,6 +18,35 @@ _decoder = msgspec.json.Decoder()
 
 
 @dataclass(frozen=True, slots=True)
+class Preferences:
+    """Per-request routing preferences (the body's ``provider`` or ``tooti`` object).
+
+    Node ids are matched exactly. ``order`` puts those nodes first, in that
+    order; ``only`` / ``ignore`` restrict the candidates; ``sort`` overrides the
+    gateway's policy (``price``, ``latency``, ``throughput``, ``load``);
+    ``max_price`` (per 1M tokens, ``prompt`` / ``completion``) drops dearer
+    nodes; ``allow_fallbacks = false`` means only the first choice is tried.
+    """
+
+    order: tuple[str, ...] = ()
+    only: frozenset[str] | None = None
+    ignore: frozenset[str] = frozenset()
+    sort: str | None = None
+    max_price_prompt: float | None = None
+    max_price_completion: float | None = None
+    allow_fallbacks: bool = True
+
+    @property
+    def is_default(self) -> bool:
+        """True when the request expressed no preference."""
+        return self == _DEFAULT_PREFERENCES
+
+
+_DEFAULT_PREFERENCES = Preferences()
+SORTS = ("price", "latency", "throughput", "load")
+
+
+@dataclass(frozen=True, slots=True)
 class ParsedRequest:
     """What the gateway learned from a request body."""
 
@@ -25,6 +54,11 @@ class ParsedRequest:
     model: str
     stream: bool
     body: dict[str, Any]
+    preferences: Preferences = _DEFAULT_PREFERENCES
+    models: tuple[str, ...] = ()
+    """Models to try in order (``model`` first, then the body's ``models`` list)."""
+    rewrite: bool = False
+    """The body carries gateway-only fields that must not reach the backend."""
 
 
 def _bad(message: str, param: str | None, code: str = "invalid_value") -> APIError:
@@ -104,7 +138,69 @@ def parse_request(endpoint: str, raw: bytes) -> ParsedRequest:
             raise _bad("input must be a string or a non-empty array", "input", "invalid_type")
         if stream:
             raise _bad("embeddings cannot be streamed", "stream")
-    return ParsedRequest(endpoint, model, stream, body)
+    preferences = _DEFAULT_PREFERENCES
+    rewrite = False
+    for name in ("provider", "tooti"):
+        if name in body:
+            preferences = _parse_preferences(body[name], name)
+            rewrite = True
+    models: tuple[str, ...] = (model,)
+    fallbacks = body.get("models")
+    if fallbacks is not None:
+        if not isinstance(fallbacks, list) or not all(
+            isinstance(m, str) and m for m in fallbacks
+        ):
+            raise _bad("models must be a list of model names", "models", "invalid_type")
+        models = tuple(dict.fromkeys([model, *fallbacks]))
+        rewrite = True
+    return ParsedRequest(endpoint, model, stream, body, preferences, models, rewrite)
+
+
+def _parse_preferences(value: Any, name: str) -> Preferences:
+    if not isinstance(value, dict):
+        raise _bad(f"{name} must be an object", name, "invalid_type")
+    known = {"order", "only", "ignore", "sort", "max_price", "allow_fallbacks"}
+    for key in value:
+        if key not in known:
+            raise _bad(f"unknown {name} field '{key}' (known: {', '.join(sorted(known))})",
+                       f"{name}.{key}")
+
+    def ids(key: str) -> tuple[str, ...] | None:
+        items = value.get(key)
+        if items is None:
+            return None
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            raise _bad(f"{name}.{key} must be a list of node ids", f"{name}.{key}",
+                       "invalid_type")
+        return tuple(items)
+
+    sort = value.get("sort")
+    if sort is not None and sort not in SORTS:
+        raise _bad(f"{name}.sort must be one of {', '.join(SORTS)}", f"{name}.sort")
+    allow = value.get("allow_fallbacks", True)
+    if not isinstance(allow, bool):
+        raise _bad(f"{name}.allow_fallbacks must be a boolean", f"{name}.allow_fallbacks",
+                   "invalid_type")
+    prompt = completion = None
+    price = value.get("max_price")
+    if price is not None:
+        if not isinstance(price, dict) or not all(
+            k in ("prompt", "completion") and _is_number(v) and v >= 0 for k, v in price.items()
+        ):
+            raise _bad(f"{name}.max_price must be an object with non-negative numbers "
+                       "'prompt' and/or 'completion' (per 1M tokens)", f"{name}.max_price",
+                       "invalid_type")
+        prompt, completion = price.get("prompt"), price.get("completion")
+    only = ids("only")
+    return Preferences(
+        order=ids("order") or (),
+        only=frozenset(only) if only is not None else None,
+        ignore=frozenset(ids("ignore") or ()),
+        sort=sort,
+        max_price_prompt=None if prompt is None else float(prompt),
+        max_price_completion=None if completion is None else float(completion),
+        allow_fallbacks=allow,
+    )
 
 
 def _check_messages(messages: Any) -> None:

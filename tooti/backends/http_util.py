@@ -1,0 +1,170 @@
+"""HTTP plumbing shared by the backends that talk to a model server over HTTP.
+
+Both the ``openai`` and the ``ollama`` backends need the same things from
+httpx: a few client *shards* used round-robin (one shared client slows down
+under many concurrent streams, encode/httpx#3215), identity encoding (chunks
+are forwarded or parsed as they arrive), a connect timeout but no read timeout
+(the gateway owns deadlines), bounded reads of error bodies, a mapping of
+transport failures to :class:`~tooti.backends.base.BackendError`, and a
+shielded close of an upstream response so that the server sees the disconnect
+even when we are being cancelled.
+
+Common options read by :meth:`HttpOptions.from_settings` (all optional):
+``headers`` (a table of strings), ``clients`` (shards, default 4),
+``connect_timeout`` (seconds, default 10), ``max_connections`` (per shard,
+default 1000), ``control_timeout`` (seconds for small discovery/health calls,
+default 10). ``settings.api_key``, when set, is sent as a bearer token.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import trio
+
+from tooti.backends.base import BackendError
+from tooti.settings import BackendSettings
+
+MAX_ERROR_BODY = 65_536
+"""Bytes of an upstream error body read to build the error message."""
+CLOSE_TIMEOUT = 5.0
+"""Seconds allowed to close an upstream response (shielded from cancellation)."""
+
+
+def retryable(status: int) -> bool:
+    """Whether an upstream ``status`` means another node may succeed (5xx, 408, 429)."""
+    return status >= 500 or status in (408, 429)
+
+
+@dataclass(frozen=True)
+class HttpOptions:
+    """Connection settings of an HTTP backend (see the module docstring)."""
+
+    headers: dict[str, str] = field(default_factory=dict)
+    clients: int = 4
+    connect_timeout: float = 10.0
+    max_connections: int = 1000
+    control_timeout: float = 10.0
+
+    @classmethod
+    def from_settings(cls, settings: BackendSettings, backend: str) -> HttpOptions:
+        """Read the common options of ``settings``; ``backend`` names the type in errors.
+
+        The headers always ask for identity encoding and carry the API key as
+        a bearer token when one is configured; ``options.headers`` come last
+        and may override either.
+        """
+        opts = settings.options
+        extra = opts.get("headers") or {}
+        if not isinstance(extra, dict):
+            raise ValueError(f"{backend} backend: options.headers must be a table of strings")
+        # Identity encoding: chunks are used as they arrive, they must not be compressed.
+        headers: dict[str, str] = {"Accept-Encoding": "identity"}
+        if settings.api_key:
+            headers["Authorization"] = f"Bearer {settings.api_key}"
+        headers.update({str(k): str(v) for k, v in extra.items()})
+        return cls(
+            headers=headers,
+            clients=max(1, int(opts.get("clients", 4))),
+            connect_timeout=float(opts.get("connect_timeout", 10.0)),
+            max_connections=int(opts.get("max_connections", 1000)),
+            control_timeout=float(opts.get("control_timeout", 10.0)),
+        )
+
+
+class ClientShards:
+    """A few ``httpx.AsyncClient`` instances handed out round-robin, created lazily."""
+
+    def __init__(self, options: HttpOptions) -> None:
+        """Remember the options; no client exists until :meth:`next` is called."""
+        self.options = options
+        self._clients: list[httpx.AsyncClient] = []
+        self._turn = itertools.count()
+
+    def next(self) -> httpx.AsyncClient:
+        """Return the next client shard, creating the shards on first use."""
+        if not self._clients:
+            o = self.options
+            timeout = httpx.Timeout(None, connect=o.connect_timeout)
+            limits = httpx.Limits(
+                max_connections=o.max_connections,
+                max_keepalive_connections=min(o.max_connections, 100),
+                keepalive_expiry=30.0,
+            )
+            self._clients = [
+                httpx.AsyncClient(timeout=timeout, limits=limits, headers=o.headers)
+                for _ in range(o.clients)
+            ]
+        return self._clients[next(self._turn) % len(self._clients)]
+
+    async def aclose(self) -> None:
+        """Close every shard (shielded from cancellation); :meth:`next` may reopen."""
+        clients, self._clients = self._clients, []
+        with trio.CancelScope(shield=True):
+            for client in clients:
+                await client.aclose()
+
+
+def transport_error(exc: httpx.HTTPError, url: str) -> BackendError:
+    """The :class:`BackendError` for a request that failed before any response head.
+
+    A connection that cannot be made is ``backend_unavailable``; anything else
+    (the server dropped the connection, a protocol error) is ``backend_error``.
+    Both are 502 and retryable.
+    """
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+        return BackendError(
+            f"cannot reach {url}: {exc!r}", status=502, code="backend_unavailable"
+        )
+    return BackendError(
+        f"upstream request to {url} failed: {exc!r}", status=502, code="backend_error"
+    )
+
+
+def stream_error(exc: BaseException) -> BackendError:
+    """The :class:`BackendError` raised from a chunk iterator when the body breaks."""
+    return BackendError(
+        f"upstream stream broke: {exc!r}", status=502, code="backend_stream_error"
+    )
+
+
+async def read_bounded(response: httpx.Response, limit: int = MAX_ERROR_BODY) -> bytes:
+    """Read at most ``limit`` bytes of an (error) response body; transport errors end it."""
+    data = bytearray()
+    body = response.aiter_bytes()
+    try:
+        async for chunk in body:
+            data += chunk
+            if len(data) >= limit:
+                break
+    except httpx.HTTPError:
+        pass
+    finally:
+        await aclose_iterator(body)
+    return bytes(data[:limit])
+
+
+async def aclose_iterator(iterator: Any) -> None:
+    """Close an async generator/iterator that may not have been exhausted."""
+    aclose = getattr(iterator, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+async def close_response(response: httpx.Response, *iterators: AsyncIterator[Any]) -> None:
+    """Close ``iterators`` (body readers) then ``response``, even while cancelled.
+
+    Closing an unfinished response drops the connection, which is how the
+    server learns that the client went away. Shielded (with
+    :data:`CLOSE_TIMEOUT`) so that it also happens during cancellation.
+    """
+    with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+        try:
+            for iterator in iterators:
+                await aclose_iterator(iterator)
+        finally:
+            await response.aclose()

@@ -1,0 +1,75 @@
+"""Probing a node's model out of cooldown with one cheap request."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any
+
+import msgspec
+import trio
+
+from tooti.gateway.proxy import ProxySettings
+from tooti.gateway.registry import Peer, Registry
+from tooti.tunnel import TunnelLost
+
+log = logging.getLogger("tooti.gateway")
+
+
+def probe_body(model: str, endpoints: tuple[str, ...]) -> tuple[str, dict[str, Any]]:
+    """The cheapest request ``model`` accepts: one token, or one short embedding."""
+    if "chat/completions" in endpoints:
+        return "chat/completions", {"model": model, "max_tokens": 1,
+                                    "messages": [{"role": "user", "content": "ping"}]}
+    if "completions" in endpoints:
+        return "completions", {"model": model, "prompt": "ping", "max_tokens": 1}
+    return "embeddings", {"model": model, "input": "ping"}
+
+
+async def probe_once(peer: Peer, model: str, limit: float) -> str | None:
+    """Send one probe, allowing it ``limit`` seconds; None on success, else why it failed."""
+    info = peer.models.get(model)
+    if info is None:
+        return "model no longer served"
+    endpoint, body = probe_body(model, info.endpoints)
+    meta = {"request_id": "probe_" + uuid.uuid4().hex, "endpoint": endpoint, "model": model,
+            "stream": False, "probe": True}
+    try:
+        with trio.fail_after(limit):
+            out = await peer.session.open_stream(meta, msgspec.json.encode(body))
+            try:
+                head = await out.head()
+                async for _chunk in out.body():
+                    pass
+            finally:
+                await out.cancel("probe over")
+    except TunnelLost as exc:
+        return f"tunnel lost: {exc}"
+    except trio.TooSlowError:
+        return f"probe got no answer within {limit:g}s"
+    end = out.end_info or {}
+    if head is None or head.status >= 400 or "error" in end:
+        return f"probe answered {head.status if head else 'no head'}: {end.get('error')}"
+    return None
+
+
+async def probe_until_healthy(registry: Registry, peer: Peer, model: str,
+                              settings: ProxySettings) -> None:
+    """Wait out the cooldown, probe; success ends it, failure starts a longer one."""
+    record = peer.health_of(model)
+    while record.in_cooldown and not peer.session.closed.is_set():
+        await trio.sleep(max(0.0, record.cooldown_until - time.monotonic()))
+        if peer.session.closed.is_set() or model not in peer.models:
+            return
+        record.probing = True
+        failure = await probe_once(peer, model, settings.first_byte_timeout)
+        record.probing = False
+        if failure is None:
+            log.info("node %s model %s passed its probe: back in service", peer.id, model)
+            record.end_cooldown()
+        else:
+            duration = record.start_cooldown(f"probe failed: {failure}", settings.cooldown)
+            log.warning("node %s model %s failed its probe (%s); cooldown %.0fs",
+                        peer.id, model, failure, duration)
+        registry.changed()
