@@ -37,7 +37,7 @@ from tooti.gateway.http import (
 from tooti.gateway.probe import probe_until_healthy
 from tooti.gateway.proxy import DONE, Outcome, Proxy, ProxySettings, check_routable
 from tooti.gateway.registry import Peer, Registry
-from tooti.gateway.tunnels import TunnelAuth, serve_tunnel
+from tooti.gateway.tunnels import BearerAuth, serve_tunnel
 from tooti.gateway.validation import ParsedRequest, parse_request
 from tooti.routing.base import RouteRequest, RoutingPolicy
 from tooti.routing.policies import LeastLoaded
@@ -83,7 +83,8 @@ class Gateway:
         self.billing = BillingPipeline(billing or [])
         self.tunnel_settings = tunnel
         self.registry = Registry()
-        self.auth = TunnelAuth(settings.join_token)
+        self.auth = BearerAuth(settings.join_token)
+        self.admin_auth = BearerAuth(settings.admin_key)
         self.proxy_settings = ProxySettings(
             max_attempts=settings.max_attempts,
             first_byte_timeout=settings.first_byte_timeout,
@@ -211,6 +212,9 @@ class Gateway:
                 if method != "GET":
                     raise APIError(405, "use GET on /v1/models", code="method_not_allowed")
                 await send_json(send, 200, self.models_list(), headers)
+            elif path.startswith("/admin/v1/"):
+                self._check_admin(scope)
+                await self._admin(path, method, send, headers)
             elif path == "/healthz":
                 await send_json(send, 200, {
                     "status": "draining" if self.draining else "ok",
@@ -264,6 +268,30 @@ class Gateway:
             raise
         finally:
             await self.billing.finish(ctx, outcome, len(raw), started)
+
+    def _check_admin(self, scope: Scope) -> None:
+        """Admin endpoints need the admin key; without one, they answer loopback only."""
+        client = scope.get("client")
+        refusal = self.admin_auth.check(header(scope, b"authorization"),
+                                        client[0] if client else None)
+        if refusal is not None:
+            if self.admin_auth.open_to_network:
+                raise APIError(401, "a valid admin key is required", code="invalid_admin_key",
+                               headers={"www-authenticate": "Bearer"})
+            raise APIError(403, "no admin key is configured: the admin API answers on "
+                           "loopback only", code="admin_loopback_only")
+
+    async def _admin(self, path: str, method: str, send: Send, headers: Headers) -> None:
+        if method != "GET":
+            raise APIError(405, f"use GET on {path}", code="method_not_allowed")
+        if path == "/admin/v1/peers":
+            await send_json(send, 200, {
+                "object": "list",
+                "data": [peer.describe() for peer in self.registry.peers.values()],
+                "queued": self.proxy.queued,
+            }, headers)
+            return
+        raise APIError(404, f"no admin route {path}", code="not_found")
 
     def models_list(self) -> dict[str, Any]:
         """The ``/v1/models`` body: the union of live nodes' models."""

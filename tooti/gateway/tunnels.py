@@ -43,11 +43,11 @@ def limits_from(settings: TunnelSettings) -> Limits:
     )
 
 
-class TunnelAuth:
-    """Decides whether a dialing peer may open a tunnel.
+class BearerAuth:
+    """Checks a bearer secret (a node's join token, or the admin key).
 
-    The join token is kept only as its SHA-256 digest and compared in
-    constant time. With no token configured, only loopback peers are accepted.
+    The secret is kept only as its SHA-256 digest and compared in constant
+    time. With no secret configured, only loopback clients are accepted.
     """
 
     def __init__(self, join_token: str) -> None:
@@ -68,12 +68,12 @@ class TunnelAuth:
                     return None
             except ValueError:
                 pass
-            return "no join token configured: tunnels are accepted from loopback only"
+            return "no token configured: only loopback clients are accepted"
         token = b""
         if authorization and authorization[:7].lower() == b"bearer ":
             token = authorization[7:].strip()
         if not hmac.compare_digest(hashlib.sha256(token).digest(), self._digest):
-            return "invalid join token"
+            return "invalid token"
         return None
 
 

@@ -13,7 +13,8 @@ from tooti.routing.base import RouteRequest, RoutingPolicy
 
 
 class LeastLoaded:
-    """Fewest in-flight streams per advertised slot; then lowest TTFT; ties at random.
+    """Fewest in-flight streams per advertised slot; then lowest TTFT (as measured by
+    this gateway); ties at random.
 
     Returns only the best node (one pass, no sort): the router asks again,
     without the failed node, if it has to fail over.
@@ -28,7 +29,7 @@ class LeastLoaded:
         best: list[Peer] = []
         best_key = (float("inf"), float("inf"))
         for peer in candidates:
-            key = (peer.load(model), _ttft(peer))
+            key = (peer.load(model), _measured_ttft(peer, model))
             if key < best_key:
                 best, best_key = [peer], key
             elif key == best_key:
@@ -53,12 +54,90 @@ class RoundRobin:
         return ordered[start:] + ordered[:start]
 
 
-def _ttft(peer: Peer) -> float:
-    value = peer.stats.get("ttft_ms")
-    return float(value) if isinstance(value, int | float) and value > 0 else 0.0
+class Latency:
+    """Lowest time to first token as measured by this gateway (EWMA per node and model),
+    then highest decode speed, then lowest load. Nodes not yet measured go first, so
+    every node gets measured."""
+
+    def __init__(self, options: Mapping[str, Any] | None = None) -> None:
+        self._random = random.Random()
+
+    def rank(self, request: RouteRequest, candidates: Sequence[Peer]) -> Sequence[Peer]:
+        """The fastest candidate (as a one-element list)."""
+        model = request.model
+
+        def key(peer: Peer) -> tuple[float, float, float, float]:
+            record = peer.health.get(model)
+            ttft = record.ttft_ms if record and record.ttft_ms is not None else -1.0
+            tps = record.tokens_per_s if record and record.tokens_per_s is not None else 0.0
+            return (ttft, -tps, peer.load(model), self._random.random())
+
+        return [min(candidates, key=key)] if candidates else []
+
+
+class Weighted:
+    """Random choice in proportion to operator weights.
+
+    Options: ``weights`` maps node ids to weights (default ``default_weight``,
+    1.0); a weight of 0 takes a node out of rotation unless nothing else is left.
+    """
+
+    def __init__(self, options: Mapping[str, Any] | None = None) -> None:
+        options = options or {}
+        weights = options.get("weights") or {}
+        self.weights = {str(k): float(v) for k, v in weights.items()}
+        self.default = float(options.get("default_weight", 1.0))
+        self._random = random.Random()
+
+    def rank(self, request: RouteRequest, candidates: Sequence[Peer]) -> Sequence[Peer]:
+        """One candidate drawn by weight."""
+        if not candidates:
+            return []
+        weights = [max(0.0, self.weights.get(p.id, self.default)) for p in candidates]
+        if not any(weights):
+            return [self._random.choice(list(candidates))]
+        return self._random.choices(list(candidates), weights=weights)
+
+
+class Cheapest:
+    """The cheapest advertised price (input + output per 1M tokens) among nodes whose
+    measured TTFT meets ``max_ttft_ms`` (option; none = no ceiling); if none meets it,
+    the cheapest overall. Ties go to the less loaded node."""
+
+    def __init__(self, options: Mapping[str, Any] | None = None) -> None:
+        ceiling = (options or {}).get("max_ttft_ms")
+        self.max_ttft_ms = None if ceiling is None else float(ceiling)
+
+    def rank(self, request: RouteRequest, candidates: Sequence[Peer]) -> Sequence[Peer]:
+        """The cheapest candidate meeting the latency ceiling (one-element list)."""
+        model = request.model
+
+        def price(peer: Peer) -> tuple[float, float]:
+            info = peer.models.get(model)
+            total = (info.price_input + info.price_output) if info else float("inf")
+            return (total, peer.load(model))
+
+        if not candidates:
+            return []
+        fast = candidates
+        if self.max_ttft_ms is not None:
+            ceiling = self.max_ttft_ms
+            fast = [p for p in candidates if _measured_ttft(p, model) <= ceiling]
+        return [min(fast or candidates, key=price)]
+
+
+def _measured_ttft(peer: Peer, model: str) -> float:
+    record = peer.health.get(model)
+    return record.ttft_ms if record and record.ttft_ms is not None else 0.0
 
 
 @hookimpl
 def tooti_routing_policies() -> Mapping[str, Callable[[Mapping[str, Any]], RoutingPolicy]]:
     """The built-in policies."""
-    return {"least-loaded": LeastLoaded, "round-robin": RoundRobin}
+    return {
+        "least-loaded": LeastLoaded,
+        "round-robin": RoundRobin,
+        "latency": Latency,
+        "weighted": Weighted,
+        "price": Cheapest,
+    }
