@@ -91,7 +91,8 @@ def test_builtins_provide_backends_policies_and_billing() -> None:
     loaded = plugins.load(autoload=False)
     backends = set(loaded.table("tooti_backends"))
     assert BUILTIN_BACKENDS <= backends <= BUILTIN_BACKENDS | OPTIONAL_BUILTIN_BACKENDS
-    assert set(loaded.table("tooti_routing_policies")) == {"least-loaded", "round-robin"}
+    assert set(loaded.table("tooti_routing_policies")) == {
+        "least-loaded", "round-robin", "latency", "weighted", "price"}
     assert set(loaded.table("tooti_billing")) == {"usage-ledger"}
     assert [i.name for i in loaded.infos] == list(plugins.DEFAULT_PLUGINS)
     for info in loaded.infos:
@@ -122,7 +123,7 @@ def test_disable_autoload_skips_entry_points(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv(plugins.AUTOLOAD_ENV, "1")
     loaded = plugins.load()
     assert all(info.source == "built-in" for info in loaded.infos)
-    with pytest.raises(plugins.PluginError, match="available: least-loaded, round-robin"):
+    with pytest.raises(plugins.PluginError, match="available: latency, least-loaded, price, round-robin, weighted"):
         loaded.factory("tooti_routing_policies", "region-affinity", "routing policy")
     assert "spend-cap" not in loaded.table("tooti_billing")
 
