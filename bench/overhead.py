@@ -22,6 +22,14 @@ the node and upstream share CPU 1; wrk runs on CPU 1 by default (see
 Run from the repository root with the project's venv::
 
     python bench/overhead.py [--duration 10] [--repeat 2] [--litellm] [--quick]
+                             [--profile DIR] [--json FILE]
+
+Each figure is measured ``--repeat`` times (runs interleaved across targets).
+Before each cell the script waits (up to ``--quiet-wait`` s) until processes
+outside the benchmark use less than ``--quiet-below`` CPUs, and it reports how
+busy they were during the cell, because shared machines are noisy.
+``--profile DIR`` afterwards records the gateway and node with py-spy under
+c=16 load and prints their hot spots (see ``bench/profile_summary.py``).
 
 Every child process runs in its own process group and is stopped on exit,
 including on Ctrl-C, SIGTERM and (via ``PR_SET_PDEATHSIG``) on SIGKILL of this
@@ -172,12 +180,16 @@ def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
 
 @contextlib.contextmanager
 def _terminate_on_signals() -> Iterator[None]:
-    """Turn SIGTERM/SIGHUP into SystemExit so that ``finally`` blocks run."""
+    """Ctrl-C raises KeyboardInterrupt (even if SIGINT was inherited as ignored, as in
+    background jobs of a script) and SIGTERM/SIGHUP raise SystemExit, so that
+    ``finally`` blocks stop the children."""
 
     def handler(signum: int, _frame: object) -> None:
+        print(f"\n{signal.Signals(signum).name}: stopping children", file=sys.stderr)
         raise SystemExit(128 + signum)
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
@@ -248,17 +260,22 @@ def _busy_seconds() -> float:
     return (sum(fields[:8]) - idle) / _CLK_TCK
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds used so far by ``pid`` and its living descendants."""
+    total = 0.0
+    for current in _tree_pids(pid):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            stat = Path(f"/proc/{current}/stat").read_text()
+            fields = stat[stat.rindex(")") + 2:].split()
+            total += (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    return total
+
+
 def _own_seconds(pids: Sequence[int]) -> float:
     """CPU seconds of this script, its reaped children and the trees of ``pids``."""
     t = os.times()
-    total = t.user + t.system + t.children_user + t.children_system
-    for root in pids:
-        for pid in _tree_pids(root):
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                stat = Path(f"/proc/{pid}/stat").read_text()
-                fields = stat[stat.rindex(")") + 2:].split()
-                total += (int(fields[11]) + int(fields[12])) / _CLK_TCK
-    return total
+    return (t.user + t.system + t.children_user + t.children_system
+            + sum(tree_cpu_seconds(pid) for pid in pids))
 
 
 class ForeignLoad:
@@ -481,6 +498,7 @@ class Measurement:
     errors: int
     errors_status: int
     foreign_cpus: float
+    cpu_percent: dict[str, float]
 
 
 def find_wrk() -> str:
@@ -516,17 +534,23 @@ def measure(
     if quiet[1] > 0:
         wait_quiet(children, *quiet)
     load = ForeignLoad(children)
+    cpu_before = {proc: tree_cpu_seconds(pid) for proc, pid in target.pids.items()}
+    started = time.monotonic()
     fields = run_wrk(wrk, children, layout, target.url, mode, concurrency, duration)
+    elapsed = time.monotonic() - started
+    cpu = {proc: 100 * (tree_cpu_seconds(pid) - cpu_before[proc]) / elapsed
+           for proc, pid in target.pids.items()}
     foreign = load.cpus()
     m = Measurement(
         target=target.name, mode=mode, concurrency=concurrency, run=run, rps=fields["rps"],
         p50_ms=fields["p50_ms"], p90_ms=fields["p90_ms"], p99_ms=fields["p99_ms"],
         requests=int(fields["requests"]),
         errors=int(fields["errors_status"] + fields["errors_socket"]),
-        errors_status=int(fields["errors_status"]), foreign_cpus=foreign,
+        errors_status=int(fields["errors_status"]), foreign_cpus=foreign, cpu_percent=cpu,
     )
     print(f"  run {run} {target.name:8} {mode:10} c={concurrency:<3} {m.rps:10.1f} req/s  "
-          f"p50 {m.p50_ms:8.3f} ms  p99 {m.p99_ms:8.3f} ms  other load {foreign:4.2f} CPU"
+          f"p50 {m.p50_ms:8.3f} ms  p99 {m.p99_ms:8.3f} ms  other load {foreign:4.2f} CPU  "
+          + " ".join(f"{proc} {pct:.0f}%" for proc, pct in cpu.items())
           + (f"  ERRORS {m.errors} ({m.errors_status} non-2xx)" if m.errors else ""), flush=True)
     return m
 
@@ -603,10 +627,16 @@ def _fmt_runs(values: Sequence[float], digits: int) -> str:
     return " / ".join(f"{v:.{digits}f}" for v in values) if values else "-"
 
 
+def _cpu_cell(runs: Sequence[Measurement]) -> str:
+    procs = runs[0].cpu_percent
+    return ", ".join(
+        f"{p} {statistics.fmean(m.cpu_percent.get(p, 0.0) for m in runs):.0f}" for p in procs)
+
+
 def report(results: Results, targets: list[str], rss: dict[str, dict[str, float]]) -> str:
     """The figures table, LiteLLM ratios and target verdicts, as Markdown."""
-    lines = ["| path | mode | c | req/s | p50 ms | p99 ms | added p50 ms | errors | other CPU |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| path | mode | c | req/s | p50 ms | p99 ms | added p50 ms | errors | CPU % "
+             "| other CPU |", "|---|---|---|---|---|---|---|---|---|---|"]
     for target in targets:
         for mode in MODES:
             for c in CONCURRENCIES:
@@ -619,9 +649,10 @@ def report(results: Results, targets: list[str], rss: dict[str, dict[str, float]
                     f"{_fmt_runs([m.p50_ms for m in runs], 2)} | "
                     f"{_fmt_runs([m.p99_ms for m in runs], 2)} | "
                     f"{_fmt_runs(added, 2)} | {sum(m.errors for m in runs)} | "
-                    f"{_fmt_runs([m.foreign_cpus for m in runs], 2)} |")
+                    f"{_cpu_cell(runs)} | {_fmt_runs([m.foreign_cpus for m in runs], 2)} |")
     out = ["", "Figures (runs separated by ' / '; added p50 = p50 minus the direct p50 of "
-           "the same run; other CPU = CPUs kept busy by processes outside this benchmark):",
+           "the same run; CPU % = mean CPU use of each server process; other CPU = CPUs kept "
+           "busy by processes outside this benchmark):",
            "", *lines, ""]
     if rss:
         out.append("RSS after the runs: " + "; ".join(

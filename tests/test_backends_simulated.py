@@ -42,11 +42,11 @@ def expected_text(n: int) -> str:
 
 
 def test_create_backend_by_type() -> None:
-    assert set(BACKEND_TYPES) == {"simulated", "openai", "llamacpp"}
+    assert set(BACKEND_TYPES) == {"simulated", "openai", "llamacpp", "ollama"}
     assert isinstance(create_backend(BackendSettings(type="simulated")), SimulatedBackend)
     backend = create_backend(BackendSettings(type="openai", url="http://127.0.0.1:9/v1"))
     assert isinstance(backend, OpenAIBackend)
-    with pytest.raises(ValueError, match="available: llamacpp, openai, simulated"):
+    with pytest.raises(ValueError, match="available: llamacpp, ollama, openai, simulated"):
         create_backend(BackendSettings(type="nope"))
     with pytest.raises(ValueError, match="url"):
         create_backend(BackendSettings(type="openai"))

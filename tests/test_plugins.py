@@ -123,7 +123,8 @@ def test_disable_autoload_skips_entry_points(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv(plugins.AUTOLOAD_ENV, "1")
     loaded = plugins.load()
     assert all(info.source == "built-in" for info in loaded.infos)
-    with pytest.raises(plugins.PluginError, match="available: latency, least-loaded, price, round-robin, weighted"):
+    available = "available: latency, least-loaded, price, round-robin, weighted"
+    with pytest.raises(plugins.PluginError, match=available):
         loaded.factory("tooti_routing_policies", "region-affinity", "routing policy")
     assert "spend-cap" not in loaded.table("tooti_billing")
 
@@ -224,8 +225,8 @@ def test_unknown_names_in_config_list_the_available_ones(tmp_path: Path) -> None
     write_plugin(tmp_path, "extra", GOOD_PLUGIN)
     cases = [
         (Settings(routing=RoutingSettings(policy="nearest")), "routing.policy",
-         "unknown routing policy 'nearest'; available: from-a-file, least-loaded, "
-         "region-affinity, round-robin"),
+         "unknown routing policy 'nearest'; available: from-a-file, latency, least-loaded, "
+         "price, region-affinity, round-robin, weighted"),
         (Settings(billing=BillingSettings(plugins=["usage-ledger", "prepaid"])),
          "billing.plugins[1]",
          "unknown billing plugin 'prepaid'; available: spend-cap, usage-ledger"),
@@ -263,7 +264,7 @@ def test_cli_plugins_lists_distribution_version_and_names(
     backends_line = out.split(f"tooti.backends  (built-in: tooti {version})\n")[1]
     backends = set(backends_line.splitlines()[0].removeprefix("    backends: ").split(", "))
     assert BUILTIN_BACKENDS <= backends <= BUILTIN_BACKENDS | OPTIONAL_BUILTIN_BACKENDS
-    assert "    routing_policies: least-loaded, round-robin" in out
+    assert "    routing_policies: latency, least-loaded, price, round-robin, weighted" in out
     assert "    billing: usage-ledger" in out
     ra = importlib.metadata.version("tooti-region-affinity")
     sc = importlib.metadata.version("tooti-spend-cap")
