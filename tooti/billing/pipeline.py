@@ -59,17 +59,16 @@ class BillingPipeline:
                     await plugin.refund(ctx, "refused by another billing plugin")
             raise
 
-    async def finish(self, ctx: RequestContext, outcome: Outcome, body_bytes: int,
-                     started: float) -> None:
-        """Settle a served request or refund an unserved one; never raises, never skipped
-        by cancellation (shielded, bounded)."""
+    async def finish(self, ctx: RequestContext, outcome: Outcome, usage: Usage) -> None:
+        """Settle a served request with ``usage`` (see :func:`usage_from`) or refund an
+        unserved one; never raises, never skipped by cancellation (shielded, bounded)."""
         if not self.plugins:
             return
         with trio.CancelScope(shield=True), trio.move_on_after(SETTLE_TIMEOUT) as timer:
             for plugin in self.plugins:
                 try:
                     if outcome.served or outcome.status == "error":
-                        await plugin.settle(ctx, usage_from(outcome, body_bytes, started))
+                        await plugin.settle(ctx, usage)
                     else:
                         await plugin.refund(ctx, outcome.status)
                 except Exception:

@@ -13,14 +13,16 @@ import logging
 import time
 import uuid
 from typing import Any
+from urllib.parse import parse_qs
 
 import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
-from tooti.billing.base import Billing, RequestContext
-from tooti.billing.pipeline import BillingPipeline
+from tooti.billing.base import Billing, RequestContext, Usage
+from tooti.billing.pipeline import BillingPipeline, usage_from
 from tooti.errors import APIError
+from tooti.gateway.admin_events import stream_events
 from tooti.gateway.health import CooldownPolicy
 from tooti.gateway.http import (
     ClientGone,
@@ -31,9 +33,12 @@ from tooti.gateway.http import (
     cancel_on_disconnect,
     header,
     read_body,
+    send_bytes,
     send_error,
     send_json,
 )
+from tooti.gateway.metrics import CONTENT_TYPE as METRICS_TYPE
+from tooti.gateway.metrics import GatewayMetrics
 from tooti.gateway.probe import probe_until_healthy
 from tooti.gateway.proxy import DONE, Outcome, Proxy, ProxySettings, check_routable
 from tooti.gateway.registry import Peer, Registry
@@ -53,6 +58,18 @@ API_ROUTES = {
     "/v1/completions": "completions",
     "/v1/embeddings": "embeddings",
 }
+
+
+def _query_int(scope: Scope, name: str, default: int, low: int, high: int) -> int:
+    """An integer query parameter, clamped; 400 if it is not an integer."""
+    values = parse_qs(scope.get("query_string", b"").decode("latin-1")).get(name)
+    if not values:
+        return default
+    try:
+        return max(low, min(high, int(values[-1])))
+    except ValueError:
+        raise APIError(400, f"{name} must be an integer", param=name,
+                       code="invalid_type") from None
 
 
 def key_id_of(authorization: bytes | None) -> str:
@@ -97,6 +114,7 @@ class Gateway:
             ),
         )
         self.proxy = Proxy(self.registry, self.policy, self.proxy_settings)
+        self.metrics = GatewayMetrics(self.registry, self.registry.bus, self.proxy)
         self.proxy.on_cooldown = self._schedule_probe
         self._nursery: trio.Nursery | None = None
         self.sessions: set[TunnelSession] = set()
@@ -214,7 +232,12 @@ class Gateway:
                 await send_json(send, 200, self.models_list(), headers)
             elif path.startswith("/admin/v1/"):
                 self._check_admin(scope)
-                await self._admin(path, method, send, headers)
+                await self._admin(scope, receive, send, headers)
+            elif path == "/metrics":
+                self._check_admin(scope)
+                if method != "GET":
+                    raise APIError(405, "use GET on /metrics", code="method_not_allowed")
+                await send_bytes(send, 200, self.metrics.render(), headers, METRICS_TYPE)
             elif path == "/healthz":
                 await send_json(send, 200, {
                     "status": "draining" if self.draining else "ok",
@@ -248,6 +271,9 @@ class Gateway:
         )
         outcome = Outcome()
         started = time.monotonic()
+        self.registry.bus.publish(
+            "request.received", request_id=request_id, model=request.model,
+            endpoint=request.endpoint, stream=request.stream, key_id=key_id)
         try:
             complete = await cancel_on_disconnect(receive, send, lambda tracked: (
                 self.proxy.forward(request, route, raw, tracked, headers, outcome)))
@@ -262,12 +288,29 @@ class Gateway:
             # The stream has started: the error goes in-band, then [DONE].
             await send({"type": "http.response.body", "more_body": False,
                         "body": b"data: " + timeout.to_json() + b"\n\n" + DONE})
-        except BaseException:
+        except BaseException as exc:
             if outcome.status in ("pending", "ok"):
                 outcome.status = "cancelled" if outcome.served else "failed"
+            if isinstance(exc, APIError):
+                outcome.error = exc.message
             raise
         finally:
-            await self.billing.finish(ctx, outcome, len(raw), started)
+            usage = usage_from(outcome, len(raw), started)
+            await self.billing.finish(ctx, outcome, usage)
+            self._publish_finished(request_id, outcome, usage)
+
+    def _publish_finished(self, request_id: str, outcome: Outcome, usage: Usage) -> None:
+        decode_s = usage.latency_ms / 1000 - (outcome.ttft_ms or 0.0) / 1000
+        self.registry.bus.publish(
+            "request.finished", request_id=request_id, status=outcome.status,
+            node=outcome.node_id or None, model=outcome.model or None,
+            attempts=outcome.attempts, prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens, estimated=usage.estimated,
+            ttft_ms=None if outcome.ttft_ms is None else round(outcome.ttft_ms, 3),
+            tok_s=round(usage.completion_tokens / decode_s, 2) if decode_s > 0.001
+            and usage.completion_tokens else None,
+            latency_ms=round(usage.latency_ms, 3), error=outcome.error or None,
+        )
 
     def _check_admin(self, scope: Scope) -> None:
         """Admin endpoints need the admin key; without one, they answer loopback only."""
@@ -281,7 +324,9 @@ class Gateway:
             raise APIError(403, "no admin key is configured: the admin API answers on "
                            "loopback only", code="admin_loopback_only")
 
-    async def _admin(self, path: str, method: str, send: Send, headers: Headers) -> None:
+    async def _admin(self, scope: Scope, receive: Receive, send: Send,
+                     headers: Headers) -> None:
+        path, method = scope["path"], scope["method"]
         if method != "GET":
             raise APIError(405, f"use GET on {path}", code="method_not_allowed")
         if path == "/admin/v1/peers":
@@ -290,8 +335,24 @@ class Gateway:
                 "data": [peer.describe() for peer in self.registry.peers.values()],
                 "queued": self.proxy.queued,
             }, headers)
-            return
-        raise APIError(404, f"no admin route {path}", code="not_found")
+        elif path == "/admin/v1/requests":
+            limit = _query_int(scope, "limit", 100, 1, self.registry.bus.recent_limit)
+            await send_json(send, 200, {
+                "object": "list", "data": self.registry.bus.recent_requests(limit)}, headers)
+        elif path == "/admin/v1/events":
+            await cancel_on_disconnect(receive, send, lambda tracked: stream_events(
+                self.snapshot, self.registry.bus, tracked, headers))
+        else:
+            raise APIError(404, f"no admin route {path}", code="not_found")
+
+    def snapshot(self) -> dict[str, Any]:
+        """Peers and recent requests now, for a new events subscriber."""
+        return {
+            "seq": self.registry.bus.last_seq,
+            "peers": [peer.describe() for peer in self.registry.peers.values()],
+            "requests": self.registry.bus.recent_requests(200),
+            "queued": self.proxy.queued,
+        }
 
     def models_list(self) -> dict[str, Any]:
         """The ``/v1/models`` body: the union of live nodes' models."""

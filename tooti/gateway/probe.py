@@ -73,3 +73,5 @@ async def probe_until_healthy(registry: Registry, peer: Peer, model: str,
             log.warning("node %s model %s failed its probe (%s); cooldown %.0fs",
                         peer.id, model, failure, duration)
         registry.changed()
+        registry.bus.publish("peer.cooldown", peer_id=peer.id, model=model,
+                             **record.describe())

@@ -81,6 +81,10 @@ class Outcome:
     """SSE events relayed to the client (an estimate of tokens when usage is missing)."""
     attempts: int = 0
     nodes_tried: list[str] = field(default_factory=list)
+    ttft_ms: float | None = None
+    """Time from opening the stream on the serving node to its first token."""
+    error: str = ""
+    """The error the client saw, if any."""
 
 
 class _Retry(Exception):
@@ -246,6 +250,8 @@ class Proxy:
                 break
             outcome.attempts += 1
             outcome.nodes_tried.append(peer.id)
+            self.registry.bus.publish("request.routed", request_id=route.request_id,
+                                      node=peer.id, model=route.model, attempt=outcome.attempts)
             try:
                 await self._serve_from(peer, request, route, body, send, headers, outcome)
                 return
@@ -268,6 +274,8 @@ class Proxy:
             log.warning("node %s model %s in cooldown for %.0fs after repeated failures (%s)",
                         peer.id, model, record.cooldown_until - time.monotonic(), reason)
             self.registry.changed()
+            self.registry.bus.publish("peer.cooldown", peer_id=peer.id, model=model,
+                                      **record.describe())
             if self.on_cooldown is not None:
                 self.on_cooldown(peer, model)
 
@@ -312,6 +320,9 @@ class Proxy:
                 outcome.status = "error"
                 raise error
             first_token_at = time.monotonic()
+            outcome.ttft_ms = (first_token_at - opened) * 1000
+            self.registry.bus.publish("request.first_token", request_id=route.request_id,
+                                      node=peer.id, ttft_ms=round(outcome.ttft_ms, 3))
             node_headers = [*headers, (b"x-tooti-node", peer.id.encode()),
                             (b"x-tooti-model", model.encode())]
             content_type = str(head.headers.get("content-type") or "application/json").encode()
@@ -418,6 +429,7 @@ async def _stream_body(
     outcome.status = "ok" if error is None else "failed_midstream"
     tail = b""
     if error is not None:
+        outcome.error = error.message
         log.warning("request %s: stream failed after first byte: %s", request_id, error.message)
         tail = b"data: " + error.to_json() + b"\n\n" + DONE
     await send({"type": "http.response.body", "body": tail, "more_body": False})

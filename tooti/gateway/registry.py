@@ -11,6 +11,7 @@ from typing import Any
 import trio
 
 from tooti.backends.base import ModelInfo
+from tooti.gateway.events import EventBus
 from tooti.gateway.health import ModelHealth
 from tooti.tunnel import TunnelSession
 
@@ -111,7 +112,9 @@ class Peer:
 class Registry:
     """Peers by id, with an index from model id to the peers serving it."""
 
-    def __init__(self) -> None:
+    def __init__(self, bus: EventBus | None = None) -> None:
+        self.bus = bus or EventBus()
+        """Where peer changes are published."""
         self.peers: dict[str, Peer] = {}
         self._by_model: dict[str, list[Peer]] = {}
         self.known_models: set[str] = set()
@@ -135,6 +138,7 @@ class Registry:
         self.peers[peer.id] = peer
         self._reindex()
         log.info("peer %s joined from %s (%s)", peer.id, peer.address, peer.role)
+        self.bus.publish("peer.joined", peer=peer.describe())
         return old
 
     def remove(self, peer: Peer) -> None:
@@ -143,12 +147,20 @@ class Registry:
             del self.peers[peer.id]
             self._reindex()
             log.info("peer %s left (%s)", peer.id, peer.session.close_reason or "closed")
+            self.bus.publish("peer.left", peer_id=peer.id,
+                             reason=peer.session.close_reason or "closed")
 
     def set_models(self, peer: Peer, models: list[ModelInfo]) -> None:
         """Replace the models a peer serves."""
         peer.models = {m.id: m for m in models}
         self.known_models.update(peer.models)
         self._reindex()
+        self.peer_updated(peer)
+
+    def peer_updated(self, peer: Peer) -> None:
+        """Publish a peer's current state (models, load, health, cooldowns)."""
+        if self.peers.get(peer.id) is peer:
+            self.bus.publish("peer.updated", peer=peer.describe())
 
     def candidates(self, model: str) -> list[Peer]:
         """Live peers serving ``model`` and not in cooldown for it."""

@@ -111,6 +111,7 @@ async def serve_tunnel(
         peer = peer_ref[0]
         if isinstance(event, HeartbeatReceived):
             peer.stats = event.stats
+            registry.peer_updated(peer)
         elif isinstance(event, ModelsReceived):
             try:
                 models = [ModelInfo.from_wire(m) for m in event.models]
@@ -122,6 +123,7 @@ async def serve_tunnel(
         elif isinstance(event, GoAwayReceived):
             peer.draining = True
             registry.changed()
+            registry.peer_updated(peer)
 
     session = TunnelSession(
         transport, conn, heartbeat_interval=settings.heartbeat_interval, on_event=on_event,

@@ -1,0 +1,55 @@
+"""``GET /admin/v1/events``: a snapshot, then every bus event, as server-sent events."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+import trio
+
+from tooti.gateway.events import EventBus
+from tooti.gateway.http import Headers, Send
+
+KEEPALIVE = 15.0
+"""Seconds of silence after which a comment line is sent (keeps proxies and clients sure
+the stream is alive)."""
+_encoder = msgspec.json.Encoder()
+
+
+def sse(kind: str, data: Any, seq: int | None = None) -> bytes:
+    """One server-sent event."""
+    head = f"event: {kind}\n" + (f"id: {seq}\n" if seq is not None else "")
+    return head.encode() + b"data: " + _encoder.encode(data) + b"\n\n"
+
+
+async def stream_events(
+    snapshot: Callable[[], dict[str, Any]], bus: EventBus, send: Send, headers: Headers,
+) -> None:
+    """Subscribe, send the snapshot, then relay events until the client leaves or is
+    dropped for falling behind (then a ``dropped`` event ends the stream)."""
+    sub = bus.subscribe()
+    try:
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
+            (b"x-accel-buffering", b"no"), *headers]})
+        # Subscribed first, so nothing is missed; events up to snapshot["seq"] are in it.
+        await send({"type": "http.response.body", "body": sse("snapshot", snapshot()),
+                    "more_body": True})
+        while True:
+            with trio.move_on_after(KEEPALIVE) as idle:
+                try:
+                    event = await sub.receive.receive()
+                except trio.EndOfChannel:
+                    break
+            if idle.cancelled_caught:
+                await send({"type": "http.response.body", "body": b": keepalive\n\n",
+                            "more_body": True})
+                continue
+            await send({"type": "http.response.body", "more_body": True,
+                        "body": sse(event.kind, event.to_dict(), event.seq)})
+        reason = "subscriber fell behind" if sub.dropped else "bus closed"
+        await send({"type": "http.response.body", "more_body": False,
+                    "body": sse("dropped", {"reason": reason})})
+    finally:
+        bus.unsubscribe(sub)

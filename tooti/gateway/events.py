@@ -1,0 +1,127 @@
+"""The gateway's in-process event bus: peer and request life cycles, as they happen.
+
+Publishing never blocks and never fails the request path: each subscriber has
+a bounded buffer, and a subscriber that falls behind is dropped (its stream
+ends with a ``dropped`` event) instead of being waited for. The bus also keeps
+the last few hundred requests so a new subscriber starts from a snapshot.
+
+Event kinds: ``peer.joined``, ``peer.updated`` (heartbeat figures),
+``peer.left``, ``peer.cooldown`` (entered or left); ``request.received``,
+``request.routed`` (node, attempt), ``request.first_token``,
+``request.finished`` (status, tokens, TTFT, tok/s, error).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+SUBSCRIBER_BUFFER = 1024
+RECENT_REQUESTS = 500
+
+
+@dataclass(frozen=True, slots=True)
+class BusEvent:
+    """One event: a sequence number, a kind, a wall-clock time and its data."""
+
+    seq: int
+    kind: str
+    ts: float
+    data: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form."""
+        return {"seq": self.seq, "kind": self.kind, "ts": self.ts, "data": self.data}
+
+
+DROPPED = "dropped"
+
+
+@dataclass(eq=False)
+class Subscription:
+    """A subscriber's bounded queue of events."""
+
+    send: trio.MemorySendChannel[BusEvent]
+    receive: trio.MemoryReceiveChannel[BusEvent]
+    dropped: bool = False
+
+
+@dataclass
+class EventBus:
+    """Fan-out of gateway events to subscribers and synchronous listeners."""
+
+    buffer: int = SUBSCRIBER_BUFFER
+    recent_limit: int = RECENT_REQUESTS
+    recent: OrderedDict[str, dict[str, Any]] = field(default_factory=OrderedDict)
+    """Request id → the request's latest summary (newest last)."""
+    listeners: list[Callable[[BusEvent], None]] = field(default_factory=list)
+    """Called synchronously for every event (e.g. the Prometheus metrics)."""
+    last_seq: int = 0
+    """Sequence number of the newest event (a snapshot is current up to it)."""
+    _subscribers: set[Subscription] = field(default_factory=set)
+    _seq: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+    def publish(self, kind: str, **data: Any) -> None:
+        """Record and fan out one event; never blocks."""
+        event = BusEvent(next(self._seq), kind, time.time(), data)
+        self.last_seq = event.seq
+        if kind.startswith("request."):
+            self._remember(event)
+        for listener in self.listeners:
+            listener(event)
+        for sub in list(self._subscribers):
+            try:
+                sub.send.send_nowait(event)
+            except trio.WouldBlock:
+                self._drop(sub)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._subscribers.discard(sub)
+
+    def _remember(self, event: BusEvent) -> None:
+        request_id = event.data.get("request_id")
+        if not isinstance(request_id, str):
+            return
+        entry = self.recent.get(request_id)
+        if entry is None:
+            entry = self.recent[request_id] = {"request_id": request_id, "timeline": []}
+            while len(self.recent) > self.recent_limit:
+                self.recent.popitem(last=False)
+        entry.update({k: v for k, v in event.data.items() if k != "request_id"})
+        entry["state"] = event.kind.removeprefix("request.")
+        entry["timeline"].append({"kind": entry["state"], "ts": event.ts,
+                                  **({"node": event.data["node"]} if "node" in event.data
+                                     else {})})
+
+    def _drop(self, sub: Subscription) -> None:
+        """A subscriber fell behind: tell it (best effort) and stop feeding it."""
+        sub.dropped = True
+        self._subscribers.discard(sub)
+        sub.send.close()
+
+    def subscribe(self) -> Subscription:
+        """A new subscriber; call :meth:`unsubscribe` when done."""
+        send, receive = trio.open_memory_channel[BusEvent](self.buffer)
+        sub = Subscription(send, receive)
+        self._subscribers.add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        """Stop feeding ``sub``."""
+        self._subscribers.discard(sub)
+        sub.send.close()
+
+    @property
+    def subscribers(self) -> int:
+        """Number of live subscribers."""
+        return len(self._subscribers)
+
+    def recent_requests(self, limit: int) -> list[dict[str, Any]]:
+        """The newest ``limit`` request summaries, newest first."""
+        items = list(self.recent.values())[-limit:] if limit > 0 else []
+        return list(reversed(items))

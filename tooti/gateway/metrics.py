@@ -1,0 +1,82 @@
+"""``/metrics``: Prometheus text exposition of the gateway, fed by the event bus."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from tooti.gateway.events import BusEvent, EventBus
+from tooti.gateway.registry import Registry
+
+CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class _LiveState(Collector):
+    """Gauges read from the registry at scrape time."""
+
+    def __init__(self, registry: Registry, queued: object) -> None:
+        self.registry = registry
+        self.queued = queued
+
+    def collect(self) -> Iterator[Metric]:
+        peers = GaugeMetricFamily("tooti_peers", "Connected peers by state", labels=["state"])
+        counts: dict[str, int] = {}
+        in_flight = GaugeMetricFamily("tooti_in_flight_streams",
+                                      "Streams open on nodes, by node and model",
+                                      labels=["node", "model"])
+        cooldowns = GaugeMetricFamily("tooti_cooldowns", "Node models in cooldown",
+                                      labels=["node", "model"])
+        for peer in self.registry.peers.values():
+            state = peer.state()
+            counts[state] = counts.get(state, 0) + 1
+            for model, n in peer.in_flight.items():
+                in_flight.add_metric([peer.id, model], n)
+            for model, record in peer.health.items():
+                if record.in_cooldown:
+                    cooldowns.add_metric([peer.id, model], 1)
+        for state, n in sorted(counts.items()):
+            peers.add_metric([state], n)
+        queued = GaugeMetricFamily("tooti_queued_requests", "Requests waiting for a free slot")
+        queued.add_metric([], float(getattr(self.queued, "queued", 0)))
+        yield from (peers, in_flight, cooldowns, queued)
+
+
+class GatewayMetrics:
+    """Counters and histograms of finished requests, plus live gauges."""
+
+    def __init__(self, registry: Registry, bus: EventBus, proxy: object) -> None:
+        self.prometheus = CollectorRegistry()
+        self.requests = Counter("tooti_requests", "Finished requests",
+                                ["model", "node", "status"], registry=self.prometheus)
+        self.tokens = Counter("tooti_tokens", "Tokens processed", ["model", "node", "kind"],
+                              registry=self.prometheus)
+        self.ttft = Histogram("tooti_ttft_seconds", "Time to first token",
+                              ["model"], buckets=LATENCY_BUCKETS, registry=self.prometheus)
+        self.latency = Histogram("tooti_request_seconds", "Whole request latency",
+                                 ["model", "status"], buckets=LATENCY_BUCKETS,
+                                 registry=self.prometheus)
+        self.prometheus.register(_LiveState(registry, proxy))
+        bus.listeners.append(self.on_event)
+
+    def on_event(self, event: BusEvent) -> None:
+        """Update counters from ``request.finished`` events."""
+        if event.kind != "request.finished":
+            return
+        data = event.data
+        model = data.get("model") or "-"
+        node = data.get("node") or "-"
+        status = str(data.get("status"))
+        self.requests.labels(model, node, status).inc()
+        self.tokens.labels(model, node, "prompt").inc(data.get("prompt_tokens") or 0)
+        self.tokens.labels(model, node, "completion").inc(data.get("completion_tokens") or 0)
+        if data.get("ttft_ms") is not None:
+            self.ttft.labels(model).observe(data["ttft_ms"] / 1000)
+        self.latency.labels(model, status).observe((data.get("latency_ms") or 0) / 1000)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition."""
+        return generate_latest(self.prometheus)
