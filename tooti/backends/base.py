@@ -108,6 +108,30 @@ class BackendError(Exception):
         self.retryable = retryable
 
 
+def bad_request(message: str) -> BackendError:
+    """A 400 for a request the backend cannot serve as asked (never retried elsewhere)."""
+    return BackendError(message, status=400, code="invalid_request_error", retryable=False)
+
+
+def check_endpoint(endpoint: str) -> None:
+    """Raise a 404 BackendError unless ``endpoint`` is one of :data:`ENDPOINTS`."""
+    if endpoint not in ENDPOINTS:
+        raise BackendError(
+            f"unknown endpoint {endpoint!r}", status=404, code="not_found", retryable=False
+        )
+
+
+def requested_model(endpoint: str, request: Any) -> str:
+    """Check the endpoint and the body's shape; return the requested model name."""
+    check_endpoint(endpoint)
+    if not isinstance(request, dict):
+        raise bad_request("the request body must be a JSON object")
+    model = request.get("model")
+    if not isinstance(model, str) or not model:
+        raise bad_request("'model' is required")
+    return model
+
+
 class Backend(Protocol):
     """What a node needs from a backend (see the module docstring)."""
 

@@ -66,7 +66,13 @@ import httpx
 import msgspec
 import trio
 
-from tooti.backends.base import ENDPOINTS, BackendError, BackendResponse, ModelInfo
+from tooti.backends.base import (
+    BackendError,
+    BackendResponse,
+    ModelInfo,
+    bad_request,
+    requested_model,
+)
 from tooti.backends.http_util import (
     MAX_ERROR_BODY,
     ClientShards,
@@ -137,9 +143,6 @@ def ollama_error(status: int, body: bytes) -> BackendError:
     return BackendError(message, status=status, code=code, retryable=retryable(status))
 
 
-def _bad_request(message: str) -> BackendError:
-    return BackendError(message, status=400, code="invalid_request_error", retryable=False)
-
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
@@ -202,7 +205,7 @@ def _options(request: dict[str, Any], defaults: _Defaults) -> dict[str, Any]:
         if value is None:
             continue
         if not _is_int(value) or value < 0:
-            raise _bad_request(f"'{name}' must be a non-negative integer")
+            raise bad_request(f"'{name}' must be a non-negative integer")
         options.setdefault("num_predict", value)
     stop = request.get("stop")
     if isinstance(stop, str):
@@ -211,21 +214,21 @@ def _options(request: dict[str, Any], defaults: _Defaults) -> dict[str, Any]:
         if stop:
             options["stop"] = list(stop)
     elif stop is not None:
-        raise _bad_request("'stop' must be a string or an array of strings")
+        raise bad_request("'stop' must be a string or an array of strings")
     for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty",
                  "min_p", "repeat_penalty"):
         value = request.get(name)
         if value is None:
             continue
         if not _is_number(value):
-            raise _bad_request(f"'{name}' must be a number")
+            raise bad_request(f"'{name}' must be a number")
         options[name] = value
     for name in ("seed", "top_k"):
         value = request.get(name)
         if value is None:
             continue
         if not _is_int(value):
-            raise _bad_request(f"'{name}' must be an integer")
+            raise bad_request(f"'{name}' must be an integer")
         options[name] = value
     if defaults.num_ctx is not None:
         options["num_ctx"] = defaults.num_ctx
@@ -238,7 +241,7 @@ def _format(request: dict[str, Any]) -> str | dict[str, Any] | None:
     if response_format is None:
         return None
     if not isinstance(response_format, dict):
-        raise _bad_request("'response_format' must be an object")
+        raise bad_request("'response_format' must be an object")
     kind = response_format.get("type")
     if kind == "text":
         return None
@@ -248,7 +251,7 @@ def _format(request: dict[str, Any]) -> str | dict[str, Any] | None:
         spec = response_format.get("json_schema")
         schema = spec.get("schema") if isinstance(spec, dict) else None
         return schema if isinstance(schema, dict) else "json"
-    raise _bad_request(f"unsupported response_format type {kind!r}")
+    raise bad_request(f"unsupported response_format type {kind!r}")
 
 
 def _common(
@@ -257,7 +260,7 @@ def _common(
     """The fields shared by ``/api/chat`` and ``/api/generate`` requests."""
     n = request.get("n")
     if n is not None and n != 1:
-        raise _bad_request("the ollama backend serves one choice per request ('n' must be 1)")
+        raise bad_request("the ollama backend serves one choice per request ('n' must be 1)")
     payload: dict[str, Any] = {"model": model, "stream": stream}
     options = _options(request, defaults)
     if options:
@@ -275,10 +278,10 @@ def _image(part: dict[str, Any]) -> str:
     spec = part.get("image_url")
     url = spec.get("url") if isinstance(spec, dict) else spec
     if not isinstance(url, str):
-        raise _bad_request("an image_url part needs a 'url'")
+        raise bad_request("an image_url part needs a 'url'")
     header, comma, data = url.partition(",")
     if not (url.startswith("data:") and comma and header.endswith(";base64")):
-        raise _bad_request(
+        raise bad_request(
             "the ollama backend accepts images only as base64 data URLs "
             "(data:image/...;base64,...)"
         )
@@ -292,7 +295,7 @@ def _content(content: Any) -> tuple[str, list[str]]:
     if isinstance(content, str):
         return content, []
     if not isinstance(content, list):
-        raise _bad_request("message content must be a string or an array of parts")
+        raise bad_request("message content must be a string or an array of parts")
     texts: list[str] = []
     images: list[str] = []
     for part in content:
@@ -300,12 +303,12 @@ def _content(content: Any) -> tuple[str, list[str]]:
         if kind in ("text", "refusal") and isinstance(part, dict):
             text = part.get(kind)
             if not isinstance(text, str):
-                raise _bad_request(f"a {kind} part needs a '{kind}' string")
+                raise bad_request(f"a {kind} part needs a '{kind}' string")
             texts.append(text)
         elif kind == "image_url" and isinstance(part, dict):
             images.append(_image(part))
         else:
-            raise _bad_request(f"unsupported content part type {kind!r} for ollama")
+            raise bad_request(f"unsupported content part type {kind!r} for ollama")
     return "\n".join(texts), images
 
 
@@ -313,17 +316,17 @@ def _tool_call_in(call: Any) -> tuple[str | None, dict[str, Any]]:
     """Map one OpenAI assistant tool call to Ollama's; return (its id, the call)."""
     function = call.get("function") if isinstance(call, dict) else None
     if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-        raise _bad_request("a tool call needs a 'function' with a 'name'")
+        raise bad_request("a tool call needs a 'function' with a 'name'")
     arguments = function.get("arguments")
     if isinstance(arguments, str):
         try:
             arguments = _decode(arguments) if arguments.strip() else {}
         except msgspec.DecodeError:
-            raise _bad_request("tool call arguments must be a JSON object") from None
+            raise bad_request("tool call arguments must be a JSON object") from None
     if arguments is None:
         arguments = {}
     if not isinstance(arguments, dict):
-        raise _bad_request("tool call arguments must be a JSON object")
+        raise bad_request("tool call arguments must be a JSON object")
     call_id = call.get("id")
     return (call_id if isinstance(call_id, str) else None,
             {"function": {"name": function["name"], "arguments": arguments}})
@@ -332,17 +335,17 @@ def _tool_call_in(call: Any) -> tuple[str | None, dict[str, Any]]:
 def _messages(messages: Any) -> list[dict[str, Any]]:
     """Map OpenAI chat messages to Ollama's."""
     if not isinstance(messages, list) or not messages:
-        raise _bad_request("'messages' is required: a non-empty array")
+        raise bad_request("'messages' is required: a non-empty array")
     names: dict[str, str] = {}  # tool call id → function name, to name the tool results
     result: list[dict[str, Any]] = []
     for message in messages:
         role = message.get("role") if isinstance(message, dict) else None
         if not isinstance(message, dict) or not isinstance(role, str):
-            raise _bad_request("each message must be an object with a 'role'")
+            raise bad_request("each message must be an object with a 'role'")
         if role == "developer":
             role = "system"
         if role not in ("system", "user", "assistant", "tool"):
-            raise _bad_request(f"unsupported message role {role!r}")
+            raise bad_request(f"unsupported message role {role!r}")
         text, images = _content(message.get("content"))
         item: dict[str, Any] = {"role": role, "content": text}
         if images:
@@ -350,7 +353,7 @@ def _messages(messages: Any) -> list[dict[str, Any]]:
         calls = message.get("tool_calls")
         if role == "assistant" and calls:
             if not isinstance(calls, list):
-                raise _bad_request("'tool_calls' must be an array")
+                raise bad_request("'tool_calls' must be an array")
             item["tool_calls"] = []
             for call in calls:
                 call_id, mapped = _tool_call_in(call)
@@ -369,10 +372,10 @@ def _stream_flags(request: dict[str, Any]) -> tuple[bool, bool]:
     """Return (stream, include_usage) of a chat/completions request."""
     stream = request.get("stream", False)
     if stream is not None and not isinstance(stream, bool):
-        raise _bad_request("'stream' must be a boolean")
+        raise bad_request("'stream' must be a boolean")
     options = request.get("stream_options")
     if options is not None and not isinstance(options, dict):
-        raise _bad_request("'stream_options' must be an object")
+        raise bad_request("'stream_options' must be an object")
     return bool(stream), bool(stream and options and options.get("include_usage"))
 
 
@@ -384,7 +387,7 @@ def chat_payload(request: dict[str, Any], model: str, defaults: _Defaults) -> di
     tools = request.get("tools")
     if tools is not None:
         if not isinstance(tools, list):
-            raise _bad_request("'tools' must be an array")
+            raise bad_request("'tools' must be an array")
         if tools and request.get("tool_choice") != "none":
             payload["tools"] = tools
     return payload
@@ -399,21 +402,21 @@ def generate_payload(
     if isinstance(prompt, list) and len(prompt) == 1:
         prompt = prompt[0]
     if not isinstance(prompt, str):
-        raise _bad_request(
+        raise bad_request(
             "'prompt' must be a string (the ollama backend takes one text prompt, "
             "no token arrays)"
         )
     if request.get("echo"):
-        raise _bad_request("'echo' is not supported by the ollama backend")
+        raise bad_request("'echo' is not supported by the ollama backend")
     best_of = request.get("best_of")
     if best_of is not None and best_of != 1:
-        raise _bad_request("'best_of' is not supported by the ollama backend")
+        raise bad_request("'best_of' is not supported by the ollama backend")
     payload = _common(request, model, stream, defaults)
     payload["prompt"] = prompt
     suffix = request.get("suffix")
     if suffix is not None:
         if not isinstance(suffix, str):
-            raise _bad_request("'suffix' must be a string")
+            raise bad_request("'suffix' must be a string")
         payload["suffix"] = suffix
     return payload
 
@@ -425,18 +428,18 @@ def embed_payload(request: dict[str, Any], model: str, defaults: _Defaults) -> d
         isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
     )
     if not valid:
-        raise _bad_request(
+        raise bad_request(
             "'input' must be a string or a non-empty array of strings "
             "(the ollama backend takes no token arrays)"
         )
     fmt = request.get("encoding_format")
     if fmt not in (None, "float", "base64"):
-        raise _bad_request("'encoding_format' must be 'float' or 'base64'")
+        raise bad_request("'encoding_format' must be 'float' or 'base64'")
     payload: dict[str, Any] = {"model": model, "input": value}
     dimensions = request.get("dimensions")
     if dimensions is not None:
         if not _is_int(dimensions) or dimensions < 1:
-            raise _bad_request("'dimensions' must be a positive integer")
+            raise bad_request("'dimensions' must be a positive integer")
         payload["dimensions"] = dimensions
     if defaults.keep_alive is not None:
         payload["keep_alive"] = defaults.keep_alive
@@ -823,15 +826,7 @@ class OllamaBackend:
         self, endpoint: str, body: bytes, request: dict[str, Any]
     ) -> AsyncIterator[BackendResponse]:
         """Translate and send one request; see :meth:`tooti.backends.base.Backend.open`."""
-        if endpoint not in ENDPOINTS:
-            raise BackendError(
-                f"unknown endpoint {endpoint!r}", status=404, code="not_found", retryable=False
-            )
-        if not isinstance(request, dict):
-            raise _bad_request("the request body must be a JSON object")
-        model = request.get("model")
-        if not isinstance(model, str) or not model:
-            raise _bad_request("'model' is required")
+        model = requested_model(endpoint, request)
         upstream_model = self.rename.get(model, model)
         stream, include_usage = False, False
         if endpoint == "chat/completions":

@@ -46,7 +46,12 @@ import httpx
 import msgspec
 import trio
 
-from tooti.backends.base import ENDPOINTS, BackendError, BackendResponse, ModelInfo
+from tooti.backends.base import (
+    BackendError,
+    BackendResponse,
+    ModelInfo,
+    check_endpoint,
+)
 from tooti.backends.http_util import (
     CLOSE_TIMEOUT,
     MAX_ERROR_BODY,
@@ -242,10 +247,7 @@ class OpenAIBackend:
         self, endpoint: str, body: bytes, request: dict[str, Any]
     ) -> AsyncIterator[BackendResponse]:
         """Forward one request; see :meth:`tooti.backends.base.Backend.open`."""
-        if endpoint not in ENDPOINTS:
-            raise BackendError(
-                f"unknown endpoint {endpoint!r}", status=404, code="not_found", retryable=False
-            )
+        check_endpoint(endpoint)
         model = request.get("model") if isinstance(request, dict) else None
         if isinstance(model, str) and model in self.rename:
             body = msgspec.json.encode({**request, "model": self.rename[model]})

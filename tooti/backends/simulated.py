@@ -60,7 +60,13 @@ from typing import Any
 import msgspec
 import trio
 
-from tooti.backends.base import ENDPOINTS, BackendError, BackendResponse, ModelInfo
+from tooti.backends.base import (
+    BackendError,
+    BackendResponse,
+    ModelInfo,
+    bad_request,
+    requested_model,
+)
 from tooti.settings import BackendSettings
 
 DEFAULT_MODEL = "tooti-sim"
@@ -72,16 +78,13 @@ MAX_EMBEDDING_DIM = 65_536
 _encode = msgspec.json.encode
 
 
-def _bad_request(message: str) -> BackendError:
-    return BackendError(message, status=400, code="invalid_request_error", retryable=False)
-
 
 def _opt_int(value: Any, name: str) -> int | None:
     """Validate an optional non-negative integer request field."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise _bad_request(f"'{name}' must be a non-negative integer")
+        raise bad_request(f"'{name}' must be a non-negative integer")
     return value
 
 
@@ -130,11 +133,11 @@ def _split_inputs(value: Any, name: str) -> list[str | list[int]]:
             elif _is_token_array(item):
                 items.append(list(item))
             else:
-                raise _bad_request(
+                raise bad_request(
                     f"'{name}' must be a string, an array of strings or of token arrays"
                 )
         return items
-    raise _bad_request(f"'{name}' is required: a non-empty string or array")
+    raise bad_request(f"'{name}' is required: a non-empty string or array")
 
 
 def _input_tokens(item: str | list[int]) -> int:
@@ -232,15 +235,7 @@ class SimulatedBackend:
         self, endpoint: str, body: bytes, request: dict[str, Any]
     ) -> AsyncIterator[BackendResponse]:
         """Answer one request; see :meth:`tooti.backends.base.Backend.open`."""
-        if endpoint not in ENDPOINTS:
-            raise BackendError(
-                f"unknown endpoint {endpoint!r}", status=404, code="not_found", retryable=False
-            )
-        if not isinstance(request, dict):
-            raise _bad_request("the request body must be a JSON object")
-        model = request.get("model")
-        if not isinstance(model, str) or not model:
-            raise _bad_request("'model' is required")
+        model = requested_model(endpoint, request)
         if model not in self.model_ids:
             raise BackendError(
                 f"model {model!r} is not served here", status=404, code="model_not_found",
@@ -252,7 +247,7 @@ class SimulatedBackend:
         else:
             stream_field = request.get("stream", False)
             if stream_field is not None and not isinstance(stream_field, bool):
-                raise _bad_request("'stream' must be a boolean")
+                raise bad_request("'stream' must be a boolean")
             stream = bool(stream_field)
             job = self._prepare(endpoint, model, request)
             chunks = self._stream(job) if stream else self._complete(job)
@@ -297,7 +292,7 @@ class SimulatedBackend:
         elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
             stops = list(stop)
         else:
-            raise _bad_request("'stop' must be a string or an array of strings")
+            raise bad_request("'stop' must be a string or an array of strings")
         stripped = {s.strip() for s in stops if s.strip()}
         limit = min([self.tokens, *caps])
         tokens: list[str] = []
@@ -313,9 +308,9 @@ class SimulatedBackend:
         if endpoint == "chat/completions":
             messages = request.get("messages")
             if not isinstance(messages, list) or not messages:
-                raise _bad_request("'messages' is required: a non-empty array")
+                raise bad_request("'messages' is required: a non-empty array")
             if not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
-                raise _bad_request("each message must be an object with a 'role'")
+                raise bad_request("each message must be an object with a 'role'")
             prompt_tokens, n_prompts = count_message_tokens(messages), 1
         else:
             prompts = _split_inputs(request.get("prompt"), "prompt")
@@ -325,10 +320,10 @@ class SimulatedBackend:
         if n is None:
             n = 1
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
-            raise _bad_request(f"'n' must be an integer between 1 and {MAX_N}")
+            raise bad_request(f"'n' must be an integer between 1 and {MAX_N}")
         options = request.get("stream_options")
         if options is not None and not isinstance(options, dict):
-            raise _bad_request("'stream_options' must be an object")
+            raise bad_request("'stream_options' must be an object")
         tokens, finish_reason = self._plan(request)
         return _Job(
             chat=endpoint == "chat/completions",
@@ -442,10 +437,10 @@ class SimulatedBackend:
         if dim is None:
             dim = self.embedding_dim
         elif isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= MAX_EMBEDDING_DIM:
-            raise _bad_request("'dimensions' must be a positive integer")
+            raise bad_request("'dimensions' must be a positive integer")
         fmt = request.get("encoding_format") or "float"
         if fmt not in ("float", "base64"):
-            raise _bad_request("'encoding_format' must be 'float' or 'base64'")
+            raise bad_request("'encoding_format' must be 'float' or 'base64'")
         prompt_tokens = max(sum(_input_tokens(i) for i in inputs), 1)
 
         async def make() -> AsyncGenerator[bytes, None]:
