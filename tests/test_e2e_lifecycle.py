@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import httpx
 import trio
 from trio_websocket import open_websocket_url
@@ -149,3 +151,37 @@ async def test_sick_backend_models_stop_receiving_traffic(
     upstream.health_status = 200
     with trio.fail_after(10):
         await registry.wait_until(lambda: bool(registry.candidates("slow")))
+
+
+class _LogEvent(logging.Handler):
+    """Sets a trio event when a log record contains ``text``."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+        self.seen = trio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.seen.set()
+
+
+async def test_duplicate_node_id_is_told_and_backs_off(network: Network) -> None:
+    """A second process with the same node id replaces the first, which is told why and
+    backs off instead of flapping back and forth."""
+    watcher = _LogEvent("is the same node running twice")
+    logging.getLogger("tooti.node").addHandler(watcher)
+    try:
+        await network.add_node(node_id="dup", labels={"who": "first"},
+                               reconnect_initial=0.05, reconnect_max=30)
+        registry = network.gateway.registry
+        # The same id again, in another node (a second process in real life).
+        await network.add_node(node_id="dup", labels={"who": "second"}, wait=False)
+        with trio.fail_after(10):
+            await registry.wait_until(
+                lambda: registry.peers.get("dup") is not None
+                and registry.peers["dup"].labels == {"who": "second"})
+            await watcher.seen.wait()
+        assert registry.peers["dup"].labels == {"who": "second"}
+    finally:
+        logging.getLogger("tooti.node").removeHandler(watcher)

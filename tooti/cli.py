@@ -93,6 +93,17 @@ def _parser() -> argparse.ArgumentParser:
                        help="group by (repeatable; default: key, model and node)")
     usage.set_defaults(handler=_usage)
 
+    tui = commands.add_parser(
+        "tui", help="live terminal view of a gateway (needs the 'tui' extra)",
+        description="Watch a gateway's peers, request flows and totals live, from its "
+        "admin events stream. Reconnects when the gateway restarts.",
+    )
+    tui.add_argument("--gateway", metavar="URL",
+                     help="gateway base URL [TOOTI_GATEWAY, default http://127.0.0.1:8080]")
+    tui.add_argument("--admin-key", metavar="K",
+                     help="the gateway's admin key; prefer the variable [TOOTI_ADMIN_KEY]")
+    tui.set_defaults(handler=_tui)
+
     config = commands.add_parser("config", help="work with config files")
     config_commands = config.add_subparsers(dest="config_command", required=True, metavar="COMMAND")
     check = config_commands.add_parser("check", help="validate a config file")
@@ -131,6 +142,20 @@ def _config_check(args: argparse.Namespace) -> int:
     print(f"  backends: {len(settings.node.backends)}")
     print(f"  peers: {len(settings.node.peers)}")
     return 0
+
+
+def _tui(args: argparse.Namespace) -> int:
+    gateway = args.gateway or os.environ.get("TOOTI_GATEWAY") or "http://127.0.0.1:8080"
+    admin_key = args.admin_key or os.environ.get("TOOTI_ADMIN_KEY") or ""
+    try:
+        app = importlib.import_module("tooti.tui.app")
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] != "textual":
+            raise
+        print("tooti: the TUI needs textual: pip install 'tooti[tui]'", file=sys.stderr)
+        return 1
+    code: int = app.run(gateway, admin_key)
+    return code
 
 
 def _plugins(args: argparse.Namespace) -> int:

@@ -26,11 +26,13 @@ from tooti.protocol.connection import (
 )
 from tooti.settings import TunnelSettings
 from tooti.transport import Transport, TransportClosed
-from tooti.tunnel import CLOSE_PROTOCOL_ERROR, TunnelSession
+from tooti.tunnel import CLOSE_PROTOCOL_ERROR, TunnelLost, TunnelSession
 
 log = logging.getLogger("tooti.gateway")
 
 HANDSHAKE_TIMEOUT = 10.0
+REPLACED = "replaced"
+"""GOAWAY code sent to a session superseded by a newer one with the same peer id."""
 
 
 def limits_from(settings: TunnelSettings) -> Limits:
@@ -136,6 +138,13 @@ async def serve_tunnel(
     peer_ref.append(peer)
     replaced = registry.add(peer)
     if replaced is not None:
+        # Tell the older session why, so a duplicate node backs off instead of flapping.
+        with trio.move_on_after(1):
+            try:
+                await replaced.session.goaway(REPLACED, "a newer session of this node id "
+                                              "connected")
+            except TunnelLost:
+                pass
         replaced.session.abort("replaced by a newer session of the same node")
     sessions.add(session)
     try:

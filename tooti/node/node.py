@@ -20,10 +20,11 @@ from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
 from tooti import __version__
 from tooti.backends.base import Backend, BackendError, ModelInfo
-from tooti.gateway.tunnels import limits_from
+from tooti.gateway.tunnels import REPLACED, limits_from
 from tooti.node.metering import UsageMeter
 from tooti.protocol.connection import (
     Connection,
+    Event,
     GoAwayReceived,
     ProtocolError,
     Side,
@@ -73,6 +74,8 @@ class Node:
         """Set each time a session completes its handshake (for callers that wait)."""
         self._slots: dict[str, trio.Semaphore] = {}
         self._listed: dict[int, list[ModelInfo]] = {}
+        self._replaced: set[str] = set()
+        """Peer URLs whose session a newer one with our id replaced (back off there)."""
         self._backend_ok: dict[int, bool] = {}
         self._idle = trio.Event()
         self._idle.set()
@@ -208,7 +211,12 @@ class Node:
                 log.info("tunnel to %s: %s", url, exc or type(exc).__name__)
             if self.draining:
                 return
-            if time.monotonic() - started > 10 * self.settings.reconnect_initial + 5:
+            if url in self._replaced:
+                self._replaced.discard(url)
+                log.error("another process with node id %s connected to %s and replaced this "
+                          "session: is the same node running twice? backing off", self.id, url)
+                delay = self.settings.reconnect_max
+            elif time.monotonic() - started > 10 * self.settings.reconnect_initial + 5:
                 delay = self.settings.reconnect_initial
             pause = delay * random.uniform(0.5, 1.0)
             log.info("re-dialling %s in %.2fs", url, pause)
@@ -235,9 +243,13 @@ class Node:
         if not isinstance(event, WelcomeReceived):
             await transport.aclose(1002, "no welcome")
             raise TunnelRefused("no WELCOME from peer")
+        def on_event(event: Event) -> None:
+            if isinstance(event, GoAwayReceived) and event.code == REPLACED:
+                self._replaced.add(transport.remote)
+
         session = TunnelSession(
             transport, conn, heartbeat_interval=event.heartbeat_interval, stats=self.stats,
-            handler=self._serve_stream, name=transport.remote,
+            handler=self._serve_stream, name=transport.remote, on_event=on_event,
         )
         try:
             await transport.send(conn.send_models(self.models_wire()))
