@@ -16,6 +16,7 @@ for log lines (events), never for fixed sleeps.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -311,18 +312,42 @@ class Cluster:
         response.raise_for_status()
         return {peer["id"]: peer for peer in response.json()["data"]}
 
-    async def wait_in_flight(self, node_id: str, poll: float = 0.02) -> None:
-        """Wait until the gateway reports a request in flight on ``node_id``.
+    async def wait_routed(self, node_id: str, count: int = 1) -> set[str]:
+        """Wait until ``count`` requests are routed to ``node_id`` and have no first
+        token yet; return their request ids.
 
-        The admin endpoint is the only place that says so, so this polls it; use
-        it only while the request cannot finish on its own (a stalled backend).
+        Event-driven: reads the gateway's ``GET /admin/v1/events`` stream (a snapshot
+        of recent requests, then every ``request.*`` event as it happens), so a
+        request routed before the call is seen in the snapshot.
         """
-        with trio.fail_after(START_TIMEOUT):
-            while True:
-                peer = (await self.peers()).get(node_id)
-                if peer is not None and peer["in_flight"] > 0:
-                    return
-                await trio.sleep(poll)
+        waiting: set[str] = set()
+        async with httpx.AsyncClient(base_url=self.url, timeout=None) as http:
+            with trio.fail_after(START_TIMEOUT):
+                async with http.stream("GET", "/admin/v1/events") as response:
+                    response.raise_for_status()
+                    kind = ""
+                    async for line in response.aiter_lines():
+                        if line.startswith("event: "):
+                            kind = line[len("event: "):]
+                            continue
+                        if not line.startswith("data: "):
+                            continue
+                        data = json.loads(line[len("data: "):])
+                        if kind == "snapshot":
+                            for request in data["requests"]:
+                                if request.get("state") == "routed" and (
+                                        request.get("node") == node_id):
+                                    waiting.add(request["request_id"])
+                        elif kind.startswith("request."):
+                            event = data["data"]
+                            if kind == "request.routed" and event.get("node") == node_id:
+                                waiting.add(event["request_id"])
+                            else:
+                                waiting.discard(event.get("request_id", ""))
+                        if len(waiting) >= count:
+                            return waiting
+        raise AssertionError(f"the gateway's event stream ended before {count} requests "
+                             f"were routed to {node_id}")
 
     def logs(self) -> str:
         """Every child's output, headed by its name and pid."""
@@ -354,7 +379,7 @@ async def open_cluster(root: Path, **settings: Any) -> AsyncIterator[Cluster]:
     On an exception the children's logs are printed (pytest shows them with
     the failure).
     """
-    root.mkdir(parents=True, exist_ok=True)
+    await trio.Path(root).mkdir(parents=True, exist_ok=True)
     async with trio.open_nursery() as nursery:
         cluster = Cluster(nursery, root, **settings)
         try:

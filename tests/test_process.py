@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import signal
 import subprocess
 import sys
@@ -10,6 +9,8 @@ from pathlib import Path
 
 import httpx
 import trio
+
+from tests.processes import Tooti
 
 CONFIG = """
 roles = ["gateway", "node"]
@@ -30,32 +31,6 @@ tokens_per_second = 20.0
 """
 
 STREAM = {"model": "tooti-sim", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
-
-
-class Tooti:
-    """A `tooti run` child process whose output is watched line by line."""
-
-    def __init__(self, process: trio.Process) -> None:
-        self.process = process
-        self.text = ""
-        self._changed = trio.Event()
-
-    async def pump(self, stream: trio.abc.ReceiveStream) -> None:
-        """Collect output until EOF, waking waiters on every chunk."""
-        async for data in stream:
-            self.text += data.decode(errors="replace")
-            self._changed.set()
-            self._changed = trio.Event()
-        self._changed.set()
-
-    async def wait_for(self, pattern: str) -> re.Match[str]:
-        """Wait until ``pattern`` appears in the output."""
-        while True:
-            match = re.search(pattern, self.text)
-            if match:
-                return match
-            assert self.process.poll() is None, "tooti exited:\n" + self.text
-            await self._changed.wait()
 
 
 async def _start(nursery: trio.Nursery, tmp_path: Path) -> tuple[Tooti, str]:

@@ -12,6 +12,7 @@ import trio
 
 from tooti.gateway.proxy import ProxySettings
 from tooti.gateway.registry import Peer, Registry
+from tooti.protocol.connection import FlowControlError
 from tooti.tunnel import TunnelLost
 
 log = logging.getLogger("tooti.gateway")
@@ -35,6 +36,8 @@ async def probe_once(peer: Peer, model: str, limit: float) -> str | None:
     endpoint, body = probe_body(model, info.endpoints)
     meta = {"request_id": "probe_" + uuid.uuid4().hex, "endpoint": endpoint, "model": model,
             "stream": False, "probe": True}
+    if peer.draining:
+        return "node is draining"
     try:
         with trio.fail_after(limit):
             out = await peer.session.open_stream(meta, msgspec.json.encode(body))
@@ -44,8 +47,8 @@ async def probe_once(peer: Peer, model: str, limit: float) -> str | None:
                     pass
             finally:
                 await out.cancel("probe over")
-    except TunnelLost as exc:
-        return f"tunnel lost: {exc}"
+    except (TunnelLost, FlowControlError) as exc:
+        return f"tunnel unavailable: {exc}"
     except trio.TooSlowError:
         return f"probe got no answer within {limit:g}s"
     end = out.end_info or {}
@@ -60,7 +63,10 @@ async def probe_until_healthy(registry: Registry, peer: Peer, model: str,
     record = peer.health_of(model)
     while record.in_cooldown and not peer.session.closed.is_set():
         await trio.sleep(max(0.0, record.cooldown_until - time.monotonic()))
-        if peer.session.closed.is_set() or model not in peer.models:
+        # A node that withdrew the model (sick backend) is probed once it offers it again.
+        await registry.wait_until(
+            lambda: model in peer.models or peer.session.closed.is_set())
+        if peer.session.closed.is_set():
             return
         record.probing = True
         failure = await probe_once(peer, model, settings.first_byte_timeout)

@@ -263,6 +263,10 @@ class Proxy:
                          route.request_id, peer.id, retry.error.message)
             finally:
                 self.registry.release(peer, route.model)
+        if last_error is None and not prefs.is_default and self.registry.candidates(route.model):
+            raise APIError(503, f"no node serving '{route.model}' matches the request's "
+                           "provider preferences (order/only/ignore/max_price)",
+                           code="no_matching_node", type="service_unavailable")
         raise last_error or APIError(503, f"no live node serves model '{route.model}' now",
                                      code="no_capacity", type="service_unavailable")
 
@@ -298,7 +302,7 @@ class Proxy:
                     out = await peer.session.open_stream(meta, body)
                     head = await out.head()
                     if head is not None and request.stream and head.status == 200:
-                        first = await out.next_chunk()
+                        first = await _first_token(out)
                 except (TunnelLost, FlowControlError) as exc:
                     raise _Retry(APIError(502, f"node {peer.id} unavailable: {exc}",
                                           code="node_unavailable")) from None
@@ -340,15 +344,59 @@ class Proxy:
                 await send_bytes(send, head.status, data, node_headers, content_type)
             if outcome.status == "ok":
                 tokens = (outcome.usage or {}).get("completion_tokens")
+                # A non-streamed answer arrives whole: only its overall rate is known.
+                decode_from = first_token_at if request.stream else opened
                 peer.health_of(model).record_success(
                     (first_token_at - opened) if request.stream else None,
                     tokens if isinstance(tokens, int) else 0,
-                    time.monotonic() - first_token_at,
+                    time.monotonic() - decode_from,
                 )
         except BaseException:
             if out is not None:
                 await out.cancel("client gone" if out.end_info is None else "done")
             raise
+
+
+TOKEN_FIELDS = ((b'"content":', b'"'), (b'"text":', b'"'), (b'"tool_calls":', b"["),
+                (b'"finish_reason":', b'"'), (b'"usage":', b"{"))
+"""A field, and how its value must start, for a chunk to count as carrying a token."""
+MAX_HELD_BYTES = 65_536
+
+
+def _carries_token(chunk: bytes) -> bool:
+    """True if SSE bytes hold more than a role-only opening delta.
+
+    Servers open a chat stream with ``{"delta": {"role": "assistant", "content": ""}}``;
+    committing to the client on that would end failover before any real token. A token
+    is non-empty ``content`` / ``text``, tool calls, a finish reason, usage, an error or
+    ``[DONE]`` (whitespace after the colon allowed).
+    """
+    if b"[DONE]" in chunk or b'"error"' in chunk:
+        return True
+    for field_name, opener in TOKEN_FIELDS:
+        at = chunk.find(field_name)
+        while at >= 0:
+            end = at + len(field_name)
+            value = chunk[end : end + 16].lstrip()
+            if value[:1] == opener and (opener != b'"' or value[1:2] != b'"'):
+                return True
+            at = chunk.find(field_name, end)
+    return False
+
+
+async def _first_token(out: OutboundStream) -> bytes | None:
+    """Hold a stream's opening chunks until one carries a token (or 64 KiB are held);
+    returns them joined, or None if the stream ended with an error (or nothing) first."""
+    held: list[bytes] = []
+    size = 0
+    while (chunk := await out.next_chunk()) is not None:
+        held.append(chunk)
+        size += len(chunk)
+        if size >= MAX_HELD_BYTES or _carries_token(chunk):
+            return b"".join(held)
+    if "error" in (out.end_info or {}):
+        return None  # failed before any token: nothing was committed, so fail over
+    return b"".join(held) if held else None
 
 
 def _busy(model: str, why: str) -> APIError:

@@ -112,7 +112,10 @@ async def serve_tunnel(
     def on_event(event: Event) -> None:
         peer = peer_ref[0]
         if isinstance(event, HeartbeatReceived):
+            was_live = peer.live
             peer.stats = event.stats
+            if peer.live != was_live:  # health flipped: wake requests waiting on peers
+                registry.changed()
             registry.peer_updated(peer)
         elif isinstance(event, ModelsReceived):
             try:
