@@ -13,6 +13,7 @@ import trio
 from tooti.backends.base import Backend
 from tooti.backends.simulated import SimulatedBackend
 from tooti.gateway.app import Gateway
+from tooti.identity import Identity
 from tooti.node.node import Node
 from tooti.settings import BackendSettings, GatewaySettings, NodeSettings, TunnelSettings
 
@@ -35,11 +36,12 @@ class Network:
 
     async def add_node(
         self, backends: list[Backend] | None = None, node_id: str = "node-a",
-        wait: bool = True, **node_kwargs: Any,
+        wait: bool = True, identity: Identity | None = None, **node_kwargs: Any,
     ) -> Node:
         """Start a node dialling this gateway; wait until its models are routable."""
         settings = NodeSettings(peers=[self.tunnel_url], id=node_id, **node_kwargs)
-        node = Node(settings, self.tunnel, backends or [simulated()], node_id)
+        node = Node(settings, self.tunnel, backends or [simulated()], node_id,
+                    identity=identity)
         scope = trio.CancelScope()
 
         async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

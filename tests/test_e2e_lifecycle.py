@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import httpx
 import trio
-from trio_websocket import open_websocket_url
+from trio_websocket import WebSocketConnection, open_websocket_url
 
 from tests.conftest import Network, simulated
 from tests.upstream import SlowUpstream, start_upstream
 from tooti.backends.openai import OpenAIBackend
 from tooti.gateway.app import Gateway
+from tooti.identity import Identity, b64, derive_id, proof_message, unb64
 from tooti.node.node import Node
-from tooti.protocol.connection import Connection, Limits, Side
+from tooti.protocol.connection import Connection, Limits, Side, WelcomeReceived
 from tooti.runner import Process, serve
 from tooti.settings import (
     BackendSettings,
@@ -23,6 +25,25 @@ from tooti.settings import (
     TunnelSettings,
 )
 from tooti.transport.websocket import SUBPROTOCOL
+
+
+async def raw_handshake(
+    ws: WebSocketConnection, peer_id: str, identity: Identity | None = None,
+    sign_as: str | None = None,
+) -> Connection:
+    """Do a node's side of the handshake by hand (HELLO with key, WELCOME, PROOF)."""
+    identity = identity or Identity.generate()
+    conn = Connection(Side.DIALER, Limits())
+    await ws.send_message(conn.send_hello(
+        peer_id, "node", "test", {}, extra={"public_key": b64(identity.public_key)}))
+    welcome = conn.receive_message(await ws.get_message())
+    assert isinstance(welcome, WelcomeReceived), welcome
+    challenge = unb64(welcome.extra["challenge"])
+    assert challenge is not None
+    signature = identity.sign(proof_message(challenge, welcome.session_id, sign_as or peer_id))
+    await ws.send_message(conn.send_proof(b64(signature)))
+    return conn
+
 
 CHAT = {"model": "tooti-sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
@@ -83,10 +104,8 @@ async def test_gateway_and_node_in_one_process(nursery: trio.Nursery) -> None:
 
 async def test_half_open_node_leaves_within_heartbeat_timeout(network: Network) -> None:
     """A node that completes the handshake and then falls silent is dropped."""
-    conn = Connection(Side.DIALER, Limits())
     async with open_websocket_url(network.tunnel_url, subprotocols=[SUBPROTOCOL]) as ws:
-        await ws.send_message(conn.send_hello("silent", "node", "test", {}))
-        conn.receive_message(await ws.get_message())
+        conn = await raw_handshake(ws, "silent")
         await ws.send_message(conn.send_models([{"id": "quiet-model"}]))
         registry = network.gateway.registry
         await registry.wait_until(lambda: bool(registry.candidates("quiet-model")))
@@ -99,10 +118,8 @@ async def test_half_open_node_leaves_within_heartbeat_timeout(network: Network) 
 
 async def test_rogue_node_garbage_closes_only_its_tunnel(network: Network) -> None:
     await network.add_node(node_id="good")
-    conn = Connection(Side.DIALER, Limits())
     async with open_websocket_url(network.tunnel_url, subprotocols=[SUBPROTOCOL]) as ws:
-        await ws.send_message(conn.send_hello("rogue", "node", "test", {}))
-        conn.receive_message(await ws.get_message())
+        await raw_handshake(ws, "rogue")
         await ws.send_message(b"\x77garbage frame")
         goaway = await ws.get_message()
         assert goaway[0] == 0x0B and b"unknown_frame_type" in goaway
@@ -167,16 +184,18 @@ class _LogEvent(logging.Handler):
 
 
 async def test_duplicate_node_id_is_told_and_backs_off(network: Network) -> None:
-    """A second process with the same node id replaces the first, which is told why and
-    backs off instead of flapping back and forth."""
+    """A second process of the same node (same key, e.g. a copied data dir) replaces the
+    first, which is told why and backs off instead of flapping back and forth."""
     watcher = _LogEvent("is the same node running twice")
     logging.getLogger("tooti.node").addHandler(watcher)
+    shared = Identity.generate()
     try:
-        await network.add_node(node_id="dup", labels={"who": "first"},
+        await network.add_node(node_id="dup", labels={"who": "first"}, identity=shared,
                                reconnect_initial=0.05, reconnect_max=30)
         registry = network.gateway.registry
-        # The same id again, in another node (a second process in real life).
-        await network.add_node(node_id="dup", labels={"who": "second"}, wait=False)
+        # The same node again, in another Node object (a second process in real life).
+        await network.add_node(node_id="dup", labels={"who": "second"}, identity=shared,
+                               wait=False)
         with trio.fail_after(10):
             await registry.wait_until(
                 lambda: registry.peers.get("dup") is not None
@@ -185,3 +204,59 @@ async def test_duplicate_node_id_is_told_and_backs_off(network: Network) -> None
         assert registry.peers["dup"].labels == {"who": "second"}
     finally:
         logging.getLogger("tooti.node").removeHandler(watcher)
+
+
+async def _refusal(network: Network, peer_id: str, identity: Identity,
+                   sign_as: str | None = None) -> bytes:
+    """Handshake by hand and return the gateway's next frame (a GOAWAY if refused)."""
+    async with open_websocket_url(network.tunnel_url, subprotocols=[SUBPROTOCOL]) as ws:
+        await raw_handshake(ws, peer_id, identity, sign_as)
+        message = await ws.get_message()
+        assert isinstance(message, bytes)
+        return message
+
+
+async def test_a_node_cannot_claim_another_nodes_id(network: Network) -> None:
+    """The forged-health bug of the seed project: impossible, the id is bound to a key."""
+    owner = await network.add_node(node_id="gpu-7")
+    registry = network.gateway.registry
+    forger = Identity.generate()
+    goaway = await _refusal(network, "gpu-7", forger)
+    assert goaway[0] == 0x0B and b"identity_mismatch" in goaway
+    # The real node is untouched: still registered, still the same session.
+    assert registry.peers["gpu-7"].session in {s for s in network.gateway.sessions}
+    assert registry.identities["gpu-7"] == owner.identity.public_key
+
+
+async def test_derived_ids_belong_to_their_key_only(network: Network) -> None:
+    victim = Identity.generate()
+    goaway = await _refusal(network, victim.id, Identity.generate())
+    assert b"identity_mismatch" in goaway
+    assert derive_id(victim.public_key) == victim.id
+
+
+async def test_a_proof_must_be_for_this_id(network: Network) -> None:
+    """A signature made for another id (replayed or confused) is refused."""
+    goaway = await _refusal(network, "honest", Identity.generate(), sign_as="someone-else")
+    assert b"bad_proof" in goaway
+    assert "honest" not in network.gateway.registry.peers
+
+
+async def test_frames_before_proof_are_refused(network: Network) -> None:
+    async with open_websocket_url(network.tunnel_url, subprotocols=[SUBPROTOCOL]) as ws:
+        conn = Connection(Side.DIALER, Limits())
+        await ws.send_message(conn.send_hello(
+            "hasty", "node", "test", {},
+            extra={"public_key": b64(Identity.generate().public_key)}))
+        conn.receive_message(await ws.get_message())
+        await ws.send_message(conn.send_models([{"id": "m"}]))
+        goaway = await ws.get_message()
+    assert isinstance(goaway, bytes) and b"proof_required" in goaway
+    assert "hasty" not in network.gateway.registry.peers
+
+
+async def test_node_identity_persists_in_the_data_dir(tmp_path: Path) -> None:
+    first = Identity.load_or_create(tmp_path)
+    again = Identity.load_or_create(tmp_path)
+    assert first.public_key == again.public_key and first.id.startswith("tooti-")
+    assert (tmp_path / "node_key.pem").stat().st_mode & 0o777 == 0o600

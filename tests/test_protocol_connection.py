@@ -24,6 +24,7 @@ from tooti.protocol.connection import (
     HelloReceived,
     Limits,
     ModelsReceived,
+    ProofReceived,
     ProtocolError,
     ResponseStarted,
     Side,
@@ -679,3 +680,30 @@ def test_every_event_type_is_reachable() -> None:
     assert kinds == {ModelsReceived, HeartbeatReceived, HeartbeatAcked, StreamOpened,
                      WindowUpdated, DataReceived, ResponseStarted, StreamEnded,
                      StreamCancelled, GoAwayReceived}
+
+
+def test_proof_gates_the_session_when_asked_for() -> None:
+    dialer = Connection(Side.DIALER, Limits())
+    acceptor = Connection(Side.ACCEPTOR, Limits())
+    hello = acceptor.receive_message(dialer.send_hello("n", "node", "t", {}))
+    assert isinstance(hello, HelloReceived)
+    welcome = dialer.receive_message(acceptor.send_welcome(
+        1, "s", 3.0, extra={"challenge": "Y2hhbGxlbmdl"}, require_proof=True))
+    assert isinstance(welcome, WelcomeReceived) and welcome.extra["challenge"]
+    with pytest.raises(ProtocolError) as info:
+        acceptor.receive_message(dialer.send_models([]))
+    assert info.value.code == "proof_required"
+
+
+def test_proof_frame_round_trip_and_unasked_proof() -> None:
+    dialer = Connection(Side.DIALER, Limits())
+    acceptor = Connection(Side.ACCEPTOR, Limits())
+    acceptor.receive_message(dialer.send_hello("n", "node", "t", {}))
+    dialer.receive_message(acceptor.send_welcome(1, "s", 3.0, require_proof=True))
+    event = acceptor.receive_message(dialer.send_proof("c2ln"))
+    assert event == ProofReceived("c2ln")
+    acceptor.proof_verified()
+    assert isinstance(acceptor.receive_message(dialer.send_models([])), ModelsReceived)
+    with pytest.raises(ProtocolError) as info:
+        acceptor.receive_message(dialer.send_proof("again"))
+    assert info.value.code == "unexpected_frame"

@@ -41,6 +41,7 @@ FUZZ = settings(
 )
 CONNECTION_TYPES = [
     FrameType.HELLO, FrameType.WELCOME, FrameType.MODELS, FrameType.HEARTBEAT, FrameType.GOAWAY,
+    FrameType.PROOF,
 ]
 STREAM_TYPES = [t for t in FrameType if t not in CONNECTION_TYPES]
 ALLOWED_FLAGS = {FrameType.OPEN: FLAG_FIN, FrameType.DATA: FLAG_FIN, FrameType.HEARTBEAT: FLAG_ACK}
@@ -70,7 +71,7 @@ def test_frame_type_codes() -> None:
     assert {t.name: int(t) for t in FrameType} == {
         "HELLO": 0x01, "WELCOME": 0x02, "MODELS": 0x03, "HEARTBEAT": 0x04, "OPEN": 0x05,
         "RESPONSE": 0x06, "DATA": 0x07, "END": 0x08, "CANCEL": 0x09, "WINDOW": 0x0A,
-        "GOAWAY": 0x0B,
+        "GOAWAY": 0x0B, "PROOF": 0x0C,
     }
     assert (FLAG_FIN, FLAG_ACK) == (0x01, 0x02)
 
@@ -155,7 +156,7 @@ def test_shorter_than_the_header_is_truncated(size: int) -> None:
     assert decode_error(frames.encode(FrameType.DATA, 1)[:size]) == "frame_truncated"
 
 
-@pytest.mark.parametrize("raw_type", [0x00, 0x0C, 0x7F, 0xFF])
+@pytest.mark.parametrize("raw_type", [0x00, 0x0D, 0x7F, 0xFF])
 def test_unknown_frame_type(raw_type: int) -> None:
     assert decode_error(HEADER.pack(raw_type, 0, 1) + b"{}") == "unknown_frame_type"
 
@@ -327,6 +328,7 @@ PLAUSIBLE: dict[FrameType, list[dict[str, Any]]] = {
     FrameType.END: [{"usage": {"total_tokens": 1}}, {}],
     FrameType.CANCEL: [{"reason": "gone"}, {}, {"reason": 1}],
     FrameType.GOAWAY: [{"code": "draining", "reason": "bye"}, {}, {"code": 1}],
+    FrameType.PROOF: [{"signature": "c2ln"}, {}, {"signature": 5}],
 }
 COMMON_TYPES = [t for t in FrameType if t not in (FrameType.HELLO, FrameType.WELCOME)]
 LIVE_IDS = [1, 2, 3, 4]

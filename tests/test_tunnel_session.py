@@ -30,6 +30,7 @@ from tooti.protocol.connection import (
     HelloReceived,
     Limits,
     ModelsReceived,
+    ProofReceived,
     Side,
     WelcomeReceived,
 )
@@ -177,9 +178,14 @@ async def handshake(
     hello = acceptor.receive_message(await acceptor_end.receive())
     assert isinstance(hello, HelloReceived)
     version = acceptor.choose_version(hello.versions)
-    await acceptor_end.send(acceptor.send_welcome(version, "session-1", interval))
+    await acceptor_end.send(acceptor.send_welcome(
+        version, "session-1", interval, extra={"challenge": "Y2g="}, require_proof=True))
     welcome = dialer.receive_message(await dialer_end.receive())
     assert isinstance(welcome, WelcomeReceived) and welcome.heartbeat_interval == interval
+    # PROOF (its signature is checked by the gateway, not by the state machine).
+    await dialer_end.send(dialer.send_proof("c2ln"))
+    assert acceptor.receive_message(await acceptor_end.receive()) == ProofReceived("c2ln")
+    acceptor.proof_verified()
     return dialer, acceptor
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
 import signal
 import sys
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ import trio
 from tooti.backends.base import Backend
 from tooti.billing.base import Billing, BillingSetup
 from tooti.gateway.app import Gateway
+from tooti.identity import DERIVED_PREFIX, Identity
 from tooti.node.node import Node
 from tooti.routing.base import RoutingPolicy
 from tooti.settings import BackendSettings, Settings
@@ -38,22 +38,17 @@ def effective_roles(settings: Settings) -> list[str]:
     return list(dict.fromkeys(settings.roles)) or ["gateway", "node"]
 
 
-def node_id(settings: Settings) -> str:
-    """The configured node id, or one generated once and kept in the data dir."""
-    if settings.node.id:
-        return settings.node.id
-    data_dir = Path(os.path.expanduser(settings.data_dir))
-    path = data_dir / "node_id"
-    try:
-        existing = path.read_text().strip()
-        if existing:
-            return existing
-    except FileNotFoundError:
-        pass
-    data_dir.mkdir(parents=True, exist_ok=True)
-    new_id = "node-" + secrets.token_hex(6)
-    path.write_text(new_id + "\n")
-    return new_id
+def node_identity(settings: Settings) -> tuple[str, Identity]:
+    """The node's keypair (kept in the data dir) and its id: the configured name, or
+    the id derived from the key. A name may not take the derived-id prefix."""
+    from tooti.config import ConfigError
+
+    identity = Identity.load_or_create(Path(os.path.expanduser(settings.data_dir)))
+    name = settings.node.id
+    if name and name.startswith(DERIVED_PREFIX) and name != identity.id:
+        raise ConfigError(f"ids starting with {DERIVED_PREFIX!r} are derived from the node's "
+                          f"key; this node's is {identity.id}", key="node.id")
+    return name or identity.id, identity
 
 
 def check_plugin_names(settings: Settings) -> None:
@@ -153,8 +148,9 @@ async def serve(
             backends = process.backends
             if backends is None:
                 backends = build_backends(settings)
-            process.node = Node(settings.node, settings.tunnel, backends,
-                                node_id(settings), poll_interval=poll)
+            name, identity = node_identity(settings)
+            process.node = Node(settings.node, settings.tunnel, backends, name,
+                                poll_interval=poll, identity=identity)
             await nursery.start(process.node.run)
             if process.gateway is not None:
                 nursery.start_soon(_attach_local, process.gateway, process.node)

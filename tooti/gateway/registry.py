@@ -13,6 +13,8 @@ import trio
 from tooti.backends.base import ModelInfo
 from tooti.gateway.events import EventBus
 from tooti.gateway.health import ModelHealth
+from tooti.identity import DERIVED_PREFIX, derive_id
+from tooti.protocol.connection import ProtocolError
 from tooti.tunnel import TunnelSession
 
 log = logging.getLogger("tooti.gateway")
@@ -119,6 +121,8 @@ class Registry:
         self._by_model: dict[str, list[Peer]] = {}
         self.known_models: set[str] = set()
         """Every model id ever advertised here (unknown vs. unavailable)."""
+        self.identities: dict[str, bytes] = {}
+        """Chosen node names → the public key that first proved each (trust on first use)."""
         self._changed = trio.Event()
         self._slot_events: dict[str, trio.Event] = {}
 
@@ -131,6 +135,22 @@ class Registry:
         """Wake everyone waiting in :meth:`wait_until` (peer state changed)."""
         self._changed.set()
         self._changed = trio.Event()
+
+    def bind_identity(self, peer_id: str, public_key: bytes) -> None:
+        """Accept ``public_key`` for ``peer_id`` or raise ProtocolError ``identity_mismatch``.
+
+        A derived id (``tooti-…``) must be the key's own; a chosen name is bound to
+        the first key that proves it here and refused to any other key afterwards.
+        """
+        if peer_id.startswith(DERIVED_PREFIX):
+            if derive_id(public_key) != peer_id:
+                raise ProtocolError("identity_mismatch",
+                                    f"{peer_id} is not the id of the presented key")
+            return
+        bound = self.identities.setdefault(peer_id, public_key)
+        if bound != public_key:
+            raise ProtocolError("identity_mismatch",
+                                f"node id {peer_id} belongs to another key")
 
     def add(self, peer: Peer) -> Peer | None:
         """Register ``peer``; returns the peer it replaces (same id), if any."""

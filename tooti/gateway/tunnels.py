@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import os
 import uuid
 
 import trio
@@ -13,6 +14,14 @@ import trio
 from tooti import __version__
 from tooti.backends.base import ModelInfo
 from tooti.gateway.registry import Peer, Registry
+from tooti.identity import (
+    CHALLENGE_BYTES,
+    PUBLIC_KEY_BYTES,
+    b64,
+    proof_message,
+    unb64,
+    verify,
+)
 from tooti.protocol.connection import (
     Connection,
     Event,
@@ -21,6 +30,7 @@ from tooti.protocol.connection import (
     HelloReceived,
     Limits,
     ModelsReceived,
+    ProofReceived,
     ProtocolError,
     Side,
 )
@@ -92,10 +102,26 @@ async def serve_tunnel(
         if not isinstance(hello, HelloReceived):
             raise ProtocolError("handshake_timeout", "no HELLO received")
         version = conn.choose_version(hello.versions)
+        public_key = unb64(hello.extra.get("public_key"), PUBLIC_KEY_BYTES)
+        if public_key is None:
+            raise ProtocolError("bad_hello", "public_key must be a base64 Ed25519 key")
+        challenge, session_id = os.urandom(CHALLENGE_BYTES), uuid.uuid4().hex
         await transport.send(conn.send_welcome(
-            version, uuid.uuid4().hex, settings.heartbeat_interval,
-            extra={"software": f"tooti/{__version__}"},
+            version, session_id, settings.heartbeat_interval,
+            extra={"software": f"tooti/{__version__}", "challenge": b64(challenge)},
+            require_proof=True,
         ))
+        proof: Event | None = None
+        with trio.move_on_after(HANDSHAKE_TIMEOUT):
+            proof = conn.receive_message(await transport.receive())
+        if not isinstance(proof, ProofReceived):
+            raise ProtocolError("proof_required", "no PROOF received")
+        signature = unb64(proof.signature)
+        message = proof_message(challenge, session_id, hello.peer_id)
+        if signature is None or not verify(public_key, signature, message):
+            raise ProtocolError("bad_proof", "the signature does not match the public key")
+        registry.bind_identity(hello.peer_id, public_key)
+        conn.proof_verified()
     except ProtocolError as exc:
         log.warning("tunnel from %s refused: %s", transport.remote, exc)
         with trio.move_on_after(1):

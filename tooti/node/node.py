@@ -21,6 +21,7 @@ from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 from tooti import __version__
 from tooti.backends.base import Backend, BackendError, ModelInfo
 from tooti.gateway.tunnels import REPLACED, limits_from
+from tooti.identity import Identity, b64, proof_message, unb64
 from tooti.node.metering import UsageMeter
 from tooti.protocol.connection import (
     Connection,
@@ -56,12 +57,15 @@ class Node:
 
     def __init__(
         self, settings: NodeSettings, tunnel: TunnelSettings, backends: list[Backend],
-        node_id: str, poll_interval: float = 30.0,
+        node_id: str | None = None, poll_interval: float = 30.0,
+        identity: Identity | None = None,
     ) -> None:
         self.settings = settings
         self.tunnel_settings = tunnel
         self.backends = backends
-        self.id = node_id
+        self.identity = identity or Identity.generate()
+        """The keypair this node proves in every handshake (in memory if not given)."""
+        self.id = node_id or self.identity.id
         self.poll_interval = poll_interval
         self.health_interval = settings.health_interval
         self.sessions: set[TunnelSession] = set()
@@ -228,7 +232,8 @@ class Node:
         conn = Connection(Side.DIALER, limits_from(self.tunnel_settings))
         try:
             await transport.send(conn.send_hello(
-                self.id, "node", f"tooti/{__version__}", dict(self.settings.labels)))
+                self.id, "node", f"tooti/{__version__}", dict(self.settings.labels),
+                extra={"public_key": b64(self.identity.public_key)}))
             event = None
             with trio.move_on_after(HANDSHAKE_TIMEOUT):
                 event = conn.receive_message(await transport.receive())
@@ -252,6 +257,11 @@ class Node:
             handler=self._serve_stream, name=transport.remote, on_event=on_event,
         )
         try:
+            challenge = unb64(event.extra.get("challenge"))
+            if challenge is not None:
+                signature = self.identity.sign(
+                    proof_message(challenge, event.session_id, self.id))
+                await transport.send(conn.send_proof(b64(signature)))
             await transport.send(conn.send_models(self.models_wire()))
         except TransportClosed:
             return

@@ -102,6 +102,13 @@ class WelcomeReceived:
 
 
 @dataclass(frozen=True, slots=True)
+class ProofReceived:
+    """Acceptor side: the dialer's answer to WELCOME's challenge (base64 signature)."""
+
+    signature: str
+
+
+@dataclass(frozen=True, slots=True)
 class ModelsReceived:
     """The peer's full model list (replaces any earlier one)."""
 
@@ -183,7 +190,8 @@ class GoAwayReceived:
 
 
 Event = (
-    HelloReceived | WelcomeReceived | ModelsReceived | HeartbeatReceived | HeartbeatAcked
+    HelloReceived | WelcomeReceived | ProofReceived | ModelsReceived | HeartbeatReceived
+    | HeartbeatAcked
     | StreamOpened | DataReceived | ResponseStarted | StreamEnded | StreamCancelled
     | WindowUpdated | GoAwayReceived
 )
@@ -215,6 +223,9 @@ class Connection:
     _highest_peer_id: int = 0
     _hello_sent: bool = False
     _hello_received: bool = False
+    awaiting_proof: bool = False
+    """Acceptor: WELCOME carried a challenge; nothing but PROOF is accepted until
+    :meth:`proof_verified` is called."""
 
     def __post_init__(self) -> None:
         self._next_local_id = 1 if self.side is Side.DIALER else 2
@@ -271,8 +282,15 @@ class Connection:
     def send_welcome(
         self, version: int, session_id: str, heartbeat_interval: float,
         peers: list[str] | None = None, extra: dict[str, Any] | None = None,
+        require_proof: bool = False,
     ) -> bytes:
-        """Acceptor: accept the session after HELLO; the connection opens."""
+        """Acceptor: accept the session after HELLO; the connection opens.
+
+        With ``require_proof`` (a ``challenge`` in ``extra``), the dialer's next
+        frame must be PROOF; the adapter verifies it and calls
+        :meth:`proof_verified` before anything else is accepted.
+        """
+        self.awaiting_proof = require_proof
         if self.side is not Side.ACCEPTOR or self.state is not State.HANDSHAKE:
             raise RuntimeError("WELCOME is sent once, by the acceptor, after HELLO")
         if not self._hello_received:
@@ -285,6 +303,15 @@ class Connection:
             limits=self.limits.to_wire(), peers=list(peers or []),
         )
         return frames.encode_json(FrameType.WELCOME, 0, obj)
+
+    def send_proof(self, signature: str) -> bytes:
+        """Dialer: answer WELCOME's challenge (base64 signature)."""
+        self._require_open()
+        return frames.encode_json(FrameType.PROOF, 0, {"signature": signature})
+
+    def proof_verified(self) -> None:
+        """Acceptor: the PROOF checked out; the session is fully open."""
+        self.awaiting_proof = False
 
     def send_models(self, models: list[dict[str, Any]]) -> bytes:
         """Announce the full model list."""
@@ -410,6 +437,8 @@ class Connection:
         ftype = frame.type
         if self.state is State.HANDSHAKE:
             return self._handshake(frame)
+        if self.awaiting_proof and ftype not in (FrameType.PROOF, FrameType.GOAWAY):
+            raise ProtocolError("proof_required", f"{ftype.name} before PROOF")
         if ftype is FrameType.DATA:
             return self._on_data(frame)
         if ftype is FrameType.WINDOW:
@@ -419,6 +448,10 @@ class Connection:
         if ftype in (FrameType.HELLO, FrameType.WELCOME):
             raise ProtocolError("unexpected_frame", f"{ftype.name} after handshake")
         obj = frames.decode_json(frame, self.limits.max_control_bytes)
+        if ftype is FrameType.PROOF:
+            if not self.awaiting_proof:
+                raise ProtocolError("unexpected_frame", "PROOF that was not asked for")
+            return ProofReceived(_str(obj, "signature", ""))
         if ftype is FrameType.HEARTBEAT:
             if frame.flags & FLAG_ACK:
                 return HeartbeatAcked(_number(obj, "t"))

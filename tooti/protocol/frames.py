@@ -42,15 +42,18 @@ class FrameType(IntEnum):
     CANCEL = 0x09
     WINDOW = 0x0A
     GOAWAY = 0x0B
+    PROOF = 0x0C
 
 
 CONNECTION_FRAMES = frozenset(
-    {FrameType.HELLO, FrameType.WELCOME, FrameType.MODELS, FrameType.HEARTBEAT, FrameType.GOAWAY}
+    {FrameType.HELLO, FrameType.WELCOME, FrameType.MODELS, FrameType.HEARTBEAT,
+     FrameType.GOAWAY, FrameType.PROOF}
 )
 JSON_FRAMES = frozenset(
     {
         FrameType.HELLO, FrameType.WELCOME, FrameType.MODELS, FrameType.HEARTBEAT,
         FrameType.RESPONSE, FrameType.END, FrameType.CANCEL, FrameType.GOAWAY,
+        FrameType.PROOF,
     }
 )
 
