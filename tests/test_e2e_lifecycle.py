@@ -260,3 +260,41 @@ async def test_node_identity_persists_in_the_data_dir(tmp_path: Path) -> None:
     again = Identity.load_or_create(tmp_path)
     assert first.public_key == again.public_key and first.id.startswith("tooti-")
     assert (tmp_path / "node_key.pem").stat().st_mode & 0o777 == 0o600
+
+
+async def test_node_serves_every_gateway_it_dials_and_survives_losing_one(
+    nursery: trio.Nursery,
+) -> None:
+    """A node with two gateways keeps a session with each: both route to it, and losing
+    one gateway costs the other nothing."""
+    tunnel = TunnelSettings(heartbeat_interval=0.5)
+    gateways, scopes, urls = [], [], []
+    for _ in range(2):
+        gateway = Gateway(GatewaySettings(listen="127.0.0.1:0"), tunnel)
+        scope = trio.CancelScope()
+
+        async def run(task_status: trio.TaskStatus[list[str]], gateway: Gateway = gateway,
+                      scope: trio.CancelScope = scope) -> None:
+            with scope:
+                await gateway.serve(task_status=task_status)
+
+        urls.append((await nursery.start(run))[0])
+        gateways.append(gateway)
+        scopes.append(scope)
+    peers = [u.replace("http://", "ws://") + "/tooti/v1/tunnel" for u in urls]
+    node = Node(NodeSettings(peers=peers, reconnect_initial=0.05, reconnect_max=0.5),
+                tunnel, [simulated()])
+    await nursery.start(node.run)
+    assert node.id.startswith("tooti-")  # no name configured: the id derived from the key
+    with trio.fail_after(10):
+        for gateway in gateways:
+            await gateway.registry.wait_until(
+                lambda g=gateway: bool(g.registry.candidates("tooti-sim")))
+    async with httpx.AsyncClient() as http:
+        for url in urls:
+            response = await http.post(url + "/v1/chat/completions", json=CHAT)
+            assert response.status_code == 200
+            assert response.headers["x-tooti-node"] == node.id
+        scopes[0].cancel()  # gateway A dies
+        response = await http.post(urls[1] + "/v1/chat/completions", json=CHAT)
+        assert response.status_code == 200 and response.headers["x-tooti-node"] == node.id
