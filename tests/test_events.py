@@ -119,3 +119,23 @@ async def test_admin_endpoints_need_the_admin_key_when_set(network: Network) -> 
             assert wrong.status_code == 401
         ok = await http.get("/metrics", headers={"authorization": "Bearer s3cret-admin"})
     assert ok.status_code == 200
+
+
+async def test_rejected_requests_and_shutdown_are_events(network: Network) -> None:
+    await network.add_node(node_id="solo")
+    seen: list[tuple[str, dict[str, Any]]] = []
+    async with network.client() as http:
+        async with http.stream("GET", "/admin/v1/events") as response:
+            events = response.aiter_lines()
+            with trio.fail_after(10):
+                await _read_events(events, "snapshot", seen)
+                assert isinstance(seen[0][1]["ts"], float)
+                missing = await http.post("/v1/chat/completions",
+                                          json={**CHAT, "model": "no-such-model"})
+                await _read_events(events, "request.finished", seen)
+                finished = seen[-1][1]["data"]
+                assert finished["status"] == "rejected" and finished["http_status"] == 404
+                assert finished["request_id"] == missing.headers["x-request-id"]
+                network.gateway.shutdown()
+                await _read_events(events, "dropped", seen)
+    assert seen[-1][1] == {"reason": "gateway shutting down"}

@@ -48,8 +48,7 @@ async def stream_events(
                 continue
             await send({"type": "http.response.body", "more_body": True,
                         "body": sse(event.kind, event.to_dict(), event.seq)})
-        reason = "subscriber fell behind" if sub.dropped else "bus closed"
         await send({"type": "http.response.body", "more_body": False,
-                    "body": sse("dropped", {"reason": reason})})
+                    "body": sse("dropped", {"reason": sub.reason or "bus closed"})})
     finally:
         bus.unsubscribe(sub)

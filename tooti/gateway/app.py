@@ -175,8 +175,9 @@ class Gateway:
         self.shutdown()
 
     def shutdown(self) -> None:
-        """Stop the HTTP server and close every tunnel."""
+        """Stop the HTTP server, end event streams and close every tunnel."""
         self._shutdown.set()
+        self.registry.bus.close_all("gateway shutting down")
         for session in list(self.sessions):
             session.abort("gateway shutting down")
 
@@ -260,10 +261,19 @@ class Gateway:
         request: ParsedRequest, raw: bytes,
     ) -> None:
         """Authorize, forward (cancelled if the client leaves), then settle or refund."""
-        check_routable(self.registry, request.models)
         key_id = key_id_of(header(scope, b"authorization"))
+        bus = self.registry.bus
+        bus.publish("request.received", request_id=request_id, model=request.model,
+                    endpoint=request.endpoint, stream=request.stream, key_id=key_id)
         ctx = RequestContext(request_id, key_id, request.model, request.endpoint, request.stream)
-        await self.billing.authorize(ctx)
+        try:
+            check_routable(self.registry, request.models)
+            await self.billing.authorize(ctx)
+        except APIError as refused:
+            bus.publish("request.finished", request_id=request_id, status="rejected",
+                        model=request.model, node=None, error=refused.message,
+                        http_status=refused.status)
+            raise
         route = RouteRequest(
             request_id, request.model, request.endpoint,
             {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]},
@@ -271,9 +281,6 @@ class Gateway:
         )
         outcome = Outcome()
         started = time.monotonic()
-        self.registry.bus.publish(
-            "request.received", request_id=request_id, model=request.model,
-            endpoint=request.endpoint, stream=request.stream, key_id=key_id)
         try:
             complete = await cancel_on_disconnect(receive, send, lambda tracked: (
                 self.proxy.forward(request, route, raw, tracked, headers, outcome)))
@@ -297,10 +304,12 @@ class Gateway:
         finally:
             usage = usage_from(outcome, len(raw), started)
             await self.billing.finish(ctx, outcome, usage)
-            self._publish_finished(request_id, outcome, usage)
+            self._publish_finished(request_id, outcome, usage, request.stream)
 
-    def _publish_finished(self, request_id: str, outcome: Outcome, usage: Usage) -> None:
-        decode_s = usage.latency_ms / 1000 - (outcome.ttft_ms or 0.0) / 1000
+    def _publish_finished(self, request_id: str, outcome: Outcome, usage: Usage,
+                          stream: bool) -> None:
+        # Decode speed is only known for streams; a non-streamed answer arrives whole.
+        decode_s = usage.latency_ms / 1000 - (outcome.ttft_ms or 0.0) / 1000 if stream else 0
         self.registry.bus.publish(
             "request.finished", request_id=request_id, status=outcome.status,
             node=outcome.node_id or None, model=outcome.model or None,
@@ -349,6 +358,7 @@ class Gateway:
         """Peers and recent requests now, for a new events subscriber."""
         return {
             "seq": self.registry.bus.last_seq,
+            "ts": time.time(),
             "peers": [peer.describe() for peer in self.registry.peers.values()],
             "requests": self.registry.bus.recent_requests(200),
             "queued": self.proxy.queued,

@@ -50,6 +50,8 @@ class Subscription:
     send: trio.MemorySendChannel[BusEvent]
     receive: trio.MemoryReceiveChannel[BusEvent]
     dropped: bool = False
+    reason: str = ""
+    """Why the bus stopped feeding this subscriber (``subscriber fell behind``, ...)."""
 
 
 @dataclass
@@ -101,8 +103,16 @@ class EventBus:
     def _drop(self, sub: Subscription) -> None:
         """A subscriber fell behind: tell it (best effort) and stop feeding it."""
         sub.dropped = True
+        sub.reason = "subscriber fell behind"
         self._subscribers.discard(sub)
         sub.send.close()
+
+    def close_all(self, reason: str) -> None:
+        """End every subscription (their streams end with a ``dropped`` event)."""
+        for sub in list(self._subscribers):
+            sub.reason = reason
+            self._subscribers.discard(sub)
+            sub.send.close()
 
     def subscribe(self) -> Subscription:
         """A new subscriber; call :meth:`unsubscribe` when done."""

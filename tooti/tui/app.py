@@ -12,10 +12,13 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar, Generic, TypeVar
 
+from rich.cells import cell_len
 from rich.text import Text
+from textual import events
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.css.query import NoMatches
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Footer, Input, Sparkline, Static
 
@@ -31,6 +34,7 @@ from tooti.tui.columns import (
     peer_state,
     rate,
     request_matches,
+    request_tok_s,
     tokens,
 )
 from tooti.tui.state import NetworkState, PeerView, RequestView
@@ -46,16 +50,18 @@ class LiveTable(DataTable[Text], Generic[T]):
     the cursor. Click a header (or press ``s``) to sort by it; ``r`` reverses."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("enter", "select_cursor", "Details"),
         Binding("s", "next_sort", "Sort"),
         Binding("r", "reverse_sort", "Reverse"),
     ]
 
     def __init__(self, title: str, columns: list[Column[T]], row_key: Callable[[T], str],
-                 sort_by: str, *, id: str) -> None:
+                 sort_by: str, *, id: str, row_style: Callable[[T], str] | None = None) -> None:
         super().__init__(id=id, cursor_type="row", zebra_stripes=True)
         self.title = title
         self.specs = columns
         self.row_key = row_key
+        self.row_style = row_style
         self.sort_by = sort_by
         self.reverse = False
         self.note = ""
@@ -65,10 +71,15 @@ class LiveTable(DataTable[Text], Generic[T]):
 
     def on_mount(self) -> None:
         """Add the columns."""
-        for spec in self.specs:
-            self.add_column(Text(spec.label, justify="right" if spec.numeric else "left"),
-                            key=spec.key)
+        self._add_columns([cell_len(spec.label) for spec in self.specs])
         self._update_title()
+
+    def _add_columns(self, widths: list[int]) -> None:
+        # Explicit widths: DataTable's own measuring happens on idle, after a frame may
+        # already have been cached at the old widths.
+        for spec, width in zip(self.specs, widths, strict=True):
+            self.add_column(Text(spec.label, justify="right" if spec.numeric else "left"),
+                            key=spec.key, width=width)
 
     def show(self, items: Iterable[T], now: float, note: str = "") -> None:
         """Display ``items`` (already filtered) at gateway time ``now``."""
@@ -80,26 +91,34 @@ class LiveTable(DataTable[Text], Generic[T]):
     def redraw(self) -> None:
         """Rebuild the rows if anything visible changed."""
         spec = next((c for c in self.specs if c.key == self.sort_by), self.specs[0])
-        ordered = sorted(self._live_items, key=self.row_key)
-        ordered.sort(key=spec.sort, reverse=self.reverse)
-        rows = [(self.row_key(item),
-                 tuple((c.text(item, self._live_now), c.style(item) if c.style else "")
-                       for c in self.specs))
-                for item in ordered]
+        by_key = sorted(self._live_items, key=self.row_key)
+        known = [item for item in by_key if spec.sort(item) is not None]
+        known.sort(key=spec.sort, reverse=self.reverse)
+        ordered = known + [item for item in by_key if spec.sort(item) is None]  # "-" last
+        rows = []
+        for item in ordered:
+            base = self.row_style(item) if self.row_style else ""
+            rows.append((self.row_key(item), tuple(
+                (c.text(item, self._live_now),
+                 " ".join(filter(None, (c.style(item) if c.style else "", base))))
+                for c in self.specs)))
         self._update_title()
         if rows == self._live_rows:
             return
-        self._live_rows = rows
-        current = self._cursor_key()
+        current = self._cursor_key()  # keep the cursor on this row, wherever it moves
         index = self.cursor_row
-        self.clear()
+        self._live_rows = rows
+        widths = [max([cell_len(spec.label)] + [cell_len(cells[i][0]) for _, cells in rows])
+                  for i, spec in enumerate(self.specs)]
+        self.clear(columns=True)  # columns sized to what is shown now
+        self._add_columns(widths)
         for key, cells in rows:
             self.add_row(*(Text(text, style=style,
                                 justify="right" if c.numeric else "left")
                            for (text, style), c in zip(cells, self.specs, strict=True)),
                          key=key)
         keys = [key for key, _ in rows]
-        if current in keys:
+        if current in keys and index > 0:  # on the top row, stay on top (newest first)
             index = keys.index(current)
         if rows:
             self.move_cursor(row=min(index, len(rows) - 1))
@@ -245,8 +264,15 @@ class TootiApp(App[None]):
     #totals { width: auto; padding-right: 2; }
     .rate { width: 14; }
     .spark { width: 1fr; margin-right: 2; }
-    LiveTable { height: 1fr; border: round $panel; }
-    LiveTable:focus { border: round $accent; }
+    LiveTable { border: round $panel; border-title-color: $text-muted; }
+    LiveTable:focus { border: round $accent; border-title-color: $accent; }
+    #peers { height: auto; min-height: 5; max-height: 45%; }
+    #requests { height: 1fr; }
+    #notice {
+        display: none; height: auto; margin: 0 1; padding: 0 1;
+        border: round $error; color: $text;
+    }
+    #notice.visible { display: block; }
     #filter { dock: bottom; display: none; }
     #filter.visible { display: block; }
     """
@@ -254,7 +280,7 @@ class TootiApp(App[None]):
         Binding("q", "quit", "Quit"),
         Binding("tab", "switch_pane", "Switch pane", priority=True),
         Binding("slash", "filter", "Filter"),
-        Binding("enter", "details", "Details"),
+        Binding("enter", "details", "Details", show=False),
         Binding("question_mark", "help", "Help"),
     ]
 
@@ -273,6 +299,7 @@ class TootiApp(App[None]):
         self.clock = clock
         self.backoff = backoff or Backoff()
         self.status = status or Status("connecting", f"connecting to {self.client.gateway}…")
+        self._status_at = clock()
         self.tick = tick
         self.filter_text = ""
         self._drawn: tuple[int, int] = (-1, -1)
@@ -290,8 +317,11 @@ class TootiApp(App[None]):
                 yield Sparkline([], id="req-spark", classes="spark")
                 yield Static(id="tok-rate", classes="rate")
                 yield Sparkline([], id="tok-spark", classes="spark")
-        yield LiveTable("Peers", PEER_COLUMNS, lambda p: p.id, "id", id="peers")
-        yield LiveTable("Requests", REQUEST_COLUMNS, lambda r: r.id, "age", id="requests")
+        yield Static(id="notice")
+        yield LiveTable("Peers", PEER_COLUMNS, lambda p: p.id, "id", id="peers",
+                        row_style=lambda p: "dim" if p.gone else "")
+        yield LiveTable("Requests", REQUEST_COLUMNS, lambda r: r.id, "age", id="requests",
+                        row_style=lambda r: "dim" if r.phase == "lost" else "")
         yield Input(placeholder="filter peers and requests (enter keeps, esc clears)",
                     id="filter")
         yield Footer()
@@ -331,13 +361,23 @@ class TootiApp(App[None]):
     def on_stream_status(self, status: Status) -> None:
         """The connection changed state: show it at once."""
         self.status = status
+        self._status_at = self.clock()
         if self._view_ready:
-            self._draw_status()
+            try:
+                self._draw_status()
+            except NoMatches:  # shutting down
+                pass
 
     # ------------------------------------------------------------ drawing
 
     def redraw(self, force: bool = False) -> None:
         """Redraw what changed since the last tick (and the clock-driven parts)."""
+        try:
+            self._redraw(force)
+        except NoMatches:  # a last tick while the app is shutting down
+            pass
+
+    def _redraw(self, force: bool) -> None:
         now = self.clock()
         self.state.prune(now)
         second = int(now)
@@ -348,7 +388,12 @@ class TootiApp(App[None]):
         self._draw_totals(now)
         gateway_now = now - self.state.clock_offset
         needle = self.filter_text.lower()
-        note = f"filter: {self.filter_text}" if needle else ""
+        notes = []
+        if self.status.state != "live" and self.state.snapshots:
+            notes.append("last known state")
+        if needle:
+            notes.append(f"filter: {self.filter_text}")
+        note = " · ".join(notes)
         peers = [p for p in self.state.peers.values() if not needle or peer_matches(p, needle)]
         self.peers_table.show(peers, gateway_now, note)
         requests = [r for r in self.state.requests.values()
@@ -360,30 +405,40 @@ class TootiApp(App[None]):
         line = Text()
         line.append("tooti ", style="bold")
         line.append(self.client.gateway + "  ", style="dim")
+        retry = None
+        if status.retry_in is not None:
+            retry = max(0.0, status.retry_in - (self.clock() - self._status_at))
         if status.state == "live":
             line.append("● live", style="bold green")
         elif status.state == "connecting":
-            line.append("… " + status.message, style="yellow")
+            line.append(status.message, style="yellow")
         elif status.state == "reconnecting":
-            retry = "" if status.retry_in is None else f", retry {status.attempt} in " \
-                f"{status.retry_in:.1f}s"
-            line.append(f"reconnecting… ({status.message}{retry})", style="bold yellow")
+            line.append(f"reconnecting… ({status.message}", style="bold yellow")
+            if retry is not None:
+                line.append(f"; attempt {status.attempt + 1} in {retry:.0f}s",
+                            style="bold yellow")
+            line.append(")", style="bold yellow")
         elif status.state == "unauthorized":
-            retry = "" if status.retry_in is None else f" — retrying every {status.retry_in:g}s"
-            line.append(f"✗ {status.message}{retry}", style="bold red")
+            line.append("✗ the gateway refused the admin API", style="bold red")
+            if status.retry_in is not None:
+                line.append(f" — retrying every {status.retry_in:g}s", style="red")
         else:
             line.append(status.message)
         self.query_one("#status", Static).update(line)
+        notice = self.query_one("#notice", Static)
+        if status.state == "unauthorized":
+            notice.update(Text.assemble(("✗ ", "bold red"), status.message))
+            notice.add_class("visible")
+        else:
+            notice.remove_class("visible")
 
     def _draw_totals(self, now: float) -> None:
         totals = self.state.totals(now)
-        text = Text()
-        text.append("peers ", style="dim")
-        text.append(f"{totals.live_peers}", style="bold green")
-        text.append(f" live / {totals.peers}   ", style="dim")
-        text.append("in-flight ", style="dim")
-        text.append(f"{totals.in_flight}", style="bold")
-        text.append(f" ({totals.queued} queued)", style="dim")
+        text = Text.assemble(
+            ("peers ", "dim"), (str(totals.live_peers), "bold green"),
+            (f" live / {totals.peers}   in-flight ", "dim"), (str(totals.in_flight), "bold"),
+            (f" ({totals.queued} queued)", "dim"),
+        )
         self.query_one("#totals", Static).update(text)
         self.query_one("#req-rate", Static).update(
             Text.assemble(("req/s ", "dim"), (f"{totals.req_rate:.1f}", "bold")))
@@ -418,7 +473,7 @@ class TootiApp(App[None]):
         """Enter: keep the filter, back to the tables."""
         self._close_filter()
 
-    def on_key(self, event: Any) -> None:
+    def on_key(self, event: events.Key) -> None:
         """Escape in the filter box clears the filter."""
         box = self.query_one("#filter", Input)
         if event.key == "escape" and self.focused is box:
@@ -491,7 +546,7 @@ def request_detail(state: NetworkState, request_id: str, now: float) -> Text:
     out.append("\n")
     _field(out, "TTFT", ms(request.ttft_ms))
     _field(out, "tokens", tokens(request))
-    _field(out, "tok/s", rate(request.tok_s))
+    _field(out, "tok/s", rate(request_tok_s(request)))
     _field(out, "latency", ms(request.latency_ms))
     _field(out, "age", age(now - request.received_at))
     out.append("\n")

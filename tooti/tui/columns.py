@@ -33,15 +33,11 @@ class Column(Generic[T]):
     text: Callable[[T, float], str]
     """Cell text for an item at local time ``now`` (gateway time for ages)."""
     sort: Callable[[T], Any]
+    """Sort key; ``None`` (shown as ``-``) sorts last either way."""
     numeric: bool = False
     """Right-aligned."""
     style: Callable[[T], str] | None = None
     """Rich style for the cell, if any."""
-
-
-def none_last(value: Any) -> tuple[bool, Any]:
-    """A sort key that puts missing values after present ones."""
-    return (value is None, value if value is not None else 0)
 
 
 def ms(value: float | None) -> str:
@@ -102,6 +98,26 @@ def tokens(request: RequestView) -> str:
     return f"{mark}{request.prompt_tokens or 0}→{request.completion_tokens or 0}"
 
 
+def clip(text: str, width: int) -> str:
+    """``text`` cut to ``width`` characters (with an ellipsis when cut)."""
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def key_label(key_id: str) -> str:
+    """The caller's key id, short: ``anon`` or the first hex digits of its hash."""
+    if not key_id:
+        return "-"
+    if key_id == "anonymous":
+        return "anon"
+    return key_id.removeprefix("key-")[:8]
+
+
+def request_tok_s(request: RequestView) -> float | None:
+    """Decode speed of a streamed request. A non-streamed answer arrives whole, so
+    the gateway sees no decode phase and its figure would be meaningless."""
+    return None if request.stream is False else request.tok_s
+
+
 PEER_COLUMNS: list[Column[PeerView]] = [
     Column("id", "id", lambda p, now: p.id, lambda p: p.id),
     Column("role", "role", lambda p, now: p.role, lambda p: p.role),
@@ -111,11 +127,11 @@ PEER_COLUMNS: list[Column[PeerView]] = [
            lambda p: ",".join(p.models)),
     Column("load", "in-flight", lambda p, now: f"{p.in_flight}/{p.capacity}",
            lambda p: (p.in_flight / max(1, p.capacity), p.in_flight), numeric=True),
-    Column("ttft", "TTFT", lambda p, now: ms(p.ttft_ms), lambda p: none_last(p.ttft_ms),
+    Column("ttft", "TTFT", lambda p, now: ms(p.ttft_ms), lambda p: p.ttft_ms,
            numeric=True),
-    Column("tok_s", "tok/s", lambda p, now: rate(p.tok_s), lambda p: none_last(p.tok_s),
+    Column("tok_s", "tok/s", lambda p, now: rate(p.tok_s), lambda p: p.tok_s,
            numeric=True),
-    Column("rtt", "RTT", lambda p, now: ms(p.rtt_ms), lambda p: none_last(p.rtt_ms),
+    Column("rtt", "RTT", lambda p, now: ms(p.rtt_ms), lambda p: p.rtt_ms,
            numeric=True),
     Column("state", "state", peer_state, lambda p: (p.gone, p.state), style=peer_style),
 ]
@@ -125,21 +141,20 @@ REQUEST_COLUMNS: list[Column[RequestView]] = [
     Column("id", "request", lambda r, now: short_id(r.id), lambda r: r.id),
     Column("age", "age", lambda r, now: age(now - r.received_at), lambda r: -r.received_at,
            numeric=True),
-    Column("key", "key", lambda r, now: r.key_id.removeprefix("key-")[:8] or "-",
-           lambda r: r.key_id),
+    Column("key", "key", lambda r, now: key_label(r.key_id), lambda r: r.key_id),
     Column("model", "model", lambda r, now: r.model or "-", lambda r: r.model),
-    Column("node", "node", lambda r, now: r.node or "-", lambda r: r.node or ""),
+    Column("node", "node", lambda r, now: r.node or "-", lambda r: r.node),
     Column("attempts", "tries", lambda r, now: str(r.attempts), lambda r: r.attempts,
            numeric=True),
     Column("state", "state", lambda r, now: r.state, lambda r: r.state,
            style=lambda r: STATE_STYLES.get(r.state, "")),
-    Column("ttft", "TTFT", lambda r, now: ms(r.ttft_ms), lambda r: none_last(r.ttft_ms),
+    Column("ttft", "TTFT", lambda r, now: ms(r.ttft_ms), lambda r: r.ttft_ms,
            numeric=True),
     Column("tokens", "tokens", lambda r, now: tokens(r),
-           lambda r: none_last(r.completion_tokens), numeric=True),
-    Column("tok_s", "tok/s", lambda r, now: rate(r.tok_s), lambda r: none_last(r.tok_s),
-           numeric=True),
-    Column("error", "error", lambda r, now: r.error or "", lambda r: r.error or "",
+           lambda r: r.completion_tokens, numeric=True),
+    Column("tok_s", "tok/s", lambda r, now: rate(request_tok_s(r)),
+           lambda r: request_tok_s(r), numeric=True),
+    Column("error", "error", lambda r, now: clip(r.error or "", 60), lambda r: r.error,
            style=lambda r: "red"),
 ]
 """The requests table, left to right."""
