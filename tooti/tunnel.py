@@ -46,6 +46,10 @@ CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_POLICY = 1008
 CLOSE_TIMEOUT = 0.25
 """Seconds to wait for the peer to acknowledge a WebSocket close."""
+OUTBOX_FRAMES = 256
+"""Frames queued for the writer before senders wait (backpressure, bounded memory)."""
+FLUSH_TIMEOUT = 1.0
+"""Longest wait for queued frames to be written before closing (GOAWAY, errors)."""
 
 
 class TunnelLost(Exception):
@@ -114,6 +118,14 @@ class TunnelSession:
         self._streams: dict[int, _StreamIO] = {}
         self._nursery: trio.Nursery | None = None
         self._cancel_scope = trio.CancelScope()
+        # Every frame goes out through one writer task, in the order it was queued, so a
+        # caller cancelled mid-send never leaves half a WebSocket message on the wire and
+        # frames are never reordered between tasks (an OPEN always precedes its stream's
+        # other frames). Queueing on a memory channel is all-or-nothing under cancellation.
+        self._outbox, self._outbox_out = trio.open_memory_channel[bytes](OUTBOX_FRAMES)
+        self._queued = 0
+        self._written = 0
+        self._wrote = trio.Event()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -125,6 +137,7 @@ class TunnelSession:
             with self._cancel_scope:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
+                    nursery.start_soon(self._writer)
                     nursery.start_soon(self._heartbeats)
                     code, reason = await self._read_loop()
                     nursery.cancel_scope.cancel()
@@ -136,6 +149,7 @@ class TunnelSession:
                 io.fail(self.close_reason)
             self._streams.clear()
             self.conn.close()
+            self._outbox.close()
             self.closed.set()
             with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
                 await self.transport.aclose(code, reason)
@@ -146,18 +160,38 @@ class TunnelSession:
         self._cancel_scope.cancel()
 
     async def goaway(self, code: str, reason: str) -> None:
-        """Tell the peer we accept no new streams (draining)."""
+        """Tell the peer we accept no new streams (draining); returns once it is written
+        (or after :data:`FLUSH_TIMEOUT`)."""
         await self.send_frame(self.conn.send_goaway(code, reason))
+        await self.flush()
 
     async def send_frame(self, data: bytes) -> None:
-        """Send one encoded frame; a closed transport ends the session."""
+        """Queue one encoded frame for the writer; TunnelLost once the session is over."""
         if not data:
             return
         try:
-            await self.transport.send(data)
-        except TransportClosed:
-            self.abort("transport closed")
-            raise TunnelLost("transport closed") from None
+            await self._outbox.send(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise TunnelLost(self.close_reason or "tunnel closed") from None
+        self._queued += 1
+
+    async def flush(self) -> None:
+        """Wait (at most :data:`FLUSH_TIMEOUT`) until every frame queued so far is written."""
+        target = self._queued
+        with trio.move_on_after(FLUSH_TIMEOUT):
+            while self._written < target and not self.closed.is_set():
+                await self._wrote.wait()
+
+    async def _writer(self) -> None:
+        async for data in self._outbox_out:
+            try:
+                await self.transport.send(data)
+            except TransportClosed:
+                self.abort("transport closed")
+                return
+            self._written += 1
+            self._wrote.set()
+            self._wrote = trio.Event()
 
     async def _send_quiet(self, data: bytes) -> None:
         try:
@@ -189,8 +223,8 @@ class TunnelSession:
             except ProtocolError as exc:
                 log.warning("tunnel %s: protocol error %s, closing", self.name, exc)
                 self.close_reason = f"protocol error: {exc.code}"
-                with trio.move_on_after(1):
-                    await self._send_quiet(self.conn.send_goaway(exc.code, exc.message))
+                await self._send_quiet(self.conn.send_goaway(exc.code, exc.message))
+                await self.flush()
                 return CLOSE_PROTOCOL_ERROR, exc.code
             if event is not None:
                 self._dispatch(event)
@@ -310,6 +344,13 @@ class TunnelSession:
         stream = OutboundStream(self, sid, io)
         try:
             await self.send_frame(frame)
+        except BaseException:
+            # The OPEN was never queued, so the peer will never hear of this stream:
+            # forget it here rather than send a CANCEL for an id the peer never saw.
+            self.conn.forget_stream(sid)
+            self._streams.pop(sid, None)
+            raise
+        try:
             if rest:
                 await self._send_data(sid, io, rest, fin=True)
         except BaseException:

@@ -172,6 +172,8 @@ class Gateway:
                     log.debug("goaway to %s failed", session.name)
         with trio.move_on_after(grace):
             await self._idle.wait()
+        for session in list(self.sessions):
+            await session.flush()
         self.shutdown()
 
     def shutdown(self) -> None:

@@ -117,6 +117,7 @@ class Node:
         with trio.move_on_after(grace):
             await self.wait_idle()
         for session in list(self.sessions):
+            await session.flush()  # the last DATA and END frames are still queued
             session.abort("node shutting down")
 
     async def wait_idle(self) -> None:

@@ -387,6 +387,12 @@ class Connection:
         del self._streams[stream_id]
         return frames.encode_json(FrameType.END, stream_id, info)
 
+    def forget_stream(self, stream_id: int) -> None:
+        """Drop a stream we opened whose OPEN was never sent (no frame for the peer)."""
+        stream = self._streams.get(stream_id)
+        if stream is not None and stream.local:
+            del self._streams[stream_id]
+
     def send_cancel(self, stream_id: int, reason: str) -> bytes:
         """Opener: abandon a stream; it closes at once. b'' if already closed."""
         stream = self._streams.get(stream_id)
