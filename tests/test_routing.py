@@ -20,6 +20,7 @@ from tooti.gateway.health import CooldownPolicy, ModelHealth
 from tooti.gateway.proxy import Proxy, ProxySettings
 from tooti.gateway.registry import Peer, Registry
 from tooti.gateway.validation import Preferences, parse_request
+from tooti.protocol.connection import Connection, Limits, Side, State
 from tooti.routing.base import RouteRequest, RoutingPolicy
 from tooti.routing.policies import (
     Cheapest,
@@ -42,6 +43,8 @@ class FakeSession:
         self.closed = trio.Event()
         self.rtt: float | None = None
         self.close_reason = ""
+        self.conn = Connection(Side.ACCEPTOR, Limits())
+        self.conn.state = State.OPEN
 
 
 def make_peer(

@@ -53,6 +53,9 @@ from tooti.tunnel import TunnelSession
 
 log = logging.getLogger("tooti.gateway")
 
+LISTEN_BACKLOG = 2048
+"""Pending TCP connections the gateway's socket queues (1,000 clients may connect at once)."""
+
 API_ROUTES = {
     "/v1/chat/completions": "chat/completions",
     "/v1/completions": "completions",
@@ -137,6 +140,7 @@ class Gateway:
         config.keep_alive_timeout = 75
         config.websocket_max_message_size = self.tunnel_settings.max_frame_bytes
         config.include_server_header = False
+        config.backlog = LISTEN_BACKLOG  # hypercorn's 100 overflows under a burst of clients
         if not self.auth.open_to_network:
             log.warning("no join token configured: node tunnels are accepted from loopback only")
 

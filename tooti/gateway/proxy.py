@@ -88,11 +88,16 @@ class Outcome:
 
 
 class _Retry(Exception):
-    """This node failed before anything reached the client; try another."""
+    """This node failed before anything reached the client; try another.
 
-    def __init__(self, error: APIError) -> None:
+    ``counts`` is False when the node was merely full (not a fault of the node), so
+    the failure does not push it toward a cooldown.
+    """
+
+    def __init__(self, error: APIError, counts: bool = True) -> None:
         super().__init__(error.message)
         self.error = error
+        self.counts = counts
 
 
 def check_routable(registry: Registry, models: Sequence[str]) -> None:
@@ -181,10 +186,15 @@ class Proxy:
         waiting = False
         try:
             while True:
-                eligible = self._eligible(model, prefs, excluded)
-                if not eligible:
+                if excluded or not prefs.is_default:
+                    eligible = self._eligible(model, prefs, excluded)
+                    any_eligible = bool(eligible)
+                    free = [p for p in eligible if p.has_slot(model)]
+                else:
+                    any_eligible, free = self.registry.with_free_slot(model)
+                if not any_eligible:
                     return None
-                peer = self.choose(route, prefs, [p for p in eligible if p.has_slot(model)])
+                peer = self.choose(route, prefs, free)
                 if peer is not None:
                     peer.in_flight[model] = peer.in_flight.get(model, 0) + 1
                     return peer
@@ -258,7 +268,8 @@ class Proxy:
             except _Retry as retry:
                 excluded.add(peer.id)
                 last_error = retry.error
-                self.node_failed(peer, route.model, retry.error.message)
+                if retry.counts:
+                    self.node_failed(peer, route.model, retry.error.message)
                 log.info("request %s: node %s failed before the first token (%s)",
                          route.request_id, peer.id, retry.error.message)
             finally:
@@ -303,9 +314,12 @@ class Proxy:
                     head = await out.head()
                     if head is not None and request.stream and head.status == 200:
                         first = await _first_token(out)
-                except (TunnelLost, FlowControlError) as exc:
+                except TunnelLost as exc:
                     raise _Retry(APIError(502, f"node {peer.id} unavailable: {exc}",
                                           code="node_unavailable")) from None
+                except FlowControlError as exc:  # the tunnel is full or draining
+                    raise _Retry(APIError(503, f"node {peer.id} cannot take a stream: {exc}",
+                                          code="node_busy"), counts=False) from None
             if timer.cancelled_caught:
                 raise _Retry(APIError(504, f"node {peer.id} sent no token within "
                                       f"{self.settings.first_byte_timeout:g}s",

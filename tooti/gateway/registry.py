@@ -63,8 +63,10 @@ class Peer:
         return max(1, info.max_concurrency) if info else 1
 
     def has_slot(self, model: str) -> bool:
-        """True while in-flight streams for ``model`` are below its capacity."""
-        return self.in_flight.get(model, 0) < self.capacity(model)
+        """True while in-flight streams for ``model`` are below its capacity and the
+        tunnel can take another stream (its ``max_streams`` limit)."""
+        return (self.in_flight.get(model, 0) < self.capacity(model)
+                and self.session.conn.can_open_stream())
 
     def load(self, model: str) -> float:
         """In-flight streams for ``model`` divided by its advertised capacity."""
@@ -191,6 +193,22 @@ class Registry:
                 if record is None or not record.in_cooldown:
                     out.append(peer)
         return out
+
+    def with_free_slot(self, model: str) -> tuple[bool, list[Peer]]:
+        """In one pass: whether any candidate (see :meth:`candidates`) serves ``model``,
+        and the candidates with a free slot for it (the routing hot path)."""
+        any_candidate = False
+        free = []
+        for peer in self._by_model.get(model, ()):
+            if not peer.live:
+                continue
+            record = peer.health.get(model)
+            if record is not None and record.in_cooldown:
+                continue
+            any_candidate = True
+            if peer.has_slot(model):
+                free.append(peer)
+        return any_candidate, free
 
     def serving(self, model: str) -> list[Peer]:
         """Live peers serving ``model``, cooldown or not."""

@@ -223,6 +223,7 @@ class Connection:
     _highest_peer_id: int = 0
     _hello_sent: bool = False
     _hello_received: bool = False
+    _local_open: int = 0
     awaiting_proof: bool = False
     """Acceptor: WELCOME carried a challenge; nothing but PROOF is accepted until
     :meth:`proof_verified` is called."""
@@ -260,7 +261,12 @@ class Connection:
         )
 
     def _local_count(self) -> int:
-        return sum(1 for s in self._streams.values() if s.local)
+        return self._local_open
+
+    def _drop(self, stream_id: int) -> None:
+        """Forget a stream (counting the ones we opened without a scan)."""
+        if self._streams.pop(stream_id).local:
+            self._local_open -= 1
 
     # ------------------------------------------------------------ sending
 
@@ -350,6 +356,7 @@ class Connection:
             recv_window=self.limits.initial_window,
         )
         self._streams[sid] = stream
+        self._local_open += 1
         room = min(room, stream.send_credit)
         first, rest = body[:room], body[room:]
         stream.send_credit -= len(first)
@@ -384,21 +391,21 @@ class Connection:
     def send_end(self, stream_id: int, info: dict[str, Any]) -> bytes:
         """Responder: finish a stream (usage, finish reason or error); it closes."""
         self._peer_stream(stream_id)
-        del self._streams[stream_id]
+        self._drop(stream_id)
         return frames.encode_json(FrameType.END, stream_id, info)
 
     def forget_stream(self, stream_id: int) -> None:
         """Drop a stream we opened whose OPEN was never sent (no frame for the peer)."""
         stream = self._streams.get(stream_id)
         if stream is not None and stream.local:
-            del self._streams[stream_id]
+            self._drop(stream_id)
 
     def send_cancel(self, stream_id: int, reason: str) -> bytes:
         """Opener: abandon a stream; it closes at once. b'' if already closed."""
         stream = self._streams.get(stream_id)
         if stream is None or not stream.local:
             return b""
-        del self._streams[stream_id]
+        self._drop(stream_id)
         return frames.encode_json(FrameType.CANCEL, stream_id, {"reason": reason})
 
     def consumed(self, stream_id: int, nbytes: int) -> bytes:
@@ -426,6 +433,7 @@ class Connection:
         """Mark the connection closed; every stream is gone."""
         self.state = State.CLOSED
         self._streams.clear()
+        self._local_open = 0
 
     # ------------------------------------------------------------ receiving
 
@@ -489,12 +497,12 @@ class Connection:
         if ftype is FrameType.END:
             if self._local_stream(frame.stream_id) is None:
                 return None
-            del self._streams[frame.stream_id]
+            self._drop(frame.stream_id)
             return StreamEnded(frame.stream_id, obj)
         # CANCEL
         if self._peer_stream_or_none(frame.stream_id) is None:
             return None
-        del self._streams[frame.stream_id]
+        self._drop(frame.stream_id)
         return StreamCancelled(frame.stream_id, _str(obj, "reason", ""))
 
     def _handshake(self, frame: frames.Frame) -> Event:
