@@ -38,16 +38,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import os
 import re
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -55,6 +53,14 @@ from typing import Any, TypeVar
 import httpx
 import msgspec
 import trio
+from children import (
+    Child,
+    Children,
+    exit_on_signals,
+    interrupted,
+    sigint_raises,
+    toml_table,
+)
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
@@ -76,149 +82,6 @@ LATE_FIRST_TOKEN = 30.0
 # --------------------------------------------------------------------- processes
 
 
-def _libc_prctl() -> Callable[..., int] | None:
-    try:
-        prctl: Callable[..., int] = ctypes.CDLL(None, use_errno=True).prctl
-        return prctl
-    except (OSError, AttributeError):
-        return None
-
-
-_PRCTL = _libc_prctl()
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """``preexec_fn``: the child gets SIGKILL when this script dies (Linux)."""
-    if _PRCTL is not None:
-        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-
-@dataclass
-class Child:
-    """One started process and its log file."""
-
-    name: str
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-
-    @property
-    def pid(self) -> int:
-        """The process id."""
-        return self.proc.pid
-
-    def log(self) -> str:
-        """Everything the child printed so far."""
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def tail(self, lines: int = 25) -> str:
-        """The last lines of the child's output."""
-        return "\n".join(self.log().splitlines()[-lines:])
-
-
-class Children:
-    """Every process this script started; :meth:`stop_all` kills them all."""
-
-    def __init__(self, root: Path) -> None:
-        """Configs and logs go into ``root``."""
-        self.root = root
-        self.children: list[Child] = []
-
-    def start(self, name: str, argv: Sequence[str]) -> Child:
-        """Start ``argv`` in its own process group, logging to ``root/NAME.log``."""
-        log_path = self.root / f"{name}.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TOOTI_")}
-        env["PYTHONUNBUFFERED"] = "1"
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(
-                list(argv), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                cwd=REPO_DIR, env=env, start_new_session=True,
-                preexec_fn=_die_with_parent,  # the script starts children from one thread
-            )
-        child = Child(name, proc, log_path)
-        self.children.append(child)
-        return child
-
-    def stop_all(self) -> None:
-        """SIGKILL every child's process group (continuing stopped ones) and reap them.
-
-        Only children not yet reaped are signalled, so a recycled pid is never hit.
-        """
-        for child in self.children:
-            if child.proc.poll() is not None:
-                continue
-            for sig in (signal.SIGCONT, signal.SIGKILL):
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(child.pid, sig)
-        for child in self.children:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                child.proc.wait(5)
-        self.children.clear()
-
-
-@contextlib.contextmanager
-def sigint_raises() -> Iterator[None]:
-    """Ctrl-C raises KeyboardInterrupt even if SIGINT was inherited as ignored (as in
-    background jobs), so ``finally`` blocks always stop the children; trio then
-    delivers it at a safe point."""
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-async def exit_on_signals(work: Callable[..., Awaitable[T]], *args: Any) -> T:
-    """Run ``work(*args)``; SIGTERM or SIGHUP cancels it and raises SystemExit(128 + N).
-
-    (A plain signal handler raising SystemExit could fire inside trio's own machinery.)
-    """
-    async with trio.open_nursery() as nursery:
-        async def watch() -> None:
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:
-                async for signum in signals:
-                    raise SystemExit(128 + signum)
-
-        nursery.start_soon(watch)
-        result = await work(*args)
-        nursery.cancel_scope.cancel()
-    return result
-
-
-def interrupted(exc: BaseException) -> int | None:
-    """The exit code if ``exc`` (or every exception in its group) is a Ctrl-C or a
-    signal turned into SystemExit by :func:`exit_on_signals`; None otherwise."""
-    if isinstance(exc, KeyboardInterrupt):
-        return 130
-    if isinstance(exc, SystemExit):
-        return exc.code if isinstance(exc.code, int) else 1
-    if isinstance(exc, BaseExceptionGroup):
-        codes = [interrupted(inner) for inner in exc.exceptions]
-        if codes and all(code is not None for code in codes):
-            return codes[0]
-    return None
-
-
-def toml_value(value: object) -> str:
-    """A scalar or list as a TOML value."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot render {value!r} as TOML")
-
-
-def toml_table(header: str, values: Mapping[str, object]) -> str:
-    """``[header]`` (``[[header]]`` if given with brackets) and its ``key = value`` lines."""
-    head = header if header.startswith("[") else f"[{header}]"
-    return "\n".join([head, *(f"{k} = {toml_value(v)}" for k, v in values.items())]) + "\n"
 
 
 async def wait_for_log(child: Child, pattern: str, since: int = 0,
