@@ -4,8 +4,6 @@ fields, model fallback and the bounded queue in front of full nodes."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
@@ -13,7 +11,7 @@ import pytest
 import trio
 
 from tests.conftest import Network
-from tooti.backends.base import BackendResponse
+from tests.spy import Spy
 from tooti.backends.simulated import SimulatedBackend
 from tooti.settings import BackendSettings
 
@@ -37,56 +35,6 @@ def backend(price: tuple[float, float] = (0.0, 0.0), max_concurrency: int = 8,
         price_input=price[0], price_output=price[1], options=options))
 
 
-class Spy:
-    """Wraps a backend's ``open``: records every request and, with a ``gate``, holds
-    each stream after its first chunk until the gate is set."""
-
-    def __init__(self, target: SimulatedBackend, gate: trio.Event | None = None) -> None:
-        self.backend = target
-        self.gate = gate
-        self.bodies: list[bytes] = []
-        self.requests: list[dict[str, Any]] = []
-        self.log: list[str] = []
-        """``open N`` / ``end N`` entries in the order they happened."""
-        self._changed = trio.Event()
-        original = target.open
-
-        @asynccontextmanager
-        async def spy(endpoint: str, body: bytes, request: dict[str, Any]
-                      ) -> AsyncIterator[BackendResponse]:
-            self.bodies.append(body)
-            self.requests.append(request)
-            number = len(self.requests)
-            self._note(f"open {number}")
-            try:
-                async with original(endpoint, body, request) as response:
-                    if self.gate is not None:
-                        response = BackendResponse(response.status, response.content_type,
-                                                   self._gated(response.chunks))
-                    yield response
-            finally:
-                self._note(f"end {number}")
-
-        target.open = spy  # type: ignore[method-assign]
-
-    async def _gated(self, chunks: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None]:
-        first = True
-        async for chunk in chunks:
-            yield chunk
-            if first and self.gate is not None:
-                first = False
-                await self.gate.wait()
-
-    def _note(self, entry: str) -> None:
-        self.log.append(entry)
-        self._changed.set()
-        self._changed = trio.Event()
-
-    async def wait_until(self, condition: Callable[[], bool]) -> None:
-        """Wait (bounded) until ``condition()`` holds, re-checked on every open/end."""
-        with trio.fail_after(LIMIT):
-            while not condition():
-                await self._changed.wait()
 
 
 async def add(network: Network, node_id: str, target: SimulatedBackend | None = None,
