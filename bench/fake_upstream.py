@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     responses = Responses(args.model, args.chunks)
     try:
-        import uvloop  # type: ignore[import-not-found]
+        import uvloop
     except ImportError:
         runner: Any = asyncio.run
     else:

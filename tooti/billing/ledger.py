@@ -27,6 +27,8 @@ log = logging.getLogger("tooti.billing")
 FILENAME = "usage.sqlite3"
 QUEUE = 10_000
 BATCH = 512
+FLUSH_TIMEOUT = 10.0
+"""Longest wait in :meth:`UsageLedger.flush` (shutdown must not hang on the disk)."""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS usage (
@@ -83,7 +85,10 @@ class UsageLedger:
                     batch.append(self._receive.receive_nowait())
                 except trio.WouldBlock:
                     break
-            await self._write(batch)
+            # A batch taken off the queue is always written, even during shutdown:
+            # otherwise its rows would be lost and flush() would wait for them forever.
+            with trio.CancelScope(shield=True):
+                await self._write(batch)
 
     async def _write(self, rows: list[Row]) -> None:
         async with self._lock:
@@ -108,8 +113,12 @@ class UsageLedger:
                 break
         if rows:
             await self._write(rows)
-        while self._written < target:  # the run loop holds the rest: wait for its write
-            await self._wrote.wait()
+        with trio.move_on_after(FLUSH_TIMEOUT) as timer:
+            while self._written < target:  # the run loop holds the rest: wait for its write
+                await self._wrote.wait()
+        if timer.cancelled_caught:
+            log.error("usage ledger: %d rows not written after %.0fs",
+                      target - self._written, FLUSH_TIMEOUT)
 
     async def authorize(self, ctx: RequestContext) -> None:
         """No balances yet: every request is admitted."""
