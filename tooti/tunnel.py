@@ -46,10 +46,8 @@ CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_POLICY = 1008
 CLOSE_TIMEOUT = 0.25
 """Seconds to wait for the peer to acknowledge a WebSocket close."""
-OUTBOX_FRAMES = 256
-"""Frames queued for the writer before senders wait (backpressure, bounded memory)."""
 FLUSH_TIMEOUT = 1.0
-"""Longest wait for queued frames to be written before closing (GOAWAY, errors)."""
+"""Longest a shielded OPEN send may take before the tunnel counts as stalled."""
 
 
 class TunnelLost(Exception):
@@ -118,14 +116,8 @@ class TunnelSession:
         self._streams: dict[int, _StreamIO] = {}
         self._nursery: trio.Nursery | None = None
         self._cancel_scope = trio.CancelScope()
-        # Every frame goes out through one writer task, in the order it was queued, so a
-        # caller cancelled mid-send never leaves half a WebSocket message on the wire and
-        # frames are never reordered between tasks (an OPEN always precedes its stream's
-        # other frames). Queueing on a memory channel is all-or-nothing under cancellation.
-        self._outbox, self._outbox_out = trio.open_memory_channel[bytes](OUTBOX_FRAMES)
-        self._queued = 0
-        self._written = 0
-        self._wrote = trio.Event()
+        # OPEN frames go out in stream-id order, whole (see open_stream).
+        self._open_lock = trio.StrictFIFOLock()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -137,7 +129,6 @@ class TunnelSession:
             with self._cancel_scope:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
-                    nursery.start_soon(self._writer)
                     nursery.start_soon(self._heartbeats)
                     code, reason = await self._read_loop()
                     nursery.cancel_scope.cancel()
@@ -149,7 +140,6 @@ class TunnelSession:
                 io.fail(self.close_reason)
             self._streams.clear()
             self.conn.close()
-            self._outbox.close()
             self.closed.set()
             with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
                 await self.transport.aclose(code, reason)
@@ -166,32 +156,18 @@ class TunnelSession:
         await self.flush()
 
     async def send_frame(self, data: bytes) -> None:
-        """Queue one encoded frame for the writer; TunnelLost once the session is over."""
+        """Send one encoded frame; a closed transport ends the session."""
         if not data:
             return
         try:
-            await self._outbox.send(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            raise TunnelLost(self.close_reason or "tunnel closed") from None
-        self._queued += 1
+            await self.transport.send(data)
+        except TransportClosed:
+            self.abort("transport closed")
+            raise TunnelLost(self.close_reason or "transport closed") from None
 
     async def flush(self) -> None:
-        """Wait (at most :data:`FLUSH_TIMEOUT`) until every frame queued so far is written."""
-        target = self._queued
-        with trio.move_on_after(FLUSH_TIMEOUT):
-            while self._written < target and not self.closed.is_set():
-                await self._wrote.wait()
-
-    async def _writer(self) -> None:
-        async for data in self._outbox_out:
-            try:
-                await self.transport.send(data)
-            except TransportClosed:
-                self.abort("transport closed")
-                return
-            self._written += 1
-            self._wrote.set()
-            self._wrote = trio.Event()
+        """Frames are written as they are sent: nothing is ever pending here."""
+        return None
 
     async def _send_quiet(self, data: bytes) -> None:
         try:
@@ -343,10 +319,16 @@ class TunnelSession:
         self._streams[sid] = io
         stream = OutboundStream(self, sid, io)
         try:
-            await self.send_frame(frame)
+            # The OPEN goes out whole even if the caller is cancelled meanwhile: a
+            # half-sent OPEN would break the framing, and a CANCEL for an id the peer
+            # never saw would be a protocol error that closes the whole tunnel.
+            async with self._open_lock:
+                with trio.CancelScope(shield=True), trio.move_on_after(FLUSH_TIMEOUT) as t:
+                    await self.send_frame(frame)
+            if t.cancelled_caught:
+                self.abort("tunnel stalled while opening a stream")
+                raise TunnelLost("tunnel stalled")
         except BaseException:
-            # The OPEN was never queued, so the peer will never hear of this stream:
-            # forget it here rather than send a CANCEL for an id the peer never saw.
             self.conn.forget_stream(sid)
             self._streams.pop(sid, None)
             raise
