@@ -7,11 +7,13 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import httpx
 import trio
 
 from tooti.backends.base import BackendResponse
 from tooti.backends.simulated import SimulatedBackend
 
+CHAT = "/v1/chat/completions"
 LIMIT = 10.0
 """Seconds any wait in these tests may take before it counts as a hang."""
 
@@ -76,3 +78,11 @@ class Spy:
         with trio.fail_after(LIMIT):
             while not condition():
                 await self._changed.wait()
+
+
+async def read_stream(http: httpx.AsyncClient, body: dict[str, Any]
+                      ) -> tuple[httpx.Response, list[str]]:
+    """POST a streaming request; return the response and its ``data:`` lines."""
+    async with http.stream("POST", CHAT, json={**body, "stream": True}) as response:
+        lines = [line async for line in response.aiter_lines() if line.startswith("data:")]
+    return response, lines

@@ -15,7 +15,7 @@ import trio
 import trio.testing
 
 from tests.conftest import Network
-from tests.spy import Spy, is_probe
+from tests.spy import Spy, is_probe, read_stream
 from tooti.backends.base import BackendError, BackendResponse
 from tooti.backends.simulated import SimulatedBackend
 from tooti.gateway.app import Gateway
@@ -55,12 +55,6 @@ async def add(network: Network, node_id: str, target: SimulatedBackend | None = 
     return spy
 
 
-async def read_stream(http: httpx.AsyncClient, body: dict[str, Any]
-                      ) -> tuple[httpx.Response, list[str]]:
-    """POST a streaming request; return the response and its ``data:`` lines."""
-    async with http.stream("POST", CHAT, json={**body, "stream": True}) as response:
-        lines = [line async for line in response.aiter_lines() if line.startswith("data:")]
-    return response, lines
 
 
 def assert_complete(lines: list[str]) -> None:

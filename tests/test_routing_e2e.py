@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from tests.conftest import Network
-from tests.spy import Spy
+from tests.spy import Spy, read_stream
 from tooti.backends.simulated import SimulatedBackend
 from tooti.settings import BackendSettings
 
@@ -45,12 +45,6 @@ async def add(network: Network, node_id: str, target: SimulatedBackend | None = 
     return spy
 
 
-async def read_stream(http: httpx.AsyncClient, body: dict[str, Any]
-                      ) -> tuple[httpx.Response, list[str]]:
-    """POST a streaming request; return the response and its ``data:`` lines."""
-    async with http.stream("POST", CHAT, json={**body, "stream": True}) as response:
-        lines = [line async for line in response.aiter_lines() if line.startswith("data:")]
-    return response, lines
 
 
 async def settled(network: Network) -> None:
