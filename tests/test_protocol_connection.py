@@ -27,6 +27,7 @@ from tooti.protocol.connection import (
     ProofReceived,
     ProtocolError,
     ResponseStarted,
+    RoutesReceived,
     Side,
     State,
     StreamCancelled,
@@ -292,6 +293,36 @@ def test_bad_models_and_heartbeat_acks(payload: dict[str, Any], flags: int, code
     _, acceptor = pair()
     ftype = FrameType.HEARTBEAT if flags else FrameType.MODELS
     assert error_code(acceptor, frames.encode_json(ftype, 0, payload, flags)) == code
+
+
+def test_routes_are_accepted_only_from_a_relay() -> None:
+    dialer, acceptor = pair()
+    frame = dialer.send_routes([{"id": "n1", "hops": 1}], ["n0"], full=True)
+    assert error_code(acceptor, frame) == "unexpected_frame"
+    dialer, acceptor = pair()
+    acceptor.accepts_routes = True
+    assert acceptor.receive_message(frame) == RoutesReceived(
+        [{"id": "n1", "hops": 1}], ["n0"], True)
+
+
+@pytest.mark.parametrize("payload", [
+    {"nodes": {"id": "n"}}, {"nodes": [{"name": "n"}]}, {"nodes": ["n"]},
+    {"nodes": [{"id": 5}]}, {"removed": "n"}, {"removed": [1]},
+])
+def test_bad_routes(payload: dict[str, Any]) -> None:
+    _, acceptor = pair()
+    acceptor.accepts_routes = True
+    assert error_code(acceptor, frames.encode_json(FrameType.ROUTES, 0, payload)) == "bad_routes"
+
+
+def test_an_open_whose_body_continues_leaves_the_request_open() -> None:
+    dialer, acceptor = pair()
+    sid, frame, rest = dialer.open_stream({"endpoint": "x"}, b"part-1", fin=False)
+    assert rest == b""
+    opened = acceptor.receive_message(frame)
+    assert isinstance(opened, StreamOpened) and not opened.fin and opened.body == b"part-1"
+    assert acceptor.receive_message(dialer.send_data(sid, b"part-2", fin=True)) == (
+        DataReceived(sid, b"part-2", True))
 
 
 def test_control_payload_over_the_local_limit() -> None:

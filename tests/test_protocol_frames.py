@@ -41,7 +41,7 @@ FUZZ = settings(
 )
 CONNECTION_TYPES = [
     FrameType.HELLO, FrameType.WELCOME, FrameType.MODELS, FrameType.HEARTBEAT, FrameType.GOAWAY,
-    FrameType.PROOF,
+    FrameType.PROOF, FrameType.ROUTES,
 ]
 STREAM_TYPES = [t for t in FrameType if t not in CONNECTION_TYPES]
 ALLOWED_FLAGS = {FrameType.OPEN: FLAG_FIN, FrameType.DATA: FLAG_FIN, FrameType.HEARTBEAT: FLAG_ACK}
@@ -71,7 +71,7 @@ def test_frame_type_codes() -> None:
     assert {t.name: int(t) for t in FrameType} == {
         "HELLO": 0x01, "WELCOME": 0x02, "MODELS": 0x03, "HEARTBEAT": 0x04, "OPEN": 0x05,
         "RESPONSE": 0x06, "DATA": 0x07, "END": 0x08, "CANCEL": 0x09, "WINDOW": 0x0A,
-        "GOAWAY": 0x0B, "PROOF": 0x0C,
+        "GOAWAY": 0x0B, "PROOF": 0x0C, "ROUTES": 0x0D,
     }
     assert (FLAG_FIN, FLAG_ACK) == (0x01, 0x02)
 
@@ -84,6 +84,8 @@ JSON_CASES: list[tuple[FrameType, int, dict[str, Any], int]] = [
     (FrameType.WELCOME, 0, {"version": 1, "session_id": "s", "heartbeat_interval": 3.0,
                             "limits": {}, "peers": []}, 0),
     (FrameType.MODELS, 0, {"models": [{"id": "m"}]}, 0),
+    (FrameType.ROUTES, 0, {"nodes": [{"id": "n1", "hops": 1}], "removed": ["n2"],
+                           "full": False}, 0),
     (FrameType.HEARTBEAT, 0, {"in_flight": 0, "t": 1.5}, 0),
     (FrameType.HEARTBEAT, 0, {"t": 1.5}, FLAG_ACK),
     (FrameType.RESPONSE, 2, {"status": 200, "headers": {"content-type": "text/event-stream"}}, 0),
@@ -156,7 +158,7 @@ def test_shorter_than_the_header_is_truncated(size: int) -> None:
     assert decode_error(frames.encode(FrameType.DATA, 1)[:size]) == "frame_truncated"
 
 
-@pytest.mark.parametrize("raw_type", [0x00, 0x0D, 0x7F, 0xFF])
+@pytest.mark.parametrize("raw_type", [0x00, 0x0E, 0x7F, 0xFF])
 def test_unknown_frame_type(raw_type: int) -> None:
     assert decode_error(HEADER.pack(raw_type, 0, 1) + b"{}") == "unknown_frame_type"
 
@@ -329,6 +331,8 @@ PLAUSIBLE: dict[FrameType, list[dict[str, Any]]] = {
     FrameType.CANCEL: [{"reason": "gone"}, {}, {"reason": 1}],
     FrameType.GOAWAY: [{"code": "draining", "reason": "bye"}, {}, {"code": 1}],
     FrameType.PROOF: [{"signature": "c2ln"}, {}, {"signature": 5}],
+    FrameType.ROUTES: [{"nodes": [{"id": "n"}], "removed": []}, {}, {"nodes": "n"},
+                       {"nodes": [{"id": 1}]}, {"removed": [1]}, {"full": True}],
 }
 COMMON_TYPES = [t for t in FrameType if t not in (FrameType.HELLO, FrameType.WELCOME)]
 LIVE_IDS = [1, 2, 3, 4]

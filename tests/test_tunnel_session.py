@@ -31,6 +31,7 @@ from tooti.protocol.connection import (
     Limits,
     ModelsReceived,
     ProofReceived,
+    RoutesReceived,
     Side,
     WelcomeReceived,
 )
@@ -269,6 +270,11 @@ async def test_every_frame_type_end_to_end() -> None:
             assert [e for e in pair.a_events.events if isinstance(e, ModelsReceived)] == [
                 ModelsReceived([{"id": "m"}])
             ]
+            # ROUTES (a relay's advertisement of the nodes behind it; relays only)
+            pair.acceptor.conn.accepts_routes = True
+            await pair.dialer.send_frame(pair.dialer.conn.send_routes([{"id": "n1"}], ["n0"]))
+            await pair.a_events.wait_for(RoutesReceived)
+            assert RoutesReceived([{"id": "n1"}], ["n0"], False) in pair.a_events.events
             # HEARTBEAT both ways and its ACK; four beats outlive the 3-interval deadline.
             await pair.a_events.wait_for(HeartbeatReceived, 4)
             await pair.d_events.wait_for(HeartbeatAcked)

@@ -306,15 +306,18 @@ class TunnelSession:
 
     # ------------------------------------------------------------ streams we open
 
-    async def open_stream(self, meta: dict[str, Any], body: bytes) -> OutboundStream:
+    async def open_stream(self, meta: dict[str, Any], body: bytes, *, fin: bool = True
+                          ) -> OutboundStream:
         """Open a stream carrying ``body``; returns once the whole body is sent.
 
-        Raises :class:`FlowControlError` if the session cannot take a new
-        stream and :class:`TunnelLost` if the tunnel fails meanwhile.
+        With ``fin=False`` the request body continues: send the rest with
+        :meth:`OutboundStream.send_body`. Raises :class:`FlowControlError` if
+        the session cannot take a new stream and :class:`TunnelLost` if the
+        tunnel fails meanwhile.
         """
         if self.closed.is_set():
             raise TunnelLost(self.close_reason or "closed")
-        sid, frame, rest = self.conn.open_stream(meta, body)
+        sid, frame, rest = self.conn.open_stream(meta, body, fin)
         io = _StreamIO()
         self._streams[sid] = io
         stream = OutboundStream(self, sid, io)
@@ -334,7 +337,7 @@ class TunnelSession:
             raise
         try:
             if rest:
-                await self._send_data(sid, io, rest, fin=True)
+                await self._send_data(sid, io, rest, fin=fin)
         except BaseException:
             await stream.cancel("open failed")
             raise
@@ -411,6 +414,26 @@ class InboundStream:
                 raise TunnelLost(io.lost)
             await io.wait_changed()
 
+    @property
+    def body_complete(self) -> bool:
+        """True once the whole request body has arrived and been taken."""
+        return self._io.fin and not self._io.chunks
+
+    async def read_chunk(self) -> bytes | None:
+        """The next piece of the request body as it arrives (credit is granted once it
+        is taken), or None once the body is complete; raises TunnelLost on loss."""
+        io = self._io
+        while True:
+            if io.chunks:
+                chunk = io.chunks.popleft()
+                await self.session._consumed(self.id, len(chunk))
+                return chunk
+            if io.fin:
+                return None
+            if io.lost is not None:
+                raise TunnelLost(io.lost)
+            await io.wait_changed()
+
     async def respond(self, status: int, headers: dict[str, Any]) -> None:
         """Send the response head."""
         self.started = True
@@ -456,17 +479,35 @@ class OutboundStream:
 
     async def next_chunk(self) -> bytes | None:
         """The next response body chunk, or None at END; raises TunnelLost on loss."""
+        return await self.next_data(0)
+
+    async def next_data(self, limit: int) -> bytes | None:
+        """Like :meth:`next_chunk`, but joins the chunks already buffered (up to ``limit``
+        bytes) into one piece, so a forwarder sends fewer, larger frames."""
         io = self._io
         while True:
             if io.chunks:
-                chunk = io.chunks.popleft()
-                await self.session._consumed(self.id, len(chunk))
-                return chunk
+                data = io.chunks.popleft()
+                if io.chunks and len(data) + len(io.chunks[0]) <= limit:
+                    parts = [data]
+                    size = len(data)
+                    while io.chunks and size + len(io.chunks[0]) <= limit:
+                        chunk = io.chunks.popleft()
+                        parts.append(chunk)
+                        size += len(chunk)
+                    data = b"".join(parts)
+                await self.session._consumed(self.id, len(data))
+                return data
             if io.end is not None:
                 return None
             if io.lost is not None:
                 raise TunnelLost(io.lost)
             await io.wait_changed()
+
+    async def send_body(self, data: bytes, fin: bool) -> None:
+        """Send more request body (after ``open_stream(..., fin=False)``); ``fin`` ends it."""
+        if data or fin:
+            await self.session._send_data(self.id, self._io, data, fin=fin)
 
     async def body(self) -> AsyncIterator[bytes]:
         """Yield response body chunks until END; raises TunnelLost on loss."""

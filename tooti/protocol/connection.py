@@ -116,6 +116,20 @@ class ModelsReceived:
 
 
 @dataclass(frozen=True, slots=True)
+class RoutesReceived:
+    """A relay's advertisement of the nodes reachable through it.
+
+    ``nodes`` are added or replaced (each an object with at least a string
+    ``id``); ``removed`` are node ids no longer reachable; ``full`` means the
+    list is complete and every node not in it is gone.
+    """
+
+    nodes: list[dict[str, Any]]
+    removed: list[str]
+    full: bool
+
+
+@dataclass(frozen=True, slots=True)
 class HeartbeatReceived:
     """The peer's heartbeat; answer with :meth:`Connection.send_heartbeat_ack`."""
 
@@ -190,7 +204,8 @@ class GoAwayReceived:
 
 
 Event = (
-    HelloReceived | WelcomeReceived | ProofReceived | ModelsReceived | HeartbeatReceived
+    HelloReceived | WelcomeReceived | ProofReceived | ModelsReceived | RoutesReceived
+    | HeartbeatReceived
     | HeartbeatAcked
     | StreamOpened | DataReceived | ResponseStarted | StreamEnded | StreamCancelled
     | WindowUpdated | GoAwayReceived
@@ -224,6 +239,9 @@ class Connection:
     _hello_sent: bool = False
     _hello_received: bool = False
     _local_open: int = 0
+    accepts_routes: bool = False
+    """Acceptor: the peer is a relay, so ROUTES frames are allowed from it (from any
+    other peer they are ``unexpected_frame``)."""
     awaiting_proof: bool = False
     """Acceptor: WELCOME carried a challenge; nothing but PROOF is accepted until
     :meth:`proof_verified` is called."""
@@ -324,6 +342,13 @@ class Connection:
         self._require_open()
         return frames.encode_json(FrameType.MODELS, 0, {"models": models})
 
+    def send_routes(self, nodes: list[dict[str, Any]], removed: list[str],
+                    full: bool = False) -> bytes:
+        """Relay: advertise the nodes reachable through us (see :class:`RoutesReceived`)."""
+        self._require_open()
+        return frames.encode_json(FrameType.ROUTES, 0,
+                                  {"nodes": nodes, "removed": removed, "full": full})
+
     def send_heartbeat(self, stats: dict[str, Any]) -> bytes:
         """Send load figures; include ``t`` (sender's clock) to measure RTT."""
         self._require_open()
@@ -334,12 +359,15 @@ class Connection:
         self._require_open()
         return frames.encode_json(FrameType.HEARTBEAT, 0, {"t": sent_at}, FLAG_ACK)
 
-    def open_stream(self, meta: dict[str, Any], body: bytes) -> tuple[int, bytes, bytes]:
+    def open_stream(self, meta: dict[str, Any], body: bytes, fin: bool = True
+                    ) -> tuple[int, bytes, bytes]:
         """Open a stream; returns (stream id, OPEN frame, body bytes not yet sent).
 
         As much of ``body`` as credit and frame size allow rides in the OPEN
         frame; the rest must follow with :meth:`send_data` (``fin=True`` on the
-        last piece) as credit arrives.
+        last piece) as credit arrives. With ``fin=False`` the body is not
+        complete yet (a relay forwarding it as it arrives): more DATA follows,
+        the last with ``fin=True``.
         """
         if not self.can_open_stream():
             raise FlowControlError("cannot open a stream now (limit, GOAWAY or closed)")
@@ -360,7 +388,7 @@ class Connection:
         room = min(room, stream.send_credit)
         first, rest = body[:room], body[room:]
         stream.send_credit -= len(first)
-        fin = not rest
+        fin = fin and not rest
         stream.request_done = fin
         return sid, frames.encode_open(sid, meta, first, fin), rest
 
@@ -477,6 +505,17 @@ class Connection:
             ):
                 raise ProtocolError("bad_models", "MODELS needs a list of objects with an id")
             return ModelsReceived(models)
+        if ftype is FrameType.ROUTES:
+            if not self.accepts_routes:
+                raise ProtocolError("unexpected_frame", "ROUTES from a peer that is not a relay")
+            nodes, removed = obj.get("nodes") or [], obj.get("removed") or []
+            if not isinstance(nodes, list) or not all(
+                isinstance(n, dict) and isinstance(n.get("id"), str) for n in nodes
+            ):
+                raise ProtocolError("bad_routes", "ROUTES nodes must be objects with an id")
+            if not isinstance(removed, list) or not all(isinstance(r, str) for r in removed):
+                raise ProtocolError("bad_routes", "ROUTES removed must be a list of ids")
+            return RoutesReceived(nodes, removed, obj.get("full") is True)
         if ftype is FrameType.GOAWAY:
             self.goaway_received = True
             return GoAwayReceived(_str(obj, "code", "goaway"), _str(obj, "reason", ""))

@@ -43,17 +43,19 @@ class FrameType(IntEnum):
     WINDOW = 0x0A
     GOAWAY = 0x0B
     PROOF = 0x0C
+    ROUTES = 0x0D
+
 
 
 CONNECTION_FRAMES = frozenset(
     {FrameType.HELLO, FrameType.WELCOME, FrameType.MODELS, FrameType.HEARTBEAT,
-     FrameType.GOAWAY, FrameType.PROOF}
+     FrameType.GOAWAY, FrameType.PROOF, FrameType.ROUTES}
 )
 JSON_FRAMES = frozenset(
     {
         FrameType.HELLO, FrameType.WELCOME, FrameType.MODELS, FrameType.HEARTBEAT,
         FrameType.RESPONSE, FrameType.END, FrameType.CANCEL, FrameType.GOAWAY,
-        FrameType.PROOF,
+        FrameType.PROOF, FrameType.ROUTES,
     }
 )
 
