@@ -6,9 +6,10 @@ Builds a real :class:`~tooti.gateway.registry.Registry` holding N fake peers
 measured TTFTs, decode speeds and prices; a few are full, draining or in
 cooldown, as on a real network. It then times what
 :meth:`tooti.gateway.proxy.Proxy.acquire` does synchronously for every request
-(eligible candidates for the model and the request's preferences, the free-slot
-filter, then :meth:`Proxy.choose`, i.e. the preferences or the routing
-policy):
+before reserving a slot, i.e. :meth:`Proxy.select`: the registry's indexed view of
+the nodes with a free slot narrowed by the request's preferences, then
+:meth:`Proxy.choose` (the preferences or the routing policy) and the check that the
+chosen node's tunnel can take a stream:
 
 * every built-in policy (``least-loaded`` is the default),
 * per-request preferences with the default policy: ``sort`` (price, latency,
@@ -228,8 +229,7 @@ def selection(registry: Registry, scenario: Scenario) -> Callable[[], object]:
     route = RouteRequest("req-bench", MODEL, "chat/completions", {}, {})
 
     def decide() -> object:
-        eligible = proxy._eligible(MODEL, prefs, excluded)
-        peer = proxy.choose(route, prefs, [p for p in eligible if p.has_slot(MODEL)])
+        peer = proxy.select(route, prefs, excluded)
         if peer is None:
             raise RuntimeError(f"{scenario.name}: no node chosen")
         return peer
@@ -238,17 +238,26 @@ def selection(registry: Registry, scenario: Scenario) -> Callable[[], object]:
 
 
 def components(registry: Registry) -> dict[str, Callable[[], object]]:
-    """The three steps of a default decision, separately (where the time goes)."""
+    """The steps of a default decision separately (where the time goes), and for scale
+    what a pass over every peer costs."""
     policy = LeastLoaded()
     route = RouteRequest("req-bench", MODEL, "chat/completions", {}, {})
-    candidates = registry.candidates(MODEL)
-    free = [p for p in candidates if p.has_slot(MODEL)]
+    view = registry.free_slots(MODEL)
+    free = list(view)
     peers = list(registry.peers.values())
+    chosen = policy.rank(route, view)[0]
+
+    def reserve_release() -> None:
+        registry.reserve(chosen, MODEL)
+        registry.release(chosen, MODEL)
+
     return {
         "floor: one attribute read per peer": lambda: [p.draining for p in peers],
-        "Registry.candidates()": lambda: registry.candidates(MODEL),
-        "has_slot filter": lambda: [p for p in candidates if p.has_slot(MODEL)],
-        "LeastLoaded.rank()": lambda: policy.rank(route, free),
+        "Registry.free_slots()": lambda: registry.free_slots(MODEL),
+        "LeastLoaded.rank(view)": lambda: policy.rank(route, view),
+        "Registry.usable() on the choice": lambda: registry.usable(chosen, MODEL),
+        "Registry.reserve() + release()": reserve_release,
+        "for scale: LeastLoaded.rank(list)": lambda: policy.rank(route, free),
     }
 
 
@@ -346,7 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\nother processes on this machine used {max(0.0, others):.1f} CPU-s during the "
           f"{wall:.1f} s run ({max(0.0, others) / wall:.2f} of {os.cpu_count()} CPUs): "
           "figures are noisy when that is high")
-    print_table("selection (Proxy._eligible + has_slot filter + Proxy.choose)", sizes,
+    print_table("selection (Proxy.select: free-slot view, Proxy.choose, tunnel check)", sizes,
                 selection_rows)
     print_table("await Proxy.acquire() + Registry.release()", sizes, acquire_rows)
     print_table("where a default decision's time goes", sizes, component_rows)

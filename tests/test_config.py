@@ -235,6 +235,14 @@ def test_unreadable_file(tmp_path: Path) -> None:
         ('[[node.backends]]\ntype = ""', 2, "node.backends[0].type: backend type must not be"),
         ("drain_grace = -1", 1, "drain_grace: must be >= 0"),
         ("[node]\nreconnect_max = 0.1", 2, "node.reconnect_max: must be >= node.reconnect_initial"),
+        ("[relay]\nreconnect_max = 0.1", 2,
+         "relay.reconnect_max: must be >= relay.reconnect_initial"),
+        ('[relay]\npeers = ["http://gw"]', 2, "relay.peers[0]: peer URL 'http://gw' must"),
+        ('[network]\nbootstrap_peers = ["ws://"]', 2, "network.bootstrap_peers[0]: peer URL"),
+        ('[network]\nadvertise = ["gw:1"]', 2, "network.advertise[0]: peer URL 'gw:1' must"),
+        ('[network]\npublic_url = "tcp://x"', 2, "network.public_url: peer URL 'tcp://x'"),
+        ("[network]\nmax_peers = 0", 2, "network.max_peers: must be > 0, got 0"),
+        ("[relay]\nmax_streams = 0", 2, "relay.max_streams: must be > 0, got 0"),
     ],
 )
 def test_semantic_errors(text: str, line: int, message: str) -> None:
@@ -252,6 +260,24 @@ def test_valid_file_normalizes(tmp_path: Path) -> None:
     assert s.roles == ["gateway", "node"] and s.log_level == "debug" and s.drain_grace == 0
     assert s.node.peers == ["ws://gw:8080/tooti/v1/tunnel", "wss://gw/custom"]
     assert s.node.backends == [BackendSettings(type="openai", url="http://127.0.0.1:8000/v1")]
+
+
+def test_relay_and_network_urls_are_normalized(tmp_path: Path) -> None:
+    path = tmp_path / "t.toml"
+    path.write_text(
+        'roles = ["relay"]\n[relay]\npeers = ["ws://gw:8080"]\n'
+        '[network]\nbootstrap_peers = ["wss://seed"]\npublic_url = "ws://me:9"\n'
+        'advertise = ["ws://other:1/x"]\ndiscover = true\n')
+    s = load_file(path)
+    assert s.relay.peers == ["ws://gw:8080/tooti/v1/tunnel"]
+    assert s.network.bootstrap_peers == ["wss://seed/tooti/v1/tunnel"]
+    assert s.network.public_url == "ws://me:9/tooti/v1/tunnel"
+    assert s.network.advertise == ["ws://other:1/x"] and s.network.discover is True
+
+
+def test_peer_flag_sets_node_and_relay_peers() -> None:
+    s = build_settings(namespace(peer=["ws://up:1"], role=["relay"]), {})
+    assert s.relay.peers == s.node.peers == ["ws://up:1/tooti/v1/tunnel"]
 
 
 def test_parse_listen() -> None:

@@ -434,10 +434,10 @@ async def _drain_while_probed(network: Network, monkeypatch: pytest.MonkeyPatch,
     probed = trio.Event()
     open_stream = peer.session.open_stream
 
-    async def watched(meta: dict[str, Any], body: bytes) -> Any:
+    async def watched(meta: dict[str, Any], body: bytes, *, fin: bool = True) -> Any:
         if meta.get("probe"):
             probed.set()
-        return await open_stream(meta, body)
+        return await open_stream(meta, body, fin=fin)
 
     monkeypatch.setattr(peer.session, "open_stream", watched)
     async with network.client() as http, trio.open_nursery() as nursery:

@@ -323,6 +323,7 @@ def test_eligible_skips_cooldown_draining_unhealthy_and_closed() -> None:
     peers["drain"].draining = True
     peers["sick"].stats = {"healthy": False}
     peers["gone"].session.closed.set()
+    proxy.registry.changed()  # as the gateway does after such changes (the index catches up)
     assert eligible(proxy, Preferences()) == ["ok"]
     assert eligible(proxy, Preferences(order=("cool",), allow_fallbacks=False)) == []
 

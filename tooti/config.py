@@ -25,11 +25,12 @@ from collections.abc import Iterable, Mapping
 from typing import Any, get_args, get_origin, get_type_hints
 from urllib.parse import urlsplit, urlunsplit
 
-from tooti.settings import ROLES, BackendSettings, Settings
+from tooti.gateway.groups import GROUP_NAME, api_key_digest
+from tooti.settings import ROLES, BackendSettings, GatewaySettings, Settings
 
 TUNNEL_PATH = "/tooti/v1/tunnel"
 LOG_LEVELS = ("debug", "info", "warning", "error")
-SECRET_FIELDS = frozenset({"join_token", "admin_key", "api_key"})
+SECRET_FIELDS = frozenset({"join_token", "admin_key", "api_key", "api_keys"})
 """Field names whose values never appear in messages."""
 _MAY_BE_ZERO = frozenset({"drain_grace", "price_input", "price_output"})
 """Numeric fields allowed to be 0; every other int/float field must be > 0."""
@@ -247,13 +248,28 @@ def _validate(s: Settings) -> Settings:
     s.node.peers = [
         _at(("node", "peers", i), normalize_peer_url, peer) for i, peer in enumerate(s.node.peers)
     ]
+    s.relay.peers = [
+        _at(("relay", "peers", i), normalize_peer_url, peer)
+        for i, peer in enumerate(s.relay.peers)
+    ]
+    for name in ("bootstrap_peers", "advertise"):
+        setattr(s.network, name, [
+            _at(("network", name, i), normalize_peer_url, peer)
+            for i, peer in enumerate(getattr(s.network, name))
+        ])
+    if s.network.public_url:
+        s.network.public_url = _at(("network", "public_url"), normalize_peer_url,
+                                   s.network.public_url)
     s.log_level = _at(("log_level",), _check_log_level, s.log_level)
     for i, backend in enumerate(s.node.backends):
         if not backend.type:
             raise _Invalid(("node", "backends", i, "type"), "backend type must not be empty")
+    _check_groups(s.gateway)
     _check_numbers(s, ())
     if s.node.reconnect_max < s.node.reconnect_initial:
         raise _Invalid(("node", "reconnect_max"), "must be >= node.reconnect_initial")
+    if s.relay.reconnect_max < s.relay.reconnect_initial:
+        raise _Invalid(("relay", "reconnect_max"), "must be >= relay.reconnect_initial")
     return s
 
 
@@ -275,12 +291,47 @@ def _check_numbers(obj: Any, path: Path) -> None:
             for i, item in enumerate(value):
                 if dataclasses.is_dataclass(item):
                     _check_numbers(item, (*where, i))
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if dataclasses.is_dataclass(item):
+                    _check_numbers(item, (*where, key))
         elif isinstance(value, int | float) and not isinstance(value, bool):
             if f.name in _MAY_BE_ZERO:
                 if not value >= 0:
                     raise _Invalid(where, f"must be >= 0, got {value}")
             elif not value > 0:
                 raise _Invalid(where, f"must be > 0, got {value}")
+
+
+def _check_groups(gateway: GatewaySettings) -> None:
+    """Group names well-formed; every group has its own join token (not shared with
+    another group nor equal to the ungrouped ``gateway.join_token``); API keys valid
+    and each in one group only."""
+    tokens: dict[str, str] = {gateway.join_token: ""} if gateway.join_token else {}
+    keys: dict[bytes, str] = {}
+    for name, group in gateway.groups.items():
+        where: Path = ("gateway", "groups", name)
+        if not GROUP_NAME.fullmatch(name):
+            raise _Invalid(where, f"invalid group name '{name}' (1 to 64 characters: letters, "
+                           "digits, '.', '_', '-')")
+        if not group.join_token:
+            raise _Invalid((*where, "join_token"), "a group needs its own join token")
+        owner = tokens.get(group.join_token)
+        if owner is not None:
+            shared = "gateway.join_token" if owner == "" else f"group '{owner}'"
+            raise _Invalid((*where, "join_token"),
+                           f"the same token as {shared}; each group needs its own")
+        tokens[group.join_token] = name
+        for i, key in enumerate(group.api_keys):
+            try:
+                digest = api_key_digest(key)
+            except ValueError as exc:
+                raise _Invalid((*where, "api_keys", i), str(exc)) from None
+            owner = keys.get(digest)
+            if owner is not None:
+                raise _Invalid((*where, "api_keys", i), "key listed twice" if owner == name
+                               else f"key already belongs to group '{owner}'")
+            keys[digest] = name
 
 
 def _check_role(role: str) -> str:
@@ -391,11 +442,11 @@ def _apply_option(s: Settings, option: str, values: list[str], source: str) -> N
             parse_listen(value)
             s.gateway.listen = value
         elif option == "peer":
-            s.node.peers = [normalize_peer_url(p) for p in values if p]
+            s.node.peers = s.relay.peers = [normalize_peer_url(p) for p in values if p]
         elif option == "backend":
             s.node.backends = [parse_backend_flag(b) for b in values if b]
         elif option == "join_token":
-            s.gateway.join_token = s.node.join_token = value
+            s.gateway.join_token = s.node.join_token = s.relay.join_token = value
         elif option == "admin_key":
             s.gateway.admin_key = value
         elif option == "data_dir":

@@ -30,6 +30,17 @@ class TunnelSettings:
 
 
 @dataclass
+class GroupSettings:
+    """A named group of nodes and the API keys whose requests may use them."""
+
+    join_token: str = ""
+    """Token a node (or relay) presents to join this group (required)."""
+    api_keys: list[str] = field(default_factory=list)
+    """Bearer keys whose requests belong to this group: raw keys, or ``sha256:<64 hex>``
+    digests of them (so the config need not hold the keys themselves)."""
+
+
+@dataclass
 class GatewaySettings:
     """The OpenAI-compatible front door."""
 
@@ -59,6 +70,9 @@ class GatewaySettings:
     """First cooldown; each repeated cooldown doubles it."""
     cooldown_max_seconds: float = 300.0
     """Longest cooldown."""
+    groups: dict[str, GroupSettings] = field(default_factory=dict)
+    """Named node groups (``[gateway.groups.NAME]``): a request of a group is routed only
+    to that group's nodes, an ungrouped request only to ungrouped nodes."""
 
 
 @dataclass
@@ -108,6 +122,52 @@ class NodeSettings:
 
 
 @dataclass
+class RelaySettings:
+    """A relay: accepts node tunnels like a gateway (on ``gateway.listen``, with the
+    gateway's auth and limits) and forwards their streams to upstream peers."""
+
+    peers: list[str] = field(default_factory=list)
+    """Tunnel URLs of upstream gateways/relays to dial (``--peer`` sets this and
+    ``node.peers``; a node beside a relay in one process attaches to it and does not
+    dial)."""
+    join_token: str = ""
+    """Token presented to upstream peers."""
+    id: str = ""
+    """Relay id; empty = derived from the relay's own key in the data dir."""
+    max_streams: int = 1024
+    """Most streams forwarded at once, over every node behind this relay."""
+    max_streams_per_node: int = 256
+    """Most streams forwarded at once to one node."""
+    reconnect_initial: float = 0.25
+    """First re-dial delay in seconds (doubles each failure, with jitter)."""
+    reconnect_max: float = 10.0
+    """Longest re-dial delay in seconds."""
+    advertise_interval: float = 0.05
+    """Shortest time between two ROUTES updates sent upstream (changes are batched)."""
+
+
+@dataclass
+class NetworkSettings:
+    """Discovery: which peers a node or relay dials beyond its configured ones, and
+    which addresses a gateway or relay tells its dialers about."""
+
+    bootstrap_peers: list[str] = field(default_factory=list)
+    """Tunnel URLs always dialed in addition to ``node.peers`` / ``relay.peers``
+    (host names are resolved at each dial)."""
+    discover: bool = False
+    """Also dial peers learned from WELCOME (other public gateways/relays), up to
+    ``max_peers``; off = never dial an address only a peer claimed."""
+    max_peers: int = 8
+    """Most peers dialed or connected at once; the others (configured, bootstrap or
+    discovered) stand by and take over, in turn, when a session fails."""
+    public_url: str = ""
+    """This gateway's/relay's tunnel URL as others reach it (sent in HELLO when it
+    dials, and in WELCOME); empty = not public."""
+    advertise: list[str] = field(default_factory=list)
+    """Other public tunnel URLs this gateway/relay tells its dialers about in WELCOME."""
+
+
+@dataclass
 class RoutingSettings:
     """How the gateway chooses a node."""
 
@@ -143,6 +203,8 @@ class Settings:
     """Directory of extra plugin files (``*.py``) to load; empty = none."""
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
     node: NodeSettings = field(default_factory=NodeSettings)
+    relay: RelaySettings = field(default_factory=RelaySettings)
+    network: NetworkSettings = field(default_factory=NetworkSettings)
     tunnel: TunnelSettings = field(default_factory=TunnelSettings)
     routing: RoutingSettings = field(default_factory=RoutingSettings)
     billing: BillingSettings = field(default_factory=BillingSettings)

@@ -8,11 +8,13 @@ the per-request path short; every response carries ``x-request-id``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qs
 
 import trio
@@ -23,6 +25,8 @@ from tooti.billing.base import Billing, RequestContext, Usage
 from tooti.billing.pipeline import BillingPipeline, usage_from
 from tooti.errors import APIError
 from tooti.gateway.admin_events import stream_events
+from tooti.gateway.events import BusEvent
+from tooti.gateway.groups import GroupKeys
 from tooti.gateway.health import CooldownPolicy
 from tooti.gateway.http import (
     ClientGone,
@@ -37,6 +41,7 @@ from tooti.gateway.http import (
     send_error,
     send_json,
 )
+from tooti.gateway.identities import IdentityStore, IdentityStoreError
 from tooti.gateway.metrics import CONTENT_TYPE as METRICS_TYPE
 from tooti.gateway.metrics import GatewayMetrics
 from tooti.gateway.probe import probe_until_healthy
@@ -44,17 +49,26 @@ from tooti.gateway.proxy import DONE, Outcome, Proxy, ProxySettings, check_routa
 from tooti.gateway.registry import Peer, Registry
 from tooti.gateway.tunnels import BearerAuth, serve_tunnel
 from tooti.gateway.validation import ParsedRequest, parse_request
+from tooti.identity import derive_id
 from tooti.routing.base import RouteRequest, RoutingPolicy
 from tooti.routing.policies import LeastLoaded
-from tooti.settings import GatewaySettings, TunnelSettings
+from tooti.settings import GatewaySettings, NetworkSettings, TunnelSettings
 from tooti.transport import Transport
 from tooti.transport.websocket import SUBPROTOCOL, TUNNEL_PATH, ASGIWebSocketTransport
 from tooti.tunnel import TunnelSession
 
+if TYPE_CHECKING:
+    from tooti.dialer import Dialer
+
 log = logging.getLogger("tooti.gateway")
 
 LISTEN_BACKLOG = 2048
+MAX_WELCOME_PEERS = 32
+"""Most addresses one WELCOME lists."""
 """Pending TCP connections the gateway's socket queues (1,000 clients may connect at once)."""
+
+IDENTITIES_PATH = "/admin/v1/identities"
+T = TypeVar("T")
 
 API_ROUTES = {
     "/v1/chat/completions": "chat/completions",
@@ -85,6 +99,14 @@ def key_id_of(authorization: bytes | None) -> str:
     return "key-" + hashlib.sha256(token).hexdigest()[:16]
 
 
+def _store_call(call: Callable[[], T]) -> T:
+    """Run an identity store operation; its failure is a 500 naming the file."""
+    try:
+        return call()
+    except IdentityStoreError as exc:
+        raise APIError(500, str(exc), code="identity_store_error") from None
+
+
 def split_listen(listen: str) -> tuple[str, int]:
     """Split ``HOST:PORT`` (``[::1]:8080`` for IPv6) into host and port."""
     host, _, port = listen.rpartition(":")
@@ -97,13 +119,31 @@ class Gateway:
     def __init__(
         self, settings: GatewaySettings, tunnel: TunnelSettings,
         policy: RoutingPolicy | None = None, billing: list[Billing] | None = None,
+        identities: IdentityStore | None = None, network: NetworkSettings | None = None,
+        serve_api: bool = True,
     ) -> None:
+        """``identities`` persists node-name bindings (None = memory only, forgotten on
+        restart); ``tooti run`` passes the store in the data dir. ``network`` holds the
+        public addresses given to dialers in WELCOME. Without ``serve_api`` (a relay
+        only) the ``/v1`` API answers 404 and only tunnels and the admin API are served."""
         self.settings = settings
+        self.network = network or NetworkSettings()
+        self.serve_api = serve_api
+        self.dialers: list[Dialer] = []
+        """Dialers of roles in the same process (node, relay), shown by /admin/v1/network."""
+        self.roles: list[str] = ["gateway"] if serve_api else ["relay"]
         self.policy: RoutingPolicy = policy or LeastLoaded()
         self.billing = BillingPipeline(billing or [])
         self.tunnel_settings = tunnel
-        self.registry = Registry()
-        self.auth = BearerAuth(settings.join_token)
+        self.registry = Registry(identities=identities)
+        self.auth = BearerAuth(settings.join_token,
+                               {name: group.join_token for name, group in settings.groups.items()})
+        self.group_keys = GroupKeys(settings.groups)
+        """Which node group a request's API key belongs to."""
+        self.known_by_group: dict[str, set[str]] = {}
+        """With groups configured: group → every model its nodes ever advertised here."""
+        if settings.groups:
+            self.registry.bus.listeners.append(self._note_group_models)
         self.admin_auth = BearerAuth(settings.admin_key)
         self.proxy_settings = ProxySettings(
             max_attempts=settings.max_attempts,
@@ -193,9 +233,49 @@ class Gateway:
             self._nursery.start_soon(
                 probe_until_healthy, self.registry, peer, model, self.proxy_settings)
 
+    def _note_group_models(self, event: BusEvent) -> None:
+        """Remember which group advertised which models (unknown vs. unavailable, per
+        group, so no request learns of another group's models)."""
+        if event.kind in ("peer.joined", "peer.updated"):
+            peer = event.data["peer"]
+            models = peer.get("models")
+            if models:
+                self.known_by_group.setdefault(peer.get("group", ""), set()).update(models)
+
     async def attach(self, transport: Transport) -> None:
         """Serve a tunnel over an already-connected transport (in-memory peers)."""
-        await serve_tunnel(transport, self.registry, self.tunnel_settings, self.sessions)
+        await serve_tunnel(transport, self.registry, self.tunnel_settings, self.sessions,
+                           welcome_peers=self.public_peers())
+
+    def public_peers(self) -> list[str]:
+        """Public tunnel addresses this process tells dialers about in WELCOME: its own
+        ``network.public_url``, the configured ``network.advertise`` list, the public
+        URLs of relays connected here and those its own dialers learned (never a node's
+        address, and nothing unless configured or claimed public)."""
+        urls = [self.network.public_url, *self.network.advertise]
+        urls += [p.public_url for p in self.registry.peers.values() if p.public_url]
+        for dialer in self.dialers:
+            if dialer.role == "relay":
+                urls += [link.url for link in dialer.links.values()
+                         if link.source != "discovered" or link.state == "connected"]
+                urls += [u for link in dialer.links.values() for u in link.learned_peers]
+        return [u for u in dict.fromkeys(urls) if u][:MAX_WELCOME_PEERS]
+
+    def network_view(self) -> dict[str, Any]:
+        """What this process knows of the network (``GET /admin/v1/network``)."""
+        peers = list(self.registry.peers.values())
+        return {
+            "roles": self.roles,
+            "public_url": self.network.public_url or None,
+            "public_peers": self.public_peers(),
+            "discover": self.network.discover,
+            "dialing": [{"role": d.role, "id": d.peer_id, "links": d.describe()}
+                        for d in self.dialers],
+            "peers": [{"id": p.id, "role": p.role, "via": p.via or None, "hops": p.hops,
+                       "address": p.address, "group": p.group, "state": p.state(),
+                       "models": sorted(p.models), "public_url": p.public_url or None}
+                      for p in peers],
+        }
 
     # ------------------------------------------------------------ ASGI
 
@@ -223,6 +303,9 @@ class Gateway:
         self._idle = trio.Event() if self.in_flight == 1 else self._idle
         try:
             endpoint = API_ROUTES.get(path)
+            if not self.serve_api and (endpoint is not None or path == "/v1/models"):
+                raise APIError(404, "this process is a relay: send API requests to a "
+                               "gateway", code="not_a_gateway")
             if endpoint is not None:
                 if method != "POST":
                     raise APIError(405, f"{method} is not allowed on {path}; use POST",
@@ -236,7 +319,8 @@ class Gateway:
             elif path == "/v1/models":
                 if method != "GET":
                     raise APIError(405, "use GET on /v1/models", code="method_not_allowed")
-                await send_json(send, 200, self.models_list(), headers)
+                group = self.group_keys.group_of(header(scope, b"authorization"))
+                await send_json(send, 200, self.models_list(group), headers)
             elif path.startswith("/admin/v1/"):
                 self._check_admin(scope)
                 await self._admin(scope, receive, send, headers)
@@ -268,12 +352,21 @@ class Gateway:
     ) -> None:
         """Authorize, forward (cancelled if the client leaves), then settle or refund."""
         key_id = key_id_of(header(scope, b"authorization"))
+        group = self.group_keys.group_of(header(scope, b"authorization"))
+        if group:  # routed only to the group's nodes
+            request = dataclasses.replace(
+                request, preferences=dataclasses.replace(request.preferences, group=group))
         bus = self.registry.bus
         bus.publish("request.received", request_id=request_id, model=request.model,
                     endpoint=request.endpoint, stream=request.stream, key_id=key_id)
         ctx = RequestContext(request_id, key_id, request.model, request.endpoint, request.stream)
         try:
-            check_routable(self.registry, request.models)
+            if self.settings.groups:
+                check_routable(self.registry, request.models,
+                               serving=lambda model: self.registry.serving(model, group),
+                               known=self.known_by_group.get(group, ()))
+            else:
+                check_routable(self.registry, request.models)
             await self.billing.authorize(ctx)
         except APIError as refused:
             bus.publish("request.finished", request_id=request_id, status="rejected",
@@ -342,6 +435,9 @@ class Gateway:
     async def _admin(self, scope: Scope, receive: Receive, send: Send,
                      headers: Headers) -> None:
         path, method = scope["path"], scope["method"]
+        if path == IDENTITIES_PATH or path.startswith(IDENTITIES_PATH + "/"):
+            await self._admin_identities(scope, send, headers)
+            return
         if method != "GET":
             raise APIError(405, f"use GET on {path}", code="method_not_allowed")
         if path == "/admin/v1/peers":
@@ -350,6 +446,8 @@ class Gateway:
                 "data": [peer.describe() for peer in self.registry.peers.values()],
                 "queued": self.proxy.queued,
             }, headers)
+        elif path == "/admin/v1/network":
+            await send_json(send, 200, self.network_view(), headers)
         elif path == "/admin/v1/requests":
             limit = _query_int(scope, "limit", 100, 1, self.registry.bus.recent_limit)
             await send_json(send, 200, {
@@ -359,6 +457,39 @@ class Gateway:
                 self.snapshot, self.registry.bus, tracked, headers))
         else:
             raise APIError(404, f"no admin route {path}", code="not_found")
+
+    async def _admin_identities(self, scope: Scope, send: Send, headers: Headers) -> None:
+        """``GET /admin/v1/identities``: bound node names with their keys' fingerprints
+        (the key's derived id); ``DELETE /admin/v1/identities/{name}``: forget a binding,
+        so the next key to prove the name claims it (a session already up stays up)."""
+        path, method = scope["path"], scope["method"]
+        store = self.registry.identity_store
+        if path == IDENTITIES_PATH:
+            if method != "GET":
+                raise APIError(405, f"use GET on {path}", code="method_not_allowed")
+            bindings: list[tuple[str, bytes, float | None]]
+            if store is not None:
+                bindings = [(b.name, b.public_key, b.bound_at)
+                            for b in _store_call(store.bindings)]
+            else:
+                bindings = [(name, key, None)
+                            for name, key in sorted(self.registry.identities.items())]
+            await send_json(send, 200, {"object": "list", "data": [
+                {"name": name, "fingerprint": derive_id(key), "bound_at": bound_at,
+                 "connected": name in self.registry.peers}
+                for name, key, bound_at in bindings
+            ]}, headers)
+            return
+        name = path[len(IDENTITIES_PATH) + 1:]
+        if method != "DELETE":
+            raise APIError(405, f"use DELETE on {path}", code="method_not_allowed")
+        known = store is not None and _store_call(lambda: store.forget(name))
+        known = self.registry.identities.pop(name, None) is not None or known
+        if not known:
+            raise APIError(404, f"no identity is bound to the name '{name}'",
+                           code="identity_not_found")
+        log.info("identity binding of %s forgotten (admin)", name)
+        await send_json(send, 200, {"name": name, "deleted": True}, headers)
 
     def snapshot(self) -> dict[str, Any]:
         """Peers and recent requests now, for a new events subscriber."""
@@ -370,10 +501,14 @@ class Gateway:
             "queued": self.proxy.queued,
         }
 
-    def models_list(self) -> dict[str, Any]:
-        """The ``/v1/models`` body: the union of live nodes' models."""
+    def models_list(self, group: str = "") -> dict[str, Any]:
+        """The ``/v1/models`` body: the union of the models of the live nodes a request
+        of node group ``group`` may use (``""``: the ungrouped nodes)."""
         data = []
-        for model, peers in sorted(self.registry.live_models().items()):
+        for model, live in sorted(self.registry.live_models().items()):
+            peers = [p for p in live if p.group == group]
+            if not peers:
+                continue
             info = peers[0].models[model]
             data.append({
                 "id": model,
@@ -402,7 +537,7 @@ class Gateway:
             await send({"type": "websocket.close", "code": 1002,
                         "reason": f"subprotocol {SUBPROTOCOL} required"})
             return
-        refusal = self.auth.check(header(scope, b"authorization"), host)
+        refusal, group = self.auth.admit(header(scope, b"authorization"), host)
         if refusal is None and self.draining:
             refusal = "gateway is shutting down"
         if refusal is not None:
@@ -413,5 +548,6 @@ class Gateway:
         remote = f"{client[0]}:{client[1]}" if client else "unknown"
         transport = ASGIWebSocketTransport(receive, send, remote)
         started = time.monotonic()
-        await serve_tunnel(transport, self.registry, self.tunnel_settings, self.sessions)
+        await serve_tunnel(transport, self.registry, self.tunnel_settings, self.sessions,
+                           group, welcome_peers=self.public_peers())
         log.debug("tunnel from %s ended after %.1fs", remote, time.monotonic() - started)

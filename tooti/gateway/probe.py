@@ -40,7 +40,7 @@ async def probe_once(peer: Peer, model: str, limit: float) -> str | None:
         return "node is draining"
     try:
         with trio.fail_after(limit):
-            out = await peer.session.open_stream(meta, msgspec.json.encode(body))
+            out = await peer.open_stream(meta, msgspec.json.encode(body))
             try:
                 head = await out.head()
                 async for _chunk in out.body():

@@ -7,7 +7,8 @@ stops its backend call.
 
 For each model to try (the request's ``model``, then its ``models`` fallbacks)
 the proxy picks a node — per-request preferences first, else the gateway's
-routing policy — among live nodes not in cooldown that have a free slot. When
+routing policy — among live nodes of the request's node group (ungrouped nodes for
+an ungrouped request) not in cooldown that have a free slot. When
 every candidate is full the request waits for a slot, at most
 ``queue_timeout`` seconds and behind at most ``max_queue`` others, then gets
 429 with ``Retry-After``: the queue is never unbounded.
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Container, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +36,7 @@ import trio
 from tooti.errors import APIError, from_end_info
 from tooti.gateway.health import CooldownPolicy
 from tooti.gateway.http import Headers, Send, send_bytes
-from tooti.gateway.registry import Peer, Registry
+from tooti.gateway.registry import Candidates, KeyName, Peer, Registry
 from tooti.gateway.validation import ParsedRequest, Preferences
 from tooti.protocol.connection import FlowControlError, ResponseStarted
 from tooti.routing.base import RouteRequest, RoutingPolicy
@@ -100,11 +101,36 @@ class _Retry(Exception):
         self.counts = counts
 
 
-def check_routable(registry: Registry, models: Sequence[str]) -> None:
-    """404 if no model in ``models`` was ever advertised here, 503 if none has a live node."""
-    if any(registry.serving(m) for m in models):
+class _NoRoute(Exception):
+    """No node the request may use serves the model at all, busy or not."""
+
+
+SORT_KEYS: dict[str, KeyName] = {
+    "price": "price", "latency": "latency", "throughput": "throughput", "load": "load"}
+"""Each ``sort`` preference → the index key it minimizes (see :data:`KeyName`)."""
+
+
+NOT_THE_NODES_FAULT = frozenset({"relay_busy", "draining"})
+"""END error codes of a refused stream that do not count toward a node's cooldown: a
+relay at its stream limit, or a peer that had already sent GOAWAY."""
+
+
+def check_routable(
+    registry: Registry, models: Sequence[str], *,
+    serving: Callable[[str], Sequence[Peer]] | None = None,
+    known: Container[str] | None = None,
+) -> None:
+    """404 if no model in ``models`` was ever advertised here, 503 if none has a live node.
+
+    ``serving`` (model → live peers) and ``known`` (models ever advertised) narrow both
+    to the nodes one request may use (its node group), so a model only another group
+    serves is 404 as if it did not exist.
+    """
+    serving = serving or registry.serving
+    known = registry.known_models if known is None else known
+    if any(serving(m) for m in models):
         return
-    if any(m in registry.known_models for m in models):
+    if any(m in known for m in models):
         raise APIError(503, f"no live node serves model '{models[0]}' right now",
                        code="no_capacity", type="service_unavailable")
     raise APIError(404, f"the model '{models[0]}' does not exist", param="model",
@@ -144,28 +170,41 @@ class Proxy:
 
     # ------------------------------------------------------------ choosing
 
-    def choose(self, route: RouteRequest, prefs: Preferences, candidates: list[Peer]
+    def choose(self, route: RouteRequest, prefs: Preferences, candidates: Sequence[Peer]
                ) -> Peer | None:
-        """The node to try for ``route`` among ``candidates`` (all with a free slot)."""
+        """The node to try for ``route`` among ``candidates`` (all with a free slot).
+
+        Given a :class:`Candidates` view (as :meth:`acquire` does), ``order`` looks the
+        listed ids up directly and ``sort`` takes the minimum of a precomputed key, so
+        neither makes a Python pass over every node; a plain sequence is scanned.
+        """
         if not candidates:
             return None
+        view = candidates if isinstance(candidates, Candidates) else None
         if prefs.order:
-            position = {node: i for i, node in enumerate(prefs.order)}
-            listed = [p for p in candidates if p.id in position]
-            if listed:
-                return min(listed, key=lambda p: position[p.id])
+            if view is not None:
+                for node_id in prefs.order:
+                    listed = view.get(node_id)
+                    if listed is not None:
+                        return listed
+            else:
+                position = {node: i for i, node in enumerate(prefs.order)}
+                in_order = [p for p in candidates if p.id in position]
+                if in_order:
+                    return min(in_order, key=lambda p: position[p.id])
         if prefs.sort is not None:
+            if view is not None:
+                return view.min_by(SORT_KEYS[prefs.sort])
             return min(candidates, key=_sort_key(prefs.sort, route.model))
         ranked = self.policy.rank(route, candidates)
         return ranked[0] if ranked else None
 
     def _eligible(self, model: str, prefs: Preferences, excluded: set[str]) -> list[Peer]:
-        candidates = self.registry.candidates(model)
-        if excluded or not prefs.is_default:
-            allowed = prefs.only
-            if not prefs.allow_fallbacks and prefs.order:
-                allowed = frozenset(prefs.order) if allowed is None else allowed & set(
-                    prefs.order)
+        """Every candidate (free or busy) of the request's node group its preferences and
+        ``excluded`` allow."""
+        candidates = list(self.registry.eligible(model, prefs.group))
+        if excluded or not _unfiltered(prefs):
+            allowed = _allowed(prefs)
             candidates = [
                 p for p in candidates
                 if p.id not in excluded and p.id not in prefs.ignore
@@ -174,43 +213,108 @@ class Proxy:
             ]
         return candidates
 
+    def _free(self, model: str, prefs: Preferences, excluded: set[str]) -> Candidates:
+        """The nodes with a free slot the request may use, as an indexed view: ``only``
+        and ``order`` look their ids up, ``ignore`` and ``excluded`` skip a few ids."""
+        view = self.registry.free_slots(model, prefs.group)
+        if excluded or prefs.ignore:
+            view = view.excluding(excluded | prefs.ignore if excluded else prefs.ignore)
+        allowed = _allowed(prefs)
+        if allowed is not None:
+            view = view.restrict(allowed)
+        if prefs.max_price_prompt is not None:
+            view = view.at_most("price_in", prefs.max_price_prompt)
+        if prefs.max_price_completion is not None:
+            view = view.at_most("price_out", prefs.max_price_completion)
+        return view
+
+    def select(self, route: RouteRequest, prefs: Preferences, excluded: set[str]
+               ) -> Peer | None:
+        """The node a request would take now, without reserving it: chosen (see
+        :meth:`choose`) among the nodes with a free slot its preferences allow, and
+        able to take a stream now (a node whose tunnel is at its stream limit is passed
+        over and the choice made again). None while there is no such node."""
+        model = route.model
+        view = self._free(model, prefs, excluded)
+        passed: set[Peer] = set()
+        while True:
+            peer = self.choose(route, prefs, view)
+            if peer is None or peer in passed:
+                return None
+            if self.registry.usable(peer, model):
+                return peer
+            passed.add(peer)
+            view = view.without(peer)
+
+    def _take(self, route: RouteRequest, prefs: Preferences, excluded: set[str]
+              ) -> Peer | None:
+        """Reserve a slot on the node :meth:`select` picks; None while every node the
+        request may use is busy. Raises _NoRoute when it may use none at all."""
+        peer = self.select(route, prefs, excluded)
+        if peer is not None and self.registry.reserve(peer, route.model):
+            return peer
+        if not self._any_eligible(route.model, prefs, excluded):
+            raise _NoRoute
+        return None
+
+    def _any_eligible(self, model: str, prefs: Preferences, excluded: set[str]) -> bool:
+        """True if any candidate, free or busy, is one the request may use."""
+        eligible = self.registry.eligible(model, prefs.group)
+        if not eligible:
+            return False
+        allowed = _allowed(prefs)
+        nodes: Collection[Peer]
+        if allowed is not None:  # a few ids: look them up
+            peers = self.registry.peers
+            nodes = [peers[i] for i in allowed if i in peers and peers[i] in eligible]
+        elif not excluded and _unfiltered(prefs):
+            return True
+        else:  # stops at the first match, which is usually among the first few
+            nodes = eligible
+        return any(p.id not in excluded and p.id not in prefs.ignore
+                   and _within_price(p, model, prefs) for p in nodes)
+
     async def acquire(self, route: RouteRequest, prefs: Preferences, excluded: set[str]
                       ) -> Peer | None:
         """Reserve a slot on the best eligible node, queueing while all are full.
 
-        Returns None when no node is eligible at all; raises APIError(429) when
-        the queue is full or the wait exceeds ``queue_timeout``.
+        The queue is FIFO per model (and node group): a slot that frees up goes to the
+        oldest waiting request that may use it, and a new request takes a slot only if
+        no older one can. Returns None when no node is eligible at all; raises
+        APIError(429) when the queue is full or the wait exceeds ``queue_timeout``.
         """
-        model = route.model
+        model, registry = route.model, self.registry
         deadline = trio.current_time() + self.settings.queue_timeout
-        waiting = False
+
+        def take() -> Peer | None:
+            return self._take(route, prefs, excluded)
+
+        registry.dispatch(model, prefs.group)  # older requests first
         try:
-            while True:
-                if excluded or not prefs.is_default:
-                    eligible = self._eligible(model, prefs, excluded)
-                    any_eligible = bool(eligible)
-                    free = [p for p in eligible if p.has_slot(model)]
-                else:
-                    any_eligible, free = self.registry.with_free_slot(model)
-                if not any_eligible:
-                    return None
-                peer = self.choose(route, prefs, free)
-                if peer is not None:
-                    peer.in_flight[model] = peer.in_flight.get(model, 0) + 1
-                    return peer
-                if not waiting:
-                    if self.queued >= self.settings.max_queue:
-                        raise _busy(model, "the gateway's queue is full")
-                    self.queued += 1
-                    waiting = True
-                with trio.move_on_at(deadline) as timer:
-                    await self.registry.wait_for_slot(model)
-                if timer.cancelled_caught:
-                    raise _busy(model, f"every node serving '{model}' stayed busy for "
-                                f"{self.settings.queue_timeout:g}s")
+            peer = take()
+        except _NoRoute:
+            return None
+        if peer is not None:
+            return peer
+        if self.queued >= self.settings.max_queue:
+            raise _busy(model, "the gateway's queue is full")
+        waiter = registry.enqueue(model, prefs.group, take)
+        self.queued += 1
+        try:
+            with trio.move_on_at(deadline):
+                await registry.wait_for_slot(waiter)
+            peer, waiter.peer = waiter.peer, None  # claimed: leave() will not pass it on
+            if peer is not None:
+                return peer
+            if isinstance(waiter.error, _NoRoute):
+                return None
+            if waiter.error is not None:
+                raise waiter.error
+            raise _busy(model, f"every node serving '{model}' stayed busy for "
+                        f"{self.settings.queue_timeout:g}s")
         finally:
-            if waiting:
-                self.queued -= 1
+            self.queued -= 1
+            registry.leave(waiter)
 
     # ------------------------------------------------------------ forwarding
 
@@ -222,7 +326,7 @@ class Proxy:
         last_error: APIError | None = None
         with trio.fail_after(self.settings.request_timeout):
             for index, model in enumerate(request.models):
-                if not self.registry.serving(model):
+                if not self.registry.serving(model, request.preferences.group):
                     last_error = last_error or APIError(
                         503, f"no live node serves model '{model}' right now",
                         code="no_capacity", type="service_unavailable")
@@ -274,7 +378,8 @@ class Proxy:
                          route.request_id, peer.id, retry.error.message)
             finally:
                 self.registry.release(peer, route.model)
-        if last_error is None and not prefs.is_default and self.registry.candidates(route.model):
+        if (last_error is None and not prefs.is_default
+                and self.registry.eligible(route.model, prefs.group)):
             raise APIError(503, f"no node serving '{route.model}' matches the request's "
                            "provider preferences (order/only/ignore/max_price)",
                            code="no_matching_node", type="service_unavailable")
@@ -288,7 +393,7 @@ class Proxy:
         if record.record_failure(reason, self.settings.cooldown):
             log.warning("node %s model %s in cooldown for %.0fs after repeated failures (%s)",
                         peer.id, model, record.cooldown_until - time.monotonic(), reason)
-            self.registry.changed()
+            self.registry.refresh(peer)
             self.registry.bus.publish("peer.cooldown", peer_id=peer.id, model=model,
                                       **record.describe())
             if self.on_cooldown is not None:
@@ -310,7 +415,7 @@ class Proxy:
         try:
             with trio.move_on_after(self.settings.first_byte_timeout) as timer:
                 try:
-                    out = await peer.session.open_stream(meta, body)
+                    out = await peer.open_stream(meta, body)
                     head = await out.head()
                     if head is not None and request.stream and head.status == 200:
                         first = await _first_token(out)
@@ -334,7 +439,7 @@ class Proxy:
                 error = from_end_info(end)
                 retryable = end.get("retryable")
                 if retryable is True or (retryable is None and error.status in RETRYABLE_STATUS):
-                    raise _Retry(error)
+                    raise _Retry(error, counts=error.code not in NOT_THE_NODES_FAULT)
                 outcome.status = "error"
                 raise error
             first_token_at = time.monotonic()
@@ -416,6 +521,21 @@ async def _first_token(out: OutboundStream) -> bytes | None:
 def _busy(model: str, why: str) -> APIError:
     return APIError(429, f"{why}; retry shortly", code="capacity_exhausted",
                     type="rate_limit_error", headers={"retry-after": "1"})
+
+
+def _allowed(prefs: Preferences) -> frozenset[str] | None:
+    """The node ids a request is limited to (``only``, and ``order`` without fallbacks),
+    or None when it is not limited to a list."""
+    allowed = prefs.only
+    if not prefs.allow_fallbacks and prefs.order:
+        allowed = frozenset(prefs.order) if allowed is None else allowed & set(prefs.order)
+    return allowed
+
+
+def _unfiltered(prefs: Preferences) -> bool:
+    """True when the preferences leave every node of the request's group eligible."""
+    return (_allowed(prefs) is None and not prefs.ignore and prefs.max_price_prompt is None
+            and prefs.max_price_completion is None)
 
 
 def _within_price(peer: Peer, model: str, prefs: Preferences) -> bool:

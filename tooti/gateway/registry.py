@@ -3,130 +3,62 @@
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from collections import deque
+from collections.abc import Callable, Collection, Iterable
 
 import trio
 
 from tooti.backends.base import ModelInfo
+from tooti.gateway.candidates import KEY_NAMES, Candidates, Key, KeyName, ModelIndex, SlotWaiter
 from tooti.gateway.events import EventBus
-from tooti.gateway.health import ModelHealth
+from tooti.gateway.identities import IdentityStore, IdentityStoreError
+from tooti.gateway.peer import Peer
 from tooti.identity import DERIVED_PREFIX, derive_id
 from tooti.protocol.connection import ProtocolError
-from tooti.tunnel import TunnelSession
 
 log = logging.getLogger("tooti.gateway")
 
-
-@dataclass(eq=False)
-class Peer:
-    """One node (or relay) with a live tunnel to this gateway."""
-
-    id: str
-    role: str
-    session: TunnelSession
-    address: str
-    labels: dict[str, str] = field(default_factory=dict)
-    software: str = ""
-    models: dict[str, ModelInfo] = field(default_factory=dict)
-    in_flight: dict[str, int] = field(default_factory=dict)
-    """Streams this gateway has open on the peer, by model."""
-    stats: dict[str, Any] = field(default_factory=dict)
-    """The peer's last HEARTBEAT payload."""
-    connected_at: float = field(default_factory=time.time)
-    draining: bool = False
-    failures: int = 0
-    health: dict[str, ModelHealth] = field(default_factory=dict)
-    """What this gateway measured for each model on this peer."""
-
-    @property
-    def live(self) -> bool:
-        """True while the tunnel is up and the peer takes new streams."""
-        return (
-            not self.draining
-            and not self.session.closed.is_set()
-            and self.stats.get("healthy", True) is not False
-        )
-
-    def health_of(self, model: str) -> ModelHealth:
-        """This peer's measured record for ``model`` (created on first use)."""
-        record = self.health.get(model)
-        if record is None:
-            record = self.health[model] = ModelHealth()
-        return record
-
-    def capacity(self, model: str) -> int:
-        """Concurrent streams the peer advertises for ``model``."""
-        info = self.models.get(model)
-        return max(1, info.max_concurrency) if info else 1
-
-    def has_slot(self, model: str) -> bool:
-        """True while in-flight streams for ``model`` are below its capacity and the
-        tunnel can take another stream (its ``max_streams`` limit)."""
-        return (self.in_flight.get(model, 0) < self.capacity(model)
-                and self.session.conn.can_open_stream())
-
-    def load(self, model: str) -> float:
-        """In-flight streams for ``model`` divided by its advertised capacity."""
-        info = self.models.get(model)
-        capacity = info.max_concurrency if info else 1
-        return self.in_flight.get(model, 0) / max(1, capacity)
-
-    def total_in_flight(self) -> int:
-        """Streams open on this peer across every model."""
-        return sum(self.in_flight.values())
-
-    def describe(self) -> dict[str, Any]:
-        """A JSON-able summary for admin and health endpoints."""
-        return {
-            "id": self.id, "role": self.role, "address": self.address, "labels": self.labels,
-            "software": self.software, "models": sorted(self.models),
-            "in_flight": self.total_in_flight(), "draining": self.draining,
-            "rtt_ms": None if self.session.rtt is None else round(self.session.rtt * 1000, 3),
-            "connected_at": self.connected_at,
-            "state": self.state(),
-            "failures": self.failures,
-            "stats": self.stats,
-            "per_model": {
-                model: {
-                    "in_flight": self.in_flight.get(model, 0),
-                    "capacity": self.capacity(model),
-                    "price": {"input": info.price_input, "output": info.price_output},
-                    **self.health_of(model).describe(),
-                }
-                for model, info in sorted(self.models.items())
-            },
-        }
-
-    def state(self) -> str:
-        """``live``, ``draining``, ``unhealthy``, ``cooldown`` (every model) or ``gone``."""
-        if self.session.closed.is_set():
-            return "gone"
-        if self.draining:
-            return "draining"
-        if self.stats.get("healthy", True) is False:
-            return "unhealthy"
-        if self.models and all(self.health_of(m).in_cooldown for m in self.models):
-            return "cooldown"
-        return "live"
+__all__ = ["KEY_NAMES", "Candidates", "Key", "KeyName", "Peer", "Registry", "SlotWaiter"]
 
 
 class Registry:
-    """Peers by id, with an index from model id to the peers serving it."""
+    """Peers by id, an index of them per model and node group, and the queues of
+    requests waiting for a slot.
 
-    def __init__(self, bus: EventBus | None = None) -> None:
+    The index (candidates, the peers with a free slot and the keys the policies rank
+    them by) is kept current as peers change, so a routing decision never scans every
+    peer: :meth:`add`, :meth:`remove`, :meth:`set_models`, :meth:`reserve` and
+    :meth:`release` update it, and whoever changes a peer's state (draining, health,
+    cooldowns) calls :meth:`refresh` / :meth:`peer_updated` for that peer or
+    :meth:`changed`. Requests waiting for a slot queue FIFO per model and group
+    (:meth:`enqueue`); a freed slot goes to the oldest one that may use it.
+    """
+
+    def __init__(self, bus: EventBus | None = None,
+                 identities: IdentityStore | None = None) -> None:
         self.bus = bus or EventBus()
         """Where peer changes are published."""
         self.peers: dict[str, Peer] = {}
-        self._by_model: dict[str, list[Peer]] = {}
+        self._index: dict[str, dict[str, ModelIndex]] = {}
+        """Model → node group → the index of that group's peers serving the model."""
+        self._filed: dict[Peer, tuple[str, set[str]]] = {}
+        """Registered peer → (the node group and the models it is indexed under)."""
+        self._tunnels: dict[int, set[Peer]] = {}
+        """``id`` of a tunnel session → the registered peers reached through it."""
+        self._stale = False
+        """:meth:`changed` was called: re-evaluate every peer before the next read."""
+        self._waiters: dict[tuple[str, str], deque[SlotWaiter]] = {}
+        """(model, node group) → requests waiting for a slot, oldest first."""
+        self._dispatching = False
+        self._pending: set[tuple[str, str]] = set()
         self.known_models: set[str] = set()
         """Every model id ever advertised here (unknown vs. unavailable)."""
-        self.identities: dict[str, bytes] = {}
-        """Chosen node names → the public key that first proved each (trust on first use)."""
+        self.identity_store = identities
+        """Where identity bindings persist across restarts (None = memory only)."""
+        self.identities: dict[str, bytes] = identities.load() if identities else {}
+        """Chosen node names → the public key that first proved each (trust on first use),
+        loaded from ``identity_store`` and written through to it."""
         self._changed = trio.Event()
-        self._slot_events: dict[str, trio.Event] = {}
 
     async def wait_until(self, condition: Callable[[], bool]) -> None:
         """Wait until ``condition()`` holds, re-checking on every registry change."""
@@ -134,7 +66,16 @@ class Registry:
             await self._changed.wait()
 
     def changed(self) -> None:
-        """Wake everyone waiting in :meth:`wait_until` (peer state changed)."""
+        """Peer state changed somewhere (draining, health, cooldowns, ...): re-evaluate every
+        peer before the next routing decision, hand newly usable slots to queued requests
+        and wake everyone waiting in :meth:`wait_until`. When the peer is known,
+        :meth:`refresh` is cheaper."""
+        self._stale = True
+        self._notify()
+        if self._waiters:
+            self._dispatch(list(self._waiters))
+
+    def _notify(self) -> None:
         self._changed.set()
         self._changed = trio.Event()
 
@@ -142,14 +83,24 @@ class Registry:
         """Accept ``public_key`` for ``peer_id`` or raise ProtocolError ``identity_mismatch``.
 
         A derived id (``tooti-…``) must be the key's own; a chosen name is bound to
-        the first key that proves it here and refused to any other key afterwards.
+        the first key that proves it here and refused to any other key afterwards (across
+        restarts too, when the registry has an identity store).
         """
         if peer_id.startswith(DERIVED_PREFIX):
             if derive_id(public_key) != peer_id:
                 raise ProtocolError("identity_mismatch",
                                     f"{peer_id} is not the id of the presented key")
             return
-        bound = self.identities.setdefault(peer_id, public_key)
+        bound = self.identities.get(peer_id)
+        if bound is None:
+            bound = public_key
+            if self.identity_store is not None:
+                try:  # another process sharing the file may have bound it first
+                    bound = self.identity_store.bind(peer_id, public_key)
+                except IdentityStoreError as exc:
+                    log.error("node id %s is bound in memory only (lost on restart): %s",
+                              peer_id, exc)
+            self.identities[peer_id] = bound
         if bound != public_key:
             raise ProtocolError("identity_mismatch",
                                 f"node id {peer_id} belongs to another key")
@@ -158,16 +109,32 @@ class Registry:
         """Register ``peer``; returns the peer it replaces (same id), if any."""
         old = self.peers.get(peer.id)
         self.peers[peer.id] = peer
-        self._reindex()
+        keys = self._unfile(old) if old is not None and old is not peer else []
+        keys += self._file(peer)
+        self._notify()
+        self._wake(keys)
         log.info("peer %s joined from %s (%s)", peer.id, peer.address, peer.role)
         self.bus.publish("peer.joined", peer=peer.describe())
         return old
+
+    def add_relayed(self, peer: Peer) -> bool:
+        """Register a node reached through a relay, unless the same node id has a live
+        direct tunnel here (a direct tunnel is preferred); returns True if added."""
+        current = self.peers.get(peer.id)
+        if current is not None and not current.via and not current.session.closed.is_set():
+            log.info("node %s is also advertised via %s; keeping its direct tunnel",
+                     peer.id, peer.via)
+            return False
+        self.add(peer)
+        return True
 
     def remove(self, peer: Peer) -> None:
         """Forget ``peer`` if it is still the registered one for its id."""
         if self.peers.get(peer.id) is peer:
             del self.peers[peer.id]
-            self._reindex()
+            keys = self._unfile(peer)
+            self._notify()
+            self._wake(keys)
             log.info("peer %s left (%s)", peer.id, peer.session.close_reason or "closed")
             self.bus.publish("peer.left", peer_id=peer.id,
                              reason=peer.session.close_reason or "closed")
@@ -176,78 +143,272 @@ class Registry:
         """Replace the models a peer serves."""
         peer.models = {m.id: m for m in models}
         self.known_models.update(peer.models)
-        self._reindex()
+        self._notify()
         self.peer_updated(peer)
 
     def peer_updated(self, peer: Peer) -> None:
-        """Publish a peer's current state (models, load, health, cooldowns)."""
+        """Re-evaluate a peer (see :meth:`refresh`) and publish its current state (models,
+        load, health, cooldowns)."""
         if self.peers.get(peer.id) is peer:
+            self.refresh(peer)
             self.bus.publish("peer.updated", peer=peer.describe())
+
+    def refresh(self, peer: Peer) -> None:
+        """Re-evaluate one registered peer for every model it serves (live, draining,
+        health, cooldowns, load), waking :meth:`wait_until` if it became or stopped being
+        usable and handing slots it now has to queued requests. Call it after changing a
+        peer's state; :meth:`changed` does it for every peer."""
+        if peer not in self._filed:
+            return
+        self._wake(self._file(peer, notify=True))
 
     def candidates(self, model: str) -> list[Peer]:
         """Live peers serving ``model`` and not in cooldown for it."""
-        out = []
-        for peer in self._by_model.get(model, ()):
-            if peer.live:
-                record = peer.health.get(model)
-                if record is None or not record.in_cooldown:
-                    out.append(peer)
-        return out
+        return [peer for index in self._indexes(model) for peer in index.eligible]
+
+    def eligible(self, model: str, group: str = "") -> Collection[Peer]:
+        """The :meth:`candidates` of node group ``group`` (a live read-only view)."""
+        index = self._find(model, group)
+        return () if index is None else index.eligible.keys()
 
     def with_free_slot(self, model: str) -> tuple[bool, list[Peer]]:
-        """In one pass: whether any candidate (see :meth:`candidates`) serves ``model``,
-        and the candidates with a free slot for it (the routing hot path)."""
+        """Whether any candidate (see :meth:`candidates`) serves ``model``, and the
+        candidates with a free slot for it whose tunnel can take another stream."""
         any_candidate = False
-        free = []
-        for peer in self._by_model.get(model, ()):
-            if not peer.live:
-                continue
-            record = peer.health.get(model)
-            if record is not None and record.in_cooldown:
-                continue
-            any_candidate = True
-            if peer.has_slot(model):
-                free.append(peer)
+        free: list[Peer] = []
+        for index in self._indexes(model):
+            any_candidate = any_candidate or bool(index.eligible)
+            free.extend(p for p in index.free if p.session.conn.can_open_stream())
         return any_candidate, free
 
-    def serving(self, model: str) -> list[Peer]:
-        """Live peers serving ``model``, cooldown or not."""
-        return [p for p in self._by_model.get(model, ()) if p.live]
+    def free_slots(self, model: str, group: str = "") -> Candidates:
+        """The candidates of node group ``group`` with a free slot for ``model``, as a
+        view a routing policy can query without a pass over every peer."""
+        index = self._find(model, group)
+        return Candidates(ModelIndex(model) if index is None else index, self.peers)
 
-    async def wait_for_slot(self, model: str) -> None:
-        """Wait until a stream of ``model`` ends somewhere or the peers change."""
-        event = self._slot_events.get(model)
-        if event is None:
-            event = self._slot_events[model] = trio.Event()
-        changed = self._changed
-        async with trio.open_nursery() as nursery:
-            async def either(wait: Callable[[], Any]) -> None:
-                await wait()
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(either, event.wait)
-            nursery.start_soon(either, changed.wait)
-
-    def release(self, peer: Peer, model: str) -> None:
-        """A stream of ``model`` on ``peer`` ended: free its slot, wake one queue."""
-        peer.in_flight[model] -= 1
-        event = self._slot_events.pop(model, None)
-        if event is not None:
-            event.set()
+    def serving(self, model: str, group: str | None = None) -> list[Peer]:
+        """Live peers serving ``model``, cooldown or not (of node group ``group`` only,
+        when given)."""
+        if group is not None:
+            index = self._find(model, group)
+            return [] if index is None else list(index.live)
+        return [peer for index in self._indexes(model) for peer in index.live]
 
     def live_models(self) -> dict[str, list[Peer]]:
         """Model id → live peers serving it (models with none are left out)."""
+        self._fresh()
         out: dict[str, list[Peer]] = {}
-        for model, peers in self._by_model.items():
-            live = [p for p in peers if p.live]
+        for model, groups in self._index.items():
+            live = [peer for index in groups.values() for peer in index.live]
             if live:
                 out[model] = live
         return out
 
+    # ------------------------------------------------------------ slots
+
+    def usable(self, peer: Peer, model: str) -> bool:
+        """True if ``peer`` can take one more stream of ``model`` now: indexed with a free
+        slot, still in the state it was indexed in (else it is re-evaluated), and its
+        tunnel below its stream limit (shared by every model and peer on it)."""
+        filed = self._filed.get(peer)
+        index = None if filed is None else self._find(model, filed[0])
+        if index is None or peer not in index.free:
+            return False
+        info = peer.models.get(model)
+        record = peer.health.get(model)
+        if (info is None or not peer.live or (record is not None and record.in_cooldown)
+                or peer.in_flight.get(model, 0) >= max(1, info.max_concurrency)):
+            # It changed without a refresh: catch up (queued requests see it at the next
+            # hand-out; handing out now could change the index under the caller's view).
+            self._file(peer, notify=True)
+            return False
+        return peer.session.conn.can_open_stream()
+
+    def reserve(self, peer: Peer, model: str) -> bool:
+        """Take a slot of ``model`` on ``peer`` for a new stream if it is :meth:`usable`;
+        returns whether it did. Every reservation ends with :meth:`release`."""
+        if not self.usable(peer, model):
+            return False
+        peer.in_flight[model] = peer.in_flight.get(model, 0) + 1
+        index = self._find(model, self._filed[peer][0])
+        if index is not None:
+            index.evaluate(peer)
+        return True
+
+    def release(self, peer: Peer, model: str) -> None:
+        """A stream of ``model`` on ``peer`` ended: free its slot and hand it (or the
+        tunnel stream it held) to the oldest queued request that can use it."""
+        peer.in_flight[model] -= 1
+        filed = self._filed.get(peer)
+        if filed is None:
+            return
+        index = self._find(model, filed[0])
+        if index is not None:
+            index.evaluate(peer)
+        if self._waiters:
+            keys = []
+            for sibling in self._tunnels.get(id(peer.session), ()):
+                group = self._filed[sibling][0]
+                for served in sibling.models:
+                    key = (served, group)
+                    shared = self._find(served, group)
+                    if key in self._waiters and shared is not None:
+                        shared.epoch += 1  # the tunnel has a stream to spare again
+                        keys.append(key)
+            self._dispatch(keys)
+
+    def enqueue(self, model: str, group: str, take: Callable[[], Peer | None]
+                ) -> SlotWaiter:
+        """Queue a request for a slot of ``model`` on a peer of node group ``group``,
+        behind those already waiting. Slots are handed out oldest first, each through
+        its ``take`` (see :class:`SlotWaiter`); a request whose ``take`` finds nothing
+        it may use lets the next one try. Always end with :meth:`leave`."""
+        waiter = SlotWaiter((model, group), take)
+        self._waiters.setdefault(waiter.key, deque()).append(waiter)
+        return waiter
+
+    async def wait_for_slot(self, waiter: SlotWaiter) -> None:
+        """Wait until ``waiter`` has a slot (``waiter.peer``) or an error."""
+        await waiter.event.wait()
+
+    def leave(self, waiter: SlotWaiter) -> None:
+        """Take ``waiter`` out of its queue. A slot handed to it but not claimed (it was
+        cancelled or timed out meanwhile; ``waiter.peer`` still set) passes on to the
+        next request in line."""
+        queue = self._waiters.get(waiter.key)
+        if queue is not None:
+            if waiter in queue:
+                queue.remove(waiter)
+            if not queue:
+                del self._waiters[waiter.key]
+        peer, waiter.peer = waiter.peer, None
+        if peer is not None:
+            self.release(peer, waiter.key[0])
+
+    def dispatch(self, model: str, group: str = "") -> None:
+        """Hand free slots of ``model`` (node group ``group``) to queued requests, oldest
+        first. A new request calls this before taking a slot itself, so it only takes
+        one that no older request of that model can use."""
+        key = (model, group)
+        if key in self._waiters:
+            self._dispatch([key])
+
+    def _dispatch(self, keys: Iterable[tuple[str, str]]) -> None:
+        if self._dispatching:  # a take() re-evaluated a peer: serve again when done
+            self._pending.update(keys)
+            return
+        self._dispatching = True
+        try:
+            todo = list(keys)
+            while todo:
+                for key in todo:
+                    self._serve_queue(key)
+                todo = list(self._pending)
+                self._pending.clear()
+        finally:
+            self._dispatching = False
+
+    def _serve_queue(self, key: tuple[str, str]) -> None:
+        queue = self._waiters.get(key)
+        if not queue:
+            return
+        self._fresh()
+        index = self._find(*key)
+        everyone = index is None or index.recheck
+        if index is not None:
+            if not everyone and index.served == index.epoch:
+                return  # nothing a queued request could use has freed up since last time
+            index.recheck = False
+            index.served = index.epoch
+        for waiter in list(queue):
+            if not everyone and index is not None and not index.free:
+                break
+            try:
+                peer = waiter.take()
+            except Exception as exc:  # delivered to the waiting request
+                waiter.error = exc
+            else:
+                if peer is None:
+                    continue
+                waiter.peer = peer
+            queue.remove(waiter)
+            waiter.event.set()
+        if not queue and self._waiters.get(key) is queue:
+            del self._waiters[key]
+
+    def _wake(self, keys: Iterable[tuple[str, str]]) -> None:
+        if self._waiters:
+            self._dispatch([key for key in keys if key in self._waiters])
+
+    # ------------------------------------------------------------ the index
+
+    def _find(self, model: str, group: str) -> ModelIndex | None:
+        self._fresh()
+        groups = self._index.get(model)
+        return None if groups is None else groups.get(group)
+
+    def _indexes(self, model: str) -> Iterable[ModelIndex]:
+        self._fresh()
+        return self._index.get(model, {}).values()
+
+    def _file(self, peer: Peer, notify: bool = False) -> list[tuple[str, str]]:
+        """Index a registered peer under its current models and state; returns the
+        (model, group) keys it touched."""
+        filed = self._filed.get(peer)
+        if filed is None:
+            filed = self._filed[peer] = (peer.group, set())
+            self._tunnels.setdefault(id(peer.session), set()).add(peer)
+        group, models = filed
+        keys, flipped = [], False
+        for model in models - peer.models.keys():
+            self._index[model][group].discard(peer)
+            models.discard(model)
+            keys.append((model, group))
+            flipped = True
+        for model in peer.models:
+            groups = self._index.setdefault(model, {})
+            index = groups.get(group)
+            if index is None:
+                index = groups[group] = ModelIndex(model)
+            if peer not in index.serving:
+                index.serving[peer] = None
+                models.add(model)
+            flipped = index.evaluate(peer) or flipped
+            keys.append((model, group))
+        if notify and flipped:
+            self._notify()
+        return keys
+
+    def _unfile(self, peer: Peer) -> list[tuple[str, str]]:
+        filed = self._filed.pop(peer, None)
+        if filed is None:
+            return []
+        sharing = self._tunnels.get(id(peer.session))
+        if sharing is not None:
+            sharing.discard(peer)
+            if not sharing:
+                del self._tunnels[id(peer.session)]
+        group, models = filed
+        for model in models:
+            self._index[model][group].discard(peer)
+        return [(model, group) for model in models]
+
+    def _fresh(self) -> None:
+        if self._stale:
+            self._stale = False
+            for peer in list(self._filed):
+                self._file(peer)
+
     def _reindex(self) -> None:
-        index: dict[str, list[Peer]] = {}
+        """Rebuild the whole index from ``peers`` (after changing ``peers`` directly)."""
+        self._index, self._filed, self._tunnels = {}, {}, {}
+        self._stale = False
         for peer in self.peers.values():
-            for model in peer.models:
-                index.setdefault(model, []).append(peer)
-        self._by_model = index
-        self.changed()
+            self._file(peer)
+        for key in self._waiters:
+            index = self._find(*key)
+            if index is not None:
+                index.recheck = True
+        self._notify()
+        self._wake(list(self._waiters))

@@ -8,12 +8,15 @@ import ipaddress
 import logging
 import os
 import uuid
+from collections.abc import Mapping
 
 import trio
 
 from tooti import __version__
 from tooti.backends.base import ModelInfo
+from tooti.gateway.groups import bearer_token
 from tooti.gateway.registry import Peer, Registry
+from tooti.gateway.routes import RelayedNodes
 from tooti.identity import (
     CHALLENGE_BYTES,
     PUBLIC_KEY_BYTES,
@@ -32,6 +35,7 @@ from tooti.protocol.connection import (
     ModelsReceived,
     ProofReceived,
     ProtocolError,
+    RoutesReceived,
     Side,
 )
 from tooti.settings import TunnelSettings
@@ -60,40 +64,58 @@ class BearerAuth:
 
     The secret is kept only as its SHA-256 digest and compared in constant
     time. With no secret configured, only loopback clients are accepted.
+
+    ``groups`` (group name → join token) adds one token per node group: a peer
+    presenting a group's token is admitted into that group (see :meth:`admit`).
+    With any token configured, every peer must present one.
     """
 
-    def __init__(self, join_token: str) -> None:
+    def __init__(self, join_token: str, groups: Mapping[str, str] | None = None) -> None:
         self._digest = hashlib.sha256(join_token.encode()).digest() if join_token else None
+        self._groups = [(name, hashlib.sha256(token.encode()).digest())
+                        for name, token in (groups or {}).items() if token]
 
     @property
     def open_to_network(self) -> bool:
         """True when a join token is configured (non-loopback peers allowed)."""
-        return self._digest is not None
+        return self._digest is not None or bool(self._groups)
 
     def check(self, authorization: bytes | None, client_host: str | None) -> str | None:
         """Return None if the peer is admitted, else the reason it is refused."""
-        if self._digest is None:
+        return self.admit(authorization, client_host)[0]
+
+    def admit(self, authorization: bytes | None, client_host: str | None
+              ) -> tuple[str | None, str]:
+        """``(None, group)`` if the peer is admitted (group ``""`` = ungrouped), else
+        ``(reason, "")``. Every configured token is compared, in constant time."""
+        if not self.open_to_network:
             if client_host is None or client_host == "memory":
-                return None
+                return None, ""
             try:
                 if ipaddress.ip_address(client_host).is_loopback:
-                    return None
+                    return None, ""
             except ValueError:
                 pass
-            return "no token configured: only loopback clients are accepted"
-        token = b""
-        if authorization and authorization[:7].lower() == b"bearer ":
-            token = authorization[7:].strip()
-        if not hmac.compare_digest(hashlib.sha256(token).digest(), self._digest):
-            return "invalid token"
-        return None
+            return "no token configured: only loopback clients are accepted", ""
+        presented = hashlib.sha256(bearer_token(authorization)).digest()
+        group: str | None = None
+        if self._digest is not None and hmac.compare_digest(presented, self._digest):
+            group = ""
+        for name, digest in self._groups:
+            if hmac.compare_digest(presented, digest):
+                group = name
+        if group is None:
+            return "invalid token", ""
+        return None, group
 
 
 async def serve_tunnel(
     transport: Transport, registry: Registry, settings: TunnelSettings,
-    sessions: set[TunnelSession],
+    sessions: set[TunnelSession], group: str = "", welcome_peers: list[str] | None = None,
 ) -> None:
-    """Run the acceptor side of one tunnel until it closes."""
+    """Run the acceptor side of one tunnel until it closes; the peer joins ``group``
+    (the one its join token admitted it to, ``""`` = ungrouped). ``welcome_peers`` are
+    the public gateway/relay addresses the WELCOME tells the peer about."""
     conn = Connection(Side.ACCEPTOR, limits_from(settings))
     hello: Event | None = None
     try:
@@ -107,7 +129,7 @@ async def serve_tunnel(
             raise ProtocolError("bad_hello", "public_key must be a base64 Ed25519 key")
         challenge, session_id = os.urandom(CHALLENGE_BYTES), uuid.uuid4().hex
         await transport.send(conn.send_welcome(
-            version, session_id, settings.heartbeat_interval,
+            version, session_id, settings.heartbeat_interval, peers=welcome_peers,
             extra={"software": f"tooti/{__version__}", "challenge": b64(challenge)},
             require_proof=True,
         ))
@@ -122,6 +144,8 @@ async def serve_tunnel(
             raise ProtocolError("bad_proof", "the signature does not match the public key")
         registry.bind_identity(hello.peer_id, public_key)
         conn.proof_verified()
+        proven = {"challenge": b64(challenge), "session_id": session_id,
+                  "signature": proof.signature}
     except ProtocolError as exc:
         log.warning("tunnel from %s refused: %s", transport.remote, exc)
         with trio.move_on_after(1):
@@ -134,10 +158,13 @@ async def serve_tunnel(
     except TransportClosed:
         return
     peer_ref: list[Peer] = []
+    relayed: list[RelayedNodes] = []
 
     def on_event(event: Event) -> None:
         peer = peer_ref[0]
-        if isinstance(event, HeartbeatReceived):
+        if isinstance(event, RoutesReceived):
+            relayed[0].apply(event)  # the connection accepts ROUTES from relays only
+        elif isinstance(event, HeartbeatReceived):
             was_live = peer.live
             peer.stats = event.stats
             if peer.live != was_live:  # health flipped: wake requests waiting on peers
@@ -153,6 +180,8 @@ async def serve_tunnel(
             log.info("peer %s serves %s", peer.id, ", ".join(sorted(peer.models)) or "nothing")
         elif isinstance(event, GoAwayReceived):
             peer.draining = True
+            if relayed:
+                relayed[0].mark_draining()
             registry.changed()
             registry.peer_updated(peer)
 
@@ -162,11 +191,15 @@ async def serve_tunnel(
     )
     peer = Peer(
         id=hello.peer_id, role=hello.role, session=session, address=transport.remote,
-        labels=hello.labels, software=hello.software,
+        labels=hello.labels, software=hello.software, public_key=public_key, proof=proven,
+        group=group, public_url=_public_url(hello.role, hello.extra.get("public_url")),
     )
     peer_ref.append(peer)
+    if hello.role == "relay":
+        relayed.append(RelayedNodes(registry, peer))
+        conn.accepts_routes = True
     replaced = registry.add(peer)
-    if replaced is not None:
+    if replaced is not None and not replaced.via:
         # Tell the older session why, so a duplicate node backs off instead of flapping.
         with trio.move_on_after(1):
             try:
@@ -180,4 +213,18 @@ async def serve_tunnel(
         await session.run()
     finally:
         sessions.discard(session)
+        if relayed:
+            relayed[0].clear()
         registry.remove(peer)
+
+
+def _public_url(role: str, value: object) -> str:
+    """A relay's or gateway's claimed public tunnel URL, if well-formed; nodes have none."""
+    from tooti.config import ConfigError, normalize_peer_url
+
+    if role == "node" or not isinstance(value, str) or len(value) > 2048:
+        return ""
+    try:
+        return normalize_peer_url(value)
+    except ConfigError:
+        return ""

@@ -26,6 +26,10 @@ class Preferences:
     gateway's policy (``price``, ``latency``, ``throughput``, ``load``);
     ``max_price`` (per 1M tokens, ``prompt`` / ``completion``) drops dearer
     nodes; ``allow_fallbacks = false`` means only the first choice is tried.
+
+    ``group`` is not read from the body: it is the node group of the request's API
+    key (``""`` = none), set by the gateway. A request is routed only to nodes of
+    its own group (ungrouped requests to ungrouped nodes).
     """
 
     order: tuple[str, ...] = ()
@@ -35,6 +39,7 @@ class Preferences:
     max_price_prompt: float | None = None
     max_price_completion: float | None = None
     allow_fallbacks: bool = True
+    group: str = ""
 
     @property
     def is_default(self) -> bool:

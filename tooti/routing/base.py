@@ -4,6 +4,13 @@ A policy sees one request and the live candidate nodes for its model (the
 router has already removed nodes that failed this request) and returns them
 best first. It must be fast and synchronous: it runs on every request, at up
 to thousands of nodes, so no I/O and nothing that waits.
+
+The router passes the candidates as a
+:class:`~tooti.gateway.registry.Candidates` view: an ordinary read-only
+sequence, which is all a policy may rely on (tests and other callers pass
+plain lists), that also answers indexed queries (``least_loaded``,
+``min_by``, ``at_most``, ``by_id``) without a pass over every node. The
+built-in policies use them when they get such a view.
 """
 
 from __future__ import annotations

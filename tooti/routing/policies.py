@@ -5,19 +5,23 @@ from __future__ import annotations
 import itertools
 import random
 from collections.abc import Callable, Mapping, Sequence
+from operator import attrgetter
 from typing import Any
 
-from tooti.gateway.registry import Peer
+from tooti.gateway.registry import Candidates, Peer
 from tooti.hookspecs import hookimpl
 from tooti.routing.base import RouteRequest, RoutingPolicy
+
+_ID = attrgetter("id")
 
 
 class LeastLoaded:
     """Fewest in-flight streams per advertised slot; then lowest TTFT (as measured by
     this gateway); ties at random.
 
-    Returns only the best node (one pass, no sort): the router asks again,
-    without the failed node, if it has to fail over.
+    Returns only the best node: the router asks again, without the failed node, if it
+    has to fail over. Given the router's :class:`Candidates` view it reads the index
+    (O(log n)); given a plain sequence it makes one pass.
     """
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
@@ -25,6 +29,9 @@ class LeastLoaded:
 
     def rank(self, request: RouteRequest, candidates: Sequence[Peer]) -> Sequence[Peer]:
         """The least-loaded candidate (as a one-element list)."""
+        if isinstance(candidates, Candidates):
+            peer = candidates.least_loaded(self._random)
+            return [] if peer is None else [peer]
         model = request.model
         best: list[Peer] = []
         best_key = (float("inf"), float("inf"))
@@ -47,7 +54,10 @@ class RoundRobin:
 
     def rank(self, request: RouteRequest, candidates: Sequence[Peer]) -> Sequence[Peer]:
         """Rotate the candidates (sorted by id so the order is stable)."""
-        ordered = sorted(candidates, key=lambda p: p.id)
+        if isinstance(candidates, Candidates):
+            ordered = candidates.by_id()  # kept sorted by the index
+        else:
+            ordered = sorted(candidates, key=_ID)
         if not ordered:
             return ordered
         start = next(self._counter) % len(ordered)
@@ -64,6 +74,9 @@ class Latency:
 
     def rank(self, request: RouteRequest, candidates: Sequence[Peer]) -> Sequence[Peer]:
         """The fastest candidate (as a one-element list)."""
+        if isinstance(candidates, Candidates):
+            peer = candidates.min_by("fastest", self._random)
+            return [] if peer is None else [peer]
         model = request.model
 
         def key(peer: Peer) -> tuple[float, float, float, float]:
@@ -80,7 +93,14 @@ class Weighted:
 
     Options: ``weights`` maps node ids to weights (default ``default_weight``,
     1.0); a weight of 0 takes a node out of rotation unless nothing else is left.
+
+    Draws by rejection: a uniformly drawn candidate is kept with probability its weight
+    ÷ the largest weight, which takes a few draws instead of a weight per candidate;
+    after ``REJECTION_DRAWS`` misses (very uneven weights) it draws from the cumulative
+    weights. Either way each candidate comes out in proportion to its weight.
     """
+
+    REJECTION_DRAWS = 32
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         options = options or {}
@@ -91,12 +111,21 @@ class Weighted:
 
     def rank(self, request: RouteRequest, candidates: Sequence[Peer]) -> Sequence[Peer]:
         """One candidate drawn by weight."""
-        if not candidates:
+        peers = list(candidates)
+        if not peers:
             return []
-        weights = [max(0.0, self.weights.get(p.id, self.default)) for p in candidates]
-        if not any(weights):
-            return [self._random.choice(list(candidates))]
-        return self._random.choices(list(candidates), weights=weights)
+        weights, default, rng = self.weights, self.default, self._random
+        ceiling = max(default, max(weights.values(), default=0.0))
+        if ceiling > 0.0:
+            for _ in range(self.REJECTION_DRAWS):
+                peer = rng.choice(peers)
+                if rng.random() * ceiling < weights.get(peer.id, default):
+                    return [peer]
+        chances = list(map(max, itertools.repeat(0.0), map(
+            weights.get, map(_ID, peers), itertools.repeat(default))))
+        if not any(chances):
+            return [rng.choice(peers)]
+        return rng.choices(peers, weights=chances)
 
 
 class Cheapest:
@@ -119,6 +148,12 @@ class Cheapest:
 
         if not candidates:
             return []
+        if isinstance(candidates, Candidates):
+            within = candidates
+            if self.max_ttft_ms is not None:
+                within = candidates.at_most("ttft", self.max_ttft_ms)
+            peer = (within or candidates).min_by("price")
+            return [] if peer is None else [peer]
         fast = candidates
         if self.max_ttft_ms is not None:
             ceiling = self.max_ttft_ms

@@ -1,0 +1,77 @@
+"""Node groups: which group a request belongs to, from its bearer key.
+
+A group (``[gateway.groups.NAME]``) has a join token, which admits nodes (and
+relays) into it (see :class:`tooti.gateway.tunnels.BearerAuth`), and API keys,
+whose requests belong to it. A request of group G is routed only to nodes of
+G; a request with no group only to ungrouped nodes.
+
+Keys are held only as SHA-256 digests and compared in constant time. A key
+configured as ``sha256:<64 hex>`` is such a digest already, so a config file
+need not hold the keys themselves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from collections.abc import Mapping
+
+from tooti.settings import GroupSettings
+
+GROUP_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+"""What a group name may be: 1..64 letters, digits, ``.``, ``_`` or ``-``."""
+DIGEST_PREFIX = "sha256:"
+_HEX_DIGEST = re.compile(r"[0-9a-fA-F]{64}")
+
+
+def api_key_digest(key: str) -> bytes:
+    """The SHA-256 digest of an API key as configured (raw, or ``sha256:<64 hex>``).
+
+    Raises ValueError for a ``sha256:`` value that is not 64 hex digits, or an
+    empty key.
+    """
+    if key.startswith(DIGEST_PREFIX):
+        hexdigest = key[len(DIGEST_PREFIX):]
+        if not _HEX_DIGEST.fullmatch(hexdigest):
+            raise ValueError(f"a key written as '{DIGEST_PREFIX}...' must be followed by "
+                             "64 hex digits (the SHA-256 of the key)")
+        return bytes.fromhex(hexdigest)
+    if not key:
+        raise ValueError("an API key must not be empty")
+    return hashlib.sha256(key.encode()).digest()
+
+
+def bearer_token(authorization: bytes | None) -> bytes:
+    """The token of an ``Authorization: Bearer <token>`` header (empty if none)."""
+    if authorization and authorization[:7].lower() == b"bearer ":
+        return authorization[7:].strip()
+    return b""
+
+
+class GroupKeys:
+    """Maps a request's bearer key to its group ("" = no group)."""
+
+    def __init__(self, groups: Mapping[str, GroupSettings]) -> None:
+        self._keys: list[tuple[bytes, str]] = [
+            (api_key_digest(key), name)
+            for name, group in groups.items() for key in group.api_keys
+        ]
+
+    def group_of(self, authorization: bytes | None) -> str:
+        """The group whose api_keys hold the request's bearer key, else ``""``.
+
+        Every configured digest is compared (in constant time), so the time taken
+        does not depend on which key matched, or how far a guess got.
+        """
+        if not self._keys:
+            return ""
+        token = bearer_token(authorization)
+        if not token:
+            return ""
+        digest = hashlib.sha256(token).digest()
+        found = ""
+        for key, name in self._keys:
+            if hmac.compare_digest(digest, key):
+                found = name
+        return found

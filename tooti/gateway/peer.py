@@ -1,0 +1,128 @@
+"""One peer (a node, or a relay) with a live tunnel here, and what is known of it."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from tooti.backends.base import ModelInfo
+from tooti.gateway.health import ModelHealth
+from tooti.tunnel import OutboundStream, TunnelSession
+
+
+@dataclass(eq=False)
+class Peer:
+    """One node (or relay) with a live tunnel to this gateway."""
+
+    id: str
+    role: str
+    session: TunnelSession
+    address: str
+    labels: dict[str, str] = field(default_factory=dict)
+    software: str = ""
+    models: dict[str, ModelInfo] = field(default_factory=dict)
+    in_flight: dict[str, int] = field(default_factory=dict)
+    """Streams this gateway has open on the peer, by model."""
+    stats: dict[str, Any] = field(default_factory=dict)
+    """The peer's last HEARTBEAT payload."""
+    connected_at: float = field(default_factory=time.time)
+    draining: bool = False
+    failures: int = 0
+    health: dict[str, ModelHealth] = field(default_factory=dict)
+    """What this gateway measured for each model on this peer."""
+    via: str = ""
+    """For a node reached through a relay: the relay's peer id (its tunnel is
+    ``session``); empty for a direct tunnel."""
+    hops: int = 0
+    """Relays between this process and the node (0 = direct)."""
+    public_key: bytes = b""
+    """The Ed25519 key the node proved possession of."""
+    proof: dict[str, str] = field(default_factory=dict)
+    """The node's handshake proof (challenge, session id, signature; base64), which a
+    relay passes upstream so the next hop can check it too."""
+    public_url: str = ""
+    """The tunnel URL a relay or gateway said others can reach it at (its HELLO's
+    ``public_url``), passed on to dialers in WELCOME; empty for nodes."""
+    group: str = ""
+    """The node group its join token admitted it to (``""`` = ungrouped)."""
+
+    async def open_stream(self, meta: dict[str, Any], body: bytes, *, fin: bool = True
+                          ) -> OutboundStream:
+        """Open a stream to this node: on its own tunnel, or through its relay with the
+        OPEN naming the node (``target``)."""
+        if self.via:
+            meta = {**meta, "target": self.id}
+        return await self.session.open_stream(meta, body, fin=fin)
+
+    @property
+    def live(self) -> bool:
+        """True while the tunnel is up and the peer takes new streams."""
+        return (
+            not self.draining
+            and not self.session.closed.is_set()
+            and self.stats.get("healthy", True) is not False
+        )
+
+    def health_of(self, model: str) -> ModelHealth:
+        """This peer's measured record for ``model`` (created on first use)."""
+        record = self.health.get(model)
+        if record is None:
+            record = self.health[model] = ModelHealth()
+        return record
+
+    def capacity(self, model: str) -> int:
+        """Concurrent streams the peer advertises for ``model``."""
+        info = self.models.get(model)
+        return max(1, info.max_concurrency) if info else 1
+
+    def has_slot(self, model: str) -> bool:
+        """True while in-flight streams for ``model`` are below its capacity and the
+        tunnel can take another stream (its ``max_streams`` limit)."""
+        return (self.in_flight.get(model, 0) < self.capacity(model)
+                and self.session.conn.can_open_stream())
+
+    def load(self, model: str) -> float:
+        """In-flight streams for ``model`` divided by its advertised capacity."""
+        info = self.models.get(model)
+        capacity = info.max_concurrency if info else 1
+        return self.in_flight.get(model, 0) / max(1, capacity)
+
+    def total_in_flight(self) -> int:
+        """Streams open on this peer across every model."""
+        return sum(self.in_flight.values())
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-able summary for admin and health endpoints."""
+        return {
+            "id": self.id, "role": self.role, "address": self.address, "labels": self.labels,
+            "via": self.via or None, "hops": self.hops, "group": self.group,
+            "software": self.software, "models": sorted(self.models),
+            "in_flight": self.total_in_flight(), "draining": self.draining,
+            "rtt_ms": None if self.session.rtt is None else round(self.session.rtt * 1000, 3),
+            "connected_at": self.connected_at,
+            "state": self.state(),
+            "failures": self.failures,
+            "stats": self.stats,
+            "per_model": {
+                model: {
+                    "in_flight": self.in_flight.get(model, 0),
+                    "capacity": self.capacity(model),
+                    "price": {"input": info.price_input, "output": info.price_output},
+                    **self.health_of(model).describe(),
+                }
+                for model, info in sorted(self.models.items())
+            },
+        }
+
+    def state(self) -> str:
+        """``live``, ``draining``, ``unhealthy``, ``cooldown`` (every model) or ``gone``."""
+        if self.session.closed.is_set():
+            return "gone"
+        if self.draining:
+            return "draining"
+        if self.stats.get("healthy", True) is False:
+            return "unhealthy"
+        if self.models and all(self.health_of(m).in_cooldown for m in self.models):
+            return "cooldown"
+        return "live"

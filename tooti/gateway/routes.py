@@ -1,0 +1,163 @@
+"""Nodes reached through a relay: what a relay advertises, and how the next hop
+takes it into its registry.
+
+A relay sends ROUTES frames upstream listing every node behind it (its own
+tunnels and, recursively, the nodes of relays behind it): id, public key, the
+proof each node gave in its own handshake, models with prices and capacities,
+load figures and the number of hops. The receiving gateway (or relay) checks
+each node's proof itself, binds the id to the key exactly as for a direct
+tunnel, and registers the node as reached through that relay's tunnel; the
+node's streams are then opened on the relay's tunnel with the OPEN naming the
+node. A relay therefore cannot vouch for a node that never completed the
+handshake with it, nor pass off one node's id as another's.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from tooti.backends.base import ModelInfo
+from tooti.gateway.registry import Peer, Registry
+from tooti.identity import PUBLIC_KEY_BYTES, b64, proof_message, unb64, verify
+from tooti.protocol.connection import ProtocolError, RoutesReceived
+
+log = logging.getLogger("tooti.gateway")
+
+MAX_HOPS = 4
+"""Longest relay chain a node may be advertised through (stops relay loops)."""
+
+
+def advertised(peer: Peer) -> dict[str, Any]:
+    """The ROUTES entry a relay sends upstream for one node it can reach."""
+    return {
+        "id": peer.id,
+        "public_key": b64(peer.public_key),
+        "proof": peer.proof,
+        "models": [info.to_wire() for info in peer.models.values()],
+        "stats": {**peer.stats, "relay_in_flight": peer.total_in_flight()},
+        "labels": peer.labels,
+        "software": peer.software,
+        "hops": peer.hops + 1,
+        "draining": peer.draining,
+    }
+
+
+def can_advertise(peer: Peer) -> bool:
+    """True for a node (not a relay) that may be advertised one hop further up."""
+    return (peer.role == "node" and bool(peer.public_key) and not peer.session.closed.is_set()
+            and peer.hops + 1 <= MAX_HOPS)
+
+
+class RelayedNodes:
+    """The nodes one relay's tunnel advertises, kept in a registry."""
+
+    def __init__(self, registry: Registry, relay: Peer) -> None:
+        self.registry = registry
+        self.relay = relay
+        self.nodes: dict[str, Peer] = {}
+
+    def apply(self, event: RoutesReceived) -> None:
+        """Add, update or remove nodes as the relay says. A malformed or unproven
+        entry is skipped with a warning; the relay's other nodes are unaffected."""
+        for entry in event.nodes:
+            try:
+                self._upsert(entry)
+            except (ProtocolError, TypeError, ValueError, AttributeError) as exc:
+                log.warning("relay %s: node %r refused: %s", self.relay.id,
+                            str(entry.get("id"))[:128], exc)
+        listed = {entry["id"] for entry in event.nodes}
+        gone = set(event.removed)
+        if event.full:
+            gone |= set(self.nodes) - listed
+        for node_id in gone:
+            self._remove(node_id)
+
+    def clear(self) -> None:
+        """The relay's tunnel closed: every node behind it leaves the registry."""
+        for node_id in list(self.nodes):
+            self._remove(node_id)
+
+    def mark_draining(self) -> None:
+        """The relay sent GOAWAY: none of its nodes takes new streams through it."""
+        for peer in self.nodes.values():
+            peer.draining = True
+            self.registry.peer_updated(peer)
+        self.registry.changed()
+
+    def _remove(self, node_id: str) -> None:
+        peer = self.nodes.pop(node_id, None)
+        if peer is not None:
+            self.registry.remove(peer)
+
+    def _upsert(self, entry: dict[str, Any]) -> None:
+        node_id = entry["id"]
+        if not 0 < len(node_id) <= 128:
+            raise ValueError("node id must be 1..128 characters")
+        hops = entry.get("hops")
+        if not isinstance(hops, int) or isinstance(hops, bool) or not 1 <= hops <= MAX_HOPS:
+            raise ValueError(f"hops must be 1..{MAX_HOPS}")
+        models = [ModelInfo.from_wire(m) for m in _list(entry.get("models"))]
+        stats = entry.get("stats") or {}
+        labels = entry.get("labels") or {}
+        if not isinstance(stats, dict) or not isinstance(labels, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+            raise ValueError("stats must be an object and labels map strings to strings")
+        peer = self.nodes.get(node_id)
+        proof = entry.get("proof")
+        if peer is None or peer.proof != proof or b64(peer.public_key) != entry.get("public_key"):
+            public_key = self._check_proof(node_id, entry.get("public_key"), proof)
+            if peer is not None:
+                self._remove(node_id)
+            peer = Peer(
+                id=node_id, role="node", session=self.relay.session,
+                address=f"via {self.relay.id}", labels=labels,
+                software=str(entry.get("software") or "")[:128], via=self.relay.id, hops=hops,
+                public_key=public_key, proof=dict(proof),  # type: ignore[arg-type]
+                group=self.relay.group,
+            )
+            peer.stats = stats
+            peer.draining = entry.get("draining") is True or self.relay.draining
+            if not self.registry.add_relayed(peer):
+                return
+            self.nodes[node_id] = peer
+            self.registry.set_models(peer, models)
+            return
+        was_live = peer.live
+        peer.stats, peer.labels, peer.hops = stats, labels, hops
+        peer.draining = entry.get("draining") is True or self.relay.draining
+        if node_id not in self.registry.peers:
+            # A direct tunnel had replaced it here and has closed since: route through
+            # the relay again.
+            if self.registry.add_relayed(peer):
+                self.registry.set_models(peer, models)
+            return
+        if {m.id: m for m in models} != peer.models:
+            self.registry.set_models(peer, models)
+        else:
+            if peer.live != was_live:
+                self.registry.changed()
+            self.registry.peer_updated(peer)
+
+    def _check_proof(self, node_id: str, key_text: object, proof: object) -> bytes:
+        """The node's public key, once its handshake proof verifies; else ProtocolError."""
+        public_key = unb64(key_text, PUBLIC_KEY_BYTES)
+        if public_key is None:
+            raise ProtocolError("bad_routes", "public_key must be a base64 Ed25519 key")
+        if not isinstance(proof, dict) or not all(
+                isinstance(proof.get(k), str) for k in ("challenge", "session_id", "signature")):
+            raise ProtocolError("bad_routes", "proof needs challenge, session_id and signature")
+        challenge, signature = unb64(proof["challenge"]), unb64(proof["signature"])
+        if challenge is None or signature is None or not verify(
+                public_key, signature, proof_message(challenge, proof["session_id"], node_id)):
+            raise ProtocolError("bad_proof", "the node's proof does not verify")
+        self.registry.bind_identity(node_id, public_key)
+        return public_key
+
+
+def _list(value: object) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ValueError("models must be a list")
+    return value
