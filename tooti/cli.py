@@ -104,6 +104,20 @@ def _parser() -> argparse.ArgumentParser:
                      help="the gateway's admin key; prefer the variable [TOOTI_ADMIN_KEY]")
     tui.set_defaults(handler=_tui)
 
+    peers = commands.add_parser(
+        "peers", help="show what a running gateway or relay knows of the network",
+        description="Ask a running gateway or relay (its admin API) which peers it dials, "
+        "which are connected to it (direct or via relays) and which public addresses it "
+        "tells dialers about.",
+    )
+    peers.add_argument("--url", metavar="URL",
+                       help="the process's base URL [TOOTI_GATEWAY, default "
+                       "http://127.0.0.1:8080]")
+    peers.add_argument("--admin-key", metavar="K",
+                       help="its admin key; prefer the variable [TOOTI_ADMIN_KEY]")
+    peers.add_argument("--json", action="store_true", help="print the raw JSON view")
+    peers.set_defaults(handler=_peers)
+
     config = commands.add_parser("config", help="work with config files")
     config_commands = config.add_subparsers(dest="config_command", required=True, metavar="COMMAND")
     check = config_commands.add_parser("check", help="validate a config file")
@@ -141,6 +155,8 @@ def _config_check(args: argparse.Namespace) -> int:
     print(f"  listen: {settings.gateway.listen}")
     print(f"  backends: {len(settings.node.backends)}")
     print(f"  peers: {len(settings.node.peers)}")
+    if "relay" in settings.roles:
+        print(f"  relay upstream peers: {len(settings.relay.peers)}")
     return 0
 
 
@@ -156,6 +172,20 @@ def _tui(args: argparse.Namespace) -> int:
         return 1
     code: int = app.run(gateway, admin_key)
     return code
+
+
+def _peers(args: argparse.Namespace) -> int:
+    from tooti import netview
+
+    url = args.url or os.environ.get("TOOTI_GATEWAY") or "http://127.0.0.1:8080"
+    admin_key = args.admin_key or os.environ.get("TOOTI_ADMIN_KEY") or ""
+    try:
+        view = netview.fetch(url, admin_key)
+    except netview.NetworkViewError as exc:
+        print(f"tooti: error: {exc}", file=sys.stderr)
+        return 1
+    print(netview.to_json(view) if args.json else netview.render(view))
+    return 0
 
 
 def _plugins(args: argparse.Namespace) -> int:

@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 
 DERIVED_PREFIX = "tooti-"
 KEY_FILE = "node_key.pem"
+RELAY_KEY_FILE = "relay_key.pem"
 PUBLIC_KEY_BYTES = 32
 CHALLENGE_BYTES = 32
 
@@ -88,9 +89,10 @@ class Identity:
         return cls(Ed25519PrivateKey.generate())
 
     @classmethod
-    def load_or_create(cls, data_dir: Path) -> Identity:
-        """The keypair in ``data_dir``, created (mode 0600) if there is none."""
-        path = data_dir / KEY_FILE
+    def load_or_create(cls, data_dir: Path, key_file: str = KEY_FILE) -> Identity:
+        """The keypair in ``data_dir`` (file ``key_file``), created (mode 0600) if there
+        is none."""
+        path = data_dir / key_file
         try:
             pem = path.read_bytes()
         except FileNotFoundError:

@@ -22,8 +22,10 @@ import trio
 from tooti.backends.base import Backend
 from tooti.billing.base import Billing, BillingSetup
 from tooti.gateway.app import Gateway
-from tooti.identity import DERIVED_PREFIX, Identity
+from tooti.gateway.identities import IdentityStore
+from tooti.identity import DERIVED_PREFIX, RELAY_KEY_FILE, Identity
 from tooti.node.node import Node
+from tooti.relay import Relay
 from tooti.routing.base import RoutingPolicy
 from tooti.settings import BackendSettings, Settings
 from tooti.transport.memory import memory_pair
@@ -113,6 +115,8 @@ class Process:
     backends: list[Backend] | None = None
     """Pre-built node backends; None = build them from the settings."""
     gateway: Gateway | None = None
+    """The gateway, or a relay's listener (a Gateway without the /v1 API)."""
+    relay: Relay | None = None
     node: Node | None = None
     urls: list[str] = field(default_factory=list)
     ready: trio.Event = field(default_factory=trio.Event)
@@ -123,6 +127,8 @@ class Process:
         async with trio.open_nursery() as nursery:
             if self.node is not None:
                 nursery.start_soon(self.node.drain, grace)
+            if self.relay is not None:
+                nursery.start_soon(self.relay.drain, grace)
             if self.gateway is not None:
                 nursery.start_soon(self.gateway.drain, grace)
 
@@ -133,26 +139,42 @@ async def serve(
     """Run the process's roles until they all finish (after a drain) or are cancelled."""
     settings = process.settings
     roles = effective_roles(settings)
-    if "relay" in roles:
-        raise NotImplementedError("the relay role is not available in this version")
     async with trio.open_nursery() as nursery:
-        if "gateway" in roles:
-            policy, billing = build_gateway_plugins(settings)
-            process.gateway = Gateway(settings.gateway, settings.tunnel, policy, billing)
+        if "gateway" in roles or "relay" in roles:
+            # A relay listens for node tunnels exactly like a gateway, without the API.
+            if "gateway" in roles:
+                policy, billing = build_gateway_plugins(settings)
+            else:
+                policy, billing = None, []
+            process.gateway = Gateway(
+                settings.gateway, settings.tunnel, policy, billing,
+                identities=IdentityStore.in_data_dir(settings.data_dir),
+                network=settings.network, serve_api="gateway" in roles)
+            process.gateway.roles = list(roles)
             process.urls = await nursery.start(
                 lambda task_status: process.gateway.serve(  # type: ignore[union-attr]
                     grace=settings.drain_grace, task_status=task_status)
             )
+        if "relay" in roles:
+            assert process.gateway is not None
+            relay_id, relay_key = relay_identity(settings)
+            process.relay = Relay(settings.relay, settings.tunnel, process.gateway.registry,
+                                  relay_id, relay_key, network=settings.network)
+            process.gateway.dialers.append(process.relay.dialer)
+            await nursery.start(process.relay.run)
         if "node" in roles:
             poll = min((b.poll_interval for b in settings.node.backends), default=30.0)
             backends = process.backends
             if backends is None:
                 backends = build_backends(settings)
             name, identity = node_identity(settings)
+            # Beside a relay the node attaches to it in memory; the relay dials upstream.
             process.node = Node(settings.node, settings.tunnel, backends, name,
-                                poll_interval=poll, identity=identity)
+                                poll_interval=poll, identity=identity, network=settings.network,
+                                dial="relay" not in roles)
             await nursery.start(process.node.run)
             if process.gateway is not None:
+                process.gateway.dialers.append(process.node.dialer)
                 nursery.start_soon(_attach_local, process.gateway, process.node)
                 registry, local = process.gateway.registry, process.node
                 await registry.wait_until(
@@ -160,9 +182,24 @@ async def serve(
                                                      and registry.peers[local.id].models))
         process.ready.set()
         task_status.started(process)
-        if process.gateway is not None and process.node is not None and process.node.models:
+        if (process.gateway is not None and process.gateway.serve_api
+                and process.node is not None and process.node.models):
             model = sorted(process.node.models)[0]
             print(ready_banner(process.urls[0], model), flush=True)
+
+
+def relay_identity(settings: Settings) -> tuple[str, Identity]:
+    """The relay's own keypair (a separate key file in the data dir, so a relay and a
+    node in one process are two peers) and its id: the configured name, or derived."""
+    from tooti.config import ConfigError
+
+    identity = Identity.load_or_create(Path(os.path.expanduser(settings.data_dir)),
+                                       RELAY_KEY_FILE)
+    name = settings.relay.id
+    if name and name.startswith(DERIVED_PREFIX) and name != identity.id:
+        raise ConfigError(f"ids starting with {DERIVED_PREFIX!r} are derived from the "
+                          f"relay's key; this relay's is {identity.id}", key="relay.id")
+    return name or identity.id, identity
 
 
 def ready_banner(url: str, model: str) -> str:

@@ -10,43 +10,25 @@ scope, which closes the backend's upstream request.
 from __future__ import annotations
 
 import logging
-import random
 import time
 from typing import Any
 
 import msgspec
 import trio
-from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
-from tooti import __version__
 from tooti.backends.base import Backend, BackendError, ModelInfo
-from tooti.gateway.tunnels import REPLACED, limits_from
-from tooti.identity import Identity, b64, proof_message, unb64
+from tooti.dialer import Dialer
+from tooti.identity import Identity
 from tooti.node.metering import UsageMeter
-from tooti.protocol.connection import (
-    Connection,
-    Event,
-    GoAwayReceived,
-    ProtocolError,
-    Side,
-    WelcomeReceived,
-)
-from tooti.settings import NodeSettings, TunnelSettings
-from tooti.transport import Transport, TransportClosed
-from tooti.transport.websocket import SUBPROTOCOL, ClientWebSocketTransport
-from tooti.tunnel import InboundStream, TunnelLost, TunnelSession
+from tooti.settings import NetworkSettings, NodeSettings, TunnelSettings
+from tooti.transport import Transport
+from tooti.tunnel import InboundStream, StreamHandler, TunnelLost, TunnelSession
 
 log = logging.getLogger("tooti.node")
 _decoder = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()
 
-HANDSHAKE_TIMEOUT = 10.0
 MAX_REQUEST_BYTES = 64 * 1024 * 1024
-
-
-class TunnelRefused(Exception):
-    """The peer refused our HELLO (GOAWAY or a broken handshake)."""
-
 
 def _error(status: int, code: str, message: str) -> dict[str, Any]:
     return {"error": {"status": status, "code": code, "message": message}}
@@ -58,7 +40,8 @@ class Node:
     def __init__(
         self, settings: NodeSettings, tunnel: TunnelSettings, backends: list[Backend],
         node_id: str | None = None, poll_interval: float = 30.0,
-        identity: Identity | None = None,
+        identity: Identity | None = None, network: NetworkSettings | None = None,
+        dial: bool = True,
     ) -> None:
         self.settings = settings
         self.tunnel_settings = tunnel
@@ -67,23 +50,28 @@ class Node:
         """The keypair this node proves in every handshake (in memory if not given)."""
         self.id = node_id or self.identity.id
         self.poll_interval = poll_interval
+        self.dial = dial
+        """False when the node only attaches in memory to a relay in the same process."""
         self.health_interval = settings.health_interval
-        self.sessions: set[TunnelSession] = set()
         self.models: dict[str, tuple[Backend, ModelInfo]] = {}
         self.in_flight = 0
         self.queued = 0
         self.healthy = True
         self.draining = False
-        self.connected = trio.Event()
-        """Set each time a session completes its handshake (for callers that wait)."""
         self._slots: dict[str, trio.Semaphore] = {}
         self._listed: dict[int, list[ModelInfo]] = {}
-        self._replaced: set[str] = set()
-        """Peer URLs whose session a newer one with our id replaced (back off there)."""
         self._backend_ok: dict[int, bool] = {}
         self._idle = trio.Event()
         self._idle.set()
         self._ttft_ms = 0.0
+        self.dialer = Dialer(
+            self, peer_id=self.id, role="node", identity=self.identity, tunnel=tunnel,
+            network=network, labels=dict(settings.labels), join_token=settings.join_token,
+            reconnect_initial=settings.reconnect_initial,
+            reconnect_max=settings.reconnect_max, is_stopping=lambda: self.draining,
+        )
+        self.sessions: set[TunnelSession] = self.dialer.sessions
+        self.handler: StreamHandler | None = self._serve_stream
 
     # ------------------------------------------------------------ lifecycle
 
@@ -97,8 +85,8 @@ class Node:
                 for backend in self.backends:
                     nursery.start_soon(backend.run)
                 nursery.start_soon(self._watch_backends)
-                for url in self.settings.peers:
-                    nursery.start_soon(self.dial_forever, url)
+                if self.dial:
+                    await nursery.start(self.dialer.run, list(self.settings.peers))
                 task_status.started()
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(5):
@@ -119,6 +107,11 @@ class Node:
         for session in list(self.sessions):
             await session.flush()  # the last DATA and END frames are still queued
             session.abort("node shutting down")
+
+    @property
+    def connected(self) -> trio.Event:
+        """Set each time a session completes its handshake (for callers that wait)."""
+        return self.dialer.connected
 
     async def wait_idle(self) -> None:
         """Wait until no stream is in flight on this node."""
@@ -196,85 +189,15 @@ class Node:
 
     async def dial_forever(self, url: str) -> None:
         """Keep one session with ``url``, re-dialling with backoff and jitter."""
-        delay = self.settings.reconnect_initial
-        headers = []
-        if self.settings.join_token:
-            headers.append((b"authorization", b"Bearer " + self.settings.join_token.encode()))
-        while not self.draining:
-            started = time.monotonic()
-            try:
-                async with open_websocket_url(
-                    url, subprotocols=[SUBPROTOCOL], extra_headers=headers,
-                    max_message_size=self.tunnel_settings.max_frame_bytes,
-                    connect_timeout=10, disconnect_timeout=2,
-                ) as ws:
-                    if ws.subprotocol != SUBPROTOCOL:
-                        raise TunnelRefused(f"peer chose subprotocol {ws.subprotocol!r}")
-                    await self.serve_transport(ClientWebSocketTransport(ws, url))
-            except (OSError, HandshakeError, ConnectionClosed, TunnelRefused,
-                    trio.TooSlowError) as exc:
-                log.info("tunnel to %s: %s", url, exc or type(exc).__name__)
-            if self.draining:
-                return
-            if url in self._replaced:
-                self._replaced.discard(url)
-                log.error("another process with node id %s connected to %s and replaced this "
-                          "session: is the same node running twice? backing off", self.id, url)
-                delay = self.settings.reconnect_max
-            elif time.monotonic() - started > 10 * self.settings.reconnect_initial + 5:
-                delay = self.settings.reconnect_initial
-            pause = delay * random.uniform(0.5, 1.0)
-            log.info("re-dialling %s in %.2fs", url, pause)
-            await trio.sleep(pause)
-            delay = min(delay * 2, self.settings.reconnect_max)
+        await self.dialer.dial_forever(url)
 
     async def serve_transport(self, transport: Transport) -> None:
         """Run the dialer side of one tunnel (handshake, then serve) until it closes."""
-        conn = Connection(Side.DIALER, limits_from(self.tunnel_settings))
-        try:
-            await transport.send(conn.send_hello(
-                self.id, "node", f"tooti/{__version__}", dict(self.settings.labels),
-                extra={"public_key": b64(self.identity.public_key)}))
-            event = None
-            with trio.move_on_after(HANDSHAKE_TIMEOUT):
-                event = conn.receive_message(await transport.receive())
-        except ProtocolError as exc:
-            await transport.aclose(1002, exc.code)
-            raise TunnelRefused(f"bad handshake: {exc}") from None
-        except TransportClosed as exc:
-            raise TunnelRefused(f"closed during handshake: {exc}") from None
-        if isinstance(event, GoAwayReceived):
-            await transport.aclose(1000, "refused")
-            raise TunnelRefused(f"refused: {event.code} {event.reason}")
-        if not isinstance(event, WelcomeReceived):
-            await transport.aclose(1002, "no welcome")
-            raise TunnelRefused("no WELCOME from peer")
-        def on_event(event: Event) -> None:
-            if isinstance(event, GoAwayReceived) and event.code == REPLACED:
-                self._replaced.add(transport.remote)
+        await self.dialer.serve_transport(transport)
 
-        session = TunnelSession(
-            transport, conn, heartbeat_interval=event.heartbeat_interval, stats=self.stats,
-            handler=self._serve_stream, name=transport.remote, on_event=on_event,
-        )
-        try:
-            challenge = unb64(event.extra.get("challenge"))
-            if challenge is not None:
-                signature = self.identity.sign(
-                    proof_message(challenge, event.session_id, self.id))
-                await transport.send(conn.send_proof(b64(signature)))
-            await transport.send(conn.send_models(self.models_wire()))
-        except TransportClosed:
-            return
-        log.info("connected to %s (session %s)", transport.remote, event.session_id)
-        self.sessions.add(session)
-        self.connected.set()
-        self.connected = trio.Event()
-        try:
-            await session.run()
-        finally:
-            self.sessions.discard(session)
-            log.info("tunnel to %s closed: %s", transport.remote, session.close_reason)
+    async def on_session(self, session: TunnelSession) -> None:
+        """A new session is open: announce our models on it."""
+        await session.send_frame(session.conn.send_models(self.models_wire()))
 
     # ------------------------------------------------------------ serving
 

@@ -1,0 +1,274 @@
+"""Dialing out: keep tunnel sessions with a set of gateways or relays.
+
+Nodes and relays both dial out (no inbound port is needed). A :class:`Dialer`
+keeps one session per peer URL: the configured peers and the bootstrap list, and -
+only when the operator turned ``network.discover`` on - peers learned from WELCOME
+frames. At most ``network.max_peers`` of them are dialed or connected at once; the
+rest stand by and take over, in turn, when a session fails.
+Each session is re-dialed with exponential backoff and jitter; host names are
+resolved at every dial. The handshake proves the dialer's identity (the
+WELCOME challenge signed with its key).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import trio
+from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
+
+from tooti import __version__
+from tooti.gateway.tunnels import REPLACED, limits_from
+from tooti.identity import Identity, b64, proof_message, unb64
+from tooti.protocol.connection import (
+    Connection,
+    Event,
+    GoAwayReceived,
+    ProtocolError,
+    Side,
+    WelcomeReceived,
+)
+from tooti.settings import NetworkSettings, TunnelSettings
+from tooti.transport import Transport, TransportClosed
+from tooti.transport.websocket import SUBPROTOCOL, ClientWebSocketTransport
+from tooti.tunnel import StreamHandler, TunnelSession
+
+HANDSHAKE_TIMEOUT = 10.0
+
+
+class TunnelRefused(Exception):
+    """The peer refused our HELLO (GOAWAY or a broken handshake)."""
+
+
+class SessionOwner(Protocol):
+    """What a dialer needs from the role it dials for (a node or a relay)."""
+
+    handler: StreamHandler | None
+    """Serves the streams the peer opens."""
+
+    def stats(self) -> dict[str, Any]:
+        """The HEARTBEAT payload."""
+        ...
+
+    async def on_session(self, session: TunnelSession) -> None:
+        """Runs beside each new session once the handshake is done (send the first
+        frames, keep advertisements going); cancelled when the session ends."""
+        ...
+
+
+@dataclass
+class Link:
+    """What the dialer knows of one peer URL (shown by ``tooti peers``)."""
+
+    url: str
+    source: str
+    """``configured``, ``bootstrap`` or ``discovered``."""
+    state: str = "standby"
+    """``standby`` (waiting for one of ``network.max_peers`` slots), ``connecting``,
+    ``connected`` or ``backoff``."""
+    session_id: str = ""
+    since: float = field(default_factory=time.time)
+    last_error: str = ""
+    learned_peers: list[str] = field(default_factory=list)
+    """Addresses this peer's last WELCOME listed."""
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able summary."""
+        return {"url": self.url, "source": self.source, "state": self.state,
+                "session_id": self.session_id or None, "since": self.since,
+                "last_error": self.last_error or None, "peers": self.learned_peers}
+
+
+class Dialer:
+    """Sessions from one node or relay to its upstream peers."""
+
+    def __init__(
+        self, owner: SessionOwner, *, peer_id: str, role: str, identity: Identity,
+        tunnel: TunnelSettings, network: NetworkSettings | None = None,
+        labels: dict[str, str] | None = None, join_token: str = "",
+        reconnect_initial: float = 0.25, reconnect_max: float = 10.0,
+        is_stopping: Callable[[], bool] = lambda: False,
+    ) -> None:
+        self.owner = owner
+        self.peer_id = peer_id
+        self.role = role
+        self.identity = identity
+        self.tunnel = tunnel
+        self.network = network or NetworkSettings()
+        self.labels = labels or {}
+        self.join_token = join_token
+        self.reconnect_initial = reconnect_initial
+        self.reconnect_max = reconnect_max
+        self.is_stopping = is_stopping
+        self.log = logging.getLogger(f"tooti.{role}")
+        self.links: dict[str, Link] = {}
+        self.sessions: set[TunnelSession] = set()
+        self.connected = trio.Event()
+        """Set each time a session completes its handshake (for callers that wait)."""
+        self._replaced: set[str] = set()
+        self._nursery: trio.Nursery | None = None
+        self._slots = trio.Semaphore(max(1, self.network.max_peers))
+        """At most ``network.max_peers`` peers are dialed or connected at once; the
+        others wait their turn (FIFO), taking over when a session fails."""
+
+    # ------------------------------------------------------------ the set of peers
+
+    async def run(self, urls: list[str], *,
+                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Dial ``urls`` and the bootstrap peers (and discovered ones, if allowed)
+        until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for url in urls:
+                self._start(url, "configured")
+            for url in self.network.bootstrap_peers:
+                self._start(url, "bootstrap")
+            task_status.started()
+
+    def _start(self, url: str, source: str) -> None:
+        if url in self.links or self._nursery is None:
+            return
+        self.links[url] = Link(url, source)
+        self._nursery.start_soon(self.dial_forever, url)
+
+    def learn(self, urls: list[str]) -> None:
+        """Peers a WELCOME listed: dialed only with ``network.discover`` on, while fewer
+        than ``network.max_peers`` peers are dialed."""
+        if not self.network.discover:
+            return
+        from tooti.config import ConfigError, normalize_peer_url
+
+        for raw in urls:
+            if len(self.links) >= self.network.max_peers:
+                return
+            try:
+                url = normalize_peer_url(raw)
+            except ConfigError:
+                self.log.info("ignoring advertised peer %r: not a ws:// or wss:// URL", raw[:200])
+                continue
+            if url not in self.links and url != self.network.public_url:
+                self.log.info("discovered peer %s: dialing it", url)
+                self._start(url, "discovered")
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Every peer URL this dialer knows, with its state."""
+        return [link.describe() for link in self.links.values()]
+
+    # ------------------------------------------------------------ one peer
+
+    async def dial_forever(self, url: str) -> None:
+        """Keep one session with ``url``, re-dialling with backoff and jitter."""
+        link = self.links.setdefault(url, Link(url, "configured"))
+        delay = self.reconnect_initial
+        headers = []
+        if self.join_token:
+            headers.append((b"authorization", b"Bearer " + self.join_token.encode()))
+        while not self.is_stopping():
+            link.state, link.since = "standby", time.time()
+            async with self._slots:  # released during backoff: a standby peer goes next
+                started = time.monotonic()
+                link.state, link.since = "connecting", time.time()
+                try:
+                    async with open_websocket_url(
+                        url, subprotocols=[SUBPROTOCOL], extra_headers=headers,
+                        max_message_size=self.tunnel.max_frame_bytes,
+                        connect_timeout=10, disconnect_timeout=2,
+                    ) as ws:
+                        if ws.subprotocol != SUBPROTOCOL:
+                            raise TunnelRefused(f"peer chose subprotocol {ws.subprotocol!r}")
+                        await self.serve_transport(ClientWebSocketTransport(ws, url), link)
+                except (OSError, HandshakeError, ConnectionClosed, TunnelRefused,
+                        trio.TooSlowError) as exc:
+                    link.last_error = str(exc) or type(exc).__name__
+                    self.log.info("tunnel to %s: %s", url, link.last_error)
+            if self.is_stopping():
+                return
+            if url in self._replaced:
+                self._replaced.discard(url)
+                self.log.error("another process with id %s connected to %s and replaced this "
+                          "session: is the same %s running twice? backing off",
+                          self.peer_id, url, self.role)
+                delay = self.reconnect_max
+            elif time.monotonic() - started > 10 * self.reconnect_initial + 5:
+                delay = self.reconnect_initial
+            pause = delay * random.uniform(0.5, 1.0)
+            link.state, link.since, link.session_id = "backoff", time.time(), ""
+            self.log.info("re-dialling %s in %.2fs", url, pause)
+            await trio.sleep(pause)
+            delay = min(delay * 2, self.reconnect_max)
+
+    async def serve_transport(self, transport: Transport, link: Link | None = None) -> None:
+        """Run the dialer side of one tunnel (handshake, then serve) until it closes."""
+        conn = Connection(Side.DIALER, limits_from(self.tunnel))
+        extra: dict[str, Any] = {"public_key": b64(self.identity.public_key)}
+        if self.network.public_url:
+            extra["public_url"] = self.network.public_url
+        try:
+            await transport.send(conn.send_hello(
+                self.peer_id, self.role, f"tooti/{__version__}", dict(self.labels),
+                extra=extra))
+            event = None
+            with trio.move_on_after(HANDSHAKE_TIMEOUT):
+                event = conn.receive_message(await transport.receive())
+        except ProtocolError as exc:
+            await transport.aclose(1002, exc.code)
+            raise TunnelRefused(f"bad handshake: {exc}") from None
+        except TransportClosed as exc:
+            raise TunnelRefused(f"closed during handshake: {exc}") from None
+        if isinstance(event, GoAwayReceived):
+            await transport.aclose(1000, "refused")
+            raise TunnelRefused(f"refused: {event.code} {event.reason}")
+        if not isinstance(event, WelcomeReceived):
+            await transport.aclose(1002, "no welcome")
+            raise TunnelRefused("no WELCOME from peer")
+        welcome = event
+
+        def on_event(event: Event) -> None:
+            if isinstance(event, GoAwayReceived) and event.code == REPLACED:
+                self._replaced.add(transport.remote)
+
+        session = TunnelSession(
+            transport, conn, heartbeat_interval=welcome.heartbeat_interval,
+            stats=self.owner.stats, handler=self.owner.handler, name=transport.remote,
+            on_event=on_event,
+        )
+        try:
+            challenge = unb64(welcome.extra.get("challenge"))
+            if challenge is not None:
+                signature = self.identity.sign(
+                    proof_message(challenge, welcome.session_id, self.peer_id))
+                await transport.send(conn.send_proof(b64(signature)))
+        except TransportClosed:
+            return
+        self.log.info("connected to %s (session %s)", transport.remote, welcome.session_id)
+        if link is not None:
+            link.state, link.since, link.last_error = "connected", time.time(), ""
+            link.session_id, link.learned_peers = welcome.session_id, list(welcome.peers)
+        self.learn(welcome.peers)
+        self.sessions.add(session)
+        self.connected.set()
+        self.connected = trio.Event()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_beside, session, self.owner.on_session)
+                await session.run()
+                nursery.cancel_scope.cancel()
+        finally:
+            self.sessions.discard(session)
+            self.log.info("tunnel to %s closed: %s", transport.remote, session.close_reason)
+
+
+async def _beside(session: TunnelSession,
+                  work: Callable[[TunnelSession], Awaitable[None]]) -> None:
+    """Run ``work`` for a session; a lost tunnel just ends it."""
+    from tooti.tunnel import TunnelLost
+
+    try:
+        await work(session)
+    except TunnelLost:
+        return
