@@ -3,6 +3,7 @@ peers up to a limit, bootstrap peers, and ``tooti peers`` (real gateways and soc
 
 from __future__ import annotations
 
+import httpx
 import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
@@ -10,6 +11,7 @@ from tests.conftest import simulated
 from tooti import cli
 from tooti.gateway.app import Gateway
 from tooti.identity import Identity, b64, proof_message, unb64
+from tooti.node.admin import NodeAdmin
 from tooti.node.node import Node
 from tooti.protocol.connection import Connection, Limits, Side, WelcomeReceived
 from tooti.settings import GatewaySettings, NetworkSettings, NodeSettings, TunnelSettings
@@ -187,3 +189,22 @@ async def test_max_peers_keeps_the_rest_on_standby_until_a_session_fails(
     urls[first].shutdown()  # the session fails: the standby peer takes the slot
     await registered(urls[second], "frugal")
     assert links[second].state == "connected"
+
+
+async def test_a_node_only_process_answers_tooti_peers(nursery: trio.Nursery,
+                                                       capsys: object) -> None:
+    gateway, url = await start_gateway(nursery)
+    node = await start_node(nursery, "solo", [url])
+    admin = NodeAdmin(node, "127.0.0.1:0", admin_key="k-admin")
+    base = (await nursery.start(admin.serve))[0]
+    await registered(gateway, "solo")
+    async with httpx.AsyncClient(base_url=base) as http:
+        assert (await http.get("/admin/v1/network")).status_code == 401
+        assert (await http.get("/healthz")).json()["sessions"] == 1
+    code = await trio.to_thread.run_sync(
+        cli.main, ["peers", "--url", base, "--admin-key", "k-admin"])
+    out = capsys.readouterr().out  # type: ignore[attr-defined]
+    assert code == 0, out
+    assert "dialing as node solo (1):" in out
+    assert f"connected  configured {url}" in out
+    admin.shutdown()

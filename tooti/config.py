@@ -260,6 +260,8 @@ def _validate(s: Settings) -> Settings:
     if s.network.public_url:
         s.network.public_url = _at(("network", "public_url"), normalize_peer_url,
                                    s.network.public_url)
+    if s.node.admin_listen:
+        _at(("node", "admin_listen"), parse_listen, s.node.admin_listen)
     s.log_level = _at(("log_level",), _check_log_level, s.log_level)
     for i, backend in enumerate(s.node.backends):
         if not backend.type:

@@ -24,6 +24,7 @@ from tooti.billing.base import Billing, BillingSetup
 from tooti.gateway.app import Gateway
 from tooti.gateway.identities import IdentityStore
 from tooti.identity import DERIVED_PREFIX, RELAY_KEY_FILE, Identity
+from tooti.node.admin import NodeAdmin
 from tooti.node.node import Node
 from tooti.relay import Relay
 from tooti.routing.base import RoutingPolicy
@@ -118,6 +119,8 @@ class Process:
     """The gateway, or a relay's listener (a Gateway without the /v1 API)."""
     relay: Relay | None = None
     node: Node | None = None
+    node_admin: NodeAdmin | None = None
+    """The admin API of a node-only process (``node.admin_listen``)."""
     urls: list[str] = field(default_factory=list)
     ready: trio.Event = field(default_factory=trio.Event)
 
@@ -129,6 +132,8 @@ class Process:
                 nursery.start_soon(self.node.drain, grace)
             if self.relay is not None:
                 nursery.start_soon(self.relay.drain, grace)
+        if self.node_admin is not None:
+            self.node_admin.shutdown()
             if self.gateway is not None:
                 nursery.start_soon(self.gateway.drain, grace)
 
@@ -173,6 +178,10 @@ async def serve(
                                 poll_interval=poll, identity=identity, network=settings.network,
                                 dial="relay" not in roles)
             await nursery.start(process.node.run)
+            if process.gateway is None and settings.node.admin_listen:
+                process.node_admin = NodeAdmin(process.node, settings.node.admin_listen,
+                                               settings.gateway.admin_key)
+                process.urls = await nursery.start(process.node_admin.serve)
             if process.gateway is not None:
                 process.gateway.dialers.append(process.node.dialer)
                 nursery.start_soon(_attach_local, process.gateway, process.node)

@@ -119,6 +119,10 @@ class NodeSettings:
     """First re-dial delay in seconds (doubles each failure, with jitter)."""
     reconnect_max: float = 10.0
     """Longest re-dial delay in seconds."""
+    admin_listen: str = ""
+    """HOST:PORT of a small admin API (``/healthz``, ``/admin/v1/network`` for ``tooti
+    peers``) when the process runs no gateway or relay; empty = none. Uses
+    ``gateway.admin_key`` (loopback only without one)."""
 
 
 @dataclass
