@@ -8,7 +8,8 @@ import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
 from tests.conftest import simulated
-from tooti import cli
+from tests.test_relay import LogEvent
+from tooti import cli, netview
 from tooti.gateway.app import Gateway
 from tooti.identity import Identity, b64, proof_message, unb64
 from tooti.node.admin import NodeAdmin
@@ -208,3 +209,42 @@ async def test_a_node_only_process_answers_tooti_peers(nursery: trio.Nursery,
     assert "dialing as node solo (1):" in out
     assert f"connected  configured {url}" in out
     admin.shutdown()
+
+
+async def test_welcome_never_passes_on_credentials_or_queries(nursery: trio.Nursery) -> None:
+    _, url = await start_gateway(
+        nursery, advertise=["wss://user:secret@gw-b.example/tooti/v1/tunnel?token=x#f"])
+    assert (await welcome_of(url)).peers == ["wss://gw-b.example/tooti/v1/tunnel"]
+
+
+def test_tooti_peers_output_cannot_drive_the_terminal() -> None:
+    view = {"roles": ["gateway"], "peers": [
+        {"id": "evil\x1b]0;owned\x07\nforged line", "role": "node", "state": "live",
+         "models": ["m\x1b[2J"]}]}
+    text = netview.render(view)
+    assert "\x1b" not in text and "\x07" not in text
+    assert "forged line" in text and text.count("\n") == netview.render(
+        {"roles": ["gateway"], "peers": [{"id": "x", "role": "node", "state": "live",
+                                          "models": ["m"]}]}).count("\n")
+
+
+async def test_a_discovered_peer_never_gets_the_join_token(nursery: trio.Nursery) -> None:
+    async def gateway_with_token(**network: object) -> tuple[Gateway, str]:
+        gateway = Gateway(GatewaySettings(listen="127.0.0.1:0", join_token="shared"), TUNNEL,
+                          network=NetworkSettings(**network))  # type: ignore[arg-type]
+        urls = await nursery.start(gateway.serve)
+        return gateway, urls[0].replace("http://", "ws://") + "/tooti/v1/tunnel"
+
+    gateway_b, url_b = await gateway_with_token()
+    gateway_a, url_a = await gateway_with_token(advertise=[url_b])
+    node = Node(NodeSettings(peers=[url_a], join_token="shared", reconnect_initial=0.05,
+                             reconnect_max=0.2), TUNNEL, [simulated()], "careful",
+                network=NetworkSettings(discover=True))
+    with LogEvent("tooti.node", f"tunnel to {url_b}:") as refused:
+        await nursery.start(node.run)
+        await registered(gateway_a, "careful")
+        with trio.fail_after(10):
+            await refused.seen.wait()  # B refused a dialer without its token
+    assert node.dialer.links[url_b].source == "discovered"
+    assert "(403," in refused.messages[0]  # refused at the WebSocket handshake
+    assert "careful" not in gateway_b.registry.peers

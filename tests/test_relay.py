@@ -37,9 +37,18 @@ from tooti.protocol.connection import (
     StreamOpened,
     WelcomeReceived,
 )
-from tooti.relay import Relay
-from tooti.settings import BackendSettings, GatewaySettings, NodeSettings, RelaySettings
+from tooti.relay import Relay, send_routes_frame
+from tooti.runner import Process, serve
+from tooti.settings import (
+    BackendSettings,
+    GatewaySettings,
+    NodeSettings,
+    RelaySettings,
+    Settings,
+)
+from tooti.transport.memory import memory_pair
 from tooti.transport.websocket import SUBPROTOCOL, TUNNEL_PATH
+from tooti.tunnel import TunnelLost, TunnelSession
 
 MODEL = "tooti-sim"
 
@@ -105,7 +114,8 @@ async def start_relay(network: Network, relay_id: str, upstream: str | None = No
                       listen: str = "127.0.0.1:0", **options: Any) -> RunningRelay:
     """Start a relay dialling ``upstream`` (the network's gateway by default), built as
     :func:`tooti.runner.serve` builds one; ``options`` are :class:`RelaySettings` keys."""
-    listener = Gateway(GatewaySettings(listen=listen), network.tunnel, serve_api=False)
+    listener = Gateway(GatewaySettings(listen=listen), network.tunnel, serve_api=False,
+                       local_id=relay_id)
     settings = RelaySettings(peers=[upstream or network.tunnel_url], id=relay_id,
                              reconnect_initial=0.05, reconnect_max=0.5, **options)
     relay = Relay(settings, network.tunnel, listener.registry, relay_id, Identity.generate())
@@ -552,10 +562,12 @@ async def raw_hello(ws: WebSocketConnection, peer_id: str, role: str,
 
 
 def route(node_id: str, key: Identity, signer: Identity | None = None,
-          signed_for: str | None = None, **extra: Any) -> dict[str, Any]:
+          signed_for: str | None = None, relay: str = "shady-relay",
+          **extra: Any) -> dict[str, Any]:
     """A ROUTES entry for ``node_id`` claiming ``key``, with a proof made by ``signer``
-    (default: ``key`` itself, i.e. genuine) for ``signed_for`` (default: ``node_id``)."""
-    challenge, session_id = os.urandom(32), os.urandom(16).hex()
+    (default: ``key`` itself, i.e. genuine) for ``signed_for`` (default: ``node_id``) in a
+    handshake with ``relay`` (whose session ids start with its id)."""
+    challenge, session_id = os.urandom(32), f"{relay}.{os.urandom(16).hex()}"
     signature = (signer or key).sign(proof_message(challenge, session_id,
                                                    signed_for or node_id))
     return {"id": node_id, "public_key": b64(key.public_key), "hops": 1,
@@ -597,6 +609,8 @@ async def test_a_relay_cannot_vouch_for_unproven_or_borrowed_identities(
         route("gpu-7", other),
         # A derived id with a key that is not its own.
         route(victim.id, other),
+        # A genuine proof, but made in a handshake with another relay (replayed here).
+        route("elsewhere", Identity.generate(), relay="relay-9"),
         # No proof at all, and a bad hop count.
         {k: v for k, v in route("unproven", other).items() if k != "proof"},
         route("too-far", other, hops=99),
@@ -668,3 +682,69 @@ async def _binary(ws: WebSocketConnection) -> bytes:
     assert isinstance(message, bytes), message
     return message
 
+
+
+async def test_draining_a_relay_process_lets_forwarded_streams_finish(
+    network: Network, tmp_path: Any,
+) -> None:
+    settings = Settings(
+        roles=["relay"], data_dir=str(tmp_path), drain_grace=10, tunnel=network.tunnel,
+        gateway=GatewaySettings(listen="127.0.0.1:0"),
+        relay=RelaySettings(peers=[network.tunnel_url], reconnect_initial=0.05,
+                            reconnect_max=0.5))
+    process = Process(settings)
+    await network.nursery.start(serve, process)
+    assert process.relay is not None
+    relay_tunnel = process.urls[0].replace("http://", "ws://") + TUNNEL_PATH
+    await start_node(network, "slow", [relay_tunnel],
+                     backends=[simulated(tokens=8, tokens_per_second=20)])
+    async with network.client() as http, http.stream(
+            "POST", "/v1/chat/completions", json=chat(stream=True, max_tokens=8)) as response:
+        assert response.status_code == 200
+        lines = response.aiter_lines()
+        received = [await anext(lines)]  # the stream is under way through the relay
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(process.drain)
+            received += [line async for line in lines]
+    body = "\n".join(received)
+    assert " tok7" in body and "data: [DONE]" in body and '"error"' not in body
+    with trio.fail_after(LIMIT):
+        await network.gateway.registry.wait_until(
+            lambda: "slow" not in network.gateway.registry.peers)
+
+
+async def test_a_second_relay_cannot_take_over_a_relayed_node(network: Network) -> None:
+    registry = network.gateway.registry
+    key = Identity.generate()
+    async with (open_websocket_url(network.tunnel_url, subprotocols=[SUBPROTOCOL]) as first,
+                open_websocket_url(network.tunnel_url, subprotocols=[SUBPROTOCOL]) as second):
+        conn_a = await raw_hello(first, "relay-a", "relay")
+        conn_b = await raw_hello(second, "relay-b", "relay")
+        await first.send_message(conn_a.send_routes([route("n", key, relay="relay-a")], []))
+        await until(registry, lambda: "n" in registry.peers)
+        # The node's genuine proof from a handshake with relay-b: still, relay-a keeps it.
+        with LogEvent("tooti.gateway", "keeping its route via relay-a") as kept:
+            await second.send_message(
+                conn_b.send_routes([route("n", key, relay="relay-b")], []))
+            with trio.fail_after(LIMIT):
+                await kept.seen.wait()
+        assert registry.peers["n"].via == "relay-a"
+        await first.aclose()  # relay-a goes away: its route goes with it
+        await until(registry, lambda: "relay-a" not in registry.peers)
+        assert "n" not in registry.peers or registry.peers["n"].via == "relay-b"
+        await second.send_message(conn_b.send_routes([route("n", key, relay="relay-b")], []))
+        await until(registry, lambda: "n" in registry.peers and registry.peers["n"].via
+                    == "relay-b")
+
+
+async def test_routes_on_a_session_that_just_closed_are_a_lost_tunnel() -> None:
+    """Between a tunnel's close and its task's end, an advertisement must not raise
+    anything but TunnelLost (which ends the advertising task, not the relay)."""
+    dialer, _acceptor = memory_pair()
+    session = TunnelSession(dialer, Connection(Side.DIALER, Limits()), heartbeat_interval=1)
+    session.conn.close()
+    with pytest.raises(TunnelLost):
+        await send_routes_frame(session, [{"id": "n"}], [])
+    session.closed.set()
+    with pytest.raises(TunnelLost):
+        await send_routes_frame(session, [], ["n"])

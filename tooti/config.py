@@ -30,7 +30,7 @@ from tooti.settings import ROLES, BackendSettings, GatewaySettings, Settings
 
 TUNNEL_PATH = "/tooti/v1/tunnel"
 LOG_LEVELS = ("debug", "info", "warning", "error")
-SECRET_FIELDS = frozenset({"join_token", "admin_key", "api_key", "api_keys"})
+SECRET_FIELDS = frozenset({"join_token", "admin_key", "api_key", "discover_token", "api_keys"})
 """Field names whose values never appear in messages."""
 _MAY_BE_ZERO = frozenset({"drain_grace", "price_input", "price_output"})
 """Numeric fields allowed to be 0; every other int/float field must be > 0."""

@@ -129,6 +129,7 @@ class Dialer:
             for url in self.network.bootstrap_peers:
                 self._start(url, "bootstrap")
             task_status.started()
+            await trio.sleep_forever()  # discovered peers may still be started here
 
     def _start(self, url: str, source: str) -> None:
         if url in self.links or self._nursery is None:
@@ -165,9 +166,10 @@ class Dialer:
         """Keep one session with ``url``, re-dialling with backoff and jitter."""
         link = self.links.setdefault(url, Link(url, "configured"))
         delay = self.reconnect_initial
-        headers = []
-        if self.join_token:
-            headers.append((b"authorization", b"Bearer " + self.join_token.encode()))
+        # A discovered address is only what some peer claimed: it never gets the join
+        # token, only the separate discovery token (if the operator set one).
+        token = self.network.discover_token if link.source == "discovered" else self.join_token
+        headers = [(b"authorization", b"Bearer " + token.encode())] if token else []
         while not self.is_stopping():
             link.state, link.since = "standby", time.time()
             async with self._slots:  # released during backoff: a standby peer goes next

@@ -39,8 +39,21 @@ def fetch(base_url: str, admin_key: str = "", timeout: float = 5.0) -> dict[str,
     return view
 
 
+_CONTROL = dict.fromkeys([*range(0x20), 0x7F, *range(0x80, 0xA0)], "?")
+
+
+def _safe(text: str) -> str:
+    """``text`` with control characters (terminal escapes, new lines) replaced."""
+    return text.translate(_CONTROL)
+
+
 def render(view: dict[str, Any], now: float | None = None) -> str:
-    """A plain-text report of a network view."""
+    """A plain-text report of a network view; peer-supplied text cannot drive the
+    terminal (control characters are replaced)."""
+    return "\n".join(_safe(line) for line in _lines(view, now))
+
+
+def _lines(view: dict[str, Any], now: float | None) -> list[str]:
     now = time.time() if now is None else now
     lines = [f"roles: {', '.join(view.get('roles') or []) or '-'}",
              f"public url: {view.get('public_url') or '-'}",
@@ -67,7 +80,7 @@ def render(view: dict[str, Any], now: float | None = None) -> str:
         models = ", ".join(peer.get("models") or []) or "-"
         lines.append(f"  {peer.get('id')}  {peer.get('role')}  {peer.get('state')}  {route}"
                      f"{group}  models: {models}")
-    return "\n".join(lines)
+    return lines
 
 
 def to_json(view: dict[str, Any]) -> str:

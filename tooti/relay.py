@@ -97,9 +97,13 @@ class Relay:
                 except TunnelLost:
                     pass
         with trio.move_on_after(grace):
-            await self._idle.wait()
+            await self.wait_idle()
         for session in list(self.dialer.sessions):
             session.abort("relay shutting down")
+
+    async def wait_idle(self) -> None:
+        """Wait until no stream is being forwarded."""
+        await self._idle.wait()
 
     def stats(self) -> dict[str, Any]:
         """The HEARTBEAT payload sent upstream."""
@@ -128,7 +132,7 @@ class Relay:
         self.registry.bus.listeners.append(listener)
         try:
             await self._send_routes(session, [p.id for p in self.registry.peers.values()])
-            while True:
+            while not session.closed.is_set():
                 await wake.wait()
                 wake = trio.Event()
                 await trio.sleep(self.settings.advertise_interval)
@@ -151,8 +155,12 @@ class Relay:
             entry: dict[str, Any] | None = (
                 advertised(peer) if peer is not None and can_advertise(peer) else None)
             cost = len(_json.encode(entry)) if entry is not None else len(peer_id) + 4
+            if cost > budget:  # one node's labels and models alone would break the frame
+                log.warning("node %r not advertised upstream: its entry is %d bytes, over "
+                            "the %d-byte budget", peer_id[:128], cost, budget)
+                entry, cost = None, len(peer_id) + 4
             if size + cost > budget and (nodes or removed):
-                await session.send_frame(session.conn.send_routes(nodes, removed))
+                await send_routes_frame(session, nodes, removed)
                 nodes, removed, size = [], [], 0
             if entry is not None:
                 nodes.append(entry)
@@ -160,7 +168,7 @@ class Relay:
                 removed.append(peer_id)
             size += cost
         if nodes or removed:
-            await session.send_frame(session.conn.send_routes(nodes, removed))
+            await send_routes_frame(session, nodes, removed)
 
     # ------------------------------------------------------------ forwarding
 
@@ -203,8 +211,9 @@ class Relay:
         out: OutboundStream | None = None
         try:
             first = await stream.read_chunk() or b""
+            complete = stream.body_complete  # decided once: the OPEN's FIN says the same
             try:
-                out = await peer.open_stream(meta, first, fin=stream.body_complete)
+                out = await peer.open_stream(meta, first, fin=complete)
             except FlowControlError as exc:
                 await stream.end(_error(503, "relay_busy", f"node {peer.id}: {exc}",
                                         retryable=True))
@@ -213,7 +222,7 @@ class Relay:
             # caught in each task instead, and raised once the nursery is done.
             lost: list[TunnelLost] = []
             async with trio.open_nursery() as nursery:
-                if not stream.body_complete:
+                if not complete:
                     nursery.start_soon(_pump_request, stream, out, lost, nursery.cancel_scope)
                 try:
                     head = await out.head()
@@ -241,6 +250,18 @@ class Relay:
         finally:
             if out is not None and out.end_info is None:
                 await out.cancel("upstream cancelled")
+
+
+async def send_routes_frame(session: TunnelSession, nodes: list[dict[str, Any]],
+                             removed: list[str]) -> None:
+    """One ROUTES frame; a session that closed meanwhile is a lost tunnel."""
+    if session.closed.is_set():
+        raise TunnelLost(session.close_reason or "closed")
+    try:
+        frame = session.conn.send_routes(nodes, removed)
+    except RuntimeError as exc:  # the connection closed between the check and now
+        raise TunnelLost(str(exc)) from None
+    await session.send_frame(frame)
 
 
 async def _pump_request(stream: InboundStream, out: OutboundStream, lost: list[TunnelLost],

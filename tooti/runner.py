@@ -132,10 +132,13 @@ class Process:
                 nursery.start_soon(self.node.drain, grace)
             if self.relay is not None:
                 nursery.start_soon(self.relay.drain, grace)
+            if self.gateway is not None:
+                # A relay's listener closes its node tunnels only once the streams it
+                # forwards have finished (or the grace is over).
+                also = [self.relay.wait_idle] if self.relay is not None else []
+                nursery.start_soon(self.gateway.drain, grace, also)
         if self.node_admin is not None:
             self.node_admin.shutdown()
-            if self.gateway is not None:
-                nursery.start_soon(self.gateway.drain, grace)
 
 
 async def serve(
@@ -163,6 +166,7 @@ async def serve(
         if "relay" in roles:
             assert process.gateway is not None
             relay_id, relay_key = relay_identity(settings)
+            process.gateway.local_id = relay_id
             process.relay = Relay(settings.relay, settings.tunnel, process.gateway.registry,
                                   relay_id, relay_key, network=settings.network)
             process.gateway.dialers.append(process.relay.dialer)

@@ -27,6 +27,8 @@ class TunnelSettings:
     """Per-stream flow-control credit, in DATA payload bytes."""
     max_control_bytes: int = 65_536
     """Largest JSON control payload (HELLO, MODELS, OPEN metadata, ...)."""
+    max_relayed_nodes: int = 1024
+    """Most nodes one relay's tunnel may advertise here (more are refused)."""
 
 
 @dataclass
@@ -169,6 +171,9 @@ class NetworkSettings:
     dials, and in WELCOME); empty = not public."""
     advertise: list[str] = field(default_factory=list)
     """Other public tunnel URLs this gateway/relay tells its dialers about in WELCOME."""
+    discover_token: str = ""
+    """Token presented to discovered peers (never the join token, which goes only to
+    configured and bootstrap peers); empty = none."""
 
 
 @dataclass

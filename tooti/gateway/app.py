@@ -13,9 +13,9 @@ import hashlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import trio
 from hypercorn.config import Config
@@ -63,9 +63,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("tooti.gateway")
 
 LISTEN_BACKLOG = 2048
+"""Pending TCP connections the gateway's socket queues (1,000 clients may connect at once)."""
 MAX_WELCOME_PEERS = 32
 """Most addresses one WELCOME lists."""
-"""Pending TCP connections the gateway's socket queues (1,000 clients may connect at once)."""
 
 IDENTITIES_PATH = "/admin/v1/identities"
 T = TypeVar("T")
@@ -120,15 +120,17 @@ class Gateway:
         self, settings: GatewaySettings, tunnel: TunnelSettings,
         policy: RoutingPolicy | None = None, billing: list[Billing] | None = None,
         identities: IdentityStore | None = None, network: NetworkSettings | None = None,
-        serve_api: bool = True,
+        serve_api: bool = True, local_id: str = "",
     ) -> None:
         """``identities`` persists node-name bindings (None = memory only, forgotten on
         restart); ``tooti run`` passes the store in the data dir. ``network`` holds the
         public addresses given to dialers in WELCOME. Without ``serve_api`` (a relay
-        only) the ``/v1`` API answers 404 and only tunnels and the admin API are served."""
+        only) the ``/v1`` API answers 404 and only tunnels and the admin API are served.
+        ``local_id`` is a relay's own id, which its session ids start with."""
         self.settings = settings
         self.network = network or NetworkSettings()
         self.serve_api = serve_api
+        self.local_id = local_id
         self.dialers: list[Dialer] = []
         """Dialers of roles in the same process (node, relay), shown by /admin/v1/network."""
         self.roles: list[str] = ["gateway"] if serve_api else ["relay"]
@@ -205,8 +207,10 @@ class Gateway:
             log.info("gateway listening on %s", ", ".join(self.bound))
             task_status.started(self.bound)
 
-    async def drain(self, grace: float) -> None:
-        """Stop taking requests, tell peers GOAWAY, wait up to ``grace`` for in-flight ones."""
+    async def drain(self, grace: float,
+                    also: Sequence[Callable[[], Awaitable[None]]] = ()) -> None:
+        """Stop taking requests, tell peers GOAWAY, wait up to ``grace`` for in-flight ones
+        (and for each of ``also``, e.g. a relay's forwarded streams), then shut down."""
         self.draining = True
         for session in list(self.sessions):
             with trio.move_on_after(1):
@@ -216,6 +220,8 @@ class Gateway:
                     log.debug("goaway to %s failed", session.name)
         with trio.move_on_after(grace):
             await self._idle.wait()
+            for wait in also:
+                await wait()
         for session in list(self.sessions):
             await session.flush()
         self.shutdown()
@@ -245,7 +251,7 @@ class Gateway:
     async def attach(self, transport: Transport) -> None:
         """Serve a tunnel over an already-connected transport (in-memory peers)."""
         await serve_tunnel(transport, self.registry, self.tunnel_settings, self.sessions,
-                           welcome_peers=self.public_peers())
+                           welcome_peers=self.public_peers(), local_id=self.local_id)
 
     def public_peers(self) -> list[str]:
         """Public tunnel addresses this process tells dialers about in WELCOME: its own
@@ -259,7 +265,9 @@ class Gateway:
                 urls += [link.url for link in dialer.links.values()
                          if link.source != "discovered" or link.state == "connected"]
                 urls += [u for link in dialer.links.values() for u in link.learned_peers]
-        return [u for u in dict.fromkeys(urls) if u][:MAX_WELCOME_PEERS]
+        public = (urlunsplit(p._replace(netloc=p.netloc.rpartition("@")[2], query="",
+                                        fragment="")) for p in map(urlsplit, urls) if p.netloc)
+        return list(dict.fromkeys(public))[:MAX_WELCOME_PEERS]
 
     def network_view(self) -> dict[str, Any]:
         """What this process knows of the network (``GET /admin/v1/network``)."""
@@ -549,5 +557,5 @@ class Gateway:
         transport = ASGIWebSocketTransport(receive, send, remote)
         started = time.monotonic()
         await serve_tunnel(transport, self.registry, self.tunnel_settings, self.sessions,
-                           group, welcome_peers=self.public_peers())
+                           group, welcome_peers=self.public_peers(), local_id=self.local_id)
         log.debug("tunnel from %s ended after %.1fs", remote, time.monotonic() - started)

@@ -118,12 +118,15 @@ class Registry:
         return old
 
     def add_relayed(self, peer: Peer) -> bool:
-        """Register a node reached through a relay, unless the same node id has a live
-        direct tunnel here (a direct tunnel is preferred); returns True if added."""
+        """Register a node reached through a relay, unless the same node id already has a
+        live direct tunnel or a live route through another relay here (a direct tunnel is
+        preferred, and the first relay keeps the node while its tunnel lives, so a later
+        advertiser cannot take over its traffic); returns True if added."""
         current = self.peers.get(peer.id)
-        if current is not None and not current.via and not current.session.closed.is_set():
-            log.info("node %s is also advertised via %s; keeping its direct tunnel",
-                     peer.id, peer.via)
+        if current is not None and not current.session.closed.is_set() and (
+                not current.via or current.session is not peer.session):
+            log.info("node %s is also advertised via %s; keeping its %s", peer.id, peer.via,
+                     f"route via {current.via}" if current.via else "direct tunnel")
             return False
         self.add(peer)
         return True

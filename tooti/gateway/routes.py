@@ -8,8 +8,10 @@ load figures and the number of hops. The receiving gateway (or relay) checks
 each node's proof itself, binds the id to the key exactly as for a direct
 tunnel, and registers the node as reached through that relay's tunnel; the
 node's streams are then opened on the relay's tunnel with the OPEN naming the
-node. A relay therefore cannot vouch for a node that never completed the
-handshake with it, nor pass off one node's id as another's.
+node. A node directly on the relay must have made its proof in a handshake with
+that relay (session ids start with the relay's id), and a node already reached
+directly or through another live relay is not taken over. Limits of this trust
+(deeper hops, no expiry): ``docs/protocol.md`` § 4.6.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def advertised(peer: Peer) -> dict[str, Any]:
         "public_key": b64(peer.public_key),
         "proof": peer.proof,
         "models": [info.to_wire() for info in peer.models.values()],
-        "stats": {**peer.stats, "relay_in_flight": peer.total_in_flight()},
+        "stats": peer.stats,
         "labels": peer.labels,
         "software": peer.software,
         "hops": peer.hops + 1,
@@ -52,9 +54,11 @@ def can_advertise(peer: Peer) -> bool:
 class RelayedNodes:
     """The nodes one relay's tunnel advertises, kept in a registry."""
 
-    def __init__(self, registry: Registry, relay: Peer) -> None:
+    def __init__(self, registry: Registry, relay: Peer, limit: int = 1024) -> None:
         self.registry = registry
         self.relay = relay
+        self.limit = limit
+        """Most nodes this relay may have registered at once."""
         self.nodes: dict[str, Peer] = {}
 
     def apply(self, event: RoutesReceived) -> None:
@@ -63,7 +67,7 @@ class RelayedNodes:
         for entry in event.nodes:
             try:
                 self._upsert(entry)
-            except (ProtocolError, TypeError, ValueError, AttributeError) as exc:
+            except Exception as exc:  # one bad entry never costs the relay its session
                 log.warning("relay %s: node %r refused: %s", self.relay.id,
                             str(entry.get("id"))[:128], exc)
         listed = {entry["id"] for entry in event.nodes}
@@ -106,7 +110,10 @@ class RelayedNodes:
         peer = self.nodes.get(node_id)
         proof = entry.get("proof")
         if peer is None or peer.proof != proof or b64(peer.public_key) != entry.get("public_key"):
-            public_key = self._check_proof(node_id, entry.get("public_key"), proof)
+            if peer is None and len(self.nodes) >= self.limit:
+                raise ValueError(f"the relay already has {self.limit} nodes here "
+                                 "(tunnel.max_relayed_nodes)")
+            public_key = self._check_proof(node_id, entry.get("public_key"), proof, hops)
             if peer is not None:
                 self._remove(node_id)
             peer = Peer(
@@ -139,14 +146,20 @@ class RelayedNodes:
                 self.registry.changed()
             self.registry.peer_updated(peer)
 
-    def _check_proof(self, node_id: str, key_text: object, proof: object) -> bytes:
-        """The node's public key, once its handshake proof verifies; else ProtocolError."""
+    def _check_proof(self, node_id: str, key_text: object, proof: object, hops: int) -> bytes:
+        """The node's public key, once its handshake proof verifies; else ProtocolError.
+
+        A node directly on the relay (``hops`` 1) must have made its proof for this very
+        relay: the relay's session ids start with its own id, and the signature covers
+        the session id, so another peer cannot replay the proof under its own name."""
         public_key = unb64(key_text, PUBLIC_KEY_BYTES)
         if public_key is None:
             raise ProtocolError("bad_routes", "public_key must be a base64 Ed25519 key")
         if not isinstance(proof, dict) or not all(
                 isinstance(proof.get(k), str) for k in ("challenge", "session_id", "signature")):
             raise ProtocolError("bad_routes", "proof needs challenge, session_id and signature")
+        if hops == 1 and not proof["session_id"].startswith(self.relay.id + "."):
+            raise ProtocolError("bad_proof", f"the proof was not made for relay {self.relay.id}")
         challenge, signature = unb64(proof["challenge"]), unb64(proof["signature"])
         if challenge is None or signature is None or not verify(
                 public_key, signature, proof_message(challenge, proof["session_id"], node_id)):

@@ -45,6 +45,8 @@ from tooti.tunnel import CLOSE_PROTOCOL_ERROR, TunnelLost, TunnelSession
 log = logging.getLogger("tooti.gateway")
 
 HANDSHAKE_TIMEOUT = 10.0
+PEER_ROLES = ("node", "relay")
+"""The roles a dialing peer may announce in HELLO."""
 REPLACED = "replaced"
 """GOAWAY code sent to a session superseded by a newer one with the same peer id."""
 
@@ -112,10 +114,13 @@ class BearerAuth:
 async def serve_tunnel(
     transport: Transport, registry: Registry, settings: TunnelSettings,
     sessions: set[TunnelSession], group: str = "", welcome_peers: list[str] | None = None,
+    local_id: str = "",
 ) -> None:
     """Run the acceptor side of one tunnel until it closes; the peer joins ``group``
     (the one its join token admitted it to, ``""`` = ungrouped). ``welcome_peers`` are
-    the public gateway/relay addresses the WELCOME tells the peer about."""
+    the public gateway/relay addresses the WELCOME tells the peer about. A relay's
+    listener passes its own id as ``local_id``: session ids then start with it, so a
+    node's proof names the relay it was made for (see :mod:`tooti.gateway.routes`)."""
     conn = Connection(Side.ACCEPTOR, limits_from(settings))
     hello: Event | None = None
     try:
@@ -124,10 +129,13 @@ async def serve_tunnel(
         if not isinstance(hello, HelloReceived):
             raise ProtocolError("handshake_timeout", "no HELLO received")
         version = conn.choose_version(hello.versions)
+        if hello.role not in PEER_ROLES:
+            raise ProtocolError("bad_hello", f"role must be one of {', '.join(PEER_ROLES)}")
         public_key = unb64(hello.extra.get("public_key"), PUBLIC_KEY_BYTES)
         if public_key is None:
             raise ProtocolError("bad_hello", "public_key must be a base64 Ed25519 key")
-        challenge, session_id = os.urandom(CHALLENGE_BYTES), uuid.uuid4().hex
+        challenge = os.urandom(CHALLENGE_BYTES)
+        session_id = f"{local_id}.{uuid.uuid4().hex}" if local_id else uuid.uuid4().hex
         await transport.send(conn.send_welcome(
             version, session_id, settings.heartbeat_interval, peers=welcome_peers,
             extra={"software": f"tooti/{__version__}", "challenge": b64(challenge)},
@@ -171,9 +179,12 @@ async def serve_tunnel(
                 registry.changed()
             registry.peer_updated(peer)
         elif isinstance(event, ModelsReceived):
+            if relayed:  # a relay serves nothing itself: its nodes come in ROUTES
+                log.warning("relay %s sent MODELS; ignored", peer.id)
+                return
             try:
                 models = [ModelInfo.from_wire(m) for m in event.models]
-            except (TypeError, ValueError, AttributeError) as exc:
+            except (TypeError, ValueError, AttributeError, OverflowError) as exc:
                 session.abort(f"bad MODELS frame: {exc}")
                 return
             registry.set_models(peer, models)
@@ -196,7 +207,7 @@ async def serve_tunnel(
     )
     peer_ref.append(peer)
     if hello.role == "relay":
-        relayed.append(RelayedNodes(registry, peer))
+        relayed.append(RelayedNodes(registry, peer, settings.max_relayed_nodes))
         conn.accepts_routes = True
     replaced = registry.add(peer)
     if replaced is not None and not replaced.via:
@@ -219,10 +230,10 @@ async def serve_tunnel(
 
 
 def _public_url(role: str, value: object) -> str:
-    """A relay's or gateway's claimed public tunnel URL, if well-formed; nodes have none."""
+    """A relay's claimed public tunnel URL, if well-formed; other peers have none."""
     from tooti.config import ConfigError, normalize_peer_url
 
-    if role == "node" or not isinstance(value, str) or len(value) > 2048:
+    if role != "relay" or not isinstance(value, str) or len(value) > 2048:
         return ""
     try:
         return normalize_peer_url(value)

@@ -508,7 +508,7 @@ class Connection:
         if ftype is FrameType.ROUTES:
             if not self.accepts_routes:
                 raise ProtocolError("unexpected_frame", "ROUTES from a peer that is not a relay")
-            nodes, removed = obj.get("nodes") or [], obj.get("removed") or []
+            nodes, removed = obj.get("nodes", []), obj.get("removed", [])
             if not isinstance(nodes, list) or not all(
                 isinstance(n, dict) and isinstance(n.get("id"), str) for n in nodes
             ):
