@@ -36,7 +36,7 @@ from tooti.protocol.connection import (
 from tooti.settings import NetworkSettings, TunnelSettings
 from tooti.transport import Transport, TransportClosed
 from tooti.transport.websocket import SUBPROTOCOL, ClientWebSocketTransport
-from tooti.tunnel import StreamHandler, TunnelSession
+from tooti.tunnel import StreamHandler, TunnelLost, TunnelSession
 
 HANDSHAKE_TIMEOUT = 10.0
 
@@ -268,8 +268,6 @@ class Dialer:
 async def _beside(session: TunnelSession,
                   work: Callable[[TunnelSession], Awaitable[None]]) -> None:
     """Run ``work`` for a session; a lost tunnel just ends it."""
-    from tooti.tunnel import TunnelLost
-
     try:
         await work(session)
     except TunnelLost:

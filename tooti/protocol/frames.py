@@ -46,7 +46,6 @@ class FrameType(IntEnum):
     ROUTES = 0x0D
 
 
-
 CONNECTION_FRAMES = frozenset(
     {FrameType.HELLO, FrameType.WELCOME, FrameType.MODELS, FrameType.HEARTBEAT,
      FrameType.GOAWAY, FrameType.PROOF, FrameType.ROUTES}
