@@ -20,6 +20,7 @@ import logging
 from typing import Any
 
 from tooti.backends.base import ModelInfo
+from tooti.gateway.events import BusEvent
 from tooti.gateway.registry import Peer, Registry
 from tooti.identity import PUBLIC_KEY_BYTES, b64, proof_message, unb64, verify
 from tooti.protocol.connection import ProtocolError, RoutesReceived
@@ -60,6 +61,25 @@ class RelayedNodes:
         self.limit = limit
         """Most nodes this relay may have registered at once."""
         self.nodes: dict[str, Peer] = {}
+        """Nodes this relay advertises, by id (registered, or displaced by a direct
+        tunnel that has connected since)."""
+        self.shadowed: dict[str, Peer] = {}
+        """Proven nodes that were not registered because the node is reached directly or
+        through another relay: they take over the moment that route goes away."""
+        registry.bus.listeners.append(self._on_event)
+
+    def _on_event(self, event: BusEvent) -> None:
+        """A peer left: if it was a node this relay can reach, route to it through us."""
+        if event.kind != "peer.left" or self.relay.session.closed.is_set():
+            return
+        node_id = event.data.get("peer_id")
+        if not isinstance(node_id, str) or node_id in self.registry.peers:
+            return
+        peer = self.nodes.get(node_id) or self.shadowed.get(node_id)
+        if peer is not None and self.registry.add_relayed(peer):
+            self.shadowed.pop(node_id, None)
+            self.nodes[node_id] = peer
+            self.registry.set_models(peer, list(peer.models.values()))
 
     def apply(self, event: RoutesReceived) -> None:
         """Add, update or remove nodes as the relay says. A malformed or unproven
@@ -78,9 +98,13 @@ class RelayedNodes:
             self._remove(node_id)
 
     def clear(self) -> None:
-        """The relay's tunnel closed: every node behind it leaves the registry."""
+        """The relay's tunnel closed: every node behind it leaves the registry (and may
+        be taken over at once by another relay that reaches it)."""
+        self.shadowed.clear()
         for node_id in list(self.nodes):
             self._remove(node_id)
+        if self._on_event in self.registry.bus.listeners:
+            self.registry.bus.listeners.remove(self._on_event)
 
     def mark_draining(self) -> None:
         """The relay sent GOAWAY: none of its nodes takes new streams through it."""
@@ -90,6 +114,7 @@ class RelayedNodes:
         self.registry.changed()
 
     def _remove(self, node_id: str) -> None:
+        self.shadowed.pop(node_id, None)
         peer = self.nodes.pop(node_id, None)
         if peer is not None:
             self.registry.remove(peer)
@@ -107,10 +132,10 @@ class RelayedNodes:
         if not isinstance(stats, dict) or not isinstance(labels, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
             raise ValueError("stats must be an object and labels map strings to strings")
-        peer = self.nodes.get(node_id)
+        peer = self.nodes.get(node_id) or self.shadowed.get(node_id)
         proof = entry.get("proof")
         if peer is None or peer.proof != proof or b64(peer.public_key) != entry.get("public_key"):
-            if peer is None and len(self.nodes) >= self.limit:
+            if peer is None and len(self.nodes) + len(self.shadowed) >= self.limit:
                 raise ValueError(f"the relay already has {self.limit} nodes here "
                                  "(tunnel.max_relayed_nodes)")
             public_key = self._check_proof(node_id, entry.get("public_key"), proof, hops)
@@ -125,19 +150,17 @@ class RelayedNodes:
             )
             peer.stats = stats
             peer.draining = entry.get("draining") is True or self.relay.draining
-            if not self.registry.add_relayed(peer):
-                return
-            self.nodes[node_id] = peer
-            self.registry.set_models(peer, models)
+            peer.models = {m.id: m for m in models}
+            self._register(peer)
             return
         was_live = peer.live
         peer.stats, peer.labels, peer.hops = stats, labels, hops
         peer.draining = entry.get("draining") is True or self.relay.draining
-        if node_id not in self.registry.peers:
-            # A direct tunnel had replaced it here and has closed since: route through
-            # the relay again.
-            if self.registry.add_relayed(peer):
-                self.registry.set_models(peer, models)
+        if self.registry.peers.get(node_id) is not peer:
+            # Reached directly or through another relay (or a direct tunnel had taken it
+            # over and has closed since): keep it current, register it if free.
+            peer.models = {m.id: m for m in models}
+            self._register(peer)
             return
         if {m.id: m for m in models} != peer.models:
             self.registry.set_models(peer, models)
@@ -145,6 +168,17 @@ class RelayedNodes:
             if peer.live != was_live:
                 self.registry.changed()
             self.registry.peer_updated(peer)
+
+    def _register(self, peer: Peer) -> None:
+        """Register a proven node through this relay, or keep it aside while another
+        route to it lives."""
+        if self.registry.add_relayed(peer):
+            self.shadowed.pop(peer.id, None)
+            self.nodes[peer.id] = peer
+            self.registry.set_models(peer, list(peer.models.values()))
+        else:
+            self.nodes.pop(peer.id, None)
+            self.shadowed[peer.id] = peer
 
     def _check_proof(self, node_id: str, key_text: object, proof: object, hops: int) -> bytes:
         """The node's public key, once its handshake proof verifies; else ProtocolError.
