@@ -176,6 +176,8 @@ class RelayedNodes:
             self.shadowed.pop(peer.id, None)
             self.nodes[peer.id] = peer
             self.registry.set_models(peer, list(peer.models.values()))
+            log.info("peer %s serves %s (via %s)", peer.id,
+                     ", ".join(sorted(peer.models)) or "nothing", self.relay.id)
         else:
             self.nodes.pop(peer.id, None)
             self.shadowed[peer.id] = peer
