@@ -335,7 +335,7 @@ class Cluster:
         relay = self.children.start("relay", [
             sys.executable, "-m", "tooti", "run", "--role", "relay", "--config", str(config),
             "--peer", f"ws://127.0.0.1:{self.port}", "--data-dir", str(self.root / "relay-data")])
-        match = await wait_for_log(relay, r"gateway listening on http://127\.0\.0\.1:(\d+)")
+        match = await wait_for_log(relay, r"relay listening on http://127\.0\.0\.1:(\d+)")
         return int(match.group(1))
 
     def start_node(self, node_id: str, backend: dict[str, object],

@@ -70,7 +70,7 @@ class Topology:
 
     async def _listening(self, name: str, tooti: Tooti) -> None:
         with trio.fail_after(START_TIMEOUT):
-            match = await tooti.wait_for(r"gateway listening on (http://127\.0\.0\.1:\d+)")
+            match = await tooti.wait_for(r"(?:gateway|relay) listening on (http://127\.0\.0\.1:\d+)")
         self.urls[name] = match.group(1)
 
     async def start_gateway(self, name: str) -> None:

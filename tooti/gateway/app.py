@@ -204,7 +204,8 @@ class Gateway:
                 lambda task_status: serve(app, config, shutdown_trigger=self._shutdown.wait,
                                           task_status=task_status)
             )
-            log.info("gateway listening on %s", ", ".join(self.bound))
+            log.info("%s listening on %s", "gateway" if self.serve_api else "relay",
+                     ", ".join(self.bound))
             task_status.started(self.bound)
 
     async def drain(self, grace: float,
