@@ -248,3 +248,15 @@ async def test_a_discovered_peer_never_gets_the_join_token(nursery: trio.Nursery
     assert node.dialer.links[url_b].source == "discovered"
     assert "(403," in refused.messages[0]  # refused at the WebSocket handshake
     assert "careful" not in gateway_b.registry.peers
+
+
+async def test_a_discovered_peer_that_keeps_failing_is_forgotten(
+        nursery: trio.Nursery) -> None:
+    dead = "ws://127.0.0.1:9/tooti/v1/tunnel"  # nothing listens on the discard port
+    gateway, url = await start_gateway(nursery, advertise=[dead])
+    with LogEvent("tooti.node", f"forgetting discovered peer {dead}") as forgotten:
+        node = await start_node(nursery, "tidy", [url], discover=True)
+        await registered(gateway, "tidy")
+        with trio.fail_after(10):
+            await forgotten.seen.wait()
+    assert set(node.dialer.links) == {url}

@@ -41,6 +41,10 @@ from tooti.tunnel import StreamHandler, TunnelLost, TunnelSession
 HANDSHAKE_TIMEOUT = 10.0
 
 
+MAX_DISCOVERED_FAILURES = 5
+"""Failed dials in a row after which a discovered peer is forgotten."""
+
+
 class TunnelRefused(Exception):
     """The peer refused our HELLO (GOAWAY or a broken handshake)."""
 
@@ -170,6 +174,7 @@ class Dialer:
         # token, only the separate discovery token (if the operator set one).
         token = self.network.discover_token if link.source == "discovered" else self.join_token
         headers = [(b"authorization", b"Bearer " + token.encode())] if token else []
+        failures = 0
         while not self.is_stopping():
             link.state, link.since = "standby", time.time()
             async with self._slots:  # released during backoff: a standby peer goes next
@@ -184,11 +189,19 @@ class Dialer:
                         if ws.subprotocol != SUBPROTOCOL:
                             raise TunnelRefused(f"peer chose subprotocol {ws.subprotocol!r}")
                         await self.serve_transport(ClientWebSocketTransport(ws, url), link)
+                    failures = 0
                 except (OSError, HandshakeError, ConnectionClosed, TunnelRefused,
                         trio.TooSlowError) as exc:
+                    failures = 0 if link.state == "connected" else failures + 1
                     link.last_error = str(exc) or type(exc).__name__
                     self.log.info("tunnel to %s: %s", url, link.last_error)
             if self.is_stopping():
+                return
+            if link.source == "discovered" and failures >= MAX_DISCOVERED_FAILURES:
+                # Only a peer's claim: after repeated failures, forget it and make room.
+                self.log.info("forgetting discovered peer %s after %d failed dials", url,
+                              failures)
+                del self.links[url]
                 return
             if url in self._replaced:
                 self._replaced.discard(url)
