@@ -67,7 +67,8 @@ class Samples:
     stream: list[float] = field(default_factory=list)
 
 
-def start(children: Children, root: Path, tokens: int) -> tuple[int, dict[str, Any]]:
+def start(children: Children, root: Path, tokens: int, tokens_per_second: float
+          ) -> tuple[int, dict[str, Any]]:
     """Start gateway, relay and both nodes; returns the gateway port and the children."""
     gateway_port, relay_port = free_port(), free_port()
     common = 'log_level = "warning"\ndrain_grace = 0.0\n'
@@ -85,7 +86,8 @@ def start(children: Children, root: Path, tokens: int) -> tuple[int, dict[str, A
         config.write_text(
             common + toml_table("node", {"id": name, "reconnect_max": 0.5})
             + toml_table("[[node.backends]]", {"type": "simulated", "max_concurrency": 4})
-            + toml_table("node.backends.options", {"tokens": tokens}))
+            + toml_table("node.backends.options", {"tokens": tokens,
+                                                   "tokens_per_second": tokens_per_second}))
         started[name] = children.start(name, [
             sys.executable, "-m", "tooti", "run", "--role", "node", "--config", str(config),
             "--peer", f"ws://127.0.0.1:{port}", "--data-dir", str(root / f"{name}-data")])
@@ -140,9 +142,10 @@ def quantile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def benchmark(requests: int, tokens: int, children: Children, root: Path) -> bool:
+async def benchmark(requests: int, tokens: int, tokens_per_second: float,
+                    children: Children, root: Path) -> bool:
     """Start everything, measure, print the report; True if the target was met."""
-    port, started = start(children, root, tokens)
+    port, started = start(children, root, tokens, tokens_per_second)
     base = f"http://127.0.0.1:{port}"
     limits = httpx.Limits(max_keepalive_connections=2)
     async with httpx.AsyncClient(base_url=base, timeout=30, limits=limits) as client:
@@ -160,7 +163,8 @@ async def benchmark(requests: int, tokens: int, children: Children, root: Path) 
                 await one(client, node, results[node])
         relay_cpu = cpu_seconds(started["relay"].pid) - relay_cpu
     print(f"relay hop latency: python {sys.version.split()[0]}, {requests} rounds "
-          f"(each: one non-streamed and one streamed request per node, {tokens} tokens), "
+          f"(each: one non-streamed and one streamed request per node, {tokens} tokens"
+          f"{f' at {tokens_per_second:g} tok/s' if tokens_per_second else ', unpaced'}), "
           "sequential, keep-alive client")
     print(f"{'ms':<28}{'direct p50':>12}{'relayed p50':>13}{'added p50':>11}"
           f"{'direct p90':>12}{'relayed p90':>13}")
@@ -189,13 +193,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=400, help="rounds (default 400)")
     parser.add_argument("--tokens", type=int, default=16, help="tokens per answer")
+    parser.add_argument("--tokens-per-second", type=float, default=0.0,
+                        help="pace the simulated tokens (default 0: all at once)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="tooti-relay-bench-") as tmp:
         children = Children(Path(tmp))
         try:
             with sigint_raises():
-                trio.run(exit_on_signals, benchmark, args.requests, args.tokens, children,
-                         Path(tmp))
+                trio.run(exit_on_signals, benchmark, args.requests, args.tokens,
+                         args.tokens_per_second, children, Path(tmp))
         except BaseException as exc:
             code = interrupted(exc)
             if code is None:
