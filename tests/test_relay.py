@@ -751,3 +751,44 @@ async def test_routes_on_a_session_that_just_closed_are_a_lost_tunnel() -> None:
     session.closed.set()
     with pytest.raises(TunnelLost):
         await send_routes_frame(session, [], ["n"])
+
+
+async def test_a_relay_cannot_flood_the_registry_with_nodes(network: Network) -> None:
+    network.gateway.tunnel_settings.max_relayed_nodes = 3
+    registry = network.gateway.registry
+    entries = [route(f"n{i}", Identity.generate(), relay="flood") for i in range(5)]
+    with LogEvent("tooti.gateway", "tunnel.max_relayed_nodes") as capped:
+        async with open_websocket_url(network.tunnel_url, subprotocols=[SUBPROTOCOL]) as ws:
+            conn = await raw_hello(ws, "flood", "relay")
+            await ws.send_message(conn.send_routes(entries, []))
+            with trio.fail_after(LIMIT):
+                await capped.seen.wait()
+            assert sorted(p for p in registry.peers if p.startswith("n")) == ["n0", "n1", "n2"]
+            assert len(capped.messages) == 2
+            # Room again once the relay withdraws one.
+            await ws.send_message(conn.send_routes([entries[4]], ["n0"]))
+            await until(registry, lambda: "n4" in registry.peers and "n0" not in registry.peers)
+
+
+async def test_a_peer_with_an_unknown_role_is_refused(network: Network) -> None:
+    async with open_websocket_url(network.tunnel_url, subprotocols=[SUBPROTOCOL]) as ws:
+        identity = Identity.generate()
+        conn = Connection(Side.DIALER, Limits())
+        await ws.send_message(conn.send_hello(
+            identity.id, "gateway", "test", {}, extra={"public_key": b64(identity.public_key)}))
+        goaway = await _binary(ws)
+    assert goaway[0] == 0x0B and b"bad_hello" in goaway and b"role" in goaway
+    assert identity.id not in network.gateway.registry.peers
+
+
+async def test_a_full_routes_list_replaces_what_the_relay_advertised(network: Network) -> None:
+    registry = network.gateway.registry
+    a, b = route("a", Identity.generate(), relay="lister"), route(
+        "b", Identity.generate(), relay="lister")
+    async with open_websocket_url(network.tunnel_url, subprotocols=[SUBPROTOCOL]) as ws:
+        conn = await raw_hello(ws, "lister", "relay")
+        await ws.send_message(conn.send_routes([a, b], []))
+        await until(registry, lambda: {"a", "b"} <= set(registry.peers))
+        await ws.send_message(conn.send_routes([b], [], full=True))
+        await until(registry, lambda: "a" not in registry.peers)
+        assert registry.peers["b"].via == "lister"

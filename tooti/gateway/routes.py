@@ -84,18 +84,19 @@ class RelayedNodes:
     def apply(self, event: RoutesReceived) -> None:
         """Add, update or remove nodes as the relay says. A malformed or unproven
         entry is skipped with a warning; the relay's other nodes are unaffected."""
+        for node_id in event.removed:  # first, so they make room for new ones
+            self._remove(node_id)
         for entry in event.nodes:
             try:
                 self._upsert(entry)
             except Exception as exc:  # one bad entry never costs the relay its session
                 log.warning("relay %s: node %r refused: %s", self.relay.id,
                             str(entry.get("id"))[:128], exc)
-        listed = {entry["id"] for entry in event.nodes}
-        gone = set(event.removed)
         if event.full:
-            gone |= set(self.nodes) - listed
-        for node_id in gone:
-            self._remove(node_id)
+            listed = {entry["id"] for entry in event.nodes}
+            for node_id in set(self.nodes) | set(self.shadowed):
+                if node_id not in listed:
+                    self._remove(node_id)
 
     def clear(self) -> None:
         """The relay's tunnel closed: every node behind it leaves the registry (and may
