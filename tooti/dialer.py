@@ -160,6 +160,21 @@ class Dialer:
                 self.log.info("discovered peer %s: dialing it", url)
                 self._start(url, "discovered")
 
+    async def drain(self, grace: float, wait_idle: Callable[[], Awaitable[None]],
+                    reason: str) -> None:
+        """Tell every peer GOAWAY (no new streams), wait up to ``grace`` for
+        ``wait_idle`` (the owner's in-flight streams), then close every session."""
+        for session in list(self.sessions):
+            with trio.move_on_after(1):
+                try:
+                    await session.goaway("draining", reason)
+                except TunnelLost:
+                    pass
+        with trio.move_on_after(grace):
+            await wait_idle()
+        for session in list(self.sessions):
+            session.abort(reason)
+
     def describe(self) -> list[dict[str, Any]]:
         """Every peer URL this dialer knows, with its state."""
         return [link.describe() for link in self.links.values()]

@@ -90,16 +90,7 @@ class Relay:
     async def drain(self, grace: float) -> None:
         """Tell upstream peers GOAWAY; let forwarded streams finish for up to ``grace``."""
         self.draining = True
-        for session in list(self.dialer.sessions):
-            with trio.move_on_after(1):
-                try:
-                    await session.goaway("draining", "relay shutting down")
-                except TunnelLost:
-                    pass
-        with trio.move_on_after(grace):
-            await self.wait_idle()
-        for session in list(self.dialer.sessions):
-            session.abort("relay shutting down")
+        await self.dialer.drain(grace, self.wait_idle, "relay shutting down")
 
     async def wait_idle(self) -> None:
         """Wait until no stream is being forwarded."""

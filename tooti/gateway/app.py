@@ -40,6 +40,7 @@ from tooti.gateway.http import (
     send_bytes,
     send_error,
     send_json,
+    serve_lifespan,
 )
 from tooti.gateway.identities import IdentityStore, IdentityStoreError
 from tooti.gateway.metrics import CONTENT_TYPE as METRICS_TYPE
@@ -295,13 +296,7 @@ class Gateway:
         elif kind == "websocket":
             await self._websocket(scope, receive, send)
         elif kind == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await serve_lifespan(receive, send)
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         request_id = "req_" + uuid.uuid4().hex

@@ -31,6 +31,17 @@ def header(scope: Scope, name: bytes) -> bytes | None:
     return None
 
 
+async def serve_lifespan(receive: Receive, send: Send) -> None:
+    """Answer an ASGI server's lifespan startup and shutdown (nothing to set up)."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
 async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     """Read the whole request body; APIError(413) past ``limit`` bytes."""
     declared = header(scope, b"content-length")

@@ -11,7 +11,15 @@ from hypercorn.config import Config
 from hypercorn.trio import serve
 
 from tooti.errors import APIError
-from tooti.gateway.http import Receive, Scope, Send, header, send_error, send_json
+from tooti.gateway.http import (
+    Receive,
+    Scope,
+    Send,
+    header,
+    send_error,
+    send_json,
+    serve_lifespan,
+)
 from tooti.gateway.tunnels import BearerAuth
 from tooti.node.node import Node
 
@@ -54,13 +62,8 @@ class NodeAdmin:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The ASGI entry point (HTTP only)."""
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await serve_lifespan(receive, send)
+            return
         if scope["type"] != "http":
             return
         path, method = scope["path"], scope["method"]

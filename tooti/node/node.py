@@ -96,17 +96,7 @@ class Node:
     async def drain(self, grace: float) -> None:
         """Refuse new streams (GOAWAY), let in-flight ones finish for up to ``grace``."""
         self.draining = True
-        for session in list(self.sessions):
-            with trio.move_on_after(1):
-                try:
-                    await session.goaway("draining", "node shutting down")
-                except TunnelLost:
-                    pass
-        with trio.move_on_after(grace):
-            await self.wait_idle()
-        for session in list(self.sessions):
-            await session.flush()  # the last DATA and END frames are still queued
-            session.abort("node shutting down")
+        await self.dialer.drain(grace, self.wait_idle, "node shutting down")
 
     @property
     def connected(self) -> trio.Event:
