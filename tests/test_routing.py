@@ -270,11 +270,15 @@ def test_sort_load() -> None:
     assert make_proxy().choose(ROUTE, Preferences(sort="load"), peers) is peers[2]
 
 
-# ---------------------------------------------------------------- Proxy._eligible
+# ---------------------------------------------------------------- preference filters
 
 
 def eligible(proxy: Proxy, prefs: Preferences, excluded: set[str] | None = None) -> list[str]:
-    return sorted(ids(proxy._eligible(MODEL, prefs, excluded or set())))
+    """The nodes (all idle here) the request's preferences let ``acquire`` choose among;
+    ``_any_eligible``, which decides between queueing and "no node", must agree."""
+    chosen = sorted(ids(list(proxy._free(MODEL, prefs, excluded or set()))))
+    assert proxy._any_eligible(MODEL, prefs, excluded or set()) == bool(chosen)
+    return chosen
 
 
 def three() -> Proxy:

@@ -121,9 +121,8 @@ def check(registry: Registry) -> set[str]:
     view = registry.free_slots(MODEL)
     assert {p.id for p in view} == free and len(view) == len(free)
     assert [p.id for p in view.by_id()] == sorted(free)
-    any_candidate, with_slot = registry.with_free_slot(MODEL)
-    assert any_candidate == bool(eligible)
-    assert {p.id for p in with_slot} == {i for i in free if not tunnel(registry.peers[i]).full}
+    assert {p.id for p in view if registry.usable(p, MODEL)} == {
+        i for i in free if not tunnel(registry.peers[i]).full}
     chosen = view.least_loaded(random.Random(0))
     if free:
         assert chosen is not None

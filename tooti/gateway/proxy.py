@@ -199,20 +199,6 @@ class Proxy:
         ranked = self.policy.rank(route, candidates)
         return ranked[0] if ranked else None
 
-    def _eligible(self, model: str, prefs: Preferences, excluded: set[str]) -> list[Peer]:
-        """Every candidate (free or busy) of the request's node group its preferences and
-        ``excluded`` allow."""
-        candidates = list(self.registry.eligible(model, prefs.group))
-        if excluded or not _unfiltered(prefs):
-            allowed = _allowed(prefs)
-            candidates = [
-                p for p in candidates
-                if p.id not in excluded and p.id not in prefs.ignore
-                and (allowed is None or p.id in allowed)
-                and _within_price(p, model, prefs)
-            ]
-        return candidates
-
     def _free(self, model: str, prefs: Preferences, excluded: set[str]) -> Candidates:
         """The nodes with a free slot the request may use, as an indexed view: ``only``
         and ``order`` look their ids up, ``ignore`` and ``excluded`` skip a few ids."""

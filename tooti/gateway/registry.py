@@ -174,16 +174,6 @@ class Registry:
         index = self._find(model, group)
         return () if index is None else index.eligible.keys()
 
-    def with_free_slot(self, model: str) -> tuple[bool, list[Peer]]:
-        """Whether any candidate (see :meth:`candidates`) serves ``model``, and the
-        candidates with a free slot for it whose tunnel can take another stream."""
-        any_candidate = False
-        free: list[Peer] = []
-        for index in self._indexes(model):
-            any_candidate = any_candidate or bool(index.eligible)
-            free.extend(p for p in index.free if p.session.conn.can_open_stream())
-        return any_candidate, free
-
     def free_slots(self, model: str, group: str = "") -> Candidates:
         """The candidates of node group ``group`` with a free slot for ``model``, as a
         view a routing policy can query without a pass over every peer."""
