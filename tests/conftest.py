@@ -36,10 +36,12 @@ class Network:
 
     async def add_node(
         self, backends: list[Backend] | None = None, node_id: str = "node-a",
-        wait: bool = True, identity: Identity | None = None, **node_kwargs: Any,
+        wait: bool = True, identity: Identity | None = None, peers: list[str] | None = None,
+        **node_kwargs: Any,
     ) -> Node:
-        """Start a node dialling this gateway; wait until its models are routable."""
-        settings = NodeSettings(peers=[self.tunnel_url], id=node_id, **node_kwargs)
+        """Start a node dialling this gateway (or ``peers``, e.g. a relay); wait until
+        this gateway can route to its models."""
+        settings = NodeSettings(peers=peers or [self.tunnel_url], id=node_id, **node_kwargs)
         node = Node(settings, self.tunnel, backends or [simulated()], node_id,
                     identity=identity)
         scope = trio.CancelScope()

@@ -42,7 +42,6 @@ from tooti.runner import Process, serve
 from tooti.settings import (
     BackendSettings,
     GatewaySettings,
-    NodeSettings,
     RelaySettings,
     Settings,
 )
@@ -140,24 +139,11 @@ async def start_relay(network: Network, relay_id: str, upstream: str | None = No
 async def start_node(network: Network, node_id: str, peers: list[str],
                      backends: list[Backend] | None = None, wait: bool = True,
                      **node_options: Any) -> Node:
-    """Start a node dialling ``peers`` (killable with ``network.kill_node``); by default
-    wait until the network's gateway can route to its models."""
-    settings = NodeSettings(peers=peers, id=node_id,
-                            **{"reconnect_initial": 0.05, "reconnect_max": 0.5, **node_options})
-    node = Node(settings, network.tunnel, backends or [simulated()], node_id)
-    scope = trio.CancelScope()
-
-    async def run(task_status: trio.TaskStatus[None]) -> None:
-        with scope:
-            await node.run(task_status=task_status)
-
-    await network.nursery.start(run)
-    network.nodes.append(node)
-    network.scopes[node_id] = scope
-    if wait:
-        with trio.fail_after(LIMIT):
-            await network.wait_for_node(node_id)
-    return node
+    """Start a node dialling ``peers`` (killable with ``network.kill_node``), re-dialling
+    quickly; by default wait (bounded) until the network's gateway can route to it."""
+    options = {"reconnect_initial": 0.05, "reconnect_max": 0.5, **node_options}
+    with trio.fail_after(LIMIT):
+        return await network.add_node(backends, node_id, wait=wait, peers=peers, **options)
 
 
 async def until(registry: Registry, condition: Callable[[], bool]) -> None:
