@@ -74,20 +74,10 @@ class ModelIndex:
         live = info is not None and peer.live
         record = peer.health.get(model)
         eligible = live and (record is None or not record.in_cooldown)
-        flipped = False
-        if live != (peer in self.live):
+        flipped = _mark(self.live, peer, live)
+        if _mark(self.eligible, peer, eligible):
             flipped = True
-            if live:
-                self.live[peer] = None
-            else:
-                del self.live[peer]
-        if eligible != (peer in self.eligible):
-            flipped = True
-            if eligible:
-                self.eligible[peer] = None
-            else:
-                del self.eligible[peer]
-                self.recheck = True
+            self.recheck = self.recheck or not eligible
         if eligible and info is not None:
             capacity = max(1, info.max_concurrency)
             in_flight = peer.in_flight.get(model, 0)
@@ -187,6 +177,17 @@ class ModelIndex:
         finally:
             for key in passed:
                 heappush(heap, key)
+
+
+def _mark(members: dict[Peer, None], peer: Peer, present: bool) -> bool:
+    """Add ``peer`` to or remove it from ``members``; True if that changed anything."""
+    if present == (peer in members):
+        return False
+    if present:
+        members[peer] = None
+    else:
+        del members[peer]
+    return True
 
 
 class Candidates(Sequence[Peer]):
