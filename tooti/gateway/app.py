@@ -26,7 +26,7 @@ from tooti.billing.pipeline import BillingPipeline, usage_from
 from tooti.errors import APIError
 from tooti.gateway.admin_events import stream_events
 from tooti.gateway.events import BusEvent
-from tooti.gateway.groups import GroupKeys
+from tooti.gateway.groups import GroupKeys, bearer_token
 from tooti.gateway.health import CooldownPolicy
 from tooti.gateway.http import (
     ClientGone,
@@ -92,9 +92,7 @@ def _query_int(scope: Scope, name: str, default: int, low: int, high: int) -> in
 
 def key_id_of(authorization: bytes | None) -> str:
     """A stable, non-secret id for the caller's API key (``anonymous`` without one)."""
-    if not authorization or authorization[:7].lower() != b"bearer ":
-        return "anonymous"
-    token = authorization[7:].strip()
+    token = bearer_token(authorization)
     if not token:
         return "anonymous"
     return "key-" + hashlib.sha256(token).hexdigest()[:16]
