@@ -399,20 +399,12 @@ class InboundStream:
         """
         parts: list[bytes] = []
         size = 0
-        io = self._io
-        while True:
-            while io.chunks:
-                chunk = io.chunks.popleft()
-                size += len(chunk)
-                if size > limit:
-                    raise ValueError(f"request body over {limit} bytes")
-                parts.append(chunk)
-                await self.session._consumed(self.id, len(chunk))
-            if io.fin:
-                return b"".join(parts)
-            if io.lost is not None:
-                raise TunnelLost(io.lost)
-            await io.wait_changed()
+        while (chunk := await self.read_chunk()) is not None:
+            size += len(chunk)
+            if size > limit:
+                raise ValueError(f"request body over {limit} bytes")
+            parts.append(chunk)
+        return b"".join(parts)
 
     @property
     def body_complete(self) -> bool:
