@@ -1,7 +1,8 @@
 """Child processes for the benchmarks: started in their own process group, killed with
-the script (even on SIGKILL of the script, via PR_SET_PDEATHSIG on Linux), and signal
-handling that turns Ctrl-C / SIGTERM / SIGHUP into a clean shutdown. Shared by
-``bench/streams.py`` and ``bench/failover.py``."""
+the script (even on SIGKILL of the script, via PR_SET_PDEATHSIG on Linux), signal
+handling that turns Ctrl-C / SIGTERM / SIGHUP into a clean shutdown, and the small
+measuring helpers the scripts share (a child's CPU time, a free port, percentiles).
+Shared by ``bench/streams.py``, ``bench/failover.py`` and ``bench/relay_hop.py``."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import contextlib
 import ctypes
 import os
 import signal
+import socket
 import subprocess
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -144,6 +146,32 @@ def interrupted(exc: BaseException) -> int | None:
         if codes and all(code is not None for code in codes):
             return codes[0]
     return None
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds used by ``pid`` so far (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for a child to listen on)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q`` quantile (0..1) of ``values`` (nearest rank)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
 def toml_value(value: object) -> str:

@@ -18,9 +18,7 @@ Run from the repository root with the project's venv::
 from __future__ import annotations
 
 import argparse
-import os
 import random
-import socket
 import statistics
 import sys
 import tempfile
@@ -34,28 +32,17 @@ import httpx
 import trio
 from children import (
     Children,
+    cpu_seconds,
     exit_on_signals,
+    free_port,
     interrupted,
+    percentile,
     sigint_raises,
     toml_table,
 )
 
 TARGET_MS = 1.0
 NODES = ("direct", "relayed")
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -136,12 +123,6 @@ async def one(client: httpx.AsyncClient, node: str, samples: Samples) -> None:
     samples.stream.append((ended - began) * 1000)
 
 
-def quantile(values: Sequence[float], q: float) -> float:
-    """The ``q`` quantile (nearest rank) of ``values``."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 async def benchmark(requests: int, tokens: int, tokens_per_second: float,
                     children: Children, root: Path) -> bool:
     """Start everything, measure, print the report; True if the target was met."""
@@ -176,7 +157,7 @@ async def benchmark(requests: int, tokens: int, tokens_per_second: float,
         if attr == "plain":
             added_plain = added
         print(f"{label:<28}{statistics.median(direct):>12.3f}{statistics.median(relayed):>13.3f}"
-              f"{added:>11.3f}{quantile(direct, 0.9):>12.3f}{quantile(relayed, 0.9):>13.3f}")
+              f"{added:>11.3f}{percentile(direct, 0.9):>12.3f}{percentile(relayed, 0.9):>13.3f}")
     forwarded = 2 * requests
     print(f"relay CPU: {relay_cpu * 1000 / forwarded:.3f} ms per forwarded request "
           f"({relay_cpu:.2f} s for {forwarded})")

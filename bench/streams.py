@@ -54,8 +54,10 @@ import trio
 from children import (
     Child,
     Children,
+    cpu_seconds,
     exit_on_signals,
     interrupted,
+    percentile,
     sigint_raises,
     toml_table,
 )
@@ -100,18 +102,6 @@ async def wait_for_log(child: Child, pattern: str, limit: float = START_TIMEOUT
 # --------------------------------------------------------------------- /proc
 
 
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds used by ``pid`` so far (0 once it is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
-
-
 def proc_status_kib(pid: int, key: str) -> int:
     """A ``kB`` field (``VmRSS``, ``VmHWM``) of ``/proc/PID/status``; 0 if unknown."""
     try:
@@ -126,7 +116,7 @@ def proc_status_kib(pid: int, key: str) -> int:
 def machine_busy_seconds() -> float:
     """CPU seconds the whole machine has spent busy since boot."""
     fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (sum(fields[:8]) - fields[3] - fields[4]) / _CLK_TCK
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def load_average() -> str:
@@ -367,12 +357,6 @@ def peak_overlap(results: Sequence[Result]) -> int:
         current += step
         peak = max(peak, current)
     return peak
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The ``q`` quantile (0..1) of ``values`` (nearest rank)."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
 def start_gateway(children: Children, root: Path, opts: Options) -> Child:
