@@ -37,7 +37,7 @@ from tooti.protocol.connection import (
     StreamOpened,
     WelcomeReceived,
 )
-from tooti.relay import Relay, send_routes_frame
+from tooti.relay import Relay
 from tooti.runner import Process, serve
 from tooti.settings import (
     BackendSettings,
@@ -733,10 +733,10 @@ async def test_routes_on_a_session_that_just_closed_are_a_lost_tunnel() -> None:
     session = TunnelSession(dialer, Connection(Side.DIALER, Limits()), heartbeat_interval=1)
     session.conn.close()
     with pytest.raises(TunnelLost):
-        await send_routes_frame(session, [{"id": "n"}], [])
+        await session.send_control(lambda conn: conn.send_routes([{"id": "n"}], []))
     session.closed.set()
     with pytest.raises(TunnelLost):
-        await send_routes_frame(session, [], ["n"])
+        await session.send_control(lambda conn: conn.send_routes([], ["n"]))
 
 
 async def test_a_relay_cannot_flood_the_registry_with_nodes(network: Network) -> None:

@@ -19,6 +19,7 @@ gateway fails over.
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Any
 
 import msgspec
@@ -29,7 +30,7 @@ from tooti.gateway.events import BusEvent
 from tooti.gateway.registry import Peer, Registry
 from tooti.gateway.routes import advertised, can_advertise
 from tooti.identity import Identity
-from tooti.protocol.connection import FlowControlError
+from tooti.protocol.connection import Connection, FlowControlError
 from tooti.settings import NetworkSettings, RelaySettings, TunnelSettings
 from tooti.tunnel import (
     InboundStream,
@@ -151,7 +152,8 @@ class Relay:
                             "the %d-byte budget", peer_id[:128], cost, budget)
                 entry, cost = None, len(peer_id) + 4
             if size + cost > budget and (nodes or removed):
-                await send_routes_frame(session, nodes, removed)
+                await session.send_control(
+                    partial(Connection.send_routes, nodes=nodes, removed=removed))
                 nodes, removed, size = [], [], 0
             if entry is not None:
                 nodes.append(entry)
@@ -159,7 +161,8 @@ class Relay:
                 removed.append(peer_id)
             size += cost
         if nodes or removed:
-            await send_routes_frame(session, nodes, removed)
+            await session.send_control(
+                partial(Connection.send_routes, nodes=nodes, removed=removed))
 
     # ------------------------------------------------------------ forwarding
 
@@ -241,18 +244,6 @@ class Relay:
         finally:
             if out is not None and out.end_info is None:
                 await out.cancel("upstream cancelled")
-
-
-async def send_routes_frame(session: TunnelSession, nodes: list[dict[str, Any]],
-                             removed: list[str]) -> None:
-    """One ROUTES frame; a session that closed meanwhile is a lost tunnel."""
-    if session.closed.is_set():
-        raise TunnelLost(session.close_reason or "closed")
-    try:
-        frame = session.conn.send_routes(nodes, removed)
-    except RuntimeError as exc:  # the connection closed between the check and now
-        raise TunnelLost(str(exc)) from None
-    await session.send_frame(frame)
 
 
 async def _pump_request(stream: InboundStream, out: OutboundStream, lost: list[TunnelLost],

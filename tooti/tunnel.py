@@ -165,6 +165,18 @@ class TunnelSession:
             self.abort("transport closed")
             raise TunnelLost(self.close_reason or "transport closed") from None
 
+    async def send_control(self, build: Callable[[Connection], bytes]) -> None:
+        """Encode a control frame with ``build(conn)`` and send it. A connection that
+        has closed (even between the tunnel's loss and this session's end) is a lost
+        tunnel, like a closed transport."""
+        if self.closed.is_set():
+            raise TunnelLost(self.close_reason or "closed")
+        try:
+            frame = build(self.conn)
+        except RuntimeError as exc:  # the connection refuses frames once it is closed
+            raise TunnelLost(str(exc)) from None
+        await self.send_frame(frame)
+
     async def flush(self) -> None:
         """Frames are written as they are sent: nothing is ever pending here."""
         return None

@@ -161,8 +161,8 @@ class Node:
         """Send the current model table to every connected peer."""
         for session in list(self.sessions):
             try:
-                await session.send_frame(session.conn.send_models(self.models_wire()))
-            except (TunnelLost, RuntimeError):
+                await session.send_control(lambda conn: conn.send_models(self.models_wire()))
+            except TunnelLost:
                 continue
 
     def stats(self) -> dict[str, Any]:
@@ -187,7 +187,7 @@ class Node:
 
     async def on_session(self, session: TunnelSession) -> None:
         """A new session is open: announce our models on it."""
-        await session.send_frame(session.conn.send_models(self.models_wire()))
+        await session.send_control(lambda conn: conn.send_models(self.models_wire()))
 
     # ------------------------------------------------------------ serving
 
