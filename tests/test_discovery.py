@@ -246,7 +246,7 @@ async def test_a_discovered_peer_never_gets_the_join_token(nursery: trio.Nursery
         with trio.fail_after(10):
             await refused.seen.wait()  # B refused a dialer without its token
     assert node.dialer.links[url_b].source == "discovered"
-    assert "(403," in refused.messages[0]  # refused at the WebSocket handshake
+    assert "HTTP 403: invalid token" in refused.messages[0]  # refused at the handshake
     assert "careful" not in gateway_b.registry.peers
 
 

@@ -66,7 +66,7 @@ async def test_sigterm_drains_in_flight_stream_and_exits_zero(
     with trio.fail_after(30):
         code = await tooti.process.wait()
     assert lines[-1] == "data: [DONE]"
-    assert not any('"error"' in line for line in lines)
+    assert not any('"error"' in line for line in lines), (lines, tooti.text)
     assert sum(" tok" in line for line in lines) == 12
     assert code == 0, tooti.text
 

@@ -523,9 +523,13 @@ async def test_node_is_served_through_the_relay_once_its_direct_tunnel_closes(
             with trio.fail_after(LIMIT):
                 await shadowed.seen.wait()
     direct = registry.peers["both"]
-    for session in list(node.sessions):
-        if session.name.startswith(network.tunnel_url):
-            session.abort("test: the direct tunnel breaks")
+    # The gateway may register the node before the node's dialer has filed the session.
+    with trio.fail_after(LIMIT):
+        while not (sessions := [s for s in node.sessions
+                                if s.name.startswith(network.tunnel_url)]):
+            await node.connected.wait()
+    for session in sessions:
+        session.abort("test: the direct tunnel breaks")
     await until(registry, lambda: registry.peers.get("both") is not direct)
     assert registry.peers["both"].via == relay.id
     async with network.client() as http:

@@ -80,6 +80,18 @@ class Wire:
         self.sent.add(FrameType(message[0]))
         await self.inner.send(message)
 
+    async def send_many(self, messages: list[bytes]) -> None:
+        for message in messages:
+            await self.send(message)
+
+    def write_nowait(self, messages: list[bytes]) -> bool:
+        return False  # everything goes through send(), where the gate is
+
+    pending = False
+
+    def has_buffered(self) -> bool:
+        return self.inner.has_buffered()
+
     async def receive(self) -> bytes:
         return await self.inner.receive()
 

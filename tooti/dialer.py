@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import trio
-from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
 from tooti import __version__
 from tooti.gateway.tunnels import REPLACED, limits_from
@@ -35,10 +34,12 @@ from tooti.protocol.connection import (
 )
 from tooti.settings import NetworkSettings, TunnelSettings
 from tooti.transport import Transport, TransportClosed
-from tooti.transport.websocket import SUBPROTOCOL, ClientWebSocketTransport
-from tooti.tunnel import StreamHandler, TunnelLost, TunnelSession
+from tooti.transport.websocket import SUBPROTOCOL, HandshakeFailed, connect
+from tooti.tunnel import CLOSE_TIMEOUT, StreamHandler, StreamOpener, TunnelLost, TunnelSession
 
 HANDSHAKE_TIMEOUT = 10.0
+CONNECT_TIMEOUT = 10.0
+"""Seconds to reach a peer and complete the WebSocket upgrade."""
 
 
 MAX_DISCOVERED_FAILURES = 5
@@ -54,6 +55,9 @@ class SessionOwner(Protocol):
 
     handler: StreamHandler | None
     """Serves the streams the peer opens."""
+
+    opener: StreamOpener | None
+    """Called in the read loop as the peer opens a stream, before ``handler`` runs."""
 
     def stats(self) -> dict[str, Any]:
         """The HEARTBEAT payload."""
@@ -173,6 +177,7 @@ class Dialer:
         with trio.move_on_after(grace):
             await wait_idle()
         for session in list(self.sessions):
+            await session.flush()  # the last streams' ENDs go out before the close
             session.abort(reason)
 
     def describe(self) -> list[dict[str, Any]]:
@@ -196,17 +201,17 @@ class Dialer:
                 started = time.monotonic()
                 link.state, link.since = "connecting", time.time()
                 try:
-                    async with open_websocket_url(
-                        url, subprotocols=[SUBPROTOCOL], extra_headers=headers,
-                        max_message_size=self.tunnel.max_frame_bytes,
-                        connect_timeout=10, disconnect_timeout=2,
-                    ) as ws:
-                        if ws.subprotocol != SUBPROTOCOL:
-                            raise TunnelRefused(f"peer chose subprotocol {ws.subprotocol!r}")
-                        await self.serve_transport(ClientWebSocketTransport(ws, url), link)
+                    with trio.fail_after(CONNECT_TIMEOUT):
+                        transport = await connect(
+                            url, subprotocol=SUBPROTOCOL, headers=headers,
+                            max_message=self.tunnel.max_frame_bytes)
+                    try:
+                        await self.serve_transport(transport, link)
+                    finally:
+                        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+                            await transport.aclose()
                     failures = 0
-                except (OSError, HandshakeError, ConnectionClosed, TunnelRefused,
-                        trio.TooSlowError) as exc:
+                except (OSError, HandshakeFailed, TunnelRefused, trio.TooSlowError) as exc:
                     failures = 0 if link.state == "connected" else failures + 1
                     link.last_error = str(exc) or type(exc).__name__
                     self.log.info("tunnel to %s: %s", url, link.last_error)
@@ -264,7 +269,8 @@ class Dialer:
 
         session = TunnelSession(
             transport, conn, heartbeat_interval=welcome.heartbeat_interval,
-            stats=self.owner.stats, handler=self.owner.handler, name=transport.remote,
+            stats=self.owner.stats, handler=self.owner.handler, opener=self.owner.opener,
+            name=transport.remote,
             on_event=on_event,
         )
         try:

@@ -30,12 +30,19 @@ from tooti.gateway.events import BusEvent
 from tooti.gateway.registry import Peer, Registry
 from tooti.gateway.routes import advertised, can_advertise
 from tooti.identity import Identity
-from tooti.protocol.connection import Connection, FlowControlError
+from tooti.protocol.connection import (
+    Connection,
+    DataReceived,
+    FlowControlError,
+    ResponseStarted,
+    StreamEnded,
+)
 from tooti.settings import NetworkSettings, RelaySettings, TunnelSettings
 from tooti.tunnel import (
     InboundStream,
     OutboundStream,
     StreamHandler,
+    StreamOpener,
     TunnelLost,
     TunnelSession,
 )
@@ -72,6 +79,7 @@ class Relay:
         self.per_node: dict[str, int] = {}
         self.forwarded_total = 0
         self.handler: StreamHandler | None = self._forward
+        self.opener: StreamOpener | None = self._open
         self.dialer = Dialer(
             self, peer_id=relay_id, role="relay", identity=identity, tunnel=tunnel,
             network=network, join_token=settings.join_token,
@@ -166,52 +174,92 @@ class Relay:
 
     # ------------------------------------------------------------ forwarding
 
-    async def _forward(self, stream: InboundStream) -> None:
-        """Serve one upstream OPEN by forwarding it to its target node."""
-        meta = stream.meta
+    def _refusal(self, meta: dict[str, Any]) -> tuple[Peer | None, dict[str, Any] | None]:
+        """The node an OPEN targets, or the END that refuses it."""
         target, model = meta.get("target"), meta.get("model")
         if not isinstance(target, str) or not isinstance(model, str):
-            await stream.end(_error(400, "bad_open", "an OPEN through a relay needs the "
-                                    "target node id and the model"))
-            return
+            return None, _error(400, "bad_open", "an OPEN through a relay needs the target "
+                                "node id and the model")
         peer = self.registry.peers.get(target)
         if peer is None or peer.role != "node" or not peer.live:
-            await stream.end(_error(503, "node_unavailable", f"relay {self.id} cannot reach "
-                                    f"node {target} now", retryable=True))
-            return
+            return None, _error(503, "node_unavailable", f"relay {self.id} cannot reach "
+                                f"node {target} now", retryable=True)
         if (self.forwarding >= self.settings.max_streams
                 or self.per_node.get(target, 0) >= self.settings.max_streams_per_node
                 or not peer.session.conn.can_open_stream()):
-            await stream.end(_error(503, "relay_busy", f"relay {self.id} is at its stream "
-                                    f"limit for node {target}", retryable=True))
-            return
-        self.forwarding += 1
-        self.forwarded_total += 1
-        self.per_node[target] = self.per_node.get(target, 0) + 1
-        self._idle = trio.Event() if self.forwarding == 1 else self._idle
-        try:
-            await self._relay(stream, peer, {k: v for k, v in meta.items() if k != "target"})
-        finally:
-            self.forwarding -= 1
-            left = self.per_node[target] - 1
-            if left:
-                self.per_node[target] = left
-            else:
-                del self.per_node[target]
-            if self.forwarding == 0:
-                self._idle.set()
+            return None, _error(503, "relay_busy", f"relay {self.id} is at its stream "
+                                f"limit for node {target}", retryable=True)
+        return peer, None
 
-    async def _relay(self, stream: InboundStream, peer: Peer, meta: dict[str, Any]) -> None:
-        out: OutboundStream | None = None
+    def _count(self, target: str, delta: int) -> None:
+        self.forwarding += delta
+        left = self.per_node.get(target, 0) + delta
+        if left:
+            self.per_node[target] = left
+        else:
+            del self.per_node[target]
+        if delta > 0:
+            self.forwarded_total += 1
+            if self.forwarding == 1:
+                self._idle = trio.Event()
+        elif self.forwarding == 0:
+            self._idle.set()
+
+    def _open(self, stream: InboundStream) -> None:
+        """Called in the upstream read loop as an OPEN arrives: open the stream to the
+        node there and then, and splice the node's answer straight back (see
+        :class:`_Splice`), so no task switch sits on the path. Anything this cannot do
+        at once is left to :meth:`_forward`."""
+        peer, refusal = self._refusal(stream.meta)
+        if peer is None or refusal is not None:
+            return
+        meta = {k: v for k, v in stream.meta.items() if k != "target"}
+        if not stream.body_arrived:
+            return  # a body still arriving is pumped by the task
+        first = stream.read_chunk_nowait() or b""
         try:
-            first = await stream.read_chunk() or b""
-            complete = stream.body_complete  # decided once: the OPEN's FIN says the same
-            try:
-                out = await peer.open_stream(meta, first, fin=complete)
-            except FlowControlError as exc:
-                await stream.end(_error(503, "relay_busy", f"node {peer.id}: {exc}",
-                                        retryable=True))
+            out, rest = peer.open_stream_nowait(meta, first, fin=True)
+        except (FlowControlError, TunnelLost):
+            return
+        self._count(peer.id, +1)
+        stream.context = _Opened(out, rest, peer)
+        if not rest:
+            out.splice = _Splice(stream, out)
+
+    async def _forward(self, stream: InboundStream) -> None:
+        """Serve one upstream OPEN by forwarding it to its target node."""
+        opened = stream.context
+        if not isinstance(opened, _Opened):
+            peer, refusal = self._refusal(stream.meta)
+            if peer is None or refusal is not None:
+                await stream.end(refusal or {})
                 return
+            self._count(peer.id, +1)
+            opened = _Opened(None, b"", peer)
+        try:
+            await self._relay(stream, opened)
+        finally:
+            self._count(opened.peer.id, -1)
+
+    async def _relay(self, stream: InboundStream, opened: _Opened) -> None:
+        peer = opened.peer
+        out = opened.out
+        try:
+            if out is None:
+                first = await stream.read_chunk() or b""
+                complete = stream.body_complete  # decided once: the OPEN's FIN says the same
+                meta = {k: v for k, v in stream.meta.items() if k != "target"}
+                try:
+                    out = await peer.open_stream(meta, first, fin=complete)
+                except FlowControlError as exc:
+                    await stream.end(_error(503, "relay_busy", f"node {peer.id}: {exc}",
+                                            retryable=True))
+                    return
+            else:
+                complete = True
+                if opened.rest:
+                    await out.send_body(opened.rest, fin=True)
+            splice = out.splice
             # A nursery wraps what its tasks raise in an ExceptionGroup: a lost tunnel is
             # caught in each task instead, and raised once the nursery is done.
             lost: list[TunnelLost] = []
@@ -221,7 +269,8 @@ class Relay:
                 try:
                     head = await out.head()
                     if head is not None:
-                        await stream.respond(head.status, head.headers)
+                        if not (isinstance(splice, _Splice) and splice.head_sent):
+                            await stream.respond(head.status, head.headers)
                         # Chunks that queued up meanwhile go on as one frame.
                         limit = stream.session.conn.max_data_payload()
                         while (chunk := await out.next_data(limit)) is not None:
@@ -231,7 +280,7 @@ class Relay:
                 nursery.cancel_scope.cancel()
             if lost:
                 raise lost[0]
-            await stream.end(out.end_info or {})
+            await stream.end(out.end_info or {})  # a no-op if the END was spliced
         except TunnelLost as exc:
             if stream.session.closed.is_set():
                 return  # upstream is gone: nobody to tell
@@ -244,6 +293,60 @@ class Relay:
         finally:
             if out is not None and out.end_info is None:
                 await out.cancel("upstream cancelled")
+
+
+class _Opened:
+    """A stream the relay opened to the node from the read loop (see Relay._open)."""
+
+    __slots__ = ("out", "peer", "rest")
+
+    def __init__(self, out: OutboundStream | None, rest: bytes, peer: Peer) -> None:
+        self.out = out
+        self.rest = rest
+        self.peer = peer
+
+
+class _Splice:
+    """Passes a node's RESPONSE, DATA and END on upstream from the node tunnel's read
+    loop, each re-framed for the upstream stream as it is decoded: no buffering, no
+    task wake-up. The node's credit is granted back at once. DATA the upstream stream
+    has no credit for (or a closed upstream) ends the splicing: from then on frames are
+    buffered and the forwarding task sends them, in order, as credit allows."""
+
+    __slots__ = ("active", "head_sent", "out", "up")
+
+    def __init__(self, up: InboundStream, out: OutboundStream) -> None:
+        self.up = up
+        self.out = out
+        self.active = True
+        self.head_sent = False
+
+    def __call__(self, event: ResponseStarted | DataReceived | StreamEnded) -> bool:
+        if not self.active:
+            return False
+        up = self.up
+        session = up.session
+        conn = session.conn
+        if session.closed.is_set() or not conn.has_stream(up.id):
+            self.active = False
+            return False
+        if isinstance(event, DataReceived):
+            data = event.data
+            if (not self.head_sent or len(data) > conn.send_credit(up.id)
+                    or len(data) > conn.max_data_payload()):
+                self.active = False
+                return False
+            if data:
+                session.enqueue(conn.send_data(up.id, data))
+                self.out.session.grant(self.out.id, len(data))
+            return True
+        if isinstance(event, ResponseStarted):
+            up.started = True
+            self.head_sent = True
+            session.enqueue(conn.send_response(up.id, event.status, event.headers))
+            return True
+        session.enqueue(conn.send_end(up.id, event.info))  # END: the task still wakes
+        return False
 
 
 async def _pump_request(stream: InboundStream, out: OutboundStream, lost: list[TunnelLost],

@@ -47,7 +47,33 @@ CLOSE_POLICY = 1008
 CLOSE_TIMEOUT = 0.25
 """Seconds to wait for the peer to acknowledge a WebSocket close."""
 FLUSH_TIMEOUT = 1.0
-"""Longest a shielded OPEN send may take before the tunnel counts as stalled."""
+"""Longest :meth:`TunnelSession.flush` waits for queued frames to be written."""
+OUTGOING_LIMIT = 1 << 20
+"""Bytes of frames queued for the writer beyond which senders wait (backpressure)."""
+
+
+_QUEUED: trio.lowlevel.RunVar[set[TunnelSession]] = trio.lowlevel.RunVar("tooti_queued")
+"""The sessions of this trio run with frames queued since the last read-loop flush."""
+
+
+def _queued_sessions() -> set[TunnelSession]:
+    try:
+        return _QUEUED.get()
+    except LookupError:
+        queued: set[TunnelSession] = set()
+        _QUEUED.set(queued)
+        return queued
+
+
+def flush_queued() -> None:
+    """Write, without waiting, the frames every session of this run has queued, where
+    the transport can (see :meth:`TunnelSession.flush_nowait`). Read loops call it
+    before they wait for more input, so what a batch of input produced - a relay's
+    spliced frames, an OPEN it forwards - goes out in one write per tunnel, with no
+    task switch in between."""
+    queued = _queued_sessions()
+    while queued:
+        queued.pop().flush_nowait()
 
 
 class TunnelLost(Exception):
@@ -57,7 +83,7 @@ class TunnelLost(Exception):
 class _StreamIO:
     """Adapter-side buffers and wake-ups of one stream."""
 
-    __slots__ = ("changed", "chunks", "credit", "end", "fin", "head", "lost", "scope")
+    __slots__ = ("changed", "chunks", "credit", "end", "fin", "head", "lost", "scope", "splice")
 
     def __init__(self) -> None:
         self.chunks: deque[bytes] = deque()
@@ -68,6 +94,7 @@ class _StreamIO:
         self.changed = trio.Event()
         self.credit = trio.Event()
         self.scope: trio.CancelScope | None = None
+        self.splice: Splice | None = None
 
     def wake(self) -> None:
         self.changed.set()
@@ -85,6 +112,10 @@ class _StreamIO:
 
 
 StreamHandler = Callable[["InboundStream"], Awaitable[None]]
+StreamOpener = Callable[["InboundStream"], None]
+Splice = Callable[[ResponseStarted | DataReceived | StreamEnded], bool]
+"""Sees a stream's RESPONSE, DATA and END in the read loop before they are buffered;
+True means it took the event (nothing is buffered, nobody is woken)."""
 EventHook = Callable[[Event], None]
 StatsSource = Callable[[], dict[str, Any]]
 
@@ -101,6 +132,7 @@ class TunnelSession:
         stats: StatsSource | None = None,
         on_event: EventHook | None = None,
         handler: StreamHandler | None = None,
+        opener: StreamOpener | None = None,
         name: str = "",
     ) -> None:
         self.transport = transport
@@ -113,11 +145,19 @@ class TunnelSession:
         self._stats = stats or dict
         self._on_event = on_event
         self._handler = handler
+        self._opener = opener
         self._streams: dict[int, _StreamIO] = {}
         self._nursery: trio.Nursery | None = None
         self._cancel_scope = trio.CancelScope()
-        # OPEN frames go out in stream-id order, whole (see open_stream).
-        self._open_lock = trio.StrictFIFOLock()
+        # Frames wait here for the writer task, which sends all that queued up since
+        # its last write as one write (one system call, one wake-up of the peer).
+        self._outgoing: list[bytes] = []
+        self._queued = 0
+        self._writing = False
+        self._wake_writer = trio.Event()
+        self._room = trio.Event()
+        self._room.set()
+        self._written = trio.Event()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -129,6 +169,7 @@ class TunnelSession:
             with self._cancel_scope:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
+                    nursery.start_soon(self._writer)
                     nursery.start_soon(self._heartbeats)
                     code, reason = await self._read_loop()
                     nursery.cancel_scope.cancel()
@@ -141,7 +182,15 @@ class TunnelSession:
             self._streams.clear()
             self.conn.close()
             self.closed.set()
+            left, self._outgoing = self._outgoing, []
+            self._room.set()
+            self._written.set()
             with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+                if left and not self._writing:  # e.g. the last ENDs before a drain's close
+                    try:
+                        await self.transport.send_many(left)
+                    except TransportClosed:
+                        pass
                 await self.transport.aclose(code, reason)
 
     def abort(self, reason: str) -> None:
@@ -156,14 +205,61 @@ class TunnelSession:
         await self.flush()
 
     async def send_frame(self, data: bytes) -> None:
-        """Send one encoded frame; a closed transport ends the session."""
+        """Queue one encoded frame for the writer, waiting while the queue is over
+        :data:`OUTGOING_LIMIT`; raises TunnelLost once the session has closed."""
         if not data:
             return
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while self._queued >= OUTGOING_LIMIT and not self.closed.is_set():
+            if self._room.is_set():
+                self._room = trio.Event()
+            await self._room.wait()
+        self.enqueue(data)
+
+    def enqueue(self, data: bytes) -> None:
+        """Queue one encoded frame for the writer now, past the backpressure limit (for
+        frames bounded otherwise: OPEN, WINDOW, frames spliced from another tunnel
+        under flow control); raises TunnelLost once the session has closed."""
+        if self.closed.is_set():
+            raise TunnelLost(self.close_reason or "closed")
+        self._outgoing.append(data)
+        self._queued += len(data)
+        self._wake_writer.set()
+        _queued_sessions().add(self)
+
+    def flush_nowait(self) -> None:
+        """Write the queued frames now if the transport can without waiting (else the
+        writer task sends them); a failed write ends the session."""
+        if not self._outgoing or self._writing or self.closed.is_set():
+            return
         try:
-            await self.transport.send(data)
+            taken = self.transport.write_nowait(self._outgoing)
         except TransportClosed:
             self.abort("transport closed")
-            raise TunnelLost(self.close_reason or "transport closed") from None
+            return
+        if taken:
+            self._outgoing, self._queued = [], 0
+            self._room.set()
+
+    async def _writer(self) -> None:
+        """Write queued frames, all that accumulated at once; a failed write ends the
+        session."""
+        while True:
+            if not self._outgoing and not self.transport.pending:
+                self._written.set()
+                await self._wake_writer.wait()
+                self._wake_writer = trio.Event()
+                continue
+            frames, self._outgoing, self._queued = self._outgoing, [], 0
+            self._room.set()
+            self._written = trio.Event()
+            self._writing = True  # stays set if cancelled mid-write: the framing is broken
+            try:
+                await self.transport.send_many(frames)
+            except TransportClosed:
+                self.abort("transport closed")
+                return
+            self._writing = False
 
     async def send_control(self, build: Callable[[Connection], bytes]) -> None:
         """Encode a control frame with ``build(conn)`` and send it. A connection that
@@ -178,8 +274,11 @@ class TunnelSession:
         await self.send_frame(frame)
 
     async def flush(self) -> None:
-        """Frames are written as they are sent: nothing is ever pending here."""
-        return None
+        """Wait (up to :data:`FLUSH_TIMEOUT`) until every queued frame is written."""
+        with trio.move_on_after(FLUSH_TIMEOUT):
+            while ((self._outgoing or self._writing or self.transport.pending)
+                   and not self.closed.is_set()):
+                await self._written.wait()
 
     async def _send_quiet(self, data: bytes) -> None:
         try:
@@ -216,11 +315,15 @@ class TunnelSession:
                 return CLOSE_PROTOCOL_ERROR, exc.code
             if event is not None:
                 self._dispatch(event)
+            if not self.transport.has_buffered():
+                flush_queued()  # about to wait for input: write what this batch produced
 
     def _dispatch(self, event: Event) -> None:
         if isinstance(event, DataReceived):
             io = self._streams.get(event.stream_id)
             if io is not None:
+                if io.splice is not None and io.splice(event):
+                    return
                 if event.data:
                     io.chunks.append(event.data)
                 io.fin = io.fin or event.fin
@@ -235,11 +338,15 @@ class TunnelSession:
             io = self._streams.get(event.stream_id)
             if io is not None:
                 io.head = event
+                if io.splice is not None and io.splice(event):
+                    return
                 io.wake()
             return
         if isinstance(event, StreamEnded):
             io = self._streams.pop(event.stream_id, None)
             if io is not None:
+                if io.splice is not None:
+                    io.splice(event)
                 io.end = event.info
                 io.wake()
                 io.credit.set()
@@ -283,6 +390,11 @@ class TunnelSession:
         elif self.conn.goaway_sent:
             self._refuse(stream, "draining", "peer is draining (GOAWAY sent)")
         else:
+            if self._opener is not None:
+                try:
+                    self._opener(stream)
+                except Exception:
+                    log.exception("tunnel %s: stream %d opener failed", self.name, stream.id)
             self._nursery.start_soon(self._serve_stream, stream)
 
     def _refuse(self, stream: InboundStream, code: str, message: str) -> None:
@@ -327,33 +439,30 @@ class TunnelSession:
         the session cannot take a new stream and :class:`TunnelLost` if the
         tunnel fails meanwhile.
         """
+        stream, rest = self.open_stream_nowait(meta, body, fin=fin)
+        try:
+            if rest:
+                await self._send_data(stream.id, stream._io, rest, fin=fin)
+        except BaseException:
+            await stream.cancel("open failed")
+            raise
+        return stream
+
+    def open_stream_nowait(self, meta: dict[str, Any], body: bytes, *, fin: bool = True
+                           ) -> tuple[OutboundStream, bytes]:
+        """Open a stream without waiting: the OPEN (with as much of ``body`` as fits) is
+        queued at once; returns the stream and the part of ``body`` still to send (with
+        :meth:`OutboundStream.send_body`). Raises like :meth:`open_stream`."""
         if self.closed.is_set():
             raise TunnelLost(self.close_reason or "closed")
         sid, frame, rest = self.conn.open_stream(meta, body, fin)
         io = _StreamIO()
         self._streams[sid] = io
-        stream = OutboundStream(self, sid, io)
-        try:
-            # The OPEN goes out whole even if the caller is cancelled meanwhile: a
-            # half-sent OPEN would break the framing, and a CANCEL for an id the peer
-            # never saw would be a protocol error that closes the whole tunnel.
-            async with self._open_lock:
-                with trio.CancelScope(shield=True), trio.move_on_after(FLUSH_TIMEOUT) as t:
-                    await self.send_frame(frame)
-            if t.cancelled_caught:
-                self.abort("tunnel stalled while opening a stream")
-                raise TunnelLost("tunnel stalled")
-        except BaseException:
-            self.conn.forget_stream(sid)
-            self._streams.pop(sid, None)
-            raise
-        try:
-            if rest:
-                await self._send_data(sid, io, rest, fin=fin)
-        except BaseException:
-            await stream.cancel("open failed")
-            raise
-        return stream
+        # Queued past the backpressure limit (OPENs are bounded by the stream limit):
+        # OPENs go out in stream-id order, and no later CANCEL names an id the peer
+        # never saw.
+        self.enqueue(frame)
+        return OutboundStream(self, sid, io), rest
 
     async def _send_data(self, sid: int, io: _StreamIO, data: bytes, fin: bool) -> None:
         """Send ``data`` on a stream, waiting for credit; split to the frame limit."""
@@ -381,10 +490,12 @@ class TunnelSession:
             if last:
                 return
 
-    async def _consumed(self, sid: int, nbytes: int) -> None:
+    def grant(self, sid: int, nbytes: int) -> None:
+        """Report ``nbytes`` received on stream ``sid`` as consumed: a WINDOW frame is
+        queued once enough credit has built up."""
         frame = self.conn.consumed(sid, nbytes)
-        if frame:
-            await self._send_quiet(frame)
+        if frame and not self.closed.is_set():
+            self.enqueue(frame)
 
 
 _INTERNAL_ERROR: dict[str, Any] = {
@@ -402,6 +513,8 @@ class InboundStream:
         self.meta = meta
         self._io = io
         self.started = False
+        self.context: Any = None
+        """Whatever the session's opener attached to the stream for its handler."""
 
     async def read_body(self, limit: int) -> bytes:
         """Collect the whole request body (granting credit as it is consumed).
@@ -418,6 +531,20 @@ class InboundStream:
             parts.append(chunk)
         return b"".join(parts)
 
+    def read_chunk_nowait(self) -> bytes | None:
+        """The request body piece already buffered (credit granted), or None."""
+        io = self._io
+        if not io.chunks:
+            return None
+        chunk = io.chunks.popleft()
+        self.session.grant(self.id, len(chunk))
+        return chunk
+
+    @property
+    def body_arrived(self) -> bool:
+        """True once the request body's end has arrived (all of it buffered or taken)."""
+        return self._io.fin
+
     @property
     def body_complete(self) -> bool:
         """True once the whole request body has arrived and been taken."""
@@ -430,7 +557,8 @@ class InboundStream:
         while True:
             if io.chunks:
                 chunk = io.chunks.popleft()
-                await self.session._consumed(self.id, len(chunk))
+                self.session.grant(self.id, len(chunk))
+                await trio.lowlevel.checkpoint_if_cancelled()
                 return chunk
             if io.fin:
                 return None
@@ -462,6 +590,15 @@ class OutboundStream:
         self.session = session
         self.id = stream_id
         self._io = io
+
+    @property
+    def splice(self) -> Splice | None:
+        """The hook that takes this stream's answer as it is decoded (None: buffered)."""
+        return self._io.splice
+
+    @splice.setter
+    def splice(self, hook: Splice | None) -> None:
+        self._io.splice = hook
 
     @property
     def end_info(self) -> dict[str, Any] | None:
@@ -500,7 +637,7 @@ class OutboundStream:
                         parts.append(chunk)
                         size += len(chunk)
                     data = b"".join(parts)
-                await self.session._consumed(self.id, len(data))
+                self.session.grant(self.id, len(data))
                 return data
             if io.end is not None:
                 return None

@@ -19,7 +19,6 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import trio
 from hypercorn.config import Config
-from hypercorn.trio import serve
 
 from tooti.billing.base import Billing, RequestContext, Usage
 from tooti.billing.pipeline import BillingPipeline, usage_from
@@ -43,6 +42,7 @@ from tooti.gateway.http import (
     serve_lifespan,
 )
 from tooti.gateway.identities import IdentityStore, IdentityStoreError
+from tooti.gateway.listener import UpgradeRequest, serve
 from tooti.gateway.metrics import CONTENT_TYPE as METRICS_TYPE
 from tooti.gateway.metrics import GatewayMetrics
 from tooti.gateway.probe import probe_until_healthy
@@ -55,7 +55,14 @@ from tooti.routing.base import RouteRequest, RoutingPolicy
 from tooti.routing.policies import LeastLoaded
 from tooti.settings import GatewaySettings, NetworkSettings, TunnelSettings
 from tooti.transport import Transport
-from tooti.transport.websocket import SUBPROTOCOL, TUNNEL_PATH, ASGIWebSocketTransport
+from tooti.transport.websocket import (
+    SUBPROTOCOL,
+    TUNNEL_PATH,
+    ASGIWebSocketTransport,
+    WebSocketTransport,
+    refusal_response,
+    upgrade_response,
+)
 from tooti.tunnel import TunnelSession
 
 if TYPE_CHECKING:
@@ -200,7 +207,7 @@ class Gateway:
         async with trio.open_nursery() as http_nursery:
             app: Any = self
             self.bound = await http_nursery.start(
-                lambda task_status: serve(app, config, shutdown_trigger=self._shutdown.wait,
+                lambda task_status: serve(app, config, self.accept_tunnel, self._shutdown.wait,
                                           task_status=task_status)
             )
             log.info("%s listening on %s", "gateway" if self.serve_api else "relay",
@@ -526,30 +533,72 @@ class Gateway:
             })
         return {"object": "list", "data": data}
 
-    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
-        message = await receive()
-        if message["type"] != "websocket.connect":
-            return
-        client = scope.get("client")
-        host = client[0] if client else None
-        if scope["path"] != TUNNEL_PATH:
-            await send({"type": "websocket.close", "code": 1008, "reason": "unknown path"})
-            return
-        if SUBPROTOCOL not in scope.get("subprotocols", []):
-            await send({"type": "websocket.close", "code": 1002,
-                        "reason": f"subprotocol {SUBPROTOCOL} required"})
-            return
-        refusal, group = self.auth.admit(header(scope, b"authorization"), host)
+    def _admit_tunnel(self, path: str, subprotocols: Sequence[str],
+                      authorization: bytes | None, host: str | None
+                      ) -> tuple[int, str, str]:
+        """Decide a tunnel upgrade: (0, "", group) to accept, else (HTTP status, reason,
+        ""). Both ways in (the listener's and the ASGI app's) ask this."""
+        if path != TUNNEL_PATH:
+            return 404, "unknown path", ""
+        if SUBPROTOCOL not in subprotocols:
+            return 400, f"subprotocol {SUBPROTOCOL} required", ""
+        refusal, group = self.auth.admit(authorization, host)
         if refusal is None and self.draining:
             refusal = "gateway is shutting down"
         if refusal is not None:
             log.warning("tunnel from %s refused: %s", host, refusal)
-            await send({"type": "websocket.close", "code": 1008, "reason": refusal})
-            return
-        await send({"type": "websocket.accept", "subprotocol": SUBPROTOCOL})
-        remote = f"{client[0]}:{client[1]}" if client else "unknown"
-        transport = ASGIWebSocketTransport(receive, send, remote)
+            return 403, refusal, ""
+        return 0, "", group
+
+    async def _serve_tunnel(self, transport: Transport, group: str) -> None:
         started = time.monotonic()
         await serve_tunnel(transport, self.registry, self.tunnel_settings, self.sessions,
                            group, welcome_peers=self.public_peers(), local_id=self.local_id)
-        log.debug("tunnel from %s ended after %.1fs", remote, time.monotonic() - started)
+        log.debug("tunnel from %s ended after %.1fs", transport.remote,
+                  time.monotonic() - started)
+
+    async def accept_tunnel(self, upgrade: UpgradeRequest) -> None:
+        """Serve a tunnel upgrade taken off a fresh connection by the listener."""
+        headers = upgrade.headers
+        client = upgrade.client
+        subprotocols = [p.strip() for p in headers.get("sec-websocket-protocol", "").split(",")]
+        key = headers.get("sec-websocket-key", "")
+        if headers.get("sec-websocket-version") != "13" or not key:
+            status, reason, group = 426, "WebSocket version 13 with a key is required", ""
+        else:
+            authorization = headers.get("authorization")
+            status, reason, group = self._admit_tunnel(
+                TUNNEL_PATH, subprotocols,
+                authorization.encode("latin-1") if authorization is not None else None,
+                client[0] if client else None)
+        stream = upgrade.stream
+        try:
+            if status:
+                with trio.move_on_after(1):
+                    await stream.send_all(refusal_response(status, reason))
+                return
+            await stream.send_all(upgrade_response(key, SUBPROTOCOL))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            return
+        remote = f"{client[0]}:{client[1]}" if client else "unknown"
+        await self._serve_tunnel(WebSocketTransport(
+            stream, remote, client=False, max_message=self.tunnel_settings.max_frame_bytes,
+            buffered=upgrade.buffered), group)
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A tunnel upgrade on a connection that already carried HTTP requests."""
+        message = await receive()
+        if message["type"] != "websocket.connect":
+            return
+        client = scope.get("client")
+        status, reason, group = self._admit_tunnel(
+            scope["path"], scope.get("subprotocols", []), header(scope, b"authorization"),
+            client[0] if client else None)
+        if status:
+            await send({"type": "websocket.http.response.start", "status": status,
+                        "headers": [(b"content-type", b"text/plain; charset=utf-8")]})
+            await send({"type": "websocket.http.response.body", "body": reason.encode()})
+            return
+        await send({"type": "websocket.accept", "subprotocol": SUBPROTOCOL})
+        remote = f"{client[0]}:{client[1]}" if client else "unknown"
+        await self._serve_tunnel(ASGIWebSocketTransport(receive, send, remote), group)

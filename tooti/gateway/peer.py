@@ -51,9 +51,17 @@ class Peer:
                           ) -> OutboundStream:
         """Open a stream to this node: on its own tunnel, or through its relay with the
         OPEN naming the node (``target``)."""
-        if self.via:
-            meta = {**meta, "target": self.id}
-        return await self.session.open_stream(meta, body, fin=fin)
+        return await self.session.open_stream(self._meta(meta), body, fin=fin)
+
+    def open_stream_nowait(self, meta: dict[str, Any], body: bytes, *, fin: bool = True
+                           ) -> tuple[OutboundStream, bytes]:
+        """Like :meth:`open_stream`, without waiting: returns the stream and the part of
+        ``body`` still to send (see :meth:`TunnelSession.open_stream_nowait`)."""
+        return self.session.open_stream_nowait(self._meta(meta), body, fin=fin)
+
+    def _meta(self, meta: dict[str, Any]) -> dict[str, Any]:
+        """Through a relay, the OPEN names its target node."""
+        return {**meta, "target": self.id} if self.via else meta
 
     @property
     def live(self) -> bool:

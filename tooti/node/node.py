@@ -22,7 +22,7 @@ from tooti.identity import Identity
 from tooti.node.metering import UsageMeter
 from tooti.settings import NetworkSettings, NodeSettings, TunnelSettings
 from tooti.transport import Transport
-from tooti.tunnel import InboundStream, StreamHandler, TunnelLost, TunnelSession
+from tooti.tunnel import InboundStream, StreamHandler, StreamOpener, TunnelLost, TunnelSession
 
 log = logging.getLogger("tooti.node")
 _decoder = msgspec.json.Decoder()
@@ -72,6 +72,7 @@ class Node:
         )
         self.sessions: set[TunnelSession] = self.dialer.sessions
         self.handler: StreamHandler | None = self._serve_stream
+        self.opener: StreamOpener | None = None
 
     # ------------------------------------------------------------ lifecycle
 

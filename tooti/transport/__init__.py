@@ -26,6 +26,25 @@ class Transport(Protocol):
         """Send one message; raise :class:`TransportClosed` if closed."""
         ...
 
+    async def send_many(self, messages: list[bytes]) -> None:
+        """Send several messages in order, in as few writes as the carrier allows."""
+        ...
+
+    def write_nowait(self, messages: list[bytes]) -> bool:
+        """Write messages without waiting or yielding if the carrier can (True: taken,
+        in order, before anything sent later), else False (send them normally)."""
+        ...
+
+    @property
+    def pending(self) -> bool:
+        """True while messages :meth:`write_nowait` took still wait to be written (the
+        next :meth:`send_many`, even of nothing, writes them first)."""
+        ...
+
+    def has_buffered(self) -> bool:
+        """True if received data waits to be taken (the next receive may not wait)."""
+        ...
+
     async def receive(self) -> bytes:
         """Return the next message; raise :class:`TransportClosed` at the end."""
         ...

@@ -31,6 +31,29 @@ class MemoryTransport:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise TransportClosed("memory transport closed") from None
 
+    async def send_many(self, messages: list[bytes]) -> None:
+        """Send each message in turn."""
+        for message in messages:
+            await self.send(message)
+
+    def write_nowait(self, messages: list[bytes]) -> bool:
+        """Takes the messages only if the channel has room for all of them."""
+        stats = self._send.statistics()
+        if stats.current_buffer_used + len(messages) > stats.max_buffer_size:
+            return False
+        try:
+            for message in messages:
+                self._send.send_nowait(message)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise TransportClosed("memory transport closed") from None
+        return True
+
+    pending = False
+
+    def has_buffered(self) -> bool:
+        """True if messages wait in the channel."""
+        return self._receive.statistics().current_buffer_used > 0
+
     async def receive(self) -> bytes:
         """Receive the next message from the other end."""
         try:

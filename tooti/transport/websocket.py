@@ -1,43 +1,365 @@
-"""WebSocket transports: the dialing side (trio-websocket) and the accepting side (ASGI)."""
+"""WebSocket transports for tunnels.
+
+:class:`WebSocketTransport` runs RFC 6455 directly over a trio stream (plain TCP
+or TLS), with the sans-I/O codec of :mod:`tooti.protocol.websocket`. Both ends of
+a tunnel use it: the dialing side after :func:`connect`, the accepting side after
+the listener (:mod:`tooti.gateway.listener`) answered the upgrade. The tunnel's
+read loop calls :meth:`WebSocketTransport.receive` on the socket itself, so a
+message costs one task switch, not the three of a general-purpose WebSocket
+server (reader task, ASGI queue, application task).
+
+:class:`ASGIWebSocketTransport` is the accepting side through the ASGI server:
+used only when a tunnel upgrade arrives on a connection that already carried HTTP
+requests (a reverse proxy reusing a kept-alive connection).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import os
+import socket
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
-from trio_websocket import ConnectionClosed, WebSocketConnection
+import h11
+import trio
 
+from tooti.protocol.websocket import (
+    OP_BINARY,
+    OP_PONG,
+    Close,
+    FrameDecoder,
+    Message,
+    Ping,
+    WebSocketError,
+    accept_key,
+    encode_close,
+    encode_frame,
+    new_key,
+)
 from tooti.transport import TransportClosed
 
 SUBPROTOCOL = "tooti.v1"
 TUNNEL_PATH = "/tooti/v1/tunnel"
+RECEIVE_BYTES = 65536
+MAX_HEAD_BYTES = 16384
+"""Largest HTTP head accepted in a WebSocket handshake, either way."""
+MAX_REFUSAL_BODY = 4096
+"""Bytes of a refused handshake's response body kept for the error message."""
+READS_PER_YIELD = 64
+"""Socket reads that found data waiting, at most, between two yields of a read loop."""
+CLOSED_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
-class ClientWebSocketTransport:
-    """A dialed WebSocket (trio-websocket) carrying tunnel frames."""
+class HandshakeFailed(Exception):
+    """The peer did not accept the WebSocket upgrade (``status`` 0: no HTTP answer)."""
 
-    def __init__(self, ws: WebSocketConnection, remote: str) -> None:
-        self._ws = ws
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(f"HTTP {status}: {reason}" if status else reason)
+        self.status = status
+        self.reason = reason
+
+
+class WebSocketTransport:
+    """Binary WebSocket messages over a trio stream, one tunnel frame per message.
+
+    ``client`` selects the side (a client masks what it sends and expects
+    unmasked frames). ``buffered`` holds bytes that arrived with the handshake.
+    Sending is serialised by a lock taken without a checkpoint when free; ping
+    is answered with pong; a close frame from the peer is answered and ends the
+    transport; a protocol violation closes it with the RFC 6455 code.
+
+    Over plain TCP the transport reads and writes through a duplicate of the
+    socket's descriptor (the same connection): input already there is taken without
+    a yield, and :meth:`write_nowait` writes without waiting, so a tunnel's read loop
+    can pass frames on before it next waits.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, remote: str, *, client: bool,
+                 max_message: int, buffered: bytes = b"") -> None:
         self.remote = remote
+        self._stream = stream
+        self._client = client
+        self._decoder = FrameDecoder(max_message=max_message, client=client)
+        if buffered:
+            self._decoder.feed(buffered)
+        self._send_lock = trio.Lock()
+        self._raw: socket.socket | None = None
+        if isinstance(stream, trio.SocketStream):
+            self._raw = socket.socket(fileno=os.dup(stream.socket.fileno()))
+            self._raw.setblocking(False)
+        self._leftover = b""
+        self._reads = 0
+        self._closed = False
+        self._close_sent = False
+        self.close_code: int | None = None
+        """The close code the peer sent, once it sent one."""
 
     async def send(self, message: bytes) -> None:
         """Send one binary message."""
+        if self._closed or self._close_sent:
+            raise TransportClosed("websocket closed")
+        await self._write(encode_frame(OP_BINARY, message, mask=self._client))
+
+    async def send_many(self, messages: list[bytes]) -> None:
+        """Send several binary messages with one write."""
+        if self._closed or self._close_sent:
+            raise TransportClosed("websocket closed")
+        mask = self._client
+        await self._write(b"".join([encode_frame(OP_BINARY, m, mask=mask) for m in messages]))
+
+    def write_nowait(self, messages: list[bytes]) -> bool:
+        """Write binary messages now, without waiting: False if that cannot be done (not
+        plain TCP, or another write is under way), else True - what the socket did not
+        take at once is written first by the next :meth:`send_many` (see
+        :attr:`pending`)."""
+        if self._raw is None or self._send_lock.locked():
+            return False
+        if self._closed or self._close_sent:
+            raise TransportClosed("websocket closed")
+        mask = self._client
+        data = self._leftover + b"".join([encode_frame(OP_BINARY, m, mask=mask)
+                                          for m in messages])
         try:
-            await self._ws.send_message(message)
-        except ConnectionClosed:
-            raise TransportClosed("websocket closed") from None
+            sent = self._raw.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._closed = True
+            raise TransportClosed("websocket closed: connection lost") from None
+        self._leftover = data[sent:]
+        return True
+
+    @property
+    def pending(self) -> bool:
+        """True while bytes that :meth:`write_nowait` took wait to be written."""
+        return bool(self._leftover)
+
+    def has_buffered(self) -> bool:
+        """True if received bytes wait to be decoded (the next receive may not wait)."""
+        return self._decoder.buffered > 0
+
+    async def _write(self, data: bytes) -> None:
+        lock = self._send_lock
+        try:
+            lock.acquire_nowait()  # the usual case: no checkpoint before the write
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
+            if self._leftover:
+                data, self._leftover = self._leftover + data, b""
+            await self._stream.send_all(data)
+        except CLOSED_ERRORS:
+            self._closed = True
+            raise TransportClosed("websocket closed: connection lost") from None
+        finally:
+            lock.release()
+
+    async def _receive_bytes(self) -> bytes | bytearray:
+        """The next bytes from the connection (b"" at its end). Over plain TCP they are
+        read straight off the socket: data already there is taken without a yield (a
+        checkpoint every :data:`READS_PER_YIELD` reads keeps that fair)."""
+        raw = self._raw
+        if raw is None:
+            return await self._stream.receive_some(RECEIVE_BYTES)
+        self._reads += 1
+        if self._reads % READS_PER_YIELD == 0:
+            await trio.lowlevel.checkpoint()
+        else:
+            await trio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            try:
+                return raw.recv(RECEIVE_BYTES)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(raw)
+            except OSError:
+                return b""
+
+    async def _close_stream(self) -> None:
+        self._closed = True
+        if self._raw is not None:
+            raw, self._raw = self._raw, None
+            trio.lowlevel.notify_closing(raw)
+            raw.close()
+        await trio.aclose_forcefully(self._stream)
 
     async def receive(self) -> bytes:
-        """Receive one message; a text message is returned encoded (and rejected upstream)."""
-        try:
-            message = await self._ws.get_message()
-        except ConnectionClosed as exc:
-            raise TransportClosed(f"websocket closed: {exc.reason}") from None
-        return message if isinstance(message, bytes) else b"\xff" + message.encode()
+        """The next binary message; a text message comes back prefixed with 0xff (which no
+        tunnel frame starts with), so the tunnel rejects it. Messages already buffered
+        are returned without a checkpoint; each read of the socket is one."""
+        decoder = self._decoder
+        while True:
+            if self._closed:
+                raise TransportClosed("websocket closed")
+            try:
+                event = decoder.next_event()
+            except WebSocketError as exc:
+                await self._fail(exc.code, exc.message)
+                raise TransportClosed(f"websocket protocol error: {exc.message}") from None
+            if event is None:
+                try:
+                    data = await self._receive_bytes()
+                except CLOSED_ERRORS:
+                    data = b""
+                if not data:
+                    self._closed = True
+                    raise TransportClosed("websocket closed: connection lost")
+                decoder.feed(data)
+            elif type(event) is Message:
+                return event.data if not event.text else b"\xff" + event.data
+            elif type(event) is Ping:
+                try:
+                    await self._write(encode_frame(OP_PONG, event.payload, mask=self._client))
+                except TransportClosed:
+                    continue
+            elif type(event) is Close:
+                self.close_code = event.code
+                await self._fail(event.code or 1000, "")
+                raise TransportClosed(f"websocket closed ({event.code or 1005})")
+            # a Pong needs nothing
+
+    async def _fail(self, code: int, reason: str) -> None:
+        """Answer with a close frame (if none was sent) and drop the connection."""
+        if not self._close_sent:
+            self._close_sent = True
+            with trio.move_on_after(1), trio.CancelScope(shield=True):
+                try:
+                    await self._write(encode_close(code, reason, mask=self._client))
+                except TransportClosed:
+                    pass
+        await self._close_stream()
 
     async def aclose(self, code: int = 1000, reason: str = "") -> None:
-        """Close the WebSocket with a close code and reason."""
-        await self._ws.aclose(code, reason[:120])
+        """Close with ``code`` and ``reason``: send a close frame, wait for the peer's
+        (the caller bounds the wait), then close the connection. Idempotent; after the
+        connection was lost or closed by the peer it just releases the socket."""
+        if self._closed:
+            await self._close_stream()
+            return
+        try:
+            if not self._close_sent:
+                self._close_sent = True
+                try:
+                    await self._write(encode_close(code, reason, mask=self._client))
+                except TransportClosed:
+                    return
+            while True:  # the peer's close frame ends it; anything else is dropped
+                try:
+                    event = self._decoder.next_event()
+                except WebSocketError:
+                    return
+                if type(event) is Close:
+                    return
+                if event is None:
+                    data = await self._receive_bytes()
+                    if not data:
+                        return
+                    self._decoder.feed(data)
+        except (*CLOSED_ERRORS, trio.BusyResourceError):  # busy: another task reads
+            return
+        finally:
+            await self._close_stream()
+
+
+# ---------------------------------------------------------------- handshake
+
+
+def _reason_of(body: bytes) -> str:
+    return body[:MAX_REFUSAL_BODY].decode("utf-8", "replace").strip() or "(no reason given)"
+
+
+async def connect(url: str, *, subprotocol: str, headers: Sequence[tuple[bytes, bytes]] = (),
+                  max_message: int, ssl_context: ssl.SSLContext | None = None
+                  ) -> WebSocketTransport:
+    """Dial a ``ws://`` or ``wss://`` URL and complete the WebSocket handshake, asking for
+    ``subprotocol``; the caller bounds the time. Raises :class:`HandshakeFailed` if the
+    peer refuses or answers something else, OSError if it cannot be reached."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise HandshakeFailed(0, f"not a ws:// or wss:// URL: {url!r}")
+    secure = parts.scheme == "wss"
+    port = parts.port or (443 if secure else 80)
+    stream: trio.abc.Stream
+    if secure:
+        stream = await trio.open_ssl_over_tcp_stream(
+            parts.hostname, port, ssl_context=ssl_context or ssl.create_default_context(),
+            https_compatible=True)
+    else:
+        stream = await trio.open_tcp_stream(parts.hostname, port)
+    try:
+        return await _client_handshake(stream, parts, subprotocol, headers, max_message, url)
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
+
+
+async def _client_handshake(stream: trio.abc.Stream, parts: Any, subprotocol: str,
+                            headers: Sequence[tuple[bytes, bytes]], max_message: int,
+                            url: str) -> WebSocketTransport:
+    key = new_key()
+    host = parts.netloc.rpartition("@")[2]
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
+    request = h11.Request(method="GET", target=target, headers=[
+        (b"host", host.encode()), (b"upgrade", b"websocket"), (b"connection", b"Upgrade"),
+        (b"sec-websocket-key", key.encode()), (b"sec-websocket-version", b"13"),
+        (b"sec-websocket-protocol", subprotocol.encode()), *headers])
+    try:
+        await stream.send_all(conn.send(request) + conn.send(h11.EndOfMessage()))
+        response = await _next_event(stream, conn)
+        if isinstance(response, h11.InformationalResponse) and response.status_code == 101:
+            answer = {name.lower(): value for name, value in response.headers}
+            if answer.get(b"sec-websocket-accept", b"").decode() != accept_key(key):
+                raise HandshakeFailed(101, "wrong Sec-WebSocket-Accept")
+            chosen = answer.get(b"sec-websocket-protocol", b"").decode()
+            if chosen != subprotocol:
+                raise HandshakeFailed(101, f"peer chose subprotocol {chosen!r}")
+            buffered, _ = conn.trailing_data
+            return WebSocketTransport(stream, url, client=True, max_message=max_message,
+                                      buffered=bytes(buffered))
+        if not isinstance(response, h11.Response):
+            raise HandshakeFailed(0, "no HTTP response to the upgrade")
+        body = b""
+        while len(body) < MAX_REFUSAL_BODY:
+            event = await _next_event(stream, conn)
+            if not isinstance(event, h11.Data):
+                break
+            body += event.data
+        raise HandshakeFailed(response.status_code, _reason_of(body))
+    except h11.ProtocolError as exc:
+        raise HandshakeFailed(0, f"bad HTTP answer to the upgrade: {exc}") from None
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        cause = exc.__cause__ or exc  # a TLS failure says why only in its cause
+        raise HandshakeFailed(0, f"connection lost during the handshake: {cause}") from None
+
+
+async def _next_event(stream: trio.abc.Stream, conn: h11.Connection) -> Any:
+    while True:
+        event = conn.next_event()
+        if event is not h11.NEED_DATA:
+            return event
+        conn.receive_data(bytes(await stream.receive_some(RECEIVE_BYTES)))
+
+
+def upgrade_response(key: str, subprotocol: str) -> bytes:
+    """The server's ``101 Switching Protocols`` for a request with Sec-WebSocket-Key ``key``."""
+    return (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept_key(key).encode()
+            + b"\r\nSec-WebSocket-Protocol: " + subprotocol.encode() + b"\r\n\r\n")
+
+
+def refusal_response(status: int, reason: str) -> bytes:
+    """A plain-text HTTP refusal of an upgrade (the connection closes after it)."""
+    body = reason.encode()
+    phrase = {400: b"Bad Request", 403: b"Forbidden", 404: b"Not Found",
+              426: b"Upgrade Required", 503: b"Service Unavailable"}.get(status, b"Refused")
+    return (b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s"
+            % (status, phrase, len(body), body))
+
+
+# ---------------------------------------------------------------- through ASGI
 
 
 ASGIReceive = Callable[[], Awaitable[dict[str, Any]]]
@@ -62,6 +384,21 @@ class ASGIWebSocketTransport:
         except Exception as exc:  # hypercorn raises various errors once closed
             self._closed = True
             raise TransportClosed(f"websocket closed: {exc!r}") from None
+
+    async def send_many(self, messages: list[bytes]) -> None:
+        """Send each message in turn (ASGI has no batch send)."""
+        for message in messages:
+            await self.send(message)
+
+    def write_nowait(self, messages: list[bytes]) -> bool:
+        """ASGI cannot write without waiting: always False."""
+        return False
+
+    pending = False
+
+    def has_buffered(self) -> bool:
+        """Unknown through ASGI: False."""
+        return False
 
     async def receive(self) -> bytes:
         """Receive one message (text frames come back prefixed so they fail to decode)."""
