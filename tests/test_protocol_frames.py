@@ -438,3 +438,71 @@ def test_fuzz_receive_frame_sequences(side: Side, open_streams: int,
 @given(st.sampled_from([Side.DIALER, Side.ACCEPTOR]), st.lists(raw_frames(), max_size=4))
 def test_fuzz_receive_during_handshake(side: Side, messages: list[bytes]) -> None:
     feed(Connection(side, FUZZ_LIMITS), messages)
+
+
+# ------------------------------------------------------------------ merging DATA frames
+
+
+def _data(sid: int, payload: bytes, fin: bool = False) -> bytes:
+    return frames.encode(FrameType.DATA, sid, payload, FLAG_FIN if fin else 0)
+
+
+def test_merge_data_joins_a_stream_run_and_keeps_everything_else_in_place() -> None:
+    heartbeat = frames.encode_json(FrameType.HEARTBEAT, 0, {"in_flight": 1})
+    end = frames.encode_json(FrameType.END, 3, {})
+    batch = [_data(3, b"a"), _data(3, b"bc"), heartbeat, _data(3, b"d"), _data(5, b"e"),
+             _data(5, b"f", fin=True), _data(5, b"g"), end]
+    assert frames.merge_data(batch, 1000) == [
+        _data(3, b"abc"), heartbeat, _data(3, b"d"), _data(5, b"ef", fin=True),
+        _data(5, b"g"), end]
+
+
+def test_merge_data_respects_the_payload_limit_and_leaves_single_frames_alone() -> None:
+    batch = [_data(1, b"x" * 4), _data(1, b"y" * 4), _data(1, b"z" * 4)]
+    assert frames.merge_data(batch, 8) == [_data(1, b"x" * 4 + b"y" * 4), _data(1, b"z" * 4)]
+    assert frames.merge_data(batch[:1], 8) == batch[:1]
+    fin_first = [_data(1, b"a", fin=True), _data(1, b"b")]
+    assert frames.merge_data(fin_first, 8) == fin_first  # nothing may follow a FIN
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.sampled_from([1, 3]), st.binary(max_size=40), st.booleans(),
+                          st.booleans()), max_size=20),
+       st.integers(min_value=40, max_value=200))
+def test_merge_data_keeps_each_streams_bytes_and_fins(
+        parts: list[tuple[int, bytes, bool, bool]], limit: int) -> None:
+    """Per stream, the merged frames decode to the same bytes, cut at the same FINs, and
+    none exceeds the limit; the non-DATA frames keep their order."""
+    batch = [_data(sid, payload, fin) if data else frames.encode_json(FrameType.END, sid, {})
+             for sid, payload, fin, data in parts]
+    merged = frames.merge_data(batch, limit)
+
+    def view(items: list[bytes]) -> dict[int, list[Any]]:
+        seen: dict[int, list[Any]] = {1: [], 3: []}
+        for item in items:
+            frame = frames.decode(item, 10_000)
+            if frame.type is FrameType.DATA:
+                assert len(frame.payload) <= max(limit, 40)
+                seen[frame.stream_id].append((frame.payload, bool(frame.flags & FLAG_FIN)))
+            else:
+                seen[frame.stream_id].append("END")
+        return seen
+
+    def flatten(events: list[Any]) -> list[Any]:
+        out: list[Any] = []
+        pending = b""
+        for event in events:
+            if event == "END":
+                out += [pending, "END"] if pending else ["END"]
+                pending = b""
+            else:
+                pending += event[0]
+                if event[1]:
+                    out += [pending, "FIN"]
+                    pending = b""
+        return [*out, pending] if pending else out
+
+    before, after = view(batch), view(merged)
+    for sid in (1, 3):
+        assert flatten(before[sid]) == flatten(after[sid])
+    assert len(merged) <= len(batch)

@@ -89,11 +89,8 @@ class Wire:
 
     pending = False
 
-    def has_buffered(self) -> bool:
-        return self.inner.has_buffered()
-
-    async def receive(self) -> bytes:
-        return await self.inner.receive()
+    async def receive(self, before_wait: Callable[[], None] | None = None) -> bytes:
+        return await self.inner.receive(before_wait)
 
     async def aclose(self, code: int = 1000, reason: str = "") -> None:
         await self.inner.aclose(code, reason)

@@ -21,6 +21,7 @@ from typing import Any
 
 import trio
 
+from tooti.protocol import frames
 from tooti.protocol.connection import (
     Connection,
     DataReceived,
@@ -52,26 +53,36 @@ OUTGOING_LIMIT = 1 << 20
 """Bytes of frames queued for the writer beyond which senders wait (backpressure)."""
 
 
-_QUEUED: trio.lowlevel.RunVar[set[TunnelSession]] = trio.lowlevel.RunVar("tooti_queued")
-"""The sessions of this trio run with frames queued since the last read-loop flush."""
+class _Outbox:
+    """Per trio run: the sessions with frames queued since the last read-loop flush,
+    and whether a read loop is dispatching input right now."""
+
+    __slots__ = ("dispatching", "queued")
+
+    def __init__(self) -> None:
+        self.queued: set[TunnelSession] = set()
+        self.dispatching = False
 
 
-def _queued_sessions() -> set[TunnelSession]:
+_OUTBOX: trio.lowlevel.RunVar[_Outbox] = trio.lowlevel.RunVar("tooti_outbox")
+
+
+def _outbox() -> _Outbox:
     try:
-        return _QUEUED.get()
+        return _OUTBOX.get()
     except LookupError:
-        queued: set[TunnelSession] = set()
-        _QUEUED.set(queued)
-        return queued
+        outbox = _Outbox()
+        _OUTBOX.set(outbox)
+        return outbox
 
 
 def flush_queued() -> None:
     """Write, without waiting, the frames every session of this run has queued, where
-    the transport can (see :meth:`TunnelSession.flush_nowait`). Read loops call it
-    before they wait for more input, so what a batch of input produced - a relay's
-    spliced frames, an OPEN it forwards - goes out in one write per tunnel, with no
-    task switch in between."""
-    queued = _queued_sessions()
+    the transport can (see :meth:`TunnelSession.flush_nowait`); the writer task of a
+    session with frames left over is woken. Read loops call it before they wait for
+    more input, so what a batch of input produced - a relay's spliced frames, an OPEN
+    it forwards - goes out in one write per tunnel, with no task switch in between."""
+    queued = _outbox().queued
     while queued:
         queued.pop().flush_nowait()
 
@@ -158,6 +169,8 @@ class TunnelSession:
         self._room = trio.Event()
         self._room.set()
         self._written = trio.Event()
+        self._last_input = 0.0
+        self._silence = trio.CancelScope()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -169,8 +182,10 @@ class TunnelSession:
             with self._cancel_scope:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
+                    self._last_input = trio.current_time()
                     nursery.start_soon(self._writer)
                     nursery.start_soon(self._heartbeats)
+                    nursery.start_soon(self._watch_silence)
                     code, reason = await self._read_loop()
                     nursery.cancel_scope.cancel()
             if self._cancel_scope.cancelled_caught:
@@ -224,22 +239,27 @@ class TunnelSession:
             raise TunnelLost(self.close_reason or "closed")
         self._outgoing.append(data)
         self._queued += len(data)
-        self._wake_writer.set()
-        _queued_sessions().add(self)
+        outbox = _outbox()
+        outbox.queued.add(self)
+        if not outbox.dispatching:  # a read loop's input is flushed by that read loop
+            self._wake_writer.set()
 
     def flush_nowait(self) -> None:
-        """Write the queued frames now if the transport can without waiting (else the
-        writer task sends them); a failed write ends the session."""
-        if not self._outgoing or self._writing or self.closed.is_set():
-            return
-        try:
-            taken = self.transport.write_nowait(self._outgoing)
-        except TransportClosed:
-            self.abort("transport closed")
-            return
-        if taken:
-            self._outgoing, self._queued = [], 0
-            self._room.set()
+        """Write the queued frames now if the transport can without waiting; else (or
+        for what the socket did not take) wake the writer task. A failed write ends the
+        session."""
+        if self._outgoing and not self._writing and not self.closed.is_set():
+            try:
+                taken = self.transport.write_nowait(
+                    frames.merge_data(self._outgoing, self.conn.max_data_payload()))
+            except TransportClosed:
+                self.abort("transport closed")
+                return
+            if taken:
+                self._outgoing, self._queued = [], 0
+                self._room.set()
+        if self._outgoing or self.transport.pending:
+            self._wake_writer.set()
 
     async def _writer(self) -> None:
         """Write queued frames, all that accumulated at once; a failed write ends the
@@ -250,12 +270,13 @@ class TunnelSession:
                 await self._wake_writer.wait()
                 self._wake_writer = trio.Event()
                 continue
-            frames, self._outgoing, self._queued = self._outgoing, [], 0
+            batch, self._outgoing, self._queued = self._outgoing, [], 0
             self._room.set()
             self._written = trio.Event()
             self._writing = True  # stays set if cancelled mid-write: the framing is broken
             try:
-                await self.transport.send_many(frames)
+                await self.transport.send_many(
+                    frames.merge_data(batch, self.conn.max_data_payload()))
             except TransportClosed:
                 self.abort("transport closed")
                 return
@@ -295,28 +316,47 @@ class TunnelSession:
 
     async def _read_loop(self) -> tuple[int, str]:
         timeout = 3 * self.heartbeat_interval
+        self._last_input = trio.current_time()
+        outbox = _outbox()
+        try:
+            with self._silence:
+                while True:
+                    try:
+                        # Before it waits for input, the transport calls flush_queued:
+                        # what this batch of input produced goes out first.
+                        message = await self.transport.receive(flush_queued)
+                    except TransportClosed as exc:
+                        return CLOSE_NORMAL, str(exc)
+                    self._last_input = trio.current_time()
+                    try:
+                        event = self.conn.receive_message(message)
+                    except ProtocolError as exc:
+                        log.warning("tunnel %s: protocol error %s, closing", self.name, exc)
+                        self.close_reason = f"protocol error: {exc.code}"
+                        await self._send_quiet(self.conn.send_goaway(exc.code, exc.message))
+                        await self.flush()
+                        return CLOSE_PROTOCOL_ERROR, exc.code
+                    if event is not None:
+                        outbox.dispatching = True
+                        try:
+                            self._dispatch(event)
+                        finally:
+                            outbox.dispatching = False
+        finally:
+            flush_queued()  # nothing this loop queued may wait for a flush that never comes
+        log.warning("tunnel %s: peer silent for %.1fs, closing", self.name, timeout)
+        self.close_reason = "heartbeat timeout"
+        return CLOSE_GOING_AWAY, "heartbeat timeout"
+
+    async def _watch_silence(self) -> None:
+        """End the read loop once the peer has sent nothing for three heartbeat
+        intervals (checked against the time of the last input, not per message)."""
+        timeout = 3 * self.heartbeat_interval
         while True:
-            with trio.move_on_after(timeout) as scope:
-                try:
-                    message = await self.transport.receive()
-                except TransportClosed as exc:
-                    return CLOSE_NORMAL, str(exc)
-            if scope.cancelled_caught:
-                log.warning("tunnel %s: peer silent for %.1fs, closing", self.name, timeout)
-                self.close_reason = "heartbeat timeout"
-                return CLOSE_GOING_AWAY, "heartbeat timeout"
-            try:
-                event = self.conn.receive_message(message)
-            except ProtocolError as exc:
-                log.warning("tunnel %s: protocol error %s, closing", self.name, exc)
-                self.close_reason = f"protocol error: {exc.code}"
-                await self._send_quiet(self.conn.send_goaway(exc.code, exc.message))
-                await self.flush()
-                return CLOSE_PROTOCOL_ERROR, exc.code
-            if event is not None:
-                self._dispatch(event)
-            if not self.transport.has_buffered():
-                flush_queued()  # about to wait for input: write what this batch produced
+            await trio.sleep_until(self._last_input + timeout)
+            if trio.current_time() >= self._last_input + timeout:
+                self._silence.cancel()
+                return
 
     def _dispatch(self, event: Event) -> None:
         if isinstance(event, DataReceived):

@@ -117,6 +117,42 @@ def encode_window(stream_id: int, increment: int) -> bytes:
     return HEADER.pack(FrameType.WINDOW, 0, stream_id) + U32.pack(increment)
 
 
+def merge_data(frames: list[bytes], max_payload: int) -> list[bytes]:
+    """Join each run of consecutive DATA frames of one stream into as few frames as
+    ``max_payload`` allows (a FIN ends a run and carries over): the same bytes in the
+    same order, in fewer messages. Other frames are left as they are."""
+    if len(frames) < 2:
+        return frames
+    merged: list[bytes] = []
+    i, count = 0, len(frames)
+    while i < count:
+        frame = frames[i]
+        i += 1
+        if frame[0] != FrameType.DATA or frame[1] & FLAG_FIN:
+            merged.append(frame)
+            continue
+        sid = frame[2:HEADER_SIZE]
+        parts = [frame[HEADER_SIZE:]]
+        size, flags = len(frame) - HEADER_SIZE, 0
+        while i < count:
+            after = frames[i]
+            if (after[0] != FrameType.DATA or after[2:HEADER_SIZE] != sid
+                    or size + len(after) - HEADER_SIZE > max_payload):
+                break
+            parts.append(after[HEADER_SIZE:])
+            size += len(after) - HEADER_SIZE
+            i += 1
+            if after[1] & FLAG_FIN:
+                flags = FLAG_FIN
+                break
+        if len(parts) == 1:
+            merged.append(frame)
+        else:
+            merged.append(HEADER.pack(FrameType.DATA, flags, U32.unpack(sid)[0])
+                          + b"".join(parts))
+    return merged
+
+
 def decode(message: bytes, max_frame_bytes: int) -> Frame:
     """Decode one WebSocket message into a :class:`Frame`.
 

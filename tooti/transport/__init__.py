@@ -9,6 +9,7 @@ over a real WebSocket.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 
@@ -41,12 +42,9 @@ class Transport(Protocol):
         next :meth:`send_many`, even of nothing, writes them first)."""
         ...
 
-    def has_buffered(self) -> bool:
-        """True if received data waits to be taken (the next receive may not wait)."""
-        ...
-
-    async def receive(self) -> bytes:
-        """Return the next message; raise :class:`TransportClosed` at the end."""
+    async def receive(self, before_wait: Callable[[], None] | None = None) -> bytes:
+        """Return the next message; raise :class:`TransportClosed` at the end. If it has
+        to wait for input, it calls ``before_wait()`` first."""
         ...
 
     async def aclose(self, code: int = 1000, reason: str = "") -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import trio
 
 from tooti.transport import TransportClosed
@@ -50,12 +52,11 @@ class MemoryTransport:
 
     pending = False
 
-    def has_buffered(self) -> bool:
-        """True if messages wait in the channel."""
-        return self._receive.statistics().current_buffer_used > 0
-
-    async def receive(self) -> bytes:
-        """Receive the next message from the other end."""
+    async def receive(self, before_wait: Callable[[], None] | None = None) -> bytes:
+        """Receive the next message from the other end (``before_wait()`` is called first
+        if none is waiting)."""
+        if before_wait is not None and not self._receive.statistics().current_buffer_used:
+            before_wait()
         try:
             return await self._receive.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError):

@@ -136,10 +136,6 @@ class WebSocketTransport:
         """True while bytes that :meth:`write_nowait` took wait to be written."""
         return bool(self._leftover)
 
-    def has_buffered(self) -> bool:
-        """True if received bytes wait to be decoded (the next receive may not wait)."""
-        return self._decoder.buffered > 0
-
     async def _write(self, data: bytes) -> None:
         lock = self._send_lock
         try:
@@ -184,10 +180,11 @@ class WebSocketTransport:
             raw.close()
         await trio.aclose_forcefully(self._stream)
 
-    async def receive(self) -> bytes:
+    async def receive(self, before_wait: Callable[[], None] | None = None) -> bytes:
         """The next binary message; a text message comes back prefixed with 0xff (which no
         tunnel frame starts with), so the tunnel rejects it. Messages already buffered
-        are returned without a checkpoint; each read of the socket is one."""
+        are returned without a checkpoint. ``before_wait()`` is called before each read
+        of the connection."""
         decoder = self._decoder
         while True:
             if self._closed:
@@ -198,6 +195,8 @@ class WebSocketTransport:
                 await self._fail(exc.code, exc.message)
                 raise TransportClosed(f"websocket protocol error: {exc.message}") from None
             if event is None:
+                if before_wait is not None:
+                    before_wait()
                 try:
                     data = await self._receive_bytes()
                 except CLOSED_ERRORS:
@@ -396,14 +395,13 @@ class ASGIWebSocketTransport:
 
     pending = False
 
-    def has_buffered(self) -> bool:
-        """Unknown through ASGI: False."""
-        return False
-
-    async def receive(self) -> bytes:
-        """Receive one message (text frames come back prefixed so they fail to decode)."""
+    async def receive(self, before_wait: Callable[[], None] | None = None) -> bytes:
+        """Receive one message (text frames come back prefixed so they fail to decode);
+        ``before_wait()`` is called first."""
         if self._closed:
             raise TransportClosed("websocket closed")
+        if before_wait is not None:
+            before_wait()
         event = await self._receive()
         kind = event["type"]
         if kind == "websocket.receive":
