@@ -413,6 +413,35 @@ async def test_cancel_from_the_opener_cancels_the_handler(mode: str) -> None:
             assert await exchange(pair.acceptor, b"after") == (200, b"after", END_INFO)
 
 
+async def test_a_handler_answering_after_a_cancel_gets_tunnel_lost() -> None:
+    """A handler that reaches respond() after the opener's CANCEL (no checkpoint in
+    between, as after a shielded wait) sees TunnelLost, not a protocol-state error."""
+    outcome: list[BaseException | None] = []
+    reached = trio.Event()
+    go = trio.Event()
+
+    async def handler(stream: InboundStream) -> None:
+        with trio.CancelScope(shield=True):
+            reached.set()
+            await go.wait()
+        try:
+            await stream.respond(200, {})
+            outcome.append(None)
+        except Exception as exc:
+            outcome.append(exc)
+
+    with trio.fail_after(10):
+        async with running_pair(handler) as pair:  # type: ignore[arg-type]
+            out = await pair.acceptor.open_stream({"mode": "late"}, b"")
+            await reached.wait()
+            await out.cancel("client gone")
+            await trio.testing.wait_all_tasks_blocked()  # the CANCEL is written and read
+            assert not pair.dialer.conn.has_stream(out.id)
+            go.set()
+            await trio.testing.wait_all_tasks_blocked()
+    assert len(outcome) == 1 and isinstance(outcome[0], TunnelLost)
+
+
 async def test_tunnel_loss_fails_outbound_streams_and_cancels_handlers() -> None:
     service = Service()
     lost: list[TunnelLost] = []

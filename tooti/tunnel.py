@@ -607,9 +607,13 @@ class InboundStream:
             await io.wait_changed()
 
     async def respond(self, status: int, headers: dict[str, Any]) -> None:
-        """Send the response head."""
+        """Send the response head; raises TunnelLost if the stream is gone (cancelled
+        by the peer, or the tunnel lost)."""
+        conn = self.session.conn
+        if self._io.lost is not None or not conn.has_stream(self.id):
+            raise TunnelLost(self._io.lost or "stream closed")
         self.started = True
-        await self.session.send_frame(self.session.conn.send_response(self.id, status, headers))
+        await self.session.send_frame(conn.send_response(self.id, status, headers))
 
     async def send(self, data: bytes) -> None:
         """Send response body bytes, waiting for flow-control credit."""

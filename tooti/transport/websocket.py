@@ -47,8 +47,6 @@ MAX_HEAD_BYTES = 16384
 """Largest HTTP head accepted in a WebSocket handshake, either way."""
 MAX_REFUSAL_BODY = 4096
 """Bytes of a refused handshake's response body kept for the error message."""
-READS_PER_YIELD = 64
-"""Socket reads that found data waiting, at most, between two yields of a read loop."""
 CLOSED_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
@@ -71,9 +69,9 @@ class WebSocketTransport:
     transport; a protocol violation closes it with the RFC 6455 code.
 
     Over plain TCP the transport reads and writes through a duplicate of the
-    socket's descriptor (the same connection): input already there is taken without
-    a yield, and :meth:`write_nowait` writes without waiting, so a tunnel's read loop
-    can pass frames on before it next waits.
+    socket's descriptor (the same connection): input is taken as soon as the read
+    loop is woken for it, and :meth:`write_nowait` writes without waiting, so a
+    tunnel's read loop can pass frames on before it next waits.
     """
 
     def __init__(self, stream: trio.abc.Stream, remote: str, *, client: bool,
@@ -90,7 +88,6 @@ class WebSocketTransport:
             self._raw = socket.socket(fileno=os.dup(stream.socket.fileno()))
             self._raw.setblocking(False)
         self._leftover = b""
-        self._reads = 0
         self._closed = False
         self._close_sent = False
         self.close_code: int | None = None
@@ -154,21 +151,28 @@ class WebSocketTransport:
 
     async def _receive_bytes(self) -> bytes | bytearray:
         """The next bytes from the connection (b"" at its end). Over plain TCP they are
-        read straight off the socket: data already there is taken without a yield (a
-        checkpoint every :data:`READS_PER_YIELD` reads keeps that fair)."""
+        read straight off the socket: bytes that arrive while we wait are taken as soon
+        as we are woken; bytes that were already there are taken after a yield, so a
+        busy tunnel does not starve the process's other tasks."""
         raw = self._raw
         if raw is None:
             return await self._stream.receive_some(RECEIVE_BYTES)
-        self._reads += 1
-        if self._reads % READS_PER_YIELD == 0:
-            await trio.lowlevel.checkpoint()
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            data = raw.recv(RECEIVE_BYTES)
+        except BlockingIOError:
+            pass
+        except OSError:
+            return b""
         else:
-            await trio.lowlevel.checkpoint_if_cancelled()
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return data
         while True:
+            await trio.lowlevel.wait_readable(raw)
             try:
                 return raw.recv(RECEIVE_BYTES)
             except BlockingIOError:
-                await trio.lowlevel.wait_readable(raw)
+                continue
             except OSError:
                 return b""
 
