@@ -63,7 +63,7 @@ from tooti.transport.websocket import (
     refusal_response,
     upgrade_response,
 )
-from tooti.tunnel import TunnelSession
+from tooti.tunnel import CLOSE_TIMEOUT, TunnelSession
 
 if TYPE_CHECKING:
     from tooti.dialer import Dialer
@@ -581,9 +581,14 @@ class Gateway:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             return
         remote = f"{client[0]}:{client[1]}" if client else "unknown"
-        await self._serve_tunnel(WebSocketTransport(
+        transport = WebSocketTransport(
             stream, remote, client=False, max_message=self.tunnel_settings.max_frame_bytes,
-            buffered=upgrade.buffered), group)
+            buffered=upgrade.buffered)
+        try:
+            await self._serve_tunnel(transport, group)
+        finally:  # releases the socket even if the handshake ended without a close
+            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+                await transport.aclose()
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         """A tunnel upgrade on a connection that already carried HTTP requests."""
