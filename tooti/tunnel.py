@@ -1,10 +1,13 @@
 """The trio adapter around the sans-I/O tunnel connection.
 
 :class:`TunnelSession` runs one :class:`~tooti.protocol.connection.Connection`
-over one :class:`~tooti.transport.Transport`: a reader task that never blocks
+over one :class:`~tooti.transport.Transport`: a read loop that never blocks
 on any single stream (stream data goes into per-stream buffers bounded by the
-flow-control window), a heartbeat task, and a liveness deadline (a peer silent
-for three heartbeat intervals is dead). Streams we open are
+flow-control window, or is spliced onward by a hook), a writer task that sends
+every frame queued since its last write in one write, a heartbeat task, and a
+liveness watch (a peer silent for three heartbeat intervals is dead). Before a
+read loop waits for input, the frames its input produced on any tunnel of the
+process are written straight away (:func:`flush_queued`). Streams we open are
 :class:`OutboundStream` objects consumed by the caller's own task (so the
 caller's cancellation - a client going away - reaches the stream);
 streams the peer opens are served by a handler in the session's nursery,

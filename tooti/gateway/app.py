@@ -1,9 +1,11 @@
-"""The gateway: an ASGI app served by hypercorn on trio.
+"""The gateway: an ASGI app served by hypercorn on trio, behind tooti's listener.
 
 Routes: ``GET /v1/models``, ``POST /v1/chat/completions``, ``/v1/completions``,
 ``/v1/embeddings``, ``GET /healthz`` and the tunnel WebSocket at
-``/tooti/v1/tunnel``. A plain ASGI callable (rather than a framework) keeps
-the per-request path short; every response carries ``x-request-id``.
+``/tooti/v1/tunnel`` (taken by the listener, :mod:`tooti.gateway.listener`, on a
+fresh connection; by the ASGI app only on a kept-alive one). A plain ASGI
+callable (rather than a framework) keeps the per-request path short; every
+response carries ``x-request-id``.
 """
 
 from __future__ import annotations
