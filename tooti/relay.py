@@ -145,16 +145,17 @@ class Relay:
         """ROUTES for ``ids`` (advertised if reachable, removed if not), split so that
         no frame exceeds the control-payload budget."""
         budget = int(self.tunnel.max_control_bytes * ROUTES_BUDGET)
-        nodes: list[dict[str, Any]] = []
+        nodes: list[msgspec.Raw] = []  # each entry encoded once, to measure and to send
         removed: list[str] = []
         size = 0
         for peer_id in ids:
             peer = self.registry.peers.get(peer_id)
             if peer is not None and not can_advertise(peer) and peer.role != "node":
                 continue  # a relay or gateway below us: its nodes are advertised, not it
-            entry: dict[str, Any] | None = (
-                advertised(peer) if peer is not None and can_advertise(peer) else None)
-            cost = len(_json.encode(entry)) if entry is not None else len(peer_id) + 4
+            entry: msgspec.Raw | None = (
+                msgspec.Raw(_json.encode(advertised(peer)))
+                if peer is not None and can_advertise(peer) else None)
+            cost = len(entry) if entry is not None else len(peer_id) + 4
             if cost > budget:  # one node's labels and models alone would break the frame
                 log.warning("node %r not advertised upstream: its entry is %d bytes, over "
                             "the %d-byte budget", peer_id[:128], cost, budget)

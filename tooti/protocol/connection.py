@@ -19,9 +19,12 @@ from :meth:`Connection.send_goaway` and closes the transport.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
+
+import msgspec
 
 from tooti.protocol import frames
 from tooti.protocol.frames import FLAG_ACK, FLAG_FIN, FrameError, FrameType
@@ -342,9 +345,10 @@ class Connection:
         self._require_open()
         return frames.encode_json(FrameType.MODELS, 0, {"models": models})
 
-    def send_routes(self, nodes: list[dict[str, Any]], removed: list[str],
+    def send_routes(self, nodes: Sequence[dict[str, Any] | msgspec.Raw], removed: list[str],
                     full: bool = False) -> bytes:
-        """Relay: advertise the nodes reachable through us (see :class:`RoutesReceived`)."""
+        """Relay: advertise the nodes reachable through us (see :class:`RoutesReceived`);
+        an entry may come already encoded, as ``msgspec.Raw`` JSON."""
         self._require_open()
         return frames.encode_json(FrameType.ROUTES, 0,
                                   {"nodes": nodes, "removed": removed, "full": full})
