@@ -110,7 +110,7 @@ def build_registry(size: int, seed: int = 1) -> Registry:
         registry.peers[peer.id] = peer
     # One reindex for the whole population (Registry.add reindexes on every call,
     # which is quadratic when registering 10,000 peers in a loop).
-    registry.known_models.add(MODEL)
+    registry.known_models.update([MODEL])
     registry._reindex()
     return registry
 

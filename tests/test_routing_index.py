@@ -21,7 +21,7 @@ from tooti.backends.base import ModelInfo
 from tooti.errors import APIError
 from tooti.gateway.health import CooldownPolicy, ModelHealth
 from tooti.gateway.proxy import Proxy, ProxySettings, _sort_key
-from tooti.gateway.registry import Candidates, Peer, Registry
+from tooti.gateway.registry import Candidates, KnownModels, Peer, Registry
 from tooti.gateway.validation import Preferences
 from tooti.routing.base import RouteRequest, RoutingPolicy
 from tooti.routing.policies import Cheapest, Latency, LeastLoaded, RoundRobin, Weighted
@@ -574,3 +574,36 @@ async def test_peer_changes_wake_waiters() -> None:
             await trio.testing.wait_all_tasks_blocked()
             registry.remove(joined)
     assert got == [joined, full, None] and proxy.queued == 0
+
+
+# ---------------------------------------------------------------- bounded state
+
+
+def test_known_models_keeps_the_most_recently_advertised() -> None:
+    known = KnownModels(limit=3)
+    known.update(["a", "b", "c"])
+    known.update(["a"])  # advertised again: now the most recent
+    known.update(["d"])
+    assert "b" not in known and list(known) == ["c", "a", "d"] and len(known) == 3
+
+
+def test_a_model_nobody_serves_leaves_the_index() -> None:
+    """Advertising ever new model ids must not grow the routing index without end: an
+    index goes once its last peer stops serving the model, but not while a request waits
+    for it."""
+    a = make_peer("a")
+    registry = registry_of(a)
+    registry.set_models(a, [ModelInfo(id=f"made-up-{n}", max_concurrency=1)
+                            for n in range(100)])
+    assert set(registry._index) == {f"made-up-{n}" for n in range(100)}
+    registry.set_models(a, [info()])
+    assert set(registry._index) == {MODEL}
+    waiter = registry.enqueue(MODEL, "", lambda: None)
+    registry.remove(a)
+    assert MODEL in registry._index  # a request still waits for it
+    registry.leave(waiter)
+    assert registry._index == {}
+    assert MODEL in registry.known_models and "made-up-7" in registry.known_models
+    again = make_peer("b")  # a model served again is indexed afresh
+    registry.add(again)
+    assert registry.candidates(MODEL) == [again]

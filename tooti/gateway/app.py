@@ -49,7 +49,7 @@ from tooti.gateway.metrics import CONTENT_TYPE as METRICS_TYPE
 from tooti.gateway.metrics import GatewayMetrics
 from tooti.gateway.probe import probe_until_healthy
 from tooti.gateway.proxy import DONE, Outcome, Proxy, ProxySettings, check_routable
-from tooti.gateway.registry import Peer, Registry
+from tooti.gateway.registry import KnownModels, Peer, Registry
 from tooti.gateway.tunnels import BearerAuth, serve_tunnel
 from tooti.gateway.validation import ParsedRequest, parse_request
 from tooti.identity import derive_id
@@ -150,8 +150,9 @@ class Gateway:
                                {name: group.join_token for name, group in settings.groups.items()})
         self.group_keys = GroupKeys(settings.groups)
         """Which node group a request's API key belongs to."""
-        self.known_by_group: dict[str, set[str]] = {}
-        """With groups configured: group → every model its nodes ever advertised here."""
+        self.known_by_group: dict[str, KnownModels] = {}
+        """With groups configured: group → the models its nodes advertised here (the most
+        recent ten thousand)."""
         if settings.groups:
             self.registry.bus.listeners.append(self._note_group_models)
         self.admin_auth = BearerAuth(settings.admin_key)
@@ -255,7 +256,7 @@ class Gateway:
             peer = event.data["peer"]
             models = peer.get("models")
             if models:
-                self.known_by_group.setdefault(peer.get("group", ""), set()).update(models)
+                self.known_by_group.setdefault(peer.get("group", ""), KnownModels()).update(models)
 
     async def attach(self, transport: Transport) -> None:
         """Serve a tunnel over an already-connected transport (in-memory peers)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator
 
 import trio
 
@@ -19,6 +19,38 @@ from tooti.protocol.connection import ProtocolError
 log = logging.getLogger("tooti.gateway")
 
 __all__ = ["KEY_NAMES", "Candidates", "Key", "KeyName", "Peer", "Registry", "SlotWaiter"]
+
+
+KNOWN_MODELS_LIMIT = 10_000
+"""Model ids a gateway remembers having seen advertised (beyond those served now)."""
+
+
+class KnownModels:
+    """Model ids advertised here, most recently advertised last; past ``limit`` the
+    oldest are forgotten. It tells a model nobody ever offered (404) from one with no
+    live node right now (503) without growing with every id a node ever made up."""
+
+    def __init__(self, limit: int = KNOWN_MODELS_LIMIT) -> None:
+        self.limit = limit
+        self._ids: dict[str, None] = {}
+
+    def update(self, ids: Iterable[str]) -> None:
+        """Note ``ids`` as advertised now."""
+        known = self._ids
+        for model in ids:
+            known.pop(model, None)
+            known[model] = None
+        while len(known) > self.limit:
+            del known[next(iter(known))]
+
+    def __contains__(self, model: object) -> bool:
+        return model in self._ids
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._ids)
 
 
 class Registry:
@@ -51,8 +83,8 @@ class Registry:
         """(model, node group) → requests waiting for a slot, oldest first."""
         self._dispatching = False
         self._pending: set[tuple[str, str]] = set()
-        self.known_models: set[str] = set()
-        """Every model id ever advertised here (unknown vs. unavailable)."""
+        self.known_models = KnownModels()
+        """Model ids advertised here (unknown vs. unavailable), the most recent kept."""
         self.identity_store = identities
         """Where identity bindings persist across restarts (None = memory only)."""
         self.identities: dict[str, bytes] = identities.load() if identities else {}
@@ -275,6 +307,7 @@ class Registry:
                 queue.remove(waiter)
             if not queue:
                 del self._waiters[waiter.key]
+                self._prune(*waiter.key)
         peer, waiter.peer = waiter.peer, None
         if peer is not None:
             self.release(peer, waiter.key[0])
@@ -329,6 +362,7 @@ class Registry:
             waiter.event.set()
         if not queue and self._waiters.get(key) is queue:
             del self._waiters[key]
+            self._prune(*key)
 
     def _wake(self, keys: Iterable[tuple[str, str]]) -> None:
         if self._waiters:
@@ -358,6 +392,7 @@ class Registry:
             self._index[model][group].discard(peer)
             models.discard(model)
             keys.append((model, group))
+            self._prune(model, group)
             flipped = True
         for model in peer.models:
             groups = self._index.setdefault(model, {})
@@ -385,7 +420,20 @@ class Registry:
         group, models = filed
         for model in models:
             self._index[model][group].discard(peer)
+            self._prune(model, group)
         return [(model, group) for model in models]
+
+    def _prune(self, model: str, group: str) -> None:
+        """Drop the index of (model, group) once no peer serves it and no request waits
+        for it, so advertising ever new model ids cannot grow the index without end."""
+        groups = self._index.get(model)
+        index = None if groups is None else groups.get(group)
+        if index is None or index.serving or (model, group) in self._waiters:
+            return
+        assert groups is not None
+        del groups[group]
+        if not groups:
+            del self._index[model]
 
     def _fresh(self) -> None:
         if self._stale:
