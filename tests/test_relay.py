@@ -37,6 +37,7 @@ from tooti.protocol.connection import (
     StreamOpened,
     WelcomeReceived,
 )
+from tooti import relay as relay_module
 from tooti.relay import Relay
 from tooti.runner import Process, serve
 from tooti.settings import (
@@ -255,6 +256,44 @@ async def test_node_behind_a_relay_is_routable_and_served_through_the_hop(
             in metrics)
     await relay.idle()
     assert relay.relay.forwarded_total == 2
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_answer_larger_than_the_window_crosses_the_hop_intact(
+    network: Network, relay: RunningRelay, stream: bool, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An answer of several flow-control windows outruns the upstream credit: the relay
+    stops splicing and its forwarding task sends the rest, in order, as credit returns."""
+    splices: list[relay_module._Splice] = []
+
+    class Recorded(relay_module._Splice):
+        __slots__ = ()
+
+        def __init__(self, *args: Any) -> None:
+            super().__init__(*args)
+            splices.append(self)
+
+    monkeypatch.setattr(relay_module, "_Splice", Recorded)
+    # About 1 MiB either way (an SSE event per token is ~25 times a token's size): four
+    # flow-control windows.
+    tokens = 6_000 if stream else 150_000
+    await start_node(network, "behind", [relay.tunnel_url],
+                     backends=[simulated(tokens=tokens)])
+    expected = "".join(f" tok{i}" for i in range(tokens))
+    async with network.client() as http:
+        if stream:
+            response, lines = await read_stream(http, chat(max_tokens=tokens))
+            assert lines[-1] == "data: [DONE]"
+            content = "".join(
+                json.loads(line[len("data: "):])["choices"][0]["delta"].get("content") or ""
+                for line in lines[:-1])
+        else:
+            response = await http.post("/v1/chat/completions", json=chat(max_tokens=tokens))
+            content = response.json()["choices"][0]["message"]["content"]
+    assert response.status_code == 200 and response.headers["x-tooti-node"] == "behind"
+    assert content == expected
+    assert splices and not splices[-1].active  # the task took over from the splice
+    await relay.idle()
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -260,7 +260,6 @@ class Relay:
                 complete = True
                 if opened.rest:
                     await out.send_body(opened.rest, fin=True)
-            splice = out.splice
             # A nursery wraps what its tasks raise in an ExceptionGroup: a lost tunnel is
             # caught in each task instead, and raised once the nursery is done.
             lost: list[TunnelLost] = []
@@ -270,7 +269,7 @@ class Relay:
                 try:
                     head = await out.head()
                     if head is not None:
-                        if not (isinstance(splice, _Splice) and splice.head_sent):
+                        if not stream.started:  # else the splice passed the head on
                             await stream.respond(head.status, head.headers)
                         # Chunks that queued up meanwhile go on as one frame.
                         limit = stream.session.conn.max_data_payload()
@@ -314,13 +313,12 @@ class _Splice:
     has no credit for (or a closed upstream) ends the splicing: from then on frames are
     buffered and the forwarding task sends them, in order, as credit allows."""
 
-    __slots__ = ("active", "head_sent", "out", "up")
+    __slots__ = ("active", "out", "up")
 
     def __init__(self, up: InboundStream, out: OutboundStream) -> None:
         self.up = up
         self.out = out
         self.active = True
-        self.head_sent = False
 
     def __call__(self, event: ResponseStarted | DataReceived | StreamEnded) -> bool:
         if not self.active:
@@ -333,7 +331,7 @@ class _Splice:
             return False
         if isinstance(event, DataReceived):
             data = event.data
-            if (not self.head_sent or len(data) > conn.send_credit(up.id)
+            if (not up.started or len(data) > conn.send_credit(up.id)
                     or len(data) > conn.max_data_payload()):
                 self.active = False
                 return False
@@ -343,7 +341,6 @@ class _Splice:
             return True
         if isinstance(event, ResponseStarted):
             up.started = True
-            self.head_sent = True
             session.enqueue(conn.send_response(up.id, event.status, event.headers))
             return True
         session.enqueue(conn.send_end(up.id, event.info))  # END: the task still wakes
