@@ -24,6 +24,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket
 from tests.conftest import Network, simulated
 from tests.spy import LIMIT, Spy, read_stream
 from tests.upstream import SlowUpstream, start_upstream
+from tooti import relay as relay_module
 from tooti.backends.base import Backend
 from tooti.backends.openai import OpenAIBackend
 from tooti.gateway.app import Gateway
@@ -37,7 +38,6 @@ from tooti.protocol.connection import (
     StreamOpened,
     WelcomeReceived,
 )
-from tooti import relay as relay_module
 from tooti.relay import Relay
 from tooti.runner import Process, serve
 from tooti.settings import (
