@@ -260,3 +260,5 @@ async def test_a_discovered_peer_that_keeps_failing_is_forgotten(
         with trio.fail_after(10):
             await forgotten.seen.wait()
     assert set(node.dialer.links) == {url}
+    node.dialer.learn([dead])  # the next WELCOME lists it again: it stays forgotten
+    assert set(node.dialer.links) == {url}

@@ -44,6 +44,8 @@ CONNECT_TIMEOUT = 10.0
 
 MAX_DISCOVERED_FAILURES = 5
 """Failed dials in a row after which a discovered peer is forgotten."""
+FORGET_FOR = 600.0
+"""Seconds a forgotten discovered peer stays forgotten, however often it is listed."""
 
 
 class TunnelRefused(Exception):
@@ -115,6 +117,8 @@ class Dialer:
         self.is_stopping = is_stopping
         self.log = logging.getLogger(f"tooti.{role}")
         self.links: dict[str, Link] = {}
+        self._forgotten: dict[str, float] = {}
+        """Discovered peer URL → when it was forgotten (``trio.current_time()``)."""
         self.sessions: set[TunnelSession] = set()
         self.connected = trio.Event()
         """Set each time a session completes its handshake (for callers that wait)."""
@@ -152,6 +156,10 @@ class Dialer:
             return
         from tooti.config import ConfigError, normalize_peer_url
 
+        now = trio.current_time()
+        for url, when in list(self._forgotten.items()):
+            if now - when >= FORGET_FOR:
+                del self._forgotten[url]
         for raw in urls:
             if len(self.links) >= self.network.max_peers:
                 return
@@ -160,6 +168,8 @@ class Dialer:
             except ConfigError:
                 self.log.info("ignoring advertised peer %r: not a ws:// or wss:// URL", raw[:200])
                 continue
+            if url in self._forgotten:
+                continue  # it kept failing: another peer's claim does not revive it yet
             if url not in self.links and url != self.network.public_url:
                 self.log.info("discovered peer %s: dialing it", url)
                 self._start(url, "discovered")
@@ -222,6 +232,7 @@ class Dialer:
                 self.log.info("forgetting discovered peer %s after %d failed dials", url,
                               failures)
                 del self.links[url]
+                self._forgotten[url] = trio.current_time()
                 return
             if url in self._replaced:
                 self._replaced.discard(url)
