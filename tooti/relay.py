@@ -175,22 +175,22 @@ class Relay:
 
     # ------------------------------------------------------------ forwarding
 
-    def _refusal(self, meta: dict[str, Any]) -> tuple[Peer | None, dict[str, Any] | None]:
+    def _target(self, meta: dict[str, Any]) -> Peer | dict[str, Any]:
         """The node an OPEN targets, or the END that refuses it."""
         target, model = meta.get("target"), meta.get("model")
         if not isinstance(target, str) or not isinstance(model, str):
-            return None, _error(400, "bad_open", "an OPEN through a relay needs the target "
-                                "node id and the model")
+            return _error(400, "bad_open", "an OPEN through a relay needs the target node "
+                          "id and the model")
         peer = self.registry.peers.get(target)
         if peer is None or peer.role != "node" or not peer.live:
-            return None, _error(503, "node_unavailable", f"relay {self.id} cannot reach "
-                                f"node {target} now", retryable=True)
+            return _error(503, "node_unavailable", f"relay {self.id} cannot reach node "
+                          f"{target} now", retryable=True)
         if (self.forwarding >= self.settings.max_streams
                 or self.per_node.get(target, 0) >= self.settings.max_streams_per_node
                 or not peer.session.conn.can_open_stream()):
-            return None, _error(503, "relay_busy", f"relay {self.id} is at its stream "
-                                f"limit for node {target}", retryable=True)
-        return peer, None
+            return _error(503, "relay_busy", f"relay {self.id} is at its stream limit for "
+                          f"node {target}", retryable=True)
+        return peer
 
     def _count(self, target: str, delta: int) -> None:
         self.forwarding += delta
@@ -211,15 +211,12 @@ class Relay:
         node there and then, and splice the node's answer straight back (see
         :class:`_Splice`), so no task switch sits on the path. Anything this cannot do
         at once is left to :meth:`_forward`."""
-        peer, refusal = self._refusal(stream.meta)
-        if peer is None or refusal is not None:
-            return
-        meta = {k: v for k, v in stream.meta.items() if k != "target"}
-        if not stream.body_arrived:
-            return  # a body still arriving is pumped by the task
+        peer = self._target(stream.meta)
+        if not isinstance(peer, Peer) or not stream.body_arrived:
+            return  # the task refuses it, or pumps a body still arriving
         first = stream.read_chunk_nowait() or b""
         try:
-            out, rest = peer.open_stream_nowait(meta, first, fin=True)
+            out, rest = peer.open_stream_nowait(_onward(stream.meta), first, fin=True)
         except (FlowControlError, TunnelLost):
             return
         self._count(peer.id, +1)
@@ -231,9 +228,9 @@ class Relay:
         """Serve one upstream OPEN by forwarding it to its target node."""
         opened = stream.context
         if not isinstance(opened, _Opened):
-            peer, refusal = self._refusal(stream.meta)
-            if peer is None or refusal is not None:
-                await stream.end(refusal or {})
+            peer = self._target(stream.meta)
+            if not isinstance(peer, Peer):
+                await stream.end(peer)
                 return
             self._count(peer.id, +1)
             opened = _Opened(None, b"", peer)
@@ -249,9 +246,8 @@ class Relay:
             if out is None:
                 first = await stream.read_chunk() or b""
                 complete = stream.body_complete  # decided once: the OPEN's FIN says the same
-                meta = {k: v for k, v in stream.meta.items() if k != "target"}
                 try:
-                    out = await peer.open_stream(meta, first, fin=complete)
+                    out = await peer.open_stream(_onward(stream.meta), first, fin=complete)
                 except FlowControlError as exc:
                     await stream.end(_error(503, "relay_busy", f"node {peer.id}: {exc}",
                                             retryable=True))
@@ -293,6 +289,11 @@ class Relay:
         finally:
             if out is not None and out.end_info is None:
                 await out.cancel("upstream cancelled")
+
+
+def _onward(meta: dict[str, Any]) -> dict[str, Any]:
+    """An OPEN's metadata as the relay passes it on (the next hop sets its own target)."""
+    return {k: v for k, v in meta.items() if k != "target"}
 
 
 class _Opened:
