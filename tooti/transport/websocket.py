@@ -95,16 +95,18 @@ class WebSocketTransport:
 
     async def send(self, message: bytes) -> None:
         """Send one binary message."""
-        if self._closed or self._close_sent:
-            raise TransportClosed("websocket closed")
-        await self._write(encode_frame(OP_BINARY, message, mask=self._client))
+        await self.send_many([message])
 
     async def send_many(self, messages: list[bytes]) -> None:
         """Send several binary messages with one write."""
+        await self._write(self._frames(messages))
+
+    def _frames(self, messages: list[bytes]) -> bytes:
+        """The WebSocket frames of binary ``messages``; TransportClosed once closed."""
         if self._closed or self._close_sent:
             raise TransportClosed("websocket closed")
         mask = self._client
-        await self._write(b"".join([encode_frame(OP_BINARY, m, mask=mask) for m in messages]))
+        return b"".join([encode_frame(OP_BINARY, m, mask=mask) for m in messages])
 
     def write_nowait(self, messages: list[bytes]) -> bool:
         """Write binary messages now, without waiting: False if that cannot be done (not
@@ -113,11 +115,7 @@ class WebSocketTransport:
         :attr:`pending`)."""
         if self._raw is None or self._send_lock.locked():
             return False
-        if self._closed or self._close_sent:
-            raise TransportClosed("websocket closed")
-        mask = self._client
-        data = self._leftover + b"".join([encode_frame(OP_BINARY, m, mask=mask)
-                                          for m in messages])
+        data = self._leftover + self._frames(messages)
         try:
             sent = self._raw.send(data)
         except BlockingIOError:
