@@ -280,6 +280,24 @@ def test_peer_flag_sets_node_and_relay_peers() -> None:
     assert s.relay.peers == s.node.peers == ["ws://up:1/tooti/v1/tunnel"]
 
 
+def test_tls_flags_and_variables() -> None:
+    s = build_settings(namespace(tls_cert="/f/cert.pem", tls_key="/f/key.pem"),
+                       {"TOOTI_TLS_CERT": "/e/cert.pem", "TOOTI_TLS_KEY": "/e/key.pem",
+                        "TOOTI_PEER_CA": "/e/ca.pem"})
+    assert (s.gateway.tls_cert, s.gateway.tls_key) == ("/f/cert.pem", "/f/key.pem")
+    assert s.network.peer_ca == "/e/ca.pem"
+    assert build_settings(namespace(peer_ca="/f/ca.pem"), {}).network.peer_ca == "/f/ca.pem"
+
+
+@pytest.mark.parametrize(("given", "missing"), [("tls_cert", "tls_key"),
+                                                 ("tls_key", "tls_cert")])
+def test_tls_cert_and_key_go_together(given: str, missing: str) -> None:
+    err = error_of(f'[gateway]\n{given} = "/etc/tooti/x.pem"\n')
+    assert f"gateway.{missing}: tls_cert and tls_key go together" in str(err)
+    with pytest.raises(ConfigError, match=f"gateway.{missing}"):
+        build_settings(namespace(**{given: "/x.pem"}), {})
+
+
 def test_parse_listen() -> None:
     assert parse_listen("0.0.0.0:8080") == ("0.0.0.0", 8080)
     assert parse_listen("[::]:0") == ("::", 0)

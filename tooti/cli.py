@@ -77,6 +77,17 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--plugins-dir", metavar="DIR", help="extra plugin files to load [TOOTI_PLUGINS_DIR]"
     )
+    run.add_argument(
+        "--tls-cert", metavar="FILE",
+        help="serve https:// and wss:// with this PEM certificate chain [TOOTI_TLS_CERT]",
+    )
+    run.add_argument(
+        "--tls-key", metavar="FILE", help="the certificate's PEM private key [TOOTI_TLS_KEY]"
+    )
+    run.add_argument(
+        "--peer-ca", metavar="FILE",
+        help="also trust this PEM CA for wss:// peers [TOOTI_PEER_CA]",
+    )
     run.set_defaults(handler=_run)
 
     plugins = commands.add_parser(
@@ -142,11 +153,12 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _config_check(args: argparse.Namespace) -> int:
-    from tooti.runner import check_plugin_names
+    from tooti.runner import check_plugin_names, check_tls
 
     try:
         settings = load_file(args.file)
         check_plugin_names(settings)
+        check_tls(settings)
     except ConfigError as exc:
         return _error(exc)
     roles = ", ".join(settings.roles) if settings.roles else "default (gateway, node)"

@@ -245,6 +245,10 @@ def _validate(s: Settings) -> Settings:
             raise _Invalid(("roles", i), f"role '{role}' listed twice")
         seen.add(role)
     _at(("gateway", "listen"), parse_listen, s.gateway.listen)
+    if bool(s.gateway.tls_cert) != bool(s.gateway.tls_key):
+        missing = "tls_key" if s.gateway.tls_cert else "tls_cert"
+        raise _Invalid(("gateway", missing), "tls_cert and tls_key go together: set both "
+                       "(TLS) or neither (plain HTTP)")
     s.node.peers = [
         _at(("node", "peers", i), normalize_peer_url, peer) for i, peer in enumerate(s.node.peers)
     ]
@@ -401,6 +405,9 @@ _OPTIONS: dict[str, tuple[str, str]] = {
     "node_id": ("TOOTI_NODE_ID", "--node-id"),
     "drain_grace": ("TOOTI_DRAIN_GRACE", "--drain-grace"),
     "plugins_dir": ("TOOTI_PLUGINS_DIR", "--plugins-dir"),
+    "tls_cert": ("TOOTI_TLS_CERT", "--tls-cert"),
+    "tls_key": ("TOOTI_TLS_KEY", "--tls-key"),
+    "peer_ca": ("TOOTI_PEER_CA", "--peer-ca"),
 }
 _LIST_OPTIONS = frozenset({"role", "peer", "backend"})
 
@@ -461,6 +468,12 @@ def _apply_option(s: Settings, option: str, values: list[str], source: str) -> N
             s.drain_grace = _parse_seconds(value)
         elif option == "plugins_dir":
             s.plugins_dir = value
+        elif option == "tls_cert":
+            s.gateway.tls_cert = value
+        elif option == "tls_key":
+            s.gateway.tls_key = value
+        elif option == "peer_ca":
+            s.network.peer_ca = value
         else:  # pragma: no cover - _OPTIONS and this chain must agree
             raise AssertionError(option)
     except ConfigError as exc:

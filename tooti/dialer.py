@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import random
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from tooti.protocol.connection import (
     WelcomeReceived,
 )
 from tooti.settings import NetworkSettings, TunnelSettings
+from tooti.tls import TLSError, client_context
 from tooti.transport import Transport, TransportClosed
 from tooti.transport.websocket import SUBPROTOCOL, HandshakeFailed, connect
 from tooti.tunnel import CLOSE_TIMEOUT, StreamHandler, StreamOpener, TunnelLost, TunnelSession
@@ -124,6 +126,7 @@ class Dialer:
         """Set each time a session completes its handshake (for callers that wait)."""
         self._replaced: set[str] = set()
         self._nursery: trio.Nursery | None = None
+        self._ssl_context: ssl.SSLContext | None = None
         self._slots = trio.Semaphore(max(1, self.network.max_peers))
         """At most ``network.max_peers`` peers are dialed or connected at once; the
         others wait their turn (FIFO), taking over when a session fails."""
@@ -214,14 +217,16 @@ class Dialer:
                     with trio.fail_after(CONNECT_TIMEOUT):
                         transport = await connect(
                             url, subprotocol=SUBPROTOCOL, headers=headers,
-                            max_message=self.tunnel.max_frame_bytes)
+                            max_message=self.tunnel.max_frame_bytes,
+                            ssl_context=self._tls() if url.startswith("wss:") else None)
                     try:
                         await self.serve_transport(transport, link)
                     finally:
                         with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
                             await transport.aclose()
                     failures = 0
-                except (OSError, HandshakeFailed, TunnelRefused, trio.TooSlowError) as exc:
+                except (OSError, HandshakeFailed, TunnelRefused, TLSError,
+                        trio.TooSlowError) as exc:
                     failures = 0 if link.state == "connected" else failures + 1
                     link.last_error = str(exc) or type(exc).__name__
                     self.log.info("tunnel to %s: %s", url, link.last_error)
@@ -247,6 +252,13 @@ class Dialer:
             self.log.info("re-dialling %s in %.2fs", url, pause)
             await trio.sleep(pause)
             delay = min(delay * 2, self.reconnect_max)
+
+    def _tls(self) -> ssl.SSLContext:
+        """What ``wss://`` peers' certificates are checked against: the system's trust
+        store and ``network.peer_ca`` (loaded at the first ``wss://`` dial)."""
+        if self._ssl_context is None:
+            self._ssl_context = client_context(self.network.peer_ca)
+        return self._ssl_context
 
     async def serve_transport(self, transport: Transport, link: Link | None = None) -> None:
         """Run the dialer side of one tunnel (handshake, then serve) until it closes."""

@@ -75,6 +75,25 @@ def check_plugin_names(settings: Settings) -> None:
             raise ConfigError(str(exc), key=key) from None
 
 
+def check_tls(settings: Settings) -> None:
+    """Fail with a ConfigError naming the key if the TLS certificate and key the listener
+    would serve, or the CA dialers would trust, cannot be used."""
+    from tooti import tls
+    from tooti.config import ConfigError
+
+    roles = effective_roles(settings)
+    try:
+        if settings.gateway.tls_cert and ("gateway" in roles or "relay" in roles):
+            tls.load_certificate(settings.gateway.tls_cert, settings.gateway.tls_key)
+    except tls.TLSError as exc:
+        raise ConfigError(str(exc), key="gateway.tls_cert") from None
+    try:
+        if settings.network.peer_ca and ("node" in roles or "relay" in roles):
+            tls.client_context(settings.network.peer_ca)
+    except tls.TLSError as exc:
+        raise ConfigError(str(exc), key="network.peer_ca") from None
+
+
 def build_gateway_plugins(settings: Settings) -> tuple[RoutingPolicy, list[Billing]]:
     """The routing policy and billing plugins named in the settings."""
     from tooti import plugins
@@ -238,6 +257,14 @@ async def _attach_local(gateway: Gateway, node: Node) -> None:
         await trio.sleep(0.1)
 
 
+def _reload_tls(process: Process) -> None:
+    """SIGHUP: reload the listener's TLS certificate (a bad one is logged and the current
+    one stays)."""
+    if process.gateway is not None and process.gateway.tls is not None:
+        log.info("SIGHUP: reloading the TLS certificate")
+        process.gateway.tls.reload()
+
+
 def setup_logging(level: str) -> None:
     """Configure the root logger once (plain text on stderr)."""
     logging.basicConfig(
@@ -253,7 +280,9 @@ async def main(settings: Settings, backends: list[Backend] | None = None) -> int
     """The async body of ``tooti run``; returns the exit code."""
     process = Process(settings, backends)
     exit_code = 0
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    # SIGHUP reloads the TLS certificate; without TLS it keeps its default action.
+    hangup = (signal.SIGHUP,) if settings.gateway.tls_cert else ()
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, *hangup) as signals:
         async with trio.open_nursery() as nursery:
             roles_scope = trio.CancelScope()
 
@@ -265,6 +294,9 @@ async def main(settings: Settings, backends: list[Backend] | None = None) -> int
             nursery.start_soon(run_roles)
             count = 0
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    _reload_tls(process)
+                    continue
                 count += 1
                 if count == 1:
                     log.info("%s: draining (grace %.0fs); send again to stop now",
@@ -291,6 +323,7 @@ def run(settings: Settings) -> int:
     """
     setup_logging(settings.log_level)
     check_plugin_names(settings)
+    check_tls(settings)
     backends = build_backends(settings) if "node" in effective_roles(settings) else None
     try:
         return trio.run(main, settings, backends)

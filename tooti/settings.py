@@ -48,6 +48,14 @@ class GatewaySettings:
 
     listen: str = "127.0.0.1:8080"
     """HOST:PORT for HTTP and the tunnel endpoint; port 0 picks a free port."""
+    tls_cert: str = ""
+    """PEM certificate chain to serve ``https://`` and ``wss://`` with (a relay's listener
+    too); empty = plain HTTP and ``ws://``. Needs ``tls_key``."""
+    tls_key: str = ""
+    """PEM private key (unencrypted) of ``tls_cert``."""
+    tls_reload_interval: float = 5.0
+    """Seconds between checks of ``tls_cert``/``tls_key`` for a new certificate (new
+    connections get it; SIGHUP reloads at once)."""
     join_token: str = ""
     """Token nodes must present; empty = accept tunnels from loopback only."""
     admin_key: str = ""
@@ -174,6 +182,9 @@ class NetworkSettings:
     discover_token: str = ""
     """Token presented to discovered peers (never the join token, which goes only to
     configured and bootstrap peers); empty = none."""
+    peer_ca: str = ""
+    """PEM file of CA certificates trusted for ``wss://`` peers besides the system's
+    trust store (a private CA); peers' certificates and host names are always checked."""
 
 
 @dataclass

@@ -56,6 +56,7 @@ from tooti.identity import derive_id
 from tooti.routing.base import RouteRequest, RoutingPolicy
 from tooti.routing.policies import LeastLoaded
 from tooti.settings import GatewaySettings, NetworkSettings, TunnelSettings
+from tooti.tls import ServerTLS
 from tooti.transport import Transport
 from tooti.transport.websocket import (
     SUBPROTOCOL,
@@ -178,6 +179,9 @@ class Gateway:
         self._idle = trio.Event()
         self._idle.set()
         self._shutdown = trio.Event()
+        self.tls = (ServerTLS(settings.tls_cert, settings.tls_key, settings.tls_reload_interval)
+                    if settings.tls_cert else None)
+        """The listener's certificate (None: plain HTTP); raises TLSError if unusable."""
 
     # ------------------------------------------------------------ lifecycle
 
@@ -199,6 +203,8 @@ class Gateway:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self.billing.run)
+                if self.tls is not None:
+                    nursery.start_soon(self.tls.watch)
                 await self._serve_http(config, task_status)
                 nursery.cancel_scope.cancel()
         finally:
@@ -211,6 +217,7 @@ class Gateway:
             app: Any = self
             self.bound = await http_nursery.start(
                 lambda task_status: serve(app, config, self.accept_tunnel, self._shutdown.wait,
+                                          tls=self.tls.current if self.tls else None,
                                           task_status=task_status)
             )
             log.info("%s listening on %s", "gateway" if self.serve_api else "relay",

@@ -38,6 +38,7 @@ from tooti.protocol.websocket import (
     encode_frame,
     new_key,
 )
+from tooti.tls import handshake_problem
 from tooti.transport import TransportClosed
 
 SUBPROTOCOL = "tooti.v1"
@@ -71,7 +72,9 @@ class WebSocketTransport:
     Over plain TCP the transport reads and writes through a duplicate of the
     socket's descriptor (the same connection): input is taken as soon as the read
     loop is woken for it, and :meth:`write_nowait` writes without waiting, so a
-    tunnel's read loop can pass frames on before it next waits.
+    tunnel's read loop can pass frames on before it next waits. Over TLS (any other
+    stream) it reads and writes through the stream only: the descriptor carries
+    ciphertext.
     """
 
     def __init__(self, stream: trio.abc.Stream, remote: str, *, client: bool,
@@ -283,9 +286,8 @@ async def connect(url: str, *, subprotocol: str, headers: Sequence[tuple[bytes, 
     port = parts.port or (443 if secure else 80)
     stream: trio.abc.Stream
     if secure:
-        stream = await trio.open_ssl_over_tcp_stream(
-            parts.hostname, port, ssl_context=ssl_context or ssl.create_default_context(),
-            https_compatible=True)
+        stream = await _open_tls(parts.hostname, port,
+                                 ssl_context or ssl.create_default_context())
     else:
         stream = await trio.open_tcp_stream(parts.hostname, port)
     try:
@@ -293,6 +295,25 @@ async def connect(url: str, *, subprotocol: str, headers: Sequence[tuple[bytes, 
     except BaseException:
         await trio.aclose_forcefully(stream)
         raise
+
+
+async def _open_tls(host: str, port: int, context: ssl.SSLContext
+                    ) -> trio.SSLStream[trio.SocketStream]:
+    """A TLS connection whose handshake is done: the peer's certificate was checked
+    against ``context`` for ``host``. A failed handshake is :class:`HandshakeFailed`
+    saying why (the certificate check's verdict, or that the peer speaks no TLS)."""
+    stream = await trio.open_ssl_over_tcp_stream(host, port, ssl_context=context,
+                                                 https_compatible=True)
+    try:
+        await stream.do_handshake()
+    except trio.BrokenResourceError as exc:
+        await trio.aclose_forcefully(stream)
+        raise HandshakeFailed(0, f"TLS handshake with {host} failed: "
+                                 f"{handshake_problem(exc)}") from None
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
+    return stream
 
 
 async def _client_handshake(stream: trio.abc.Stream, parts: Any, subprotocol: str,
