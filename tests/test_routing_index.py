@@ -23,6 +23,7 @@ from tooti.gateway.health import CooldownPolicy, ModelHealth
 from tooti.gateway.proxy import Proxy, ProxySettings, _sort_key
 from tooti.gateway.registry import Candidates, KnownModels, Peer, Registry
 from tooti.gateway.validation import Preferences
+from tooti.protocol.connection import Limits
 from tooti.routing.base import RouteRequest, RoutingPolicy
 from tooti.routing.policies import Cheapest, Latency, LeastLoaded, RoundRobin, Weighted
 from tooti.tunnel import TunnelSession
@@ -37,6 +38,7 @@ class FakeConn:
 
     def __init__(self) -> None:
         self.full = False
+        self.peer_limits = Limits()
 
     def can_open_stream(self) -> bool:
         return not self.full

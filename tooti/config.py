@@ -25,12 +25,13 @@ from collections.abc import Iterable, Mapping
 from typing import Any, get_args, get_origin, get_type_hints
 from urllib.parse import urlsplit, urlunsplit
 
-from tooti.gateway.groups import GROUP_NAME, api_key_digest
+from tooti.gateway.groups import DEFAULT_TOKEN, GROUP_NAME, api_key_digest
 from tooti.settings import ROLES, BackendSettings, GatewaySettings, Settings
 
 TUNNEL_PATH = "/tooti/v1/tunnel"
 LOG_LEVELS = ("debug", "info", "warning", "error")
-SECRET_FIELDS = frozenset({"join_token", "admin_key", "api_key", "discover_token", "api_keys"})
+SECRET_FIELDS = frozenset({"join_token", "join_tokens", "admin_key", "api_key",
+                           "discover_token", "api_keys"})
 """Field names whose values never appear in messages."""
 _MAY_BE_ZERO = frozenset({"drain_grace", "price_input", "price_output"})
 """Numeric fields allowed to be 0; every other int/float field must be > 0."""
@@ -310,24 +311,21 @@ def _check_numbers(obj: Any, path: Path) -> None:
 
 
 def _check_groups(gateway: GatewaySettings) -> None:
-    """Group names well-formed; every group has its own join token (not shared with
-    another group nor equal to the ungrouped ``gateway.join_token``); API keys valid
-    and each in one group only."""
-    tokens: dict[str, str] = {gateway.join_token: ""} if gateway.join_token else {}
+    """Group names well-formed; every join token (``join_token`` and the named
+    ``join_tokens``, ungrouped and per group) used once, so a token admits to one group
+    only, and named well; every group has a token; API keys valid and each in one group
+    only."""
+    tokens: dict[str, str] = {}
+    _check_tokens(gateway.join_token, gateway.join_tokens, ("gateway",), "", tokens)
     keys: dict[bytes, str] = {}
     for name, group in gateway.groups.items():
         where: Path = ("gateway", "groups", name)
         if not GROUP_NAME.fullmatch(name):
             raise _Invalid(where, f"invalid group name '{name}' (1 to 64 characters: letters, "
                            "digits, '.', '_', '-')")
-        if not group.join_token:
+        if not group.join_token and not group.join_tokens:
             raise _Invalid((*where, "join_token"), "a group needs its own join token")
-        owner = tokens.get(group.join_token)
-        if owner is not None:
-            shared = "gateway.join_token" if owner == "" else f"group '{owner}'"
-            raise _Invalid((*where, "join_token"),
-                           f"the same token as {shared}; each group needs its own")
-        tokens[group.join_token] = name
+        _check_tokens(group.join_token, group.join_tokens, where, name, tokens)
         for i, key in enumerate(group.api_keys):
             try:
                 digest = api_key_digest(key)
@@ -338,6 +336,29 @@ def _check_groups(gateway: GatewaySettings) -> None:
                 raise _Invalid((*where, "api_keys", i), "key listed twice" if owner == name
                                else f"key already belongs to group '{owner}'")
             keys[digest] = name
+
+
+def _check_tokens(token: str, named: dict[str, str], where: Path, group: str,
+                  seen: dict[str, str]) -> None:
+    """One group's (or the ungrouped) join tokens: names well-formed, ``default`` only
+    for ``join_token``, no token empty or already used (``seen``: token → where)."""
+    entries: list[tuple[Path, str]] = [((*where, "join_token"), token)] if token else []
+    for name, value in named.items():
+        at: Path = (*where, "join_tokens", name)
+        if not GROUP_NAME.fullmatch(name):
+            raise _Invalid(at, f"invalid token name '{name}' (1 to 64 characters: letters, "
+                           "digits, '.', '_', '-')")
+        if name == DEFAULT_TOKEN and token:
+            raise _Invalid(at, f"'{DEFAULT_TOKEN}' names join_token; choose another name")
+        if not value:
+            raise _Invalid(at, "a join token must not be empty")
+        entries.append((at, value))
+    for at, value in entries:
+        owner = seen.get(value)
+        if owner is not None:
+            raise _Invalid(at, f"the same token as {owner}; each group needs its own, and "
+                           "each token is listed once")
+        seen[value] = f"group '{group}'" if group else _dotted(at)
 
 
 def _check_role(role: str) -> str:

@@ -77,9 +77,10 @@ def _lines(view: dict[str, Any], now: float | None) -> list[str]:
     for peer in sorted(peers, key=lambda p: (p.get("via") or "", p.get("id") or "")):
         route = f"via {peer['via']} ({peer.get('hops')} hops)" if peer.get("via") else "direct"
         group = f" group={peer['group']}" if peer.get("group") else ""
+        token = f" token={peer['token']}" if peer.get("token") else ""
         models = ", ".join(peer.get("models") or []) or "-"
         lines.append(f"  {peer.get('id')}  {peer.get('role')}  {peer.get('state')}  {route}"
-                     f"{group}  models: {models}")
+                     f"{group}{token}  models: {models}")
     return lines
 
 

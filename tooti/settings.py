@@ -29,6 +29,18 @@ class TunnelSettings:
     """Largest JSON control payload (HELLO, MODELS, OPEN metadata, ...)."""
     max_relayed_nodes: int = 1024
     """Most nodes one relay's tunnel may advertise here (more are refused)."""
+    max_models_per_peer: int = 256
+    """Most models one node may advertise (MODELS, or its ROUTES entry); more is a
+    protocol violation."""
+    control_frames_per_interval: int = 256
+    """Connection frames (HEARTBEAT, MODELS, ROUTES, GOAWAY, ...) a peer may send per
+    heartbeat interval before its tunnel is read more slowly; over budget for 3
+    intervals in a row is a protocol violation."""
+    control_bytes_per_interval: int = 16_777_216
+    """Bytes of connection frames a peer may send per heartbeat interval (as above)."""
+    max_heartbeats_per_interval: int = 8
+    """HEARTBEAT frames a peer may send per heartbeat interval; more is a protocol
+    violation."""
 
 
 @dataclass
@@ -36,7 +48,10 @@ class GroupSettings:
     """A named group of nodes and the API keys whose requests may use them."""
 
     join_token: str = ""
-    """Token a node (or relay) presents to join this group (required)."""
+    """Token a node (or relay) presents to join this group (this or ``join_tokens`` is
+    required); its name is ``default``."""
+    join_tokens: dict[str, str] = field(default_factory=dict)
+    """More tokens of this group, by name (several are valid at once, for rotation)."""
     api_keys: list[str] = field(default_factory=list)
     """Bearer keys whose requests belong to this group: raw keys, or ``sha256:<64 hex>``
     digests of them (so the config need not hold the keys themselves)."""
@@ -57,7 +72,11 @@ class GatewaySettings:
     """Seconds between checks of ``tls_cert``/``tls_key`` for a new certificate (new
     connections get it; SIGHUP reloads at once)."""
     join_token: str = ""
-    """Token nodes must present; empty = accept tunnels from loopback only."""
+    """Token nodes must present; empty = accept tunnels from loopback only. Its name
+    (shown per node by the admin API) is ``default``."""
+    join_tokens: dict[str, str] = field(default_factory=dict)
+    """More join tokens by name, all valid at once (rotate by adding the new one,
+    moving nodes over, then removing the old one)."""
     admin_key: str = ""
     """Key for /admin/v1; empty = admin API on loopback only."""
     max_body_bytes: int = 4_194_304
@@ -80,6 +99,11 @@ class GatewaySettings:
     """First cooldown; each repeated cooldown doubles it."""
     cooldown_max_seconds: float = 300.0
     """Longest cooldown."""
+    peer_ban_seconds: float = 60.0
+    """Seconds a peer that violated the protocol (bad values, floods) is refused."""
+    max_identity_bindings: int = 10_000
+    """Most chosen node names bound to keys here; a new name beyond it is refused
+    (derived ``tooti-...`` ids need no binding)."""
     groups: dict[str, GroupSettings] = field(default_factory=dict)
     """Named node groups (``[gateway.groups.NAME]``): a request of a group is routed only
     to that group's nodes, an ungrouped request only to ungrouped nodes."""

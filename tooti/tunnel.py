@@ -25,6 +25,7 @@ from typing import Any
 import trio
 
 from tooti.protocol import frames
+from tooti.protocol.budget import ControlBudget, ControlLimits
 from tooti.protocol.connection import (
     Connection,
     DataReceived,
@@ -148,7 +149,10 @@ class TunnelSession:
         handler: StreamHandler | None = None,
         opener: StreamOpener | None = None,
         name: str = "",
+        control: ControlLimits | None = None,
     ) -> None:
+        """``control`` bounds the connection frames the peer may send per heartbeat
+        interval (see :mod:`tooti.protocol.budget`); None = unbounded."""
         self.transport = transport
         self.conn = conn
         self.heartbeat_interval = heartbeat_interval
@@ -156,6 +160,11 @@ class TunnelSession:
         self.rtt: float | None = None
         self.closed = trio.Event()
         self.close_reason = ""
+        self.violation = ""
+        """Why the peer broke the protocol (``code: message``), if that ended the
+        session; empty otherwise."""
+        self._close_code: tuple[int, str] | None = None
+        self._control = control
         self._stats = stats or dict
         self._on_event = on_event
         self._handler = handler
@@ -192,7 +201,8 @@ class TunnelSession:
                     code, reason = await self._read_loop()
                     nursery.cancel_scope.cancel()
             if self._cancel_scope.cancelled_caught:
-                code, reason = CLOSE_GOING_AWAY, self.close_reason or "aborted"
+                code, reason = self._close_code or (CLOSE_GOING_AWAY,
+                                                    self.close_reason or "aborted")
         finally:
             self.close_reason = self.close_reason or reason
             for io in list(self._streams.values()):
@@ -214,6 +224,22 @@ class TunnelSession:
     def abort(self, reason: str) -> None:
         """Stop the session now (its streams fail with ``reason``)."""
         self.close_reason = self.close_reason or reason
+        self._cancel_scope.cancel()
+
+    def violate(self, code: str, reason: str) -> None:
+        """The peer broke a rule above the protocol (bad values, a flood): tell it
+        GOAWAY ``code`` with ``reason`` and close with 1002, now. No further frame of
+        the peer is processed."""
+        if self.closed.is_set() or self._cancel_scope.cancel_called:
+            return
+        log.warning("tunnel %s: %s: %s, closing", self.name, code, reason)
+        self.violation = f"{code}: {reason}"
+        self.close_reason = f"protocol violation: {code}"
+        self._close_code = (CLOSE_PROTOCOL_ERROR, code)
+        try:
+            self.enqueue(self.conn.send_goaway(code, reason))
+        except (TunnelLost, RuntimeError):
+            pass
         self._cancel_scope.cancel()
 
     async def goaway(self, code: str, reason: str) -> None:
@@ -321,6 +347,8 @@ class TunnelSession:
         timeout = 3 * self.heartbeat_interval
         self._last_input = trio.current_time()
         outbox = _outbox()
+        budget = None if self._control is None else ControlBudget(
+            self._control, self.heartbeat_interval, self._last_input)
         try:
             with self._silence:
                 while True:
@@ -332,19 +360,27 @@ class TunnelSession:
                         return CLOSE_NORMAL, str(exc)
                     self._last_input = trio.current_time()
                     try:
+                        if budget is not None:
+                            pause = budget.charge(message, self._last_input)
+                            if pause is not None:  # over its budget: slow the peer down
+                                flush_queued()
+                                await trio.sleep_until(pause)
                         event = self.conn.receive_message(message)
+                        if event is not None:
+                            outbox.dispatching = True
+                            try:
+                                self._dispatch(event)  # on_event may raise ProtocolError
+                            finally:
+                                outbox.dispatching = False
                     except ProtocolError as exc:
                         log.warning("tunnel %s: protocol error %s, closing", self.name, exc)
+                        self.violation = f"{exc.code}: {exc.message}"
                         self.close_reason = f"protocol error: {exc.code}"
                         await self._send_quiet(self.conn.send_goaway(exc.code, exc.message))
                         await self.flush()
                         return CLOSE_PROTOCOL_ERROR, exc.code
-                    if event is not None:
-                        outbox.dispatching = True
-                        try:
-                            self._dispatch(event)
-                        finally:
-                            outbox.dispatching = False
+                    if self._cancel_scope.cancel_called:  # aborted while dispatching
+                        await trio.lowlevel.checkpoint()
         finally:
             flush_queued()  # nothing this loop queued may wait for a flush that never comes
         log.warning("tunnel %s: peer silent for %.1fs, closing", self.name, timeout)

@@ -24,7 +24,9 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-ENDPOINTS = ("chat/completions", "completions", "embeddings")
+import msgspec
+
+from tooti.protocol.schemas import ENDPOINTS, ModelEntry
 
 
 @dataclass(frozen=True)
@@ -58,19 +60,22 @@ class ModelInfo:
         }
 
     @classmethod
-    def from_wire(cls, data: dict[str, Any]) -> ModelInfo:
-        """Build a ModelInfo from a MODELS frame entry (already type-checked)."""
-        price = data.get("price") or {}
+    def from_wire(cls, entry: ModelEntry | dict[str, Any]) -> ModelInfo:
+        """Build a ModelInfo from a MODELS frame entry, checked against its schema
+        (:class:`~tooti.protocol.schemas.ModelEntry`, every value bounded); a dict is
+        converted first and raises ValueError (``msgspec.ValidationError``) if invalid."""
+        if not isinstance(entry, ModelEntry):
+            entry = msgspec.convert(entry, ModelEntry)
         return cls(
-            id=str(data["id"]),
-            endpoints=tuple(data.get("endpoints") or ENDPOINTS),
-            context_length=data.get("context_length"),
-            max_concurrency=int(data.get("max_concurrency") or 8),
-            price_input=float(price.get("input") or 0.0),
-            price_output=float(price.get("output") or 0.0),
-            warm=bool(data.get("warm", True)),
-            owned_by=str(data.get("owned_by") or "tooti"),
-            meta=dict(data.get("meta") or {}),
+            id=entry.id,
+            endpoints=tuple(entry.endpoints or ENDPOINTS),
+            context_length=entry.context_length,
+            max_concurrency=entry.max_concurrency,
+            price_input=entry.price.input,
+            price_output=entry.price.output,
+            warm=entry.warm,
+            owned_by=entry.owned_by,
+            meta=dict(entry.meta),
         )
 
 

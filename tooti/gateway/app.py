@@ -27,7 +27,7 @@ from tooti.billing.pipeline import BillingPipeline, usage_from
 from tooti.errors import APIError
 from tooti.gateway.admin_events import stream_events
 from tooti.gateway.events import BusEvent
-from tooti.gateway.groups import GroupKeys, bearer_token
+from tooti.gateway.groups import GroupKeys, bearer_token, named_tokens
 from tooti.gateway.health import CooldownPolicy
 from tooti.gateway.http import (
     ClientGone,
@@ -50,7 +50,7 @@ from tooti.gateway.metrics import GatewayMetrics
 from tooti.gateway.probe import probe_until_healthy
 from tooti.gateway.proxy import DONE, Outcome, Proxy, ProxySettings, check_routable
 from tooti.gateway.registry import KnownModels, Peer, Registry
-from tooti.gateway.tunnels import BearerAuth, serve_tunnel
+from tooti.gateway.tunnels import UNGROUPED, Admission, BearerAuth, serve_tunnel
 from tooti.gateway.validation import ParsedRequest, parse_request
 from tooti.identity import derive_id
 from tooti.routing.base import RouteRequest, RoutingPolicy
@@ -146,9 +146,12 @@ class Gateway:
         self.policy: RoutingPolicy = policy or LeastLoaded()
         self.billing = BillingPipeline(billing or [])
         self.tunnel_settings = tunnel
-        self.registry = Registry(identities=identities)
-        self.auth = BearerAuth(settings.join_token,
-                               {name: group.join_token for name, group in settings.groups.items()})
+        self.registry = Registry(identities=identities, ban_seconds=settings.peer_ban_seconds,
+                                 max_identities=settings.max_identity_bindings,
+                                 heartbeat_interval=tunnel.heartbeat_interval)
+        self.auth = BearerAuth(named_tokens(settings.join_token, settings.join_tokens),
+                               {name: named_tokens(group.join_token, group.join_tokens)
+                                for name, group in settings.groups.items()})
         self.group_keys = GroupKeys(settings.groups)
         """Which node group a request's API key belongs to."""
         self.known_by_group: dict[str, KnownModels] = {}
@@ -157,6 +160,8 @@ class Gateway:
         if settings.groups:
             self.registry.bus.listeners.append(self._note_group_models)
         self.admin_auth = BearerAuth(settings.admin_key)
+        self._models_lists: dict[str, tuple[int, dict[str, Any]]] = {}
+        """Node group → (registry version, ``/v1/models`` body) (see :meth:`models_list`)."""
         self.proxy_settings = ProxySettings(
             max_attempts=settings.max_attempts,
             first_byte_timeout=settings.first_byte_timeout,
@@ -297,8 +302,9 @@ class Gateway:
             "dialing": [{"role": d.role, "id": d.peer_id, "links": d.describe()}
                         for d in self.dialers],
             "peers": [{"id": p.id, "role": p.role, "via": p.via or None, "hops": p.hops,
-                       "address": p.address, "group": p.group, "state": p.state(),
-                       "models": sorted(p.models), "public_url": p.public_url or None}
+                       "address": p.address, "group": p.group, "token": p.token or None,
+                       "state": p.state(), "models": sorted(p.models),
+                       "public_url": p.public_url or None}
                       for p in peers],
         }
 
@@ -522,12 +528,15 @@ class Gateway:
 
     def models_list(self, group: str = "") -> dict[str, Any]:
         """The ``/v1/models`` body: the union of the models of the live nodes a request
-        of node group ``group`` may use (``""``: the ungrouped nodes)."""
+        of node group ``group`` may use (``""``: the ungrouped nodes). Built again only
+        after a peer started or stopped serving a model (the registry's version), so
+        asking often costs nothing however many nodes and models there are."""
+        version = self.registry.live_version()
+        cached = self._models_lists.get(group)
+        if cached is not None and cached[0] == version:
+            return cached[1]
         data = []
-        for model, live in sorted(self.registry.live_models().items()):
-            peers = [p for p in live if p.group == group]
-            if not peers:
-                continue
+        for model, peers in sorted(self.registry.live_in_group(group).items()):
             info = peers[0].models[model]
             data.append({
                 "id": model,
@@ -541,26 +550,29 @@ class Gateway:
                     "endpoints": list(info.endpoints),
                 },
             })
-        return {"object": "list", "data": data}
+        body = {"object": "list", "data": data}
+        self._models_lists[group] = (version, body)
+        return body
 
     def _admit_tunnel(self, path: str, subprotocols: Sequence[str],
                       authorization: bytes | None, host: str | None
-                      ) -> tuple[int, str, str]:
-        """Decide a tunnel upgrade: (0, "", group) to accept, else (HTTP status, reason,
-        ""). Both ways in (the listener's and the ASGI app's) ask this."""
+                      ) -> tuple[int, str, Admission]:
+        """Decide a tunnel upgrade: (0, "", admission) to accept (the peer's node group
+        and the name of its join token), else (HTTP status, reason, UNGROUPED). Both
+        ways in (the listener's and the ASGI app's) ask this."""
         if path != TUNNEL_PATH:
-            return 404, "unknown path", ""
+            return 404, "unknown path", UNGROUPED
         if SUBPROTOCOL not in subprotocols:
-            return 400, f"subprotocol {SUBPROTOCOL} required", ""
+            return 400, f"subprotocol {SUBPROTOCOL} required", UNGROUPED
         refusal, group = self.auth.admit(authorization, host)
         if refusal is None and self.draining:
             refusal = "gateway is shutting down"
         if refusal is not None:
             log.warning("tunnel from %s refused: %s", host, refusal)
-            return 403, refusal, ""
+            return 403, refusal, UNGROUPED
         return 0, "", group
 
-    async def _serve_tunnel(self, transport: Transport, group: str) -> None:
+    async def _serve_tunnel(self, transport: Transport, group: Admission) -> None:
         started = time.monotonic()
         await serve_tunnel(transport, self.registry, self.tunnel_settings, self.sessions,
                            group, welcome_peers=self.public_peers(), local_id=self.local_id)
@@ -574,7 +586,7 @@ class Gateway:
         subprotocols = [p.strip() for p in headers.get("sec-websocket-protocol", "").split(",")]
         key = headers.get("sec-websocket-key", "")
         if headers.get("sec-websocket-version") != "13" or not key:
-            status, reason, group = 426, "WebSocket version 13 with a key is required", ""
+            status, reason, group = 426, "WebSocket version 13 with a key is required", UNGROUPED
         else:
             authorization = headers.get("authorization")
             status, reason, group = self._admit_tunnel(

@@ -79,7 +79,7 @@ class ModelIndex:
             flipped = True
             self.recheck = self.recheck or not eligible
         if eligible and info is not None:
-            capacity = max(1, info.max_concurrency)
+            capacity = peer.capacity(model)
             in_flight = peer.in_flight.get(model, 0)
             if in_flight < capacity:
                 self._put(peer, in_flight / capacity, info, record)

@@ -21,6 +21,8 @@ from tooti.settings import GroupSettings
 
 GROUP_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 """What a group name may be: 1..64 letters, digits, ``.``, ``_`` or ``-``."""
+DEFAULT_TOKEN = "default"
+"""The name ``join_token`` goes by among a group's (or the ungrouped) join tokens."""
 DIGEST_PREFIX = "sha256:"
 _HEX_DIGEST = re.compile(r"[0-9a-fA-F]{64}")
 
@@ -40,6 +42,11 @@ def api_key_digest(key: str) -> bytes:
     if not key:
         raise ValueError("an API key must not be empty")
     return hashlib.sha256(key.encode()).digest()
+
+
+def named_tokens(token: str, named: Mapping[str, str]) -> dict[str, str]:
+    """A ``join_token`` (named :data:`DEFAULT_TOKEN`) and ``join_tokens``, by name."""
+    return {**({DEFAULT_TOKEN: token} if token else {}), **named}
 
 
 def bearer_token(authorization: bytes | None) -> bytes:

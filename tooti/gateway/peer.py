@@ -46,6 +46,16 @@ class Peer:
     ``public_url``), passed on to dialers in WELCOME; empty for nodes."""
     group: str = ""
     """The node group its join token admitted it to (``""`` = ungrouped)."""
+    token: str = ""
+    """The name of the join token that admitted it (``default`` for ``join_token``,
+    ``""`` without tokens; never the token itself). A relayed node has its relay's."""
+    published_at: float = -1e18
+    """``time.monotonic()`` of its last ``peer.updated`` event (heartbeats publish at
+    most one per :attr:`Registry.update_spacing`)."""
+    update_pending: bool = False
+    """A heartbeat changed it since that event."""
+    penalized: bool = False
+    """:meth:`Registry.penalize` cut this peer off (once is enough)."""
 
     async def open_stream(self, meta: dict[str, Any], body: bytes, *, fin: bool = True
                           ) -> OutboundStream:
@@ -80,9 +90,12 @@ class Peer:
         return record
 
     def capacity(self, model: str) -> int:
-        """Concurrent streams the peer advertises for ``model``."""
+        """Concurrent streams the peer takes for ``model``: what it advertises, but no
+        more than its tunnel carries (the peer's ``max_streams``, shared with its other
+        models and, through a relay, with the relay's other nodes)."""
         info = self.models.get(model)
-        return max(1, info.max_concurrency) if info else 1
+        slots = max(1, info.max_concurrency) if info else 1
+        return min(slots, self.session.conn.peer_limits.max_streams)
 
     def has_slot(self, model: str) -> bool:
         """True while in-flight streams for ``model`` are below its capacity and the
@@ -91,20 +104,28 @@ class Peer:
                 and self.session.conn.can_open_stream())
 
     def load(self, model: str) -> float:
-        """In-flight streams for ``model`` divided by its advertised capacity."""
-        info = self.models.get(model)
-        capacity = info.max_concurrency if info else 1
-        return self.in_flight.get(model, 0) / max(1, capacity)
+        """In-flight streams for ``model`` divided by its :meth:`capacity`."""
+        return self.in_flight.get(model, 0) / self.capacity(model)
 
     def total_in_flight(self) -> int:
         """Streams open on this peer across every model."""
         return sum(self.in_flight.values())
+
+    def models_summary(self, shown: int = 3) -> str:
+        """The first few model ids and how many there are, for a log line."""
+        ids = sorted(self.models)
+        if not ids:
+            return "nothing"
+        text = ", ".join(ids[:shown])
+        return f"{text} and {len(ids) - shown} more ({len(ids)} models)" if len(ids) > shown \
+            else text
 
     def describe(self) -> dict[str, Any]:
         """A JSON-able summary for admin and health endpoints."""
         return {
             "id": self.id, "role": self.role, "address": self.address, "labels": self.labels,
             "via": self.via or None, "hops": self.hops, "group": self.group,
+            "token": self.token or None,
             "software": self.software, "models": sorted(self.models),
             "in_flight": self.total_in_flight(), "draining": self.draining,
             "rtt_ms": None if self.session.rtt is None else round(self.session.rtt * 1000, 3),

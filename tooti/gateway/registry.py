@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Iterator
+from typing import Any
 
 import trio
 
@@ -23,6 +25,10 @@ __all__ = ["KEY_NAMES", "Candidates", "Key", "KeyName", "Peer", "Registry", "Slo
 
 KNOWN_MODELS_LIMIT = 10_000
 """Model ids a gateway remembers having seen advertised (beyond those served now)."""
+VIOLATION = "protocol_violation"
+"""GOAWAY code sent to a peer whose session is cut by :meth:`Registry.penalize`."""
+MAX_BANS = 10_000
+"""Most peer ids banned at once (the oldest bans go first beyond it)."""
 
 
 class KnownModels:
@@ -67,7 +73,12 @@ class Registry:
     """
 
     def __init__(self, bus: EventBus | None = None,
-                 identities: IdentityStore | None = None) -> None:
+                 identities: IdentityStore | None = None, *, ban_seconds: float = 60.0,
+                 max_identities: int = 10_000, heartbeat_interval: float = 3.0) -> None:
+        """``ban_seconds``: how long a peer :meth:`penalize` cut off is refused;
+        ``max_identities``: most chosen node names bound here (trust on first use);
+        ``heartbeat_interval``: how often peers report (``peer.updated`` events from
+        heartbeats are coalesced to about one per interval and peer)."""
         self.bus = bus or EventBus()
         """Where peer changes are published."""
         self.peers: dict[str, Peer] = {}
@@ -90,6 +101,16 @@ class Registry:
         self.identities: dict[str, bytes] = identities.load() if identities else {}
         """Chosen node names → the public key that first proved each (trust on first use),
         loaded from ``identity_store`` and written through to it."""
+        self.max_identities = max_identities
+        self.update_spacing = 0.8 * heartbeat_interval
+        """Least time between two ``peer.updated`` events of one peer from heartbeats."""
+        self.version = 0
+        """Bumped whenever a peer starts or stops being live (or eligible) for a model,
+        or a peer's models change: what is cached from the live models is current while
+        it stays the same (see :meth:`live_version`)."""
+        self.ban_seconds = ban_seconds
+        self.bans: dict[str, tuple[float, str]] = {}
+        """Peer id → (``trio.current_time()`` its ban ends, why): see :meth:`penalize`."""
         self._changed = trio.Event()
 
     async def wait_until(self, condition: Callable[[], bool]) -> None:
@@ -125,6 +146,11 @@ class Registry:
             return
         bound = self.identities.get(peer_id)
         if bound is None:
+            if len(self.identities) >= self.max_identities:
+                raise ProtocolError(
+                    "identity_limit", f"this gateway binds at most {self.max_identities} "
+                    "chosen node names (gateway.max_identity_bindings): use the id derived "
+                    "from the node's key, or ask its operator to forget unused names")
             bound = public_key
             if self.identity_store is not None:
                 try:  # another process sharing the file may have bound it first
@@ -136,6 +162,49 @@ class Registry:
         if bound != public_key:
             raise ProtocolError("identity_mismatch",
                                 f"node id {peer_id} belongs to another key")
+
+    # ------------------------------------------------------------ violations
+
+    def penalize(self, peer: Peer, reason: str) -> None:
+        """``peer`` broke the rules (out-of-bounds values, a flood, a protocol error):
+        cut it off and refuse it for ``ban_seconds``. A direct peer's session gets
+        GOAWAY ``protocol_violation`` with ``reason`` and closes; a node reached through
+        a relay is dropped from this registry alone (the relay's tunnel and its other
+        nodes stay). Logged as a warning and published as ``peer.violation``. Whatever
+        the bad values were, the caller must not have stored them."""
+        if peer.penalized:
+            return
+        peer.penalized = True
+        reason = reason[:300]
+        now = trio.current_time()
+        for banned, (until, _) in list(self.bans.items()):
+            if until <= now:
+                del self.bans[banned]
+        self.bans.pop(peer.id, None)
+        self.bans[peer.id] = (now + self.ban_seconds, reason)
+        while len(self.bans) > MAX_BANS:
+            del self.bans[next(iter(self.bans))]
+        log.warning("peer %s%s violated the protocol: %s; refused for %gs", peer.id,
+                    f" (via {peer.via})" if peer.via else "", reason, self.ban_seconds)
+        self.bus.publish("peer.violation", peer_id=peer.id, via=peer.via or None,
+                         reason=reason, ban_seconds=self.ban_seconds)
+        if peer.via:
+            self.remove(peer, f"protocol violation: {reason}")
+        else:
+            peer.session.violate(VIOLATION, reason)
+
+    def banned(self, peer_id: str) -> str | None:
+        """Why ``peer_id`` is refused now (with the seconds left), or None."""
+        if not self.bans:
+            return None
+        ban = self.bans.get(peer_id)
+        if ban is None:
+            return None
+        left = ban[0] - trio.current_time()
+        if left <= 0:
+            del self.bans[peer_id]
+            return None
+        return f"{peer_id} is refused for {left:.0f} more seconds after a violation: {ban[1]}"
 
     def add(self, peer: Peer) -> Peer | None:
         """Register ``peer``; returns the peer it replaces (same id), if any."""
@@ -154,6 +223,10 @@ class Registry:
         live direct tunnel or a live route through another relay here (a direct tunnel is
         preferred, and the first relay keeps the node while its tunnel lives, so a later
         advertiser cannot take over its traffic); returns True if added."""
+        refusal = self.banned(peer.id)
+        if refusal is not None:
+            log.info("node %s via %s not taken: %s", peer.id, peer.via, refusal)
+            return False
         current = self.peers.get(peer.id)
         if current is not None and not current.session.closed.is_set() and (
                 not current.via or current.session is not peer.session):
@@ -163,29 +236,64 @@ class Registry:
         self.add(peer)
         return True
 
-    def remove(self, peer: Peer) -> None:
-        """Forget ``peer`` if it is still the registered one for its id."""
+    def remove(self, peer: Peer, reason: str = "") -> None:
+        """Forget ``peer`` if it is still the registered one for its id (``reason``:
+        why, when not that its tunnel closed)."""
         if self.peers.get(peer.id) is peer:
             del self.peers[peer.id]
             keys = self._unfile(peer)
             self._notify()
             self._wake(keys)
-            log.info("peer %s left (%s)", peer.id, peer.session.close_reason or "closed")
-            self.bus.publish("peer.left", peer_id=peer.id,
-                             reason=peer.session.close_reason or "closed")
+            reason = reason or peer.session.close_reason or "closed"
+            log.info("peer %s left (%s)", peer.id, reason)
+            self.bus.publish("peer.left", peer_id=peer.id, reason=reason)
 
-    def set_models(self, peer: Peer, models: list[ModelInfo]) -> None:
-        """Replace the models a peer serves."""
-        peer.models = {m.id: m for m in models}
-        self.known_models.update(peer.models)
+    def set_models(self, peer: Peer, models: list[ModelInfo]) -> bool:
+        """Replace the models a peer serves; returns False (and re-files nothing) if a
+        registered peer re-sent the list it had."""
+        served = {m.id: m for m in models}
+        self.known_models.update(served)
+        if served == peer.models and peer in self._filed:
+            return False
+        peer.models = served
+        self.version += 1
         self._notify()
         self.peer_updated(peer)
+        return True
+
+    def heartbeat(self, peer: Peer, stats: dict[str, Any]) -> None:
+        """A peer's (checked) HEARTBEAT figures: kept; the peer is re-evaluated only if
+        its health flipped, and ``peer.updated`` is published at most once per
+        :attr:`update_spacing` (a later heartbeat publishes what was held back)."""
+        was_live = peer.live
+        peer.stats = stats
+        if peer.live != was_live:  # health flipped: re-file, wake requests waiting on it
+            self.refresh(peer)
+        self.publish_updated(peer)
+
+    def publish_updated(self, peer: Peer) -> None:
+        """Publish ``peer.updated`` for a registered peer, unless one went out less than
+        :attr:`update_spacing` ago (then it goes out with a later call)."""
+        if self.peers.get(peer.id) is not peer:
+            return
+        now = time.monotonic()
+        if now - peer.published_at < self.update_spacing:
+            peer.update_pending = True
+            return
+        peer.published_at, peer.update_pending = now, False
+        self.bus.publish("peer.updated", peer=peer.describe())
+
+    def live_version(self) -> int:
+        """:attr:`version`, after catching up with pending re-evaluations."""
+        self._fresh()
+        return self.version
 
     def peer_updated(self, peer: Peer) -> None:
         """Re-evaluate a peer (see :meth:`refresh`) and publish its current state (models,
         load, health, cooldowns)."""
         if self.peers.get(peer.id) is peer:
             self.refresh(peer)
+            peer.published_at, peer.update_pending = time.monotonic(), False
             self.bus.publish("peer.updated", peer=peer.describe())
 
     def refresh(self, peer: Peer) -> None:
@@ -230,6 +338,17 @@ class Registry:
                 out[model] = live
         return out
 
+    def live_in_group(self, group: str) -> dict[str, list[Peer]]:
+        """Model id → live peers of node group ``group`` serving it (models with none
+        are left out)."""
+        self._fresh()
+        out: dict[str, list[Peer]] = {}
+        for model, groups in self._index.items():
+            index = groups.get(group)
+            if index is not None and index.live:
+                out[model] = list(index.live)
+        return out
+
     # ------------------------------------------------------------ slots
 
     def usable(self, peer: Peer, model: str) -> bool:
@@ -243,7 +362,7 @@ class Registry:
         info = peer.models.get(model)
         record = peer.health.get(model)
         if (info is None or not peer.live or (record is not None and record.in_cooldown)
-                or peer.in_flight.get(model, 0) >= max(1, info.max_concurrency)):
+                or peer.in_flight.get(model, 0) >= peer.capacity(model)):
             # It changed without a refresh: catch up (queued requests see it at the next
             # hand-out; handing out now could change the index under the caller's view).
             self._file(peer, notify=True)
@@ -257,8 +376,8 @@ class Registry:
             return False
         peer.in_flight[model] = peer.in_flight.get(model, 0) + 1
         index = self._find(model, self._filed[peer][0])
-        if index is not None:
-            index.evaluate(peer)
+        if index is not None and index.evaluate(peer):
+            self.version += 1
         return True
 
     def release(self, peer: Peer, model: str) -> None:
@@ -269,8 +388,8 @@ class Registry:
         if filed is None:
             return
         index = self._find(model, filed[0])
-        if index is not None:
-            index.evaluate(peer)
+        if index is not None and index.evaluate(peer):
+            self.version += 1
         if self._waiters:
             keys = []
             for sibling in self._tunnels.get(id(peer.session), ()):
@@ -404,8 +523,10 @@ class Registry:
                 models.add(model)
             flipped = index.evaluate(peer) or flipped
             keys.append((model, group))
-        if notify and flipped:
-            self._notify()
+        if flipped:
+            self.version += 1
+            if notify:
+                self._notify()
         return keys
 
     def _unfile(self, peer: Peer) -> list[tuple[str, str]]:
@@ -421,6 +542,7 @@ class Registry:
         for model in models:
             self._index[model][group].discard(peer)
             self._prune(model, group)
+        self.version += 1
         return [(model, group) for model in models]
 
     def _prune(self, model: str, group: str) -> None:

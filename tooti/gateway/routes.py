@@ -23,12 +23,14 @@ from tooti.backends.base import ModelInfo
 from tooti.gateway.events import BusEvent
 from tooti.gateway.registry import Peer, Registry
 from tooti.identity import PUBLIC_KEY_BYTES, b64, proof_message, unb64, verify
+from tooti.protocol import schemas
 from tooti.protocol.connection import ProtocolError, RoutesReceived
+from tooti.protocol.schemas import MAX_HOPS, Proof, RouteEntry
 
 log = logging.getLogger("tooti.gateway")
 
-MAX_HOPS = 4
-"""Longest relay chain a node may be advertised through (stops relay loops)."""
+LOGGED_REFUSALS = 10
+"""Refused entries of one ROUTES frame logged one by one (the rest are counted)."""
 
 
 def advertised(peer: Peer) -> dict[str, Any]:
@@ -55,11 +57,14 @@ def can_advertise(peer: Peer) -> bool:
 class RelayedNodes:
     """The nodes one relay's tunnel advertises, kept in a registry."""
 
-    def __init__(self, registry: Registry, relay: Peer, limit: int = 1024) -> None:
+    def __init__(self, registry: Registry, relay: Peer, limit: int = 1024,
+                 max_models: int = 256) -> None:
         self.registry = registry
         self.relay = relay
         self.limit = limit
         """Most nodes this relay may have registered at once."""
+        self.max_models = max_models
+        """Most models one node may advertise (an entry with more is refused)."""
         self.nodes: dict[str, Peer] = {}
         """Nodes this relay advertises, by id (registered, or displaced by a direct
         tunnel that has connected since)."""
@@ -86,12 +91,17 @@ class RelayedNodes:
         entry is skipped with a warning; the relay's other nodes are unaffected."""
         for node_id in event.removed:  # first, so they make room for new ones
             self._remove(node_id)
+        refused: list[tuple[str, Exception]] = []
         for entry in event.nodes:
             try:
                 self._upsert(entry)
             except Exception as exc:  # one bad entry never costs the relay its session
-                log.warning("relay %s: node %r refused: %s", self.relay.id,
-                            str(entry.get("id"))[:128], exc)
+                refused.append((str(entry.get("id"))[:128], exc))
+        for node_id, error in refused[:LOGGED_REFUSALS]:  # a bounded number of lines
+            log.warning("relay %s: node %r refused: %s", self.relay.id, node_id, error)
+        if len(refused) > LOGGED_REFUSALS:
+            log.warning("relay %s: %d more node entries of one ROUTES frame refused",
+                        self.relay.id, len(refused) - LOGGED_REFUSALS)
         if event.full:
             listed = {entry["id"] for entry in event.nodes}
             for node_id in set(self.nodes) | set(self.shadowed):
@@ -120,54 +130,48 @@ class RelayedNodes:
         if peer is not None:
             self.registry.remove(peer)
 
-    def _upsert(self, entry: dict[str, Any]) -> None:
-        node_id = entry["id"]
-        if not 0 < len(node_id) <= 128:
-            raise ValueError("node id must be 1..128 characters")
-        hops = entry.get("hops")
-        if not isinstance(hops, int) or isinstance(hops, bool) or not 1 <= hops <= MAX_HOPS:
-            raise ValueError(f"hops must be 1..{MAX_HOPS}")
-        models = [ModelInfo.from_wire(m) for m in _list(entry.get("models"))]
-        stats = entry.get("stats") or {}
-        labels = entry.get("labels") or {}
-        if not isinstance(stats, dict) or not isinstance(labels, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
-            raise ValueError("stats must be an object and labels map strings to strings")
+    def _upsert(self, raw: dict[str, Any]) -> None:
+        entry = schemas.convert(raw, RouteEntry, "bad_routes", "ROUTES entry")
+        if len(entry.models) > self.max_models:
+            raise ValueError(f"{len(entry.models)} models, over the limit of "
+                             f"{self.max_models} per node (tunnel.max_models_per_peer)")
+        node_id, hops = entry.id, entry.hops
+        models = {m.id: m for m in map(ModelInfo.from_wire, entry.models)}
+        stats = schemas.stats_dict(entry.stats)
+        draining = entry.draining or self.relay.draining
+        proof = {"challenge": entry.proof.challenge, "session_id": entry.proof.session_id,
+                 "signature": entry.proof.signature}
         peer = self.nodes.get(node_id) or self.shadowed.get(node_id)
-        proof = entry.get("proof")
-        if peer is None or peer.proof != proof or b64(peer.public_key) != entry.get("public_key"):
+        if peer is None or peer.proof != proof or b64(peer.public_key) != entry.public_key:
             if peer is None and len(self.nodes) + len(self.shadowed) >= self.limit:
                 raise ValueError(f"the relay already has {self.limit} nodes here "
                                  "(tunnel.max_relayed_nodes)")
-            public_key = self._check_proof(node_id, entry.get("public_key"), proof, hops)
+            public_key = self._check_proof(node_id, entry.public_key, entry.proof, hops)
             if peer is not None:
                 self._remove(node_id)
             peer = Peer(
                 id=node_id, role="node", session=self.relay.session,
-                address=f"via {self.relay.id}", labels=labels,
-                software=str(entry.get("software") or "")[:128], via=self.relay.id, hops=hops,
-                public_key=public_key, proof=dict(proof),  # type: ignore[arg-type]
-                group=self.relay.group,
+                address=f"via {self.relay.id}", labels=entry.labels,
+                software=entry.software, via=self.relay.id, hops=hops,
+                public_key=public_key, proof=proof, group=self.relay.group,
+                token=self.relay.token,
             )
-            peer.stats = stats
-            peer.draining = entry.get("draining") is True or self.relay.draining
-            peer.models = {m.id: m for m in models}
+            peer.stats, peer.draining, peer.models = stats, draining, models
             self._register(peer)
             return
-        was_live = peer.live
-        peer.stats, peer.labels, peer.hops = stats, labels, hops
-        peer.draining = entry.get("draining") is True or self.relay.draining
-        if self.registry.peers.get(node_id) is not peer:
+        peer.labels, peer.hops = entry.labels, hops
+        registered = self.registry.peers.get(node_id) is peer
+        if registered and models == peer.models and draining == peer.draining:
+            self.registry.heartbeat(peer, stats)  # load figures only: cheap, coalesced
+            return
+        peer.stats, peer.draining = stats, draining
+        if not registered:
             # Reached directly or through another relay (or a direct tunnel had taken it
             # over and has closed since): keep it current, register it if free.
-            peer.models = {m.id: m for m in models}
+            peer.models = models
             self._register(peer)
-            return
-        if {m.id: m for m in models} != peer.models:
-            self.registry.set_models(peer, models)
-        else:
-            if peer.live != was_live:
-                self.registry.changed()
+        elif not self.registry.set_models(peer, list(models.values())):
+            self.registry.changed()  # draining flipped
             self.registry.peer_updated(peer)
 
     def _register(self, peer: Peer) -> None:
@@ -177,13 +181,13 @@ class RelayedNodes:
             self.shadowed.pop(peer.id, None)
             self.nodes[peer.id] = peer
             self.registry.set_models(peer, list(peer.models.values()))
-            log.info("peer %s serves %s (via %s)", peer.id,
-                     ", ".join(sorted(peer.models)) or "nothing", self.relay.id)
+            log.info("peer %s serves %s (via %s)", peer.id, peer.models_summary(),
+                     self.relay.id)
         else:
             self.nodes.pop(peer.id, None)
             self.shadowed[peer.id] = peer
 
-    def _check_proof(self, node_id: str, key_text: object, proof: object, hops: int) -> bytes:
+    def _check_proof(self, node_id: str, key_text: str, proof: Proof, hops: int) -> bytes:
         """The node's public key, once its handshake proof verifies; else ProtocolError.
 
         A node directly on the relay (``hops`` 1) must have made its proof for this very
@@ -192,22 +196,12 @@ class RelayedNodes:
         public_key = unb64(key_text, PUBLIC_KEY_BYTES)
         if public_key is None:
             raise ProtocolError("bad_routes", "public_key must be a base64 Ed25519 key")
-        if not isinstance(proof, dict) or not all(
-                isinstance(proof.get(k), str) for k in ("challenge", "session_id", "signature")):
-            raise ProtocolError("bad_routes", "proof needs challenge, session_id and signature")
-        if hops == 1 and not proof["session_id"].startswith(self.relay.id + "."):
+        if hops == 1 and not proof.session_id.startswith(self.relay.id + "."):
             raise ProtocolError("bad_proof", f"the proof was not made for relay {self.relay.id}")
-        challenge, signature = unb64(proof["challenge"]), unb64(proof["signature"])
+        challenge, signature = unb64(proof.challenge), unb64(proof.signature)
         if challenge is None or signature is None or not verify(
-                public_key, signature, proof_message(challenge, proof["session_id"], node_id)):
+                public_key, signature, proof_message(challenge, proof.session_id, node_id)):
             raise ProtocolError("bad_proof", "the node's proof does not verify")
         self.registry.bind_identity(node_id, public_key)
         return public_key
 
-
-def _list(value: object) -> list[Any]:
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise ValueError("models must be a list")
-    return value

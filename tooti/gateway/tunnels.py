@@ -9,12 +9,13 @@ import logging
 import os
 import uuid
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import trio
 
 from tooti import __version__
 from tooti.backends.base import ModelInfo
-from tooti.gateway.groups import bearer_token
+from tooti.gateway.groups import DEFAULT_TOKEN, bearer_token
 from tooti.gateway.registry import Peer, Registry
 from tooti.gateway.routes import RelayedNodes
 from tooti.identity import (
@@ -25,6 +26,8 @@ from tooti.identity import (
     unb64,
     verify,
 )
+from tooti.protocol import schemas
+from tooti.protocol.budget import ControlLimits
 from tooti.protocol.connection import (
     Connection,
     Event,
@@ -61,63 +64,95 @@ def limits_from(settings: TunnelSettings) -> Limits:
     )
 
 
+def control_limits_from(settings: TunnelSettings) -> ControlLimits:
+    """The control-frame budget a tunnel end gives its peer, from settings."""
+    return ControlLimits(
+        frames=settings.control_frames_per_interval,
+        bytes=settings.control_bytes_per_interval,
+        heartbeats=settings.max_heartbeats_per_interval,
+    )
+
+
+class Admission(NamedTuple):
+    """Who a bearer token let in: its node group and the token's name."""
+
+    group: str = ""
+    """``""`` = ungrouped."""
+    token: str = ""
+    """The name of the join token presented (``default`` for ``join_token``); ``""``
+    when no token is configured (loopback peers)."""
+
+
+UNGROUPED = Admission()
+"""No group, no token (a loopback or in-memory peer without configured tokens)."""
+
+Tokens = str | Mapping[str, str]
+"""One token (named ``default``), or several by name."""
+
+
 class BearerAuth:
     """Checks a bearer secret (a node's join token, or the admin key).
 
-    The secret is kept only as its SHA-256 digest and compared in constant
-    time. With no secret configured, only loopback clients are accepted.
+    Secrets are kept only as SHA-256 digests and compared in constant time. With
+    no secret configured, only loopback clients are accepted.
 
-    ``groups`` (group name → join token) adds one token per node group: a peer
-    presenting a group's token is admitted into that group (see :meth:`admit`).
-    With any token configured, every peer must present one.
+    ``join_token`` is one token (named ``default``) or several by name, all valid at
+    once (rotation without downtime). ``groups`` (group name → its token or tokens)
+    adds tokens per node group: a peer presenting a group's token is admitted into
+    that group (see :meth:`admit`). With any token configured, every peer must
+    present one.
     """
 
-    def __init__(self, join_token: str, groups: Mapping[str, str] | None = None) -> None:
-        self._digest = hashlib.sha256(join_token.encode()).digest() if join_token else None
-        self._groups = [(name, hashlib.sha256(token.encode()).digest())
-                        for name, token in (groups or {}).items() if token]
+    def __init__(self, join_token: Tokens, groups: Mapping[str, Tokens] | None = None
+                 ) -> None:
+        self._digests = [(Admission(group, name), hashlib.sha256(token.encode()).digest())
+                         for group, tokens in [("", join_token), *(groups or {}).items()]
+                         for name, token in _named(tokens).items() if token]
 
     @property
     def open_to_network(self) -> bool:
         """True when a join token is configured (non-loopback peers allowed)."""
-        return self._digest is not None or bool(self._groups)
+        return bool(self._digests)
 
     def check(self, authorization: bytes | None, client_host: str | None) -> str | None:
         """Return None if the peer is admitted, else the reason it is refused."""
         return self.admit(authorization, client_host)[0]
 
     def admit(self, authorization: bytes | None, client_host: str | None
-              ) -> tuple[str | None, str]:
-        """``(None, group)`` if the peer is admitted (group ``""`` = ungrouped), else
-        ``(reason, "")``. Every configured token is compared, in constant time."""
+              ) -> tuple[str | None, Admission]:
+        """``(None, admission)`` if the peer is admitted (its group, ``""`` =
+        ungrouped, and the name of the token it presented), else ``(reason,
+        Admission())``. Every configured token is compared, in constant time."""
         if not self.open_to_network:
             if client_host is None or client_host == "memory":
-                return None, ""
+                return None, Admission()
             try:
                 if ipaddress.ip_address(client_host).is_loopback:
-                    return None, ""
+                    return None, Admission()
             except ValueError:
                 pass
-            return "no token configured: only loopback clients are accepted", ""
+            return "no token configured: only loopback clients are accepted", Admission()
         presented = hashlib.sha256(bearer_token(authorization)).digest()
-        group: str | None = None
-        if self._digest is not None and hmac.compare_digest(presented, self._digest):
-            group = ""
-        for name, digest in self._groups:
+        admitted: Admission | None = None
+        for admission, digest in self._digests:
             if hmac.compare_digest(presented, digest):
-                group = name
-        if group is None:
-            return "invalid token", ""
-        return None, group
+                admitted = admission
+        if admitted is None:
+            return "invalid token", Admission()
+        return None, admitted
+
+
+def _named(tokens: Tokens) -> Mapping[str, str]:
+    return {DEFAULT_TOKEN: tokens} if isinstance(tokens, str) else tokens
 
 
 async def serve_tunnel(
     transport: Transport, registry: Registry, settings: TunnelSettings,
-    sessions: set[TunnelSession], group: str = "", welcome_peers: list[str] | None = None,
-    local_id: str = "",
+    sessions: set[TunnelSession], admission: Admission = UNGROUPED,
+    welcome_peers: list[str] | None = None, local_id: str = "",
 ) -> None:
-    """Run the acceptor side of one tunnel until it closes; the peer joins ``group``
-    (the one its join token admitted it to, ``""`` = ungrouped). ``welcome_peers`` are
+    """Run the acceptor side of one tunnel until it closes; the peer joins the node
+    group its join token admitted it to (``admission``). ``welcome_peers`` are
     the public gateway/relay addresses the WELCOME tells the peer about. A relay's
     listener passes its own id as ``local_id``: session ids then start with it, so a
     node's proof names the relay it was made for (see :mod:`tooti.gateway.routes`)."""
@@ -131,7 +166,8 @@ async def serve_tunnel(
         version = conn.choose_version(hello.versions)
         if hello.role not in PEER_ROLES:
             raise ProtocolError("bad_hello", f"role must be one of {', '.join(PEER_ROLES)}")
-        public_key = unb64(hello.extra.get("public_key"), PUBLIC_KEY_BYTES)
+        extra = schemas.convert(hello.extra, schemas.HelloExtra, "bad_hello", "HELLO")
+        public_key = unb64(extra.public_key, PUBLIC_KEY_BYTES)
         if public_key is None:
             raise ProtocolError("bad_hello", "public_key must be a base64 Ed25519 key")
         challenge = os.urandom(CHALLENGE_BYTES)
@@ -150,6 +186,9 @@ async def serve_tunnel(
         message = proof_message(challenge, session_id, hello.peer_id)
         if signature is None or not verify(public_key, signature, message):
             raise ProtocolError("bad_proof", "the signature does not match the public key")
+        refusal = registry.banned(hello.peer_id)
+        if refusal is not None:
+            raise ProtocolError("banned", refusal)
         registry.bind_identity(hello.peer_id, public_key)
         conn.proof_verified()
         proven = {"challenge": b64(challenge), "session_id": session_id,
@@ -169,26 +208,20 @@ async def serve_tunnel(
     relayed: list[RelayedNodes] = []
 
     def on_event(event: Event) -> None:
+        """Peer input enters here: each value is checked (:mod:`tooti.protocol.schemas`)
+        before it is stored; a ProtocolError ends the session as a violation."""
         peer = peer_ref[0]
         if isinstance(event, RoutesReceived):
             relayed[0].apply(event)  # the connection accepts ROUTES from relays only
         elif isinstance(event, HeartbeatReceived):
-            was_live = peer.live
-            peer.stats = event.stats
-            if peer.live != was_live:  # health flipped: wake requests waiting on peers
-                registry.changed()
-            registry.peer_updated(peer)
+            registry.heartbeat(peer, schemas.stats(event.stats))
         elif isinstance(event, ModelsReceived):
             if relayed:  # a relay serves nothing itself: its nodes come in ROUTES
                 log.warning("relay %s sent MODELS; ignored", peer.id)
                 return
-            try:
-                models = [ModelInfo.from_wire(m) for m in event.models]
-            except (TypeError, ValueError, AttributeError, OverflowError) as exc:
-                session.abort(f"bad MODELS frame: {exc}")
-                return
-            registry.set_models(peer, models)
-            log.info("peer %s serves %s", peer.id, ", ".join(sorted(peer.models)) or "nothing")
+            entries = schemas.model_entries(event.models, settings.max_models_per_peer)
+            if registry.set_models(peer, [ModelInfo.from_wire(e) for e in entries]):
+                log.info("peer %s serves %s", peer.id, peer.models_summary())
         elif isinstance(event, GoAwayReceived):
             peer.draining = True
             if relayed:
@@ -198,16 +231,18 @@ async def serve_tunnel(
 
     session = TunnelSession(
         transport, conn, heartbeat_interval=settings.heartbeat_interval, on_event=on_event,
-        name=hello.peer_id,
+        name=hello.peer_id, control=control_limits_from(settings),
     )
     peer = Peer(
         id=hello.peer_id, role=hello.role, session=session, address=transport.remote,
         labels=hello.labels, software=hello.software, public_key=public_key, proof=proven,
-        group=group, public_url=_public_url(hello.role, hello.extra.get("public_url")),
+        group=admission.group, token=admission.token,
+        public_url=_public_url(hello.role, extra.public_url),
     )
     peer_ref.append(peer)
     if hello.role == "relay":
-        relayed.append(RelayedNodes(registry, peer, settings.max_relayed_nodes))
+        relayed.append(RelayedNodes(registry, peer, settings.max_relayed_nodes,
+                                    settings.max_models_per_peer))
         conn.accepts_routes = True
     replaced = registry.add(peer)
     if replaced is not None and not replaced.via:
@@ -224,6 +259,8 @@ async def serve_tunnel(
         await session.run()
     finally:
         sessions.discard(session)
+        if session.violation:  # it broke the protocol: refused for a while
+            registry.penalize(peer, session.violation)
         if relayed:
             relayed[0].clear()
         registry.remove(peer)

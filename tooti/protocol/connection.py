@@ -26,7 +26,7 @@ from typing import Any
 
 import msgspec
 
-from tooti.protocol import frames
+from tooti.protocol import frames, schemas
 from tooti.protocol.frames import FLAG_ACK, FLAG_FIN, FrameError, FrameType
 
 SUPPORTED_VERSIONS = (1,)
@@ -522,7 +522,7 @@ class Connection:
             return RoutesReceived(nodes, removed, obj.get("full") is True)
         if ftype is FrameType.GOAWAY:
             self.goaway_received = True
-            return GoAwayReceived(_str(obj, "code", "goaway"), _str(obj, "reason", ""))
+            return _goaway(obj)
         if ftype is FrameType.RESPONSE:
             stream = self._local_stream(frame.stream_id)
             if stream is None:
@@ -552,7 +552,7 @@ class Connection:
         if frame.type is FrameType.GOAWAY:
             obj = frames.decode_json(frame, self.limits.max_control_bytes)
             self.goaway_received = True
-            return GoAwayReceived(_str(obj, "code", "goaway"), _str(obj, "reason", ""))
+            return _goaway(obj)
         if self.side is Side.ACCEPTOR:
             if frame.type is not FrameType.HELLO or self._hello_received:
                 raise ProtocolError("unexpected_frame", f"expected HELLO, got {frame.type.name}")
@@ -570,13 +570,15 @@ class Connection:
                 isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
             ):
                 raise ProtocolError("bad_hello", "labels must map strings to strings")
+            labels = schemas.convert(labels, schemas.Labels, "bad_hello", "labels")
+            role, software = _str(obj, "role", "node"), _str(obj, "software", "")
+            if len(role) > schemas.MAX_TEXT or len(software) > schemas.MAX_TEXT:
+                raise ProtocolError("bad_field", f"role and software are at most "
+                                    f"{schemas.MAX_TEXT} characters")
             self.peer_limits = _limits(obj.get("limits"))
             self._hello_received = True
             extra = {k: v for k, v in obj.items() if k not in _HELLO_KEYS}
-            return HelloReceived(
-                peer_id, _str(obj, "role", "node"), versions, _str(obj, "software", ""),
-                labels, extra,
-            )
+            return HelloReceived(peer_id, role, versions, software, labels, extra)
         if frame.type is not FrameType.WELCOME:
             raise ProtocolError("unexpected_frame", f"expected WELCOME, got {frame.type.name}")
         obj = frames.decode_json(frame, self.limits.max_control_bytes)
@@ -711,6 +713,11 @@ def _str(obj: dict[str, Any], key: str, default: str) -> str:
     if not isinstance(value, str):
         raise ProtocolError("bad_field", f"{key} must be a string")
     return value
+
+
+def _goaway(obj: dict[str, Any]) -> GoAwayReceived:
+    goaway = schemas.convert(obj, schemas.GoAway, "bad_field", "GOAWAY")
+    return GoAwayReceived(goaway.code, goaway.reason)
 
 
 def _number(obj: dict[str, Any], key: str) -> float:

@@ -1,0 +1,83 @@
+"""How much control traffic one peer may make a tunnel end handle (sans-I/O).
+
+Every connection frame (HEARTBEAT, MODELS, ROUTES, GOAWAY, ...) costs the
+receiver a JSON decode and whatever it does with the content, and nothing in
+the protocol itself bounds how often a peer sends one. A
+:class:`ControlBudget` counts them per heartbeat interval: a peer over its
+frame or byte budget is slowed (its read loop pauses until the next interval),
+one over budget for :attr:`ControlLimits.strikes` intervals in a row is
+disconnected (``control_flood``), and heartbeats beyond a small number per
+interval are a violation at once (``heartbeat_flood``). Stream frames are not
+counted: flow control and the stream limit bound them, and each costs O(1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tooti.protocol.connection import ProtocolError
+from tooti.protocol.frames import CONNECTION_FRAMES, FrameType
+
+_COUNTED = frozenset(int(t) for t in CONNECTION_FRAMES)
+_HEARTBEAT = int(FrameType.HEARTBEAT)
+
+
+@dataclass(frozen=True)
+class ControlLimits:
+    """Connection frames one peer may send per heartbeat interval."""
+
+    frames: int = 256
+    """Connection frames per interval before the peer is slowed."""
+    bytes: int = 16 * 1024 * 1024
+    """Bytes of connection frames per interval before the peer is slowed."""
+    heartbeats: int = 8
+    """HEARTBEAT frames (ACKs included) per interval; one more is a violation."""
+    strikes: int = 3
+    """Consecutive intervals over budget after which the peer is disconnected."""
+
+
+class ControlBudget:
+    """The running count of one peer's connection frames (see the module docstring)."""
+
+    __slots__ = ("bytes", "frames", "heartbeats", "interval", "limits", "over", "started",
+                 "strikes")
+
+    def __init__(self, limits: ControlLimits, interval: float, now: float) -> None:
+        self.limits = limits
+        self.interval = interval
+        self.started = now
+        self.frames = self.bytes = self.heartbeats = 0
+        self.over = False
+        """The current interval went over the frame or byte budget."""
+        self.strikes = 0
+        """Intervals in a row, before the current one, that went over budget."""
+
+    def charge(self, message: bytes, now: float) -> float | None:
+        """Count one received message. Returns None while the peer is within budget,
+        else the time until which to stop reading from it; raises ProtocolError
+        (``heartbeat_flood``, ``control_flood``) for a violation."""
+        if not message or message[0] not in _COUNTED:
+            return None
+        if now >= self.started + self.interval:
+            self.strikes = self.strikes + 1 if self.over else 0
+            self.started, self.over = now, False
+            self.frames = self.bytes = self.heartbeats = 0
+        limits = self.limits
+        if message[0] == _HEARTBEAT:
+            self.heartbeats += 1
+            if self.heartbeats > limits.heartbeats:
+                raise ProtocolError(
+                    "heartbeat_flood",
+                    f"more than {limits.heartbeats} heartbeats in {self.interval:g}s")
+        self.frames += 1
+        self.bytes += len(message)
+        if self.frames <= limits.frames and self.bytes <= limits.bytes:
+            return None
+        if not self.over:
+            self.over = True
+            if self.strikes + 1 >= limits.strikes:
+                raise ProtocolError(
+                    "control_flood",
+                    f"over the control budget ({limits.frames} frames, {limits.bytes} bytes "
+                    f"per {self.interval:g}s) for {limits.strikes} intervals in a row")
+        return self.started + self.interval

@@ -1,0 +1,184 @@
+"""Typed schemas of what a peer tells us in control frames, with every bound.
+
+A peer is someone else's machine: each number and string it sends is checked
+here, where it enters, before anything stores it. The frame layer
+(:mod:`tooti.protocol.connection`) checks only a payload's shape; the gateway
+and relay convert model entries, heartbeat figures, ROUTES entries and HELLO
+extras with the functions below, and a value out of bounds is a
+:class:`~tooti.protocol.connection.ProtocolError` (the peer's session closes and
+it is refused for a while, :meth:`tooti.gateway.registry.Registry.penalize`).
+Members not named here are dropped, never stored. ``docs/protocol.md`` lists
+the bounds.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, TypeVar, get_args
+
+import msgspec
+from msgspec import Meta, Struct
+
+from tooti.protocol import connection  # ProtocolError, looked up at call time (a cycle)
+
+Endpoint = Literal["chat/completions", "completions", "embeddings"]
+ENDPOINTS: tuple[Endpoint, ...] = get_args(Endpoint)
+"""The OpenAI endpoints a node may serve."""
+
+MAX_MODEL_ID = 256
+"""Longest model id, in characters."""
+MAX_CONCURRENCY = 10_000
+"""Most concurrent requests one model entry may advertise."""
+MAX_CONTEXT = 1 << 30
+"""Largest context length (tokens) a model entry may advertise."""
+MAX_PRICE = 1_000_000.0
+"""Highest price per 1M tokens (input or output) a model entry may advertise."""
+MAX_TEXT = 128
+"""Longest ``owned_by``, ``software`` and the like."""
+MAX_META_BYTES = 4096
+"""Largest ``meta`` object of a model entry, as JSON."""
+MAX_META_DEPTH = 8
+"""Deepest nesting inside ``meta``."""
+MAX_LABELS = 32
+"""Most labels per peer; keys at most 64 characters, values at most 256."""
+MAX_COUNT = 1 << 53
+"""Largest count (in flight, queued, capacity, ...) in a HEARTBEAT."""
+MAX_TTFT_MS = 1e9
+MAX_HOPS = 4
+"""Longest relay chain a node may be advertised through (stops relay loops)."""
+MAX_PEER_ID = 128
+"""Longest peer (node, relay) id."""
+
+_PRINTABLE = r"\A[^\x00-\x1f\x7f-\x9f]+\Z"
+T = TypeVar("T")
+
+ModelId = Annotated[str, Meta(min_length=1, max_length=MAX_MODEL_ID, pattern=_PRINTABLE)]
+PeerId = Annotated[str, Meta(min_length=1, max_length=MAX_PEER_ID)]
+Text = Annotated[str, Meta(max_length=MAX_TEXT)]
+Labels = Annotated[
+    dict[Annotated[str, Meta(max_length=64)], Annotated[str, Meta(max_length=256)]],
+    Meta(max_length=MAX_LABELS),
+]
+Price = Annotated[float, Meta(ge=0, le=MAX_PRICE)]
+Count = Annotated[int, Meta(ge=0, le=MAX_COUNT)]
+
+
+class Prices(Struct, frozen=True):
+    """Price per 1M tokens, in the operator's currency unit."""
+
+    input: Price = 0.0
+    output: Price = 0.0
+
+
+class ModelEntry(Struct, frozen=True):
+    """One entry of a MODELS frame (and of a ROUTES node's ``models``)."""
+
+    id: ModelId
+    endpoints: Annotated[list[Endpoint], Meta(max_length=8)] = msgspec.field(
+        default_factory=lambda: list(ENDPOINTS))
+    context_length: Annotated[int, Meta(ge=0, le=MAX_CONTEXT)] | None = None
+    max_concurrency: Annotated[int, Meta(ge=1, le=MAX_CONCURRENCY)] = 8
+    price: Prices = Prices()
+    warm: bool = True
+    owned_by: Text = "tooti"
+    meta: dict[str, Any] = msgspec.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.meta:
+            if len(_encoder.encode(self.meta)) > MAX_META_BYTES:
+                raise ValueError(f"meta is over {MAX_META_BYTES} bytes")
+            if _depth(self.meta) > MAX_META_DEPTH:
+                raise ValueError(f"meta is nested deeper than {MAX_META_DEPTH}")
+
+
+class Stats(Struct, omit_defaults=True):
+    """The HEARTBEAT figures a gateway keeps of a peer (others are dropped)."""
+
+    in_flight: Count | None = None
+    queued: Count | None = None
+    capacity: Count | None = None
+    healthy: bool | None = None
+    """``false`` takes the node out of routing."""
+    ttft_ms: Annotated[float, Meta(ge=0, le=MAX_TTFT_MS)] | None = None
+    nodes: Count | None = None
+    """A relay: nodes it advertises."""
+    forwarded: Count | None = None
+    """A relay: streams it forwarded so far."""
+
+
+class Proof(Struct, frozen=True):
+    """A node's handshake proof as passed on by a relay (base64 / text)."""
+
+    challenge: Annotated[str, Meta(max_length=128)]
+    session_id: Annotated[str, Meta(max_length=256)]
+    signature: Annotated[str, Meta(max_length=128)]
+
+
+class RouteEntry(Struct, frozen=True):
+    """One node of a ROUTES frame."""
+
+    id: PeerId
+    public_key: Annotated[str, Meta(max_length=64)]
+    proof: Proof
+    hops: Annotated[int, Meta(ge=1, le=MAX_HOPS)]
+    models: list[ModelEntry] = msgspec.field(default_factory=list)
+    stats: Stats = msgspec.field(default_factory=Stats)
+    labels: Labels = msgspec.field(default_factory=dict)
+    software: Text = ""
+    draining: bool = False
+
+
+class HelloExtra(Struct, frozen=True):
+    """What a gateway reads from a HELLO beyond the frame layer's fields."""
+
+    public_key: Annotated[str, Meta(max_length=64)] | None = None
+    public_url: Annotated[str, Meta(max_length=2048)] | None = None
+
+
+class GoAway(Struct, frozen=True):
+    """A GOAWAY payload."""
+
+    code: Annotated[str, Meta(max_length=64)] = "goaway"
+    reason: Annotated[str, Meta(max_length=1024)] = ""
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def _depth(value: object, level: int = 1) -> int:
+    """Nesting depth of a decoded JSON value (stops counting past the limit)."""
+    if level > MAX_META_DEPTH:
+        return level
+    if isinstance(value, dict):
+        return max((_depth(v, level + 1) for v in value.values()), default=level)
+    if isinstance(value, list):
+        return max((_depth(v, level + 1) for v in value), default=level)
+    return level
+
+
+def convert(obj: object, schema: type[T], code: str, what: str) -> T:
+    """``obj`` (decoded JSON) as ``schema``; ProtocolError ``code`` naming ``what`` and
+    the offending path if it does not fit."""
+    try:
+        return msgspec.convert(obj, schema)
+    except msgspec.ValidationError as exc:
+        raise connection.ProtocolError(code, f"{what}: {exc}") from None
+
+
+def model_entries(models: list[Any], limit: int) -> list[ModelEntry]:
+    """A MODELS list (or a ROUTES node's models): at most ``limit`` valid entries."""
+    if len(models) > limit:
+        raise connection.ProtocolError(
+            "bad_models", f"{len(models)} models, over the limit of {limit} per node "
+            "(tunnel.max_models_per_peer)")
+    return convert(models, list[ModelEntry], "bad_models", "MODELS")
+
+
+def stats(obj: dict[str, Any]) -> dict[str, Any]:
+    """The HEARTBEAT figures worth keeping, checked, as a plain dict."""
+    return stats_dict(convert(obj, Stats, "bad_field", "HEARTBEAT"))
+
+
+def stats_dict(value: Stats) -> dict[str, Any]:
+    """Checked figures as the plain dict a peer keeps (absent ones left out)."""
+    out: dict[str, Any] = msgspec.to_builtins(value)
+    return out
