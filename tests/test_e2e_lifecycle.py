@@ -10,12 +10,13 @@ import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
 from tests.conftest import Network, simulated
+from tests.hostile.peers import handshake
 from tests.upstream import SlowUpstream, start_upstream
 from tooti.backends.openai import OpenAIBackend
 from tooti.gateway.app import Gateway
-from tooti.identity import Identity, b64, derive_id, proof_message, unb64
+from tooti.identity import Identity, b64, derive_id
 from tooti.node.node import Node
-from tooti.protocol.connection import Connection, Limits, Side, WelcomeReceived
+from tooti.protocol.connection import Connection, Limits, Side
 from tooti.runner import Process, serve
 from tooti.settings import (
     BackendSettings,
@@ -32,16 +33,9 @@ async def raw_handshake(
     sign_as: str | None = None,
 ) -> Connection:
     """Do a node's side of the handshake by hand (HELLO with key, WELCOME, PROOF)."""
-    identity = identity or Identity.generate()
     conn = Connection(Side.DIALER, Limits())
-    await ws.send_message(conn.send_hello(
-        peer_id, "node", "test", {}, extra={"public_key": b64(identity.public_key)}))
-    welcome = conn.receive_message(await ws.get_message())
-    assert isinstance(welcome, WelcomeReceived), welcome
-    challenge = unb64(welcome.extra["challenge"])
-    assert challenge is not None
-    signature = identity.sign(proof_message(challenge, welcome.session_id, sign_as or peer_id))
-    await ws.send_message(conn.send_proof(b64(signature)))
+    await handshake(ws.send_message, ws.get_message, conn, peer_id,
+                    identity or Identity.generate(), sign_as=sign_as)
     return conn
 
 

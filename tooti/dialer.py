@@ -12,6 +12,7 @@ WELCOME challenge signed with its key).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import ssl
@@ -23,7 +24,7 @@ from typing import Any, Protocol
 import trio
 
 from tooti import __version__
-from tooti.gateway.tunnels import REPLACED, limits_from
+from tooti.gateway.tunnels import REPLACED, control_limits_from, limits_from
 from tooti.identity import Identity, b64, proof_message, unb64
 from tooti.protocol.connection import (
     Connection,
@@ -33,6 +34,7 @@ from tooti.protocol.connection import (
     Side,
     WelcomeReceived,
 )
+from tooti.protocol.schemas import MAX_CONCURRENCY
 from tooti.settings import NetworkSettings, TunnelSettings
 from tooti.tls import TLSError, client_context
 from tooti.transport import Transport, TransportClosed
@@ -44,6 +46,8 @@ CONNECT_TIMEOUT = 10.0
 """Seconds to reach a peer and complete the WebSocket upgrade."""
 
 
+MAX_OFFERED_STREAMS = MAX_CONCURRENCY
+"""Most concurrent streams a dialer offers its peer for what its models advertise."""
 MAX_DISCOVERED_FAILURES = 5
 """Failed dials in a row after which a discovered peer is forgotten."""
 FORGET_FOR = 600.0
@@ -105,7 +109,12 @@ class Dialer:
         labels: dict[str, str] | None = None, join_token: str = "",
         reconnect_initial: float = 0.25, reconnect_max: float = 10.0,
         is_stopping: Callable[[], bool] = lambda: False,
+        streams_wanted: Callable[[], int] | None = None,
     ) -> None:
+        """``streams_wanted``: how many concurrent streams the owner can serve (a node:
+        what its models advertise); each HELLO offers at least that many, up to
+        :data:`MAX_OFFERED_STREAMS`, so a peer's requests are not held back by the
+        tunnel while the node has slots."""
         self.owner = owner
         self.peer_id = peer_id
         self.role = role
@@ -117,6 +126,7 @@ class Dialer:
         self.reconnect_initial = reconnect_initial
         self.reconnect_max = reconnect_max
         self.is_stopping = is_stopping
+        self.streams_wanted = streams_wanted
         self.log = logging.getLogger(f"tooti.{role}")
         self.links: dict[str, Link] = {}
         self._forgotten: dict[str, float] = {}
@@ -262,7 +272,11 @@ class Dialer:
 
     async def serve_transport(self, transport: Transport, link: Link | None = None) -> None:
         """Run the dialer side of one tunnel (handshake, then serve) until it closes."""
-        conn = Connection(Side.DIALER, limits_from(self.tunnel))
+        limits = limits_from(self.tunnel)
+        if self.streams_wanted is not None:
+            wanted = min(self.streams_wanted(), MAX_OFFERED_STREAMS)
+            limits = dataclasses.replace(limits, max_streams=max(limits.max_streams, wanted))
+        conn = Connection(Side.DIALER, limits)
         extra: dict[str, Any] = {"public_key": b64(self.identity.public_key)}
         if self.network.public_url:
             extra["public_url"] = self.network.public_url
@@ -293,7 +307,7 @@ class Dialer:
         session = TunnelSession(
             transport, conn, heartbeat_interval=welcome.heartbeat_interval,
             stats=self.owner.stats, handler=self.owner.handler, opener=self.owner.opener,
-            name=transport.remote,
+            name=transport.remote, control=control_limits_from(self.tunnel),
             on_event=on_event,
         )
         try:

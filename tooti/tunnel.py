@@ -240,6 +240,8 @@ class TunnelSession:
             self.enqueue(self.conn.send_goaway(code, reason))
         except (TunnelLost, RuntimeError):
             pass
+        else:
+            self.flush_nowait()  # now, before the cancellation can reach the writer
         self._cancel_scope.cancel()
 
     async def goaway(self, code: str, reason: str) -> None:
