@@ -61,7 +61,7 @@ async def test_a_bad_model_entry_cuts_the_node_off_and_bans_it(
     assert goaway is not None and goaway.code == "bad_models", goaway
     with trio.fail_after(5):
         await registry.wait_until(lambda: identity.id not in registry.peers)
-    assert not any(m == "m" or m.startswith("m") and m[1:].isdigit()
+    assert not any(m == "m" or (m.startswith("m") and m[1:].isdigit())
                    for m in registry.known_models)  # nothing of it was stored
     # Banned: the same node is refused at its next handshake, with the reason.
     async with hostile_peer(network.tunnel_url, identity=identity) as again:

@@ -69,6 +69,7 @@ class Node:
             network=network, labels=dict(settings.labels), join_token=settings.join_token,
             reconnect_initial=settings.reconnect_initial,
             reconnect_max=settings.reconnect_max, is_stopping=lambda: self.draining,
+            streams_wanted=self.slots,
         )
         self.sessions: set[TunnelSession] = self.dialer.sessions
         self.handler: StreamHandler | None = self._serve_stream
@@ -142,6 +143,10 @@ class Node:
                 self._slots[model] = trio.Semaphore(max(1, info.max_concurrency))
         return changed
 
+    def slots(self) -> int:
+        """Concurrent requests the node's models advertise, over all of them."""
+        return sum(info.max_concurrency for _, info in self.models.values())
+
     def models_wire(self) -> list[dict[str, Any]]:
         """The MODELS frame payload."""
         return [info.to_wire() for _, info in self.models.values()]
@@ -171,7 +176,7 @@ class Node:
         return {
             "in_flight": self.in_flight,
             "queued": self.queued,
-            "capacity": sum(info.max_concurrency for _, info in self.models.values()),
+            "capacity": self.slots(),
             "healthy": self.healthy,
             "ttft_ms": round(self._ttft_ms, 3),
         }
