@@ -55,6 +55,7 @@ class HostilePeer:
     identity: Identity
     id: str
     welcome: WelcomeReceived
+    heartbeats_sent: int = 0
 
     async def send(self, frame: bytes) -> None:
         """Send one frame (any bytes) as one WebSocket message."""
@@ -74,6 +75,19 @@ class HostilePeer:
     async def heartbeat(self, **stats: Any) -> None:
         """A HEARTBEAT with ``stats`` as its figures."""
         await self.send_json(FrameType.HEARTBEAT, stats)
+
+    async def heartbeat_acked(self, **stats: Any) -> None:
+        """A HEARTBEAT (with ``t``), returning once the gateway echoed it: the gateway has
+        handled every frame sent before it. Other frames meanwhile are dropped."""
+        sent_at = float(self.heartbeats_sent)
+        self.heartbeats_sent += 1
+        await self.heartbeat(**stats, t=sent_at)
+        while True:
+            message = await self.transport.receive()
+            frame = frames.decode(message, 1 << 30)
+            if (frame.type is FrameType.HEARTBEAT and frame.flags & frames.FLAG_ACK
+                    and msgspec.json.decode(frame.payload).get("t") == sent_at):
+                return
 
     async def goaway(self) -> GoAwayReceived | None:
         """Read until the gateway's GOAWAY (returned) or the tunnel's close (None)."""
