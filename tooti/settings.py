@@ -81,6 +81,30 @@ class GatewaySettings:
     """Key for /admin/v1; empty = admin API on loopback only."""
     max_body_bytes: int = 4_194_304
     """Largest request body accepted (413 above)."""
+    max_json_depth: int = 128
+    """Deepest nesting of arrays and objects accepted in a request body (400 above)."""
+    header_timeout: float = 10.0
+    """Seconds a client has to send a whole request head, counted from its first byte
+    however slowly the rest trickles in (then 408 and the connection closes)."""
+    body_timeout: float = 60.0
+    """Seconds a client has to send a whole request body once its head arrived (408)."""
+    keep_alive_timeout: float = 15.0
+    """Seconds an HTTP connection may wait for its first or next request before it is
+    closed."""
+    send_timeout: float = 60.0
+    """Seconds one write to an HTTP client may wait for the client to read; a client that
+    stops reading for longer is disconnected."""
+    max_connections: int = 10_000
+    """Most client connections (HTTP and tunnels) open at once, at most the process's
+    file-descriptor limit less a reserve; more get 503 and are closed."""
+    tunnel_handshake_rate: float = 5.0
+    """Tunnel upgrades per second one client IP (an IPv6 /64) may start, on average;
+    more get 429."""
+    tunnel_handshake_burst: int = 50
+    """Tunnel upgrades one client IP may start at once before the rate applies."""
+    tunnel_handshakes_per_ip: int = 32
+    """Tunnel handshakes one client IP may have unfinished at once (upgraded, not yet
+    proven); more get 429."""
     max_attempts: int = 3
     """Nodes tried for one request before giving up (failover before first byte)."""
     first_byte_timeout: float = 60.0

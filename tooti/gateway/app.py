@@ -32,6 +32,7 @@ from tooti.gateway.health import CooldownPolicy
 from tooti.gateway.http import (
     ClientGone,
     Headers,
+    InternalErrors,
     Receive,
     Scope,
     Send,
@@ -44,11 +45,12 @@ from tooti.gateway.http import (
     serve_lifespan,
 )
 from tooti.gateway.identities import IdentityStore, IdentityStoreError
-from tooti.gateway.listener import UpgradeRequest, serve
+from tooti.gateway.listener import Limits, UpgradeRequest, serve
 from tooti.gateway.metrics import CONTENT_TYPE as METRICS_TYPE
 from tooti.gateway.metrics import GatewayMetrics
 from tooti.gateway.probe import probe_until_healthy
 from tooti.gateway.proxy import DONE, Outcome, Proxy, ProxySettings, check_routable
+from tooti.gateway.ratelimit import Limited, PerAddressLimiter, Slot, Throttle
 from tooti.gateway.registry import KnownModels, Peer, Registry
 from tooti.gateway.tunnels import UNGROUPED, Admission, BearerAuth, serve_tunnel
 from tooti.gateway.validation import ParsedRequest, parse_request
@@ -160,6 +162,16 @@ class Gateway:
         if settings.groups:
             self.registry.bus.listeners.append(self._note_group_models)
         self.admin_auth = BearerAuth(settings.admin_key)
+        self.internal_errors = InternalErrors(log)
+        """Reports requests that failed on a bug (one line each, tracebacks rationed)."""
+        self.handshakes = PerAddressLimiter(settings.tunnel_handshake_rate,
+                                            settings.tunnel_handshake_burst,
+                                            settings.tunnel_handshakes_per_ip)
+        """Tunnel upgrades per client IP: a rate, and a cap on unfinished handshakes."""
+        self._unproven: dict[str, Slot] = {}
+        """Remote address → the handshake slot of a tunnel not yet registered."""
+        self._refusal_log = Throttle(60.0)
+        self.registry.bus.listeners.append(self._handshake_done)
         self._models_lists: dict[str, tuple[int, dict[str, Any]]] = {}
         """Node group → (registry version, ``/v1/models`` body) (see :meth:`models_list`)."""
         self.proxy_settings = ProxySettings(
@@ -197,7 +209,7 @@ class Gateway:
         config.bind = [self.settings.listen]
         config.accesslog = None
         config.graceful_timeout = grace
-        config.keep_alive_timeout = 75
+        config.keep_alive_timeout = self.settings.keep_alive_timeout
         config.websocket_max_message_size = self.tunnel_settings.max_frame_bytes
         config.include_server_header = False
         config.backlog = LISTEN_BACKLOG  # hypercorn's 100 overflows under a burst of clients
@@ -228,6 +240,7 @@ class Gateway:
             log.info("%s listening on %s", "gateway" if self.serve_api else "relay",
                      ", ".join(self.bound))
             task_status.started(self.bound)
+                                          limits=Limits.of(self.settings),
 
     async def drain(self, grace: float,
                     also: Sequence[Callable[[], Awaitable[None]]] = ()) -> None:
@@ -319,7 +332,10 @@ class Gateway:
         elif kind == "lifespan":
             await serve_lifespan(receive, send)
 
-    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _http(self, scope: Scope, receive: Receive, raw_send: Send) -> None:
+        """Serve one HTTP request. Whatever goes wrong is answered with an OpenAI error
+        object: an :class:`APIError` as itself, any other exception (a bug) as a 500
+        naming the request id, logged by :attr:`internal_errors`."""
         request_id = "req_" + uuid.uuid4().hex
         headers: Headers = [(b"x-request-id", request_id.encode())]
         path = scope["path"]
@@ -329,6 +345,13 @@ class Gateway:
         try:
             endpoint = API_ROUTES.get(path)
             if not self.serve_api and (endpoint is not None or path == "/v1/models"):
+        answered = False
+
+        async def send(message: dict[str, Any]) -> None:
+            nonlocal answered
+            answered = answered or message["type"] == "http.response.start"
+            await raw_send(message)
+
                 raise APIError(404, "this process is a relay: send API requests to a "
                                "gateway", code="not_a_gateway")
             if endpoint is not None:
@@ -338,8 +361,9 @@ class Gateway:
                 if self.draining:
                     raise APIError(503, "gateway is shutting down", code="shutting_down",
                                    type="service_unavailable")
-                raw = await read_body(scope, receive, self.settings.max_body_bytes)
-                request = parse_request(endpoint, raw)
+                raw = await read_body(scope, receive, self.settings.max_body_bytes,
+                                      self.settings.body_timeout)
+                request = parse_request(endpoint, raw, self.settings.max_json_depth)
                 await self._serve_api(scope, receive, send, request_id, headers, request, raw)
             elif path == "/v1/models":
                 if method != "GET":
@@ -363,7 +387,8 @@ class Gateway:
             else:
                 raise APIError(404, f"no route for {method} {path}", code="not_found")
         except APIError as error:
-            await send_error(send, error, headers)
+            if not answered:  # else the answer is under way and hypercorn ends it
+                await send_error(send, error, headers)
         except ClientGone:
             return
         finally:
@@ -371,6 +396,10 @@ class Gateway:
             if self.in_flight == 0:
                 self._idle.set()
 
+        except Exception as exc:
+            failure = self.internal_errors.report(request_id, exc)
+            if not answered:
+                await send_error(send, failure, headers)
     async def _serve_api(
         self, scope: Scope, receive: Receive, send: Send, request_id: str, headers: Headers,
         request: ParsedRequest, raw: bytes,
@@ -572,10 +601,39 @@ class Gateway:
             return 403, refusal, UNGROUPED
         return 0, "", group
 
-    async def _serve_tunnel(self, transport: Transport, group: Admission) -> None:
+    def _handshake_slot(self, host: str | None) -> Slot | str:
+        """Count a tunnel upgrade from ``host`` against the per-IP limits: its slot, or
+        the reason it is refused (429). Every upgrade counts, refused or not, so
+        guessing join tokens is slowed too."""
+        try:
+            return self.handshakes.acquire(host, "tunnel handshakes")
+        except Limited as limited:
+            if self._refusal_log.allow(host):
+                log.warning("tunnel upgrade from %s refused: %s (more from it this minute "
+                            "at debug level)", host, limited.reason)
+            else:
+                log.debug("tunnel upgrade from %s refused: %s", host, limited.reason)
+            return limited.reason
+
+    def _handshake_done(self, event: BusEvent) -> None:
+        """A tunnel's peer registered: its handshake is over, so its slot is free."""
+        if event.kind == "peer.joined":
+            slot = self._unproven.pop(str(event.data["peer"].get("address")), None)
+            if slot is not None:
+                slot.release()
+
+    async def _serve_tunnel(self, transport: Transport, group: Admission, slot: Slot) -> None:
+        """Run a tunnel; its handshake's ``slot`` is released once the peer registered
+        (by :meth:`_handshake_done`), else when the tunnel ends (by the caller)."""
         started = time.monotonic()
-        await serve_tunnel(transport, self.registry, self.tunnel_settings, self.sessions,
-                           group, welcome_peers=self.public_peers(), local_id=self.local_id)
+        self._unproven[transport.remote] = slot
+        try:
+            await serve_tunnel(transport, self.registry, self.tunnel_settings, self.sessions,
+                               group, welcome_peers=self.public_peers(),
+                               local_id=self.local_id)
+        finally:
+            if self._unproven.get(transport.remote) is slot:
+                del self._unproven[transport.remote]
         log.debug("tunnel from %s ended after %.1fs", transport.remote,
                   time.monotonic() - started)
 
@@ -583,34 +641,45 @@ class Gateway:
         """Serve a tunnel upgrade taken off a fresh connection by the listener."""
         headers = upgrade.headers
         client = upgrade.client
-        subprotocols = [p.strip() for p in headers.get("sec-websocket-protocol", "").split(",")]
-        key = headers.get("sec-websocket-key", "")
-        if headers.get("sec-websocket-version") != "13" or not key:
-            status, reason, group = 426, "WebSocket version 13 with a key is required", UNGROUPED
-        else:
-            authorization = headers.get("authorization")
-            status, reason, group = self._admit_tunnel(
-                TUNNEL_PATH, subprotocols,
-                authorization.encode("latin-1") if authorization is not None else None,
-                client[0] if client else None)
         stream = upgrade.stream
-        try:
-            if status:
-                with trio.move_on_after(1):
-                    await stream.send_all(refusal_response(status, reason))
-                return
-            await stream.send_all(upgrade_response(key, SUBPROTOCOL))
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        slot = self._handshake_slot(client[0] if client else None)
+        if isinstance(slot, str):
+            with trio.move_on_after(1):
+                try:
+                    await stream.send_all(refusal_response(429, slot))
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass
             return
-        remote = f"{client[0]}:{client[1]}" if client else "unknown"
-        transport = WebSocketTransport(
-            stream, remote, client=False, max_message=self.tunnel_settings.max_frame_bytes,
-            buffered=upgrade.buffered)
-        try:
-            await self._serve_tunnel(transport, group)
-        finally:  # releases the socket even if the handshake ended without a close
-            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
-                await transport.aclose()
+        with slot:
+            subprotocols = [p.strip()
+                            for p in headers.get("sec-websocket-protocol", "").split(",")]
+            key = headers.get("sec-websocket-key", "")
+            if headers.get("sec-websocket-version") != "13" or not key:
+                status, reason, group = (426, "WebSocket version 13 with a key is required",
+                                         UNGROUPED)
+            else:
+                authorization = headers.get("authorization")
+                status, reason, group = self._admit_tunnel(
+                    TUNNEL_PATH, subprotocols,
+                    authorization.encode("latin-1") if authorization is not None else None,
+                    client[0] if client else None)
+            try:
+                if status:
+                    with trio.move_on_after(1):
+                        await stream.send_all(refusal_response(status, reason))
+                    return
+                await stream.send_all(upgrade_response(key, SUBPROTOCOL))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                return
+            remote = f"{client[0]}:{client[1]}" if client else "unknown"
+            transport = WebSocketTransport(
+                stream, remote, client=False, max_message=self.tunnel_settings.max_frame_bytes,
+                buffered=upgrade.buffered)
+            try:
+                await self._serve_tunnel(transport, group, slot)
+            finally:  # releases the socket even if the handshake ended without a close
+                with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+                    await transport.aclose()
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         """A tunnel upgrade on a connection that already carried HTTP requests."""
@@ -618,14 +687,24 @@ class Gateway:
         if message["type"] != "websocket.connect":
             return
         client = scope.get("client")
-        status, reason, group = self._admit_tunnel(
-            scope["path"], scope.get("subprotocols", []), header(scope, b"authorization"),
-            client[0] if client else None)
-        if status:
-            await send({"type": "websocket.http.response.start", "status": status,
-                        "headers": [(b"content-type", b"text/plain; charset=utf-8")]})
-            await send({"type": "websocket.http.response.body", "body": reason.encode()})
+        slot = self._handshake_slot(client[0] if client else None)
+        if isinstance(slot, str):
+            await self._refuse_websocket(send, 429, slot)
             return
-        await send({"type": "websocket.accept", "subprotocol": SUBPROTOCOL})
-        remote = f"{client[0]}:{client[1]}" if client else "unknown"
-        await self._serve_tunnel(ASGIWebSocketTransport(receive, send, remote), group)
+        with slot:
+            status, reason, group = self._admit_tunnel(
+                scope["path"], scope.get("subprotocols", []), header(scope, b"authorization"),
+                client[0] if client else None)
+            if status:
+                await self._refuse_websocket(send, status, reason)
+                return
+            await send({"type": "websocket.accept", "subprotocol": SUBPROTOCOL})
+            remote = f"{client[0]}:{client[1]}" if client else "unknown"
+            await self._serve_tunnel(ASGIWebSocketTransport(receive, send, remote), group, slot)
+
+    @staticmethod
+    async def _refuse_websocket(send: Send, status: int, reason: str) -> None:
+        """Refuse an upgrade through ASGI with a plain-text reason."""
+        await send({"type": "websocket.http.response.start", "status": status,
+                    "headers": [(b"content-type", b"text/plain; charset=utf-8")]})
+        await send({"type": "websocket.http.response.body", "body": reason.encode()})

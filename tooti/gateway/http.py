@@ -1,14 +1,18 @@
-"""Small ASGI helpers: reading bounded bodies and sending whole responses."""
+"""Small HTTP helpers: reading bounded bodies, sending whole responses (through ASGI or
+straight to a socket), and answering what a server meets outside the app."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from http import HTTPStatus
 from typing import Any
 
 import msgspec
 import trio
 
 from tooti.errors import APIError
+from tooti.gateway.ratelimit import Throttle
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -42,8 +46,10 @@ async def serve_lifespan(receive: Receive, send: Send) -> None:
             return
 
 
-async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
-    """Read the whole request body; APIError(413) past ``limit`` bytes."""
+async def read_body(scope: Scope, receive: Receive, limit: int, seconds: float = 60.0
+                    ) -> bytes:
+    """Read the whole request body; APIError(413) past ``limit`` bytes, APIError(408) if
+    it has not all arrived ``seconds`` after the head (a client trickling it in)."""
     declared = header(scope, b"content-length")
     if declared is not None:
         try:
@@ -54,19 +60,22 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
             raise APIError(400, "bad content-length header", code="invalid_header") from None
     parts: list[bytes] = []
     size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientGone
-        chunk = message.get("body", b"")
-        if chunk:
-            size += len(chunk)
-            if size > limit:
-                raise APIError(413, f"request body over the {limit}-byte limit",
-                               code="request_too_large")
-            parts.append(chunk)
-        if not message.get("more_body", False):
-            return parts[0] if len(parts) == 1 else b"".join(parts)
+    with trio.move_on_after(seconds):
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone
+            chunk = message.get("body", b"")
+            if chunk:
+                size += len(chunk)
+                if size > limit:
+                    raise APIError(413, f"request body over the {limit}-byte limit",
+                                   code="request_too_large")
+                parts.append(chunk)
+            if not message.get("more_body", False):
+                return parts[0] if len(parts) == 1 else b"".join(parts)
+    raise APIError(408, f"request body not received within {seconds:g}s",
+                   code="body_timeout")
 
 
 async def send_bytes(
@@ -136,3 +145,60 @@ async def cancel_on_disconnect(
             raise group.exceptions[0] from None
         raise
     return complete
+
+
+def error_response(error: APIError, headers: Sequence[tuple[bytes, bytes]] = ()) -> bytes:
+    """A whole HTTP/1.1 response carrying ``error``, for answers written straight to a
+    socket outside hypercorn; the connection closes after it."""
+    body = error.to_json()
+    lines = [b"HTTP/1.1 %d %s" % (error.status, _phrase(error.status)),
+             b"content-type: application/json", b"content-length: %d" % len(body),
+             *(b"%s: %s" % (k.encode(), v.encode()) for k, v in error.headers.items()),
+             *(b"%s: %s" % (k, v) for k, v in headers), b"connection: close"]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+def _phrase(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b"Error"
+
+
+def protocol_error(status: int, max_head_bytes: int) -> APIError:
+    """The error object for a request the HTTP parser refused (``status`` is its hint:
+    400 malformed, 431 head too large, 501 unsupported transfer coding)."""
+    if status == 431:
+        return APIError(431, f"request head over the {max_head_bytes}-byte limit",
+                        code="headers_too_large")
+    if status == 501:
+        return APIError(501, "unsupported transfer-encoding (only chunked is accepted)",
+                        code="invalid_http_request", type="invalid_request_error")
+    return APIError(status, "malformed HTTP request (bad request line, header, "
+                    "content-length or chunk)", code="invalid_http_request",
+                    type="invalid_request_error")
+
+
+class InternalErrors:
+    """Reports requests that failed on a bug rather than on anything the client sent.
+
+    Each is one error line naming the request id and the exception's type; its
+    traceback is logged with the first occurrence of each exception type per
+    ``every`` seconds (and at debug level always), so a client that can trigger the
+    bug at will cannot flood the log with tracebacks.
+    """
+
+    def __init__(self, log: logging.Logger, every: float = 60.0) -> None:
+        self._log = log
+        self._tracebacks = Throttle(every)
+
+    def report(self, request_id: str, exc: Exception) -> APIError:
+        """Log ``exc`` and return the 500 answered to the client."""
+        kind = type(exc)
+        first = self._tracebacks.allow(kind)
+        self._log.error("request %s failed: %s (an internal error)", request_id,
+                        kind.__name__, exc_info=exc if first else None)
+        if not first:
+            self._log.debug("traceback of request %s", request_id, exc_info=exc)
+        return APIError(500, f"internal error (request {request_id}); the gateway's log "
+                        "has the details", code="internal_error")

@@ -12,11 +12,22 @@ With TLS configured, every accepted connection first completes a TLS handshake
 (bounded in time) with the certificate current at that moment (:mod:`tooti.tls`), and
 is then looked at the same way: ``https://`` and ``wss://`` share the port, and HTTP/2
 is chosen by ALPN. A plain HTTP request on a TLS port is answered with a 400.
+
+Hostile clients meet the limits of :class:`Limits` here: at most ``max_connections``
+connections at once (more are answered 503 and closed); a connection that sends
+nothing for ``keep_alive_timeout`` (before its first request or between requests) is
+closed; a request head must be complete ``header_timeout`` after its first byte,
+however slowly it trickles in (408, then close); a write a client does not read for
+``send_timeout`` disconnects it. What h11 refuses (bad request line, header,
+Content-Length or chunk; a head over the size limit) is answered with the OpenAI
+error object, by a small subclass of hypercorn's HTTP/1.1 protocol.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import resource
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
@@ -27,25 +38,64 @@ from typing import Any
 import h11
 import trio
 from hypercorn.config import Config
+from hypercorn.protocol import ProtocolWrapper
+from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
-from hypercorn.typing import ConnectionState
+from hypercorn.typing import AppWrapper, ConnectionState
 from hypercorn.utils import repr_socket_addr, wrap_app
 
 from tooti.errors import APIError
+from tooti.gateway.http import error_response, protocol_error
+from tooti.gateway.ratelimit import Throttle
+from tooti.settings import GatewaySettings
 from tooti.tls import HANDSHAKE_TIMEOUT
 from tooti.transport.websocket import MAX_HEAD_BYTES, RECEIVE_BYTES, TUNNEL_PATH
 
 log = logging.getLogger("tooti.gateway.listener")
 
-HEAD_TIMEOUT = 10.0
-"""Seconds a connection that starts like a tunnel upgrade has to send its whole head."""
+FD_RESERVE = 128
+"""File descriptors kept out of ``max_connections`` (logs, databases, the listening
+sockets, a node's own connections in the same process)."""
+BUSY_LOG_EVERY = 60.0
+"""Seconds between two warnings that connections are being refused at the limit."""
 TUNNEL_PREFIX = b"GET " + TUNNEL_PATH.encode()
 TLS_HANDSHAKE_RECORD = 0x16
 """The first byte of a TLS client's first record (the ClientHello)."""
 
 Accepted = trio.SocketStream | trio.SSLStream[trio.SocketStream]
 """An accepted connection: plain TCP, or TLS with its handshake done."""
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one client connection may take (``gateway.*`` settings of the same names)."""
+
+    header_timeout: float
+    keep_alive_timeout: float
+    send_timeout: float
+    max_connections: int
+
+    @classmethod
+    def of(cls, settings: GatewaySettings) -> Limits:
+        return cls(settings.header_timeout, settings.keep_alive_timeout,
+                   settings.send_timeout, settings.max_connections)
+
+
+def connection_cap(wanted: int) -> int:
+    """``wanted`` connections, or fewer if the file-descriptor limit cannot hold them."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or wanted <= soft - FD_RESERVE:
+        return wanted
+    cap = max(soft - FD_RESERVE, 1)
+    log.warning("gateway.max_connections %d is beyond the file-descriptor limit (%d, "
+                "ulimit -n): at most %d connections at once", wanted, soft, cap)
+    return cap
+
+
+BUSY = APIError(503, "the gateway is at its connection limit; retry shortly",
+                code="too_many_connections", type="service_unavailable",
+                headers={"retry-after": "1"})
 
 
 def socket_of(stream: Accepted) -> trio.socket.SocketType:
@@ -70,22 +120,50 @@ TunnelHandler = Callable[[UpgradeRequest], Awaitable[None]]
 
 
 class _Replay(trio.abc.HalfCloseableStream):
-    """A socket stream whose first reads return bytes already taken from it."""
+    """A socket stream whose first reads return bytes already taken from it. It tells
+    when input next arrives (:meth:`next_arrival`), and a write that waits longer than
+    ``send_timeout`` for the client to read breaks the connection."""
 
-    def __init__(self, stream: Accepted, head: bytes) -> None:
+    def __init__(self, stream: Accepted, head: bytes, send_timeout: float = math.inf
+                 ) -> None:
         self._stream = stream
         self._head = head
+        self._send_timeout = send_timeout
+        self._arrival: trio.Event | None = None
+        self.at_eof = False
+        """The client has sent its last byte."""
         self.socket = socket_of(stream)
+
+    def next_arrival(self) -> trio.Event:
+        """An event set when the next bytes (or the end of input) arrive, or when
+        :meth:`wake` is called."""
+        self._arrival = trio.Event()
+        return self._arrival
+
+    def wake(self) -> None:
+        """Set the pending :meth:`next_arrival` event (the server is shutting down)."""
+        if self._arrival is not None:
+            self._arrival.set()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         if self._head:
-            data, self._head = self._head, b""
+            head, self._head = self._head, b""
             await trio.lowlevel.checkpoint()
-            return data
-        return await self._stream.receive_some(max_bytes)
+            return head
+        data = await self._stream.receive_some(max_bytes)
+        self.at_eof = not data
+        if self._arrival is not None:
+            self._arrival.set()
+            self._arrival = None
+        return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._stream.send_all(data)
+        # hypercorn shields its writes from cancellation; this deadline still applies.
+        with trio.move_on_after(self._send_timeout):
+            await self._stream.send_all(data)
+            return
+        await trio.aclose_forcefully(self._stream)
+        raise trio.BrokenResourceError("the client stopped reading")
 
     async def wait_send_all_might_not_block(self) -> None:
         await self._stream.wait_send_all_might_not_block()
@@ -103,8 +181,9 @@ class _TLSReplay(_Replay):
     the connection as ``https`` and picks HTTP/2 if ALPN chose it). The handshake is
     already done; there is no half-close in TLS, so ``send_eof`` does nothing."""
 
-    def __init__(self, stream: trio.SSLStream[trio.SocketStream], head: bytes) -> None:
-        super().__init__(stream, head)
+    def __init__(self, stream: trio.SSLStream[trio.SocketStream], head: bytes,
+                 send_timeout: float = math.inf) -> None:
+        super().__init__(stream, head, send_timeout)
         self.transport_stream = stream.transport_stream
         self._tls = stream
 
@@ -116,44 +195,132 @@ class _TLSReplay(_Replay):
         return protocol
 
 
-def replay(stream: Accepted, head: bytes) -> _Replay:
+def replay(stream: Accepted, head: bytes, send_timeout: float = math.inf) -> _Replay:
     """``stream`` with ``head`` (bytes already read from it) put back in front."""
     if isinstance(stream, trio.SSLStream):
-        return _TLSReplay(stream, head)
-    return _Replay(stream, head)
+        return _TLSReplay(stream, head, send_timeout)
+    return _Replay(stream, head, send_timeout)
 
 
-async def _read_upgrade(stream: Accepted, idle_timeout: float
-                        ) -> tuple[bytes, UpgradeRequest | None]:
+class _H11Protocol(H11Protocol):
+    """hypercorn's HTTP/1.1 protocol, except that what h11 refuses (a bad request line,
+    header, Content-Length or chunk: 400; a head over the size limit: 431; an unknown
+    transfer coding: 501) is answered with the OpenAI error object instead of an empty
+    body. hypercorn 0.18 has no hook for it; ``_send_error_response`` is the one
+    method it calls for these answers."""
+
+    async def _send_error_response(self, status_code: int) -> None:
+        await self.send_error(protocol_error(status_code, self.config.h11_max_incomplete_size))
+
+    async def send_error(self, error: APIError) -> None:
+        """Answer ``error`` (the connection closes after it)."""
+        body = error.to_json()
+        headers = [(b"content-type", b"application/json"),
+                   (b"content-length", b"%d" % len(body)), (b"connection", b"close"),
+                   *self.config.response_headers("h11")]
+        await self._send_h11_event(h11.Response(status_code=error.status, headers=headers))
+        await self._send_h11_event(h11.Data(data=body))
+        await self._send_h11_event(h11.EndOfMessage())
+
+
+class _Server(TCPServer):
+    """hypercorn's per-connection server with the listener's :class:`Limits`.
+
+    hypercorn runs ``_idle_timeout`` whenever no request is in progress (from the
+    start, and again after each response) and cancels it once a request head is
+    complete. Here it waits ``keep_alive_timeout`` for the next request's first byte
+    (closing a silent connection), then ``header_timeout`` from that byte for the
+    rest of the head (answering 408 when it does not come). The first request's
+    first byte was read by the listener, at ``head_started``.
+    """
+
+    def __init__(self, app: AppWrapper, config: Config, context: WorkerContext,
+                 stream: _Replay, limits: Limits, head_started: float) -> None:
+        super().__init__(app, config, context, ConnectionState({}),
+                         stream)  # type: ignore[arg-type]
+        self._connection = stream
+        self._limits = limits
+        self._head_started: float | None = head_started
+
+    # hypercorn builds its protocol inside run(); swap in the HTTP/1.1 one above.
+    @property
+    def protocol(self) -> ProtocolWrapper:
+        return self._wrapper
+
+    @protocol.setter
+    def protocol(self, wrapper: ProtocolWrapper) -> None:
+        if type(wrapper.protocol) is H11Protocol:
+            wrapper.protocol = _H11Protocol(
+                wrapper.app, wrapper.config, wrapper.context, wrapper.task_group,
+                wrapper.state, wrapper.ssl, wrapper.client, wrapper.server, wrapper.send)
+        self._wrapper = wrapper
+
+    async def _idle_timeout(self) -> None:
+        connection, terminated = self._connection, self.context.terminated
+        started, self._head_started = self._head_started, None
+        if started is None:  # wait for the next request's first byte
+            arrival = connection.next_arrival()
+            with trio.move_on_after(self._limits.keep_alive_timeout):
+                await arrival.wait()
+            started = trio.current_time() if arrival.is_set() else None
+        if started is not None:  # a head has begun: the rest has until the deadline
+            deadline = started + self._limits.header_timeout
+            while not (connection.at_eof or terminated.is_set()) \
+                    and trio.current_time() < deadline:
+                with trio.move_on_at(deadline):
+                    await connection.next_arrival().wait()
+        late = started is not None and not (connection.at_eof or terminated.is_set())
+        with trio.CancelScope(shield=True):
+            protocol = self._wrapper.protocol
+            if late and isinstance(protocol, _H11Protocol):
+                timeout = APIError(408, "request head not received within "
+                                   f"{self._limits.header_timeout:g}s", code="header_timeout")
+                try:
+                    await protocol.send_error(timeout)
+                except h11.LocalProtocolError:
+                    pass  # a response had begun (pipelining); just close
+            await self._initiate_server_close()
+
+
+async def _read_upgrade(stream: Accepted, limits: Limits
+                        ) -> tuple[bytes, float, UpgradeRequest | None]:
     """Read just enough to tell a tunnel upgrade from anything else. Returns the bytes
-    read and, for a well-formed upgrade to the tunnel path, the request. A connection
-    silent for ``idle_timeout`` returns what it sent (hypercorn's keep-alive limit)."""
+    read, when the first of them arrived and, for a well-formed upgrade to the tunnel
+    path, the request. A connection silent for ``keep_alive_timeout`` returns no bytes;
+    one whose head is not complete ``header_timeout`` after its first byte returns
+    what it sent (hypercorn then answers 408 at once)."""
     data = b""
-    with trio.move_on_after(idle_timeout):
+    with trio.move_on_after(limits.keep_alive_timeout):
+        data = bytes(await stream.receive_some(RECEIVE_BYTES))
+    started = trio.current_time()
+    if not data:
+        return data, started, None
+    event: h11.Request | None = None
+    with trio.move_on_at(started + limits.header_timeout):
         while len(data) < len(TUNNEL_PREFIX) and TUNNEL_PREFIX.startswith(data):
             chunk = await stream.receive_some(RECEIVE_BYTES)
             if not chunk:
-                return data, None
+                return data, started, None
             data += chunk
-    if not data.startswith(TUNNEL_PREFIX):
-        return data, None
-    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
-    conn.receive_data(data)
-    with trio.move_on_after(HEAD_TIMEOUT):
-        while True:
+        if not data.startswith(TUNNEL_PREFIX):
+            return data, started, None
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+        conn.receive_data(data)
+        while event is None:
             try:
-                event = conn.next_event()
+                next_event = conn.next_event()
             except h11.RemoteProtocolError:
-                return data, None
-            if isinstance(event, h11.Request):
+                return data, started, None  # hypercorn answers it
+            if isinstance(next_event, h11.Request):
+                event = next_event
                 break
             chunk = await stream.receive_some(RECEIVE_BYTES)
             if not chunk:
-                return data, None
+                return data, started, None
             data += chunk
             conn.receive_data(bytes(chunk))
-    if not isinstance(event, h11.Request):
-        return data, None  # too slow: hypercorn answers (or times out) the rest
+    if event is None:
+        return data, started, None  # too slow: hypercorn answers 408
     path = event.target.split(b"?", 1)[0]
     headers: dict[str, str] = {}
     for name, value in event.headers:
@@ -163,26 +330,18 @@ async def _read_upgrade(stream: Accepted, idle_timeout: float
     upgrade = headers.get("upgrade", "").lower()
     connection = {t.strip().lower() for t in headers.get("connection", "").split(",")}
     if path != TUNNEL_PATH.encode() or upgrade != "websocket" or "upgrade" not in connection:
-        return data, None
+        return data, started, None
     buffered, _ = conn.trailing_data
     try:
         peer = socket_of(stream).getpeername()
         client: tuple[str, int] | None = (str(peer[0]), int(peer[1]))
     except (OSError, IndexError, TypeError):
         client = None
-    return data, UpgradeRequest(stream, headers, client, bytes(buffered))
+    return data, started, UpgradeRequest(stream, headers, client, bytes(buffered))
 
 
 PLAIN_HTTP_ON_TLS = APIError(400, "this port speaks TLS: use https:// (wss:// for tunnels)",
                              code="tls_required")
-
-
-def _error_response(error: APIError) -> bytes:
-    """A whole HTTP/1.1 response carrying ``error`` (the connection closes after it)."""
-    body = error.to_json()
-    return (b"HTTP/1.1 %d Bad Request\r\ncontent-type: application/json\r\n"
-            b"content-length: %d\r\nconnection: close\r\n\r\n%s"
-            % (error.status, len(body), body))
 
 
 async def _over_tls(then: Callable[[Accepted], Awaitable[None]],
@@ -218,7 +377,7 @@ async def _refuse_plain_http(stream: trio.SocketStream) -> None:
         if not chunk:
             return
         head += chunk
-    await stream.send_all(_error_response(PLAIN_HTTP_ON_TLS))
+    await stream.send_all(error_response(PLAIN_HTTP_ON_TLS))
     await stream.send_eof()
 
 
@@ -226,13 +385,20 @@ async def serve(app: Any, config: Config, on_tunnel: TunnelHandler,
                 shutdown_trigger: Callable[[], Awaitable[object]], *,
                 tls: Callable[[], ssl.SSLContext] | None = None,
                 handshake_timeout: float = HANDSHAKE_TIMEOUT,
+                limits: Limits | None = None,
                 task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
     """Listen on ``config.bind`` until ``shutdown_trigger`` returns; reports the bound
     URLs. Connections opening with a tunnel upgrade go to ``on_tunnel``, the rest to
     hypercorn serving the ASGI ``app`` (keep-alive, HTTP/2, graceful shutdown as
     configured). With ``tls`` (which returns the server context to use now) every
     connection speaks TLS, and must complete its handshake within
-    ``handshake_timeout`` seconds."""
+    ``handshake_timeout`` seconds. ``limits`` (default: the settings' defaults) bound
+    every connection and their number."""
+    limits = limits or Limits.of(GatewaySettings())
+    cap = connection_cap(limits.max_connections)
+    open_count = 0
+    busy_log = Throttle(BUSY_LOG_EVERY)
+    served: set[_Replay] = set()
     wrapped = wrap_app(app, config.wsgi_max_body_size, None)
     context = WorkerContext(None)
     sockets = config.create_sockets()
@@ -249,7 +415,7 @@ async def serve(app: Any, config: Config, on_tunnel: TunnelHandler,
 
     async def connection(stream: Accepted) -> None:
         try:
-            head, upgrade = await _read_upgrade(stream, config.keep_alive_timeout)
+            head, started, upgrade = await _read_upgrade(stream, limits)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             await trio.aclose_forcefully(stream)
             return
@@ -264,12 +430,30 @@ async def serve(app: Any, config: Config, on_tunnel: TunnelHandler,
         if not head:
             await trio.aclose_forcefully(stream)
             return
-        await TCPServer(wrapped, config, context, ConnectionState({}),
-                        replay(stream, head))  # type: ignore[arg-type]
+        replayed = replay(stream, head, limits.send_timeout)
+        served.add(replayed)
+        try:
+            await _Server(wrapped, config, context, replayed, limits, started)
+        finally:
+            served.discard(replayed)
 
-    handler: Callable[[trio.SocketStream], Awaitable[None]] = connection
+    secured: Callable[[trio.SocketStream], Awaitable[None]] = connection
     if tls is not None:
-        handler = partial(_over_tls, connection, tls, handshake_timeout)
+        secured = partial(_over_tls, connection, tls, handshake_timeout)
+
+    async def handler(stream: trio.SocketStream) -> None:
+        nonlocal open_count
+        if open_count >= cap:
+            if busy_log.allow():
+                log.warning("%d connections open (gateway.max_connections): refusing "
+                            "new ones", open_count)
+            await _refuse(stream, BUSY if tls is None else None)
+            return
+        open_count += 1
+        try:
+            await secured(stream)
+        finally:
+            open_count -= 1
     async with trio.open_nursery() as handlers:
         async with trio.open_nursery() as accepting:
             for listener in listeners:
@@ -281,4 +465,19 @@ async def serve(app: Any, config: Config, on_tunnel: TunnelHandler,
         for listener in listeners:
             await listener.aclose()
         await context.terminated.set()
+        for waiting in served:
+            waiting.wake()  # connections waiting for a request close now
         handlers.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
+
+
+async def _refuse(stream: trio.SocketStream, error: APIError | None) -> None:
+    """Answer ``error`` (if any: a TLS client cannot read it before its handshake) and
+    close the connection."""
+    if error is not None:
+        with trio.move_on_after(1):
+            try:
+                await stream.send_all(error_response(error))
+                await stream.send_eof()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+    await trio.aclose_forcefully(stream)

@@ -2,7 +2,9 @@
 
 Only what the gateway needs (the model, whether to stream) and what would
 otherwise fail obscurely on a backend is checked; every other field passes
-through untouched. Each failure names the offending parameter.
+through untouched. Each failure names the offending parameter. A body nested
+deeper than the gateway's ``max_json_depth`` is refused before anything walks it
+(Python code, the gateway's or a plugin's, recurses on nested values).
 """
 
 from __future__ import annotations
@@ -82,12 +84,45 @@ _NUMBER_FIELDS = ("temperature", "top_p", "presence_penalty", "frequency_penalty
 _INT_FIELDS = ("max_tokens", "max_completion_tokens", "n", "seed", "top_logprobs")
 
 
-def parse_request(endpoint: str, raw: bytes) -> ParsedRequest:
+MAX_JSON_DEPTH = 128
+"""Deepest nesting of arrays and objects in a request body, unless the gateway's
+``max_json_depth`` says otherwise."""
+
+
+def nesting_within(raw: bytes, value: Any, limit: int) -> bool:
+    """True if ``value`` (decoded from ``raw``) nests arrays and objects at most
+    ``limit`` deep (``[]`` is 1 deep). Walked level by level, without recursion, and
+    only when ``raw`` holds more than ``limit`` brackets: an ordinary body costs two
+    byte counts."""
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return True
+    level = [value] if isinstance(value, dict | list) else []
+    depth = 0
+    while level:
+        depth += 1
+        if depth > limit:
+            return False
+        level = [v for item in level for v in (item.values() if isinstance(item, dict)
+                                                 else item) if isinstance(v, dict | list)]
+    return True
+
+
+def _too_deep(limit: int) -> APIError:
+    return APIError(400, f"request body nests arrays and objects deeper than {limit} levels",
+                    code="invalid_json")
+
+
+def parse_request(endpoint: str, raw: bytes, max_depth: int = MAX_JSON_DEPTH
+                  ) -> ParsedRequest:
     """Decode and check a request body for ``endpoint``; raise APIError(400)."""
     try:
         body = _decoder.decode(raw)
     except msgspec.DecodeError as exc:
         raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:  # deeper than the decoder goes, far beyond any limit
+        raise _too_deep(max_depth) from None
+    if not nesting_within(raw, body, max_depth):
+        raise _too_deep(max_depth)
     if not isinstance(body, dict):
         raise _bad("request body must be a JSON object", None, "invalid_type")
     model = body.get("model")

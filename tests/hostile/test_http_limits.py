@@ -1,0 +1,174 @@
+"""Finding 7, continued: how many connections and tunnel handshakes a client may hold.
+
+* Past ``max_connections`` a new connection is answered 503 (the OpenAI error object,
+  with Retry-After) and closed, and is served again once a connection goes.
+* Tunnel upgrades from one client IP are rate-limited (a token bucket) and capped in
+  how many may be unfinished (upgraded, not yet proven) at once: the next one gets a
+  plain 429 with the reason, while another IP (``127.0.0.2``) still gets through, and
+  tunnels that completed their handshake no longer count.
+"""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from tests.conftest import Network
+from tests.hostile.client import (
+    TIMEOUT,
+    assert_error_object,
+    assert_no_tracebacks,
+    connect,
+    exchange,
+    read_head,
+    read_response,
+    read_to_eof,
+    request_bytes,
+    upgrade_bytes,
+)
+from tooti.gateway.app import Gateway
+from tooti.settings import GatewaySettings, TunnelSettings
+
+OTHER_IP = "127.0.0.2"
+
+
+async def start(nursery: trio.Nursery, **settings: object) -> Network:
+    tunnel = TunnelSettings(heartbeat_interval=0.5)
+    gateway = Gateway(GatewaySettings(listen="127.0.0.1:0", **settings), tunnel)  # type: ignore[arg-type]
+    urls = await nursery.start(gateway.serve)
+    return Network(nursery, gateway, urls[0], tunnel)
+
+
+# ---------------------------------------------------------------- connection cap
+
+
+async def test_connection_past_the_limit_gets_503_and_is_served_once_one_goes(
+        nursery: trio.Nursery, caplog: pytest.LogCaptureFixture) -> None:
+    limit = 20
+    network = await start(nursery, max_connections=limit)
+    held = []
+    try:
+        with trio.fail_after(TIMEOUT):
+            for _ in range(limit):  # each answered once, so each is surely open
+                stream = await connect(network.url)
+                held.append(stream)
+                await stream.send_all(request_bytes("GET", "/healthz"))
+                assert (await read_response(stream)).status == 200
+            refused = await exchange(network.url, request_bytes("GET", "/healthz"))
+            error = assert_error_object(refused, 503)
+            assert error["code"] == "too_many_connections"
+            assert refused.headers["retry-after"] == "1"
+            assert refused.headers["connection"] == "close"
+
+            # One goes (the gateway closes its side too); then a newcomer is served.
+            await held[0].send_eof()
+            assert await read_to_eof(held[0]) == b""
+            await trio.testing.wait_all_tasks_blocked()
+            served = await exchange(network.url, request_bytes("GET", "/healthz"))
+            assert served.status == 200
+    finally:
+        for stream in held:
+            await trio.aclose_forcefully(stream)
+    warnings = [r.getMessage() for r in caplog.records if "max_connections" in r.getMessage()]
+    assert warnings == [f"{limit} connections open (gateway.max_connections): refusing new ones"]
+    assert_no_tracebacks(caplog)
+
+
+# ---------------------------------------------------------------- tunnel handshakes
+
+
+async def upgrade(network: Network, source: str = "127.0.0.1"
+                  ) -> tuple[trio.SocketStream, int, bytes]:
+    """A raw tunnel upgrade from ``source``: the open stream, the status and what
+    followed the head (for a refusal: its body)."""
+    stream = await connect(network.url, source)
+    with trio.fail_after(TIMEOUT):
+        await stream.send_all(upgrade_bytes())
+        head, rest = await read_head(stream)
+        status = int(head.split(b" ", 2)[1])
+        if status != 101:
+            rest += await read_to_eof(stream)
+    return stream, status, rest
+
+
+async def test_handshake_flood_from_one_ip_is_limited_and_another_ip_is_not(
+        nursery: trio.Nursery) -> None:
+    burst = 5
+    network = await start(nursery, tunnel_handshake_burst=burst,
+                          tunnel_handshake_rate=0.001, tunnel_handshakes_per_ip=100)
+    streams = []
+    try:
+        for _ in range(burst):
+            stream, status, _ = await upgrade(network)
+            streams.append(stream)
+            assert status == 101
+        stream, status, reason = await upgrade(network)
+        streams.append(stream)
+        assert status == 429
+        assert reason.startswith(b"too many tunnel handshakes from 127.0.0.1"), reason
+        stream, status, _ = await upgrade(network, OTHER_IP)
+        streams.append(stream)
+        assert status == 101
+    finally:
+        for stream in streams:
+            await trio.aclose_forcefully(stream)
+
+
+async def test_unfinished_handshakes_per_ip_are_capped_until_one_ends(
+        nursery: trio.Nursery) -> None:
+    cap = 3
+    network = await start(nursery, tunnel_handshakes_per_ip=cap)
+    streams = []
+    try:
+        for _ in range(cap):  # upgraded, and then silent: no HELLO
+            stream, status, _ = await upgrade(network)
+            streams.append(stream)
+            assert status == 101
+        stream, status, reason = await upgrade(network)
+        streams.append(stream)
+        assert status == 429
+        assert reason.startswith(b"too many unfinished tunnel handshakes from 127.0.0.1"), \
+            reason
+        stream, status, _ = await upgrade(network, OTHER_IP)
+        streams.append(stream)
+        assert status == 101
+
+        await trio.aclose_forcefully(streams[0])  # one half-open upgrade gives up
+        await trio.testing.wait_all_tasks_blocked()
+        stream, status, _ = await upgrade(network)
+        streams.append(stream)
+        assert status == 101
+    finally:
+        for stream in streams:
+            await trio.aclose_forcefully(stream)
+
+
+async def test_tunnels_that_finished_their_handshake_do_not_count(
+        nursery: trio.Nursery) -> None:
+    """Many nodes behind one address (a NAT) can all join: only unfinished handshakes
+    count toward the per-IP cap."""
+    network = await start(nursery, tunnel_handshakes_per_ip=2)
+    with trio.fail_after(TIMEOUT):
+        for name in ("node-a", "node-b", "node-c", "node-d"):
+            await network.add_node(node_id=name)
+    assert set(network.gateway.registry.peers) == {"node-a", "node-b", "node-c", "node-d"}
+
+
+async def test_handshake_limit_applies_on_a_kept_alive_connection_too(
+        nursery: trio.Nursery) -> None:
+    """The ASGI way in (an upgrade after an HTTP request on the same connection)."""
+    network = await start(nursery, tunnel_handshake_burst=1, tunnel_handshake_rate=0.001)
+    first, status, _ = await upgrade(network)
+    async with first:
+        assert status == 101
+        stream = await connect(network.url)
+        async with stream:
+            with trio.fail_after(TIMEOUT):
+                await stream.send_all(request_bytes("GET", "/healthz"))
+                assert (await read_response(stream)).status == 200
+                await stream.send_all(upgrade_bytes())
+                head, reason = await read_head(stream)
+                reason += await read_to_eof(stream)
+            assert head.startswith(b"HTTP/1.1 429 "), head
+            assert b"too many tunnel handshakes from 127.0.0.1" in reason, reason  # chunked
