@@ -235,12 +235,12 @@ class Gateway:
             self.bound = await http_nursery.start(
                 lambda task_status: serve(app, config, self.accept_tunnel, self._shutdown.wait,
                                           tls=self.tls.current if self.tls else None,
+                                          limits=Limits.of(self.settings),
                                           task_status=task_status)
             )
             log.info("%s listening on %s", "gateway" if self.serve_api else "relay",
                      ", ".join(self.bound))
             task_status.started(self.bound)
-                                          limits=Limits.of(self.settings),
 
     async def drain(self, grace: float,
                     also: Sequence[Callable[[], Awaitable[None]]] = ()) -> None:
@@ -340,11 +340,6 @@ class Gateway:
         headers: Headers = [(b"x-request-id", request_id.encode())]
         path = scope["path"]
         method = scope["method"]
-        self.in_flight += 1
-        self._idle = trio.Event() if self.in_flight == 1 else self._idle
-        try:
-            endpoint = API_ROUTES.get(path)
-            if not self.serve_api and (endpoint is not None or path == "/v1/models"):
         answered = False
 
         async def send(message: dict[str, Any]) -> None:
@@ -352,6 +347,11 @@ class Gateway:
             answered = answered or message["type"] == "http.response.start"
             await raw_send(message)
 
+        self.in_flight += 1
+        self._idle = trio.Event() if self.in_flight == 1 else self._idle
+        try:
+            endpoint = API_ROUTES.get(path)
+            if not self.serve_api and (endpoint is not None or path == "/v1/models"):
                 raise APIError(404, "this process is a relay: send API requests to a "
                                "gateway", code="not_a_gateway")
             if endpoint is not None:
@@ -391,15 +391,15 @@ class Gateway:
                 await send_error(send, error, headers)
         except ClientGone:
             return
+        except Exception as exc:
+            failure = self.internal_errors.report(request_id, exc)
+            if not answered:
+                await send_error(send, failure, headers)
         finally:
             self.in_flight -= 1
             if self.in_flight == 0:
                 self._idle.set()
 
-        except Exception as exc:
-            failure = self.internal_errors.report(request_id, exc)
-            if not answered:
-                await send_error(send, failure, headers)
     async def _serve_api(
         self, scope: Scope, receive: Receive, send: Send, request_id: str, headers: Headers,
         request: ParsedRequest, raw: bytes,
