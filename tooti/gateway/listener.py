@@ -130,6 +130,7 @@ class _Replay(trio.abc.HalfCloseableStream):
         self._head = head
         self._send_timeout = send_timeout
         self._arrival: trio.Event | None = None
+        self._sending = trio.Lock()
         self.at_eof = False
         """The client has sent its last byte."""
         self.socket = socket_of(stream)
@@ -160,7 +161,8 @@ class _Replay(trio.abc.HalfCloseableStream):
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         # hypercorn shields its writes from cancellation; this deadline still applies.
         with trio.move_on_after(self._send_timeout):
-            await self._stream.send_all(data)
+            async with self._sending:
+                await self._stream.send_all(data)
             return
         await trio.aclose_forcefully(self._stream)
         raise trio.BrokenResourceError("the client stopped reading")
@@ -169,8 +171,11 @@ class _Replay(trio.abc.HalfCloseableStream):
         await self._stream.wait_send_all_might_not_block()
 
     async def send_eof(self) -> None:
+        # hypercorn may half-close (its reader saw the client go) while the app's last
+        # write is under way: wait for it rather than fail with BusyResourceError.
         if isinstance(self._stream, trio.SocketStream):
-            await self._stream.send_eof()
+            async with self._sending:
+                await self._stream.send_eof()
 
     async def aclose(self) -> None:
         await self._stream.aclose()
