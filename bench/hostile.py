@@ -17,8 +17,9 @@ every row is compared to it):
 ``baseline``
     Normal requests only (``--requests``, sequential).
 ``no-ledger``
-    The same with ``[billing] plugins = []``: the difference is the cost of recording
-    usage durably.
+    Two gateways side by side, one with ``[billing] plugins = []``, the other as
+    shipped (each with its own honest node); normal requests alternate between them in
+    random order. The difference is the cost of recording usage durably.
 ``heartbeat-flood``
     A node advertising as many models as the gateway accepts (3,200 tried first, then
     fewer) sends HEARTBEAT every 1-10 ms; when its session is cut it dials again with a
@@ -1006,30 +1007,54 @@ def rss_mb(kib: int) -> float:
     return round(kib / 1024, 1)
 
 
+async def start_retrying(root: Path, gateway_extra: str = "") -> Stack:
+    """:func:`start_stack`, up to three times (a free port may be taken before the
+    gateway binds it)."""
+    for attempt in range(3):
+        try:
+            return await start_stack(root.with_name(f"{root.name}-{attempt}"), gateway_extra)
+        except (RuntimeError, trio.TooSlowError) as exc:
+            problem = exc
+    raise RuntimeError(f"could not start the gateway: {problem}"[:200])
+
+
 async def measure(name: str, scale: Scale, root: Path, self_path: Path,
                   progress: Callable[[str], None]) -> Row:
     """Run one attack against a fresh gateway; never raises for what the attack did."""
     row = Row(name)
     extra = toml_table("billing", {"plugins": []}) if name == "no-ledger" else ""
-    for attempt in range(3):  # the free port may be taken before the gateway binds it
-        try:
-            stack = await start_stack(root / f"{name}-{attempt}", extra)
-            break
-        except (RuntimeError, trio.TooSlowError) as exc:
-            problem = f"could not start the gateway: {exc}"[:200]
-    else:
-        row.notes.append(problem)
-        return row
+    stacks: list[Stack] = []
     try:
-        await attack_on(stack, name, scale, self_path, row)
+        stacks.append(await start_retrying(root / name, extra))
+        if name == "no-ledger":  # and one as shipped, to compare with
+            stacks.append(await start_retrying(root / "with-ledger"))
+        await attack_on(*stacks[:1], name, scale, self_path, row,
+                        compare=stacks[1] if len(stacks) > 1 else None)
+    except RuntimeError as exc:
+        row.notes.append(str(exc))
     finally:
-        stack.children.stop_all()
+        for stack in stacks:
+            stack.children.stop_all()
     progress(f"{name} ({time.strftime('%H:%M:%S')}): {one_line(row)}")
     return row
 
 
-async def attack_on(stack: Stack, name: str, scale: Scale, self_path: Path, row: Row) -> None:
-    """Measure normal requests (and the gateway) while ``name`` runs."""
+async def interleave(clients: Sequence[httpx.AsyncClient], probes: Sequence[Probe],
+                     rounds: int) -> None:
+    """``rounds`` normal requests to each client, the clients in random order each
+    round (non-streamed and streamed in turn)."""
+    rng = random.Random(7)
+    order = list(range(len(clients)))
+    for sent in range(rounds):
+        rng.shuffle(order)
+        for index in order:
+            await normal_request(clients[index], sent % 2 == 1, probes[index])
+
+
+async def attack_on(stack: Stack, name: str, scale: Scale, self_path: Path, row: Row,
+                    compare: Stack | None = None) -> None:
+    """Measure normal requests (and the gateway) while ``name`` runs (with
+    ``compare``: alternating between the two gateways)."""
     gateway = stack.gateway
     base = f"http://127.0.0.1:{stack.port}"
     watch = Watch(rss_before_kib=proc_status_kib(gateway.pid, "VmRSS"))
@@ -1058,6 +1083,14 @@ async def attack_on(stack: Stack, name: str, scale: Scale, self_path: Path, row:
                 nursery.start_soon(measure_listings, admin, row, done)
             if name == "kill-9":
                 await kill_under_load(stack, scale, client, probe, row)
+            elif compare is not None:
+                other = Probe()
+                async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{compare.port}",
+                                             timeout=timeout) as second:
+                    for _ in range(10):
+                        await normal_request(second, False, Probe())
+                    await interleave([client, second], [probe, other], scale.requests)
+                row.extra["as_shipped"] = other.summary()
             elif attacker is None:
                 await probe_until(client, probe, done, scale.requests)
             else:
@@ -1278,6 +1311,16 @@ def one_line(row: Row) -> str:
                       for e in info.get("ledger", []) if isinstance(e, dict)]
             notes.append(f"{lie}: {statuses}; billed {', '.join(billed) or 'nothing'}; "
                          f"node {'kept' if info['session'] == 'live' else 'cut'}")
+    if row.attack == "no-ledger" and (x.get("as_shipped") or {}).get("all"):
+        shipped, without = x["as_shipped"], row.probe
+        parts = []
+        for kind in ("non_stream", "stream"):
+            if shipped.get(kind) and without.get(kind):
+                parts.append(f"{kind.replace('_', '-')} {shipped[kind]['p50']} vs "
+                             f"{without[kind]['p50']} ms")
+        cost = shipped["all"]["p50"] - (without.get("all") or {}).get("p50", 0)
+        notes.append(f"interleaved with a gateway as shipped, p50 with vs without the "
+                     f"ledger: {', '.join(parts)}; durable usage costs {cost:+.2f} ms at p50")
     if row.attack == "kill-9" and "kill_9" in x:
         k = x["kill_9"]
         notes.append(f"{k['clients']} clients at once; {k['missing_from_ledger']} of "
@@ -1313,12 +1356,6 @@ async def run_all(attacks: list[str], scale: Scale, root: Path, self_path: Path,
         began = time.monotonic()
         rows.append(await measure(name, scale, root, self_path, progress))
         rows[-1].extra["took_s"] = round(time.monotonic() - began, 1)
-        if name == "no-ledger" and rows[0].attack == "baseline":
-            with_ledger = (rows[0].probe.get("all") or {}).get("p50")
-            without = (rows[-1].probe.get("all") or {}).get("p50")
-            if with_ledger and without:
-                rows[-1].notes.append(f"durable ledger costs {with_ledger - without:+.2f} ms "
-                                      "at p50")
     return rows
 
 
