@@ -115,6 +115,19 @@ class GatewaySettings:
     """Seconds a request may wait for a free slot when every node is full (then 429)."""
     max_queue: int = 1024
     """Requests that may wait for a slot at once; more get 429 at once."""
+    max_response_bytes: int = 67_108_864
+    """Largest non-streamed answer the gateway collects from a node (502 above)."""
+    max_buffered_bytes: int = 268_435_456
+    """Bytes of non-streamed answers held at once, over every request; an answer that
+    would go beyond waits for room (at most ``buffer_wait``), then gets 503."""
+    buffer_wait: float = 10.0
+    """Seconds an answer may wait for room under ``max_buffered_bytes``."""
+    prompt_token_allowance: int = 4096
+    """Prompt tokens a node may report beyond one per byte of the request body (a chat
+    template, a server's system prompt); more is a violation."""
+    media_token_allowance: int = 16_384
+    """Further prompt tokens allowed per image, audio, video or file part of a chat
+    request (their tokens are not in the body's bytes)."""
     cooldown_failures: int = 3
     """Failures of one node's model within ``cooldown_window`` that start a cooldown."""
     cooldown_window: float = 60.0

@@ -23,6 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from tooti.gateway.reported import MAX_TOKENS
+from tooti.protocol.schemas import MAX_PRICE
+
 
 @dataclass(frozen=True)
 class BillingSetup:
@@ -65,9 +68,19 @@ class Usage:
 
     @property
     def cost(self) -> float:
-        """Prompt and completion tokens at the node's own prices."""
-        return (self.prompt_tokens * self.price_input
-                + self.completion_tokens * self.price_output) / 1_000_000
+        """Prompt and completion tokens at the node's own prices. Never negative nor
+        infinite, whatever the fields hold: a count or price below zero (or not finite)
+        counts as zero, and each is capped at what the gateway accepts from a node
+        (:data:`MAX_TOKENS`, :data:`MAX_PRICE`), which it checks before billing."""
+        return (_bounded(self.prompt_tokens, MAX_TOKENS) * _bounded(self.price_input, MAX_PRICE)
+                + _bounded(self.completion_tokens, MAX_TOKENS)
+                * _bounded(self.price_output, MAX_PRICE)) / 1_000_000
+
+
+def _bounded(value: float, high: float) -> float:
+    if not value > 0:  # negative, zero or NaN
+        return 0
+    return value if value < high else high
 
 
 class Billing(Protocol):

@@ -14,18 +14,32 @@ log = logging.getLogger("tooti.billing")
 
 SETTLE_TIMEOUT = 5.0
 BYTES_PER_TOKEN = 4
-"""Rough prompt-token estimate from the body size, used only when a node reports nothing."""
+"""Rough tokens-from-bytes estimate, used only for what a node did not report (or
+reported out of bounds)."""
+RESTART_DELAY = 1.0
+"""Seconds before a billing plugin's ``run`` that raised is started again."""
+MAX_RESTART_DELAY = 60.0
 
 
 def usage_from(outcome: Outcome, body_bytes: int, started: float) -> Usage:
-    """Turn what the proxy saw into a billable record (estimating what is missing)."""
-    usage = outcome.usage or {}
-    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    estimated = bool(usage.get("estimated")) or not isinstance(prompt, int)
-    if not isinstance(prompt, int):
+    """Turn what the proxy saw into a billable record, estimating what is missing.
+
+    ``outcome.usage`` is what the node reported, already checked against the request's
+    bounds (:mod:`tooti.gateway.reported`); without it the gateway estimates: prompt
+    tokens from the body's size, completion tokens from the SSE events relayed (or the
+    bytes of a non-streamed answer), within the request's ``max_tokens``."""
+    reported = outcome.usage
+    prompt = reported.prompt_tokens if reported else None
+    completion = reported.completion_tokens if reported else None
+    estimated = reported is None or reported.estimated or prompt is None
+    if prompt is None:
         prompt = body_bytes // BYTES_PER_TOKEN
-    if not isinstance(completion, int):
-        completion = outcome.delivered_events
+    if completion is None:
+        completion = 0 if reported else (
+            outcome.delivered_events or outcome.relayed_bytes // BYTES_PER_TOKEN)
+        cap = outcome.limits.completion if outcome.limits else None
+        if cap is not None:
+            completion = min(completion, cap)
     return Usage(
         node_id=outcome.node_id, model=outcome.model, prompt_tokens=prompt,
         completion_tokens=completion, status=outcome.status,
@@ -41,10 +55,11 @@ class BillingPipeline:
         self.plugins = plugins
 
     async def run(self) -> None:
-        """Run every plugin's background work until cancelled."""
+        """Run every plugin's background work until cancelled; one that raises is logged
+        and started again (it never ends the gateway)."""
         async with trio.open_nursery() as nursery:
             for plugin in self.plugins:
-                nursery.start_soon(plugin.run)
+                nursery.start_soon(_keep_running, plugin)
 
     async def authorize(self, ctx: RequestContext) -> None:
         """Ask every plugin; the first to raise APIError refuses the request."""
@@ -84,3 +99,20 @@ class BillingPipeline:
                     await plugin.close()
                 except Exception:
                     log.exception("closing billing plugin %r failed", plugin)
+
+
+async def _keep_running(plugin: Billing) -> None:
+    """``plugin.run()``, started again after each exception: ``RESTART_DELAY`` later,
+    doubling while it keeps failing within a minute of its start (at most a minute)."""
+    delay = RESTART_DELAY
+    while True:
+        started = trio.current_time()
+        try:
+            await plugin.run()
+            return
+        except Exception:
+            log.exception("billing plugin %r failed in run(); restarting it in %gs",
+                          plugin, delay)
+        await trio.sleep(delay)
+        ran_long = trio.current_time() - started > MAX_RESTART_DELAY
+        delay = RESTART_DELAY if ran_long else min(delay * 2, MAX_RESTART_DELAY)

@@ -184,6 +184,11 @@ class Gateway:
                 failures=settings.cooldown_failures, window=settings.cooldown_window,
                 base=settings.cooldown_seconds, maximum=settings.cooldown_max_seconds,
             ),
+            max_response_bytes=settings.max_response_bytes,
+            max_buffered_bytes=settings.max_buffered_bytes,
+            buffer_wait=settings.buffer_wait,
+            prompt_token_allowance=settings.prompt_token_allowance,
+            media_token_allowance=settings.media_token_allowance,
         )
         self.proxy = Proxy(self.registry, self.policy, self.proxy_settings)
         self.metrics = GatewayMetrics(self.registry, self.registry.bus, self.proxy)
@@ -434,9 +439,18 @@ class Gateway:
         )
         outcome = Outcome()
         started = time.monotonic()
+        settled: Usage | None = None
+
+        async def settle() -> None:
+            """A node's answer is complete: settle before its last bytes leave, so no
+            client sees a complete answer whose usage record could still be lost."""
+            nonlocal settled
+            settled = usage_from(outcome, len(raw), started)
+            await self.billing.finish(ctx, outcome, settled)
+
         try:
             complete = await cancel_on_disconnect(receive, send, lambda tracked: (
-                self.proxy.forward(request, route, raw, tracked, headers, outcome)))
+                self.proxy.forward(request, route, raw, tracked, headers, outcome, settle)))
             if not complete:
                 outcome.status = "cancelled"
         except trio.TooSlowError:
@@ -455,8 +469,10 @@ class Gateway:
                 outcome.error = exc.message
             raise
         finally:
-            usage = usage_from(outcome, len(raw), started)
-            await self.billing.finish(ctx, outcome, usage)
+            usage = settled
+            if usage is None:
+                usage = usage_from(outcome, len(raw), started)
+                await self.billing.finish(ctx, outcome, usage)
             self._publish_finished(request_id, outcome, usage, request.stream)
 
     def _publish_finished(self, request_id: str, outcome: Outcome, usage: Usage,

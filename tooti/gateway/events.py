@@ -2,8 +2,11 @@
 
 Publishing never blocks and never fails the request path: each subscriber has
 a bounded buffer, and a subscriber that falls behind is dropped (its stream
-ends with a ``dropped`` event) instead of being waited for. The bus also keeps
-the last few hundred requests so a new subscriber starts from a snapshot.
+ends with a ``dropped`` event) instead of being waited for. A synchronous
+listener that raises is logged (at most once a minute per listener, with the
+count of failures since) and the other listeners and subscribers still get the
+event. The bus also keeps the last few hundred requests so a new subscriber
+starts from a snapshot.
 
 Event kinds: ``peer.joined``, ``peer.updated`` (heartbeat figures),
 ``peer.left``, ``peer.cooldown`` (entered or left); ``request.received``,
@@ -14,6 +17,7 @@ Event kinds: ``peer.joined``, ``peer.updated`` (heartbeat figures),
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -22,8 +26,12 @@ from typing import Any
 
 import trio
 
+log = logging.getLogger("tooti.gateway")
+
 SUBSCRIBER_BUFFER = 1024
 RECENT_REQUESTS = 500
+LISTENER_LOG_INTERVAL = 60.0
+"""Seconds between two log lines about the same failing listener."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +76,9 @@ class EventBus:
     """Sequence number of the newest event (a snapshot is current up to it)."""
     _subscribers: set[Subscription] = field(default_factory=set)
     _seq: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    _failures: dict[Callable[[BusEvent], None], tuple[float, int]] = field(
+        default_factory=dict)
+    """Failing listener → (when it was last logged, failures not logged since)."""
 
     def publish(self, kind: str, **data: Any) -> None:
         """Record and fan out one event; never blocks."""
@@ -76,7 +87,10 @@ class EventBus:
         if kind.startswith("request."):
             self._remember(event)
         for listener in self.listeners:
-            listener(event)
+            try:
+                listener(event)
+            except Exception:
+                self._listener_failed(listener, event)
         for sub in list(self._subscribers):
             try:
                 sub.send.send_nowait(event)
@@ -84,6 +98,19 @@ class EventBus:
                 self._drop(sub)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self._subscribers.discard(sub)
+
+    def _listener_failed(self, listener: Callable[[BusEvent], None], event: BusEvent
+                         ) -> None:
+        """Log a listener's exception, at most once per ``LISTENER_LOG_INTERVAL``."""
+        now = time.monotonic()
+        logged, unlogged = self._failures.get(listener, (-LISTENER_LOG_INTERVAL, 0))
+        if now - logged < LISTENER_LOG_INTERVAL:
+            self._failures[listener] = (logged, unlogged + 1)
+            return
+        self._failures[listener] = (now, 0)
+        log.exception("event listener %r failed on %s%s", listener, event.kind,
+                      f" ({unlogged} more failures since its last report)" if unlogged
+                      else "")
 
     def _remember(self, event: BusEvent) -> None:
         request_id = event.data.get("request_id")

@@ -12,6 +12,8 @@ from tooti.gateway.events import BusEvent, EventBus
 from tooti.gateway.registry import Registry
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+MAX_AMOUNT = 1e18
+"""Largest figure one event may add to a metric (anything beyond counts as 0)."""
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
@@ -63,20 +65,29 @@ class GatewayMetrics:
         bus.listeners.append(self.on_event)
 
     def on_event(self, event: BusEvent) -> None:
-        """Update counters from ``request.finished`` events."""
+        """Update counters from ``request.finished`` events. A figure that is not a
+        finite non-negative number (counters cannot go down) counts as 0."""
         if event.kind != "request.finished":
             return
         data = event.data
-        model = data.get("model") or "-"
-        node = data.get("node") or "-"
+        model = str(data.get("model") or "-")
+        node = str(data.get("node") or "-")
         status = str(data.get("status"))
         self.requests.labels(model, node, status).inc()
-        self.tokens.labels(model, node, "prompt").inc(data.get("prompt_tokens") or 0)
-        self.tokens.labels(model, node, "completion").inc(data.get("completion_tokens") or 0)
+        self.tokens.labels(model, node, "prompt").inc(_amount(data.get("prompt_tokens")))
+        self.tokens.labels(model, node, "completion").inc(
+            _amount(data.get("completion_tokens")))
         if data.get("ttft_ms") is not None:
-            self.ttft.labels(model).observe(data["ttft_ms"] / 1000)
-        self.latency.labels(model, status).observe((data.get("latency_ms") or 0) / 1000)
+            self.ttft.labels(model).observe(_amount(data["ttft_ms"]) / 1000)
+        self.latency.labels(model, status).observe(_amount(data.get("latency_ms")) / 1000)
 
     def render(self) -> bytes:
         """The Prometheus text exposition."""
         return generate_latest(self.prometheus)
+
+
+def _amount(value: object) -> float:
+    """``value`` if it is a finite number >= 0, else 0."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0.0
+    return float(value) if 0 <= value < MAX_AMOUNT else 0.0  # NaN compares False

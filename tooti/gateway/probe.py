@@ -1,4 +1,9 @@
-"""Probing a node's model out of cooldown with one cheap request."""
+"""Probing a node's model out of cooldown with one cheap request.
+
+A probe task runs in the gateway's nursery, so nothing it meets may end it: a probe
+that raises counts as a failed probe (a longer cooldown follows), and anything else
+that raises is logged and the probing starts over.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +21,9 @@ from tooti.protocol.connection import FlowControlError
 from tooti.tunnel import TunnelLost
 
 log = logging.getLogger("tooti.gateway")
+
+RETRY_DELAY = 5.0
+"""Seconds before probing starts over after an unexpected error."""
 
 
 def probe_body(model: str, endpoints: tuple[str, ...]) -> tuple[str, dict[str, Any]]:
@@ -59,7 +67,20 @@ async def probe_once(peer: Peer, model: str, limit: float) -> str | None:
 
 async def probe_until_healthy(registry: Registry, peer: Peer, model: str,
                               settings: ProxySettings) -> None:
-    """Wait out the cooldown, probe; success ends it, failure starts a longer one."""
+    """Wait out the cooldown, probe; success ends it, failure starts a longer one.
+    Never raises (see the module docstring)."""
+    while True:
+        try:
+            await _probe_until_healthy(registry, peer, model, settings)
+            return
+        except Exception:
+            log.exception("probing node %s model %s failed; starting over in %gs",
+                          peer.id, model, RETRY_DELAY)
+        await trio.sleep(RETRY_DELAY)
+
+
+async def _probe_until_healthy(registry: Registry, peer: Peer, model: str,
+                               settings: ProxySettings) -> None:
     record = peer.health_of(model)
     while record.in_cooldown and not peer.session.closed.is_set():
         await trio.sleep(max(0.0, record.cooldown_until - time.monotonic()))
@@ -69,8 +90,13 @@ async def probe_until_healthy(registry: Registry, peer: Peer, model: str,
         if peer.session.closed.is_set():
             return
         record.probing = True
-        failure = await probe_once(peer, model, settings.first_byte_timeout)
-        record.probing = False
+        try:
+            failure = await probe_once(peer, model, settings.first_byte_timeout)
+        except Exception as exc:
+            log.exception("probe of node %s model %s raised", peer.id, model)
+            failure = f"probe raised {type(exc).__name__}"
+        finally:
+            record.probing = False
         if failure is None:
             log.info("node %s model %s passed its probe: back in service", peer.id, model)
             record.end_cooldown()

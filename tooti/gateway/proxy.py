@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Collection, Container, Sequence
+from collections.abc import Awaitable, Callable, Collection, Container, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,9 +34,19 @@ import msgspec
 import trio
 
 from tooti.errors import APIError, from_end_info
+from tooti.gateway.budget import BudgetExhausted, ByteBudget, Share
 from tooti.gateway.health import CooldownPolicy
 from tooti.gateway.http import Headers, Send, send_bytes
 from tooti.gateway.registry import Candidates, KeyName, Peer, Registry
+from tooti.gateway.reported import (
+    ReportedUsage,
+    UsageLimits,
+    UsageViolation,
+    check_usage,
+    limits_for,
+    read_end,
+)
+from tooti.gateway.response_headers import BadHeader, content_type, header_value
 from tooti.gateway.validation import ParsedRequest, Preferences
 from tooti.protocol.connection import FlowControlError, ResponseStarted
 from tooti.routing.base import RouteRequest, RoutingPolicy
@@ -45,7 +55,6 @@ from tooti.tunnel import OutboundStream, TunnelLost
 log = logging.getLogger("tooti.gateway")
 _encoder = msgspec.json.Encoder()
 
-MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 DONE = b"data: [DONE]\n\n"
 GATEWAY_FIELDS = ("provider", "tooti", "models")
@@ -62,6 +71,15 @@ class ProxySettings:
     queue_timeout: float = 30.0
     max_queue: int = 1024
     cooldown: CooldownPolicy = field(default_factory=CooldownPolicy)
+    max_response_bytes: int = 64 * 1024 * 1024
+    """Largest non-streamed answer collected (502 above)."""
+    max_buffered_bytes: int = 256 * 1024 * 1024
+    """Bytes of non-streamed answers held at once, over every request."""
+    buffer_wait: float = 10.0
+    """Seconds an answer may wait for room under ``max_buffered_bytes`` (then 503)."""
+    prompt_token_allowance: int = 4096
+    media_token_allowance: int = 16_384
+    """See :mod:`tooti.gateway.reported`."""
 
 
 @dataclass
@@ -74,8 +92,14 @@ class Outcome:
     model: str = ""
     price_input: float = 0.0
     price_output: float = 0.0
-    usage: dict[str, Any] | None = None
-    """The END frame's usage, when the node reported it."""
+    usage: ReportedUsage | None = None
+    """The END frame's usage, when the node reported it within bounds."""
+    limits: UsageLimits | None = None
+    """The most tokens the request can plausibly have used (caps the estimates too)."""
+    relayed_bytes: int = 0
+    """Bytes of the node's answer passed to the client."""
+    violation: str = ""
+    """Why the node's usage report was refused (it was penalized), if it was."""
     status: str = "pending"
     """``ok``, ``error``, ``failed_midstream``, ``cancelled``, ``failed`` or ``pending``."""
     delivered_events: int = 0
@@ -167,6 +191,8 @@ class Proxy:
         """Requests waiting for a free slot right now."""
         self.on_cooldown: Callable[[Peer, str], None] | None = None
         """Called when a node's model enters cooldown (the gateway schedules a probe)."""
+        self.buffers = ByteBudget(settings.max_buffered_bytes)
+        """Memory held by non-streamed answers being collected, over every request."""
 
     # ------------------------------------------------------------ choosing
 
@@ -307,8 +333,18 @@ class Proxy:
     async def forward(
         self, request: ParsedRequest, route: RouteRequest, raw_body: bytes, send: Send,
         headers: Headers, outcome: Outcome,
+        before_last: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
-        """Serve ``request``: each model in turn, each node in turn, until one answers."""
+        """Serve ``request``: each model in turn, each node in turn, until one answers.
+
+        ``before_last`` is awaited once a node's answer is complete and its usage
+        checked, right before the last bytes go to the client (the gateway settles
+        billing there, so a client never sees a complete answer whose record could
+        still be lost)."""
+        settings = self.settings
+        outcome.limits = limits_for(request.endpoint, request.body, len(raw_body),
+                                    settings.prompt_token_allowance,
+                                    settings.media_token_allowance)
         last_error: APIError | None = None
         with trio.fail_after(self.settings.request_timeout):
             for index, model in enumerate(request.models):
@@ -323,7 +359,7 @@ class Proxy:
                     route.key_id)
                 try:
                     await self._forward_model(request, model_route, body, send, headers,
-                                              outcome)
+                                              outcome, before_last)
                     return
                 except APIError as error:
                     if outcome.served or error.status not in RETRYABLE_STATUS:
@@ -339,6 +375,7 @@ class Proxy:
     async def _forward_model(
         self, request: ParsedRequest, route: RouteRequest, body: bytes, send: Send,
         headers: Headers, outcome: Outcome,
+        before_last: Callable[[], Awaitable[None]] | None,
     ) -> None:
         prefs = request.preferences
         attempts = max(1, self.settings.max_attempts) if prefs.allow_fallbacks else 1
@@ -353,7 +390,8 @@ class Proxy:
             self.registry.bus.publish("request.routed", request_id=route.request_id,
                                       node=peer.id, model=route.model, attempt=outcome.attempts)
             try:
-                await self._serve_from(peer, request, route, body, send, headers, outcome)
+                await self._serve_from(peer, request, route, body, send, headers, outcome,
+                                       before_last)
                 return
             except _Retry as retry:
                 excluded.add(peer.id)
@@ -372,6 +410,61 @@ class Proxy:
         raise last_error or APIError(503, f"no live node serves model '{route.model}' now",
                                      code="no_capacity", type="service_unavailable")
 
+    def _checked_usage(self, peer: Peer, out: OutboundStream, outcome: Outcome
+                       ) -> ReportedUsage | None:
+        """The usage the node reported in END, if it is within the request's bounds; a
+        report out of bounds penalizes the node and counts as none (billing estimates).
+        """
+        assert outcome.limits is not None
+        try:
+            report = read_end(out.end_info)
+            return check_usage(report.usage, outcome.limits, outcome.relayed_bytes)
+        except UsageViolation as exc:
+            outcome.violation = str(exc)
+            self.registry.penalize(peer, f"usage out of bounds: {exc}")
+            return None
+
+    async def _collect(self, out: OutboundStream, peer: Peer, share: Share) -> list[bytes]:
+        """Read a whole non-streamed answer, each byte reserved in ``share`` of
+        :attr:`buffers` first (the caller releases it). Failures before END may fail
+        over; no room in the budget within ``buffer_wait`` is 503."""
+        limit = self.settings.max_response_bytes
+        parts: list[bytes] = []
+        size = 0
+        try:
+            async for chunk in out.body():
+                size += len(chunk)
+                if size > limit:
+                    raise APIError(502, f"node {peer.id} answered more than {limit} bytes",
+                                   code="response_too_large")
+                if not share.try_reserve(len(chunk)):
+                    await self._wait_for_room(share, len(chunk))
+                parts.append(chunk)
+        except TunnelLost as exc:
+            raise _Retry(APIError(502, f"node {peer.id} lost mid-response: {exc}",
+                                  code="node_unavailable")) from None
+        info = out.end_info or {}
+        if "error" in info:
+            raise _Retry(from_end_info(info))
+        return parts
+
+    async def _wait_for_room(self, share: Share, size: int) -> None:
+        """Reserve ``size`` bytes in ``share``, waiting at most ``buffer_wait``; else 503
+        (also when the answer was refused to let an older one finish)."""
+        wait = self.settings.buffer_wait
+        why = f"no room within {wait:g}s"
+        with trio.move_on_after(wait):
+            try:
+                await share.reserve(size)
+                return
+            except BudgetExhausted as exc:
+                why = str(exc)
+        log.warning("request answer refused: gateway memory for answers full (%d of %d "
+                    "bytes held): %s", self.buffers.used, self.buffers.limit, why)
+        raise APIError(503, "the gateway is holding as many answers as its memory allows; "
+                       "retry shortly", code="gateway_memory_busy",
+                       type="service_unavailable", headers={"retry-after": "1"})
+
     def node_failed(self, peer: Peer, model: str, reason: str) -> None:
         """Count a failure against ``peer``'s ``model``; maybe start a cooldown."""
         peer.failures += 1
@@ -388,6 +481,7 @@ class Proxy:
     async def _serve_from(
         self, peer: Peer, request: ParsedRequest, route: RouteRequest, body: bytes,
         send: Send, headers: Headers, outcome: Outcome,
+        before_last: Callable[[], Awaitable[None]] | None,
     ) -> None:
         model = route.model
         meta: dict[str, Any] = {
@@ -428,33 +522,51 @@ class Proxy:
                     raise _Retry(error, counts=error.code not in NOT_THE_NODES_FAULT)
                 outcome.status = "error"
                 raise error
+            try:
+                media_type = content_type(head.headers)
+            except BadHeader as exc:
+                self.registry.penalize(peer, f"bad response header: {exc}")
+                raise _Retry(APIError(502, f"node {peer.id} sent an invalid response "
+                                      "header", code="bad_response_header"),
+                             counts=False) from None
             first_token_at = time.monotonic()
             outcome.ttft_ms = (first_token_at - opened) * 1000
             self.registry.bus.publish("request.first_token", request_id=route.request_id,
                                       node=peer.id, ttft_ms=round(outcome.ttft_ms, 3))
-            node_headers = [*headers, (b"x-tooti-node", peer.id.encode()),
-                            (b"x-tooti-model", model.encode())]
-            content_type = str(head.headers.get("content-type") or "application/json").encode()
+            node_headers = [*headers, (b"x-tooti-node", header_value(peer.id)),
+                            (b"x-tooti-model", header_value(model))]
+
+            async def settle() -> None:
+                """The answer is complete: check the node's usage, then let the gateway
+                settle before the last bytes leave."""
+                outcome.usage = self._checked_usage(peer, out, outcome)
+                if before_last is not None:
+                    await before_last()
+
             if first is not None:
                 outcome.served = True
-                await _stream_body(out, first, head.status, content_type, send, node_headers,
-                                   route.request_id, outcome)
+                await _stream_body(out, first, head.status, media_type, send, node_headers,
+                                   route.request_id, outcome, settle)
                 if outcome.status == "failed_midstream":
                     self.node_failed(peer, model, "failed mid-stream")
             else:
-                data = await _collect(out, peer)
-                outcome.served = True
-                outcome.usage = _usage_of(out.end_info)
-                outcome.status = "ok" if head.status < 400 else "error"
-                await send_bytes(send, head.status, data, node_headers, content_type)
+                share = self.buffers.share()
+                try:
+                    parts = await self._collect(out, peer, share)
+                    outcome.served = True
+                    outcome.status = "ok" if head.status < 400 else "error"
+                    outcome.relayed_bytes = sum(map(len, parts))
+                    await settle()
+                    await _send_parts(send, head.status, parts, node_headers, media_type)
+                finally:
+                    share.release()
             if outcome.status == "ok":
-                tokens = (outcome.usage or {}).get("completion_tokens")
+                tokens = outcome.usage.completion_tokens if outcome.usage else None
                 # A non-streamed answer arrives whole: only its overall rate is known.
                 decode_from = first_token_at if request.stream else opened
                 peer.health_of(model).record_success(
                     (first_token_at - opened) if request.stream else None,
-                    tokens if isinstance(tokens, int) else 0,
-                    time.monotonic() - decode_from,
+                    tokens or 0, time.monotonic() - decode_from,
                 )
         except BaseException:
             if out is not None:
@@ -541,63 +653,79 @@ def _rewrite(body: dict[str, Any], model: str) -> bytes:
     return _encoder.encode(clean)
 
 
-async def _collect(out: OutboundStream, peer: Peer) -> bytes:
-    """Read a whole non-streamed answer; failures before END may fail over."""
-    parts: list[bytes] = []
-    size = 0
-    try:
-        async for chunk in out.body():
-            size += len(chunk)
-            if size > MAX_RESPONSE_BYTES:
-                raise APIError(502, "node response too large", code="response_too_large")
-            parts.append(chunk)
-    except TunnelLost as exc:
-        raise _Retry(APIError(502, f"node {peer.id} lost mid-response: {exc}",
-                              code="node_unavailable")) from None
-    info = out.end_info or {}
-    if "error" in info:
-        raise _Retry(from_end_info(info))
-    return b"".join(parts)
-
-
-def _usage_of(info: dict[str, Any] | None) -> dict[str, Any] | None:
-    usage = (info or {}).get("usage")
-    return usage if isinstance(usage, dict) else None
+DONE_MARKS = (b"data: [DONE]", b"data:[DONE]")
 
 
 async def _stream_body(
-    out: OutboundStream, first: bytes, status: int, content_type: bytes, send: Send,
+    out: OutboundStream, first: bytes, status: int, media_type: bytes, send: Send,
     headers: Headers, request_id: str, outcome: Outcome,
+    settle: Callable[[], Awaitable[None]],
 ) -> None:
-    """Relay an SSE answer as it arrives; a late failure is reported in-band."""
+    """Relay an SSE answer as it arrives; a late failure is reported in-band.
+
+    The closing ``data: [DONE]`` (and anything after it, up to ``MAX_HELD_BYTES``) is
+    held until END has arrived and ``settle`` has run, and goes out as the last body
+    part: a client that saw ``[DONE]`` saw an answer whose usage was already settled.
+    """
     await send({
         "type": "http.response.start",
         "status": status,
         "headers": [
-            (b"content-type", content_type),
+            (b"content-type", media_type),
             (b"cache-control", b"no-cache"),
             (b"x-accel-buffering", b"no"),
             *headers,
         ],
     })
-    outcome.delivered_events += first.count(b"\n\n")
-    await send({"type": "http.response.body", "body": first, "more_body": True})
+    held: list[bytes] = []
+    held_size = 0
+
+    async def relay(chunk: bytes) -> None:
+        nonlocal held_size
+        outcome.delivered_events += chunk.count(b"\n\n")
+        outcome.relayed_bytes += len(chunk)
+        if held or any(mark in chunk for mark in DONE_MARKS):
+            held.append(chunk)
+            held_size += len(chunk)
+            if held_size <= MAX_HELD_BYTES:
+                return
+            chunk = b"".join(held)  # more after [DONE]: stop holding
+            held.clear()
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+
+    await relay(first)
     error: APIError | None = None
     try:
         async for chunk in out.body():
-            outcome.delivered_events += chunk.count(b"\n\n")
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await relay(chunk)
     except TunnelLost as exc:
         error = APIError(502, f"node lost mid-stream: {exc}", code="node_lost")
     else:
         info = out.end_info or {}
-        outcome.usage = _usage_of(info)
         if "error" in info:
             error = from_end_info(info)
     outcome.status = "ok" if error is None else "failed_midstream"
-    tail = b""
+    await settle()
     if error is not None:
         outcome.error = error.message
         log.warning("request %s: stream failed after first byte: %s", request_id, error.message)
-        tail = b"data: " + error.to_json() + b"\n\n" + DONE
-    await send({"type": "http.response.body", "body": tail, "more_body": False})
+        held.append(b"data: " + error.to_json() + b"\n\n" + DONE)
+    await send({"type": "http.response.body", "body": b"".join(held), "more_body": False})
+
+
+async def _send_parts(send: Send, status: int, parts: list[bytes], headers: Headers,
+                      media_type: bytes) -> None:
+    """Send a collected answer with a content-length; several parts go out one by one
+    (never joined into one more copy)."""
+    if len(parts) <= 1:
+        await send_bytes(send, status, parts[0] if parts else b"", headers, media_type)
+        return
+    await send({
+        "type": "http.response.start",
+        "status": status,
+        "headers": [(b"content-type", media_type),
+                    (b"content-length", str(sum(map(len, parts))).encode()), *headers],
+    })
+    last = len(parts) - 1
+    for index, part in enumerate(parts):
+        await send({"type": "http.response.body", "body": part, "more_body": index < last})

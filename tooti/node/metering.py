@@ -7,6 +7,13 @@ that the node itself asked the backend for (``stream_options.include_usage``)
 when the client did not ask for it. Usage is taken from the backend's own
 figures; when a stream dies before reporting them, the count of delivered
 content chunks stands in for completion tokens (flagged as estimated).
+
+The backend's figures are checked before they are passed on (the gateway checks
+them again and cuts off a node that passes absurd ones): counts that are not
+integers within ``0..MAX_TOKENS`` make the whole usage unknown (estimated as
+above), and completion tokens are capped at the bytes forwarded (a token is at
+least one byte of output; tokens the client never saw, such as an upstream's
+hidden reasoning, cannot be billed).
 """
 
 from __future__ import annotations
@@ -14,6 +21,8 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+
+from tooti.gateway.reported import MAX_TOKENS
 
 _decoder = msgspec.json.Decoder()
 MAX_JSON_BYTES = 64 * 1024 * 1024
@@ -28,6 +37,8 @@ class UsageMeter:
         self.usage: dict[str, Any] | None = None
         self.finish_reason: str | None = None
         self.content_chunks = 0
+        self.forwarded = 0
+        """Bytes returned for forwarding so far."""
         self.done = False
         self._pending = b""
         self._json: list[bytes] = []
@@ -35,6 +46,11 @@ class UsageMeter:
 
     def feed(self, chunk: bytes) -> bytes:
         """Take backend bytes; return what may be forwarded now."""
+        out = self._feed(chunk)
+        self.forwarded += len(out)
+        return out
+
+    def _feed(self, chunk: bytes) -> bytes:
         if not self.sse:
             self._json_size += len(chunk)
             if self._json_size <= MAX_JSON_BYTES:
@@ -109,6 +125,7 @@ class UsageMeter:
                         self.finish_reason = reason if isinstance(reason, str) else None
             return b""
         tail, self._pending = self._pending, b""
+        self.forwarded += len(tail)
         return tail
 
     def report(self) -> dict[str, Any]:
@@ -116,12 +133,21 @@ class UsageMeter:
         out: dict[str, Any] = {"finish_reason": self.finish_reason}
         usage = self.usage
         if usage is not None:
-            prompt = _int(usage.get("prompt_tokens"))
-            completion = _int(usage.get("completion_tokens"))
+            try:
+                prompt = _int(usage.get("prompt_tokens"))
+                completion = _int(usage.get("completion_tokens"))
+                total = _int(usage.get("total_tokens"))
+            except ValueError:
+                usage = None
+        if usage is not None:
+            capped = completion > self.forwarded
+            if capped:
+                completion = self.forwarded
             out["usage"] = {
                 "prompt_tokens": prompt,
                 "completion_tokens": completion,
-                "total_tokens": _int(usage.get("total_tokens")) or prompt + completion,
+                "total_tokens": prompt + completion if capped or not total else total,
+                **({"estimated": True} if capped else {}),
             }
         else:
             # Prompt tokens are unknown (the gateway estimates them from the body).
@@ -133,4 +159,10 @@ class UsageMeter:
 
 
 def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+    """A backend's usage figure: 0 when absent; ValueError unless it is an integer
+    within ``0..MAX_TOKENS``."""
+    if value is None:
+        return 0
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TOKENS:
+        return value
+    raise ValueError(f"usage figure out of bounds: {value!r:.40}")

@@ -1,0 +1,108 @@
+"""Finding 4: non-streamed answers are held whole until END (so they can still fail
+over), and each could take 64 MiB with no bound over all of them: ten hostile 100 MB
+answers took a gateway from 52 to 710 MB. Now every byte held is reserved from one
+gateway-wide budget (``gateway.max_buffered_bytes``); an answer that finds no room
+within ``gateway.buffer_wait`` (or is refused so that an older answer can finish) gets
+503 ``gateway_memory_busy``, and the budget is given back on every path."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+import trio.testing
+
+from tests.conftest import simulated
+from tests.hostile.ledgered import CHAT, LIMIT, LedgeredNetwork, start_ledgered
+from tests.hostile.scripted_backend import MODEL, Answer, ScriptedBackend
+
+MiB = 1 << 20
+BUDGET = 16 * MiB
+BLOCK = b"x" * (256 * 1024)
+PROMPT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+
+
+def answering(size: int, hold: trio.Event | None = None) -> ScriptedBackend:
+    """A backend whose every non-streamed answer is ``size`` bytes (one block object
+    repeated, so the backend itself holds no more than a block)."""
+    def script(request: dict[str, Any]) -> Answer:
+        return Answer(chunks=[BLOCK] * (size // len(BLOCK)), hold=hold)
+    return ScriptedBackend(script)
+
+
+async def ask_all(net: LedgeredNetwork, count: int,
+                  answered: Callable[[int], None] = lambda done: None,
+                  ) -> list[tuple[int, str | None]]:
+    """``count`` concurrent requests; each one's status and error code (``answered``
+    is told how many are done after each)."""
+    results: list[tuple[int, str | None]] = []
+
+    async def one() -> None:
+        async with net.client() as http:
+            response = await http.post(CHAT, json=PROMPT)
+        code = None if response.status_code == 200 else response.json()["error"]["code"]
+        results.append((response.status_code, code))
+        answered(len(results))
+
+    with trio.fail_after(LIMIT * 2):
+        async with trio.open_nursery() as requests:
+            for _ in range(count):
+                requests.start_soon(one)
+    return sorted(results, key=lambda result: (result[0], result[1] or ""))
+
+
+async def with_nodes(nursery: trio.Nursery, tmp_path: Path, count: int,
+                     backend: Callable[[], ScriptedBackend]) -> LedgeredNetwork:
+    net = await start_ledgered(nursery, tmp_path, max_buffered_bytes=BUDGET,
+                               max_response_bytes=8 * MiB, buffer_wait=1.0)
+    for index in range(count):
+        await net.add_node([backend()], node_id=f"hostile-{index}")
+    return net
+
+
+async def still_serves(net: LedgeredNetwork) -> None:
+    await net.add_node([simulated()], node_id="honest")
+    async with net.client() as http:
+        response = await http.post(CHAT, json={**PROMPT, "model": "tooti-sim"})
+    assert response.status_code == 200, response.text
+
+
+async def test_answers_beyond_the_budget_wait_then_get_503(
+    nursery: trio.Nursery, tmp_path: Path,
+) -> None:
+    """Four 6 MiB answers held in flight against a 16 MiB budget: all four cannot fit,
+    and answers that each hold part of the budget while waiting for more would starve
+    each other; the two youngest are refused (503) so the two oldest finish."""
+    hold = trio.Event()
+    net = await with_nodes(nursery, tmp_path, 4, lambda: answering(6 * MiB, hold))
+
+    def release_when_two_refused(done: int) -> None:
+        if done == 2:  # only refusals can come back while the answers are held
+            hold.set()
+
+    results = await ask_all(net, 4, release_when_two_refused)
+    assert results == [(200, None), (200, None),
+                       (503, "gateway_memory_busy"), (503, "gateway_memory_busy")]
+    budget = net.gateway.proxy.buffers
+    assert budget.high_water <= BUDGET
+    await trio.testing.wait_all_tasks_blocked()  # the request tasks have finished
+    assert budget.used == 0
+    await still_serves(net)
+
+
+async def test_hostile_100_mb_answers_never_hold_more_than_the_budget(
+    nursery: trio.Nursery, tmp_path: Path,
+) -> None:
+    """Four nodes each answer 100 MB at once: each answer is cut at the per-answer cap
+    (502), the budget is never exceeded and is all given back."""
+    net = await with_nodes(nursery, tmp_path, 4, lambda: answering(100 * MiB))
+    results = await ask_all(net, 4)
+    assert {code for _, code in results} <= {"response_too_large", "gateway_memory_busy"}
+    assert all(status in (502, 503) for status, _ in results)
+    budget = net.gateway.proxy.buffers
+    assert 8 * MiB <= budget.high_water <= BUDGET
+    await trio.testing.wait_all_tasks_blocked()
+    assert budget.used == 0
+    await still_serves(net)

@@ -1,0 +1,142 @@
+"""What a node reports in END, decoded with a typed schema and checked against what the
+gateway itself saw, before any of it reaches billing, metrics or health records.
+
+A node is someone else's machine: its token counts decide what a client pays. Counts
+must be integers ``0 <= n <= MAX_TOKENS`` (the schema), and plausible for this one
+request (:func:`check_usage`):
+
+* completion tokens ``<=`` the request's ``max_tokens`` / ``max_completion_tokens``
+  (times ``n`` choices) when it gives one, and ``<=`` the bytes of the answer the
+  gateway relayed to the client (a token is at least one byte of output, so hidden
+  tokens, such as an upstream's unshown reasoning, cannot be billed);
+* prompt tokens ``<=`` the request body's bytes (a token is at least one byte of
+  input, and JSON never encodes text in fewer bytes) ``+ prompt_token_allowance``
+  (a chat template, a system prompt the server adds) ``+ media_token_allowance`` per
+  image, audio, video or file part of a chat request (fetched by URL or sent as data,
+  their tokens are not in the bytes).
+
+A report that breaks a rule is a :class:`UsageViolation`: the proxy penalizes the node
+(:meth:`tooti.gateway.registry.Registry.penalize`) and bills the gateway's own
+estimate instead, flagged ``estimated``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta, Struct
+
+MAX_TOKENS = 2**31 - 1
+"""Largest token count anyone may report (also the node's own bound on its backend)."""
+
+Tokens = Annotated[int, Meta(ge=0, le=MAX_TOKENS)]
+Text = str
+"""Free text (bounded by the control frame size)."""
+
+MEDIA_PARTS = frozenset({"image_url", "input_image", "image", "input_audio", "audio",
+                         "video_url", "video", "file", "input_file"})
+"""Content part types of a chat message whose tokens are not in the body's bytes."""
+
+
+class ReportedUsage(Struct, frozen=True):
+    """END's ``usage``: counts the node (or its backend) measured."""
+
+    prompt_tokens: Tokens | None = None
+    """None when the node could not know (the gateway estimates from the body)."""
+    completion_tokens: Tokens | None = None
+    total_tokens: Annotated[int, Meta(ge=0, le=2 * MAX_TOKENS)] | None = None
+    estimated: bool = False
+    """The node counted delivered chunks because its backend reported nothing."""
+
+
+class EndError(Struct, frozen=True):
+    """END's ``error`` (turned into the client's error by :func:`tooti.errors.from_end_info`)."""
+
+    status: int | None = None
+    code: Text | None = None
+    message: Text | None = None
+    param: Text | None = None
+    type: Text | None = None
+
+
+class EndReport(Struct, frozen=True):
+    """An END payload, as far as the gateway reads it."""
+
+    usage: ReportedUsage | None = None
+    finish_reason: Annotated[str, Meta(max_length=64)] | None = None
+    error: EndError | None = None
+    retryable: bool | None = None
+
+
+class UsageViolation(Exception):
+    """A node's END report broke a rule of this module (the message says which)."""
+
+
+@dataclass(frozen=True, slots=True)
+class UsageLimits:
+    """The most tokens one request can plausibly have used."""
+
+    prompt: int
+    """Most prompt tokens (see the module docstring)."""
+    completion: int | None
+    """``max_tokens`` (or ``max_completion_tokens``) times the choices, 0 for
+    embeddings; None = no cap."""
+
+
+def limits_for(endpoint: str, body: dict[str, Any], body_bytes: int, allowance: int,
+               per_media: int) -> UsageLimits:
+    """The bounds of one request to ``endpoint`` with decoded ``body`` of ``body_bytes``
+    bytes."""
+    caps = [v for v in (body.get("max_tokens"), body.get("max_completion_tokens"))
+            if isinstance(v, int) and not isinstance(v, bool) and v >= 0]
+    completion = 0 if endpoint == "embeddings" else None
+    if caps and completion is None:
+        choices = body.get("n")
+        n = choices if isinstance(choices, int) and not isinstance(choices, bool) else 1
+        completion = min(caps) * max(1, n)
+    return UsageLimits(body_bytes + allowance + per_media * _media_parts(body), completion)
+
+
+def _media_parts(body: dict[str, Any]) -> int:
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return 0
+    count = 0
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            count += sum(1 for part in content
+                         if isinstance(part, dict) and part.get("type") in MEDIA_PARTS)
+    return count
+
+
+def read_end(info: dict[str, Any] | None) -> EndReport:
+    """Decode an END payload; :class:`UsageViolation` if it does not fit the schema."""
+    if not info:
+        return EndReport()
+    try:
+        return msgspec.convert(info, EndReport)
+    except msgspec.ValidationError as exc:
+        raise UsageViolation(f"END does not fit its schema: {exc}") from None
+
+
+def check_usage(usage: ReportedUsage | None, limits: UsageLimits, relayed: int
+                ) -> ReportedUsage | None:
+    """``usage`` if it is plausible for a request within ``limits`` whose answer was
+    ``relayed`` bytes; raises :class:`UsageViolation` otherwise."""
+    if usage is None:
+        return None
+    completion = usage.completion_tokens or 0
+    if limits.completion is not None and completion > limits.completion:
+        raise UsageViolation(f"reported {completion} completion tokens for a request "
+                             f"capped at {limits.completion}")
+    if completion > relayed:
+        raise UsageViolation(f"reported {completion} completion tokens for an answer of "
+                             f"{relayed} bytes")
+    prompt = usage.prompt_tokens or 0
+    if prompt > limits.prompt:
+        raise UsageViolation(f"reported {prompt} prompt tokens for a request allowing "
+                             f"at most {limits.prompt}")
+    return usage
