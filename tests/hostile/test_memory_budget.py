@@ -11,12 +11,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 import trio.testing
 
 from tests.conftest import simulated
 from tests.hostile.ledgered import CHAT, LIMIT, LedgeredNetwork, start_ledgered
 from tests.hostile.scripted_backend import MODEL, Answer, ScriptedBackend
+from tooti.gateway.budget import BudgetExhausted, ByteBudget, Share
 
 MiB = 1 << 20
 BUDGET = 16 * MiB
@@ -106,3 +108,53 @@ async def test_hostile_100_mb_answers_never_hold_more_than_the_budget(
     await trio.testing.wait_all_tasks_blocked()
     assert budget.used == 0
     await still_serves(net)
+
+
+async def test_the_oldest_waiting_holder_goes_on_and_the_youngest_is_refused(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Two answers each hold half the budget and both need more: without refusing one
+    they would wait for each other until both time out."""
+    budget = ByteBudget(10)
+    older, younger = budget.share(), budget.share()
+    assert older.try_reserve(5) and younger.try_reserve(5)
+    outcomes: dict[str, str] = {}
+
+    async def more(name: str, share: Share) -> None:
+        try:
+            await share.reserve(1)
+            outcomes[name] = "granted"
+        except BudgetExhausted:
+            outcomes[name] = "refused"
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(more, "older", older)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(more, "younger", younger)
+    assert outcomes == {"older": "granted", "younger": "refused"}
+    assert (budget.used, older.held, younger.held, budget.high_water) == (6, 6, 0, 10)
+    assert not younger.try_reserve(1)  # a refused answer gets nothing more
+    older.release()
+    assert budget.used == 0
+
+
+async def test_a_holder_waits_for_room_until_given_or_until_its_wait_ends(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    budget = ByteBudget(10)
+    sending, waiting = budget.share(), budget.share()
+    assert sending.try_reserve(8)
+    with trio.move_on_after(5) as timer:  # the holder is not waiting: nobody is refused
+        await waiting.reserve(4)
+    assert timer.cancelled_caught and budget.used == 8 and waiting.held == 0
+
+    async def release_later() -> None:
+        await trio.sleep(1)
+        sending.release()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(release_later)
+        await waiting.reserve(4)
+    assert (budget.used, waiting.held) == (4, 4)
+    with pytest.raises(BudgetExhausted):
+        await waiting.reserve(11)  # can never fit

@@ -14,6 +14,7 @@ import trio
 from tests.conftest import simulated
 from tests.hostile.ledgered import CHAT, LedgeredNetwork, next_event, start_ledgered
 from tests.hostile.scripted_backend import MODEL, Answer, ScriptedBackend, chat_json, chat_sse
+from tooti.gateway.reported import limits_for
 from tooti.node import metering
 
 HUGE = 10**20
@@ -166,3 +167,34 @@ async def test_plausible_counts_are_billed_as_reported(
     assert (row["prompt_tokens"], row["completion_tokens"], row["estimated"]) == (
         BODY_BYTES + 200, 3, 0)
     assert "honest-liar" in net.gateway.registry.peers
+
+
+def test_the_bounds_follow_the_request() -> None:
+    """``max_tokens`` times the choices generated; nothing for embeddings; prompt bytes
+    plus the allowance, plus one media allowance per image, audio or file part."""
+    def limits(endpoint: str, body: dict[str, Any]) -> tuple[int, int | None]:
+        found = limits_for(endpoint, body, 100, allowance=10, per_media=1000)
+        return found.prompt, found.completion
+
+    assert limits("chat/completions", {"max_tokens": 5}) == (110, 5)
+    assert limits("chat/completions", {"max_tokens": 9, "max_completion_tokens": 5,
+                                       "n": 3}) == (110, 15)
+    assert limits("completions", {"max_tokens": 5, "n": 2, "best_of": 4}) == (110, 20)
+    assert limits("chat/completions", {}) == (110, None)
+    assert limits("embeddings", {"input": "x"}) == (110, 0)
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}
+    audio = {"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}
+    messages = [{"role": "user", "content": [{"type": "text", "text": "what?"}, image]},
+                {"role": "user", "content": [image, audio]}, {"role": "system"}]
+    assert limits("chat/completions", {"messages": messages}) == (3110, None)
+
+
+def test_a_node_bills_no_more_completion_tokens_than_bytes_it_forwarded() -> None:
+    """An upstream counting tokens the client never sees (hidden reasoning) is capped
+    by the node itself, so an honest node never trips the gateway's bound."""
+    body = chat_json({"prompt_tokens": 5, "completion_tokens": 10_000})
+    meter = metering.UsageMeter(sse=False)
+    meter.feed(body)
+    meter.finish()
+    assert meter.report()["usage"] == {"prompt_tokens": 5, "completion_tokens": len(body),
+                                       "total_tokens": 5 + len(body), "estimated": True}

@@ -6,9 +6,9 @@ must be integers ``0 <= n <= MAX_TOKENS`` (the schema), and plausible for this o
 request (:func:`check_usage`):
 
 * completion tokens ``<=`` the request's ``max_tokens`` / ``max_completion_tokens``
-  (times ``n`` choices) when it gives one, and ``<=`` the bytes of the answer the
-  gateway relayed to the client (a token is at least one byte of output, so hidden
-  tokens, such as an upstream's unshown reasoning, cannot be billed);
+  (times ``n`` or ``best_of`` choices) when it gives one, and ``<=`` the bytes of the
+  answer the gateway relayed to the client (a token is at least one byte of output, so
+  hidden tokens, such as an upstream's unshown reasoning, cannot be billed);
 * prompt tokens ``<=`` the request body's bytes (a token is at least one byte of
   input, and JSON never encodes text in fewer bytes) ``+ prompt_token_allowance``
   (a chat template, a system prompt the server adds) ``+ media_token_allowance`` per
@@ -81,8 +81,8 @@ class UsageLimits:
     prompt: int
     """Most prompt tokens (see the module docstring)."""
     completion: int | None
-    """``max_tokens`` (or ``max_completion_tokens``) times the choices, 0 for
-    embeddings; None = no cap."""
+    """``max_tokens`` (or ``max_completion_tokens``) times the choices generated (``n``
+    or ``best_of``), 0 for embeddings; None = no cap."""
 
 
 def limits_for(endpoint: str, body: dict[str, Any], body_bytes: int, allowance: int,
@@ -93,9 +93,9 @@ def limits_for(endpoint: str, body: dict[str, Any], body_bytes: int, allowance: 
             if isinstance(v, int) and not isinstance(v, bool) and v >= 0]
     completion = 0 if endpoint == "embeddings" else None
     if caps and completion is None:
-        choices = body.get("n")
-        n = choices if isinstance(choices, int) and not isinstance(choices, bool) else 1
-        completion = min(caps) * max(1, n)
+        choices = [v for v in (body.get("n"), body.get("best_of"))
+                   if isinstance(v, int) and not isinstance(v, bool)]
+        completion = min(caps) * max([1, *choices])
     return UsageLimits(body_bytes + allowance + per_media * _media_parts(body), completion)
 
 
