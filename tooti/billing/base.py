@@ -11,9 +11,15 @@ For every request that passes validation the gateway calls, in order:
    * ``refund(ctx, reason)`` when no node served it (no capacity, every
      attempt failed before the first byte) — nothing was consumed.
 
-``settle`` and ``refund`` must be idempotent by ``ctx.request_id``. They are
-awaited after the response has been sent, under a shield with a timeout, so a
-client that leaves cannot skip them; keep them quick (queue the write).
+``settle`` and ``refund`` must be idempotent by ``ctx.request_id``. For an
+answer that completed, ``settle`` is awaited *before* the answer's last bytes
+leave the gateway, so a plugin that returns only once its record is durable
+guarantees that no client sees a complete answer whose record could be lost;
+every other ``settle`` and every ``refund`` is awaited after the response. All
+run under a shield with a timeout, so a client that leaves cannot skip them;
+keep them quick (queue the write; wait for it only if it must be durable, and
+then group the writes of concurrent requests). ``run`` is restarted if it
+raises.
 """
 
 from __future__ import annotations
@@ -63,7 +69,8 @@ class Usage:
     price_output: float = 0.0
     """The serving node's advertised price per 1M completion tokens."""
     estimated: bool = False
-    """True when the node could not report exact token counts."""
+    """True when the node could not report exact token counts, or reported counts out
+    of bounds (then the counts are the gateway's own estimate)."""
     latency_ms: float = 0.0
 
     @property
