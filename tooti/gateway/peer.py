@@ -56,6 +56,9 @@ class Peer:
     """A heartbeat changed it since that event."""
     penalized: bool = False
     """:meth:`Registry.penalize` cut this peer off (once is enough)."""
+    stream_limit: int = 1 << 31
+    """Streams its tunnel carries at once (the peer's ``max_streams``; through a relay,
+    the relay's, shared with the relay's other nodes). Set when the peer is registered."""
 
     async def open_stream(self, meta: dict[str, Any], body: bytes, *, fin: bool = True
                           ) -> OutboundStream:
@@ -95,7 +98,7 @@ class Peer:
         models and, through a relay, with the relay's other nodes)."""
         info = self.models.get(model)
         slots = max(1, info.max_concurrency) if info else 1
-        return min(slots, self.session.conn.peer_limits.max_streams)
+        return min(slots, self.stream_limit)
 
     def has_slot(self, model: str) -> bool:
         """True while in-flight streams for ``model`` are below its capacity and the

@@ -154,7 +154,7 @@ class RelayedNodes:
                 address=f"via {self.relay.id}", labels=entry.labels,
                 software=entry.software, via=self.relay.id, hops=hops,
                 public_key=public_key, proof=proof, group=self.relay.group,
-                token=self.relay.token,
+                token=self.relay.token, stream_limit=self.relay.stream_limit,
             )
             peer.stats, peer.draining, peer.models = stats, draining, models
             self._register(peer)

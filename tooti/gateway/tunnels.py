@@ -238,6 +238,7 @@ async def serve_tunnel(
         labels=hello.labels, software=hello.software, public_key=public_key, proof=proven,
         group=admission.group, token=admission.token,
         public_url=_public_url(hello.role, extra.public_url),
+        stream_limit=conn.peer_limits.max_streams,
     )
     peer_ref.append(peer)
     if hello.role == "relay":
