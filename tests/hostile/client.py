@@ -29,6 +29,7 @@ from tests.test_websocket_transport import (
 __all__ = [
     "TIMEOUT",
     "Answer",
+    "ResponseReader",
     "assert_error_object",
     "assert_no_tracebacks",
     "connect",
@@ -82,32 +83,48 @@ def request_bytes(method: str, target: str, body: bytes = b"",
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
+class ResponseReader:
+    """Parses one response (any framing) from bytes fed as they arrive."""
+
+    def __init__(self) -> None:
+        self._conn = h11.Connection(h11.CLIENT)
+        self._conn.send(h11.Request(method="GET", target="/", headers=[("host", "x")]))
+        self._conn.send(h11.EndOfMessage())
+        self._head: h11.Response | None = None
+        self._body = b""
+
+    def feed(self, data: bytes) -> Answer | None:
+        """Take ``data`` (``b""``: the connection ended); the answer once complete.
+        AssertionError if the connection ended without one."""
+        if not data and self._head is None:
+            raise AssertionError("the connection ended without a response")
+        self._conn.receive_data(data)
+        while True:
+            event = self._conn.next_event()
+            if event is h11.NEED_DATA:
+                return None
+            if isinstance(event, h11.Response):
+                self._head = event
+            elif isinstance(event, h11.Data):
+                self._body += event.data
+            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                assert self._head is not None
+                headers = {name.decode().lower(): value.decode("latin-1")
+                           for name, value in self._head.headers}
+                return Answer(self._head.status_code, headers, self._body)
+
+
 async def read_response(stream: trio.abc.ReceiveStream) -> Answer:
     """Read one response (any framing); AssertionError if the connection ends first."""
-    conn = h11.Connection(h11.CLIENT)
-    conn.send(h11.Request(method="GET", target="/", headers=[("host", "x")]))
-    conn.send(h11.EndOfMessage())
-    head: h11.Response | None = None
-    body = b""
+    reader = ResponseReader()
     while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA:
-            try:
-                data = await stream.receive_some(65536)
-            except trio.BrokenResourceError:
-                data = b""
-            if not data and head is None:
-                raise AssertionError("the connection ended without a response")
-            conn.receive_data(data)
-        elif isinstance(event, h11.Response):
-            head = event
-        elif isinstance(event, h11.Data):
-            body += event.data
-        elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
-            assert head is not None
-            headers = {name.decode().lower(): value.decode("latin-1")
-                       for name, value in head.headers}
-            return Answer(head.status_code, headers, body)
+        try:
+            data = await stream.receive_some(65536)
+        except trio.BrokenResourceError:
+            data = b""
+        answer = reader.feed(bytes(data))
+        if answer is not None:
+            return answer
 
 
 async def exchange(url: str, data: bytes, source: str = "127.0.0.1") -> Answer:

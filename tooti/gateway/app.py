@@ -355,6 +355,8 @@ class Gateway:
         self.in_flight += 1
         self._idle = trio.Event() if self.in_flight == 1 else self._idle
         try:
+            if method == "CONNECT":  # a success would switch the connection to a tunnel
+                raise APIError(405, "CONNECT is not supported", code="method_not_allowed")
             endpoint = API_ROUTES.get(path)
             if not self.serve_api and (endpoint is not None or path == "/v1/models"):
                 raise APIError(404, "this process is a relay: send API requests to a "

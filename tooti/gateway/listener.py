@@ -38,6 +38,7 @@ from typing import Any
 import h11
 import trio
 from hypercorn.config import Config
+from hypercorn.events import Closed, Event, RawData
 from hypercorn.protocol import ProtocolWrapper
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.tcp_server import TCPServer
@@ -212,20 +213,51 @@ class _H11Protocol(H11Protocol):
     header, Content-Length or chunk: 400; a head over the size limit: 431; an unknown
     transfer coding: 501) is answered with the OpenAI error object instead of an empty
     body. hypercorn 0.18 has no hook for it; ``_send_error_response`` is the one
-    method it calls for these answers."""
+    method it calls for these answers.
+
+    Two races of hypercorn's are closed too: its writes and its close go out in the order
+    they are made (the app's task could close the connection under the reader task's
+    error answer, which was then lost); and a request body found malformed while its
+    answer is under way (the app answered without reading it: a 405, a 413) no longer
+    cuts that answer off after its head: the connection closes when the answer ends.
+    """
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        send = self.send
+        in_order = trio.Lock()  # taken at once (no yield) when free: first come, first out
+
+        async def send_in_order(event: Event) -> None:
+            if isinstance(event, Closed) and self.connection.our_state is h11.SEND_BODY \
+                    and self.connection.their_state is h11.ERROR:
+                return  # hypercorn closes when the answer ends (it cannot recycle)
+            if isinstance(event, RawData | Closed):
+                async with in_order:
+                    await send(event)
+            else:
+                await send(event)
+
+        self.send = send_in_order
 
     async def _send_error_response(self, status_code: int) -> None:
         await self.send_error(protocol_error(status_code, self.config.h11_max_incomplete_size))
 
     async def send_error(self, error: APIError) -> None:
-        """Answer ``error`` (the connection closes after it)."""
+        """Answer ``error`` (the connection closes after it), in one write, so that an
+        answer the app starts meanwhile cannot interleave with it."""
         body = error.to_json()
         headers = [(b"content-type", b"application/json"),
                    (b"content-length", b"%d" % len(body)), (b"connection", b"close"),
                    *self.config.response_headers("h11")]
-        await self._send_h11_event(h11.Response(status_code=error.status, headers=headers))
-        await self._send_h11_event(h11.Data(data=body))
-        await self._send_h11_event(h11.EndOfMessage())
+        try:
+            data = b"".join(self.connection.send(event) or b"" for event in (
+                h11.Response(status_code=error.status, headers=headers), h11.Data(data=body),
+                h11.EndOfMessage()))
+        except h11.LocalProtocolError:
+            if self.connection.their_state != h11.ERROR:
+                raise
+            return  # an answer is under way already
+        await self.send(RawData(data=data))
 
 
 class _Server(TCPServer):
@@ -274,10 +306,12 @@ class _Server(TCPServer):
                     and trio.current_time() < deadline:
                 with trio.move_on_at(deadline):
                     await connection.next_arrival().wait()
-        late = started is not None and not (connection.at_eof or terminated.is_set())
+        if connection.at_eof:
+            return  # hypercorn's reader answers a cut-off head and ends the connection
         with trio.CancelScope(shield=True):
             protocol = self._wrapper.protocol
-            if late and isinstance(protocol, _H11Protocol):
+            if started is not None and not terminated.is_set() \
+                    and isinstance(protocol, _H11Protocol):
                 timeout = APIError(408, "request head not received within "
                                    f"{self._limits.header_timeout:g}s", code="header_timeout")
                 try:
