@@ -1,0 +1,192 @@
+"""What slow and idle clients cost a gateway, on loopback.
+
+Starts a gateway and a node (simulated, instant backend) as child processes with the
+default limits, and measures non-streamed chat requests on one kept-alive connection:
+
+* baseline: nothing else connected;
+* under attack: ``--idle`` connections that never send a byte and ``--slowloris``
+  connections trickling a request head one byte per second, both kept at their number
+  (a connection the gateway closes is opened again at once);
+
+and reports the median and 90th percentile latency of each phase, the gateway's RSS
+(before, while attacked, after), how long the gateway held a slowloris connection and
+an idle one before closing it, and how many connections it closed.
+
+Run from the repository root with the project's venv::
+
+    python bench/slow_clients.py [--idle 2000] [--slowloris 200] [--requests 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import httpx
+import trio
+from children import (
+    Children,
+    exit_on_signals,
+    free_port,
+    interrupted,
+    percentile,
+    sigint_raises,
+    toml_table,
+)
+
+BODY = {"model": "tooti-sim", "messages": [{"role": "user", "content": "hello there"}]}
+SLOW_HEAD = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nx-slow: "
+
+
+def rss_mib(pid: int) -> float:
+    """The resident set size of process ``pid``, in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class Attack:
+    """Keeps ``idle`` silent and ``slow`` trickling connections open until cancelled."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.held: dict[str, list[float]] = {"idle": [], "slowloris": []}
+        self.open = 0
+
+    async def hold(self, kind: str, ready: trio.Event | None = None) -> None:
+        while True:
+            stream = await trio.open_tcp_stream("127.0.0.1", self.port)
+            began = trio.current_time()
+            self.open += 1
+            if ready is not None:
+                ready.set()
+                ready = None
+            try:
+                async with stream, trio.open_nursery() as nursery:
+                    if kind == "slowloris":
+                        nursery.start_soon(self.trickle, stream)
+                    while await stream.receive_some(65536):
+                        pass  # (a 408 from the gateway, then its close)
+                    nursery.cancel_scope.cancel()
+            except (trio.BrokenResourceError, OSError):
+                pass
+            finally:
+                self.open -= 1
+            self.held[kind].append(trio.current_time() - began)
+
+    @staticmethod
+    async def trickle(stream: trio.SocketStream) -> None:
+        try:
+            await stream.send_all(SLOW_HEAD)
+            while True:
+                await trio.sleep(1.0)
+                await stream.send_all(b"a")
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+
+async def latencies(client: httpx.AsyncClient, base: str, requests: int) -> list[float]:
+    """Milliseconds of ``requests`` sequential non-streamed chat completions."""
+    samples = []
+    for _ in range(requests):
+        began = time.perf_counter()
+        response = await client.post(f"{base}/v1/chat/completions", json=BODY)
+        samples.append((time.perf_counter() - began) * 1000)
+        if response.status_code != 200:
+            raise RuntimeError(f"{response.status_code} {response.text[:200]}")
+    return samples
+
+
+async def benchmark(idle: int, slow: int, requests: int, children: Children,
+                    root: Path) -> None:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    common = 'log_level = "warning"\ndrain_grace = 0.0\n'
+    config = root / "gateway.toml"
+    config.write_text(common + toml_table("gateway", {"listen": f"127.0.0.1:{port}"}))
+    gateway = children.start("gateway", [
+        sys.executable, "-m", "tooti", "run", "--role", "gateway", "--config", str(config),
+        "--data-dir", str(root / "gateway-data")])
+    config = root / "node.toml"
+    config.write_text(common + toml_table("node", {"id": "node-1"})
+                      + toml_table("[[node.backends]]", {"type": "simulated"}))
+    children.start("node", [
+        sys.executable, "-m", "tooti", "run", "--role", "node", "--config", str(config),
+        "--peer", f"ws://127.0.0.1:{port}", "--data-dir", str(root / "node-data")])
+    async with httpx.AsyncClient(timeout=30) as client:
+        with trio.fail_after(60):
+            while True:
+                try:
+                    if (await client.get(f"{base}/v1/models")).json()["data"]:
+                        break
+                except (httpx.HTTPError, KeyError, ValueError):
+                    pass
+                await trio.sleep(0.2)
+        await latencies(client, base, 50)  # warm-up
+        rss_before = rss_mib(gateway.pid)
+        baseline = await latencies(client, base, requests)
+        attack = Attack(port)
+        async with trio.open_nursery() as nursery:
+            for kind, count in (("idle", idle), ("slowloris", slow)):
+                for _ in range(count):
+                    ready = trio.Event()
+                    nursery.start_soon(attack.hold, kind, ready)
+                    await ready.wait()
+            opened = attack.open
+            attacked = await latencies(client, base, requests)
+            rss_attacked = rss_mib(gateway.pid)
+            await trio.sleep(16)  # past the keep-alive and header timeouts, still attacked
+            more = await latencies(client, base, requests)
+            rss_attacked = max(rss_attacked, rss_mib(gateway.pid))
+            nursery.cancel_scope.cancel()
+        await trio.sleep(2)
+        rss_after = rss_mib(gateway.pid)
+    print(f"{idle} idle + {slow} slowloris connections held open (re-opened when closed); "
+          f"{opened} open at once; sequential non-streamed chat on loopback")
+    print(f"{'ms':<40}{'p50':>8}{'p90':>8}{'max':>8}")
+    for label, samples in (("baseline", baseline), ("under attack", attacked),
+                           ("under attack, after 16 s", more)):
+        print(f"{label:<40}{statistics.median(samples):>8.2f}"
+              f"{percentile(samples, 0.9):>8.2f}{max(samples):>8.2f}")
+    print(f"gateway RSS: {rss_before:.1f} MiB before, {rss_attacked:.1f} MiB attacked, "
+          f"{rss_after:.1f} MiB after")
+    for kind, held in attack.held.items():
+        if held:
+            print(f"{kind}: {len(held)} closed by the gateway, held "
+                  f"{statistics.median(held):.1f} s (median), {max(held):.1f} s (max)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--idle", type=int, default=2000, help="idle connections (2000)")
+    parser.add_argument("--slowloris", type=int, default=200,
+                        help="connections trickling a head (200)")
+    parser.add_argument("--requests", type=int, default=300,
+                        help="requests measured per phase (300)")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="tooti-slow-bench-") as tmp:
+        children = Children(Path(tmp))
+        try:
+            with sigint_raises():
+                trio.run(exit_on_signals, benchmark, args.idle, args.slowloris,
+                         args.requests, children, Path(tmp))
+        except BaseException as exc:
+            code = interrupted(exc)
+            if code is None:
+                for child in children.children:
+                    print(f"--- {child.name} ---\n{child.tail()}", file=sys.stderr)
+                raise
+            return code
+        finally:
+            children.stop_all()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
