@@ -168,10 +168,7 @@ class Gateway:
                                             settings.tunnel_handshake_burst,
                                             settings.tunnel_handshakes_per_ip)
         """Tunnel upgrades per client IP: a rate, and a cap on unfinished handshakes."""
-        self._unproven: dict[str, Slot] = {}
-        """Remote address → the handshake slot of a tunnel not yet registered."""
         self._refusal_log = Throttle(60.0)
-        self.registry.bus.listeners.append(self._handshake_done)
         self._models_lists: dict[str, tuple[int, dict[str, Any]]] = {}
         """Node group → (registry version, ``/v1/models`` body) (see :meth:`models_list`)."""
         self.proxy_settings = ProxySettings(
@@ -633,25 +630,13 @@ class Gateway:
                 log.debug("tunnel upgrade from %s refused: %s", host, limited.reason)
             return limited.reason
 
-    def _handshake_done(self, event: BusEvent) -> None:
-        """A tunnel's peer registered: its handshake is over, so its slot is free."""
-        if event.kind == "peer.joined":
-            slot = self._unproven.pop(str(event.data["peer"].get("address")), None)
-            if slot is not None:
-                slot.release()
-
     async def _serve_tunnel(self, transport: Transport, group: Admission, slot: Slot) -> None:
-        """Run a tunnel; its handshake's ``slot`` is released once the peer registered
-        (by :meth:`_handshake_done`), else when the tunnel ends (by the caller)."""
+        """Run a tunnel; its handshake's ``slot`` is released once the peer has proven
+        its identity, else when the tunnel ends (by the caller)."""
         started = time.monotonic()
-        self._unproven[transport.remote] = slot
-        try:
-            await serve_tunnel(transport, self.registry, self.tunnel_settings, self.sessions,
-                               group, welcome_peers=self.public_peers(),
-                               local_id=self.local_id)
-        finally:
-            if self._unproven.get(transport.remote) is slot:
-                del self._unproven[transport.remote]
+        await serve_tunnel(transport, self.registry, self.tunnel_settings, self.sessions,
+                           group, welcome_peers=self.public_peers(), local_id=self.local_id,
+                           on_proven=slot.release)
         log.debug("tunnel from %s ended after %.1fs", transport.remote,
                   time.monotonic() - started)
 

@@ -8,7 +8,7 @@ import ipaddress
 import logging
 import os
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import trio
@@ -150,12 +150,15 @@ async def serve_tunnel(
     transport: Transport, registry: Registry, settings: TunnelSettings,
     sessions: set[TunnelSession], admission: Admission = UNGROUPED,
     welcome_peers: list[str] | None = None, local_id: str = "",
+    on_proven: Callable[[], None] | None = None,
 ) -> None:
     """Run the acceptor side of one tunnel until it closes; the peer joins the node
     group its join token admitted it to (``admission``). ``welcome_peers`` are
     the public gateway/relay addresses the WELCOME tells the peer about. A relay's
     listener passes its own id as ``local_id``: session ids then start with it, so a
-    node's proof names the relay it was made for (see :mod:`tooti.gateway.routes`)."""
+    node's proof names the relay it was made for (see :mod:`tooti.gateway.routes`).
+    ``on_proven`` is called once the peer has proven its identity (its handshake is
+    over: the per-address handshake limit frees its slot)."""
     conn = Connection(Side.ACCEPTOR, limits_from(settings))
     hello: Event | None = None
     try:
@@ -191,6 +194,8 @@ async def serve_tunnel(
             raise ProtocolError("banned", refusal)
         registry.bind_identity(hello.peer_id, public_key)
         conn.proof_verified()
+        if on_proven is not None:
+            on_proven()
         proven = {"challenge": b64(challenge), "session_id": session_id,
                   "signature": proof.signature}
     except ProtocolError as exc:
