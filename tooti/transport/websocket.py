@@ -19,6 +19,7 @@ import os
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
+from http import HTTPStatus
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -372,13 +373,17 @@ def upgrade_response(key: str, subprotocol: str) -> bytes:
 
 
 def refusal_response(status: int, reason: str) -> bytes:
-    """A plain-text HTTP refusal of an upgrade (the connection closes after it)."""
+    """A plain-text HTTP refusal of an upgrade (the connection closes after it; a 429 or
+    503 says when to retry)."""
     body = reason.encode()
-    phrase = {400: b"Bad Request", 403: b"Forbidden", 404: b"Not Found",
-              426: b"Upgrade Required", 503: b"Service Unavailable"}.get(status, b"Refused")
+    try:
+        phrase = HTTPStatus(status).phrase.encode()
+    except ValueError:
+        phrase = b"Refused"
+    retry = b"retry-after: 1\r\n" if status in (429, 503) else b""
     return (b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\n"
-            b"content-length: %d\r\nconnection: close\r\n\r\n%s"
-            % (status, phrase, len(body), body))
+            b"content-length: %d\r\n%sconnection: close\r\n\r\n%s"
+            % (status, phrase, len(body), retry, body))
 
 
 # ---------------------------------------------------------------- through ASGI
