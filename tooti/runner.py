@@ -259,10 +259,14 @@ async def _attach_local(gateway: Gateway, node: Node) -> None:
 
 def _reload_tls(process: Process) -> None:
     """SIGHUP: reload the listener's TLS certificate (a bad one is logged and the current
-    one stays)."""
+    one stays). Never raises: a failure must not end the signal loop, and the process
+    with it."""
     if process.gateway is not None and process.gateway.tls is not None:
         log.info("SIGHUP: reloading the TLS certificate")
-        process.gateway.tls.reload()
+        try:
+            process.gateway.tls.reload()
+        except Exception:  # a bug; the current certificate stays in use
+            log.exception("reloading the TLS certificate failed; the current one stays in use")
 
 
 def setup_logging(level: str) -> None:
