@@ -563,8 +563,10 @@ class Connection:
             ):
                 raise ProtocolError("bad_hello", "versions must be a list of integers")
             peer_id = _str(obj, "peer_id", "")
-            if not peer_id or len(peer_id) > 128:
-                raise ProtocolError("bad_hello", "peer_id must be 1..128 characters")
+            if not peer_id or len(peer_id) > schemas.MAX_PEER_ID:
+                raise ProtocolError("bad_hello", f"peer_id must be 1..{schemas.MAX_PEER_ID} "
+                                    "characters")
+            peer_id = schemas.convert(peer_id, schemas.PeerId, "bad_hello", "peer_id")
             labels = obj.get("labels") or {}
             if not isinstance(labels, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in labels.items()

@@ -39,23 +39,28 @@ MAX_META_BYTES = 4096
 MAX_META_DEPTH = 8
 """Deepest nesting inside ``meta``."""
 MAX_LABELS = 32
-"""Most labels per peer; keys at most 64 characters, values at most 256."""
+"""Most labels per peer; keys at most 64 characters, values at most 256, neither with
+control characters."""
 MAX_COUNT = 1 << 53
 """Largest count (in flight, queued, capacity, ...) in a HEARTBEAT."""
 MAX_TTFT_MS = 1e9
 MAX_HOPS = 4
 """Longest relay chain a node may be advertised through (stops relay loops)."""
 MAX_PEER_ID = 128
-"""Longest peer (node, relay) id."""
+"""Longest peer (node, relay) id (printable: no control characters)."""
 
 _PRINTABLE = r"\A[^\x00-\x1f\x7f-\x9f]+\Z"
+"""Non-empty text without control characters (C0, DEL, C1): nothing a peer names can
+start a new log line or drive a terminal."""
+_PRINTABLE_OR_EMPTY = r"\A[^\x00-\x1f\x7f-\x9f]*\Z"
 T = TypeVar("T")
 
 ModelId = Annotated[str, Meta(min_length=1, max_length=MAX_MODEL_ID, pattern=_PRINTABLE)]
-PeerId = Annotated[str, Meta(min_length=1, max_length=MAX_PEER_ID)]
+PeerId = Annotated[str, Meta(min_length=1, max_length=MAX_PEER_ID, pattern=_PRINTABLE)]
 Text = Annotated[str, Meta(max_length=MAX_TEXT)]
 Labels = Annotated[
-    dict[Annotated[str, Meta(max_length=64)], Annotated[str, Meta(max_length=256)]],
+    dict[Annotated[str, Meta(max_length=64, pattern=_PRINTABLE_OR_EMPTY)],
+         Annotated[str, Meta(max_length=256, pattern=_PRINTABLE_OR_EMPTY)]],
     Meta(max_length=MAX_LABELS),
 ]
 Price = Annotated[float, Meta(ge=0, le=MAX_PRICE)]
