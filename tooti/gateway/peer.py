@@ -55,7 +55,8 @@ class Peer:
     update_pending: bool = False
     """A heartbeat changed it since that event."""
     penalized: bool = False
-    """:meth:`Registry.penalize` cut this peer off (once is enough)."""
+    """:meth:`Registry.penalize` cut this peer off since it was last registered (once is
+    enough; a relayed node registered again after its ban answers for new violations)."""
     stream_limit: int = 1 << 31
     """Streams its tunnel carries at once (the peer's ``max_streams``; through a relay,
     the relay's, shared with the relay's other nodes). Set when the peer is registered."""

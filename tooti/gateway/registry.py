@@ -207,7 +207,10 @@ class Registry:
         return f"{peer_id} is refused for {left:.0f} more seconds after a violation: {ban[1]}"
 
     def add(self, peer: Peer) -> Peer | None:
-        """Register ``peer``; returns the peer it replaces (same id), if any."""
+        """Register ``peer``; returns the peer it replaces (same id), if any. A peer
+        registered again (a relayed node re-advertised after its ban) answers for its
+        next violation afresh."""
+        peer.penalized = False
         old = self.peers.get(peer.id)
         self.peers[peer.id] = peer
         keys = self._unfile(old) if old is not None and old is not peer else []
