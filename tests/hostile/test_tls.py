@@ -594,6 +594,44 @@ async def test_a_tls_handshake_that_never_completes_is_cut(
     running.gateway.shutdown()
 
 
+async def test_shutdown_closes_unfinished_tls_handshakes_at_once(
+        nursery: trio.Nursery, authority: Authority) -> None:
+    """Connections in their TLS handshake (silent, or part of a ClientHello sent) are
+    closed when the listener shuts down; they used to hold the shutdown up to the
+    handshake timeout. Timeouts and grace are an hour, so only the shutdown can close
+    them."""
+    context, _ = load_certificate(str(authority.cert_path), str(authority.key_path))
+    hour = 3600.0
+
+    async def no_tunnels(upgrade: UpgradeRequest) -> None:
+        raise AssertionError("no tunnel expected")
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        raise AssertionError("no request expected")
+
+    config = Config()
+    config.bind, config.accesslog, config.graceful_timeout = ["127.0.0.1:0"], None, hour
+    stop, stopped = trio.Event(), trio.Event()
+
+    async def run(task_status: trio.TaskStatus[list[str]]) -> None:
+        await listen(app, config, no_tunnels, stop.wait, tls=lambda: context,
+                     handshake_timeout=hour, task_status=task_status)
+        stopped.set()
+
+    urls = await nursery.start(run)
+    port = int(urls[0].rsplit(":", 1)[1])
+    silent = await trio.open_tcp_stream("127.0.0.1", port)
+    hello = await trio.open_tcp_stream("127.0.0.1", port)
+    await hello.send_all(b"\x16\x03\x01\x02\x00")
+    await trio.testing.wait_all_tasks_blocked()  # the listener holds both
+    stop.set()
+    with trio.fail_after(TIMEOUT):
+        await stopped.wait()
+        for stream in (silent, hello):
+            assert await stream.receive_some(1024) == b""
+            await stream.aclose()
+
+
 # ---------------------------------------------------------------- unusable files at start
 
 

@@ -30,7 +30,8 @@ import math
 import resource
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -383,14 +384,12 @@ PLAIN_HTTP_ON_TLS = APIError(400, "this port speaks TLS: use https:// (wss:// fo
                              code="tls_required")
 
 
-async def _over_tls(then: Callable[[Accepted], Awaitable[None]],
-                    context: Callable[[], ssl.SSLContext], seconds: float,
-                    stream: trio.SocketStream) -> None:
-    """Complete the TLS handshake of an accepted connection within ``seconds``,
-    with the certificate current now, then hand the TLS stream to ``then``. A client
-    that does not complete it is closed (one that sent plain HTTP gets a 400 first)."""
+async def _handshake(stream: trio.SocketStream, context: Callable[[], ssl.SSLContext],
+                     seconds: float) -> trio.SSLStream[trio.SocketStream] | None:
+    """Complete the TLS handshake of an accepted connection within ``seconds``, with the
+    certificate current now: the TLS stream, or None if the client did not complete it
+    (one that sent plain HTTP got a 400 first)."""
     secured = trio.SSLStream(stream, context(), server_side=True, https_compatible=True)
-    done = False
     with trio.move_on_after(seconds):
         try:
             first = await stream.socket.recv(1, socket.MSG_PEEK)
@@ -399,13 +398,10 @@ async def _over_tls(then: Callable[[Accepted], Awaitable[None]],
                     await _refuse_plain_http(stream)
             elif first:
                 await secured.do_handshake()
-                done = True
+                return secured
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             log.debug("TLS handshake failed: %s", exc.__cause__ or exc)
-    if not done:
-        await trio.aclose_forcefully(stream)
-        return
-    await then(secured)
+    return None
 
 
 async def _refuse_plain_http(stream: trio.SocketStream) -> None:
@@ -418,6 +414,35 @@ async def _refuse_plain_http(stream: trio.SocketStream) -> None:
         head += chunk
     await stream.send_all(error_response(PLAIN_HTTP_ON_TLS))
     await stream.send_eof()
+
+
+class _Opening:
+    """The connections that have sent no request yet (in their TLS handshake, or before
+    their first request head is complete), each in a cancel scope that :meth:`close`
+    cancels: at shutdown they are closed at once instead of holding it up."""
+
+    def __init__(self) -> None:
+        self._scopes: set[trio.CancelScope] = set()
+        self._closed = False
+
+    @contextmanager
+    def guard(self) -> Iterator[trio.CancelScope]:
+        """A cancel scope for one connection's opening, cancelled at :meth:`close` (at
+        once if that came first)."""
+        scope = trio.CancelScope()
+        if self._closed:
+            scope.cancel()
+        self._scopes.add(scope)
+        try:
+            with scope:
+                yield scope
+        finally:
+            self._scopes.discard(scope)
+
+    def close(self) -> None:
+        self._closed = True
+        for scope in self._scopes:
+            scope.cancel()
 
 
 async def serve(app: Any, config: Config, on_tunnel: TunnelHandler,
@@ -438,6 +463,7 @@ async def serve(app: Any, config: Config, on_tunnel: TunnelHandler,
     open_count = 0
     busy_log = Throttle(BUSY_LOG_EVERY)
     served: set[_Replay] = set()
+    opening = _Opening()
     wrapped = wrap_app(app, config.wsgi_max_body_size, None)
     context = WorkerContext(None)
     sockets = config.create_sockets()
@@ -452,11 +478,19 @@ async def serve(app: Any, config: Config, on_tunnel: TunnelHandler,
         raise ValueError("the gateway listener takes its TLS context as tls=, not from "
                          "hypercorn's certfile")
 
-    async def connection(stream: Accepted) -> None:
-        try:
-            head, started, upgrade = await _read_upgrade(stream, limits)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            await trio.aclose_forcefully(stream)
+    async def connection(stream: trio.SocketStream) -> None:
+        accepted: Accepted | None = stream
+        head, started, upgrade = b"", 0.0, None
+        with opening.guard():
+            try:
+                if tls is not None:
+                    accepted = await _handshake(stream, tls, handshake_timeout)
+                if accepted is not None:
+                    head, started, upgrade = await _read_upgrade(accepted, limits)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                head, upgrade = b"", None
+        if accepted is None or not head:  # no request (or shutting down)
+            await trio.aclose_forcefully(accepted or stream)
             return
         if upgrade is not None:
             try:
@@ -464,21 +498,14 @@ async def serve(app: Any, config: Config, on_tunnel: TunnelHandler,
             except Exception:  # one tunnel's failure must not stop the listener
                 log.exception("tunnel from %s failed", upgrade.client)
             finally:
-                await trio.aclose_forcefully(stream)
+                await trio.aclose_forcefully(accepted)
             return
-        if not head:
-            await trio.aclose_forcefully(stream)
-            return
-        replayed = replay(stream, head, limits.send_timeout)
+        replayed = replay(accepted, head, limits.send_timeout)
         served.add(replayed)
         try:
             await _Server(wrapped, config, context, replayed, limits, started)
         finally:
             served.discard(replayed)
-
-    secured: Callable[[trio.SocketStream], Awaitable[None]] = connection
-    if tls is not None:
-        secured = partial(_over_tls, connection, tls, handshake_timeout)
 
     async def handler(stream: trio.SocketStream) -> None:
         nonlocal open_count
@@ -490,7 +517,7 @@ async def serve(app: Any, config: Config, on_tunnel: TunnelHandler,
             return
         open_count += 1
         try:
-            await secured(stream)
+            await connection(stream)
         finally:
             open_count -= 1
     async with trio.open_nursery() as handlers:
@@ -504,6 +531,7 @@ async def serve(app: Any, config: Config, on_tunnel: TunnelHandler,
         for listener in listeners:
             await listener.aclose()
         await context.terminated.set()
+        opening.close()  # connections with no request yet close now
         for waiting in served:
             waiting.wake()  # connections waiting for a request close now
         handlers.cancel_scope.deadline = trio.current_time() + config.graceful_timeout

@@ -1,0 +1,71 @@
+"""Shutdown does not wait for connections that have not sent a request yet.
+
+A connection still waiting for its first request head (silent, or part of a head
+sent) is closed as soon as the gateway shuts down, instead of holding the shutdown
+for up to the whole grace period. Timeouts and grace are an hour here, so only the
+shutdown can close them.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import trio
+import trio.testing
+
+from tests.hostile.client import TIMEOUT, connect, read_response, read_to_eof, request_bytes
+from tooti.gateway.app import Gateway
+from tooti.settings import GatewaySettings, TunnelSettings
+
+HOUR = 3600.0
+
+
+async def test_shutdown_closes_connections_that_sent_no_request_yet() -> None:
+    gateway = Gateway(GatewaySettings(listen="127.0.0.1:0", keep_alive_timeout=HOUR,
+                                      header_timeout=HOUR), TunnelSettings())
+    served = trio.Event()
+    async with trio.open_nursery() as nursery:
+
+        async def run(task_status: trio.TaskStatus[list[str]]) -> None:
+            await gateway.serve(grace=HOUR, task_status=task_status)
+            served.set()
+
+        urls = await nursery.start(run)
+        silent = await connect(urls[0])
+        partial_head = await connect(urls[0])
+        await partial_head.send_all(b"GET /hea")
+        kept_alive = await connect(urls[0])  # between requests: hypercorn's, woken already
+        with trio.fail_after(TIMEOUT):
+            await kept_alive.send_all(request_bytes("GET", "/healthz"))
+            assert (await read_response(kept_alive)).status == 200
+        await trio.testing.wait_all_tasks_blocked()  # the gateway holds all three
+
+        gateway.shutdown()
+        with trio.fail_after(TIMEOUT):
+            await served.wait()
+            for stream in (silent, partial_head, kept_alive):
+                assert await read_to_eof(stream) == b""
+        for stream in (silent, partial_head, kept_alive):
+            await stream.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_connection_that_arrives_as_shutdown_starts_is_closed_too(
+        nursery: trio.Nursery) -> None:
+    """A handler that starts after shutdown began (accepted just before) does not wait
+    for its client either."""
+    gateway = Gateway(GatewaySettings(listen="127.0.0.1:0", keep_alive_timeout=HOUR),
+                      TunnelSettings())
+    done = trio.Event()
+
+    async def run(task_status: trio.TaskStatus[list[str]]) -> None:
+        await gateway.serve(grace=HOUR, task_status=task_status)
+        done.set()
+
+    urls = await nursery.start(partial(run))
+    stream = await connect(urls[0])
+    gateway.shutdown()  # before the listener's handler for it has run
+    with trio.fail_after(TIMEOUT):
+        await done.wait()
+        assert await read_to_eof(stream) == b""
+    await stream.aclose()
