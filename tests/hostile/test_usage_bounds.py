@@ -109,9 +109,11 @@ LIES = {
     "negative-completion": {"prompt_tokens": 10, "completion_tokens": -10**6},
     "not-a-number": {"prompt_tokens": "12", "completion_tokens": 2},
     "float": {"prompt_tokens": 12.5, "completion_tokens": 2},
-    "beyond-max-tokens": {"prompt_tokens": 10, "completion_tokens": 51},
-    "prompt-far-beyond-body": {"prompt_tokens": 1_000_000, "completion_tokens": 2},
+    "total-beyond-max": {"prompt_tokens": 10, "completion_tokens": 2,
+                         "total_tokens": 2**33},
 }
+"""(Counts over a bound the client sets are clamped, not violations: see
+``test_usage_client_bounds.py``.)"""
 
 
 @pytest.mark.parametrize("usage", LIES.values(), ids=LIES.keys())
@@ -119,7 +121,7 @@ async def test_counts_out_of_bounds_are_a_violation_and_never_billed(
     nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     usage: dict[str, Any],
 ) -> None:
-    """Finding 3: negative, non-integer and implausible counts penalize the node; the
+    """Finding 3: negative, non-integer and impossible counts penalize the node; the
     ledger row holds the gateway's estimate (non-negative, within the request's bounds)."""
     relay_unchecked(monkeypatch)
     net = await start_ledgered(nursery, tmp_path)
@@ -170,16 +172,21 @@ async def test_plausible_counts_are_billed_as_reported(
 
 
 def test_the_bounds_follow_the_request() -> None:
-    """``max_tokens`` times the choices generated; nothing for embeddings; prompt bytes
-    plus the allowance, plus one media allowance per image, audio or file part."""
+    """The larger of ``max_tokens`` and ``max_completion_tokens`` times the choices
+    generated per prompt times the prompts batched; nothing for embeddings; prompt
+    bytes plus the allowance, plus one media allowance per image, audio or file part."""
     def limits(endpoint: str, body: dict[str, Any]) -> tuple[int, int | None]:
         found = limits_for(endpoint, body, 100, allowance=10, per_media=1000)
         return found.prompt, found.completion
 
     assert limits("chat/completions", {"max_tokens": 5}) == (110, 5)
     assert limits("chat/completions", {"max_tokens": 9, "max_completion_tokens": 5,
-                                       "n": 3}) == (110, 15)
+                                       "n": 3}) == (110, 27)
     assert limits("completions", {"max_tokens": 5, "n": 2, "best_of": 4}) == (110, 20)
+    assert limits("completions", {"max_tokens": 5, "prompt": ["a", "b", [1, 2]],
+                                  "n": 2}) == (110, 30)
+    assert limits("completions", {"max_tokens": 5, "prompt": [1, 2, 3]}) == (110, 5)
+    assert limits("chat/completions", {"max_tokens": 5, "prompt": ["a", "b"]}) == (110, 5)
     assert limits("chat/completions", {}) == (110, None)
     assert limits("embeddings", {"input": "x"}) == (110, 0)
     image = {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}

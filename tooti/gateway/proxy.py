@@ -412,17 +412,21 @@ class Proxy:
 
     def _checked_usage(self, peer: Peer, out: OutboundStream, outcome: Outcome
                        ) -> ReportedUsage | None:
-        """The usage the node reported in END, if it is within the request's bounds; a
-        report out of bounds penalizes the node and counts as none (billing estimates).
-        """
+        """The usage the node reported in END, clamped to the request's bounds (see
+        :mod:`tooti.gateway.reported`); a report no request could explain penalizes the
+        node and counts as none (billing estimates)."""
         assert outcome.limits is not None
         try:
             report = read_end(out.end_info)
-            return check_usage(report.usage, outcome.limits, outcome.relayed_bytes)
+            usage, clamped = check_usage(report.usage, outcome.limits,
+                                         outcome.relayed_bytes)
         except UsageViolation as exc:
             outcome.violation = str(exc)
             self.registry.penalize(peer, f"usage out of bounds: {exc}")
             return None
+        if clamped:
+            log.info("node %s reported %s: billed clamped, as estimated", peer.id, clamped)
+        return usage
 
     async def _collect(self, out: OutboundStream, peer: Peer, share: Share) -> list[bytes]:
         """Read a whole non-streamed answer, each byte reserved in ``share`` of

@@ -1,23 +1,33 @@
 """What a node reports in END, decoded with a typed schema and checked against what the
 gateway itself saw, before any of it reaches billing, metrics or health records.
 
-A node is someone else's machine: its token counts decide what a client pays. Counts
-must be integers ``0 <= n <= MAX_TOKENS`` (the schema), and plausible for this one
-request (:func:`check_usage`):
+A node is someone else's machine: its token counts decide what a client pays. Two
+kinds of rule apply, and they are treated differently.
 
-* completion tokens ``<=`` the request's ``max_tokens`` / ``max_completion_tokens``
-  (times ``n`` or ``best_of`` choices) when it gives one, and ``<=`` the bytes of the
-  answer the gateway relayed to the client (a token is at least one byte of output, so
-  hidden tokens, such as an upstream's unshown reasoning, cannot be billed);
+**Violations** are reports impossible whatever the client sent: counts that are not
+integers ``0 <= n <= MAX_TOKENS`` (the schema), and completion tokens over the bytes of
+the answer the gateway relayed to the client (a token is at least one byte of output,
+so hidden tokens, such as an upstream's unshown reasoning, cannot be billed). A
+violation is a :class:`UsageViolation`: the proxy penalizes the node
+(:meth:`tooti.gateway.registry.Registry.penalize`) and bills the gateway's own estimate
+instead, flagged ``estimated``.
+
+**Bounds** depend on how the gateway reads the client's request (:func:`limits_for`):
+
+* completion tokens ``<=`` the request's cap (the larger of ``max_tokens`` and
+  ``max_completion_tokens``: vLLM honours the latter when both are given) times the
+  choices generated per prompt (``n`` or ``best_of``) times the prompts of a batched
+  ``/v1/completions`` request, when it gives a cap;
 * prompt tokens ``<=`` the request body's bytes (a token is at least one byte of
   input, and JSON never encodes text in fewer bytes) ``+ prompt_token_allowance``
   (a chat template, a system prompt the server adds) ``+ media_token_allowance`` per
   image, audio, video or file part of a chat request (fetched by URL or sent as data,
   their tokens are not in the bytes).
 
-A report that breaks a rule is a :class:`UsageViolation`: the proxy penalizes the node
-(:meth:`tooti.gateway.registry.Registry.penalize`) and bills the gateway's own
-estimate instead, flagged ``estimated``.
+A report over a bound is *clamped* to it and billed flagged ``estimated``, logged at
+info, and the node is **not** penalized: a client chooses its request, and a client
+must never be able to get an honest node banned (by batching prompts, say, or by a
+request some backend reads differently from the gateway).
 """
 
 from __future__ import annotations
@@ -89,14 +99,28 @@ def limits_for(endpoint: str, body: dict[str, Any], body_bytes: int, allowance: 
                per_media: int) -> UsageLimits:
     """The bounds of one request to ``endpoint`` with decoded ``body`` of ``body_bytes``
     bytes."""
-    caps = [v for v in (body.get("max_tokens"), body.get("max_completion_tokens"))
-            if isinstance(v, int) and not isinstance(v, bool) and v >= 0]
+    caps = _counts(body, "max_tokens", "max_completion_tokens")
     completion = 0 if endpoint == "embeddings" else None
     if caps and completion is None:
-        choices = [v for v in (body.get("n"), body.get("best_of"))
-                   if isinstance(v, int) and not isinstance(v, bool)]
-        completion = min(caps) * max([1, *choices])
+        choices = _counts(body, "n", "best_of")
+        completion = max(caps) * max([1, *choices]) * _prompts(endpoint, body)
     return UsageLimits(body_bytes + allowance + per_media * _media_parts(body), completion)
+
+
+def _counts(body: dict[str, Any], *fields: str) -> list[int]:
+    """The non-negative integers among ``body``'s ``fields``."""
+    values = (body.get(name) for name in fields)
+    return [v for v in values if isinstance(v, int) and not isinstance(v, bool) and v >= 0]
+
+
+def _prompts(endpoint: str, body: dict[str, Any]) -> int:
+    """How many prompts a ``/v1/completions`` request batches (each gets its own
+    answers): one per string or token list in a ``prompt`` list, else one."""
+    prompt = body.get("prompt")
+    if endpoint != "completions" or not isinstance(prompt, list):
+        return 1
+    batched = sum(1 for item in prompt if isinstance(item, str | list))
+    return max(1, batched)
 
 
 def _media_parts(body: dict[str, Any]) -> int:
@@ -123,20 +147,28 @@ def read_end(info: dict[str, Any] | None) -> EndReport:
 
 
 def check_usage(usage: ReportedUsage | None, limits: UsageLimits, relayed: int
-                ) -> ReportedUsage | None:
-    """``usage`` if it is plausible for a request within ``limits`` whose answer was
-    ``relayed`` bytes; raises :class:`UsageViolation` otherwise."""
+                ) -> tuple[ReportedUsage | None, str]:
+    """``usage`` for a request within ``limits`` whose answer was ``relayed`` bytes,
+    clamped to the request's bounds (flagged ``estimated``), and what was clamped ("" if
+    nothing); raises :class:`UsageViolation` for a report no request could explain."""
     if usage is None:
-        return None
+        return None, ""
     completion = usage.completion_tokens or 0
-    if limits.completion is not None and completion > limits.completion:
-        raise UsageViolation(f"reported {completion} completion tokens for a request "
-                             f"capped at {limits.completion}")
     if completion > relayed:
         raise UsageViolation(f"reported {completion} completion tokens for an answer of "
                              f"{relayed} bytes")
+    clamped: list[str] = []
+    if limits.completion is not None and completion > limits.completion:
+        clamped.append(f"{completion} completion tokens for a request capped at "
+                       f"{limits.completion}")
+        usage = msgspec.structs.replace(usage, completion_tokens=limits.completion)
     prompt = usage.prompt_tokens or 0
     if prompt > limits.prompt:
-        raise UsageViolation(f"reported {prompt} prompt tokens for a request allowing "
-                             f"at most {limits.prompt}")
-    return usage
+        clamped.append(f"{prompt} prompt tokens for a request allowing at most "
+                       f"{limits.prompt}")
+        usage = msgspec.structs.replace(usage, prompt_tokens=limits.prompt)
+    if not clamped:
+        return usage, ""
+    total = (usage.prompt_tokens or 0) + (usage.completion_tokens or 0)
+    return msgspec.structs.replace(usage, total_tokens=total, estimated=True), \
+        "; ".join(clamped)

@@ -8,12 +8,15 @@ when the client did not ask for it. Usage is taken from the backend's own
 figures; when a stream dies before reporting them, the count of delivered
 content chunks stands in for completion tokens (flagged as estimated).
 
-The backend's figures are checked before they are passed on (the gateway checks
-them again and cuts off a node that passes absurd ones): counts that are not
-integers within ``0..MAX_TOKENS`` make the whole usage unknown (estimated as
-above), and completion tokens are capped at the bytes forwarded (a token is at
-least one byte of output; tokens the client never saw, such as an upstream's
-hidden reasoning, cannot be billed).
+The backend's figures are checked before they are passed on, by the gateway's
+rules (:mod:`tooti.gateway.reported`), so an honest node never reports what the
+gateway would refuse: counts that are not integers within ``0..MAX_TOKENS`` (which
+the gateway penalizes) make the whole usage unknown (estimated as above);
+completion tokens are capped at the bytes forwarded (a token is at least one byte of
+output; tokens the client never saw, such as an upstream's hidden reasoning, cannot
+be billed; the gateway penalizes more) and at the request's own cap (``completion_cap``,
+from :func:`tooti.gateway.reported.limits_for`; the gateway would clamp them there).
+Either cap marks the usage estimated.
 """
 
 from __future__ import annotations
@@ -31,9 +34,12 @@ MAX_JSON_BYTES = 64 * 1024 * 1024
 class UsageMeter:
     """Feeds on response bytes, returns the bytes to forward, remembers usage."""
 
-    def __init__(self, sse: bool, strip_usage_chunk: bool = False) -> None:
+    def __init__(self, sse: bool, strip_usage_chunk: bool = False,
+                 completion_cap: int | None = None) -> None:
         self.sse = sse
         self.strip_usage_chunk = strip_usage_chunk
+        self.completion_cap = completion_cap
+        """The most completion tokens the request allows (None: no cap)."""
         self.usage: dict[str, Any] | None = None
         self.finish_reason: str | None = None
         self.content_chunks = 0
@@ -140,9 +146,10 @@ class UsageMeter:
             except ValueError:
                 usage = None
         if usage is not None:
-            capped = completion > self.forwarded
+            bound = self._completion_bound()
+            capped = completion > bound
             if capped:
-                completion = self.forwarded
+                completion = bound
             out["usage"] = {
                 "prompt_tokens": prompt,
                 "completion_tokens": completion,
@@ -152,10 +159,17 @@ class UsageMeter:
         else:
             # Prompt tokens are unknown (the gateway estimates them from the body).
             out["usage"] = {
-                "completion_tokens": self.content_chunks,
+                "completion_tokens": min(self.content_chunks, self._completion_bound()),
                 "estimated": True,
             }
         return out
+
+    def _completion_bound(self) -> int:
+        """The most completion tokens this answer can be billed: the bytes forwarded,
+        and the request's cap."""
+        if self.completion_cap is None:
+            return self.forwarded
+        return min(self.forwarded, self.completion_cap)
 
 
 def _int(value: Any) -> int:

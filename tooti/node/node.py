@@ -18,6 +18,7 @@ import trio
 
 from tooti.backends.base import Backend, BackendError, ModelInfo
 from tooti.dialer import Dialer
+from tooti.gateway.reported import limits_for
 from tooti.identity import Identity
 from tooti.node.metering import UsageMeter
 from tooti.settings import NetworkSettings, NodeSettings, TunnelSettings
@@ -252,7 +253,9 @@ class Node:
         try:
             async with backend.open(endpoint, body, request) as response:
                 sse = response.content_type.startswith("text/event-stream")
-                meter = UsageMeter(sse=sse, strip_usage_chunk=strip and sse)
+                cap = limits_for(endpoint, request, len(body), 0, 0).completion
+                meter = UsageMeter(sse=sse, strip_usage_chunk=strip and sse,
+                                   completion_cap=cap)
                 await stream.respond(response.status, {"content-type": response.content_type})
                 first = True
                 async for chunk in response.chunks:
