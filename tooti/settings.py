@@ -137,7 +137,13 @@ class GatewaySettings:
     cooldown_max_seconds: float = 300.0
     """Longest cooldown."""
     peer_ban_seconds: float = 60.0
-    """Seconds a peer that violated the protocol (bad values, floods) is refused."""
+    """Seconds a peer that violated the protocol (bad values, floods) is refused (a node
+    caught through a relay: its route through that relay only)."""
+    relay_strikes: int = 3
+    """A relay through which this many different nodes violated the protocol within
+    ``relay_strike_seconds`` is itself cut off and banned."""
+    relay_strike_seconds: float = 600.0
+    """Seconds over which violations through a relay are counted (``relay_strikes``)."""
     max_identity_bindings: int = 10_000
     """Most chosen node names bound to keys here; a new name beyond it is refused
     (derived ``tooti-...`` ids need no binding)."""

@@ -9,8 +9,8 @@ import trio
 from tests.conftest import Network
 from tests.hostile.peers import hostile_peer
 from tests.hostile.test_peer_values import GOOD, _route
-from tooti.identity import Identity
 from tooti.gateway.registry import Registry
+from tooti.identity import Identity
 from tooti.protocol.frames import FrameType
 
 
@@ -42,3 +42,68 @@ async def test_a_relayed_node_is_penalized_again_after_its_ban(network: Network)
         await relay.send_json(FrameType.ROUTES, {"nodes": [entry]})
         await relay.heartbeat_acked()  # the gateway has handled the ROUTES
         assert node.id not in registry.peers
+
+
+async def test_a_violation_through_a_relay_bans_that_route_only(network: Network) -> None:
+    """A hostile relay can forge what a node says (END usage, its ROUTES entry): what it
+    reports bans the node's route through it, not the node on its other paths."""
+    registry = network.gateway.registry
+    node = Identity.generate()
+    async with hostile_peer(network.tunnel_url, role="relay") as liar:
+        await liar.send_json(FrameType.ROUTES, {"nodes": [_route(node, liar.id, [GOOD])]})
+        with trio.fail_after(5):
+            await registry.wait_until(lambda: node.id in registry.peers)
+        async with hostile_peer(network.tunnel_url, role="relay") as honest:
+            await honest.send_json(FrameType.ROUTES,
+                                   {"nodes": [_route(node, honest.id, [GOOD])]})
+            await honest.heartbeat_acked()  # kept aside: the node is reached through liar
+            registry.penalize(registry.peers[node.id], "usage out of bounds")
+            # The honest relay's route takes over at once...
+            assert registry.peers[node.id].via == honest.id
+            assert registry.banned(node.id) is None
+        with trio.fail_after(5):
+            await registry.wait_until(lambda: node.id not in registry.peers)
+        # ...the liar's route stays refused...
+        assert registry.banned(node.id, via=liar.id) is not None
+        await liar.send_json(FrameType.ROUTES, {"nodes": [_route(node, liar.id, [GOOD])]})
+        await liar.heartbeat_acked()
+        assert node.id not in registry.peers
+        # ...and the relay that reported it is still connected, one strike down.
+        assert liar.id in registry.peers and registry.peers[liar.id].penalized is False
+    # The node dials in directly: admitted.
+    async with hostile_peer(network.tunnel_url, identity=node) as direct:
+        await direct.models([GOOD])
+        with trio.fail_after(5):
+            await registry.wait_until(lambda: node.id in registry.peers
+                                      and not registry.peers[node.id].via)
+
+
+async def test_a_relay_with_three_violating_nodes_is_cut_off(network: Network) -> None:
+    registry = network.gateway.registry
+    async with hostile_peer(network.tunnel_url, role="relay") as relay:
+        nodes = [Identity.generate() for _ in range(4)]
+        await relay.send_json(FrameType.ROUTES, {
+            "nodes": [_route(node, relay.id, [GOOD]) for node in nodes]})
+        with trio.fail_after(5):
+            await registry.wait_until(lambda: all(n.id in registry.peers for n in nodes))
+        # The same node twice is one strike.
+        registry.penalize(registry.peers[nodes[0].id], "usage out of bounds")
+        _end_bans(registry)
+        await relay.send_json(FrameType.ROUTES, {"nodes": [_route(nodes[0], relay.id, [GOOD])]})
+        with trio.fail_after(5):
+            await registry.wait_until(lambda: nodes[0].id in registry.peers)
+        registry.penalize(registry.peers[nodes[0].id], "usage out of bounds")
+        registry.penalize(registry.peers[nodes[1].id], "usage out of bounds")
+        assert not registry.peers[relay.id].session.closed.is_set()
+        registry.penalize(registry.peers[nodes[2].id], "usage out of bounds")
+        with trio.fail_after(5):
+            goaway = await relay.goaway()
+    assert goaway is not None and goaway.code == "protocol_violation"
+    assert "3 nodes" in goaway.reason
+    with trio.fail_after(5):
+        await registry.wait_until(lambda: relay.id not in registry.peers
+                                  and nodes[3].id not in registry.peers)
+    refusal = registry.banned(relay.id)
+    assert refusal is not None
+    # Its nodes were not banned themselves.
+    assert registry.banned(nodes[0].id) is None and registry.banned(nodes[3].id) is None

@@ -150,7 +150,9 @@ class Gateway:
         self.tunnel_settings = tunnel
         self.registry = Registry(identities=identities, ban_seconds=settings.peer_ban_seconds,
                                  max_identities=settings.max_identity_bindings,
-                                 heartbeat_interval=tunnel.heartbeat_interval)
+                                 heartbeat_interval=tunnel.heartbeat_interval,
+                                 relay_strikes=settings.relay_strikes,
+                                 relay_strike_seconds=settings.relay_strike_seconds)
         self.auth = BearerAuth(named_tokens(settings.join_token, settings.join_tokens),
                                {name: named_tokens(group.join_token, group.join_tokens)
                                 for name, group in settings.groups.items()})

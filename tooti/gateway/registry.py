@@ -28,7 +28,11 @@ KNOWN_MODELS_LIMIT = 10_000
 VIOLATION = "protocol_violation"
 """GOAWAY code sent to a peer whose session is cut by :meth:`Registry.penalize`."""
 MAX_BANS = 10_000
-"""Most peer ids banned at once (the oldest bans go first beyond it)."""
+"""Most peer ids and relay routes banned at once (the oldest bans go first beyond it);
+also the most relays whose strikes are remembered."""
+
+BanKey = str | tuple[str, str]
+"""What a ban refuses: a peer id (on every path), or a ``(node id, relay id)`` route."""
 
 
 class KnownModels:
@@ -74,11 +78,14 @@ class Registry:
 
     def __init__(self, bus: EventBus | None = None,
                  identities: IdentityStore | None = None, *, ban_seconds: float = 60.0,
-                 max_identities: int = 10_000, heartbeat_interval: float = 3.0) -> None:
+                 max_identities: int = 10_000, heartbeat_interval: float = 3.0,
+                 relay_strikes: int = 3, relay_strike_seconds: float = 600.0) -> None:
         """``ban_seconds``: how long a peer :meth:`penalize` cut off is refused;
         ``max_identities``: most chosen node names bound here (trust on first use);
         ``heartbeat_interval``: how often peers report (``peer.updated`` events from
-        heartbeats are coalesced to about one per interval and peer)."""
+        heartbeats are coalesced to about one per interval and peer);
+        ``relay_strikes`` / ``relay_strike_seconds``: a relay through which that many
+        different nodes violated the protocol within that time is penalized itself."""
         self.bus = bus or EventBus()
         """Where peer changes are published."""
         self.peers: dict[str, Peer] = {}
@@ -109,8 +116,13 @@ class Registry:
         or a peer's models change: what is cached from the live models is current while
         it stays the same (see :meth:`live_version`)."""
         self.ban_seconds = ban_seconds
-        self.bans: dict[str, tuple[float, str]] = {}
-        """Peer id → (``trio.current_time()`` its ban ends, why): see :meth:`penalize`."""
+        self.bans: dict[BanKey, tuple[float, str]] = {}
+        """Peer id, or (node id, relay id) route → (``trio.current_time()`` its ban ends,
+        why): see :meth:`penalize`."""
+        self.relay_strikes = relay_strikes
+        self.relay_strike_seconds = relay_strike_seconds
+        self.strikes: dict[str, dict[str, float]] = {}
+        """Relay id → node id → when that node last violated the protocol through it."""
         self._changed = trio.Event()
 
     async def wait_until(self, condition: Callable[[], bool]) -> None:
@@ -168,43 +180,80 @@ class Registry:
     def penalize(self, peer: Peer, reason: str) -> None:
         """``peer`` broke the rules (out-of-bounds values, a flood, a protocol error):
         cut it off and refuse it for ``ban_seconds``. A direct peer's session gets
-        GOAWAY ``protocol_violation`` with ``reason`` and closes; a node reached through
-        a relay is dropped from this registry alone (the relay's tunnel and its other
-        nodes stay). Logged as a warning and published as ``peer.violation``. Whatever
-        the bad values were, the caller must not have stored them."""
+        GOAWAY ``protocol_violation`` with ``reason`` and closes, and its id is refused
+        on every path. A node reached through a relay is dropped from this registry
+        alone (the relay's tunnel and its other nodes stay) and only its route through
+        that relay is refused, since the relay may be the liar (it relays the node's
+        END and its ROUTES entry): the node may still dial in directly or come through
+        another relay. That counts a strike against the relay (see :meth:`_strike`).
+        Logged as a warning and published as ``peer.violation``. Whatever the bad values
+        were, the caller must not have stored them."""
         if peer.penalized:
             return
         peer.penalized = True
         reason = reason[:300]
-        now = trio.current_time()
-        for banned, (until, _) in list(self.bans.items()):
-            if until <= now:
-                del self.bans[banned]
-        self.bans.pop(peer.id, None)
-        self.bans[peer.id] = (now + self.ban_seconds, reason)
-        while len(self.bans) > MAX_BANS:
-            del self.bans[next(iter(self.bans))]
-        log.warning("peer %s%s violated the protocol: %s; refused for %gs", peer.id,
-                    f" (via {peer.via})" if peer.via else "", reason, self.ban_seconds)
+        self._ban((peer.id, peer.via) if peer.via else peer.id, reason)
+        if peer.via:
+            log.warning("node %s violated the protocol through relay %s: %s; that route is "
+                        "refused for %gs", peer.id, peer.via, reason, self.ban_seconds)
+        else:
+            log.warning("peer %s violated the protocol: %s; refused for %gs", peer.id,
+                        reason, self.ban_seconds)
         self.bus.publish("peer.violation", peer_id=peer.id, via=peer.via or None,
                          reason=reason, ban_seconds=self.ban_seconds)
         if peer.via:
             self.remove(peer, f"protocol violation: {reason}")
+            self._strike(peer.via, peer.id)
         else:
             peer.session.violate(VIOLATION, reason)
 
-    def banned(self, peer_id: str) -> str | None:
-        """Why ``peer_id`` is refused now (with the seconds left), or None."""
+    def _ban(self, key: BanKey, reason: str) -> None:
+        now = trio.current_time()
+        for banned, (until, _) in list(self.bans.items()):
+            if until <= now:
+                del self.bans[banned]
+        self.bans.pop(key, None)
+        self.bans[key] = (now + self.ban_seconds, reason)
+        while len(self.bans) > MAX_BANS:
+            del self.bans[next(iter(self.bans))]
+
+    def _strike(self, relay_id: str, node_id: str) -> None:
+        """``node_id`` violated the protocol through relay ``relay_id``: once
+        :attr:`relay_strikes` different nodes did within :attr:`relay_strike_seconds`,
+        the relay itself is penalized (a relay minting node ids to lie through cannot
+        go on; one bad node behind an honest relay costs it nothing beyond that node's
+        route)."""
+        now = trio.current_time()
+        seen = self.strikes.pop(relay_id, {})
+        self.strikes[relay_id] = seen = {
+            node: at for node, at in seen.items() if at > now - self.relay_strike_seconds}
+        seen.pop(node_id, None)
+        seen[node_id] = now
+        while len(self.strikes) > MAX_BANS:
+            del self.strikes[next(iter(self.strikes))]
+        relay = self.peers.get(relay_id)
+        if len(seen) < self.relay_strikes or relay is None or relay.via:
+            return
+        del self.strikes[relay_id]
+        self.penalize(relay, f"{len(seen)} nodes violated the protocol through it within "
+                      f"{self.relay_strike_seconds:g}s (gateway.relay_strikes)")
+
+    def banned(self, peer_id: str, via: str = "") -> str | None:
+        """Why ``peer_id`` (reached through relay ``via``, if given) is refused now, with
+        the seconds left, or None: its id is banned, or its route through ``via``."""
         if not self.bans:
             return None
-        ban = self.bans.get(peer_id)
-        if ban is None:
-            return None
-        left = ban[0] - trio.current_time()
-        if left <= 0:
-            del self.bans[peer_id]
-            return None
-        return f"{peer_id} is refused for {left:.0f} more seconds after a violation: {ban[1]}"
+        for key in ((peer_id, (peer_id, via)) if via else (peer_id,)):
+            ban = self.bans.get(key)
+            if ban is None:
+                continue
+            left = ban[0] - trio.current_time()
+            if left <= 0:
+                del self.bans[key]
+                continue
+            what = f"{peer_id} via {via}" if isinstance(key, tuple) else peer_id
+            return f"{what} is refused for {left:.0f} more seconds after a violation: {ban[1]}"
+        return None
 
     def add(self, peer: Peer) -> Peer | None:
         """Register ``peer``; returns the peer it replaces (same id), if any. A peer
@@ -226,7 +275,7 @@ class Registry:
         live direct tunnel or a live route through another relay here (a direct tunnel is
         preferred, and the first relay keeps the node while its tunnel lives, so a later
         advertiser cannot take over its traffic); returns True if added."""
-        refusal = self.banned(peer.id)
+        refusal = self.banned(peer.id, peer.via)
         if refusal is not None:
             log.info("node %s via %s not taken: %s", peer.id, peer.via, refusal)
             return False
