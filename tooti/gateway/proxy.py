@@ -658,6 +658,29 @@ def _rewrite(body: dict[str, Any], model: str) -> bytes:
 
 
 DONE_MARKS = (b"data: [DONE]", b"data:[DONE]")
+NEWLINES = (b"\n", b"\r")
+
+
+def _done_line(data: bytes, line_start: bool) -> tuple[int, bool]:
+    """Where in ``data`` the bytes that must wait for settle begin, and whether they
+    hold a whole ``[DONE]`` mark: the start of the first line that is a mark, else of
+    an unfinished last line that may yet become one (``len(data)``, False: neither).
+    ``line_start`` says whether ``data`` begins a line."""
+    found = len(data)
+    for mark in DONE_MARKS:
+        at = data.find(mark)
+        while 0 <= at < found:
+            if (at == 0 and line_start) or data[at - 1 : at] in NEWLINES:
+                found = at
+                break
+            at = data.find(mark, at + 1)
+    if found < len(data):
+        return found, True
+    tail = max(data.rfind(b"\n"), data.rfind(b"\r")) + 1
+    if (tail or line_start) and tail < len(data) and any(
+            mark.startswith(data[tail:]) for mark in DONE_MARKS):
+        return tail, False
+    return len(data), False
 
 
 async def _stream_body(
@@ -667,9 +690,11 @@ async def _stream_body(
 ) -> None:
     """Relay an SSE answer as it arrives; a late failure is reported in-band.
 
-    The closing ``data: [DONE]`` (and anything after it, up to ``MAX_HELD_BYTES``) is
-    held until END has arrived and ``settle`` has run, and goes out as the last body
+    The closing ``data: [DONE]`` line (and anything after it, up to ``MAX_HELD_BYTES``)
+    is held until END has arrived and ``settle`` has run, and goes out as the last body
     part: a client that saw ``[DONE]`` saw an answer whose usage was already settled.
+    A node may split the mark across DATA frames (the tunnel splits where credit runs
+    out), so an unfinished last line that may yet become it waits for the next chunk.
     """
     await send({
         "type": "http.response.start",
@@ -682,20 +707,35 @@ async def _stream_body(
         ],
     })
     held: list[bytes] = []
+    """From the [DONE] line on."""
     held_size = 0
+    tail = b""
+    """An unfinished last line that may yet become a [DONE] line (a few bytes)."""
+    line_start = True
+    """The bytes sent so far end a line."""
 
     async def relay(chunk: bytes) -> None:
-        nonlocal held_size
+        nonlocal held_size, tail, line_start
         outcome.delivered_events += chunk.count(b"\n\n")
         outcome.relayed_bytes += len(chunk)
-        if held or any(mark in chunk for mark in DONE_MARKS):
+        if held:
             held.append(chunk)
             held_size += len(chunk)
             if held_size <= MAX_HELD_BYTES:
                 return
             chunk = b"".join(held)  # more after [DONE]: stop holding
             held.clear()
-        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        else:
+            data = tail + chunk if tail else chunk
+            cut, done = _done_line(data, line_start or bool(tail))
+            chunk, rest = data[:cut], data[cut:]
+            tail = b"" if done else rest
+            if done:
+                held.append(rest)
+                held_size = len(rest)
+        if chunk:
+            line_start = chunk[-1:] in NEWLINES
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
 
     await relay(first)
     error: APIError | None = None
@@ -710,6 +750,7 @@ async def _stream_body(
             error = from_end_info(info)
     outcome.status = "ok" if error is None else "failed_midstream"
     await settle()
+    held.insert(0, tail + b"\n\n" if tail and error is not None else tail)
     if error is not None:
         outcome.error = error.message
         log.warning("request %s: stream failed after first byte: %s", request_id, error.message)
