@@ -27,7 +27,10 @@ def usage_from(outcome: Outcome, body_bytes: int, started: float) -> Usage:
     ``outcome.usage`` is what the node reported, already checked against the request's
     bounds (:mod:`tooti.gateway.reported`); without it the gateway estimates: prompt
     tokens from the body's size, completion tokens from the SSE events relayed (or the
-    bytes of a non-streamed answer), within the request's ``max_tokens``."""
+    bytes of a non-streamed answer), at most one per ``BYTES_PER_TOKEN`` bytes relayed
+    (a node sending empty events cannot raise it further) and within the request's
+    cap. Without a cap, a node that broke the rules can still inflate its estimate by
+    padding its answer: a token per ``BYTES_PER_TOKEN`` bytes the client received."""
     reported = outcome.usage
     prompt = reported.prompt_tokens if reported else None
     completion = reported.completion_tokens if reported else None
@@ -35,8 +38,7 @@ def usage_from(outcome: Outcome, body_bytes: int, started: float) -> Usage:
     if prompt is None:
         prompt = body_bytes // BYTES_PER_TOKEN
     if completion is None:
-        completion = 0 if reported else (
-            outcome.delivered_events or outcome.relayed_bytes // BYTES_PER_TOKEN)
+        completion = 0 if reported else _estimate(outcome)
         cap = outcome.limits.completion if outcome.limits else None
         if cap is not None:
             completion = min(completion, cap)
@@ -46,6 +48,13 @@ def usage_from(outcome: Outcome, body_bytes: int, started: float) -> Usage:
         price_input=outcome.price_input, price_output=outcome.price_output,
         estimated=estimated, latency_ms=(time.monotonic() - started) * 1000,
     )
+
+
+def _estimate(outcome: Outcome) -> int:
+    """Completion tokens of an answer whose node reported none: the SSE events relayed
+    (or the answer's bytes / ``BYTES_PER_TOKEN``), at most its bytes / ``BYTES_PER_TOKEN``."""
+    by_bytes = outcome.relayed_bytes // BYTES_PER_TOKEN
+    return min(outcome.delivered_events, by_bytes) if outcome.delivered_events else by_bytes
 
 
 class BillingPipeline:
