@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import trio
 
@@ -62,6 +63,10 @@ class BillingPipeline:
 
     def __init__(self, plugins: list[Billing]) -> None:
         self.plugins = plugins
+        self.on_late: Callable[[str], None] | None = None
+        """Called with the request id of each settle or refund cut off by
+        ``SETTLE_TIMEOUT`` (the gateway counts them: a completed answer's last bytes
+        then leave before its record is durable)."""
 
     async def run(self) -> None:
         """Run every plugin's background work until cancelled; one that raises is logged
@@ -98,7 +103,12 @@ class BillingPipeline:
                 except Exception:
                     log.exception("billing plugin %r failed for %s", plugin, ctx.request_id)
         if timer.cancelled_caught:
-            log.error("billing for %s timed out after %.0fs", ctx.request_id, SETTLE_TIMEOUT)
+            log.error("billing for %s timed out after %gs", ctx.request_id, SETTLE_TIMEOUT)
+            if self.on_late is not None:
+                try:
+                    self.on_late(ctx.request_id)
+                except Exception:
+                    log.exception("counting a late settle failed")
 
     async def close(self) -> None:
         """Close every plugin (flushing queued records)."""

@@ -191,6 +191,8 @@ class Gateway:
         )
         self.proxy = Proxy(self.registry, self.policy, self.proxy_settings)
         self.metrics = GatewayMetrics(self.registry, self.registry.bus, self.proxy)
+        self.billing.on_late = lambda request_id: self.registry.bus.publish(
+            "billing.settle_late", request_id=request_id)
         self.proxy.on_cooldown = self._schedule_probe
         self._nursery: trio.Nursery | None = None
         self.sessions: set[TunnelSession] = set()

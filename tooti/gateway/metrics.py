@@ -61,12 +61,19 @@ class GatewayMetrics:
         self.latency = Histogram("tooti_request_seconds", "Whole request latency",
                                  ["model", "status"], buckets=LATENCY_BUCKETS,
                                  registry=self.prometheus)
+        self.settle_late = Counter(
+            "tooti_usage_settle_late", "Settles (or refunds) cut off by the billing "
+            "timeout: a completed answer then left before its usage record was durable",
+            registry=self.prometheus)
         self.prometheus.register(_LiveState(registry, proxy))
         bus.listeners.append(self.on_event)
 
     def on_event(self, event: BusEvent) -> None:
-        """Update counters from ``request.finished`` events. A figure that is not a
-        finite non-negative number (counters cannot go down) counts as 0."""
+        """Update counters from ``request.finished`` and ``billing.settle_late`` events. A
+        figure that is not a finite non-negative number (counters cannot go down) counts
+        as 0."""
+        if event.kind == "billing.settle_late":
+            self.settle_late.inc()
         if event.kind != "request.finished":
             return
         data = event.data
