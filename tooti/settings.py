@@ -97,6 +97,16 @@ class GatewaySettings:
     max_connections: int = 10_000
     """Most client connections (HTTP and tunnels) open at once, at most the process's
     file-descriptor limit less a reserve; more get 503 and are closed."""
+    max_connections_per_ip: int = 256
+    """Most connections one client IP (an IPv6 /64) may have open at once; more get 429
+    and are closed (closed at once on a TLS port). Tunnels that proved their node's
+    identity do not count (many nodes may share an address)."""
+    connection_rate: float = 100.0
+    """New connections per second one client IP (an IPv6 /64) may open, on average, after
+    a burst of ``connection_burst``; more get 429 and are closed (closed at once, before
+    any TLS handshake, on a TLS port)."""
+    connection_burst: int = 200
+    """New connections one client IP may open at once before ``connection_rate`` applies."""
     tunnel_handshake_rate: float = 5.0
     """Tunnel upgrades per second one client IP (an IPv6 /64) may start, on average;
     more get 429."""

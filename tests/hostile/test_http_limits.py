@@ -75,6 +75,89 @@ async def test_connection_past_the_limit_gets_503_and_is_served_once_one_goes(
     assert_no_tracebacks(caplog)
 
 
+# ---------------------------------------------------------------- per address
+
+
+async def test_one_address_over_its_connection_cap_gets_429_while_another_is_served(
+        nursery: trio.Nursery, caplog: pytest.LogCaptureFixture) -> None:
+    """One address cannot take every connection slot: past ``max_connections_per_ip``
+    it is refused (OpenAI error object, then close) while a second address is served,
+    and it is served again once one of its connections goes."""
+    cap = 5
+    network = await start(nursery, max_connections_per_ip=cap)
+    held = []
+    try:
+        with trio.fail_after(TIMEOUT):
+            for _ in range(cap):
+                stream = await connect(network.url)
+                held.append(stream)
+                await stream.send_all(request_bytes("GET", "/healthz"))
+                assert (await read_response(stream)).status == 200
+            refused = await exchange(network.url, request_bytes("GET", "/healthz"))
+            error = assert_error_object(refused, 429)
+            assert error["code"] == "too_many_connections_per_ip"
+            assert error["message"].startswith("too many open connections from 127.0.0.1")
+            assert refused.headers["retry-after"] == "1"
+            assert refused.headers["connection"] == "close"
+            other = await exchange(network.url, request_bytes("GET", "/healthz"), OTHER_IP)
+            assert other.status == 200
+
+            await held[0].send_eof()
+            assert await read_to_eof(held[0]) == b""
+            await trio.testing.wait_all_tasks_blocked()
+            served = await exchange(network.url, request_bytes("GET", "/healthz"))
+            assert served.status == 200
+    finally:
+        for stream in held:
+            await trio.aclose_forcefully(stream)
+    warnings = [r.getMessage() for r in caplog.records
+                if r.getMessage().startswith("connection from 127.0.0.1 refused")]
+    assert len(warnings) == 1, warnings  # once a minute per address
+    assert_no_tracebacks(caplog)
+
+
+async def test_new_connections_from_one_address_are_rate_limited(
+        nursery: trio.Nursery) -> None:
+    burst = 4
+    network = await start(nursery, connection_burst=burst, connection_rate=0.01)
+    with trio.fail_after(TIMEOUT):
+        for _ in range(burst):  # each closed after its answer: only the rate is at stake
+            assert (await exchange(network.url, request_bytes("GET", "/healthz"))).status \
+                == 200
+        refused = await exchange(network.url, request_bytes("GET", "/healthz"))
+        error = assert_error_object(refused, 429)
+        assert error["code"] == "connection_rate_limited"
+        assert error["message"].startswith("too many new connections from 127.0.0.1")
+        assert int(refused.headers["retry-after"]) >= 1
+        other = await exchange(network.url, request_bytes("GET", "/healthz"), OTHER_IP)
+        assert other.status == 200
+
+
+async def test_proven_tunnels_do_not_count_against_their_address_cap(
+        nursery: trio.Nursery) -> None:
+    """Many nodes behind one address (a NAT) can all join and stay, and the address
+    can still open its ``max_connections_per_ip`` client connections beside them."""
+    cap = 2
+    network = await start(nursery, max_connections_per_ip=cap)
+    with trio.fail_after(TIMEOUT):
+        for name in ("node-a", "node-b", "node-c", "node-d"):
+            await network.add_node(node_id=name)
+    held = []
+    try:
+        with trio.fail_after(TIMEOUT):
+            for _ in range(cap):
+                stream = await connect(network.url)
+                held.append(stream)
+                await stream.send_all(request_bytes("GET", "/healthz"))
+                assert (await read_response(stream)).status == 200
+            refused = await exchange(network.url, request_bytes("GET", "/healthz"))
+            assert assert_error_object(refused, 429)["code"] == "too_many_connections_per_ip"
+    finally:
+        for stream in held:
+            await trio.aclose_forcefully(stream)
+    assert set(network.gateway.registry.peers) == {"node-a", "node-b", "node-c", "node-d"}
+
+
 # ---------------------------------------------------------------- tunnel handshakes
 
 

@@ -134,6 +134,9 @@ async def test_body_trickled_in_is_answered_408_after_the_body_timeout(
 
 
 IDLE_CONNECTIONS = 2000
+SOURCES = 20
+"""Client addresses the idle connections come from (``gateway.max_connections_per_ip``
+and ``gateway.connection_burst`` bound what one address may open)."""
 
 
 async def test_idle_connections_are_all_closed_while_requests_are_served(
@@ -141,8 +144,8 @@ async def test_idle_connections_are_all_closed_while_requests_are_served(
     streams = []
     try:
         with trio.fail_after(TIMEOUT):
-            for _ in range(IDLE_CONNECTIONS):
-                streams.append(await connect(strict.url))
+            for i in range(IDLE_CONNECTIONS):  # from many addresses, within each one's limits
+                streams.append(await connect(strict.url, f"127.0.1.{i % SOURCES + 1}"))
             async with strict.client() as http:  # served while they are held
                 response = await http.post("/v1/chat/completions", json=CHAT)
             assert response.status_code == 200

@@ -31,6 +31,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hypercorn.config import Config
 
 from tests.conftest import simulated
+from tests.hostile.client import connect as connect_from
 from tests.processes import START_TIMEOUT, spawn, toml_table, toml_value_lines
 from tooti.gateway.app import Gateway
 from tooti.gateway.listener import UpgradeRequest
@@ -630,6 +631,37 @@ async def test_shutdown_closes_unfinished_tls_handshakes_at_once(
         for stream in (silent, hello):
             assert await stream.receive_some(1024) == b""
             await stream.aclose()
+
+
+async def handshakes(port: int, context: ssl.SSLContext, source: str = "127.0.0.1") -> bool:
+    """Whether a new connection from ``source`` completes its TLS handshake."""
+    with trio.fail_after(TIMEOUT):
+        stream = trio.SSLStream(await connect_from(f"https://127.0.0.1:{port}", source),
+                                context, server_hostname="127.0.0.1")
+        try:
+            await stream.do_handshake()
+        except trio.BrokenResourceError:
+            return False
+        finally:
+            await trio.aclose_forcefully(stream)
+    return True
+
+
+async def test_a_tls_handshake_flood_from_one_address_is_rate_limited(
+        nursery: trio.Nursery, authority: Authority) -> None:
+    """New connections from one address past its burst are closed before any TLS
+    handshake (no crypto is spent on them), while another address still gets through."""
+    burst = 3
+    running = await start_gateway(nursery, authority, connection_burst=burst,
+                                  connection_rate=0.01)
+    context = authority.client_context()
+    with watching_logs() as logs:
+        assert [await handshakes(running.port, context) for _ in range(burst)] == [True] * burst
+        assert [await handshakes(running.port, context) for _ in range(20)] == [False] * 20
+        assert await handshakes(running.port, context, "127.0.0.2")
+    assert logs.matching(r"^connection from 127\.0\.0\.1 refused: too many new connections")
+    assert not logs.problems()
+    running.gateway.shutdown()
 
 
 # ---------------------------------------------------------------- unusable files at start

@@ -634,13 +634,21 @@ class Gateway:
                 log.debug("tunnel upgrade from %s refused: %s", host, limited.reason)
             return limited.reason
 
-    async def _serve_tunnel(self, transport: Transport, group: Admission, slot: Slot) -> None:
+    async def _serve_tunnel(self, transport: Transport, group: Admission, slot: Slot,
+                            proven: Callable[[], None] | None = None) -> None:
         """Run a tunnel; its handshake's ``slot`` is released once the peer has proven
-        its identity, else when the tunnel ends (by the caller)."""
+        its identity, else when the tunnel ends (by the caller). ``proven`` is called
+        then too (the listener stops counting the connection against its address)."""
+
+        def on_proven() -> None:
+            slot.release()
+            if proven is not None:
+                proven()
+
         started = time.monotonic()
         await serve_tunnel(transport, self.registry, self.tunnel_settings, self.sessions,
                            group, welcome_peers=self.public_peers(), local_id=self.local_id,
-                           on_proven=slot.release)
+                           on_proven=on_proven)
         log.debug("tunnel from %s ended after %.1fs", transport.remote,
                   time.monotonic() - started)
 
@@ -683,7 +691,7 @@ class Gateway:
                 stream, remote, client=False, max_message=self.tunnel_settings.max_frame_bytes,
                 buffered=upgrade.buffered)
             try:
-                await self._serve_tunnel(transport, group, slot)
+                await self._serve_tunnel(transport, group, slot, upgrade.proven)
             finally:  # releases the socket even if the handshake ended without a close
                 with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
                     await transport.aclose()

@@ -14,7 +14,11 @@ is then looked at the same way: ``https://`` and ``wss://`` share the port, and 
 is chosen by ALPN. A plain HTTP request on a TLS port is answered with a 400.
 
 Hostile clients meet the limits of :class:`Limits` here: at most ``max_connections``
-connections at once (more are answered 503 and closed); a connection that sends
+connections at once (more are answered 503 and closed); from one address (an IPv6 /64)
+at most ``max_connections_per_ip`` open at once and ``connection_rate`` new ones per
+second after a burst of ``connection_burst`` (more are answered 429 and closed; on a
+TLS port closed before any handshake, so a flood of handshakes costs no crypto), where
+tunnels that proved their node's identity do not count; a connection that sends
 nothing for ``keep_alive_timeout`` (before its first request or between requests) is
 closed; a request head must be complete ``header_timeout`` after its first byte,
 however slowly it trickles in (408, then close); a write a client does not read for
@@ -32,7 +36,7 @@ import socket
 import ssl
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -49,7 +53,14 @@ from hypercorn.utils import repr_socket_addr, wrap_app
 
 from tooti.errors import APIError
 from tooti.gateway.http import error_response, protocol_error
-from tooti.gateway.ratelimit import Throttle
+from tooti.gateway.ratelimit import (
+    CONCURRENT,
+    Limited,
+    PerAddressLimiter,
+    Slot,
+    Throttle,
+    address_key,
+)
 from tooti.settings import GatewaySettings
 from tooti.tls import HANDSHAKE_TIMEOUT
 from tooti.transport.websocket import MAX_HEAD_BYTES, RECEIVE_BYTES, TUNNEL_PATH
@@ -77,11 +88,16 @@ class Limits:
     keep_alive_timeout: float
     send_timeout: float
     max_connections: int
+    max_connections_per_ip: int
+    connection_rate: float
+    connection_burst: int
 
     @classmethod
     def of(cls, settings: GatewaySettings) -> Limits:
         return cls(settings.header_timeout, settings.keep_alive_timeout,
-                   settings.send_timeout, settings.max_connections)
+                   settings.send_timeout, settings.max_connections,
+                   settings.max_connections_per_ip, settings.connection_rate,
+                   settings.connection_burst)
 
 
 def connection_cap(wanted: int) -> int:
@@ -100,6 +116,22 @@ BUSY = APIError(503, "the gateway is at its connection limit; retry shortly",
                 headers={"retry-after": "1"})
 
 
+def too_many_from(limited: Limited) -> APIError:
+    """The 429 for a connection over its address's limits."""
+    code = "too_many_connections_per_ip" if limited.limit == CONCURRENT \
+        else "connection_rate_limited"
+    retry = max(1, math.ceil(min(limited.retry_after, 3600.0)))
+    return APIError(429, limited.reason, code=code, headers={"retry-after": str(retry)})
+
+
+def peer_host(stream: trio.SocketStream) -> str | None:
+    """The client address of an accepted connection (None if the socket cannot tell)."""
+    try:
+        return str(stream.socket.getpeername()[0])
+    except (OSError, IndexError, TypeError):
+        return None
+
+
 def socket_of(stream: Accepted) -> trio.socket.SocketType:
     """The TCP socket under an accepted connection."""
     return stream.transport_stream.socket if isinstance(stream, trio.SSLStream) \
@@ -116,6 +148,9 @@ class UpgradeRequest:
     client: tuple[str, int] | None
     buffered: bytes
     """Bytes that followed the request head (the peer's first frames, if any)."""
+    proven: Callable[[], None] = lambda: None
+    """To call once the peer has proven its identity: the connection then no longer
+    counts toward its address's ``max_connections_per_ip``."""
 
 
 TunnelHandler = Callable[[UpgradeRequest], Awaitable[None]]
@@ -462,6 +497,9 @@ async def serve(app: Any, config: Config, on_tunnel: TunnelHandler,
     cap = connection_cap(limits.max_connections)
     open_count = 0
     busy_log = Throttle(BUSY_LOG_EVERY)
+    per_address = PerAddressLimiter(limits.connection_rate, limits.connection_burst,
+                                    limits.max_connections_per_ip)
+    refusal_log = Throttle(BUSY_LOG_EVERY)
     served: set[_Replay] = set()
     opening = _Opening()
     wrapped = wrap_app(app, config.wsgi_max_body_size, None)
@@ -478,7 +516,7 @@ async def serve(app: Any, config: Config, on_tunnel: TunnelHandler,
         raise ValueError("the gateway listener takes its TLS context as tls=, not from "
                          "hypercorn's certfile")
 
-    async def connection(stream: trio.SocketStream) -> None:
+    async def connection(stream: trio.SocketStream, slot: Slot) -> None:
         accepted: Accepted | None = stream
         head, started, upgrade = b"", 0.0, None
         with opening.guard():
@@ -494,7 +532,7 @@ async def serve(app: Any, config: Config, on_tunnel: TunnelHandler,
             return
         if upgrade is not None:
             try:
-                await on_tunnel(upgrade)
+                await on_tunnel(replace(upgrade, proven=slot.release))
             except Exception:  # one tunnel's failure must not stop the listener
                 log.exception("tunnel from %s failed", upgrade.client)
             finally:
@@ -509,17 +547,30 @@ async def serve(app: Any, config: Config, on_tunnel: TunnelHandler,
 
     async def handler(stream: trio.SocketStream) -> None:
         nonlocal open_count
-        if open_count >= cap:
-            if busy_log.allow():
-                log.warning("%d connections open (gateway.max_connections): refusing "
-                            "new ones", open_count)
-            await _refuse(stream, BUSY if tls is None else None)
-            return
-        open_count += 1
+        host = peer_host(stream)
         try:
-            await connection(stream)
-        finally:
-            open_count -= 1
+            slot = per_address.acquire(host, "new connections", held="open connections")
+        except Limited as limited:
+            key = address_key(host)
+            if refusal_log.allow(key):
+                log.warning("connection from %s refused: %s (more from it this minute at "
+                            "debug level)", key, limited.reason)
+            else:
+                log.debug("connection from %s refused: %s", key, limited.reason)
+            await _refuse(stream, too_many_from(limited) if tls is None else None)
+            return
+        with slot:
+            if open_count >= cap:
+                if busy_log.allow():
+                    log.warning("%d connections open (gateway.max_connections): refusing "
+                                "new ones", open_count)
+                await _refuse(stream, BUSY if tls is None else None)
+                return
+            open_count += 1
+            try:
+                await connection(stream, slot)
+            finally:
+                open_count -= 1
     async with trio.open_nursery() as handlers:
         async with trio.open_nursery() as accepting:
             for listener in listeners:

@@ -20,12 +20,20 @@ from dataclasses import dataclass
 
 
 class Limited(Exception):
-    """Refused: ``reason`` says which limit, ``retry_after`` when to try again (s)."""
+    """Refused: ``reason`` says why, ``retry_after`` when to try again (s), ``limit``
+    which limit: :data:`CONCURRENT` or :data:`RATE`."""
 
-    def __init__(self, reason: str, retry_after: float) -> None:
+    def __init__(self, reason: str, retry_after: float, limit: str) -> None:
         super().__init__(reason)
         self.reason = reason
         self.retry_after = retry_after
+        self.limit = limit
+
+
+CONCURRENT = "concurrent"
+"""The cap on unfinished work."""
+RATE = "rate"
+"""The token bucket."""
 
 
 def address_key(address: str | None) -> str:
@@ -85,13 +93,15 @@ class PerAddressLimiter:
         self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
         self._unfinished: dict[str, int] = {}
 
-    def acquire(self, address: str | None, what: str = "requests") -> Slot:
+    def acquire(self, address: str | None, what: str = "requests", *,
+                held: str | None = None) -> Slot:
         """Admit one more piece of work from ``address`` or raise :class:`Limited`
-        (``what`` names the work in the reason)."""
+        (``what`` names the work in the reason, ``held`` the unfinished work: by
+        default ``unfinished <what>``)."""
         key = address_key(address)
         if self._unfinished.get(key, 0) >= self.concurrent:
-            raise Limited(f"too many unfinished {what} from {key} (at most "
-                          f"{self.concurrent} at once)", 1.0)
+            raise Limited(f"too many {held or 'unfinished ' + what} from {key} (at most "
+                          f"{self.concurrent} at once)", 1.0, CONCURRENT)
         now = self._clock()
         bucket = self._buckets.pop(key, None)
         if bucket is None:
@@ -106,7 +116,7 @@ class PerAddressLimiter:
         if bucket.tokens < 1:
             wait = (1 - bucket.tokens) / self.rate if self.rate > 0 else math.inf
             raise Limited(f"too many {what} from {key} (at most {self.rate:g} per second "
-                          f"after a burst of {self.burst}); retry in {wait:.1f}s", wait)
+                          f"after a burst of {self.burst}); retry in {wait:.1f}s", wait, RATE)
         bucket.tokens -= 1
         self._unfinished[key] = self._unfinished.get(key, 0) + 1
         return Slot(self, key)
