@@ -13,7 +13,15 @@ from functools import partial
 import trio
 import trio.testing
 
-from tests.hostile.client import TIMEOUT, connect, read_response, read_to_eof, request_bytes
+from tests.hostile.client import (
+    TIMEOUT,
+    connect,
+    read_head,
+    read_response,
+    read_to_eof,
+    request_bytes,
+    upgrade_bytes,
+)
 from tooti.gateway.app import Gateway
 from tooti.settings import GatewaySettings, TunnelSettings
 
@@ -69,3 +77,31 @@ async def test_a_connection_that_arrives_as_shutdown_starts_is_closed_too(
         await done.wait()
         assert await read_to_eof(stream) == b""
     await stream.aclose()
+
+
+async def test_shutdown_closes_tunnels_whose_peer_has_not_proven_itself() -> None:
+    """An upgraded tunnel that never sends HELLO is closed by the shutdown, not left
+    to its handshake timeout (which would say ``handshake_timeout`` as it closes)."""
+    gateway = Gateway(GatewaySettings(listen="127.0.0.1:0"), TunnelSettings())
+    served = trio.Event()
+    async with trio.open_nursery() as nursery:
+
+        async def run(task_status: trio.TaskStatus[list[str]]) -> None:
+            await gateway.serve(grace=HOUR, task_status=task_status)
+            served.set()
+
+        urls = await nursery.start(run)
+        stream = await connect(urls[0])
+        with trio.fail_after(TIMEOUT):
+            await stream.send_all(upgrade_bytes())
+            head, rest = await read_head(stream)
+        assert head.startswith(b"HTTP/1.1 101 "), head
+        await trio.testing.wait_all_tasks_blocked()
+
+        gateway.shutdown()
+        with trio.fail_after(3 * TIMEOUT):  # beyond the handshake timeout: see the reason
+            await served.wait()
+            rest += await read_to_eof(stream)
+        assert b"handshake_timeout" not in rest, rest
+        await stream.aclose()
+        nursery.cancel_scope.cancel()

@@ -452,9 +452,10 @@ async def _refuse_plain_http(stream: trio.SocketStream) -> None:
 
 
 class _Opening:
-    """The connections that have sent no request yet (in their TLS handshake, or before
-    their first request head is complete), each in a cancel scope that :meth:`close`
-    cancels: at shutdown they are closed at once instead of holding it up."""
+    """The connections that have sent no request yet (in their TLS handshake, before
+    their first request head is complete, or tunnels whose peer has not proven its
+    identity), each in a cancel scope that :meth:`close` cancels: at shutdown they are
+    closed at once instead of holding it up."""
 
     def __init__(self) -> None:
         self._scopes: set[trio.CancelScope] = set()
@@ -473,6 +474,10 @@ class _Opening:
                 yield scope
         finally:
             self._scopes.discard(scope)
+
+    def forget(self, scope: trio.CancelScope) -> None:
+        """Leave ``scope`` alone at :meth:`close` (its connection is past its opening)."""
+        self._scopes.discard(scope)
 
     def close(self) -> None:
         self._closed = True
@@ -531,12 +536,18 @@ async def serve(app: Any, config: Config, on_tunnel: TunnelHandler,
             await trio.aclose_forcefully(accepted or stream)
             return
         if upgrade is not None:
-            try:
-                await on_tunnel(replace(upgrade, proven=slot.release))
-            except Exception:  # one tunnel's failure must not stop the listener
-                log.exception("tunnel from %s failed", upgrade.client)
-            finally:
-                await trio.aclose_forcefully(accepted)
+            with opening.guard() as unproven:  # until the peer proves its identity
+
+                def proven() -> None:
+                    slot.release()
+                    opening.forget(unproven)
+
+                try:
+                    await on_tunnel(replace(upgrade, proven=proven))
+                except Exception:  # one tunnel's failure must not stop the listener
+                    log.exception("tunnel from %s failed", upgrade.client)
+                finally:
+                    await trio.aclose_forcefully(accepted)
             return
         replayed = replay(accepted, head, limits.send_timeout)
         served.add(replayed)
