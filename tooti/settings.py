@@ -35,7 +35,8 @@ class TunnelSettings:
     control_frames_per_interval: int = 256
     """Connection frames (HEARTBEAT, MODELS, ROUTES, GOAWAY, ...) a peer may send per
     heartbeat interval before its tunnel is read more slowly; over budget for 3
-    intervals in a row is a protocol violation."""
+    intervals in a row is a protocol violation. A relay may send one frame and
+    ``max_control_bytes // 2`` bytes more per node it advertises."""
     control_bytes_per_interval: int = 16_777_216
     """Bytes of connection frames a peer may send per heartbeat interval (as above)."""
     max_heartbeats_per_interval: int = 8

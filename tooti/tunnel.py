@@ -165,6 +165,9 @@ class TunnelSession:
         session; empty otherwise."""
         self._close_code: tuple[int, str] | None = None
         self._control = control
+        self.control_budget: ControlBudget | None = None
+        """The running count of the peer's connection frames (while the session runs
+        with ``control`` limits); a relay's grows with the nodes it advertises."""
         self._stats = stats or dict
         self._on_event = on_event
         self._handler = handler
@@ -349,7 +352,7 @@ class TunnelSession:
         timeout = 3 * self.heartbeat_interval
         self._last_input = trio.current_time()
         outbox = _outbox()
-        budget = None if self._control is None else ControlBudget(
+        budget = self.control_budget = None if self._control is None else ControlBudget(
             self._control, self.heartbeat_interval, self._last_input)
         try:
             with self._silence:

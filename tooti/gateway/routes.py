@@ -48,6 +48,14 @@ def advertised(peer: Peer) -> dict[str, Any]:
     }
 
 
+def routing_state(peer: Peer) -> tuple[Any, ...]:
+    """What of a node's ROUTES entry matters for routing (all but its load figures,
+    though whether it reports itself healthy counts): a relay re-sends the whole entry
+    only when this changed, load figures alone in ``loads``."""
+    return (peer, peer.public_key, peer.proof, peer.models, peer.labels, peer.software,
+            peer.hops, peer.draining, peer.stats.get("healthy", True) is not False)
+
+
 def can_advertise(peer: Peer) -> bool:
     """True for a node (not a relay) that may be advertised one hop further up."""
     return (peer.role == "node" and bool(peer.public_key) and not peer.session.closed.is_set()
@@ -107,6 +115,25 @@ class RelayedNodes:
             for node_id in set(self.nodes) | set(self.shadowed):
                 if node_id not in listed:
                     self._remove(node_id)
+        for raw in event.loads:
+            self._load(raw)
+        budget = self.relay.session.control_budget
+        if budget is not None:  # the relay speaks for its nodes: its budget grows
+            budget.advertising(len(self.nodes) + len(self.shadowed),
+                               self.relay.session.conn.limits.max_control_bytes)
+
+    def _load(self, raw: dict[str, Any]) -> None:
+        """New load figures of a node this relay advertised (a node it has not is
+        skipped: its entry may have been refused)."""
+        load = schemas.convert(raw, schemas.RouteLoad, "bad_routes", "ROUTES load")
+        peer = self.nodes.get(load.id) or self.shadowed.get(load.id)
+        if peer is None:
+            return
+        stats = schemas.stats_dict(load.stats)
+        if self.registry.peers.get(peer.id) is peer:
+            self.registry.heartbeat(peer, stats)  # cheap, coalesced
+        else:
+            peer.stats = stats
 
     def clear(self) -> None:
         """The relay's tunnel closed: every node behind it leaves the registry (and may

@@ -9,6 +9,11 @@ one over budget for :attr:`ControlLimits.strikes` intervals in a row is
 disconnected (``control_flood``), and heartbeats beyond a small number per
 interval are a violation at once (``heartbeat_flood``). Stream frames are not
 counted: flow control and the stream limit bound them, and each costs O(1).
+
+A relay speaks for many nodes, so its budget grows with the nodes it advertises
+(:meth:`ControlBudget.advertising`): one more frame and half a control payload
+more per node and interval, room to re-send every node's ROUTES entry once per
+interval (an entry larger than that is never sent).
 """
 
 from __future__ import annotations
@@ -39,8 +44,8 @@ class ControlLimits:
 class ControlBudget:
     """The running count of one peer's connection frames (see the module docstring)."""
 
-    __slots__ = ("bytes", "frames", "heartbeats", "interval", "limits", "over", "started",
-                 "strikes")
+    __slots__ = ("bytes", "extra_bytes", "extra_frames", "frames", "heartbeats", "interval",
+                 "limits", "over", "started", "strikes")
 
     def __init__(self, limits: ControlLimits, interval: float, now: float) -> None:
         self.limits = limits
@@ -51,6 +56,16 @@ class ControlBudget:
         """The current interval went over the frame or byte budget."""
         self.strikes = 0
         """Intervals in a row, before the current one, that went over budget."""
+        self.extra_frames = self.extra_bytes = 0
+        """Allowed beyond :attr:`limits` (a relay's, for its nodes: :meth:`advertising`)."""
+
+    def advertising(self, nodes: int, max_control_bytes: int) -> None:
+        """The peer is a relay that advertises ``nodes`` nodes: allow one frame and half
+        of ``max_control_bytes`` more per node and interval (a relay sends no ROUTES
+        frame larger than that, so it may re-send every node's entry once per interval
+        on top of the base budget)."""
+        self.extra_frames = nodes
+        self.extra_bytes = nodes * (max_control_bytes // 2)
 
     def charge(self, message: bytes, now: float) -> float | None:
         """Count one received message. Returns None while the peer is within budget,
@@ -71,13 +86,14 @@ class ControlBudget:
                     f"more than {limits.heartbeats} heartbeats in {self.interval:g}s")
         self.frames += 1
         self.bytes += len(message)
-        if self.frames <= limits.frames and self.bytes <= limits.bytes:
+        frames, size = limits.frames + self.extra_frames, limits.bytes + self.extra_bytes
+        if self.frames <= frames and self.bytes <= size:
             return None
         if not self.over:
             self.over = True
             if self.strikes + 1 >= limits.strikes:
                 raise ProtocolError(
                     "control_flood",
-                    f"over the control budget ({limits.frames} frames, {limits.bytes} bytes "
+                    f"over the control budget ({frames} frames, {size} bytes "
                     f"per {self.interval:g}s) for {limits.strikes} intervals in a row")
         return self.started + self.interval

@@ -124,12 +124,15 @@ class RoutesReceived:
 
     ``nodes`` are added or replaced (each an object with at least a string
     ``id``); ``removed`` are node ids no longer reachable; ``full`` means the
-    list is complete and every node not in it is gone.
+    list is complete and every node not in it is gone; ``loads`` are new load
+    figures of nodes already advertised (each an object with a string ``id`` and
+    ``stats``), sent instead of their whole entry when nothing else changed.
     """
 
     nodes: list[dict[str, Any]]
     removed: list[str]
     full: bool
+    loads: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,12 +349,15 @@ class Connection:
         return frames.encode_json(FrameType.MODELS, 0, {"models": models})
 
     def send_routes(self, nodes: Sequence[dict[str, Any] | msgspec.Raw], removed: list[str],
-                    full: bool = False) -> bytes:
+                    full: bool = False,
+                    loads: Sequence[dict[str, Any] | msgspec.Raw] = ()) -> bytes:
         """Relay: advertise the nodes reachable through us (see :class:`RoutesReceived`);
         an entry may come already encoded, as ``msgspec.Raw`` JSON."""
         self._require_open()
-        return frames.encode_json(FrameType.ROUTES, 0,
-                                  {"nodes": nodes, "removed": removed, "full": full})
+        payload: dict[str, Any] = {"nodes": nodes, "removed": removed, "full": full}
+        if loads:
+            payload["loads"] = loads
+        return frames.encode_json(FrameType.ROUTES, 0, payload)
 
     def send_heartbeat(self, stats: dict[str, Any]) -> bytes:
         """Send load figures; include ``t`` (sender's clock) to measure RTT."""
@@ -519,7 +525,12 @@ class Connection:
                 raise ProtocolError("bad_routes", "ROUTES nodes must be objects with an id")
             if not isinstance(removed, list) or not all(isinstance(r, str) for r in removed):
                 raise ProtocolError("bad_routes", "ROUTES removed must be a list of ids")
-            return RoutesReceived(nodes, removed, obj.get("full") is True)
+            loads = obj.get("loads", [])
+            if not isinstance(loads, list) or not all(
+                isinstance(n, dict) and isinstance(n.get("id"), str) for n in loads
+            ):
+                raise ProtocolError("bad_routes", "ROUTES loads must be objects with an id")
+            return RoutesReceived(nodes, removed, obj.get("full") is True, loads)
         if ftype is FrameType.GOAWAY:
             self.goaway_received = True
             return _goaway(obj)

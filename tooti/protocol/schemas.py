@@ -132,6 +132,13 @@ class RouteEntry(Struct, frozen=True):
     draining: bool = False
 
 
+class RouteLoad(Struct, frozen=True):
+    """One member of a ROUTES frame's ``loads``: new figures of an advertised node."""
+
+    id: PeerId
+    stats: Stats = msgspec.field(default_factory=Stats)
+
+
 class HelloExtra(Struct, frozen=True):
     """What a gateway reads from a HELLO beyond the frame layer's fields."""
 
