@@ -94,7 +94,8 @@ class GatewaySettings:
     closed."""
     send_timeout: float = 60.0
     """Seconds one write to an HTTP client may wait for the client to read; a client that
-    stops reading for longer is disconnected."""
+    stops reading for longer is disconnected. A non-streamed answer, whose bytes the
+    gateway holds until they are sent, must be taken whole within this time too."""
     max_connections: int = 10_000
     """Most client connections (HTTP and tunnels) open at once, at most the process's
     file-descriptor limit less a reserve; more get 503 and are closed."""

@@ -158,3 +158,44 @@ async def test_a_holder_waits_for_room_until_given_or_until_its_wait_ends(
     assert (budget.used, waiting.held) == (4, 4)
     with pytest.raises(BudgetExhausted):
         await waiting.reserve(11)  # can never fit
+
+
+async def test_one_node_holds_at_most_a_quarter_of_the_budget(
+    nursery: trio.Nursery, tmp_path: Path,
+) -> None:
+    """A node whose answers stall holds at most a quarter of the budget (its answers
+    beyond it wait, then get 503), so another node's answer is still served meanwhile."""
+    hold = trio.Event()
+    net = await start_ledgered(nursery, tmp_path, max_buffered_bytes=BUDGET,
+                               max_response_bytes=2 * MiB, buffer_wait=1.0)
+    await net.add_node([answering(2 * MiB - len(BLOCK), hold)], node_id="stalling")
+    await net.add_node([simulated()], node_id="honest")
+    proxy = net.gateway.proxy
+    two_answered, all_answered = trio.Event(), trio.Event()
+    results: list[tuple[int, str | None]] = []
+
+    def answered(done: int) -> None:
+        if done == 2:  # only refusals can come back while the node stalls
+            two_answered.set()
+        if done == 4:
+            all_answered.set()
+
+    async def stalled() -> None:  # four answers of 2 MiB, each held before its last block
+        results.extend(await ask_all(net, 4, answered))
+
+    nursery.start_soon(stalled)
+    with trio.fail_after(LIMIT):
+        await two_answered.wait()
+    assert proxy.node_budget("stalling").used <= BUDGET // 4
+    async with net.client() as http:  # the rest of the budget serves other nodes
+        response = await http.post(CHAT, json={**PROMPT, "model": "tooti-sim"})
+    assert response.status_code == 200, response.text
+    hold.set()
+    with trio.fail_after(LIMIT):
+        await all_answered.wait()
+        while len(results) < 4:  # ask_all returns right after its last answer
+            await trio.testing.wait_all_tasks_blocked()
+    assert results == [(200, None), (200, None),
+                       (503, "gateway_memory_busy"), (503, "gateway_memory_busy")]
+    await trio.testing.wait_all_tasks_blocked()
+    assert proxy.buffers.used == 0 and "stalling" not in proxy.node_buffers

@@ -186,6 +186,7 @@ class Gateway:
             max_response_bytes=settings.max_response_bytes,
             max_buffered_bytes=settings.max_buffered_bytes,
             buffer_wait=settings.buffer_wait,
+            send_deadline=settings.send_timeout,
             prompt_token_allowance=settings.prompt_token_allowance,
             media_token_allowance=settings.media_token_allowance,
         )

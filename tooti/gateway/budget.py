@@ -90,6 +90,11 @@ class ByteBudget:
         self._waiting: list[_Waiter] = []
         self._seq = itertools.count()
 
+    @property
+    def idle(self) -> bool:
+        """Nothing reserved and nobody waiting."""
+        return self.used == 0 and not self._waiting
+
     def share(self) -> Share:
         """A new holder's share (younger than every earlier one)."""
         return Share(self, next(self._seq))

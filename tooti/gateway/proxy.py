@@ -36,7 +36,7 @@ import trio
 from tooti.errors import APIError, from_end_info
 from tooti.gateway.budget import BudgetExhausted, ByteBudget, Share
 from tooti.gateway.health import CooldownPolicy
-from tooti.gateway.http import Headers, Send, send_bytes
+from tooti.gateway.http import ClientGone, Headers, Send, send_bytes
 from tooti.gateway.registry import Candidates, KeyName, Peer, Registry
 from tooti.gateway.reported import (
     ReportedUsage,
@@ -77,6 +77,9 @@ class ProxySettings:
     """Bytes of non-streamed answers held at once, over every request."""
     buffer_wait: float = 10.0
     """Seconds an answer may wait for room under ``max_buffered_bytes`` (then 503)."""
+    send_deadline: float = 60.0
+    """Seconds the client has to take a whole collected answer (its bytes are held
+    until then); a client reading more slowly is disconnected."""
     prompt_token_allowance: int = 4096
     media_token_allowance: int = 16_384
     """See :mod:`tooti.gateway.reported`."""
@@ -193,6 +196,9 @@ class Proxy:
         """Called when a node's model enters cooldown (the gateway schedules a probe)."""
         self.buffers = ByteBudget(settings.max_buffered_bytes)
         """Memory held by non-streamed answers being collected, over every request."""
+        self.node_buffers: dict[str, ByteBudget] = {}
+        """Node id → its part of :attr:`buffers` (see :meth:`node_budget`), while it
+        holds any."""
 
     # ------------------------------------------------------------ choosing
 
@@ -428,10 +434,29 @@ class Proxy:
             log.info("node %s reported %s: billed clamped, as estimated", peer.id, clamped)
         return usage
 
-    async def _collect(self, out: OutboundStream, peer: Peer, share: Share) -> list[bytes]:
-        """Read a whole non-streamed answer, each byte reserved in ``share`` of
-        :attr:`buffers` first (the caller releases it). Failures before END may fail
-        over; no room in the budget within ``buffer_wait`` is 503."""
+    def node_budget(self, node_id: str) -> ByteBudget:
+        """The bytes of answers one node may have held at once: a quarter of
+        :attr:`buffers`, but at least one whole answer, so that slow or huge answers of
+        one node cannot take the memory every other node's answers need."""
+        budget = self.node_buffers.get(node_id)
+        if budget is None:
+            limit = max(self.settings.max_response_bytes, self.buffers.limit // 4)
+            budget = self.node_buffers[node_id] = ByteBudget(limit)
+        return budget
+
+    def _release(self, node_id: str, shares: tuple[Share, Share]) -> None:
+        for share in shares:
+            share.release()
+        budget = self.node_buffers.get(node_id)
+        if budget is not None and budget.idle:
+            del self.node_buffers[node_id]
+
+    async def _collect(self, out: OutboundStream, peer: Peer, shares: tuple[Share, Share]
+                       ) -> list[bytes]:
+        """Read a whole non-streamed answer, each byte reserved first in the node's share
+        of :meth:`node_budget` and then in its share of :attr:`buffers` (the caller
+        releases both). Failures before END may fail over; no room within
+        ``buffer_wait`` is 503."""
         limit = self.settings.max_response_bytes
         parts: list[bytes] = []
         size = 0
@@ -441,8 +466,9 @@ class Proxy:
                 if size > limit:
                     raise APIError(502, f"node {peer.id} answered more than {limit} bytes",
                                    code="response_too_large")
-                if not share.try_reserve(len(chunk)):
-                    await self._wait_for_room(share, len(chunk))
+                for share in shares:
+                    if not share.try_reserve(len(chunk)):
+                        await self._wait_for_room(share, len(chunk))
                 parts.append(chunk)
         except TunnelLost as exc:
             raise _Retry(APIError(502, f"node {peer.id} lost mid-response: {exc}",
@@ -554,16 +580,22 @@ class Proxy:
                 if outcome.status == "failed_midstream":
                     self.node_failed(peer, model, "failed mid-stream")
             else:
-                share = self.buffers.share()
+                shares = (self.node_budget(peer.id).share(), self.buffers.share())
                 try:
-                    parts = await self._collect(out, peer, share)
+                    parts = await self._collect(out, peer, shares)
                     outcome.served = True
                     outcome.status = "ok" if head.status < 400 else "error"
                     outcome.relayed_bytes = sum(map(len, parts))
                     await settle()
-                    await _send_parts(send, head.status, parts, node_headers, media_type)
+                    with trio.move_on_after(self.settings.send_deadline) as sending:
+                        await _send_parts(send, head.status, parts, node_headers,
+                                          media_type)
+                    if sending.cancelled_caught:  # its bytes were held for it long enough
+                        log.info("request %s: the client took over %gs to read its answer;"
+                                 " disconnected", route.request_id, self.settings.send_deadline)
+                        raise ClientGone
                 finally:
-                    share.release()
+                    self._release(peer.id, shares)
             if outcome.status == "ok":
                 tokens = outcome.usage.completion_tokens if outcome.usage else None
                 # A non-streamed answer arrives whole: only its overall rate is known.
