@@ -26,6 +26,8 @@ from typing import Any
 
 import trio
 
+from tooti.gateway.ratelimit import Throttle
+
 log = logging.getLogger("tooti.gateway")
 
 SUBSCRIBER_BUFFER = 1024
@@ -76,9 +78,8 @@ class EventBus:
     """Sequence number of the newest event (a snapshot is current up to it)."""
     _subscribers: set[Subscription] = field(default_factory=set)
     _seq: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
-    _failures: dict[Callable[[BusEvent], None], tuple[float, int]] = field(
-        default_factory=dict)
-    """Failing listener → (when it was last logged, failures not logged since)."""
+    _failure_log: Throttle = field(default_factory=lambda: Throttle(LISTENER_LOG_INTERVAL))
+    """Which failing listener may be logged now (each at most once an interval)."""
 
     def publish(self, kind: str, **data: Any) -> None:
         """Record and fan out one event; never blocks."""
@@ -102,12 +103,9 @@ class EventBus:
     def _listener_failed(self, listener: Callable[[BusEvent], None], event: BusEvent
                          ) -> None:
         """Log a listener's exception, at most once per ``LISTENER_LOG_INTERVAL``."""
-        now = time.monotonic()
-        logged, unlogged = self._failures.get(listener, (-LISTENER_LOG_INTERVAL, 0))
-        if now - logged < LISTENER_LOG_INTERVAL:
-            self._failures[listener] = (logged, unlogged + 1)
+        if not self._failure_log.allow(listener):
             return
-        self._failures[listener] = (now, 0)
+        unlogged = self._failure_log.refused_since(listener)
         log.exception("event listener %r failed on %s%s", listener, event.kind,
                       f" ({unlogged} more failures since its last report)" if unlogged
                       else "")

@@ -143,14 +143,21 @@ class Throttle:
         self.max_keys = max_keys
         self._clock = clock
         self._last: dict[object, float] = {}
+        self._refused: dict[object, int] = {}
 
     def allow(self, key: object = None) -> bool:
         """True if ``key`` was not allowed within the last ``every`` seconds."""
         now = self._clock()
         last = self._last.get(key)
         if last is not None and now - last < self.every:
+            self._refused[key] = self._refused.get(key, 0) + 1
             return False
         if len(self._last) >= self.max_keys:
             self._last.clear()
+            self._refused.clear()
         self._last[key] = now
         return True
+
+    def refused_since(self, key: object = None) -> int:
+        """How often ``key`` was refused since it was last allowed (and reset that)."""
+        return self._refused.pop(key, 0)
