@@ -15,6 +15,7 @@ condition: each test waits for the connection to close.
 
 from __future__ import annotations
 
+import resource
 from collections.abc import AsyncIterator
 
 import httpx
@@ -134,11 +135,24 @@ async def test_body_trickled_in_is_answered_408_after_the_body_timeout(
 
 
 IDLE_CONNECTIONS = 2000
+
+
+@pytest.fixture
+def descriptors() -> None:
+    """Room for both ends of the idle connections in this one process: the soft limit
+    on open files raised to the hard one (a common default of 1,024 is too few)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 3 * IDLE_CONNECTIONS
+    if soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard), hard))
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < wanted:
+        pytest.skip(f"needs {wanted} open files; the hard limit is {hard}")
 SOURCES = 20
 """Client addresses the idle connections come from (``gateway.max_connections_per_ip``
 and ``gateway.connection_burst`` bound what one address may open)."""
 
 
+@pytest.mark.usefixtures("descriptors")
 async def test_idle_connections_are_all_closed_while_requests_are_served(
         strict: Network) -> None:
     streams = []
