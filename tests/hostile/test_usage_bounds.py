@@ -14,8 +14,8 @@ import trio
 from tests.conftest import simulated
 from tests.hostile.ledgered import CHAT, LedgeredNetwork, next_event, start_ledgered
 from tests.hostile.scripted_backend import MODEL, Answer, ScriptedBackend, chat_json, chat_sse
-from tooti.gateway.reported import limits_for
 from tooti.node import metering
+from tooti.protocol.usage import limits_for
 
 HUGE = 10**20
 PROMPT = {"model": MODEL, "max_tokens": 50,

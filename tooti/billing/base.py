@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from tooti.gateway.reported import MAX_TOKENS
 from tooti.protocol.schemas import MAX_PRICE
+from tooti.protocol.usage import MAX_TOKENS
 
 
 @dataclass(frozen=True)

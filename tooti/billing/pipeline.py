@@ -26,7 +26,7 @@ def usage_from(outcome: Outcome, body_bytes: int, started: float) -> Usage:
     """Turn what the proxy saw into a billable record, estimating what is missing.
 
     ``outcome.usage`` is what the node reported, already checked against the request's
-    bounds (:mod:`tooti.gateway.reported`); without it the gateway estimates: prompt
+    bounds (:mod:`tooti.protocol.usage`); without it the gateway estimates: prompt
     tokens from the body's size, completion tokens from the SSE events relayed (or the
     bytes of a non-streamed answer), at most one per ``BYTES_PER_TOKEN`` bytes relayed
     (a node sending empty events cannot raise it further) and within the request's

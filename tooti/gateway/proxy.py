@@ -38,7 +38,10 @@ from tooti.gateway.budget import BudgetExhausted, ByteBudget, Share
 from tooti.gateway.health import CooldownPolicy
 from tooti.gateway.http import ClientGone, Headers, Send, send_bytes
 from tooti.gateway.registry import Candidates, KeyName, Peer, Registry
-from tooti.gateway.reported import (
+from tooti.gateway.response_headers import BadHeader, content_type, header_value
+from tooti.gateway.validation import ParsedRequest, Preferences
+from tooti.protocol.connection import FlowControlError, ResponseStarted
+from tooti.protocol.usage import (
     ReportedUsage,
     UsageLimits,
     UsageViolation,
@@ -46,9 +49,6 @@ from tooti.gateway.reported import (
     limits_for,
     read_end,
 )
-from tooti.gateway.response_headers import BadHeader, content_type, header_value
-from tooti.gateway.validation import ParsedRequest, Preferences
-from tooti.protocol.connection import FlowControlError, ResponseStarted
 from tooti.routing.base import RouteRequest, RoutingPolicy
 from tooti.tunnel import OutboundStream, TunnelLost
 
@@ -82,7 +82,7 @@ class ProxySettings:
     until then); a client reading more slowly is disconnected."""
     prompt_token_allowance: int = 4096
     media_token_allowance: int = 16_384
-    """See :mod:`tooti.gateway.reported`."""
+    """See :mod:`tooti.protocol.usage`."""
 
 
 @dataclass
@@ -419,7 +419,7 @@ class Proxy:
     def _checked_usage(self, peer: Peer, out: OutboundStream, outcome: Outcome
                        ) -> ReportedUsage | None:
         """The usage the node reported in END, clamped to the request's bounds (see
-        :mod:`tooti.gateway.reported`); a report no request could explain penalizes the
+        :mod:`tooti.protocol.usage`); a report no request could explain penalizes the
         node and counts as none (billing estimates)."""
         assert outcome.limits is not None
         try:

@@ -16,7 +16,7 @@ from tooti.gateway.events import EventBus
 from tooti.gateway.identities import IdentityStore, IdentityStoreError
 from tooti.gateway.peer import Peer
 from tooti.identity import DERIVED_PREFIX, derive_id
-from tooti.protocol.connection import ProtocolError
+from tooti.protocol.errors import ProtocolError
 
 log = logging.getLogger("tooti.gateway")
 

@@ -9,13 +9,13 @@ figures; when a stream dies before reporting them, the count of delivered
 content chunks stands in for completion tokens (flagged as estimated).
 
 The backend's figures are checked before they are passed on, by the gateway's
-rules (:mod:`tooti.gateway.reported`), so an honest node never reports what the
+rules (:mod:`tooti.protocol.usage`), so an honest node never reports what the
 gateway would refuse: counts that are not integers within ``0..MAX_TOKENS`` (which
 the gateway penalizes) make the whole usage unknown (estimated as above);
 completion tokens are capped at the bytes forwarded (a token is at least one byte of
 output; tokens the client never saw, such as an upstream's hidden reasoning, cannot
 be billed; the gateway penalizes more) and at the request's own cap (``completion_cap``,
-from :func:`tooti.gateway.reported.limits_for`; the gateway would clamp them there).
+from :func:`tooti.protocol.usage.limits_for`; the gateway would clamp them there).
 Either cap marks the usage estimated.
 """
 
@@ -25,7 +25,7 @@ from typing import Any
 
 import msgspec
 
-from tooti.gateway.reported import MAX_TOKENS
+from tooti.protocol.usage import MAX_TOKENS
 
 _decoder = msgspec.json.Decoder()
 MAX_JSON_BYTES = 64 * 1024 * 1024

@@ -18,9 +18,9 @@ import trio
 
 from tooti.backends.base import Backend, BackendError, ModelInfo
 from tooti.dialer import Dialer
-from tooti.gateway.reported import limits_for
 from tooti.identity import Identity
 from tooti.node.metering import UsageMeter
+from tooti.protocol.usage import limits_for
 from tooti.settings import NetworkSettings, NodeSettings, TunnelSettings
 from tooti.transport import Transport
 from tooti.tunnel import InboundStream, StreamHandler, StreamOpener, TunnelLost, TunnelSession

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tooti.protocol.connection import ProtocolError
+from tooti.protocol.errors import ProtocolError
 from tooti.protocol.frames import CONNECTION_FRAMES, FrameType
 
 _COUNTED = frozenset(int(t) for t in CONNECTION_FRAMES)

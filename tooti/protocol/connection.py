@@ -27,18 +27,10 @@ from typing import Any
 import msgspec
 
 from tooti.protocol import frames, schemas
+from tooti.protocol.errors import ProtocolError
 from tooti.protocol.frames import FLAG_ACK, FLAG_FIN, FrameError, FrameType
 
 SUPPORTED_VERSIONS = (1,)
-
-
-class ProtocolError(Exception):
-    """The peer broke the protocol; the session must close with ``code``."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
 
 
 class FlowControlError(Exception):

@@ -5,7 +5,7 @@ here, where it enters, before anything stores it. The frame layer
 (:mod:`tooti.protocol.connection`) checks only a payload's shape; the gateway
 and relay convert model entries, heartbeat figures, ROUTES entries and HELLO
 extras with the functions below, and a value out of bounds is a
-:class:`~tooti.protocol.connection.ProtocolError` (the peer's session closes and
+:class:`~tooti.protocol.errors.ProtocolError` (the peer's session closes and
 it is refused for a while, :meth:`tooti.gateway.registry.Registry.penalize`).
 Members not named here are dropped, never stored. ``docs/protocol.md`` lists
 the bounds.
@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal, TypeVar, get_args
 import msgspec
 from msgspec import Meta, Struct
 
-from tooti.protocol import connection  # ProtocolError, looked up at call time (a cycle)
+from tooti.protocol.errors import ProtocolError
 
 Endpoint = Literal["chat/completions", "completions", "embeddings"]
 ENDPOINTS: tuple[Endpoint, ...] = get_args(Endpoint)
@@ -173,13 +173,13 @@ def convert(obj: object, schema: type[T], code: str, what: str) -> T:
     try:
         return msgspec.convert(obj, schema)
     except msgspec.ValidationError as exc:
-        raise connection.ProtocolError(code, f"{what}: {exc}") from None
+        raise ProtocolError(code, f"{what}: {exc}") from None
 
 
 def model_entries(models: list[Any], limit: int) -> list[ModelEntry]:
     """A MODELS list (or a ROUTES node's models): at most ``limit`` valid entries."""
     if len(models) > limit:
-        raise connection.ProtocolError(
+        raise ProtocolError(
             "bad_models", f"{len(models)} models, over the limit of {limit} per node "
             "(tunnel.max_models_per_peer)")
     return convert(models, list[ModelEntry], "bad_models", "MODELS")
