@@ -470,9 +470,12 @@ class Proxy:
                     if not share.try_reserve(len(chunk)):
                         await self._wait_for_room(share, len(chunk))
                 parts.append(chunk)
-        except TunnelLost as exc:
-            raise _Retry(APIError(502, f"node {peer.id} lost mid-response: {exc}",
-                                  code="node_unavailable")) from None
+        except BaseException as exc:
+            parts.clear()  # the exception's traceback would keep them alive while handled
+            if isinstance(exc, TunnelLost):
+                raise _Retry(APIError(502, f"node {peer.id} lost mid-response: {exc}",
+                                      code="node_unavailable")) from None
+            raise
         info = out.end_info or {}
         if "error" in info:
             raise _Retry(from_end_info(info))
@@ -581,6 +584,7 @@ class Proxy:
                     self.node_failed(peer, model, "failed mid-stream")
             else:
                 shares = (self.node_budget(peer.id).share(), self.buffers.share())
+                parts: list[bytes] = []
                 try:
                     parts = await self._collect(out, peer, shares)
                     outcome.served = True
@@ -594,7 +598,8 @@ class Proxy:
                         log.info("request %s: the client took over %gs to read its answer;"
                                  " disconnected", route.request_id, self.settings.send_deadline)
                         raise ClientGone
-                finally:
+                finally:  # the bytes go as the budget gets them back
+                    parts.clear()
                     self._release(peer.id, shares)
             if outcome.status == "ok":
                 tokens = outcome.usage.completion_tokens if outcome.usage else None
