@@ -37,7 +37,7 @@ class TunnelSettings:
     heartbeat interval before its tunnel is read more slowly; over budget for 3
     intervals in a row is a protocol violation. A relay may send one frame and
     ``max_control_bytes // 2`` bytes more per node it advertises."""
-    control_bytes_per_interval: int = 16_777_216
+    control_bytes_per_interval: int = 4_194_304
     """Bytes of connection frames a peer may send per heartbeat interval (as above)."""
     max_heartbeats_per_interval: int = 8
     """HEARTBEAT frames a peer may send per heartbeat interval; more is a protocol

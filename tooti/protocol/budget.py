@@ -33,7 +33,7 @@ class ControlLimits:
 
     frames: int = 256
     """Connection frames per interval before the peer is slowed."""
-    bytes: int = 16 * 1024 * 1024
+    bytes: int = 4 * 1024 * 1024
     """Bytes of connection frames per interval before the peer is slowed."""
     heartbeats: int = 8
     """HEARTBEAT frames (ACKs included) per interval; one more is a violation."""
