@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import types
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -27,12 +28,21 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def runner(monkeypatch: pytest.MonkeyPatch) -> list[Settings]:
+def reloads() -> list[Callable[[], Settings]]:
+    """The ``reload`` functions the fake runner got (how SIGHUP rebuilds the settings)."""
+    return []
+
+
+@pytest.fixture
+def runner(monkeypatch: pytest.MonkeyPatch,
+           reloads: list[Callable[[], Settings]]) -> list[Settings]:
     """Replace tooti.runner with a fake that records the Settings it gets."""
     calls: list[Settings] = []
 
-    def run(settings: Settings) -> int:
+    def run(settings: Settings, reload: Callable[[], Settings] | None = None) -> int:
         calls.append(settings)
+        if reload is not None:
+            reloads.append(reload)
         return 0
 
     monkeypatch.setitem(sys.modules, "tooti.runner", types.SimpleNamespace(run=run))
@@ -146,8 +156,27 @@ def test_run_passes_settings_to_runner(
     assert (s.node.id, s.drain_grace) == ("n1", 3.0)
 
 
+def test_run_reloads_settings_the_way_it_built_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, runner: list[Settings],
+    reloads: list[Callable[[], Settings]],
+) -> None:
+    """What SIGHUP reads: the same file again, the same environment and flags."""
+    path = write(tmp_path, '[gateway]\nmax_attempts = 5\n[gateway.join_tokens]\nold = "o"\n')
+    monkeypatch.setenv("TOOTI_LISTEN", "127.0.0.1:9999")
+    assert main(["run", "--config", str(path), "--role", "gateway", "--admin-key", "k"]) == 0
+    write(tmp_path, '[gateway]\nmax_attempts = 6\n[gateway.join_tokens]\nnew = "n"\n')
+    (reload,) = reloads
+    s = reload()
+    assert s.gateway.join_tokens == {"new": "n"} and s.gateway.max_attempts == 6
+    assert (s.roles, s.gateway.listen, s.gateway.admin_key) == (
+        ["gateway"], "127.0.0.1:9999", "k")
+    write(tmp_path, "[gateway\n")
+    with pytest.raises(ConfigError):
+        reload()
+
+
 def test_run_returns_runner_exit_code(monkeypatch: pytest.MonkeyPatch) -> None:
-    fake = types.SimpleNamespace(run=lambda settings: 3)
+    fake = types.SimpleNamespace(run=lambda settings, reload=None: 3)
     monkeypatch.setitem(sys.modules, "tooti.runner", fake)
     assert main(["run"]) == 3
 
@@ -181,7 +210,7 @@ def test_run_bad_config_file(
 def test_run_runner_config_error(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    def run(settings: Settings) -> int:
+    def run(settings: Settings, reload: Callable[[], Settings] | None = None) -> int:
         raise ConfigError("unknown backend type 'nope'", key="node.backends[0].type")
 
     monkeypatch.setitem(sys.modules, "tooti.runner", types.SimpleNamespace(run=run))

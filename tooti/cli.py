@@ -146,7 +146,8 @@ def _run(args: argparse.Namespace) -> int:
     try:
         settings = build_settings(args, os.environ)
         runner = importlib.import_module("tooti.runner")
-        code: int = runner.run(settings)
+        # SIGHUP builds the settings again the same way, for their join tokens.
+        code: int = runner.run(settings, reload=lambda: build_settings(args, os.environ))
     except ConfigError as exc:
         return _error(exc)
     return code

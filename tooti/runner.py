@@ -4,7 +4,9 @@ Roles share one root nursery. A gateway and a node in the same process are
 joined by an in-memory transport that speaks the same tunnel protocol as a
 WebSocket. The first SIGINT/SIGTERM drains (gateway and node send GOAWAY,
 in-flight streams get ``drain_grace`` seconds), then the process exits 0; a
-second signal cancels everything at once and exits 130.
+second signal cancels everything at once and exits 130. With a gateway or relay,
+SIGHUP re-reads the configuration for its join tokens (:mod:`tooti.reload`) and
+reloads the TLS certificate.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from tooti.identity import DERIVED_PREFIX, RELAY_KEY_FILE, Identity
 from tooti.node.admin import NodeAdmin
 from tooti.node.node import Node
 from tooti.relay import Relay
+from tooti.reload import Rebuild, reload_join_tokens
 from tooti.routing.base import RoutingPolicy
 from tooti.settings import BackendSettings, Settings
 from tooti.transport.memory import memory_pair
@@ -280,12 +283,17 @@ def setup_logging(level: str) -> None:
     logging.getLogger("trio-websocket").setLevel(logging.WARNING)
 
 
-async def main(settings: Settings, backends: list[Backend] | None = None) -> int:
-    """The async body of ``tooti run``; returns the exit code."""
+async def main(settings: Settings, backends: list[Backend] | None = None,
+               reload: Rebuild | None = None) -> int:
+    """The async body of ``tooti run``; returns the exit code. ``reload`` builds the
+    settings again as they were built for this run (SIGHUP applies their join tokens);
+    None: SIGHUP keeps the tokens."""
     process = Process(settings, backends)
     exit_code = 0
-    # SIGHUP reloads the TLS certificate; without TLS it keeps its default action.
-    hangup = (signal.SIGHUP,) if settings.gateway.tls_cert else ()
+    # SIGHUP reloads the join tokens and the TLS certificate of a gateway or relay; a
+    # node alone keeps its default action.
+    roles = effective_roles(settings)
+    hangup = (signal.SIGHUP,) if "gateway" in roles or "relay" in roles else ()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, *hangup) as signals:
         async with trio.open_nursery() as nursery:
             roles_scope = trio.CancelScope()
@@ -299,6 +307,7 @@ async def main(settings: Settings, backends: list[Backend] | None = None) -> int
             count = 0
             async for signum in signals:
                 if signum == signal.SIGHUP:
+                    reload_join_tokens(process.gateway, settings, reload)
                     _reload_tls(process)
                     continue
                 count += 1
@@ -319,8 +328,9 @@ async def main(settings: Settings, backends: list[Backend] | None = None) -> int
     return exit_code
 
 
-def run(settings: Settings) -> int:
-    """Run ``tooti`` with ``settings``; returns the process exit code.
+def run(settings: Settings, reload: Rebuild | None = None) -> int:
+    """Run ``tooti`` with ``settings``; returns the process exit code. ``reload``
+    builds them again on SIGHUP (see :func:`main`).
 
     Configuration problems raise :class:`~tooti.config.ConfigError` (the CLI
     prints them); a port that cannot be bound is reported in one line, exit 1.
@@ -330,7 +340,7 @@ def run(settings: Settings) -> int:
     check_tls(settings)
     backends = build_backends(settings) if "node" in effective_roles(settings) else None
     try:
-        return trio.run(main, settings, backends)
+        return trio.run(main, settings, backends, reload)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BaseException as exc:

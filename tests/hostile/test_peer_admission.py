@@ -4,13 +4,16 @@ at once; each node's token name is shown, never the token)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import httpx
+import pytest
 import trio
 
 from tests.conftest import Network, simulated
 from tests.hostile.peers import hostile_peer
+from tooti.gateway import app
 from tooti.gateway.app import Gateway
 from tooti.gateway.tunnels import Admission, BearerAuth
 from tooti.node.node import Node
@@ -70,7 +73,8 @@ class WatchedAuth(BearerAuth):
         return result
 
 
-async def test_join_tokens_rotate_without_downtime(nursery: trio.Nursery) -> None:
+async def test_join_tokens_rotate_without_downtime(
+        nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch) -> None:
     tunnel = TunnelSettings(heartbeat_interval=0.5)
     settings = GatewaySettings(listen="127.0.0.1:0", join_token="tok-first",
                                join_tokens={"spring": "tok-spring", "autumn": "tok-autumn"})
@@ -97,8 +101,12 @@ async def test_join_tokens_rotate_without_downtime(nursery: trio.Nursery) -> Non
     assert {p["id"]: p["token"] for p in peers["data"]} == {
         "on-first": "default", "on-spring": "spring", "on-autumn": "autumn"}
     assert "tok-" not in json.dumps(view) + json.dumps(peers)  # names only, never tokens
-    # Retire "spring": the gateway now knows the other two only.
-    gateway.auth = WatchedAuth({"default": "tok-first", "autumn": "tok-autumn"})
+    # Retire "spring": the gateway now knows the other two only (the tokens it builds
+    # tell the test when they refuse someone).
+    monkeypatch.setattr(app, "BearerAuth", WatchedAuth)
+    changes = gateway.reload_tokens(dataclasses.replace(settings, join_tokens={
+        "autumn": "tok-autumn"}))
+    assert (changes.added, changes.removed, changes.replaced) == ([], ["spring"], [])
     before = {p.id: p for p in registry.peers.values()}
     for peer in before.values():
         peer.session.abort("test: reconnect")

@@ -15,7 +15,7 @@ import hashlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
@@ -52,12 +52,18 @@ from tooti.gateway.probe import probe_until_healthy
 from tooti.gateway.proxy import DONE, Outcome, Proxy, ProxySettings, check_routable
 from tooti.gateway.ratelimit import Limited, PerAddressLimiter, Slot, Throttle
 from tooti.gateway.registry import KnownModels, Peer, Registry
-from tooti.gateway.tunnels import UNGROUPED, Admission, BearerAuth, serve_tunnel
+from tooti.gateway.tunnels import (
+    UNGROUPED,
+    Admission,
+    BearerAuth,
+    TokenChanges,
+    serve_tunnel,
+)
 from tooti.gateway.validation import ParsedRequest, parse_request
 from tooti.identity import derive_id
 from tooti.routing.base import RouteRequest, RoutingPolicy
 from tooti.routing.policies import LeastLoaded
-from tooti.settings import GatewaySettings, NetworkSettings, TunnelSettings
+from tooti.settings import GatewaySettings, GroupSettings, NetworkSettings, TunnelSettings
 from tooti.tls import ServerTLS
 from tooti.transport import Transport
 from tooti.transport.websocket import (
@@ -124,6 +130,13 @@ def split_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+def join_auth(settings: GatewaySettings, groups: Mapping[str, GroupSettings]) -> BearerAuth:
+    """The join tokens of ``settings`` (ungrouped) and of ``groups``, by name."""
+    return BearerAuth(named_tokens(settings.join_token, settings.join_tokens),
+                      {name: named_tokens(group.join_token, group.join_tokens)
+                       for name, group in groups.items()})
+
+
 class Gateway:
     """Registry, router and HTTP/tunnel front door of one gateway."""
 
@@ -153,9 +166,8 @@ class Gateway:
                                  heartbeat_interval=tunnel.heartbeat_interval,
                                  relay_strikes=settings.relay_strikes,
                                  relay_strike_seconds=settings.relay_strike_seconds)
-        self.auth = BearerAuth(named_tokens(settings.join_token, settings.join_tokens),
-                               {name: named_tokens(group.join_token, group.join_tokens)
-                                for name, group in settings.groups.items()})
+        self.auth = join_auth(settings, settings.groups)
+        """The join tokens tunnels are admitted by (swapped by :meth:`reload_tokens`)."""
         self.group_keys = GroupKeys(settings.groups)
         """Which node group a request's API key belongs to."""
         self.known_by_group: dict[str, KnownModels] = {}
@@ -233,6 +245,21 @@ class Gateway:
                 nursery.cancel_scope.cancel()
         finally:
             await self.billing.close()
+
+    def reload_tokens(self, settings: GatewaySettings) -> TokenChanges:
+        """Admit new tunnels by the join tokens of ``settings`` from now on (SIGHUP in
+        ``tooti run``); returns the changes, by name. Tunnels already up stay up, even
+        one whose token is gone, until it reconnects. Node groups are those the gateway
+        started with: a group's tokens are reloaded, a group no longer configured admits
+        no one, and a new group needs a restart (its API keys are not read here)."""
+        groups = {name: group for name, group in settings.groups.items()
+                  if name in self.settings.groups}
+        auth = join_auth(settings, groups)
+        changes = self.auth.changes(auth)
+        self.auth = auth
+        if not auth.open_to_network:
+            log.warning("no join token configured: node tunnels are accepted from loopback only")
+        return changes
 
     async def _serve_http(
         self, config: Config, task_status: trio.TaskStatus[list[str]]

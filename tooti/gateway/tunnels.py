@@ -8,7 +8,7 @@ import ipaddress
 import logging
 import os
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import NamedTuple
 
 import trio
@@ -83,6 +83,15 @@ class Admission(NamedTuple):
     when no token is configured (loopback peers)."""
 
 
+class TokenChanges(NamedTuple):
+    """The join tokens a reload added, removed, or gave a new value, by name: a token
+    name, or ``group/name`` for a node group's."""
+
+    added: list[str]
+    removed: list[str]
+    replaced: list[str]
+
+
 UNGROUPED = Admission()
 """No group, no token (a loopback or in-memory peer without configured tokens)."""
 
@@ -113,6 +122,19 @@ class BearerAuth:
     def open_to_network(self) -> bool:
         """True when a join token is configured (non-loopback peers allowed)."""
         return bool(self._digests)
+
+    def changes(self, new: BearerAuth) -> TokenChanges:
+        """How the tokens of ``new`` differ from these, by name (never the tokens)."""
+        old_tokens, new_tokens = dict(self._digests), dict(new._digests)
+
+        def names(admissions: Iterable[Admission]) -> list[str]:
+            return sorted(f"{a.group}/{a.token}" if a.group else a.token for a in admissions)
+
+        return TokenChanges(
+            added=names(new_tokens.keys() - old_tokens.keys()),
+            removed=names(old_tokens.keys() - new_tokens.keys()),
+            replaced=names(a for a in old_tokens.keys() & new_tokens.keys()
+                           if old_tokens[a] != new_tokens[a]))
 
     def check(self, authorization: bytes | None, client_host: str | None) -> str | None:
         """Return None if the peer is admitted, else the reason it is refused."""
