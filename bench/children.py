@@ -1,8 +1,10 @@
 """Child processes for the benchmarks: started in their own process group, killed with
 the script (even on SIGKILL of the script, via PR_SET_PDEATHSIG on Linux), signal
 handling that turns Ctrl-C / SIGTERM / SIGHUP into a clean shutdown, and the small
-measuring helpers the scripts share (a child's CPU time, a free port, percentiles).
-Shared by ``bench/streams.py``, ``bench/failover.py`` and ``bench/relay_hop.py``."""
+measuring helpers the scripts share (a child's CPU time, a free port, percentiles, the
+loopback addresses attackers dial from).
+Shared by ``bench/streams.py``, ``bench/failover.py``, ``bench/relay_hop.py``,
+``bench/hostile.py`` and ``bench/slow_clients.py``."""
 
 from __future__ import annotations
 
@@ -166,6 +168,34 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+PER_SOURCE = 100
+"""Most connections an attacker keeps from one loopback address: well within the
+gateway's per-address limits (``gateway.max_connections_per_ip`` 256 open,
+``gateway.connection_burst`` 200 new at once), so a spread attack measures the gateway,
+not those limits."""
+
+
+def loopback_sources(connections: int, at_least: int = 1,
+                     per_source: int = PER_SOURCE) -> list[str]:
+    """Loopback addresses for an attacker to bind its sockets to, enough that none
+    carries more than ``per_source`` of ``connections`` (and at least ``at_least``):
+    127.0.1.1, 127.0.1.2, ..., 127.0.2.1, ... The whole 127.0.0.0/8 is local on Linux;
+    127.0.0.1, where the measuring clients and the honest node dial from, is never
+    one of them. Exits with a message if the first cannot be bound."""
+    count = max(at_least, -(-connections // per_source))
+    if count > 254 * 254:
+        raise ValueError(f"{connections} connections need more loopback addresses than "
+                         "127.0.1.1-127.0.254.254")
+    sources = [f"127.0.{1 + i // 254}.{1 + i % 254}" for i in range(count)]
+    with socket.socket() as sock:
+        try:
+            sock.bind((sources[0], 0))
+        except OSError as exc:
+            raise SystemExit(f"cannot bind {sources[0]} ({exc}): the attacks need "
+                             "127.0.0.0/8 to be local (Linux)") from None
+    return sources
 
 
 def percentile(values: Sequence[float], q: float) -> float:

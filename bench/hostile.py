@@ -8,8 +8,19 @@ the attack runs, this process sends normal chat completions to the honest node, 
 a time (non-streamed and streamed in turn), samples the gateway's resident memory
 every 50 ms, and asks ``GET /admin/v1/peers`` every 2 s whether the honest node is still
 registered and live. Every attack is bounded in count and time and stops by itself;
-every byte goes to 127.0.0.1 or 127.0.0.2 (the handshake flood's source address; the
-hostile nodes dial from 127.0.0.1 like the honest one).
+every byte goes to the gateway on 127.0.0.1.
+
+The gateway limits what one client address may do (``gateway.max_connections_per_ip``,
+``connection_rate``/``connection_burst``, ``tunnel_handshake_rate``/``burst``,
+``tunnel_handshakes_per_ip``). An attacker with many addresses is the harder case, so
+every attack but one spreads its connections over many loopback source addresses
+(127.0.1.1, 127.0.1.2, ...: at least 24, and at most 100 connections from each, well
+within those limits; each hostile node dials from the next one), while the measuring
+client and the honest node stay on 127.0.0.1, an address no attacker uses, so they are
+never refused for the attacker's sake. ``handshake-flood`` alone comes from one address
+(127.0.0.2): it shows the per-address limits doing their job. The ``cut by`` column
+says what stopped each attacker (a timeout, a session closed with a reason, a refusal
+and its status); a 429 there means a per-address limit, counted wherever it appears.
 
 Attacks (``--only`` picks some, comma-separated; ``baseline`` always runs first since
 every row is compared to it):
@@ -35,11 +46,13 @@ every row is compared to it):
     at once, for a few rounds.
 ``idle-and-slowloris``
     2,000 TCP connections that send nothing and 200 that trickle header lines (one every
-    0.5 s); how many the gateway closed, after how long, with what status.
+    0.5 s), from 22+ addresses; how many the gateway closed, after how long, with what
+    status.
 ``handshake-flood``
-    Tunnel upgrades from 127.0.0.2 as fast as 16 workers go: half with a wrong token,
-    half with the right token and then no HELLO (held open until the gateway closes
-    them); the statuses seen.
+    Tunnel upgrades from one address (127.0.0.2: the point is the per-address handshake
+    and connection limits) as fast as 16 workers go: half with a wrong token, half with
+    the right token and then no HELLO (held open until the gateway closes them); the
+    statuses seen, 429 being those limits.
 ``json-bombs``
     Requests whose body nests arrays 100,000 deep, and requests with a bad
     ``Content-Length`` (not a number, negative, two values, 25 digits, more than sent),
@@ -54,7 +67,8 @@ every row is compared to it):
     the requests the clients saw complete are missing from the ledger.
 
 Printed: one line per attack as it ends, then a table (attack | normal p50 | normal
-p99 | x baseline | gateway RSS peak MB | notes), and with ``--json`` one JSON document
+p99 | x baseline p50 / p99 | gateway RSS peak MB | cut by | notes), and with ``--json``
+one JSON document
 (stdout; progress goes to stderr). MB here is 2^20 bytes. The script asserts nothing:
 an attack that kills the gateway is reported as "gateway died" and the next attack
 starts a new one.
@@ -72,7 +86,9 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import itertools
 import json
+import logging
 import os
 import random
 import re
@@ -83,7 +99,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -97,6 +113,7 @@ from children import (
     exit_on_signals,
     free_port,
     interrupted,
+    loopback_sources,
     percentile,
     sigint_raises,
     toml_table,
@@ -107,15 +124,19 @@ from tooti.config import TUNNEL_PATH
 from tooti.dialer import Dialer, TunnelRefused
 from tooti.identity import Identity
 from tooti.settings import TunnelSettings
-from tooti.transport.websocket import SUBPROTOCOL, HandshakeFailed, connect
-from tooti.tunnel import InboundStream, TunnelLost, TunnelSession
+from tooti.transport.websocket import SUBPROTOCOL, HandshakeFailed, WebSocketTransport
+from tooti.tunnel import InboundStream, StreamHandler, StreamOpener, TunnelLost, TunnelSession
 
 MODEL = "tooti-sim"
 HONEST = "honest"
 TOKEN = "hostile-bench-join-token"
 """The join token of every gateway started here (a throwaway: they live in a temp dir)."""
 HOSTILE_SOURCE = "127.0.0.2"
-"""Source address of the handshake flood, so per-IP limits do not hit the honest node."""
+"""Source address of the handshake flood, the one attack from a single address: it tests
+the per-address limits (and leaves the honest node's 127.0.0.1 alone)."""
+MIN_SOURCES = 24
+"""Loopback addresses every spread attack has, at the least (see
+:func:`children.loopback_sources`)."""
 MODEL_COUNTS = (3200, 1600, 800, 400, 200, 100, 50, 20)
 """Model counts a hostile node tries, most first, until the gateway keeps one (after
 3,200 it tries the default ``tunnel.max_models_per_peer``, when there is one)."""
@@ -160,10 +181,27 @@ QUICK = Scale(seconds=1.5, requests=30, request_timeout=10.0, amplification_node
 
 @dataclass
 class Target:
-    """The gateway under attack."""
+    """The gateway under attack, and the addresses to attack it from."""
 
     port: int
     scale: Scale
+    sources: list[str] = field(init=False)
+    """Loopback addresses the attack spreads its connections over."""
+    _turn: Iterator[str] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.sources = loopback_sources(self.scale.idle + self.scale.slowloris, MIN_SOURCES)
+        self._turn = itertools.cycle(self.sources)
+
+    def source(self) -> str:
+        """The next address to dial from (round robin)."""
+        return next(self._turn)
+
+    def client(self, **kwargs: Any) -> httpx.AsyncClient:
+        """An HTTP client of the API dialling from the next address."""
+        return httpx.AsyncClient(base_url=self.base, transport=httpx.AsyncHTTPTransport(
+            local_address=self.source(), limits=kwargs.pop("limits", httpx.Limits())),
+            **kwargs)
 
     @property
     def tunnel_url(self) -> str:
@@ -180,10 +218,39 @@ Answer = Callable[[InboundStream], Awaitable[None]]
 Flood = Callable[[TunnelSession], Awaitable[None]]
 
 
+class GoAways(logging.Handler):
+    """The GOAWAY the gateway sent each hostile session, by session name, from the
+    line tooti's tunnel logs for each one it receives (a session's own close reason
+    only says the WebSocket closed)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.seen: dict[str, str] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "GOAWAY" in str(record.msg) and isinstance(record.args, tuple) \
+                and len(record.args) == 3:
+            name, code, reason = record.args
+            self.seen[str(name)] = f"GOAWAY {code}: {reason}"[:160]
+
+    def install(self) -> GoAways:
+        """Listen to tooti's tunnel log (INFO and up, kept out of the attacker's output)."""
+        tunnel_log = logging.getLogger("tooti.tunnel")
+        tunnel_log.setLevel(logging.INFO)
+        tunnel_log.addHandler(self)
+        tunnel_log.propagate = False
+        return self
+
+
+GOAWAYS = GoAways()
+"""Installed in the attacker process (:func:`run_attacker`)."""
+
+
 class HostileNode:
     """A node with a fresh identity that proves it like any node (tooti's own dialer
     does the HELLO / WELCOME / PROOF handshake), advertises ``models``, then floods
-    (``flood``) or answers streams its own way (``answer``)."""
+    (``flood``) or answers streams its own way (``answer``). Each dials from the next of
+    the target's addresses."""
 
     def __init__(self, target: Target, models: list[dict[str, Any]], *,
                  answer: Answer | None = None, flood: Flood | None = None) -> None:
@@ -191,8 +258,11 @@ class HostileNode:
         self.models = models
         self.identity = Identity.generate()
         self.id = self.identity.id
-        self.handler = self._serve if answer is not None else None
-        self.opener = None
+        self.source = target.source()
+        self.name = f"{target.tunnel_url}#{self.id[:16]}"
+        """The session's name (unique, so its GOAWAY can be told apart)."""
+        self.handler: StreamHandler | None = self._serve if answer is not None else None
+        self.opener: StreamOpener | None = None
         self._answer = answer
         self._flood = flood
         self.session: TunnelSession | None = None
@@ -230,7 +300,8 @@ class HostileNode:
         except (TunnelRefused, HandshakeFailed, OSError, trio.TooSlowError) as exc:
             self.outcome = f"refused: {exc}"[:160]
         else:
-            self.outcome = self.session.close_reason if self.session else "no session"
+            self.outcome = GOAWAYS.seen.get(self.name) or (
+                self.session.close_reason if self.session else "no session")
         finally:
             self.closed_at = time.monotonic()
             self.finished.set()
@@ -238,10 +309,7 @@ class HostileNode:
 
     async def _dial(self, dialer: Dialer) -> None:
         with trio.fail_after(10):
-            transport = await connect(
-                self.target.tunnel_url, subprotocol=SUBPROTOCOL,
-                headers=[(b"authorization", b"Bearer " + TOKEN.encode())],
-                max_message=TunnelSettings().max_frame_bytes)
+            transport = await tunnel_from(self.target, self.source, self.name)
         try:
             await dialer.serve_transport(transport)
         finally:
@@ -261,6 +329,24 @@ class HostileNode:
         """End the session now (our choice, not the gateway's)."""
         if self.session is not None:
             self.session.abort("attacker done")
+
+
+async def tunnel_from(target: Target, source: str, name: str) -> WebSocketTransport:
+    """A WebSocket named ``name`` to the gateway's tunnel path from ``source`` (tooti's
+    ``connect`` picks no source address): a node's upgrade request with the join token;
+    a refusal is :class:`HandshakeFailed` with its status."""
+    stream = await trio.open_tcp_stream("127.0.0.1", target.port, local_address=source)
+    try:
+        await stream.send_all(upgrade_request(target.port, TOKEN))
+        status, _, rest = await read_head(stream, 10)
+        if status != 101:
+            raise HandshakeFailed(status or 0, rest[:120].decode(errors="replace").strip()
+                                  or "no answer")
+        return WebSocketTransport(stream, name, client=True, buffered=rest,
+                                  max_message=TunnelSettings().max_frame_bytes)
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
 
 
 def model_list(count: int, prefix: str) -> list[dict[str, Any]]:
@@ -286,6 +372,7 @@ async def accepted_models(target: Target, prefix: str) -> tuple[int, list[str]]:
         counts = [MODEL_COUNTS[0], cap, *(c for c in MODEL_COUNTS if c < cap)]
     else:
         counts = list(MODEL_COUNTS)
+    # (asked from 127.0.0.1: the admin API answers loopback, and this is measuring)
     async with httpx.AsyncClient(base_url=target.base, timeout=30) as client:
         for count in counts:
             node = HostileNode(target, model_list(count, prefix))
@@ -355,8 +442,12 @@ async def flood_attack(target: Target, resend_models: bool) -> dict[str, Any]:
                 await trio.sleep(0.2)  # refused: dial again a little later
     cut = [s for s in sessions if s["opened"] and s["outcome"]]
     return {"models_per_node": count, "larger_counts": tried, "sent": dict(sent),
-            "sessions": len(sessions), "cut_by_gateway": len(cut),
+            "sources": len(target.sources), "sessions": len(sessions),
+            "cut_by_gateway": len(cut),
             "refused": sum(1 for s in sessions if not s["opened"]),
+            "refused_429": sum(1 for s in sessions
+                               if not s["opened"] and "HTTP 429" in s["outcome"]),
+            "cut_reasons": dict(Counter(s["outcome"] for s in cut).most_common(2)),
             "first_cut_after_s": cut[0]["lasted_s"] if cut else None,
             "outcomes": dict(Counter(s["outcome"] for s in sessions).most_common(4))}
 
@@ -390,6 +481,7 @@ async def attack_models_amplification(target: Target) -> dict[str, Any]:
             node.abort()
         nursery.cancel_scope.cancel()
     return {"nodes": len(nodes), "models_per_node": count, "larger_counts": tried,
+            "sources": min(len(nodes), len(target.sources)),
             "connected": sum(1 for n in nodes if n.connected.is_set()),
             "live_at_end": live}
 
@@ -431,8 +523,7 @@ async def attack_big_answers(target: Target) -> dict[str, Any]:
     nodes = [HostileNode(target, models, answer=answer) for _ in range(scale.big_nodes)]
     statuses = Counter[str]()
     received: list[int] = []
-    async with httpx.AsyncClient(base_url=target.base, timeout=120,
-                                 limits=httpx.Limits(max_connections=64)) as client:
+    async with target.client(timeout=120, limits=httpx.Limits(max_connections=64)) as client:
 
         async def ask() -> None:
             size = 0
@@ -463,7 +554,8 @@ async def attack_big_answers(target: Target) -> dict[str, Any]:
             for node in nodes:
                 node.abort()
             nursery.cancel_scope.cancel()
-    return {"nodes": len(nodes), "answer_mb": round(scale.big_bytes / MIB, 1),
+    return {"nodes": len(nodes), "sources": min(len(nodes) + 1, len(target.sources)),
+            "answer_mb": round(scale.big_bytes / MIB, 1),
             "requests": sum(statuses.values()), "statuses": dict(statuses),
             "client_received_mb": round(sum(received) / MIB, 1),
             "node_sent_mb": round(sent["bytes"] / MIB, 1),
@@ -500,10 +592,11 @@ async def attack_idle_and_slowloris(target: Target) -> dict[str, Any]:
 
     limiter = trio.CapacityLimiter(200)  # connects in flight at once
 
-    async def hold(kind: str) -> None:
+    async def hold(kind: str, source: str) -> None:
         try:
             async with limiter:
-                stream = await trio.open_tcp_stream("127.0.0.1", target.port)
+                stream = await trio.open_tcp_stream("127.0.0.1", target.port,
+                                                    local_address=source)
         except OSError as exc:
             failed[type(exc).__name__] += 1
             if sum(opened.values()) + sum(failed.values()) == scale.idle + scale.slowloris:
@@ -539,7 +632,7 @@ async def attack_idle_and_slowloris(target: Target) -> dict[str, Any]:
     async with trio.open_nursery() as nursery:
         for kind, count in (("slowloris", scale.slowloris), ("idle", scale.idle)):
             for _ in range(count):
-                nursery.start_soon(hold, kind)
+                nursery.start_soon(hold, kind, target.source())
         with trio.move_on_after(60):
             await all_tried.wait()
         opened_in = time.monotonic() - began
@@ -553,7 +646,8 @@ async def attack_idle_and_slowloris(target: Target) -> dict[str, Any]:
         return {"min_s": round(min(values), 2), "p50_s": round(percentile(values, 0.5), 2),
                 "max_s": round(max(values), 2)}
 
-    return {"opened": dict(opened), "connect_failed": dict(failed),
+    return {"sources": len(target.sources), "opened": dict(opened),
+            "connect_failed": dict(failed),
             "opening_took_s": round(opened_in, 2), "held_s": scale.seconds,
             "closed_by_gateway": {k: len(v) for k, v in closed.items()},
             "time_to_close": {k: times(v) for k, v in closed.items()},
@@ -619,7 +713,7 @@ async def attack_handshake_flood(target: Target) -> dict[str, Any]:
         nursery.cancel_scope.cancel()
     wall = time.monotonic() - began
     attempts = sum(sum(c.values()) for c in statuses.values())
-    return {"attempts": attempts, "per_second": round(attempts / wall, 1),
+    return {"sources": 1, "attempts": attempts, "per_second": round(attempts / wall, 1),
             "statuses": {k: dict(v) for k, v in statuses.items()},
             "held_then_closed_by_gateway": len(held_closed),
             "held_closed_after_s": (round(percentile(held_closed, 0.5), 2)
@@ -656,10 +750,12 @@ def error_object(body: bytes) -> bool:
             and isinstance(obj["error"].get("message"), str))
 
 
-async def exchange(port: int, request: bytes, limit: float, *, half_close: bool = False
-                   ) -> tuple[int | None, bytes]:
-    """Send ``request`` on a new connection; the status and the whole body."""
-    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+async def exchange(port: int, request: bytes, limit: float, *, half_close: bool = False,
+                   source: str | None = None) -> tuple[int | None, bytes]:
+    """Send ``request`` on a new connection (from ``source``); the status and the whole
+    body."""
+    async with await trio.open_tcp_stream("127.0.0.1", port,
+                                          local_address=source) as stream:
         await stream.send_all(request)
         if half_close:
             await stream.send_eof()
@@ -686,7 +782,7 @@ async def attack_json_bombs(target: Target) -> dict[str, Any]:
             for kind in kinds:
                 try:
                     status, body = await exchange(
-                        target.port, requests[kind], 10,
+                        target.port, requests[kind], 10, source=target.source(),
                         half_close=kind == "content-length > body")
                 except OSError as exc:
                     seen[kind][type(exc).__name__] += 1
@@ -702,7 +798,7 @@ async def attack_json_bombs(target: Target) -> dict[str, Any]:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(worker, kinds[:1])
             nursery.start_soon(worker, kinds[1:])
-    return {"answers": {k: dict(v) for k, v in seen.items()},
+    return {"sources": len(target.sources), "answers": {k: dict(v) for k, v in seen.items()},
             "not_error_objects": sum(n for c in seen.values() for k, n in c.items()
                                      if "error object" not in k)}
 
@@ -759,7 +855,7 @@ async def attack_usage_lies(target: Target) -> dict[str, Any]:
                 await node.connected.wait()
         await trio.sleep(0.5)
         ready()
-        async with httpx.AsyncClient(base_url=target.base, timeout=30) as client:
+        async with target.client(timeout=30) as client:
             for lie in LIES:
                 sent: list[dict[str, Any]] = []
                 for _ in range(target.scale.lies_repeat):
@@ -779,7 +875,7 @@ async def attack_usage_lies(target: Target) -> dict[str, Any]:
                                        else node.outcome or "not connected")
             node.abort()
         nursery.cancel_scope.cancel()
-    return {"lies": results}
+    return {"sources": min(len(nodes) + 1, len(target.sources)), "lies": results}
 
 
 ATTACKERS: dict[str, Callable[[Target], Awaitable[dict[str, Any]]]] = {
@@ -796,6 +892,7 @@ ATTACKERS: dict[str, Callable[[Target], Awaitable[dict[str, Any]]]] = {
 
 async def run_attacker(name: str, target: Target) -> None:
     """The attacker process: run one attack, print its result."""
+    GOAWAYS.install()
     try:
         result = await ATTACKERS[name](target)
     except Exception as exc:  # reported, never a traceback the parent must parse
@@ -1028,14 +1125,15 @@ async def measure(name: str, scale: Scale, root: Path, self_path: Path,
         stacks.append(await start_retrying(root / name, extra))
         if name == "no-ledger":  # and one as shipped, to compare with
             stacks.append(await start_retrying(root / "with-ledger"))
-        await attack_on(*stacks[:1], name, scale, self_path, row,
+        await attack_on(stacks[0], name, scale, self_path, row,
                         compare=stacks[1] if len(stacks) > 1 else None)
     except RuntimeError as exc:
         row.notes.append(str(exc))
     finally:
         for stack in stacks:
             stack.children.stop_all()
-    progress(f"{name} ({time.strftime('%H:%M:%S')}): {one_line(row)}")
+    progress(f"{name} ({time.strftime('%H:%M:%S')}): {one_line(row)}"
+             + (f"; cut by: {cut_by(row)}" if name in ATTACKERS else ""))
     return row
 
 
@@ -1271,6 +1369,11 @@ def one_line(row: Row) -> str:
         notes.append(f"admin silent {g['admin_no_answer']}x")
     if "attack_error" in a:
         notes.append("attack error: " + a["attack_error"][:120])
+    if row.attack == "handshake-flood":
+        notes.append(f"from one address ({HOSTILE_SOURCE}) on purpose: tests the per-address "
+                     "handshake and connection limits")
+    elif a.get("sources"):
+        notes.append(f"from {a['sources']} addresses")
     if row.attack in ("heartbeat-flood", "models-flood") and "sessions" in a:
         notes.append(f"{a['models_per_node']} models/node; {a['sessions']} hostile sessions, "
                      f"{a['cut_by_gateway']} cut (first after {a['first_cut_after_s']} s), "
@@ -1331,19 +1434,78 @@ def one_line(row: Row) -> str:
     return "; ".join(notes) or "-"
 
 
+def statuses_429(counts: dict[str, int]) -> int:
+    """How many of ``counts`` (answer kind -> count) were a 429 (a per-address limit)."""
+    return sum(n for kind, n in counts.items() if re.search(r"\b429\b", kind))
+
+
+def cut_by(row: Row) -> str:
+    """The cut-by column: what stopped the attacker, and how often a per-address limit
+    (429) answered it."""
+    a = row.attacker
+    if row.attack not in ATTACKERS or not a or "attack_error" in a:
+        return "-"
+    if row.attack in ("heartbeat-flood", "models-flood"):
+        reasons = "; ".join(f"{n}x {k}" for k, n in a.get("cut_reasons", {}).items())
+        return (f"session closed by the gateway {a['cut_by_gateway']}/{a['sessions']}"
+                f"{': ' + reasons if reasons else ''}; dials refused {a['refused']} "
+                f"(429: {a.get('refused_429', 0)})")
+    if row.attack == "models-amplification":
+        cap = "; ".join(a["larger_counts"]) or "nothing: every model kept"
+        return f"model cap: {cap}; {a['live_at_end']}/{a['nodes']} nodes live at the end"
+    if row.attack == "big-answers":
+        return (f"answers: {', '.join(f'{n}x {k}' for k, n in a['statuses'].items())}; "
+                f"{a['answers_cut']} node streams cut; "
+                f"{a['client_received_mb']} of {a['node_sent_mb']} MB sent reached clients; "
+                f"429: {statuses_429(a['statuses'])}")
+    if row.attack == "idle-and-slowloris":
+        times = a["time_to_close"]
+        answers = ", ".join(f"{n}x {k}" for k, n in sorted(a["answers"].items())) \
+            or f"nothing within the attack's {a['held_s']} s"
+        return (f"closed by the gateway: {answers} (idle after p50 "
+                f"{(times['idle'] or {}).get('p50_s')} s, slowloris after p50 "
+                f"{(times['slowloris'] or {}).get('p50_s')} s); "
+                f"429: {statuses_429(a['answers'])}")
+    if row.attack == "handshake-flood":
+        total = sum(statuses_429(v) for v in a["statuses"].values())
+        return (f"per-address limits: {total} of {a['attempts']} upgrades 429; "
+                f"upgraded without HELLO closed by the gateway "
+                f"{a['held_then_closed_by_gateway']} (p50 after {a['held_closed_after_s']} s)")
+    if row.attack == "json-bombs":
+        seen = Counter[str]()
+        for counts in a["answers"].values():
+            seen.update(counts)
+        return (f"each request refused: {', '.join(f'{n}x {k}' for k, n in seen.items())}; "
+                f"429: {statuses_429(seen)}")
+    if row.attack == "usage-lies":
+        ends = Counter(str(info["session"])[:80] for info in a["lies"].values())
+        refused = Counter(str(r["status"]) for info in a["lies"].values()
+                          for r in info["requests"])
+        return (f"lying nodes' sessions: {', '.join(f'{n}x {k}' for k, n in ends.items())}; "
+                f"429: {statuses_429(refused)}")
+    return "-"
+
+
+def ratio(value: float | None, base: float | None) -> str:
+    """``value`` as a multiple of ``base``."""
+    return f"{value / base:.2f}" if value and base else "-"
+
+
 def table(rows: list[Row]) -> str:
     """The Markdown table of every row."""
     base = next((r.probe.get("all") or {} for r in rows if r.attack == "baseline"), {})
-    lines = ["| attack | normal p50 ms | normal p99 ms | x baseline | gateway RSS peak MB "
-             "| notes |", "|---|---|---|---|---|---|"]
+    lines = ["| attack | normal p50 ms | normal p99 ms | x baseline p50 / p99 "
+             "| gateway RSS peak MB | cut by | notes |", "|---|---|---|---|---|---|---|"]
     for row in rows:
         stats = row.probe.get("all") or {}
         p50, p99 = stats.get("p50"), stats.get("p99")
-        sequential = row.attack != "kill-9"  # its clients run at once: no like for like
-        ratio = f"{p50 / base['p50']:.2f}" if sequential and p50 and base.get("p50") else "-"
+        times = "-"
+        if row.attack != "kill-9":  # its clients run at once: no like for like
+            times = f"{ratio(p50, base.get('p50'))} / {ratio(p99, base.get('p99'))}"
         lines.append(f"| {row.attack} | {p50 if p50 is not None else '-'} | "
-                     f"{p99 if p99 is not None else '-'} | {ratio} | "
-                     f"{row.gateway.get('rss_peak_mb', '-')} | {one_line(row)} |")
+                     f"{p99 if p99 is not None else '-'} | {times} | "
+                     f"{row.gateway.get('rss_peak_mb', '-')} | {cut_by(row)} | "
+                     f"{one_line(row)} |")
     return "\n".join(lines)
 
 

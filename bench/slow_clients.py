@@ -10,7 +10,13 @@ default limits, and measures non-streamed chat requests on one kept-alive connec
 
 and reports the median and 90th percentile latency of each phase, the gateway's RSS
 (before, while attacked, after), how long the gateway held a slowloris connection and
-an idle one before closing it, and how many connections it closed.
+an idle one before closing it, how many connections it closed and what it answered.
+
+The attack's connections are spread over loopback source addresses (127.0.1.1,
+127.0.1.2, ...; at most 100 from each), so the gateway's per-address limits
+(``gateway.max_connections_per_ip`` 256, ``connection_burst`` 200) are not what stops
+them; the measuring client dials from 127.0.0.1, which no attacker uses. A 429 in the
+answers means a per-address limit was hit all the same.
 
 Run from the repository root with the project's venv::
 
@@ -24,6 +30,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,6 +41,7 @@ from children import (
     exit_on_signals,
     free_port,
     interrupted,
+    loopback_sources,
     percentile,
     sigint_raises,
     toml_table,
@@ -57,28 +65,39 @@ class Attack:
     def __init__(self, port: int) -> None:
         self.port = port
         self.held: dict[str, list[float]] = {"idle": [], "slowloris": []}
+        self.answers = Counter[str]()
+        """``KIND STATUS`` of each connection the gateway closed."""
         self.open = 0
 
-    async def hold(self, kind: str, ready: trio.Event | None = None) -> None:
+    async def hold(self, kind: str, source: str, ready: trio.Event | None = None) -> None:
+        """Keep one ``kind`` connection from ``source`` open, re-opening it when the
+        gateway closes it."""
         while True:
-            stream = await trio.open_tcp_stream("127.0.0.1", self.port)
+            stream = await trio.open_tcp_stream("127.0.0.1", self.port,
+                                                local_address=source)
             began = trio.current_time()
             self.open += 1
             if ready is not None:
                 ready.set()
                 ready = None
+            answer = bytearray()
             try:
                 async with stream, trio.open_nursery() as nursery:
                     if kind == "slowloris":
                         nursery.start_soon(self.trickle, stream)
-                    while await stream.receive_some(65536):
-                        pass  # (a 408 from the gateway, then its close)
+                    while chunk := await stream.receive_some(65536):
+                        answer += chunk[:64 - len(answer)]  # (a 408, then the close)
                     nursery.cancel_scope.cancel()
             except (trio.BrokenResourceError, OSError):
                 pass
             finally:
                 self.open -= 1
             self.held[kind].append(trio.current_time() - began)
+            status = answer.split(b" ", 2)[1:2]
+            said = status[0].decode(errors="replace") if status else "no answer"
+            self.answers[f"{kind} {said}"] += 1
+            if said == "429":
+                await trio.sleep(1.0)  # refused by a per-address limit: do not spin
 
     @staticmethod
     async def trickle(stream: trio.SocketStream) -> None:
@@ -132,12 +151,13 @@ async def benchmark(idle: int, slow: int, requests: int, children: Children,
         rss_before = rss_mib(gateway.pid)
         baseline = await latencies(client, base, requests)
         attack = Attack(port)
+        sources = loopback_sources(idle + slow)
         async with trio.open_nursery() as nursery:
-            for kind, count in (("idle", idle), ("slowloris", slow)):
-                for _ in range(count):
-                    ready = trio.Event()
-                    nursery.start_soon(attack.hold, kind, ready)
-                    await ready.wait()
+            kinds = ["idle"] * idle + ["slowloris"] * slow
+            for index, kind in enumerate(kinds):
+                ready = trio.Event()
+                nursery.start_soon(attack.hold, kind, sources[index % len(sources)], ready)
+                await ready.wait()
             opened = attack.open
             attacked = await latencies(client, base, requests)
             rss_attacked = rss_mib(gateway.pid)
@@ -147,8 +167,9 @@ async def benchmark(idle: int, slow: int, requests: int, children: Children,
             nursery.cancel_scope.cancel()
         await trio.sleep(2)
         rss_after = rss_mib(gateway.pid)
-    print(f"{idle} idle + {slow} slowloris connections held open (re-opened when closed); "
-          f"{opened} open at once; sequential non-streamed chat on loopback")
+    print(f"{idle} idle + {slow} slowloris connections held open (re-opened when closed) "
+          f"from {len(sources)} addresses; {opened} open at once; sequential non-streamed "
+          "chat on loopback from 127.0.0.1")
     print(f"{'ms':<40}{'p50':>8}{'p90':>8}{'max':>8}")
     for label, samples in (("baseline", baseline), ("under attack", attacked),
                            ("under attack, after 16 s", more)):
@@ -160,6 +181,8 @@ async def benchmark(idle: int, slow: int, requests: int, children: Children,
         if held:
             print(f"{kind}: {len(held)} closed by the gateway, held "
                   f"{statistics.median(held):.1f} s (median), {max(held):.1f} s (max)")
+    print("answers before the close: " + ", ".join(
+        f"{n}x {k}" for k, n in sorted(attack.answers.items())))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
