@@ -669,18 +669,22 @@ async def attack_handshake_flood(target: Target) -> dict[str, Any]:
     scale = target.scale
     statuses: dict[str, Counter[str]] = {"wrong token": Counter(), "no HELLO": Counter()}
     held_closed: list[float] = []
+    held_told: list[float] = []
+    """When each held upgrade got the gateway's GOAWAY (a close may follow or not)."""
     held = 0
     max_held = 500
 
     async def keep(stream: trio.SocketStream) -> None:
         nonlocal held
         held += 1
-        start = time.monotonic()
+        start, told = time.monotonic(), False
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             async with stream:
-                while await stream.receive_some(65536):
-                    pass
-                held_closed.append(time.monotonic() - start)
+                while chunk := await stream.receive_some(65536):
+                    if not told and b'"code"' in chunk:  # the GOAWAY (never answered)
+                        told = True
+                        held_told.append(time.monotonic() - start)
+        held_closed.append(time.monotonic() - start)  # closed (or reset) by the gateway
         held -= 1
 
     async def worker(kind: str, nursery: trio.Nursery) -> None:
@@ -715,6 +719,9 @@ async def attack_handshake_flood(target: Target) -> dict[str, Any]:
     attempts = sum(sum(c.values()) for c in statuses.values())
     return {"sources": 1, "attempts": attempts, "per_second": round(attempts / wall, 1),
             "statuses": {k: dict(v) for k, v in statuses.items()},
+            "held_got_goaway": len(held_told),
+            "held_goaway_after_s": (round(percentile(held_told, 0.5), 2)
+                                    if held_told else None),
             "held_then_closed_by_gateway": len(held_closed),
             "held_closed_after_s": (round(percentile(held_closed, 0.5), 2)
                                     if held_closed else None)}
@@ -1469,8 +1476,10 @@ def cut_by(row: Row) -> str:
     if row.attack == "handshake-flood":
         total = sum(statuses_429(v) for v in a["statuses"].values())
         return (f"per-address limits: {total} of {a['attempts']} upgrades 429; "
-                f"upgraded without HELLO closed by the gateway "
-                f"{a['held_then_closed_by_gateway']} (p50 after {a['held_closed_after_s']} s)")
+                f"of the upgrades held without HELLO, {a.get('held_got_goaway')} got a "
+                f"GOAWAY (p50 after {a.get('held_goaway_after_s')} s) and "
+                f"{a['held_then_closed_by_gateway']} were closed by the gateway "
+                f"(p50 after {a['held_closed_after_s']} s)")
     if row.attack == "json-bombs":
         seen = Counter[str]()
         for counts in a["answers"].values():
