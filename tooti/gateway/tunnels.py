@@ -43,7 +43,7 @@ from tooti.protocol.connection import (
 )
 from tooti.settings import TunnelSettings
 from tooti.transport import Transport, TransportClosed
-from tooti.tunnel import CLOSE_PROTOCOL_ERROR, TunnelLost, TunnelSession
+from tooti.tunnel import CLOSE_PROTOCOL_ERROR, CLOSE_TIMEOUT, TunnelLost, TunnelSession
 
 log = logging.getLogger("tooti.gateway")
 
@@ -227,7 +227,8 @@ async def serve_tunnel(
                 await transport.send(conn.send_goaway(exc.code, exc.message))
             except TransportClosed:
                 pass
-        await transport.aclose(CLOSE_PROTOCOL_ERROR, exc.code)
+        with trio.move_on_after(CLOSE_TIMEOUT):  # the peer need not answer the close
+            await transport.aclose(CLOSE_PROTOCOL_ERROR, exc.code)
         return
     except TransportClosed:
         return
