@@ -288,15 +288,18 @@ class Dialer:
             with trio.move_on_after(HANDSHAKE_TIMEOUT):
                 event = conn.receive_message(await transport.receive())
         except ProtocolError as exc:
-            await transport.aclose(1002, exc.code)
+            with trio.move_on_after(CLOSE_TIMEOUT):  # the peer need not answer
+                await transport.aclose(1002, exc.code)
             raise TunnelRefused(f"bad handshake: {exc}") from None
         except TransportClosed as exc:
             raise TunnelRefused(f"closed during handshake: {exc}") from None
         if isinstance(event, GoAwayReceived):
-            await transport.aclose(1000, "refused")
+            with trio.move_on_after(CLOSE_TIMEOUT):  # the peer need not answer
+                await transport.aclose(1000, "refused")
             raise TunnelRefused(f"refused: {event.code} {event.reason}")
         if not isinstance(event, WelcomeReceived):
-            await transport.aclose(1002, "no welcome")
+            with trio.move_on_after(CLOSE_TIMEOUT):  # the peer need not answer
+                await transport.aclose(1002, "no welcome")
             raise TunnelRefused("no WELCOME from peer")
         welcome = event
 
