@@ -7,6 +7,7 @@ within ``gateway.buffer_wait`` (or is refused so that an older answer can finish
 
 from __future__ import annotations
 
+import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -199,3 +200,21 @@ async def test_one_node_holds_at_most_a_quarter_of_the_budget(
                        (503, "gateway_memory_busy"), (503, "gateway_memory_busy")]
     await trio.testing.wait_all_tasks_blocked()
     assert proxy.buffers.used == 0 and "stalling" not in proxy.node_buffers
+
+
+async def test_memory_held_for_answers_stays_near_the_budget(
+    nursery: trio.Nursery, tmp_path: Path,
+) -> None:
+    """What the process really allocates (traced by tracemalloc, gateway and nodes
+    together) while four nodes answer 100 MB at once stays within the budget plus the
+    tunnels' windows and buffers: no copy of an answer is kept outside its share."""
+    net = await with_nodes(nursery, tmp_path, 4, lambda: answering(100 * MiB))
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        results = await ask_all(net, 4)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert all(status in (502, 503) for status, _ in results)
+    assert peak < BUDGET + 16 * MiB, f"{peak / MiB:.1f} MiB traced at the peak"
