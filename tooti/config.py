@@ -33,7 +33,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 SECRET_FIELDS = frozenset({"join_token", "join_tokens", "admin_key", "api_key",
                            "discover_token", "api_keys"})
 """Field names whose values never appear in messages."""
-_MAY_BE_ZERO = frozenset({"drain_grace", "price_input", "price_output"})
+_MAY_BE_ZERO = frozenset({"drain_grace", "price_input", "price_output", "relay_strikes"})
 """Numeric fields allowed to be 0; every other int/float field must be > 0."""
 
 Path = tuple[str | int, ...]

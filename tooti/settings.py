@@ -151,9 +151,12 @@ class GatewaySettings:
     peer_ban_seconds: float = 60.0
     """Seconds a peer that violated the protocol (bad values, floods) is refused (a node
     caught through a relay: its route through that relay only)."""
-    relay_strikes: int = 3
+    relay_strikes: int = 0
     """A relay through which this many different nodes violated the protocol within
-    ``relay_strike_seconds`` is itself cut off and banned."""
+    ``relay_strike_seconds`` is itself cut off and banned; 0 (the default) = never. An
+    honest relay cannot vouch for what its nodes say in END, so with strikes on, anyone
+    holding the relay's join token can mint a few lying nodes and get it banned: turn
+    them on only for relays whose operators answer for their nodes."""
     relay_strike_seconds: float = 600.0
     """Seconds over which violations through a relay are counted (``relay_strikes``)."""
     max_identity_bindings: int = 10_000

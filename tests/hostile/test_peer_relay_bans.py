@@ -78,8 +78,10 @@ async def test_a_violation_through_a_relay_bans_that_route_only(network: Network
                                       and not registry.peers[node.id].via)
 
 
-async def test_a_relay_with_three_violating_nodes_is_cut_off(network: Network) -> None:
+async def test_with_strikes_on_a_relay_with_three_violating_nodes_is_cut_off(
+        network: Network) -> None:
     registry = network.gateway.registry
+    registry.relay_strikes = 3
     async with hostile_peer(network.tunnel_url, role="relay") as relay:
         nodes = [Identity.generate() for _ in range(4)]
         await relay.send_json(FrameType.ROUTES, {
@@ -107,3 +109,23 @@ async def test_a_relay_with_three_violating_nodes_is_cut_off(network: Network) -
     assert refusal is not None
     # Its nodes were not banned themselves.
     assert registry.banned(nodes[0].id) is None and registry.banned(nodes[3].id) is None
+
+
+async def test_by_default_violating_nodes_never_get_their_relay_banned(
+        network: Network) -> None:
+    """Strikes are off by default: lying nodes minted behind an honest relay lose their
+    own routes, and the relay with its other nodes stays."""
+    registry = network.gateway.registry
+    async with hostile_peer(network.tunnel_url, role="relay") as relay:
+        nodes = [Identity.generate() for _ in range(5)]
+        await relay.send_json(FrameType.ROUTES, {
+            "nodes": [_route(node, relay.id, [GOOD]) for node in nodes]})
+        with trio.fail_after(5):
+            await registry.wait_until(lambda: all(n.id in registry.peers for n in nodes))
+        for node in nodes[:4]:
+            registry.penalize(registry.peers[node.id], "usage out of bounds")
+        await relay.heartbeat_acked()
+        assert relay.id in registry.peers and registry.banned(relay.id) is None
+        assert not registry.peers[relay.id].session.closed.is_set()
+        assert nodes[4].id in registry.peers
+        assert all(registry.banned(n.id, via=relay.id) is not None for n in nodes[:4])

@@ -435,9 +435,10 @@ class Proxy:
         return usage
 
     def node_budget(self, node_id: str) -> ByteBudget:
-        """The bytes of answers one node may have held at once: a quarter of
-        :attr:`buffers`, but at least one whole answer, so that slow or huge answers of
-        one node cannot take the memory every other node's answers need."""
+        """The bytes of answers one directly connected peer (a node, or a relay with all
+        its nodes) may have held at once: a quarter of :attr:`buffers`, but at least one
+        whole answer, so that slow or huge answers of one peer cannot take the memory
+        every other peer's answers need."""
         budget = self.node_buffers.get(node_id)
         if budget is None:
             limit = max(self.settings.max_response_bytes, self.buffers.limit // 4)
@@ -583,7 +584,8 @@ class Proxy:
                 if outcome.status == "failed_midstream":
                     self.node_failed(peer, model, "failed mid-stream")
             else:
-                shares = (self.node_budget(peer.id).share(), self.buffers.share())
+                holder = peer.via or peer.id  # a relay's nodes share the relay's part
+                shares = (self.node_budget(holder).share(), self.buffers.share())
                 parts: list[bytes] = []
                 try:
                     parts = await self._collect(out, peer, shares)
@@ -600,7 +602,7 @@ class Proxy:
                         raise ClientGone
                 finally:  # the bytes go as the budget gets them back
                     parts.clear()
-                    self._release(peer.id, shares)
+                    self._release(holder, shares)
             if outcome.status == "ok":
                 tokens = outcome.usage.completion_tokens if outcome.usage else None
                 # A non-streamed answer arrives whole: only its overall rate is known.

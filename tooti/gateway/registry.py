@@ -79,7 +79,7 @@ class Registry:
     def __init__(self, bus: EventBus | None = None,
                  identities: IdentityStore | None = None, *, ban_seconds: float = 60.0,
                  max_identities: int = 10_000, heartbeat_interval: float = 3.0,
-                 relay_strikes: int = 3, relay_strike_seconds: float = 600.0) -> None:
+                 relay_strikes: int = 0, relay_strike_seconds: float = 600.0) -> None:
         """``ban_seconds``: how long a peer :meth:`penalize` cut off is refused;
         ``max_identities``: most chosen node names bound here (trust on first use);
         ``heartbeat_interval``: how often peers report (``peer.updated`` events from
@@ -223,6 +223,8 @@ class Registry:
         the relay itself is penalized (a relay minting node ids to lie through cannot
         go on; one bad node behind an honest relay costs it nothing beyond that node's
         route)."""
+        if self.relay_strikes <= 0:  # off (the default)
+            return
         now = trio.current_time()
         seen = self.strikes.pop(relay_id, {})
         self.strikes[relay_id] = seen = {
