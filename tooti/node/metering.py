@@ -15,7 +15,7 @@ the gateway penalizes) make the whole usage unknown (estimated as above);
 completion tokens are capped at the bytes forwarded (a token is at least one byte of
 output; tokens the client never saw, such as an upstream's hidden reasoning, cannot
 be billed; the gateway penalizes more) and at the request's own cap (``completion_cap``,
-from :func:`tooti.protocol.usage.limits_for`; the gateway would clamp them there).
+from :func:`tooti.protocol.usage.completion_limit`; the gateway would clamp them there).
 Either cap marks the usage estimated.
 """
 

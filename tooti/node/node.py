@@ -20,7 +20,7 @@ from tooti.backends.base import Backend, BackendError, ModelInfo
 from tooti.dialer import Dialer
 from tooti.identity import Identity
 from tooti.node.metering import UsageMeter
-from tooti.protocol.usage import limits_for
+from tooti.protocol.usage import completion_limit
 from tooti.settings import NetworkSettings, NodeSettings, TunnelSettings
 from tooti.transport import Transport
 from tooti.tunnel import InboundStream, StreamHandler, StreamOpener, TunnelLost, TunnelSession
@@ -253,9 +253,8 @@ class Node:
         try:
             async with backend.open(endpoint, body, request) as response:
                 sse = response.content_type.startswith("text/event-stream")
-                cap = limits_for(endpoint, request, len(body), 0, 0).completion
                 meter = UsageMeter(sse=sse, strip_usage_chunk=strip and sse,
-                                   completion_cap=cap)
+                                   completion_cap=completion_limit(endpoint, request))
                 await stream.respond(response.status, {"content-type": response.content_type})
                 first = True
                 async for chunk in response.chunks:

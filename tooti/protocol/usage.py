@@ -99,12 +99,20 @@ def limits_for(endpoint: str, body: dict[str, Any], body_bytes: int, allowance: 
                per_media: int) -> UsageLimits:
     """The bounds of one request to ``endpoint`` with decoded ``body`` of ``body_bytes``
     bytes."""
+    return UsageLimits(body_bytes + allowance + per_media * _media_parts(body),
+                       completion_limit(endpoint, body))
+
+
+def completion_limit(endpoint: str, body: dict[str, Any]) -> int | None:
+    """:attr:`UsageLimits.completion` of a request to ``endpoint`` with decoded ``body``
+    (what a node needs, without walking the messages for media parts)."""
+    if endpoint == "embeddings":
+        return 0
     caps = _counts(body, "max_tokens", "max_completion_tokens")
-    completion = 0 if endpoint == "embeddings" else None
-    if caps and completion is None:
-        choices = _counts(body, "n", "best_of")
-        completion = max(caps) * max([1, *choices]) * _prompts(endpoint, body)
-    return UsageLimits(body_bytes + allowance + per_media * _media_parts(body), completion)
+    if not caps:
+        return None
+    choices = _counts(body, "n", "best_of")
+    return max(caps) * max([1, *choices]) * _prompts(endpoint, body)
 
 
 def _counts(body: dict[str, Any], *fields: str) -> list[int]:
