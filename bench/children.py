@@ -1,8 +1,9 @@
 """Child processes for the benchmarks: started in their own process group, killed with
 the script (even on SIGKILL of the script, via PR_SET_PDEATHSIG on Linux), signal
 handling that turns Ctrl-C / SIGTERM / SIGHUP into a clean shutdown, and the small
-measuring helpers the scripts share (a child's CPU time, a free port, percentiles, the
-loopback addresses attackers dial from).
+measuring helpers the scripts share (a child's CPU time and memory, a free port,
+percentiles, the loopback addresses attackers dial from, waiting for a log line, the
+open-file limit, a chunked body).
 Shared by ``bench/streams.py``, ``bench/failover.py``, ``bench/relay_hop.py``,
 ``bench/hostile.py`` and ``bench/slow_clients.py``."""
 
@@ -11,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
+import resource
 import signal
 import socket
 import subprocess
@@ -23,6 +26,7 @@ import trio
 
 T = TypeVar("T")
 REPO_DIR = Path(__file__).resolve().parent.parent
+START_TIMEOUT = 30.0
 
 def _libc_prctl() -> Callable[..., int] | None:
     try:
@@ -107,6 +111,23 @@ class Children:
         self.children.clear()
 
 
+async def wait_for_log(child: Child, pattern: str, since: int = 0,
+                       limit: float = START_TIMEOUT) -> re.Match[str]:
+    """Poll ``child``'s log (from offset ``since``) until ``pattern`` appears; fail if the
+    child exits first or ``limit`` seconds pass."""
+    compiled = re.compile(pattern)
+    with trio.move_on_after(limit):
+        while True:
+            match = compiled.search(child.log(), since)
+            if match:
+                return match
+            if child.proc.poll() is not None:
+                raise RuntimeError(f"{child.name} exited ({child.proc.returncode}) before "
+                                   f"/{pattern}/:\n{child.tail()}")
+            await trio.sleep(0.02)
+    raise RuntimeError(f"timed out waiting for /{pattern}/ from {child.name}:\n{child.tail()}")
+
+
 @contextlib.contextmanager
 def sigint_raises() -> Iterator[None]:
     """Ctrl-C raises KeyboardInterrupt even if SIGINT was inherited as ignored (as in
@@ -160,6 +181,35 @@ def cpu_seconds(pid: int) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+def proc_status_kib(pid: int, key: str) -> int:
+    """A ``kB`` field (``VmRSS``, ``VmHWM``) of ``/proc/PID/status``; 0 if unknown."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages."""
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def raise_fd_limit(needed: int) -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (children inherit it); exits with a
+    message if the hard limit is below ``needed``."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        raise SystemExit(f"need {needed} file descriptors but the hard limit is {hard}: "
+                         "raise it (ulimit -Hn) or ask for fewer connections")
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
 def free_port() -> int:
@@ -221,3 +271,17 @@ def toml_table(header: str, values: Mapping[str, object]) -> str:
     """``[header]`` (``[[header]]`` if given with brackets) and its ``key = value`` lines."""
     head = header if header.startswith("[") else f"[{header}]"
     return "\n".join([head, *(f"{k} = {toml_value(v)}" for k, v in values.items())]) + "\n"
+
+
+def dechunk(body: bytes) -> bytes:
+    """Decode an HTTP/1.1 chunked body (raises ValueError if malformed)."""
+    out = bytearray()
+    at = 0
+    while True:
+        line_end = body.index(b"\r\n", at)
+        size = int(body[at:line_end].split(b";", 1)[0], 16)
+        at = line_end + 2
+        if size == 0:
+            return bytes(out)
+        out += body[at:at + size]
+        at += size + 2

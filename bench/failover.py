@@ -59,10 +59,12 @@ import trio
 from children import (
     Child,
     Children,
+    dechunk,
     exit_on_signals,
     interrupted,
     sigint_raises,
     toml_table,
+    wait_for_log,
 )
 from hypercorn.config import Config
 from hypercorn.trio import serve
@@ -71,7 +73,6 @@ REPO_DIR = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
 SIM_MODEL = "tooti-sim"
 SLOW_MODEL = "slow"
-START_TIMEOUT = 30.0
 HEARTBEAT_INTERVAL = 1.0
 CANCEL_TARGET_MS = 100.0
 STALL_SECONDS = 120.0
@@ -82,43 +83,7 @@ LATE_FIRST_TOKEN = 30.0
 """The upstream's first-token delay for the "before the first token" cases."""
 
 
-# --------------------------------------------------------------------- processes
-
-
-
-
-async def wait_for_log(child: Child, pattern: str, since: int = 0,
-                       limit: float = START_TIMEOUT) -> re.Match[str]:
-    """Poll ``child``'s log (from offset ``since``) until ``pattern`` appears; fail if the
-    child exits first or ``limit`` seconds pass."""
-    compiled = re.compile(pattern)
-    with trio.move_on_after(limit):
-        while True:
-            match = compiled.search(child.log(), since)
-            if match:
-                return match
-            if child.proc.poll() is not None:
-                raise RuntimeError(f"{child.name} exited ({child.proc.returncode}) before "
-                                   f"/{pattern}/:\n{child.tail()}")
-            await trio.sleep(0.02)
-    raise RuntimeError(f"timed out waiting for /{pattern}/ from {child.name}:\n{child.tail()}")
-
-
 # --------------------------------------------------------------------- client
-
-
-def dechunk(body: bytes) -> bytes:
-    """Decode an HTTP/1.1 chunked body (raises ValueError if malformed)."""
-    out = bytearray()
-    at = 0
-    while True:
-        line_end = body.index(b"\r\n", at)
-        size = int(body[at:line_end].split(b";", 1)[0], 16)
-        at = line_end + 2
-        if size == 0:
-            return bytes(out)
-        out += body[at:at + size]
-        at += size + 2
 
 
 class RawRequest:

@@ -110,15 +110,19 @@ from children import (
     Child,
     Children,
     cpu_seconds,
+    dechunk,
     exit_on_signals,
     free_port,
     interrupted,
+    load_average,
     loopback_sources,
     percentile,
+    proc_status_kib,
+    raise_fd_limit,
     sigint_raises,
     toml_table,
+    wait_for_log,
 )
-from streams import dechunk, load_average, proc_status_kib, raise_fd_limit, wait_for_log
 
 from tooti.config import TUNNEL_PATH
 from tooti.dialer import Dialer, TunnelRefused

@@ -43,20 +43,13 @@ from children import (
     interrupted,
     loopback_sources,
     percentile,
+    proc_status_kib,
     sigint_raises,
     toml_table,
 )
 
 BODY = {"model": "tooti-sim", "messages": [{"role": "user", "content": "hello there"}]}
 SLOW_HEAD = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nx-slow: "
-
-
-def rss_mib(pid: int) -> float:
-    """The resident set size of process ``pid``, in MiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 class Attack:
@@ -148,7 +141,7 @@ async def benchmark(idle: int, slow: int, requests: int, children: Children,
                     pass
                 await trio.sleep(0.2)
         await latencies(client, base, 50)  # warm-up
-        rss_before = rss_mib(gateway.pid)
+        rss_before = proc_status_kib(gateway.pid, "VmRSS") / 1024
         baseline = await latencies(client, base, requests)
         attack = Attack(port)
         sources = loopback_sources(idle + slow)
@@ -160,13 +153,13 @@ async def benchmark(idle: int, slow: int, requests: int, children: Children,
                 await ready.wait()
             opened = attack.open
             attacked = await latencies(client, base, requests)
-            rss_attacked = rss_mib(gateway.pid)
+            rss_attacked = proc_status_kib(gateway.pid, "VmRSS") / 1024
             await trio.sleep(16)  # past the keep-alive and header timeouts, still attacked
             more = await latencies(client, base, requests)
-            rss_attacked = max(rss_attacked, rss_mib(gateway.pid))
+            rss_attacked = max(rss_attacked, proc_status_kib(gateway.pid, "VmRSS") / 1024)
             nursery.cancel_scope.cancel()
         await trio.sleep(2)
-        rss_after = rss_mib(gateway.pid)
+        rss_after = proc_status_kib(gateway.pid, "VmRSS") / 1024
     print(f"{idle} idle + {slow} slowloris connections held open (re-opened when closed) "
           f"from {len(sources)} addresses; {opened} open at once; sequential non-streamed "
           "chat on loopback from 127.0.0.1")

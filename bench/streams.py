@@ -55,17 +55,21 @@ from children import (
     Child,
     Children,
     cpu_seconds,
+    dechunk,
     exit_on_signals,
     interrupted,
+    load_average,
     percentile,
+    proc_status_kib,
+    raise_fd_limit,
     sigint_raises,
     toml_table,
+    wait_for_log,
 )
 
 REPO_DIR = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
 MODEL = "tooti-sim"
-START_TIMEOUT = 30.0
 MAX_CONCURRENCY = 500
 TUNNEL_MAX_STREAMS = 512
 """Per-tunnel stream limit written into every config: the default (256) is below the
@@ -78,50 +82,13 @@ BACKLOG_BOOTSTRAP = (
 """``python -c`` program for ``--backlog``: the tooti CLI with another listen backlog."""
 
 
-# --------------------------------------------------------------------- processes
-
-
-
-
-async def wait_for_log(child: Child, pattern: str, limit: float = START_TIMEOUT
-                       ) -> re.Match[str]:
-    """Poll ``child``'s log until ``pattern`` appears; fail if it exits first."""
-    compiled = re.compile(pattern)
-    with trio.move_on_after(limit):
-        while True:
-            match = compiled.search(child.log())
-            if match:
-                return match
-            if child.proc.poll() is not None:
-                raise RuntimeError(f"{child.name} exited ({child.proc.returncode}) before "
-                                   f"/{pattern}/:\n{child.tail()}")
-            await trio.sleep(0.05)
-    raise RuntimeError(f"timed out waiting for /{pattern}/ from {child.name}:\n{child.tail()}")
-
-
 # --------------------------------------------------------------------- /proc
-
-
-def proc_status_kib(pid: int, key: str) -> int:
-    """A ``kB`` field (``VmRSS``, ``VmHWM``) of ``/proc/PID/status``; 0 if unknown."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 def machine_busy_seconds() -> float:
     """CPU seconds the whole machine has spent busy since boot."""
     fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def load_average() -> str:
-    """The 1, 5 and 15 minute load averages."""
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def listen_overflows() -> int:
@@ -141,18 +108,6 @@ def own_cpu_seconds() -> float:
     """CPU seconds used by this script so far."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
-
-
-def raise_fd_limit(needed: int) -> tuple[int, int]:
-    """Raise the soft RLIMIT_NOFILE to the hard limit (children inherit it)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and hard < needed:
-        raise SystemExit(f"need {needed} file descriptors but the hard limit is {hard}: "
-                         "raise it (ulimit -Hn) or run fewer --streams")
-    target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
-    if soft < target:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
 def fd_limit_of(pid: int) -> str:
@@ -190,20 +145,6 @@ def check_body(payload: bytes, tokens: int) -> str:
     if got != tokens:
         return f"{got} tokens instead of {tokens}"
     return ""
-
-
-def dechunk(body: bytes) -> bytes:
-    """Decode an HTTP/1.1 chunked body (raises ValueError if malformed)."""
-    out = bytearray()
-    at = 0
-    while True:
-        line_end = body.index(b"\r\n", at)
-        size = int(body[at:line_end].split(b";", 1)[0], 16)
-        at = line_end + 2
-        if size == 0:
-            return bytes(out)
-        out += body[at:at + size]
-        at += size + 2
 
 
 class RawClient:
