@@ -90,8 +90,16 @@ class Replay(trio.abc.HalfCloseableStream):
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         # hypercorn shields its writes from cancellation; this deadline still applies.
         with trio.move_on_after(self._send_timeout):
-            async with self._sending:
+            # hypercorn already serializes its writes (TCPServer.send_lock); the lock is
+            # for send_eof, so a free one is taken without the extra yield of acquire().
+            try:
+                self._sending.acquire_nowait()
+            except trio.WouldBlock:
+                await self._sending.acquire()
+            try:
                 await self._stream.send_all(data)
+            finally:
+                self._sending.release()
             return
         await trio.aclose_forcefully(self._stream)
         raise trio.BrokenResourceError("the client stopped reading")
