@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from http import HTTPStatus
 from typing import Any
 
 import msgspec
@@ -13,6 +12,7 @@ import trio
 
 from tooti.errors import APIError
 from tooti.gateway.ratelimit import Throttle
+from tooti.transport.websocket import closing_response
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -150,19 +150,8 @@ async def cancel_on_disconnect(
 def error_response(error: APIError, headers: Sequence[tuple[bytes, bytes]] = ()) -> bytes:
     """A whole HTTP/1.1 response carrying ``error``, for answers written straight to a
     socket outside hypercorn; the connection closes after it."""
-    body = error.to_json()
-    lines = [b"HTTP/1.1 %d %s" % (error.status, _phrase(error.status)),
-             b"content-type: application/json", b"content-length: %d" % len(body),
-             *(b"%s: %s" % (k.encode(), v.encode()) for k, v in error.headers.items()),
-             *(b"%s: %s" % (k, v) for k, v in headers), b"connection: close"]
-    return b"\r\n".join(lines) + b"\r\n\r\n" + body
-
-
-def _phrase(status: int) -> bytes:
-    try:
-        return HTTPStatus(status).phrase.encode()
-    except ValueError:
-        return b"Error"
+    return closing_response(error.status, JSON, error.to_json(), [
+        *((k.encode(), v.encode()) for k, v in error.headers.items()), *headers])
 
 
 def protocol_error(status: int, max_head_bytes: int) -> APIError:

@@ -375,15 +375,22 @@ def upgrade_response(key: str, subprotocol: str) -> bytes:
 def refusal_response(status: int, reason: str) -> bytes:
     """A plain-text HTTP refusal of an upgrade (the connection closes after it; a 429 or
     503 says when to retry)."""
-    body = reason.encode()
+    retry = [(b"retry-after", b"1")] if status in (429, 503) else []
+    return closing_response(status, b"text/plain; charset=utf-8", reason.encode(), retry)
+
+
+def closing_response(status: int, content_type: bytes, body: bytes,
+                     headers: Sequence[tuple[bytes, bytes]] = ()) -> bytes:
+    """A whole HTTP/1.1 response written straight to a socket, outside any HTTP server;
+    the connection closes after it."""
     try:
         phrase = HTTPStatus(status).phrase.encode()
     except ValueError:
         phrase = b"Refused"
-    retry = b"retry-after: 1\r\n" if status in (429, 503) else b""
-    return (b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\n"
-            b"content-length: %d\r\n%sconnection: close\r\n\r\n%s"
-            % (status, phrase, len(body), retry, body))
+    lines = [b"HTTP/1.1 %d %s" % (status, phrase), b"content-type: " + content_type,
+             b"content-length: %d" % len(body), *(b"%s: %s" % (k, v) for k, v in headers),
+             b"connection: close"]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
 
 # ---------------------------------------------------------------- through ASGI
