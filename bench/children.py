@@ -17,6 +17,8 @@ import resource
 import signal
 import socket
 import subprocess
+import sys
+import tempfile
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,6 +171,28 @@ def interrupted(exc: BaseException) -> int | None:
         if codes and all(code is not None for code in codes):
             return codes[0]
     return None
+
+
+def run_in_temp_dir(prefix: str, work: Callable[..., Awaitable[object]], *args: Any) -> int:
+    """Run ``work(*args, children, root)`` under trio in a temp dir named ``prefix...``
+    (deleted after), stopping every child it started however it ends: the exit code of
+    a Ctrl-C or a signal, 0 when it returns; on any other error the children's last
+    lines go to stderr and the error is raised."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        children = Children(Path(tmp))
+        try:
+            with sigint_raises():
+                trio.run(exit_on_signals, work, *[*args, children, Path(tmp)])
+        except BaseException as exc:
+            code = interrupted(exc)
+            if code is None:
+                for child in children.children:
+                    print(f"--- {child.name} ---\n{child.tail()}", file=sys.stderr)
+                raise
+            return code
+        finally:
+            children.stop_all()
+    return 0
 
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")

@@ -21,7 +21,6 @@ import argparse
 import random
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,11 +32,9 @@ import trio
 from children import (
     Children,
     cpu_seconds,
-    exit_on_signals,
     free_port,
-    interrupted,
     percentile,
-    sigint_raises,
+    run_in_temp_dir,
     toml_table,
 )
 
@@ -177,22 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tokens-per-second", type=float, default=0.0,
                         help="pace the simulated tokens (default 0: all at once)")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="tooti-relay-bench-") as tmp:
-        children = Children(Path(tmp))
-        try:
-            with sigint_raises():
-                trio.run(exit_on_signals, benchmark, args.requests, args.tokens,
-                         args.tokens_per_second, children, Path(tmp))
-        except BaseException as exc:
-            code = interrupted(exc)
-            if code is None:
-                for child in children.children:
-                    print(f"--- {child.name} ---\n{child.tail()}", file=sys.stderr)
-                raise
-            return code
-        finally:
-            children.stop_all()
-    return 0
+    return run_in_temp_dir("tooti-relay-bench-", benchmark, args.requests, args.tokens,
+                           args.tokens_per_second)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -38,13 +37,11 @@ import httpx
 import trio
 from children import (
     Children,
-    exit_on_signals,
     free_port,
-    interrupted,
     loopback_sources,
     percentile,
     proc_status_kib,
-    sigint_raises,
+    run_in_temp_dir,
     toml_table,
 )
 
@@ -186,22 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=300,
                         help="requests measured per phase (300)")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="tooti-slow-bench-") as tmp:
-        children = Children(Path(tmp))
-        try:
-            with sigint_raises():
-                trio.run(exit_on_signals, benchmark, args.idle, args.slowloris,
-                         args.requests, children, Path(tmp))
-        except BaseException as exc:
-            code = interrupted(exc)
-            if code is None:
-                for child in children.children:
-                    print(f"--- {child.name} ---\n{child.tail()}", file=sys.stderr)
-                raise
-            return code
-        finally:
-            children.stop_all()
-    return 0
+    return run_in_temp_dir("tooti-slow-bench-", benchmark, args.idle, args.slowloris,
+                           args.requests)
 
 
 if __name__ == "__main__":

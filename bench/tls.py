@@ -25,7 +25,6 @@ import ipaddress
 import ssl
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,11 +35,9 @@ import trio
 from children import (
     Children,
     cpu_seconds,
-    exit_on_signals,
     free_port,
-    interrupted,
     percentile,
-    sigint_raises,
+    run_in_temp_dir,
     toml_table,
 )
 from cryptography import x509
@@ -198,22 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=400,
                         help="kept-alive rounds (default 400)")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="tooti-tls-bench-") as tmp:
-        children = Children(Path(tmp))
-        try:
-            with sigint_raises():
-                trio.run(exit_on_signals, benchmark, args.connections, args.requests,
-                         children, Path(tmp))
-        except BaseException as exc:
-            code = interrupted(exc)
-            if code is None:
-                for child in children.children:
-                    print(f"--- {child.name} ---\n{child.tail()}", file=sys.stderr)
-                raise
-            return code
-        finally:
-            children.stop_all()
-    return 0
+    return run_in_temp_dir("tooti-tls-bench-", benchmark, args.connections, args.requests)
 
 
 if __name__ == "__main__":
