@@ -698,6 +698,8 @@ def _rewrite(body: dict[str, Any], model: str) -> bytes:
 
 DONE_MARKS = (b"data: [DONE]", b"data:[DONE]")
 NEWLINES = (b"\n", b"\r")
+DONE_WORD = b"[DONE]"
+"""In every mark of :data:`DONE_MARKS`."""
 
 
 def _done_line(data: bytes, line_start: bool) -> tuple[int, bool]:
@@ -705,16 +707,19 @@ def _done_line(data: bytes, line_start: bool) -> tuple[int, bool]:
     hold a whole ``[DONE]`` mark: the start of the first line that is a mark, else of
     an unfinished last line that may yet become one (``len(data)``, False: neither).
     ``line_start`` says whether ``data`` begins a line."""
-    found = len(data)
-    for mark in DONE_MARKS:
-        at = data.find(mark)
-        while 0 <= at < found:
-            if (at == 0 and line_start) or data[at - 1 : at] in NEWLINES:
-                found = at
-                break
-            at = data.find(mark, at + 1)
-    if found < len(data):
-        return found, True
+    if DONE_WORD in data:  # once a stream: most chunks are scanned once, here
+        found = len(data)
+        for mark in DONE_MARKS:
+            at = data.find(mark)
+            while 0 <= at < found:
+                if (at == 0 and line_start) or data[at - 1 : at] in NEWLINES:
+                    found = at
+                    break
+                at = data.find(mark, at + 1)
+        if found < len(data):
+            return found, True
+    if data[-1:] in NEWLINES:  # most chunks end their last line: nothing to hold
+        return len(data), False
     tail = max(data.rfind(b"\n"), data.rfind(b"\r")) + 1
     if (tail or line_start) and tail < len(data) and any(
             mark.startswith(data[tail:]) for mark in DONE_MARKS):
