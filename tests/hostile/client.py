@@ -18,6 +18,7 @@ import msgspec
 import pytest
 import trio
 
+from tests.conftest import Network
 from tests.test_websocket_transport import (
     port_of,
     read_head,
@@ -25,6 +26,8 @@ from tests.test_websocket_transport import (
     upgrade_bytes,
     upgrade_headers,
 )
+from tooti.gateway.app import Gateway
+from tooti.settings import GatewaySettings, TunnelSettings
 
 __all__ = [
     "TIMEOUT",
@@ -38,6 +41,7 @@ __all__ = [
     "read_response",
     "read_to_eof",
     "request_bytes",
+    "start_network",
     "upgrade_bytes",
     "upgrade_headers",
 ]
@@ -57,6 +61,14 @@ class Answer:
 
     def json(self) -> object:
         return msgspec.json.decode(self.body)
+
+
+async def start_network(nursery: trio.Nursery, **settings: object) -> Network:
+    """A gateway with ``settings`` on a loopback port (no nodes yet)."""
+    tunnel = TunnelSettings(heartbeat_interval=0.5)
+    gateway = Gateway(GatewaySettings(listen="127.0.0.1:0", **settings), tunnel)  # type: ignore[arg-type]
+    urls = await nursery.start(gateway.serve)
+    return Network(nursery, gateway, urls[0], tunnel)
 
 
 async def connect(url: str, source: str = "127.0.0.1") -> trio.SocketStream:

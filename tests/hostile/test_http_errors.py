@@ -25,6 +25,7 @@ from tests.hostile.client import (
     exchange,
     read_response,
     request_bytes,
+    start_network,
 )
 from tooti.gateway.app import Gateway
 from tooti.gateway.registry import Peer
@@ -38,14 +39,6 @@ CHAT_PATH = "/v1/chat/completions"
 
 def chat_request(body: bytes) -> bytes:
     return request_bytes("POST", CHAT_PATH, body)
-
-
-async def start(nursery: trio.Nursery, **settings: object) -> Network:
-    """A gateway with ``settings`` on a loopback port."""
-    tunnel = TunnelSettings(heartbeat_interval=0.5)
-    gateway = Gateway(GatewaySettings(listen="127.0.0.1:0", **settings), tunnel)  # type: ignore[arg-type]
-    urls = await nursery.start(gateway.serve)
-    return Network(nursery, gateway, urls[0], tunnel)
 
 
 @pytest.fixture
@@ -91,7 +84,7 @@ def nested(depth: int) -> object:
 
 async def test_json_deeper_than_max_json_depth_is_refused_and_at_it_served(
         nursery: trio.Nursery, caplog: pytest.LogCaptureFixture) -> None:
-    network = await start(nursery, max_json_depth=8)
+    network = await start_network(nursery, max_json_depth=8)
     await network.add_node()
     # The body object is level 1, so the value of "tools" may nest 7 deep.
     at_limit = msgspec.json.encode({**CHAT, "tools": nested(7)})
@@ -191,7 +184,7 @@ async def test_huge_declared_body_is_a_413_before_any_body_byte(
 async def test_chunked_body_over_the_limit_is_a_413_while_it_streams(
         nursery: trio.Nursery, caplog: pytest.LogCaptureFixture) -> None:
     limit = 256 * 1024
-    network = await start(nursery, max_body_bytes=limit)
+    network = await start_network(nursery, max_body_bytes=limit)
     stream = await connect(network.url)
     sent = 0
     chunk = b"x" * 16384

@@ -25,19 +25,11 @@ from tests.hostile.client import (
     read_response,
     read_to_eof,
     request_bytes,
+    start_network,
     upgrade_bytes,
 )
-from tooti.gateway.app import Gateway
-from tooti.settings import GatewaySettings, TunnelSettings
 
 OTHER_IP = "127.0.0.2"
-
-
-async def start(nursery: trio.Nursery, **settings: object) -> Network:
-    tunnel = TunnelSettings(heartbeat_interval=0.5)
-    gateway = Gateway(GatewaySettings(listen="127.0.0.1:0", **settings), tunnel)  # type: ignore[arg-type]
-    urls = await nursery.start(gateway.serve)
-    return Network(nursery, gateway, urls[0], tunnel)
 
 
 # ---------------------------------------------------------------- connection cap
@@ -46,7 +38,7 @@ async def start(nursery: trio.Nursery, **settings: object) -> Network:
 async def test_connection_past_the_limit_gets_503_and_is_served_once_one_goes(
         nursery: trio.Nursery, caplog: pytest.LogCaptureFixture) -> None:
     limit = 20
-    network = await start(nursery, max_connections=limit)
+    network = await start_network(nursery, max_connections=limit)
     held = []
     try:
         with trio.fail_after(TIMEOUT):
@@ -84,7 +76,7 @@ async def test_one_address_over_its_connection_cap_gets_429_while_another_is_ser
     it is refused (OpenAI error object, then close) while a second address is served,
     and it is served again once one of its connections goes."""
     cap = 5
-    network = await start(nursery, max_connections_per_ip=cap)
+    network = await start_network(nursery, max_connections_per_ip=cap)
     held = []
     try:
         with trio.fail_after(TIMEOUT):
@@ -119,7 +111,7 @@ async def test_one_address_over_its_connection_cap_gets_429_while_another_is_ser
 async def test_new_connections_from_one_address_are_rate_limited(
         nursery: trio.Nursery) -> None:
     burst = 4
-    network = await start(nursery, connection_burst=burst, connection_rate=0.01)
+    network = await start_network(nursery, connection_burst=burst, connection_rate=0.01)
     with trio.fail_after(TIMEOUT):
         for _ in range(burst):  # each closed after its answer: only the rate is at stake
             assert (await exchange(network.url, request_bytes("GET", "/healthz"))).status \
@@ -138,7 +130,7 @@ async def test_proven_tunnels_do_not_count_against_their_address_cap(
     """Many nodes behind one address (a NAT) can all join and stay, and the address
     can still open its ``max_connections_per_ip`` client connections beside them."""
     cap = 2
-    network = await start(nursery, max_connections_per_ip=cap)
+    network = await start_network(nursery, max_connections_per_ip=cap)
     with trio.fail_after(TIMEOUT):
         for name in ("node-a", "node-b", "node-c", "node-d"):
             await network.add_node(node_id=name)
@@ -178,7 +170,7 @@ async def upgrade(network: Network, source: str = "127.0.0.1"
 async def test_handshake_flood_from_one_ip_is_limited_and_another_ip_is_not(
         nursery: trio.Nursery) -> None:
     burst = 5
-    network = await start(nursery, tunnel_handshake_burst=burst,
+    network = await start_network(nursery, tunnel_handshake_burst=burst,
                           tunnel_handshake_rate=0.001, tunnel_handshakes_per_ip=100)
     streams = []
     try:
@@ -201,7 +193,7 @@ async def test_handshake_flood_from_one_ip_is_limited_and_another_ip_is_not(
 async def test_unfinished_handshakes_per_ip_are_capped_until_one_ends(
         nursery: trio.Nursery) -> None:
     cap = 3
-    network = await start(nursery, tunnel_handshakes_per_ip=cap)
+    network = await start_network(nursery, tunnel_handshakes_per_ip=cap)
     streams = []
     try:
         for _ in range(cap):  # upgraded, and then silent: no HELLO
@@ -231,7 +223,7 @@ async def test_tunnels_that_finished_their_handshake_do_not_count(
         nursery: trio.Nursery) -> None:
     """Many nodes behind one address (a NAT) can all join: only unfinished handshakes
     count toward the per-IP cap."""
-    network = await start(nursery, tunnel_handshakes_per_ip=2)
+    network = await start_network(nursery, tunnel_handshakes_per_ip=2)
     with trio.fail_after(TIMEOUT):
         for name in ("node-a", "node-b", "node-c", "node-d"):
             await network.add_node(node_id=name)
@@ -241,7 +233,7 @@ async def test_tunnels_that_finished_their_handshake_do_not_count(
 async def test_handshake_limit_applies_on_a_kept_alive_connection_too(
         nursery: trio.Nursery) -> None:
     """The ASGI way in (an upgrade after an HTTP request on the same connection)."""
-    network = await start(nursery, tunnel_handshake_burst=1, tunnel_handshake_rate=0.001)
+    network = await start_network(nursery, tunnel_handshake_burst=1, tunnel_handshake_rate=0.001)
     first, status, _ = await upgrade(network)
     async with first:
         assert status == 101

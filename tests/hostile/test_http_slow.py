@@ -32,10 +32,9 @@ from tests.hostile.client import (
     read_response,
     read_to_eof,
     request_bytes,
+    start_network,
 )
-from tooti.gateway.app import Gateway
 from tooti.gateway.events import BusEvent
-from tooti.settings import GatewaySettings, TunnelSettings
 
 HEADER_TIMEOUT = 1.0
 KEEP_ALIVE = 2.0
@@ -45,18 +44,11 @@ old gateway held these connections 75 s or for ever)."""
 CHAT = {"model": "tooti-sim", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
 
 
-async def start(nursery: trio.Nursery, **settings: object) -> Network:
-    tunnel = TunnelSettings(heartbeat_interval=0.5)
-    gateway = Gateway(GatewaySettings(listen="127.0.0.1:0", **settings), tunnel)  # type: ignore[arg-type]
-    urls = await nursery.start(gateway.serve)
-    return Network(nursery, gateway, urls[0], tunnel)
-
-
 @pytest.fixture
 async def strict(nursery: trio.Nursery) -> AsyncIterator[Network]:
     """A gateway with short header and keep-alive limits, and a node."""
-    network = await start(nursery, header_timeout=HEADER_TIMEOUT, keep_alive_timeout=KEEP_ALIVE,
-                          body_timeout=HEADER_TIMEOUT)
+    network = await start_network(nursery, header_timeout=HEADER_TIMEOUT,
+                                  keep_alive_timeout=KEEP_ALIVE, body_timeout=HEADER_TIMEOUT)
     await network.add_node()
     yield network
     network.gateway.shutdown()
@@ -193,7 +185,7 @@ async def test_kept_alive_connection_is_closed_after_the_idle_timeout(
 
 async def test_client_that_stops_reading_is_disconnected_after_the_send_timeout(
         nursery: trio.Nursery, caplog: pytest.LogCaptureFixture) -> None:
-    network = await start(nursery, send_timeout=1.0)
+    network = await start_network(nursery, send_timeout=1.0)
     await network.add_node(backends=[simulated(tokens=1_000_000)])
     finished = trio.Event()
     statuses: list[str] = []
