@@ -52,8 +52,6 @@ class Peer:
     published_at: float = -1e18
     """``time.monotonic()`` of its last ``peer.updated`` event (heartbeats publish at
     most one per :attr:`Registry.update_spacing`)."""
-    update_pending: bool = False
-    """A heartbeat changed it since that event."""
     penalized: bool = False
     """:meth:`Registry.penalize` cut this peer off since it was last registered (once is
     enough; a relayed node registered again after its ban answers for new violations)."""

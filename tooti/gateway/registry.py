@@ -332,9 +332,8 @@ class Registry:
             return
         now = time.monotonic()
         if now - peer.published_at < self.update_spacing:
-            peer.update_pending = True
             return
-        peer.published_at, peer.update_pending = now, False
+        peer.published_at = now
         self.bus.publish("peer.updated", peer=peer.describe())
 
     def live_version(self) -> int:
@@ -347,7 +346,7 @@ class Registry:
         load, health, cooldowns)."""
         if self.peers.get(peer.id) is peer:
             self.refresh(peer)
-            peer.published_at, peer.update_pending = time.monotonic(), False
+            peer.published_at = time.monotonic()
             self.bus.publish("peer.updated", peer=peer.describe())
 
     def refresh(self, peer: Peer) -> None:
