@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import httpx
 import trio
 
 T = TypeVar("T")
@@ -128,6 +129,18 @@ async def wait_for_log(child: Child, pattern: str, since: int = 0,
                                    f"/{pattern}/:\n{child.tail()}")
             await trio.sleep(0.02)
     raise RuntimeError(f"timed out waiting for /{pattern}/ from {child.name}:\n{child.tail()}")
+
+
+async def wait_for_models(client: httpx.AsyncClient, base: str, limit: float = 60.0) -> None:
+    """Poll until the gateway at ``base`` lists a model (a node has registered)."""
+    with trio.fail_after(limit):
+        while True:
+            try:
+                if (await client.get(f"{base}/v1/models")).json()["data"]:
+                    return
+            except (httpx.HTTPError, KeyError, ValueError):
+                pass
+            await trio.sleep(0.2)
 
 
 @contextlib.contextmanager

@@ -43,6 +43,7 @@ from children import (
     proc_status_kib,
     run_in_temp_dir,
     toml_table,
+    wait_for_models,
 )
 
 BODY = {"model": "tooti-sim", "messages": [{"role": "user", "content": "hello there"}]}
@@ -129,14 +130,7 @@ async def benchmark(idle: int, slow: int, requests: int, children: Children,
         sys.executable, "-m", "tooti", "run", "--role", "node", "--config", str(config),
         "--peer", f"ws://127.0.0.1:{port}", "--data-dir", str(root / "node-data")])
     async with httpx.AsyncClient(timeout=30) as client:
-        with trio.fail_after(60):
-            while True:
-                try:
-                    if (await client.get(f"{base}/v1/models")).json()["data"]:
-                        break
-                except (httpx.HTTPError, KeyError, ValueError):
-                    pass
-                await trio.sleep(0.2)
+        await wait_for_models(client, base)
         await latencies(client, base, 50)  # warm-up
         rss_before = proc_status_kib(gateway.pid, "VmRSS") / 1024
         baseline = await latencies(client, base, requests)

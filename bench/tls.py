@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import trio
 from children import (
     Children,
     cpu_seconds,
@@ -39,6 +38,7 @@ from children import (
     percentile,
     run_in_temp_dir,
     toml_table,
+    wait_for_models,
 )
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -106,19 +106,6 @@ def start(children: Children, root: Path) -> dict[str, tuple[str, Any]]:
     return started
 
 
-async def wait_ready(client: httpx.AsyncClient, base: str, limit: float = 60.0) -> None:
-    """Poll until the gateway at ``base`` has a node with models."""
-    with trio.fail_after(limit):
-        while True:
-            try:
-                models = (await client.get(f"{base}/v1/models")).json()["data"]
-                if models:
-                    return
-            except (httpx.HTTPError, KeyError, ValueError):
-                pass
-            await trio.sleep(0.2)
-
-
 async def fresh_connection(base: str, context: ssl.SSLContext) -> float:
     """Milliseconds for one request on a connection of its own."""
     began = time.perf_counter()
@@ -157,7 +144,7 @@ async def benchmark(connections: int, requests: int, children: Children, root: P
     cpu: dict[str, float] = {}
     async with httpx.AsyncClient(verify=context, timeout=30) as client:
         for base, _ in started.values():
-            await wait_ready(client, base)
+            await wait_for_models(client, base)
         for base, _ in started.values():  # warm-up, not recorded
             for _ in range(20):
                 await fresh_connection(base, context)
