@@ -594,8 +594,8 @@ class Proxy:
                     outcome.relayed_bytes = sum(map(len, parts))
                     await settle()
                     with trio.move_on_after(self.settings.send_deadline) as sending:
-                        await _send_parts(send, head.status, parts, node_headers,
-                                          media_type)
+                        await _send_parts(send, head.status, parts,
+                                          outcome.relayed_bytes, node_headers, media_type)
                     if sending.cancelled_caught:  # its bytes were held for it long enough
                         log.info("request %s: the client took over %gs to read its answer;"
                                  " disconnected", route.request_id, self.settings.send_deadline)
@@ -802,10 +802,10 @@ async def _stream_body(
     await send({"type": "http.response.body", "body": b"".join(held), "more_body": False})
 
 
-async def _send_parts(send: Send, status: int, parts: list[bytes], headers: Headers,
-                      media_type: bytes) -> None:
-    """Send a collected answer with a content-length; several parts go out one by one
-    (never joined into one more copy)."""
+async def _send_parts(send: Send, status: int, parts: list[bytes], size: int,
+                      headers: Headers, media_type: bytes) -> None:
+    """Send a collected answer of ``size`` bytes with a content-length; several parts go
+    out one by one (never joined into one more copy)."""
     if len(parts) <= 1:
         await send_bytes(send, status, parts[0] if parts else b"", headers, media_type)
         return
@@ -813,7 +813,7 @@ async def _send_parts(send: Send, status: int, parts: list[bytes], headers: Head
         "type": "http.response.start",
         "status": status,
         "headers": [(b"content-type", media_type),
-                    (b"content-length", str(sum(map(len, parts))).encode()), *headers],
+                    (b"content-length", str(size).encode()), *headers],
     })
     last = len(parts) - 1
     for index, part in enumerate(parts):
