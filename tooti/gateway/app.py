@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
+import msgspec
 import trio
 from hypercorn.config import Config
 
@@ -183,8 +184,9 @@ class Gateway:
                                             settings.tunnel_handshakes_per_ip)
         """Tunnel upgrades per client IP: a rate, and a cap on unfinished handshakes."""
         self._refusal_log = Throttle(60.0)
-        self._models_lists: dict[str, tuple[int, dict[str, Any]]] = {}
-        """Node group → (registry version, ``/v1/models`` body) (see :meth:`models_list`)."""
+        self._models_lists: dict[str, tuple[int, dict[str, Any], bytes]] = {}
+        """Node group → (registry version, ``/v1/models`` body, its JSON) (see
+        :meth:`models_list`)."""
         self.proxy_settings = ProxySettings(
             max_attempts=settings.max_attempts,
             first_byte_timeout=settings.first_byte_timeout,
@@ -405,7 +407,7 @@ class Gateway:
                 if method != "GET":
                     raise APIError(405, "use GET on /v1/models", code="method_not_allowed")
                 group = self.group_keys.group_of(header(scope, b"authorization"))
-                await send_json(send, 200, self.models_list(group), headers)
+                await send_bytes(send, 200, self._models_entry(group)[2], headers)
             elif path.startswith("/admin/v1/"):
                 self._check_admin(scope)
                 await self._admin(scope, receive, send, headers)
@@ -607,10 +609,15 @@ class Gateway:
         of node group ``group`` may use (``""``: the ungrouped nodes). Built again only
         after a peer started or stopped serving a model (the registry's version), so
         asking often costs nothing however many nodes and models there are."""
+        return self._models_entry(group)[1]
+
+    def _models_entry(self, group: str) -> tuple[int, dict[str, Any], bytes]:
+        """The cached ``(version, body, JSON)`` of :meth:`models_list`, built again if the
+        registry's version moved on (the JSON is encoded once, not per request)."""
         version = self.registry.live_version()
         cached = self._models_lists.get(group)
         if cached is not None and cached[0] == version:
-            return cached[1]
+            return cached
         data = []
         for model, peers in sorted(self.registry.live_in_group(group).items()):
             info = peers[0].models[model]
@@ -627,8 +634,8 @@ class Gateway:
                 },
             })
         body = {"object": "list", "data": data}
-        self._models_lists[group] = (version, body)
-        return body
+        entry = self._models_lists[group] = (version, body, msgspec.json.encode(body))
+        return entry
 
     def _admit_tunnel(self, path: str, subprotocols: Sequence[str],
                       authorization: bytes | None, host: str | None
