@@ -12,6 +12,8 @@ from typing import Any
 import msgspec
 import trio
 
+from tests.conftest import Network
+from tooti.gateway.events import BusEvent
 from tooti.identity import Identity, b64, proof_message, unb64
 from tooti.protocol import frames
 from tooti.protocol.connection import (
@@ -135,3 +137,11 @@ async def hostile_peer(url: str, peer_id: str | None = None,
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(1):
             await transport.aclose()
+
+
+def watch(network: Network, kinds: set[str]) -> list[BusEvent]:
+    """The gateway's events of ``kinds`` from now on, appended as they are published."""
+    seen: list[BusEvent] = []
+    network.gateway.registry.bus.listeners.append(
+        lambda event: seen.append(event) if event.kind in kinds else None)
+    return seen

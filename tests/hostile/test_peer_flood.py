@@ -17,7 +17,7 @@ import pytest
 import trio
 
 from tests.conftest import Network
-from tests.hostile.peers import HostilePeer, hostile_peer
+from tests.hostile.peers import HostilePeer, hostile_peer, watch
 from tooti.gateway.events import BusEvent
 from tooti.protocol.frames import FrameType
 from tooti.transport import TransportClosed
@@ -34,13 +34,6 @@ class _NoPeer:
 
 
 honest_none: Any = _NoPeer()
-
-
-def watch(network: Network, kinds: set[str]) -> list[BusEvent]:
-    seen: list[BusEvent] = []
-    network.gateway.registry.bus.listeners.append(
-        lambda event: seen.append(event) if event.kind in kinds else None)
-    return seen
 
 
 def updates_of(events: list[BusEvent], peer_id: str) -> int:

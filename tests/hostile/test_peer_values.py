@@ -11,8 +11,7 @@ import pytest
 import trio
 
 from tests.conftest import Network
-from tests.hostile.peers import hostile_peer
-from tooti.gateway.events import BusEvent
+from tests.hostile.peers import hostile_peer, watch
 from tooti.identity import Identity, b64, proof_message
 from tooti.protocol.frames import FrameType
 
@@ -40,13 +39,6 @@ BAD_MODELS = {
     "string price": [model(price={"input": "free"})],
     "3,200 models": [{"id": f"m{i}"} for i in range(3200)],
 }
-
-
-async def events_of(network: Network, kind: str) -> list[BusEvent]:
-    seen: list[BusEvent] = []
-    network.gateway.registry.bus.listeners.append(
-        lambda event: seen.append(event) if event.kind == kind else None)
-    return seen
 
 
 @pytest.mark.parametrize("models", list(BAD_MODELS.values()), ids=list(BAD_MODELS))
@@ -120,7 +112,7 @@ async def test_a_relays_bad_entry_is_skipped_and_the_relay_stays(network: Networ
 
 async def test_penalizing_a_relayed_node_drops_it_alone(network: Network) -> None:
     registry = network.gateway.registry
-    violations = await events_of(network, "peer.violation")
+    violations = watch(network, {"peer.violation"})
     async with hostile_peer(network.tunnel_url, role="relay") as relay:
         one, two = Identity.generate(), Identity.generate()
         await relay.send_json(FrameType.ROUTES, {"nodes": [
