@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from typing import Any
 
 import pytest
 import trio
@@ -19,6 +18,7 @@ import trio
 from tests.conftest import Network
 from tests.hostile.peers import HostilePeer, hostile_peer, watch
 from tooti.gateway.events import BusEvent
+from tooti.gateway.registry import Registry
 from tooti.protocol.frames import FrameType
 from tooti.transport import TransportClosed
 from tooti.transport.websocket import HandshakeFailed
@@ -29,11 +29,12 @@ MAX_MODELS = [{"id": f"flood-{i:03d}", "max_concurrency": 8,
 FLOOD_SECONDS = 60.0 if os.environ.get("TOOTI_LONG_FLOOD") == "1" else 2.5
 
 
-class _NoPeer:
-    models: dict[str, object] = {}
-
-
-honest_none: Any = _NoPeer()
+async def filed_with_all_models(registry: Registry, peer: HostilePeer) -> None:
+    """``peer`` advertises MAX_MODELS and the gateway files all 256."""
+    await peer.models(MAX_MODELS)
+    with trio.fail_after(5):
+        await registry.wait_until(lambda: peer.id in registry.peers
+                                  and len(registry.peers[peer.id].models) == len(MAX_MODELS))
 
 
 def updates_of(events: list[BusEvent], peer_id: str) -> int:
@@ -76,10 +77,7 @@ async def test_heartbeats_are_coalesced_and_refile_nothing(network: Network) -> 
     registry = network.gateway.registry
     events = watch(network, {"peer.updated"})
     async with hostile_peer(network.tunnel_url) as peer:
-        await peer.models(MAX_MODELS)
-        with trio.fail_after(5):
-            await registry.wait_until(
-                lambda: len(registry.peers.get(peer.id, honest_none).models) == 256)
+        await filed_with_all_models(registry, peer)
         version, before = registry.version, updates_of(events, peer.id)
         for _ in range(6):  # within the budget of 8 per interval
             await peer.heartbeat(in_flight=1, healthy=True)
@@ -94,10 +92,7 @@ async def test_a_repeated_model_list_refiles_nothing(network: Network) -> None:
     registry = network.gateway.registry
     events = watch(network, {"peer.updated"})
     async with hostile_peer(network.tunnel_url) as peer:
-        await peer.models(MAX_MODELS)
-        with trio.fail_after(5):
-            await registry.wait_until(
-                lambda: len(registry.peers.get(peer.id, honest_none).models) == 256)
+        await filed_with_all_models(registry, peer)
         version, before = registry.version, updates_of(events, peer.id)
         for _ in range(20):
             await peer.models(MAX_MODELS)

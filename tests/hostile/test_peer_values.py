@@ -69,8 +69,8 @@ async def test_valid_values_at_the_bounds_are_accepted(network: Network) -> None
     async with hostile_peer(network.tunnel_url) as peer:
         await peer.models(models)
         with trio.fail_after(5):
-            await registry.wait_until(lambda: len(registry.peers.get(peer.id, _NONE).models)
-                                      == 256)
+            await registry.wait_until(lambda: peer.id in registry.peers
+                                      and len(registry.peers[peer.id].models) == 256)
         assert registry.peers[peer.id].models["m0"].price_input == 1_000_000
 
 
@@ -146,14 +146,6 @@ async def test_penalizing_a_direct_node_closes_its_session_with_the_reason(
     with trio.fail_after(5):
         await registry.wait_until(lambda: peer.id not in registry.peers)
     assert registry.banned(peer.id) is not None
-
-
-class _None:
-    models: dict[str, Any] = {}
-    stats: dict[str, Any] = {}
-
-
-_NONE: Any = _None()
 
 
 def _shadowed(network: Network, relay_id: str) -> set[str]:
