@@ -11,7 +11,7 @@ from typing import Any
 import trio
 import trio.testing
 
-from tests.conftest import Network
+from tests.conftest import Network, simulated
 from tooti.billing.base import BillingSetup
 from tooti.billing.ledger import FILENAME, UsageLedger
 from tooti.gateway.app import Gateway
@@ -47,6 +47,15 @@ async def start_ledgered(nursery: trio.Nursery, data_dir: Path, **gateway: Any
     gw = Gateway(settings, tunnel, billing=[ledger])
     urls = await nursery.start(gw.serve)
     return LedgeredNetwork(nursery, gw, urls[0], tunnel, ledger=ledger, data_dir=data_dir)
+
+
+async def still_serves(net: Network) -> None:
+    """An honest node joins and a normal chat request is answered."""
+    await net.add_node([simulated()], node_id="honest")
+    async with net.client() as http:
+        response = await http.post(CHAT, json={
+            "model": "tooti-sim", "messages": [{"role": "user", "content": "hi"}]})
+    assert response.status_code == 200, response.text
 
 
 def ledger_rows(data_dir: Path) -> dict[str, dict[str, Any]]:

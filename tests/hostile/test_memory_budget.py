@@ -17,7 +17,7 @@ import trio
 import trio.testing
 
 from tests.conftest import simulated
-from tests.hostile.ledgered import CHAT, LIMIT, LedgeredNetwork, start_ledgered
+from tests.hostile.ledgered import CHAT, LIMIT, LedgeredNetwork, start_ledgered, still_serves
 from tests.hostile.scripted_backend import MODEL, Answer, ScriptedBackend
 from tooti.gateway.budget import BudgetExhausted, ByteBudget, Share
 
@@ -63,13 +63,6 @@ async def with_nodes(nursery: trio.Nursery, tmp_path: Path, count: int,
     for index in range(count):
         await net.add_node([backend()], node_id=f"hostile-{index}")
     return net
-
-
-async def still_serves(net: LedgeredNetwork) -> None:
-    await net.add_node([simulated()], node_id="honest")
-    async with net.client() as http:
-        response = await http.post(CHAT, json={**PROMPT, "model": "tooti-sim"})
-    assert response.status_code == 200, response.text
 
 
 async def test_answers_beyond_the_budget_wait_then_get_503(

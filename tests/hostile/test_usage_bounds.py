@@ -11,8 +11,13 @@ import msgspec
 import pytest
 import trio
 
-from tests.conftest import simulated
-from tests.hostile.ledgered import CHAT, LedgeredNetwork, next_event, start_ledgered
+from tests.hostile.ledgered import (
+    CHAT,
+    LedgeredNetwork,
+    next_event,
+    start_ledgered,
+    still_serves,
+)
 from tests.hostile.scripted_backend import MODEL, Answer, ScriptedBackend, chat_json, chat_sse
 from tooti.node import metering
 from tooti.protocol.usage import limits_for
@@ -53,15 +58,6 @@ async def ask(net: LedgeredNetwork, stream: bool, body: dict[str, Any] | None = 
     if stream:
         assert response.text.endswith("data: [DONE]\n\n")
     return response.headers["x-request-id"], response.content
-
-
-async def still_serves(net: LedgeredNetwork) -> None:
-    """An honest node joins and a normal request is answered."""
-    await net.add_node([simulated()], node_id="honest")
-    async with net.client() as http:
-        response = await http.post(CHAT, json={
-            "model": "tooti-sim", "messages": [{"role": "user", "content": "hi"}]})
-    assert response.status_code == 200, response.text
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
