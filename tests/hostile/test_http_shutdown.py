@@ -8,8 +8,6 @@ shutdown can close them.
 
 from __future__ import annotations
 
-from functools import partial
-
 import trio
 import trio.testing
 
@@ -28,21 +26,27 @@ from tooti.settings import GatewaySettings, TunnelSettings
 HOUR = 3600.0
 
 
+async def serving(nursery: trio.Nursery, gateway: Gateway) -> tuple[str, trio.Event]:
+    """``gateway`` serving with an hour's grace: its URL, and an event set once
+    ``serve`` has returned."""
+    returned = trio.Event()
+
+    async def run(task_status: trio.TaskStatus[list[str]]) -> None:
+        await gateway.serve(grace=HOUR, task_status=task_status)
+        returned.set()
+
+    return (await nursery.start(run))[0], returned
+
+
 async def test_shutdown_closes_connections_that_sent_no_request_yet() -> None:
     gateway = Gateway(GatewaySettings(listen="127.0.0.1:0", keep_alive_timeout=HOUR,
                                       header_timeout=HOUR), TunnelSettings())
-    served = trio.Event()
     async with trio.open_nursery() as nursery:
-
-        async def run(task_status: trio.TaskStatus[list[str]]) -> None:
-            await gateway.serve(grace=HOUR, task_status=task_status)
-            served.set()
-
-        urls = await nursery.start(run)
-        silent = await connect(urls[0])
-        partial_head = await connect(urls[0])
+        url, served = await serving(nursery, gateway)
+        silent = await connect(url)
+        partial_head = await connect(url)
         await partial_head.send_all(b"GET /hea")
-        kept_alive = await connect(urls[0])  # between requests: hypercorn's, woken already
+        kept_alive = await connect(url)  # between requests: hypercorn's, woken already
         with trio.fail_after(TIMEOUT):
             await kept_alive.send_all(request_bytes("GET", "/healthz"))
             assert (await read_response(kept_alive)).status == 200
@@ -64,14 +68,8 @@ async def test_a_connection_that_arrives_as_shutdown_starts_is_closed_too(
     for its client either."""
     gateway = Gateway(GatewaySettings(listen="127.0.0.1:0", keep_alive_timeout=HOUR),
                       TunnelSettings())
-    done = trio.Event()
-
-    async def run(task_status: trio.TaskStatus[list[str]]) -> None:
-        await gateway.serve(grace=HOUR, task_status=task_status)
-        done.set()
-
-    urls = await nursery.start(partial(run))
-    stream = await connect(urls[0])
+    url, done = await serving(nursery, gateway)
+    stream = await connect(url)
     gateway.shutdown()  # before the listener's handler for it has run
     with trio.fail_after(TIMEOUT):
         await done.wait()
@@ -83,15 +81,9 @@ async def test_shutdown_closes_tunnels_whose_peer_has_not_proven_itself() -> Non
     """An upgraded tunnel that never sends HELLO is closed by the shutdown, not left
     to its handshake timeout (which would say ``handshake_timeout`` as it closes)."""
     gateway = Gateway(GatewaySettings(listen="127.0.0.1:0"), TunnelSettings())
-    served = trio.Event()
     async with trio.open_nursery() as nursery:
-
-        async def run(task_status: trio.TaskStatus[list[str]]) -> None:
-            await gateway.serve(grace=HOUR, task_status=task_status)
-            served.set()
-
-        urls = await nursery.start(run)
-        stream = await connect(urls[0])
+        url, served = await serving(nursery, gateway)
+        stream = await connect(url)
         with trio.fail_after(TIMEOUT):
             await stream.send_all(upgrade_bytes())
             head, rest = await read_head(stream)
