@@ -10,6 +10,9 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 import pytest
 import trio
 import trio.testing
@@ -32,6 +35,23 @@ from tests.hostile.client import (
 OTHER_IP = "127.0.0.2"
 
 
+@asynccontextmanager
+async def served_connections(url: str, count: int) -> AsyncIterator[list[trio.SocketStream]]:
+    """``count`` connections to ``url``, each answered once (so each is surely open),
+    closed on leaving."""
+    held: list[trio.SocketStream] = []
+    try:
+        for _ in range(count):
+            stream = await connect(url)
+            held.append(stream)
+            await stream.send_all(request_bytes("GET", "/healthz"))
+            assert (await read_response(stream)).status == 200
+        yield held
+    finally:
+        for stream in held:
+            await trio.aclose_forcefully(stream)
+
+
 # ---------------------------------------------------------------- connection cap
 
 
@@ -39,14 +59,8 @@ async def test_connection_past_the_limit_gets_503_and_is_served_once_one_goes(
         nursery: trio.Nursery, caplog: pytest.LogCaptureFixture) -> None:
     limit = 20
     network = await start_network(nursery, max_connections=limit)
-    held = []
-    try:
-        with trio.fail_after(TIMEOUT):
-            for _ in range(limit):  # each answered once, so each is surely open
-                stream = await connect(network.url)
-                held.append(stream)
-                await stream.send_all(request_bytes("GET", "/healthz"))
-                assert (await read_response(stream)).status == 200
+    with trio.fail_after(TIMEOUT):
+        async with served_connections(network.url, limit) as held:
             refused = await exchange(network.url, request_bytes("GET", "/healthz"))
             error = assert_error_object(refused, 503)
             assert error["code"] == "too_many_connections"
@@ -59,9 +73,6 @@ async def test_connection_past_the_limit_gets_503_and_is_served_once_one_goes(
             await trio.testing.wait_all_tasks_blocked()
             served = await exchange(network.url, request_bytes("GET", "/healthz"))
             assert served.status == 200
-    finally:
-        for stream in held:
-            await trio.aclose_forcefully(stream)
     warnings = [r.getMessage() for r in caplog.records if "max_connections" in r.getMessage()]
     assert warnings == [f"{limit} connections open (gateway.max_connections): refusing new ones"]
     assert_no_tracebacks(caplog)
@@ -77,14 +88,8 @@ async def test_one_address_over_its_connection_cap_gets_429_while_another_is_ser
     and it is served again once one of its connections goes."""
     cap = 5
     network = await start_network(nursery, max_connections_per_ip=cap)
-    held = []
-    try:
-        with trio.fail_after(TIMEOUT):
-            for _ in range(cap):
-                stream = await connect(network.url)
-                held.append(stream)
-                await stream.send_all(request_bytes("GET", "/healthz"))
-                assert (await read_response(stream)).status == 200
+    with trio.fail_after(TIMEOUT):
+        async with served_connections(network.url, cap) as held:
             refused = await exchange(network.url, request_bytes("GET", "/healthz"))
             error = assert_error_object(refused, 429)
             assert error["code"] == "too_many_connections_per_ip"
@@ -99,9 +104,6 @@ async def test_one_address_over_its_connection_cap_gets_429_while_another_is_ser
             await trio.testing.wait_all_tasks_blocked()
             served = await exchange(network.url, request_bytes("GET", "/healthz"))
             assert served.status == 200
-    finally:
-        for stream in held:
-            await trio.aclose_forcefully(stream)
     warnings = [r.getMessage() for r in caplog.records
                 if r.getMessage().startswith("connection from 127.0.0.1 refused")]
     assert len(warnings) == 1, warnings  # once a minute per address
@@ -134,19 +136,10 @@ async def test_proven_tunnels_do_not_count_against_their_address_cap(
     with trio.fail_after(TIMEOUT):
         for name in ("node-a", "node-b", "node-c", "node-d"):
             await network.add_node(node_id=name)
-    held = []
-    try:
-        with trio.fail_after(TIMEOUT):
-            for _ in range(cap):
-                stream = await connect(network.url)
-                held.append(stream)
-                await stream.send_all(request_bytes("GET", "/healthz"))
-                assert (await read_response(stream)).status == 200
+    with trio.fail_after(TIMEOUT):
+        async with served_connections(network.url, cap):
             refused = await exchange(network.url, request_bytes("GET", "/healthz"))
             assert assert_error_object(refused, 429)["code"] == "too_many_connections_per_ip"
-    finally:
-        for stream in held:
-            await trio.aclose_forcefully(stream)
     assert set(network.gateway.registry.peers) == {"node-a", "node-b", "node-c", "node-d"}
 
 
