@@ -4,6 +4,7 @@ and can then send any frame, with any payload, at any rate."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -145,3 +146,13 @@ def watch(network: Network, kinds: set[str]) -> list[BusEvent]:
     network.gateway.registry.bus.listeners.append(
         lambda event: seen.append(event) if event.kind in kinds else None)
     return seen
+
+
+def relayed_route(node: Identity, relay_id: str, models: list[dict[str, Any]]) -> dict[str, Any]:
+    """A genuine ROUTES entry: ``node`` proved itself in a handshake with the relay."""
+    challenge, session_id = os.urandom(32), f"{relay_id}.{os.urandom(16).hex()}"
+    signature = node.sign(proof_message(challenge, session_id, node.id))
+    return {"id": node.id, "public_key": b64(node.public_key), "hops": 1,
+            "proof": {"challenge": b64(challenge), "session_id": session_id,
+                      "signature": b64(signature)},
+            "models": models, "stats": {}, "labels": {}}

@@ -7,8 +7,8 @@ from __future__ import annotations
 import trio
 
 from tests.conftest import Network
-from tests.hostile.peers import hostile_peer
-from tests.hostile.test_peer_values import GOOD, _route
+from tests.hostile.peers import hostile_peer, relayed_route
+from tests.hostile.test_peer_values import GOOD
 from tooti.gateway.registry import Registry
 from tooti.identity import Identity
 from tooti.protocol.frames import FrameType
@@ -25,7 +25,7 @@ async def test_a_relayed_node_is_penalized_again_after_its_ban(network: Network)
     registry = network.gateway.registry
     async with hostile_peer(network.tunnel_url, role="relay") as relay:
         node = Identity.generate()
-        entry = _route(node, relay.id, [GOOD])
+        entry = relayed_route(node, relay.id, [GOOD])
         await relay.send_json(FrameType.ROUTES, {"nodes": [entry]})
         with trio.fail_after(5):
             await registry.wait_until(lambda: node.id in registry.peers)
@@ -50,12 +50,12 @@ async def test_a_violation_through_a_relay_bans_that_route_only(network: Network
     registry = network.gateway.registry
     node = Identity.generate()
     async with hostile_peer(network.tunnel_url, role="relay") as liar:
-        await liar.send_json(FrameType.ROUTES, {"nodes": [_route(node, liar.id, [GOOD])]})
+        await liar.send_json(FrameType.ROUTES, {"nodes": [relayed_route(node, liar.id, [GOOD])]})
         with trio.fail_after(5):
             await registry.wait_until(lambda: node.id in registry.peers)
         async with hostile_peer(network.tunnel_url, role="relay") as honest:
             await honest.send_json(FrameType.ROUTES,
-                                   {"nodes": [_route(node, honest.id, [GOOD])]})
+                                   {"nodes": [relayed_route(node, honest.id, [GOOD])]})
             await honest.heartbeat_acked()  # kept aside: the node is reached through liar
             registry.penalize(registry.peers[node.id], "usage out of bounds")
             # The honest relay's route takes over at once...
@@ -65,7 +65,7 @@ async def test_a_violation_through_a_relay_bans_that_route_only(network: Network
             await registry.wait_until(lambda: node.id not in registry.peers)
         # ...the liar's route stays refused...
         assert registry.banned(node.id, via=liar.id) is not None
-        await liar.send_json(FrameType.ROUTES, {"nodes": [_route(node, liar.id, [GOOD])]})
+        await liar.send_json(FrameType.ROUTES, {"nodes": [relayed_route(node, liar.id, [GOOD])]})
         await liar.heartbeat_acked()
         assert node.id not in registry.peers
         # ...and the relay that reported it is still connected, one strike down.
@@ -85,13 +85,14 @@ async def test_with_strikes_on_a_relay_with_three_violating_nodes_is_cut_off(
     async with hostile_peer(network.tunnel_url, role="relay") as relay:
         nodes = [Identity.generate() for _ in range(4)]
         await relay.send_json(FrameType.ROUTES, {
-            "nodes": [_route(node, relay.id, [GOOD]) for node in nodes]})
+            "nodes": [relayed_route(node, relay.id, [GOOD]) for node in nodes]})
         with trio.fail_after(5):
             await registry.wait_until(lambda: all(n.id in registry.peers for n in nodes))
         # The same node twice is one strike.
         registry.penalize(registry.peers[nodes[0].id], "usage out of bounds")
         _end_bans(registry)
-        await relay.send_json(FrameType.ROUTES, {"nodes": [_route(nodes[0], relay.id, [GOOD])]})
+        await relay.send_json(FrameType.ROUTES,
+                              {"nodes": [relayed_route(nodes[0], relay.id, [GOOD])]})
         with trio.fail_after(5):
             await registry.wait_until(lambda: nodes[0].id in registry.peers)
         registry.penalize(registry.peers[nodes[0].id], "usage out of bounds")
@@ -119,7 +120,7 @@ async def test_by_default_violating_nodes_never_get_their_relay_banned(
     async with hostile_peer(network.tunnel_url, role="relay") as relay:
         nodes = [Identity.generate() for _ in range(5)]
         await relay.send_json(FrameType.ROUTES, {
-            "nodes": [_route(node, relay.id, [GOOD]) for node in nodes]})
+            "nodes": [relayed_route(node, relay.id, [GOOD]) for node in nodes]})
         with trio.fail_after(5):
             await registry.wait_until(lambda: all(n.id in registry.peers for n in nodes))
         for node in nodes[:4]:

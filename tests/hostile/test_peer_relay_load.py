@@ -6,19 +6,17 @@ still cut off."""
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import trio
 
 from tests.conftest import Network
-from tests.hostile.peers import HostilePeer, hostile_peer
-from tests.hostile.test_peer_values import _route
+from tests.hostile.peers import HostilePeer, hostile_peer, relayed_route
 from tests.test_relay import start_relay
 from tooti.backends.base import ModelInfo
 from tooti.gateway.peer import Peer
 from tooti.gateway.routes import RelayedNodes
-from tooti.identity import Identity, b64, proof_message
+from tooti.identity import Identity
 from tooti.protocol.connection import RoutesReceived
 from tooti.protocol.frames import FrameType
 from tooti.transport import TransportClosed
@@ -45,13 +43,9 @@ class _Session:
 def _memory_node(relay_id: str) -> Peer:
     """A node that proved itself to relay ``relay_id``, held in memory."""
     node = Identity.generate()
-    challenge, session_id = os.urandom(32), f"{relay_id}.{os.urandom(16).hex()}"
-    signature = node.sign(proof_message(challenge, session_id, node.id))
     session: Any = _Session()
     return Peer(id=node.id, role="node", session=session, address="memory",
-                public_key=node.public_key,
-                proof={"challenge": b64(challenge), "session_id": session_id,
-                       "signature": b64(signature)})
+                public_key=node.public_key, proof=relayed_route(node, relay_id, [])["proof"])
 
 
 async def test_a_relay_sends_whole_entries_only_for_routing_changes(
@@ -101,7 +95,7 @@ async def test_a_relay_sends_whole_entries_only_for_routing_changes(
 
 
 async def _advertise(relay: HostilePeer, nodes: list[Identity]) -> list[dict[str, Any]]:
-    entries = [_route(node, relay.id, MODELS) for node in nodes]
+    entries = [relayed_route(node, relay.id, MODELS) for node in nodes]
     for first in range(0, len(entries), 20):
         await relay.send_json(FrameType.ROUTES, {"nodes": entries[first:first + 20]})
     return entries

@@ -10,8 +10,8 @@ import pytest
 import trio
 
 from tests.conftest import Network
-from tests.hostile.peers import hostile_peer
-from tests.hostile.test_peer_values import GOOD, _route
+from tests.hostile.peers import hostile_peer, relayed_route
+from tests.hostile.test_peer_values import GOOD
 from tooti.identity import Identity, b64
 from tooti.protocol.connection import Connection, GoAwayReceived, Side
 from tooti.protocol.frames import FrameType
@@ -52,9 +52,10 @@ async def test_a_routes_entry_with_control_characters_is_skipped(network: Networ
     registry = network.gateway.registry
     async with hostile_peer(network.tunnel_url, role="relay") as relay:
         good, bad = Identity.generate(), Identity.generate()
-        entry: dict[str, Any] = _route(bad, relay.id, [GOOD])
+        entry: dict[str, Any] = relayed_route(bad, relay.id, [GOOD])
         entry["labels"] = {"region": "eu" + FORGED_LINE}
-        await relay.send_json(FrameType.ROUTES, {"nodes": [entry, _route(good, relay.id, [GOOD])]})
+        await relay.send_json(FrameType.ROUTES,
+                              {"nodes": [entry, relayed_route(good, relay.id, [GOOD])]})
         with trio.fail_after(5):
             await registry.wait_until(lambda: good.id in registry.peers)
         assert bad.id not in registry.peers

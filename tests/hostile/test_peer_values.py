@@ -4,15 +4,14 @@ reason and bans it, and never reaches the registry."""
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import pytest
 import trio
 
 from tests.conftest import Network
-from tests.hostile.peers import hostile_peer, watch
-from tooti.identity import Identity, b64, proof_message
+from tests.hostile.peers import hostile_peer, relayed_route, watch
+from tooti.identity import Identity
 from tooti.protocol.frames import FrameType
 
 GOOD = {"id": "m", "max_concurrency": 4, "price": {"input": 1.0, "output": 2.0}}
@@ -101,8 +100,8 @@ async def test_a_relays_bad_entry_is_skipped_and_the_relay_stays(network: Networ
     async with hostile_peer(network.tunnel_url, role="relay") as relay:
         good, bad = Identity.generate(), Identity.generate()
         await relay.send_json(FrameType.ROUTES, {"nodes": [
-            _route(good, relay.id, [GOOD]),
-            _route(bad, relay.id, [model(price={"input": -1e6, "output": -1e6})]),
+            relayed_route(good, relay.id, [GOOD]),
+            relayed_route(bad, relay.id, [model(price={"input": -1e6, "output": -1e6})]),
         ]})
         with trio.fail_after(5):
             await registry.wait_until(lambda: good.id in registry.peers)
@@ -116,7 +115,7 @@ async def test_penalizing_a_relayed_node_drops_it_alone(network: Network) -> Non
     async with hostile_peer(network.tunnel_url, role="relay") as relay:
         one, two = Identity.generate(), Identity.generate()
         await relay.send_json(FrameType.ROUTES, {"nodes": [
-            _route(one, relay.id, [GOOD]), _route(two, relay.id, [GOOD])]})
+            relayed_route(one, relay.id, [GOOD]), relayed_route(two, relay.id, [GOOD])]})
         with trio.fail_after(5):
             await registry.wait_until(lambda: {one.id, two.id} <= registry.peers.keys())
         registry.penalize(registry.peers[one.id], "usage out of bounds")
@@ -124,7 +123,7 @@ async def test_penalizing_a_relayed_node_drops_it_alone(network: Network) -> Non
         assert relay.id in registry.peers and not registry.peers[relay.id].session.closed.is_set()
         assert [e.data["peer_id"] for e in violations] == [one.id]
         # Its next advertisement through the relay is refused while the ban lasts.
-        await relay.send_json(FrameType.ROUTES, {"nodes": [_route(one, relay.id, [GOOD])],
+        await relay.send_json(FrameType.ROUTES, {"nodes": [relayed_route(one, relay.id, [GOOD])],
                                                  "full": True})
         with trio.fail_after(5):
             await registry.wait_until(lambda: one.id in _shadowed(network, relay.id))
@@ -157,13 +156,3 @@ def _shadowed(network: Network, relay_id: str) -> set[str]:
         if isinstance(owner, RelayedNodes) and owner.relay.id == relay_id:
             return set(owner.shadowed)
     return set()
-
-
-def _route(node: Identity, relay_id: str, models: list[dict[str, Any]]) -> dict[str, Any]:
-    """A genuine ROUTES entry: ``node`` proved itself in a handshake with the relay."""
-    challenge, session_id = os.urandom(32), f"{relay_id}.{os.urandom(16).hex()}"
-    signature = node.sign(proof_message(challenge, session_id, node.id))
-    return {"id": node.id, "public_key": b64(node.public_key), "hops": 1,
-            "proof": {"challenge": b64(challenge), "session_id": session_id,
-                      "signature": b64(signature)},
-            "models": models, "stats": {}, "labels": {}}
