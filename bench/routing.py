@@ -1,6 +1,6 @@
 """Routing decision time versus the number of registered nodes.
 
-Builds a real :class:`~tooti.gateway.registry.Registry` holding N fake peers
+Builds a real :class:`~tooti.mesh.registry.Registry` holding N fake peers
 (no tunnels: each has a dummy session with ``closed = trio.Event()`` and
 ``rtt = None``) that all serve one model, with varied capacities, loads,
 measured TTFTs, decode speeds and prices; a few are full, draining or in
@@ -46,10 +46,10 @@ from typing import Any, cast
 import trio
 
 from tooti.backends.base import ModelInfo
-from tooti.gateway.health import ModelHealth
 from tooti.gateway.proxy import Proxy, ProxySettings
-from tooti.gateway.registry import Peer, Registry
 from tooti.gateway.validation import Preferences, parse_request
+from tooti.mesh.health import ModelHealth
+from tooti.mesh.registry import Peer, Registry
 from tooti.protocol.connection import Connection, Limits, Side, State
 from tooti.routing.base import RouteRequest, RoutingPolicy
 from tooti.routing.policies import (

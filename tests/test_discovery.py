@@ -9,7 +9,8 @@ from trio_websocket import WebSocketConnection, open_websocket_url
 
 from tests.conftest import simulated
 from tests.test_relay import LogEvent
-from tooti import cli, netview
+from tooti import cli
+from tooti.admin import network_report as netview
 from tooti.gateway.app import Gateway
 from tooti.identity import Identity, b64, proof_message, unb64
 from tooti.node.admin import NodeAdmin

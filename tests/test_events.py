@@ -9,7 +9,7 @@ from typing import Any
 import trio
 
 from tests.conftest import Network
-from tooti.gateway.events import EventBus
+from tooti.mesh.events import EventBus
 
 CHAT = {"model": "tooti-sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
 

@@ -19,7 +19,7 @@ from tests.spy import Spy, is_probe, read_stream
 from tooti.backends.base import BackendError, BackendResponse
 from tooti.backends.simulated import SimulatedBackend
 from tooti.gateway.app import Gateway
-from tooti.gateway.health import CooldownPolicy, ModelHealth
+from tooti.mesh.health import CooldownPolicy, ModelHealth
 from tooti.settings import BackendSettings, GatewaySettings, TunnelSettings
 
 MODEL = "tooti-sim"

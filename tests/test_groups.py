@@ -19,8 +19,8 @@ from trio_websocket import ConnectionRejected, open_websocket_url
 from tests.conftest import Network, simulated
 from tooti.config import ConfigError, loads, validate
 from tooti.gateway.app import Gateway
-from tooti.gateway.groups import GroupKeys, api_key_digest
-from tooti.gateway.tunnels import BearerAuth
+from tooti.groups import GroupKeys, api_key_digest
+from tooti.mesh.admission import BearerAuth
 from tooti.settings import GatewaySettings, GroupSettings, Settings, TunnelSettings
 from tooti.transport.websocket import SUBPROTOCOL
 

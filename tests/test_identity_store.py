@@ -16,9 +16,9 @@ from tests.conftest import Network
 from tests.test_e2e_lifecycle import raw_handshake
 from tooti import runner
 from tooti.gateway.app import Gateway
-from tooti.gateway.identities import FILENAME, IdentityStore, IdentityStoreError
-from tooti.gateway.registry import Registry
 from tooti.identity import Identity, derive_id
+from tooti.mesh.identity_store import FILENAME, IdentityStore, IdentityStoreError
+from tooti.mesh.registry import Registry
 from tooti.protocol.connection import ProtocolError
 from tooti.settings import GatewaySettings, Settings, TunnelSettings
 from tooti.transport.websocket import SUBPROTOCOL

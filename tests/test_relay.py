@@ -2,7 +2,7 @@
 
 A real gateway (the ``network`` fixture), relays built the way ``tooti run --role
 relay`` builds one (a :class:`~tooti.gateway.app.Gateway` listener without the API on
-port 0, plus a :class:`~tooti.relay.Relay` dialling upstream), and nodes dialling the
+port 0, plus a :class:`~tooti.relay.upstream.Relay` dialling upstream), and nodes dialling the
 relays over WebSocket. Raw-protocol tests drive
 :class:`~tooti.protocol.connection.Connection` by hand over a real WebSocket.
 """
@@ -24,12 +24,11 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket
 from tests.conftest import Network, simulated
 from tests.spy import LIMIT, Spy, read_stream
 from tests.upstream import SlowUpstream, start_upstream
-from tooti import relay as relay_module
 from tooti.backends.base import Backend
 from tooti.backends.openai import OpenAIBackend
 from tooti.gateway.app import Gateway
-from tooti.gateway.registry import Registry
 from tooti.identity import Identity, b64, proof_message, unb64
+from tooti.mesh.registry import Registry
 from tooti.node.node import Node
 from tooti.protocol.connection import (
     Connection,
@@ -38,7 +37,8 @@ from tooti.protocol.connection import (
     StreamOpened,
     WelcomeReceived,
 )
-from tooti.relay import Relay
+from tooti.relay import upstream as relay_module
+from tooti.relay.upstream import Relay
 from tooti.runner import Process, serve
 from tooti.settings import (
     BackendSettings,

@@ -16,10 +16,10 @@ import trio.testing
 from tests.conftest import Network
 from tooti.backends.base import ModelInfo
 from tooti.errors import APIError
-from tooti.gateway.health import CooldownPolicy, ModelHealth
 from tooti.gateway.proxy import Proxy, ProxySettings
-from tooti.gateway.registry import Peer, Registry
 from tooti.gateway.validation import Preferences, parse_request
+from tooti.mesh.health import CooldownPolicy, ModelHealth
+from tooti.mesh.registry import Peer, Registry
 from tooti.protocol.connection import Connection, Limits, Side, State
 from tooti.routing.base import RouteRequest, RoutingPolicy
 from tooti.routing.policies import (

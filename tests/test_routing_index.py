@@ -19,10 +19,10 @@ import trio.testing
 
 from tooti.backends.base import ModelInfo
 from tooti.errors import APIError
-from tooti.gateway.health import CooldownPolicy, ModelHealth
 from tooti.gateway.proxy import Proxy, ProxySettings, _sort_key
-from tooti.gateway.registry import Candidates, KnownModels, Peer, Registry
 from tooti.gateway.validation import Preferences
+from tooti.mesh.health import CooldownPolicy, ModelHealth
+from tooti.mesh.registry import Candidates, KnownModels, Peer, Registry
 from tooti.protocol.connection import Limits
 from tooti.routing.base import RouteRequest, RoutingPolicy
 from tooti.routing.policies import Cheapest, Latency, LeastLoaded, RoundRobin, Weighted

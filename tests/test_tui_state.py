@@ -13,8 +13,8 @@ from unittest import mock
 
 import pytest
 
-import tooti.gateway.events as gateway_events
-from tooti.gateway.events import EventBus
+import tooti.mesh.events as gateway_events
+from tooti.mesh.events import EventBus
 from tooti.tui.columns import (
     PEER_COLUMNS,
     REQUEST_COLUMNS,

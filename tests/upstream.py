@@ -16,7 +16,7 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
-from tooti.gateway.http import cancel_on_disconnect
+from tooti.mesh.http import cancel_on_disconnect
 
 
 @dataclass

@@ -188,16 +188,16 @@ def _tui(args: argparse.Namespace) -> int:
 
 
 def _peers(args: argparse.Namespace) -> int:
-    from tooti import netview
+    from tooti.admin import network_report
 
     url = args.url or os.environ.get("TOOTI_GATEWAY") or "http://127.0.0.1:8080"
     admin_key = args.admin_key or os.environ.get("TOOTI_ADMIN_KEY") or ""
     try:
-        view = netview.fetch(url, admin_key)
-    except netview.NetworkViewError as exc:
+        view = network_report.fetch(url, admin_key)
+    except network_report.NetworkViewError as exc:
         print(f"tooti: error: {exc}", file=sys.stderr)
         return 1
-    print(netview.to_json(view) if args.json else netview.render(view))
+    print(network_report.to_json(view) if args.json else network_report.render(view))
     return 0
 
 

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, get_args, get_origin, get_type_hints
 from urllib.parse import urlsplit, urlunsplit
 
-from tooti.gateway.groups import DEFAULT_TOKEN, GROUP_NAME, api_key_digest
+from tooti.groups import DEFAULT_TOKEN, GROUP_NAME, api_key_digest
 from tooti.settings import ROLES, BackendSettings, GatewaySettings, Settings
 
 TUNNEL_PATH = "/tooti/v1/tunnel"

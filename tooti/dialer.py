@@ -24,8 +24,8 @@ from typing import Any, Protocol
 import trio
 
 from tooti import __version__
-from tooti.gateway.tunnels import REPLACED, control_limits_from, limits_from
 from tooti.identity import Identity, b64, proof_message, unb64
+from tooti.mesh.admission import REPLACED, control_limits_from, limits_from
 from tooti.protocol.connection import (
     Connection,
     Event,

@@ -24,11 +24,11 @@ import trio
 from tooti.backends.base import Backend
 from tooti.billing.base import Billing, BillingSetup
 from tooti.gateway.app import Gateway
-from tooti.gateway.identities import IdentityStore
 from tooti.identity import DERIVED_PREFIX, RELAY_KEY_FILE, Identity
+from tooti.mesh.identity_store import IdentityStore
 from tooti.node.admin import NodeAdmin
 from tooti.node.node import Node
-from tooti.relay import Relay
+from tooti.relay.upstream import Relay
 from tooti.reload import Rebuild, reload_join_tokens
 from tooti.routing.base import RoutingPolicy
 from tooti.settings import BackendSettings, Settings

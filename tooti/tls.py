@@ -1,6 +1,6 @@
 """TLS: the server certificate a gateway or relay serves, and what dialers trust.
 
-The listener (:mod:`tooti.gateway.listener`) takes its context from :class:`ServerTLS`
+The listener (:mod:`tooti.mesh.listener`) takes its context from :class:`ServerTLS`
 for every connection it accepts, so a reloaded certificate is used by new connections
 while existing ones (tunnels included) keep theirs. :meth:`ServerTLS.watch` checks the
 files every ``gateway.tls_reload_interval`` seconds; ``tooti run`` also reloads on

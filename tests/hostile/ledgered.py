@@ -15,7 +15,7 @@ from tests.conftest import Network, simulated
 from tooti.billing.base import BillingSetup
 from tooti.billing.ledger import FILENAME, UsageLedger
 from tooti.gateway.app import Gateway
-from tooti.gateway.events import BusEvent, Subscription
+from tooti.mesh.events import BusEvent, Subscription
 from tooti.settings import GatewaySettings, TunnelSettings
 
 CHAT = "/v1/chat/completions"

@@ -14,8 +14,8 @@ import msgspec
 import trio
 
 from tests.conftest import Network
-from tooti.gateway.events import BusEvent
 from tooti.identity import Identity, b64, proof_message, unb64
+from tooti.mesh.events import BusEvent
 from tooti.protocol import frames
 from tooti.protocol.connection import (
     Connection,

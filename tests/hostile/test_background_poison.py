@@ -23,7 +23,7 @@ from tooti.billing.base import RequestContext, Usage
 from tooti.billing.ledger import FILENAME, QUARANTINE_FILE
 from tooti.gateway import probe
 from tooti.gateway.app import Gateway
-from tooti.gateway.events import BusEvent
+from tooti.mesh.events import BusEvent
 from tooti.settings import GatewaySettings, TunnelSettings
 
 POISON = 10**20

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tooti.gateway.ratelimit import Limited, PerAddressLimiter, Throttle, address_key
+from tooti.mesh.ratelimit import Limited, PerAddressLimiter, Throttle, address_key
 
 
 class Clock:

@@ -34,7 +34,7 @@ from tests.hostile.client import (
     request_bytes,
     start_network,
 )
-from tooti.gateway.events import BusEvent
+from tooti.mesh.events import BusEvent
 
 HEADER_TIMEOUT = 1.0
 KEEP_ALIVE = 2.0

@@ -19,7 +19,7 @@ import trio.testing
 from tests.conftest import simulated
 from tests.hostile.ledgered import CHAT, LIMIT, LedgeredNetwork, start_ledgered, still_serves
 from tests.hostile.scripted_backend import MODEL, Answer, ScriptedBackend
-from tooti.gateway.budget import BudgetExhausted, ByteBudget, Share
+from tooti.gateway.byte_budget import BudgetExhausted, ByteBudget, Share
 
 MiB = 1 << 20
 BUDGET = 16 * MiB

@@ -15,7 +15,7 @@ from tests.conftest import Network, simulated
 from tests.hostile.peers import hostile_peer
 from tooti.gateway import app
 from tooti.gateway.app import Gateway
-from tooti.gateway.tunnels import Admission, BearerAuth
+from tooti.mesh.admission import Admission, BearerAuth
 from tooti.node.node import Node
 from tooti.settings import GatewaySettings, NodeSettings, TunnelSettings
 

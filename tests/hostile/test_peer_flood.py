@@ -17,8 +17,8 @@ import trio
 
 from tests.conftest import Network
 from tests.hostile.peers import HostilePeer, hostile_peer, watch
-from tooti.gateway.events import BusEvent
-from tooti.gateway.registry import Registry
+from tooti.mesh.events import BusEvent
+from tooti.mesh.registry import Registry
 from tooti.protocol.frames import FrameType
 from tooti.transport import TransportClosed
 from tooti.transport.websocket import HandshakeFailed

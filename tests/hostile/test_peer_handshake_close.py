@@ -11,7 +11,7 @@ import trio.testing
 
 from tests.conftest import Network
 from tests.hostile.client import connect, read_to_eof, request_bytes
-from tooti.gateway import tunnels
+from tooti.mesh import admission as tunnels
 
 UPGRADE = [("host", "127.0.0.1"), ("upgrade", "websocket"), ("connection", "Upgrade"),
            ("sec-websocket-version", "13"), ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),

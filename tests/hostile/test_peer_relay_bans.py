@@ -9,8 +9,8 @@ import trio
 from tests.conftest import Network
 from tests.hostile.peers import hostile_peer, relayed_route
 from tests.hostile.test_peer_values import GOOD
-from tooti.gateway.registry import Registry
 from tooti.identity import Identity
+from tooti.mesh.registry import Registry
 from tooti.protocol.frames import FrameType
 
 

@@ -14,9 +14,9 @@ from tests.conftest import Network
 from tests.hostile.peers import HostilePeer, hostile_peer, relayed_route
 from tests.test_relay import start_relay
 from tooti.backends.base import ModelInfo
-from tooti.gateway.peer import Peer
-from tooti.gateway.routes import RelayedNodes
 from tooti.identity import Identity
+from tooti.mesh.advertisements import RelayedNodes
+from tooti.mesh.peer import Peer
 from tooti.protocol.connection import RoutesReceived
 from tooti.protocol.frames import FrameType
 from tooti.transport import TransportClosed

@@ -149,7 +149,7 @@ async def test_penalizing_a_direct_node_closes_its_session_with_the_reason(
 
 def _shadowed(network: Network, relay_id: str) -> set[str]:
     """Node ids the relay advertises that are kept aside (here: banned)."""
-    from tooti.gateway.routes import RelayedNodes
+    from tooti.mesh.advertisements import RelayedNodes
 
     for listener in network.gateway.registry.bus.listeners:
         owner = getattr(listener, "__self__", None)

@@ -15,7 +15,7 @@ import trio
 from tests.conftest import simulated
 from tests.hostile.ledgered import start_ledgered
 from tests.hostile.peers import hostile_peer
-from tooti.gateway.identities import IdentityStore
+from tooti.mesh.identity_store import IdentityStore
 from tooti.node.node import Node
 from tooti.settings import NodeSettings
 

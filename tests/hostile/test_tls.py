@@ -34,8 +34,8 @@ from tests.conftest import simulated
 from tests.hostile.client import connect as connect_from
 from tests.processes import START_TIMEOUT, spawn, toml_table, toml_value_lines
 from tooti.gateway.app import Gateway
-from tooti.gateway.listener import UpgradeRequest
-from tooti.gateway.listener import serve as listen
+from tooti.mesh.listener import UpgradeRequest
+from tooti.mesh.listener import serve as listen
 from tooti.node.node import Node
 from tooti.runner import Process, serve
 from tooti.settings import (

@@ -1,1 +1,1 @@
-"""The gateway role: OpenAI-compatible HTTP front door, peer registry and router."""
+"""The gateway role: the OpenAI-compatible front door, the proxy and request validation."""

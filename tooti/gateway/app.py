@@ -2,7 +2,7 @@
 
 Routes: ``GET /v1/models``, ``POST /v1/chat/completions``, ``/v1/completions``,
 ``/v1/embeddings``, ``GET /healthz`` and the tunnel WebSocket at
-``/tooti/v1/tunnel`` (taken by the listener, :mod:`tooti.gateway.listener`, on a
+``/tooti/v1/tunnel`` (taken by the listener, :mod:`tooti.mesh.listener`, on a
 fresh connection; by the ASGI app only on a kept-alive one). A plain ASGI
 callable (rather than a framework) keeps the per-request path short; every
 response carries ``x-request-id``.
@@ -23,14 +23,27 @@ import msgspec
 import trio
 from hypercorn.config import Config
 
+from tooti.admin.events import stream_events
 from tooti.billing.base import Billing, RequestContext, Usage
 from tooti.billing.pipeline import BillingPipeline, usage_from
 from tooti.errors import APIError
-from tooti.gateway.admin_events import stream_events
-from tooti.gateway.events import BusEvent
-from tooti.gateway.groups import GroupKeys, bearer_token, named_tokens
-from tooti.gateway.health import CooldownPolicy
-from tooti.gateway.http import (
+from tooti.gateway.metrics import CONTENT_TYPE as METRICS_TYPE
+from tooti.gateway.metrics import GatewayMetrics
+from tooti.gateway.probe import probe_until_healthy
+from tooti.gateway.proxy import DONE, Outcome, Proxy, ProxySettings, check_routable
+from tooti.gateway.validation import ParsedRequest, parse_request
+from tooti.groups import GroupKeys, bearer_token, named_tokens
+from tooti.identity import derive_id
+from tooti.mesh.admission import (
+    UNGROUPED,
+    Admission,
+    BearerAuth,
+    TokenChanges,
+    serve_tunnel,
+)
+from tooti.mesh.events import BusEvent
+from tooti.mesh.health import CooldownPolicy
+from tooti.mesh.http import (
     ClientGone,
     Headers,
     InternalErrors,
@@ -45,23 +58,10 @@ from tooti.gateway.http import (
     send_json,
     serve_lifespan,
 )
-from tooti.gateway.identities import IdentityStore, IdentityStoreError
-from tooti.gateway.listener import Limits, UpgradeRequest, serve
-from tooti.gateway.metrics import CONTENT_TYPE as METRICS_TYPE
-from tooti.gateway.metrics import GatewayMetrics
-from tooti.gateway.probe import probe_until_healthy
-from tooti.gateway.proxy import DONE, Outcome, Proxy, ProxySettings, check_routable
-from tooti.gateway.ratelimit import Limited, PerAddressLimiter, Slot, Throttle
-from tooti.gateway.registry import KnownModels, Peer, Registry
-from tooti.gateway.tunnels import (
-    UNGROUPED,
-    Admission,
-    BearerAuth,
-    TokenChanges,
-    serve_tunnel,
-)
-from tooti.gateway.validation import ParsedRequest, parse_request
-from tooti.identity import derive_id
+from tooti.mesh.identity_store import IdentityStore, IdentityStoreError
+from tooti.mesh.listener import Limits, UpgradeRequest, serve
+from tooti.mesh.ratelimit import Limited, PerAddressLimiter, Slot, Throttle
+from tooti.mesh.registry import KnownModels, Peer, Registry
 from tooti.routing.base import RouteRequest, RoutingPolicy
 from tooti.routing.policies import LeastLoaded
 from tooti.settings import GatewaySettings, GroupSettings, NetworkSettings, TunnelSettings

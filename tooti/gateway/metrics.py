@@ -8,8 +8,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from tooti.gateway.events import BusEvent, EventBus
-from tooti.gateway.registry import Registry
+from tooti.mesh.events import BusEvent, EventBus
+from tooti.mesh.registry import Registry
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 MAX_AMOUNT = 1e18

@@ -16,7 +16,7 @@ import msgspec
 import trio
 
 from tooti.gateway.proxy import ProxySettings
-from tooti.gateway.registry import Peer, Registry
+from tooti.mesh.registry import Peer, Registry
 from tooti.protocol.connection import FlowControlError
 from tooti.tunnel import TunnelLost
 

@@ -19,7 +19,7 @@ is tried. A non-streaming answer is collected whole before the client sees
 it, so it can fail over until its END; a streaming one is committed with its
 first token, and a later failure becomes an in-band ``data: {"error": ...}``
 event followed by ``data: [DONE]``. Every failure is counted toward the
-node's cooldown (see :mod:`tooti.gateway.health`).
+node's cooldown (see :mod:`tooti.mesh.health`).
 """
 
 from __future__ import annotations
@@ -34,12 +34,12 @@ import msgspec
 import trio
 
 from tooti.errors import APIError, from_end_info
-from tooti.gateway.budget import BudgetExhausted, ByteBudget, Share
-from tooti.gateway.health import CooldownPolicy
-from tooti.gateway.http import ClientGone, Headers, Send, send_bytes
-from tooti.gateway.registry import Candidates, KeyName, Peer, Registry
+from tooti.gateway.byte_budget import BudgetExhausted, ByteBudget, Share
 from tooti.gateway.response_headers import BadHeader, content_type, header_value
 from tooti.gateway.validation import ParsedRequest, Preferences
+from tooti.mesh.health import CooldownPolicy
+from tooti.mesh.http import ClientGone, Headers, Send, send_bytes
+from tooti.mesh.registry import Candidates, KeyName, Peer, Registry
 from tooti.protocol.connection import FlowControlError, ResponseStarted
 from tooti.protocol.usage import (
     ReportedUsage,

@@ -11,7 +11,8 @@ from hypercorn.config import Config
 from hypercorn.trio import serve
 
 from tooti.errors import APIError
-from tooti.gateway.http import (
+from tooti.mesh.admission import BearerAuth
+from tooti.mesh.http import (
     Receive,
     Scope,
     Send,
@@ -20,7 +21,6 @@ from tooti.gateway.http import (
     send_json,
     serve_lifespan,
 )
-from tooti.gateway.tunnels import BearerAuth
 from tooti.node.node import Node
 
 log = logging.getLogger("tooti.node")

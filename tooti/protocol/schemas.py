@@ -6,7 +6,7 @@ here, where it enters, before anything stores it. The frame layer
 and relay convert model entries, heartbeat figures, ROUTES entries and HELLO
 extras with the functions below, and a value out of bounds is a
 :class:`~tooti.protocol.errors.ProtocolError` (the peer's session closes and
-it is refused for a while, :meth:`tooti.gateway.registry.Registry.penalize`).
+it is refused for a while, :meth:`tooti.mesh.registry.Registry.penalize`).
 Members not named here are dropped, never stored. ``docs/protocol.md`` lists
 the bounds.
 """

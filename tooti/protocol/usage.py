@@ -9,7 +9,7 @@ integers ``0 <= n <= MAX_TOKENS`` (the schema), and completion tokens over the b
 the answer the gateway relayed to the client (a token is at least one byte of output,
 so hidden tokens, such as an upstream's unshown reasoning, cannot be billed). A
 violation is a :class:`UsageViolation`: the proxy penalizes the node
-(:meth:`tooti.gateway.registry.Registry.penalize`) and bills the gateway's own estimate
+(:meth:`tooti.mesh.registry.Registry.penalize`) and bills the gateway's own estimate
 instead, flagged ``estimated``.
 
 **Bounds** depend on how the gateway reads the client's request (:func:`limits_for`):

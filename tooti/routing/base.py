@@ -6,7 +6,7 @@ best first. It must be fast and synchronous: it runs on every request, at up
 to thousands of nodes, so no I/O and nothing that waits.
 
 The router passes the candidates as a
-:class:`~tooti.gateway.registry.Candidates` view: an ordinary read-only
+:class:`~tooti.mesh.registry.Candidates` view: an ordinary read-only
 sequence, which is all a policy may rely on (tests and other callers pass
 plain lists), that also answers indexed queries (``least_loaded``,
 ``min_by``, ``at_most``, ``by_id``) without a pass over every node. The
@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from tooti.gateway.registry import Peer
+from tooti.mesh.registry import Peer
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,8 +8,8 @@ from collections.abc import Callable, Mapping, Sequence
 from operator import attrgetter
 from typing import Any
 
-from tooti.gateway.registry import Candidates, Peer
 from tooti.hookspecs import hookimpl
+from tooti.mesh.registry import Candidates, Peer
 from tooti.routing.base import RouteRequest, RoutingPolicy
 
 _ID = attrgetter("id")

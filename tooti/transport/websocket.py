@@ -3,7 +3,7 @@
 :class:`WebSocketTransport` runs RFC 6455 directly over a trio stream (plain TCP
 or TLS), with the sans-I/O codec of :mod:`tooti.protocol.websocket`. Both ends of
 a tunnel use it: the dialing side after :func:`connect`, the accepting side after
-the listener (:mod:`tooti.gateway.listener`) answered the upgrade. The tunnel's
+the listener (:mod:`tooti.mesh.listener`) answered the upgrade. The tunnel's
 read loop calls :meth:`WebSocketTransport.receive` on the socket itself, so a
 message costs one task switch, not the three of a general-purpose WebSocket
 server (reader task, ASGI queue, application task).

@@ -27,7 +27,7 @@ import random
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from tooti.gateway.registry import Peer
+from tooti.mesh.registry import Peer
 from tooti.hookspecs import hookimpl
 from tooti.routing.base import RouteRequest, RoutingPolicy
 

@@ -15,9 +15,7 @@ import trio
 
 from tooti import __version__
 from tooti.backends.base import ModelInfo
-from tooti.gateway.groups import DEFAULT_TOKEN, bearer_token
-from tooti.gateway.registry import Peer, Registry
-from tooti.gateway.routes import RelayedNodes
+from tooti.groups import DEFAULT_TOKEN, bearer_token
 from tooti.identity import (
     CHALLENGE_BYTES,
     PUBLIC_KEY_BYTES,
@@ -26,6 +24,8 @@ from tooti.identity import (
     unb64,
     verify,
 )
+from tooti.mesh.advertisements import RelayedNodes
+from tooti.mesh.registry import Peer, Registry
 from tooti.protocol import schemas
 from tooti.protocol.budget import ControlLimits
 from tooti.protocol.connection import (
@@ -178,7 +178,7 @@ async def serve_tunnel(
     group its join token admitted it to (``admission``). ``welcome_peers`` are
     the public gateway/relay addresses the WELCOME tells the peer about. A relay's
     listener passes its own id as ``local_id``: session ids then start with it, so a
-    node's proof names the relay it was made for (see :mod:`tooti.gateway.routes`).
+    node's proof names the relay it was made for (see :mod:`tooti.mesh.advertisements`).
     ``on_proven`` is called once the peer has proven its identity (its handshake is
     over: the per-address handshake limit frees its slot)."""
     conn = Connection(Side.ACCEPTOR, limits_from(settings))

@@ -14,8 +14,8 @@ from typing import Literal, get_args, overload
 import trio
 
 from tooti.backends.base import ModelInfo
-from tooti.gateway.health import ModelHealth
-from tooti.gateway.peer import Peer
+from tooti.mesh.health import ModelHealth
+from tooti.mesh.peer import Peer
 
 KeyName = Literal["least_loaded", "load", "price", "latency", "throughput", "fastest",
                   "ttft", "price_in", "price_out"]

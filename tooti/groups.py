@@ -1,7 +1,7 @@
 """Node groups: which group a request belongs to, from its bearer key.
 
 A group (``[gateway.groups.NAME]``) has a join token, which admits nodes (and
-relays) into it (see :class:`tooti.gateway.tunnels.BearerAuth`), and API keys,
+relays) into it (see :class:`tooti.mesh.admission.BearerAuth`), and API keys,
 whose requests belong to it. A request of group G is routed only to nodes of
 G; a request with no group only to ungrouped nodes.
 

@@ -11,11 +11,11 @@ from typing import Any
 import trio
 
 from tooti.backends.base import ModelInfo
-from tooti.gateway.candidates import KEY_NAMES, Candidates, Key, KeyName, ModelIndex, SlotWaiter
-from tooti.gateway.events import EventBus
-from tooti.gateway.identities import IdentityStore, IdentityStoreError
-from tooti.gateway.peer import Peer
 from tooti.identity import DERIVED_PREFIX, derive_id
+from tooti.mesh.candidates import KEY_NAMES, Candidates, Key, KeyName, ModelIndex, SlotWaiter
+from tooti.mesh.events import EventBus
+from tooti.mesh.identity_store import IdentityStore, IdentityStoreError
+from tooti.mesh.peer import Peer
 from tooti.protocol.errors import ProtocolError
 
 log = logging.getLogger("tooti.gateway")

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tooti.backends.base import ModelInfo
-from tooti.gateway.health import ModelHealth
+from tooti.mesh.health import ModelHealth
 from tooti.tunnel import OutboundStream, TunnelSession
 
 

@@ -11,7 +11,7 @@ import msgspec
 import trio
 
 from tooti.errors import APIError
-from tooti.gateway.ratelimit import Throttle
+from tooti.mesh.ratelimit import Throttle
 from tooti.transport.websocket import closing_response
 
 Scope = dict[str, Any]

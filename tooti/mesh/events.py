@@ -26,7 +26,7 @@ from typing import Any
 
 import trio
 
-from tooti.gateway.ratelimit import Throttle
+from tooti.mesh.ratelimit import Throttle
 
 log = logging.getLogger("tooti.gateway")
 

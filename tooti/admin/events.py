@@ -8,8 +8,8 @@ from typing import Any
 import msgspec
 import trio
 
-from tooti.gateway.events import EventBus
-from tooti.gateway.http import Headers, Send
+from tooti.mesh.events import EventBus
+from tooti.mesh.http import Headers, Send
 
 KEEPALIVE = 15.0
 """Seconds of silence after which a comment line is sent (keeps proxies and clients sure

@@ -2,7 +2,7 @@
 
 A node that picks a name (rather than using the id derived from its key) is
 bound to the first key that proves the name at this gateway (trust on first
-use, :meth:`tooti.gateway.registry.Registry.bind_identity`). The bindings are
+use, :meth:`tooti.mesh.registry.Registry.bind_identity`). The bindings are
 kept in ``<data_dir>/identities.sqlite3`` so a gateway restart does not hand a
 name to whoever proves it first afterwards.
 

@@ -1,6 +1,6 @@
 """hypercorn's per-connection HTTP server, with tooti's limits and error objects.
 
-The listener (:mod:`tooti.gateway.listener`) reads the first bytes of every connection
+The listener (:mod:`tooti.mesh.listener`) reads the first bytes of every connection
 itself; what is not a tunnel upgrade is served here: :class:`Replay` puts the bytes
 already read back in front of the stream (and bounds each write by ``send_timeout``),
 :class:`LimitedServer` is hypercorn's per-connection server with the keep-alive and
@@ -25,7 +25,7 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import AppWrapper, ConnectionState
 
 from tooti.errors import APIError
-from tooti.gateway.http import protocol_error
+from tooti.mesh.http import protocol_error
 
 Accepted = trio.SocketStream | trio.SSLStream[trio.SocketStream]
 """An accepted connection: plain TCP, or TLS with its handshake done."""

@@ -25,7 +25,7 @@ however slowly it trickles in (408, then close); a write a client does not read 
 ``send_timeout`` disconnects it. What h11 refuses (bad request line, header,
 Content-Length or chunk; a head over the size limit) is answered with the OpenAI
 error object, by a small subclass of hypercorn's HTTP/1.1 protocol
-(:mod:`tooti.gateway.http_server`, which holds the per-connection server).
+(:mod:`tooti.mesh.http_server`, which holds the per-connection server).
 """
 
 from __future__ import annotations
@@ -48,9 +48,9 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.utils import repr_socket_addr, wrap_app
 
 from tooti.errors import APIError
-from tooti.gateway.http import error_response
-from tooti.gateway.http_server import Accepted, LimitedServer, Replay, replay, socket_of
-from tooti.gateway.ratelimit import (
+from tooti.mesh.http import error_response
+from tooti.mesh.http_server import Accepted, LimitedServer, Replay, replay, socket_of
+from tooti.mesh.ratelimit import (
     CONCURRENT,
     Limited,
     PerAddressLimiter,
@@ -62,7 +62,7 @@ from tooti.settings import GatewaySettings
 from tooti.tls import HANDSHAKE_TIMEOUT
 from tooti.transport.websocket import MAX_HEAD_BYTES, RECEIVE_BYTES, TUNNEL_PATH
 
-log = logging.getLogger("tooti.gateway.listener")
+log = logging.getLogger("tooti.mesh.listener")
 
 FD_RESERVE = 128
 """File descriptors kept out of ``max_connections`` (logs, databases, the listening

@@ -3,7 +3,7 @@
 A relay accepts node tunnels exactly like a gateway (it runs the gateway's
 listener, with its auth, limits and registry, but no ``/v1`` API) and dials
 its upstream peers - gateways or other relays - like a node does. Upstream it
-advertises every node it can reach in ROUTES frames (:mod:`tooti.gateway.routes`),
+advertises every node it can reach in ROUTES frames (:mod:`tooti.mesh.advertisements`),
 each with the proof that node gave in its own handshake, and keeps the
 advertisement current as nodes join, leave, change models or report load.
 
@@ -27,10 +27,10 @@ import msgspec
 import trio
 
 from tooti.dialer import Dialer
-from tooti.gateway.events import BusEvent
-from tooti.gateway.registry import Peer, Registry
-from tooti.gateway.routes import advertised, can_advertise, routing_state
 from tooti.identity import Identity
+from tooti.mesh.advertisements import advertised, can_advertise, routing_state
+from tooti.mesh.events import BusEvent
+from tooti.mesh.registry import Peer, Registry
 from tooti.protocol.connection import (
     Connection,
     DataReceived,

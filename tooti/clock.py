@@ -1,0 +1,24 @@
+"""The one clock of the project.
+
+:func:`now` is trio's clock: monotonic seconds, and in a test the test's own clock, so
+trio's autojump clock moves every deadline, cooldown, backoff and rate measured with it.
+Use it for every duration. :func:`wall` is the wall clock, only for timestamps shown to
+people or stored (``created``, ``ts``, ledger rows). Both need a running trio loop only
+in the sense that :func:`now` does; :func:`wall` works anywhere.
+"""
+
+from __future__ import annotations
+
+import time
+
+import trio
+
+
+def now() -> float:
+    """Seconds on trio's clock (call inside ``trio.run``)."""
+    return trio.current_time()
+
+
+def wall() -> float:
+    """Seconds since the epoch, for timestamps."""
+    return time.time()
