@@ -50,9 +50,6 @@ class BusEvent:
         return {"seq": self.seq, "kind": self.kind, "ts": self.ts, "data": self.data}
 
 
-DROPPED = "dropped"
-
-
 @dataclass(eq=False)
 class Subscription:
     """A subscriber's bounded queue of events."""
