@@ -149,7 +149,6 @@ class OpenAIBackend:
         # Identity encoding (chunks are forwarded raw), bearer key, extra headers.
         http = HttpOptions.from_settings(settings, "openai")
         self.headers: dict[str, str] = http.headers
-        self.n_clients = http.clients
         self.connect_timeout = http.connect_timeout
         self.max_connections = http.max_connections
         self.control_timeout = http.control_timeout
