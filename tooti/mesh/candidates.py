@@ -1,36 +1,24 @@
 """The routing index: per model and node group, the peers that can take a stream,
-with the keys the policies rank them by, and the queue entries of waiting requests."""
+with the keys the policies rank them by (:data:`~tooti.routing.base.KeyName`), the
+:class:`~tooti.routing.base.CandidateSet` a policy is given, and the queue entries of
+waiting requests."""
 
 from __future__ import annotations
 
 import random
 from bisect import bisect_left
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from collections.abc import Set as AbstractSet
 from heapq import heapify, heappop, heappush
 from operator import attrgetter
-from typing import Literal, get_args, overload
+from typing import overload
 
 import trio
 
 from tooti.backends.base import ModelInfo
 from tooti.mesh.health import ModelHealth
 from tooti.mesh.peer import Peer
-
-KeyName = Literal["least_loaded", "load", "price", "latency", "throughput", "fastest",
-                  "ttft", "price_in", "price_out"]
-"""Keys kept for every peer with a free slot (lower is better), by name:
-
-- ``least_loaded``: (in-flight ÷ capacity, measured TTFT or 0)
-- ``load``: (in-flight ÷ capacity,)
-- ``price``: (input + output price per 1M tokens, load)
-- ``latency``: (measured TTFT or 0, load)
-- ``throughput``: (-measured tok/s, or -1e12 when unmeasured, load)
-- ``fastest``: (measured TTFT or -1, -measured tok/s or 0, load)
-- ``ttft``: (measured TTFT or 0,)
-- ``price_in`` / ``price_out``: (that price per 1M tokens,)
-"""
-KEY_NAMES: tuple[KeyName, ...] = get_args(KeyName)
+from tooti.routing.base import KEY_NAMES, CandidateSet, KeyName
 
 Key = tuple[float, ...]
 
@@ -190,11 +178,12 @@ def _mark(members: dict[Peer, None], peer: Peer, present: bool) -> bool:
     return True
 
 
-class Candidates(Sequence[Peer]):
+class Candidates(CandidateSet[Peer]):
     """The peers with a free slot for one model that one request may use.
 
-    To a routing policy this is a read-only sequence (materialized on first use), so
-    any policy works with it. It also answers indexed queries without a Python pass
+    The routing contract's :class:`~tooti.routing.base.CandidateSet`: to a policy a
+    read-only sequence (materialized on first use), so any policy works with it. It
+    also answers indexed queries without a Python pass
     over every peer (:meth:`least_loaded`, :meth:`min_by`, :meth:`by_id`, ...), which
     the built-in policies use when they are given one. A view reads the registry's
     index as it is now: use it within one routing decision. Whether a peer's tunnel can

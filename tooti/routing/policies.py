@@ -9,8 +9,7 @@ from operator import attrgetter
 from typing import Any
 
 from tooti.hookspecs import hookimpl
-from tooti.mesh.registry import Candidates, Peer
-from tooti.routing.base import RouteRequest, RoutingPolicy
+from tooti.routing.base import CandidateSet, N, Node, RouteRequest, RoutingPolicy
 
 _ID = attrgetter("id")
 
@@ -20,20 +19,20 @@ class LeastLoaded:
     this gateway); ties at random.
 
     Returns only the best node: the router asks again, without the failed node, if it
-    has to fail over. Given the router's :class:`Candidates` view it reads the index
+    has to fail over. Given the router's :class:`CandidateSet` it reads the index
     (O(log n)); given a plain sequence it makes one pass.
     """
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         self._random = random.Random()
 
-    def rank(self, request: RouteRequest, candidates: Sequence[Peer]) -> Sequence[Peer]:
+    def rank(self, request: RouteRequest, candidates: Sequence[N]) -> Sequence[N]:
         """The least-loaded candidate (as a one-element list)."""
-        if isinstance(candidates, Candidates):
+        if isinstance(candidates, CandidateSet):
             peer = candidates.least_loaded(self._random)
             return [] if peer is None else [peer]
         model = request.model
-        best: list[Peer] = []
+        best: list[N] = []
         best_key = (float("inf"), float("inf"))
         for peer in candidates:
             key = (peer.load(model), _measured_ttft(peer, model))
@@ -52,9 +51,9 @@ class RoundRobin:
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         self._counter = itertools.count()
 
-    def rank(self, request: RouteRequest, candidates: Sequence[Peer]) -> Sequence[Peer]:
+    def rank(self, request: RouteRequest, candidates: Sequence[N]) -> Sequence[N]:
         """Rotate the candidates (sorted by id so the order is stable)."""
-        if isinstance(candidates, Candidates):
+        if isinstance(candidates, CandidateSet):
             ordered = candidates.by_id()  # kept sorted by the index
         else:
             ordered = sorted(candidates, key=_ID)
@@ -72,14 +71,14 @@ class Latency:
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         self._random = random.Random()
 
-    def rank(self, request: RouteRequest, candidates: Sequence[Peer]) -> Sequence[Peer]:
+    def rank(self, request: RouteRequest, candidates: Sequence[N]) -> Sequence[N]:
         """The fastest candidate (as a one-element list)."""
-        if isinstance(candidates, Candidates):
+        if isinstance(candidates, CandidateSet):
             peer = candidates.min_by("fastest", self._random)
             return [] if peer is None else [peer]
         model = request.model
 
-        def key(peer: Peer) -> tuple[float, float, float, float]:
+        def key(peer: N) -> tuple[float, float, float, float]:
             record = peer.health.get(model)
             ttft = record.ttft_ms if record and record.ttft_ms is not None else -1.0
             tps = record.tokens_per_s if record and record.tokens_per_s is not None else 0.0
@@ -109,7 +108,7 @@ class Weighted:
         self.default = float(options.get("default_weight", 1.0))
         self._random = random.Random()
 
-    def rank(self, request: RouteRequest, candidates: Sequence[Peer]) -> Sequence[Peer]:
+    def rank(self, request: RouteRequest, candidates: Sequence[N]) -> Sequence[N]:
         """One candidate drawn by weight."""
         peers = list(candidates)
         if not peers:
@@ -137,18 +136,18 @@ class Cheapest:
         ceiling = (options or {}).get("max_ttft_ms")
         self.max_ttft_ms = None if ceiling is None else float(ceiling)
 
-    def rank(self, request: RouteRequest, candidates: Sequence[Peer]) -> Sequence[Peer]:
+    def rank(self, request: RouteRequest, candidates: Sequence[N]) -> Sequence[N]:
         """The cheapest candidate meeting the latency ceiling (one-element list)."""
         model = request.model
 
-        def price(peer: Peer) -> tuple[float, float]:
+        def price(peer: N) -> tuple[float, float]:
             info = peer.models.get(model)
             total = (info.price_input + info.price_output) if info else float("inf")
             return (total, peer.load(model))
 
         if not candidates:
             return []
-        if isinstance(candidates, Candidates):
+        if isinstance(candidates, CandidateSet):
             within = candidates
             if self.max_ttft_ms is not None:
                 within = candidates.at_most("ttft", self.max_ttft_ms)
@@ -161,7 +160,7 @@ class Cheapest:
         return [min(fast or candidates, key=price)]
 
 
-def _measured_ttft(peer: Peer, model: str) -> float:
+def _measured_ttft(peer: Node, model: str) -> float:
     record = peer.health.get(model)
     return record.ttft_ms if record and record.ttft_ms is not None else 0.0
 

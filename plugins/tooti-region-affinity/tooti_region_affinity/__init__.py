@@ -25,11 +25,10 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Generic
 
-from tooti.mesh.registry import Peer
 from tooti.hookspecs import hookimpl
-from tooti.routing.base import RouteRequest, RoutingPolicy
+from tooti.routing.base import N, Node, RouteRequest, RoutingPolicy
 
 __all__ = ["DEFAULT_HEADER", "DEFAULT_LABEL", "POLICY_NAME", "RegionAffinity",
            "tooti_routing_policies"]
@@ -50,18 +49,18 @@ def _option(options: Mapping[str, Any], name: str, default: str) -> str:
     return value
 
 
-class _Best:
+class _Best(Generic[N]):
     """The least-loaded peer seen so far in one group, ties chosen uniformly at random."""
 
     __slots__ = ("key", "peer", "rng", "ties")
 
     def __init__(self, rng: random.Random) -> None:
         self.rng = rng
-        self.peer: Peer | None = None
+        self.peer: N | None = None
         self.key = (float("inf"), float("inf"))
         self.ties = 0
 
-    def offer(self, peer: Peer, key: tuple[float, float]) -> None:
+    def offer(self, peer: N, key: tuple[float, float]) -> None:
         if key < self.key:
             self.peer, self.key, self.ties = peer, key, 1
         elif key == self.key:
@@ -92,11 +91,12 @@ class RegionAffinity:
         """The (normalised) region ``request`` asks for; empty when it asks for none."""
         return _normalise(request.headers.get(self.header)) or self.default_region
 
-    def rank(self, request: RouteRequest, candidates: Sequence[Peer]) -> Sequence[Peer]:
+    def rank(self, request: RouteRequest, candidates: Sequence[N]) -> Sequence[N]:
         """The best candidate in the requested region, then the best one outside it."""
         region = self.region_of(request)
         model = request.model
-        local, other = _Best(self._random), _Best(self._random)
+        local: _Best[N] = _Best(self._random)
+        other: _Best[N] = _Best(self._random)
         label = self.label
         for peer in candidates:
             key = (peer.load(model), _ttft(peer))
@@ -107,7 +107,7 @@ class RegionAffinity:
         return [p for p in (local.peer, other.peer) if p is not None]
 
 
-def _ttft(peer: Peer) -> float:
+def _ttft(peer: Node) -> float:
     value = peer.stats.get("ttft_ms")
     return float(value) if isinstance(value, int | float) and value > 0 else 0.0
 
