@@ -3,6 +3,8 @@ built-in policies read), the :class:`Candidates` views handed to policies, and t
 FIFO queue of requests waiting for a slot (``Registry`` with ``Proxy.acquire``).
 
 Every index check compares against a full scan of the peers computed from scratch.
+Tests that change a peer's models are async: the registry spaces its ``peer.updated``
+events on trio's clock (:func:`tooti.clock.now`).
 """
 
 from __future__ import annotations
@@ -137,7 +139,7 @@ def check(registry: Registry) -> set[str]:
 # ---------------------------------------------------------------- the index
 
 
-def test_index_follows_add_remove_and_models() -> None:
+async def test_index_follows_add_remove_and_models() -> None:
     a, b = make_peer("a"), make_peer("b", in_flight=2)
     registry = registry_of(a, b)
     assert check(registry) == {"a"}
@@ -160,7 +162,7 @@ def test_index_follows_add_remove_and_models() -> None:
     assert MODEL in registry.known_models
 
 
-def test_index_follows_draining_health_and_closed_tunnels() -> None:
+async def test_index_follows_draining_health_and_closed_tunnels() -> None:
     peers = [make_peer(name) for name in ("a", "b", "c")]
     a, b, c = peers
     registry = registry_of(*peers)
@@ -235,7 +237,7 @@ def test_measured_speed_is_picked_up_on_release() -> None:
     assert registry.free_slots(MODEL).least_loaded(random.Random()) is slow
 
 
-def test_random_changes_keep_the_index_consistent() -> None:
+async def test_random_changes_keep_the_index_consistent() -> None:
     rng = random.Random(2024)
     peers = [make_peer(f"n{i:02d}", capacity=rng.choice((1, 2, 4)),
                        ttft_ms=rng.choice((None, 50.0, 80.0))) for i in range(24)]
@@ -297,7 +299,7 @@ def test_least_loaded_lowest_load_then_lowest_ttft() -> None:
 
 
 @pytest.mark.parametrize("narrow", ["none", "skip", "subset"])
-def test_least_loaded_ties_are_drawn_at_random(narrow: str) -> None:
+async def test_least_loaded_ties_are_drawn_at_random(narrow: str) -> None:
     registry = registry_of(make_peer("a"), make_peer("b"), make_peer("worse", in_flight=1),
                            make_peer("other"))
     if narrow == "none":
@@ -589,7 +591,7 @@ def test_known_models_keeps_the_most_recently_advertised() -> None:
     assert "b" not in known and list(known) == ["c", "a", "d"] and len(known) == 3
 
 
-def test_a_model_nobody_serves_leaves_the_index() -> None:
+async def test_a_model_nobody_serves_leaves_the_index() -> None:
     """Advertising ever new model ids must not grow the routing index without end: an
     index goes once its last peer stops serving the model, but not while a request waits
     for it."""

@@ -17,8 +17,9 @@ from tooti.protocol.frames import FrameType
 def _end_bans(registry: Registry) -> None:
     """Every ban ends now."""
     now = trio.current_time()
-    for key, (_, reason) in list(registry.bans.items()):
-        registry.bans[key] = (now, reason)
+    entries = registry.bans.entries
+    for key, (_, reason) in list(entries.items()):
+        entries[key] = (now, reason)
 
 
 async def test_a_relayed_node_is_penalized_again_after_its_ban(network: Network) -> None:
@@ -81,7 +82,7 @@ async def test_a_violation_through_a_relay_bans_that_route_only(network: Network
 async def test_with_strikes_on_a_relay_with_three_violating_nodes_is_cut_off(
         network: Network) -> None:
     registry = network.gateway.registry
-    registry.relay_strikes = 3
+    registry.bans.relay_strikes = 3
     async with hostile_peer(network.tunnel_url, role="relay") as relay:
         nodes = [Identity.generate() for _ in range(4)]
         await relay.send_json(FrameType.ROUTES, {

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from tooti import clock
 from tooti.backends.base import ModelInfo
 from tooti.mesh.health import ModelHealth
 from tooti.tunnel import OutboundStream, TunnelSession
@@ -13,7 +13,11 @@ from tooti.tunnel import OutboundStream, TunnelSession
 
 @dataclass(eq=False)
 class Peer:
-    """One node (or relay) with a live tunnel to this gateway."""
+    """One node (or relay) with a live tunnel to this gateway.
+
+    It is the :class:`~tooti.routing.base.Node` a routing policy sees (``id``,
+    ``group``, ``labels``, ``models``, ``health``, ``in_flight``, ``stats``,
+    ``failures``, ``via``, ``hops``, :meth:`load`, :meth:`capacity`)."""
 
     id: str
     role: str
@@ -26,7 +30,8 @@ class Peer:
     """Streams this gateway has open on the peer, by model."""
     stats: dict[str, Any] = field(default_factory=dict)
     """The peer's last HEARTBEAT payload."""
-    connected_at: float = field(default_factory=time.time)
+    connected_at: float = field(default_factory=clock.wall)
+    """When its tunnel was registered (wall clock, shown to people)."""
     draining: bool = False
     failures: int = 0
     health: dict[str, ModelHealth] = field(default_factory=dict)
@@ -50,7 +55,7 @@ class Peer:
     """The name of the join token that admitted it (``default`` for ``join_token``,
     ``""`` without tokens; never the token itself). A relayed node has its relay's."""
     published_at: float = -1e18
-    """``time.monotonic()`` of its last ``peer.updated`` event (heartbeats publish at
+    """``clock.now()`` of its last ``peer.updated`` event (heartbeats publish at
     most one per :attr:`Registry.update_spacing`)."""
     penalized: bool = False
     """:meth:`Registry.penalize` cut this peer off since it was last registered (once is

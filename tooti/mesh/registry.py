@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Iterator
 from typing import Any
 
 import trio
 
+from tooti import clock
 from tooti.backends.base import ModelInfo
-from tooti.identity import DERIVED_PREFIX, derive_id
+from tooti.mesh.bans import Bans
 from tooti.mesh.candidates import KEY_NAMES, Candidates, Key, KeyName, ModelIndex, SlotWaiter
 from tooti.mesh.events import EventBus
-from tooti.mesh.identity_store import IdentityStore, IdentityStoreError
+from tooti.mesh.identities import IdentityBindings
+from tooti.mesh.identity_store import IdentityStore
 from tooti.mesh.peer import Peer
-from tooti.protocol.errors import ProtocolError
 
 log = logging.getLogger("tooti.gateway")
 
@@ -27,12 +27,6 @@ KNOWN_MODELS_LIMIT = 10_000
 """Model ids a gateway remembers having seen advertised (beyond those served now)."""
 VIOLATION = "protocol_violation"
 """GOAWAY code sent to a peer whose session is cut by :meth:`Registry.penalize`."""
-MAX_BANS = 10_000
-"""Most peer ids and relay routes banned at once (the oldest bans go first beyond it);
-also the most relays whose strikes are remembered."""
-
-BanKey = str | tuple[str, str]
-"""What a ban refuses: a peer id (on every path), or a ``(node id, relay id)`` route."""
 
 
 class KnownModels:
@@ -74,6 +68,10 @@ class Registry:
     cooldowns) calls :meth:`refresh` / :meth:`peer_updated` for that peer or
     :meth:`changed`. Requests waiting for a slot queue FIFO per model and group
     (:meth:`enqueue`); a freed slot goes to the oldest one that may use it.
+
+    It also composes who may join: :attr:`bindings` (which key owns each node id) and
+    :attr:`bans` (ids and relay routes refused after a violation), which handshakes
+    reach through :meth:`bind_identity`, :meth:`banned` and :meth:`penalize`.
     """
 
     def __init__(self, bus: EventBus | None = None,
@@ -103,26 +101,19 @@ class Registry:
         self._pending: set[tuple[str, str]] = set()
         self.known_models = KnownModels()
         """Model ids advertised here (unknown vs. unavailable), the most recent kept."""
-        self.identity_store = identities
-        """Where identity bindings persist across restarts (None = memory only)."""
-        self.identities: dict[str, bytes] = identities.load() if identities else {}
+        self.bindings = IdentityBindings(identities, limit=max_identities)
         """Chosen node names → the public key that first proved each (trust on first use),
-        loaded from ``identity_store`` and written through to it."""
-        self.max_identities = max_identities
+        loaded from ``identities`` and written through to it."""
         self.update_spacing = 0.8 * heartbeat_interval
         """Least time between two ``peer.updated`` events of one peer from heartbeats."""
         self.version = 0
         """Bumped whenever a peer starts or stops being live (or eligible) for a model,
         or a peer's models change: what is cached from the live models is current while
         it stays the same (see :meth:`live_version`)."""
-        self.ban_seconds = ban_seconds
-        self.bans: dict[BanKey, tuple[float, str]] = {}
-        """Peer id, or (node id, relay id) route → (``trio.current_time()`` its ban ends,
-        why): see :meth:`penalize`."""
-        self.relay_strikes = relay_strikes
-        self.relay_strike_seconds = relay_strike_seconds
-        self.strikes: dict[str, dict[str, float]] = {}
-        """Relay id → node id → when that node last violated the protocol through it."""
+        self.bans = Bans(ban_seconds, relay_strikes=relay_strikes,
+                         relay_strike_seconds=relay_strike_seconds)
+        """Peer ids and relay routes refused after a violation (see :meth:`penalize`),
+        and the strikes counted against relays."""
         self._changed = trio.Event()
 
     async def wait_until(self, condition: Callable[[], bool]) -> None:
@@ -144,118 +135,73 @@ class Registry:
         self._changed.set()
         self._changed = trio.Event()
 
-    def bind_identity(self, peer_id: str, public_key: bytes) -> None:
-        """Accept ``public_key`` for ``peer_id`` or raise ProtocolError ``identity_mismatch``.
+    # ------------------------------------------------------------ identities
 
-        A derived id (``tooti-…``) must be the key's own; a chosen name is bound to
-        the first key that proves it here and refused to any other key afterwards (across
-        restarts too, when the registry has an identity store).
-        """
-        if peer_id.startswith(DERIVED_PREFIX):
-            if derive_id(public_key) != peer_id:
-                raise ProtocolError("identity_mismatch",
-                                    f"{peer_id} is not the id of the presented key")
-            return
-        bound = self.identities.get(peer_id)
-        if bound is None:
-            if len(self.identities) >= self.max_identities:
-                raise ProtocolError(
-                    "identity_limit", f"this gateway binds at most {self.max_identities} "
-                    "chosen node names (gateway.max_identity_bindings): use the id derived "
-                    "from the node's key, or ask its operator to forget unused names")
-            bound = public_key
-            if self.identity_store is not None:
-                try:  # another process sharing the file may have bound it first
-                    bound = self.identity_store.bind(peer_id, public_key)
-                except IdentityStoreError as exc:
-                    log.error("node id %s is bound in memory only (lost on restart): %s",
-                              peer_id, exc)
-            self.identities[peer_id] = bound
-        if bound != public_key:
-            raise ProtocolError("identity_mismatch",
-                                f"node id {peer_id} belongs to another key")
+    @property
+    def identity_store(self) -> IdentityStore | None:
+        """Where identity bindings persist across restarts (None = memory only)."""
+        return self.bindings.store
+
+    @identity_store.setter
+    def identity_store(self, store: IdentityStore | None) -> None:
+        self.bindings.store = store
+
+    @property
+    def identities(self) -> dict[str, bytes]:
+        """Chosen node names → the public key bound to each (``bindings.bound``)."""
+        return self.bindings.bound
+
+    def bind_identity(self, peer_id: str, public_key: bytes) -> None:
+        """Accept ``public_key`` for ``peer_id`` or raise ProtocolError ``identity_mismatch``
+        (see :meth:`IdentityBindings.bind`)."""
+        self.bindings.bind(peer_id, public_key)
 
     # ------------------------------------------------------------ violations
 
     def penalize(self, peer: Peer, reason: str) -> None:
         """``peer`` broke the rules (out-of-bounds values, a flood, a protocol error):
-        cut it off and refuse it for ``ban_seconds``. A direct peer's session gets
+        cut it off and refuse it for ``bans.seconds``. A direct peer's session gets
         GOAWAY ``protocol_violation`` with ``reason`` and closes, and its id is refused
         on every path. A node reached through a relay is dropped from this registry
         alone (the relay's tunnel and its other nodes stay) and only its route through
         that relay is refused, since the relay may be the liar (it relays the node's
         END and its ROUTES entry): the node may still dial in directly or come through
-        another relay. That counts a strike against the relay (see :meth:`_strike`).
-        Logged as a warning and published as ``peer.violation``. Whatever the bad values
-        were, the caller must not have stored them."""
+        another relay. That counts a strike against the relay: once
+        ``bans.relay_strikes`` different nodes did within ``bans.relay_strike_seconds``,
+        the relay itself is penalized (a relay minting node ids to lie through cannot
+        go on; one bad node behind an honest relay costs it nothing beyond that node's
+        route). Logged as a warning and published as ``peer.violation``. Whatever the
+        bad values were, the caller must not have stored them."""
         if peer.penalized:
             return
         peer.penalized = True
         reason = reason[:300]
-        self._ban((peer.id, peer.via) if peer.via else peer.id, reason)
+        bans = self.bans
+        bans.ban((peer.id, peer.via) if peer.via else peer.id, reason)
         if peer.via:
             log.warning("node %s violated the protocol through relay %s: %s; that route is "
-                        "refused for %gs", peer.id, peer.via, reason, self.ban_seconds)
+                        "refused for %gs", peer.id, peer.via, reason, bans.seconds)
         else:
             log.warning("peer %s violated the protocol: %s; refused for %gs", peer.id,
-                        reason, self.ban_seconds)
+                        reason, bans.seconds)
         self.bus.publish("peer.violation", peer_id=peer.id, via=peer.via or None,
-                         reason=reason, ban_seconds=self.ban_seconds)
-        if peer.via:
-            self.remove(peer, f"protocol violation: {reason}")
-            self._strike(peer.via, peer.id)
-        else:
+                         reason=reason, ban_seconds=bans.seconds)
+        if not peer.via:
             peer.session.violate(VIOLATION, reason)
-
-    def _ban(self, key: BanKey, reason: str) -> None:
-        now = trio.current_time()
-        for banned, (until, _) in list(self.bans.items()):
-            if until <= now:
-                del self.bans[banned]
-        self.bans.pop(key, None)
-        self.bans[key] = (now + self.ban_seconds, reason)
-        while len(self.bans) > MAX_BANS:
-            del self.bans[next(iter(self.bans))]
-
-    def _strike(self, relay_id: str, node_id: str) -> None:
-        """``node_id`` violated the protocol through relay ``relay_id``: once
-        :attr:`relay_strikes` different nodes did within :attr:`relay_strike_seconds`,
-        the relay itself is penalized (a relay minting node ids to lie through cannot
-        go on; one bad node behind an honest relay costs it nothing beyond that node's
-        route)."""
-        if self.relay_strikes <= 0:  # off (the default)
             return
-        now = trio.current_time()
-        seen = self.strikes.pop(relay_id, {})
-        self.strikes[relay_id] = seen = {
-            node: at for node, at in seen.items() if at > now - self.relay_strike_seconds}
-        seen.pop(node_id, None)
-        seen[node_id] = now
-        while len(self.strikes) > MAX_BANS:
-            del self.strikes[next(iter(self.strikes))]
-        relay = self.peers.get(relay_id)
-        if len(seen) < self.relay_strikes or relay is None or relay.via:
+        self.remove(peer, f"protocol violation: {reason}")
+        struck = bans.strike(peer.via, peer.id)
+        relay = self.peers.get(peer.via)
+        if not bans.struck_out(struck) or relay is None or relay.via:
             return
-        del self.strikes[relay_id]
-        self.penalize(relay, f"{len(seen)} nodes violated the protocol through it within "
-                      f"{self.relay_strike_seconds:g}s (gateway.relay_strikes)")
+        bans.forget_strikes(relay.id)
+        self.penalize(relay, f"{struck} nodes violated the protocol through it within "
+                      f"{bans.relay_strike_seconds:g}s (gateway.relay_strikes)")
 
     def banned(self, peer_id: str, via: str = "") -> str | None:
         """Why ``peer_id`` (reached through relay ``via``, if given) is refused now, with
-        the seconds left, or None: its id is banned, or its route through ``via``."""
-        if not self.bans:
-            return None
-        for key in ((peer_id, (peer_id, via)) if via else (peer_id,)):
-            ban = self.bans.get(key)
-            if ban is None:
-                continue
-            left = ban[0] - trio.current_time()
-            if left <= 0:
-                del self.bans[key]
-                continue
-            what = f"{peer_id} via {via}" if isinstance(key, tuple) else peer_id
-            return f"{what} is refused for {left:.0f} more seconds after a violation: {ban[1]}"
-        return None
+        the seconds left, or None (see :meth:`Bans.refusal`)."""
+        return self.bans.refusal(peer_id, via)
 
     def add(self, peer: Peer) -> Peer | None:
         """Register ``peer``; returns the peer it replaces (same id), if any. A peer
@@ -330,7 +276,7 @@ class Registry:
         :attr:`update_spacing` ago (then it goes out with a later call)."""
         if self.peers.get(peer.id) is not peer:
             return
-        now = time.monotonic()
+        now = clock.now()
         if now - peer.published_at < self.update_spacing:
             return
         peer.published_at = now
@@ -346,7 +292,7 @@ class Registry:
         load, health, cooldowns)."""
         if self.peers.get(peer.id) is peer:
             self.refresh(peer)
-            peer.published_at = time.monotonic()
+            peer.published_at = clock.now()
             self.bus.publish("peer.updated", peer=peer.describe())
 
     def refresh(self, peer: Peer) -> None:
