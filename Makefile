@@ -27,10 +27,12 @@ test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q
 	$(BIN)/ruff check tooti tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check tooti tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python bench/overhead.py
