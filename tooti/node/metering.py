@@ -2,7 +2,9 @@
 
 The node forwards backend bytes untouched except for two things this module
 does: it forwards SSE only in whole events (so a stream cut mid-event never
-leaves half an event at the client), and it can drop the usage-only chunk
+leaves half an event at the client; cut by :class:`tooti.protocol.sse.SSEDecoder`,
+which writes every line end ``\\n`` however the backend wrote it and however its
+chunks fall), and it can drop the usage-only chunk
 that the node itself asked the backend for (``stream_options.include_usage``)
 when the client did not ask for it. Usage is taken from the backend's own
 figures; when a stream dies before reporting them, the count of delivered
@@ -25,6 +27,7 @@ from typing import Any
 
 import msgspec
 
+from tooti.protocol.sse import EVENT_END, SSEDecoder, split_events
 from tooti.protocol.usage import MAX_TOKENS
 
 _decoder = msgspec.json.Decoder()
@@ -46,7 +49,7 @@ class UsageMeter:
         self.forwarded = 0
         """Bytes returned for forwarding so far."""
         self.done = False
-        self._pending = b""
+        self._events = SSEDecoder()
         self._json: list[bytes] = []
         self._json_size = 0
 
@@ -62,31 +65,29 @@ class UsageMeter:
             if self._json_size <= MAX_JSON_BYTES:
                 self._json.append(chunk)
             return chunk
-        if b"\r" in chunk:
-            chunk = chunk.replace(b"\r\n", b"\n")
-        data = self._pending + chunk if self._pending else chunk
-        cut = data.rfind(b"\n\n")
-        if cut < 0:
-            self._pending = data
+        complete = self._events.feed(chunk)
+        if not complete:
             return b""
-        complete, self._pending = data[: cut + 2], data[cut + 2 :]
         if b'"usage"' not in complete and (
             b'"finish_reason":null' in complete or b'"finish_reason"' not in complete
         ):
             # Fast path: no usage and no finish reason in these events.
-            self.content_chunks += complete.count(b"\n\n")
+            self.content_chunks += complete.count(EVENT_END)
             if b"[DONE]" in complete:
                 self.done = True
                 self.content_chunks -= 1
             return complete
-        kept = [event for event in complete.split(b"\n\n")[:-1] if self._event(event)]
-        return b"".join(event + b"\n\n" for event in kept)
+        return b"".join(event for event in split_events(complete) if self._event(event))
 
     def _event(self, event: bytes) -> bool:
         """Inspect one SSE event; return False to drop it."""
-        if not event.startswith(b"data:"):
-            return True
-        payload = event[5:].strip()
+        if event.startswith(b"data:") and event.find(b"\n") == len(event) - 2:
+            payload = event[5:].strip()  # one data line, the usual event: no parse needed
+        else:
+            parsed = self._events.parse(event)
+            if parsed is None:
+                return True
+            payload = parsed.data.strip().encode()
         if payload == b"[DONE]":
             self.done = True
             return True
@@ -130,7 +131,7 @@ class UsageMeter:
                         reason = choices[0].get("finish_reason")
                         self.finish_reason = reason if isinstance(reason, str) else None
             return b""
-        tail, self._pending = self._pending, b""
+        tail = self._events.flush()
         self.forwarded += len(tail)
         return tail
 
