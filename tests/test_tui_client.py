@@ -39,15 +39,19 @@ JOINED = sse("peer.joined", {"seq": 4, "kind": "peer.joined", "ts": 1.0,
 
 
 def test_parse_sse_skips_comments_and_joins_data_lines() -> None:
-    async def lines() -> AsyncIterator[str]:
-        for line in [": keepalive", "", "event: a", "data: 1", "data: 2", "", "data: x",
-                     "", "event: tail", "data:no-space"]:
-            yield line
+    stream = (b": keepalive\r\n\r\nevent: a\r\ndata: 1\r\ndata: 2\r\n\r\n"
+              b"data: x\r\n\r\nevent: tail\r\ndata:no-space")
 
-    async def collect() -> list[tuple[str, str]]:
-        return [item async for item in parse_sse(lines())]
+    async def collect(cut: int) -> list[tuple[str, str]]:
+        async def chunks() -> AsyncIterator[bytes]:
+            yield stream[:cut]
+            yield stream[cut:]
 
-    assert asyncio.run(collect()) == [("a", "1\n2"), ("message", "x"), ("tail", "no-space")]
+        return [item async for item in parse_sse(chunks())]
+
+    for cut in range(len(stream) + 1):  # also between each \r and its \n
+        assert asyncio.run(collect(cut)) == [("a", "1\n2"), ("message", "x"),
+                                             ("tail", "no-space")], cut
 
 
 def test_normalize_gateway() -> None:

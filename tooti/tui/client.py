@@ -20,6 +20,8 @@ from typing import Any, NoReturn
 
 import httpx
 
+from tooti.protocol.sse import SSEDecoder
+
 EVENTS_PATH = "/admin/v1/events"
 DEFAULT_GATEWAY = "http://127.0.0.1:8080"
 READ_TIMEOUT = 45.0
@@ -83,29 +85,20 @@ def normalize_gateway(url: str) -> str:
     return url.rstrip("/")
 
 
-async def parse_sse(lines: AsyncIterator[str]) -> AsyncIterator[tuple[str, str]]:
-    """Server-sent events from a stream of lines: ``(event, data)`` pairs.
+async def parse_sse(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[str, str]]:
+    """Server-sent events from a stream of bytes: ``(event, data)`` pairs.
 
-    Comments (``: keepalive``) are skipped; multi-line data is joined with newlines.
+    Comments (``: keepalive``) are skipped; multi-line data is joined with newlines
+    (:class:`~tooti.protocol.sse.SSEDecoder`); an event left unfinished when the stream
+    ends is still yielded.
     """
-    kind = "message"
-    data: list[str] = []
-    async for line in lines:
-        if not line:
-            if data:
-                yield kind, "\n".join(data)
-            kind, data = "message", []
-            continue
-        if line.startswith(":"):
-            continue
-        name, _, value = line.partition(":")
-        value = value.removeprefix(" ")
-        if name == "event":
-            kind = value
-        elif name == "data":
-            data.append(value)
-    if data:
-        yield kind, "\n".join(data)
+    decoder = SSEDecoder()
+    async for chunk in chunks:
+        for event in decoder.events(chunk):
+            yield event.event, event.data
+    last = decoder.close()
+    if last is not None:
+        yield last.event, last.data
 
 
 def _error_message(body: bytes) -> str:
@@ -149,7 +142,7 @@ class EventsClient:
             if response.status_code != 200:
                 detail = _error_message(await response.aread())
                 raise GatewayError(f"{EVENTS_PATH} answered {response.status_code}: {detail}")
-            async for kind, data in parse_sse(response.aiter_lines()):
+            async for kind, data in parse_sse(response.aiter_bytes()):
                 try:
                     payload = json.loads(data)
                 except ValueError as exc:
