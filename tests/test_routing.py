@@ -286,11 +286,11 @@ def three() -> Proxy:
                       make_peer("dear", price=(10, 20)))
 
 
-def test_eligible_default_is_every_candidate() -> None:
+async def test_eligible_default_is_every_candidate() -> None:
     assert eligible(three(), Preferences()) == ["cheap", "dear", "mid"]
 
 
-def test_eligible_only_and_ignore() -> None:
+async def test_eligible_only_and_ignore() -> None:
     proxy = three()
     assert eligible(proxy, Preferences(only=frozenset({"mid", "gone"}))) == ["mid"]
     assert eligible(proxy, Preferences(ignore=frozenset({"cheap", "mid"}))) == ["dear"]
@@ -299,7 +299,7 @@ def test_eligible_only_and_ignore() -> None:
     assert eligible(proxy, Preferences(), excluded={"cheap"}) == ["dear", "mid"]
 
 
-def test_eligible_max_price() -> None:
+async def test_eligible_max_price() -> None:
     proxy = three()
     assert eligible(proxy, Preferences(max_price_prompt=3)) == ["cheap", "mid"]
     assert eligible(proxy, Preferences(max_price_completion=2)) == ["cheap"]
@@ -307,7 +307,7 @@ def test_eligible_max_price() -> None:
     assert eligible(proxy, Preferences(max_price_prompt=0.5)) == []
 
 
-def test_eligible_allow_fallbacks_false_keeps_to_order() -> None:
+async def test_eligible_allow_fallbacks_false_keeps_to_order() -> None:
     proxy = three()
     # With fallbacks allowed, order only ranks.
     assert eligible(proxy, Preferences(order=("dear",))) == ["cheap", "dear", "mid"]
@@ -320,7 +320,7 @@ def test_eligible_allow_fallbacks_false_keeps_to_order() -> None:
     assert eligible(proxy, Preferences(allow_fallbacks=False)) == ["cheap", "dear", "mid"]
 
 
-def test_eligible_skips_cooldown_draining_unhealthy_and_closed() -> None:
+async def test_eligible_skips_cooldown_draining_unhealthy_and_closed() -> None:
     peers = {name: make_peer(name) for name in ("ok", "cool", "drain", "sick", "gone")}
     proxy = make_proxy(*peers.values())
     peers["cool"].health_of(MODEL).start_cooldown("test", CooldownPolicy())

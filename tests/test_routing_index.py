@@ -180,7 +180,7 @@ async def test_index_follows_draining_health_and_closed_tunnels() -> None:
     assert check(registry) == {"c"}
 
 
-def test_a_change_the_index_missed_is_caught_on_the_chosen_node() -> None:
+async def test_a_change_the_index_missed_is_caught_on_the_chosen_node() -> None:
     a, b = make_peer("a"), make_peer("b", in_flight=1)
     proxy = proxy_of(a, b)
     a.session.closed.set()  # nobody told the registry: the index still lists "a"
@@ -188,7 +188,7 @@ def test_a_change_the_index_missed_is_caught_on_the_chosen_node() -> None:
     assert check(proxy.registry) == {"b"}
 
 
-def test_index_follows_cooldown_start_and_end() -> None:
+async def test_index_follows_cooldown_start_and_end() -> None:
     a, b = make_peer("a"), make_peer("b")
     proxy = proxy_of(a, b)
     registry = proxy.registry
@@ -206,7 +206,7 @@ def test_index_follows_cooldown_start_and_end() -> None:
     assert check(registry) == {"a", "b"}
 
 
-def test_reserve_and_release_track_free_slots() -> None:
+async def test_reserve_and_release_track_free_slots() -> None:
     a = make_peer("a", capacity=2)
     registry = registry_of(a)
     assert registry.reserve(a, MODEL) and a.in_flight[MODEL] == 1
@@ -226,7 +226,7 @@ def test_reserve_and_release_track_free_slots() -> None:
     assert a.in_flight[MODEL] == 0 and check(registry) == {"a"}
 
 
-def test_measured_speed_is_picked_up_on_release() -> None:
+async def test_measured_speed_is_picked_up_on_release() -> None:
     slow, fast = make_peer("slow", ttft_ms=300), make_peer("fast", ttft_ms=200)
     registry = registry_of(slow, fast)
     view = registry.free_slots(MODEL)
@@ -283,7 +283,7 @@ async def test_random_changes_keep_the_index_consistent() -> None:
 # ---------------------------------------------------------------- choosing
 
 
-def test_least_loaded_lowest_load_then_lowest_ttft() -> None:
+async def test_least_loaded_lowest_load_then_lowest_ttft() -> None:
     registry = registry_of(
         make_peer("busy", capacity=4, in_flight=2, ttft_ms=10),   # 0.5
         make_peer("slow", capacity=4, in_flight=1, ttft_ms=300),  # 0.25, slow
@@ -315,7 +315,7 @@ async def test_least_loaded_ties_are_drawn_at_random(narrow: str) -> None:
     assert set(counts) == {"a", "b"} and min(counts.values()) > 120, counts
 
 
-def test_built_in_policies_choose_on_the_view_as_on_a_list() -> None:
+async def test_built_in_policies_choose_on_the_view_as_on_a_list() -> None:
     rng = random.Random(5)
     peers = []
     for i in range(60):  # distinct speeds and prices: no exact ties
@@ -345,7 +345,7 @@ def test_built_in_policies_choose_on_the_view_as_on_a_list() -> None:
     assert {weighted.rank(ROUTE, view)[0].id for _ in range(300)} <= {p.id for p in free}
 
 
-def test_weighted_draws_in_proportion_through_the_view() -> None:
+async def test_weighted_draws_in_proportion_through_the_view() -> None:
     registry = registry_of(make_peer("a"), make_peer("b"), make_peer("off"))
     policy = Weighted({"weights": {"a": 3, "b": 1, "off": 0}})
     policy._random = random.Random(77)
@@ -354,7 +354,7 @@ def test_weighted_draws_in_proportion_through_the_view() -> None:
     assert "off" not in counts and 0.70 < counts["a"] / 4000 < 0.80, counts
 
 
-def test_preferences_look_up_and_skip_ids() -> None:
+async def test_preferences_look_up_and_skip_ids() -> None:
     peers = [make_peer(f"n{i}", capacity=4, in_flight=i % 4, price=(i, 10 - i))
              for i in range(10)]
     proxy = proxy_of(*peers)
@@ -378,7 +378,7 @@ def test_preferences_look_up_and_skip_ids() -> None:
     assert pick(Preferences(sort="price", only=frozenset({"n5", "n6"}))) == "n5"
 
 
-def test_a_third_party_policy_sees_a_plain_sequence() -> None:
+async def test_a_third_party_policy_sees_a_plain_sequence() -> None:
     seen: list[list[str]] = []
 
     class Last:
