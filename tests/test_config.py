@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import datetime
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, get_args, get_origin
 
+import msgspec
 import pytest
 
 from tooti.config import (
@@ -22,7 +23,14 @@ from tooti.config import (
     parse_listen,
     validate,
 )
-from tooti.settings import BackendSettings, Settings
+from tooti.settings import (
+    BackendSettings,
+    GatewaySettings,
+    GroupSettings,
+    NodeSettings,
+    Settings,
+    TunnelSettings,
+)
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.toml"
 
@@ -37,17 +45,20 @@ def error_of(text: str) -> ConfigError:
 
 
 def field_paths(cls: type, prefix: str = "") -> list[str]:
-    """Every dotted field path of a settings dataclass, descending into tables."""
+    """Every dotted field path of a settings Struct, descending into tables."""
     paths = []
-    hints = get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        path, hint = prefix + f.name, hints[f.name]
+    for f in msgspec.structs.fields(cls):
+        path, hint = prefix + f.name, f.type
         paths.append(path)
-        if dataclasses.is_dataclass(hint):
-            paths += field_paths(hint, path + ".")  # type: ignore[arg-type]
-        elif get_origin(hint) is list and dataclasses.is_dataclass(get_args(hint)[0]):
+        if is_table(hint):
+            paths += field_paths(hint, path + ".")
+        elif get_origin(hint) is list and is_table(get_args(hint)[0]):
             paths += field_paths(get_args(hint)[0], path + ".")
     return paths
+
+
+def is_table(hint: Any) -> bool:
+    return isinstance(hint, type) and issubclass(hint, msgspec.Struct)
 
 
 def uncomment(text: str) -> str:
@@ -179,12 +190,9 @@ def test_wrong_types(text: str, line: int, message: str) -> None:
 
 
 def test_int_for_bool() -> None:
-    # no bool field exists in Settings today; exercise the generic converter.
-    from tooti.config import _convert, _Invalid
-
-    with pytest.raises(_Invalid, match="expected boolean, got integer 1"):
-        _convert(1, bool, ("flag",))
-    assert _convert(True, bool, ("flag",)) is True
+    err = error_of("[network]\ndiscover = 1\n")
+    assert str(err) == "tooti.toml:2: network.discover: expected boolean, got integer 1"
+    assert loads("[network]\ndiscover = true\n").network.discover is True
 
 
 def test_int_accepted_for_float() -> None:
@@ -198,6 +206,104 @@ def test_type_error_on_secret_does_not_echo_value() -> None:
     assert str(err) == "tooti.toml:2: gateway.join_token: expected string, got integer"
     err = error_of('[[node.backends]]\napi_key = ["sk-secret"]\n')
     assert "sk-secret" not in str(err)
+
+
+# -- declared constraints --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        # gt on an integer, gt on a number (shown as the number it is), ge on both
+        ("[tunnel]\nmax_streams = 0", "tooti.toml:2: tunnel.max_streams: must be > 0, got 0"),
+        ("[gateway]\nrequest_timeout = 0",
+         "tooti.toml:2: gateway.request_timeout: must be > 0, got 0.0"),
+        ("[gateway]\nrelay_strikes = -1",
+         "tooti.toml:2: gateway.relay_strikes: must be >= 0, got -1"),
+        ("drain_grace = -1", "tooti.toml:1: drain_grace: must be >= 0, got -1.0"),
+        ("drain_grace = -inf", "tooti.toml:1: drain_grace: must be >= 0, got -inf"),
+        # a pattern and a minimum length, each with its own message
+        ('roles = ["node", "Gateway"]', "tooti.toml:1: roles[1]: unknown role 'Gateway' "
+         "(expected one of: gateway, node, relay)"),
+        ('log_level = "info "', "tooti.toml:1: log_level: unknown log level 'info ' "
+         "(expected one of: debug, info, warning, error)"),
+        ('[[node.backends]]\ntype = "a"\n[[node.backends]]\ntype = ""',
+         "tooti.toml:4: node.backends[1].type: backend type must not be empty"),
+    ],
+)
+def test_each_constraint_kind_is_refused(text: str, message: str) -> None:
+    assert str(error_of(text)) == message
+
+
+def test_values_in_tables_name_their_key() -> None:
+    err = error_of('[node]\nlabels = { a = "x", b = 2 }\n')
+    assert str(err) == "tooti.toml:2: node.labels.b: expected string, got integer 2"
+    err = error_of('[gateway.groups.eu]\njoin_token = "t"\n[gateway.groups.us]\n'
+                   "join_token = 5\n")
+    assert str(err) == "tooti.toml:4: gateway.groups.us.join_token: expected string, got integer"
+    err = error_of('[gateway.groups."a.b"]\njoin_tokn = "t"\n')
+    assert str(err).startswith(
+        "tooti.toml:2: unknown key 'gateway.groups.\"a.b\".join_tokn' (known: api_keys, ")
+    assert str(err).endswith("did you mean 'join_token'?")
+    err = error_of('[gateway.groups.eu]\njoin_token = "t"\napi_keys = ["k", 1]\n')
+    assert str(err) == "tooti.toml:3: gateway.groups.eu.api_keys[1]: expected string, got integer"
+
+
+def test_every_number_is_bounded() -> None:
+    """Each int and float setting declares its range (> 0 unless 0 has a meaning)."""
+
+    def numbers(cls: type, prefix: str) -> list[tuple[str, Any]]:
+        out = []
+        for f in msgspec.structs.fields(cls):
+            hint = get_args(f.type)[0] if get_origin(f.type) is list else f.type
+            if is_table(hint):
+                out += numbers(hint, f"{prefix}{f.name}.")
+            else:
+                out.append((prefix + f.name, hint))
+        return out
+
+    hints = dict(numbers(Settings, ""))
+    assert hints["gateway.max_body_bytes"] is not int
+    for name, hint in hints.items():
+        args = get_args(hint)
+        if args and args[0] in (int, float):
+            meta = args[1]
+            assert (meta.gt, meta.ge) in ((0, None), (None, 0)), name
+        else:
+            assert hint not in (int, float), f"{name} declares no range"
+
+
+def test_validate_checks_declarations_of_built_settings() -> None:
+    with pytest.raises(ConfigError, match=r"^tunnel.max_streams: must be > 0, got 0$"):
+        validate(Settings(tunnel=TunnelSettings(max_streams=0)))
+    with pytest.raises(ConfigError, match=r"^roles\[0\]: unknown role 'router'"):
+        validate(Settings(roles=["router"]))
+    with pytest.raises(ConfigError, match=r"^node.labels.b: expected string, got integer 1$"):
+        validate(Settings(node=NodeSettings(labels={"a": "x", "b": 1})))  # type: ignore[dict-item]
+    with pytest.raises(ConfigError, match=r"^gateway.groups.eu.join_token: a group needs"):
+        validate(Settings(gateway=GatewaySettings(groups={"eu": GroupSettings()})))
+    options = {"since": datetime.date(2024, 1, 2), "n": [1, 2.5]}
+    backend = BackendSettings(options=options)
+    checked = validate(Settings(node=NodeSettings(backends=[backend])))
+    assert checked.node.backends[0].options == options  # kept as given, not re-encoded
+
+
+def test_constraints_without_their_own_message() -> None:
+    from tooti.config import _decode, _Invalid
+
+    class Port(msgspec.Struct, forbid_unknown_fields=True):
+        port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
+        ratio: Annotated[float, msgspec.Meta(lt=1)] = 0.5
+        name: Annotated[str, msgspec.Meta(pattern="^[a-z]+$")] = "a"
+        api_key: Annotated[int, msgspec.Meta(gt=0)] = 1
+
+    for data, message in [({"port": 70000}, "must be <= 65535, got 70000"),
+                          ({"ratio": 1}, "must be < 1, got 1.0"),
+                          ({"name": "A"}, "must match the pattern '^[a-z]+$'"),
+                          ({"api_key": -5}, "must be > 0")]:
+        with pytest.raises(_Invalid) as info:
+            _decode(data, Port)
+        assert info.value.message == message
 
 
 # -- TOML syntax -----------------------------------------------------------

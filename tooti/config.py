@@ -1,43 +1,45 @@
 """Load, validate and override :class:`tooti.settings.Settings`.
 
 Sources, highest precedence first: command-line flags, ``TOOTI_*`` environment
-variables, a TOML file, the dataclass defaults. The TOML file is validated
-generically against the dataclasses in :mod:`tooti.settings` (their type hints
-are the schema), and every error names the file, line and dotted key::
+variables, a TOML file, the declared defaults. The TOML file is decoded with
+``msgspec.convert`` into the Structs of :mod:`tooti.settings` (their annotations and
+``msgspec.Meta`` constraints are the schema); checks that span fields or need a
+parser stay here as small functions. Every error names the file, line and dotted key::
 
     tooti.toml:12: gateway.max_body_bytes: expected integer, got string "big"
 
-``tomllib`` reports no positions for parsed keys, so :func:`_locate_keys` scans
-the source text for table headers and ``key =`` lines to find them.
+msgspec reports where a value failed as ``$.gateway.max_body_bytes``; ``tomllib``
+reports no positions for parsed keys, so :func:`tooti.toml_keys.locate_keys` scans the
+source text for table headers and ``key =`` lines to find the line of that key.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
+import datetime
 import difflib
 import math
+import operator
 import os
 import re
 import tomllib
 from collections.abc import Iterable, Mapping
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, get_args, get_origin, get_type_hints
 from urllib.parse import urlsplit, urlunsplit
 
-from tooti.groups import DEFAULT_TOKEN, GROUP_NAME, api_key_digest
-from tooti.settings import ROLES, BackendSettings, GatewaySettings, Settings
+import msgspec
 
-TUNNEL_PATH = "/tooti/v1/tunnel"
-LOG_LEVELS = ("debug", "info", "warning", "error")
+from tooti.groups import DEFAULT_TOKEN, GROUP_NAME, api_key_digest
+from tooti.settings import BackendSettings, GatewaySettings, LogLevel, Role, Settings
+from tooti.toml_keys import Path, line_of, locate_keys
+from tooti.transport.websocket import TUNNEL_PATH
+
 SECRET_FIELDS = frozenset({"join_token", "join_tokens", "admin_key", "api_key",
                            "discover_token", "api_keys"})
 """Field names whose values never appear in messages."""
-_MAY_BE_ZERO = frozenset({"drain_grace", "price_input", "price_output", "relay_strikes"})
-"""Numeric fields allowed to be 0; every other int/float field must be > 0."""
 
-Path = tuple[str | int, ...]
-"""A key path into the TOML document: table keys, and indexes into arrays."""
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
 class ConfigError(Exception):
@@ -108,12 +110,12 @@ def loads(text: str, *, source: str = "<string>") -> Settings:
     except tomllib.TOMLDecodeError as exc:
         raise _syntax_error(exc, text, source) from None
     try:
-        return _validate(_build(Settings, data, ()))
+        return _validate(_decode(data))
     except _Invalid as exc:
         raise ConfigError(
             exc.message,
             source=source,
-            line=_line_of(_locate_keys(text), exc.path),
+            line=line_of(locate_keys(text), exc.path),
             key=_dotted(exc.path) if exc.show_key else None,
         ) from None
 
@@ -131,80 +133,114 @@ def _syntax_error(exc: tomllib.TOMLDecodeError, text: str, source: str) -> Confi
 
 
 # --------------------------------------------------------------------------
-# Generic validation against the settings dataclasses
+# Decoding against the settings Structs
 
 
-def _build(cls: type[Any], table: Mapping[str, Any], path: Path) -> Any:
-    """Construct dataclass ``cls`` from a TOML table, type-checking every key."""
-    hints = get_type_hints(cls)
-    known = sorted(f.name for f in dataclasses.fields(cls))
-    kwargs: dict[str, Any] = {}
-    for key, value in table.items():
-        where = (*path, key)
-        if key not in known:
-            msg = f"unknown key '{_dotted(where)}' (known: {', '.join(known)})"
-            if close := difflib.get_close_matches(key, known, n=1):
-                msg += f"; did you mean '{close[0]}'?"
-            raise _Invalid(where, msg, show_key=False)
-        kwargs[key] = _convert(value, hints[key], where)
-    return cls(**kwargs)
+def _decode(data: Any, hint: Any = Settings) -> Any:
+    """``data`` converted to the declared type ``hint``; :class:`_Invalid` at the key
+    that does not fit."""
+    try:
+        return msgspec.convert(data, hint)
+    except msgspec.ValidationError as exc:
+        raise _explain(str(exc), data, hint) from None
 
 
-def _convert(value: Any, hint: Any, path: Path) -> Any:
-    """Check ``value`` against type ``hint``; return it converted (int -> float)."""
-    if hint is Any:
-        return value
-    if dataclasses.is_dataclass(hint):
-        if not isinstance(value, dict):
-            raise _type_error(path, "table", value)
-        return _build(hint, value, path)  # type: ignore[arg-type]
-    origin, args = get_origin(hint), get_args(hint)
-    if origin is list:
-        if not isinstance(value, list):
-            raise _type_error(path, "array", value)
-        return [_convert(item, args[0], (*path, i)) for i, item in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise _type_error(path, "table", value)
-        return {k: _convert(v, args[1], (*path, k)) for k, v in value.items()}
-    if hint is bool and isinstance(value, bool):
-        return value
-    if hint is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if hint is str and isinstance(value, str):
-        return value
-    if hint in (bool, int, float, str):
-        raise _type_error(path, _TYPE_NAMES[hint], value)
-    raise TypeError(f"unsupported settings type {hint!r} at {_dotted(path)}")
+_ERROR = re.compile(r"(?P<what>.*?)(?: - at `\$(?P<at>[^`]*)`)?", re.DOTALL)
+_STEP = re.compile(r"\.(\w+)|\[(\d+)\]|\[\.\.\.\]")
+_TOML_TYPES = (datetime.datetime, datetime.date, datetime.time)
+_KINDS: dict[Any, str] = {bool: "boolean", int: "integer", float: "number", str: "string",
+                          list: "array", dict: "table"}
+_BOUNDS = ((">", "gt", operator.gt), (">=", "ge", operator.ge),
+           ("<", "lt", operator.lt), ("<=", "le", operator.le))
 
 
-_TYPE_NAMES: dict[Any, str] = {bool: "boolean", int: "integer", float: "number", str: "string"}
+def _explain(error: str, data: Any, hint: Any) -> _Invalid:
+    """Turn msgspec's ``Expected `int`, got `str` - at `$.a.b[0]``` into an
+    :class:`_Invalid` at that key path, in the words users see."""
+    m = _ERROR.fullmatch(error)
+    assert m is not None  # every string matches
+    path: Path = ()
+    value = data
+    for step in _STEP.finditer(m["at"] or ""):
+        key: str | int | None
+        if step[1] is not None:
+            hint, key = get_type_hints(_unwrap(hint)[0], include_extras=True)[step[1]], step[1]
+        elif step[2] is not None:
+            hint, key = get_args(_unwrap(hint)[0])[0], int(step[2])
+        else:  # msgspec does not name a table's key: the first value refused is the one
+            hint = get_args(_unwrap(hint)[0])[1]
+            key = next((k for k, v in value.items() if not _fits(v, hint)), None)
+            if key is None:
+                break
+        value, path = value[key], (*path, key)
+    if unknown := re.fullmatch(r"Object contains unknown field `(.*)`", m["what"]):
+        return _unknown_key(path, unknown[1], _unwrap(hint)[0].__struct_fields__)
+    if ", got `" in m["what"]:
+        return _Invalid(path, f"expected {_kind(hint)}, got {_describe(value, _is_secret(path))}")
+    return _Invalid(path, _broken(hint, value, _is_secret(path)))
 
 
-def _type_error(path: Path, expected: str, value: Any) -> _Invalid:
-    return _Invalid(path, f"expected {expected}, got {_describe(value, _is_secret(path))}")
+def _unwrap(hint: Any) -> tuple[Any, tuple[Any, ...]]:
+    """A declared type without its ``Annotated`` wrapper, and the wrapper's metadata."""
+    if get_origin(hint) is Annotated:
+        base, *metas = get_args(hint)
+        return base, tuple(metas)
+    return hint, ()
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    try:
+        msgspec.convert(value, hint)
+    except msgspec.ValidationError:
+        return False
+    return True
+
+
+def _kind(hint: Any) -> str:
+    """What TOML calls the declared type: ``integer``, ``number``, ``table``, ..."""
+    base = _unwrap(hint)[0]
+    return _KINDS.get(get_origin(base) or base, "table")  # the rest are Structs
+
+
+def _broken(hint: Any, value: Any, secret: bool) -> str:
+    """The message for a value of the right type that breaks its declared constraint:
+    the constraint's own ``extra["error"]``, else the bound it breaks."""
+    base, metas = _unwrap(hint)
+    shown = float(value) if base is float else value
+    for meta in metas:
+        if meta.extra and "error" in meta.extra:
+            return str(meta.extra["error"]).format(value="..." if secret else value)
+        for op, name, holds in _BOUNDS:
+            bound = getattr(meta, name)
+            if bound is not None and not holds(shown, bound):
+                return f"must be {op} {bound}" + ("" if secret else f", got {shown}")
+        if meta.pattern is not None:
+            return f"must match the pattern '{meta.pattern}'"
+    return "invalid value"
+
+
+def _unknown_key(path: Path, name: str, known: Iterable[str]) -> _Invalid:
+    where, names = (*path, name), sorted(known)
+    msg = f"unknown key '{_dotted(where)}' (known: {', '.join(names)})"
+    if close := difflib.get_close_matches(name, names, n=1):
+        msg += f"; did you mean '{close[0]}'?"
+    return _Invalid(where, msg, show_key=False)
+
+
+_VALUES: dict[type, str] = {bool: "boolean", int: "integer", float: "float", str: "string",
+                            list: "array", dict: "table"}
 
 
 def _describe(value: Any, secret: bool = False) -> str:
-    """Name a TOML value's type, with the value itself unless it is secret."""
-    if isinstance(value, bool):
-        kind, shown = "boolean", str(value).lower()
-    elif isinstance(value, int):
-        kind, shown = "integer", str(value)
-    elif isinstance(value, float):
-        kind, shown = "float", repr(value)
-    elif isinstance(value, str):
+    """Name a TOML value's type, with the value itself unless it is secret or a table or
+    an array."""
+    kind = _VALUES.get(type(value), type(value).__name__)
+    if secret or kind in ("array", "table") or type(value) not in _VALUES:
+        return kind
+    if kind == "string":
         short = value if len(value) <= 40 else value[:37] + "..."
-        kind, shown = "string", '"' + short.replace('"', '\\"') + '"'
-    elif isinstance(value, list):
-        return "array"
-    elif isinstance(value, dict):
-        return "table"
-    else:
-        return type(value).__name__
-    return kind if secret else f"{kind} {shown}"
+        return 'string "' + short.replace('"', '\\"') + '"'
+    return f"{kind} {str(value).lower() if kind == 'boolean' else repr(value)}"
 
 
 def _is_secret(path: Path) -> bool:
@@ -226,25 +262,24 @@ def _dotted(path: Path) -> str:
 
 
 def validate(settings: Settings) -> Settings:
-    """Check value constraints (roles, listen, peers, positive numbers, log level).
+    """Check ``settings`` against the declarations and the checks across fields.
 
     Returns a normalized copy (peer URLs completed, log level lower-cased);
     raises :class:`ConfigError` naming the offending key.
     """
     try:
+        _decode(msgspec.to_builtins(settings, builtin_types=_TOML_TYPES, enc_hook=str))
         return _validate(copy.deepcopy(settings))
     except _Invalid as exc:
         raise ConfigError(exc.message, key=_dotted(exc.path)) from None
 
 
 def _validate(s: Settings) -> Settings:
-    """Check and normalize ``s`` in place; raise :class:`_Invalid`."""
-    seen: set[str] = set()
+    """Check what the declarations cannot say (values that go together or need a
+    parser) and normalize ``s`` in place; raise :class:`_Invalid`."""
     for i, role in enumerate(s.roles):
-        _at(("roles", i), _check_role, role)
-        if role in seen:
+        if role in s.roles[:i]:
             raise _Invalid(("roles", i), f"role '{role}' listed twice")
-        seen.add(role)
     _at(("gateway", "listen"), parse_listen, s.gateway.listen)
     if bool(s.gateway.tls_cert) != bool(s.gateway.tls_key):
         missing = "tls_key" if s.gateway.tls_cert else "tls_cert"
@@ -267,12 +302,8 @@ def _validate(s: Settings) -> Settings:
                                    s.network.public_url)
     if s.node.admin_listen:
         _at(("node", "admin_listen"), parse_listen, s.node.admin_listen)
-    s.log_level = _at(("log_level",), _check_log_level, s.log_level)
-    for i, backend in enumerate(s.node.backends):
-        if not backend.type:
-            raise _Invalid(("node", "backends", i, "type"), "backend type must not be empty")
+    s.log_level = s.log_level.lower()
     _check_groups(s.gateway)
-    _check_numbers(s, ())
     if s.node.reconnect_max < s.node.reconnect_initial:
         raise _Invalid(("node", "reconnect_max"), "must be >= node.reconnect_initial")
     if s.relay.reconnect_max < s.relay.reconnect_initial:
@@ -286,28 +317,6 @@ def _at(path: Path, check: Any, value: str) -> Any:
         return check(value)
     except ConfigError as exc:
         raise _Invalid(path, exc.message) from None
-
-
-def _check_numbers(obj: Any, path: Path) -> None:
-    """Require every int/float field to be > 0 (>= 0 for :data:`_MAY_BE_ZERO`)."""
-    for f in dataclasses.fields(obj):
-        value, where = getattr(obj, f.name), (*path, f.name)
-        if dataclasses.is_dataclass(value):
-            _check_numbers(value, where)
-        elif isinstance(value, list):
-            for i, item in enumerate(value):
-                if dataclasses.is_dataclass(item):
-                    _check_numbers(item, (*where, i))
-        elif isinstance(value, dict):
-            for key, item in value.items():
-                if dataclasses.is_dataclass(item):
-                    _check_numbers(item, (*where, key))
-        elif isinstance(value, int | float) and not isinstance(value, bool):
-            if f.name in _MAY_BE_ZERO:
-                if not value >= 0:
-                    raise _Invalid(where, f"must be >= 0, got {value}")
-            elif not value > 0:
-                raise _Invalid(where, f"must be > 0, got {value}")
 
 
 def _check_groups(gateway: GatewaySettings) -> None:
@@ -361,16 +370,20 @@ def _check_tokens(token: str, named: dict[str, str], where: Path, group: str,
         seen[value] = f"group '{group}'" if group else _dotted(at)
 
 
+def _checked(value: str, hint: Any) -> Any:
+    """``value`` checked against one declared type (for environment variables and flags)."""
+    try:
+        return _decode(value, hint)
+    except _Invalid as exc:
+        raise ConfigError(exc.message) from None
+
+
 def _check_role(role: str) -> str:
-    if role not in ROLES:
-        raise ConfigError(f"unknown role '{role}' (expected one of: {', '.join(ROLES)})")
-    return role
+    return str(_checked(role, Role))
 
 
 def _check_log_level(level: str) -> str:
-    if level.lower() not in LOG_LEVELS:
-        raise ConfigError(f"unknown log level '{level}' (expected one of: {', '.join(LOG_LEVELS)})")
-    return level.lower()
+    return str(_checked(level, LogLevel)).lower()
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -525,152 +538,3 @@ def build_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Sett
     settings = load_file(path) if path else Settings()
     settings = _apply_flags(apply_env(settings, environ), args)
     return validate(settings)
-
-
-# --------------------------------------------------------------------------
-# Locating keys in the TOML source
-
-_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
-_KEY_PART = re.compile(r"""\s*(?:([A-Za-z0-9_-]+)|"((?:[^"\\]|\\.)*)"|'([^']*)')\s*""")
-
-
-def _line_of(lines: dict[Path, int], path: Path) -> int | None:
-    """The line of ``path``, else of its nearest located ancestor."""
-    for end in range(len(path), 0, -1):
-        if path[:end] in lines:
-            return lines[path[:end]]
-    return None
-
-
-def _locate_keys(text: str) -> dict[Path, int]:
-    """Map key paths to the (1-based) line where they are defined.
-
-    Understands ``[a.b]`` and ``[[a.b]]`` headers (the n-th ``[[a.b]]`` is
-    element n-1), ``key =`` and ``a.b =`` lines, and skips multi-line arrays,
-    inline tables and strings. Keys inside inline tables map to their line via
-    the parent key.
-    """
-    found: dict[Path, int] = {}
-    counts: dict[Path, int] = {}  # array-of-tables path -> elements seen so far
-    table: Path = ()
-    src = text.splitlines()
-    i = 0
-    while i < len(src):
-        lineno, line = i + 1, src[i].strip()
-        i += 1
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("["):
-            is_array = line.startswith("[[")
-            start = 2 if is_array else 1
-            end = _find_unquoted(line, "]]" if is_array else "]", start)
-            keys = _split_key(line[start:end]) if end >= 0 else None
-            if not keys:
-                continue
-            table = (*_resolve(keys[:-1], counts), keys[-1])
-            found.setdefault(table, lineno)
-            if is_array:
-                index = counts.get(table, 0)
-                counts[table] = index + 1
-                table = (*table, index)
-                found[table] = lineno
-            continue
-        eq = _find_unquoted(line, "=", 0)
-        keys = _split_key(line[:eq]) if eq > 0 else None
-        if not keys:
-            continue
-        path = table + tuple(keys)
-        for end in range(len(table) + 1, len(path) + 1):
-            found.setdefault(path[:end], lineno)
-        i = _skip_value(src, i, line[eq + 1 :])
-    return found
-
-
-def _resolve(keys: list[str], counts: dict[Path, int]) -> Path:
-    """Turn header keys into a path, entering the last element of each array of tables."""
-    path: Path = ()
-    for key in keys:
-        path = (*path, key)
-        if path in counts:
-            path = (*path, counts[path] - 1)
-    return path
-
-
-def _split_key(text: str) -> list[str] | None:
-    """Split a (possibly dotted, possibly quoted) TOML key; None if it is not one."""
-    keys, pos = [], 0
-    while True:
-        m = _KEY_PART.match(text, pos)
-        if not m or m.end() == pos:
-            return None
-        bare, basic, literal = m.groups()
-        keys.append(bare if bare is not None else basic if basic is not None else literal)
-        pos = m.end()
-        if pos == len(text):
-            return keys
-        if text[pos] != ".":
-            return None
-        pos += 1
-
-
-def _find_unquoted(line: str, target: str, start: int) -> int:
-    """Index of ``target`` in ``line`` outside quoted strings, or -1."""
-    quote: str | None = None
-    j = start
-    while j < len(line):
-        c = line[j]
-        if quote:
-            if c == "\\" and quote == '"':
-                j += 1
-            elif c == quote:
-                quote = None
-        elif c in "\"'":
-            quote = c
-        elif line.startswith(target, j):
-            return j
-        j += 1
-    return -1
-
-
-def _skip_value(src: list[str], i: int, text: str) -> int:
-    """Return the index of the first line after the value starting with ``text``.
-
-    ``i`` indexes the line after the one holding ``text``; arrays, inline
-    tables and triple-quoted strings may continue over several lines.
-    """
-    depth, quote = 0, ""
-    while True:
-        j = 0
-        while j < len(text):
-            if quote in ('"""', "'''"):
-                if text.startswith(quote, j):
-                    quote, j = "", j + 3
-                    continue
-                j += 2 if quote == '"""' and text[j] == "\\" else 1
-                continue
-            if quote:
-                if text[j] == "\\" and quote == '"':
-                    j += 1
-                elif text[j] == quote:
-                    quote = ""
-                j += 1
-                continue
-            if text.startswith('"""', j) or text.startswith("'''", j):
-                quote, j = text[j : j + 3], j + 3
-                continue
-            c = text[j]
-            if c == "#":
-                break
-            if c in "\"'":
-                quote = c
-            elif c in "[{":
-                depth += 1
-            elif c in "]}":
-                depth -= 1
-            j += 1
-        if quote in ('"', "'"):
-            quote = ""  # single-line strings cannot span lines
-        if (depth <= 0 and not quote) or i >= len(src):
-            return i
-        text = src[i]
-        i += 1

@@ -4,10 +4,10 @@ at once; each node's token name is shown, never the token)."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import httpx
+import msgspec
 import pytest
 import trio
 
@@ -104,7 +104,7 @@ async def test_join_tokens_rotate_without_downtime(
     # Retire "spring": the gateway now knows the other two only (the tokens it builds
     # tell the test when they refuse someone).
     monkeypatch.setattr(join_tokens, "BearerAuth", WatchedAuth)
-    changes = gateway.station.reload_tokens(dataclasses.replace(settings, join_tokens={
+    changes = gateway.station.reload_tokens(msgspec.structs.replace(settings, join_tokens={
         "autumn": "tok-autumn"}))
     assert (changes.added, changes.removed, changes.replaced) == ([], ["spring"], [])
     before = {p.id: p for p in registry.peers.values()}
