@@ -71,6 +71,7 @@ from tooti.backends.llamacpp import (
     child_command,
 )
 from tooti.backends.openai import OpenAIBackend
+from tooti.protocol.sse import SSEDecoder, split_events
 from tooti.settings import BackendSettings
 
 try:  # openai >= 3 is built on httpx2; earlier releases on httpx
@@ -352,12 +353,16 @@ def parse_sse(data: bytes) -> tuple[list[dict[str, Any]], bool]:
     """Decode ``data: ...`` SSE events; return (JSON events, saw ``[DONE]`` last)."""
     events: list[dict[str, Any]] = []
     done = False
-    for block in data.decode().split("\n\n"):
+    decoder = SSEDecoder()
+    blocks = split_events(decoder.feed(data))
+    for block in [*blocks, decoder.flush()]:
         if not block.strip():
             continue
         assert not done, "event after [DONE]"
-        assert block.startswith("data: "), block
-        payload = block[len("data: "):]
+        assert block.startswith(b"data: "), block
+        event = decoder.parse(block)
+        assert event is not None and event.event == "message", block
+        payload = event.data
         if payload == "[DONE]":
             done = True
         else:
