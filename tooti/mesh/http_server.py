@@ -1,31 +1,23 @@
-"""hypercorn's per-connection HTTP server, with tooti's limits and error objects.
+"""The HTTP side of an accepted connection: the stream hypercorn reads, and its limits.
 
 The listener (:mod:`tooti.mesh.listener`) reads the first bytes of every connection
 itself; what is not a tunnel upgrade is served here: :class:`Replay` puts the bytes
 already read back in front of the stream (and bounds each write by ``send_timeout``),
-:class:`LimitedServer` is hypercorn's per-connection server with the keep-alive and
-header timeouts, and :class:`ErrorObjectH11` is hypercorn's HTTP/1.1 protocol answering
-what h11 refuses with the OpenAI error object. These lean on hypercorn 0.18 internals
-(``TCPServer``, ``H11Protocol``), hence the pin below 0.19 in ``pyproject.toml``.
+and :class:`LimitedServer` is hypercorn's per-connection server
+(:class:`~tooti.mesh.hypercorn_compat.ConnectionServer`, which also answers what h11
+refuses with the OpenAI error object) with the keep-alive and header timeouts.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Protocol
+from typing import Protocol
 
-import h11
 import trio
-from hypercorn.config import Config
-from hypercorn.events import Closed, Event, RawData
-from hypercorn.protocol import ProtocolWrapper
-from hypercorn.protocol.h11 import H11Protocol
-from hypercorn.trio.tcp_server import TCPServer
-from hypercorn.trio.worker_context import WorkerContext
-from hypercorn.typing import AppWrapper, ConnectionState
 
+from tooti import clock
 from tooti.errors import APIError
-from tooti.mesh.http import protocol_error
+from tooti.mesh.hypercorn_compat import ConnectionServer, ServedApp
 
 Accepted = trio.SocketStream | trio.SSLStream[trio.SocketStream]
 """An accepted connection: plain TCP, or TLS with its handshake done."""
@@ -45,7 +37,6 @@ def socket_of(stream: Accepted) -> trio.socket.SocketType:
     """The TCP socket under an accepted connection."""
     return stream.transport_stream.socket if isinstance(stream, trio.SSLStream) \
         else stream.socket
-
 
 
 class Replay(trio.abc.HalfCloseableStream):
@@ -90,7 +81,7 @@ class Replay(trio.abc.HalfCloseableStream):
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         # hypercorn shields its writes from cancellation; this deadline still applies.
         with trio.move_on_after(self._send_timeout):
-            # hypercorn already serializes its writes (TCPServer.send_lock); the lock is
+            # the server already serializes its writes (its send lock); the lock is
             # for send_eof, so a free one is taken without the extra yield of acquire().
             try:
                 self._sending.acquire_nowait()
@@ -117,20 +108,29 @@ class Replay(trio.abc.HalfCloseableStream):
     async def aclose(self) -> None:
         await self._stream.aclose()
 
+    @property
+    def tls(self) -> bool:
+        """False: plain TCP (:class:`TLSReplay` says True)."""
+        return False
+
+    def selected_alpn_protocol(self) -> str | None:
+        """None: no TLS, no ALPN."""
+        return None
+
 
 class TLSReplay(Replay):
-    """The same over TLS, with what hypercorn looks for in a TLS stream (it then serves
-    the connection as ``https`` and picks HTTP/2 if ALPN chose it). The handshake is
-    already done; there is no half-close in TLS, so ``send_eof`` does nothing."""
+    """The same over TLS (hypercorn then serves the connection as ``https`` and picks
+    HTTP/2 if ALPN chose it). The handshake is already done; there is no half-close in
+    TLS, so ``send_eof`` does nothing."""
 
     def __init__(self, stream: trio.SSLStream[trio.SocketStream], head: bytes,
                  send_timeout: float = math.inf) -> None:
         super().__init__(stream, head, send_timeout)
-        self.transport_stream = stream.transport_stream
         self._tls = stream
 
-    async def do_handshake(self) -> None:
-        await self._tls.do_handshake()
+    @property
+    def tls(self) -> bool:
+        return True
 
     def selected_alpn_protocol(self) -> str | None:
         protocol: str | None = self._tls.selected_alpn_protocol()
@@ -144,114 +144,42 @@ def replay(stream: Accepted, head: bytes, send_timeout: float = math.inf) -> Rep
     return Replay(stream, head, send_timeout)
 
 
-class ErrorObjectH11(H11Protocol):
-    """hypercorn's HTTP/1.1 protocol, except that what h11 refuses (a bad request line,
-    header, Content-Length or chunk: 400; a head over the size limit: 431; an unknown
-    transfer coding: 501) is answered with the OpenAI error object instead of an empty
-    body. hypercorn 0.18 has no hook for it; ``_send_error_response`` is the one
-    method it calls for these answers.
-
-    Two races of hypercorn's are closed too: its writes and its close go out in the order
-    they are made (the app's task could close the connection under the reader task's
-    error answer, which was then lost); and a request body found malformed while its
-    answer is under way (the app answered without reading it: a 405, a 413) no longer
-    cuts that answer off after its head: the connection closes when the answer ends.
-    """
-
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
-        send = self.send
-        in_order = trio.Lock()  # taken at once (no yield) when free: first come, first out
-
-        async def send_in_order(event: Event) -> None:
-            if isinstance(event, Closed) and self.connection.our_state is h11.SEND_BODY \
-                    and self.connection.their_state is h11.ERROR:
-                return  # hypercorn closes when the answer ends (it cannot recycle)
-            if isinstance(event, RawData | Closed):
-                async with in_order:
-                    await send(event)
-            else:
-                await send(event)
-
-        self.send = send_in_order
-
-    async def _send_error_response(self, status_code: int) -> None:
-        await self.send_error(protocol_error(status_code, self.config.h11_max_incomplete_size))
-
-    async def send_error(self, error: APIError) -> None:
-        """Answer ``error`` (the connection closes after it), in one write, so that an
-        answer the app starts meanwhile cannot interleave with it."""
-        body = error.to_json()
-        headers = [(b"content-type", b"application/json"),
-                   (b"content-length", b"%d" % len(body)), (b"connection", b"close"),
-                   *self.config.response_headers("h11")]
-        try:
-            data = b"".join(self.connection.send(event) or b"" for event in (
-                h11.Response(status_code=error.status, headers=headers), h11.Data(data=body),
-                h11.EndOfMessage()))
-        except h11.LocalProtocolError:
-            if self.connection.their_state != h11.ERROR:
-                raise
-            return  # an answer is under way already
-        await self.send(RawData(data=data))
-
-
-class LimitedServer(TCPServer):
+class LimitedServer(ConnectionServer):
     """hypercorn's per-connection server with the listener's timeouts.
 
-    hypercorn runs ``_idle_timeout`` whenever no request is in progress (from the
-    start, and again after each response) and cancels it once a request head is
-    complete. Here it waits ``keep_alive_timeout`` for the next request's first byte
-    (closing a silent connection), then ``header_timeout`` from that byte for the
-    rest of the head (answering 408 when it does not come). The first request's
-    first byte was read by the listener, at ``head_started``.
+    :meth:`idle` runs whenever no request is in progress (from the start, and again
+    after each response) and is cancelled once a request head is complete. Here it
+    waits ``keep_alive_timeout`` for the next request's first byte (closing a silent
+    connection), then ``header_timeout`` from that byte for the rest of the head
+    (answering 408 when it does not come). The first request's first byte was read by
+    the listener, at ``head_started`` (on :func:`tooti.clock.now`).
     """
 
-    def __init__(self, app: AppWrapper, config: Config, context: WorkerContext,
-                 stream: Replay, limits: ConnectionTimeouts, head_started: float) -> None:
-        super().__init__(app, config, context, ConnectionState({}),
-                         stream)  # type: ignore[arg-type]
+    def __init__(self, served: ServedApp, stream: Replay, limits: ConnectionTimeouts,
+                 head_started: float) -> None:
+        super().__init__(served, stream)
         self._connection = stream
         self._limits = limits
         self._head_started: float | None = head_started
 
-    # hypercorn builds its protocol inside run(); swap in the HTTP/1.1 one above.
-    @property
-    def protocol(self) -> ProtocolWrapper:
-        return self._wrapper
-
-    @protocol.setter
-    def protocol(self, wrapper: ProtocolWrapper) -> None:
-        if type(wrapper.protocol) is H11Protocol:
-            wrapper.protocol = ErrorObjectH11(
-                wrapper.app, wrapper.config, wrapper.context, wrapper.task_group,
-                wrapper.state, wrapper.ssl, wrapper.client, wrapper.server, wrapper.send)
-        self._wrapper = wrapper
-
-    async def _idle_timeout(self) -> None:
-        connection, terminated = self._connection, self.context.terminated
+    async def idle(self) -> None:
+        connection, served = self._connection, self.served
         started, self._head_started = self._head_started, None
         if started is None:  # wait for the next request's first byte
             arrival = connection.next_arrival()
             with trio.move_on_after(self._limits.keep_alive_timeout):
                 await arrival.wait()
-            started = trio.current_time() if arrival.is_set() else None
+            started = clock.now() if arrival.is_set() else None
         if started is not None:  # a head has begun: the rest has until the deadline
             deadline = started + self._limits.header_timeout
-            while not (connection.at_eof or terminated.is_set()) \
-                    and trio.current_time() < deadline:
+            while not (connection.at_eof or served.terminated) and clock.now() < deadline:
                 with trio.move_on_at(deadline):
                     await connection.next_arrival().wait()
         if connection.at_eof:
             return  # hypercorn's reader answers a cut-off head and ends the connection
         with trio.CancelScope(shield=True):
-            protocol = self._wrapper.protocol
-            if started is not None and not terminated.is_set() \
-                    and isinstance(protocol, ErrorObjectH11):
-                timeout = APIError(408, "request head not received within "
-                                   f"{self._limits.header_timeout:g}s", code="header_timeout")
-                try:
-                    await protocol.send_error(timeout)
-                except h11.LocalProtocolError:
-                    pass  # a response had begun (pipelining); just close
-            await self._initiate_server_close()
+            if started is not None and not served.terminated:
+                await self.answer(APIError(408, "request head not received within "
+                                           f"{self._limits.header_timeout:g}s",
+                                           code="header_timeout"))
+            await self.close()

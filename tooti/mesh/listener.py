@@ -25,7 +25,8 @@ however slowly it trickles in (408, then close); a write a client does not read 
 ``send_timeout`` disconnects it. What h11 refuses (bad request line, header,
 Content-Length or chunk; a head over the size limit) is answered with the OpenAI
 error object, by a small subclass of hypercorn's HTTP/1.1 protocol
-(:mod:`tooti.mesh.http_server`, which holds the per-connection server).
+(:mod:`tooti.mesh.http_server` holds the per-connection server and its limits,
+:mod:`tooti.mesh.hypercorn_compat` all that touches hypercorn's internals).
 """
 
 from __future__ import annotations
@@ -44,12 +45,12 @@ from typing import Any
 import h11
 import trio
 from hypercorn.config import Config
-from hypercorn.trio.worker_context import WorkerContext
-from hypercorn.utils import repr_socket_addr, wrap_app
 
+from tooti import clock
 from tooti.errors import APIError
 from tooti.mesh.http import error_response
 from tooti.mesh.http_server import Accepted, LimitedServer, Replay, replay, socket_of
+from tooti.mesh.hypercorn_compat import ServedApp, bound_address
 from tooti.mesh.ratelimit import (
     CONCURRENT,
     Limited,
@@ -153,7 +154,7 @@ async def _read_upgrade(stream: Accepted, limits: Limits
     data = b""
     with trio.move_on_after(limits.keep_alive_timeout):
         data = bytes(await stream.receive_some(RECEIVE_BYTES))
-    started = trio.current_time()
+    started = clock.now()
     if not data:
         return data, started, None
     event: h11.Request | None = None
@@ -293,8 +294,7 @@ async def serve(app: Any, config: Config, on_tunnel: TunnelHandler,
     refusal_log = Throttle(BUSY_LOG_EVERY)
     served: set[Replay] = set()
     opening = _Opening()
-    wrapped = wrap_app(app, config.wsgi_max_body_size, None)
-    context = WorkerContext(None)
+    served_app = ServedApp.of(app, config)
     sockets = config.create_sockets()
     listeners: list[trio.SocketListener] = []
     binds: list[str] = []
@@ -302,7 +302,7 @@ async def serve(app: Any, config: Config, on_tunnel: TunnelHandler,
         sock.listen(config.backlog)
         listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
         binds.append(("https://" if tls is not None else "http://")
-                     + repr_socket_addr(sock.family, sock.getsockname()))
+                     + bound_address(sock))
     if sockets.secure_sockets or sockets.quic_sockets:
         raise ValueError("the gateway listener takes its TLS context as tls=, not from "
                          "hypercorn's certfile")
@@ -338,7 +338,7 @@ async def serve(app: Any, config: Config, on_tunnel: TunnelHandler,
         replayed = replay(accepted, head, limits.send_timeout)
         served.add(replayed)
         try:
-            await LimitedServer(wrapped, config, context, replayed, limits, started)
+            await LimitedServer(served_app, replayed, limits, started)
         finally:
             served.discard(replayed)
 
@@ -378,11 +378,11 @@ async def serve(app: Any, config: Config, on_tunnel: TunnelHandler,
             accepting.cancel_scope.cancel()
         for listener in listeners:
             await listener.aclose()
-        await context.terminated.set()
+        await served_app.terminate()
         opening.close()  # connections with no request yet close now
         for waiting in served:
             waiting.wake()  # connections waiting for a request close now
-        handlers.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
+        handlers.cancel_scope.deadline = clock.now() + config.graceful_timeout
 
 
 async def _refuse(stream: trio.SocketStream, error: APIError | None) -> None:
