@@ -3,7 +3,7 @@ the script (even on SIGKILL of the script, via PR_SET_PDEATHSIG on Linux), signa
 handling that turns Ctrl-C / SIGTERM / SIGHUP into a clean shutdown, and the small
 measuring helpers the scripts share (a child's CPU time and memory, a free port,
 percentiles, the loopback addresses attackers dial from, waiting for a log line, the
-open-file limit, a chunked body).
+open-file limit, a chunked body, whether a streamed answer ended cleanly).
 Shared by ``bench/streams.py``, ``bench/failover.py``, ``bench/relay_hop.py``,
 ``bench/hostile.py`` and ``bench/slow_clients.py``."""
 
@@ -26,6 +26,8 @@ from typing import Any, TypeVar
 
 import httpx
 import trio
+
+from tooti.protocol.sse import SSEDecoder
 
 T = TypeVar("T")
 REPO_DIR = Path(__file__).resolve().parent.parent
@@ -322,3 +324,18 @@ def dechunk(body: bytes) -> bytes:
             return bytes(out)
         out += body[at:at + size]
         at += size + 2
+
+
+def sse_problem(payload: bytes) -> str:
+    """'' if an SSE body's events carry no in-band error and end with ``data: [DONE]``,
+    else what is wrong with it."""
+    decoder = SSEDecoder()
+    events = decoder.events(payload)
+    for event in events:
+        if '"error"' in event.data:
+            return "in-band error: " + event.data[event.data.index('"error"'):][:160]
+    if decoder.flush().strip():
+        return "an unfinished last event"
+    if not events or events[-1].data != "[DONE]":
+        return "no final data: [DONE]"
+    return ""

@@ -63,6 +63,7 @@ from children import (
     exit_on_signals,
     interrupted,
     sigint_raises,
+    sse_problem,
     toml_table,
     wait_for_log,
 )
@@ -413,7 +414,7 @@ async def failover_round(cluster: Cluster, http: httpx.AsyncClient, sig: signal.
         node = request.headers.get(b"x-tooti-node", b"?").decode()
         if request.status != 200 or node != "node-b":
             series.failures.append(f"HTTP {request.status} from {node}")
-        elif not payload.rstrip().endswith(b"data: [DONE]") or b'"error"' in payload:
+        elif sse_problem(payload):
             series.failures.append("stream from node-b incomplete or with an error")
         else:
             series.values.append((seen - signalled) * 1000)

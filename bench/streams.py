@@ -63,6 +63,7 @@ from children import (
     proc_status_kib,
     raise_fd_limit,
     sigint_raises,
+    sse_problem,
     toml_table,
     wait_for_log,
 )
@@ -136,11 +137,9 @@ class Result:
 
 def check_body(payload: bytes, tokens: int) -> str:
     """'' if an SSE body is complete and clean, else what is wrong with it."""
-    if b'"error"' in payload:
-        return "in-band error: " + payload[payload.index(b'"error"'):][:160].decode(
-            errors="replace")
-    if not payload.rstrip().endswith(b"data: [DONE]"):
-        return "no final data: [DONE]"
+    problem = sse_problem(payload)
+    if problem:
+        return problem
     got = payload.count(b'"content":" tok')
     if got != tokens:
         return f"{got} tokens instead of {tokens}"
