@@ -6,6 +6,8 @@ from typing import Any
 
 import msgspec
 
+from tooti.protocol.usage import read_end_error
+
 _encoder = msgspec.json.Encoder()
 
 ERROR_TYPES = {
@@ -48,21 +50,10 @@ class APIError(Exception):
 
 
 def from_end_info(info: dict[str, Any]) -> APIError:
-    """Build an APIError from a tunnel END frame's ``error`` member."""
-    err = info.get("error")
-    if not isinstance(err, dict):
+    """Build an APIError from a tunnel END frame's ``error`` member
+    (:func:`tooti.protocol.usage.read_end_error`)."""
+    err = read_end_error(info)
+    if err is None:
         return APIError(502, "node ended the stream without a response", code="bad_gateway")
-    status = err.get("status")
-    if not isinstance(status, int) or not 400 <= status <= 599:
-        status = 502
-    message = err.get("message")
-    code = err.get("code")
-    param = err.get("param")
-    etype = err.get("type")
-    return APIError(
-        status,
-        message if isinstance(message, str) else "backend error",
-        code=code if isinstance(code, str) else None,
-        param=param if isinstance(param, str) else None,
-        type=etype if isinstance(etype, str) else None,
-    )
+    return APIError(err.status or 502, err.message or "backend error", code=err.code,
+                    param=err.param, type=err.type)

@@ -20,7 +20,7 @@ from tooti.backends.base import Backend, BackendError, ModelInfo
 from tooti.dialer import Dialer
 from tooti.identity import Identity
 from tooti.node.metering import UsageMeter
-from tooti.protocol.usage import completion_limit
+from tooti.protocol.usage import completion_limit, end_error
 from tooti.settings import NetworkSettings, NodeSettings, TunnelSettings
 from tooti.transport import Transport
 from tooti.tunnel import InboundStream, StreamHandler, StreamOpener, TunnelLost, TunnelSession
@@ -30,9 +30,6 @@ _decoder = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()
 
 MAX_REQUEST_BYTES = 64 * 1024 * 1024
-
-def _error(status: int, code: str, message: str) -> dict[str, Any]:
-    return {"error": {"status": status, "code": code, "message": message}}
 
 
 class Node:
@@ -202,22 +199,22 @@ class Node:
         meta = stream.meta
         endpoint, model = meta.get("endpoint"), meta.get("model")
         if not isinstance(endpoint, str) or not isinstance(model, str):
-            await stream.end(_error(400, "bad_open", "OPEN needs endpoint and model strings"))
+            await stream.end(end_error(400, "bad_open", "OPEN needs endpoint and model strings"))
             return
         entry = self.models.get(model)
         if entry is None or endpoint not in entry[1].endpoints:
-            await stream.end(_error(503, "model_not_served",
-                                    f"node {self.id} does not serve {model} on /{endpoint}"))
+            await stream.end(end_error(503, "model_not_served",
+                                       f"node {self.id} does not serve {model} on /{endpoint}"))
             return
         backend, _info = entry
         try:
             body = await stream.read_body(MAX_REQUEST_BYTES)
             request = _decoder.decode(body)
         except (ValueError, msgspec.DecodeError) as exc:
-            await stream.end(_error(400, "bad_body", str(exc)))
+            await stream.end(end_error(400, "bad_body", str(exc)))
             return
         if not isinstance(request, dict):
-            await stream.end(_error(400, "bad_body", "request body must be a JSON object"))
+            await stream.end(end_error(400, "bad_body", "request body must be a JSON object"))
             return
         streaming = request.get("stream") is True
         strip = False
@@ -271,8 +268,7 @@ class Node:
         except BackendError as exc:
             await stream.end({
                 **(meter.report() if meter else {}),
-                **_error(exc.status, exc.code, exc.message),
-                "retryable": exc.retryable,
+                **end_error(exc.status, exc.code, exc.message, retryable=exc.retryable),
             })
             return
         except TunnelLost:
@@ -280,7 +276,7 @@ class Node:
         except Exception as exc:
             log.warning("backend %s failed: %r", backend.type_name, exc)
             info = meter.report() if meter else {}
-            await stream.end({**info, **_error(502, "backend_failed",
-                                                f"backend failed: {type(exc).__name__}")})
+            await stream.end({**info, **end_error(502, "backend_failed",
+                                                   f"backend failed: {type(exc).__name__}")})
             return
         await stream.end(meter.report())

@@ -62,7 +62,9 @@ class ReportedUsage(Struct, frozen=True):
 
 
 class EndError(Struct, frozen=True):
-    """END's ``error`` (turned into the client's error by :func:`tooti.errors.from_end_info`)."""
+    """END's ``error``: what failed, for the client's error object (built by
+    :func:`end_error`, read by :func:`read_end_error`, answered by
+    :func:`tooti.errors.from_end_info`)."""
 
     status: int | None = None
     code: Text | None = None
@@ -78,6 +80,40 @@ class EndReport(Struct, frozen=True):
     finish_reason: Annotated[str, Meta(max_length=64)] | None = None
     error: EndError | None = None
     retryable: bool | None = None
+
+
+def end_error(status: int, code: str, message: str, *,
+              retryable: bool | None = None) -> dict[str, Any]:
+    """The END members that report a failed request: ``error`` with its HTTP ``status``,
+    ``code`` and ``message``, and ``retryable`` unless None (then the gateway decides
+    by the status whether another node may be tried)."""
+    info: dict[str, Any] = {"error": {"status": status, "code": code, "message": message}}
+    if retryable is not None:
+        info["retryable"] = retryable
+    return info
+
+
+def read_end_error(info: dict[str, Any]) -> EndError | None:
+    """END's ``error``, read leniently (a peer's payload: the client gets an error
+    whatever it holds); None when END holds no error object. A status outside
+    ``400..599`` reads 502, a message that is not a string "backend error", and any
+    other member that is not a string None."""
+    err = info.get("error")
+    if not isinstance(err, dict):
+        return None
+    status = err.get("status")
+    message = err.get("message")
+    return EndError(
+        status=status if isinstance(status, int) and 400 <= status <= 599 else 502,
+        code=_text(err.get("code")),
+        message=message if isinstance(message, str) else "backend error",
+        param=_text(err.get("param")),
+        type=_text(err.get("type")),
+    )
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 class UsageViolation(Exception):

@@ -38,6 +38,7 @@ from tooti.protocol.connection import (
     ResponseStarted,
     StreamEnded,
 )
+from tooti.protocol.usage import end_error
 from tooti.settings import NetworkSettings, RelaySettings, TunnelSettings
 from tooti.tunnel import (
     InboundStream,
@@ -54,13 +55,6 @@ _json = msgspec.json.Encoder()
 ROUTES_BUDGET = 0.5
 """Share of the control-payload limit one ROUTES frame may use (the rest is headroom)."""
 PEER_EVENTS = frozenset({"peer.joined", "peer.updated", "peer.left", "peer.cooldown"})
-
-
-def _error(status: int, code: str, message: str, retryable: bool = False) -> dict[str, Any]:
-    info: dict[str, Any] = {"error": {"status": status, "code": code, "message": message}}
-    if retryable:
-        info["retryable"] = True
-    return info
 
 
 class Relay:
@@ -229,17 +223,17 @@ class Relay:
         """The node an OPEN targets, or the END that refuses it."""
         target, model = meta.get("target"), meta.get("model")
         if not isinstance(target, str) or not isinstance(model, str):
-            return _error(400, "bad_open", "an OPEN through a relay needs the target node "
-                          "id and the model")
+            return end_error(400, "bad_open", "an OPEN through a relay needs the target node "
+                             "id and the model")
         peer = self.registry.peers.get(target)
         if peer is None or peer.role != "node" or not peer.live:
-            return _error(503, "node_unavailable", f"relay {self.id} cannot reach node "
-                          f"{target} now", retryable=True)
+            return end_error(503, "node_unavailable", f"relay {self.id} cannot reach node "
+                             f"{target} now", retryable=True)
         if (self.forwarding >= self.settings.max_streams
                 or self.per_node.get(target, 0) >= self.settings.max_streams_per_node
                 or not peer.session.conn.can_open_stream()):
-            return _error(503, "relay_busy", f"relay {self.id} is at its stream limit for "
-                          f"node {target}", retryable=True)
+            return end_error(503, "relay_busy", f"relay {self.id} is at its stream limit for "
+                             f"node {target}", retryable=True)
         return peer
 
     def _count(self, target: str, delta: int) -> None:
@@ -299,8 +293,8 @@ class Relay:
                 try:
                     out = await peer.open_stream(_onward(stream.meta), first, fin=complete)
                 except FlowControlError as exc:
-                    await stream.end(_error(503, "relay_busy", f"node {peer.id}: {exc}",
-                                            retryable=True))
+                    await stream.end(end_error(503, "relay_busy", f"node {peer.id}: {exc}",
+                                               retryable=True))
                     return
             else:
                 complete = True
@@ -332,8 +326,8 @@ class Relay:
                 return  # upstream is gone: nobody to tell
             reason = f"node {peer.id} lost behind relay {self.id}: {exc}"
             try:
-                await stream.end(_error(502, "node_unavailable", reason,
-                                        retryable=not stream.started))
+                await stream.end(end_error(502, "node_unavailable", reason,
+                                           retryable=True if not stream.started else None))
             except TunnelLost:
                 return
         finally:
