@@ -50,19 +50,11 @@ CONNECTION_FRAMES = frozenset(
     {FrameType.HELLO, FrameType.WELCOME, FrameType.MODELS, FrameType.HEARTBEAT,
      FrameType.GOAWAY, FrameType.PROOF, FrameType.ROUTES}
 )
-JSON_FRAMES = frozenset(
-    {
-        FrameType.HELLO, FrameType.WELCOME, FrameType.MODELS, FrameType.HEARTBEAT,
-        FrameType.RESPONSE, FrameType.END, FrameType.CANCEL, FrameType.GOAWAY,
-        FrameType.PROOF, FrameType.ROUTES,
-    }
-)
 
 FLAG_FIN = 0x01
 """On OPEN or DATA from the opener: the request body is complete."""
 FLAG_ACK = 0x02
 """On HEARTBEAT: this is the echo of the peer's heartbeat (for RTT)."""
-KNOWN_FLAGS = FLAG_FIN | FLAG_ACK
 ALLOWED_FLAGS = {FrameType.OPEN: FLAG_FIN, FrameType.DATA: FLAG_FIN, FrameType.HEARTBEAT: FLAG_ACK}
 """The flags each frame type may carry; every other type carries none."""
 
