@@ -18,7 +18,6 @@ from :meth:`Connection.send_goaway` and closes the transport.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -26,9 +25,34 @@ from typing import Any
 
 import msgspec
 
-from tooti.protocol import frames, schemas
+from tooti.protocol import control, frames
 from tooti.protocol.errors import ProtocolError
+from tooti.protocol.events import (
+    DataReceived,
+    Event,
+    GoAwayReceived,
+    HeartbeatAcked,
+    HeartbeatReceived,
+    HelloReceived,
+    ModelsReceived,
+    ProofReceived,
+    ResponseStarted,
+    RoutesReceived,
+    StreamCancelled,
+    StreamEnded,
+    StreamOpened,
+    WelcomeReceived,
+    WindowUpdated,
+)
 from tooti.protocol.frames import FLAG_ACK, FLAG_FIN, FrameError, FrameType
+
+__all__ = [
+    "SUPPORTED_VERSIONS", "Connection", "DataReceived", "Event", "FlowControlError",
+    "GoAwayReceived", "HeartbeatAcked", "HeartbeatReceived", "HelloReceived", "Limits",
+    "ModelsReceived", "ProofReceived", "ProtocolError", "ResponseStarted", "RoutesReceived",
+    "Side", "State", "StreamCancelled", "StreamEnded", "StreamOpened", "WelcomeReceived",
+    "WindowUpdated",
+]
 
 SUPPORTED_VERSIONS = (1,)
 
@@ -68,146 +92,6 @@ class Limits:
             "max_streams": self.max_streams,
             "initial_window": self.initial_window,
         }
-
-
-# --------------------------------------------------------------------- events
-
-
-@dataclass(frozen=True, slots=True)
-class HelloReceived:
-    """Acceptor side: the dialer introduced itself."""
-
-    peer_id: str
-    role: str
-    versions: list[int]
-    software: str
-    labels: dict[str, str]
-    extra: dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class WelcomeReceived:
-    """Dialer side: the acceptor accepted the session."""
-
-    version: int
-    session_id: str
-    heartbeat_interval: float
-    peers: list[str]
-    extra: dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class ProofReceived:
-    """Acceptor side: the dialer's answer to WELCOME's challenge (base64 signature)."""
-
-    signature: str
-
-
-@dataclass(frozen=True, slots=True)
-class ModelsReceived:
-    """The peer's full model list (replaces any earlier one)."""
-
-    models: list[dict[str, Any]]
-
-
-@dataclass(frozen=True, slots=True)
-class RoutesReceived:
-    """A relay's advertisement of the nodes reachable through it.
-
-    ``nodes`` are added or replaced (each an object with at least a string
-    ``id``); ``removed`` are node ids no longer reachable; ``full`` means the
-    list is complete and every node not in it is gone; ``loads`` are new load
-    figures of nodes already advertised (each an object with a string ``id`` and
-    ``stats``), sent instead of their whole entry when nothing else changed.
-    """
-
-    nodes: list[dict[str, Any]]
-    removed: list[str]
-    full: bool
-    loads: list[dict[str, Any]] = field(default_factory=list)
-
-
-@dataclass(frozen=True, slots=True)
-class HeartbeatReceived:
-    """The peer's heartbeat; answer with :meth:`Connection.send_heartbeat_ack`."""
-
-    stats: dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class HeartbeatAcked:
-    """The peer echoed our heartbeat; ``sent_at`` is the value we sent."""
-
-    sent_at: float
-
-
-@dataclass(frozen=True, slots=True)
-class StreamOpened:
-    """The peer opened a stream (a request for us to serve)."""
-
-    stream_id: int
-    meta: dict[str, Any]
-    body: bytes
-    fin: bool
-
-
-@dataclass(frozen=True, slots=True)
-class DataReceived:
-    """Stream bytes: request body (``fin`` ends it) or response body."""
-
-    stream_id: int
-    data: bytes
-    fin: bool
-
-
-@dataclass(frozen=True, slots=True)
-class ResponseStarted:
-    """The responder's response head for a stream we opened."""
-
-    stream_id: int
-    status: int
-    headers: dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class StreamEnded:
-    """The responder finished a stream we opened (usage or error inside)."""
-
-    stream_id: int
-    info: dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class StreamCancelled:
-    """The opener cancelled a stream we serve."""
-
-    stream_id: int
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class WindowUpdated:
-    """The peer granted more send credit on a stream."""
-
-    stream_id: int
-    increment: int
-
-
-@dataclass(frozen=True, slots=True)
-class GoAwayReceived:
-    """The peer will accept no new streams (draining or closing)."""
-
-    code: str
-    reason: str
-
-
-Event = (
-    HelloReceived | WelcomeReceived | ProofReceived | ModelsReceived | RoutesReceived
-    | HeartbeatReceived
-    | HeartbeatAcked
-    | StreamOpened | DataReceived | ResponseStarted | StreamEnded | StreamCancelled
-    | WindowUpdated | GoAwayReceived
-)
 
 
 @dataclass(slots=True)
@@ -424,12 +308,6 @@ class Connection:
         self._drop(stream_id)
         return frames.encode_json(FrameType.END, stream_id, info)
 
-    def forget_stream(self, stream_id: int) -> None:
-        """Drop a stream we opened whose OPEN was never sent (no frame for the peer)."""
-        stream = self._streams.get(stream_id)
-        if stream is not None and stream.local:
-            self._drop(stream_id)
-
     def send_cancel(self, stream_id: int, reason: str) -> bytes:
         """Opener: abandon a stream; it closes at once. b'' if already closed."""
         stream = self._streams.get(stream_id)
@@ -492,54 +370,34 @@ class Connection:
         if ftype in (FrameType.HELLO, FrameType.WELCOME):
             raise ProtocolError("unexpected_frame", f"{ftype.name} after handshake")
         obj = frames.decode_json(frame, self.limits.max_control_bytes)
+        if ftype is FrameType.HEARTBEAT:
+            if frame.flags & FLAG_ACK:
+                return HeartbeatAcked(control.convert(obj, control.HeartbeatAck, ftype).t)
+            return HeartbeatReceived(obj)
         if ftype is FrameType.PROOF:
             if not self.awaiting_proof:
                 raise ProtocolError("unexpected_frame", "PROOF that was not asked for")
-            return ProofReceived(_str(obj, "signature", ""))
-        if ftype is FrameType.HEARTBEAT:
-            if frame.flags & FLAG_ACK:
-                return HeartbeatAcked(_number(obj, "t"))
-            return HeartbeatReceived(obj)
+            return ProofReceived(control.convert(obj, control.Proof, ftype).signature)
         if ftype is FrameType.MODELS:
-            models = obj.get("models")
-            if not isinstance(models, list) or not all(
-                isinstance(m, dict) and isinstance(m.get("id"), str) for m in models
-            ):
-                raise ProtocolError("bad_models", "MODELS needs a list of objects with an id")
-            return ModelsReceived(models)
+            control.convert(obj, control.Models, ftype)
+            return ModelsReceived(obj["models"])
         if ftype is FrameType.ROUTES:
             if not self.accepts_routes:
                 raise ProtocolError("unexpected_frame", "ROUTES from a peer that is not a relay")
-            nodes, removed = obj.get("nodes", []), obj.get("removed", [])
-            if not isinstance(nodes, list) or not all(
-                isinstance(n, dict) and isinstance(n.get("id"), str) for n in nodes
-            ):
-                raise ProtocolError("bad_routes", "ROUTES nodes must be objects with an id")
-            if not isinstance(removed, list) or not all(isinstance(r, str) for r in removed):
-                raise ProtocolError("bad_routes", "ROUTES removed must be a list of ids")
-            loads = obj.get("loads", [])
-            if not isinstance(loads, list) or not all(
-                isinstance(n, dict) and isinstance(n.get("id"), str) for n in loads
-            ):
-                raise ProtocolError("bad_routes", "ROUTES loads must be objects with an id")
-            return RoutesReceived(nodes, removed, obj.get("full") is True, loads)
+            routes = control.convert(obj, control.Routes, ftype)
+            return RoutesReceived(obj.get("nodes", []), routes.removed, routes.full,
+                                  obj.get("loads", []))
         if ftype is FrameType.GOAWAY:
-            self.goaway_received = True
-            return _goaway(obj)
+            return self._on_goaway(obj)
         if ftype is FrameType.RESPONSE:
             stream = self._local_stream(frame.stream_id)
             if stream is None:
                 return None
             if stream.response_started:
                 raise ProtocolError("unexpected_frame", "second RESPONSE on a stream")
-            status = obj.get("status")
-            if not isinstance(status, int) or not 100 <= status <= 599:
-                raise ProtocolError("bad_response", "RESPONSE status must be 100..599")
-            headers = obj.get("headers") or {}
-            if not isinstance(headers, dict):
-                raise ProtocolError("bad_response", "RESPONSE headers must be an object")
+            response = control.convert(obj, control.Response, ftype)
             stream.response_started = True
-            return ResponseStarted(frame.stream_id, status, headers)
+            return ResponseStarted(frame.stream_id, response.status, response.headers or {})
         if ftype is FrameType.END:
             if self._local_stream(frame.stream_id) is None:
                 return None
@@ -548,60 +406,37 @@ class Connection:
         # CANCEL
         if self._peer_stream_or_none(frame.stream_id) is None:
             return None
+        reason = control.convert(obj, control.Cancel, ftype).reason
         self._drop(frame.stream_id)
-        return StreamCancelled(frame.stream_id, _str(obj, "reason", ""))
+        return StreamCancelled(frame.stream_id, reason)
+
+    def _on_goaway(self, obj: dict[str, Any]) -> GoAwayReceived:
+        self.goaway_received = True
+        goaway = control.convert(obj, control.GoAway, FrameType.GOAWAY)
+        return GoAwayReceived(goaway.code, goaway.reason)
 
     def _handshake(self, frame: frames.Frame) -> Event:
         if frame.type is FrameType.GOAWAY:
-            obj = frames.decode_json(frame, self.limits.max_control_bytes)
-            self.goaway_received = True
-            return _goaway(obj)
+            return self._on_goaway(frames.decode_json(frame, self.limits.max_control_bytes))
+        limit = self.limits.max_control_bytes
         if self.side is Side.ACCEPTOR:
             if frame.type is not FrameType.HELLO or self._hello_received:
                 raise ProtocolError("unexpected_frame", f"expected HELLO, got {frame.type.name}")
-            obj = frames.decode_json(frame, self.limits.max_control_bytes)
-            versions = obj.get("versions")
-            if not isinstance(versions, list) or not all(
-                isinstance(v, int) and not isinstance(v, bool) for v in versions
-            ):
-                raise ProtocolError("bad_hello", "versions must be a list of integers")
-            peer_id = _str(obj, "peer_id", "")
-            if not peer_id or len(peer_id) > schemas.MAX_PEER_ID:
-                raise ProtocolError("bad_hello", f"peer_id must be 1..{schemas.MAX_PEER_ID} "
-                                    "characters")
-            peer_id = schemas.convert(peer_id, schemas.PeerId, "bad_hello", "peer_id")
-            labels = obj.get("labels") or {}
-            if not isinstance(labels, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
-            ):
-                raise ProtocolError("bad_hello", "labels must map strings to strings")
-            labels = schemas.convert(labels, schemas.Labels, "bad_hello", "labels")
-            role, software = _str(obj, "role", "node"), _str(obj, "software", "")
-            if len(role) > schemas.MAX_TEXT or len(software) > schemas.MAX_TEXT:
-                raise ProtocolError("bad_field", f"role and software are at most "
-                                    f"{schemas.MAX_TEXT} characters")
-            self.peer_limits = _limits(obj.get("limits"))
+            hello, obj = control.read(frame, limit, control.Hello)
+            self.peer_limits = _limits(hello.limits)
             self._hello_received = True
-            extra = {k: v for k, v in obj.items() if k not in _HELLO_KEYS}
-            return HelloReceived(peer_id, role, versions, software, labels, extra)
+            return HelloReceived(hello.peer_id, hello.role, hello.versions, hello.software,
+                                 hello.labels or {}, control.extras(obj, control.Hello))
         if frame.type is not FrameType.WELCOME:
             raise ProtocolError("unexpected_frame", f"expected WELCOME, got {frame.type.name}")
-        obj = frames.decode_json(frame, self.limits.max_control_bytes)
-        version = obj.get("version")
-        if version not in SUPPORTED_VERSIONS:
-            raise ProtocolError("unsupported_version", f"acceptor chose {version!r}")
-        peers = obj.get("peers") or []
-        if not isinstance(peers, list) or not all(isinstance(p, str) for p in peers):
-            raise ProtocolError("bad_welcome", "peers must be a list of strings")
-        interval = _number(obj, "heartbeat_interval")
-        if not 0 < interval < math.inf:
-            raise ProtocolError("bad_welcome", "heartbeat_interval must be a positive number")
-        session_id = _str(obj, "session_id", "")
-        self.peer_limits = _limits(obj.get("limits"))
-        self.version = int(version)
+        welcome, obj = control.read(frame, limit, control.Welcome)
+        if welcome.version not in SUPPORTED_VERSIONS:
+            raise ProtocolError("unsupported_version", f"acceptor chose {welcome.version!r}")
+        self.peer_limits = _limits(welcome.limits)
+        self.version = welcome.version
         self.state = State.OPEN
-        extra = {k: v for k, v in obj.items() if k not in _WELCOME_KEYS}
-        return WelcomeReceived(self.version, session_id, interval, peers, extra)
+        return WelcomeReceived(self.version, welcome.session_id, welcome.heartbeat_interval,
+                               welcome.peers or [], control.extras(obj, control.Welcome))
 
     def choose_version(self, offered: list[int]) -> int:
         """Acceptor: the highest version both sides speak, or ProtocolError."""
@@ -709,39 +544,5 @@ class Connection:
             raise ProtocolError("bad_stream_id", f"stream {sid} was never opened")
 
 
-_HELLO_KEYS = frozenset({"versions", "peer_id", "role", "software", "labels", "limits"})
-_WELCOME_KEYS = frozenset({"version", "session_id", "heartbeat_interval", "limits", "peers"})
-
-
-def _str(obj: dict[str, Any], key: str, default: str) -> str:
-    value = obj.get(key, default)
-    if not isinstance(value, str):
-        raise ProtocolError("bad_field", f"{key} must be a string")
-    return value
-
-
-def _goaway(obj: dict[str, Any]) -> GoAwayReceived:
-    goaway = schemas.convert(obj, schemas.GoAway, "bad_field", "GOAWAY")
-    return GoAwayReceived(goaway.code, goaway.reason)
-
-
-def _number(obj: dict[str, Any], key: str) -> float:
-    value = obj.get(key)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ProtocolError("bad_field", f"{key} must be a number")
-    try:
-        return float(value)
-    except OverflowError:  # a JSON integer too large for a float
-        raise ProtocolError("bad_field", f"{key} is out of range") from None
-
-
-def _limits(obj: Any) -> Limits:
-    if not isinstance(obj, dict):
-        raise ProtocolError("bad_limits", "limits must be an object")
-    values: dict[str, int] = {}
-    for key, low in (("max_frame_bytes", 4096), ("max_streams", 1), ("initial_window", 1024)):
-        value = obj.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value < 2**31:
-            raise ProtocolError("bad_limits", f"limits.{key} must be an integer >= {low}")
-        values[key] = value
-    return Limits(**values)
+def _limits(wire: control.WireLimits) -> Limits:
+    return Limits(wire.max_frame_bytes, wire.max_streams, wire.initial_window)

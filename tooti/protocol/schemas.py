@@ -2,9 +2,10 @@
 
 A peer is someone else's machine: each number and string it sends is checked
 here, where it enters, before anything stores it. The frame layer
-(:mod:`tooti.protocol.connection`) checks only a payload's shape; the gateway
-and relay convert model entries, heartbeat figures, ROUTES entries and HELLO
-extras with the functions below, and a value out of bounds is a
+(:mod:`tooti.protocol.control`) checks each payload's own members and passes the
+objects below on as sent; the gateway and relay convert model entries, heartbeat
+figures, ROUTES entries and HELLO extras with the functions below (the shared
+string types are also the control payloads'), and a value out of bounds is a
 :class:`~tooti.protocol.errors.ProtocolError` (the peer's session closes and
 it is refused for a while, :meth:`tooti.mesh.registry.Registry.penalize`).
 Members not named here are dropped, never stored. ``docs/protocol.md`` lists
@@ -144,13 +145,6 @@ class HelloExtra(Struct, frozen=True):
 
     public_key: Annotated[str, Meta(max_length=64)] | None = None
     public_url: Annotated[str, Meta(max_length=2048)] | None = None
-
-
-class GoAway(Struct, frozen=True):
-    """A GOAWAY payload."""
-
-    code: Annotated[str, Meta(max_length=64)] = "goaway"
-    reason: Annotated[str, Meta(max_length=1024)] = ""
 
 
 _encoder = msgspec.json.Encoder()
