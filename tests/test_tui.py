@@ -26,16 +26,24 @@ import pytest
 import trio
 
 from tests.conftest import Network, simulated
+from tooti.backoff import Backoff
 from tooti.cli import main
 from tooti.gateway.app import Gateway
 from tooti.settings import GatewaySettings, TunnelSettings
 from tooti.tui.app import DetailScreen, TootiApp
-from tooti.tui.client import Backoff
 
 R = TypeVar("R")
 CHAT = {"model": "tooti-sim", "messages": [{"role": "user", "content": "hello there"}],
         "max_tokens": 5}
-FAST = Backoff(initial=0.05, maximum=0.2, jitter=0.0, auth_retry=0.3)
+AUTH_RETRY = 0.3
+"""Seconds before a test app tries a refused admin key again."""
+
+
+def fast() -> Backoff:
+    """Reconnection delays for a test app: 0.05 s doubling to 0.2 s, no jitter."""
+    return Backoff(0.05, 0.2)
+
+
 WAIT = 15.0
 """Upper bound on any one wait (they normally take tens of milliseconds)."""
 
@@ -164,7 +172,7 @@ def status_line(app: TootiApp) -> str:
 def test_nodes_and_requests_appear_live_and_a_dead_node_is_gone() -> None:
     async def scenario(net: TrioNetwork) -> None:
         await net.call(net.start_gateway)
-        app = TootiApp(net.url, backoff=FAST, tick=0.05)
+        app = TootiApp(net.url, backoff=fast(), tick=0.05)
         async with app.run_test(size=(160, 40)) as pilot:
             await until(pilot, lambda: app.status.state == "live", "the first snapshot")
             assert "● live" in status_line(app)
@@ -214,7 +222,7 @@ def test_reconnects_after_the_gateway_restarts() -> None:
     async def scenario(net: TrioNetwork) -> None:
         await net.call(net.start_gateway)
         await net.call(net.add_node, "steady")
-        app = TootiApp(net.url, backoff=FAST, tick=0.05)
+        app = TootiApp(net.url, backoff=fast(), tick=0.05)
         async with app.run_test(size=(160, 40)) as pilot:
             peers = app.peers_table
             await until(pilot, lambda: peers.cell("steady", "state") == "live", "steady live")
@@ -237,7 +245,8 @@ def test_a_wrong_admin_key_is_a_message_not_a_crash() -> None:
     async def scenario(net: TrioNetwork) -> None:
         await net.call(net.start_gateway)
         await net.call(net.add_node, "secret-node")
-        wrong = TootiApp(net.url, admin_key="nope", backoff=FAST, tick=0.05)
+        wrong = TootiApp(net.url, admin_key="nope", backoff=fast(), auth_retry=AUTH_RETRY,
+                         tick=0.05)
         async with wrong.run_test(size=(160, 40)) as pilot:
             await until(pilot, lambda: wrong.status.state == "unauthorized", "refusal")
             attempts = wrong.status.attempt
@@ -247,7 +256,7 @@ def test_a_wrong_admin_key_is_a_message_not_a_crash() -> None:
             assert wrong.query_one("#notice").display
             await until(pilot, lambda: wrong.status.attempt > attempts, "a slow retry")
             assert wrong.state.peers == {}
-        right = TootiApp(net.url, admin_key="s3cret", backoff=FAST, tick=0.05)
+        right = TootiApp(net.url, admin_key="s3cret", backoff=fast(), tick=0.05)
         async with right.run_test(size=(160, 40)) as pilot:
             await until(pilot, lambda: "secret-node" in right.peers_table.shown_keys(),
                         "the peer with the right key")
@@ -306,7 +315,7 @@ async def _screenshot(net: TrioNetwork, path: str) -> None:
         options = {"ttft": ttft, "tokens_per_second": speed, "tokens": 1000,
                    "fail_rate": fail_rate, "seed": 3}
         await net.call(net.add_node, node_id, options, {"region": region})
-    app = TootiApp(net.url, backoff=FAST, tick=0.1)
+    app = TootiApp(net.url, backoff=fast(), tick=0.1)
     async with app.run_test(size=(150, 40)) as pilot:
         await until(pilot, lambda: len(app.peers_table.shown_keys()) == 4, "the peers")
         async with httpx.AsyncClient(base_url=net.url, timeout=30) as http:

@@ -15,15 +15,16 @@ from typing import Any
 import httpx
 import pytest
 
+from tooti.backoff import Backoff
 from tooti.tui.client import (
     AuthError,
-    Backoff,
     EventsClient,
     Status,
     StreamDropped,
     follow,
     normalize_gateway,
     parse_sse,
+    reconnect_backoff,
 )
 
 
@@ -133,13 +134,13 @@ def test_follow_reconnects_with_backoff_and_waits_slowly_on_a_refused_key() -> N
         if len(sleeps) == 5:
             raise Done
 
-    backoff = Backoff(initial=1.0, factor=2.0, maximum=3.0, jitter=0.0, auth_retry=30.0)
+    backoff = Backoff(1.0, 3.0)
 
     async def run() -> None:
         client = _client(handler, key="k")
         try:
             await follow(client, lambda kind, data: messages.append(kind), statuses.append,
-                         backoff, sleep)
+                         backoff, sleep, auth_retry=30.0)
         finally:
             await client.aclose()
 
@@ -159,8 +160,8 @@ def test_follow_reconnects_with_backoff_and_waits_slowly_on_a_refused_key() -> N
     assert messages == ["snapshot", "peer.joined", "snapshot", "peer.joined"]
 
 
-def test_backoff_grows_to_its_cap() -> None:
-    backoff = Backoff(initial=0.5, factor=2.0, maximum=4.0, jitter=0.0)
-    assert [backoff.delay(n) for n in range(1, 6)] == [0.5, 1.0, 2.0, 4.0, 4.0]
-    jittery = Backoff(initial=1.0, jitter=0.2)
-    assert all(0.8 <= jittery.delay(1) <= 1.2 for _ in range(50))
+def test_reconnect_backoff_grows_to_ten_seconds_with_a_fifth_of_jitter() -> None:
+    backoff = reconnect_backoff()
+    delays = [backoff.next() for _ in range(8)]
+    for delay, plain in zip(delays, [0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0, 10.0], strict=True):
+        assert 0.8 * plain <= delay <= 1.2 * plain

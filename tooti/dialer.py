@@ -16,14 +16,14 @@ import dataclasses
 import logging
 import random
 import ssl
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import trio
 
-from tooti import __version__
+from tooti import __version__, clock
+from tooti.backoff import Backoff
 from tooti.identity import Identity, b64, proof_message, unb64
 from tooti.mesh.admission import REPLACED, control_limits_from, limits_from
 from tooti.protocol.connection import (
@@ -88,7 +88,7 @@ class Link:
     """``standby`` (waiting for one of ``network.max_peers`` slots), ``connecting``,
     ``connected`` or ``backoff``."""
     session_id: str = ""
-    since: float = field(default_factory=time.time)
+    since: float = field(default_factory=clock.wall)
     last_error: str = ""
     learned_peers: list[str] = field(default_factory=list)
     """Addresses this peer's last WELCOME listed."""
@@ -110,11 +110,13 @@ class Dialer:
         reconnect_initial: float = 0.25, reconnect_max: float = 10.0,
         is_stopping: Callable[[], bool] = lambda: False,
         streams_wanted: Callable[[], int] | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         """``streams_wanted``: how many concurrent streams the owner can serve (a node:
         what its models advertise); each HELLO offers at least that many, up to
         :data:`MAX_OFFERED_STREAMS`, so a peer's requests are not held back by the
-        tunnel while the node has slots."""
+        tunnel while the node has slots. ``rng`` draws the re-dial jitter (each delay
+        is scaled by a factor between 0.5 and 1)."""
         self.owner = owner
         self.peer_id = peer_id
         self.role = role
@@ -127,10 +129,11 @@ class Dialer:
         self.reconnect_max = reconnect_max
         self.is_stopping = is_stopping
         self.streams_wanted = streams_wanted
+        self.rng = rng or random.Random()
         self.log = logging.getLogger(f"tooti.{role}")
         self.links: dict[str, Link] = {}
         self._forgotten: dict[str, float] = {}
-        """Discovered peer URL → when it was forgotten (``trio.current_time()``)."""
+        """Discovered peer URL → when it was forgotten (:func:`tooti.clock.now`)."""
         self.sessions: set[TunnelSession] = set()
         self.connected = trio.Event()
         """Set each time a session completes its handshake (for callers that wait)."""
@@ -169,7 +172,7 @@ class Dialer:
             return
         from tooti.config import ConfigError, normalize_peer_url
 
-        now = trio.current_time()
+        now = clock.now()
         for url, when in list(self._forgotten.items()):
             if now - when >= FORGET_FOR:
                 del self._forgotten[url]
@@ -212,17 +215,18 @@ class Dialer:
     async def dial_forever(self, url: str) -> None:
         """Keep one session with ``url``, re-dialling with backoff and jitter."""
         link = self.links.setdefault(url, Link(url, "configured"))
-        delay = self.reconnect_initial
+        backoff = Backoff(self.reconnect_initial, self.reconnect_max, jitter=(0.5, 1.0),
+                          rng=self.rng)
         # A discovered address is only what some peer claimed: it never gets the join
         # token, only the separate discovery token (if the operator set one).
         token = self.network.discover_token if link.source == "discovered" else self.join_token
         headers = [(b"authorization", b"Bearer " + token.encode())] if token else []
         failures = 0
         while not self.is_stopping():
-            link.state, link.since = "standby", time.time()
+            link.state, link.since = "standby", clock.wall()
             async with self._slots:  # released during backoff: a standby peer goes next
-                started = time.monotonic()
-                link.state, link.since = "connecting", time.time()
+                started = clock.now()
+                link.state, link.since = "connecting", clock.wall()
                 try:
                     with trio.fail_after(CONNECT_TIMEOUT):
                         transport = await connect(
@@ -247,21 +251,20 @@ class Dialer:
                 self.log.info("forgetting discovered peer %s after %d failed dials", url,
                               failures)
                 del self.links[url]
-                self._forgotten[url] = trio.current_time()
+                self._forgotten[url] = clock.now()
                 return
             if url in self._replaced:
                 self._replaced.discard(url)
                 self.log.error("another process with id %s connected to %s and replaced this "
                           "session: is the same %s running twice? backing off",
                           self.peer_id, url, self.role)
-                delay = self.reconnect_max
-            elif time.monotonic() - started > 10 * self.reconnect_initial + 5:
-                delay = self.reconnect_initial
-            pause = delay * random.uniform(0.5, 1.0)
-            link.state, link.since, link.session_id = "backoff", time.time(), ""
+                backoff.hold_at_cap()
+            elif clock.now() - started > 10 * self.reconnect_initial + 5:
+                backoff.reset()  # the session lasted: start the doubling over
+            pause = backoff.next()
+            link.state, link.since, link.session_id = "backoff", clock.wall(), ""
             self.log.info("re-dialling %s in %.2fs", url, pause)
             await trio.sleep(pause)
-            delay = min(delay * 2, self.reconnect_max)
 
     def _tls(self) -> ssl.SSLContext:
         """What ``wss://`` peers' certificates are checked against: the system's trust
@@ -323,7 +326,7 @@ class Dialer:
             return
         self.log.info("connected to %s (session %s)", transport.remote, welcome.session_id)
         if link is not None:
-            link.state, link.since, link.last_error = "connected", time.time(), ""
+            link.state, link.since, link.last_error = "connected", clock.wall(), ""
             link.session_id, link.learned_peers = welcome.session_id, list(welcome.peers)
         self.learn(welcome.peers)
         self.sessions.add(session)

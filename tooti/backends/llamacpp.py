@@ -62,8 +62,10 @@ from typing import Any
 
 import trio
 
+from tooti import clock
 from tooti.backends.base import BackendResponse, ModelInfo
 from tooti.backends.openai import OpenAIBackend
+from tooti.backoff import Backoff
 from tooti.settings import BackendSettings
 
 logger = logging.getLogger("tooti.llamacpp")
@@ -167,7 +169,7 @@ class _Child:
         """Set when the READY line arrives or stdout ends (then ``url`` is None)."""
         self.stderr_done = trio.Event()
         self.tail: deque[str] = deque(maxlen=30)
-        self.started_at = trio.current_time()
+        self.started_at = clock.now()
 
     def on_stdout(self, line: str) -> None:
         if self.url is None and line.startswith(READY_PREFIX):
@@ -327,21 +329,21 @@ class LlamaCppBackend:
         """Supervise the child: restart it with exponential backoff when it exits."""
         if self._child is None:
             raise RuntimeError("LlamaCppBackend.run() needs a successful start() first")
-        backoff = self.restart_initial
+        backoff = Backoff(self.restart_initial, self.restart_max)
         with trio.CancelScope() as self._run_scope:
             while not self._closing:
                 child = self._child
                 code = await child.process.wait()
                 if self._closing:
                     break
-                if trio.current_time() - child.started_at >= STABLE_UPTIME:
-                    backoff = self.restart_initial
+                if clock.now() - child.started_at >= STABLE_UPTIME:
+                    backoff.reset()
+                delay = backoff.next()
                 logger.warning(
                     "llama.cpp child pid %d exited with status %s; restarting in %.1f s",
-                    child.process.pid, code, backoff,
+                    child.process.pid, code, delay,
                 )
-                await trio.sleep(backoff)
-                backoff = min(backoff * 2, self.restart_max)
+                await trio.sleep(delay)
                 try:
                     await self._launch()
                 except (LlamaCppStartError, OSError) as exc:

@@ -8,6 +8,8 @@ from collections.abc import Callable
 
 import trio
 
+from tooti import clock
+from tooti.backoff import Backoff
 from tooti.billing.base import Billing, RequestContext, Usage
 from tooti.gateway.proxy import Outcome
 
@@ -123,15 +125,16 @@ class BillingPipeline:
 async def _keep_running(plugin: Billing) -> None:
     """``plugin.run()``, started again after each exception: ``RESTART_DELAY`` later,
     doubling while it keeps failing within a minute of its start (at most a minute)."""
-    delay = RESTART_DELAY
+    backoff = Backoff(RESTART_DELAY, MAX_RESTART_DELAY)
     while True:
-        started = trio.current_time()
+        started = clock.now()
         try:
             await plugin.run()
             return
         except Exception:
+            delay = backoff.next()
             log.exception("billing plugin %r failed in run(); restarting it in %gs",
                           plugin, delay)
         await trio.sleep(delay)
-        ran_long = trio.current_time() - started > MAX_RESTART_DELAY
-        delay = RESTART_DELAY if ran_long else min(delay * 2, MAX_RESTART_DELAY)
+        if clock.now() - started > MAX_RESTART_DELAY:
+            backoff.reset()

@@ -22,7 +22,15 @@ from textual.css.query import NoMatches
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Footer, Input, Sparkline, Static
 
-from tooti.tui.client import DEFAULT_GATEWAY, Backoff, EventsClient, Status, follow
+from tooti.backoff import Backoff
+from tooti.tui.client import (
+    AUTH_RETRY,
+    DEFAULT_GATEWAY,
+    EventsClient,
+    Status,
+    follow,
+    reconnect_backoff,
+)
 from tooti.tui.columns import (
     PEER_COLUMNS,
     REQUEST_COLUMNS,
@@ -288,16 +296,18 @@ class TootiApp(App[None]):
         self, gateway: str = DEFAULT_GATEWAY, admin_key: str = "", *,
         state: NetworkState | None = None, connect: bool = True,
         clock: Callable[[], float] = time.time, backoff: Backoff | None = None,
-        status: Status | None = None, tick: float = 0.25,
+        status: Status | None = None, tick: float = 0.25, auth_retry: float = AUTH_RETRY,
     ) -> None:
         """``connect=False`` shows ``state`` as given (recorded events, screenshots);
-        ``clock`` is the local time source (fixed in snapshot tests)."""
+        ``clock`` is the local time source (fixed in snapshot tests); ``backoff`` and
+        ``auth_retry`` pace reconnections (see :func:`tooti.tui.client.follow`)."""
         super().__init__()
         self.client = EventsClient(gateway, admin_key)
         self.state = state or NetworkState()
         self.connect = connect
         self.clock = clock
-        self.backoff = backoff or Backoff()
+        self.backoff = backoff or reconnect_backoff()
+        self.auth_retry = auth_retry
         self.status = status or Status("connecting", f"connecting to {self.client.gateway}…")
         self._status_at = clock()
         self.tick = tick
@@ -350,7 +360,7 @@ class TootiApp(App[None]):
     async def _follow(self) -> None:
         try:
             await follow(self.client, self.on_stream_message, self.on_stream_status,
-                         self.backoff)
+                         self.backoff, auth_retry=self.auth_retry)
         finally:
             await self.client.aclose()
 

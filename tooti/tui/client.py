@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import httpx
 
+from tooti.backoff import Backoff
 from tooti.protocol.sse import SSEDecoder
 
 EVENTS_PATH = "/admin/v1/events"
@@ -27,6 +27,8 @@ DEFAULT_GATEWAY = "http://127.0.0.1:8080"
 READ_TIMEOUT = 45.0
 """Seconds without a byte (the gateway sends a keepalive every 15) before the stream
 counts as dead."""
+AUTH_RETRY = 30.0
+"""Seconds between attempts while the admin key is refused."""
 
 
 class AuthError(Exception):
@@ -46,22 +48,10 @@ class StreamDropped(Exception):
     """The gateway ended the stream with a ``dropped`` event (we fell behind)."""
 
 
-@dataclass(frozen=True)
-class Backoff:
-    """Delays between reconnection attempts."""
-
-    initial: float = 0.5
-    maximum: float = 10.0
-    factor: float = 2.0
-    jitter: float = 0.2
-    """Fraction of each delay added or removed at random."""
-    auth_retry: float = 30.0
-    """Seconds between attempts while the admin key is refused."""
-
-    def delay(self, attempt: int) -> float:
-        """Delay before reconnection attempt ``attempt`` (1-based)."""
-        base = min(self.maximum, self.initial * self.factor ** max(0, attempt - 1))
-        return max(0.0, base * (1 + random.uniform(-self.jitter, self.jitter)))
+def reconnect_backoff() -> Backoff:
+    """Delays between reconnection attempts: 0.5 s doubling to 10 s, each 20 % longer or
+    shorter at random."""
+    return Backoff(0.5, 10.0, jitter=(0.8, 1.2))
 
 
 @dataclass(frozen=True)
@@ -184,29 +174,31 @@ async def follow(
     on_status: Callable[[Status], None],
     backoff: Backoff | None = None,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    auth_retry: float = AUTH_RETRY,
 ) -> NoReturn:
     """Read ``client``'s stream forever: on every failure report a status, wait
-    (longer each time in a row, slowly while the key is refused) and reconnect."""
-    backoff = backoff or Backoff()
-    attempt = 0
+    (``backoff``'s next delay, by default :func:`reconnect_backoff`; ``auth_retry``
+    while the key is refused) and reconnect. A snapshot resets the backoff."""
+    backoff = backoff or reconnect_backoff()
+    backoff.reset()
     while True:
-        on_status(Status("connecting", f"connecting to {client.gateway}…", attempt=attempt))
+        on_status(Status("connecting", f"connecting to {client.gateway}…",
+                         attempt=backoff.attempts))
         try:
             async for kind, data in client.messages():
                 if kind == "snapshot":
-                    attempt = 0
+                    backoff.reset()
                     on_status(Status("live", f"connected to {client.gateway}"))
                 on_message(kind, data)
             failure = "the gateway ended the stream"
         except AuthError as exc:
-            attempt += 1
+            backoff.next()  # a refusal counts as an attempt, but waits auth_retry
             on_status(Status("unauthorized", auth_message(exc, bool(client.admin_key)),
-                             retry_in=backoff.auth_retry, attempt=attempt))
-            await sleep(backoff.auth_retry)
+                             retry_in=auth_retry, attempt=backoff.attempts))
+            await sleep(auth_retry)
             continue
         except (httpx.HTTPError, GatewayError, StreamDropped) as exc:
             failure = describe_failure(exc, client.gateway)
-        attempt += 1
-        delay = backoff.delay(attempt)
-        on_status(Status("reconnecting", failure, retry_in=delay, attempt=attempt))
+        delay = backoff.next()
+        on_status(Status("reconnecting", failure, retry_in=delay, attempt=backoff.attempts))
         await sleep(delay)
