@@ -1,10 +1,13 @@
 """Failover over real sockets: before the first token (invisible to the client), after
-it (in-band error), cooldowns with probes, and nodes draining with GOAWAY."""
+it (in-band error), cooldowns with probes, and nodes draining with GOAWAY.
+
+Tests that wait out a timeout or a cooldown run on trio's autojump clock (the
+``autojump_clock`` fixture): whenever every task is blocked, virtual time jumps to the
+next deadline, so they take no real time waiting."""
 
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -106,8 +109,10 @@ async def test_retryable_status_fails_over(network: Network, status: int) -> Non
 )
 async def test_first_token_timeout_fails_over(
     network: Network, options: dict[str, Any], stream: bool,
+    autojump_clock: trio.testing.MockClock,
 ) -> None:
     network.gateway.proxy_settings.first_byte_timeout = 0.3
+    started = trio.current_time()
     slow = await add(network, "slow", backend(**options))
     good = await add(network, "good")
     async with network.client() as http:
@@ -122,6 +127,7 @@ async def test_first_token_timeout_fails_over(
     assert len(good.requests) == 1
     # The slow node was told to stop: its backend call ends long before its 30 s.
     await slow.wait_until(lambda: slow.log == ["open 1", "end 1"])
+    assert trio.current_time() - started < 30
     assert network.gateway.registry.peers["slow"].failures == 1
 
 
@@ -267,7 +273,7 @@ async def test_node_killed_mid_stream_is_in_band(network: Network) -> None:
 
 
 async def test_cooldown_probe_and_recovery(
-    network: Network, monkeypatch: pytest.MonkeyPatch,
+    network: Network, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock,
 ) -> None:
     policy = CooldownPolicy(failures=2, window=60, base=0.3, maximum=5)
     network.gateway.proxy_settings.cooldown = policy
@@ -393,7 +399,7 @@ async def test_draining_node_gets_no_new_streams_and_finishes_its_own(network: N
 
 
 async def test_probe_of_a_draining_node_keeps_the_gateway_up(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock,
 ) -> None:
     # Its own gateway, so that a crash is recorded and reported as a plain failure.
     tunnel = TunnelSettings(heartbeat_interval=0.5)
@@ -474,7 +480,7 @@ async def _drain_while_probed(network: Network, monkeypatch: pytest.MonkeyPatch,
 
 
 async def test_cooldown_ends_after_the_node_withdrew_and_restored_the_model(
-    network: Network,
+    network: Network, autojump_clock: trio.testing.MockClock,
 ) -> None:
     network.gateway.proxy_settings.cooldown = CooldownPolicy(
         failures=2, window=60, base=0.3, maximum=5)
@@ -494,9 +500,9 @@ async def test_cooldown_ends_after_the_node_withdrew_and_restored_the_model(
         spy.backend.healthy = False
         with trio.fail_after(LIMIT):
             await registry.wait_until(lambda: not peer.models)
-        # Let the cooldown run out (a deadline, not a condition), and let the prober
-        # that wakes then run to its next blocking point.
-        await trio.sleep(max(0.0, record.cooldown_until - time.monotonic()) + 0.05)
+        # Let the cooldown run out (a deadline on the virtual clock, not a condition),
+        # and let the prober that wakes then run to its next blocking point.
+        await trio.sleep_until(record.cooldown_until + 0.05)
         await trio.testing.wait_all_tasks_blocked()
         assert record.in_cooldown and not peer.models
         # Repaired: the node announces the model again.

@@ -17,13 +17,13 @@ inside a cancel scope that a CANCEL frame or the tunnel's loss cancels.
 from __future__ import annotations
 
 import logging
-import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import trio
 
+from tooti import clock
 from tooti.protocol import frames
 from tooti.protocol.budget import ControlBudget, ControlLimits
 from tooti.protocol.connection import (
@@ -197,7 +197,7 @@ class TunnelSession:
             with self._cancel_scope:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
-                    self._last_input = trio.current_time()
+                    self._last_input = clock.now()
                     nursery.start_soon(self._writer)
                     nursery.start_soon(self._heartbeats)
                     nursery.start_soon(self._watch_silence)
@@ -345,12 +345,12 @@ class TunnelSession:
         while True:
             await trio.sleep(self.heartbeat_interval)
             stats = self._stats()
-            stats["t"] = time.monotonic()
+            stats["t"] = clock.now()
             await self._send_quiet(self.conn.send_heartbeat(stats))
 
     async def _read_loop(self) -> tuple[int, str]:
         timeout = 3 * self.heartbeat_interval
-        self._last_input = trio.current_time()
+        self._last_input = clock.now()
         outbox = _outbox()
         budget = self.control_budget = None if self._control is None else ControlBudget(
             self._control, self.heartbeat_interval, self._last_input)
@@ -363,7 +363,7 @@ class TunnelSession:
                         message = await self.transport.receive(flush_queued)
                     except TransportClosed as exc:
                         return CLOSE_NORMAL, str(exc)
-                    self._last_input = trio.current_time()
+                    self._last_input = clock.now()
                     try:
                         if budget is not None:
                             pause = budget.charge(message, self._last_input)
@@ -398,7 +398,7 @@ class TunnelSession:
         timeout = 3 * self.heartbeat_interval
         while True:
             await trio.sleep_until(self._last_input + timeout)
-            if trio.current_time() >= self._last_input + timeout:
+            if clock.now() >= self._last_input + timeout:
                 self._silence.cancel()
                 return
 
@@ -452,7 +452,7 @@ class TunnelSession:
                     self._send_quiet, self.conn.send_heartbeat_ack(float(sent_at))
                 )
         elif isinstance(event, HeartbeatAcked):
-            self.rtt = max(0.0, time.monotonic() - event.sent_at)
+            self.rtt = max(0.0, clock.now() - event.sent_at)
         elif isinstance(event, GoAwayReceived):
             log.info("tunnel %s: GOAWAY %s %s", self.name, event.code, event.reason)
         if self._on_event is not None:

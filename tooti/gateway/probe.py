@@ -8,13 +8,13 @@ that raises is logged and the probing starts over.
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 from typing import Any
 
 import msgspec
 import trio
 
+from tooti import clock
 from tooti.gateway.proxy import ProxySettings
 from tooti.mesh.registry import Peer, Registry
 from tooti.protocol.connection import FlowControlError
@@ -83,7 +83,7 @@ async def _probe_until_healthy(registry: Registry, peer: Peer, model: str,
                                settings: ProxySettings) -> None:
     record = peer.health_of(model)
     while record.in_cooldown and not peer.session.closed.is_set():
-        await trio.sleep(max(0.0, record.cooldown_until - time.monotonic()))
+        await trio.sleep(max(0.0, record.cooldown_until - clock.now()))
         # A node that withdrew the model (sick backend) is probed once it offers it again.
         await registry.wait_until(
             lambda: model in peer.models or peer.session.closed.is_set())

@@ -11,10 +11,11 @@ it to user traffic; a failed probe starts the next, longer cooldown.
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
+
+from tooti import clock
 
 EWMA_WEIGHT = 0.3
 """Weight of the newest sample in the moving averages."""
@@ -47,7 +48,7 @@ class ModelHealth:
     cooldowns: int = 0
     """Cooldowns in a row (the exponent of the next duration)."""
     cooldown_until: float = 0.0
-    """Monotonic time the current cooldown ends; 0 when not in cooldown."""
+    """:func:`tooti.clock.now` time the current cooldown ends; 0 when not in cooldown."""
     cooldown_reason: str = ""
     probing: bool = False
     last_cooldown_end: float = 0.0
@@ -71,7 +72,7 @@ class ModelHealth:
     def record_failure(self, reason: str, policy: CooldownPolicy,
                        now: float | None = None) -> bool:
         """Count a failure; returns True if it started a cooldown."""
-        now = time.monotonic() if now is None else now
+        now = clock.now() if now is None else now
         if self.in_cooldown:
             return False
         self.recent_failures.append(now)
@@ -84,7 +85,7 @@ class ModelHealth:
     def start_cooldown(self, reason: str, policy: CooldownPolicy,
                        now: float | None = None) -> float:
         """Enter cooldown (longer each time in a row); returns its duration."""
-        now = time.monotonic() if now is None else now
+        now = clock.now() if now is None else now
         if self.last_cooldown_end and now - self.last_cooldown_end > policy.forgive_after:
             self.cooldowns = 0
         duration = min(policy.maximum, policy.base * 2 ** self.cooldowns)
@@ -99,11 +100,11 @@ class ModelHealth:
         self.cooldown_until = 0.0
         self.cooldown_reason = ""
         self.probing = False
-        self.last_cooldown_end = time.monotonic() if now is None else now
+        self.last_cooldown_end = clock.now() if now is None else now
 
     def describe(self, now: float | None = None) -> dict[str, Any]:
         """JSON-able state for the admin API."""
-        now = time.monotonic() if now is None else now
+        now = clock.now() if now is None else now
         out: dict[str, Any] = {
             "ttft_ms": None if self.ttft_ms is None else round(self.ttft_ms, 2),
             "tokens_per_s": None if self.tokens_per_s is None else round(self.tokens_per_s, 2),

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import ipaddress
 import math
-import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import tooti.clock
 
 
 class Limited(Exception):
@@ -80,11 +81,13 @@ class Slot:
 
 
 class PerAddressLimiter:
-    """Token bucket plus concurrency cap per client address (see the module doc)."""
+    """Token bucket plus concurrency cap per client address (see the module doc);
+    ``clock`` gives the seconds the buckets refill by (trio's, :func:`tooti.clock.now`,
+    unless a test passes its own)."""
 
     def __init__(self, rate: float, burst: int, concurrent: int, *,
                  max_addresses: int = 65_536,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = tooti.clock.now) -> None:
         self.rate = rate
         self.burst = burst
         self.concurrent = concurrent
@@ -135,10 +138,11 @@ class PerAddressLimiter:
 
 class Throttle:
     """Says yes to each key at most once per ``every`` seconds: for log lines a client
-    could otherwise repeat at will. Remembers at most ``max_keys`` keys."""
+    could otherwise repeat at will. Remembers at most ``max_keys`` keys; ``clock`` as for
+    :class:`PerAddressLimiter`."""
 
     def __init__(self, every: float, *, max_keys: int = 1024,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = tooti.clock.now) -> None:
         self.every = every
         self.max_keys = max_keys
         self._clock = clock

@@ -10,12 +10,12 @@ scope, which closes the backend's upstream request.
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 import msgspec
 import trio
 
+from tooti import clock
 from tooti.backends.base import Backend, BackendError, ModelInfo
 from tooti.dialer import Dialer
 from tooti.identity import Identity
@@ -151,12 +151,12 @@ class Node:
 
     async def _watch_backends(self) -> None:
         """Health every ``health_interval``, models every ``poll_interval``; announce changes."""
-        next_listing = trio.current_time() + self.poll_interval
+        next_listing = clock.now() + self.poll_interval
         while True:
             await trio.sleep(min(self.health_interval, self.poll_interval))
-            list_models = trio.current_time() >= next_listing
+            list_models = clock.now() >= next_listing
             if list_models:
-                next_listing = trio.current_time() + self.poll_interval
+                next_listing = clock.now() + self.poll_interval
             if await self.refresh_models(list_models):
                 log.info("models changed: %s", ", ".join(sorted(self.models)) or "none")
                 await self.announce_models()
@@ -246,7 +246,7 @@ class Node:
         request: dict[str, Any], strip: bool,
     ) -> None:
         meter: UsageMeter | None = None
-        started = time.monotonic()
+        started = clock.now()
         try:
             async with backend.open(endpoint, body, request) as response:
                 sse = response.content_type.startswith("text/event-stream")
@@ -260,7 +260,7 @@ class Node:
                         if first:
                             first = False
                             self._ttft_ms = 0.8 * self._ttft_ms + 0.2 * (
-                                (time.monotonic() - started) * 1000)
+                                (clock.now() - started) * 1000)
                         await stream.send(out)
                 tail = meter.finish()
                 if tail:
