@@ -219,3 +219,7 @@ def test_what_is_learned_and_what_passes_through() -> None:
     price = parse_request(CHAT, msgspec.json.encode(chat(tooti={"max_price": {"prompt": 0}})))
     assert price.preferences.max_price_prompt == 0.0
     assert price.preferences.max_price_completion is None
+    huge = b'{"model": "m", "messages": [], "provider": {"max_price": {"prompt": 1%s}}}'
+    assert refusal(CHAT, huge % (b"0" * 400))[1] == "messages"
+    huge = huge.replace(b"[]", b'[{"role": "user"}]')
+    assert parse_request(CHAT, huge % (b"0" * 400)).preferences.max_price_prompt == float("inf")

@@ -22,6 +22,7 @@ order with the gateway's message, ``param`` and ``code``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -360,6 +361,16 @@ def parse_request(endpoint: str, raw: bytes, max_depth: int = MAX_JSON_DEPTH
     return ParsedRequest(endpoint, model, stream, body, preferences, models, rewrite)
 
 
+def _price(value: float | UnsetType) -> float | None:
+    """A checked price as a float (an integer too big for one is no limit)."""
+    if value is UNSET:
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf
+
+
 def _preferences(value: _Preferences) -> Preferences:
     """The routing preferences a checked ``provider`` / ``tooti`` object asks for."""
     price = value.max_price or _MaxPrice()
@@ -368,7 +379,7 @@ def _preferences(value: _Preferences) -> Preferences:
         only=frozenset(value.only) if value.only is not None else None,
         ignore=frozenset(value.ignore or ()),
         sort=value.sort,
-        max_price_prompt=None if price.prompt is UNSET else float(price.prompt),
-        max_price_completion=None if price.completion is UNSET else float(price.completion),
+        max_price_prompt=_price(price.prompt),
+        max_price_completion=_price(price.completion),
         allow_fallbacks=value.allow_fallbacks,
     )
