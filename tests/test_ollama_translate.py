@@ -13,6 +13,7 @@ import pytest
 from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
+from tests.backend_fixtures import parse_sse
 from tooti.backends.base import BackendError
 from tooti.backends.ollama_answers import (
     ChatStream,
@@ -48,14 +49,6 @@ WEATHER = {"type": "function", "function": {
 
 def chat(**fields: Any) -> dict[str, Any]:
     return {"model": "public", "messages": [{"role": "user", "content": "Hi"}], **fields}
-
-
-def events_of(data: bytes) -> tuple[list[dict[str, Any]], bool]:
-    """The JSON events of an SSE body and whether it ended with [DONE]."""
-    assert data.endswith(b"\n\n")
-    payloads = [block.removeprefix(b"data: ") for block in data[:-2].split(b"\n\n")]
-    done = payloads[-1] == b"[DONE]"
-    return [msgspec.json.decode(p) for p in payloads[: len(payloads) - done]], done
 
 
 def refused(message: str) -> Any:
@@ -279,7 +272,7 @@ def test_chat_stream_to_sse_with_usage_last() -> None:
         *stream.feed({"message": {"role": "assistant", "content": ""}, **FINAL}),
     ])
     assert stream.done
-    events, done = events_of(data)
+    events, done = parse_sse(data)
     assert done
     chunks = [ChatCompletionChunk.model_validate(e, strict=True) for e in events]
     assert [c.choices[0].delta.content for c in chunks[:2]] == ["Hel", "lo"]
@@ -302,7 +295,7 @@ def test_chat_stream_numbers_tool_calls_across_items() -> None:
                                   "tool_calls": [{**call, "id": "mine"}]}}),
         *stream.feed({"message": {"role": "assistant", "content": ""}, **FINAL}),
     ])
-    events, done = events_of(data)
+    events, done = parse_sse(data)
     calls = [e["choices"][0]["delta"]["tool_calls"][0] for e in events[:2]]
     assert [c["index"] for c in calls] == [0, 1] and calls[1]["id"] == "mine"
     assert events[-1]["choices"][0]["finish_reason"] == "tool_calls" and done
@@ -315,7 +308,7 @@ def test_completion_stream_to_sse() -> None:
     assert first == []
     data = b"".join([*stream.feed({"response": "Once", "done": False}),
                      *stream.feed({"response": "", **FINAL, "done_reason": "length"})])
-    events, done = events_of(data)
+    events, done = parse_sse(data)
     assert done and [e["object"] for e in events] == ["text_completion"] * 3
     assert [e["choices"][0]["text"] for e in events[:2]] == ["Once", ""]
     assert events[1]["choices"][0]["finish_reason"] == "length"
