@@ -39,6 +39,7 @@ from tooti.protocol.frames import FLAG_ACK, FrameType
 from tooti.transport import Transport, TransportClosed
 from tooti.transport.memory import MemoryTransport, memory_pair
 from tooti.tunnel import (
+    FLUSH_TIMEOUT,
     InboundStream,
     OutboundStream,
     TunnelLost,
@@ -586,6 +587,36 @@ async def test_rogue_peer_gets_goaway_and_a_clean_close(messages: list[bytes],
     assert (a_end.close_code, a_end.close_reason) == (1002, code)
     if code == "too_many_streams":
         assert set(service.started) == {"rogue-1", "rogue-3"}
+
+
+async def test_flush_returns_once_written_while_the_writer_takes_new_batches(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A flush waiting while the writer is busy returns when the queue is written, even
+    if the writer took another batch meanwhile (it used to wait out FLUSH_TIMEOUT, which
+    held every drain up by a second)."""
+    async with running_pair(Service()) as pair:
+        node = pair.dialer
+        pair.d_wire.gate = trio.Event()  # the writer stalls on its next write
+
+        async def heartbeat() -> None:
+            await node.send_control(lambda conn: conn.send_heartbeat({"t": 0.0}))
+
+        await heartbeat()
+        await trio.testing.wait_all_tasks_blocked()  # the writer holds the first batch
+        await heartbeat()  # queued behind it: the writer's next batch
+        flushed: list[float] = []
+
+        async def flush() -> None:
+            await node.flush()
+            flushed.append(trio.current_time())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(flush)
+            await trio.sleep(0.1)
+            opened = trio.current_time()
+            pair.d_wire.gate.set()
+        assert flushed and flushed[0] - opened < FLUSH_TIMEOUT / 10
 
 
 async def test_heartbeat_with_an_unusable_timestamp_is_harmless() -> None:

@@ -306,7 +306,8 @@ class TunnelSession:
                 continue
             batch, self._outgoing, self._queued = self._outgoing, [], 0
             self._room.set()
-            self._written = trio.Event()
+            if self._written.is_set():  # a flush may wait on the unset one: keep it
+                self._written = trio.Event()
             self._writing = True  # stays set if cancelled mid-write: the framing is broken
             try:
                 await self.transport.send_many(
