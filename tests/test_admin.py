@@ -120,7 +120,7 @@ async def test_peers_list_models_state_capacity_prices_and_health(network: Netwo
         response, lines = await _stream(http, {"provider": {"order": ["node-a"]}})
         assert response.headers["x-tooti-node"] == "node-a" and lines[-1] == "data: [DONE]"
         with trio.fail_after(10):
-            await network.gateway._idle.wait()
+            await network.gateway.station.wait_idle()
         after = (await http.get(PEERS)).json()
     assert before["object"] == "list" and before["queued"] == 0
     peers = {p["id"]: p for p in before["data"]}

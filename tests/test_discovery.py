@@ -155,7 +155,7 @@ async def test_admin_network_view_and_tooti_peers(nursery: trio.Nursery,
                                                   capsys: object) -> None:
     gateway, url = await start_gateway(nursery, public_url="ws://gw.example:1/tooti/v1/tunnel")
     node = await start_node(nursery, "listed", [url])
-    gateway.dialers.append(node.dialer)  # as when node and gateway share a process
+    gateway.station.show_dialer(node.dialer)  # as when node and gateway share a process
     await registered(gateway, "listed")
     base = url.removesuffix("/tooti/v1/tunnel").replace("ws://", "http://")
     code = await trio.to_thread.run_sync(cli.main, ["peers", "--url", base])

@@ -218,7 +218,7 @@ async def test_a_node_cannot_claim_another_nodes_id(network: Network) -> None:
     goaway = await _refusal(network, "gpu-7", forger)
     assert goaway[0] == 0x0B and b"identity_mismatch" in goaway
     # The real node is untouched: still registered, still the same session.
-    assert registry.peers["gpu-7"].session in {s for s in network.gateway.sessions}
+    assert registry.peers["gpu-7"].session in network.gateway.station.admission.sessions
     assert registry.identities["gpu-7"] == owner.identity.public_key
 
 

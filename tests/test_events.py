@@ -111,7 +111,7 @@ async def test_requests_and_metrics_endpoints(network: Network) -> None:
 
 
 async def test_admin_endpoints_need_the_admin_key_when_set(network: Network) -> None:
-    network.gateway.admin_auth = type(network.gateway.admin_auth)("s3cret-admin")
+    network.gateway.station.admin_auth = type(network.gateway.station.admin_auth)("s3cret-admin")
     async with network.client() as http:
         for path in ("/admin/v1/events", "/admin/v1/requests", "/metrics"):
             assert (await http.get(path)).status_code == 401

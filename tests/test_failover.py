@@ -80,7 +80,7 @@ async def settled(network: Network) -> None:
     """Wait until the gateway has finished every HTTP request (after its last byte
     reached the client, the request task still records the outcome)."""
     with trio.fail_after(LIMIT):
-        await network.gateway._idle.wait()
+        await network.gateway.station.wait_idle()
 
 
 # ---------------------------------------------------------------- before the first token

@@ -4,7 +4,6 @@ over a real gateway and real WebSocket tunnels."""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import re
 import tomllib
@@ -20,7 +19,7 @@ from tests.conftest import Network, simulated
 from tooti.config import ConfigError, loads, validate
 from tooti.gateway.app import Gateway
 from tooti.groups import GroupKeys, api_key_digest
-from tooti.mesh.admission import BearerAuth
+from tooti.mesh.join_tokens import BearerAuth
 from tooti.settings import GatewaySettings, GroupSettings, Settings, TunnelSettings
 from tooti.transport.websocket import SUBPROTOCOL
 
@@ -306,7 +305,7 @@ def test_example_documents_group_fields() -> None:
     text = re.sub(r"^# (?=[A-Za-z0-9_.\"'-]+ = |\[)", "", EXAMPLE.read_text(),
                   flags=re.MULTILINE)
     groups = tomllib.loads(text)["gateway"]["groups"]
-    fields = {f.name for f in dataclasses.fields(GroupSettings)}
+    fields = set(GroupSettings.__struct_fields__)
     assert groups and all(set(g) == fields for g in groups.values())
     settings = validate(Settings(gateway=GatewaySettings(
         join_token="change-me", groups={n: GroupSettings(**g) for n, g in groups.items()})))

@@ -152,7 +152,8 @@ async def test_a_binding_survives_a_gateway_restart(nursery: trio.Nursery,
     assert goaway[0] == 0x0B and b"identity_mismatch" in goaway
     assert "gpu-7" not in second.gateway.registry.peers
     await second.add_node(node_id="gpu-7", identity=owner)  # the owner is welcome
-    assert second.gateway.registry.peers["gpu-7"].session in second.gateway.sessions
+    sessions = second.gateway.station.admission.sessions
+    assert second.gateway.registry.peers["gpu-7"].session in sessions
     second.gateway.shutdown()
 
 

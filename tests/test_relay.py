@@ -1,9 +1,9 @@
 """Relays over real sockets, in the test's trio run.
 
 A real gateway (the ``network`` fixture), relays built the way ``tooti run --role
-relay`` builds one (a :class:`~tooti.gateway.app.Gateway` listener without the API on
-port 0, plus a :class:`~tooti.relay.upstream.Relay` dialling upstream), and nodes dialling the
-relays over WebSocket. Raw-protocol tests drive
+relay`` builds one (a :class:`~tooti.relay.role.RelayRole`: its own station on port 0,
+without the API, plus the :class:`~tooti.relay.upstream.Relay` dialling upstream), and
+nodes dialling the relays over WebSocket. Raw-protocol tests drive
 :class:`~tooti.protocol.connection.Connection` by hand over a real WebSocket.
 """
 
@@ -29,6 +29,7 @@ from tooti.backends.openai import OpenAIBackend
 from tooti.gateway.app import Gateway
 from tooti.identity import Identity, b64, proof_message, unb64
 from tooti.mesh.registry import Registry
+from tooti.mesh.station import Station
 from tooti.node.node import Node
 from tooti.protocol.connection import (
     Connection,
@@ -38,6 +39,7 @@ from tooti.protocol.connection import (
     WelcomeReceived,
 )
 from tooti.relay import upstream as relay_module
+from tooti.relay.role import RelayRole
 from tooti.relay.upstream import Relay
 from tooti.runner import Process, serve
 from tooti.settings import (
@@ -72,7 +74,8 @@ class RunningRelay:
     """A relay (listener + upstream dialer) running in the test's nursery."""
 
     relay: Relay
-    listener: Gateway
+    """The relay's upstream side (advertising, forwarding)."""
+    listener: Station
     url: str
     """The listener's ``http://127.0.0.1:PORT``."""
     scope: trio.CancelScope
@@ -114,27 +117,24 @@ async def start_relay(network: Network, relay_id: str, upstream: str | None = No
                       listen: str = "127.0.0.1:0", **options: Any) -> RunningRelay:
     """Start a relay dialling ``upstream`` (the network's gateway by default), built as
     :func:`tooti.runner.serve` builds one; ``options`` are :class:`RelaySettings` keys."""
-    listener = Gateway(GatewaySettings(listen=listen), network.tunnel, serve_api=False,
-                       local_id=relay_id)
     settings = RelaySettings(peers=[upstream or network.tunnel_url], id=relay_id,
                              reconnect_initial=0.05, reconnect_max=0.5, **options)
-    relay = Relay(settings, network.tunnel, listener.registry, relay_id, Identity.generate())
-    listener.dialers.append(relay.dialer)
+    role = RelayRole(Settings(gateway=GatewaySettings(listen=listen), tunnel=network.tunnel,
+                              relay=settings, drain_grace=0.5),
+                     relay_id, Identity.generate())
     scope, stopped = trio.CancelScope(), trio.Event()
 
     async def run(task_status: trio.TaskStatus[str]) -> None:
         try:
             with scope:
                 async with trio.open_nursery() as nursery:
-                    urls = await nursery.start(
-                        lambda task_status: listener.serve(grace=0.5, task_status=task_status))
-                    await nursery.start(relay.run)
+                    urls = await nursery.start(role.serve)
                     task_status.started(urls[0])
         finally:
             stopped.set()
 
     url = await network.nursery.start(run)
-    return RunningRelay(relay, listener, url, scope, stopped)
+    return RunningRelay(role.upstream, role.station, url, scope, stopped)
 
 
 async def start_node(network: Network, node_id: str, peers: list[str],
@@ -783,7 +783,7 @@ async def test_routes_on_a_session_that_just_closed_are_a_lost_tunnel() -> None:
 
 
 async def test_a_relay_cannot_flood_the_registry_with_nodes(network: Network) -> None:
-    network.gateway.tunnel_settings.max_relayed_nodes = 3
+    network.gateway.station.tunnel_settings.max_relayed_nodes = 3
     registry = network.gateway.registry
     entries = [route(f"n{i}", Identity.generate(), relay="flood") for i in range(5)]
     with LogEvent("tooti.gateway", "tunnel.max_relayed_nodes") as capped:

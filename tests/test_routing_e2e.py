@@ -50,7 +50,7 @@ async def add(network: Network, node_id: str, target: SimulatedBackend | None = 
 async def settled(network: Network) -> None:
     """Wait until the gateway has finished every HTTP request (slots released)."""
     with trio.fail_after(LIMIT):
-        await network.gateway._idle.wait()
+        await network.gateway.station.wait_idle()
 
 
 # ---------------------------------------------------------------- headers

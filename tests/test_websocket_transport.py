@@ -970,8 +970,9 @@ async def test_real_node_tunnels_run_on_the_socket_not_through_asgi(network: Net
                 "messages": [{"role": "user", "content": "hi"}]})
     assert response.status_code == 200
     assert response.headers["x-tooti-node"] == "direct"
-    assert network.gateway.sessions
-    assert {type(s.transport) for s in network.gateway.sessions} == {WebSocketTransport}
+    assert network.gateway.station.admission.sessions
+    sessions = network.gateway.station.admission.sessions
+    assert {type(s.transport) for s in sessions} == {WebSocketTransport}
 
 
 async def _refusal(network: Network, request: bytes) -> Reply:
@@ -1039,7 +1040,7 @@ async def test_right_join_token_is_accepted_on_the_raw_path(guarded: Network) ->
 
 
 async def test_draining_gateway_refuses_tunnels(network: Network) -> None:
-    network.gateway.draining = True
+    network.gateway.station.admission.closed = True
     reply = await _refusal(network, upgrade_bytes())
     assert (reply.status, reply.body) == (403, b"gateway is shutting down")
 

@@ -25,7 +25,6 @@ import trio
 from tooti import __version__, clock
 from tooti.backoff import Backoff
 from tooti.identity import Identity, b64, proof_message, unb64
-from tooti.mesh.admission import REPLACED, control_limits_from, limits_from
 from tooti.protocol.connection import (
     Connection,
     Event,
@@ -39,7 +38,17 @@ from tooti.settings import NetworkSettings, TunnelSettings
 from tooti.tls import TLSError, client_context
 from tooti.transport import Transport, TransportClosed
 from tooti.transport.websocket import SUBPROTOCOL, HandshakeFailed, connect
-from tooti.tunnel import CLOSE_TIMEOUT, StreamHandler, StreamOpener, TunnelLost, TunnelSession
+from tooti.tunnel import (
+    CLOSE_TIMEOUT,
+    REPLACED,
+    StreamHandler,
+    StreamOpener,
+    TunnelLost,
+    TunnelSession,
+    control_limits_from,
+    drain_sessions,
+    limits_from,
+)
 
 HANDSHAKE_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 10.0
@@ -194,17 +203,7 @@ class Dialer:
                     reason: str) -> None:
         """Tell every peer GOAWAY (no new streams), wait up to ``grace`` for
         ``wait_idle`` (the owner's in-flight streams), then close every session."""
-        for session in list(self.sessions):
-            with trio.move_on_after(1):
-                try:
-                    await session.goaway("draining", reason)
-                except TunnelLost:
-                    pass
-        with trio.move_on_after(grace):
-            await wait_idle()
-        for session in list(self.sessions):
-            await session.flush()  # the last streams' ENDs go out before the close
-            session.abort(reason)
+        await drain_sessions(self.sessions, grace, wait_idle, reason)
 
     def describe(self) -> list[dict[str, Any]]:
         """Every peer URL this dialer knows, with its state."""

@@ -1,7 +1,7 @@
 """SIGHUP in ``tooti run``: re-read the configuration and apply its join tokens.
 
 The settings are built again exactly as at start (the same file, environment and
-flags). The gateway, or a relay's listener, then admits new tunnels by the new join
+flags). The station of a gateway or relay then admits new tunnels by the new join
 tokens; tunnels already up stay up. Nothing else is applied: every other key that
 changed is named in one warning (names only, never values) as needing a restart. A
 file that does not load or validate is one error line, and the tokens in use stay.
@@ -10,13 +10,14 @@ file that does not load or validate is one error line, and the tokens in use sta
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
+
 from tooti.config import ConfigError
-from tooti.gateway.app import Gateway
+from tooti.mesh.station import Station
 from tooti.settings import Settings
 
 log = logging.getLogger("tooti")
@@ -26,13 +27,14 @@ Rebuild = Callable[[], Settings]
 :class:`~tooti.config.ConfigError`."""
 
 
-def reload_join_tokens(gateway: Gateway | None, running: Settings,
+def reload_join_tokens(station: Station | None, running: Settings,
                        rebuild: Rebuild | None) -> None:
-    """Re-read the settings with ``rebuild`` and give ``gateway`` their join tokens;
-    ``running`` are the settings the process started with. Logs what changed, by
-    name. Never raises: a failure must not end the signal loop, and the process with it.
+    """Re-read the settings with ``rebuild`` and give ``station`` (a gateway's or
+    relay's) their join tokens; ``running`` are the settings the process started
+    with. Logs what changed, by name. Never raises: a failure must not end the signal
+    loop, and the process with it.
     """
-    if gateway is None:
+    if station is None:
         return
     if rebuild is None:
         log.info("SIGHUP: no configuration to read again; the join tokens stay")
@@ -47,7 +49,7 @@ def reload_join_tokens(gateway: Gateway | None, running: Settings,
         log.exception("SIGHUP: reading the configuration failed; the current join tokens "
                       "stay in use")
         return
-    changes = gateway.reload_tokens(loaded.gateway)
+    changes = station.reload_tokens(loaded.gateway)
     done = [f"{what} {', '.join(names)}" for what, names in
             (("added", changes.added), ("removed", changes.removed),
              ("replaced", changes.replaced)) if names]
@@ -77,13 +79,13 @@ def restart_keys(running: Settings, loaded: Settings) -> list[str]:
 
 
 def _differences(old: Any, new: Any, where: str) -> list[str]:
-    """Where two settings values differ: recursing into dataclasses and tables of them."""
-    if dataclasses.is_dataclass(old) and type(old) is type(new):
-        return [key for f in dataclasses.fields(old)
-                for key in _differences(getattr(old, f.name), getattr(new, f.name),
-                                        f"{where}.{f.name}" if where else f.name)]
+    """Where two settings values differ: recursing into settings Structs and tables of them."""
+    if isinstance(old, msgspec.Struct) and type(old) is type(new):
+        return [key for name in old.__struct_fields__
+                for key in _differences(getattr(old, name), getattr(new, name),
+                                        f"{where}.{name}" if where else name)]
     if (isinstance(old, dict) and isinstance(new, dict)
-            and any(dataclasses.is_dataclass(v) for v in (*old.values(), *new.values()))):
+            and any(isinstance(v, msgspec.Struct) for v in (*old.values(), *new.values()))):
         return [key for name in sorted(old.keys() | new.keys())
                 for key in ([f"{where}.{name}"] if (name in old) != (name in new)
                             else _differences(old[name], new[name], f"{where}.{name}"))]

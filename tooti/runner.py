@@ -26,9 +26,10 @@ from tooti.billing.base import Billing, BillingSetup
 from tooti.gateway.app import Gateway
 from tooti.identity import DERIVED_PREFIX, RELAY_KEY_FILE, Identity
 from tooti.mesh.identity_store import IdentityStore
+from tooti.mesh.station import Station
 from tooti.node.admin import NodeAdmin
 from tooti.node.node import Node
-from tooti.relay.upstream import Relay
+from tooti.relay.role import RelayRole
 from tooti.reload import Rebuild, reload_join_tokens
 from tooti.routing.base import RoutingPolicy
 from tooti.settings import BackendSettings, Settings
@@ -138,13 +139,19 @@ class Process:
     backends: list[Backend] | None = None
     """Pre-built node backends; None = build them from the settings."""
     gateway: Gateway | None = None
-    """The gateway, or a relay's listener (a Gateway without the /v1 API)."""
-    relay: Relay | None = None
+    relay: RelayRole | None = None
     node: Node | None = None
     node_admin: NodeAdmin | None = None
     """The admin API of a node-only process (``node.admin_listen``)."""
     urls: list[str] = field(default_factory=list)
     ready: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def station(self) -> Station | None:
+        """The accepting side (a gateway's, else a relay's), if the process has one."""
+        if self.gateway is not None:
+            return self.gateway.station
+        return self.relay.station if self.relay is not None else None
 
     async def drain(self) -> None:
         """Drain every role: stop new work, let in-flight streams finish."""
@@ -155,9 +162,9 @@ class Process:
             if self.relay is not None:
                 nursery.start_soon(self.relay.drain, grace)
             if self.gateway is not None:
-                # A relay's listener closes its node tunnels only once the streams it
-                # forwards have finished (or the grace is over).
-                also = [self.relay.wait_idle] if self.relay is not None else []
+                # A relay sharing the gateway's station: its node tunnels close only once
+                # the streams it forwards have finished (or the grace is over).
+                also = [self.relay.upstream.wait_idle] if self.relay is not None else []
                 nursery.start_soon(self.gateway.drain, grace, also)
         if self.node_admin is not None:
             self.node_admin.shutdown()
@@ -170,29 +177,22 @@ async def serve(
     settings = process.settings
     roles = effective_roles(settings)
     async with trio.open_nursery() as nursery:
-        if "gateway" in roles or "relay" in roles:
-            # A relay listens for node tunnels exactly like a gateway, without the API.
-            if "gateway" in roles:
-                policy, billing = build_gateway_plugins(settings)
-            else:
-                policy, billing = None, []
-            process.gateway = Gateway(
-                settings.gateway, settings.tunnel, policy, billing,
-                identities=IdentityStore.in_data_dir(settings.data_dir),
-                network=settings.network, serve_api="gateway" in roles)
-            process.gateway.roles = list(roles)
-            process.urls = await nursery.start(
-                lambda task_status: process.gateway.serve(  # type: ignore[union-attr]
-                    grace=settings.drain_grace, task_status=task_status)
-            )
-        if "relay" in roles:
-            assert process.gateway is not None
-            relay_id, relay_key = relay_identity(settings)
-            process.gateway.local_id = relay_id
-            process.relay = Relay(settings.relay, settings.tunnel, process.gateway.registry,
-                                  relay_id, relay_key, network=settings.network)
-            process.gateway.dialers.append(process.relay.dialer)
-            await nursery.start(process.relay.run)
+        relay_id, relay_key = relay_identity(settings) if "relay" in roles else ("", None)
+        identities = IdentityStore.in_data_dir(settings.data_dir)
+        if "gateway" in roles:
+            policy, billing = build_gateway_plugins(settings)
+            station = Station(settings.gateway, settings.tunnel, network=settings.network,
+                              identities=identities, roles=roles, local_id=relay_id)
+            gateway = process.gateway = Gateway(settings.gateway, settings.tunnel, policy,
+                                                billing, station=station)
+            process.urls = await nursery.start(lambda task_status: gateway.serve(
+                grace=settings.drain_grace, task_status=task_status))
+        if relay_key is not None:
+            process.relay = RelayRole(
+                settings, relay_id, relay_key, identities=identities,
+                station=process.gateway.station if process.gateway is not None else None)
+            urls = await nursery.start(process.relay.serve)
+            process.urls = process.urls or urls
         if "node" in roles:
             poll = min((b.poll_interval for b in settings.node.backends), default=30.0)
             backends = process.backends
@@ -208,17 +208,18 @@ async def serve(
                 process.node_admin = NodeAdmin(process.node, settings.node.admin_listen,
                                                settings.gateway.admin_key)
                 process.urls = await nursery.start(process.node_admin.serve)
-            if process.gateway is not None:
-                process.gateway.dialers.append(process.node.dialer)
-                nursery.start_soon(_attach_local, process.gateway, process.node)
-                registry, local = process.gateway.registry, process.node
+            local_station = process.station
+            if local_station is not None:
+                station = local_station
+                station.show_dialer(process.node.dialer)
+                nursery.start_soon(_attach_local, station, process.node)
+                registry, local = station.registry, process.node
                 await registry.wait_until(
                     lambda: not local.models or bool(registry.peers.get(local.id, None)
                                                      and registry.peers[local.id].models))
         process.ready.set()
         task_status.started(process)
-        if (process.gateway is not None and process.gateway.serve_api
-                and process.node is not None and process.node.models):
+        if process.gateway is not None and process.node is not None and process.node.models:
             model = sorted(process.node.models)[0]
             print(ready_banner(process.urls[0], model), flush=True)
 
@@ -246,12 +247,13 @@ def ready_banner(url: str, model: str) -> str:
             f"-d '{body}'")
 
 
-async def _attach_local(gateway: Gateway, node: Node) -> None:
-    """Join an in-process node to an in-process gateway, re-attaching if the session ends."""
-    while not node.draining and not gateway.draining:
+async def _attach_local(station: Station, node: Node) -> None:
+    """Join an in-process node to an in-process gateway or relay, re-attaching if the
+    session ends."""
+    while not node.draining and not station.draining:
         dialer, acceptor = memory_pair()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(gateway.attach, acceptor)
+            nursery.start_soon(station.admission.admit, acceptor)
             try:
                 await node.serve_transport(dialer)
             except Exception as exc:  # the session failed; log and re-attach
@@ -264,10 +266,11 @@ def _reload_tls(process: Process) -> None:
     """SIGHUP: reload the listener's TLS certificate (a bad one is logged and the current
     one stays). Never raises: a failure must not end the signal loop, and the process
     with it."""
-    if process.gateway is not None and process.gateway.tls is not None:
+    station = process.station
+    if station is not None and station.tls is not None:
         log.info("SIGHUP: reloading the TLS certificate")
         try:
-            process.gateway.tls.reload()
+            station.tls.reload()
         except Exception:  # a bug; the current certificate stays in use
             log.exception("reloading the TLS certificate failed; the current one stays in use")
 
@@ -307,7 +310,7 @@ async def main(settings: Settings, backends: list[Backend] | None = None,
             count = 0
             async for signum in signals:
                 if signum == signal.SIGHUP:
-                    reload_join_tokens(process.gateway, settings, reload)
+                    reload_join_tokens(process.station, settings, reload)
                     _reload_tls(process)
                     continue
                 count += 1

@@ -119,7 +119,7 @@ async def test_a_raising_event_listener_stops_neither_the_request_nor_other_list
         await served(net)
     await trio.testing.wait_all_tasks_blocked()  # the last request.finished is out
     assert calls > 3
-    metrics = net.gateway.metrics.render().decode()
+    metrics = net.gateway.admin.metrics.render().decode()
     assert 'tooti_requests_total{model="tooti-sim",node="node-a",status="ok"} 3.0' in metrics
     reports = [r for r in caplog.records if "event listener" in r.getMessage()]
     assert len(reports) == 1  # rate-limited: once per listener and minute
@@ -139,7 +139,7 @@ async def test_negative_and_absurd_figures_do_not_break_the_metrics_listener(
                     node="n", prompt_tokens=bad, completion_tokens=bad, ttft_ms=bad,
                     latency_ms=bad)
     assert seen.count("request.finished") == 4
-    metrics = net.gateway.metrics.render().decode()
+    metrics = net.gateway.admin.metrics.render().decode()
     assert 'tooti_tokens_total{kind="prompt",model="m",node="n"} 0.0' in metrics
     await served(net)
 
@@ -218,6 +218,6 @@ async def test_a_billing_plugin_whose_run_raises_is_restarted(
         await plugin.restarted.wait()
     assert any(r.levelno == logging.ERROR and "plugin bug" in (r.exc_text or "")
                for r in caplog.records)
-    net = LedgeredNetwork(nursery, gateway, urls[0], gateway.tunnel_settings)
+    net = LedgeredNetwork(nursery, gateway, urls[0], gateway.station.tunnel_settings)
     await served(net)
     gateway.shutdown()

@@ -13,9 +13,9 @@ import trio
 
 from tests.conftest import Network, simulated
 from tests.hostile.peers import hostile_peer
-from tooti.gateway import app
 from tooti.gateway.app import Gateway
-from tooti.mesh.admission import Admission, BearerAuth
+from tooti.mesh import join_tokens
+from tooti.mesh.join_tokens import Admission, BearerAuth
 from tooti.node.node import Node
 from tooti.settings import GatewaySettings, NodeSettings, TunnelSettings
 
@@ -103,8 +103,8 @@ async def test_join_tokens_rotate_without_downtime(
     assert "tok-" not in json.dumps(view) + json.dumps(peers)  # names only, never tokens
     # Retire "spring": the gateway now knows the other two only (the tokens it builds
     # tell the test when they refuse someone).
-    monkeypatch.setattr(app, "BearerAuth", WatchedAuth)
-    changes = gateway.reload_tokens(msgspec.structs.replace(settings, join_tokens={
+    monkeypatch.setattr(join_tokens, "BearerAuth", WatchedAuth)
+    changes = gateway.station.reload_tokens(msgspec.structs.replace(settings, join_tokens={
         "autumn": "tok-autumn"}))
     assert (changes.added, changes.removed, changes.replaced) == ([], ["spring"], [])
     before = {p.id: p for p in registry.peers.values()}
@@ -113,7 +113,7 @@ async def test_join_tokens_rotate_without_downtime(
     with trio.fail_after(10):
         await registry.wait_until(lambda: all(
             registry.peers.get(i) not in (None, before[i]) for i in ("on-first", "on-autumn")))
-        await gateway.auth.refused.wait()  # type: ignore[attr-defined]
+        await gateway.station.admission.auth.refused.wait()  # type: ignore[attr-defined]
     assert "on-spring" not in registry.peers
     link = next(iter(nodes["on-spring"].dialer.links.values()))
     assert link.state != "connected"

@@ -11,7 +11,7 @@ import trio.testing
 
 from tests.conftest import Network
 from tests.hostile.client import connect, read_to_eof, request_bytes
-from tooti.mesh import admission as tunnels
+from tooti.mesh import peer_session
 
 UPGRADE = [("host", "127.0.0.1"), ("upgrade", "websocket"), ("connection", "Upgrade"),
            ("sec-websocket-version", "13"), ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
@@ -20,7 +20,7 @@ UPGRADE = [("host", "127.0.0.1"), ("upgrade", "websocket"), ("connection", "Upgr
 
 async def test_a_peer_that_never_answers_the_close_is_cut_off(
         network: Network, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tunnels, "HANDSHAKE_TIMEOUT", 0.2)
+    monkeypatch.setattr(peer_session, "HANDSHAKE_TIMEOUT", 0.2)
     stream = await connect(network.url)
     async with stream:
         await stream.send_all(request_bytes("GET", "/tooti/v1/tunnel", headers=UPGRADE))
@@ -29,4 +29,4 @@ async def test_a_peer_that_never_answers_the_close_is_cut_off(
     assert received.startswith(b"HTTP/1.1 101")
     assert b"handshake_timeout" in received  # the GOAWAY, then the close, then EOF
     await trio.testing.wait_all_tasks_blocked()
-    assert network.gateway.handshakes.unfinished("127.0.0.1") == 0
+    assert network.gateway.station.admission.handshakes.unfinished("127.0.0.1") == 0

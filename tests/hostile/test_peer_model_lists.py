@@ -32,7 +32,7 @@ async def attach_nodes(network: Network, shared: bool) -> None:
         node = Node(NodeSettings(), network.tunnel, [backend], f"bulk-{n:03d}", dial=False)
         await network.nursery.start(node.run)
         dialer, acceptor = memory_pair()
-        network.nursery.start_soon(gateway.attach, acceptor)
+        network.nursery.start_soon(gateway.station.admission.admit, acceptor)
         network.nursery.start_soon(node.serve_transport, dialer)
     registry = gateway.registry
     with trio.fail_after(60):
@@ -63,9 +63,9 @@ async def test_models_list_is_cheap_at_100_nodes_at_the_model_cap(
         peers = await http.get("/admin/v1/peers")
         admin = time.perf_counter() - started
     assert len(first.json()["data"]) == (MODELS if shared else NODES * MODELS)
-    assert gateway.models_list() is gateway.models_list()  # built once, not per request
+    assert gateway.models.body() is gateway.models.body()  # built once, not per request
     started = time.perf_counter()
-    snapshot = gateway.snapshot()
+    snapshot = gateway.admin.snapshot()
     snap = time.perf_counter() - started
     assert len(snapshot["peers"]) == NODES
     warm = sorted(timings)[len(timings) // 2]

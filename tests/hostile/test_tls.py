@@ -381,7 +381,7 @@ async def test_without_the_ca_a_dialer_refuses_the_gateway_and_says_why(
 
 async def test_a_certificate_for_another_name_is_refused(tls_gateway: TLSGateway,
                                                         authority: Authority) -> None:
-    tls = tls_gateway.gateway.tls
+    tls = tls_gateway.gateway.station.tls
     assert tls is not None
     authority.issue(names=["gateway.example"])  # signed by the trusted CA, wrong name
     with trio.fail_after(TIMEOUT):
@@ -403,7 +403,7 @@ async def test_a_new_certificate_is_picked_up_and_tunnels_stay(
     session = next(iter(node.sessions))
     context = authority.client_context()
     old = await served_serial(tls_gateway.port, context)
-    tls = tls_gateway.gateway.tls
+    tls = tls_gateway.gateway.station.tls
     assert tls is not None
     new = authority.issue(hours=5)  # same CA, new key, serial and expiry
     assert new.serial_number != old
@@ -420,7 +420,7 @@ async def test_a_broken_new_certificate_keeps_the_old_one(
         tls_gateway: TLSGateway, authority: Authority, breakage: str) -> None:
     context = authority.client_context()
     old = await served_serial(tls_gateway.port, context)
-    tls = tls_gateway.gateway.tls
+    tls = tls_gateway.gateway.station.tls
     assert tls is not None
     with watching_logs() as logs:
         if breakage == "garbage":

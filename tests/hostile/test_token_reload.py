@@ -69,7 +69,7 @@ async def test_reload_tokens_admits_by_the_new_set_and_keeps_live_sessions(
         await registry.wait_until(lambda: len(registry.peers) == 2)
     before = dict(registry.peers)
 
-    changes = gateway.reload_tokens(GatewaySettings(join_tokens={
+    changes = gateway.station.reload_tokens(GatewaySettings(join_tokens={
         "beta": "tok-beta", "gamma": "tok-gamma"}))
 
     assert (changes.added, changes.removed, changes.replaced) == (["gamma"], ["alpha"], [])
@@ -97,7 +97,7 @@ async def test_reload_tokens_per_group(nursery: trio.Nursery) -> None:
         "red": GroupSettings(join_token="tok-red")}), TunnelSettings())
     url = (await nursery.start(gateway.serve))[0]
 
-    changes = gateway.reload_tokens(GatewaySettings(join_token="tok-plain", groups={
+    changes = gateway.station.reload_tokens(GatewaySettings(join_token="tok-plain", groups={
         "blue": GroupSettings(join_token="tok-blue-2", join_tokens={"spare": "tok-spare"}),
         "green": GroupSettings(join_token="tok-green")}))
 

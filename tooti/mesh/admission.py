@@ -1,307 +1,206 @@
-"""Accepting node tunnels: authentication, handshake, registration."""
+"""Admitting a tunnel: the one door every peer's tunnel comes through.
+
+Three ways in, one decision: an upgrade the listener took off a fresh connection
+(:meth:`TunnelAdmission.admit_upgrade`), an upgrade on a kept-alive HTTP connection
+through ASGI (:meth:`~TunnelAdmission.admit_websocket`), and an already-connected
+transport (in-memory peers, :meth:`~TunnelAdmission.admit`). Each upgrade is counted
+against its client address (a rate and a cap on unfinished handshakes, whether it is
+refused or not, so guessing join tokens is slowed too), checked by
+:meth:`~TunnelAdmission.decide` (path, subprotocol, join token, draining), and then served by
+:func:`~tooti.mesh.peer_session.serve_peer` (the identity handshake and registration).
+"""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import ipaddress
 import logging
-import os
-import uuid
-from collections.abc import Callable, Iterable, Mapping
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import trio
 
-from tooti import __version__
-from tooti.backends.base import ModelInfo
-from tooti.groups import DEFAULT_TOKEN, bearer_token
-from tooti.identity import (
-    CHALLENGE_BYTES,
-    PUBLIC_KEY_BYTES,
-    b64,
-    proof_message,
-    unb64,
-    verify,
+from tooti import clock
+from tooti.mesh.http import Receive, Scope, Send, header
+from tooti.mesh.join_tokens import UNGROUPED, Admission, TokenChanges, join_auth
+from tooti.mesh.listener import UpgradeRequest
+from tooti.mesh.peer_session import serve_peer
+from tooti.mesh.ratelimit import Limited, PerAddressLimiter, Slot, Throttle
+from tooti.mesh.registry import Registry
+from tooti.settings import GatewaySettings, TunnelSettings
+from tooti.transport import Transport
+from tooti.transport.websocket import (
+    SUBPROTOCOL,
+    TUNNEL_PATH,
+    ASGIWebSocketTransport,
+    WebSocketTransport,
+    refusal_response,
+    upgrade_response,
 )
-from tooti.mesh.advertisements import RelayedNodes
-from tooti.mesh.registry import Peer, Registry
-from tooti.protocol import schemas
-from tooti.protocol.budget import ControlLimits
-from tooti.protocol.connection import (
-    Connection,
-    Event,
-    GoAwayReceived,
-    HeartbeatReceived,
-    HelloReceived,
-    Limits,
-    ModelsReceived,
-    ProofReceived,
-    ProtocolError,
-    RoutesReceived,
-    Side,
-)
-from tooti.settings import TunnelSettings
-from tooti.transport import Transport, TransportClosed
-from tooti.tunnel import CLOSE_PROTOCOL_ERROR, CLOSE_TIMEOUT, TunnelLost, TunnelSession
+from tooti.tunnel import CLOSE_TIMEOUT, TunnelSession
 
 log = logging.getLogger("tooti.gateway")
 
-HANDSHAKE_TIMEOUT = 10.0
-PEER_ROLES = ("node", "relay")
-"""The roles a dialing peer may announce in HELLO."""
-REPLACED = "replaced"
-"""GOAWAY code sent to a session superseded by a newer one with the same peer id."""
+Decision = tuple[int, str, Admission]
+"""``(0, "", admission)`` to accept, else ``(HTTP status, reason, UNGROUPED)``."""
 
 
-def limits_from(settings: TunnelSettings) -> Limits:
-    """The protocol limits a tunnel end enforces, from settings."""
-    return Limits(
-        max_frame_bytes=settings.max_frame_bytes,
-        max_streams=settings.max_streams,
-        initial_window=settings.initial_window,
-        max_control_bytes=settings.max_control_bytes,
-    )
+class TunnelAdmission:
+    """Decides and admits the tunnels of one gateway or relay, and holds their sessions."""
 
+    def __init__(self, settings: GatewaySettings, tunnel: TunnelSettings, registry: Registry,
+                 *, local_id: str = "",
+                 welcome_peers: Callable[[], list[str]] = list) -> None:
+        """``local_id`` is a relay's own id (its session ids start with it);
+        ``welcome_peers`` gives the public addresses each WELCOME lists."""
+        self.registry = registry
+        self.tunnel_settings = tunnel
+        self.local_id = local_id
+        self.welcome_peers = welcome_peers
+        self.group_names = frozenset(settings.groups)
+        """The node groups configured at start (a reload cannot add one)."""
+        self.auth = join_auth(settings, settings.groups)
+        """The join tokens tunnels are admitted by (swapped by :meth:`reload`)."""
+        self.handshakes = PerAddressLimiter(settings.tunnel_handshake_rate,
+                                            settings.tunnel_handshake_burst,
+                                            settings.tunnel_handshakes_per_ip)
+        """Tunnel upgrades per client IP: a rate, and a cap on unfinished handshakes."""
+        self.sessions: set[TunnelSession] = set()
+        self.closed = False
+        """Set when draining: every new tunnel is refused."""
+        self._refusal_log = Throttle(60.0)
+        self.warn_if_loopback_only()
 
-def control_limits_from(settings: TunnelSettings) -> ControlLimits:
-    """The control-frame budget a tunnel end gives its peer, from settings."""
-    return ControlLimits(
-        frames=settings.control_frames_per_interval,
-        bytes=settings.control_bytes_per_interval,
-        heartbeats=settings.max_heartbeats_per_interval,
-    )
+    def warn_if_loopback_only(self) -> None:
+        if not self.auth.open_to_network:
+            log.warning("no join token configured: node tunnels are accepted from loopback only")
 
+    def reload(self, settings: GatewaySettings) -> TokenChanges:
+        """Admit new tunnels by the join tokens of ``settings`` from now on; returns the
+        changes, by name. Tunnels already up stay up, even one whose token is gone,
+        until it reconnects. A group's tokens are reloaded, a group no longer
+        configured admits no one, and a new group needs a restart."""
+        groups = {name: group for name, group in settings.groups.items()
+                  if name in self.group_names}
+        auth = join_auth(settings, groups)
+        changes = self.auth.changes(auth)
+        self.auth = auth
+        self.warn_if_loopback_only()
+        return changes
 
-class Admission(NamedTuple):
-    """Who a bearer token let in: its node group and the token's name."""
-
-    group: str = ""
-    """``""`` = ungrouped."""
-    token: str = ""
-    """The name of the join token presented (``default`` for ``join_token``); ``""``
-    when no token is configured (loopback peers)."""
-
-
-class TokenChanges(NamedTuple):
-    """The join tokens a reload added, removed, or gave a new value, by name: a token
-    name, or ``group/name`` for a node group's."""
-
-    added: list[str]
-    removed: list[str]
-    replaced: list[str]
-
-
-UNGROUPED = Admission()
-"""No group, no token (a loopback or in-memory peer without configured tokens)."""
-
-Tokens = str | Mapping[str, str]
-"""One token (named ``default``), or several by name."""
-
-
-class BearerAuth:
-    """Checks a bearer secret (a node's join token, or the admin key).
-
-    Secrets are kept only as SHA-256 digests and compared in constant time. With
-    no secret configured, only loopback clients are accepted.
-
-    ``join_token`` is one token (named ``default``) or several by name, all valid at
-    once (rotation without downtime). ``groups`` (group name → its token or tokens)
-    adds tokens per node group: a peer presenting a group's token is admitted into
-    that group (see :meth:`admit`). With any token configured, every peer must
-    present one.
-    """
-
-    def __init__(self, join_token: Tokens, groups: Mapping[str, Tokens] | None = None
-                 ) -> None:
-        self._digests = [(Admission(group, name), hashlib.sha256(token.encode()).digest())
-                         for group, tokens in [("", join_token), *(groups or {}).items()]
-                         for name, token in _named(tokens).items() if token]
-
-    @property
-    def open_to_network(self) -> bool:
-        """True when a join token is configured (non-loopback peers allowed)."""
-        return bool(self._digests)
-
-    def changes(self, new: BearerAuth) -> TokenChanges:
-        """How the tokens of ``new`` differ from these, by name (never the tokens)."""
-        old_tokens, new_tokens = dict(self._digests), dict(new._digests)
-
-        def names(admissions: Iterable[Admission]) -> list[str]:
-            return sorted(f"{a.group}/{a.token}" if a.group else a.token for a in admissions)
-
-        return TokenChanges(
-            added=names(new_tokens.keys() - old_tokens.keys()),
-            removed=names(old_tokens.keys() - new_tokens.keys()),
-            replaced=names(a for a in old_tokens.keys() & new_tokens.keys()
-                           if old_tokens[a] != new_tokens[a]))
-
-    def check(self, authorization: bytes | None, client_host: str | None) -> str | None:
-        """Return None if the peer is admitted, else the reason it is refused."""
-        return self.admit(authorization, client_host)[0]
-
-    def admit(self, authorization: bytes | None, client_host: str | None
-              ) -> tuple[str | None, Admission]:
-        """``(None, admission)`` if the peer is admitted (its group, ``""`` =
-        ungrouped, and the name of the token it presented), else ``(reason,
-        Admission())``. Every configured token is compared, in constant time."""
-        if not self.open_to_network:
-            if client_host is None or client_host == "memory":
-                return None, Admission()
-            try:
-                if ipaddress.ip_address(client_host).is_loopback:
-                    return None, Admission()
-            except ValueError:
-                pass
-            return "no token configured: only loopback clients are accepted", Admission()
-        presented = hashlib.sha256(bearer_token(authorization)).digest()
-        admitted: Admission | None = None
-        for admission, digest in self._digests:
-            if hmac.compare_digest(presented, digest):
-                admitted = admission
-        if admitted is None:
-            return "invalid token", Admission()
-        return None, admitted
-
-
-def _named(tokens: Tokens) -> Mapping[str, str]:
-    return {DEFAULT_TOKEN: tokens} if isinstance(tokens, str) else tokens
-
-
-async def serve_tunnel(
-    transport: Transport, registry: Registry, settings: TunnelSettings,
-    sessions: set[TunnelSession], admission: Admission = UNGROUPED,
-    welcome_peers: list[str] | None = None, local_id: str = "",
-    on_proven: Callable[[], None] | None = None,
-) -> None:
-    """Run the acceptor side of one tunnel until it closes; the peer joins the node
-    group its join token admitted it to (``admission``). ``welcome_peers`` are
-    the public gateway/relay addresses the WELCOME tells the peer about. A relay's
-    listener passes its own id as ``local_id``: session ids then start with it, so a
-    node's proof names the relay it was made for (see :mod:`tooti.mesh.advertisements`).
-    ``on_proven`` is called once the peer has proven its identity (its handshake is
-    over: the per-address handshake limit frees its slot)."""
-    conn = Connection(Side.ACCEPTOR, limits_from(settings))
-    hello: Event | None = None
-    try:
-        with trio.move_on_after(HANDSHAKE_TIMEOUT):
-            hello = conn.receive_message(await transport.receive())
-        if not isinstance(hello, HelloReceived):
-            raise ProtocolError("handshake_timeout", "no HELLO received")
-        version = conn.choose_version(hello.versions)
-        if hello.role not in PEER_ROLES:
-            raise ProtocolError("bad_hello", f"role must be one of {', '.join(PEER_ROLES)}")
-        extra = schemas.convert(hello.extra, schemas.HelloExtra, "bad_hello", "HELLO")
-        public_key = unb64(extra.public_key, PUBLIC_KEY_BYTES)
-        if public_key is None:
-            raise ProtocolError("bad_hello", "public_key must be a base64 Ed25519 key")
-        challenge = os.urandom(CHALLENGE_BYTES)
-        session_id = f"{local_id}.{uuid.uuid4().hex}" if local_id else uuid.uuid4().hex
-        await transport.send(conn.send_welcome(
-            version, session_id, settings.heartbeat_interval, peers=welcome_peers,
-            extra={"software": f"tooti/{__version__}", "challenge": b64(challenge)},
-            require_proof=True,
-        ))
-        proof: Event | None = None
-        with trio.move_on_after(HANDSHAKE_TIMEOUT):
-            proof = conn.receive_message(await transport.receive())
-        if not isinstance(proof, ProofReceived):
-            raise ProtocolError("proof_required", "no PROOF received")
-        signature = unb64(proof.signature)
-        message = proof_message(challenge, session_id, hello.peer_id)
-        if signature is None or not verify(public_key, signature, message):
-            raise ProtocolError("bad_proof", "the signature does not match the public key")
-        refusal = registry.banned(hello.peer_id)
+    def decide(self, path: str, subprotocols: Sequence[str], authorization: bytes | None,
+               host: str | None) -> Decision:
+        """Accept or refuse an upgrade (both ways in ask this)."""
+        if path != TUNNEL_PATH:
+            return 404, "unknown path", UNGROUPED
+        if SUBPROTOCOL not in subprotocols:
+            return 400, f"subprotocol {SUBPROTOCOL} required", UNGROUPED
+        refusal, group = self.auth.admit(authorization, host)
+        if refusal is None and self.closed:
+            refusal = "gateway is shutting down"
         if refusal is not None:
-            raise ProtocolError("banned", refusal)
-        registry.bind_identity(hello.peer_id, public_key)
-        conn.proof_verified()
-        if on_proven is not None:
-            on_proven()
-        proven = {"challenge": b64(challenge), "session_id": session_id,
-                  "signature": proof.signature}
-    except ProtocolError as exc:
-        log.warning("tunnel from %s refused: %s", transport.remote, exc)
-        with trio.move_on_after(1):
-            try:
-                await transport.send(conn.send_goaway(exc.code, exc.message))
-            except TransportClosed:
-                pass
-        with trio.move_on_after(CLOSE_TIMEOUT):  # the peer need not answer the close
-            await transport.aclose(CLOSE_PROTOCOL_ERROR, exc.code)
-        return
-    except TransportClosed:
-        return
-    peer_ref: list[Peer] = []
-    relayed: list[RelayedNodes] = []
+            log.warning("tunnel from %s refused: %s", host, refusal)
+            return 403, refusal, UNGROUPED
+        return 0, "", group
 
-    def on_event(event: Event) -> None:
-        """Peer input enters here: each value is checked (:mod:`tooti.protocol.schemas`)
-        before it is stored; a ProtocolError ends the session as a violation."""
-        peer = peer_ref[0]
-        if isinstance(event, RoutesReceived):
-            relayed[0].apply(event)  # the connection accepts ROUTES from relays only
-        elif isinstance(event, HeartbeatReceived):
-            registry.heartbeat(peer, schemas.stats(event.stats))
-        elif isinstance(event, ModelsReceived):
-            if relayed:  # a relay serves nothing itself: its nodes come in ROUTES
-                log.warning("relay %s sent MODELS; ignored", peer.id)
+    def _slot(self, host: str | None) -> Slot | str:
+        """Count an upgrade from ``host``: its slot, or why it is refused (429)."""
+        try:
+            return self.handshakes.acquire(host, "tunnel handshakes")
+        except Limited as limited:
+            if self._refusal_log.allow(host):
+                log.warning("tunnel upgrade from %s refused: %s (more from it this minute "
+                            "at debug level)", host, limited.reason)
+            else:
+                log.debug("tunnel upgrade from %s refused: %s", host, limited.reason)
+            return limited.reason
+
+    async def admit(self, transport: Transport, admission: Admission = UNGROUPED,
+                    slot: Slot | None = None, proven: Callable[[], None] | None = None
+                    ) -> None:
+        """Serve an admitted tunnel until it ends. Its handshake's ``slot`` is released
+        once the peer has proven its identity (else by the caller when the tunnel
+        ends); ``proven`` is called then too (the listener stops counting the
+        connection against its address). Called directly for in-memory peers."""
+
+        def on_proven() -> None:
+            if slot is not None:
+                slot.release()
+            if proven is not None:
+                proven()
+
+        started = clock.now()
+        await serve_peer(transport, self.registry, self.tunnel_settings, self.sessions,
+                         admission, welcome_peers=self.welcome_peers(),
+                         local_id=self.local_id, on_proven=on_proven)
+        log.debug("tunnel from %s ended after %.1fs", transport.remote,
+                  clock.now() - started)
+
+    async def admit_upgrade(self, upgrade: UpgradeRequest) -> None:
+        """Admit an upgrade taken off a fresh connection by the listener."""
+        headers, client, stream = upgrade.headers, upgrade.client, upgrade.stream
+        slot = self._slot(client[0] if client else None)
+        if isinstance(slot, str):
+            with trio.move_on_after(1):
+                try:
+                    await stream.send_all(refusal_response(429, slot))
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass
+            return
+        with slot:
+            subprotocols = [p.strip()
+                            for p in headers.get("sec-websocket-protocol", "").split(",")]
+            key = headers.get("sec-websocket-key", "")
+            if headers.get("sec-websocket-version") != "13" or not key:
+                status, reason, group = (426, "WebSocket version 13 with a key is required",
+                                         UNGROUPED)
+            else:
+                authorization = headers.get("authorization")
+                status, reason, group = self.decide(
+                    TUNNEL_PATH, subprotocols,
+                    authorization.encode("latin-1") if authorization is not None else None,
+                    client[0] if client else None)
+            try:
+                if status:
+                    with trio.move_on_after(1):
+                        await stream.send_all(refusal_response(status, reason))
+                    return
+                await stream.send_all(upgrade_response(key, SUBPROTOCOL))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 return
-            entries = schemas.model_entries(event.models, settings.max_models_per_peer)
-            if registry.set_models(peer, [ModelInfo.from_wire(e) for e in entries]):
-                log.info("peer %s serves %s", peer.id, peer.models_summary())
-        elif isinstance(event, GoAwayReceived):
-            peer.draining = True
-            if relayed:
-                relayed[0].mark_draining()
-            registry.changed()
-            registry.peer_updated(peer)
-
-    session = TunnelSession(
-        transport, conn, heartbeat_interval=settings.heartbeat_interval, on_event=on_event,
-        name=hello.peer_id, control=control_limits_from(settings),
-    )
-    peer = Peer(
-        id=hello.peer_id, role=hello.role, session=session, address=transport.remote,
-        labels=hello.labels, software=hello.software, public_key=public_key, proof=proven,
-        group=admission.group, token=admission.token,
-        public_url=_public_url(hello.role, extra.public_url),
-        stream_limit=conn.peer_limits.max_streams,
-    )
-    peer_ref.append(peer)
-    if hello.role == "relay":
-        relayed.append(RelayedNodes(registry, peer, settings.max_relayed_nodes,
-                                    settings.max_models_per_peer))
-        conn.accepts_routes = True
-    replaced = registry.add(peer)
-    if replaced is not None and not replaced.via:
-        # Tell the older session why, so a duplicate node backs off instead of flapping.
-        with trio.move_on_after(1):
+            remote = f"{client[0]}:{client[1]}" if client else "unknown"
+            transport = WebSocketTransport(
+                stream, remote, client=False, max_message=self.tunnel_settings.max_frame_bytes,
+                buffered=upgrade.buffered)
             try:
-                await replaced.session.goaway(REPLACED, "a newer session of this node id "
-                                              "connected")
-            except TunnelLost:
-                pass
-        replaced.session.abort("replaced by a newer session of the same node")
-    sessions.add(session)
-    try:
-        await session.run()
-    finally:
-        sessions.discard(session)
-        if session.violation:  # it broke the protocol: refused for a while
-            registry.penalize(peer, session.violation)
-        if relayed:
-            relayed[0].clear()
-        registry.remove(peer)
+                await self.admit(transport, group, slot, upgrade.proven)
+            finally:  # releases the socket even if the handshake ended without a close
+                with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+                    await transport.aclose()
+
+    async def admit_websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Admit an upgrade on a connection that already carried HTTP requests."""
+        message = await receive()
+        if message["type"] != "websocket.connect":
+            return
+        client = scope.get("client")
+        slot = self._slot(client[0] if client else None)
+        if isinstance(slot, str):
+            await _refuse_websocket(send, 429, slot)
+            return
+        with slot:
+            status, reason, group = self.decide(
+                scope["path"], scope.get("subprotocols", []), header(scope, b"authorization"),
+                client[0] if client else None)
+            if status:
+                await _refuse_websocket(send, status, reason)
+                return
+            await send({"type": "websocket.accept", "subprotocol": SUBPROTOCOL})
+            remote = f"{client[0]}:{client[1]}" if client else "unknown"
+            await self.admit(ASGIWebSocketTransport(receive, send, remote), group, slot)
 
 
-def _public_url(role: str, value: object) -> str:
-    """A relay's claimed public tunnel URL, if well-formed; other peers have none."""
-    from tooti.config import ConfigError, normalize_peer_url
-
-    if role != "relay" or not isinstance(value, str) or len(value) > 2048:
-        return ""
-    try:
-        return normalize_peer_url(value)
-    except ConfigError:
-        return ""
+async def _refuse_websocket(send: Send, status: int, reason: str) -> None:
+    """Refuse an upgrade through ASGI with a plain-text reason."""
+    message: dict[str, Any] = {"type": "websocket.http.response.start", "status": status,
+                               "headers": [(b"content-type", b"text/plain; charset=utf-8")]}
+    await send(message)
+    await send({"type": "websocket.http.response.body", "body": reason.encode()})

@@ -11,7 +11,6 @@ from hypercorn.config import Config
 from hypercorn.trio import serve
 
 from tooti.errors import APIError
-from tooti.mesh.admission import BearerAuth
 from tooti.mesh.http import (
     Receive,
     Scope,
@@ -21,6 +20,7 @@ from tooti.mesh.http import (
     send_json,
     serve_lifespan,
 )
+from tooti.mesh.join_tokens import BearerAuth
 from tooti.node.node import Node
 
 log = logging.getLogger("tooti.node")

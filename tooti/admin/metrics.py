@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -20,7 +20,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 class _LiveState(Collector):
     """Gauges read from the registry at scrape time."""
 
-    def __init__(self, registry: Registry, queued: object) -> None:
+    def __init__(self, registry: Registry, queued: Callable[[], int]) -> None:
         self.registry = registry
         self.queued = queued
 
@@ -43,14 +43,16 @@ class _LiveState(Collector):
         for state, n in sorted(counts.items()):
             peers.add_metric([state], n)
         queued = GaugeMetricFamily("tooti_queued_requests", "Requests waiting for a free slot")
-        queued.add_metric([], float(getattr(self.queued, "queued", 0)))
+        queued.add_metric([], float(self.queued()))
         yield from (peers, in_flight, cooldowns, queued)
 
 
 class GatewayMetrics:
     """Counters and histograms of finished requests, plus live gauges."""
 
-    def __init__(self, registry: Registry, bus: EventBus, proxy: object) -> None:
+    def __init__(self, registry: Registry, bus: EventBus, queued: Callable[[], int]
+                 ) -> None:
+        """``queued`` counts the requests waiting for a node (0 on a relay)."""
         self.prometheus = CollectorRegistry()
         self.requests = Counter("tooti_requests", "Finished requests",
                                 ["model", "node", "status"], registry=self.prometheus)
@@ -65,7 +67,7 @@ class GatewayMetrics:
             "tooti_usage_settle_late", "Settles (or refunds) cut off by the billing "
             "timeout: a completed answer then left before its usage record was durable",
             registry=self.prometheus)
-        self.prometheus.register(_LiveState(registry, proxy))
+        self.prometheus.register(_LiveState(registry, queued))
         bus.listeners.append(self.on_event)
 
     def on_event(self, event: BusEvent) -> None:
