@@ -1,4 +1,5 @@
-"""The billing contract and the records it receives.
+"""The billing contract and the records it receives (and the :class:`Outcome` the
+gateway fills in for billing to read).
 
 For every request that passes validation the gateway calls, in order:
 
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from tooti.protocol.schemas import MAX_PRICE
-from tooti.protocol.usage import MAX_TOKENS
+from tooti.protocol.usage import MAX_TOKENS, ReportedUsage, UsageLimits
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,38 @@ class Usage:
         return (_bounded(self.prompt_tokens, MAX_TOKENS) * _bounded(self.price_input, MAX_PRICE)
                 + _bounded(self.completion_tokens, MAX_TOKENS)
                 * _bounded(self.price_output, MAX_PRICE)) / 1_000_000
+
+
+@dataclass
+class Outcome:
+    """What happened to one request, filled in by the gateway's proxy as it goes and
+    read by billing at the end (:func:`tooti.billing.pipeline.usage_from` turns it
+    into the :class:`Usage` plugins receive)."""
+
+    served: bool = False
+    """A node answered (so it did the work)."""
+    node_id: str = ""
+    model: str = ""
+    price_input: float = 0.0
+    price_output: float = 0.0
+    usage: ReportedUsage | None = None
+    """The END frame's usage, when the node reported it within bounds."""
+    limits: UsageLimits | None = None
+    """The most tokens the request can plausibly have used (caps the estimates too)."""
+    relayed_bytes: int = 0
+    """Bytes of the node's answer passed to the client."""
+    violation: str = ""
+    """Why the node's usage report was refused (it was penalized), if it was."""
+    status: str = "pending"
+    """``ok``, ``error``, ``failed_midstream``, ``cancelled``, ``failed`` or ``pending``."""
+    delivered_events: int = 0
+    """SSE events relayed to the client (an estimate of tokens when usage is missing)."""
+    attempts: int = 0
+    nodes_tried: list[str] = field(default_factory=list)
+    ttft_ms: float | None = None
+    """Time from opening the stream on the serving node to its first token."""
+    error: str = ""
+    """The error the client saw, if any."""
 
 
 def _bounded(value: float, high: float) -> float:

@@ -10,8 +10,7 @@ import trio
 
 from tooti import clock
 from tooti.backoff import Backoff
-from tooti.billing.base import Billing, RequestContext, Usage
-from tooti.gateway.proxy import Outcome
+from tooti.billing.base import Billing, Outcome, RequestContext, Usage
 
 log = logging.getLogger("tooti.billing")
 

@@ -33,6 +33,7 @@ from typing import Any
 import msgspec
 import trio
 
+from tooti.billing.base import Outcome
 from tooti.errors import APIError, from_end_info
 from tooti.gateway.byte_budget import BudgetExhausted, ByteBudget, Share
 from tooti.gateway.response_headers import BadHeader, content_type, header_value
@@ -43,7 +44,6 @@ from tooti.mesh.registry import Candidates, KeyName, Peer, Registry
 from tooti.protocol.connection import FlowControlError, ResponseStarted
 from tooti.protocol.usage import (
     ReportedUsage,
-    UsageLimits,
     UsageViolation,
     check_usage,
     limits_for,
@@ -51,6 +51,10 @@ from tooti.protocol.usage import (
 )
 from tooti.routing.base import RouteRequest, RoutingPolicy
 from tooti.tunnel import OutboundStream, TunnelLost
+
+__all__ = ["DONE", "Outcome", "Proxy", "ProxySettings", "check_routable"]
+"""``Outcome`` is re-exported for the gateway's older imports; its home is
+:mod:`tooti.billing.base`."""
 
 log = logging.getLogger("tooti.gateway")
 _encoder = msgspec.json.Encoder()
@@ -83,36 +87,6 @@ class ProxySettings:
     prompt_token_allowance: int = 4096
     media_token_allowance: int = 16_384
     """See :mod:`tooti.protocol.usage`."""
-
-
-@dataclass
-class Outcome:
-    """What happened to one request, filled in as it goes (read by billing)."""
-
-    served: bool = False
-    """A node answered (so it did the work)."""
-    node_id: str = ""
-    model: str = ""
-    price_input: float = 0.0
-    price_output: float = 0.0
-    usage: ReportedUsage | None = None
-    """The END frame's usage, when the node reported it within bounds."""
-    limits: UsageLimits | None = None
-    """The most tokens the request can plausibly have used (caps the estimates too)."""
-    relayed_bytes: int = 0
-    """Bytes of the node's answer passed to the client."""
-    violation: str = ""
-    """Why the node's usage report was refused (it was penalized), if it was."""
-    status: str = "pending"
-    """``ok``, ``error``, ``failed_midstream``, ``cancelled``, ``failed`` or ``pending``."""
-    delivered_events: int = 0
-    """SSE events relayed to the client (an estimate of tokens when usage is missing)."""
-    attempts: int = 0
-    nodes_tried: list[str] = field(default_factory=list)
-    ttft_ms: float | None = None
-    """Time from opening the stream on the serving node to its first token."""
-    error: str = ""
-    """The error the client saw, if any."""
 
 
 class _Retry(Exception):
