@@ -5,17 +5,17 @@ Builds a real :class:`~tooti.mesh.registry.Registry` holding N fake peers
 ``rtt = None``) that all serve one model, with varied capacities, loads,
 measured TTFTs, decode speeds and prices; a few are full, draining or in
 cooldown, as on a real network. It then times what
-:meth:`tooti.gateway.proxy.Proxy.acquire` does synchronously for every request
-before reserving a slot, i.e. :meth:`Proxy.select`: the registry's indexed view of
+:meth:`tooti.gateway.node_picker.NodePicker.pick` does synchronously for every request
+before reserving a slot, i.e. :meth:`NodePicker.pick_now`: the registry's indexed view of
 the nodes with a free slot narrowed by the request's preferences, then
-:meth:`Proxy.choose` (the preferences or the routing policy) and the check that the
-chosen node's tunnel can take a stream:
+:meth:`NodePicker.pick_among` (the preferences or the routing policy) and the check that
+the picked node's tunnel can take a stream:
 
 * every built-in policy (``least-loaded`` is the default),
 * per-request preferences with the default policy: ``sort`` (price, latency,
   throughput, load), ``only`` / ``ignore`` lists, ``order``, ``max_price``,
   and a failover retry (one node excluded),
-* the real ``await Proxy.acquire()`` + ``Registry.release()`` round trip in a
+* the real ``await NodePicker.pick()`` + ``Registry.release()`` round trip in a
   trio run (default policy and one preference case).
 
 Each figure is the median (and 90th percentile) of many batches, reported in
@@ -221,7 +221,7 @@ def time_batches(decide: Callable[[], object], budget: float, min_rounds: int) -
 
 
 def selection(registry: Registry, scenario: Scenario) -> Callable[[], object]:
-    """One synchronous routing decision, as ``Proxy.acquire`` makes it."""
+    """One synchronous routing decision, as ``NodePicker.pick`` makes it."""
     ids = sorted(registry.peers)
     proxy = Proxy(registry, scenario.policy(ids), ProxySettings())
     prefs = preferences(scenario.provider(ids))
@@ -229,7 +229,7 @@ def selection(registry: Registry, scenario: Scenario) -> Callable[[], object]:
     route = RouteRequest("req-bench", MODEL, "chat/completions", {}, {})
 
     def decide() -> object:
-        peer = proxy.select(route, prefs, excluded)
+        peer = proxy.picker.pick_now(route, prefs, excluded)
         if peer is None:
             raise RuntimeError(f"{scenario.name}: no node chosen")
         return peer
@@ -263,18 +263,18 @@ def components(registry: Registry) -> dict[str, Callable[[], object]]:
 
 async def time_acquire(registry: Registry, scenario: Scenario, budget: float,
                        min_rounds: int) -> Figure:
-    """``await Proxy.acquire()`` + ``Registry.release()`` per decision, in µs."""
+    """``await NodePicker.pick()`` + ``Registry.release()`` per decision, in µs."""
     ids = sorted(registry.peers)
     proxy = Proxy(registry, scenario.policy(ids), ProxySettings())
     prefs = preferences(scenario.provider(ids))
     route = RouteRequest("req-bench", MODEL, "chat/completions", {}, {})
     excluded: set[str] = set()
     for _ in range(3):
-        peer = await proxy.acquire(route, prefs, excluded)
+        peer = await proxy.picker.pick(route, prefs, excluded)
         assert peer is not None
         registry.release(peer, MODEL)
     started = time.perf_counter()
-    peer = await proxy.acquire(route, prefs, excluded)
+    peer = await proxy.picker.pick(route, prefs, excluded)
     assert peer is not None
     registry.release(peer, MODEL)
     batch = max(1, int(0.002 / max(time.perf_counter() - started, 1e-7)))
@@ -284,7 +284,7 @@ async def time_acquire(registry: Registry, scenario: Scenario, budget: float,
     while len(samples) < min_rounds or time.perf_counter() < deadline:
         begin = time.perf_counter_ns()
         for _ in range(batch):
-            peer = await proxy.acquire(route, prefs, excluded)
+            peer = await proxy.picker.pick(route, prefs, excluded)
             registry.release(peer, MODEL)  # type: ignore[arg-type]
         samples.append((time.perf_counter_ns() - begin) / batch / 1000)
         if len(samples) >= 20 * min_rounds:
@@ -355,9 +355,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\nother processes on this machine used {max(0.0, others):.1f} CPU-s during the "
           f"{wall:.1f} s run ({max(0.0, others) / wall:.2f} of {os.cpu_count()} CPUs): "
           "figures are noisy when that is high")
-    print_table("selection (Proxy.select: free-slot view, Proxy.choose, tunnel check)", sizes,
+    print_table("selection (NodePicker.pick_now: free-slot view, pick_among, tunnel check)",
+                sizes,
                 selection_rows)
-    print_table("await Proxy.acquire() + Registry.release()", sizes, acquire_rows)
+    print_table("await NodePicker.pick() + Registry.release()", sizes, acquire_rows)
     print_table("where a default decision's time goes", sizes, component_rows)
     if 1000 in sizes:
         worst_name, worst = max(((name, figures[1000]) for name, figures in

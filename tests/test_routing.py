@@ -1,5 +1,5 @@
-"""Routing decisions on hand-made peers: the built-in policies, ``Proxy.choose`` with
-per-request preferences, ``Proxy._eligible`` and ``Proxy.acquire``, and the
+"""Routing decisions on hand-made peers: the built-in policies, ``NodePicker.pick_among``
+with per-request preferences, ``NodePicker._any_eligible`` and ``NodePicker.pick``, and the
 validation of the gateway-only body fields (through the real gateway)."""
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import trio.testing
 from tests.conftest import Network
 from tooti.backends.base import ModelInfo
 from tooti.errors import APIError
-from tooti.gateway.proxy import Proxy, ProxySettings
+from tooti.gateway.node_picker import NodePicker
+from tooti.gateway.proxy_settings import ProxySettings
 from tooti.gateway.validation import Preferences, parse_request
 from tooti.mesh.health import CooldownPolicy, ModelHealth
 from tooti.mesh.registry import Peer, Registry
@@ -198,7 +199,7 @@ def test_price_falls_back_to_cheapest_when_none_is_fast_enough() -> None:
     assert ids(policy.rank(ROUTE, peers)) == ["cheap"]
 
 
-# ---------------------------------------------------------------- Proxy.choose
+# ---------------------------------------------------------------- NodePicker.pick_among
 
 
 class FirstById:
@@ -208,81 +209,82 @@ class FirstById:
         return sorted(candidates, key=lambda p: p.id)
 
 
-def make_proxy(*peers: Peer, policy: RoutingPolicy | None = None,
-               settings: ProxySettings | None = None) -> Proxy:
-    """A proxy over a registry holding ``peers``."""
+def make_picker(*peers: Peer, policy: RoutingPolicy | None = None,
+                settings: ProxySettings | None = None) -> NodePicker:
+    """A node picker over a registry holding ``peers``."""
     registry = Registry()
     for peer in peers:
         registry.add(peer)
-    return Proxy(registry, policy or FirstById(), settings or ProxySettings())
+    return NodePicker(registry, policy or FirstById(), settings or ProxySettings())
 
 
-def test_choose_without_preferences_asks_the_policy() -> None:
+def test_pick_among_without_preferences_asks_the_policy() -> None:
     peers = [make_peer("b"), make_peer("a")]
-    assert make_proxy().choose(ROUTE, Preferences(), peers) is peers[1]
-    assert make_proxy().choose(ROUTE, Preferences(), []) is None
+    assert make_picker().pick_among(ROUTE, Preferences(), peers) is peers[1]
+    assert make_picker().pick_among(ROUTE, Preferences(), []) is None
 
 
-def test_choose_follows_order() -> None:
+def test_pick_among_follows_order() -> None:
     a, b, c = make_peer("a"), make_peer("b"), make_peer("c")
-    proxy = make_proxy()
-    assert proxy.choose(ROUTE, Preferences(order=("c", "b")), [a, b, c]) is c
+    picker = make_picker()
+    assert picker.pick_among(ROUTE, Preferences(order=("c", "b")), [a, b, c]) is c
     # Listed nodes that are not candidates (gone, full, failed) are skipped.
-    assert proxy.choose(ROUTE, Preferences(order=("zz", "b")), [a, b, c]) is b
+    assert picker.pick_among(ROUTE, Preferences(order=("zz", "b")), [a, b, c]) is b
     # No listed candidate: the policy (or sort) decides.
-    assert proxy.choose(ROUTE, Preferences(order=("zz",)), [c, b]) is b
-    assert proxy.choose(ROUTE, Preferences(order=("zz",), sort="load"),
+    assert picker.pick_among(ROUTE, Preferences(order=("zz",)), [c, b]) is b
+    assert picker.pick_among(ROUTE, Preferences(order=("zz",), sort="load"),
                         [make_peer("x", in_flight=2), c]) is c
 
 
 def test_order_beats_sort() -> None:
     cheap, dear = make_peer("cheap", price=(1, 1)), make_peer("dear", price=(9, 9))
     prefs = Preferences(order=("dear",), sort="price")
-    assert make_proxy().choose(ROUTE, prefs, [cheap, dear]) is dear
+    assert make_picker().pick_among(ROUTE, prefs, [cheap, dear]) is dear
 
 
 def test_sort_price() -> None:
     peers = [make_peer("a", price=(3, 3)), make_peer("b", price=(1, 4)),
              make_peer("c", price=(1, 2))]
-    assert make_proxy().choose(ROUTE, Preferences(sort="price"), peers) is peers[2]
+    assert make_picker().pick_among(ROUTE, Preferences(sort="price"), peers) is peers[2]
     # Equal prices: the less loaded one.
     x, y = make_peer("x", price=(1, 1), in_flight=3), make_peer("y", price=(1, 1), in_flight=1)
-    assert make_proxy().choose(ROUTE, Preferences(sort="price"), [x, y]) is y
+    assert make_picker().pick_among(ROUTE, Preferences(sort="price"), [x, y]) is y
 
 
 def test_sort_latency() -> None:
     slow, fast = make_peer("slow", ttft_ms=400), make_peer("fast", ttft_ms=25)
-    proxy = make_proxy()
-    assert proxy.choose(ROUTE, Preferences(sort="latency"), [slow, fast]) is fast
+    picker = make_picker()
+    assert picker.pick_among(ROUTE, Preferences(sort="latency"), [slow, fast]) is fast
     fresh = make_peer("fresh")
-    assert proxy.choose(ROUTE, Preferences(sort="latency"), [slow, fast, fresh]) is fresh
+    assert picker.pick_among(ROUTE, Preferences(sort="latency"), [slow, fast, fresh]) is fresh
 
 
 def test_sort_throughput() -> None:
     low = make_peer("low", tokens_per_s=10)
     high = make_peer("high", tokens_per_s=90)
-    assert make_proxy().choose(ROUTE, Preferences(sort="throughput"), [low, high]) is high
+    assert make_picker().pick_among(ROUTE, Preferences(sort="throughput"), [low, high]) is high
 
 
 def test_sort_load() -> None:
     peers = [make_peer("a", capacity=2, in_flight=1), make_peer("b", capacity=8, in_flight=2),
              make_peer("c", capacity=1, in_flight=0)]
-    assert make_proxy().choose(ROUTE, Preferences(sort="load"), peers) is peers[2]
+    assert make_picker().pick_among(ROUTE, Preferences(sort="load"), peers) is peers[2]
 
 
 # ---------------------------------------------------------------- preference filters
 
 
-def eligible(proxy: Proxy, prefs: Preferences, excluded: set[str] | None = None) -> list[str]:
-    """The nodes (all idle here) the request's preferences let ``acquire`` choose among;
+def eligible(picker: NodePicker, prefs: Preferences, excluded: set[str] | None = None
+             ) -> list[str]:
+    """The nodes (all idle here) the request's preferences let ``pick`` pick among;
     ``_any_eligible``, which decides between queueing and "no node", must agree."""
-    chosen = sorted(ids(list(proxy._free(MODEL, prefs, excluded or set()))))
-    assert proxy._any_eligible(MODEL, prefs, excluded or set()) == bool(chosen)
+    chosen = sorted(ids(list(picker._candidates(MODEL, prefs, excluded or set()))))
+    assert picker._any_eligible(MODEL, prefs, excluded or set()) == bool(chosen)
     return chosen
 
 
-def three() -> Proxy:
-    return make_proxy(make_peer("cheap", price=(1, 2)), make_peer("mid", price=(3, 4)),
+def three() -> NodePicker:
+    return make_picker(make_peer("cheap", price=(1, 2)), make_peer("mid", price=(3, 4)),
                       make_peer("dear", price=(10, 20)))
 
 
@@ -291,86 +293,86 @@ async def test_eligible_default_is_every_candidate() -> None:
 
 
 async def test_eligible_only_and_ignore() -> None:
-    proxy = three()
-    assert eligible(proxy, Preferences(only=frozenset({"mid", "gone"}))) == ["mid"]
-    assert eligible(proxy, Preferences(ignore=frozenset({"cheap", "mid"}))) == ["dear"]
-    assert eligible(proxy, Preferences(only=frozenset({"mid"}),
+    picker = three()
+    assert eligible(picker, Preferences(only=frozenset({"mid", "gone"}))) == ["mid"]
+    assert eligible(picker, Preferences(ignore=frozenset({"cheap", "mid"}))) == ["dear"]
+    assert eligible(picker, Preferences(only=frozenset({"mid"}),
                                        ignore=frozenset({"mid"}))) == []
-    assert eligible(proxy, Preferences(), excluded={"cheap"}) == ["dear", "mid"]
+    assert eligible(picker, Preferences(), excluded={"cheap"}) == ["dear", "mid"]
 
 
 async def test_eligible_max_price() -> None:
-    proxy = three()
-    assert eligible(proxy, Preferences(max_price_prompt=3)) == ["cheap", "mid"]
-    assert eligible(proxy, Preferences(max_price_completion=2)) == ["cheap"]
-    assert eligible(proxy, Preferences(max_price_prompt=3, max_price_completion=3)) == ["cheap"]
-    assert eligible(proxy, Preferences(max_price_prompt=0.5)) == []
+    picker = three()
+    assert eligible(picker, Preferences(max_price_prompt=3)) == ["cheap", "mid"]
+    assert eligible(picker, Preferences(max_price_completion=2)) == ["cheap"]
+    assert eligible(picker, Preferences(max_price_prompt=3, max_price_completion=3)) == ["cheap"]
+    assert eligible(picker, Preferences(max_price_prompt=0.5)) == []
 
 
 async def test_eligible_allow_fallbacks_false_keeps_to_order() -> None:
-    proxy = three()
+    picker = three()
     # With fallbacks allowed, order only ranks.
-    assert eligible(proxy, Preferences(order=("dear",))) == ["cheap", "dear", "mid"]
+    assert eligible(picker, Preferences(order=("dear",))) == ["cheap", "dear", "mid"]
     prefs = Preferences(order=("dear", "mid"), allow_fallbacks=False)
-    assert eligible(proxy, prefs) == ["dear", "mid"]
+    assert eligible(picker, prefs) == ["dear", "mid"]
     both = Preferences(order=("dear", "mid"), only=frozenset({"mid", "cheap"}),
                        allow_fallbacks=False)
-    assert eligible(proxy, both) == ["mid"]
+    assert eligible(picker, both) == ["mid"]
     # Without an order, allow_fallbacks restricts nothing here (it limits attempts).
-    assert eligible(proxy, Preferences(allow_fallbacks=False)) == ["cheap", "dear", "mid"]
+    assert eligible(picker, Preferences(allow_fallbacks=False)) == ["cheap", "dear", "mid"]
 
 
 async def test_eligible_skips_cooldown_draining_unhealthy_and_closed() -> None:
     peers = {name: make_peer(name) for name in ("ok", "cool", "drain", "sick", "gone")}
-    proxy = make_proxy(*peers.values())
+    picker = make_picker(*peers.values())
     peers["cool"].health_of(MODEL).start_cooldown("test", CooldownPolicy())
     peers["drain"].draining = True
     peers["sick"].stats = {"healthy": False}
     peers["gone"].session.closed.set()
-    proxy.registry.changed()  # as the gateway does after such changes (the index catches up)
-    assert eligible(proxy, Preferences()) == ["ok"]
-    assert eligible(proxy, Preferences(order=("cool",), allow_fallbacks=False)) == []
+    picker.registry.changed()  # as the gateway does after such changes (the index catches up)
+    assert eligible(picker, Preferences()) == ["ok"]
+    assert eligible(picker, Preferences(order=("cool",), allow_fallbacks=False)) == []
 
 
-# ---------------------------------------------------------------- Proxy.acquire
+# ---------------------------------------------------------------- NodePicker.pick
 
 
-async def test_acquire_takes_a_slot_and_queues_when_full() -> None:
+async def test_pick_takes_a_slot_and_queues_when_full() -> None:
     peer = make_peer("solo", capacity=1)
-    proxy = make_proxy(peer, settings=ProxySettings(queue_timeout=5))
-    assert await proxy.acquire(ROUTE, Preferences(), set()) is peer
+    picker = make_picker(peer, settings=ProxySettings(queue_timeout=5))
+    assert await picker.pick(ROUTE, Preferences(), set()) is peer
     assert peer.in_flight[MODEL] == 1
     got: list[Peer | None] = []
 
     async def second() -> None:
-        got.append(await proxy.acquire(ROUTE, Preferences(), set()))
+        got.append(await picker.pick(ROUTE, Preferences(), set()))
 
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(second)
             await trio.testing.wait_all_tasks_blocked()
-            assert proxy.queued == 1 and not got
-            proxy.registry.release(peer, MODEL)
-    assert got == [peer] and proxy.queued == 0 and peer.in_flight[MODEL] == 1
+            assert picker.queued == 1 and not got
+            picker.registry.release(peer, MODEL)
+    assert got == [peer] and picker.queued == 0 and peer.in_flight[MODEL] == 1
 
 
-async def test_acquire_busy_is_429_with_retry_after() -> None:
+async def test_pick_busy_is_429_with_retry_after() -> None:
     peer = make_peer("solo", capacity=1, in_flight=1)
-    proxy = make_proxy(peer, settings=ProxySettings(queue_timeout=0.05))
+    picker = make_picker(peer, settings=ProxySettings(queue_timeout=0.05))
     with trio.fail_after(5), pytest.raises(APIError) as info:
-        await proxy.acquire(ROUTE, Preferences(), set())
+        await picker.pick(ROUTE, Preferences(), set())
     assert info.value.status == 429 and info.value.headers["retry-after"]
-    assert info.value.code == "capacity_exhausted" and proxy.queued == 0
-    proxy.settings.max_queue = 0
+    assert info.value.code == "capacity_exhausted" and picker.queued == 0
+    picker.settings.max_queue = 0
     with trio.fail_after(1), pytest.raises(APIError) as info:
-        await proxy.acquire(ROUTE, Preferences(), set())
+        await picker.pick(ROUTE, Preferences(), set())
     assert info.value.status == 429 and "queue is full" in info.value.message
 
 
-async def test_acquire_none_when_nothing_is_eligible() -> None:
-    proxy = make_proxy(make_peer("a", price=(9, 9)))
-    assert await proxy.acquire(ROUTE, Preferences(max_price_prompt=1), set()) is None
-    assert await proxy.acquire(ROUTE, Preferences(), {"a"}) is None
+async def test_pick_none_when_nothing_is_eligible() -> None:
+    picker = make_picker(make_peer("a", price=(9, 9)))
+    assert await picker.pick(ROUTE, Preferences(max_price_prompt=1), set()) is None
+    assert await picker.pick(ROUTE, Preferences(), {"a"}) is None
 
 
 # ---------------------------------------------------------------- validation

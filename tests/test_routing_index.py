@@ -1,6 +1,6 @@
 """The registry's incremental routing index (candidates, free slots, the keys the
 built-in policies read), the :class:`Candidates` views handed to policies, and the
-FIFO queue of requests waiting for a slot (``Registry`` with ``Proxy.acquire``).
+FIFO queue of requests waiting for a slot (``Registry`` with ``NodePicker.pick``).
 
 Every index check compares against a full scan of the peers computed from scratch.
 Tests that change a peer's models are async: the registry spaces its ``peer.updated``
@@ -21,7 +21,8 @@ import trio.testing
 
 from tooti.backends.base import ModelInfo
 from tooti.errors import APIError
-from tooti.gateway.proxy import Proxy, ProxySettings, _sort_key
+from tooti.gateway.node_picker import NodePicker, _sort_key
+from tooti.gateway.proxy import Proxy, ProxySettings
 from tooti.gateway.validation import Preferences
 from tooti.mesh.health import CooldownPolicy, ModelHealth
 from tooti.mesh.registry import Candidates, KnownModels, Peer, Registry
@@ -184,7 +185,7 @@ async def test_a_change_the_index_missed_is_caught_on_the_chosen_node() -> None:
     a, b = make_peer("a"), make_peer("b", in_flight=1)
     proxy = proxy_of(a, b)
     a.session.closed.set()  # nobody told the registry: the index still lists "a"
-    assert proxy.select(ROUTE, DEFAULT, set()) is b  # "a" was chosen, found gone, skipped
+    assert proxy.picker.pick_now(ROUTE, DEFAULT, set()) is b  # "a" was picked, found gone, skipped
     assert check(proxy.registry) == {"b"}
 
 
@@ -248,7 +249,7 @@ async def test_random_changes_keep_the_index_consistent() -> None:
         peer = rng.choice(peers)
         action = rng.randrange(9)
         if action <= 2:
-            chosen = proxy.select(ROUTE, DEFAULT, set())
+            chosen = proxy.picker.pick_now(ROUTE, DEFAULT, set())
             if chosen is not None:
                 assert registry.reserve(chosen, MODEL)
                 held.append(chosen)
@@ -329,7 +330,7 @@ async def test_built_in_policies_choose_on_the_view_as_on_a_list() -> None:
     view = registry.free_slots(MODEL)
     free = [p for p in peers if p.has_slot(MODEL)]
     assert {p.id for p in view} == {p.id for p in free}
-    proxy = Proxy(registry, LeastLoaded(), ProxySettings())
+    picker = NodePicker(registry, LeastLoaded(), ProxySettings())
     for factory in (Latency, lambda: Cheapest({"max_ttft_ms": 90}), Cheapest):
         policy = factory()
         assert policy.rank(ROUTE, view)[0] is policy.rank(ROUTE, free)[0]
@@ -337,7 +338,8 @@ async def test_built_in_policies_choose_on_the_view_as_on_a_list() -> None:
         p.id for p in RoundRobin().rank(ROUTE, free)]
     for sort in ("price", "latency", "throughput", "load"):
         prefs = Preferences(sort=sort)
-        by_view, by_list = proxy.choose(ROUTE, prefs, view), proxy.choose(ROUTE, prefs, free)
+        by_view = picker.pick_among(ROUTE, prefs, view)
+        by_list = picker.pick_among(ROUTE, prefs, free)
         assert by_view is not None and by_list is not None
         key = _sort_key(sort, MODEL)  # equal keys may put another peer first
         assert key(by_view) == key(by_list) == min(map(key, free))
@@ -360,7 +362,7 @@ async def test_preferences_look_up_and_skip_ids() -> None:
     proxy = proxy_of(*peers)
 
     def pick(prefs: Preferences, excluded: frozenset[str] = frozenset()) -> str | None:
-        chosen = proxy.select(ROUTE, prefs, set(excluded))
+        chosen = proxy.picker.pick_now(ROUTE, prefs, set(excluded))
         return None if chosen is None else chosen.id
 
     # Loads: n0, n4, n8 idle; n1, n5, n9 a quarter; n2, n6 half; n3, n7 three quarters.
@@ -391,9 +393,9 @@ async def test_a_third_party_policy_sees_a_plain_sequence() -> None:
 
     a, b, c = make_peer("a"), make_peer("b"), make_peer("c", in_flight=2)
     proxy = proxy_of(a, b, c, policy=Last())
-    assert proxy.select(ROUTE, DEFAULT, set()) is b
+    assert proxy.picker.pick_now(ROUTE, DEFAULT, set()) is b
     tunnel(b).full = True  # its choice cannot take a stream: asked again without it
-    assert proxy.select(ROUTE, DEFAULT, set()) is a
+    assert proxy.picker.pick_now(ROUTE, DEFAULT, set()) is a
     assert seen == [["a", "b"], ["a", "b"], ["a"]]
     assert isinstance(proxy.registry.free_slots(MODEL), Candidates)
 
@@ -405,12 +407,12 @@ async def test_waiters_get_slots_in_arrival_order() -> None:
     peer = make_peer("solo", capacity=1)
     proxy = proxy_of(peer)
     registry = proxy.registry
-    held = await proxy.acquire(ROUTE, DEFAULT, set())
+    held = await proxy.picker.pick(ROUTE, DEFAULT, set())
     assert held is peer
     served: list[int] = []
 
     async def request(number: int) -> None:
-        got = await proxy.acquire(ROUTE, DEFAULT, set())
+        got = await proxy.picker.pick(ROUTE, DEFAULT, set())
         assert got is peer
         served.append(number)
         registry.release(got, MODEL)  # the slot goes straight to the next in line
@@ -430,12 +432,12 @@ async def test_a_new_request_does_not_overtake_a_waiting_one() -> None:
     peer = make_peer("solo", capacity=1)
     proxy = proxy_of(peer)
     registry = proxy.registry
-    assert await proxy.acquire(ROUTE, DEFAULT, set()) is peer
+    assert await proxy.picker.pick(ROUTE, DEFAULT, set()) is peer
     order: list[str] = []
     first_in = trio.Event()
 
     async def request(name: str) -> None:
-        got = await proxy.acquire(ROUTE, DEFAULT, set())
+        got = await proxy.picker.pick(ROUTE, DEFAULT, set())
         assert got is peer
         order.append(name)
         if name == "waiting":
@@ -463,7 +465,7 @@ async def test_a_request_that_cannot_use_a_slot_lets_a_younger_one_have_it() -> 
     got: dict[str, str] = {}
 
     async def request(name: str, prefs: Preferences) -> None:
-        peer = await proxy.acquire(ROUTE, prefs, set())
+        peer = await proxy.picker.pick(ROUTE, prefs, set())
         assert peer is not None
         got[name] = peer.id
 
@@ -494,7 +496,7 @@ async def test_a_cancelled_waiter_passes_its_slot_on() -> None:
 
     async def request(name: str, scope: trio.CancelScope) -> None:
         with scope:
-            if await proxy.acquire(ROUTE, DEFAULT, set()) is peer:
+            if await proxy.picker.pick(ROUTE, DEFAULT, set()) is peer:
                 got.append(name)
 
     first, second = trio.CancelScope(), trio.CancelScope()
@@ -520,7 +522,7 @@ async def test_queue_bounds_are_kept(autojump_clock: trio.testing.MockClock) -> 
 
     async def request() -> None:
         try:
-            await proxy.acquire(ROUTE, DEFAULT, set())
+            await proxy.picker.pick(ROUTE, DEFAULT, set())
         except APIError as error:
             errors.append(error)
 
@@ -545,7 +547,7 @@ async def test_tunnel_full_everywhere_waits_not_fails(
     tunnel(a).full = tunnel(b).full = True
     proxy = proxy_of(a, b, settings=ProxySettings(queue_timeout=1.0))
     with pytest.raises(APIError) as info_:
-        await proxy.acquire(ROUTE, DEFAULT, set())
+        await proxy.picker.pick(ROUTE, DEFAULT, set())
     assert info_.value.status == 429  # busy, not "no node"
     assert a.in_flight.get(MODEL, 0) == 0 and b.in_flight.get(MODEL, 0) == 0
 
@@ -557,7 +559,7 @@ async def test_peer_changes_wake_waiters() -> None:
     got: list[Peer | None] = []
 
     async def request(prefs: Preferences = DEFAULT) -> None:
-        got.append(await proxy.acquire(ROUTE, prefs, set()))
+        got.append(await proxy.picker.pick(ROUTE, prefs, set()))
 
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
