@@ -252,7 +252,9 @@ async def test_a_discovered_peer_never_gets_the_join_token(nursery: trio.Nursery
 
 
 async def test_a_discovered_peer_that_keeps_failing_is_forgotten(
-        nursery: trio.Nursery) -> None:
+        nursery: trio.Nursery, autojump_clock: trio.testing.MockClock) -> None:
+    """Five failed dials (their backoff waited out on the autojump clock) and a
+    discovered peer is forgotten."""
     dead = "ws://127.0.0.1:9/tooti/v1/tunnel"  # nothing listens on the discard port
     gateway, url = await start_gateway(nursery, advertise=[dead])
     with LogEvent("tooti.node", f"forgetting discovered peer {dead}") as forgotten:

@@ -96,8 +96,11 @@ async def test_gateway_and_node_in_one_process(nursery: trio.Nursery) -> None:
     nursery.cancel_scope.cancel()
 
 
-async def test_half_open_node_leaves_within_heartbeat_timeout(network: Network) -> None:
-    """A node that completes the handshake and then falls silent is dropped."""
+async def test_half_open_node_leaves_within_heartbeat_timeout(
+    network: Network, autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A node that completes the handshake and then falls silent is dropped (waited out
+    on the autojump clock)."""
     async with open_websocket_url(network.tunnel_url, subprotocols=[SUBPROTOCOL]) as ws:
         conn = await raw_handshake(ws, "silent")
         await ws.send_message(conn.send_models([{"id": "quiet-model"}]))
@@ -143,8 +146,9 @@ async def test_tunnel_needs_token_when_configured(nursery: trio.Nursery) -> None
 
 
 async def test_sick_backend_models_stop_receiving_traffic(
-    network: Network, nursery: trio.Nursery
+    network: Network, nursery: trio.Nursery, autojump_clock: trio.testing.MockClock,
 ) -> None:
+    """The node's health checks every 0.05 s run on the autojump clock."""
     upstream = SlowUpstream()
     url = await start_upstream(nursery, upstream)
     await network.add_node(

@@ -361,8 +361,10 @@ async def test_client_disconnect_through_the_relay_cancels_the_backend(
 
 
 async def test_dead_node_and_dead_relay_leave_the_gateway_and_nodes_come_back(
-    network: Network, relay: RunningRelay,
+    network: Network, relay: RunningRelay, autojump_clock: trio.testing.MockClock,
 ) -> None:
+    """The re-dials after the relay comes back wait out their backoff on the autojump
+    clock."""
     registry = network.gateway.registry
     await start_node(network, "first", [relay.tunnel_url])
     await start_node(network, "second", [relay.tunnel_url])
