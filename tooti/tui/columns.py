@@ -1,6 +1,6 @@
 """What the peers and requests tables show: columns, cell text, sort keys, filters.
 
-Pure functions of :mod:`tooti.tui.state` views (no Textual), so the tables' content
+Pure functions of the :mod:`tooti.tui.views` dataclasses (no Textual), so the tables' content
 is testable on its own and every cell is deterministic for a given ``now``.
 """
 
@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from tooti.tui.state import PeerView, RequestView
+from tooti.tui.views import PeerView, RequestView
 
 T = TypeVar("T")
 

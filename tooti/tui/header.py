@@ -10,7 +10,7 @@ from rich.text import Text
 
 from tooti.tui.client import Status
 from tooti.tui.columns import rate
-from tooti.tui.state import Totals
+from tooti.tui.views import Totals
 
 
 def status_line(gateway: str, status: Status, retry: float | None) -> Text:
