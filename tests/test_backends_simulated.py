@@ -16,7 +16,17 @@ from tests.backend_fixtures import call, openai_client, parse_sse, read_all
 from tooti.backends import BACKEND_TYPES, create_backend
 from tooti.backends.base import BackendError
 from tooti.backends.openai import OpenAIBackend
-from tooti.backends.simulated import SimulatedBackend, count_message_tokens
+from tooti.backends.simulated import SimulatedBackend
+from tooti.backends.simulated_answers import (
+    DONE_EVENT,
+    SYSTEM_FINGERPRINT,
+    StreamShape,
+    count_message_tokens,
+    embeddings_body,
+    plan_tokens,
+    prepare_embeddings,
+    prepare_job,
+)
 from tooti.settings import BackendSettings
 
 MODEL = "tooti-sim"
@@ -425,3 +435,79 @@ async def test_body_for_non_stream_is_one_json_document() -> None:
     async with backend.open("chat/completions", msgspec.json.encode(request), request) as r:
         body = await read_all(r)
     assert msgspec.json.decode(body)["object"] == "chat.completion"
+
+
+# -- the answers without I/O ------------------------------------------------------
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+@pytest.mark.parametrize("endpoint", ["chat/completions", "completions"])
+def test_stream_shape_events_are_the_encoded_chunk_objects(
+    endpoint: str, include_usage: bool
+) -> None:
+    request: dict[str, Any] = {"n": 2, "max_tokens": 2,
+                               "stream_options": {"include_usage": include_usage}}
+    if endpoint == "chat/completions":
+        request["messages"] = [{"role": "user", "content": "a b"}]
+    else:
+        request["prompt"] = "a b"
+    job = prepare_job(endpoint, MODEL, request, 16)
+    shape = StreamShape(job, "abc", 7)
+    chat_stream = endpoint == "chat/completions"
+    base: dict[str, Any] = {
+        "id": ("chatcmpl-abc" if chat_stream else "cmpl-abc"),
+        "object": "chat.completion.chunk" if chat_stream else "text_completion",
+        "created": 7, "model": MODEL, "system_fingerprint": SYSTEM_FINGERPRINT,
+    }
+    if include_usage:
+        base["usage"] = None
+
+    def sse(value: dict[str, Any]) -> bytes:
+        return b"data: " + msgspec.json.encode(value) + b"\n\n"
+
+    first = shape.content(1, " tok0", True)
+    if chat_stream:
+        choice = {"index": 1, "delta": {"role": "assistant", "content": " tok0"},
+                  "logprobs": None, "finish_reason": None}
+    else:
+        choice = {"index": 1, "text": " tok0", "logprobs": None, "finish_reason": None}
+    assert first == sse({**base, "choices": [choice]})
+    closing = shape.closing()
+    assert closing[-1] == DONE_EVENT
+    assert len(closing) == 2 + include_usage + 1
+    if include_usage:
+        usage = {"prompt_tokens": 2, "completion_tokens": 4, "total_tokens": 6}
+        assert closing[-2] == sse({**base, "choices": [], "usage": usage})
+    assert shape.opening() == []
+
+
+def test_stream_shape_opens_an_empty_chat_answer_with_the_role() -> None:
+    request = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 0, "n": 3}
+    job = prepare_job("chat/completions", MODEL, request, 16)
+    assert (job.tokens, job.finish_reason, job.n_choices) == ([], "length", 3)
+    opening = StreamShape(job, "id", 0).opening()
+    assert [msgspec.json.decode(e[len(b"data: "):])["choices"][0]["delta"]
+            for e in opening] == [{"role": "assistant", "content": ""}] * 3
+
+
+@pytest.mark.parametrize(("request_fields", "tokens", "reason"), [
+    ({}, [" tok0", " tok1", " tok2"], "stop"),
+    ({"max_tokens": 2}, [" tok0", " tok1"], "length"),
+    ({"max_tokens": 5, "max_completion_tokens": 1}, [" tok0"], "length"),
+    ({"max_tokens": 3}, [" tok0", " tok1", " tok2"], "stop"),
+    ({"stop": "tok1"}, [" tok0"], "stop"),
+    ({"stop": [" tok2", ""]}, [" tok0", " tok1"], "stop"),
+])
+def test_plan_tokens(request_fields: dict[str, Any], tokens: list[str], reason: str) -> None:
+    assert plan_tokens(request_fields, 3) == (tokens, reason)
+
+
+def test_embeddings_body_without_io() -> None:
+    job = prepare_embeddings(MODEL, {"input": ["a b", [1, 2, 3]], "dimensions": 4}, 8)
+    assert (job.dim, job.prompt_tokens, job.encoding_format) == (4, 5, "float")
+    body = msgspec.json.decode(embeddings_body(job))
+    assert [len(d["embedding"]) for d in body["data"]] == [4, 4]
+    assert body["usage"] == {"prompt_tokens": 5, "total_tokens": 5}
+    with pytest.raises(BackendError) as info:
+        prepare_embeddings(MODEL, {"input": "x", "encoding_format": "hex"}, 8)
+    assert info.value.status == 400

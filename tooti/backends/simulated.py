@@ -41,131 +41,42 @@ Failure injection (for tests of the layers above):
     as a broken upstream connection would.
 
 All waits are ``trio.sleep`` calls, so cancellation takes effect at once.
+
+The answers themselves (request validation, the planned tokens, the JSON bodies and
+SSE events) are computed without I/O in :mod:`tooti.backends.simulated_answers`;
+this module adds the options, the timing and the injected failures.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import math
 import random
-import struct
-import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
-import msgspec
 import trio
 
+from tooti import clock
 from tooti.backends.base import (
     BackendError,
     BackendResponse,
     ModelInfo,
-    bad_request,
     requested_model,
+)
+from tooti.backends.simulated_answers import (
+    EmbeddingsJob,
+    Job,
+    StreamShape,
+    completion_body,
+    embeddings_body,
+    prepare_embeddings,
+    prepare_job,
+    wants_stream,
 )
 from tooti.settings import BackendSettings
 
 DEFAULT_MODEL = "tooti-sim"
-SYSTEM_FINGERPRINT = "tooti-simulated"
-MAX_N = 128
-"""Largest ``n`` (choices per prompt) accepted."""
-MAX_EMBEDDING_DIM = 65_536
-
-_encode = msgspec.json.encode
-
-
-
-def _opt_int(value: Any, name: str) -> int | None:
-    """Validate an optional non-negative integer request field."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise bad_request(f"'{name}' must be a non-negative integer")
-    return value
-
-
-def _words(text: str) -> int:
-    return len(text.split())
-
-
-def count_message_tokens(messages: list[Any]) -> int:
-    """Count prompt "tokens" of chat messages: whitespace-separated words, min 1.
-
-    String contents and the ``text`` parts of array contents are counted.
-    """
-    total = 0
-    for message in messages:
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, str):
-            total += _words(content)
-        elif isinstance(content, list):
-            for part in content:
-                if isinstance(part, dict) and part.get("type") == "text":
-                    text = part.get("text")
-                    if isinstance(text, str):
-                        total += _words(text)
-    return max(total, 1)
-
-
-def _is_token_array(value: Any) -> bool:
-    return (
-        isinstance(value, list)
-        and len(value) > 0
-        and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
-    )
-
-
-def _split_inputs(value: Any, name: str) -> list[str | list[int]]:
-    """Normalise a ``prompt``/``input`` field into a list of texts or token arrays."""
-    if isinstance(value, str):
-        return [value]
-    if _is_token_array(value):
-        return [list(value)]
-    if isinstance(value, list) and value:
-        items: list[str | list[int]] = []
-        for item in value:
-            if isinstance(item, str):
-                items.append(item)
-            elif _is_token_array(item):
-                items.append(list(item))
-            else:
-                raise bad_request(
-                    f"'{name}' must be a string, an array of strings or of token arrays"
-                )
-        return items
-    raise bad_request(f"'{name}' is required: a non-empty string or array")
-
-
-def _input_tokens(item: str | list[int]) -> int:
-    return len(item) if isinstance(item, list) else _words(item)
-
-
-def embedding_vector(item: str | list[int], dim: int) -> list[float]:
-    """Return the deterministic unit vector of one embedding input."""
-    key = item if isinstance(item, str) else " ".join(map(str, item))
-    seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
-    rng = random.Random(seed)
-    vec = [rng.gauss(0.0, 1.0) for _ in range(dim)]
-    norm = math.sqrt(sum(x * x for x in vec)) or 1.0
-    return [x / norm for x in vec]
-
-
-@dataclass
-class _Job:
-    """A validated chat/completions request and its planned answer."""
-
-    chat: bool
-    model: str
-    prompt_tokens: int
-    n_choices: int
-    tokens: list[str]
-    """The generated tokens (the same for every choice)."""
-    finish_reason: str
-    include_usage: bool
 
 
 class SimulatedBackend:
@@ -243,13 +154,10 @@ class SimulatedBackend:
             )
         stream = False
         if endpoint == "embeddings":
-            chunks = self._embeddings(model, request)
+            chunks = self._embeddings(prepare_embeddings(model, request, self.embedding_dim))
         else:
-            stream_field = request.get("stream", False)
-            if stream_field is not None and not isinstance(stream_field, bool):
-                raise bad_request("'stream' must be a boolean")
-            stream = bool(stream_field)
-            job = self._prepare(endpoint, model, request)
+            stream = wants_stream(request)
+            job = prepare_job(endpoint, model, request, self.tokens)
             chunks = self._stream(job) if stream else self._complete(job)
         try:
             self._maybe_fail()
@@ -272,137 +180,24 @@ class SimulatedBackend:
                 retryable=status >= 500 or status in (408, 429),
             )
 
-    # -- generation -----------------------------------------------------
+    # -- timing ---------------------------------------------------------
 
-    def _plan(self, request: dict[str, Any]) -> tuple[list[str], str]:
-        """Return the generated tokens and the finish reason."""
-        caps = [
-            cap
-            for cap in (
-                _opt_int(request.get("max_tokens"), "max_tokens"),
-                _opt_int(request.get("max_completion_tokens"), "max_completion_tokens"),
-            )
-            if cap is not None
-        ]
-        stop = request.get("stop")
-        if stop is None:
-            stops: list[str] = []
-        elif isinstance(stop, str):
-            stops = [stop]
-        elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-            stops = list(stop)
-        else:
-            raise bad_request("'stop' must be a string or an array of strings")
-        stripped = {s.strip() for s in stops if s.strip()}
-        limit = min([self.tokens, *caps])
-        tokens: list[str] = []
-        for i in range(limit):
-            text = f" tok{i}"
-            if text in stops or text.strip() in stripped:
-                return tokens, "stop"
-            tokens.append(text)
-        return tokens, "length" if caps and min(caps) < self.tokens else "stop"
-
-    def _prepare(self, endpoint: str, model: str, request: dict[str, Any]) -> _Job:
-        """Validate a chat/completions request and plan its answer."""
-        if endpoint == "chat/completions":
-            messages = request.get("messages")
-            if not isinstance(messages, list) or not messages:
-                raise bad_request("'messages' is required: a non-empty array")
-            if not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
-                raise bad_request("each message must be an object with a 'role'")
-            prompt_tokens, n_prompts = count_message_tokens(messages), 1
-        else:
-            prompts = _split_inputs(request.get("prompt"), "prompt")
-            prompt_tokens = max(sum(_input_tokens(p) for p in prompts), 1)
-            n_prompts = len(prompts)
-        n = request.get("n", 1)
-        if n is None:
-            n = 1
-        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
-            raise bad_request(f"'n' must be an integer between 1 and {MAX_N}")
-        options = request.get("stream_options")
-        if options is not None and not isinstance(options, dict):
-            raise bad_request("'stream_options' must be an object")
-        tokens, finish_reason = self._plan(request)
-        return _Job(
-            chat=endpoint == "chat/completions",
-            model=model,
-            prompt_tokens=prompt_tokens,
-            n_choices=n * n_prompts,
-            tokens=tokens,
-            finish_reason=finish_reason,
-            include_usage=bool(options and options.get("include_usage")),
-        )
-
-    async def _complete(self, job: _Job) -> AsyncGenerator[bytes, None]:
-        """Yield the one JSON body of a non-streaming chat/completions answer."""
+    async def _complete(self, job: Job) -> AsyncGenerator[bytes, None]:
+        """Yield the one JSON body of a non-streaming answer once "generated"."""
         delay = self.ttft
         if self.tokens_per_second > 0 and len(job.tokens) > 1:
             delay += (len(job.tokens) - 1) / self.tokens_per_second
         await trio.sleep(delay)
-        text = "".join(job.tokens)
-        usage = _usage(job.prompt_tokens, len(job.tokens) * job.n_choices)
-        created = int(time.time())
-        if job.chat:
-            yield _encode({
-                "id": f"chatcmpl-{uuid.uuid4().hex}",
-                "object": "chat.completion",
-                "created": created,
-                "model": job.model,
-                "system_fingerprint": SYSTEM_FINGERPRINT,
-                "choices": [
-                    {
-                        "index": i,
-                        "message": {"role": "assistant", "content": text, "refusal": None},
-                        "logprobs": None,
-                        "finish_reason": job.finish_reason,
-                    }
-                    for i in range(job.n_choices)
-                ],
-                "usage": usage,
-            })
-            return
-        yield _encode({
-            "id": f"cmpl-{uuid.uuid4().hex}",
-            "object": "text_completion",
-            "created": created,
-            "model": job.model,
-            "system_fingerprint": SYSTEM_FINGERPRINT,
-            "choices": [
-                {"index": i, "text": text, "logprobs": None, "finish_reason": job.finish_reason}
-                for i in range(job.n_choices)
-            ],
-            "usage": usage,
-        })
+        yield completion_body(job, uuid.uuid4().hex, int(clock.wall()))
 
-    async def _stream(self, job: _Job) -> AsyncGenerator[bytes, None]:
-        """Yield the SSE events of a streaming chat/completions answer."""
-        chat = job.chat
-        base: dict[str, Any] = {
-            "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
-            "object": "chat.completion.chunk" if chat else "text_completion",
-            "created": int(time.time()),
-            "model": job.model,
-            "system_fingerprint": SYSTEM_FINGERPRINT,
-        }
-        if job.include_usage:
-            base["usage"] = None
-
-        def event(choice: dict[str, Any]) -> bytes:
-            return b"data: " + _encode({**base, "choices": [choice]}) + b"\n\n"
-
-        def content(index: int, text: str, first: bool) -> dict[str, Any]:
-            if not chat:
-                return {"index": index, "text": text, "logprobs": None, "finish_reason": None}
-            delta = {"role": "assistant", "content": text} if first else {"content": text}
-            return {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
-
-        start = trio.current_time() + self.ttft
+    async def _stream(self, job: Job) -> AsyncGenerator[bytes, None]:
+        """Yield the SSE events of a streaming answer, paced by ``ttft`` and
+        ``tokens_per_second``, broken after ``cut_after`` content events."""
+        shape = StreamShape(job, uuid.uuid4().hex, int(clock.wall()))
+        start = clock.now() + self.ttft
         await trio.sleep_until(start)
-        if not job.tokens and chat:
-            for i in range(job.n_choices):
-                yield event(content(i, "", True))
+        for event in shape.opening():
+            yield event
         sent = 0
         for position, text in enumerate(job.tokens):
             if position and self.tokens_per_second > 0:
@@ -413,62 +208,15 @@ class SimulatedBackend:
                         "simulated stream cut", status=502, code="simulated_stream_cut"
                     )
                 await trio.lowlevel.checkpoint()
-                yield event(content(i, text, position == 0))
+                yield shape.content(i, text, position == 0)
                 sent += 1
-        for i in range(job.n_choices):
-            if chat:
-                done = {"index": i, "delta": {}, "logprobs": None,
-                        "finish_reason": job.finish_reason}
-            else:
-                done = {"index": i, "text": "", "logprobs": None,
-                        "finish_reason": job.finish_reason}
-            yield event(done)
-        if job.include_usage:
-            usage = _usage(job.prompt_tokens, len(job.tokens) * job.n_choices)
-            yield b"data: " + _encode({**base, "choices": [], "usage": usage}) + b"\n\n"
-        yield b"data: [DONE]\n\n"
+        for event in shape.closing():
+            yield event
 
-    # -- embeddings -----------------------------------------------------
-
-    def _embeddings(self, model: str, request: dict[str, Any]) -> AsyncGenerator[bytes, None]:
-        """Validate an embeddings request now; return the body generator."""
-        inputs = _split_inputs(request.get("input"), "input")
-        dim = request.get("dimensions")
-        if dim is None:
-            dim = self.embedding_dim
-        elif isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= MAX_EMBEDDING_DIM:
-            raise bad_request("'dimensions' must be a positive integer")
-        fmt = request.get("encoding_format") or "float"
-        if fmt not in ("float", "base64"):
-            raise bad_request("'encoding_format' must be 'float' or 'base64'")
-        prompt_tokens = max(sum(_input_tokens(i) for i in inputs), 1)
-
-        async def make() -> AsyncGenerator[bytes, None]:
-            await trio.sleep(self.ttft)
-            data = []
-            for index, item in enumerate(inputs):
-                vec = embedding_vector(item, dim)
-                embedding: Any = vec
-                if fmt == "base64":
-                    packed = struct.pack(f"<{len(vec)}f", *vec)
-                    embedding = base64.b64encode(packed).decode("ascii")
-                data.append({"object": "embedding", "index": index, "embedding": embedding})
-            yield _encode({
-                "object": "list",
-                "data": data,
-                "model": model,
-                "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
-            })
-
-        return make()
-
-
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
+    async def _embeddings(self, job: EmbeddingsJob) -> AsyncGenerator[bytes, None]:
+        """Yield the embeddings body after ``ttft``."""
+        await trio.sleep(self.ttft)
+        yield embeddings_body(job)
 
 
 async def _chain(first: bytes, rest: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None]:
