@@ -138,7 +138,20 @@ StatsSource = Callable[[], dict[str, Any]]
 
 
 class TunnelSession:
-    """One live tunnel: frames in and out, streams, heartbeats, liveness."""
+    """One live tunnel: frames in and out, streams, heartbeats, liveness.
+
+    One class of ~450 lines on purpose: its tasks (read loop, writer, heartbeats,
+    silence watch) and its two kinds of stream share one session's state - the
+    :class:`~tooti.protocol.connection.Connection`, the outgoing queue with its
+    backpressure events, the per-stream buffers and the close path that fails
+    them all - and each frame's handling touches several of them in one step
+    without a checkpoint in between. Split across classes, those would have to
+    reach into each other's private state. What does stand alone is apart:
+    per-stream buffers (:class:`_StreamIO`), the stream handles the callers use
+    (:class:`InboundStream`, :class:`OutboundStream`), the per-run flush
+    (:func:`flush_queued`) and the control-frame budget
+    (:mod:`tooti.protocol.budget`).
+    """
 
     def __init__(
         self,

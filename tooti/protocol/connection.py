@@ -106,7 +106,18 @@ class _Stream:
 
 @dataclass
 class Connection:
-    """The protocol state of one tunnel session (see module docstring)."""
+    """The protocol state of one tunnel session (see module docstring).
+
+    One class of ~440 lines on purpose: every frame, sent or received, is judged
+    against the same state (handshake phase, negotiated version, both sides'
+    limits, the stream table with each stream's credit and window, the stream-id
+    counters, GOAWAY). Sending and receiving halves would share that table and
+    re-check each other's invariants (ids only grow, credit never goes negative,
+    no more than ``max_streams``); kept together they hold in one place, and the
+    machine is tested and fuzzed as the one unit it is. Its parts without state
+    live elsewhere: frame codec (:mod:`~tooti.protocol.frames`), payload schemas
+    (:mod:`~tooti.protocol.control`), events (:mod:`~tooti.protocol.events`).
+    """
 
     side: Side
     limits: Limits = field(default_factory=Limits)
