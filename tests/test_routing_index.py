@@ -425,7 +425,7 @@ async def test_waiters_get_slots_in_arrival_order() -> None:
             assert proxy.queued == 3 and not served
             registry.release(peer, MODEL)
     assert served == [1, 2, 3]
-    assert proxy.queued == 0 and peer.in_flight[MODEL] == 0 and not registry._waiters
+    assert proxy.queued == 0 and peer.in_flight[MODEL] == 0 and not registry.slots.waiting
 
 
 async def test_a_new_request_does_not_overtake_a_waiting_one() -> None:
@@ -455,7 +455,7 @@ async def test_a_new_request_does_not_overtake_a_waiting_one() -> None:
             await trio.testing.wait_all_tasks_blocked()
             assert order == ["waiting"] and proxy.queued == 1 and peer.in_flight[MODEL] == 1
             nursery.cancel_scope.cancel()
-    assert proxy.queued == 0 and not registry._waiters
+    assert proxy.queued == 0 and not registry.slots.waiting
 
 
 async def test_a_request_that_cannot_use_a_slot_lets_a_younger_one_have_it() -> None:
@@ -512,7 +512,7 @@ async def test_a_cancelled_waiter_passes_its_slot_on() -> None:
             registry.release(peer, MODEL)
             assert peer.in_flight[MODEL] == 1  # reserved for the first
     assert got == ["second"] and peer.in_flight[MODEL] == 1
-    assert proxy.queued == 0 and not registry._waiters
+    assert proxy.queued == 0 and not registry.slots.waiting
 
 
 async def test_queue_bounds_are_kept(autojump_clock: trio.testing.MockClock) -> None:
@@ -537,7 +537,7 @@ async def test_queue_bounds_are_kept(autojump_clock: trio.testing.MockClock) -> 
     assert trio.current_time() - started == pytest.approx(2.0)
     assert [e.status for e in errors] == [429, 429]
     assert "stayed busy for 2s" in errors[1].message and errors[1].headers["retry-after"]
-    assert proxy.queued == 0 and not proxy.registry._waiters and peer.in_flight[MODEL] == 1
+    assert proxy.queued == 0 and not proxy.registry.slots.waiting and peer.in_flight[MODEL] == 1
 
 
 async def test_tunnel_full_everywhere_waits_not_fails(
@@ -601,14 +601,14 @@ async def test_a_model_nobody_serves_leaves_the_index() -> None:
     registry = registry_of(a)
     registry.set_models(a, [ModelInfo(id=f"made-up-{n}", max_concurrency=1)
                             for n in range(100)])
-    assert set(registry._index) == {f"made-up-{n}" for n in range(100)}
+    assert set(registry.index.by_model) == {f"made-up-{n}" for n in range(100)}
     registry.set_models(a, [info()])
-    assert set(registry._index) == {MODEL}
+    assert set(registry.index.by_model) == {MODEL}
     waiter = registry.enqueue(MODEL, "", lambda: None)
     registry.remove(a)
-    assert MODEL in registry._index  # a request still waits for it
+    assert MODEL in registry.index.by_model  # a request still waits for it
     registry.leave(waiter)
-    assert registry._index == {}
+    assert registry.index.by_model == {}
     assert MODEL in registry.known_models and "made-up-7" in registry.known_models
     again = make_peer("b")  # a model served again is indexed afresh
     registry.add(again)

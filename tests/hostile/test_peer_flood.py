@@ -78,13 +78,13 @@ async def test_heartbeats_are_coalesced_and_refile_nothing(network: Network) -> 
     events = watch(network, {"peer.updated"})
     async with hostile_peer(network.tunnel_url) as peer:
         await filed_with_all_models(registry, peer)
-        version, before = registry.version, updates_of(events, peer.id)
+        version, before = registry.index.version, updates_of(events, peer.id)
         for _ in range(6):  # within the budget of 8 per interval
             await peer.heartbeat(in_flight=1, healthy=True)
         with trio.fail_after(5):
             await peer.heartbeat_acked(in_flight=2, healthy=True)
         assert registry.peers[peer.id].stats == {"in_flight": 2, "healthy": True}
-        assert registry.version == version  # nothing was re-filed
+        assert registry.index.version == version  # nothing was re-filed
         assert updates_of(events, peer.id) - before <= 1  # seven heartbeats, one event
 
 
@@ -93,13 +93,13 @@ async def test_a_repeated_model_list_refiles_nothing(network: Network) -> None:
     events = watch(network, {"peer.updated"})
     async with hostile_peer(network.tunnel_url) as peer:
         await filed_with_all_models(registry, peer)
-        version, before = registry.version, updates_of(events, peer.id)
+        version, before = registry.index.version, updates_of(events, peer.id)
         for _ in range(20):
             await peer.models(MAX_MODELS)
         with trio.fail_after(5):
             await peer.heartbeat_acked(in_flight=3)  # handled after the MODELS frames
         assert registry.peers[peer.id].stats == {"in_flight": 3}
-        assert registry.version == version
+        assert registry.index.version == version
         assert updates_of(events, peer.id) - before <= 1
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections import deque
 from collections.abc import Callable, Collection, Iterable, Iterator
 from typing import Any
 
@@ -12,11 +11,13 @@ import trio
 from tooti import clock
 from tooti.backends.base import ModelInfo
 from tooti.mesh.bans import Bans
-from tooti.mesh.candidates import KEY_NAMES, Candidates, Key, KeyName, ModelIndex, SlotWaiter
+from tooti.mesh.candidates import KEY_NAMES, Candidates, Key, KeyName, SlotWaiter
 from tooti.mesh.events import EventBus
 from tooti.mesh.identities import IdentityBindings
 from tooti.mesh.identity_store import IdentityStore
 from tooti.mesh.peer import Peer
+from tooti.mesh.routing_index import RoutingIndex
+from tooti.mesh.slot_queue import SlotQueue
 
 log = logging.getLogger("tooti.gateway")
 
@@ -58,16 +59,16 @@ class KnownModels:
 
 
 class Registry:
-    """Peers by id, an index of them per model and node group, and the queues of
-    requests waiting for a slot.
+    """Peers by id, and who may join: the one entry point the roles use for peers
+    coming, going and changing, for the routing index and for slots.
 
-    The index (candidates, the peers with a free slot and the keys the policies rank
-    them by) is kept current as peers change, so a routing decision never scans every
-    peer: :meth:`add`, :meth:`remove`, :meth:`set_models`, :meth:`reserve` and
-    :meth:`release` update it, and whoever changes a peer's state (draining, health,
-    cooldowns) calls :meth:`refresh` / :meth:`peer_updated` for that peer or
-    :meth:`changed`. Requests waiting for a slot queue FIFO per model and group
-    (:meth:`enqueue`); a freed slot goes to the oldest one that may use it.
+    It composes :attr:`index` (a :class:`RoutingIndex`: per model and node group, the
+    peers that can take a stream and the keys the policies rank them by, kept current
+    as peers change, so a routing decision never scans every peer) and :attr:`slots`
+    (a :class:`SlotQueue`: reservations, and the FIFO queues of requests waiting for a
+    slot per model and group). :meth:`add`, :meth:`remove` and :meth:`set_models` keep
+    the index current; whoever changes a peer's state (draining, health, cooldowns)
+    calls :meth:`refresh` / :meth:`peer_updated` for that peer or :meth:`changed`.
 
     It also composes who may join: :attr:`bindings` (which key owns each node id) and
     :attr:`bans` (ids and relay routes refused after a violation), which handshakes
@@ -87,18 +88,11 @@ class Registry:
         self.bus = bus or EventBus()
         """Where peer changes are published."""
         self.peers: dict[str, Peer] = {}
-        self._index: dict[str, dict[str, ModelIndex]] = {}
-        """Model → node group → the index of that group's peers serving the model."""
-        self._filed: dict[Peer, tuple[str, set[str]]] = {}
-        """Registered peer → (the node group and the models it is indexed under)."""
-        self._tunnels: dict[int, set[Peer]] = {}
-        """``id`` of a tunnel session → the registered peers reached through it."""
-        self._stale = False
-        """:meth:`changed` was called: re-evaluate every peer before the next read."""
-        self._waiters: dict[tuple[str, str], deque[SlotWaiter]] = {}
-        """(model, node group) → requests waiting for a slot, oldest first."""
-        self._dispatching = False
-        self._pending: set[tuple[str, str]] = set()
+        self.index = RoutingIndex(self.peers, self._notify)
+        """The peers filed per model and node group (read through :meth:`free_slots`,
+        :meth:`eligible`, :meth:`serving`, ...)."""
+        self.slots = SlotQueue(self.index)
+        """Slot reservations and the requests waiting for one."""
         self.known_models = KnownModels()
         """Model ids advertised here (unknown vs. unavailable), the most recent kept."""
         self.bindings = IdentityBindings(identities, limit=max_identities)
@@ -106,10 +100,6 @@ class Registry:
         loaded from ``identities`` and written through to it."""
         self.update_spacing = 0.8 * heartbeat_interval
         """Least time between two ``peer.updated`` events of one peer from heartbeats."""
-        self.version = 0
-        """Bumped whenever a peer starts or stops being live (or eligible) for a model,
-        or a peer's models change: what is cached from the live models is current while
-        it stays the same (see :meth:`live_version`)."""
         self.bans = Bans(ban_seconds, relay_strikes=relay_strikes,
                          relay_strike_seconds=relay_strike_seconds)
         """Peer ids and relay routes refused after a violation (see :meth:`penalize`),
@@ -126,10 +116,9 @@ class Registry:
         peer before the next routing decision, hand newly usable slots to queued requests
         and wake everyone waiting in :meth:`wait_until`. When the peer is known,
         :meth:`refresh` is cheaper."""
-        self._stale = True
+        self.index.stale = True
         self._notify()
-        if self._waiters:
-            self._dispatch(list(self._waiters))
+        self.slots.wake_all()
 
     def _notify(self) -> None:
         self._changed.set()
@@ -210,10 +199,11 @@ class Registry:
         peer.penalized = False
         old = self.peers.get(peer.id)
         self.peers[peer.id] = peer
-        keys = self._unfile(old) if old is not None and old is not peer else []
-        keys += self._file(peer)
+        index = self.index
+        keys = index.unfile(old) if old is not None and old is not peer else []
+        keys += index.file(peer)
         self._notify()
-        self._wake(keys)
+        self.slots.wake(keys)
         log.info("peer %s joined from %s (%s)", peer.id, peer.address, peer.role)
         self.bus.publish("peer.joined", peer=peer.describe())
         return old
@@ -241,9 +231,9 @@ class Registry:
         why, when not that its tunnel closed)."""
         if self.peers.get(peer.id) is peer:
             del self.peers[peer.id]
-            keys = self._unfile(peer)
+            keys = self.index.unfile(peer)
             self._notify()
-            self._wake(keys)
+            self.slots.wake(keys)
             reason = reason or peer.session.close_reason or "closed"
             log.info("peer %s left (%s)", peer.id, reason)
             self.bus.publish("peer.left", peer_id=peer.id, reason=reason)
@@ -253,10 +243,10 @@ class Registry:
         registered peer re-sent the list it had."""
         served = {m.id: m for m in models}
         self.known_models.update(served)
-        if served == peer.models and peer in self._filed:
+        if served == peer.models and peer in self.index.filed:
             return False
         peer.models = served
-        self.version += 1
+        self.index.version += 1
         self._notify()
         self.peer_updated(peer)
         return True
@@ -269,23 +259,12 @@ class Registry:
         peer.stats = stats
         if peer.live != was_live:  # health flipped: re-file, wake requests waiting on it
             self.refresh(peer)
-        self.publish_updated(peer)
-
-    def publish_updated(self, peer: Peer) -> None:
-        """Publish ``peer.updated`` for a registered peer, unless one went out less than
-        :attr:`update_spacing` ago (then it goes out with a later call)."""
         if self.peers.get(peer.id) is not peer:
             return
         now = clock.now()
-        if now - peer.published_at < self.update_spacing:
-            return
-        peer.published_at = now
-        self.bus.publish("peer.updated", peer=peer.describe())
-
-    def live_version(self) -> int:
-        """:attr:`version`, after catching up with pending re-evaluations."""
-        self._fresh()
-        return self.version
+        if now - peer.published_at >= self.update_spacing:
+            peer.published_at = now
+            self.bus.publish("peer.updated", peer=peer.describe())
 
     def peer_updated(self, peer: Peer) -> None:
         """Re-evaluate a peer (see :meth:`refresh`) and publish its current state (models,
@@ -300,277 +279,78 @@ class Registry:
         health, cooldowns, load), waking :meth:`wait_until` if it became or stopped being
         usable and handing slots it now has to queued requests. Call it after changing a
         peer's state; :meth:`changed` does it for every peer."""
-        if peer not in self._filed:
-            return
-        self._wake(self._file(peer, notify=True))
+        if peer in self.index.filed:
+            self.slots.wake(self.index.file(peer, notify=True))
+
+    def _reindex(self) -> None:
+        """Rebuild the whole index from ``peers`` (after changing ``peers`` directly)."""
+        self.index.rebuild()
+        self._notify()
+        self.slots.wake_all(recheck=True)
+
+    # ------------------------------------------------------------ reads of the index
 
     def candidates(self, model: str) -> list[Peer]:
-        """Live peers serving ``model`` and not in cooldown for it."""
-        return [peer for index in self._indexes(model) for peer in index.eligible]
+        """Live peers serving ``model`` and not in cooldown for it, in every group."""
+        return self.index.candidates(model)
 
     def eligible(self, model: str, group: str = "") -> Collection[Peer]:
         """The :meth:`candidates` of node group ``group`` (a live read-only view)."""
-        index = self._find(model, group)
-        return () if index is None else index.eligible.keys()
+        return self.index.eligible(model, group)
 
     def free_slots(self, model: str, group: str = "") -> Candidates:
-        """The candidates of node group ``group`` with a free slot for ``model``, as a
-        view a routing policy can query without a pass over every peer."""
-        index = self._find(model, group)
-        return Candidates(ModelIndex(model) if index is None else index, self.peers)
+        """The candidates of node group ``group`` with a free slot (a :class:`Candidates`
+        view, see :meth:`RoutingIndex.free_slots`)."""
+        return self.index.free_slots(model, group)
 
     def serving(self, model: str, group: str | None = None) -> list[Peer]:
-        """Live peers serving ``model``, cooldown or not (of node group ``group`` only,
-        when given)."""
-        if group is not None:
-            index = self._find(model, group)
-            return [] if index is None else list(index.live)
-        return [peer for index in self._indexes(model) for peer in index.live]
+        """Live peers serving ``model``, cooldown or not (of ``group`` only, if given)."""
+        return self.index.serving(model, group)
 
     def live_models(self) -> dict[str, list[Peer]]:
         """Model id → live peers serving it (models with none are left out)."""
-        self._fresh()
-        out: dict[str, list[Peer]] = {}
-        for model, groups in self._index.items():
-            live = [peer for index in groups.values() for peer in index.live]
-            if live:
-                out[model] = live
-        return out
+        return self.index.live_models()
 
     def live_in_group(self, group: str) -> dict[str, list[Peer]]:
-        """Model id → live peers of node group ``group`` serving it (models with none
-        are left out)."""
-        self._fresh()
-        out: dict[str, list[Peer]] = {}
-        for model, groups in self._index.items():
-            index = groups.get(group)
-            if index is not None and index.live:
-                out[model] = list(index.live)
-        return out
+        """Model id → live peers of node group ``group`` serving it."""
+        return self.index.live_in_group(group)
+
+    def live_version(self) -> int:
+        """Bumped whenever what :meth:`live_models` returns may have changed."""
+        return self.index.live_version()
 
     # ------------------------------------------------------------ slots
 
     def usable(self, peer: Peer, model: str) -> bool:
-        """True if ``peer`` can take one more stream of ``model`` now: indexed with a free
-        slot, still in the state it was indexed in (else it is re-evaluated), and its
-        tunnel below its stream limit (shared by every model and peer on it)."""
-        filed = self._filed.get(peer)
-        index = None if filed is None else self._find(model, filed[0])
-        if index is None or peer not in index.free:
-            return False
-        info = peer.models.get(model)
-        record = peer.health.get(model)
-        if (info is None or not peer.live or (record is not None and record.in_cooldown)
-                or peer.in_flight.get(model, 0) >= peer.capacity(model)):
-            # It changed without a refresh: catch up (queued requests see it at the next
-            # hand-out; handing out now could change the index under the caller's view).
-            self._file(peer, notify=True)
-            return False
-        return peer.session.conn.can_open_stream()
+        """True if ``peer`` can take one more stream of ``model`` now
+        (:meth:`SlotQueue.usable`)."""
+        return self.slots.usable(peer, model)
 
     def reserve(self, peer: Peer, model: str) -> bool:
-        """Take a slot of ``model`` on ``peer`` for a new stream if it is :meth:`usable`;
-        returns whether it did. Every reservation ends with :meth:`release`."""
-        if not self.usable(peer, model):
-            return False
-        peer.in_flight[model] = peer.in_flight.get(model, 0) + 1
-        index = self._find(model, self._filed[peer][0])
-        if index is not None and index.evaluate(peer):
-            self.version += 1
-        return True
+        """Take a slot of ``model`` on ``peer`` if it is :meth:`usable`; returns whether
+        it did. Every reservation ends with :meth:`release`."""
+        return self.slots.reserve(peer, model)
 
     def release(self, peer: Peer, model: str) -> None:
-        """A stream of ``model`` on ``peer`` ended: free its slot and hand it (or the
-        tunnel stream it held) to the oldest queued request that can use it."""
-        peer.in_flight[model] -= 1
-        filed = self._filed.get(peer)
-        if filed is None:
-            return
-        index = self._find(model, filed[0])
-        if index is not None and index.evaluate(peer):
-            self.version += 1
-        if self._waiters:
-            keys = []
-            for sibling in self._tunnels.get(id(peer.session), ()):
-                group = self._filed[sibling][0]
-                for served in sibling.models:
-                    key = (served, group)
-                    shared = self._find(served, group)
-                    if key in self._waiters and shared is not None:
-                        shared.epoch += 1  # the tunnel has a stream to spare again
-                        keys.append(key)
-            self._dispatch(keys)
+        """A stream of ``model`` on ``peer`` ended: free its slot for the oldest queued
+        request that can use it."""
+        self.slots.release(peer, model)
 
     def enqueue(self, model: str, group: str, take: Callable[[], Peer | None]
                 ) -> SlotWaiter:
-        """Queue a request for a slot of ``model`` on a peer of node group ``group``,
-        behind those already waiting. Slots are handed out oldest first, each through
-        its ``take`` (see :class:`SlotWaiter`); a request whose ``take`` finds nothing
-        it may use lets the next one try. Always end with :meth:`leave`."""
-        waiter = SlotWaiter((model, group), take)
-        self._waiters.setdefault(waiter.key, deque()).append(waiter)
-        return waiter
+        """Queue a request for a slot (:meth:`SlotQueue.enqueue`); always end with
+        :meth:`leave`."""
+        return self.slots.enqueue(model, group, take)
 
     async def wait_for_slot(self, waiter: SlotWaiter) -> None:
         """Wait until ``waiter`` has a slot (``waiter.peer``) or an error."""
         await waiter.event.wait()
 
     def leave(self, waiter: SlotWaiter) -> None:
-        """Take ``waiter`` out of its queue. A slot handed to it but not claimed (it was
-        cancelled or timed out meanwhile; ``waiter.peer`` still set) passes on to the
-        next request in line."""
-        queue = self._waiters.get(waiter.key)
-        if queue is not None:
-            if waiter in queue:
-                queue.remove(waiter)
-            if not queue:
-                del self._waiters[waiter.key]
-                self._prune(*waiter.key)
-        peer, waiter.peer = waiter.peer, None
-        if peer is not None:
-            self.release(peer, waiter.key[0])
+        """Take ``waiter`` out of its queue, passing on a slot it did not claim."""
+        self.slots.leave(waiter)
 
     def dispatch(self, model: str, group: str = "") -> None:
         """Hand free slots of ``model`` (node group ``group``) to queued requests, oldest
-        first. A new request calls this before taking a slot itself, so it only takes
-        one that no older request of that model can use."""
-        key = (model, group)
-        if key in self._waiters:
-            self._dispatch([key])
-
-    def _dispatch(self, keys: Iterable[tuple[str, str]]) -> None:
-        if self._dispatching:  # a take() re-evaluated a peer: serve again when done
-            self._pending.update(keys)
-            return
-        self._dispatching = True
-        try:
-            todo = list(keys)
-            while todo:
-                for key in todo:
-                    self._serve_queue(key)
-                todo = list(self._pending)
-                self._pending.clear()
-        finally:
-            self._dispatching = False
-
-    def _serve_queue(self, key: tuple[str, str]) -> None:
-        queue = self._waiters.get(key)
-        if not queue:
-            return
-        self._fresh()
-        index = self._find(*key)
-        everyone = index is None or index.recheck
-        if index is not None:
-            if not everyone and index.served == index.epoch:
-                return  # nothing a queued request could use has freed up since last time
-            index.recheck = False
-            index.served = index.epoch
-        for waiter in list(queue):
-            if not everyone and index is not None and not index.free:
-                break
-            try:
-                peer = waiter.take()
-            except Exception as exc:  # delivered to the waiting request
-                waiter.error = exc
-            else:
-                if peer is None:
-                    continue
-                waiter.peer = peer
-            queue.remove(waiter)
-            waiter.event.set()
-        if not queue and self._waiters.get(key) is queue:
-            del self._waiters[key]
-            self._prune(*key)
-
-    def _wake(self, keys: Iterable[tuple[str, str]]) -> None:
-        if self._waiters:
-            self._dispatch([key for key in keys if key in self._waiters])
-
-    # ------------------------------------------------------------ the index
-
-    def _find(self, model: str, group: str) -> ModelIndex | None:
-        self._fresh()
-        groups = self._index.get(model)
-        return None if groups is None else groups.get(group)
-
-    def _indexes(self, model: str) -> Iterable[ModelIndex]:
-        self._fresh()
-        return self._index.get(model, {}).values()
-
-    def _file(self, peer: Peer, notify: bool = False) -> list[tuple[str, str]]:
-        """Index a registered peer under its current models and state; returns the
-        (model, group) keys it touched."""
-        filed = self._filed.get(peer)
-        if filed is None:
-            filed = self._filed[peer] = (peer.group, set())
-            self._tunnels.setdefault(id(peer.session), set()).add(peer)
-        group, models = filed
-        keys, flipped = [], False
-        for model in models - peer.models.keys():
-            self._index[model][group].discard(peer)
-            models.discard(model)
-            keys.append((model, group))
-            self._prune(model, group)
-            flipped = True
-        for model in peer.models:
-            groups = self._index.setdefault(model, {})
-            index = groups.get(group)
-            if index is None:
-                index = groups[group] = ModelIndex(model)
-            if peer not in index.serving:
-                index.serving[peer] = None
-                models.add(model)
-            flipped = index.evaluate(peer) or flipped
-            keys.append((model, group))
-        if flipped:
-            self.version += 1
-            if notify:
-                self._notify()
-        return keys
-
-    def _unfile(self, peer: Peer) -> list[tuple[str, str]]:
-        filed = self._filed.pop(peer, None)
-        if filed is None:
-            return []
-        sharing = self._tunnels.get(id(peer.session))
-        if sharing is not None:
-            sharing.discard(peer)
-            if not sharing:
-                del self._tunnels[id(peer.session)]
-        group, models = filed
-        for model in models:
-            self._index[model][group].discard(peer)
-            self._prune(model, group)
-        self.version += 1
-        return [(model, group) for model in models]
-
-    def _prune(self, model: str, group: str) -> None:
-        """Drop the index of (model, group) once no peer serves it and no request waits
-        for it, so advertising ever new model ids cannot grow the index without end."""
-        groups = self._index.get(model)
-        index = None if groups is None else groups.get(group)
-        if index is None or index.serving or (model, group) in self._waiters:
-            return
-        assert groups is not None
-        del groups[group]
-        if not groups:
-            del self._index[model]
-
-    def _fresh(self) -> None:
-        if self._stale:
-            self._stale = False
-            for peer in list(self._filed):
-                self._file(peer)
-
-    def _reindex(self) -> None:
-        """Rebuild the whole index from ``peers`` (after changing ``peers`` directly)."""
-        self._index, self._filed, self._tunnels = {}, {}, {}
-        self._stale = False
-        for peer in self.peers.values():
-            self._file(peer)
-        for key in self._waiters:
-            index = self._find(*key)
-            if index is not None:
-                index.recheck = True
-        self._notify()
-        self._wake(list(self._waiters))
+        first (a new request calls this before taking a slot itself)."""
+        self.slots.dispatch(model, group)
