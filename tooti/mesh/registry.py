@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import trio
@@ -66,7 +66,9 @@ class Registry:
     peers that can take a stream and the keys the policies rank them by, kept current
     as peers change, so a routing decision never scans every peer) and :attr:`slots`
     (a :class:`SlotQueue`: reservations, and the FIFO queues of requests waiting for a
-    slot per model and group). :meth:`add`, :meth:`remove` and :meth:`set_models` keep
+    slot per model and group), whose methods callers use are bound as its own
+    (``free_slots``, ``eligible``, ``serving``, ``reserve``, ``release``, ``enqueue``,
+    ``leave``, ...). :meth:`add`, :meth:`remove` and :meth:`set_models` keep
     the index current; whoever changes a peer's state (draining, health, cooldowns)
     calls :meth:`refresh` / :meth:`peer_updated` for that peer or :meth:`changed`.
 
@@ -93,6 +95,23 @@ class Registry:
         :meth:`eligible`, :meth:`serving`, ...)."""
         self.slots = SlotQueue(self.index)
         """Slot reservations and the requests waiting for one."""
+        # What callers ask of the index and of the slots, bound here so that the registry
+        # stays their one entry point without a layer of calls on the routing path.
+        index, slots = self.index, self.slots
+        self.candidates = index.candidates
+        self.eligible = index.eligible
+        self.free_slots = index.free_slots
+        self.serving = index.serving
+        self.live_models = index.live_models
+        self.live_in_group = index.live_in_group
+        self.live_version = index.live_version
+        self.usable = slots.usable
+        self.reserve = slots.reserve
+        self.release = slots.release
+        self.enqueue = slots.enqueue
+        self.wait_for_slot = slots.wait_for_slot
+        self.leave = slots.leave
+        self.dispatch = slots.dispatch
         self.known_models = KnownModels()
         """Model ids advertised here (unknown vs. unavailable), the most recent kept."""
         self.bindings = IdentityBindings(identities, limit=max_identities)
@@ -287,70 +306,3 @@ class Registry:
         self.index.rebuild()
         self._notify()
         self.slots.wake_all(recheck=True)
-
-    # ------------------------------------------------------------ reads of the index
-
-    def candidates(self, model: str) -> list[Peer]:
-        """Live peers serving ``model`` and not in cooldown for it, in every group."""
-        return self.index.candidates(model)
-
-    def eligible(self, model: str, group: str = "") -> Collection[Peer]:
-        """The :meth:`candidates` of node group ``group`` (a live read-only view)."""
-        return self.index.eligible(model, group)
-
-    def free_slots(self, model: str, group: str = "") -> Candidates:
-        """The candidates of node group ``group`` with a free slot (a :class:`Candidates`
-        view, see :meth:`RoutingIndex.free_slots`)."""
-        return self.index.free_slots(model, group)
-
-    def serving(self, model: str, group: str | None = None) -> list[Peer]:
-        """Live peers serving ``model``, cooldown or not (of ``group`` only, if given)."""
-        return self.index.serving(model, group)
-
-    def live_models(self) -> dict[str, list[Peer]]:
-        """Model id → live peers serving it (models with none are left out)."""
-        return self.index.live_models()
-
-    def live_in_group(self, group: str) -> dict[str, list[Peer]]:
-        """Model id → live peers of node group ``group`` serving it."""
-        return self.index.live_in_group(group)
-
-    def live_version(self) -> int:
-        """Bumped whenever what :meth:`live_models` returns may have changed."""
-        return self.index.live_version()
-
-    # ------------------------------------------------------------ slots
-
-    def usable(self, peer: Peer, model: str) -> bool:
-        """True if ``peer`` can take one more stream of ``model`` now
-        (:meth:`SlotQueue.usable`)."""
-        return self.slots.usable(peer, model)
-
-    def reserve(self, peer: Peer, model: str) -> bool:
-        """Take a slot of ``model`` on ``peer`` if it is :meth:`usable`; returns whether
-        it did. Every reservation ends with :meth:`release`."""
-        return self.slots.reserve(peer, model)
-
-    def release(self, peer: Peer, model: str) -> None:
-        """A stream of ``model`` on ``peer`` ended: free its slot for the oldest queued
-        request that can use it."""
-        self.slots.release(peer, model)
-
-    def enqueue(self, model: str, group: str, take: Callable[[], Peer | None]
-                ) -> SlotWaiter:
-        """Queue a request for a slot (:meth:`SlotQueue.enqueue`); always end with
-        :meth:`leave`."""
-        return self.slots.enqueue(model, group, take)
-
-    async def wait_for_slot(self, waiter: SlotWaiter) -> None:
-        """Wait until ``waiter`` has a slot (``waiter.peer``) or an error."""
-        await waiter.event.wait()
-
-    def leave(self, waiter: SlotWaiter) -> None:
-        """Take ``waiter`` out of its queue, passing on a slot it did not claim."""
-        self.slots.leave(waiter)
-
-    def dispatch(self, model: str, group: str = "") -> None:
-        """Hand free slots of ``model`` (node group ``group``) to queued requests, oldest
-        first (a new request calls this before taking a slot itself)."""
-        self.slots.dispatch(model, group)

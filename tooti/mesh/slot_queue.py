@@ -86,6 +86,10 @@ class SlotQueue:
         self.waiting.setdefault(waiter.key, deque()).append(waiter)
         return waiter
 
+    async def wait_for_slot(self, waiter: SlotWaiter) -> None:
+        """Wait until ``waiter`` has a slot (``waiter.peer``) or an error."""
+        await waiter.event.wait()
+
     def leave(self, waiter: SlotWaiter) -> None:
         """Take ``waiter`` out of its queue. A slot handed to it but not claimed (it was
         cancelled or timed out meanwhile; ``waiter.peer`` still set) passes on to the
