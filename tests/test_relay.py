@@ -38,7 +38,7 @@ from tooti.protocol.connection import (
     StreamOpened,
     WelcomeReceived,
 )
-from tooti.relay import upstream as relay_module
+from tooti.relay import forwarding
 from tooti.relay.role import RelayRole
 from tooti.relay.upstream import Relay
 from tooti.runner import Process, serve
@@ -110,7 +110,7 @@ class RunningRelay:
     async def idle(self) -> None:
         """Wait until the relay forwards no stream."""
         with trio.fail_after(LIMIT):
-            await self.relay._idle.wait()
+            await self.relay.wait_idle()
 
 
 async def start_relay(network: Network, relay_id: str, upstream: str | None = None,
@@ -255,7 +255,7 @@ async def test_node_behind_a_relay_is_routable_and_served_through_the_hop(
     assert ('tooti_tokens_total{kind="completion",model="tooti-sim",node="behind"} 8.0'
             in metrics)
     await relay.idle()
-    assert relay.relay.forwarded_total == 2
+    assert relay.relay.forwarder.forwarded_total == 2
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -264,16 +264,16 @@ async def test_an_answer_larger_than_the_window_crosses_the_hop_intact(
 ) -> None:
     """An answer of several flow-control windows outruns the upstream credit: the relay
     stops splicing and its forwarding task sends the rest, in order, as credit returns."""
-    splices: list[relay_module._Splice] = []
+    splices: list[forwarding._Splice] = []
 
-    class Recorded(relay_module._Splice):
+    class Recorded(forwarding._Splice):
         __slots__ = ()
 
         def __init__(self, *args: Any) -> None:
             super().__init__(*args)
             splices.append(self)
 
-    monkeypatch.setattr(relay_module, "_Splice", Recorded)
+    monkeypatch.setattr(forwarding, "_Splice", Recorded)
     # About 1 MiB either way (an SSE event per token is ~25 times a token's size): four
     # flow-control windows.
     tokens = 6_000 if stream else 150_000
@@ -464,7 +464,7 @@ async def test_relay_behind_a_relay_is_two_hops(network: Network, relay: Running
     assert sum('"content"' in line for line in lines) == 4
     await relay.idle()
     await inner.idle()
-    assert relay.relay.forwarded_total == inner.relay.forwarded_total == 2
+    assert relay.relay.forwarder.forwarded_total == inner.relay.forwarder.forwarded_total == 2
 
     await inner.kill()  # the removal travels up through the first relay
     await until(registry, lambda: "deep" not in registry.peers)
@@ -540,7 +540,7 @@ async def test_direct_tunnel_and_relay_routes_to_one_node(
             response = await http.post("/v1/chat/completions", json=chat(**only(node_id)))
             assert response.status_code == 200
             assert response.headers["x-tooti-node"] == node_id
-    assert relay.relay.forwarded_total == 0  # both went over the direct tunnels
+    assert relay.relay.forwarder.forwarded_total == 0  # both went over the direct tunnels
 
 
 @pytest.mark.parametrize("first", ["direct", "relay"])
@@ -576,7 +576,7 @@ async def test_node_is_served_through_the_relay_once_its_direct_tunnel_closes(
     async with network.client() as http:
         response = await http.post("/v1/chat/completions", json=chat())
     assert response.status_code == 200 and response.headers["x-tooti-node"] == "both"
-    assert relay.relay.forwarded_total == 1
+    assert relay.relay.forwarder.forwarded_total == 1
 
 
 # ---------------------------------------------------------------- raw protocol
