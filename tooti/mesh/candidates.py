@@ -335,7 +335,8 @@ class Candidates(CandidateSet[Peer]):
 
 
 class SlotWaiter:
-    """One request queued for a free slot of a model (see :meth:`Registry.enqueue`)."""
+    """One request queued for a free slot of a model (see
+    :meth:`~tooti.mesh.slot_queue.SlotQueue.enqueue`)."""
 
     __slots__ = ("error", "event", "key", "peer", "take")
 
