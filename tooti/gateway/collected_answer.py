@@ -11,13 +11,15 @@ all its nodes) may hold at most a quarter (see :meth:`AnswerBuffers.node_budget`
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
 import trio
 
+from tooti.billing.base import Outcome
 from tooti.errors import APIError, from_end_info
 from tooti.gateway.byte_budget import BudgetExhausted, ByteBudget, Share
 from tooti.gateway.proxy_settings import ProxySettings
-from tooti.mesh.http import Headers, Send, send_bytes
+from tooti.mesh.http import ClientGone, Headers, Send, send_bytes
 from tooti.tunnel import OutboundStream, TunnelLost
 
 log = logging.getLogger("tooti.gateway")
@@ -69,6 +71,34 @@ class AnswerBuffers:
         budget = self.node_buffers.get(holder)
         if budget is not None and budget.idle:
             del self.node_buffers[holder]
+
+    async def collect_and_send(
+        self, out: OutboundStream, node_id: str, holder: str, status: int,
+        media_type: bytes, send: Send, headers: Headers, request_id: str,
+        outcome: Outcome, settle: Callable[[], Awaitable[None]],
+    ) -> None:
+        """Collect a non-streamed answer whole in ``holder``'s part of the memory (a
+        failure before its END raises :class:`AnswerLost`), run ``settle``, then send
+        it; a client that takes longer than ``send_deadline`` to read it is
+        disconnected (:class:`ClientGone`)."""
+        shares = self.shares(holder)
+        parts: list[bytes] = []
+        try:
+            parts = await self.collect(out, node_id, shares)
+            outcome.served = True
+            outcome.status = "ok" if status < 400 else "error"
+            outcome.relayed_bytes = sum(map(len, parts))
+            await settle()
+            with trio.move_on_after(self.settings.send_deadline) as sending:
+                await send_collected(send, status, parts, outcome.relayed_bytes, headers,
+                                     media_type)
+            if sending.cancelled_caught:  # its bytes were held for it long enough
+                log.info("request %s: the client took over %gs to read its answer;"
+                         " disconnected", request_id, self.settings.send_deadline)
+                raise ClientGone
+        finally:  # the bytes go as the budget gets them back
+            parts.clear()
+            self.release(holder, shares)
 
     async def collect(self, out: OutboundStream, node_id: str, shares: tuple[Share, Share]
                       ) -> list[bytes]:

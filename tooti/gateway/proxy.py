@@ -32,13 +32,13 @@ from tooti import clock
 from tooti.billing.base import Outcome
 from tooti.errors import APIError, from_end_info
 from tooti.gateway.byte_budget import ByteBudget
-from tooti.gateway.collected_answer import AnswerBuffers, AnswerLost, send_collected
+from tooti.gateway.collected_answer import AnswerBuffers, AnswerLost
 from tooti.gateway.node_picker import NodePicker, check_routable
 from tooti.gateway.proxy_settings import ProxySettings
 from tooti.gateway.response_headers import BadHeader, content_type, header_value
 from tooti.gateway.streamed_answer import DONE, first_token, stream_answer
 from tooti.gateway.validation import ParsedRequest
-from tooti.mesh.http import ClientGone, Headers, Send
+from tooti.mesh.http import Headers, Send
 from tooti.mesh.registry import Peer, Registry
 from tooti.protocol.connection import FlowControlError, ResponseStarted
 from tooti.protocol.usage import ReportedUsage, UsageViolation, check_usage, limits_for, read_end
@@ -291,8 +291,13 @@ class Proxy:
                 if outcome.status == "failed_midstream":
                     self.node_failed(peer, model, "failed mid-stream")
             else:
-                await self._send_whole(out, peer, head.status, media_type, send,
-                                       node_headers, route.request_id, outcome, settle)
+                holder = peer.via or peer.id  # a relay's nodes share the relay's part
+                try:
+                    await self.answers.collect_and_send(
+                        out, peer.id, holder, head.status, media_type, send, node_headers,
+                        route.request_id, outcome, settle)
+                except AnswerLost as lost:
+                    raise _Retry(lost.error) from None
             if outcome.status == "ok":
                 tokens = outcome.usage.completion_tokens if outcome.usage else None
                 # A non-streamed answer arrives whole: only its overall rate is known.
@@ -305,37 +310,6 @@ class Proxy:
             if out is not None:
                 await out.cancel("client gone" if out.end_info is None else "done")
             raise
-
-    async def _send_whole(
-        self, out: OutboundStream, peer: Peer, status: int, media_type: bytes, send: Send,
-        headers: Headers, request_id: str, outcome: Outcome,
-        settle: Callable[[], Awaitable[None]],
-    ) -> None:
-        """Collect a non-streamed answer whole (a failure before its END raises _Retry),
-        settle, then send it; a client that takes longer than ``send_deadline`` to
-        read it is disconnected."""
-        holder = peer.via or peer.id  # a relay's nodes share the relay's part
-        shares = self.answers.shares(holder)
-        parts: list[bytes] = []
-        try:
-            try:
-                parts = await self.answers.collect(out, peer.id, shares)
-            except AnswerLost as lost:
-                raise _Retry(lost.error) from None
-            outcome.served = True
-            outcome.status = "ok" if status < 400 else "error"
-            outcome.relayed_bytes = sum(map(len, parts))
-            await settle()
-            with trio.move_on_after(self.settings.send_deadline) as sending:
-                await send_collected(send, status, parts, outcome.relayed_bytes, headers,
-                                     media_type)
-            if sending.cancelled_caught:  # its bytes were held for it long enough
-                log.info("request %s: the client took over %gs to read its answer;"
-                         " disconnected", request_id, self.settings.send_deadline)
-                raise ClientGone
-        finally:  # the bytes go as the budget gets them back
-            parts.clear()
-            self.answers.release(holder, shares)
 
 
 def _rewrite(body: dict[str, Any], model: str) -> bytes:
