@@ -105,6 +105,27 @@ async def send_error(send: Send, error: APIError, headers: Headers) -> None:
     await send_bytes(send, error.status, error.to_json(), headers + extra)
 
 
+class ResponseSend:
+    """The ASGI ``send`` of one request, remembering how far its response got: whether
+    it has started (an error can still be answered) and whether its last body part
+    was handed to the server (the client was served in full)."""
+
+    __slots__ = ("complete", "send", "started")
+
+    def __init__(self, send: Send) -> None:
+        self.send = send
+        self.started = False
+        self.complete = False
+
+    async def __call__(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if kind == "http.response.start":
+            self.started = True
+        elif kind == "http.response.body" and not message.get("more_body", False):
+            self.complete = True
+        await self.send(message)
+
+
 async def cancel_on_disconnect(
     receive: Receive, send: Send, work: Callable[[Send], Awaitable[None]]
 ) -> bool:
@@ -119,32 +140,25 @@ async def cancel_on_disconnect(
     ``http.disconnect`` once a response is complete; the watcher ignores it
     then, so a finished response is never taken for a cancelled one.
     """
-    complete = False
-
-    async def tracking_send(message: dict[str, Any]) -> None:
-        nonlocal complete
-        if message["type"] == "http.response.body" and not message.get("more_body", False):
-            complete = True
-        await send(message)
-
+    tracked = send if isinstance(send, ResponseSend) else ResponseSend(send)
     try:
         async with trio.open_nursery() as nursery:
 
             async def watch() -> None:
                 while (await receive())["type"] != "http.disconnect":
                     pass
-                if not complete:
+                if not tracked.complete:
                     nursery.cancel_scope.cancel()
 
             nursery.start_soon(watch)
-            await work(tracking_send)
+            await work(tracked)
             nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         # The watcher never raises, so the group holds ``work``'s own exception.
         if len(group.exceptions) == 1:
             raise group.exceptions[0] from None
         raise
-    return complete
+    return tracked.complete
 
 
 def error_response(error: APIError, headers: Sequence[tuple[bytes, bytes]] = ()) -> bytes:

@@ -27,6 +27,7 @@ from tooti.mesh.http import (
     Headers,
     InternalErrors,
     Receive,
+    ResponseSend,
     Scope,
     Send,
     send_error,
@@ -93,10 +94,8 @@ class Station:
         self._idle = trio.Event()
         self._idle.set()
         self._shutdown = trio.Event()
-
-    @property
-    def draining(self) -> bool:
-        return self.admission.closed
+        self.draining = False
+        """Set by :meth:`drain`: new requests get 503 and new tunnels are refused."""
 
     def mount(self, prefix: str, handler: Handler) -> None:
         """Serve paths starting with ``prefix`` by ``handler`` (first mount wins)."""
@@ -153,7 +152,7 @@ class Station:
         """Stop taking requests and tunnels, tell peers GOAWAY, wait up to ``grace`` for
         in-flight requests (and for each of ``also``, e.g. a relay's forwarded
         streams), then shut down."""
-        self.admission.closed = True
+        self.draining = self.admission.closed = True
 
         async def idle() -> None:
             await self._idle.wait()
@@ -204,13 +203,7 @@ class Station:
         request_id = "req_" + uuid.uuid4().hex
         headers: Headers = [(b"x-request-id", request_id.encode())]
         path, method = scope["path"], scope["method"]
-        answered = False
-
-        async def send(message: dict[str, Any]) -> None:
-            nonlocal answered
-            answered = answered or message["type"] == "http.response.start"
-            await raw_send(message)
-
+        send = ResponseSend(raw_send)
         self.in_flight += 1
         self._idle = trio.Event() if self.in_flight == 1 else self._idle
         try:
@@ -229,13 +222,13 @@ class Station:
                     "models": len(self.registry.live_models()),
                 }, headers)
         except APIError as error:
-            if not answered:  # else the answer is under way and hypercorn ends it
+            if not send.started:  # else the answer is under way and hypercorn ends it
                 await send_error(send, error, headers)
         except ClientGone:
             return
         except Exception as exc:
             failure = self.internal_errors.report(request_id, exc)
-            if not answered:
+            if not send.started:
                 await send_error(send, failure, headers)
         finally:
             self.in_flight -= 1
