@@ -46,7 +46,8 @@ from typing import Any, cast
 import trio
 
 from tooti.backends.base import ModelInfo
-from tooti.gateway.proxy import Proxy, ProxySettings
+from tooti.gateway.proxy import Proxy
+from tooti.gateway.proxy_settings import ProxySettings
 from tooti.gateway.validation import Preferences, parse_request
 from tooti.mesh.health import ModelHealth
 from tooti.mesh.registry import Peer, Registry

@@ -10,7 +10,6 @@ events on trio's clock (:func:`tooti.clock.now`).
 from __future__ import annotations
 
 import random
-import time
 from collections import Counter
 from collections.abc import Sequence
 from typing import cast
@@ -19,10 +18,12 @@ import pytest
 import trio
 import trio.testing
 
+from tooti import clock
 from tooti.backends.base import ModelInfo
 from tooti.errors import APIError
 from tooti.gateway.node_picker import NodePicker, _sort_key
-from tooti.gateway.proxy import Proxy, ProxySettings
+from tooti.gateway.proxy import Proxy
+from tooti.gateway.proxy_settings import ProxySettings
 from tooti.gateway.validation import Preferences
 from tooti.mesh.health import CooldownPolicy, ModelHealth
 from tooti.mesh.registry import Candidates, KnownModels, Peer, Registry
@@ -199,7 +200,7 @@ async def test_index_follows_cooldown_start_and_end() -> None:
     assert record.in_cooldown and check(registry) == {"b"}
     assert [p.id for p in registry.serving(MODEL)] == ["a", "b"]  # live, in cooldown
     # Its time running out does not readmit it: only a successful probe does.
-    record.cooldown_until = time.monotonic() - 1.0
+    record.cooldown_until = clock.now() - 1.0
     registry.changed()
     assert check(registry) == {"b"}
     record.end_cooldown()  # what the probe does on success, then changed()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 
 import trio
@@ -48,7 +47,7 @@ def usage_from(outcome: Outcome, body_bytes: int, started: float) -> Usage:
         node_id=outcome.node_id, model=outcome.model, prompt_tokens=prompt,
         completion_tokens=completion, status=outcome.status,
         price_input=outcome.price_input, price_output=outcome.price_output,
-        estimated=estimated, latency_ms=(time.monotonic() - started) * 1000,
+        estimated=estimated, latency_ms=(clock.now() - started) * 1000,
     )
 
 

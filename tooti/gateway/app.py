@@ -19,12 +19,15 @@ import trio
 
 from tooti import clock
 from tooti.admin.api import AdminAPI
-from tooti.billing.base import Billing, RequestContext, Usage
+from tooti.billing.base import Billing, Outcome, RequestContext, Usage
 from tooti.billing.pipeline import BillingPipeline, usage_from
 from tooti.errors import APIError
 from tooti.gateway.models_list import ModelsList
+from tooti.gateway.node_picker import check_routable
 from tooti.gateway.probe import probe_until_healthy
-from tooti.gateway.proxy import DONE, Outcome, Proxy, ProxySettings, check_routable
+from tooti.gateway.proxy import Proxy
+from tooti.gateway.proxy_settings import ProxySettings
+from tooti.gateway.streamed_answer import DONE
 from tooti.gateway.validation import ParsedRequest, parse_request
 from tooti.groups import GroupKeys, bearer_token
 from tooti.mesh.events import BusEvent

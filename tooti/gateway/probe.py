@@ -15,7 +15,7 @@ import msgspec
 import trio
 
 from tooti import clock
-from tooti.gateway.proxy import ProxySettings
+from tooti.gateway.proxy_settings import ProxySettings
 from tooti.mesh.registry import Peer, Registry
 from tooti.protocol.connection import FlowControlError
 from tooti.tunnel import TunnelLost

@@ -33,10 +33,10 @@ from tooti.billing.base import Outcome
 from tooti.errors import APIError, from_end_info
 from tooti.gateway.byte_budget import ByteBudget
 from tooti.gateway.collected_answer import AnswerBuffers, AnswerLost
-from tooti.gateway.node_picker import NodePicker, check_routable
+from tooti.gateway.node_picker import NodePicker
 from tooti.gateway.proxy_settings import ProxySettings
 from tooti.gateway.response_headers import BadHeader, content_type, header_value
-from tooti.gateway.streamed_answer import DONE, first_token, stream_answer
+from tooti.gateway.streamed_answer import first_token, stream_answer
 from tooti.gateway.validation import ParsedRequest
 from tooti.mesh.http import Headers, Send
 from tooti.mesh.registry import Peer, Registry
@@ -45,7 +45,6 @@ from tooti.protocol.usage import ReportedUsage, UsageViolation, check_usage, lim
 from tooti.routing.base import RouteRequest, RoutingPolicy
 from tooti.tunnel import OutboundStream, TunnelLost
 
-__all__ = ["DONE", "Outcome", "Proxy", "ProxySettings", "check_routable"]
 """``DONE``, ``Outcome``, ``ProxySettings`` and ``check_routable`` are re-exported for
 the gateway's older imports; their homes are :mod:`tooti.gateway.streamed_answer`,
 :mod:`tooti.billing.base`, :mod:`tooti.gateway.proxy_settings` and
