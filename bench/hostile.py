@@ -124,11 +124,10 @@ from children import (
     wait_for_log,
 )
 
-from tooti.config import TUNNEL_PATH
 from tooti.dialer import Dialer, TunnelRefused
 from tooti.identity import Identity
 from tooti.settings import TunnelSettings
-from tooti.transport.websocket import SUBPROTOCOL, HandshakeFailed, WebSocketTransport
+from tooti.transport.websocket import SUBPROTOCOL, TUNNEL_PATH, HandshakeFailed, WebSocketTransport
 from tooti.tunnel import InboundStream, StreamHandler, StreamOpener, TunnelLost, TunnelSession
 
 MODEL = "tooti-sim"
