@@ -370,10 +370,9 @@ def _spend_cap(data_dir: Path, **options: Any) -> Any:
 
 
 def _ctx(request_id: str, key_id: str = "key-a", started: float | None = None) -> RequestContext:
-    ctx = RequestContext(request_id, key_id, "m", "chat/completions", False)
-    if started is not None:
-        ctx.started = started
-    return ctx
+    if started is None:
+        return RequestContext(request_id, key_id, "m", "chat/completions", False)
+    return RequestContext(request_id, key_id, "m", "chat/completions", False, started)
 
 
 def _usage(prompt: int, completion: int, status: str = "ok") -> Usage:

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import msgspec
+
 from tooti.protocol.schemas import MAX_PRICE
 from tooti.protocol.usage import MAX_TOKENS, ReportedUsage, UsageLimits
 
@@ -42,21 +44,20 @@ class BillingSetup:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
-class RequestContext:
-    """One client request as billing sees it."""
+class RequestContext(msgspec.Struct, frozen=True):
+    """One client request as billing sees it (a frozen struct: a plugin reads it)."""
 
     request_id: str
     key_id: str
     model: str
     endpoint: str
     stream: bool
-    started: float = field(default_factory=time.time)
+    started: float = msgspec.field(default_factory=time.time)
+    """Wall-clock time the request arrived (seconds since the epoch)."""
 
 
-@dataclass
-class Usage:
-    """What one request consumed and delivered."""
+class Usage(msgspec.Struct, frozen=True):
+    """What one request consumed and delivered (a frozen struct: a plugin reads it)."""
 
     node_id: str
     model: str
