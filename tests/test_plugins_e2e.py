@@ -25,7 +25,8 @@ from tooti.backends.simulated import SimulatedBackend
 from tooti.billing.base import Billing, RequestContext, Usage
 from tooti.billing.ledger import FILENAME, UsageLedger
 from tooti.cli import main
-from tooti.gateway.app import Gateway, key_id_of
+from tooti.gateway.app import Gateway
+from tooti.groups import key_id_of
 from tooti.runner import build_gateway_plugins
 from tooti.settings import (
     BackendSettings,

@@ -56,6 +56,15 @@ def bearer_token(authorization: bytes | None) -> bytes:
     return b""
 
 
+def key_id_of(authorization: bytes | None) -> str:
+    """A stable, non-secret id for the caller's API key (``anonymous`` without one)."""
+    return _key_id(bearer_token(authorization))
+
+
+def _key_id(token: bytes) -> str:
+    return "key-" + hashlib.sha256(token).hexdigest()[:16] if token else "anonymous"
+
+
 class GroupKeys:
     """Maps a request's bearer key to its group ("" = no group)."""
 
@@ -71,10 +80,15 @@ class GroupKeys:
         Every configured digest is compared (in constant time), so the time taken
         does not depend on which key matched, or how far a guess got.
         """
-        if not self._keys:
-            return ""
+        return self._group(bearer_token(authorization))
+
+    def caller(self, authorization: bytes | None) -> tuple[str, str]:
+        """``(key id, group)`` of a request's bearer key (see :func:`key_id_of`)."""
         token = bearer_token(authorization)
-        if not token:
+        return _key_id(token), self._group(token)
+
+    def _group(self, token: bytes) -> str:
+        if not self._keys or not token:
             return ""
         digest = hashlib.sha256(token).digest()
         found = ""

@@ -11,7 +11,6 @@ response carries ``x-request-id``.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -29,7 +28,7 @@ from tooti.gateway.proxy import Proxy
 from tooti.gateway.proxy_settings import ProxySettings
 from tooti.gateway.streamed_answer import DONE
 from tooti.gateway.validation import ParsedRequest, parse_request
-from tooti.groups import GroupKeys, bearer_token
+from tooti.groups import GroupKeys
 from tooti.mesh.events import BusEvent
 from tooti.mesh.health import CooldownPolicy
 from tooti.mesh.http import (
@@ -56,14 +55,6 @@ API_ROUTES = {
     "/v1/completions": "completions",
     "/v1/embeddings": "embeddings",
 }
-
-
-def key_id_of(authorization: bytes | None) -> str:
-    """A stable, non-secret id for the caller's API key (``anonymous`` without one)."""
-    token = bearer_token(authorization)
-    if not token:
-        return "anonymous"
-    return "key-" + hashlib.sha256(token).hexdigest()[:16]
 
 
 def proxy_settings_of(settings: GatewaySettings) -> ProxySettings:
@@ -197,8 +188,7 @@ class Gateway:
         request: ParsedRequest, raw: bytes,
     ) -> None:
         """Authorize, forward (cancelled if the client leaves), then settle or refund."""
-        key_id = key_id_of(header(scope, b"authorization"))
-        group = self.group_keys.group_of(header(scope, b"authorization"))
+        key_id, group = self.group_keys.caller(header(scope, b"authorization"))
         if group:  # routed only to the group's nodes
             request = dataclasses.replace(
                 request, preferences=dataclasses.replace(request.preferences, group=group))
