@@ -1,24 +1,13 @@
-"""The trio adapter around the sans-I/O tunnel connection.
+"""The trio adapter around the sans-I/O tunnel connection: :class:`TunnelSession`.
 
-:class:`TunnelSession` runs one :class:`~tooti.protocol.connection.Connection`
-over one :class:`~tooti.transport.Transport`: a read loop that never blocks
-on any single stream (stream data goes into per-stream buffers bounded by the
-flow-control window, or is spliced onward by a hook), a writer task that sends
-every frame queued since its last write in one write, a heartbeat task, and a
-liveness watch (a peer silent for three heartbeat intervals is dead). Before a
-read loop waits for input, the frames its input produced on any tunnel of the
-process are written straight away (:func:`flush_queued`). Streams we open are
-:class:`OutboundStream` objects consumed by the caller's own task (so the
-caller's cancellation - a client going away - reaches the stream);
-streams the peer opens are served by a handler in the session's nursery,
-inside a cancel scope that a CANCEL frame or the tunnel's loss cancels.
+See :mod:`tooti.tunnel` for what a session runs; the streams it hands out are in
+:mod:`tooti.tunnel.streams`, the per-run flush in :mod:`tooti.tunnel.outbox`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -30,11 +19,9 @@ from tooti.protocol.connection import (
     Connection,
     DataReceived,
     Event,
-    FlowControlError,
     GoAwayReceived,
     HeartbeatAcked,
     HeartbeatReceived,
-    Limits,
     ProtocolError,
     ResponseStarted,
     StreamCancelled,
@@ -42,97 +29,25 @@ from tooti.protocol.connection import (
     StreamOpened,
     WindowUpdated,
 )
-from tooti.settings import TunnelSettings
 from tooti.transport import Transport, TransportClosed
+from tooti.tunnel.codes import CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_PROTOCOL_ERROR, CLOSE_TIMEOUT
+from tooti.tunnel.outbox import current_outbox, flush_queued
+from tooti.tunnel.streams import (
+    InboundStream,
+    OutboundStream,
+    StreamHandler,
+    StreamIO,
+    StreamOpener,
+    TunnelLost,
+)
 
 log = logging.getLogger("tooti.tunnel")
 
-CLOSE_NORMAL = 1000
-CLOSE_GOING_AWAY = 1001
-CLOSE_PROTOCOL_ERROR = 1002
-CLOSE_POLICY = 1008
-CLOSE_TIMEOUT = 0.25
-"""Seconds to wait for the peer to acknowledge a WebSocket close."""
 FLUSH_TIMEOUT = 1.0
 """Longest :meth:`TunnelSession.flush` waits for queued frames to be written."""
 OUTGOING_LIMIT = 1 << 20
 """Bytes of frames queued for the writer beyond which senders wait (backpressure)."""
 
-
-class _Outbox:
-    """Per trio run: the sessions with frames queued since the last read-loop flush,
-    and whether a read loop is dispatching input right now."""
-
-    __slots__ = ("dispatching", "queued")
-
-    def __init__(self) -> None:
-        self.queued: set[TunnelSession] = set()
-        self.dispatching = False
-
-
-_OUTBOX: trio.lowlevel.RunVar[_Outbox] = trio.lowlevel.RunVar("tooti_outbox")
-
-
-def _outbox() -> _Outbox:
-    try:
-        return _OUTBOX.get()
-    except LookupError:
-        outbox = _Outbox()
-        _OUTBOX.set(outbox)
-        return outbox
-
-
-def flush_queued() -> None:
-    """Write, without waiting, the frames every session of this run has queued, where
-    the transport can (see :meth:`TunnelSession.flush_nowait`); the writer task of a
-    session with frames left over is woken. Read loops call it before they wait for
-    more input, so what a batch of input produced - a relay's spliced frames, an OPEN
-    it forwards - goes out in one write per tunnel, with no task switch in between."""
-    queued = _outbox().queued
-    while queued:
-        queued.pop().flush_nowait()
-
-
-class TunnelLost(Exception):
-    """The tunnel closed (or the stream was cancelled) while a stream was open."""
-
-
-class _StreamIO:
-    """Adapter-side buffers and wake-ups of one stream."""
-
-    __slots__ = ("changed", "chunks", "credit", "end", "fin", "head", "lost", "scope", "splice")
-
-    def __init__(self) -> None:
-        self.chunks: deque[bytes] = deque()
-        self.fin = False
-        self.head: ResponseStarted | None = None
-        self.end: dict[str, Any] | None = None
-        self.lost: str | None = None
-        self.changed = trio.Event()
-        self.credit = trio.Event()
-        self.scope: trio.CancelScope | None = None
-        self.splice: Splice | None = None
-
-    def wake(self) -> None:
-        self.changed.set()
-
-    async def wait_changed(self) -> None:
-        await self.changed.wait()
-        self.changed = trio.Event()
-
-    def fail(self, reason: str) -> None:
-        self.lost = reason
-        self.changed.set()
-        self.credit.set()
-        if self.scope is not None:
-            self.scope.cancel()
-
-
-StreamHandler = Callable[["InboundStream"], Awaitable[None]]
-StreamOpener = Callable[["InboundStream"], None]
-Splice = Callable[[ResponseStarted | DataReceived | StreamEnded], bool]
-"""Sees a stream's RESPONSE, DATA and END in the read loop before they are buffered;
-True means it took the event (nothing is buffered, nobody is woken)."""
 EventHook = Callable[[Event], None]
 StatsSource = Callable[[], dict[str, Any]]
 
@@ -147,10 +62,10 @@ class TunnelSession:
     them all - and each frame's handling touches several of them in one step
     without a checkpoint in between. Split across classes, those would have to
     reach into each other's private state. What does stand alone is apart:
-    per-stream buffers (:class:`_StreamIO`), the stream handles the callers use
-    (:class:`InboundStream`, :class:`OutboundStream`), the per-run flush
-    (:func:`flush_queued`) and the control-frame budget
-    (:mod:`tooti.protocol.budget`).
+    per-stream buffers (:class:`StreamIO`) and the stream handles the callers use
+    (:class:`InboundStream`, :class:`OutboundStream`) in :mod:`tooti.tunnel.streams`,
+    the per-run flush (:func:`flush_queued`) in :mod:`tooti.tunnel.outbox` and the
+    control-frame budget (:mod:`tooti.protocol.budget`).
     """
 
     def __init__(
@@ -187,7 +102,7 @@ class TunnelSession:
         self._on_event = on_event
         self._handler = handler
         self._opener = opener
-        self._streams: dict[int, _StreamIO] = {}
+        self._streams: dict[int, StreamIO] = {}
         self._nursery: trio.Nursery | None = None
         self._cancel_scope = trio.CancelScope()
         # Frames wait here for the writer task, which sends all that queued up since
@@ -288,7 +203,7 @@ class TunnelSession:
             raise TunnelLost(self.close_reason or "closed")
         self._outgoing.append(data)
         self._queued += len(data)
-        outbox = _outbox()
+        outbox = current_outbox()
         outbox.queued.add(self)
         if not outbox.dispatching:  # a read loop's input is flushed by that read loop
             self._wake_writer.set()
@@ -367,7 +282,7 @@ class TunnelSession:
     async def _read_loop(self) -> tuple[int, str]:
         timeout = 3 * self.heartbeat_interval
         self._last_input = clock.now()
-        outbox = _outbox()
+        outbox = current_outbox()
         budget = self.control_budget = None if self._control is None else ControlBudget(
             self._control, self.heartbeat_interval, self._last_input)
         try:
@@ -477,7 +392,7 @@ class TunnelSession:
     # ------------------------------------------------------------ streams we serve
 
     def _accept_stream(self, event: StreamOpened) -> None:
-        io = _StreamIO()
+        io = StreamIO()
         if event.body:
             io.chunks.append(event.body)
         io.fin = event.fin
@@ -556,7 +471,7 @@ class TunnelSession:
         if self.closed.is_set():
             raise TunnelLost(self.close_reason or "closed")
         sid, frame, rest = self.conn.open_stream(meta, body, fin)
-        io = _StreamIO()
+        io = StreamIO()
         self._streams[sid] = io
         # Queued past the backpressure limit (OPENs are bounded by the stream limit):
         # OPENs go out in stream-id order, and no later CANCEL names an id the peer
@@ -564,7 +479,7 @@ class TunnelSession:
         self.enqueue(frame)
         return OutboundStream(self, sid, io), rest
 
-    async def _send_data(self, sid: int, io: _StreamIO, data: bytes, fin: bool) -> None:
+    async def _send_data(self, sid: int, io: StreamIO, data: bytes, fin: bool) -> None:
         """Send ``data`` on a stream, waiting for credit; split to the frame limit."""
         maximum = self.conn.max_data_payload()
         offset, total = 0, len(data)
@@ -601,218 +516,3 @@ class TunnelSession:
 _INTERNAL_ERROR: dict[str, Any] = {
     "error": {"code": "internal_error", "message": "node failed to serve", "status": 500}
 }
-
-
-class InboundStream:
-    """A stream the peer opened: read its request, answer it."""
-
-    def __init__(self, session: TunnelSession, stream_id: int, meta: dict[str, Any],
-                 io: _StreamIO) -> None:
-        self.session = session
-        self.id = stream_id
-        self.meta = meta
-        self._io = io
-        self.started = False
-        self.context: Any = None
-        """Whatever the session's opener attached to the stream for its handler."""
-
-    async def read_body(self, limit: int) -> bytes:
-        """Collect the whole request body (granting credit as it is consumed).
-
-        Raises ValueError if it exceeds ``limit`` bytes and TunnelLost if the
-        stream or tunnel dies first.
-        """
-        parts: list[bytes] = []
-        size = 0
-        while (chunk := await self.read_chunk()) is not None:
-            size += len(chunk)
-            if size > limit:
-                raise ValueError(f"request body over {limit} bytes")
-            parts.append(chunk)
-        return b"".join(parts)
-
-    def read_chunk_nowait(self) -> bytes | None:
-        """The request body piece already buffered (credit granted), or None."""
-        io = self._io
-        if not io.chunks:
-            return None
-        chunk = io.chunks.popleft()
-        self.session.grant(self.id, len(chunk))
-        return chunk
-
-    @property
-    def body_arrived(self) -> bool:
-        """True once the request body's end has arrived (all of it buffered or taken)."""
-        return self._io.fin
-
-    @property
-    def body_complete(self) -> bool:
-        """True once the whole request body has arrived and been taken."""
-        return self._io.fin and not self._io.chunks
-
-    async def read_chunk(self) -> bytes | None:
-        """The next piece of the request body as it arrives (credit is granted once it
-        is taken), or None once the body is complete; raises TunnelLost on loss."""
-        io = self._io
-        while True:
-            if io.chunks:
-                chunk = io.chunks.popleft()
-                self.session.grant(self.id, len(chunk))
-                await trio.lowlevel.checkpoint_if_cancelled()
-                return chunk
-            if io.fin:
-                return None
-            if io.lost is not None:
-                raise TunnelLost(io.lost)
-            await io.wait_changed()
-
-    async def respond(self, status: int, headers: dict[str, Any]) -> None:
-        """Send the response head; raises TunnelLost if the stream is gone (cancelled
-        by the peer, or the tunnel lost)."""
-        conn = self.session.conn
-        if self._io.lost is not None or not conn.has_stream(self.id):
-            raise TunnelLost(self._io.lost or "stream closed")
-        self.started = True
-        await self.session.send_frame(conn.send_response(self.id, status, headers))
-
-    async def send(self, data: bytes) -> None:
-        """Send response body bytes, waiting for flow-control credit."""
-        if data:
-            await self.session._send_data(self.id, self._io, data, fin=False)
-
-    async def end(self, info: dict[str, Any]) -> None:
-        """Finish the stream with usage / finish reason / error details."""
-        conn = self.session.conn
-        if conn.has_stream(self.id):
-            await self.session.send_frame(conn.send_end(self.id, info))
-
-
-class OutboundStream:
-    """A stream we opened: wait for the head, read the body, learn how it ended."""
-
-    def __init__(self, session: TunnelSession, stream_id: int, io: _StreamIO) -> None:
-        self.session = session
-        self.id = stream_id
-        self._io = io
-
-    @property
-    def splice(self) -> Splice | None:
-        """The hook that takes this stream's answer as it is decoded (None: buffered)."""
-        return self._io.splice
-
-    @splice.setter
-    def splice(self, hook: Splice | None) -> None:
-        self._io.splice = hook
-
-    @property
-    def end_info(self) -> dict[str, Any] | None:
-        """The END payload once the stream has ended, else None."""
-        return self._io.end
-
-    async def head(self) -> ResponseStarted | None:
-        """Wait for the response head; None means the stream ended without one
-        (see :attr:`end_info`). Raises TunnelLost if the tunnel died."""
-        io = self._io
-        while True:
-            if io.head is not None:
-                return io.head
-            if io.end is not None:
-                return None
-            if io.lost is not None:
-                raise TunnelLost(io.lost)
-            await io.wait_changed()
-
-    async def next_chunk(self) -> bytes | None:
-        """The next response body chunk, or None at END; raises TunnelLost on loss."""
-        return await self.next_data(0)
-
-    async def next_data(self, limit: int) -> bytes | None:
-        """Like :meth:`next_chunk`, but joins the chunks already buffered (up to ``limit``
-        bytes) into one piece, so a forwarder sends fewer, larger frames."""
-        io = self._io
-        while True:
-            if io.chunks:
-                data = io.chunks.popleft()
-                if io.chunks and len(data) + len(io.chunks[0]) <= limit:
-                    parts = [data]
-                    size = len(data)
-                    while io.chunks and size + len(io.chunks[0]) <= limit:
-                        chunk = io.chunks.popleft()
-                        parts.append(chunk)
-                        size += len(chunk)
-                    data = b"".join(parts)
-                self.session.grant(self.id, len(data))
-                return data
-            if io.end is not None:
-                return None
-            if io.lost is not None:
-                raise TunnelLost(io.lost)
-            await io.wait_changed()
-
-    async def send_body(self, data: bytes, fin: bool) -> None:
-        """Send more request body (after ``open_stream(..., fin=False)``); ``fin`` ends it."""
-        if data or fin:
-            await self.session._send_data(self.id, self._io, data, fin=fin)
-
-    async def body(self) -> AsyncIterator[bytes]:
-        """Yield response body chunks until END; raises TunnelLost on loss."""
-        while (chunk := await self.next_chunk()) is not None:
-            yield chunk
-
-    async def cancel(self, reason: str) -> None:
-        """Abandon the stream (idempotent); the peer cancels its work."""
-        self.session._streams.pop(self.id, None)
-        frame = self.session.conn.send_cancel(self.id, reason)
-        if frame:
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
-                await self.session._send_quiet(frame)
-
-
-__all__ = [
-    "FlowControlError",
-    "InboundStream",
-    "OutboundStream",
-    "TunnelLost",
-    "TunnelSession",
-]
-
-
-REPLACED = "replaced"
-"""GOAWAY code sent to a session superseded by a newer one with the same peer id."""
-
-
-def limits_from(settings: TunnelSettings) -> Limits:
-    """The protocol limits a tunnel end enforces, from settings."""
-    return Limits(
-        max_frame_bytes=settings.max_frame_bytes,
-        max_streams=settings.max_streams,
-        initial_window=settings.initial_window,
-        max_control_bytes=settings.max_control_bytes,
-    )
-
-
-def control_limits_from(settings: TunnelSettings) -> ControlLimits:
-    """The control-frame budget a tunnel end gives its peer, from settings."""
-    return ControlLimits(
-        frames=settings.control_frames_per_interval,
-        bytes=settings.control_bytes_per_interval,
-        heartbeats=settings.max_heartbeats_per_interval,
-    )
-
-
-async def drain_sessions(sessions: set[TunnelSession], grace: float,
-                         wait_idle: Callable[[], Awaitable[None]], reason: str) -> None:
-    """The one drain of every role: tell each session's peer GOAWAY (no new streams),
-    wait up to ``grace`` for ``wait_idle`` (the owner's in-flight work), then send what
-    is queued (the last streams' ENDs) and close every session."""
-    for session in list(sessions):
-        with trio.move_on_after(1):
-            try:
-                await session.goaway("draining", reason)
-            except Exception:  # the peer is already gone
-                log.debug("goaway to %s failed", session.name)
-    with trio.move_on_after(grace):
-        await wait_idle()
-    for session in list(sessions):
-        await session.flush()
-        session.abort(reason)
