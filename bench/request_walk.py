@@ -10,6 +10,11 @@ counted. Prints, for that task:
 - ``modules``: distinct tooti modules a function was called in;
 - ``returns``: calls that enter a module the walk had already left (the back-and-forth
   between modules; consecutive calls within one module count once);
+- ``cross-module calls``: calls from one tooti module into another, and the module
+  pairs they go between (the busiest are listed);
+- ``calls back``: cross-module calls into a module that is still on the call stack
+  further out (a callback up the layers, e.g. a lower module calling a closure of the
+  module that called it);
 - the sequence itself (``--show``) and the re-entries per module.
 
 A measurement for ``docs/architecture.md``; run it on two commits to compare.
@@ -47,6 +52,12 @@ class Tracer:
 
     def __init__(self) -> None:
         self.calls: list[tuple[int, str, str]] = []
+        self.crossings: list[tuple[int, str, str]] = []
+        """``(task, caller module, callee module)`` of each call from one tooti module
+        into another (a caller outside tooti, e.g. hypercorn, is not a crossing)."""
+        self.callbacks: list[tuple[int, str, str]] = []
+        """The crossings into a module that is still on the call stack further out (a
+        call back up: the back-and-forth a layered walk avoids)."""
         self._resumable: dict[int, FrameType] = {}
         """Coroutine and generator frames already entered: resuming one after an
         ``await`` fires another call event, which is not a new call (the frames are
@@ -67,6 +78,15 @@ class Tracer:
         except RuntimeError:
             return
         self.calls.append((task, module, frame.f_code.co_name))
+        caller = frame.f_back.f_globals.get("__name__", "") if frame.f_back else ""
+        if caller.startswith("tooti") and caller != module:
+            self.crossings.append((task, caller, module))
+            outer = frame.f_back.f_back if frame.f_back else None
+            while outer is not None:
+                if outer.f_globals.get("__name__", "") == module:
+                    self.callbacks.append((task, caller, module))
+                    break
+                outer = outer.f_back
 
 
 def walk_of(calls: list[tuple[int, str, str]]) -> list[str]:
@@ -113,8 +133,19 @@ async def measure(stream: bool, show: bool) -> None:
         if module in seen:
             reentries[module] += 1
         seen.add(module)
+    tasks = {task for task, _module, name in tracer.calls if name == "_http"}
+    pairs: Counter[tuple[str, str]] = Counter(
+        (a, b) for task, a, b in tracer.crossings if task in tasks)
     print(f"{'streamed' if stream else 'non-streamed'} request: modules {len(seen)}, "
-          f"returns {sum(reentries.values())}, entries {len(sequence)}")
+          f"returns {sum(reentries.values())}, entries {len(sequence)}, "
+          f"cross-module calls {sum(pairs.values())} over {len(pairs)} module pairs")
+    for (a, b), count in pairs.most_common(8):
+        print(f"  {a} -> {b}: {count}")
+    backs: Counter[tuple[str, str]] = Counter(
+        (a, b) for task, a, b in tracer.callbacks if task in tasks)
+    print(f"  calls back into a module still on the stack: {sum(backs.values())}")
+    for (a, b), count in backs.most_common(6):
+        print(f"    {a} -> {b}: {count}")
     for module, count in reentries.most_common():
         print(f"  re-entered {module}: {count}")
     if show:
