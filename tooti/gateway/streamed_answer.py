@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from tooti.billing.base import Outcome
 from tooti.errors import APIError, from_end_info
 from tooti.mesh.http import Headers, Send
+from tooti.protocol.sse import EVENT_END, SSEDecoder
 from tooti.tunnel import OutboundStream, TunnelLost
 
 log = logging.getLogger("tooti.gateway")
@@ -31,36 +32,39 @@ MAX_HELD_BYTES = 65_536
 """Most bytes held before the first token, and after the closing [DONE] line."""
 
 
-def _carries_token(chunk: bytes) -> bool:
-    """True if SSE bytes hold more than a role-only opening delta.
+def _carries_token(events: bytes) -> bool:
+    """True if whole SSE events hold more than a role-only opening delta.
 
     Servers open a chat stream with ``{"delta": {"role": "assistant", "content": ""}}``;
     committing to the client on that would end failover before any real token. A token
     is non-empty ``content`` / ``text``, tool calls, a finish reason, usage, an error or
     ``[DONE]`` (whitespace after the colon allowed).
     """
-    if b"[DONE]" in chunk or b'"error"' in chunk:
+    if b"[DONE]" in events or b'"error"' in events:
         return True
     for field_name, opener in TOKEN_FIELDS:
-        at = chunk.find(field_name)
+        at = events.find(field_name)
         while at >= 0:
             end = at + len(field_name)
-            value = chunk[end : end + 16].lstrip()
+            value = events[end : end + 16].lstrip()
             if value[:1] == opener and (opener != b'"' or value[1:2] != b'"'):
                 return True
-            at = chunk.find(field_name, end)
+            at = events.find(field_name, end)
     return False
 
 
 async def first_token(out: OutboundStream) -> bytes | None:
-    """Hold a stream's opening chunks until one carries a token (or 64 KiB are held);
-    returns them joined, or None if the stream ended with an error (or nothing) first."""
+    """Hold a stream's opening chunks until a whole event among them carries a token (or
+    64 KiB are held); returns the chunks joined as they came, or None if the stream
+    ended with an error (or nothing) first. The events are cut from the chunks by an
+    :class:`SSEDecoder`, so a field or event split across DATA frames is read whole."""
     held: list[bytes] = []
     size = 0
+    decoder = SSEDecoder()
     while (chunk := await out.next_chunk()) is not None:
         held.append(chunk)
         size += len(chunk)
-        if size >= MAX_HELD_BYTES or _carries_token(chunk):
+        if size >= MAX_HELD_BYTES or _carries_token(decoder.feed(chunk)):
             return b"".join(held)
     if "error" in (out.end_info or {}):
         return None  # failed before any token: nothing was committed, so fail over
@@ -68,34 +72,82 @@ async def first_token(out: OutboundStream) -> bytes | None:
 
 
 DONE_MARKS = (b"data: [DONE]", b"data:[DONE]")
-NEWLINES = (b"\n", b"\r")
+"""Lines that end a stream (a prefix: what follows on the line does not matter)."""
 DONE_WORD = b"[DONE]"
 """In every mark of :data:`DONE_MARKS`."""
 
 
-def _done_line(data: bytes, line_start: bool) -> tuple[int, bool]:
-    """Where in ``data`` the bytes that must wait for settle begin, and whether they
-    hold a whole ``[DONE]`` mark: the start of the first line that is a mark, else of
-    an unfinished last line that may yet become one (``len(data)``, False: neither).
-    ``line_start`` says whether ``data`` begins a line."""
-    if DONE_WORD in data:  # once a stream: most chunks are scanned once, here
-        found = len(data)
-        for mark in DONE_MARKS:
-            at = data.find(mark)
-            while 0 <= at < found:
-                if (at == 0 and line_start) or data[at - 1 : at] in NEWLINES:
-                    found = at
-                    break
-                at = data.find(mark, at + 1)
-        if found < len(data):
-            return found, True
-    if data[-1:] in NEWLINES:  # most chunks end their last line: nothing to hold
-        return len(data), False
-    tail = max(data.rfind(b"\n"), data.rfind(b"\r")) + 1
-    if (tail or line_start) and tail < len(data) and any(
-            mark.startswith(data[tail:]) for mark in DONE_MARKS):
-        return tail, False
-    return len(data), False
+def _done_event(events: bytes) -> int:
+    """Where in ``events`` (whole events, ``\n`` line ends, as :meth:`SSEDecoder.feed`
+    returns them) the event holding a :data:`DONE_MARKS` line starts; -1 if none does."""
+    if DONE_WORD not in events:
+        return -1
+    found = -1
+    for mark in DONE_MARKS:
+        at = events.find(mark)
+        while at >= 0 and (found < 0 or at < found):
+            if at == 0 or events[at - 1] == 0x0A:  # a line starts here
+                found = at
+                break
+            at = events.find(mark, at + 1)
+    if found <= 0:
+        return found
+    start = events.rfind(EVENT_END, 0, found)
+    return 0 if start < 0 else start + len(EVENT_END)
+
+
+class DoneHold:
+    """One stream's relay state between the node's chunks and the client: its
+    :class:`SSEDecoder`, the events held from the ``[DONE]`` event on (and their
+    size), and the events counted so far (no I/O: :func:`stream_answer` sends what
+    :meth:`relay` returns)."""
+
+    __slots__ = ("decoder", "delivered", "held", "held_size")
+
+    def __init__(self) -> None:
+        self.decoder = SSEDecoder()
+        self.held: list[bytes] = []
+        self.held_size = 0
+        self.delivered = 0
+        """Whole events the node has sent (``[DONE]`` and held ones included)."""
+
+    def relay(self, chunk: bytes) -> bytes:
+        """Take the node's next chunk; return the whole events to send now (``b""`` for
+        none): all it completes up to the ``[DONE]`` event, or, past ``MAX_HELD_BYTES``
+        held after it, everything held."""
+        complete = self.decoder.feed(chunk)
+        if not complete:
+            return complete
+        self.delivered += complete.count(b"\n\n")  # EVENT_END, as a constant
+        if not self.held and complete.find(b"[DONE]") < 0:  # DONE_WORD: the hot path
+            return complete  # (find is faster than ``in`` for a bytes needle)
+        if self.held:
+            self.held.append(complete)
+            self.held_size += len(complete)
+            if self.held_size <= MAX_HELD_BYTES:
+                return b""
+            out = b"".join(self.held)  # more after [DONE]: stop holding
+            self.held.clear()
+            return out
+        cut = _done_event(complete)
+        if cut < 0:
+            return complete
+        rest = complete[cut:]
+        self.held.append(rest)
+        self.held_size = len(rest)
+        return complete[:cut]
+
+    def finish(self, failed: bool) -> bytes:
+        """The stream ended (``failed``: with an error still to report): the held events
+        then the unfinished last one, closed with its blank line when an error event is
+        to follow it."""
+        tail = self.decoder.flush()
+        if tail and failed:
+            tail += b"\n" if tail[-1] == 0x0A else EVENT_END
+        self.held.append(tail)
+        out = b"".join(self.held)
+        self.held.clear()
+        return out
 
 
 async def stream_answer(
@@ -108,8 +160,9 @@ async def stream_answer(
     The closing ``data: [DONE]`` line (and anything after it, up to ``MAX_HELD_BYTES``)
     is held until END has arrived and ``settle`` has run, and goes out as the last body
     part: a client that saw ``[DONE]`` saw an answer whose usage was already settled.
-    A node may split the mark across DATA frames (the tunnel splits where credit runs
-    out), so an unfinished last line that may yet become it waits for the next chunk.
+    Events go out whole, cut by :class:`DoneHold`'s :class:`SSEDecoder` wherever the
+    node's DATA frames split them (the tunnel splits where credit runs out), with every
+    line end written ``\n``; an unfinished last event goes out after settle.
     """
     await send({
         "type": "http.response.start",
@@ -121,36 +174,14 @@ async def stream_answer(
             *headers,
         ],
     })
-    held: list[bytes] = []
-    """From the [DONE] line on."""
-    held_size = 0
-    tail = b""
-    """An unfinished last line that may yet become a [DONE] line (a few bytes)."""
-    line_start = True
-    """The bytes sent so far end a line."""
+    hold = DoneHold()
 
     async def relay(chunk: bytes) -> None:
-        nonlocal held_size, tail, line_start
-        outcome.delivered_events += chunk.count(b"\n\n")
         outcome.relayed_bytes += len(chunk)
-        if held:
-            held.append(chunk)
-            held_size += len(chunk)
-            if held_size <= MAX_HELD_BYTES:
-                return
-            chunk = b"".join(held)  # more after [DONE]: stop holding
-            held.clear()
-        else:
-            data = tail + chunk if tail else chunk
-            cut, done = _done_line(data, line_start or bool(tail))
-            chunk, rest = data[:cut], data[cut:]
-            tail = b"" if done else rest
-            if done:
-                held.append(rest)
-                held_size = len(rest)
-        if chunk:
-            line_start = chunk[-1:] in NEWLINES
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        body = hold.relay(chunk)
+        outcome.delivered_events = hold.delivered
+        if body:
+            await send({"type": "http.response.body", "body": body, "more_body": True})
 
     await relay(first)
     error: APIError | None = None
@@ -165,9 +196,9 @@ async def stream_answer(
             error = from_end_info(info)
     outcome.status = "ok" if error is None else "failed_midstream"
     await settle()
-    held.insert(0, tail + b"\n\n" if tail and error is not None else tail)
+    last = hold.finish(failed=error is not None)
     if error is not None:
         outcome.error = error.message
         log.warning("request %s: stream failed after first byte: %s", request_id, error.message)
-        held.append(b"data: " + error.to_json() + b"\n\n" + DONE)
-    await send({"type": "http.response.body", "body": b"".join(held), "more_body": False})
+        last += b"data: " + error.to_json() + b"\n\n" + DONE
+    await send({"type": "http.response.body", "body": last, "more_body": False})

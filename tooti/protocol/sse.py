@@ -61,11 +61,15 @@ class SSEDecoder:
     def feed(self, chunk: bytes) -> bytes:
         """Take the stream's next bytes; return the whole events they complete (see the
         module docstring), ``b""`` if none."""
+        # (``0x0D in chunk`` looks for \r by memchr: several times faster than a bytes needle.)
+        if not self._pending and not self._after_cr and chunk.endswith(b"\n\n") \
+                and 0x0D not in chunk:
+            return chunk  # the hot path: whole LF events, as nodes write them
         if self._after_cr and chunk:
             self._after_cr = False
             if chunk[0] == 0x0A:
                 chunk = chunk[1:]
-        if b"\r" in chunk:
+        if 0x0D in chunk:
             # bytes.splitlines cuts at exactly the spec's three line ends, in one pass.
             last = chunk[-1]
             self._after_cr = last == 0x0D
