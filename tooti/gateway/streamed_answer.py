@@ -78,7 +78,7 @@ DONE_WORD = b"[DONE]"
 
 
 def _done_event(events: bytes) -> int:
-    """Where in ``events`` (whole events, ``\n`` line ends, as :meth:`SSEDecoder.feed`
+    """Where in ``events`` (whole events, ``\\n`` line ends, as :meth:`SSEDecoder.feed`
     returns them) the event holding a :data:`DONE_MARKS` line starts; -1 if none does."""
     if DONE_WORD not in events:
         return -1
