@@ -10,7 +10,7 @@ from trio_websocket import WebSocketConnection, open_websocket_url
 from tests.conftest import simulated
 from tests.test_relay import LogEvent
 from tooti import cli
-from tooti.admin import network_report as netview
+from tooti.admin import network_report
 from tooti.gateway.app import Gateway
 from tooti.identity import Identity, b64, proof_message, unb64
 from tooti.node.admin import NodeAdmin
@@ -222,9 +222,9 @@ def test_tooti_peers_output_cannot_drive_the_terminal() -> None:
     view = {"roles": ["gateway"], "peers": [
         {"id": "evil\x1b]0;owned\x07\nforged line", "role": "node", "state": "live",
          "models": ["m\x1b[2J"]}]}
-    text = netview.render(view)
+    text = network_report.render(view)
     assert "\x1b" not in text and "\x07" not in text
-    assert "forged line" in text and text.count("\n") == netview.render(
+    assert "forged line" in text and text.count("\n") == network_report.render(
         {"roles": ["gateway"], "peers": [{"id": "x", "role": "node", "state": "live",
                                           "models": ["m"]}]}).count("\n")
 

@@ -174,7 +174,7 @@ class Gateway:
             raw = await read_body(scope, receive, self.settings.max_body_bytes,
                                   self.settings.body_timeout)
             request = parse_request(endpoint, raw, self.settings.max_json_depth)
-            await self._serve_api(scope, receive, send, request_id, headers, request, raw)
+            await self._forward(scope, receive, send, request_id, headers, request, raw)
         elif path == "/v1/models":
             if method != "GET":
                 raise APIError(405, "use GET on /v1/models", code="method_not_allowed")
@@ -183,7 +183,7 @@ class Gateway:
         else:
             raise APIError(404, f"no route for {method} {path}", code="not_found")
 
-    async def _serve_api(
+    async def _forward(
         self, scope: Scope, receive: Receive, send: Send, request_id: str, headers: Headers,
         request: ParsedRequest, raw: bytes,
     ) -> None:
