@@ -50,7 +50,8 @@ from tooti.gateway.proxy import Proxy
 from tooti.gateway.proxy_settings import ProxySettings
 from tooti.gateway.validation import Preferences, parse_request
 from tooti.mesh.health import ModelHealth
-from tooti.mesh.registry import Peer, Registry
+from tooti.mesh.peer import Peer
+from tooti.mesh.registry import Registry
 from tooti.protocol.connection import Connection, Limits, Side, State
 from tooti.routing.base import RouteRequest, RoutingPolicy
 from tooti.routing.policies import (

@@ -1,6 +1,6 @@
 """The registry's parts that decide who may join: bans and relay strikes
 (:class:`~tooti.mesh.bans.Bans`, on trio's clock) and identity binding
-(:class:`~tooti.mesh.identities.IdentityBindings`)."""
+(:class:`~tooti.mesh.identity_bindings.IdentityBindings`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import trio.testing
 from tooti.identity import Identity
 from tooti.mesh import bans as bans_module
 from tooti.mesh.bans import Bans
-from tooti.mesh.identities import IdentityBindings
+from tooti.mesh.identity_bindings import IdentityBindings
 from tooti.protocol.errors import ProtocolError
 
 

@@ -116,17 +116,17 @@ async def test_when_its_groups_nodes_leave_a_request_does_not_overflow(
 def test_bearer_auth_admits_into_groups() -> None:
     auth = BearerAuth("base", {"a": "ta", "b": "tb"})
     assert auth.open_to_network
-    assert auth.admit(b"Bearer base", "203.0.113.9") == (None, ("", "default"))
-    assert auth.admit(b"Bearer ta", "203.0.113.9") == (None, ("a", "default"))
-    assert auth.admit(b"bearer tb", "127.0.0.1") == (None, ("b", "default"))
-    assert auth.admit(b"Bearer tc", "127.0.0.1") == ("invalid token", ("", ""))
-    assert auth.admit(None, "127.0.0.1") == ("invalid token", ("", ""))
+    assert auth.identify(b"Bearer base", "203.0.113.9") == (None, ("", "default"))
+    assert auth.identify(b"Bearer ta", "203.0.113.9") == (None, ("a", "default"))
+    assert auth.identify(b"bearer tb", "127.0.0.1") == (None, ("b", "default"))
+    assert auth.identify(b"Bearer tc", "127.0.0.1") == ("invalid token", ("", ""))
+    assert auth.identify(None, "127.0.0.1") == ("invalid token", ("", ""))
     only_groups = BearerAuth("", {"a": "ta"})
     assert only_groups.open_to_network and only_groups.check(None, "127.0.0.1") is not None
-    assert only_groups.admit(b"Bearer ta", "198.51.100.1") == (None, ("a", "default"))
+    assert only_groups.identify(b"Bearer ta", "198.51.100.1") == (None, ("a", "default"))
     nothing = BearerAuth("")  # no token at all: loopback only, ungrouped
-    assert nothing.admit(None, "127.0.0.1") == (None, ("", ""))
-    assert nothing.admit(None, "198.51.100.1")[0] is not None
+    assert nothing.identify(None, "127.0.0.1") == (None, ("", ""))
+    assert nothing.identify(None, "198.51.100.1")[0] is not None
 
 
 def test_group_of_a_request_key() -> None:

@@ -23,7 +23,7 @@ from tooti.billing.base import BillingSetup, RequestContext, Usage
 from tooti.cli import main
 from tooti.config import ConfigError
 from tooti.errors import APIError
-from tooti.mesh.registry import Peer
+from tooti.mesh.peer import Peer
 from tooti.routing.base import RouteRequest
 from tooti.runner import check_plugin_names
 from tooti.settings import BackendSettings, BillingSettings, NodeSettings, RoutingSettings, Settings

@@ -750,6 +750,31 @@ async def test_draining_a_relay_process_lets_forwarded_streams_finish(
             lambda: "slow" not in network.gateway.registry.peers)
 
 
+async def test_a_relay_and_node_process_shows_both_roles(
+    network: Network, tmp_path: Any,
+) -> None:
+    """``tooti run --role relay --role node``: the relay's own station lists both roles
+    in the network view, its node is served through it, and ``/v1`` is a gateway's."""
+    settings = Settings(
+        roles=["relay", "node"], data_dir=str(tmp_path), drain_grace=0.5,
+        tunnel=network.tunnel, gateway=GatewaySettings(listen="127.0.0.1:0"),
+        relay=RelaySettings(peers=[network.tunnel_url], reconnect_initial=0.05,
+                            reconnect_max=0.5))
+    process = Process(settings, backends=[simulated()])
+    await network.nursery.start(serve, process)
+    assert process.gateway is None and process.relay is not None and process.node is not None
+    async with httpx.AsyncClient(base_url=process.urls[0]) as http:
+        view = (await http.get("/admin/v1/network")).json()
+        api = await http.post("/v1/chat/completions", json=chat())
+    assert view["roles"] == ["relay", "node"]
+    assert {d["role"] for d in view["dialing"]} == {"relay", "node"}
+    assert (api.status_code, api.json()["error"]["code"]) == (404, "not_a_gateway")
+    await until(network.gateway.registry,
+                lambda: process.node is not None and process.node.id in
+                network.gateway.registry.peers)
+    await process.drain()
+
+
 async def test_a_second_relay_cannot_take_over_a_relayed_node(network: Network) -> None:
     registry = network.gateway.registry
     key = Identity.generate()

@@ -20,7 +20,8 @@ from tooti.gateway.node_picker import NodePicker
 from tooti.gateway.proxy_settings import ProxySettings
 from tooti.gateway.validation import Preferences, parse_request
 from tooti.mesh.health import CooldownPolicy, ModelHealth
-from tooti.mesh.registry import Peer, Registry
+from tooti.mesh.peer import Peer
+from tooti.mesh.registry import Registry
 from tooti.protocol.connection import Connection, Limits, Side, State
 from tooti.routing.base import RouteRequest, RoutingPolicy
 from tooti.routing.policies import (

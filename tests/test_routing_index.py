@@ -25,8 +25,10 @@ from tooti.gateway.node_picker import NodePicker, _sort_key
 from tooti.gateway.proxy import Proxy
 from tooti.gateway.proxy_settings import ProxySettings
 from tooti.gateway.validation import Preferences
+from tooti.mesh.candidates import Candidates
 from tooti.mesh.health import CooldownPolicy, ModelHealth
-from tooti.mesh.registry import Candidates, KnownModels, Peer, Registry
+from tooti.mesh.peer import Peer
+from tooti.mesh.registry import KnownModels, Registry
 from tooti.protocol.connection import Limits
 from tooti.routing.base import RouteRequest, RoutingPolicy
 from tooti.routing.policies import Cheapest, Latency, LeastLoaded, RoundRobin, Weighted

@@ -7,7 +7,6 @@ clock), so the snapshot's request summaries have exactly the gateway's shape.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any
 from unittest import mock
 
@@ -28,7 +27,8 @@ from tooti.tui.columns import (
     request_tok_s,
     tokens,
 )
-from tooti.tui.state import NetworkState, PeerView
+from tooti.tui.state import NetworkState
+from tooti.tui.views import PeerView
 
 T0 = 1_750_000_000.0
 """Fixed gateway time zero of every recording."""
@@ -79,8 +79,7 @@ class Recorder:
 
     def at(self, offset: float, kind: str, **data: Any) -> dict[str, Any]:
         """Publish ``kind`` at ``T0 + offset``; returns the event as streamed."""
-        clock = SimpleNamespace(time=lambda: T0 + offset)
-        with mock.patch.object(gateway_events, "time", clock):
+        with mock.patch.object(gateway_events.clock, "wall", lambda: T0 + offset):
             self.bus.publish(kind, **data)
         if kind in ("peer.joined", "peer.updated"):
             self.peers[data["peer"]["id"]] = data["peer"]

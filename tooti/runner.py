@@ -189,7 +189,7 @@ async def serve(
                 grace=settings.drain_grace, task_status=task_status))
         if relay_key is not None:
             process.relay = RelayRole(
-                settings, relay_id, relay_key, identities=identities,
+                settings, relay_id, relay_key, identities=identities, roles=roles,
                 station=process.gateway.station if process.gateway is not None else None)
             urls = await nursery.start(process.relay.serve)
             process.urls = process.urls or urls

@@ -28,7 +28,7 @@ from tests.hostile.client import (
     start_network,
 )
 from tooti.gateway.app import Gateway
-from tooti.mesh.registry import Peer
+from tooti.mesh.peer import Peer
 from tooti.routing.base import RouteRequest
 from tooti.settings import GatewaySettings, TunnelSettings
 

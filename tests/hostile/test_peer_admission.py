@@ -65,9 +65,9 @@ class WatchedAuth(BearerAuth):
         super().__init__(*args)  # type: ignore[arg-type]
         self.refused = trio.Event()
 
-    def admit(self, authorization: bytes | None, client_host: str | None
+    def identify(self, authorization: bytes | None, client_host: str | None
               ) -> tuple[str | None, Admission]:
-        result = super().admit(authorization, client_host)
+        result = super().identify(authorization, client_host)
         if result[0] is not None:
             self.refused.set()
         return result

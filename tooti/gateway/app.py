@@ -42,7 +42,8 @@ from tooti.mesh.http import (
     send_bytes,
 )
 from tooti.mesh.identity_store import IdentityStore
-from tooti.mesh.registry import KnownModels, Peer
+from tooti.mesh.peer import Peer
+from tooti.mesh.registry import KnownModels
 from tooti.mesh.station import Station
 from tooti.routing.base import RouteRequest, RoutingPolicy
 from tooti.routing.policies import LeastLoaded

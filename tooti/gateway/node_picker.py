@@ -23,8 +23,10 @@ from tooti import clock
 from tooti.errors import APIError
 from tooti.gateway.proxy_settings import ProxySettings
 from tooti.gateway.validation import Preferences
-from tooti.mesh.registry import Candidates, KeyName, Peer, Registry
-from tooti.routing.base import RouteRequest, RoutingPolicy
+from tooti.mesh.candidates import Candidates
+from tooti.mesh.peer import Peer
+from tooti.mesh.registry import Registry
+from tooti.routing.base import KeyName, RouteRequest, RoutingPolicy
 
 SORT_KEYS: dict[str, KeyName] = {
     "price": "price", "latency": "latency", "throughput": "throughput", "load": "load"}

@@ -16,7 +16,8 @@ import trio
 
 from tooti import clock
 from tooti.gateway.proxy_settings import ProxySettings
-from tooti.mesh.registry import Peer, Registry
+from tooti.mesh.peer import Peer
+from tooti.mesh.registry import Registry
 from tooti.protocol.connection import FlowControlError
 from tooti.tunnel import TunnelLost
 

@@ -39,16 +39,12 @@ from tooti.gateway.response_headers import BadHeader, content_type, header_value
 from tooti.gateway.streamed_answer import first_token, stream_answer
 from tooti.gateway.validation import ParsedRequest
 from tooti.mesh.http import Headers, Send
-from tooti.mesh.registry import Peer, Registry
+from tooti.mesh.peer import Peer
+from tooti.mesh.registry import Registry
 from tooti.protocol.connection import FlowControlError, ResponseStarted
 from tooti.protocol.usage import ReportedUsage, UsageViolation, check_usage, limits_for, read_end
 from tooti.routing.base import RouteRequest, RoutingPolicy
 from tooti.tunnel import OutboundStream, TunnelLost
-
-"""``DONE``, ``Outcome``, ``ProxySettings`` and ``check_routable`` are re-exported for
-the gateway's older imports; their homes are :mod:`tooti.gateway.streamed_answer`,
-:mod:`tooti.billing.base`, :mod:`tooti.gateway.proxy_settings` and
-:mod:`tooti.gateway.node_picker`."""
 
 log = logging.getLogger("tooti.gateway")
 _encoder = msgspec.json.Encoder()

@@ -67,9 +67,9 @@ class TunnelAdmission:
         self.closed = False
         """Set when draining: every new tunnel is refused."""
         self._refusal_log = Throttle(60.0)
-        self.warn_if_loopback_only()
 
     def warn_if_loopback_only(self) -> None:
+        """Say so when no join token admits peers from beyond loopback."""
         if not self.auth.open_to_network:
             log.warning("no join token configured: node tunnels are accepted from loopback only")
 
@@ -93,7 +93,7 @@ class TunnelAdmission:
             return 404, "unknown path", UNGROUPED
         if SUBPROTOCOL not in subprotocols:
             return 400, f"subprotocol {SUBPROTOCOL} required", UNGROUPED
-        refusal, group = self.auth.admit(authorization, host)
+        refusal, group = self.auth.identify(authorization, host)
         if refusal is None and self.closed:
             refusal = "gateway is shutting down"
         if refusal is not None:

@@ -22,7 +22,8 @@ from typing import Any
 from tooti.backends.base import ModelInfo
 from tooti.identity import PUBLIC_KEY_BYTES, b64, proof_message, unb64, verify
 from tooti.mesh.events import BusEvent
-from tooti.mesh.registry import Peer, Registry
+from tooti.mesh.peer import Peer
+from tooti.mesh.registry import Registry
 from tooti.protocol import schemas
 from tooti.protocol.connection import ProtocolError, RoutesReceived
 from tooti.protocol.schemas import MAX_HOPS, Proof, RouteEntry

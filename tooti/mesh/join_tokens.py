@@ -51,7 +51,7 @@ class BearerAuth:
     ``join_token`` is one token (named ``default``) or several by name, all valid at
     once (rotation without downtime). ``groups`` (group name → its token or tokens)
     adds tokens per node group: a peer presenting a group's token is admitted into
-    that group (see :meth:`admit`). With any token configured, every peer must
+    that group (see :meth:`identify`). With any token configured, every peer must
     present one.
     """
 
@@ -81,10 +81,10 @@ class BearerAuth:
 
     def check(self, authorization: bytes | None, client_host: str | None) -> str | None:
         """Return None if the peer is admitted, else the reason it is refused."""
-        return self.admit(authorization, client_host)[0]
+        return self.identify(authorization, client_host)[0]
 
-    def admit(self, authorization: bytes | None, client_host: str | None
-              ) -> tuple[str | None, Admission]:
+    def identify(self, authorization: bytes | None, client_host: str | None
+                 ) -> tuple[str | None, Admission]:
         """``(None, admission)`` if the peer is admitted (its group, ``""`` =
         ungrouped, and the name of the token it presented), else ``(reason,
         Admission())``. Every configured token is compared, in constant time."""

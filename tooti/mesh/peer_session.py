@@ -16,7 +16,8 @@ from tooti.backends.base import ModelInfo
 from tooti.identity import CHALLENGE_BYTES, PUBLIC_KEY_BYTES, b64, proof_message, unb64, verify
 from tooti.mesh.advertisements import RelayedNodes
 from tooti.mesh.join_tokens import UNGROUPED, Admission
-from tooti.mesh.registry import Peer, Registry
+from tooti.mesh.peer import Peer
+from tooti.mesh.registry import Registry
 from tooti.protocol import schemas
 from tooti.protocol.connection import (
     Connection,

@@ -11,18 +11,14 @@ import trio
 from tooti import clock
 from tooti.backends.base import ModelInfo
 from tooti.mesh.bans import Bans
-from tooti.mesh.candidates import KEY_NAMES, Candidates, Key, KeyName, SlotWaiter
 from tooti.mesh.events import EventBus
-from tooti.mesh.identities import IdentityBindings
+from tooti.mesh.identity_bindings import IdentityBindings
 from tooti.mesh.identity_store import IdentityStore
 from tooti.mesh.peer import Peer
 from tooti.mesh.routing_index import RoutingIndex
 from tooti.mesh.slot_queue import SlotQueue
 
 log = logging.getLogger("tooti.gateway")
-
-__all__ = ["KEY_NAMES", "Candidates", "Key", "KeyName", "Peer", "Registry", "SlotWaiter"]
-
 
 KNOWN_MODELS_LIMIT = 10_000
 """Model ids a gateway remembers having seen advertised (beyond those served now)."""

@@ -118,6 +118,7 @@ class Station:
         config.websocket_max_message_size = self.tunnel_settings.max_frame_bytes
         config.include_server_header = False
         config.backlog = LISTEN_BACKLOG  # hypercorn's 100 overflows under a burst of clients
+        self.admission.warn_if_loopback_only()
         async with trio.open_nursery() as nursery:
             if self.tls is not None:
                 nursery.start_soon(self.tls.watch)

@@ -13,7 +13,8 @@ from typing import Any
 
 import trio
 
-from tooti.mesh.registry import Peer, Registry
+from tooti.mesh.peer import Peer
+from tooti.mesh.registry import Registry
 from tooti.protocol.connection import (
     DataReceived,
     FlowControlError,

@@ -4,6 +4,8 @@ nodes to gateways and forwards their streams (:class:`~tooti.relay.upstream.Rela
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import trio
 
 from tooti.admin.api import AdminAPI
@@ -27,15 +29,16 @@ class RelayRole:
     """A relay: station + upstream link, built from the settings and the relay's key."""
 
     def __init__(self, settings: Settings, relay_id: str, identity: Identity,
-                 station: Station | None = None, identities: IdentityStore | None = None
-                 ) -> None:
+                 station: Station | None = None, identities: IdentityStore | None = None,
+                 roles: Sequence[str] = ("relay",)) -> None:
         """``station`` is a gateway's in the same process (built with ``relay_id`` as
         its local id); without one the relay builds and serves its own, with the
-        admin API and ``identities`` (node-name bindings; None = memory only)."""
+        admin API, ``identities`` (node-name bindings; None = memory only) and the
+        process's ``roles`` (shown by the admin API)."""
         self.owns_station = station is None
         if station is None:
             station = Station(settings.gateway, settings.tunnel, network=settings.network,
-                              identities=identities, roles=["relay"], local_id=relay_id)
+                              identities=identities, roles=roles, local_id=relay_id)
             station.mount("/v1/", not_a_gateway)
             AdminAPI(station).mount()
         self.station = station

@@ -36,8 +36,9 @@ from tooti.tui.client import (
 from tooti.tui.columns import PEER_COLUMNS, REQUEST_COLUMNS, peer_matches, request_matches
 from tooti.tui.details import peer_detail, request_detail
 from tooti.tui.screens import DetailScreen, HelpScreen
-from tooti.tui.state import NetworkState, PeerView, RequestView
+from tooti.tui.state import NetworkState
 from tooti.tui.table import LiveTable
+from tooti.tui.views import PeerView, RequestView
 
 
 class TootiApp(App[None]):

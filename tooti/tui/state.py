@@ -11,8 +11,7 @@ tracked, so ``now`` can be given in local time even when the gateway's clock is
 elsewhere.
 
 This module holds the peers, the clocks and the totals; the requests and their rates
-are :mod:`tooti.tui.flows`, and the views both build are :mod:`tooti.tui.views`
-(re-exported here).
+are :mod:`tooti.tui.flows`, and the views both build are :mod:`tooti.tui.views`.
 """
 
 from __future__ import annotations
@@ -21,10 +20,7 @@ from collections import OrderedDict
 from typing import Any
 
 from tooti.tui.flows import RequestFlows
-from tooti.tui.views import ACTIVE_PHASES, PeerView, RequestView, Step, Totals
-
-__all__ = ["ACTIVE_PHASES", "GONE_TTL", "MAX_REQUESTS", "RATE_AVERAGE", "RATE_WINDOW",
-           "NetworkState", "PeerView", "RequestView", "Step", "Totals"]
+from tooti.tui.views import PeerView, RequestView, Totals
 
 GONE_TTL = 120.0
 """Seconds a departed peer stays listed (as ``gone``) before it is forgotten."""
