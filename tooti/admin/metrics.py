@@ -10,6 +10,7 @@ from prometheus_client.registry import Collector
 
 from tooti.mesh.events import BusEvent, EventBus
 from tooti.mesh.registry import Registry
+from tooti.numbers import is_number
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 MAX_AMOUNT = 1e18
@@ -97,6 +98,6 @@ class GatewayMetrics:
 
 def _amount(value: object) -> float:
     """``value`` if it is a finite number >= 0, else 0."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if not is_number(value):
         return 0.0
     return float(value) if 0 <= value < MAX_AMOUNT else 0.0  # NaN compares False

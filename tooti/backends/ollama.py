@@ -88,9 +88,9 @@ from tooti.backends.ollama_requests import (
     chat_payload,
     embed_payload,
     generate_payload,
-    is_int,
     stream_flags,
 )
+from tooti.numbers import is_int
 from tooti.settings import BackendSettings
 
 log = logging.getLogger("tooti.backends.ollama")

@@ -23,7 +23,7 @@ from typing import Any
 import msgspec
 
 from tooti.backends.base import BackendError
-from tooti.backends.ollama_requests import is_number
+from tooti.numbers import is_int, is_number
 
 MAX_LINE = 16 * 1024 * 1024
 """Longest NDJSON line accepted from a stream."""
@@ -45,7 +45,7 @@ def _dict(value: Any) -> dict[str, Any]:
 
 def _count(item: dict[str, Any], key: str) -> int:
     value = item.get(key)
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+    return value if is_int(value) else 0
 
 
 def _usage(item: dict[str, Any]) -> dict[str, int]:

@@ -27,18 +27,9 @@ from typing import Any
 import msgspec
 
 from tooti.backends.base import bad_request
+from tooti.numbers import is_int, is_number
 
 _decode = msgspec.json.decode
-
-
-def is_number(value: Any) -> bool:
-    """True for a JSON number (a bool is not one)."""
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def is_int(value: Any) -> bool:
-    """True for a JSON integer (a bool is not one)."""
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,7 @@ from tooti.backends.http_util import (
     stream_error,
     transport_error,
 )
+from tooti.numbers import is_int
 from tooti.settings import BackendSettings
 
 __all__ = ["CLOSE_TIMEOUT", "MAX_ERROR_BODY", "OpenAIBackend", "upstream_error"]
@@ -212,7 +213,7 @@ class OpenAIBackend:
             for entry in entries:
                 meta = entry.get("meta") if isinstance(entry.get("meta"), dict) else {}
                 ctx = entry.get("max_model_len") or meta.get("n_ctx")
-                ctx = ctx if isinstance(ctx, int) and not isinstance(ctx, bool) else None
+                ctx = ctx if is_int(ctx) else None
                 found.extend(self._info(name, ctx) for name in self._public_names(entry["id"]))
         except (msgspec.DecodeError, KeyError, TypeError, AttributeError) as exc:
             raise BackendError(

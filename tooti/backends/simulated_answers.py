@@ -27,6 +27,7 @@ from typing import Any
 import msgspec
 
 from tooti.backends.base import bad_request
+from tooti.numbers import is_int
 
 SYSTEM_FINGERPRINT = "tooti-simulated"
 MAX_N = 128
@@ -45,7 +46,7 @@ def _opt_int(value: Any, name: str) -> int | None:
     """Validate an optional non-negative integer request field."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if not is_int(value) or value < 0:
         raise bad_request(f"'{name}' must be a non-negative integer")
     return value
 
@@ -77,7 +78,7 @@ def _is_token_array(value: Any) -> bool:
     return (
         isinstance(value, list)
         and len(value) > 0
-        and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+        and all(is_int(t) for t in value)
     )
 
 
@@ -197,7 +198,7 @@ def prepare_job(endpoint: str, model: str, request: dict[str, Any], length: int)
     n = request.get("n", 1)
     if n is None:
         n = 1
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
+    if not is_int(n) or not 1 <= n <= MAX_N:
         raise bad_request(f"'n' must be an integer between 1 and {MAX_N}")
     options = request.get("stream_options")
     if options is not None and not isinstance(options, dict):
@@ -337,7 +338,7 @@ def prepare_embeddings(model: str, request: dict[str, Any], default_dim: int) ->
     dim = request.get("dimensions")
     if dim is None:
         dim = default_dim
-    elif isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= MAX_EMBEDDING_DIM:
+    elif not is_int(dim) or not 1 <= dim <= MAX_EMBEDDING_DIM:
         raise bad_request("'dimensions' must be a positive integer")
     fmt = request.get("encoding_format") or "float"
     if fmt not in ("float", "base64"):

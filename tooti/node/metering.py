@@ -27,6 +27,7 @@ from typing import Any
 
 import msgspec
 
+from tooti.numbers import is_int
 from tooti.protocol.sse import EVENT_END, SSEDecoder, split_events
 from tooti.protocol.usage import MAX_TOKENS
 
@@ -178,6 +179,6 @@ def _int(value: Any) -> int:
     within ``0..MAX_TOKENS``."""
     if value is None:
         return 0
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TOKENS:
+    if is_int(value) and 0 <= value <= MAX_TOKENS:
         return value
     raise ValueError(f"usage figure out of bounds: {value!r:.40}")

@@ -38,6 +38,8 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta, Struct
 
+from tooti.numbers import is_int
+
 MAX_TOKENS = 2**31 - 1
 """Largest token count anyone may report (also the node's own bound on its backend)."""
 
@@ -154,7 +156,7 @@ def completion_limit(endpoint: str, body: dict[str, Any]) -> int | None:
 def _counts(body: dict[str, Any], *fields: str) -> list[int]:
     """The non-negative integers among ``body``'s ``fields``."""
     values = (body.get(name) for name in fields)
-    return [v for v in values if isinstance(v, int) and not isinstance(v, bool) and v >= 0]
+    return [v for v in values if is_int(v) and v >= 0]
 
 
 def _prompts(endpoint: str, body: dict[str, Any]) -> int:

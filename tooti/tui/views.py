@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from tooti.numbers import is_number
+
 ACTIVE_PHASES = ("received", "routed", "first_token")
 """Request phases before ``finished``."""
 
@@ -176,13 +178,13 @@ class Totals:
 
 def as_float(value: Any, default: float | None = None) -> float | None:
     """``value`` as a float if it is a number (not a bool), else ``default``."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if not is_number(value):
         return default
     return float(value)
 
 
 def as_int(value: Any) -> int | None:
     """``value`` as an int if it is a number (not a bool), else None."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if not is_number(value):
         return None
     return int(value)
