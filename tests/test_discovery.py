@@ -201,7 +201,10 @@ async def test_a_node_only_process_answers_tooti_peers(nursery: trio.Nursery,
     base = (await nursery.start(admin.serve))[0]
     await registered(gateway, "solo")
     async with httpx.AsyncClient(base_url=base) as http:
-        assert (await http.get("/admin/v1/network")).status_code == 401
+        refused = await http.get("/admin/v1/network")
+        assert refused.status_code == 401  # the same refusal as a gateway's admin API
+        assert refused.json()["error"]["code"] == "invalid_admin_key"
+        assert refused.headers["www-authenticate"] == "Bearer"
         assert (await http.get("/healthz")).json()["sessions"] == 1
     code = await trio.to_thread.run_sync(
         cli.main, ["peers", "--url", base, "--admin-key", "k-admin"])

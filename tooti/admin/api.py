@@ -11,7 +11,7 @@ the network, read by ``tooti peers``), ``/requests`` (recent requests), ``/event
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import parse_qs
 
@@ -19,6 +19,7 @@ from tooti import clock
 from tooti.admin.events import stream_events
 from tooti.admin.metrics import CONTENT_TYPE as METRICS_TYPE
 from tooti.admin.metrics import GatewayMetrics
+from tooti.dialer import Dialer
 from tooti.errors import APIError
 from tooti.identity import derive_id
 from tooti.mesh.http import (
@@ -32,7 +33,10 @@ from tooti.mesh.http import (
     send_json,
 )
 from tooti.mesh.identity_store import IdentityStoreError
+from tooti.mesh.join_tokens import BearerAuth
+from tooti.mesh.peer import Peer
 from tooti.mesh.station import Station
+from tooti.settings import NetworkSettings
 
 log = logging.getLogger("tooti.gateway")
 
@@ -62,6 +66,35 @@ def _store_call(call: Callable[[], T]) -> T:
         raise APIError(500, str(exc), code="identity_store_error") from None
 
 
+def check_admin(auth: BearerAuth, scope: Scope) -> None:
+    """Admin endpoints need the admin key; without one, they answer loopback only."""
+    client = scope.get("client")
+    refusal = auth.check(header(scope, b"authorization"), client[0] if client else None)
+    if refusal is not None:
+        if auth.open_to_network:
+            raise APIError(401, "a valid admin key is required", code="invalid_admin_key",
+                           headers={"www-authenticate": "Bearer"})
+        raise APIError(403, "no admin key is configured: the admin API answers on "
+                       "loopback only", code="admin_loopback_only")
+
+
+def network_view(roles: Sequence[str], network: NetworkSettings, public_peers: list[str],
+                 dialers: Iterable[Dialer], peers: Iterable[Peer]) -> dict[str, Any]:
+    """The ``GET /admin/v1/network`` body (what ``tooti peers`` shows), for any role."""
+    return {
+        "roles": list(roles),
+        "public_url": network.public_url or None,
+        "public_peers": public_peers,
+        "discover": network.discover,
+        "dialing": [{"role": d.role, "id": d.peer_id, "links": d.describe()} for d in dialers],
+        "peers": [{"id": p.id, "role": p.role, "via": p.via or None, "hops": p.hops,
+                   "address": p.address, "group": p.group, "token": p.token or None,
+                   "state": p.state(), "models": sorted(p.models),
+                   "public_url": p.public_url or None}
+                  for p in peers],
+    }
+
+
 class AdminAPI:
     """The admin routes of one station; ``queued`` counts requests waiting for a node
     (a gateway's proxy; nothing on a relay)."""
@@ -77,24 +110,12 @@ class AdminAPI:
         self.station.mount(ADMIN_PREFIX, self.handle)
         self.station.mount(METRICS_PATH, self.handle)
 
-    def check(self, scope: Scope) -> None:
-        """Admin endpoints need the admin key; without one, they answer loopback only."""
-        auth = self.station.admin_auth
-        client = scope.get("client")
-        refusal = auth.check(header(scope, b"authorization"), client[0] if client else None)
-        if refusal is not None:
-            if auth.open_to_network:
-                raise APIError(401, "a valid admin key is required", code="invalid_admin_key",
-                               headers={"www-authenticate": "Bearer"})
-            raise APIError(403, "no admin key is configured: the admin API answers on "
-                           "loopback only", code="admin_loopback_only")
-
     async def handle(self, scope: Scope, receive: Receive, send: Send, request_id: str,
                      headers: Headers) -> None:
         path, method = scope["path"], scope["method"]
         if path != METRICS_PATH and not path.startswith(ADMIN_PREFIX):
             raise APIError(404, f"no route for {method} {path}", code="not_found")
-        self.check(scope)
+        check_admin(self.station.admin_auth, scope)
         if path == IDENTITIES_PATH or path.startswith(IDENTITIES_PATH + "/"):
             await self._identities(scope, send, headers)
             return
@@ -167,16 +188,5 @@ class AdminAPI:
     def network_view(self) -> dict[str, Any]:
         """What this process knows of the network (``GET /admin/v1/network``)."""
         station = self.station
-        return {
-            "roles": station.roles,
-            "public_url": station.network.public_url or None,
-            "public_peers": station.public_peers(),
-            "discover": station.network.discover,
-            "dialing": [{"role": d.role, "id": d.peer_id, "links": d.describe()}
-                        for d in station.dialers],
-            "peers": [{"id": p.id, "role": p.role, "via": p.via or None, "hops": p.hops,
-                       "address": p.address, "group": p.group, "token": p.token or None,
-                       "state": p.state(), "models": sorted(p.models),
-                       "public_url": p.public_url or None}
-                      for p in self.registry.peers.values()],
-        }
+        return network_view(station.roles, station.network, station.public_peers(),
+                            station.dialers, self.registry.peers.values())

@@ -10,18 +10,19 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
+from tooti.admin.api import check_admin, network_view
 from tooti.errors import APIError
 from tooti.mesh.http import (
     Receive,
     Scope,
     Send,
-    header,
     send_error,
     send_json,
     serve_lifespan,
 )
 from tooti.mesh.join_tokens import BearerAuth
 from tooti.node.node import Node
+from tooti.settings import NetworkSettings
 
 log = logging.getLogger("tooti.node")
 
@@ -52,12 +53,9 @@ class NodeAdmin:
     def network_view(self) -> dict[str, Any]:
         """What the node knows of the network, in the gateway's ``/admin/v1/network`` shape."""
         dialer = self.node.dialer
-        return {
-            "roles": ["node"], "public_url": None, "public_peers": [],
-            "discover": dialer.network.discover,
-            "dialing": [{"role": "node", "id": self.node.id, "links": dialer.describe()}],
-            "peers": [],
-        }
+        # A node alone has no public address of its own, nor peers dialled into it.
+        return network_view(["node"], NetworkSettings(discover=dialer.network.discover), [],
+                            [dialer], [])
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The ASGI entry point (HTTP only)."""
@@ -75,12 +73,7 @@ class NodeAdmin:
                     "status": "draining" if self.node.draining else "ok",
                     "sessions": len(self.node.sessions), "models": len(self.node.models)}, [])
             elif path == "/admin/v1/network":
-                client = scope.get("client")
-                refusal = self.auth.check(header(scope, b"authorization"),
-                                          client[0] if client else None)
-                if refusal is not None:
-                    raise APIError(401 if self.auth.open_to_network else 403, refusal,
-                                   code="invalid_admin_key")
+                check_admin(self.auth, scope)
                 await send_json(send, 200, self.network_view(), [])
             else:
                 raise APIError(404, f"no route for {method} {path}", code="not_found")
