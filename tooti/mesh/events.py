@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from typing import Any
 
 import trio
 
+from tooti import clock
 from tooti.mesh.ratelimit import Throttle
 
 log = logging.getLogger("tooti.gateway")
@@ -80,7 +80,7 @@ class EventBus:
 
     def publish(self, kind: str, **data: Any) -> None:
         """Record and fan out one event; never blocks."""
-        event = BusEvent(next(self._seq), kind, time.time(), data)
+        event = BusEvent(next(self._seq), kind, clock.wall(), data)
         self.last_seq = event.seq
         if kind.startswith("request."):
             self._remember(event)

@@ -13,6 +13,7 @@ from typing import Any
 import msgspec
 import trio
 
+from tooti import clock
 from tooti.mesh.advertisements import advertised, can_advertise, routing_state
 from tooti.mesh.events import BusEvent
 from tooti.mesh.registry import Registry
@@ -62,7 +63,7 @@ class Advertiser:
         try:
             await self._send_routes(session, [p.id for p in self.registry.peers.values()],
                                     state)
-            loads_at = trio.current_time() + session.heartbeat_interval
+            loads_at = clock.now() + session.heartbeat_interval
             while not session.closed.is_set():
                 with trio.move_on_at(loads_at if state.loads else math.inf):
                     await wake.wait()
@@ -71,9 +72,9 @@ class Advertiser:
                     await trio.sleep(self.interval)
                     ids, dirty = list(dirty), set()
                     await self._send_routes(session, ids, state)
-                if state.loads and trio.current_time() >= loads_at:
+                if state.loads and clock.now() >= loads_at:
                     await self._send_loads(session, state)
-                    loads_at = trio.current_time() + session.heartbeat_interval
+                    loads_at = clock.now() + session.heartbeat_interval
         finally:
             self.registry.bus.listeners.remove(listener)
 

@@ -29,6 +29,7 @@ from tooti.protocol.connection import (
     StreamOpened,
     WindowUpdated,
 )
+from tooti.protocol.usage import end_error
 from tooti.transport import Transport, TransportClosed
 from tooti.tunnel.codes import CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_PROTOCOL_ERROR, CLOSE_TIMEOUT
 from tooti.tunnel.outbox import current_outbox, flush_queued
@@ -415,8 +416,8 @@ class TunnelSession:
     def _refuse(self, stream: InboundStream, code: str, message: str) -> None:
         """Answer a stream we will not serve with a retryable 503 END."""
         assert self._nursery is not None
-        self._nursery.start_soon(self._end_quiet, stream, {
-            "error": {"code": code, "message": message, "status": 503}, "retryable": True})
+        self._nursery.start_soon(self._end_quiet, stream,
+                                 end_error(503, code, message, retryable=True))
 
     async def _end_quiet(self, stream: InboundStream, info: dict[str, Any]) -> None:
         """END a stream if still open; a lost tunnel is not an error here."""
