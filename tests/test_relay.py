@@ -2,7 +2,7 @@
 
 A real gateway (the ``network`` fixture), relays built the way ``tooti run --role
 relay`` builds one (a :class:`~tooti.relay.role.RelayRole`: its own station on port 0,
-without the API, plus the :class:`~tooti.relay.upstream.Relay` dialling upstream), and
+without the API, plus the :class:`~tooti.relay.upstream.Upstream` dialling upstream), and
 nodes dialling the relays over WebSocket. Raw-protocol tests drive
 :class:`~tooti.protocol.connection.Connection` by hand over a real WebSocket.
 """
@@ -40,7 +40,7 @@ from tooti.protocol.connection import (
 )
 from tooti.relay import forwarding
 from tooti.relay.role import RelayRole
-from tooti.relay.upstream import Relay
+from tooti.relay.upstream import Upstream
 from tooti.runner import Process, serve
 from tooti.settings import (
     BackendSettings,
@@ -73,7 +73,7 @@ def only(*node_ids: str) -> dict[str, Any]:
 class RunningRelay:
     """A relay (listener + upstream dialer) running in the test's nursery."""
 
-    relay: Relay
+    relay: Upstream
     """The relay's upstream side (advertising, forwarding)."""
     listener: Station
     url: str

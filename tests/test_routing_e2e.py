@@ -13,6 +13,7 @@ import trio
 from tests.conftest import Network
 from tests.spy import Spy, read_stream
 from tooti.backends.simulated import SimulatedBackend
+from tooti.mesh.candidates import SlotWaiter
 from tooti.settings import BackendSettings
 
 MODEL = "tooti-sim"
@@ -215,9 +216,9 @@ class Queue:
         registry = network.gateway.registry
         original = registry.wait_for_slot
 
-        async def hooked(model: str) -> None:
+        async def hooked(waiter: SlotWaiter) -> None:
             self.queued.set()
-            await original(model)
+            await original(waiter)
 
         monkeypatch.setattr(registry, "wait_for_slot", hooked)
         self.spy: Spy | None = None

@@ -1,6 +1,6 @@
 """The relay role, composed whole: a station that admits node tunnels (its own, or the
 gateway's when both roles share a process) and the upstream link that advertises those
-nodes to gateways and forwards their streams (:class:`~tooti.relay.upstream.Relay`)."""
+nodes to gateways and forwards their streams (:class:`~tooti.relay.upstream.Upstream`)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from tooti.identity import Identity
 from tooti.mesh.http import Headers, Receive, Scope, Send
 from tooti.mesh.identity_store import IdentityStore
 from tooti.mesh.station import Station
-from tooti.relay.upstream import Relay
+from tooti.relay.upstream import Upstream
 from tooti.settings import Settings
 
 
@@ -42,7 +42,7 @@ class RelayRole:
             station.mount("/v1/", not_a_gateway)
             AdminAPI(station).mount()
         self.station = station
-        self.upstream = Relay(settings.relay, settings.tunnel, station.registry, relay_id,
+        self.upstream = Upstream(settings.relay, settings.tunnel, station.registry, relay_id,
                               identity, network=settings.network)
         station.show_dialer(self.upstream.dialer)
         self.drain_grace = settings.drain_grace

@@ -1,7 +1,7 @@
 """The relay role's upstream link: one outbound link for many nodes.
 
-A relay accepts node tunnels exactly like a gateway (it runs the gateway's
-listener, with its auth, limits and registry, but no ``/v1`` API) and dials
+A relay accepts node tunnels exactly like a gateway (on a station of its own, or the
+gateway's in the same process: :class:`~tooti.relay.role.RelayRole`) and dials
 its upstream peers - gateways or other relays - like a node does. On each
 upstream session it advertises every node it can reach
 (:class:`~tooti.relay.advertiser.Advertiser`) and forwards the streams opened to
@@ -24,7 +24,7 @@ from tooti.settings import NetworkSettings, RelaySettings, TunnelSettings
 from tooti.tunnel import StreamHandler, StreamOpener, TunnelSession
 
 
-class Relay:
+class Upstream:
     """Dials the upstream peers and, on each session, advertises the nodes in
     ``registry`` (:attr:`advertiser`) and forwards streams to them (:attr:`forwarder`)."""
 
