@@ -18,6 +18,5 @@ now = trio.current_time
 read on every request and every frame, and costs no extra call."""
 
 
-def wall() -> float:
-    """Seconds since the epoch, for timestamps."""
-    return time.time()
+wall = time.time
+"""Seconds since the epoch, for timestamps (an alias, like :data:`now`)."""

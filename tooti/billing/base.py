@@ -86,8 +86,7 @@ class Usage(msgspec.Struct, frozen=True):
                 * _bounded(self.price_output, MAX_PRICE)) / 1_000_000
 
 
-@dataclass
-class Outcome:
+class Outcome(msgspec.Struct):
     """What happened to one request, filled in by the gateway's proxy as it goes and
     read by billing at the end (:func:`tooti.billing.pipeline.usage_from` turns it
     into the :class:`Usage` plugins receive)."""
@@ -111,7 +110,7 @@ class Outcome:
     delivered_events: int = 0
     """SSE events relayed to the client (an estimate of tokens when usage is missing)."""
     attempts: int = 0
-    nodes_tried: list[str] = field(default_factory=list)
+    nodes_tried: list[str] = msgspec.field(default_factory=list)
     ttft_ms: float | None = None
     """Time from opening the stream on the serving node to its first token."""
     error: str = ""

@@ -22,8 +22,9 @@ from __future__ import annotations
 import random
 from abc import abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeVar, get_args
+
+import msgspec
 
 KeyName = Literal["least_loaded", "load", "price", "latency", "throughput", "fastest",
                   "ttft", "price_in", "price_out"]
@@ -201,16 +202,15 @@ class CandidateSet(Sequence[N]):
         """The nodes of this set, sorted by id."""
 
 
-@dataclass(frozen=True, slots=True)
-class RouteRequest:
-    """What a policy may look at for one request."""
+class RouteRequest(msgspec.Struct, frozen=True):
+    """What a policy may look at for one request (a frozen struct)."""
 
     request_id: str
     model: str
     endpoint: str
     headers: Mapping[str, str]
     """Request headers, lower-case names (e.g. ``x-tooti-region``)."""
-    body: Mapping[str, Any] = field(default_factory=dict)
+    body: Mapping[str, Any] = msgspec.field(default_factory=dict)
     """The decoded request body (read-only by convention)."""
     key_id: str = "anonymous"
 
