@@ -10,7 +10,7 @@ from prometheus_client.registry import Collector
 
 from tooti.mesh.events import BusEvent, EventBus
 from tooti.mesh.registry import Registry
-from tooti.numbers import is_number
+from tooti.protocol.numbers import is_number
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 MAX_AMOUNT = 1e18

@@ -90,7 +90,7 @@ from tooti.backends.ollama_requests import (
     generate_payload,
     stream_flags,
 )
-from tooti.numbers import is_int
+from tooti.protocol.numbers import is_int
 from tooti.settings import BackendSettings
 
 log = logging.getLogger("tooti.backends.ollama")

@@ -23,7 +23,7 @@ from typing import Any
 import msgspec
 
 from tooti.backends.base import BackendError
-from tooti.numbers import is_int, is_number
+from tooti.protocol.numbers import is_int, is_number
 
 MAX_LINE = 16 * 1024 * 1024
 """Longest NDJSON line accepted from a stream."""

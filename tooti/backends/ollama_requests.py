@@ -27,7 +27,7 @@ from typing import Any
 import msgspec
 
 from tooti.backends.base import bad_request
-from tooti.numbers import is_int, is_number
+from tooti.protocol.numbers import is_int, is_number
 
 _decode = msgspec.json.decode
 

@@ -64,7 +64,7 @@ from tooti.backends.http_util import (
     stream_error,
     transport_error,
 )
-from tooti.numbers import is_int
+from tooti.protocol.numbers import is_int
 from tooti.settings import BackendSettings
 
 __all__ = ["CLOSE_TIMEOUT", "MAX_ERROR_BODY", "OpenAIBackend", "upstream_error"]

@@ -27,7 +27,7 @@ from typing import Any
 import msgspec
 
 from tooti.backends.base import bad_request
-from tooti.numbers import is_int
+from tooti.protocol.numbers import is_int
 
 SYSTEM_FINGERPRINT = "tooti-simulated"
 MAX_N = 128

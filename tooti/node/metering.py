@@ -27,7 +27,7 @@ from typing import Any
 
 import msgspec
 
-from tooti.numbers import is_int
+from tooti.protocol.numbers import is_int
 from tooti.protocol.sse import EVENT_END, SSEDecoder, split_events
 from tooti.protocol.usage import MAX_TOKENS
 

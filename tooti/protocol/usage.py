@@ -38,7 +38,7 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta, Struct
 
-from tooti.numbers import is_int
+from tooti.protocol.numbers import is_int
 
 MAX_TOKENS = 2**31 - 1
 """Largest token count anyone may report (also the node's own bound on its backend)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from tooti.numbers import is_number
+from tooti.protocol.numbers import is_number
 
 ACTIVE_PHASES = ("received", "routed", "first_token")
 """Request phases before ``finished``."""
