@@ -178,7 +178,8 @@ async def serve(
     roles = effective_roles(settings)
     async with trio.open_nursery() as nursery:
         relay_id, relay_key = relay_identity(settings) if "relay" in roles else ("", None)
-        identities = IdentityStore.in_data_dir(settings.data_dir)
+        identities = (IdentityStore.in_data_dir(settings.data_dir)
+                      if "gateway" in roles or "relay" in roles else None)
         if "gateway" in roles:
             policy, billing = build_gateway_plugins(settings)
             station = Station(settings.gateway, settings.tunnel, network=settings.network,
@@ -208,12 +209,11 @@ async def serve(
                 process.node_admin = NodeAdmin(process.node, settings.node.admin_listen,
                                                settings.gateway.admin_key)
                 process.urls = await nursery.start(process.node_admin.serve)
-            local_station = process.station
-            if local_station is not None:
-                station = local_station
-                station.show_dialer(process.node.dialer)
-                nursery.start_soon(_attach_local, station, process.node)
-                registry, local = station.registry, process.node
+            beside = process.station  # a gateway's or relay's in this process
+            if beside is not None:
+                beside.show_dialer(process.node.dialer)
+                nursery.start_soon(_attach_local, beside, process.node)
+                registry, local = beside.registry, process.node
                 await registry.wait_until(
                     lambda: not local.models or bool(registry.peers.get(local.id, None)
                                                      and registry.peers[local.id].models))
