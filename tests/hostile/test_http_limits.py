@@ -160,24 +160,33 @@ async def upgrade(network: Network, source: str = "127.0.0.1"
     return stream, status, rest
 
 
+async def fill_to_refusal(network: Network, allowed: int, reason_start: bytes,
+                          streams: list[trio.SocketStream]) -> None:
+    """``allowed`` upgrades from 127.0.0.1 succeed, the next is refused (429) with a
+    reason starting ``reason_start``, and one from another address still succeeds; every
+    stream opened is added to ``streams`` (the caller closes them)."""
+    for _ in range(allowed):
+        stream, status, _ = await upgrade(network)
+        streams.append(stream)
+        assert status == 101
+    stream, status, reason = await upgrade(network)
+    streams.append(stream)
+    assert status == 429
+    assert reason.startswith(reason_start), reason
+    stream, status, _ = await upgrade(network, OTHER_IP)
+    streams.append(stream)
+    assert status == 101
+
+
 async def test_handshake_flood_from_one_ip_is_limited_and_another_ip_is_not(
         nursery: trio.Nursery) -> None:
     burst = 5
     network = await start_network(nursery, tunnel_handshake_burst=burst,
                           tunnel_handshake_rate=0.001, tunnel_handshakes_per_ip=100)
-    streams = []
+    streams: list[trio.SocketStream] = []
     try:
-        for _ in range(burst):
-            stream, status, _ = await upgrade(network)
-            streams.append(stream)
-            assert status == 101
-        stream, status, reason = await upgrade(network)
-        streams.append(stream)
-        assert status == 429
-        assert reason.startswith(b"too many tunnel handshakes from 127.0.0.1"), reason
-        stream, status, _ = await upgrade(network, OTHER_IP)
-        streams.append(stream)
-        assert status == 101
+        await fill_to_refusal(network, burst, b"too many tunnel handshakes from 127.0.0.1",
+                              streams)
     finally:
         for stream in streams:
             await trio.aclose_forcefully(stream)
@@ -187,21 +196,10 @@ async def test_unfinished_handshakes_per_ip_are_capped_until_one_ends(
         nursery: trio.Nursery) -> None:
     cap = 3
     network = await start_network(nursery, tunnel_handshakes_per_ip=cap)
-    streams = []
-    try:
-        for _ in range(cap):  # upgraded, and then silent: no HELLO
-            stream, status, _ = await upgrade(network)
-            streams.append(stream)
-            assert status == 101
-        stream, status, reason = await upgrade(network)
-        streams.append(stream)
-        assert status == 429
-        assert reason.startswith(b"too many unfinished tunnel handshakes from 127.0.0.1"), \
-            reason
-        stream, status, _ = await upgrade(network, OTHER_IP)
-        streams.append(stream)
-        assert status == 101
-
+    streams: list[trio.SocketStream] = []
+    try:  # upgraded, and then silent: no HELLO
+        await fill_to_refusal(
+            network, cap, b"too many unfinished tunnel handshakes from 127.0.0.1", streams)
         await trio.aclose_forcefully(streams[0])  # one half-open upgrade gives up
         await trio.testing.wait_all_tasks_blocked()
         stream, status, _ = await upgrade(network)
