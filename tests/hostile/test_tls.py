@@ -32,6 +32,7 @@ from hypercorn.config import Config
 
 from tests.conftest import simulated
 from tests.hostile.client import connect as connect_from
+from tests.hostile.signal_loop import signal_loop
 from tests.processes import START_TIMEOUT, spawn, toml_table, toml_value_lines
 from tooti.gateway.app import Gateway
 from tooti.mesh.listener import UpgradeRequest
@@ -481,22 +482,13 @@ async def test_a_sighup_reload_that_fails_unexpectedly_is_logged_and_the_process
     """``tooti run``'s signal loop in this process: a reload that raises something other
     than TLSError (a bug) is logged; the next SIGHUP is handled and SIGTERM still drains
     to exit code 0. It used to end the signal loop, and the process with it."""
-    from tooti import runner
-
-    started: list[Process] = []
     attempts: list[trio.Event] = [trio.Event(), trio.Event()]
-
-    @dataclass
-    class Recorded(Process):
-        def __post_init__(self) -> None:
-            started.append(self)
 
     def broken_reload(self: ServerTLS) -> bool:
         if attempts:
             attempts.pop(0).set()
         raise RuntimeError("unexpected failure in reload")
 
-    monkeypatch.setattr(runner, "Process", Recorded)
     monkeypatch.setattr(ServerTLS, "reload", broken_reload)
     first, second = attempts
     settings = Settings(roles=["gateway"], data_dir=str(tmp_path / "data"), drain_grace=0.0,
@@ -504,30 +496,16 @@ async def test_a_sighup_reload_that_fails_unexpectedly_is_logged_and_the_process
                                                 tls_cert=str(authority.cert_path),
                                                 tls_key=str(authority.key_path),
                                                 tls_reload_interval=3600.0))
-    exit_codes: list[int] = []
-
-    async def run() -> None:
-        exit_codes.append(await runner.main(settings))
-
-    # Should the loop end anyway, a signal must not kill the test run itself.
-    previous = {signum: signal.signal(signum, signal.SIG_IGN)
-                for signum in (signal.SIGHUP, signal.SIGTERM)}
-    try:
-        with trio.fail_after(TIMEOUT):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(run)
-                await trio.testing.wait_all_tasks_blocked()
-                await started[0].ready.wait()
-                os.kill(os.getpid(), signal.SIGHUP)
-                await first.wait()
-                os.kill(os.getpid(), signal.SIGHUP)
-                await second.wait()
-                port = int(started[0].urls[0].rsplit(":", 1)[1])
-                assert await served_serial(port, authority.client_context()) > 0
-                os.kill(os.getpid(), signal.SIGTERM)
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    with trio.fail_after(TIMEOUT):
+        async with signal_loop(monkeypatch, settings) as running:
+            os.kill(os.getpid(), signal.SIGHUP)
+            await first.wait()
+            os.kill(os.getpid(), signal.SIGHUP)
+            await second.wait()
+            port = int(running.process.urls[0].rsplit(":", 1)[1])
+            assert await served_serial(port, authority.client_context()) > 0
+            os.kill(os.getpid(), signal.SIGTERM)
+    exit_codes = running.exit_codes
     assert exit_codes == [0]
     failures = [r for r in caplog.records if "reloading the TLS certificate failed" in
                 r.getMessage()]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -17,12 +16,12 @@ import trio.testing
 
 from tests.conftest import simulated
 from tests.hostile.peers import hostile_peer
+from tests.hostile.signal_loop import signal_loop
 from tests.processes import START_TIMEOUT, spawn, toml_table, toml_value_lines
 from tooti.config import ConfigError
 from tooti.gateway.app import Gateway
 from tooti.node.node import Node
 from tooti.reload import restart_keys
-from tooti.runner import Process
 from tooti.settings import (
     GatewaySettings,
     GroupSettings,
@@ -123,19 +122,9 @@ async def test_reload_tokens_per_group(nursery: trio.Nursery) -> None:
 async def test_sighup_reloads_join_tokens_of_a_relay_without_tls(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
-    """``tooti run``'s signal loop in this process, for a relay (a Gateway without the API)
+    """``tooti run``'s signal loop in this process, for a relay (its own station, no API)
     and no TLS: SIGHUP rebuilds the settings the way they were first built and swaps the
     tokens; a rebuild that fails (a bad file) is one error line, the tokens stay."""
-    from tooti import runner
-
-    started: list[Process] = []
-
-    @dataclass
-    class Recorded(Process):
-        def __post_init__(self) -> None:
-            started.append(self)
-
-    monkeypatch.setattr(runner, "Process", Recorded)
 
     def settings_with(token: str) -> Settings:
         return Settings(roles=["relay"], data_dir=str(tmp_path / "data"), drain_grace=0.0,
@@ -153,40 +142,27 @@ async def test_sighup_reloads_join_tokens_of_a_relay_without_tls(
         raise ConfigError("expected a string, got integer", source="relay.toml", line=3,
                           key="gateway.join_tokens.current")
 
-    exit_codes: list[int] = []
-
-    async def run() -> None:
-        exit_codes.append(await runner.main(loaded[0], reload=rebuild))
-
     first, second = rebuilt
-    previous = {signum: signal.signal(signum, signal.SIG_IGN)
-                for signum in (signal.SIGHUP, signal.SIGTERM)}
     caplog.set_level(logging.INFO, logger="tooti")
-    try:
-        with trio.fail_after(TIMEOUT):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(run)
-                await trio.testing.wait_all_tasks_blocked()
-                await started[0].ready.wait()
-                url = started[0].urls[0]
-                assert await upgrade_status(url, "tok-two") == 403
-                os.kill(os.getpid(), signal.SIGHUP)
-                await first.wait()
-                await trio.testing.wait_all_tasks_blocked()
-                assert await upgrade_status(url, "tok-one") == 403
-                async with hostile_peer(url.replace("http://", "ws://") + TUNNEL_PATH,
-                                        token="tok-two", role="node"):
-                    pass
-                os.kill(os.getpid(), signal.SIGHUP)
-                await second.wait()
-                await trio.testing.wait_all_tasks_blocked()
-                async with hostile_peer(url.replace("http://", "ws://") + TUNNEL_PATH,
-                                        token="tok-two"):
-                    pass
-                os.kill(os.getpid(), signal.SIGTERM)
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    with trio.fail_after(TIMEOUT):
+        async with signal_loop(monkeypatch, loaded[0], rebuild) as running:
+            url = running.process.urls[0]
+            assert await upgrade_status(url, "tok-two") == 403
+            os.kill(os.getpid(), signal.SIGHUP)
+            await first.wait()
+            await trio.testing.wait_all_tasks_blocked()
+            assert await upgrade_status(url, "tok-one") == 403
+            async with hostile_peer(url.replace("http://", "ws://") + TUNNEL_PATH,
+                                    token="tok-two", role="node"):
+                pass
+            os.kill(os.getpid(), signal.SIGHUP)
+            await second.wait()
+            await trio.testing.wait_all_tasks_blocked()
+            async with hostile_peer(url.replace("http://", "ws://") + TUNNEL_PATH,
+                                    token="tok-two"):
+                pass
+            os.kill(os.getpid(), signal.SIGTERM)
+    exit_codes = running.exit_codes
     assert exit_codes == [0]
     lines = [r.getMessage() for r in caplog.records]
     replaced = [line for line in lines if "join tokens reloaded" in line]
