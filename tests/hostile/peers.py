@@ -108,6 +108,24 @@ class HostilePeer:
                 if isinstance(event, GoAwayReceived):
                     return event
 
+    async def flood_until_goaway(self, ftype: FrameType, payload: Any
+                                 ) -> GoAwayReceived | None:
+        """Send ``ftype`` frames of ``payload`` as fast as the socket takes them until the
+        gateway's GOAWAY (returned) or the tunnel's close (None); the caller bounds it."""
+
+        async def flood() -> None:
+            try:
+                while True:
+                    await self.send_json(ftype, payload)
+            except TransportClosed:
+                return
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(flood)
+            goaway = await self.goaway()
+            nursery.cancel_scope.cancel()
+        return goaway
+
     async def drain(self) -> None:
         """Read and drop whatever arrives (heartbeats, OPENs...) until the close."""
         try:
