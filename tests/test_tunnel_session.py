@@ -613,7 +613,8 @@ async def test_flush_returns_once_written_while_the_writer_takes_new_batches(
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(flush)
-            await trio.sleep(0.1)
+            await trio.testing.wait_all_tasks_blocked()  # the flush is waiting
+            assert not flushed  # nor has it timed out
             opened = trio.current_time()
             pair.d_wire.gate.set()
         assert flushed and flushed[0] - opened < FLUSH_TIMEOUT / 10
