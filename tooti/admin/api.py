@@ -36,7 +36,6 @@ from tooti.mesh.identity_store import IdentityStoreError
 from tooti.mesh.join_tokens import BearerAuth
 from tooti.mesh.peer import Peer
 from tooti.mesh.station import Station
-from tooti.settings import NetworkSettings
 
 log = logging.getLogger("tooti.gateway")
 
@@ -78,14 +77,15 @@ def check_admin(auth: BearerAuth, scope: Scope) -> None:
                        "loopback only", code="admin_loopback_only")
 
 
-def network_view(roles: Sequence[str], network: NetworkSettings, public_peers: list[str],
-                 dialers: Iterable[Dialer], peers: Iterable[Peer]) -> dict[str, Any]:
+def network_view(roles: Sequence[str], dialers: Iterable[Dialer], *, discover: bool,
+                 public_url: str = "", public_peers: Sequence[str] = (),
+                 peers: Iterable[Peer] = ()) -> dict[str, Any]:
     """The ``GET /admin/v1/network`` body (what ``tooti peers`` shows), for any role."""
     return {
         "roles": list(roles),
-        "public_url": network.public_url or None,
-        "public_peers": public_peers,
-        "discover": network.discover,
+        "public_url": public_url or None,
+        "public_peers": list(public_peers),
+        "discover": discover,
         "dialing": [{"role": d.role, "id": d.peer_id, "links": d.describe()} for d in dialers],
         "peers": [{"id": p.id, "role": p.role, "via": p.via or None, "hops": p.hops,
                    "address": p.address, "group": p.group, "token": p.token or None,
@@ -188,5 +188,8 @@ class AdminAPI:
     def network_view(self) -> dict[str, Any]:
         """What this process knows of the network (``GET /admin/v1/network``)."""
         station = self.station
-        return network_view(station.roles, station.network, station.public_peers(),
-                            station.dialers, self.registry.peers.values())
+        return network_view(station.roles, station.dialers,
+                            discover=station.network.discover,
+                            public_url=station.network.public_url,
+                            public_peers=station.public_peers(),
+                            peers=self.registry.peers.values())

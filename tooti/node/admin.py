@@ -22,7 +22,6 @@ from tooti.mesh.http import (
 )
 from tooti.mesh.join_tokens import BearerAuth
 from tooti.node.node import Node
-from tooti.settings import NetworkSettings
 
 log = logging.getLogger("tooti.node")
 
@@ -54,8 +53,7 @@ class NodeAdmin:
         """What the node knows of the network, in the gateway's ``/admin/v1/network`` shape."""
         dialer = self.node.dialer
         # A node alone has no public address of its own, nor peers dialled into it.
-        return network_view(["node"], NetworkSettings(discover=dialer.network.discover), [],
-                            [dialer], [])
+        return network_view(["node"], [dialer], discover=dialer.network.discover)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The ASGI entry point (HTTP only)."""
