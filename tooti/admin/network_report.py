@@ -4,10 +4,11 @@ admin API (``GET /admin/v1/network``), as text or JSON."""
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 import httpx
+
+from tooti import clock
 
 NETWORK_PATH = "/admin/v1/network"
 
@@ -54,7 +55,7 @@ def render(view: dict[str, Any], now: float | None = None) -> str:
 
 
 def _lines(view: dict[str, Any], now: float | None) -> list[str]:
-    now = time.time() if now is None else now
+    now = clock.wall() if now is None else now
     lines = [f"roles: {', '.join(view.get('roles') or []) or '-'}",
              f"public url: {view.get('public_url') or '-'}",
              f"discovery: {'on' if view.get('discover') else 'off'}"]

@@ -44,7 +44,6 @@ with Ollama's status and ``{"error": ...}`` message (404 → ``model_not_found``
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 from typing import Any
@@ -53,6 +52,7 @@ import httpx
 import msgspec
 import trio
 
+from tooti import clock
 from tooti.backends.base import (
     BackendError,
     BackendResponse,
@@ -372,7 +372,7 @@ class OllamaBackend:
         try:
             if response.status_code >= 400:
                 raise ollama_error(response.status_code, await read_bounded(response))
-            base = answer_base(endpoint, model, int(time.time()))
+            base = answer_base(endpoint, model, int(clock.wall()))
             if stream:
                 # The first line comes with Ollama's head; an error there is
                 # still reported before ours, so the gateway may retry.

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 
 import trio
 
+from tooti import clock
 from tooti.billing.base import Billing, BillingSetup, RequestContext, Usage
 from tooti.hookspecs import hookimpl
 
@@ -161,7 +161,7 @@ class UsageLedger:
             with self._db:
                 self._db.execute("BEGIN")
                 self._db.execute("INSERT INTO usage_quarantine VALUES (?,?,?,?)",
-                                 (str(row[0]), time.time(), reason, record))
+                                 (str(row[0]), clock.wall(), reason, record))
             return
         except Exception as exc:
             log.error("usage ledger: quarantine table refused %s (%s)", row[0], exc)
@@ -199,7 +199,7 @@ class UsageLedger:
         committed = trio.Event()
         self._queued += 1
         await self._send.send(((
-            ctx.request_id, time.time(), ctx.key_id, usage.model, usage.node_id, ctx.endpoint,
+            ctx.request_id, clock.wall(), ctx.key_id, usage.model, usage.node_id, ctx.endpoint,
             int(ctx.stream), usage.prompt_tokens, usage.completion_tokens, int(usage.estimated),
             usage.price_input, usage.price_output, usage.cost, usage.status, usage.latency_ms,
         ), committed))
@@ -209,7 +209,7 @@ class UsageLedger:
         """Queue a record of a request no node served (zero tokens, status ``failed``)."""
         self._queued += 1
         await self._send.send(((
-            ctx.request_id, time.time(), ctx.key_id, ctx.model, "", ctx.endpoint,
+            ctx.request_id, clock.wall(), ctx.key_id, ctx.model, "", ctx.endpoint,
             int(ctx.stream), 0, 0, 0, 0.0, 0.0, 0.0, "failed", 0.0,
         ), None))
 

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from tooti import clock
 
 FILENAME = "identities.sqlite3"
 SCHEMA_VERSION = 1
@@ -77,13 +78,13 @@ class IdentityStore:
                 versions = [row[0] for row in db.execute("SELECT version FROM schema_version")]
                 if not versions:
                     db.execute("INSERT INTO schema_version VALUES (?, ?)",
-                               (SCHEMA_VERSION, time.time()))
+                               (SCHEMA_VERSION, clock.wall()))
                 elif versions != [SCHEMA_VERSION]:
                     raise IdentityStoreError(
                         f"identity store {self.path}: schema version {versions} is not "
                         f"{SCHEMA_VERSION} (written by another tooti version?)")
                 else:  # a write, so an unwritable file fails here and not in a handshake
-                    db.execute("UPDATE schema_version SET opened_at = ?", (time.time(),))
+                    db.execute("UPDATE schema_version SET opened_at = ?", (clock.wall(),))
                 check = db.execute("PRAGMA quick_check").fetchone()
                 if check is None or check[0] != "ok":
                     raise IdentityStoreError(
@@ -131,7 +132,7 @@ class IdentityStore:
             db.execute("BEGIN IMMEDIATE")
             try:
                 db.execute("INSERT OR IGNORE INTO identities VALUES (?, ?, ?)",
-                           (name, public_key, time.time()))
+                           (name, public_key, clock.wall()))
                 row = db.execute("SELECT public_key FROM identities WHERE name = ?",
                                  (name,)).fetchone()
                 db.execute("COMMIT")
