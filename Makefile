@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 LISTEN ?= 127.0.0.1:8080
 PLUGINS := $(wildcard plugins/*/pyproject.toml)
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench clean postgres
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,10 @@ $(VENV)/.installed-test: pyproject.toml $(PLUGINS) | $(BIN)/python
 run: $(VENV)/.installed-run
 	$(BIN)/tooti run --listen $(LISTEN)
 
-test: $(VENV)/.installed-test
+postgres:
+	bash scripts/install-postgres.sh
+
+test: $(VENV)/.installed-test postgres
 	$(BIN)/python -m pytest -q
 	$(BIN)/ruff check tooti tests bench
 	$(BIN)/mypy

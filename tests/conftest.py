@@ -92,3 +92,37 @@ async def network(nursery: trio.Nursery) -> AsyncIterator[Network]:
     urls = await nursery.start(gateway.serve)
     yield Network(nursery, gateway, urls[0], tunnel)
     gateway.shutdown()
+
+
+# ------------------------------------------------------------ databases
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Any:
+    """One throwaway PostgreSQL cluster for the session (started on first use)."""
+    import os
+
+    from tests.postgres import ExternalCluster, cluster
+    url = os.environ.get("TOOTI_TEST_POSTGRES")
+    if url:
+        yield ExternalCluster(url)
+        return
+    with cluster() as running:
+        yield running
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
+    """A fresh empty database of each kind: an SQLite file in the test's temporary
+    directory, and a new database on the session's PostgreSQL cluster."""
+    if request.param == "sqlite":
+        return str(tmp_path / "tooti.sqlite3")
+    return str(request.getfixturevalue("postgres_cluster").fresh_database())
+
+
+@pytest.fixture
+def database(database_url: str) -> Any:
+    """An open :class:`tooti.accounts.database.Database` on :func:`database_url`."""
+    from tooti.accounts.database import Database
+    db = Database(database_url)
+    yield db
+    db.close()

@@ -1,0 +1,234 @@
+"""One database API over SQLite (the default, a file in the data dir) and PostgreSQL
+(``postgresql://…``, shared by any number of gateways).
+
+Every statement is written once, with ``?`` placeholders; for PostgreSQL they become
+``%s`` (so no statement may contain a literal ``?`` or ``%``). Both drivers are
+blocking, so trio code calls :meth:`Database.read` / :meth:`Database.write` with a
+function of a :class:`Tx`, which runs in a worker thread inside one transaction (never
+abandoned on cancellation: a transaction started is finished, committed or rolled
+back). The schema is :mod:`tooti.accounts.schema`, migrated at open.
+
+SQLite: one connection in WAL mode (``synchronous=NORMAL``) guarded by a lock, writes
+in ``BEGIN IMMEDIATE`` transactions. PostgreSQL: a psycopg 3 connection pool, READ
+COMMITTED; statements that must be atomic across gateways are single conditional
+``UPDATE``s or ``INSERT … ON CONFLICT DO NOTHING`` (see :mod:`tooti.accounts.journal`).
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import trio
+
+from tooti import clock
+from tooti.accounts.schema import MIGRATIONS
+
+log = logging.getLogger("tooti.accounts")
+
+T = TypeVar("T")
+Row = tuple[Any, ...]
+Dialect = Literal["sqlite", "postgresql"]
+SQLITE_FILENAME = "tooti.sqlite3"
+"""The default database, in the data dir."""
+POOL_SIZE = 8
+MIGRATION_LOCK = 7_370_001
+"""The PostgreSQL advisory lock taken while migrating (gateways starting together)."""
+
+
+class DatabaseError(Exception):
+    """The database could not be opened or used (the message says which and why)."""
+
+
+class Tx:
+    """One transaction's statements (``?`` placeholders, whichever the dialect)."""
+
+    def __init__(self, cursor: Any, dialect: Dialect) -> None:
+        self._cursor = cursor
+        self.dialect = dialect
+
+    def _sql(self, sql: str) -> str:
+        return sql.replace("?", "%s") if self.dialect == "postgresql" else sql
+
+    def run(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """Execute one statement; the number of rows it changed."""
+        self._cursor.execute(self._sql(sql), tuple(params))
+        return int(self._cursor.rowcount)
+
+    def many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        """Execute one statement for each of ``rows``."""
+        if rows:
+            self._cursor.executemany(self._sql(sql), [tuple(r) for r in rows])
+
+    def one(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
+        """The first row of a query (None if it has none)."""
+        self._cursor.execute(self._sql(sql), tuple(params))
+        row = self._cursor.fetchone()
+        return tuple(row) if row is not None else None
+
+    def all(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        """Every row of a query."""
+        self._cursor.execute(self._sql(sql), tuple(params))
+        return [tuple(row) for row in self._cursor.fetchall()]
+
+    def value(self, sql: str, params: Sequence[Any] = (), default: Any = None) -> Any:
+        """The first column of the first row (``default`` if there is no row or it is NULL)."""
+        row = self.one(sql, params)
+        return default if row is None or row[0] is None else row[0]
+
+
+class Database:
+    """An open database: SQLite or PostgreSQL (see the module docstring)."""
+
+    dialect: Dialect
+
+    def __init__(self, url: str, *, data_dir: Path | None = None,
+                 pool_size: int = POOL_SIZE) -> None:
+        """``url``: ``postgresql://…`` (or ``postgres://…``), ``sqlite:///path``, a
+        plain path, or ``""`` for ``<data_dir>/tooti.sqlite3``."""
+        self.url = url
+        self._lock = threading.Lock()
+        self._sqlite: sqlite3.Connection | None = None
+        self._pool: Any = None
+        if url.startswith(("postgresql://", "postgres://")):
+            self.dialect = "postgresql"
+            self.where = redact(url)
+            self._open_postgres(url, pool_size)
+        else:
+            self.dialect = "sqlite"
+            path = Path(url.removeprefix("sqlite://")) if url else None
+            if path is None:
+                if data_dir is None:
+                    raise DatabaseError("no database: give a URL or a data dir")
+                path = data_dir / SQLITE_FILENAME
+            self.path = path.expanduser()
+            self.where = str(self.path)
+            self._open_sqlite(self.path)
+        self.migrate()
+
+    # ------------------------------------------------------------ opening
+
+    def _open_sqlite(self, path: Path) -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
+                                 timeout=30.0)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA foreign_keys=ON")
+        except (OSError, sqlite3.Error) as exc:
+            raise DatabaseError(f"cannot open the database {path}: {exc}") from None
+        self._sqlite = db
+
+    def _open_postgres(self, url: str, pool_size: int) -> None:
+        try:
+            import psycopg
+            from psycopg_pool import ConnectionPool
+        except ImportError as exc:  # pragma: no cover - a declared dependency
+            raise DatabaseError(f"PostgreSQL needs psycopg 3 and psycopg-pool ({exc})") from None
+        self._pg_errors = psycopg.Error
+        try:
+            self._pool = ConnectionPool(url, min_size=1, max_size=pool_size, open=True,
+                                        timeout=10.0, name="tooti")
+            self._pool.wait(timeout=10.0)
+        except Exception as exc:
+            if self._pool is not None:
+                self._pool.close()
+            raise DatabaseError(f"cannot connect to the database {self.where}: {exc}") from None
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest version (each migration once, in order, under
+        a lock so gateways starting together apply it once)."""
+
+        def apply(tx: Tx) -> None:
+            if tx.dialect == "postgresql":
+                tx.run("SELECT pg_advisory_xact_lock(?)", (MIGRATION_LOCK,))
+            tx.run("CREATE TABLE IF NOT EXISTS schema_migrations ("
+                   "version INTEGER PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL)")
+            done = {row[0] for row in tx.all("SELECT version FROM schema_migrations")}
+            for version, statements in MIGRATIONS:
+                if version in done:
+                    continue
+                for statement in statements:
+                    tx.run(statement)
+                tx.run("INSERT INTO schema_migrations VALUES (?, ?)",
+                       (version, clock.wall()))
+                log.info("database %s: applied migration %d", self.where, version)
+
+        self.write_sync(apply)
+
+    @property
+    def version(self) -> int:
+        """The newest migration applied."""
+        return int(self.read_sync(lambda tx: tx.value(
+            "SELECT MAX(version) FROM schema_migrations", default=0)))
+
+    # ------------------------------------------------------------ transactions
+
+    @contextmanager
+    def _transaction(self, write: bool) -> Iterator[Tx]:
+        if self.dialect == "sqlite":
+            assert self._sqlite is not None
+            with self._lock:
+                cursor = self._sqlite.cursor()
+                cursor.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                try:
+                    yield Tx(cursor, "sqlite")
+                except BaseException:
+                    cursor.execute("ROLLBACK")
+                    raise
+                cursor.execute("COMMIT")
+        else:
+            with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cursor:
+                yield Tx(cursor, "postgresql")
+
+    def write_sync(self, fn: Callable[[Tx], T]) -> T:
+        """Run ``fn`` in one write transaction, in this thread."""
+        with self._transaction(True) as tx:
+            return fn(tx)
+
+    def read_sync(self, fn: Callable[[Tx], T]) -> T:
+        """Run ``fn`` in one read transaction, in this thread."""
+        with self._transaction(False) as tx:
+            return fn(tx)
+
+    async def write(self, fn: Callable[[Tx], T]) -> T:
+        """Run ``fn`` in one write transaction in a worker thread (see the module
+        docstring); its exception is raised here."""
+        return await trio.to_thread.run_sync(self.write_sync, fn)
+
+    async def read(self, fn: Callable[[Tx], T]) -> T:
+        """Run ``fn`` in one read transaction in a worker thread."""
+        return await trio.to_thread.run_sync(self.read_sync, fn)
+
+    def is_unique_violation(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is a broken unique or primary-key constraint."""
+        if isinstance(exc, sqlite3.IntegrityError):
+            return "UNIQUE" in str(exc) or "PRIMARY KEY" in str(exc)
+        return type(exc).__name__ == "UniqueViolation"
+
+    def close(self) -> None:
+        """Close the connection (or the pool)."""
+        if self._sqlite is not None:
+            with self._lock:
+                self._sqlite.close()
+            self._sqlite = None
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+
+def redact(url: str) -> str:
+    """A database URL with its password replaced by ``***`` (for logs and errors)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    userinfo, _, host = rest.rpartition("@")
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in userinfo else url
+

@@ -1,0 +1,99 @@
+"""The double-entry journal: every movement of money is one entry whose lines sum to
+zero, posted once per idempotency key.
+
+Money is integer micro-units (:mod:`tooti.accounts.money`). Books are named strings:
+
+* ``account:<id>``: an account's spendable balance (never below zero);
+* ``lease:<id>``: credit a gateway took from an account to reserve requests from;
+* ``earnings:<id>``: what an operator account earned from its nodes and is owed;
+* ``fees``: the gateway's fee on what nodes earned;
+* ``issued``: the source of every credit (admin top-ups, redeemed credit codes): its
+  balance is minus all credit ever issued;
+* ``payouts``: earnings paid out to operators.
+
+:func:`post` is the only writer of ``journal``, ``journal_lines`` and ``books``.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping, Sequence
+
+from tooti import clock
+from tooti.accounts.database import Tx
+
+ISSUED = "issued"
+FEES = "fees"
+PAYOUTS = "payouts"
+
+
+def account_book(account_id: str) -> str:
+    return f"account:{account_id}"
+
+
+def lease_book(lease_id: str) -> str:
+    return f"lease:{lease_id}"
+
+
+def earnings_book(account_id: str) -> str:
+    return f"earnings:{account_id}"
+
+
+class InsufficientFunds(Exception):
+    """A debit would take a book below its floor; nothing was posted."""
+
+    def __init__(self, book: str, balance: int, needed: int) -> None:
+        super().__init__(f"{book} holds {balance}, {needed} needed")
+        self.book = book
+        self.balance = balance
+        self.needed = needed
+
+
+def post(tx: Tx, idem_key: str, kind: str, lines: Sequence[tuple[str, int]], *,
+         request_id: str = "", memo: str = "",
+         floors: Mapping[str, int] | None = None) -> bool:
+    """Post one balanced entry in ``tx``; False (and nothing written) if an entry with
+    ``idem_key`` exists already.
+
+    ``lines`` are ``(book, amount)`` pairs (credit positive, debit negative) that must
+    sum to zero, amounts integers. A book in ``floors`` may not end below its floor:
+    then :class:`InsufficientFunds` is raised and the caller's transaction must roll
+    back (raising out of :meth:`Database.write` does). Books are updated in name order
+    so concurrent entries never deadlock."""
+    if any(type(amount) is not int for _, amount in lines):
+        raise TypeError("journal amounts are integers (micro-units)")
+    if sum(amount for _, amount in lines) != 0:
+        raise ValueError(f"unbalanced journal entry {idem_key}: {list(lines)}")
+    entry = "je_" + secrets.token_hex(12)
+    if tx.run("INSERT INTO journal (id, idem_key, kind, request_id, memo, at) "
+              "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (idem_key) DO NOTHING",
+              (entry, idem_key, kind, request_id, memo, clock.wall())) == 0:
+        return False
+    merged: dict[str, int] = {}
+    for book, amount in lines:
+        merged[book] = merged.get(book, 0) + amount
+    for book in sorted(merged):
+        amount = merged[book]
+        floor = (floors or {}).get(book)
+        if floor is not None and amount < 0:
+            if tx.run("UPDATE books SET balance = balance + ? WHERE book = ? "
+                      "AND balance + ? >= ?", (amount, book, amount, floor)) == 0:
+                have = int(tx.value("SELECT balance FROM books WHERE book = ?", (book,),
+                                    default=0))
+                raise InsufficientFunds(book, have, -amount)
+        else:
+            tx.run("INSERT INTO books (book, balance) VALUES (?, ?) ON CONFLICT (book) "
+                   "DO UPDATE SET balance = books.balance + excluded.balance", (book, amount))
+    tx.many("INSERT INTO journal_lines (entry_id, book, amount) VALUES (?, ?, ?)",
+            [(entry, book, amount) for book, amount in lines if amount != 0])
+    return True
+
+
+def balance(tx: Tx, book: str) -> int:
+    """A book's balance (0 for a book never posted to)."""
+    return int(tx.value("SELECT balance FROM books WHERE book = ?", (book,), default=0))
+
+
+def posted(tx: Tx, idem_key: str) -> bool:
+    """Whether an entry with ``idem_key`` exists."""
+    return tx.one("SELECT 1 FROM journal WHERE idem_key = ?", (idem_key,)) is not None
