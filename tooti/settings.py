@@ -10,7 +10,7 @@ Durations are seconds, sizes are bytes.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta
@@ -108,7 +108,20 @@ class GatewaySettings(_Table):
     """More join tokens by name, all valid at once (rotate by adding the new one,
     moving nodes over, then removing the old one)."""
     admin_key: str = ""
-    """Key for /admin/v1; empty = admin API on loopback only."""
+    """Key for /admin/v1; empty = admin API on loopback only. It is also the master
+    credential: as a bearer key on ``/v1`` it acts as the ``admin`` account."""
+    auth: Literal["", "keys", "open"] = ""
+    """``keys``: every ``/v1`` request needs a valid API key (see docs/accounts.md);
+    ``open``: any caller is served (as nobody: nothing is charged). Empty (the default):
+    ``open`` while the gateway listens on loopback only, else the gateway refuses to start
+    until you choose (``open`` beyond loopback is allowed, with a warning at start)."""
+    database: str = ""
+    """Where accounts, keys, groups, credits and the usage ledger live: empty = SQLite at
+    ``<data_dir>/tooti.sqlite3``; ``postgresql://user:pass@host/db`` = PostgreSQL, which
+    any number of gateways can share."""
+    gateway_id: str = ""
+    """This gateway's name among gateways sharing a database (its credit leases carry
+    it, and a restart reconciles its own); empty = ``<hostname>:<port>``."""
     max_body_bytes: PositiveInt = 4_194_304
     """Largest request body accepted (413 above)."""
     max_json_depth: PositiveInt = 128

@@ -46,6 +46,7 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             name TEXT NOT NULL DEFAULT '',
             prefix TEXT NOT NULL,
             hash TEXT NOT NULL UNIQUE,
+            group_id TEXT NOT NULL DEFAULT '',
             models TEXT NOT NULL DEFAULT '',
             rpm BIGINT,
             tpm BIGINT,

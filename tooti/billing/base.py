@@ -32,6 +32,7 @@ from typing import Any, Protocol
 
 import msgspec
 
+from tooti.accounts.database import Database
 from tooti.protocol.schemas import MAX_PRICE
 from tooti.protocol.usage import MAX_TOKENS, ReportedUsage, UsageLimits
 
@@ -42,6 +43,11 @@ class BillingSetup:
 
     data_dir: Path
     options: dict[str, Any] = field(default_factory=dict)
+    database: Database | None = None
+    """The gateway's accounts database (None: a plugin that needs one opens
+    ``<data_dir>/tooti.sqlite3``); shared by the built-in plugins, closed by the gateway."""
+    gateway_id: str = ""
+    """This gateway's name among those sharing the database."""
 
 
 class RequestContext(msgspec.Struct, frozen=True):
@@ -54,6 +60,15 @@ class RequestContext(msgspec.Struct, frozen=True):
     stream: bool
     started: float = msgspec.field(default_factory=time.time)
     """Wall-clock time the request arrived (seconds since the epoch)."""
+    account_id: str = ""
+    """The account the request's API key belongs to (``""``: an open gateway's
+    anonymous caller, charged nothing)."""
+    group: str = ""
+    """The node group the request may use (``""`` = public nodes)."""
+    max_cost: int = 0
+    """The most the request can cost, in micro-units: its prompt bound plus its
+    completion bound at the highest price among the nodes that may serve it. Billing
+    reserves this before any node is used."""
 
 
 class Usage(msgspec.Struct, frozen=True):
