@@ -98,8 +98,10 @@ class Station:
         """Set by :meth:`drain`: new requests get 503 and new tunnels are refused."""
 
     def mount(self, prefix: str, handler: Handler) -> None:
-        """Serve paths starting with ``prefix`` by ``handler`` (first mount wins)."""
+        """Serve paths starting with ``prefix`` by ``handler``: the longest matching
+        prefix wins (``/admin/v1/accounts`` before ``/admin/v1/``), then the first mount."""
         self._mounts.append((prefix, handler))
+        self._mounts.sort(key=lambda mount: -len(mount[0]))  # stable: equal ones keep order
 
     def show_dialer(self, dialer: Dialer) -> None:
         """List a same-process role's dialer in the network view and in WELCOME."""
