@@ -14,7 +14,8 @@ Tables:
 * ``invites``, ``invite_redemptions``: hashed invite codes with ``max_uses`` and expiry.
 * ``join_tokens``: hashed node join tokens minted for an account (``group_id`` ``""`` =
   its public nodes).
-* ``node_owners``: a node's proven id → the account (and group) it joined for.
+* ``node_owners``: a node's proven id → the account (and group) it joined for, and the
+  hex key that proved it (:mod:`tooti.accounts.join_directory`).
 * ``credit_codes``: hashed single-use codes worth an amount.
 * ``journal``, ``journal_lines``, ``books``: the double-entry ledger
   (:mod:`tooti.accounts.journal`); ``books`` caches each book's balance.
@@ -110,6 +111,7 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             account_id TEXT NOT NULL REFERENCES accounts(id),
             group_id TEXT NOT NULL DEFAULT '',
             token_id TEXT NOT NULL DEFAULT '',
+            public_key TEXT NOT NULL DEFAULT '',
             bound_at DOUBLE PRECISION NOT NULL
         )""",
         """CREATE TABLE credit_codes (
