@@ -19,7 +19,7 @@ from tests.conftest import Network, simulated
 from tooti.config import ConfigError, loads, validate
 from tooti.gateway.app import Gateway
 from tooti.groups import GroupKeys, api_key_digest
-from tooti.mesh.join_tokens import BearerAuth
+from tooti.mesh.join_tokens import Admission, BearerAuth
 from tooti.settings import GatewaySettings, GroupSettings, Settings, TunnelSettings
 from tooti.transport.websocket import SUBPROTOCOL
 
@@ -116,16 +116,16 @@ async def test_when_its_groups_nodes_leave_a_request_does_not_overflow(
 def test_bearer_auth_admits_into_groups() -> None:
     auth = BearerAuth("base", {"a": "ta", "b": "tb"})
     assert auth.open_to_network
-    assert auth.identify(b"Bearer base", "203.0.113.9") == (None, ("", "default"))
-    assert auth.identify(b"Bearer ta", "203.0.113.9") == (None, ("a", "default"))
-    assert auth.identify(b"bearer tb", "127.0.0.1") == (None, ("b", "default"))
-    assert auth.identify(b"Bearer tc", "127.0.0.1") == ("invalid token", ("", ""))
-    assert auth.identify(None, "127.0.0.1") == ("invalid token", ("", ""))
+    assert auth.identify(b"Bearer base", "203.0.113.9") == (None, Admission("", "default"))
+    assert auth.identify(b"Bearer ta", "203.0.113.9") == (None, Admission("a", "default"))
+    assert auth.identify(b"bearer tb", "127.0.0.1") == (None, Admission("b", "default"))
+    assert auth.identify(b"Bearer tc", "127.0.0.1") == ("invalid token", Admission())
+    assert auth.identify(None, "127.0.0.1") == ("invalid token", Admission())
     only_groups = BearerAuth("", {"a": "ta"})
     assert only_groups.open_to_network and only_groups.check(None, "127.0.0.1") is not None
-    assert only_groups.identify(b"Bearer ta", "198.51.100.1") == (None, ("a", "default"))
+    assert only_groups.identify(b"Bearer ta", "198.51.100.1") == (None, Admission("a", "default"))
     nothing = BearerAuth("")  # no token at all: loopback only, ungrouped
-    assert nothing.identify(None, "127.0.0.1") == (None, ("", ""))
+    assert nothing.identify(None, "127.0.0.1") == (None, Admission("", ""))
     assert nothing.identify(None, "198.51.100.1")[0] is not None
 
 

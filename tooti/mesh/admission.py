@@ -8,6 +8,12 @@ against its client address (a rate and a cap on unfinished handshakes, whether i
 refused or not, so guessing join tokens is slowed too), checked by
 :meth:`~TunnelAdmission.decide` (path, subprotocol, join token, draining), and then served by
 :func:`~tooti.mesh.peer_session.serve_peer` (the identity handshake and registration).
+
+With an accounts database, join tokens minted per account are admitted too (a
+:class:`~tooti.accounts.join_directory.JoinTokenDirectory`): each node joining is bound
+to the token's account, and when such a token is revoked the tunnels it admitted are
+closed (unlike a static token dropped by a reload, whose tunnels stay until they
+reconnect).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from typing import Any
 import trio
 
 from tooti import clock
+from tooti.accounts.join_directory import JoinTokenDirectory
 from tooti.mesh.http import Receive, Scope, Send, header
 from tooti.mesh.join_tokens import UNGROUPED, Admission, TokenChanges, join_auth
 from tooti.mesh.listener import UpgradeRequest
@@ -48,17 +55,24 @@ class TunnelAdmission:
 
     def __init__(self, settings: GatewaySettings, tunnel: TunnelSettings, registry: Registry,
                  *, local_id: str = "",
-                 welcome_peers: Callable[[], list[str]] = list) -> None:
+                 welcome_peers: Callable[[], list[str]] = list,
+                 join_directory: JoinTokenDirectory | None = None) -> None:
         """``local_id`` is a relay's own id (its session ids start with it);
-        ``welcome_peers`` gives the public addresses each WELCOME lists."""
+        ``welcome_peers`` gives the public addresses each WELCOME lists;
+        ``join_directory`` holds the join tokens minted per account (None: static
+        tokens only) and binds every node joining to its owner."""
         self.registry = registry
         self.tunnel_settings = tunnel
         self.local_id = local_id
         self.welcome_peers = welcome_peers
         self.group_names = frozenset(settings.groups)
         """The node groups configured at start (a reload cannot add one)."""
-        self.auth = join_auth(settings, settings.groups)
+        self.join_directory = join_directory
+        self.auth = join_auth(settings, settings.groups, join_directory)
         """The join tokens tunnels are admitted by (swapped by :meth:`reload`)."""
+        if join_directory is not None:
+            registry.join_directory = join_directory
+            join_directory.on_revoked(self.close_revoked)
         self.handshakes = PerAddressLimiter(settings.tunnel_handshake_rate,
                                             settings.tunnel_handshake_burst,
                                             settings.tunnel_handshakes_per_ip)
@@ -80,11 +94,21 @@ class TunnelAdmission:
         configured admits no one, and a new group needs a restart."""
         groups = {name: group for name, group in settings.groups.items()
                   if name in self.group_names}
-        auth = join_auth(settings, groups)
+        auth = join_auth(settings, groups, self.join_directory)
         changes = self.auth.changes(auth)
         self.auth = auth
         self.warn_if_loopback_only()
         return changes
+
+    def close_revoked(self, token_ids: frozenset[str]) -> None:
+        """Close the tunnels admitted by the minted join tokens ``token_ids`` (revoked):
+        the peer (and, for a relay, every node behind it) is gone at once, and its
+        redial is refused."""
+        for peer in list(self.registry.peers.values()):
+            if not peer.via and peer.token_id in token_ids:
+                log.warning("closing the tunnel of %s: its join token %s was revoked",
+                            peer.id, peer.token_id)
+                peer.session.abort("join token revoked")
 
     def decide(self, path: str, subprotocols: Sequence[str], authorization: bytes | None,
                host: str | None) -> Decision:

@@ -182,7 +182,9 @@ class RelayedNodes:
                 address=f"via {self.relay.id}", labels=entry.labels,
                 software=entry.software, via=self.relay.id, hops=hops,
                 public_key=public_key, proof=proof, group=self.relay.group,
-                token=self.relay.token, stream_limit=self.relay.stream_limit,
+                token=self.relay.token, owner=self.relay.owner,
+                token_id=self.relay.token_id, group_id=self.relay.group_id,
+                stream_limit=self.relay.stream_limit,
             )
             peer.stats, peer.draining, peer.models = stats, draining, models
             self._register(peer)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tooti import clock
+from tooti.accounts.records import ADMIN_ACCOUNT
 from tooti.backends.base import ModelInfo
 from tooti.mesh.health import ModelHealth
 from tooti.tunnel import OutboundStream, TunnelSession
@@ -54,6 +55,13 @@ class Peer:
     token: str = ""
     """The name of the join token that admitted it (``default`` for ``join_token``,
     ``""`` without tokens; never the token itself). A relayed node has its relay's."""
+    owner: str = ADMIN_ACCOUNT
+    """The account its join token was minted for, which it earns for (``admin`` for
+    the static tokens and loopback peers). A relayed node has its relay's."""
+    token_id: str = ""
+    """The id of the minted join token that admitted it (``""`` for static tokens)."""
+    group_id: str = ""
+    """The accounts database id of the group its minted token admitted it to."""
     published_at: float = -1e18
     """``clock.now()`` of its last ``peer.updated`` event (heartbeats publish at
     most one per :attr:`Registry.update_spacing`)."""
@@ -132,7 +140,7 @@ class Peer:
         return {
             "id": self.id, "role": self.role, "address": self.address, "labels": self.labels,
             "via": self.via or None, "hops": self.hops, "group": self.group,
-            "token": self.token or None,
+            "token": self.token or None, "owner": self.owner,
             "software": self.software, "models": sorted(self.models),
             "in_flight": self.total_in_flight(), "draining": self.draining,
             "rtt_ms": None if self.session.rtt is None else round(self.session.rtt * 1000, 3),

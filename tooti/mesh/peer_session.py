@@ -57,7 +57,8 @@ async def serve_peer(
     on_proven: Callable[[], None] | None = None,
 ) -> None:
     """Run the acceptor side of one tunnel until it closes; the peer joins the node
-    group its join token admitted it to (``admission``). ``welcome_peers`` are
+    group its join token admitted it to (``admission``), and its nodes belong to the
+    admission's owner (bound by :meth:`Registry.add`). ``welcome_peers`` are
     the public gateway/relay addresses the WELCOME tells the peer about. A relay's
     listener passes its own id as ``local_id``: session ids then start with it, so a
     node's proof names the relay it was made for (see :mod:`tooti.mesh.advertisements`).
@@ -146,7 +147,8 @@ async def serve_peer(
     peer = Peer(
         id=hello.peer_id, role=hello.role, session=session, address=transport.remote,
         labels=hello.labels, software=hello.software, public_key=public_key, proof=proven,
-        group=admission.group, token=admission.token,
+        group=admission.group, token=admission.token, owner=admission.owner,
+        token_id=admission.token_id, group_id=admission.group_id,
         public_url=_public_url(hello.role, extra.public_url),
         stream_limit=conn.peer_limits.max_streams,
     )

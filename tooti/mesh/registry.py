@@ -9,6 +9,7 @@ from typing import Any
 import trio
 
 from tooti import clock
+from tooti.accounts.join_directory import JoinTokenDirectory
 from tooti.backends.base import ModelInfo
 from tooti.mesh.bans import Bans
 from tooti.mesh.events import EventBus
@@ -120,6 +121,10 @@ class Registry:
         """Peer ids and relay routes refused after a violation (see :meth:`penalize`),
         and the strikes counted against relays."""
         self._changed = trio.Event()
+        self.join_directory: JoinTokenDirectory | None = None
+        """Where each node registered here is bound to its owner account (the account
+        of the join token that admitted it, or its relay), when the gateway has an
+        accounts database."""
 
     async def wait_until(self, condition: Callable[[], bool]) -> None:
         """Wait until ``condition()`` holds, re-checking on every registry change."""
@@ -219,6 +224,9 @@ class Registry:
         keys += index.file(peer)
         self._notify()
         self.slots.wake(keys)
+        if self.join_directory is not None and peer.role == "node":
+            self.join_directory.bind_owner(peer.id, peer.owner, peer.group_id, peer.token_id,
+                                           public_key=peer.public_key)
         log.info("peer %s joined from %s (%s)", peer.id, peer.address, peer.role)
         self.bus.publish("peer.joined", peer=peer.describe())
         return old

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 import trio
 from hypercorn.config import Config
 
+from tooti.accounts.join_directory import JoinTokenDirectory
 from tooti.errors import APIError
 from tooti.mesh.admission import TunnelAdmission
 from tooti.mesh.http import (
@@ -64,11 +65,15 @@ class Station:
         self, settings: GatewaySettings, tunnel: TunnelSettings, *,
         network: NetworkSettings | None = None, identities: IdentityStore | None = None,
         roles: Sequence[str] = ("gateway",), local_id: str = "",
+        join_directory: JoinTokenDirectory | None = None,
     ) -> None:
         """``identities`` persists node-name bindings (None = memory only); ``network``
         holds the public addresses given to dialers in WELCOME; ``roles`` are the
         process's roles (shown by the admin API); ``local_id`` is a relay's own id,
-        which its session ids start with."""
+        which its session ids start with; ``join_directory`` admits the join tokens
+        minted per account and binds each joining node to its owner (its
+        :meth:`~JoinTokenDirectory.run` is started by :meth:`serve`, before tunnels are
+        taken)."""
         self.settings = settings
         self.tunnel_settings = tunnel
         self.network = network or NetworkSettings()
@@ -78,8 +83,10 @@ class Station:
                                  heartbeat_interval=tunnel.heartbeat_interval,
                                  relay_strikes=settings.relay_strikes,
                                  relay_strike_seconds=settings.relay_strike_seconds)
+        self.join_directory = join_directory
         self.admission = TunnelAdmission(settings, tunnel, self.registry, local_id=local_id,
-                                         welcome_peers=self.public_peers)
+                                         welcome_peers=self.public_peers,
+                                         join_directory=join_directory)
         self.admin_auth = BearerAuth(settings.admin_key)
         self.internal_errors = InternalErrors(log)
         """Reports requests that failed on a bug (one line each, tracebacks rationed)."""
@@ -120,8 +127,10 @@ class Station:
         config.websocket_max_message_size = self.tunnel_settings.max_frame_bytes
         config.include_server_header = False
         config.backlog = LISTEN_BACKLOG  # hypercorn's 100 overflows under a burst of clients
-        self.admission.warn_if_loopback_only()
         async with trio.open_nursery() as nursery:
+            if self.join_directory is not None:
+                await nursery.start(self.join_directory.run)
+            self.admission.warn_if_loopback_only()
             if self.tls is not None:
                 nursery.start_soon(self.tls.watch)
             await self._serve_http(config, task_status)
