@@ -121,6 +121,7 @@ class JoinTokenDirectory:
         self._polled = trio.Event()
         self._pending: dict[str, OwnerBinding] = {}
         self._wake_writer = trio.Event()
+        self._write_lock = trio.Lock()
         self._owners: OrderedDict[str, OwnerBinding] = OrderedDict()
         self._revoked_listeners: list[Callable[[frozenset[str]], None]] = []
         self._running = False
@@ -213,7 +214,12 @@ class JoinTokenDirectory:
         return binding.account_id if binding is not None else ADMIN_ACCOUNT
 
     async def flush(self) -> None:
-        """Write every queued owner binding now."""
+        """Write every queued owner binding now (returns once those a concurrent flush
+        took are written too)."""
+        async with self._write_lock:
+            await self._flush()
+
+    async def _flush(self) -> None:
         while self._pending:
             batch = dict(list(self._pending.items())[:WRITE_BATCH])
             for node_id in batch:
