@@ -134,6 +134,7 @@ def _parser() -> argparse.ArgumentParser:
     check = config_commands.add_parser("check", help="validate a config file")
     check.add_argument("file", metavar="FILE")
     check.set_defaults(handler=_config_check)
+    importlib.import_module("tooti.cli_accounts").register(commands)
     return parser
 
 
