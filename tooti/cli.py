@@ -88,6 +88,16 @@ def _parser() -> argparse.ArgumentParser:
         "--peer-ca", metavar="FILE",
         help="also trust this PEM CA for wss:// peers [TOOTI_PEER_CA]",
     )
+    run.add_argument(
+        "--auth", metavar="MODE", choices=("keys", "open"),
+        help="keys (every /v1 request needs an API key) or open [TOOTI_AUTH; default: "
+        "open on loopback only]",
+    )
+    run.add_argument(
+        "--database", metavar="URL",
+        help="accounts database: a postgresql:// URL or an SQLite path; prefer the "
+        "variable [TOOTI_DATABASE, default <data-dir>/tooti.sqlite3]",
+    )
     run.set_defaults(handler=_run)
 
     plugins = commands.add_parser(
@@ -100,7 +110,10 @@ def _parser() -> argparse.ArgumentParser:
 
     usage = commands.add_parser("usage", help="summarize the usage ledger")
     usage.add_argument("--data-dir", metavar="DIR", help="state directory [TOOTI_DATA_DIR]")
-    usage.add_argument("--by", choices=("key", "model", "node", "status"), action="append",
+    usage.add_argument("--database", metavar="URL", help="the accounts database (SQLite path "
+                       "or postgresql://…) [TOOTI_DATABASE, default <data-dir>/tooti.sqlite3]")
+    usage.add_argument("--by", choices=("key", "model", "node", "status", "account", "owner"),
+                       action="append",
                        help="group by (repeatable; default: key, model and node)")
     usage.set_defaults(handler=_usage)
 
@@ -221,20 +234,33 @@ def _plugins(args: argparse.Namespace) -> int:
 def _usage(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from tooti.billing.ledger import FILENAME, summarize
+    from tooti.accounts.database import SQLITE_FILENAME, Database, DatabaseError
+    from tooti.accounts.money import format_credits
+    from tooti.billing.ledger import summarize
     from tooti.settings import Settings
 
-    data_dir = args.data_dir or os.environ.get("TOOTI_DATA_DIR") or Settings().data_dir
-    path = Path(os.path.expanduser(data_dir)) / FILENAME
-    if not path.exists():
-        print(f"tooti: no usage ledger at {path}", file=sys.stderr)
+    url = getattr(args, "database", None) or os.environ.get("TOOTI_DATABASE") or ""
+    data_dir = Path(os.path.expanduser(
+        args.data_dir or os.environ.get("TOOTI_DATA_DIR") or Settings().data_dir))
+    if not url and not (data_dir / SQLITE_FILENAME).exists():
+        print(f"tooti: no usage ledger at {data_dir / SQLITE_FILENAME}", file=sys.stderr)
         return 1
-    for by in args.by or ["key", "model", "node"]:
-        rows = summarize(path, by)
-        print(f"by {by}:")
-        print(f"  {by:<28} {'requests':>9} {'prompt':>10} {'completion':>11} {'cost':>12}")
-        for row in rows:
-            print(f"  {row.group:<28} {row.requests:>9} {row.prompt_tokens:>10} "
-                  f"{row.completion_tokens:>11} {row.cost:>12.6f}")
-        print()
+    try:
+        db = Database(url, data_dir=data_dir)
+    except DatabaseError as exc:
+        print(f"tooti: {exc}", file=sys.stderr)
+        return 1
+    try:
+        for by in args.by or ["key", "model", "node"]:
+            rows = summarize(db, by)
+            print(f"by {by}:")
+            print(f"  {by:<28} {'requests':>9} {'prompt':>10} {'completion':>11} "
+                  f"{'cost':>14} {'charged':>14}")
+            for row in rows:
+                print(f"  {row.group:<28} {row.requests:>9} {row.prompt_tokens:>10} "
+                      f"{row.completion_tokens:>11} {format_credits(row.cost):>14} "
+                      f"{format_credits(row.charged):>14}")
+            print()
+    finally:
+        db.close()
     return 0

@@ -442,6 +442,8 @@ _OPTIONS: dict[str, tuple[str, str]] = {
     "tls_cert": ("TOOTI_TLS_CERT", "--tls-cert"),
     "tls_key": ("TOOTI_TLS_KEY", "--tls-key"),
     "peer_ca": ("TOOTI_PEER_CA", "--peer-ca"),
+    "auth": ("TOOTI_AUTH", "--auth"),
+    "database": ("TOOTI_DATABASE", "--database"),
 }
 _LIST_OPTIONS = frozenset({"role", "peer", "backend"})
 
@@ -508,6 +510,12 @@ def _apply_option(s: Settings, option: str, values: list[str], source: str) -> N
             s.gateway.tls_key = value
         elif option == "peer_ca":
             s.network.peer_ca = value
+        elif option == "auth":
+            if value not in ("keys", "open"):
+                raise ConfigError(f"unknown auth mode '{value}' (expected keys or open)")
+            s.gateway.auth = value  # type: ignore[assignment]
+        elif option == "database":
+            s.gateway.database = value
         else:  # pragma: no cover - _OPTIONS and this chain must agree
             raise AssertionError(option)
     except ConfigError as exc:

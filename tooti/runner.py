@@ -7,6 +7,14 @@ in-flight streams get ``drain_grace`` seconds), then the process exits 0; a
 second signal cancels everything at once and exits 130. With a gateway or relay,
 SIGHUP re-reads the configuration for its join tokens (:mod:`tooti.reload`) and
 reloads the TLS certificate.
+
+A gateway opens ONE accounts database per process (``gateway.database``, else SQLite
+at ``<data_dir>/tooti.sqlite3``; :func:`open_database`), makes sure the ``admin``
+account exists, and shares the database with the billing plugins
+(:attr:`BillingSetup.database`, with this gateway's :func:`gateway_id`), its API key
+cache and admin API, and the station's join-token directory; it is closed once the
+roles (and billing) have finished. :func:`check_auth` refuses, before anything starts,
+a gateway listening beyond loopback without ``gateway.auth``.
 """
 
 from __future__ import annotations
@@ -15,15 +23,20 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
 
+from tooti.accounts.database import Database, DatabaseError
+from tooti.accounts.join_directory import JoinTokenDirectory
+from tooti.accounts.service import AccountService
 from tooti.backends.base import Backend
 from tooti.billing.base import Billing, BillingSetup
 from tooti.gateway.app import Gateway
+from tooti.gateway.auth import resolve_mode
 from tooti.identity import DERIVED_PREFIX, RELAY_KEY_FILE, Identity
 from tooti.mesh.identity_store import IdentityStore
 from tooti.mesh.station import Station
@@ -98,15 +111,47 @@ def check_tls(settings: Settings) -> None:
         raise ConfigError(str(exc), key="network.peer_ca") from None
 
 
-def build_gateway_plugins(settings: Settings) -> tuple[RoutingPolicy, list[Billing]]:
-    """The routing policy and billing plugins named in the settings."""
+def check_auth(settings: Settings) -> None:
+    """Fail with a ConfigError naming ``gateway.auth`` if a gateway would listen beyond
+    loopback without an auth mode (see :func:`tooti.gateway.auth.resolve_mode`; an
+    explicit ``open`` there is logged as a warning)."""
+    if "gateway" in effective_roles(settings):
+        resolve_mode(settings.gateway, warn=False)  # the gateway warns as it starts
+
+
+def gateway_id(settings: Settings) -> str:
+    """This gateway's name among those sharing a database: ``gateway.gateway_id``, else
+    ``<hostname>:<port>``."""
+    if settings.gateway.gateway_id:
+        return settings.gateway.gateway_id
+    port = settings.gateway.listen.rpartition(":")[2]
+    return f"{socket.gethostname()}:{port}"
+
+
+def open_database(settings: Settings) -> Database:
+    """The process's accounts database (``gateway.database``, else SQLite in the data
+    dir), migrated. Raises ConfigError naming ``gateway.database`` if it cannot be used."""
+    from tooti.config import ConfigError
+
+    try:
+        return Database(settings.gateway.database,
+                        data_dir=Path(os.path.expanduser(settings.data_dir)))
+    except DatabaseError as exc:
+        raise ConfigError(str(exc), key="gateway.database") from None
+
+
+def build_gateway_plugins(settings: Settings, database: Database | None = None,
+                          ) -> tuple[RoutingPolicy, list[Billing]]:
+    """The routing policy and billing plugins named in the settings (sharing
+    ``database``, the process's accounts database)."""
     from tooti import plugins
 
     loaded = plugins.get(settings.plugins_dir or None)
     policy = loaded.factory("tooti_routing_policies", settings.routing.policy,
                             "routing policy")(dict(settings.routing.options))
     setup = BillingSetup(Path(os.path.expanduser(settings.data_dir)),
-                         dict(settings.billing.options))
+                         dict(settings.billing.options), database=database,
+                         gateway_id=gateway_id(settings))
     billing = [loaded.factory("tooti_billing", name, "billing plugin")(setup)
                for name in settings.billing.plugins]
     return policy, billing
@@ -143,6 +188,8 @@ class Process:
     node: Node | None = None
     node_admin: NodeAdmin | None = None
     """The admin API of a node-only process (``node.admin_listen``)."""
+    database: Database | None = None
+    """The accounts database of a gateway process (closed when the roles finish)."""
     urls: list[str] = field(default_factory=list)
     ready: trio.Event = field(default_factory=trio.Event)
 
@@ -176,16 +223,32 @@ async def serve(
     """Run the process's roles until they all finish (after a drain) or are cancelled."""
     settings = process.settings
     roles = effective_roles(settings)
+    try:
+        if "gateway" in roles:
+            process.database = open_database(settings)
+            await AccountService(process.database).ensure_admin()
+        await _serve_roles(process, roles, task_status)
+    finally:
+        if process.database is not None:  # after billing closed (the gateway's serve)
+            process.database.close()
+
+
+async def _serve_roles(process: Process, roles: list[str],
+                       task_status: trio.TaskStatus[Process]) -> None:
+    settings = process.settings
     async with trio.open_nursery() as nursery:
         relay_id, relay_key = relay_identity(settings) if "relay" in roles else ("", None)
         identities = (IdentityStore.in_data_dir(settings.data_dir)
                       if "gateway" in roles or "relay" in roles else None)
         if "gateway" in roles:
-            policy, billing = build_gateway_plugins(settings)
+            database = process.database
+            assert database is not None  # opened by serve()
+            policy, billing = build_gateway_plugins(settings, database)
             station = Station(settings.gateway, settings.tunnel, network=settings.network,
-                              identities=identities, roles=roles, local_id=relay_id)
+                              identities=identities, roles=roles, local_id=relay_id,
+                              join_directory=JoinTokenDirectory(database))
             gateway = process.gateway = Gateway(settings.gateway, settings.tunnel, policy,
-                                                billing, station=station)
+                                                billing, station=station, database=database)
             process.urls = await nursery.start(lambda task_status: gateway.serve(
                 grace=settings.drain_grace, task_status=task_status))
         if relay_key is not None:
@@ -341,6 +404,7 @@ def run(settings: Settings, reload: Rebuild | None = None) -> int:
     setup_logging(settings.log_level)
     check_plugin_names(settings)
     check_tls(settings)
+    check_auth(settings)
     backends = build_backends(settings) if "node" in effective_roles(settings) else None
     try:
         return trio.run(main, settings, backends, reload)

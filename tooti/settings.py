@@ -122,6 +122,10 @@ class GatewaySettings(_Table):
     gateway_id: str = ""
     """This gateway's name among gateways sharing a database (its credit leases carry
     it, and a restart reconciles its own); empty = ``<hostname>:<port>``."""
+    reserve_completion_tokens: PositiveInt = 4096
+    """Completion tokens a request without ``max_tokens`` reserves credit for (its
+    prompt bound plus these, at the highest price among the nodes that may serve it);
+    what it really used is settled after, and the rest returned."""
     max_body_bytes: PositiveInt = 4_194_304
     """Largest request body accepted (413 above)."""
     max_json_depth: PositiveInt = 128

@@ -6,21 +6,39 @@ relay in the same process; the gateway mounts on it the ``/v1`` API
 ``/v1/embeddings``) and the admin API, and owns the proxy, billing and probes. A plain
 ASGI callable (rather than a framework) keeps the per-request path short; every
 response carries ``x-request-id``.
+
+Every ``/v1`` request is first resolved to its caller (:mod:`tooti.gateway.auth`: the
+auth mode, API keys through the cached :class:`~tooti.accounts.directory.KeyDirectory`,
+which the gateway runs when it has a database). The caller decides the node groups the
+request is routed to (its key's group, then the public nodes if the group allows), the
+models it may use and see in ``/v1/models``, the account billing charges, and the
+request's reservation ``max_cost``: its prompt bound plus its completion bound
+(``max_tokens``, else ``gateway.reserve_completion_tokens``) at the highest prices among
+the live nodes that may serve any of its models for that caller. ``/v1/me*`` is the
+caller's self-service (:mod:`tooti.admin.self_service`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 
 import trio
 
 from tooti import clock
+from tooti.accounts.database import Database
+from tooti.accounts.directory import KeyDirectory
+from tooti.accounts.money import cost_micros, price_micros
+from tooti.accounts.records import Caller
+from tooti.accounts.service import AccountService
+from tooti.admin.accounts_api import AccountsAPI
 from tooti.admin.api import AdminAPI
+from tooti.admin.self_service import SelfService
 from tooti.billing.base import Billing, Outcome, RequestContext, Usage
 from tooti.billing.pipeline import BillingPipeline, usage_from
 from tooti.errors import APIError
+from tooti.gateway.auth import Authenticator, check_models, routes_of
 from tooti.gateway.models_list import ModelsList
 from tooti.gateway.node_picker import check_routable
 from tooti.gateway.probe import probe_until_healthy
@@ -28,7 +46,6 @@ from tooti.gateway.proxy import Proxy
 from tooti.gateway.proxy_settings import ProxySettings
 from tooti.gateway.streamed_answer import DONE
 from tooti.gateway.validation import ParsedRequest, parse_request
-from tooti.groups import GroupKeys
 from tooti.mesh.events import BusEvent
 from tooti.mesh.health import CooldownPolicy
 from tooti.mesh.http import (
@@ -37,7 +54,6 @@ from tooti.mesh.http import (
     Scope,
     Send,
     cancel_on_disconnect,
-    header,
     read_body,
     send_bytes,
 )
@@ -45,6 +61,7 @@ from tooti.mesh.identity_store import IdentityStore
 from tooti.mesh.peer import Peer
 from tooti.mesh.registry import KnownModels
 from tooti.mesh.station import Station
+from tooti.protocol.usage import limits_for
 from tooti.routing.base import RouteRequest, RoutingPolicy
 from tooti.routing.policies import LeastLoaded
 from tooti.settings import GatewaySettings, NetworkSettings, TunnelSettings
@@ -86,25 +103,35 @@ class Gateway:
         self, settings: GatewaySettings, tunnel: TunnelSettings,
         policy: RoutingPolicy | None = None, billing: list[Billing] | None = None,
         identities: IdentityStore | None = None, network: NetworkSettings | None = None,
-        station: Station | None = None,
+        station: Station | None = None, database: Database | None = None,
     ) -> None:
         """``station`` is the process's shared accepting side (a relay in the same
         process uses it too); without one the gateway builds its own from ``settings``,
         ``tunnel``, ``identities`` (node-name bindings; None = memory only) and
-        ``network`` (the public addresses given to dialers in WELCOME)."""
+        ``network`` (the public addresses given to dialers in WELCOME). ``database``:
+        the accounts database (its API keys are recognised; None = only the admin key
+        and the static group keys); its owner closes it.
+
+        Raises :class:`~tooti.config.ConfigError` when ``settings`` listen beyond
+        loopback with ``auth`` unset (see :func:`tooti.gateway.auth.resolve_mode`)."""
         self.settings = settings
+        self.database = database
+        self.keys = KeyDirectory(database) if database is not None else None
+        """The database's API keys, cached (None without a database)."""
+        self.auth = Authenticator(settings, self.keys)
+        """Who each ``/v1`` request is."""
         self.station = station or Station(settings, tunnel, network=network,
                                           identities=identities)
         self.registry = self.station.registry
         self.policy: RoutingPolicy = policy or LeastLoaded()
         self.billing = BillingPipeline(billing or [])
-        self.group_keys = GroupKeys(settings.groups)
-        """Which node group a request's API key belongs to."""
         self.known_by_group: dict[str, KnownModels] = {}
-        """With groups configured: group → the models its nodes advertised here (the most
-        recent ten thousand)."""
-        if settings.groups:
-            self.registry.bus.listeners.append(self._note_group_models)
+        """Node group → the models its nodes advertised here (the most recent ten
+        thousand): unknown vs. unavailable per group, so no caller learns of another
+        group's models."""
+        self.registry.bus.listeners.append(self._note_group_models)
+        self.self_service: SelfService | None = None
+        """Serves ``/v1/me*`` (with a database)."""
         self.models = ModelsList(self.registry)
         self.proxy_settings = proxy_settings_of(settings)
         self.proxy = Proxy(self.registry, self.policy, self.proxy_settings)
@@ -114,6 +141,10 @@ class Gateway:
         self.admin = AdminAPI(self.station, lambda: self.proxy.queued)
         self.station.mount("/v1/", self.handle)
         self.admin.mount()
+        if database is not None:
+            service = AccountService(database)
+            self.self_service = SelfService(service, database)
+            AccountsAPI(self.station, service, database).mount()
         self._nursery: trio.Nursery | None = None
 
     # ------------------------------------------------------------ life cycle
@@ -126,6 +157,8 @@ class Gateway:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self.billing.run)
+                if self.keys is not None:
+                    nursery.start_soon(self.keys.run)
                 await self.station.serve(task_status=task_status, grace=grace)
                 nursery.cancel_scope.cancel()
         finally:
@@ -164,6 +197,7 @@ class Gateway:
                      headers: Headers) -> None:
         """Serve one ``/v1`` request (mounted on the station)."""
         path, method = scope["path"], scope["method"]
+        caller = await self.auth.identify(scope)
         endpoint = API_ROUTES.get(path)
         if endpoint is not None:
             if method != "POST":
@@ -175,40 +209,45 @@ class Gateway:
             raw = await read_body(scope, receive, self.settings.max_body_bytes,
                                   self.settings.body_timeout)
             request = parse_request(endpoint, raw, self.settings.max_json_depth)
-            await self._forward(scope, receive, send, request_id, headers, request, raw)
+            await self._forward(scope, receive, send, request_id, headers, request, raw,
+                                caller)
         elif path == "/v1/models":
             if method != "GET":
                 raise APIError(405, "use GET on /v1/models", code="method_not_allowed")
-            group = self.group_keys.group_of(header(scope, b"authorization"))
-            await send_bytes(send, 200, self.models.json(group), headers)
+            await send_bytes(send, 200, self.models.json(groups=routes_of(caller),
+                                                         allowed=caller.models), headers)
+        elif (path == "/v1/me" or path.startswith("/v1/me/")) and self.self_service is not None:
+            await self.self_service.handle(scope, receive, send, request_id, headers, caller)
         else:
             raise APIError(404, f"no route for {method} {path}", code="not_found")
 
     async def _forward(
         self, scope: Scope, receive: Receive, send: Send, request_id: str, headers: Headers,
-        request: ParsedRequest, raw: bytes,
+        request: ParsedRequest, raw: bytes, caller: Caller,
     ) -> None:
         """Authorize, forward (cancelled if the client leaves), then settle or refund."""
-        key_id, group = self.group_keys.caller(header(scope, b"authorization"))
-        if group:  # routed only to the group's nodes
+        key_id, group, account = caller.key_id, caller.group, caller.account_name
+        groups = routes_of(caller)
+        if group:  # routed to the group's nodes (then, if it allows, the public ones)
             request = dataclasses.replace(
                 request, preferences=dataclasses.replace(request.preferences, group=group))
         bus = self.registry.bus
         bus.publish("request.received", request_id=request_id, model=request.model,
-                    endpoint=request.endpoint, stream=request.stream, key_id=key_id)
-        ctx = RequestContext(request_id, key_id, request.model, request.endpoint, request.stream)
+                    endpoint=request.endpoint, stream=request.stream, key_id=key_id,
+                    account=account)
         try:
-            if self.settings.groups:
-                check_routable(self.registry, request.models,
-                               serving=lambda model: self.registry.serving(model, group),
-                               known=self.known_by_group.get(group, ()))
-            else:
-                check_routable(self.registry, request.models)
+            check_models(caller, request.models)
+            self._check_routable(request.models, groups)
+            ctx = RequestContext(
+                request_id, key_id, request.model, request.endpoint, request.stream,
+                account_id=caller.account_id, group=group,
+                max_cost=self._max_cost(request, len(raw), groups)
+                if caller.account_id else 0)
             await self.billing.authorize(ctx)
         except APIError as refused:
             bus.publish("request.finished", request_id=request_id, status="rejected",
                         model=request.model, node=None, error=refused.message,
-                        http_status=refused.status)
+                        http_status=refused.status, account=account)
             raise
         route = RouteRequest(
             request_id, request.model, request.endpoint,
@@ -228,7 +267,8 @@ class Gateway:
 
         try:
             complete = await cancel_on_disconnect(receive, send, lambda tracked: (
-                self.proxy.forward(request, route, raw, tracked, headers, outcome, settle)))
+                self.proxy.forward(request, route, raw, tracked, headers, outcome, settle,
+                                   groups)))
             if not complete:
                 outcome.status = "cancelled"
         except trio.TooSlowError:
@@ -251,10 +291,45 @@ class Gateway:
             if usage is None:
                 usage = usage_from(outcome, len(raw), started)
                 await self.billing.finish(ctx, outcome, usage)
-            self._publish_finished(request_id, outcome, usage, request.stream)
+            self._publish_finished(request_id, outcome, usage, request.stream, account)
+
+    def _check_routable(self, models: Sequence[str], groups: Sequence[str]) -> None:
+        """404 / 503 as :func:`check_routable`, over the node groups a caller may use."""
+        registry = self.registry
+        if len(groups) == 1:
+            only = groups[0]
+            check_routable(registry, models, serving=lambda model: registry.serving(model, only),
+                           known=self.known_by_group.get(only, ()))
+            return
+        check_routable(registry, models,
+                       serving=lambda model: [peer for g in groups
+                                              for peer in registry.serving(model, g)],
+                       known=_KnownIn([self.known_by_group[g] for g in groups
+                                       if g in self.known_by_group]))
+
+    def _max_cost(self, request: ParsedRequest, body_bytes: int, groups: Sequence[str]) -> int:
+        """The most ``request`` can cost, in micro-units: its prompt bound and completion
+        bound (:func:`tooti.protocol.usage.limits_for`; ``reserve_completion_tokens``
+        when it sets no ``max_tokens``) at the highest prompt and completion prices among
+        the live nodes of ``groups`` serving any of its models."""
+        settings = self.settings
+        limits = limits_for(request.endpoint, request.body, body_bytes,
+                            settings.prompt_token_allowance, settings.media_token_allowance)
+        price_in = price_out = 0.0
+        for model in request.models:
+            for group in groups:
+                for peer in self.registry.serving(model, group):
+                    info = peer.models.get(model)
+                    if info is not None:
+                        price_in = max(price_in, info.price_input)
+                        price_out = max(price_out, info.price_output)
+        completion = (settings.reserve_completion_tokens if limits.completion is None
+                      else limits.completion)
+        return cost_micros(limits.prompt, completion, price_micros(price_in),
+                           price_micros(price_out))
 
     def _publish_finished(self, request_id: str, outcome: Outcome, usage: Usage,
-                          stream: bool) -> None:
+                          stream: bool, account: str = "") -> None:
         # Decode speed is only known for streams; a non-streamed answer arrives whole.
         decode_s = usage.latency_ms / 1000 - (outcome.ttft_ms or 0.0) / 1000 if stream else 0
         self.registry.bus.publish(
@@ -266,4 +341,19 @@ class Gateway:
             tok_s=round(usage.completion_tokens / decode_s, 2) if decode_s > 0.001
             and usage.completion_tokens else None,
             latency_ms=round(usage.latency_ms, 3), error=outcome.error or None,
+            account=account,
         )
+
+
+class _KnownIn:
+    """Models known in any of several node groups (``in`` only)."""
+
+    def __init__(self, groups: list[KnownModels]) -> None:
+        self.groups = groups
+
+    def __contains__(self, model: object) -> bool:
+        return any(model in known for known in self.groups)
+
+    def __iter__(self) -> Iterator[str]:
+        for known in self.groups:
+            yield from known

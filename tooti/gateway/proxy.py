@@ -9,6 +9,11 @@ For each model to try (the request's ``model``, then its ``models`` fallbacks)
 the proxy has a node picked and its slot reserved (:mod:`tooti.gateway.node_picker`,
 which also queues the request while every candidate is full).
 
+A request of a private group (its API key's) is routed to that group's nodes first,
+then, if the group allows and none of its nodes could take it (none serves the model,
+all failed before the first token, or its queue gave up), to the public nodes: the
+``groups`` of :meth:`Proxy.forward`, in order.
+
 Before the first token, any failure (tunnel lost, node busy, a retryable
 backend status, the first-token timeout) excludes that node and the next one
 is tried. A non-streaming answer is collected whole before the client sees
@@ -21,8 +26,9 @@ counted toward the node's cooldown (see :mod:`tooti.mesh.health`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -104,8 +110,10 @@ class Proxy:
         self, request: ParsedRequest, route: RouteRequest, raw_body: bytes, send: Send,
         headers: Headers, outcome: Outcome,
         before_last: Callable[[], Awaitable[None]] | None = None,
+        groups: Sequence[str] = (),
     ) -> None:
-        """Serve ``request``: each model in turn, each node in turn, until one answers.
+        """Serve ``request``: each model in turn, each node group in turn (``groups``;
+        empty = the request's own), each node in turn, until one answers.
 
         ``before_last`` is awaited once a node's answer is complete and its usage
         checked, right before the last bytes go to the client (the gateway settles
@@ -115,10 +123,13 @@ class Proxy:
         outcome.limits = limits_for(request.endpoint, request.body, len(raw_body),
                                     settings.prompt_token_allowance,
                                     settings.media_token_allowance)
+        own = request.preferences.group
+        groups = groups or (own,)
         last_error: APIError | None = None
         with trio.fail_after(self.settings.request_timeout):
             for index, model in enumerate(request.models):
-                if not self.registry.serving(model, request.preferences.group):
+                routes = [g for g in groups if self.registry.serving(model, g)]
+                if not routes:
                     last_error = last_error or APIError(
                         503, f"no live node serves model '{model}' right now",
                         code="no_capacity", type="service_unavailable")
@@ -128,9 +139,21 @@ class Proxy:
                     route.request_id, model, route.endpoint, route.headers, route.body,
                     route.key_id)
                 try:
-                    await self._forward_model(request, model_route, body, send, headers,
-                                              outcome, before_last)
-                    return
+                    for position, group in enumerate(routes):
+                        attempt = request if group == own else dataclasses.replace(
+                            request, preferences=dataclasses.replace(
+                                request.preferences, group=group))
+                        try:
+                            await self._forward_model(attempt, model_route, body, send,
+                                                      headers, outcome, before_last)
+                            return
+                        except APIError as error:
+                            if (outcome.served or error.status not in RETRYABLE_STATUS
+                                    or position + 1 == len(routes)):
+                                raise
+                            log.info("request %s: group %r could not serve %s (%s); trying "
+                                     "the public nodes", route.request_id, group, model,
+                                     error.message)
                 except APIError as error:
                     if outcome.served or error.status not in RETRYABLE_STATUS:
                         raise
