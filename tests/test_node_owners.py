@@ -225,3 +225,20 @@ async def test_the_owner_queue_is_bounded(service: AccountService, database: Dat
     assert directory.dropped == 3
     await directory.flush()
     assert database.read_sync(lambda tx: tx.value("SELECT COUNT(*) FROM node_owners")) == 2
+
+
+async def test_a_node_behind_a_relay_belongs_to_the_relays_owner(
+    service: AccountService, start: Start, database: Database,
+) -> None:
+    from tests.test_relay import start_node, start_relay
+
+    operator = await service.create_account("relayer", role="operator")
+    secret, token = await service.create_join_token(operator.id)
+    network, directory = await start()
+    relay = await start_relay(network, "relay-1", join_token=secret)
+    await start_node(network, "behind", [relay.tunnel_url])
+    peer = network.gateway.registry.peers["behind"]
+    assert (peer.via, peer.owner, peer.token_id) == ("relay-1", operator.id, token.id)
+    await directory.flush()
+    assert owner_row(database, "behind") == (operator.id, "", token.id)
+    assert owner_row(database, "relay-1") is None  # a relay serves nothing itself
