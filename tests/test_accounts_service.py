@@ -473,3 +473,24 @@ async def test_find_key_by_secret_reports_a_suspended_account(
     found = await service.find_key_by_secret(secret)
     assert found is not None
     assert found[0].id == key.id and found[1].status == "suspended" and found[1].balance == 42
+
+
+async def test_two_gateways_redeeming_one_invite_admit_exactly_max_uses(
+        database_url: str) -> None:
+    """Two gateways (two Database connections on one database) redeem one 3-use code for
+    twenty accounts at once: exactly three are admitted."""
+    first, second = Database(database_url), Database(database_url)
+    try:
+        a, b = AccountService(first), AccountService(second)
+        owner = await a.create_account("owner", "operator")
+        group = await a.create_group(owner.id, "shared")
+        secret, _ = await a.create_invite(group.id, owner.id, max_uses=3)
+        guests = [await a.create_account(f"g{i}") for i in range(20)]
+        results = await gather([partial((a, b)[i % 2].redeem_invite, secret, g.id)
+                                 for i, g in enumerate(guests)])
+        assert sum(not isinstance(r, APIError) for r in results) == 3
+        assert len(await b.members(group.id)) == 4
+        assert [i.uses for i in await b.list_invites(group.id)] == [3]
+    finally:
+        first.close()
+        second.close()
