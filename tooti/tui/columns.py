@@ -142,6 +142,8 @@ REQUEST_COLUMNS: list[Column[RequestView]] = [
     Column("age", "age", lambda r, now: age(now - r.received_at), lambda r: -r.received_at,
            numeric=True),
     Column("key", "key", lambda r, now: key_label(r.key_id), lambda r: r.key_id),
+    Column("account", "account", lambda r, now: clip(r.account, 16) or "-",
+           lambda r: r.account),
     Column("model", "model", lambda r, now: r.model or "-", lambda r: r.model),
     Column("node", "node", lambda r, now: r.node or "-", lambda r: r.node),
     Column("attempts", "tries", lambda r, now: str(r.attempts), lambda r: r.attempts,
@@ -169,8 +171,9 @@ def peer_matches(peer: PeerView, needle: str) -> bool:
 
 
 def request_matches(request: RequestView, needle: str) -> bool:
-    """True if ``needle`` (lower case) is in the request's id, key, model, node,
-    state or error."""
-    haystack = " ".join([request.id, request.key_id, request.model, request.node or "",
+    """True if ``needle`` (lower case) is in the request's id, key, account, model,
+    node, state or error."""
+    haystack = " ".join([request.id, request.key_id, request.account, request.model,
+                         request.node or "",
                          request.state, request.error or ""])
     return needle in haystack.lower()

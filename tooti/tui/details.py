@@ -30,6 +30,7 @@ def request_detail(state: NetworkState, request_id: str, now: float) -> Text:
     _field(out, "endpoint", request.endpoint or "-")
     _field(out, "stream", "yes" if request.stream else "no")
     _field(out, "key", request.key_id or "-")
+    _field(out, "account", request.account or "-")
     out.append("\n")
     _field(out, "node", request.node or "-")
     _field(out, "tries", str(request.attempts))

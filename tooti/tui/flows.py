@@ -50,6 +50,7 @@ class RequestFlows:
             request.endpoint = str(data.get("endpoint") or "")
             request.stream = data.get("stream")
             request.key_id = str(data.get("key_id") or "")
+            request.account = str(data.get("account") or "")
             request.received_at = ts
             request.timeline.append(Step("received", ts, None, request.endpoint))
         elif kind == "request.routed":
@@ -100,6 +101,7 @@ class RequestFlows:
         counted = request.phase == "finished"
         request.phase = "finished"
         request.status = str(data.get("status") or "finished")
+        request.account = str(data.get("account") or request.account)
         node = data.get("node")
         if isinstance(node, str):
             request.node = node
@@ -148,6 +150,7 @@ class RequestFlows:
         request.endpoint = str(summary.get("endpoint") or "")
         request.stream = summary.get("stream")
         request.key_id = str(summary.get("key_id") or "")
+        request.account = str(summary.get("account") or "")
         node = summary.get("node")
         request.node = node if isinstance(node, str) else None
         request.ttft_ms = as_float(summary.get("ttft_ms"))

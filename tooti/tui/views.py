@@ -37,6 +37,8 @@ class RequestView:
     endpoint: str = ""
     stream: bool | None = None
     key_id: str = ""
+    account: str = ""
+    """The name of the account the request's API key belongs to (empty: anonymous)."""
     node: str | None = None
     attempts: int = 0
     phase: str = "received"
