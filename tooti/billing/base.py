@@ -33,8 +33,12 @@ from typing import Any, Protocol
 import msgspec
 
 from tooti.accounts.database import Database
+from tooti.accounts.money import cost_micros, price_micros
 from tooti.protocol.schemas import MAX_PRICE
 from tooti.protocol.usage import MAX_TOKENS, ReportedUsage, UsageLimits
+
+MAX_PRICE_MICROS = price_micros(MAX_PRICE)
+"""The highest price a node may advertise, in micro-units per 1M tokens."""
 
 
 @dataclass(frozen=True)
@@ -81,24 +85,27 @@ class Usage(msgspec.Struct, frozen=True):
     status: str
     """``ok``, ``cancelled`` (client left), ``failed_midstream``, or ``error`` (the node
     answered with an error)."""
-    price_input: float = 0.0
-    """The serving node's advertised price per 1M prompt tokens."""
-    price_output: float = 0.0
-    """The serving node's advertised price per 1M completion tokens."""
+    price_input: int = 0
+    """The serving node's advertised price per 1M prompt tokens, in integer
+    micro-units (:func:`tooti.accounts.money.price_micros` of the node's number)."""
+    price_output: int = 0
+    """The serving node's advertised price per 1M completion tokens, in micro-units."""
     estimated: bool = False
     """True when the node could not report exact token counts, or reported counts out
     of bounds (then the counts are the gateway's own estimate)."""
     latency_ms: float = 0.0
 
     @property
-    def cost(self) -> float:
-        """Prompt and completion tokens at the node's own prices. Never negative nor
-        infinite, whatever the fields hold: a count or price below zero (or not finite)
-        counts as zero, and each is capped at what the gateway accepts from a node
-        (:data:`MAX_TOKENS`, :data:`MAX_PRICE`), which it checks before billing."""
-        return (_bounded(self.prompt_tokens, MAX_TOKENS) * _bounded(self.price_input, MAX_PRICE)
-                + _bounded(self.completion_tokens, MAX_TOKENS)
-                * _bounded(self.price_output, MAX_PRICE)) / 1_000_000
+    def cost(self) -> int:
+        """Prompt and completion tokens at the node's own prices, in integer micro-units
+        (rounded up to a whole one: :func:`tooti.accounts.money.cost_micros`). Never
+        negative, whatever the fields hold: a count or price below zero counts as zero,
+        and each is capped at what the gateway accepts from a node (:data:`MAX_TOKENS`,
+        :data:`MAX_PRICE`), which it checks before billing."""
+        return cost_micros(_bounded(self.prompt_tokens, MAX_TOKENS),
+                           _bounded(self.completion_tokens, MAX_TOKENS),
+                           _bounded(self.price_input, MAX_PRICE_MICROS),
+                           _bounded(self.price_output, MAX_PRICE_MICROS))
 
 
 class Outcome(msgspec.Struct):
@@ -111,6 +118,8 @@ class Outcome(msgspec.Struct):
     node_id: str = ""
     model: str = ""
     price_input: float = 0.0
+    """The serving node's advertised price per 1M prompt tokens (its own number; billing
+    receives it in micro-units)."""
     price_output: float = 0.0
     usage: ReportedUsage | None = None
     """The END frame's usage, when the node reported it within bounds."""
@@ -132,10 +141,10 @@ class Outcome(msgspec.Struct):
     """The error the client saw, if any."""
 
 
-def _bounded(value: float, high: float) -> float:
-    if not value > 0:  # negative, zero or NaN
+def _bounded(value: int, high: int) -> int:
+    if not value > 0:  # negative or zero
         return 0
-    return value if value < high else high
+    return int(value) if value < high else high
 
 
 class Billing(Protocol):

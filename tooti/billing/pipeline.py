@@ -8,8 +8,10 @@ from collections.abc import Callable
 import trio
 
 from tooti import clock
+from tooti.accounts.money import price_micros
 from tooti.backoff import Backoff
 from tooti.billing.base import Billing, Outcome, RequestContext, Usage
+from tooti.protocol.schemas import MAX_PRICE
 
 log = logging.getLogger("tooti.billing")
 
@@ -46,9 +48,16 @@ def usage_from(outcome: Outcome, body_bytes: int, started: float) -> Usage:
     return Usage(
         node_id=outcome.node_id, model=outcome.model, prompt_tokens=prompt,
         completion_tokens=completion, status=outcome.status,
-        price_input=outcome.price_input, price_output=outcome.price_output,
+        price_input=_price(outcome.price_input), price_output=_price(outcome.price_output),
         estimated=estimated, latency_ms=(clock.now() - started) * 1000,
     )
+
+
+def _price(price: float) -> int:
+    """A node's advertised price as integer micro-units per 1M tokens (converted once,
+    here); anything not finite or above :data:`MAX_PRICE` counts as that cap, anything
+    not positive as zero."""
+    return price_micros(min(price, MAX_PRICE)) if price == price else 0
 
 
 def _estimate(outcome: Outcome) -> int:

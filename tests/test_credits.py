@@ -1,0 +1,317 @@
+"""The ``credits`` billing plugin and its per-gateway leases, on SQLite and PostgreSQL:
+reserve → settle → refund arithmetic in integer micro-units, 402 when the balance is
+short, idempotent settles, two gateways on one database never reserving more than the
+balance, and leases of a killed gateway reconciled at its restart or after expiry."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from tooti.accounts.database import Database, Tx
+from tooti.accounts.journal import FEES, ISSUED, InsufficientFunds, balance, post
+from tooti.accounts.ledger_check import check, check_report, summary
+from tooti.accounts.leases import LeaseBook
+from tooti.accounts.money import MICROS
+from tooti.billing.base import BillingSetup, RequestContext, Usage
+from tooti.billing.credits import Credits, parse_options
+from tooti.errors import APIError
+
+ACCOUNT = "acct_alice"
+# 1 and 3 credits per 1M tokens: 1000 prompt + 1000 completion tokens cost 4000 µ.
+PRICE_IN, PRICE_OUT = 1_000_000, 3_000_000
+
+
+def open_account(db: Database, account_id: str = ACCOUNT, credit: int = 10 * MICROS) -> None:
+    """An account row (leases refer to it) topped up with ``credit`` micro-units."""
+    def create(tx: Tx) -> None:
+        tx.run("INSERT INTO accounts (id, name, role, status, created_at) VALUES "
+               "(?, ?, 'user', 'active', 0) ON CONFLICT (id) DO NOTHING",
+               (account_id, account_id))
+        if credit:
+            post(tx, f"topup:{account_id}:{credit}", "topup",
+                 [(ISSUED, -credit), (f"account:{account_id}", credit)])
+    db.write_sync(create)
+
+
+def book(db: Database, name: str) -> int:
+    return db.read_sync(lambda tx: balance(tx, name))
+
+
+def ctx(request_id: str, max_cost: int, account_id: str = ACCOUNT) -> RequestContext:
+    return RequestContext(request_id, "key_1", "m", "chat/completions", False,
+                          account_id=account_id, max_cost=max_cost)
+
+
+def usage(prompt: int = 1000, completion: int = 1000, node: str = "node-a") -> Usage:
+    return Usage(node, "m", prompt, completion, "ok", price_input=PRICE_IN,
+                 price_output=PRICE_OUT)
+
+
+def usage_rows(db: Database) -> dict[str, tuple[Any, ...]]:
+    return {row[0]: row[1:] for row in db.read_sync(lambda tx: tx.all(
+        "SELECT request_id, status, cost, charged, earned, fee, owner_id FROM usage"))}
+
+
+@asynccontextmanager
+async def running(db: Database, tmp_path: Path, gateway_id: str = "gw-a", *,
+                  close: bool = True, wall: Callable[[], float] | None = None,
+                  **options: Any) -> AsyncIterator[Credits]:
+    """A Credits plugin on ``db`` with its run() going; closed after unless ``close`` is
+    False (a gateway "killed": its leases stay open in the database)."""
+    setup = BillingSetup(tmp_path, options, database=db, gateway_id=gateway_id)
+    plugin = Credits(setup, wall=wall) if wall is not None else Credits(setup)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(plugin.run)
+        yield plugin
+        if close:
+            await plugin.close()
+        nursery.cancel_scope.cancel()
+
+
+async def test_reserve_settle_refund_arithmetic(database: Database, tmp_path: Path) -> None:
+    open_account(database)
+    async with running(database, tmp_path, lease_credits="2", fee_bps=1000) as credits:
+        await credits.authorize(ctx("r1", 500_000))
+        lease = credits.leases._current[ACCOUNT].id
+        # One lease of 2 credits left the account; the request holds 0.5 of it.
+        assert book(database, f"account:{ACCOUNT}") == 8 * MICROS
+        assert book(database, f"lease:{lease}") == 2 * MICROS
+        assert credits.leases.held(ACCOUNT) == 1_500_000
+        await credits.authorize(ctx("r2", 500_000))  # from memory: the same lease
+        assert credits.leases._current[ACCOUNT].id == lease
+        await credits.settle(ctx("r1", 500_000), usage())
+        assert usage_rows(database)["r1"] == ("ok", 4000, 4000, 3600, 400, "admin")
+        assert book(database, f"lease:{lease}") == 2 * MICROS - 4000
+        assert book(database, "earnings:admin") == 3600
+        assert book(database, FEES) == 400
+        assert credits.leases.held(ACCOUNT) == 2 * MICROS - 4000 - 500_000  # r2 still holds its part
+        await credits.refund(ctx("r2", 500_000), "failed")
+        await credits.flush()
+        assert credits.leases.held(ACCOUNT) == 2 * MICROS - 4000
+        assert usage_rows(database)["r2"][:3] == ("failed", 0, 0)
+    # Closed: the lease went back, the account paid exactly what was delivered.
+    assert book(database, f"account:{ACCOUNT}") == 10 * MICROS - 4000
+    assert book(database, f"lease:{lease}") == 0
+    assert check(database) == []
+    assert summary(database)["charged"] == 4000
+
+
+async def test_cost_is_capped_at_the_reservation(database: Database, tmp_path: Path) -> None:
+    open_account(database)
+    async with running(database, tmp_path) as credits:
+        await credits.authorize(ctx("r1", 1000))
+        await credits.settle(ctx("r1", 1000), usage())  # costs 4000, reserved 1000
+    assert usage_rows(database)["r1"][1:3] == (4000, 1000)
+    assert book(database, f"account:{ACCOUNT}") == 10 * MICROS - 1000
+    assert check(database) == []
+
+
+async def test_a_short_balance_is_refused_with_402(database: Database, tmp_path: Path) -> None:
+    open_account(database, credit=3000)
+    async with running(database, tmp_path) as credits:
+        with pytest.raises(APIError) as refused:
+            await credits.authorize(ctx("r1", 3001))
+        assert (refused.value.status, refused.value.code, refused.value.type) == (
+            402, "insufficient_quota", "insufficient_quota")
+        await credits.authorize(ctx("r2", 3000))  # exactly the balance: admitted
+        with pytest.raises(APIError):
+            await credits.authorize(ctx("r3", 1))
+    assert book(database, f"account:{ACCOUNT}") == 3000
+    assert check(database) == []
+
+
+async def test_settling_twice_charges_once(database: Database, tmp_path: Path) -> None:
+    open_account(database)
+    async with running(database, tmp_path) as credits:
+        await credits.authorize(ctx("r1", 10_000))
+        await credits.settle(ctx("r1", 10_000), usage())
+        await credits.settle(ctx("r1", 10_000), usage())
+        async with trio.open_nursery() as nursery:  # and concurrently, in one batch
+            await credits.authorize(ctx("r2", 10_000))
+            for _ in range(2):
+                nursery.start_soon(credits.settle, ctx("r2", 10_000), usage())
+    entries = database.read_sync(lambda tx: tx.all(
+        "SELECT idem_key FROM journal WHERE kind = 'settle' ORDER BY idem_key"))
+    assert entries == [("settle:r1",), ("settle:r2",)]
+    assert book(database, f"account:{ACCOUNT}") == 10 * MICROS - 8000
+    assert check(database) == []
+
+
+async def test_anonymous_requests_only_get_a_usage_row(database: Database,
+                                                      tmp_path: Path) -> None:
+    async with running(database, tmp_path) as credits:
+        anonymous = ctx("r1", 50_000, account_id="")
+        await credits.authorize(anonymous)
+        await credits.settle(anonymous, usage())
+    assert usage_rows(database)["r1"][:3] == ("ok", 4000, 0)
+    assert database.read_sync(lambda tx: tx.value("SELECT COUNT(*) FROM journal")) == 0
+    assert check(database) == []
+
+
+async def test_the_node_owner_earns(database: Database, tmp_path: Path) -> None:
+    open_account(database)
+    open_account(database, "acct_op", credit=0)
+    database.write_sync(lambda tx: tx.run(
+        "INSERT INTO node_owners (node_id, account_id, bound_at) VALUES ('node-b', 'acct_op', 0)"))
+    async with running(database, tmp_path, fee_bps=2500) as credits:
+        await credits.authorize(ctx("r1", 10_000))
+        await credits.settle(ctx("r1", 10_000), usage(node="node-b"))
+    assert book(database, "earnings:acct_op") == 3000
+    assert book(database, FEES) == 1000
+    assert usage_rows(database)["r1"][-1] == "acct_op"
+    assert check(database) == []
+
+
+async def test_two_gateways_never_reserve_more_than_the_balance(
+        database: Database, database_url: str, tmp_path: Path) -> None:
+    """100 concurrent requests over two gateways (two connections to one database)
+    whose maximum costs total 4x the balance: what is reserved never exceeds it."""
+    balance_µ = 10 * MICROS
+    open_account(database, credit=balance_µ)
+    other = Database(database_url)
+    admitted: list[RequestContext] = []
+    refused = 0
+    try:
+        async with running(database, tmp_path, "gw-a") as a, \
+                running(other, tmp_path, "gw-b") as b:
+
+            async def one(i: int) -> None:
+                nonlocal refused
+                request = ctx(f"r{i}", 400_000)
+                try:
+                    await (a if i % 2 else b).authorize(request)
+                except APIError as exc:
+                    assert exc.status == 402
+                    refused += 1
+                    return
+                admitted.append(request)
+
+            async with trio.open_nursery() as nursery:
+                for i in range(100):
+                    nursery.start_soon(one, i)
+            assert len(admitted) * 400_000 <= balance_µ
+            assert len(admitted) + refused == 100
+            assert len(admitted) >= 20  # 25 fit; leases may strand a little credit
+            async with trio.open_nursery() as nursery:
+                for request in admitted:
+                    plugin = a if int(request.request_id[1:]) % 2 else b
+                    nursery.start_soon(plugin.settle, request, usage(50_000, 100_000))
+    finally:
+        other.close()
+    charged = len(admitted) * 350_000
+    assert book(database, f"account:{ACCOUNT}") == balance_µ - charged
+    assert summary(database) | {"issued": balance_µ} == summary(database)
+    assert summary(database)["open_leases"] == 0
+    assert check(database) == []
+
+
+async def test_a_killed_gateways_lease_is_reconciled_at_its_restart(
+        database: Database, tmp_path: Path) -> None:
+    open_account(database)
+    async with running(database, tmp_path, "gw-a", close=False) as killed:
+        await killed.authorize(ctx("r1", 10_000))
+        await killed.authorize(ctx("r2", 10_000))
+        await killed.settle(ctx("r1", 10_000), usage())  # r2 was in flight: never settled
+    assert book(database, f"account:{ACCOUNT}") == 9 * MICROS
+    assert check(database) == []  # a lease in use is consistent too
+    async with running(database, tmp_path, "gw-a") as restarted:
+        # Before serving anything, the restart gave the remainder back.
+        assert book(database, f"account:{ACCOUNT}") == 10 * MICROS - 4000
+        assert summary(database)["open_leases"] == 0
+        await restarted.authorize(ctx("r3", 10_000))
+    released = database.read_sync(lambda tx: tx.value(
+        "SELECT COUNT(*) FROM journal WHERE kind = 'release'"))
+    assert released == 2
+    assert check(database) == []
+
+
+async def test_an_expired_lease_is_reconciled_by_another_gateway(
+        database: Database, tmp_path: Path) -> None:
+    open_account(database)
+    now = [1_000_000.0]
+
+    def wall() -> float:
+        return now[0]
+
+    async with running(database, tmp_path, "gw-a", close=False, wall=wall) as killed:
+        await killed.authorize(ctx("r1", 10_000))
+    async with running(database, tmp_path, "gw-b", wall=wall, lease_ttl=60) as other:
+        assert await other.leases.reconcile_expired() == []  # not expired yet
+        assert book(database, f"account:{ACCOUNT}") == 9 * MICROS
+        now[0] += 121  # past the killed gateway's 120 s ttl
+        assert len(await other.leases.reconcile_expired()) == 1
+        assert book(database, f"account:{ACCOUNT}") == 10 * MICROS
+        assert await other.leases.reconcile_expired() == []  # closed once
+    assert check(database) == []
+
+
+async def test_a_settle_on_a_reconciled_lease_charges_the_account(
+        database: Database, tmp_path: Path) -> None:
+    """The bound: a gateway cut off past its ttl settles a request reserved before;
+    the account pays it directly and may end below zero by at most that cost."""
+    open_account(database, credit=MICROS)
+    now = [1_000_000.0]
+
+    def wall() -> float:
+        return now[0]
+
+    async with running(database, tmp_path, "gw-a", wall=wall) as cut_off, \
+            running(database, tmp_path, "gw-b", wall=wall) as other:
+        await cut_off.authorize(ctx("r1", MICROS))
+        now[0] += 121
+        await other.leases.reconcile_expired()
+        await other.authorize(ctx("r2", MICROS))  # the returned credit, spent again
+        await other.settle(ctx("r2", MICROS), usage(0, 1_000_000 // 3))
+        await cut_off.settle(ctx("r1", MICROS), usage(1000, 1000))
+        assert cut_off.leases.held(ACCOUNT) == 0  # it reserves nothing more from it
+    assert book(database, f"account:{ACCOUNT}") == MICROS - 999_999 - 4000
+    assert book(database, f"account:{ACCOUNT}") >= -MICROS
+    report = check_report(database)
+    assert report.violations == []
+    assert len(report.warnings) == 1 and "account:acct_alice" in report.warnings[0]
+
+
+async def test_idle_leases_go_back(database: Database, tmp_path: Path) -> None:
+    open_account(database)
+    async with running(database, tmp_path, lease_idle=5) as credits:
+        await credits.authorize(ctx("r1", 10_000))
+        await credits.authorize(ctx("r2", 10_000))
+        await credits.settle(ctx("r1", 10_000), usage())
+        later = trio.current_time() + 6
+        assert await credits.leases.return_idle(now=later) == 0  # r2 still holds it
+        await credits.refund(ctx("r2", 10_000), "failed")
+        assert await credits.leases.return_idle(now=trio.current_time() + 4) == 0
+        assert await credits.leases.return_idle(now=later) == 1
+        assert summary(database)["open_leases"] == 0
+        assert book(database, f"account:{ACCOUNT}") == 10 * MICROS - 4000
+        await credits.authorize(ctx("r2", 10_000))  # a new lease when needed again
+        assert summary(database)["open_leases"] == 1
+
+
+async def test_lease_book_refuses_beyond_the_balance(database: Database) -> None:
+    open_account(database, credit=5000)
+    leases = LeaseBook(database, "gw-x", size=MICROS)
+    first = await leases.reserve(ACCOUNT, 4000)  # the lease is the whole balance
+    assert book(database, f"account:{ACCOUNT}") == 0
+    with pytest.raises(InsufficientFunds):
+        await leases.reserve(ACCOUNT, 2000)
+    leases.release(first, 0)
+    await leases.reserve(ACCOUNT, 5000)
+    await leases.close()
+    assert book(database, f"account:{ACCOUNT}") == 5000
+
+
+def test_options_are_validated() -> None:
+    assert parse_options({})[1] == MICROS
+    assert parse_options({"lease_credits": "0.5", "spend_cap_tokens": 3})[1] == 500_000
+    assert parse_options({"lease_credits": 2})[1] == 2 * MICROS
+    for bad in ({"fee_bps": 10_001}, {"fee_bps": -1}, {"lease_credits": "abc"},
+                {"lease_credits": 0}, {"lease_ttl": 0}, {"lease_idle": "x"}):
+        with pytest.raises(ValueError):
+            parse_options(bad)

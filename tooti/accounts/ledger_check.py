@@ -1,0 +1,151 @@
+"""``tooti ledger check``: the ledger's invariants, verified from the database alone.
+
+:func:`check` returns the violations, most fundamental first (the first one decides
+the exit status); an empty list means the ledger balances:
+
+1. every journal entry's lines sum to zero (double entry);
+2. every book's cached balance equals the sum of its lines (and no line names a book
+   without a balance);
+3. all books together sum to zero (money is neither created nor lost: ``issued`` is
+   minus everything ever issued);
+4. no account book is below zero — *unless* settle entries charged to that account
+   book directly explain it (a gateway cut off from the database past its lease ttl
+   settled on a lease another gateway had reconciled: the documented bound of
+   :mod:`tooti.accounts.leases`). Such a balance is a *warning*
+   (:func:`check_report`), not a violation, as long as ``-balance`` is at most what
+   those settles charged; beyond that it is a violation;
+5. a closed lease holds zero, an open lease is not negative;
+6. every usage row with ``charged > 0`` has exactly one ``settle:<request id>`` entry
+   debiting exactly ``charged``, and every settle entry has such a row;
+7. every usage row's ``earned + fee == charged``.
+
+:func:`summary` gives the totals an operator reads beside it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from tooti.accounts.database import Database, Tx
+from tooti.accounts.journal import FEES, ISSUED, PAYOUTS
+
+SHOWN = 20
+"""Offending rows listed per invariant (the count says how many there are)."""
+
+
+class Report(msgspec.Struct, frozen=True):
+    """What :func:`check_report` found."""
+
+    violations: list[str]
+    warnings: list[str]
+
+
+def check(db: Database) -> list[str]:
+    """Every violated invariant (see the module docstring); empty if the ledger holds."""
+    return check_report(db).violations
+
+
+def check_report(db: Database) -> Report:
+    """Violations and warnings, in one read transaction."""
+    return db.read_sync(_check)
+
+
+def _listed(what: str, rows: list[tuple[Any, ...]], fmt: str) -> list[str]:
+    if not rows:
+        return []
+    shown = "; ".join(fmt.format(*row) for row in rows[:SHOWN])
+    more = f" (and {len(rows) - SHOWN} more)" if len(rows) > SHOWN else ""
+    return [f"{what}: {shown}{more}"]
+
+
+def _check(tx: Tx) -> Report:
+    out: list[str] = []
+    warnings: list[str] = []
+    out += _listed("unbalanced journal entries", tx.all(
+        "SELECT j.idem_key, SUM(l.amount) FROM journal_lines l JOIN journal j "
+        "ON j.id = l.entry_id GROUP BY j.idem_key HAVING SUM(l.amount) <> 0 "
+        "ORDER BY j.idem_key"), "{0} sums to {1}")
+    out += _listed("books whose balance is not the sum of their lines", tx.all(
+        "SELECT b.book, b.balance, COALESCE(SUM(l.amount), 0) FROM books b "
+        "LEFT JOIN journal_lines l ON l.book = b.book GROUP BY b.book, b.balance "
+        "HAVING b.balance <> COALESCE(SUM(l.amount), 0) ORDER BY b.book"),
+        "{0} holds {1}, its lines sum to {2}")
+    out += _listed("journal lines on books without a balance", tx.all(
+        "SELECT l.book, SUM(l.amount) FROM journal_lines l WHERE NOT EXISTS "
+        "(SELECT 1 FROM books b WHERE b.book = l.book) GROUP BY l.book "
+        "HAVING SUM(l.amount) <> 0 ORDER BY l.book"), "{0} lines sum to {1}")
+    total = int(tx.value("SELECT SUM(balance) FROM books", default=0))
+    if total:
+        out.append(f"the books sum to {total}, not 0 (money was created or lost)")
+    below = tx.all("SELECT book, balance FROM books WHERE balance < 0 ORDER BY book")
+    unexplained: list[tuple[Any, ...]] = []
+    for book, held in below:
+        if not str(book).startswith("account:"):
+            continue
+        direct = -int(tx.value(
+            "SELECT SUM(l.amount) FROM journal_lines l JOIN journal j ON j.id = l.entry_id "
+            "WHERE l.book = ? AND j.kind = 'settle' AND l.amount < 0", (book,), default=0))
+        if -int(held) <= direct:
+            warnings.append(f"{book} holds {held}: settles on leases reconciled while "
+                            f"their gateway was cut off charged it {direct} directly "
+                            "(within the documented bound)")
+        else:
+            unexplained.append((book, held))
+    out += _listed("accounts below zero", unexplained, "{0} holds {1}")
+    out += _listed("closed leases holding credit", tx.all(
+        "SELECT l.id, b.balance FROM leases l JOIN books b ON b.book = 'lease:' || l.id "
+        "WHERE l.closed_at IS NOT NULL AND b.balance <> 0 ORDER BY l.id"), "{0} holds {1}")
+    out += _listed("open leases below zero", tx.all(
+        "SELECT l.id, b.balance FROM leases l JOIN books b ON b.book = 'lease:' || l.id "
+        "WHERE l.closed_at IS NULL AND b.balance < 0 ORDER BY l.id"), "{0} holds {1}")
+    out += _listed("charged requests without exactly one settle entry", tx.all(
+        "SELECT u.request_id, u.charged, COUNT(j.id) FROM usage u LEFT JOIN journal j "
+        "ON j.idem_key = 'settle:' || u.request_id WHERE u.charged > 0 "
+        "GROUP BY u.request_id, u.charged HAVING COUNT(j.id) <> 1 ORDER BY u.request_id"),
+        "{0} charged {1}, {2} entries")
+    out += _listed("settle entries of another amount than their request's charge", tx.all(
+        "SELECT u.request_id, u.charged, -SUM(l.amount) FROM usage u JOIN journal j "
+        "ON j.idem_key = 'settle:' || u.request_id JOIN journal_lines l "
+        "ON l.entry_id = j.id AND l.amount < 0 GROUP BY u.request_id, u.charged "
+        "HAVING -SUM(l.amount) <> u.charged ORDER BY u.request_id"),
+        "{0} charged {1}, its entry {2}")
+    out += _listed("settle entries without a charged request", tx.all(
+        "SELECT j.idem_key FROM journal j WHERE j.kind = 'settle' AND NOT EXISTS "
+        "(SELECT 1 FROM usage u WHERE u.request_id = j.request_id AND u.charged > 0 "
+        "AND j.idem_key = 'settle:' || u.request_id) ORDER BY j.idem_key"), "{0}")
+    out += _listed("requests whose earned + fee is not their charge", tx.all(
+        "SELECT request_id, charged, earned, fee FROM usage WHERE earned + fee <> charged "
+        "ORDER BY request_id"), "{0} charged {1}, earned {2} + fee {3}")
+    return Report(out, warnings)
+
+
+def summary(db: Database) -> dict[str, int]:
+    """Totals in micro-units: ``issued`` (all credit ever issued), ``balances``
+    (spendable, all accounts), ``leased`` (held in open leases), ``earnings`` (owed to
+    operators), ``fees``, ``payouts``, ``charged`` (all settled requests) and
+    ``open_leases`` (a count)."""
+
+    def read(tx: Tx) -> dict[str, int]:
+        def books(pattern: str) -> int:
+            return int(tx.value("SELECT SUM(balance) FROM books WHERE book LIKE ?",
+                                (pattern,), default=0))
+
+        def book(name: str) -> int:
+            return int(tx.value("SELECT balance FROM books WHERE book = ?", (name,),
+                                default=0))
+
+        return {
+            "issued": -book(ISSUED),
+            "balances": books("account:_%"),
+            "leased": books("lease:_%"),
+            "earnings": books("earnings:_%"),
+            "fees": book(FEES),
+            "payouts": book(PAYOUTS),
+            "charged": int(tx.value("SELECT SUM(charged) FROM usage", default=0)),
+            "open_leases": int(tx.value(
+                "SELECT COUNT(*) FROM leases WHERE closed_at IS NULL", default=0)),
+        }
+
+    return db.read_sync(read)
