@@ -479,6 +479,10 @@ class Limiter:
             if (wall - counter.touched >= 2 * length and counter.local == 0
                     and (counter.lock is None or not counter.lock.locked())):
                 self._counters.pop(counter.subject, None)
+        if self._memory:  # no database: forget the shared counts of windows that ended
+            for subject, start in list(self._memory):
+                if quota.window_end(quota.period_of(subject), start) <= wall:
+                    del self._memory[subject, start]
 
     async def close(self) -> None:
         """Give every unused chunk back and charge every debt (the gateway is stopping)."""
@@ -505,5 +509,5 @@ class Limiter:
         self.live_gateways = max(1, await self.db.write(beat))
 
     def counters(self) -> int:
-        """How many subjects this gateway holds counters for (bounded memory)."""
-        return len(self._counters) + len(self._running)
+        """How many counters this gateway holds (bounded memory: see :meth:`tick`)."""
+        return len(self._counters) + len(self._running) + len(self._memory)
