@@ -41,9 +41,6 @@ route does not take, 413 past :data:`MAX_BODY` bytes. The service's own refusals
 
 from __future__ import annotations
 
-import csv
-import inspect
-import io
 import re
 import secrets
 from collections.abc import Awaitable, Callable, Mapping
@@ -79,6 +76,8 @@ MAX_BODY = 64 * 1024
 """The largest request body the accounts routes read (bytes)."""
 BODY_SECONDS = 10.0
 T = TypeVar("T")
+SUMMARY_COUNTS = frozenset({"open_leases"})
+"""Members of the ledger summary that are counts, not amounts."""
 
 Name = Annotated[str, msgspec.Meta(max_length=64)]
 Text = Annotated[str, msgspec.Meta(max_length=256)]
@@ -370,77 +369,62 @@ def listing(items: list[dict[str, Any]]) -> dict[str, Any]:
     return {"object": "list", "data": items}
 
 
-def jsonable(value: Any) -> Any:
-    """A report from the ledger or earnings modules as JSON-able builtins."""
-    return msgspec.to_builtins(value)
-
-
-async def call_blocking_or_async(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Await ``fn`` if it is a coroutine function, else run it in a worker thread (the
-    ledger check and the earnings report read the whole database)."""
-    if inspect.iscoroutinefunction(fn):
-        return await fn(*args, **kwargs)
-    result = await trio.to_thread.run_sync(lambda: fn(*args, **kwargs))
-    if inspect.isawaitable(result):  # pragma: no cover - a sync wrapper of a coroutine
-        return await result
-    return result
-
-
 # ------------------------------------------------------------ reports (H2's modules)
 
 async def ledger_report(database: Database) -> dict[str, Any]:
-    """``{ok, violations, summary}`` of :mod:`tooti.accounts.ledger_check`."""
+    """``{ok, violations, warnings, summary}`` of :mod:`tooti.accounts.ledger_check`; the
+    summary's amounts as micro-units and credits (``issued_micros``, ``issued``)."""
     from tooti.accounts import ledger_check
 
-    violations = list(await call_blocking_or_async(ledger_check.check, database))
-    summary_of = getattr(ledger_check, "summary", None)
-    summary = jsonable(await call_blocking_or_async(summary_of, database)) if summary_of else {}
-    return {"ok": not violations, "violations": violations, "summary": summary}
+    report = await trio.to_thread.run_sync(ledger_check.check_report, database)
+    totals = await trio.to_thread.run_sync(ledger_check.summary, database)
+    summary: dict[str, Any] = {}
+    for name, value in totals.items():
+        summary |= {name: value} if name in SUMMARY_COUNTS else money(name, value)
+    return {"ok": not report.violations, "violations": list(report.violations),
+            "warnings": list(report.warnings), "summary": summary}
+
+
+MONEY_FIELDS = ("earned", "fee", "owed", "paid")
+
+
+def _money_row(row: Any) -> dict[str, Any]:
+    """An earnings record as JSON: its amounts as micro-units and credits."""
+    record: dict[str, Any] = msgspec.to_builtins(row)
+    for name in MONEY_FIELDS:
+        if name in record:
+            record |= money(name, record.pop(name))
+    return record
 
 
 async def earnings_report(database: Database, since: float | None, until: float | None,
-                          account_id: str | None = None) -> Any:
-    """Per operator and node earnings between ``since`` and ``until``
+                          account_id: str | None = None) -> dict[str, Any]:
+    """Per operator and per node earnings charged in ``[since, until)``
     (:mod:`tooti.accounts.earnings`); ``account_id`` keeps one operator's."""
     from tooti.accounts import earnings
 
-    report = jsonable(await call_blocking_or_async(
-        earnings.report, database, since=since, until=until))
-    if account_id is not None:
-        report = _only_account(report, account_id)
-    return report
-
-
-def _only_account(report: Any, account_id: str) -> Any:
-    """An earnings report keeping only the rows of one account (any list of dicts with an
-    ``account_id`` or ``owner_id`` member is filtered)."""
-    if isinstance(report, list):
-        if all(isinstance(row, dict) for row in report) and any(
-                "account_id" in row or "owner_id" in row for row in report):
-            return [row for row in report
-                    if row.get("account_id", row.get("owner_id")) == account_id]
-        return [_only_account(item, account_id) for item in report]
-    if isinstance(report, dict):
-        return {key: _only_account(value, account_id) for key, value in report.items()}
-    return report
+    operators = await trio.to_thread.run_sync(lambda: earnings.by_operator(
+        database, since=since, until=until, owner=account_id))
+    nodes = await trio.to_thread.run_sync(lambda: earnings.by_node(
+        database, since=since, until=until, owner=account_id))
+    return {"object": "earnings", "since": since, "until": until,
+            "operators": [_money_row(row) for row in operators],
+            "nodes": [_money_row(row) for row in nodes]}
 
 
 async def earnings_export(database: Database, fmt: str, since: float | None,
                           until: float | None) -> tuple[bytes, bytes]:
-    """The payout export as ``(body, content type)``: CSV text or a JSON list."""
+    """The payout rows (:func:`tooti.accounts.earnings.payouts`: earned in the range, owed
+    now, paid so far, per operator) as ``(body, content type)``, CSV or JSON."""
     from tooti.accounts import earnings
 
-    rows = jsonable(await call_blocking_or_async(
-        earnings.export_rows, database, since=since, until=until))
+    rows = await trio.to_thread.run_sync(lambda: earnings.payouts(
+        database, since=since, until=until))
     if fmt == "json":
-        return msgspec.json.encode(listing(rows)), b"application/json"
-    out = io.StringIO()
-    columns = list(rows[0]) if rows else ["account_id", "node_id", "earned_micros"]
-    writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore",
-                            lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return out.getvalue().encode(), b"text/csv; charset=utf-8"
+        return (msgspec.json.encode(listing(earnings.export_json(rows))),
+                b"application/json")
+    text = earnings.export_csv(rows) or "owner_id,earned,owed,paid\n"
+    return text.encode(), b"text/csv; charset=utf-8"
 
 
 # ------------------------------------------------------------ routing
