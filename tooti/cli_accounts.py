@@ -109,15 +109,6 @@ def _numeric(text: str) -> bool:
     return text == "-" or re.fullmatch(r"-?\d+(\.\d+)?", text) is not None
 
 
-def generic_table(rows: Sequence[dict[str, Any]]) -> str:
-    """A table of whatever columns the rows have (reports whose shape is the server's)."""
-    if not rows:
-        return "(none)"
-    columns = list(dict.fromkeys(key for row in rows for key in row
-                                 if not key.endswith("_micros") or key[:-7] not in row))
-    return table(rows, [(key, key) for key in columns])
-
-
 def emit(args: argparse.Namespace, answer: Any, text: Callable[[Any], str]) -> int:
     print(json.dumps(answer, indent=2) if args.json else text(answer))
     return 0
@@ -291,20 +282,24 @@ def _credits_redeem(c: AdminClient, a: argparse.Namespace) -> int:
     return emit(a, answer, lambda r: f"{r['account_id']}: balance {r['balance']}")
 
 
-def _report_text(report: Any) -> str:
-    """An earnings report as tables: each list of rows in it under its name."""
-    if isinstance(report, list):
-        return generic_table(report)
-    if not isinstance(report, dict):
-        return _safe(report)
-    lines: list[str] = []
-    scalars = {k: v for k, v in report.items() if not isinstance(v, list | dict)}
-    lines += [f"{key}: {_safe(value)}" for key, value in scalars.items()
-              if not key.endswith("_micros") or key[:-7] not in report]
-    for key, value in report.items():
-        if isinstance(value, list | dict):
-            lines += ["", f"{key}:", _report_text(value)]
-    return "\n".join(lines).strip()
+OPERATOR_COLUMNS = [("OPERATOR", "owner_id"), ("NODES", "nodes"), ("REQUESTS", "requests"),
+                    ("PROMPT", "prompt_tokens"), ("COMPLETION", "completion_tokens"),
+                    ("EARNED", "earned"), ("FEE", "fee")]
+NODE_COLUMNS = [("OPERATOR", "owner_id"), ("NODE", "node_id"), ("REQUESTS", "requests"),
+                ("PROMPT", "prompt_tokens"), ("COMPLETION", "completion_tokens"),
+                ("EARNED", "earned"), ("FEE", "fee")]
+
+
+def _report_text(report: dict[str, Any]) -> str:
+    """An earnings report: per operator, then per node."""
+    span = f"from {when(report.get('since')) if report.get('since') else 'the start'} " \
+           f"until {when(report.get('until')) if report.get('until') else 'now'}"
+    lines = [f"earnings {span}", "", "by operator:"]
+    lines.append(table(report["operators"], OPERATOR_COLUMNS) if report["operators"]
+                 else "(none)")
+    lines += ["", "by node:"]
+    lines.append(table(report["nodes"], NODE_COLUMNS) if report["nodes"] else "(none)")
+    return "\n".join(lines)
 
 
 def _earnings(c: AdminClient, a: argparse.Namespace) -> int:
