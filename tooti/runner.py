@@ -32,7 +32,6 @@ import trio
 
 from tooti.accounts.database import Database, DatabaseError
 from tooti.accounts.join_directory import JoinTokenDirectory
-from tooti.accounts.service import AccountService
 from tooti.backends.base import Backend
 from tooti.billing.base import Billing, BillingSetup
 from tooti.gateway.app import Gateway
@@ -225,8 +224,7 @@ async def serve(
     roles = effective_roles(settings)
     try:
         if "gateway" in roles:
-            process.database = open_database(settings)
-            await AccountService(process.database).ensure_admin()
+            process.database = open_database(settings)  # the gateway ensures "admin"
         await _serve_roles(process, roles, task_status)
     finally:
         if process.database is not None:  # after billing closed (the gateway's serve)

@@ -141,10 +141,11 @@ class Gateway:
         self.admin = AdminAPI(self.station, lambda: self.proxy.queued)
         self.station.mount("/v1/", self.handle)
         self.admin.mount()
+        self.accounts: AccountService | None = None
         if database is not None:
-            service = AccountService(database)
-            self.self_service = SelfService(service, database)
-            AccountsAPI(self.station, service, database).mount()
+            self.accounts = AccountService(database)
+            self.self_service = SelfService(self.accounts, database)
+            AccountsAPI(self.station, self.accounts, database).mount()
         self._nursery: trio.Nursery | None = None
 
     # ------------------------------------------------------------ life cycle
@@ -152,7 +153,10 @@ class Gateway:
     async def serve(self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
                     grace: float = 10.0) -> None:
         """Serve the station with billing and probes running, until it shuts down;
-        reports the bound URLs."""
+        reports the bound URLs. With a database, the ``admin`` account (which the admin
+        key acts as) is created first if it does not exist."""
+        if self.accounts is not None:
+            await self.accounts.ensure_admin()
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
