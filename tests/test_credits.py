@@ -15,8 +15,8 @@ import trio
 
 from tooti.accounts.database import Database, Tx
 from tooti.accounts.journal import FEES, ISSUED, InsufficientFunds, balance, post
-from tooti.accounts.ledger_check import check, check_report, summary
 from tooti.accounts.leases import LeaseBook
+from tooti.accounts.ledger_check import check, check_report, summary
 from tooti.accounts.money import MICROS
 from tooti.billing.base import BillingSetup, RequestContext, Usage
 from tooti.billing.credits import Credits, parse_options
@@ -90,7 +90,8 @@ async def test_reserve_settle_refund_arithmetic(database: Database, tmp_path: Pa
         assert book(database, f"lease:{lease}") == 2 * MICROS - 4000
         assert book(database, "earnings:admin") == 3600
         assert book(database, FEES) == 400
-        assert credits.leases.held(ACCOUNT) == 2 * MICROS - 4000 - 500_000  # r2 still holds its part
+        # r2 still holds its part:
+        assert credits.leases.held(ACCOUNT) == 2 * MICROS - 4000 - 500_000
         await credits.refund(ctx("r2", 500_000), "failed")
         await credits.flush()
         assert credits.leases.held(ACCOUNT) == 2 * MICROS - 4000

@@ -93,11 +93,12 @@ def test_builtins_provide_backends_policies_and_billing() -> None:
     assert BUILTIN_BACKENDS <= backends <= BUILTIN_BACKENDS | OPTIONAL_BUILTIN_BACKENDS
     assert set(loaded.table("tooti_routing_policies")) == {
         "least-loaded", "round-robin", "latency", "weighted", "price"}
-    assert set(loaded.table("tooti_billing")) == {"usage-ledger"}
+    assert set(loaded.table("tooti_billing")) == {"credits", "usage-ledger"}
     assert [i.name for i in loaded.infos] == list(plugins.DEFAULT_PLUGINS)
     for info in loaded.infos:
         assert (info.source, info.distribution, info.error) == ("built-in", "tooti", "")
-    assert info_named(loaded, "tooti.billing.ledger").provides == {"billing": ["usage-ledger"]}
+    assert info_named(loaded, "tooti.billing.ledger").provides == {
+        "billing": ["credits", "usage-ledger"]}
 
 
 def test_example_packages_load_from_entry_points(tmp_path: Path) -> None:
@@ -229,7 +230,7 @@ def test_unknown_names_in_config_list_the_available_ones(tmp_path: Path) -> None
          "price, region-affinity, round-robin, weighted"),
         (Settings(billing=BillingSettings(plugins=["usage-ledger", "prepaid"])),
          "billing.plugins[1]",
-         "unknown billing plugin 'prepaid'; available: spend-cap, usage-ledger"),
+         "unknown billing plugin 'prepaid'; available: credits, spend-cap, usage-ledger"),
         (Settings(node=NodeSettings(backends=[BackendSettings(type="simulated"),
                                               BackendSettings(type="vllm-direct")])),
          "node.backends[1].type", "unknown backend type 'vllm-direct'; available: "),
@@ -265,7 +266,7 @@ def test_cli_plugins_lists_distribution_version_and_names(
     backends = set(backends_line.splitlines()[0].removeprefix("    backends: ").split(", "))
     assert BUILTIN_BACKENDS <= backends <= BUILTIN_BACKENDS | OPTIONAL_BUILTIN_BACKENDS
     assert "    routing_policies: latency, least-loaded, price, round-robin, weighted" in out
-    assert "    billing: usage-ledger" in out
+    assert "    billing: credits, usage-ledger" in out
     ra = importlib.metadata.version("tooti-region-affinity")
     sc = importlib.metadata.version("tooti-spend-cap")
     assert (f"region-affinity  (entry point: tooti-region-affinity {ra})\n"

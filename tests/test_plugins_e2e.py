@@ -21,6 +21,7 @@ from tooti_spend_cap import SpendCap
 
 from tests.conftest import Network
 from tooti import plugins
+from tooti.accounts.money import cost_micros, parse_credits, price_micros
 from tooti.backends.simulated import SimulatedBackend
 from tooti.billing.base import Billing, RequestContext, Usage
 from tooti.billing.ledger import FILENAME, UsageLedger
@@ -285,7 +286,7 @@ async def test_spend_cap_and_usage_ledger_together(make_stack: MakeStack,
         data_dir=str(tmp_path),
         billing=BillingSettings(plugins=["spend-cap", "usage-ledger"],
                                 options={"spend_cap_tokens": cap})))
-    assert [type(b).__name__ for b in stack.billing] == ["SpendCap", "UsageLedger"]
+    assert [type(b).__name__ for b in stack.billing] == ["SpendCap", "Credits"]
     spend_cap, ledger = stack.plugin(SpendCap), stack.plugin(UsageLedger)
     recorder, network = stack.recorder, stack.network
     await add_billing_nodes(network)
@@ -342,10 +343,10 @@ async def test_spend_cap_and_usage_ledger_together(make_stack: MakeStack,
     assert set(rows) == set(served)
     assert {row["key_id"] for row in rows.values()} == {alice, key_id_of(f"Bearer {BOB}".encode())}
     for row in rows.values():
-        assert (row["price_input"], row["price_output"]) == PRICES[row["node_id"]]
-        assert row["cost"] == pytest.approx(
-            (row["prompt_tokens"] * row["price_input"]
-             + row["completion_tokens"] * row["price_output"]) / 1e6)
+        assert (row["price_input"], row["price_output"]) == tuple(
+            price_micros(price) for price in PRICES[row["node_id"]])  # integer micro-units
+        assert row["cost"] == cost_micros(row["prompt_tokens"], row["completion_tokens"],
+                                          row["price_input"], row["price_output"])
         line = next(line for line in lines if line["request_id"] == row["request_id"])
         assert (line["prompt_tokens"], line["completion_tokens"], line["status"]) == (
             row["prompt_tokens"], row["completion_tokens"], row["status"])
@@ -413,7 +414,7 @@ async def test_tooti_usage_summarises_the_ledger(
 ) -> None:
     stack = await make_stack(Settings(data_dir=str(tmp_path),
                                       routing=RoutingSettings(policy="round-robin")))
-    assert [type(b).__name__ for b in stack.billing] == ["UsageLedger"]  # the default
+    assert [type(b).__name__ for b in stack.billing] == ["Credits"]  # the default
     network = stack.network
     with trio.fail_after(TIMEOUT):
         await network.add_node([sim("sim-a", 1.0, 2.0), sim("sim-b", 1.0, 2.0)],
@@ -444,22 +445,23 @@ async def test_tooti_usage_summarises_the_ledger(
         assert {group: row[0] for group, row in sections[by].items()} == expected, out
     # Every request: 2 prompt + 5 completion tokens, at the serving node's prices.
     for node, (requests, prompt, completion, cost) in sections["node"].items():
-        price_in, price_out = (1.0, 2.0) if node == "node-a" else (10.0, 20.0)
+        price_in, price_out = (1, 2) if node == "node-a" else (10, 20)  # credits per 1M
         assert (prompt, completion) == (2 * requests, 5 * requests)
-        assert cost == pytest.approx((prompt * price_in + completion * price_out) / 1e6,
-                                     abs=1e-6)
+        assert cost == prompt * price_in + completion * price_out  # micro-units, exact
 
 
-def _sections(out: str) -> dict[str, dict[str, tuple[int, int, int, float]]]:
-    """Parse ``tooti usage`` output: section → group → (requests, prompt, completion, cost)."""
-    sections: dict[str, dict[str, tuple[int, int, int, float]]] = {}
-    current: dict[str, tuple[int, int, int, float]] | None = None
+def _sections(out: str) -> dict[str, dict[str, tuple[int, int, int, int]]]:
+    """Parse ``tooti usage`` output: section → group → (requests, prompt, completion,
+    cost in micro-units)."""
+    sections: dict[str, dict[str, tuple[int, int, int, int]]] = {}
+    current: dict[str, tuple[int, int, int, int]] | None = None
     for line in out.splitlines():
         if line.startswith("by ") and line.endswith(":"):
             current = sections.setdefault(line[3:-1], {})
             continue
         fields = line.split()
-        if current is None or len(fields) != 5 or not fields[1].isdigit():
+        if current is None or len(fields) != 6 or not fields[1].isdigit():
             continue  # blank lines and column headings
-        current[fields[0]] = (int(fields[1]), int(fields[2]), int(fields[3]), float(fields[4]))
+        current[fields[0]] = (int(fields[1]), int(fields[2]), int(fields[3]),
+                              parse_credits(fields[4]))
     return sections

@@ -57,7 +57,7 @@ def quarantined(data_dir: Path) -> dict[str, dict[str, Any]]:
     db = sqlite3.connect(f"file:{data_dir / FILENAME}?mode=ro", uri=True)
     try:
         return {request_id: {"error": error, **json.loads(row)} for request_id, error, row
-                in db.execute("SELECT request_id, error, row FROM usage_quarantine")}
+                in db.execute("SELECT request_id, error, row_json FROM usage_quarantine")}
     finally:
         db.close()
 

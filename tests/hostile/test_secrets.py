@@ -83,7 +83,7 @@ async def test_no_secret_in_logs_admin_metrics_events_welcome_or_files(
     network.gateway.shutdown()
     await trio.testing.wait_all_tasks_blocked()
     files = [p for p in data_dir.rglob("*") if p.is_file()]
-    assert {p.name for p in files} >= {"usage.sqlite3", "identities.sqlite3"}
+    assert {p.name for p in files} >= {"tooti.sqlite3", "identities.sqlite3"}
     logged = caplog.text.encode()
     assert b"named-node" in logged  # the log did record what happened
     for secret in SECRETS:

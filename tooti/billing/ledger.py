@@ -13,16 +13,18 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from tooti.accounts.database import Database, Tx
+from tooti.accounts.database import SQLITE_FILENAME, Database, Tx
 from tooti.billing.base import Billing, BillingSetup
 from tooti.billing.credits import QUARANTINE_FILE, Credits, plugins
 from tooti.hookspecs import hookimpl
 
-__all__ = ["GROUPS", "QUARANTINE_FILE", "SummaryRow", "UsageLedger", "summarize",
+__all__ = ["FILENAME", "GROUPS", "QUARANTINE_FILE", "SummaryRow", "UsageLedger", "summarize",
            "tooti_billing"]
 
 UsageLedger = Credits
 """The former name of the plugin (``usage-ledger``)."""
+FILENAME = SQLITE_FILENAME
+"""The SQLite file in the data dir holding the ``usage`` table (the accounts database)."""
 
 
 @dataclass(frozen=True)
