@@ -439,6 +439,8 @@ async def test_earnings_report_export_and_payout(env: Env, database: Database) -
                      400, param="format")
         assert_error(await http.get("/admin/v1/earnings", params={"since": "last tuesday"}),
                      400, param="since")
+        assert_error(await http.get("/admin/v1/earnings", params={"until": "nan"}),
+                     400, param="until")
         assert (await http.get("/admin/v1/ledger/check")).json()["ok"] is True
 
 

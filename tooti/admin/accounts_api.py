@@ -41,6 +41,7 @@ route does not take, 413 past :data:`MAX_BODY` bytes. The service's own refusals
 
 from __future__ import annotations
 
+import math
 import re
 import secrets
 from collections.abc import Awaitable, Callable, Mapping
@@ -55,6 +56,7 @@ from tooti import clock
 from tooti.accounts.database import Database
 from tooti.accounts.money import MAX_AMOUNT, format_credits, parse_credits
 from tooti.accounts.records import (
+    ADMIN_ACCOUNT,
     AccountInfo,
     CreditCodeInfo,
     GroupInfo,
@@ -278,9 +280,14 @@ def time_param(params: Mapping[str, str], name: str) -> float | None:
     if not text:
         return None
     try:
-        return float(text)
+        seconds = float(text)
     except ValueError:
         pass
+    else:
+        if not math.isfinite(seconds):
+            raise APIError(400, f"{name} must be a finite time", param=name,
+                           code="invalid_request")
+        return seconds
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:
@@ -609,7 +616,7 @@ class AccountsAPI:
     async def create_invite(self, scope: Scope, receive: Receive) -> tuple[int, Any]:
         body = await read_json(scope, receive, InviteCreate)
         secret, invite = await self.service.create_invite(
-            body.group, "admin", max_uses=body.max_uses,
+            body.group, ADMIN_ACCOUNT, max_uses=body.max_uses,
             expires_at=expiry_of(body.expires_in, body.expires_at))
         return 201, invite_json(invite, secret)
 
@@ -667,7 +674,7 @@ class AccountsAPI:
         body = await read_json(scope, receive, CodeCreate)
         amount = amount_of(body.amount, body.amount_micros)
         secret, code = await self.service.create_credit_code(
-            amount, "admin", expires_at=expiry_of(body.expires_in, body.expires_at))
+            amount, ADMIN_ACCOUNT, expires_at=expiry_of(body.expires_in, body.expires_at))
         return 201, code_json(code, secret)
 
     async def list_codes(self, scope: Scope, receive: Receive) -> tuple[int, Any]:
