@@ -1,0 +1,141 @@
+"""``tooti ledger check``'s invariants and the earnings reports, on SQLite and
+PostgreSQL: a ledger written by the credits plugin passes; each kind of damage (a
+tampered book, an unbalanced entry, a closed lease still holding credit, a charge
+without its entry, an account overdrawn beyond the bound) is reported."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import pytest
+
+from tests.test_credits import ACCOUNT, ctx, open_account, running, usage
+from tooti.accounts import earnings
+from tooti.accounts.database import Database, Tx
+from tooti.accounts.journal import PAYOUTS, earnings_book, post
+from tooti.accounts.ledger_check import check, check_report, summary
+from tooti.accounts.money import MICROS
+
+
+async def settled_ledger(db: Database, tmp_path: Path) -> None:
+    """Ten credits issued; three requests settled (two on node-a owned by acct_op, one
+    on node-b owned by nobody: admin), one refunded; 10 % fee."""
+    open_account(db)
+    open_account(db, "acct_op", credit=0)
+    db.write_sync(lambda tx: tx.run(
+        "INSERT INTO node_owners (node_id, account_id, bound_at) VALUES ('node-a', 'acct_op', 0)"))
+    async with running(db, tmp_path, fee_bps=1000) as credits:
+        for i, node in enumerate(("node-a", "node-a", "node-b")):
+            await credits.authorize(ctx(f"r{i}", 10_000))
+            await credits.settle(ctx(f"r{i}", 10_000), usage(node=node))  # 4000 each
+        await credits.authorize(ctx("r9", 10_000))
+        await credits.refund(ctx("r9", 10_000), "failed")
+
+
+async def test_a_settled_ledger_passes(database: Database, tmp_path: Path) -> None:
+    await settled_ledger(database, tmp_path)
+    assert check_report(database).violations == []
+    assert check_report(database).warnings == []
+    assert summary(database) == {
+        "issued": 10 * MICROS, "balances": 10 * MICROS - 12_000, "leased": 0,
+        "earnings": 10_800, "fees": 1200, "payouts": 0, "charged": 12_000,
+        "open_leases": 0}
+
+
+async def test_a_tampered_book_is_found(database: Database, tmp_path: Path) -> None:
+    await settled_ledger(database, tmp_path)
+    database.write_sync(lambda tx: tx.run(
+        "UPDATE books SET balance = balance + 1 WHERE book = ?", (f"account:{ACCOUNT}",)))
+    violations = check(database)
+    assert violations[0].startswith("books whose balance is not the sum of their lines: "
+                                    f"account:{ACCOUNT}")
+    assert any("the books sum to 1" in v for v in violations)
+
+
+async def test_an_unbalanced_entry_is_found(database: Database, tmp_path: Path) -> None:
+    await settled_ledger(database, tmp_path)
+
+    def forge(tx: Tx) -> None:  # what post() refuses to write, written by hand
+        tx.run("INSERT INTO journal (id, idem_key, kind, at) VALUES ('je_x', 'forged', "
+               "'topup', 0)")
+        tx.run("INSERT INTO journal_lines VALUES ('je_x', ?, 500)", (f"account:{ACCOUNT}",))
+        tx.run("UPDATE books SET balance = balance + 500 WHERE book = ?",
+               (f"account:{ACCOUNT}",))
+
+    database.write_sync(forge)
+    violations = check(database)
+    assert violations[0] == "unbalanced journal entries: forged sums to 500"
+    assert "the books sum to 500, not 0 (money was created or lost)" in violations
+
+
+async def test_leases_and_charges_are_checked(database: Database, tmp_path: Path) -> None:
+    open_account(database)
+    async with running(database, tmp_path, close=False) as credits:
+        await credits.authorize(ctx("r1", 10_000))
+    assert check(database) == []
+    # A lease closed without its release entry still holds credit.
+    database.write_sync(lambda tx: tx.run("UPDATE leases SET closed_at = 1"))
+    assert check(database)[0].startswith("closed leases holding credit: lease_")
+    # A charge without its entry, and a fee that does not add up.
+    database.write_sync(lambda tx: tx.run(
+        "INSERT INTO usage (request_id, ts, key_id, model, node_id, endpoint, stream, "
+        "prompt_tokens, completion_tokens, estimated, price_input, price_output, cost, "
+        "charged, earned, fee, status, latency_ms) VALUES ('r7', 0, 'k', 'm', 'n', 'e', 0, "
+        "1, 1, 0, 1, 1, 7, 7, 5, 1, 'ok', 0)"))
+    violations = check(database)
+    assert "charged requests without exactly one settle entry: r7 charged 7, 0 entries" in (
+        violations)
+    assert ("requests whose earned + fee is not their charge: r7 charged 7, earned 5 + fee 1"
+            in violations)
+
+
+async def test_an_overdrawn_account_is_a_violation_unless_explained(
+        database: Database) -> None:
+    open_account(database, credit=100)
+
+    def overdraw(tx: Tx) -> None:
+        post(tx, "payout:x", "payout", [(f"account:{ACCOUNT}", -150), (PAYOUTS, 150)])
+
+    database.write_sync(overdraw)
+    assert check(database) == [f"accounts below zero: account:{ACCOUNT} holds -50"]
+
+
+async def test_earnings_per_operator_and_node(database: Database, tmp_path: Path) -> None:
+    await settled_ledger(database, tmp_path)
+    nodes = earnings.by_node(database)
+    assert [(n.owner_id, n.node_id, n.requests, n.earned, n.fee) for n in nodes] == [
+        ("acct_op", "node-a", 2, 7200, 800), ("admin", "node-b", 1, 3600, 400)]
+    operators = earnings.by_operator(database)
+    assert [(o.owner_id, o.nodes, o.requests, o.prompt_tokens, o.earned) for o in operators
+            ] == [("acct_op", 1, 2, 2000, 7200), ("admin", 1, 1, 1000, 3600)]
+    assert earnings.by_node(database, until=0) == []  # before any request
+    assert [n.node_id for n in earnings.by_node(database, owner="admin")] == ["node-b"]
+    database.write_sync(lambda tx: post(
+        tx, "payout:1", "payout", [(earnings_book("acct_op"), -2000), (PAYOUTS, 2000)],
+        floors={earnings_book("acct_op"): 0}))
+    rows = earnings.payouts(database)
+    assert [(r.owner_id, r.earned, r.owed, r.paid) for r in rows] == [
+        ("acct_op", 7200, 5200, 2000), ("admin", 3600, 3600, 0)]
+    exported = earnings.export_json(rows)
+    assert exported[0] == {"owner_id": "acct_op", "earned": 7200, "owed": 5200, "paid": 2000,
+                           "earned_credits": "0.0072", "owed_credits": "0.0052",
+                           "paid_credits": "0.002"}
+    parsed = list(csv.DictReader(io.StringIO(earnings.export_csv(rows))))
+    assert parsed[1] == {"owner_id": "admin", "earned": "3600", "owed": "3600", "paid": "0",
+                         "earned_credits": "0.0036", "owed_credits": "0.0036",
+                         "paid_credits": "0"}
+    assert check(database) == []
+
+
+@pytest.mark.parametrize("by", ["account", "owner"])
+async def test_usage_summary_groups(database: Database, tmp_path: Path, by: str) -> None:
+    from tooti.billing.ledger import summarize
+
+    await settled_ledger(database, tmp_path)
+    rows = {row.group: (row.requests, row.cost, row.charged) for row in summarize(database, by)}
+    if by == "account":
+        assert rows == {ACCOUNT: (4, 12_000, 12_000)}
+    else:
+        assert rows == {"acct_op": (2, 8000, 8000), "admin": (1, 4000, 4000), "-": (1, 0, 0)}
