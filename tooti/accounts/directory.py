@@ -219,8 +219,8 @@ class KeyDirectory:
                     lambda tx: tx.value("SELECT counter FROM changes WHERE id = 1", default=0))
                 full = clock.now() - last_full >= FULL_REFRESH
                 if counter != self.counter or full:
-                    if self.counter is not None or full:
-                        await self.refresh()
+                    # also at the first poll: keys verified before it may have changed
+                    await self.refresh()
                     last_full = clock.now()
                     self.counter = counter
             except Exception as exc:  # the database is away: keep the cache, retry
