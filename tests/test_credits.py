@@ -316,3 +316,38 @@ def test_options_are_validated() -> None:
                 {"lease_credits": 0}, {"lease_ttl": 0}, {"lease_idle": "x"}):
         with pytest.raises(ValueError):
             parse_options(bad)
+
+
+async def test_leases_are_renewed_while_held(database: Database, tmp_path: Path) -> None:
+    open_account(database)
+    now = [1_000_000.0]
+
+    def wall() -> float:
+        return now[0]
+
+    def expires() -> float:
+        return float(database.read_sync(lambda tx: tx.value("SELECT expires_at FROM leases")))
+
+    async with running(database, tmp_path, "gw-a", wall=wall) as a, \
+            running(database, tmp_path, "gw-b", wall=wall) as b:
+        await a.authorize(ctx("r1", 10_000))
+        lease = a.leases._current[ACCOUNT]
+        assert expires() == now[0] + 120
+        now[0] += 100
+        await a.leases.renew()
+        assert expires() == now[0] + 120
+        now[0] += 100
+        assert await b.leases.reconcile_expired() == []  # renewed: not expired
+        # Past its local deadline (renewals failed), the lease is renewed on the next
+        # reservation, since it is still open, instead of being stranded.
+        lease.deadline = 0.0
+        await a.authorize(ctx("r2", 10_000))
+        assert a.leases._current[ACCOUNT] is lease and expires() == now[0] + 120
+        # Reconciled by another gateway: the next renewal finds it gone and drops it.
+        now[0] += 121
+        assert await b.leases.reconcile_expired() == [lease.id]
+        await a.leases.renew()
+        assert ACCOUNT not in a.leases._current
+        await a.settle(ctx("r1", 10_000), usage())
+        await a.refund(ctx("r2", 10_000), "failed")
+    assert check(database) == []

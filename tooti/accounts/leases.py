@@ -47,6 +47,11 @@ is still neither created nor lost. ``tooti ledger check`` reports such a negativ
 balance as a warning, not a violation, when settle entries charged to the account book
 explain it.
 
+Each gateway sharing a database needs its own ``gateway_id``: a gateway starting
+reconciles every open lease carrying its id, so two running with one id would take
+each other's leases back (never overspending: the other's settles then charge the
+account books directly, within the bound above).
+
 A lease's credit is not available to other gateways while held: an account whose
 balance sits in gateway A's lease is refused (402) on gateway B until A returns it
 (idle return, ``idle`` seconds after its last request) — under-serving, never
@@ -205,9 +210,11 @@ class LeaseBook:
         """Top the account's lease up (or open one) so it can cover ``amount``."""
         lease = self._current.get(account_id)
         started = clock.now()
-        if lease is not None and (not lease.open or started >= lease.deadline):
+        if lease is not None and not lease.open:
             self._drop(lease)
             lease = None
+        # A lease past its local deadline (renewals failed) is renewed here if it is
+        # still open: the conditional UPDATE proves no other gateway reconciled it.
         free = lease.free if lease is not None else 0
         need = amount - free
         want = max(self.size, amount) - free
