@@ -246,7 +246,8 @@ async def _serve_roles(process: Process, roles: list[str],
                               identities=identities, roles=roles, local_id=relay_id,
                               join_directory=JoinTokenDirectory(database))
             gateway = process.gateway = Gateway(settings.gateway, settings.tunnel, policy,
-                                                billing, station=station, database=database)
+                                                billing, station=station, database=database,
+                                                gateway_id=gateway_id(settings))
             process.urls = await nursery.start(lambda task_status: gateway.serve(
                 grace=settings.drain_grace, task_status=task_status))
         if relay_key is not None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import secrets
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 
 import trio
@@ -36,9 +37,10 @@ from tooti.admin.accounts_api import AccountsAPI
 from tooti.admin.api import AdminAPI
 from tooti.admin.self_service import SelfService
 from tooti.billing.base import Billing, Outcome, RequestContext, Usage
-from tooti.billing.pipeline import BillingPipeline, usage_from
+from tooti.billing.pipeline import BYTES_PER_TOKEN, BillingPipeline, usage_from
 from tooti.errors import APIError
 from tooti.gateway.auth import Authenticator, check_models, routes_of
+from tooti.gateway.limits import Limiter
 from tooti.gateway.models_list import ModelsList
 from tooti.gateway.node_picker import check_routable
 from tooti.gateway.probe import probe_until_healthy
@@ -104,6 +106,7 @@ class Gateway:
         policy: RoutingPolicy | None = None, billing: list[Billing] | None = None,
         identities: IdentityStore | None = None, network: NetworkSettings | None = None,
         station: Station | None = None, database: Database | None = None,
+        gateway_id: str = "",
     ) -> None:
         """``station`` is the process's shared accepting side (a relay in the same
         process uses it too); without one the gateway builds its own from ``settings``,
@@ -119,6 +122,12 @@ class Gateway:
         self.keys = KeyDirectory(database) if database is not None else None
         """The database's API keys, cached (None without a database)."""
         self.auth = Authenticator(settings, self.keys)
+        self.gateway_id = gateway_id or settings.gateway_id or f"gw-{secrets.token_hex(4)}"
+        """This gateway's name among those sharing the database (the runner gives
+        ``<hostname>:<port>`` when the config names none)."""
+        self.limiter = Limiter(database, self.gateway_id)
+        """Rate limits, concurrency and budgets per key and account (shared through the
+        database by every gateway on it)."""
         """Who each ``/v1`` request is."""
         self.station = station or Station(settings, tunnel, network=network,
                                           identities=identities)
@@ -161,6 +170,7 @@ class Gateway:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self.billing.run)
+                nursery.start_soon(self.limiter.run)
                 if self.keys is not None:
                     nursery.start_soon(self.keys.run)
                 await self.station.serve(task_status=task_status, grace=grace)
@@ -247,12 +257,21 @@ class Gateway:
                 account_id=caller.account_id, group=group,
                 max_cost=self._max_cost(request, len(raw), groups)
                 if caller.account_id else 0)
-            await self.billing.authorize(ctx)
+            ticket = await self.limiter.admit(
+                caller, request_id, tokens_estimate=len(raw) // BYTES_PER_TOKEN,
+                max_cost=ctx.max_cost)
+            try:
+                await self.billing.authorize(ctx)
+            except BaseException:
+                await self.limiter.finish(ticket, tokens=0, cost=0)
+                raise
         except APIError as refused:
             bus.publish("request.finished", request_id=request_id, status="rejected",
                         model=request.model, node=None, error=refused.message,
                         http_status=refused.status, account=account)
             raise
+        if ticket.headers:  # x-ratelimit-* on the answer
+            headers = [*headers, *ticket.headers]
         route = RouteRequest(
             request_id, request.model, request.endpoint,
             {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]},
@@ -294,6 +313,11 @@ class Gateway:
             usage = settled
             if usage is None:
                 usage = usage_from(outcome, len(raw), started)
+            await self.limiter.finish(  # never waits: safe under cancellation
+                ticket, tokens=usage.prompt_tokens + usage.completion_tokens
+                if outcome.served else 0,
+                cost=min(usage.cost, ctx.max_cost) if outcome.served else 0)
+            if settled is None:
                 await self.billing.finish(ctx, outcome, usage)
             self._publish_finished(request_id, outcome, usage, request.stream, account)
 
