@@ -139,3 +139,15 @@ async def test_usage_summary_groups(database: Database, tmp_path: Path, by: str)
         assert rows == {ACCOUNT: (4, 12_000, 12_000)}
     else:
         assert rows == {"acct_op": (2, 8000, 8000), "admin": (1, 4000, 4000), "-": (1, 0, 0)}
+
+
+async def test_tooti_usage_reads_the_accounts_database(
+        database: Database, database_url: str, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from tooti.cli import main
+
+    await settled_ledger(database, tmp_path)
+    assert main(["usage", "--database", database_url, "--by", "node"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].split() == ["node-a", "2", "2000", "2000", "0.008", "0.008"]
+    assert lines[3].split() == ["node-b", "1", "1000", "1000", "0.004", "0.004"]

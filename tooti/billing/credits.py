@@ -308,7 +308,7 @@ class Credits:
             source = (lease_book(lease_id) if lease_id in open_leases
                       else account_book(item.account_id))
             sources[item.request_id] = source
-            books |= {source, earnings_book(owners[item.node_id])}
+            books |= {source, earnings_book(owners[item.node_id] or ADMIN_ACCOUNT)}
             if item.fee:
                 books.add(FEES)
         for book in sorted(books):
@@ -322,7 +322,8 @@ class Credits:
             if item.charged <= 0:
                 continue
             source = sources[item.request_id]
-            lines = [(source, -item.charged), (earnings_book(owner), item.earned)]
+            lines = [(source, -item.charged),
+                     (earnings_book(owner or ADMIN_ACCOUNT), item.earned)]
             if item.fee:
                 lines.append((FEES, item.fee))
             post(tx, f"settle:{item.request_id}", "settle", lines,
