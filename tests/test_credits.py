@@ -155,6 +155,20 @@ async def test_anonymous_requests_only_get_a_usage_row(database: Database,
     assert check(database) == []
 
 
+async def test_the_admin_account_is_recorded_never_charged(database: Database,
+                                                           tmp_path: Path) -> None:
+    """The admin key (and a config's static group keys) act as the admin account: the
+    house. Its requests need no balance, are recorded, and create no money."""
+    open_account(database, "admin", credit=0)
+    async with running(database, tmp_path) as credits:
+        house = ctx("r1", 50_000, account_id="admin")
+        await credits.authorize(house)  # no balance, yet no 402
+        await credits.settle(house, usage())
+    assert usage_rows(database)["r1"][:3] == ("ok", 4000, 0)
+    assert database.read_sync(lambda tx: tx.value("SELECT COUNT(*) FROM journal")) == 0
+    assert check(database) == []
+
+
 async def test_the_node_owner_earns(database: Database, tmp_path: Path) -> None:
     open_account(database)
     open_account(database, "acct_op", credit=0)

@@ -231,6 +231,8 @@ def test_unknown_names_in_config_list_the_available_ones(tmp_path: Path) -> None
         (Settings(billing=BillingSettings(plugins=["usage-ledger", "prepaid"])),
          "billing.plugins[1]",
          "unknown billing plugin 'prepaid'; available: credits, spend-cap, usage-ledger"),
+        (Settings(billing=BillingSettings(plugins=["credits", "usage-ledger"])),
+         "billing.plugins", "'usage-ledger' is the old name of 'credits'"),
         (Settings(node=NodeSettings(backends=[BackendSettings(type="simulated"),
                                               BackendSettings(type="vllm-direct")])),
          "node.backends[1].type", "unknown backend type 'vllm-direct'; available: "),

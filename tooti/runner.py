@@ -89,6 +89,11 @@ def check_plugin_names(settings: Settings) -> None:
             loaded.factory(hook, name, what)
         except plugins.PluginError as exc:
             raise ConfigError(str(exc), key=key) from None
+    names = settings.billing.plugins
+    if len(set(names)) < len(names) or {"credits", "usage-ledger"} <= set(names):
+        raise ConfigError("a billing plugin is named twice ('usage-ledger' is the old name "
+                          "of 'credits'): every request would be reserved and recorded "
+                          "twice", key="billing.plugins")
 
 
 def check_tls(settings: Settings) -> None:

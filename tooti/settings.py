@@ -323,10 +323,13 @@ class RoutingSettings(_Table):
 class BillingSettings(_Table):
     """What the gateway does with every request's usage."""
 
-    plugins: list[str] = msgspec.field(default_factory=lambda: ["usage-ledger"])
-    """Billing plugins (from the ``tooti_billing`` hook), all active, in order."""
+    plugins: list[str] = msgspec.field(default_factory=lambda: ["credits"])
+    """Billing plugins (from the ``tooti_billing`` hook), all active, in order. The
+    built-in ``credits`` (prepaid credit, earnings and the usage ledger; see
+    docs/accounts.md) is also known by its old name ``usage-ledger``: name only one."""
     options: dict[str, Any] = {}
-    """Options passed to every billing plugin's factory."""
+    """Options passed to every billing plugin's factory (``credits``: ``fee_bps``,
+    ``lease_credits``, ``lease_idle``, ``lease_ttl``)."""
 
 
 class Settings(_Table):

@@ -4,7 +4,9 @@ per-gateway lease, settled into the node owner's earnings, one usage row per req
 ``usage-ledger`` (the name of the usage ledger this plugin folds in) maps to the same
 plugin: a request without an account (an open gateway's anonymous caller) is charged
 nothing and only gets its usage row, so a gateway without accounts records usage
-exactly as before.
+exactly as before. Neither is the ``admin`` account (the admin key, and the static
+``[gateway.groups.*]`` keys of a config): the house's own requests are recorded, never
+charged, and earn the serving node nothing (no money is created for them).
 
 For a request of an account (``ctx.account_id``):
 
@@ -189,9 +191,11 @@ class Credits:
                     await self._write(batch)
 
     async def authorize(self, ctx: RequestContext) -> None:
-        """Reserve the request's maximum cost (nothing for an anonymous request); 402
-        ``insufficient_quota`` if the account's balance cannot cover it."""
-        if not ctx.account_id:
+        """Reserve the request's maximum cost (nothing for an anonymous request, nor for the
+        ``admin`` account: the house, whose requests are recorded but never charged and
+        earn nobody anything); 402 ``insufficient_quota`` if the account's balance cannot
+        cover it."""
+        if not ctx.account_id or ctx.account_id == ADMIN_ACCOUNT:
             return
         try:
             reservation = await self.leases.reserve(ctx.account_id, max(ctx.max_cost, 0))
