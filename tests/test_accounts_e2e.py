@@ -130,7 +130,7 @@ async def start_gateway(nursery: trio.Nursery, url: str, data_dir: Path, gateway
                                        auth="keys", admin_key=ADMIN_KEY,
                                        gateway_id=gateway_id, **settings)
     station = Station(gateway_settings, tunnel, join_directory=JoinTokenDirectory(db))
-    data_dir.mkdir(parents=True, exist_ok=True)
+    await trio.Path(data_dir).mkdir(parents=True, exist_ok=True)
     credits = Credits(BillingSetup(data_dir, {"fee_bps": FEE_BPS,
                                               "lease_credits": lease_credits},
                                    database=db, gateway_id=gateway_id))
