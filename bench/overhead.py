@@ -14,15 +14,44 @@ for non-streaming and 32-chunk streaming chat completions at concurrency 1 and
 16, and prints req/s, p50, p99, the p50 latency added over ``direct``, the
 tooti/LiteLLM ratios and the targets of ``docs/benchmarks.md`` as met / not met.
 
+``tooti`` is an open gateway (loopback, no key: every request is anonymous, so
+the built-in ``credits`` billing plugin only records its usage row). With
+``--accounts`` the same run also measures the accounts layer switched on (see
+docs/accounts.md), each with its own gateway and node:
+
+* ``tooti-keys``    - a gateway started with ``--auth keys`` and an admin key, on
+  its default SQLite database in its data dir, and a node whose backend is priced
+  (``price_input`` / ``price_output`` > 0 in a generated node config, so every
+  request reserves, settles and earns real micro-units);
+* ``tooti-keys-pg`` - the same with ``--database postgresql://...`` on a
+  throwaway PostgreSQL cluster (``tests/postgres.py``'s ``cluster(durable=True)``:
+  fsync and synchronous_commit on, real commits), stopped at the end.
+
+Before measuring, the admin HTTP API (``/admin/v1/``) creates an account, tops it
+up with enough credit for every request the run can make at the reservation
+size, and creates a key whose limits (rpm, tpm, concurrency) are far above what
+the run sends, so the limiter admits every request but still runs; wrk sends
+that key (the lua scripts read ``TOOTI_BENCH_KEY``). The report then gives the
+cost of auth + credits against ``tooti`` of the same run, per mode and
+concurrency (throughput change, p50 added), the targets (cost <= 10 % of
+throughput at c=16, <= 0.2 ms p50 added at c=1) as met / not met, and checks
+that every wrk answer of every target was 2xx, the keys account's charged total
+(its usage rows) and ``GET /admin/v1/ledger/check`` of each keys gateway.
+PostgreSQL's processes count as the benchmark's own CPU (the ``postgres``
+column), not as other load.
+
 CPU placement (Linux ``sched_setaffinity``, what ``taskset -c`` does): on two
 CPUs the gateway (and LiteLLM, the process it competes with) gets CPU 0 and
 the node and upstream share CPU 1; wrk runs on CPU 1 by default (see
-``--wrk-cpu``). With four CPUs or more every process gets its own.
+``--wrk-cpu``). With four CPUs or more every process gets its own. The gateways
+of the several tooti targets share the gateway's CPU, their nodes the node's (only
+one of them is loaded at a time). PostgreSQL gets a CPU of its own from five CPUs
+up, and is left to the scheduler below that.
 
 Run from the repository root with the project's venv::
 
-    python bench/overhead.py [--duration 10] [--repeat 2] [--litellm] [--quick]
-                             [--profile DIR] [--json FILE]
+    python bench/overhead.py [--duration 10] [--repeat 2] [--litellm] [--accounts]
+                             [--only T,...] [--quick] [--profile DIR] [--json FILE]
 
 Each figure is measured ``--repeat`` times (runs interleaved across targets).
 Before each cell the script waits (up to ``--quiet-wait`` s) until processes
@@ -45,6 +74,7 @@ import ctypes
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -59,6 +89,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
@@ -69,12 +100,23 @@ API_KEY = "sk-bench-1234"
 LUA = {"non-stream": BENCH_DIR / "post_nostream.lua", "stream": BENCH_DIR / "post_stream.lua"}
 MODES = ("non-stream", "stream")
 CONCURRENCIES = (1, 16)
-TARGET_NAMES = ("direct", "tooti", "litellm")
+TARGET_NAMES = ("direct", "tooti", "tooti-keys", "tooti-keys-pg", "litellm")
+ACCOUNT_TARGETS = ("tooti-keys", "tooti-keys-pg")
+"""Targets with API keys and charged credits (``--accounts``), compared with ``tooti``."""
+KEY_ENV = "TOOTI_BENCH_KEY"
+"""The variable the lua scripts read the bearer key from (else :data:`API_KEY`)."""
+PRICE_INPUT, PRICE_OUTPUT = 1.0, 2.0
+"""What the keys targets' node advertises, in credits per million tokens."""
+RPS_BOUND = 20_000
+"""More requests per second than any target here serves (sizes the top-up)."""
 
 # docs/benchmarks.md targets (design.md section 7)
 MIN_RPS_C16 = {"non-stream": 500.0, "stream": 160.0}
 MAX_ADDED_P50_C1_MS = {"non-stream": 2.0, "stream": 6.0}
 MIN_LITELLM_RATIO = 5.0
+# issue 13: auth + credits vs the open gateway of the same run
+MAX_ACCOUNTS_COST_PCT_C16 = 10.0
+MAX_ACCOUNTS_ADDED_P50_C1_MS = 0.2
 
 
 # --------------------------------------------------------------------- processes
@@ -127,6 +169,8 @@ class Children:
         """Children log into ``log_dir``."""
         self.log_dir = log_dir
         self.children: list[Child] = []
+        self.adopted: list[int] = []
+        """Processes started otherwise (PostgreSQL) whose CPU counts as the benchmark's."""
 
     def start(
         self, name: str, argv: Sequence[str | os.PathLike[str]], cpus: set[int] | None,
@@ -285,7 +329,7 @@ class ForeignLoad:
 
     def __init__(self, children: Children) -> None:
         """Start measuring now (the processes in ``children`` count as our own)."""
-        self._pids = [c.proc.pid for c in children.children]
+        self._pids = [c.proc.pid for c in children.children] + children.adopted
         self._wall = time.monotonic()
         self._busy = _busy_seconds()
         self._own = _own_seconds(self._pids)
@@ -337,13 +381,15 @@ class Layout:
     upstream: set[int] | None = None
     litellm: set[int] | None = None
     wrk: set[int] | None = None
+    database: set[int] | None = None
 
     def describe(self) -> str:
         """A one-line summary for the report."""
         def fmt(cpus: set[int] | None) -> str:
             return ",".join(map(str, sorted(cpus))) if cpus else "any"
         return (f"gateway cpu {fmt(self.gateway)}, node cpu {fmt(self.node)}, upstream cpu "
-                f"{fmt(self.upstream)}, litellm cpu {fmt(self.litellm)}, wrk cpu {fmt(self.wrk)}")
+                f"{fmt(self.upstream)}, litellm cpu {fmt(self.litellm)}, wrk cpu {fmt(self.wrk)}"
+                f", postgres cpu {fmt(self.database)}")
 
 
 def choose_layout(pin: bool, wrk_cpu: str) -> Layout:
@@ -351,6 +397,7 @@ def choose_layout(pin: bool, wrk_cpu: str) -> Layout:
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     if not pin or len(cpus) < 2:
         return Layout()
+    database = {cpus[4]} if len(cpus) >= 5 else None
     if len(cpus) >= 4:
         a, b, c, d = ({x} for x in cpus[:4])
         wrk = d
@@ -362,7 +409,7 @@ def choose_layout(pin: bool, wrk_cpu: str) -> Layout:
         wrk = set(cpus)
     elif wrk_cpu != "auto":
         wrk = {int(x) for x in wrk_cpu.split(",")}
-    return Layout(gateway=a, node=b, upstream=c, litellm=a, wrk=wrk)
+    return Layout(gateway=a, node=b, upstream=c, litellm=a, wrk=wrk, database=database)
 
 
 # --------------------------------------------------------------------- targets
@@ -376,6 +423,14 @@ class Target:
     url: str
     pids: dict[str, int] = field(default_factory=dict)
     headers: dict[str, str] = field(default_factory=dict)
+    key: str = API_KEY
+    """The bearer key wrk sends (:data:`KEY_ENV`)."""
+    admin: Admin | None = None
+    """The admin API of a keys gateway, and the account the run charges."""
+    requests: int = 0
+    """Answers wrk counted over every load of this target (warm-up, cells, profile)."""
+    non_2xx: int = 0
+    """Of those, answers that were not 2xx/3xx (wrk's ``errors.status``)."""
 
     def settle(self, timeout: float = 30.0) -> None:
         """Wait until the target lists the model again (a tunnel may be re-dialling)."""
@@ -402,42 +457,244 @@ def start_upstream(children: Children, layout: Layout, chunks: int) -> Target:
     return Target("direct", f"{base}/v1/chat/completions", {"upstream": child.proc.pid})
 
 
+def _node_config(path: Path, upstream_base: str, max_concurrency: int | None,
+                 priced: bool) -> Path:
+    """Write a node config with one openai backend on ``upstream_base``."""
+    lines = ["[[node.backends]]", 'type = "openai"', f'url = "{upstream_base}"']
+    if max_concurrency is not None:
+        lines.append(f"max_concurrency = {max_concurrency}")
+    if priced:
+        lines += [f"price_input = {PRICE_INPUT!r}", f"price_output = {PRICE_OUTPUT!r}"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def start_tooti(
     children: Children, layout: Layout, upstream: Target, data_dir: Path,
-    max_concurrency: int | None = None,
+    max_concurrency: int | None = None, *, name: str = "tooti", keys: bool = False,
+    database: str = "", top_up: int = 0,
 ) -> Target:
-    """Start a gateway and a node (separate processes, state under ``data_dir``).
+    """Start a gateway and a node (separate processes, state under ``data_dir/name``).
 
     ``max_concurrency`` (the node's per-model slot count, tooti's default when
-    None) is set through a generated config file, the only place it can be set.
+    None) and the prices are set through a generated config file, the only place
+    they can be set. ``keys``: the gateway runs ``--auth keys`` with a generated
+    admin key (on ``database``, a ``postgresql://`` URL, or empty for SQLite in its
+    data dir), its node's backend is priced, and :func:`open_account` makes the
+    account (topped up with ``top_up`` micro-units) and the key wrk sends.
     """
     port = free_port()
+    state = data_dir / name
+    state.mkdir(parents=True, exist_ok=True)
+    suffix = name.removeprefix("tooti")  # "", "-keys", "-keys-pg": log file names
     tooti = [sys.executable, "-m", "tooti", "run", "--log-level", "warning"]
-    gateway = children.start("gateway", [
-        *tooti, "--role", "gateway", "--listen", f"127.0.0.1:{port}",
-        "--data-dir", str(data_dir / "gateway"),  # the default usage ledger writes here
-    ], layout.gateway)
+    argv = [*tooti, "--role", "gateway", "--listen", f"127.0.0.1:{port}",
+            "--data-dir", str(state / "gateway")]  # the accounts/usage database is here
+    env = dict(os.environ)
+    env.pop(KEY_ENV, None)
+    admin_key = ""
+    if keys:
+        admin_key = "bench-admin-" + secrets.token_hex(16)
+        env["TOOTI_ADMIN_KEY"] = admin_key  # not on the command line
+        argv += ["--auth", "keys"]
+        if database:
+            argv += ["--database", database]
+    gateway = children.start(f"gateway{suffix}", argv, layout.gateway, env)
     upstream_base = upstream.url.removesuffix("/chat/completions")
     backend = ["--backend", f"openai={upstream_base}"]
-    if max_concurrency is not None:
-        config = data_dir / "node.toml"
-        config.write_text(f'[[node.backends]]\ntype = "openai"\nurl = "{upstream_base}"\n'
-                          f"max_concurrency = {max_concurrency}\n")
+    if max_concurrency is not None or keys:
+        config = _node_config(state / "node.toml", upstream_base, max_concurrency, keys)
         backend = ["--config", str(config)]
-    node = children.start("node", [
+    node = children.start(f"node{suffix}", [
         *tooti, "--role", "node", "--peer", f"ws://127.0.0.1:{port}", *backend,
-        "--node-id", "bench-node", "--data-dir", str(data_dir / "node"),
+        "--node-id", f"bench-node{suffix}", "--data-dir", str(state / "node"),
     ], layout.node)
     base = f"http://127.0.0.1:{port}"
+    target = Target(name, f"{base}/v1/chat/completions",
+                    {"gateway": gateway.proc.pid, "node": node.proc.pid})
+    if keys:
+        target.admin = Admin(base, admin_key)
+        wait_until(lambda: target.admin is not None and target.admin.ready(), gateway,
+                   f"the {name} gateway's admin API", 30)
+        target.key = open_account(target.admin, top_up)
+        target.headers = {"Authorization": f"Bearer {target.key}"}
 
     def ready() -> bool:
         if node.proc.poll() is not None:
             raise RuntimeError(f"node exited ({node.proc.returncode}):\n{node.log_tail()}")
-        return serves_model(f"{base}/v1/models")
+        return serves_model(f"{base}/v1/models", target.headers)
 
-    wait_until(ready, gateway, "the tooti gateway to list the node's model", 30)
-    return Target("tooti", f"{base}/v1/chat/completions",
-                  {"gateway": gateway.proc.pid, "node": node.proc.pid})
+    wait_until(ready, gateway, f"the {name} gateway to list the node's model", 30)
+    if keys:
+        limit = probe(target).get("x-ratelimit-limit-requests")
+        print(f"{name}: a probe answer says x-ratelimit-limit-requests: {limit} "
+              f"({'the limiter admits' if limit else 'NO LIMITER HEADERS'})", flush=True)
+    return target
+
+
+def probe(target: Target) -> dict[str, str]:
+    """POST one benchmark request (non-streamed) to ``target`` with its key; the answer's
+    headers (lower-case names). Raises RuntimeError unless it is 2xx."""
+    request = urllib.request.Request(
+        target.url, lua_body("non-stream"), method="POST",
+        headers={"Authorization": f"Bearer {target.key}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            response.read()
+            return {k.lower(): v for k, v in response.headers.items()}
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace")[:500]
+        raise RuntimeError(f"{target.name}: a probe request got {exc.code} {detail}") from None
+
+
+# --------------------------------------------------------------------- accounts
+
+
+@dataclass
+class Admin:
+    """The admin HTTP API (``/admin/v1/``) of a keys gateway, and the account the run
+    charges there."""
+
+    base: str
+    admin_key: str
+    account_id: str = ""
+    topped_up: int = 0
+    """Micro-units the account was given."""
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None,
+             key: str | None = None) -> Any:
+        """``method path`` with the admin key (or ``key``); the decoded JSON answer.
+        A non-2xx answer raises RuntimeError with its error object."""
+        data = json.dumps(body).encode() if body is not None else None
+        headers = {"Authorization": f"Bearer {key or self.admin_key}"}
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        request = urllib.request.Request(self.base + path, data, headers, method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode(errors="replace")[:500]
+            raise RuntimeError(f"{method} {path}: {exc.code} {detail}") from None
+
+    def ready(self) -> bool:
+        """True once the admin API answers."""
+        self.call("GET", "/admin/v1/accounts")
+        return True
+
+
+def lua_body(mode: str) -> bytes:
+    """The request body the wrk script of ``mode`` sends (its ``wrk.body`` line)."""
+    match = re.search(r"^wrk\.body = '(.*)'$", LUA[mode].read_text(), re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"{LUA[mode]}: no wrk.body line")
+    return match.group(1).encode()
+
+
+def reservation_micros() -> int:
+    """What one benchmark request reserves at the keys node's prices (micro-units): its
+    prompt bound (body bytes + ``prompt_token_allowance``) and ``max_tokens``, as the
+    gateway computes it (:func:`tooti.protocol.usage.limits_for`)."""
+    from tooti.accounts.money import cost_micros, price_micros
+    from tooti.protocol.usage import limits_for
+    from tooti.settings import GatewaySettings
+
+    settings = GatewaySettings()
+    most = 0
+    for mode in MODES:
+        raw = lua_body(mode)
+        limits = limits_for("chat", json.loads(raw), len(raw),
+                            settings.prompt_token_allowance, settings.media_token_allowance)
+        completion = (settings.reserve_completion_tokens if limits.completion is None
+                      else limits.completion)
+        most = max(most, cost_micros(limits.prompt, completion, price_micros(PRICE_INPUT),
+                                     price_micros(PRICE_OUTPUT)))
+    return most
+
+
+def top_up_micros(args: argparse.Namespace) -> int:
+    """Credit for every request the run can send to one keys target at the reservation
+    size: :data:`RPS_BOUND` requests per second over every load of it (warm-up, each
+    cell with its retries), doubled, plus a margin."""
+    from tooti.accounts.money import MAX_AMOUNT
+
+    cell = max(1, round(args.duration))
+    seconds = (2 * len(MODES) + args.repeat * len(MODES) * len(CONCURRENCIES) * cell
+               * (args.retries + 1) + 60)
+    return min(MAX_AMOUNT, 2 * RPS_BOUND * seconds * reservation_micros())
+
+
+def open_account(admin: Admin, top_up: int) -> str:
+    """Create the benchmark account, give it ``top_up`` micro-units, and create its key,
+    with limits the run never reaches (so the limiter admits and counts every request);
+    return the key."""
+    account = admin.call("POST", "/admin/v1/accounts", {"name": "bench", "role": "user"})
+    admin.account_id = account["id"]
+    admin.call("POST", "/admin/v1/credits/top-up", {
+        "account": admin.account_id, "amount_micros": top_up, "idem_key": "bench-top-up",
+        "memo": "bench/overhead.py"})
+    admin.topped_up = top_up
+    key = admin.call("POST", "/admin/v1/keys", {
+        "account": admin.account_id, "name": "bench", "rpm": 10_000_000,
+        "tpm": 10**12, "concurrency": 100_000})
+    return str(key["key"])
+
+
+@dataclass
+class AccountCheck:
+    """What a keys target's gateway says after the run."""
+
+    target: str
+    requests: int
+    """Answers wrk counted at this target."""
+    non_2xx: int
+    usage_requests: int
+    """Usage rows of the account (``GET /v1/me``: this UTC month)."""
+    charged: int
+    """Micro-units charged to the account (its usage rows)."""
+    topped_up: int
+    ledger_ok: bool
+    violations: list[str]
+
+
+def check_account(target: Target) -> AccountCheck:
+    """The account's charged total and the ledger check of a keys target's gateway."""
+    assert target.admin is not None
+    me = target.admin.call("GET", "/v1/me", key=target.key)
+    ledger = target.admin.call("GET", "/admin/v1/ledger/check")
+    return AccountCheck(
+        target=target.name, requests=target.requests, non_2xx=target.non_2xx,
+        usage_requests=int(me["usage"]["requests"]),
+        charged=int(me["usage"]["charged_micros"]), topped_up=target.admin.topped_up,
+        ledger_ok=bool(ledger["ok"]), violations=[str(v) for v in ledger["violations"]])
+
+
+@contextlib.contextmanager
+def postgres(children: Children, layout: Layout) -> Iterator[tuple[str, int]]:
+    """A throwaway durable PostgreSQL cluster (tests/postgres.py: fsync and
+    synchronous_commit on), stopped and deleted on exit; yields a fresh database's URL
+    and the postmaster's pid, whose process tree counts as the benchmark's own CPU."""
+    if str(REPO_DIR) not in sys.path:
+        sys.path.insert(0, str(REPO_DIR))
+    from tests.postgres import PostgresMissing, cluster
+
+    try:
+        with cluster(durable=True) as running:
+            pid_file = running.root / "data" / "postmaster.pid"
+            postmaster = int(pid_file.read_text().split()[0])
+            if layout.database:
+                for pid in _tree_pids(postmaster):
+                    with contextlib.suppress(OSError):
+                        os.sched_setaffinity(pid, layout.database)
+            children.adopted.append(postmaster)
+            print(f"PostgreSQL {running.bindir.parent.name} on port {running.port} "
+                  "(durable: fsync and synchronous_commit on)", flush=True)
+            try:
+                yield running.fresh_database(), postmaster
+            finally:
+                children.adopted.remove(postmaster)
+    except PostgresMissing as exc:
+        raise RuntimeError(f"tooti-keys-pg needs PostgreSQL: {exc}") from None
 
 
 def ensure_litellm_venv() -> Path:
@@ -484,7 +741,7 @@ def log_warnings(children: Children) -> Counter[str]:
     """WARNING/ERROR lines of the gateway and node logs, numbers blanked, counted."""
     found: Counter[str] = Counter()
     for child in children.children:
-        if child.name not in ("gateway", "node") or child.log_path is None:
+        if not child.name.startswith(("gateway", "node")) or child.log_path is None:
             continue
         for line in child.log_path.read_text(errors="replace").splitlines():
             if (" WARNING " in line or " ERROR " in line) and "no join token" not in line:
@@ -527,16 +784,30 @@ def find_wrk() -> str:
 
 def run_wrk(
     wrk: str, children: Children, layout: Layout, url: str, mode: str, concurrency: int,
-    duration: float,
+    duration: float, key: str = API_KEY,
 ) -> dict[str, float]:
-    """Run one wrk load and return the fields of its RESULT line."""
+    """Run one wrk load sending ``key`` and return the fields of its RESULT line."""
     argv = [wrk, "-t1", f"-c{concurrency}", f"-d{max(1, round(duration))}s", "--latency",
             "--timeout", "30s", "-s", str(LUA[mode]), url]
-    output = children.finish(children.start("wrk", argv, layout.wrk), duration + 60)
+    env = dict(os.environ)
+    env[KEY_ENV] = key
+    output = children.finish(children.start("wrk", argv, layout.wrk, env), duration + 60)
     for line in output.splitlines():
         if line.startswith("RESULT "):
             return {k: float(v) for k, v in (kv.split("=") for kv in line.split()[1:])}
     raise RuntimeError(f"wrk printed no RESULT line for {url}:\n{output}")
+
+
+def load_target(
+    wrk: str, children: Children, layout: Layout, target: Target, mode: str,
+    concurrency: int, duration: float,
+) -> dict[str, float]:
+    """:func:`run_wrk` at ``target`` with its key; count its answers and non-2xx ones."""
+    fields = run_wrk(wrk, children, layout, target.url, mode, concurrency, duration,
+                     target.key)
+    target.requests += int(fields["requests"])
+    target.non_2xx += int(fields["errors_status"])
+    return fields
 
 
 def measure(
@@ -550,7 +821,7 @@ def measure(
     load = ForeignLoad(children)
     cpu_before = {proc: tree_cpu_seconds(pid) for proc, pid in target.pids.items()}
     started = time.monotonic()
-    fields = run_wrk(wrk, children, layout, target.url, mode, concurrency, duration)
+    fields = load_target(wrk, children, layout, target, mode, concurrency, duration)
     elapsed = time.monotonic() - started
     cpu = {proc: 100 * (tree_cpu_seconds(pid) - cpu_before[proc]) / elapsed
            for proc, pid in target.pids.items()}
@@ -562,7 +833,7 @@ def measure(
         errors=int(fields["errors_status"] + fields["errors_socket"]),
         errors_status=int(fields["errors_status"]), foreign_cpus=foreign, cpu_percent=cpu,
     )
-    print(f"  run {run} {target.name:8} {mode:10} c={concurrency:<3} {m.rps:10.1f} req/s  "
+    print(f"  run {run} {target.name:13} {mode:10} c={concurrency:<3} {m.rps:10.1f} req/s  "
           f"p50 {m.p50_ms:8.3f} ms  p99 {m.p99_ms:8.3f} ms  other load {foreign:4.2f} CPU  "
           + " ".join(f"{proc} {pct:.0f}%" for proc, pct in cpu.items())
           + (f"  ERRORS {m.errors} ({m.errors_status} non-2xx)" if m.errors else ""), flush=True)
@@ -621,7 +892,7 @@ def profile_tooti(
                 "-f", "raw", "-o", path,
             ], None)))
         time.sleep(0.5)  # let py-spy attach before the load starts
-        fields = run_wrk(wrk, children, layout, target.url, mode, 16, seconds + 1)
+        fields = load_target(wrk, children, layout, target, mode, 16, seconds + 1)
         print(f"profiled {mode} c=16: {fields['rps']:.0f} req/s under py-spy", flush=True)
         for proc, path, child in recorders:
             output = children.finish(child, 30)
@@ -651,10 +922,17 @@ class Results:
         values = [getattr(m, attr) for m in self.runs(target, mode, c)]
         return statistics.fmean(values) if values else None
 
-    def added_p50(self, target: str, mode: str, c: int) -> list[float]:
-        """p50 minus the direct p50 of the same run, per run."""
-        direct = {m.run: m.p50_ms for m in self.runs("direct", mode, c)}
+    def added_p50(self, target: str, mode: str, c: int, base: str = "direct") -> list[float]:
+        """p50 minus the ``base`` p50 of the same run, per run."""
+        direct = {m.run: m.p50_ms for m in self.runs(base, mode, c)}
         return [m.p50_ms - direct[m.run] for m in self.runs(target, mode, c) if m.run in direct]
+
+    def rps_change(self, target: str, mode: str, c: int, base: str = "tooti") -> list[float]:
+        """req/s relative to the ``base`` req/s of the same run, in percent, per run
+        (negative: ``target`` served fewer)."""
+        reference = {m.run: m.rps for m in self.runs(base, mode, c)}
+        return [100 * (m.rps - reference[m.run]) / reference[m.run]
+                for m in self.runs(target, mode, c) if reference.get(m.run)]
 
 
 def _fmt_runs(values: Sequence[float], digits: int) -> str:
@@ -672,8 +950,14 @@ def _cpu_cell(runs: Sequence[Measurement]) -> str:
     return ", ".join(cells)
 
 
-def report(results: Results, targets: list[str], rss: dict[str, dict[str, float]]) -> str:
-    """The figures table, LiteLLM ratios and target verdicts, as Markdown."""
+def report(
+    results: Results, targets: list[str], rss: dict[str, dict[str, float]],
+    answers: dict[str, tuple[int, int]] | None = None,
+    accounts: Sequence[AccountCheck] = (),
+) -> str:
+    """The figures table, LiteLLM ratios, the cost of auth + credits, target verdicts,
+    the answers check and the keys accounts' charges and ledger checks, as Markdown.
+    ``answers``: per target, (answers wrk counted, of which non-2xx)."""
     lines = ["| path | mode | c | req/s | p50 ms | p99 ms | added p50 ms | errors | CPU "
              "| other CPU |", "|---|---|---|---|---|---|---|---|---|---|"]
     for target in targets:
@@ -695,7 +979,8 @@ def report(results: Results, targets: list[str], rss: dict[str, dict[str, float]
            "", *lines, ""]
     if rss:
         out.append("RSS after the runs: " + "; ".join(
-            f"{name} {mib:.0f} MiB" for t in rss.values() for name, mib in t.items()))
+            f"{target} {name} {mib:.0f} MiB" for target, procs in rss.items()
+            for name, mib in procs.items()))
         out.append("")
     if "litellm" in targets and "tooti" in targets:
         out += ["tooti / LiteLLM (same run; throughput ratio, and LiteLLM added p50 / "
@@ -709,8 +994,51 @@ def report(results: Results, targets: list[str], rss: dict[str, dict[str, float]
                 lat = [b / a for a, b in zip(t_add, l_add, strict=False) if a > 0]
                 out.append(f"| {mode} | {c} | {_fmt_runs(ratios, 1)} | {_fmt_runs(lat, 1)} |")
         out.append("")
+    keyed = [t for t in ACCOUNT_TARGETS if t in targets]
+    if keyed and "tooti" in targets:
+        out += ["Auth + credits vs the open gateway (tooti) of the same run (req/s change: "
+                "negative = slower; p50 added = p50 minus tooti's p50; per run):", "",
+                "| path | mode | c | req/s change % | p50 added ms |", "|---|---|---|---|---|"]
+        for target in keyed:
+            for mode in MODES:
+                for c in CONCURRENCIES:
+                    if not results.runs(target, mode, c):
+                        continue
+                    out.append(
+                        f"| {target} | {mode} | {c} | "
+                        f"{_fmt_runs(results.rps_change(target, mode, c), 1)} | "
+                        f"{_fmt_runs(results.added_p50(target, mode, c, 'tooti'), 3)} |")
+        out.append("")
     out += ["Targets (mean over runs):", *verdicts(results, targets), ""]
+    if answers:
+        out.append("Answers (every wrk load: warm-up, cells, profile; wrk's non-2xx count):")
+        for target, (count, bad) in answers.items():
+            out.append(f"  {target}: {count} answers, {bad} non-2xx -> "
+                       f"{'all 2xx' if bad == 0 else 'NOT ALL 2xx'}")
+        out.append("")
+    if accounts:
+        out += ["Accounts (keys targets, read from each gateway after the run):",
+                *account_lines(accounts), ""]
     return "\n".join(out)
+
+
+def account_lines(checks: Sequence[AccountCheck]) -> list[str]:
+    """Per keys target: what its account was charged, and its gateway's ledger check."""
+    from tooti.accounts.money import format_credits
+
+    lines = []
+    for check in checks:
+        per_request = check.charged // check.usage_requests if check.usage_requests else 0
+        lines.append(
+            f"  {check.target}: charged {format_credits(check.charged)} credits "
+            f"({check.charged} micro-units) over {check.usage_requests} usage rows "
+            f"({per_request} each; wrk counted {check.requests} answers, {check.non_2xx} "
+            f"non-2xx); topped up {format_credits(check.topped_up)}")
+        verdict = "ok" if check.ledger_ok else "FAILED: " + "; ".join(check.violations[:3])
+        lines.append(f"  {check.target}: ledger check (GET /admin/v1/ledger/check): {verdict}")
+        if check.charged <= 0:
+            lines.append(f"  {check.target}: NOTHING CHARGED (is the node priced?)")
+    return lines
 
 
 def _paired(results: Results, mode: str, c: int, attr: str) -> list[float]:
@@ -741,6 +1069,19 @@ def verdicts(results: Results, targets: list[str]) -> list[str]:
         added = results.added_p50("tooti", mode, 1)
         line(f"{mode} added p50 at c=1 <= {ceiling:g} ms",
              statistics.fmean(added) if added else None, ceiling, False, " ms")
+    for target in (t for t in ACCOUNT_TARGETS if t in targets):
+        for mode in MODES:
+            change = results.rps_change(target, mode, 16)
+            line(f"{target} {mode} throughput cost at c=16 <= "
+                 f"{MAX_ACCOUNTS_COST_PCT_C16:g} % of tooti's",
+                 -statistics.fmean(change) if change else None, MAX_ACCOUNTS_COST_PCT_C16,
+                 False, " %")
+        for mode in MODES:
+            added = results.added_p50(target, mode, 1, "tooti")
+            line(f"{target} {mode} p50 added over tooti at c=1 <= "
+                 f"{MAX_ACCOUNTS_ADDED_P50_C1_MS:g} ms",
+                 statistics.fmean(added) if added else None, MAX_ACCOUNTS_ADDED_P50_C1_MS,
+                 False, " ms")
     if "litellm" in targets:
         for mode in MODES:
             for c in CONCURRENCIES:
@@ -773,6 +1114,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="smoke run: 3 s per cell, one run")
     parser.add_argument("--litellm", action="store_true",
                         help="also measure a LiteLLM proxy (installed into bench/.litellm-venv)")
+    parser.add_argument("--accounts", action="store_true",
+                        help="also measure auth + credits: tooti-keys (--auth keys, SQLite) "
+                             "and tooti-keys-pg (--database on a throwaway durable "
+                             "PostgreSQL), each against tooti of the same run")
     parser.add_argument("--chunks", type=int, default=32, help="SSE events per stream")
     parser.add_argument("--max-concurrency", type=int, metavar="N",
                         help="the node backend's max_concurrency (slots per model; default: "
@@ -782,7 +1127,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="CPU list for wrk, 'any', or 'auto' (default: shares the node's "
                              "CPU on two-CPU machines)")
     parser.add_argument("--only", default="",
-                        help="comma-separated subset of targets: direct,tooti,litellm")
+                        help="comma-separated subset of targets: direct,tooti,tooti-keys,"
+                             "tooti-keys-pg,litellm (direct always runs; tooti-keys* need "
+                             "--accounts, litellm --litellm)")
     parser.add_argument("--quiet-below", type=float, default=0.3, metavar="CPUS",
                         help="before each cell wait for other processes to use at most this "
                              "many CPUs (default 0.3)")
@@ -801,6 +1148,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile-top", type=int, default=15,
                         help="rows per hot-spot table (default 15)")
     args = parser.parse_args(argv)
+    unknown = set(filter(None, args.only.split(","))) - set(TARGET_NAMES)
+    if unknown:
+        parser.error(f"--only: unknown target(s) {', '.join(sorted(unknown))}; "
+                     f"known: {', '.join(TARGET_NAMES)}")
     if args.quick:
         args.duration, args.repeat, args.retries = 3.0, 1, 0
     return args
@@ -814,7 +1165,10 @@ def main(argv: list[str] | None = None) -> int:
         loaded = [Measurement(**m) for m in saved["measurements"]]
         names = [t for t in TARGET_NAMES if any(m.target == t for m in loaded)]
         print(f"{args.from_json}: {saved['layout']}; {saved['duration']:g} s per cell")
-        print(report(Results(loaded), names, saved.get("rss_mib", {})))
+        saved_answers = {t: (a[0], a[1]) for t, a in saved.get("answers", {}).items()}
+        saved_checks = [AccountCheck(**c) for c in saved.get("accounts", [])]
+        print(report(Results(loaded), names, saved.get("rss_mib", {}), saved_answers,
+                     saved_checks))
         return 0
     wrk = find_wrk()
     if args.profile:
@@ -823,7 +1177,8 @@ def main(argv: list[str] | None = None) -> int:
         import tooti
     except ImportError:
         sys.exit("error: tooti is not importable; run with the project's venv python")
-    targets = [t for t in TARGET_NAMES if t != "litellm" or args.litellm]
+    targets = [t for t in TARGET_NAMES if (t != "litellm" or args.litellm)
+               and (t not in ACCOUNT_TARGETS or args.accounts)]
     if args.only:
         wanted = set(args.only.split(","))
         targets = [t for t in targets if t in wanted or t == "direct"]
@@ -835,7 +1190,10 @@ def main(argv: list[str] | None = None) -> int:
     measurements: list[Measurement] = []
     warnings: Counter[str] = Counter()
     rss: dict[str, dict[str, float]] = {}
-    with tempfile.TemporaryDirectory(prefix="tooti-bench-") as tmp, _terminate_on_signals():
+    answers: dict[str, tuple[int, int]] = {}
+    checks: list[AccountCheck] = []
+    with (tempfile.TemporaryDirectory(prefix="tooti-bench-") as tmp, _terminate_on_signals(),
+          contextlib.ExitStack() as databases):
         children = Children(Path(tmp))
         try:
             if "litellm" in targets:
@@ -845,12 +1203,29 @@ def main(argv: list[str] | None = None) -> int:
             if "tooti" in targets:
                 started["tooti"] = start_tooti(children, layout, upstream, Path(tmp),
                                                args.max_concurrency)
+            top_up = 0
+            if any(t in targets for t in ACCOUNT_TARGETS):
+                top_up = top_up_micros(args)
+                print(f"keys targets: node priced {PRICE_INPUT:g} / {PRICE_OUTPUT:g} credits "
+                      f"per 1M prompt / completion tokens, {reservation_micros()} micro-units "
+                      f"reserved per request, account topped up with {top_up}", flush=True)
+            if "tooti-keys" in targets:
+                started["tooti-keys"] = start_tooti(
+                    children, layout, upstream, Path(tmp), args.max_concurrency,
+                    name="tooti-keys", keys=True, top_up=top_up)
+            if "tooti-keys-pg" in targets:
+                url, postmaster = databases.enter_context(postgres(children, layout))
+                keys_pg = start_tooti(
+                    children, layout, upstream, Path(tmp), args.max_concurrency,
+                    name="tooti-keys-pg", keys=True, database=url, top_up=top_up)
+                keys_pg.pids["postgres"] = postmaster
+                started["tooti-keys-pg"] = keys_pg
             if "litellm" in targets:
                 started["litellm"] = start_litellm(children, layout, upstream)
             print("warming up...", flush=True)
             for target in started.values():
                 for mode in MODES:
-                    run_wrk(wrk, children, layout, target.url, mode, 16, 2)
+                    load_target(wrk, children, layout, target, mode, 16, 2)
             for run in range(1, args.repeat + 1):
                 for target in started.values():
                     for mode in MODES:
@@ -864,6 +1239,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.profile and "tooti" in started:
                 profile_tooti(wrk, children, layout, started["tooti"], args.duration,
                               args.profile, args.profile_top)
+            answers = {name: (t.requests, t.non_2xx) for name, t in started.items()}
+            checks = [check_account(t) for t in started.values() if t.admin is not None]
         except KeyboardInterrupt:
             print("\ninterrupted; stopping children", file=sys.stderr)
             return 130
@@ -877,7 +1254,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 signal.signal(signal.SIGINT, signal.default_int_handler)
     results = Results(measurements)
-    print(report(results, targets, rss))
+    print(report(results, targets, rss, answers, checks))
     if warnings:
         print("Warnings logged by tooti during the run (count, message):")
         print("\n".join(f"  {n:5d}  {line}" for line, n in warnings.most_common(12)))
@@ -886,6 +1263,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps({
             "layout": layout.describe(), "duration": args.duration, "chunks": args.chunks,
             "rss_mib": rss, "measurements": [asdict(m) for m in measurements],
+            "answers": answers, "accounts": [asdict(c) for c in checks],
         }, indent=1))
     return 0
 
