@@ -69,6 +69,30 @@ def test_concurrent_debits_never_overdraw(database: Database) -> None:
     assert database.read_sync(lambda tx: balance(tx, "account:a")) == 0
 
 
+def test_a_long_read_does_not_hold_up_writes(database: Database) -> None:
+    """A report reading for a long time (held open here) never blocks a settle: reads
+    have their own connections (SQLite WAL readers; PostgreSQL pool connections)."""
+    reading, release = threading.Event(), threading.Event()
+
+    def slow_report(tx: Tx) -> int:
+        count = int(tx.value("SELECT COUNT(*) FROM journal"))
+        reading.set()
+        assert release.wait(10)
+        return count
+
+    reader = threading.Thread(target=database.read_sync, args=(slow_report,))
+    reader.start()
+    assert reading.wait(10)
+    try:
+        assert database.write_sync(lambda tx: post(
+            tx, "t", "topup", [(ISSUED, -1), ("account:a", 1)])) is True
+        assert reader.is_alive()  # committed while the report still reads
+        assert database.read_sync(lambda tx: balance(tx, "account:a")) == 1
+    finally:
+        release.set()
+        reader.join()
+
+
 def test_money_is_integers() -> None:
     assert parse_credits("12.5") == 12_500_000
     assert parse_credits("0.000001") == 1

@@ -8,15 +8,18 @@ function of a :class:`Tx`, which runs in a worker thread inside one transaction 
 abandoned on cancellation: a transaction started is finished, committed or rolled
 back). The schema is :mod:`tooti.accounts.schema`, migrated at open.
 
-SQLite: one connection in WAL mode (``synchronous=NORMAL``) guarded by a lock, writes
-in ``BEGIN IMMEDIATE`` transactions. PostgreSQL: a psycopg 3 connection pool, READ
-COMMITTED; statements that must be atomic across gateways are single conditional
-``UPDATE``s or ``INSERT … ON CONFLICT DO NOTHING`` (see :mod:`tooti.accounts.journal`).
+SQLite: one writer connection in WAL mode (``synchronous=NORMAL``) guarded by a lock,
+writes in ``BEGIN IMMEDIATE`` transactions, and up to four read-only connections for
+:meth:`Database.read` (WAL readers see the last commit and never block the writer).
+PostgreSQL: a psycopg 3 connection pool, READ COMMITTED; statements that must be atomic
+across gateways are single conditional ``UPDATE``s or ``INSERT … ON CONFLICT DO
+NOTHING`` (see :mod:`tooti.accounts.journal`).
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -37,6 +40,8 @@ Dialect = Literal["sqlite", "postgresql"]
 SQLITE_FILENAME = "tooti.sqlite3"
 """The default database, in the data dir."""
 POOL_SIZE = 8
+SQLITE_READERS = 4
+"""Read-only SQLite connections beside the one writer."""
 MIGRATION_LOCK = 7_370_001
 """The PostgreSQL advisory lock taken while migrating (gateways starting together)."""
 
@@ -93,6 +98,9 @@ class Database:
         plain path, or ``""`` for ``<data_dir>/tooti.sqlite3``."""
         self.url = url
         self._lock = threading.Lock()
+        self._readers: queue.Queue[sqlite3.Connection] = queue.Queue()
+        self._readers_lock = threading.Lock()
+        self._readers_opened = 0
         self._sqlite: sqlite3.Connection | None = None
         self._pool: Any = None
         if url.startswith(("postgresql://", "postgres://")):
@@ -174,9 +182,18 @@ class Database:
     def _transaction(self, write: bool) -> Iterator[Tx]:
         if self.dialect == "sqlite":
             assert self._sqlite is not None
+            if not write:
+                with self._reader() as reader:
+                    cursor = reader.cursor()
+                    cursor.execute("BEGIN")
+                    try:
+                        yield Tx(cursor, "sqlite")
+                    finally:
+                        cursor.execute("ROLLBACK")
+                return
             with self._lock:
                 cursor = self._sqlite.cursor()
-                cursor.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                cursor.execute("BEGIN IMMEDIATE")
                 try:
                     yield Tx(cursor, "sqlite")
                 except BaseException:
@@ -186,6 +203,29 @@ class Database:
         else:
             with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cursor:
                 yield Tx(cursor, "postgresql")
+
+    @contextmanager
+    def _reader(self) -> Iterator[sqlite3.Connection]:
+        """A read-only SQLite connection of the pool (WAL: readers never wait for the
+        writer nor block it, so a long report does not hold up settles); opened on first
+        use, at most :data:`SQLITE_READERS`, then callers wait for a free one."""
+        try:
+            reader = self._readers.get_nowait()
+        except queue.Empty:
+            with self._readers_lock:
+                opened = self._readers_opened < SQLITE_READERS
+                if opened:
+                    self._readers_opened += 1
+            if opened:
+                reader = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True,
+                                         check_same_thread=False, isolation_level=None,
+                                         timeout=30.0)
+            else:
+                reader = self._readers.get()
+        try:
+            yield reader
+        finally:
+            self._readers.put(reader)
 
     def write_sync(self, fn: Callable[[Tx], T]) -> T:
         """Run ``fn`` in one write transaction, in this thread."""
@@ -218,6 +258,11 @@ class Database:
             with self._lock:
                 self._sqlite.close()
             self._sqlite = None
+            while True:
+                try:
+                    self._readers.get_nowait().close()
+                except queue.Empty:
+                    break
         if self._pool is not None:
             self._pool.close()
             self._pool = None
