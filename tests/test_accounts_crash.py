@@ -1,11 +1,12 @@
 """``kill -9`` of a gateway with credit reserved and streams in flight (issue 13).
 
 A real ``tooti run`` process (gateway and a simulated node in one process, ``auth =
-"keys"``, the ``credits`` billing plugin on SQLite in its data dir, a fixed
-``gateway_id``) serves a paying key: some requests finish (their clients read
-``[DONE]``), slow streams are still running when the process is killed with SIGKILL. It
-is restarted with the same config, data dir and gateway id; as it starts it reconciles
-the lease its previous run left open (before it serves anything). Then:
+"keys"``, the ``credits`` billing plugin on ``gateway.database``: an SQLite file, and a
+PostgreSQL database of the session's cluster; a fixed ``gateway_id``) serves a paying
+key: some requests finish (their clients read ``[DONE]``), slow streams are still
+running when the process is killed with SIGKILL. It is restarted with the same config,
+data dir, database and gateway id; as it starts it reconciles the lease its previous run
+left open (before it serves anything). Then:
 
 * ``tooti ledger check`` (the CLI, against the restarted gateway's admin API) passes;
 * every request whose client received ``[DONE]`` (or a whole non-streamed answer) is
@@ -40,13 +41,13 @@ TOPPED_UP = 20_000_000
 """20 credits: the slow streams reserve 2 credits each (2,000 tokens)."""
 
 
-def config(root: Path) -> Path:
+def config(root: Path, database: str) -> Path:
     text = (
         toml_value_lines({"roles": ["gateway", "node"], "log_level": "info",
                           "drain_grace": 0.0})
         + toml_table("gateway", {"listen": "127.0.0.1:0", "auth": "keys",
                                  "admin_key": ADMIN_KEY, "gateway_id": GATEWAY_ID,
-                                 "first_byte_timeout": 10.0})
+                                 "database": database, "first_byte_timeout": 10.0})
         + toml_table("billing.options", {"fee_bps": 1000})
         + toml_table("node", {"id": "crash-node"})
         + toml_table("[[node.backends]]", {"type": "simulated", "max_concurrency": 16,
@@ -75,8 +76,8 @@ def chat(max_tokens: int, stream: bool) -> dict[str, Any]:
 
 
 async def test_kill_9_with_streams_in_flight_bills_every_finished_request_once(
-        tmp_path: Path) -> None:
-    path, data = config(tmp_path), tmp_path / "data"
+        tmp_path: Path, database_url: str) -> None:
+    path, data = config(tmp_path, database_url), tmp_path / "data"
     done: set[str] = set()
     """Request ids whose client got the whole answer."""
     cut: set[str] = set()
@@ -165,7 +166,7 @@ async def test_kill_9_with_streams_in_flight_bills_every_finished_request_once(
             assert check.returncode == 0, check.stdout + check.stderr
             assert b"ledger ok" in check.stdout
 
-            db = Database("", data_dir=data)
+            db = Database(database_url)
             try:
                 def read(tx: Any) -> dict[str, Any]:
                     return {

@@ -374,15 +374,16 @@ async def test_invites_under_concurrency_expiry_and_a_private_groups_nodes(
                                               {"account": f"u{i}"}))["key"])
 
             # twelve accounts redeem one 3-use code at once, each with its own key
-            answers: list[httpx.Response] = []
+            redeemed: dict[str, httpx.Response] = {}
 
             async def redeem(key: str) -> None:
-                answers.append(await http.post("/v1/me/redeem", json={"code": invite["code"]},
-                                               headers=bearer(key)))
+                redeemed[key] = await http.post("/v1/me/redeem", json={"code": invite["code"]},
+                                                headers=bearer(key))
 
             async with trio.open_nursery() as nursery:
                 for key in keys:
                     nursery.start_soon(redeem, key)
+            answers = list(redeemed.values())
             admitted = [r for r in answers if r.status_code == 200]
             assert len(admitted) == 3, [r.text for r in answers]
             assert all(r.json()["group"]["name"] == "lab" for r in admitted)
@@ -395,8 +396,7 @@ async def test_invites_under_concurrency_expiry_and_a_private_groups_nodes(
             # an expired code admits nobody
             later = await admin_post(http, "/admin/v1/invites", {"group": "lab", "max_uses": 5,
                                                                  "expires_in": 60})
-            outsider_key = next(k for k, r in zip(keys, answers, strict=True)
-                                if r.status_code != 200)
+            outsider_key = next(k for k, r in redeemed.items() if r.status_code != 200)
             with monkeypatch.context() as patch:
                 expiry = later["expires_at"]
                 patch.setattr(clock, "wall", lambda: expiry + 1)
@@ -405,8 +405,7 @@ async def test_invites_under_concurrency_expiry_and_a_private_groups_nodes(
             assert_error(expired, 410, "expired", "invalid_request_error")
 
             # a member's group key reaches the group's node; an outsider learns nothing
-            member_key = next(k for k, r in zip(keys, answers, strict=True)
-                              if r.status_code == 200)
+            member_key = next(k for k, r in redeemed.items() if r.status_code == 200)
             group_key = await http.post("/v1/me/keys", json={"group": "lab"},
                                         headers=bearer(member_key))
             assert group_key.status_code == 201, group_key.text
