@@ -18,7 +18,8 @@ import trio
 
 from tests.conftest import Network, simulated
 from tooti import clock
-from tooti.accounts.database import Database
+from tooti.accounts import credentials
+from tooti.accounts.database import Database, Tx
 from tooti.accounts.directory import KeyDirectory
 from tooti.accounts.money import cost_micros, price_micros
 from tooti.accounts.records import AccountInfo
@@ -130,8 +131,14 @@ async def test_a_missing_key_is_401(keyed: Network) -> None:
         assert_401(await http.get("/v1/models"))
 
 
+def forged(fill: str = "A") -> str:
+    """A key of the right shape and checksum that no account has."""
+    body = credentials.API_KEY + fill * credentials.RANDOM_CHARS
+    return body + credentials.checksum(body.encode()).decode()
+
+
 async def test_a_wrong_key_is_401_and_never_echoed(keyed: Network) -> None:
-    made_up = "sk-tooti-" + "A" * 43
+    made_up = forged()
     async with keyed.client() as http:
         assert_401(await http.post("/v1/chat/completions", json=chat(), headers=bearer(made_up)),
                    made_up)
@@ -386,19 +393,102 @@ async def test_a_key_revoked_on_one_gateway_is_refused_by_another_within_2s(
         second.close()
 
 
-async def test_a_key_created_after_a_miss_works_at_once(
+async def test_keys_of_the_wrong_shape_or_checksum_cost_no_lookup(
+        database: Database, service: AccountService, alice: AccountInfo) -> None:
+    """Only a key of the exact shape with a right checksum reaches the database."""
+    directory = KeyDirectory(database)
+    secret, _ = await service.create_key(alice.id)
+    assert len(secret) == credentials.API_KEY_LENGTH and credentials.is_api_key(
+        secret.encode())
+    flipped = secret[:-1] + ("A" if secret[-1] != "A" else "B")  # a typo in the checksum
+    typo = secret[:20] + ("x" if secret[20] != "x" else "y") + secret[21:]
+    for wrong in (flipped, typo, secret[:-6], secret + "A", "sk-tooti-" + "A" * 49,
+                  "sk-tooti-" + "A" * 43, "sk-tooti-" + "!" * 49, "totally-made-up", ""):
+        assert await directory.verify(wrong.encode()) is None, wrong
+    assert directory.lookups == 0
+    assert await directory.verify(forged().encode()) is None  # shaped right: asked once
+    assert directory.lookups == 1
+    assert await directory.verify(secret.encode()) is not None
+    assert directory.lookups == 2
+
+
+async def test_a_miss_is_remembered_across_changes(
         nursery: trio.Nursery, database: Database, service: AccountService,
         alice: AccountInfo) -> None:
-    """The negative cache is forgotten when the change counter moves."""
-    directory = KeyDirectory(database)
+    """A digest the database did not know cannot become a key (a key's secret exists
+    only once its row is committed), so changes do not make a flood of unknown keys
+    cost its lookups again."""
+    directory = KeyDirectory(database, negative_ttl=1e9)
     nursery.start_soon(directory.run)
     await directory.wait_polled()
-    secret, _ = await service.create_key(alice.id)
-    directory._unknown[hashlib.sha256(secret.encode()).hexdigest()] = 1e18
-    assert await directory.verify(secret.encode()) is None  # remembered as unknown
+    unknown = [forged(fill) for fill in "ABCDEFGH"]
+    for secret in unknown:
+        assert await directory.verify(secret.encode()) is None
+    assert directory.lookups == len(unknown)
+    await service.create_key(alice.id)  # a change: every gateway refreshes
     with trio.fail_after(2):
         await polled(directory)
-    assert await directory.verify(secret.encode()) is not None
+    for secret in unknown:
+        assert await directory.verify(secret.encode()) is None
+    assert directory.lookups == len(unknown)
+    created, _ = await service.create_key(alice.id)  # and a new key works at once
+    assert await directory.verify(created.encode()) is not None
+
+
+class Gated:
+    """A database whose next read, once armed, returns its rows only when released (a
+    lookup whose read was taken before a change committed, but answers after)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.armed = False
+        self.reading = trio.Event()
+        self.release = trio.Event()
+
+    async def read(self, fn: Any) -> Any:
+        rows = await self.db.read(fn)
+        if self.armed:
+            self.armed = False
+            self.reading.set()
+            await self.release.wait()
+        return rows
+
+
+async def test_a_lookup_overlapping_a_refresh_does_not_cache_a_stale_key(
+        database: Database, service: AccountService, alice: AccountInfo) -> None:
+    """A key revoked while a lookup of it was reading is not cached as active."""
+    secret, info = await service.create_key(alice.id)
+    gated = Gated(database)
+    directory = KeyDirectory(database)
+    directory.db = gated  # type: ignore[assignment]
+    gated.armed = True
+    answers: list[Any] = []
+
+    async def verify() -> None:
+        answers.append(await directory.verify(secret.encode()))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(verify)
+        await gated.reading.wait()  # the lookup read the key while still active
+        await service.revoke_key(info.id)
+        await directory.refresh()  # what the poll does when the counter moves
+        gated.release.set()
+    assert directory.lookups == 2  # it read again
+    assert answers == [None]
+    assert await directory.verify(secret.encode()) is None
+    assert directory.lookups == 2  # the revoked key is cached, inactive
+
+
+async def test_the_generated_key_and_the_stored_digest_use_one_hash(
+        database: Database, service: AccountService, alice: AccountInfo) -> None:
+    secret, info = await service.create_key(alice.id)
+
+    def stored(tx: Tx) -> Any:
+        return tx.value("SELECT hash FROM api_keys WHERE id = ?", (info.id,))
+
+    assert database.read_sync(stored) == credentials.digest(secret) == hashlib.sha256(
+        secret.encode()).hexdigest()
+    assert credentials.digest_bytes(secret).hex() == credentials.digest(secret)
 
 
 # ------------------------------------------------------------ the official client

@@ -7,16 +7,22 @@ G; a request with no group only to ungrouped nodes.
 
 Keys are held only as SHA-256 digests and compared in constant time. A key
 configured as ``sha256:<64 hex>`` is such a digest already, so a config file
-need not hold the keys themselves.
+need not hold the keys themselves. Hashing is
+:func:`tooti.accounts.credentials.digest_bytes`, the one helper every secret goes
+through.
+
+The configured group names are reserved: the gateway hands them to
+:class:`tooti.accounts.service.AccountService`, which refuses to create a database group
+under one (so no operator can take over a configured group's nodes or traffic).
 """
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import re
 from collections.abc import Mapping
 
+from tooti.accounts.credentials import digest, digest_bytes
 from tooti.settings import GroupSettings
 
 GROUP_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -41,7 +47,7 @@ def api_key_digest(key: str) -> bytes:
         return bytes.fromhex(hexdigest)
     if not key:
         raise ValueError("an API key must not be empty")
-    return hashlib.sha256(key.encode()).digest()
+    return digest_bytes(key)
 
 
 def named_tokens(token: str, named: Mapping[str, str]) -> dict[str, str]:
@@ -62,7 +68,7 @@ def key_id_of(authorization: bytes | None) -> str:
 
 
 def _key_id(token: bytes) -> str:
-    return "key-" + hashlib.sha256(token).hexdigest()[:16] if token else "anonymous"
+    return "key-" + digest(token)[:16] if token else "anonymous"
 
 
 class GroupKeys:
@@ -90,9 +96,9 @@ class GroupKeys:
     def _group(self, token: bytes) -> str:
         if not self._keys or not token:
             return ""
-        digest = hashlib.sha256(token).digest()
+        presented = digest_bytes(token)
         found = ""
         for key, name in self._keys:
-            if hmac.compare_digest(digest, key):
+            if hmac.compare_digest(presented, key):
                 found = name
         return found

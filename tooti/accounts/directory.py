@@ -10,12 +10,18 @@ steady state:
   *inactive* callers, so a client that keeps presenting a revoked key costs nothing
   either.
 * **Negative cache.** Digests the database did not know, bounded at
-  :data:`NEGATIVE_LIMIT` entries, each for :data:`NEGATIVE_TTL` seconds (and forgotten
-  at every change, so a key created a moment ago works at once on every gateway).
-  Secrets that cannot be a key at all (no ``sk-tooti-`` prefix, or too long) are
-  refused before any lookup; concurrent lookups of one digest share one query; and at
-  most :data:`MAX_LOOKUPS` lookups run at once, so a flood of made-up keys can neither
-  cost a round trip each nor take the database's connections from everyone else.
+  :data:`NEGATIVE_LIMIT` entries, each for :data:`NEGATIVE_TTL` seconds. It is not
+  cleared when keys change: a key's secret exists only once its row is committed (it is
+  generated inside the creating transaction and shown after), so no digest read as
+  unknown can belong to a key created since; and a flood of made-up keys cannot get its
+  lookups repeated by provoking changes.
+* **Shape and checksum first.** A secret that is not exactly an API key's shape with
+  a right checksum (:func:`tooti.accounts.credentials.is_api_key`: ``sk-tooti-`` + 43
+  + 6 base64url characters, the last 6 a CRC-32 of the rest) is refused before any
+  lookup, so made-up, mistyped and truncated keys cost no round trip. Concurrent
+  lookups of one digest share one query, and at most :data:`MAX_LOOKUPS` lookups run
+  at once, so even forged keys with a right checksum cannot take the database's
+  connections from everyone else.
 * **Expiry** is checked on every verify against :func:`tooti.clock.wall`, so an
   expired key is refused the moment it expires, whatever the cache holds.
 * **Invalidation.** :meth:`~KeyDirectory.run` polls ``SELECT counter FROM changes``
@@ -28,6 +34,19 @@ steady state:
   changed without bumping the counter, the cache is refreshed every
   :data:`FULL_REFRESH` seconds anyway. A database that cannot be read keeps the cache
   as it is (logged, retried at the next poll).
+* **No stale answer cached.** Each refresh bumps a generation number before it reads.
+  A lookup records the generation before its own read and caches its answer only if no
+  refresh began meanwhile; otherwise it reads again (a read that started before a
+  revocation committed could otherwise be cached after the refresh that saw the
+  revocation, and stay active until the next change or full refresh).
+
+**Scale.** A change re-reads every cached key (:data:`REFRESH_CHUNK` digests per
+query), whatever changed: refresh work is proportional to the cached keys times the
+rate of changes. With the default bound of :data:`POSITIVE_LIMIT` cached keys that is
+at most 200 queries of 500 digests per change, fine for thousands of keys and changes
+that come from people (key creation, revocation, suspension), not for a deployment
+creating keys many times a second while caching ~100,000 keys; that would need
+per-row change sequence numbers (refresh only the rows changed since the last poll).
 
 A key is active while it is not revoked, its account is active, and (for a key of a
 group) the group exists and the account is its owner, a member, or an admin.
@@ -35,7 +54,6 @@ group) the group exists and the account is its owner, a member, or an admin.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -46,7 +64,7 @@ import msgspec
 import trio
 
 from tooti import clock
-from tooti.accounts.credentials import API_KEY
+from tooti.accounts.credentials import API_KEY_LENGTH, digest, is_api_key
 from tooti.accounts.database import Database, Row, Tx
 from tooti.accounts.records import Caller, Limits
 
@@ -66,9 +84,10 @@ FULL_REFRESH = 60.0
 """Seconds after which every cached entry is read again even without a change."""
 REFRESH_CHUNK = 500
 """Digests per refresh query."""
-MAX_SECRET_BYTES = 256
-"""Longer secrets are not keys (generated keys are ~52 bytes)."""
-_PREFIX = API_KEY.encode()
+MAX_SECRET_BYTES = API_KEY_LENGTH
+"""Longer secrets are not keys (every generated key is exactly this long)."""
+STALE_RETRIES = 3
+"""Reads of one key again when refreshes keep overlapping them (then not cached)."""
 
 _SELECT = """SELECT k.hash, k.id, k.account_id, a.name, a.role, a.status, k.group_id, g.name,
     g.public_nodes, g.owner_id, k.models, k.rpm, k.tpm, k.concurrency, k.budget_day,
@@ -102,6 +121,7 @@ def caller_of(row: Row) -> Caller:
         account_limits=Limits(rpm=a_rpm, tpm=a_tpm, concurrency=a_concurrency),
         expires_at=None if expires_at is None else float(expires_at),
         active=revoked_at is None and status == "active" and allowed,
+        source="db",
     )
 
 
@@ -117,8 +137,9 @@ def _models(text: Any) -> tuple[str, ...]:
 
 
 def is_key_shaped(secret: bytes) -> bool:
-    """Whether ``secret`` could be an API key this gateway generated (cheap, no lookup)."""
-    return secret.startswith(_PREFIX) and len(secret) <= MAX_SECRET_BYTES
+    """Whether ``secret`` could be an API key this gateway generated: the exact shape
+    and a right checksum (cheap, no lookup)."""
+    return is_api_key(secret)
 
 
 class KeyDirectory:
@@ -143,6 +164,8 @@ class KeyDirectory:
         self.polls = 0
         """Polls of the change counter completed so far."""
         self._polled = trio.Event()
+        self._generation = 0
+        """Bumped as each refresh begins (a lookup overlapping one is not cached)."""
 
     def __len__(self) -> int:
         return len(self._known)
@@ -165,36 +188,42 @@ class KeyDirectory:
             return None
         # The cache is a dict keyed by the SHA-256 of a 256-bit random secret: finding an
         # entry tells an attacker nothing a constant-time compare would hide.
-        digest = hashlib.sha256(secret).hexdigest()
+        hashed = digest(secret)
         while True:
-            caller = self._known.get(digest)
+            caller = self._known.get(hashed)
             if caller is not None:
-                self._known.move_to_end(digest)
+                self._known.move_to_end(hashed)
                 return caller
-            until = self._unknown.get(digest)
+            until = self._unknown.get(hashed)
             if until is not None:
                 if until > clock.now():
                     return None
-                del self._unknown[digest]
-            pending = self._pending.get(digest)
+                del self._unknown[hashed]
+            pending = self._pending.get(hashed)
             if pending is None:
                 break
             await pending.wait()  # another request is looking it up: share its answer
-        done = self._pending[digest] = trio.Event()
+        done = self._pending[hashed] = trio.Event()
         try:
             async with self._lookups:
-                self.lookups += 1
-                rows = await self.db.read(lambda tx: _select(tx, [digest]))
+                for _ in range(STALE_RETRIES):
+                    generation = self._generation
+                    self.lookups += 1
+                    rows = await self.db.read(lambda tx: _select(tx, [hashed]))
+                    if generation == self._generation:
+                        break
+                else:  # refreshes kept overlapping the read: answer, but cache nothing
+                    return caller_of(rows[0]) if rows else None
             if rows:
                 caller = caller_of(rows[0])
-                self._remember(digest, caller)
+                self._remember(hashed, caller)
                 return caller
-            self._unknown[digest] = clock.now() + self.negative_ttl
+            self._unknown[hashed] = clock.now() + self.negative_ttl
             while len(self._unknown) > self.negative_limit:
                 self._unknown.popitem(last=False)
             return None
         finally:
-            del self._pending[digest]
+            del self._pending[hashed]
             done.set()
 
     def _remember(self, digest: str, caller: Caller) -> None:
@@ -232,20 +261,21 @@ class KeyDirectory:
 
     async def refresh(self) -> None:
         """Read every cached key again (revoked, expired, suspended → inactive; deleted
-        → forgotten) and forget every unknown digest."""
-        self._unknown.clear()
+        → forgotten). Lookups whose read overlaps this refresh do not cache their
+        answer (they read again)."""
+        self._generation += 1
         digests = list(self._known)
         rows: list[Row] = []
         for start in range(0, len(digests), REFRESH_CHUNK):
             chunk = digests[start:start + REFRESH_CHUNK]
             rows += await self.db.read(partial(_select, digests=chunk))
         fresh = {row[0]: caller_of(row) for row in rows}
-        for digest in digests:
-            caller = fresh.get(digest)
+        for hashed in digests:
+            caller = fresh.get(hashed)
             if caller is None:
-                self._known.pop(digest, None)
-            elif digest in self._known:  # not evicted meanwhile
-                self._known[digest] = caller
+                self._known.pop(hashed, None)
+            elif hashed in self._known:  # not evicted meanwhile
+                self._known[hashed] = caller
 
 
 def _select(tx: Tx, digests: Sequence[str]) -> list[Row]:

@@ -9,6 +9,8 @@ import msgspec
 
 Role = Literal["admin", "operator", "user"]
 Status = Literal["active", "suspended"]
+Source = Literal["db", "admin_key", "static", "anonymous"]
+"""Where a :class:`Caller` came from (see :attr:`Caller.source`)."""
 ADMIN_ACCOUNT = "admin"
 """The id of the account created at first start: the admin key acts as it, and nodes
 joined with the legacy global join token belong to it."""
@@ -79,6 +81,13 @@ class Caller(msgspec.Struct, frozen=True):
     expires_at: float | None
     active: bool
     """False once the key is revoked or its account suspended."""
+    source: Source = "anonymous"
+    """How the caller was recognised: ``db`` (an API key of the accounts database, the
+    only callers that act as their account in self-service), ``admin_key`` (the
+    gateway's master credential), ``static`` (a legacy ``[gateway.groups.*]`` key: it
+    routes to its group and nothing more, never acting as an account) or
+    ``anonymous`` (an open gateway's caller without a valid key). The default is the
+    least trusted, so a Caller built without saying is never taken for an account."""
 
 
 class GroupInfo(msgspec.Struct, frozen=True):

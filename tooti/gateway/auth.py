@@ -15,12 +15,18 @@
 
 **Which keys** (in this order; each comparison of a configured secret is constant-time):
 
-1. ``gateway.admin_key``: the master credential, the ``admin`` account with no group.
+1. ``gateway.admin_key``: the master credential, the ``admin`` account with no group
+   (:attr:`~tooti.accounts.records.Caller.source` ``admin_key``).
 2. The static ``[gateway.groups.NAME].api_keys`` (legacy): a Caller of the ``admin``
-   account in group NAME, routed only to that group's nodes (as before). Migrate them to
-   database keys of a group (``tooti keys create --group NAME``) so each user is charged.
+   account in group NAME, routed only to that group's nodes (as before) and not charged.
+   Its source is ``static``: it never acts as the admin account anywhere else
+   (self-service refuses it, :mod:`tooti.admin.self_service`). Migrate them to database
+   keys of a group (``tooti keys create --group NAME``) so each user is charged.
 3. Database keys (``sk-tooti-…``), through the cached
-   :class:`~tooti.accounts.directory.KeyDirectory`: no database round trip per request.
+   :class:`~tooti.accounts.directory.KeyDirectory`: no database round trip per request
+   (source ``db``).
+
+An open gateway's caller without a valid key has source ``anonymous``.
 
 Refusals use OpenAI's shapes: 401 ``invalid_api_key`` (``invalid_request_error``, with
 ``www-authenticate: Bearer``) for a missing, wrong, expired or revoked key or a
@@ -30,15 +36,15 @@ suspended account (one message for all of them, never echoing the key); 403
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import ipaddress
 import logging
 from collections.abc import Sequence
 from typing import Literal
 
+from tooti.accounts.credentials import digest_bytes
 from tooti.accounts.directory import KeyDirectory
-from tooti.accounts.records import ADMIN_ACCOUNT, Caller, Limits
+from tooti.accounts.records import ADMIN_ACCOUNT, Caller, Limits, Source
 from tooti.config import ConfigError, parse_listen
 from tooti.errors import APIError
 from tooti.groups import api_key_digest, key_id_of
@@ -53,13 +59,14 @@ ADMIN_KEY_ID = "admin-key"
 
 
 def caller(key_id: str, account_id: str, *, name: str = "", group: str = "",
-           public_fallback: bool = True, role: Literal["admin", "operator", "user"] = "user"
-           ) -> Caller:
+           public_fallback: bool = True, role: Literal["admin", "operator", "user"] = "user",
+           source: Source = "anonymous") -> Caller:
     """A Caller not read from the database (the anonymous one, the admin key's, a static
     group key's): no limits, every model."""
     return Caller(key_id=key_id, account_id=account_id, account_name=name, role=role,
                   group=group, public_fallback=public_fallback, models=(),
-                  key_limits=Limits(), account_limits=Limits(), expires_at=None, active=True)
+                  key_limits=Limits(), account_limits=Limits(), expires_at=None, active=True,
+                  source=source)
 
 
 ANONYMOUS = caller("anonymous", "")
@@ -153,17 +160,16 @@ class Authenticator:
         self.mode: AuthMode = resolve_mode(settings)
         self.keys = keys
         """Database keys (None: no database, only the admin key and static keys)."""
-        self._admin = (hashlib.sha256(settings.admin_key.encode()).digest()
-                       if settings.admin_key else None)
+        self._admin = digest_bytes(settings.admin_key) if settings.admin_key else None
         self._admin_caller = caller(ADMIN_KEY_ID, ADMIN_ACCOUNT, name=ADMIN_ACCOUNT,
-                                    role="admin")
+                                    role="admin", source="admin_key")
         self._static: list[tuple[bytes, Caller]] = []
         for name, group in settings.groups.items():
             for key in group.api_keys:
                 digest = api_key_digest(key)
                 self._static.append((digest, caller(
                     "key-" + digest.hex()[:16], ADMIN_ACCOUNT, name=ADMIN_ACCOUNT,
-                    group=name, public_fallback=False, role="admin")))
+                    group=name, public_fallback=False, role="admin", source="static")))
 
     async def identify(self, scope: Scope) -> Caller:
         """The request's caller; 401 in ``keys`` mode without a valid key."""
@@ -183,7 +189,7 @@ class Authenticator:
         compared in constant time, so timing tells nothing of which matched."""
         if self._admin is None and not self._static:
             return None
-        digest = hashlib.sha256(token).digest()
+        digest = digest_bytes(token)
         found = None
         if self._admin is not None and hmac.compare_digest(digest, self._admin):
             found = self._admin_caller
