@@ -16,7 +16,7 @@ from tooti.accounts.database import Database, Tx
 from tooti.accounts.journal import FEES, account_book, earnings_book, post
 from tooti.accounts.service import AccountService
 from tooti.gateway.app import Gateway
-from tooti.settings import GatewaySettings, TunnelSettings
+from tooti.settings import GatewaySettings, GroupSettings, TunnelSettings
 
 KEY = "adm-accounts-secret"
 ADMIN = {"authorization": f"Bearer {KEY}"}
@@ -35,10 +35,12 @@ class Env:
         return httpx.AsyncClient(base_url=self.url, headers=headers, timeout=10)
 
 
-async def start(nursery: trio.Nursery, database: Database, auth: str = "keys") -> Env:
+async def start(nursery: trio.Nursery, database: Database, auth: str = "keys",
+                **settings: Any) -> Env:
     service = AccountService(database)
     await service.ensure_admin()
-    gateway = Gateway(GatewaySettings(listen="127.0.0.1:0", admin_key=KEY, auth=auth),
+    gateway = Gateway(GatewaySettings(listen="127.0.0.1:0", admin_key=KEY, auth=auth,
+                                      **settings),
                       TunnelSettings(), database=database)
     urls = await nursery.start(gateway.serve)
     return Env(gateway, urls[0], service)
@@ -546,3 +548,128 @@ async def test_me_needs_a_key_on_an_open_gateway(nursery: trio.Nursery,
         # The open gateway still serves /v1 anonymously.
         assert (await anonymous.get("/v1/models")).status_code == 200
     running.gateway.shutdown()
+
+
+# ------------------------------------------------------------ review fixes
+
+STATIC_KEY = "legacy-static-group-key"
+
+
+async def test_a_static_group_key_is_not_the_admin_account_in_self_service(
+        nursery: trio.Nursery, database: Database) -> None:
+    """A ``[gateway.groups.*].api_keys`` key routes to its group and nothing more: it
+    never acts as the admin account on /v1/me (no keys, tokens, invites minted as it);
+    the admin key does."""
+    running = await start(nursery, database, groups={
+        "private": GroupSettings(join_token="private-join", api_keys=[STATIC_KEY])})
+    async with running.client() as http:
+        await make_account(http, "owner-op", "operator")
+        operator = (await make_key(http, "owner-op"))["key"]
+    async with running.client(operator) as op:
+        assert (await op.post("/v1/me/groups", json={"name": "opgroup"})).status_code == 201
+    async with running.client(STATIC_KEY) as static:
+        for method, path, body in (
+                ("GET", "/v1/me", None), ("GET", "/v1/me/keys", None),
+                ("POST", "/v1/me/keys", {}), ("POST", "/v1/me/join-tokens",
+                                              {"group": "opgroup"}),
+                ("POST", "/v1/me/groups/opgroup/invites", {}),
+                ("POST", "/v1/me/groups", {"name": "taken"}),
+                ("POST", "/v1/me/redeem", {"code": "ti-tooti-x"}),
+                ("GET", "/v1/me/earnings", None)):
+            response = await static.request(method, path, json=body)
+            error = assert_error(response, 403, "forbidden")
+            assert error["type"] == "permission_error", (path, error)
+        # It still reaches /v1 as before (routed to its group).
+        assert (await static.get("/v1/models")).status_code == 200
+    assert await running.service.list_keys("admin") == []
+    assert await running.service.list_join_tokens() == []
+    async with running.client(KEY) as admin:  # the master credential is the admin account
+        me = await admin.get("/v1/me")
+        assert me.status_code == 200 and me.json()["role"] == "admin"
+    running.gateway.shutdown()
+
+
+async def test_a_configured_group_name_cannot_be_taken(nursery: trio.Nursery,
+                                                       database: Database) -> None:
+    running = await start(nursery, database, groups={
+        "private": GroupSettings(join_token="private-join")})
+    async with running.client() as http:
+        await make_account(http, "taker", "operator")
+        taker = (await make_key(http, "taker"))["key"]
+        assert_error(await http.post("/admin/v1/groups", json={
+            "name": "private", "owner": "taker"}), 409, "conflict")
+    async with running.client(taker) as me:
+        assert_error(await me.post("/v1/me/groups", json={"name": "private"}), 409,
+                     "conflict")
+        assert (await me.post("/v1/me/groups", json={"name": "mine"})).status_code == 201
+    assert [g.name for g in await running.service.list_groups()] == ["mine"]
+    running.gateway.shutdown()
+
+
+async def test_a_key_made_with_a_key_is_never_more_than_it(env: Env) -> None:
+    """Self-service keys inherit the calling key's limits, models and expiry, and may
+    only narrow them."""
+    expires = clock.wall() + 3600
+    async with env.client() as http:
+        await make_account(http, "narrow")
+        parent = await make_key(http, "narrow", models=["a", "b"], rpm=10, tpm=1000,
+                                budget_day="2", expires_at=expires)
+    async with env.client(parent["key"]) as me:
+        child = await me.post("/v1/me/keys", json={})
+        assert child.status_code == 201, child.text
+        made = child.json()
+        assert made["models"] == ["a", "b"]
+        assert made["limits"]["rpm"] == 10 and made["limits"]["tpm"] == 1000
+        assert made["limits"]["budget_day_micros"] == 2_000_000
+        assert made["limits"]["budget_month_micros"] is None  # the parent has none either
+        assert made["expires_at"] == pytest.approx(expires)
+
+        narrower = await me.post("/v1/me/keys", json={
+            "models": ["a"], "rpm": 5, "budget_day": "1", "budget_month": "9",
+            "expires_in": 60})
+        assert narrower.status_code == 201, narrower.text
+        assert narrower.json()["models"] == ["a"]
+        assert narrower.json()["limits"]["rpm"] == 5
+        assert narrower.json()["limits"]["budget_day_micros"] == 1_000_000
+        assert narrower.json()["limits"]["budget_month_micros"] == 9_000_000
+
+        for body, param in (({"models": ["a", "c"]}, "models"), ({"rpm": 11}, "rpm"),
+                            ({"tpm": 1001}, "tpm"), ({"budget_day": "2.000001"},
+                                                     "budget_day"),
+                            ({"expires_in": 7200}, "expires_at")):
+            error = assert_error(await me.post("/v1/me/keys", json=body), 403, "forbidden",
+                                 param)
+            assert error["type"] == "permission_error"
+    assert len(await env.service.list_keys(parent["account_id"])) == 3
+
+
+async def test_self_service_keys_per_account_are_capped(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tooti.admin import self_service
+    monkeypatch.setattr(self_service, "MAX_SELF_SERVICE_KEYS", 3)
+    async with env.client() as http:
+        await make_account(http, "capped")
+        first = (await make_key(http, "capped"))["key"]
+    async with env.client(first) as me:
+        made = [await me.post("/v1/me/keys", json={}) for _ in range(2)]
+        assert [r.status_code for r in made] == [201, 201]
+        assert_error(await me.post("/v1/me/keys", json={}), 409, "too_many_keys")
+        assert (await me.delete(f"/v1/me/keys/{made[0].json()['id']}")).status_code == 200
+        assert (await me.post("/v1/me/keys", json={})).status_code == 201
+
+
+async def test_a_reused_idempotency_key_is_a_409(env: Env) -> None:
+    async with env.client() as http:
+        await make_account(http, "idem-api")
+        await make_account(http, "idem-other")
+        body = {"account": "idem-api", "amount": "5", "idem_key": "inv-1"}
+        first = await http.post("/admin/v1/credits/top-up", json=body)
+        again = await http.post("/admin/v1/credits/top-up", json=body)
+        assert first.status_code == again.status_code == 200
+        assert again.json()["balance_micros"] == 5_000_000
+        assert_error(await http.post("/admin/v1/credits/top-up", json={
+            **body, "amount": "6"}), 409, "idempotency_conflict", "idem_key")
+        assert_error(await http.post("/admin/v1/credits/top-up", json={
+            **body, "account": "idem-other"}), 409, "idempotency_conflict")
+        other = (await http.get("/admin/v1/accounts/idem-other")).json()
+        assert other["balance_micros"] == 0

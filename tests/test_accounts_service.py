@@ -494,3 +494,54 @@ async def test_two_gateways_redeeming_one_invite_admit_exactly_max_uses(
     finally:
         first.close()
         second.close()
+
+
+# ------------------------------------------------------------ review fixes
+
+async def test_configured_group_names_are_reserved(database: Database) -> None:
+    """No operator may create a database group under a configured group's name (nodes
+    and requests are routed by group name)."""
+    service = AccountService(database, reserved_groups={"private", "eu"})
+    operator = await service.create_account("op-reserved", "operator")
+    for name in ("private", "eu"):
+        await refused(409, "conflict", service.create_group(operator.id, name))
+    assert await service.list_groups() == []
+    assert (await service.create_group(operator.id, "private2")).name == "private2"
+
+
+async def test_idempotency_keys_are_bound_to_their_movement(
+        service: AccountService, database: Database) -> None:
+    """A top-up or payout key reused for another account or amount is a 409, not a
+    silent 200 that moves nothing; the same movement again is answered as before."""
+    one = await service.create_account("idem-one")
+    two = await service.create_account("idem-two")
+    assert await service.top_up(one.id, 5_000_000, idem_key="k1") == 5_000_000
+    assert await service.top_up(one.id, 5_000_000, idem_key="k1") == 5_000_000  # a retry
+    await refused(409, "idempotency_conflict", service.top_up(one.id, 6_000_000,
+                                                               idem_key="k1"))
+    await refused(409, "idempotency_conflict", service.top_up(two.id, 5_000_000,
+                                                               idem_key="k1"))
+    assert (await service.get_account(one.id)).balance == 5_000_000
+    assert (await service.get_account(two.id)).balance == 0
+
+    operator = await service.create_account("idem-op", "operator")
+    book = earnings_book(operator.id)
+    database.write_sync(lambda tx: post(tx, "settle:idem", "settle",
+                                        [("lease:l9", -3_000_000), (book, 3_000_000)]))
+    assert await service.payout(operator.id, 1_000_000, idem_key="p") == 2_000_000
+    assert await service.payout(operator.id, 1_000_000, idem_key="p") == 2_000_000
+    await refused(409, "idempotency_conflict", service.payout(operator.id, 2_000_000,
+                                                               idem_key="p"))
+    # Keys of top-ups and payouts are separate namespaces.
+    assert await service.top_up(operator.id, 1, idem_key="p") == 1
+    assert database.read_sync(lambda tx: balance(tx, PAYOUTS)) == 1_000_000
+
+
+async def test_max_active_keys(service: AccountService) -> None:
+    user = await service.create_account("many-keys")
+    made = [await service.create_key(user.id, max_active=3) for _ in range(3)]
+    await refused(409, "too_many_keys", service.create_key(user.id, max_active=3))
+    await service.revoke_key(made[0][1].id)
+    await service.create_key(user.id, max_active=3)  # a revoked key does not count
+    await service.create_key(user.id)  # without max_active (the admin API): no cap
+    assert len(await service.list_keys(user.id)) == 5

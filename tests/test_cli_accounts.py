@@ -6,6 +6,7 @@ gateway serves in the test's trio loop."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -191,3 +192,47 @@ async def test_environment_gives_gateway_and_key(tooti: Cli,
     out, err = capsys.readouterr()
     assert code == 0, err
     assert [a["name"] for a in json.loads(out)["data"]] == ["admin"]
+
+
+async def test_money_moves_carry_a_client_side_idempotency_key(tooti: Cli) -> None:
+    """Without --idem-key the CLI makes one and prints it before sending, so a failed
+    or timed-out top-up can be repeated with it and credits at most once; the key
+    reused for another amount is refused."""
+    code, out, err = await tooti("accounts", "create", "idem-cli")
+    assert code == 0, err
+    code, out, err = await tooti("credits", "top-up", "idem-cli", "3")
+    assert code == 0, err
+    printed = re.match(r"idempotency key (cli-[0-9a-f]{24}) ", err)
+    assert printed is not None, err
+    key = printed.group(1)
+    assert f"(idempotency key {key})" in out and "balance 3" in out
+    # The "retry after a timeout": same key, nothing more is added.
+    code, out, err = await tooti("credits", "top-up", "idem-cli", "3", "--idem-key", key)
+    assert code == 0, err
+    assert "balance 3" in out and "cli-" not in err
+    code, out, err = await tooti("credits", "top-up", "idem-cli", "4", "--idem-key", key)
+    assert code == 1 and "409" in err and "idempotency key" in err
+    account = await tooti.json("accounts", "show", "idem-cli")
+    assert account["balance_micros"] == 3_000_000
+    # Another top-up without a key is a new movement with a new key.
+    code, out, err = await tooti("credits", "top-up", "idem-cli", "1")
+    assert code == 0 and "balance 4" in out
+    assert key not in err and "cli-" in err
+
+
+async def test_a_payout_carries_a_client_side_idempotency_key(
+        tooti: Cli, database: Database) -> None:
+    from tooti.accounts.journal import earnings_book, post
+
+    code, out, err = await tooti("accounts", "create", "payee", "--role", "operator")
+    assert code == 0, err
+    payee = (await tooti.json("accounts", "show", "payee"))["id"]
+    database.write_sync(lambda tx: post(tx, "settle:cli-payout", "settle", [
+        ("lease:l-cli", -5_000_000), (earnings_book(payee), 5_000_000)]))
+    code, out, err = await tooti("earnings", "payout", "payee", "2")
+    assert code == 0, err
+    printed = re.match(r"idempotency key (cli-[0-9a-f]{24}) ", err)
+    assert printed is not None, err
+    key = printed.group(1)
+    code, out, err = await tooti("earnings", "payout", "payee", "2", "--idem-key", key)
+    assert code == 0 and "3 unpaid left" in out, (out, err)

@@ -18,6 +18,12 @@ Amounts are credits as decimals (``12.5``); durations are seconds or ``90m``, ``
 ``30d``. A refused request prints the gateway's error message and exits 1; a secret
 (API key, invite code, join token, credit code) is printed once, when it is created.
 
+Money moves (``credits top-up``, ``earnings payout``) always carry an idempotency key:
+``--idem-key K``, or one generated here and printed on stderr *before* the request is
+sent, so a command that failed or timed out can be repeated with ``--idem-key K`` and
+moves the money at most once (the gateway answers 409 if K was used for another
+account or amount).
+
 :func:`register` adds the commands to ``tooti``'s parser (:mod:`tooti.cli`).
 """
 
@@ -27,6 +33,7 @@ import argparse
 import json
 import os
 import re
+import secrets
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -259,9 +266,21 @@ def _tokens_revoke(c: AdminClient, a: argparse.Namespace) -> int:
                 lambda _: f"revoked {a.token_id}")
 
 
+def idem_key(a: argparse.Namespace, command: str) -> str:
+    """``--idem-key``, or a new one, printed on stderr before the request is sent (so a
+    failed or timed-out command can be retried with it)."""
+    if a.idem_key:
+        return str(a.idem_key)
+    key = "cli-" + secrets.token_hex(12)
+    print(f"idempotency key {key} (if this fails or times out, repeat it with "
+          f"'tooti {command} ... --idem-key {key}': it moves the money at most once)",
+          file=sys.stderr, flush=True)
+    return key
+
+
 def _credits_top_up(c: AdminClient, a: argparse.Namespace) -> int:
-    body = {"account": a.account, "amount": a.amount, "idem_key": a.idem_key,
-            "memo": a.memo}
+    body = {"account": a.account, "amount": a.amount,
+            "idem_key": idem_key(a, "credits top-up"), "memo": a.memo}
     return emit(a, c.post("/admin/v1/credits/top-up", body), lambda r: (
         f"added {r['amount']} to {r['account_id']}: balance {r['balance']} "
         f"(idempotency key {r['idem_key']})"))
@@ -313,7 +332,8 @@ def _earnings(c: AdminClient, a: argparse.Namespace) -> int:
 
 
 def _earnings_payout(c: AdminClient, a: argparse.Namespace) -> int:
-    body = {"account": a.account, "amount": a.amount, "idem_key": a.idem_key}
+    body = {"account": a.account, "amount": a.amount,
+            "idem_key": idem_key(a, "earnings payout")}
     return emit(a, c.post("/admin/v1/earnings/payouts", body), lambda r: (
         f"paid {r['amount']} to {r['account_id']}: {r['earnings']} unpaid left "
         f"(idempotency key {r['idem_key']})"))
@@ -463,7 +483,8 @@ def register(commands: Any) -> None:
     p.add_argument("account", metavar="ACCOUNT")
     p.add_argument("amount", metavar="AMOUNT", help="credits, e.g. 10 or 2.50")
     p.add_argument("--idem-key", metavar="K",
-                   help="idempotency key: a retry with the same key adds nothing")
+                   help="idempotency key: a retry with the same key adds nothing "
+                   "(default: a new one, printed on stderr first)")
     p.add_argument("--memo", default="")
     p = leaf(credits, "code", "create a single-use credit code (shown once)", _credits_code)
     p.add_argument("amount", metavar="AMOUNT", help="credits, e.g. 10 or 2.50")
@@ -490,7 +511,8 @@ def register(commands: Any) -> None:
     p.add_argument("account", metavar="ACCOUNT")
     p.add_argument("amount", metavar="AMOUNT", help="credits, e.g. 10 or 2.50")
     p.add_argument("--idem-key", metavar="K",
-                   help="idempotency key: a retry with the same key pays nothing")
+                   help="idempotency key: a retry with the same key pays nothing "
+                   "(default: a new one, printed on stderr first)")
 
     ledger = group("ledger", "check the ledger")
     leaf(ledger, "check", "verify the ledger's invariants (exit 1 with the first violation)",

@@ -29,7 +29,18 @@ statements, never from reading then writing:
   redeemed_by IS NULL AND not expired`` and, in the same transaction, the journal entry
   ``code:<id>`` (``issued`` → ``account:<id>``), so exactly one redemption credits;
 * top-ups (``topup:<idem_key>``) and payouts (``payout:<idem_key>``) are journal entries
-  (:func:`tooti.accounts.journal.post`): a repeated idempotency key moves nothing.
+  (:func:`tooti.accounts.journal.post`): a repeated idempotency key moves nothing. A key
+  repeated with the same account and amount is a retry (the balance is answered again);
+  one already used for another account or amount is a 409 ``idempotency_conflict``
+  (:func:`same_entry` compares the stored entry's lines), never a silent no-op.
+
+Group names are the node groups' names on the wire, so the gateway passes the names of
+its configured ``[gateway.groups.*]`` (``reserved_groups``): creating a database group
+under one is a 409, so no operator can take over a configured group's nodes or traffic.
+A key made with ``max_active`` (self-service passes :data:`MAX_SELF_SERVICE_KEYS`) is
+refused with 409 ``too_many_keys`` once the account has that many active (unrevoked,
+unexpired) keys; the count is read in the creating transaction, so concurrent creations
+may pass it by at most their number.
 
 Every change a gateway caches (keys created or revoked, an account suspended or its
 limits changed, group membership, join tokens minted or revoked) also runs
@@ -86,6 +97,8 @@ MAX_MODELS = 256
 """The most models one key may be limited to."""
 MAX_TEXT = 200
 """The longest key / token name, memo, idempotency key or model name."""
+MAX_SELF_SERVICE_KEYS = 100
+"""The most active keys an account may make for itself (self-service)."""
 
 _ACCOUNT_COLUMNS = (
     "a.id, a.name, a.role, a.status, a.created_at, l.rpm, l.tpm, l.concurrency, "
@@ -113,6 +126,33 @@ def bump_changes(tx: Tx) -> None:
     commits with the change): :mod:`tooti.accounts.directory` and
     :mod:`tooti.accounts.join_directory` poll this counter."""
     tx.run("UPDATE changes SET counter = counter + 1 WHERE id = 1")
+
+
+def same_entry(tx: Tx, idem_key: str, kind: str, lines: Sequence[tuple[str, int]]) -> bool:
+    """Whether the journal entry ``idem_key`` is of ``kind`` and moved exactly
+    ``lines`` (per book, zero lines ignored)."""
+    row = tx.one("SELECT id, kind FROM journal WHERE idem_key = ?", (idem_key,))
+    if row is None or row[1] != kind:
+        return False
+    stored: dict[str, int] = {}
+    for book, amount in tx.all("SELECT book, amount FROM journal_lines WHERE entry_id = ?",
+                               (row[0],)):
+        stored[book] = stored.get(book, 0) + int(amount)
+    wanted: dict[str, int] = {}
+    for book, amount in lines:
+        wanted[book] = wanted.get(book, 0) + amount
+    return ({b: a for b, a in stored.items() if a} == {b: a for b, a in wanted.items() if a})
+
+
+def _post_once(tx: Tx, idem_key: str, kind: str, lines: Sequence[tuple[str, int]], *,
+               memo: str = "", floors: dict[str, int] | None = None) -> None:
+    """Post an entry, or accept a retry of the very same one; 409 if ``idem_key`` was
+    used for a different movement."""
+    if not post(tx, idem_key, kind, lines, memo=memo, floors=floors) and not same_entry(
+            tx, idem_key, kind, lines):
+        raise APIError(409, "this idempotency key was used already for another account or "
+                       "amount; use a new key for a new movement", param="idem_key",
+                       code="idempotency_conflict")
 
 
 def changes_counter(tx: Tx) -> int:
@@ -319,8 +359,11 @@ class AccountService:
     """Accounts, keys, groups, invites, join tokens, credit codes, top-ups and payouts on
     one :class:`Database` (see the module docstring)."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, *, reserved_groups: Iterable[str] = ()) -> None:
+        """``reserved_groups``: group names no database group may take (the gateway's
+        configured ``[gateway.groups.*]``)."""
         self.db = db
+        self.reserved_groups = frozenset(reserved_groups)
 
     # -------------------------------------------------------- accounts
 
@@ -406,10 +449,12 @@ class AccountService:
 
     async def create_key(self, account_id: str, name: str = "", *, group: str = "",
                          models: Sequence[str] = (), limits: Limits = NO_LIMITS,
-                         expires_at: float | None = None) -> tuple[str, KeyInfo]:
+                         expires_at: float | None = None,
+                         max_active: int | None = None) -> tuple[str, KeyInfo]:
         """A new API key for an active account: ``(secret, info)``; the secret is shown
         this once and stored only as its digest. ``group`` (name or id) must be a group
-        the account owns or belongs to (403 else, whether or not it exists)."""
+        the account owns or belongs to (403 else, whether or not it exists). With
+        ``max_active``, 409 ``too_many_keys`` if the account has that many active keys."""
         _check_text(name, "name")
         model_list = _check_models(models)
         check_limits(limits, budgets=True)
@@ -418,6 +463,12 @@ class AccountService:
             now = clock.wall()
             expiry = _check_expiry(expires_at, now)
             _active_account(tx, account_id)
+            if max_active is not None and int(tx.value(
+                    "SELECT COUNT(*) FROM api_keys WHERE account_id = ? AND revoked_at IS "
+                    "NULL AND (expires_at IS NULL OR expires_at > ?)", (account_id, now),
+                    default=0)) >= max_active:
+                raise APIError(409, f"account {account_id} has {max_active} active keys "
+                               "already; revoke one first", code="too_many_keys")
             group_id = ""
             if group:
                 found = _find_group(tx, group)
@@ -509,8 +560,12 @@ class AccountService:
     async def create_group(self, owner_id: str, name: str, *,
                            public_nodes: bool = True) -> GroupInfo:
         """A private group owned by an active operator or admin account (403 else), who
-        becomes its first member; 409 if the name is taken."""
+        becomes its first member; 409 if the name is taken (also by a configured group:
+        ``reserved_groups``)."""
         check_group_name(name)
+        if name in self.reserved_groups:
+            raise APIError(409, f"a group named {name} exists already (in the gateway's "
+                           "configuration)", param="name", code="conflict")
         if type(public_nodes) is not bool:
             raise _bad("public_nodes must be true or false", "public_nodes")
 
@@ -741,7 +796,8 @@ class AccountService:
                      memo: str = "") -> int:
         """Credit an account ``amount`` micro-units (journal entry ``topup:<idem_key>``,
         ``issued`` → ``account:<id>``); the balance after. A repeated ``idem_key`` moves
-        nothing."""
+        nothing (409 ``idempotency_conflict`` if it was used for another account or
+        amount)."""
         check_amount(amount)
         _check_text(idem_key, "idem_key", required=True)
         _check_text(memo, "memo")
@@ -749,8 +805,8 @@ class AccountService:
         def run(tx: Tx) -> int:
             _get_account(tx, account_id)
             book = account_book(account_id)
-            post(tx, f"topup:{idem_key}", "topup", [(ISSUED, -amount), (book, amount)],
-                 memo=memo)
+            _post_once(tx, f"topup:{idem_key}", "topup", [(ISSUED, -amount), (book, amount)],
+                       memo=memo)
             return balance(tx, book)
 
         return await self.db.write(run)
@@ -816,7 +872,8 @@ class AccountService:
         """Pay an operator ``amount`` of its earnings (journal entry
         ``payout:<idem_key>``, ``earnings:<id>`` → ``payouts``, never below zero: 409
         ``insufficient_funds``); the earnings left. A repeated ``idem_key`` moves
-        nothing."""
+        nothing (409 ``idempotency_conflict`` if it was used for another account or
+        amount)."""
         check_amount(amount)
         _check_text(idem_key, "idem_key", required=True)
 
@@ -824,8 +881,8 @@ class AccountService:
             _get_account(tx, account_id)
             book = earnings_book(account_id)
             try:
-                post(tx, f"payout:{idem_key}", "payout", [(book, -amount), (PAYOUTS, amount)],
-                     floors={book: 0})
+                _post_once(tx, f"payout:{idem_key}", "payout",
+                           [(book, -amount), (PAYOUTS, amount)], floors={book: 0})
             except InsufficientFunds as exc:
                 raise APIError(409, f"account {account_id} has earned {exc.balance} "
                                f"micro-units unpaid, less than {amount}",

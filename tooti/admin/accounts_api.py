@@ -20,13 +20,16 @@ Routes (every one needs the admin key; bodies are JSON objects, unknown fields r
 * ``POST /admin/v1/join-tokens`` ``{account, group, name}`` → 201 with ``token`` (once);
   ``GET /admin/v1/join-tokens?account=``; ``DELETE /admin/v1/join-tokens/{id}``.
 * ``POST /admin/v1/credits/top-up`` ``{account, amount | amount_micros, idem_key?, memo?}``
-  (a retried top-up with the same ``idem_key`` moves nothing; without one a new key is
-  generated and returned); ``POST /admin/v1/credits/codes`` ``{amount | amount_micros,
+  (a retried top-up with the same ``idem_key`` moves nothing; a key used before for
+  another account or amount is a 409 ``idempotency_conflict``; without one a new key is
+  generated and returned, so such a request cannot be retried safely: send one, as
+  ``tooti credits top-up`` does); ``POST /admin/v1/credits/codes`` ``{amount | amount_micros,
   expires_in | expires_at}`` → 201 with ``code`` (once); ``GET /admin/v1/credits/codes``;
   ``POST /admin/v1/credits/redeem`` ``{code, account}``.
 * ``GET /admin/v1/earnings?since=&until=`` (per operator and node);
   ``GET /admin/v1/earnings/export?format=csv|json&since=&until=``;
-  ``POST /admin/v1/earnings/payouts`` ``{account, amount | amount_micros, idem_key?}``.
+  ``POST /admin/v1/earnings/payouts`` ``{account, amount | amount_micros, idem_key?}``
+  (idempotency as for top-ups).
 * ``GET /admin/v1/ledger/check`` → ``{ok, violations, summary}``.
 
 Money: amounts in requests are either ``amount``, a decimal string of credits (``"12.5"``),
@@ -81,8 +84,12 @@ T = TypeVar("T")
 SUMMARY_COUNTS = frozenset({"open_leases"})
 """Members of the ledger summary that are counts, not amounts."""
 
-Name = Annotated[str, msgspec.Meta(max_length=64)]
-Text = Annotated[str, msgspec.Meta(max_length=256)]
+_NO_CONTROL = r"\A[^\x00-\x1f\x7f]*\Z"
+"""Names hold no control character (PostgreSQL text cannot hold a NUL, and a newline in
+a name would forge a line of a log or a table)."""
+_NO_NUL = r"\A[^\x00]*\Z"
+Name = Annotated[str, msgspec.Meta(max_length=64, pattern=_NO_CONTROL)]
+Text = Annotated[str, msgspec.Meta(max_length=256, pattern=_NO_NUL)]
 Count = Annotated[int, msgspec.Meta(ge=1, le=10**12)]
 Seconds = Annotated[int, msgspec.Meta(ge=1, le=100 * 365 * 86400)]
 Limit = Annotated[int, msgspec.Meta(ge=0, le=MAX_AMOUNT)]
@@ -271,7 +278,12 @@ def key_limits(spec: KeySpec) -> Limits:
 def query(scope: Scope) -> dict[str, str]:
     """The query string's parameters (the last value of each)."""
     parsed = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-    return {name: values[-1] for name, values in parsed.items()}
+    params = {name: values[-1] for name, values in parsed.items()}
+    for name, value in params.items():
+        if "\x00" in value:  # no id, name or time holds one (PostgreSQL text cannot)
+            raise APIError(400, f"the {name} parameter holds a NUL character", param=name,
+                           code="invalid_request")
+    return params
 
 
 def time_param(params: Mapping[str, str], name: str) -> float | None:
@@ -299,7 +311,12 @@ def time_param(params: Mapping[str, str], name: str) -> float | None:
 
 
 def path_part(text: str) -> str:
-    return unquote(text)
+    """A percent-decoded path segment (an id or name); 404 if it holds a control
+    character, as no id or name does (and PostgreSQL text cannot hold a NUL)."""
+    part = unquote(text)
+    if re.search(_NO_CONTROL, part) is None:
+        raise APIError(404, "no id or name holds a control character", code="not_found")
+    return part
 
 
 # ------------------------------------------------------------ responses

@@ -19,9 +19,24 @@ everything here acts as that caller's account and nothing else:
   groups), ``POST /v1/me/join-tokens`` ``{group, name}`` and ``GET /v1/me/earnings
   ?since=&until=``. A user account gets 403.
 
-An anonymous caller (an open gateway, no key) gets 401 ``invalid_api_key``: there is no
-"me" without a key. Money in answers is integer micro-units plus a decimal string, as in
-the admin API (:mod:`tooti.admin.accounts_api`).
+**Who may.** Only a caller recognised by a database API key (``Caller.source ==
+"db"``) or by the gateway's admin key (``admin_key``, the master credential, acting as
+the admin account) acts as an account here. An anonymous caller (an open gateway, no
+valid key) gets 401 ``invalid_api_key``: there is no "me" without a key. A legacy static
+``[gateway.groups.*]`` key (``static``) gets 403 ``permission_error``: it is counted
+against the admin account for billing, but it is not the admin account's key and must
+never mint keys, tokens or invites as it.
+
+**A key made with a key is never more than it.** ``POST /v1/me/keys`` with a database
+key may not widen that key's reach: each limit (rpm, tpm, concurrency, budgets) is at
+most the calling key's (left out: the calling key's), the models a subset of its models
+(left out: the same list), the expiry no later than its expiry (left out: the same);
+asking for more is a 403 naming the field. An account has at most
+:data:`~tooti.accounts.service.MAX_SELF_SERVICE_KEYS` active keys it made (409
+``too_many_keys``), which bounds how far per-key budgets multiply.
+
+Money in answers is integer micro-units plus a decimal string, as in the admin API
+(:mod:`tooti.admin.accounts_api`).
 """
 
 from __future__ import annotations
@@ -32,7 +47,8 @@ from typing import TYPE_CHECKING, Any
 from tooti import clock
 from tooti.accounts.credentials import CREDIT_CODE, INVITE
 from tooti.accounts.database import Database
-from tooti.accounts.records import Caller
+from tooti.accounts.records import Caller, Limits
+from tooti.accounts.service import MAX_SELF_SERVICE_KEYS
 from tooti.admin.accounts_api import (
     GroupSpec,
     InviteSpec,
@@ -90,6 +106,45 @@ def month_start(now: float) -> float:
     return moment.replace(day=1, hour=0, minute=0, second=0, microsecond=0).timestamp()
 
 
+def _static() -> APIError:
+    return APIError(403, "a key from the gateway's configuration ([gateway.groups.*]) "
+                    "cannot use /v1/me: use an account's API key", code="forbidden",
+                    type="permission_error")
+
+
+def _wider(param: str, what: str) -> APIError:
+    return APIError(403, f"a key made with a key may not {what} than the calling key's",
+                    param=param, code="forbidden", type="permission_error")
+
+
+def narrowed(caller: Caller, models: tuple[str, ...], limits: Limits,
+             expires_at: float | None) -> tuple[tuple[str, ...], Limits, float | None]:
+    """The models, limits and expiry of a key ``caller`` makes for itself: each left out
+    is the caller's own, each given must be within the caller's (403 naming the field
+    else). The admin key (no limits, every model, no expiry) allows anything."""
+    if caller.models:
+        if not models:
+            models = caller.models
+        elif not set(models) <= set(caller.models):
+            raise _wider("models", "allow other models")
+    own = caller.key_limits
+    fields: dict[str, int | None] = {}
+    for field in Limits.__struct_fields__:
+        mine, asked = getattr(own, field), getattr(limits, field)
+        if mine is not None:
+            if asked is None:
+                asked = mine
+            elif asked > mine:
+                raise _wider(field, f"have a higher {field}")
+        fields[field] = asked
+    if caller.expires_at is not None:
+        if expires_at is None:
+            expires_at = caller.expires_at
+        elif expires_at > caller.expires_at:
+            raise _wider("expires_at", "expire later")
+    return models, Limits(**fields), expires_at
+
+
 def _anonymous() -> APIError:
     return APIError(401, "an API key is required for /v1/me (Authorization: Bearer KEY)",
                     code="invalid_api_key", type="invalid_request_error",
@@ -107,10 +162,12 @@ class SelfService:
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, request_id: str,
                      headers: Headers, caller: Caller | None) -> None:
-        """Serve one ``/v1/me*`` request as ``caller`` (None or an account-less caller:
-        anonymous, 401)."""
-        if caller is None or not caller.account_id:
+        """Serve one ``/v1/me*`` request as ``caller`` (None, anonymous or account-less:
+        401; a static configured key: 403)."""
+        if caller is None or not caller.account_id or caller.source == "anonymous":
             raise _anonymous()
+        if caller.source not in ("db", "admin_key"):
+            raise _static()
         handler, args = self.router.find(scope["method"], scope["path"])
         status, body = await handler(scope, receive, caller, *args)
         await send_json(send, status, body, headers)
@@ -147,9 +204,12 @@ class SelfService:
     async def create_key(self, scope: Scope, receive: Receive, caller: Caller
                          ) -> tuple[int, Any]:
         body = await read_json(scope, receive, KeySpec)
+        models, limits, expires_at = narrowed(
+            caller, tuple(body.models), key_limits(body),
+            expiry_of(body.expires_in, body.expires_at))
         secret, key = await self.service.create_key(
-            caller.account_id, body.name, group=body.group, models=tuple(body.models),
-            limits=key_limits(body), expires_at=expiry_of(body.expires_in, body.expires_at))
+            caller.account_id, body.name, group=body.group, models=models, limits=limits,
+            expires_at=expires_at, max_active=MAX_SELF_SERVICE_KEYS)
         return 201, key_json(key, secret)
 
     async def revoke_key(self, scope: Scope, receive: Receive, caller: Caller, key_id: str

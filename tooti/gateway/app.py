@@ -152,7 +152,7 @@ class Gateway:
         self.admin.mount()
         self.accounts: AccountService | None = None
         if database is not None:
-            self.accounts = AccountService(database)
+            self.accounts = AccountService(database, reserved_groups=settings.groups)
             self.self_service = SelfService(self.accounts, database)
             AccountsAPI(self.station, self.accounts, database).mount()
         self._nursery: trio.Nursery | None = None
