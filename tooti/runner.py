@@ -11,7 +11,8 @@ reloads the TLS certificate.
 A gateway opens ONE accounts database per process (``gateway.database``, else SQLite
 at ``<data_dir>/tooti.sqlite3``; :func:`open_database`), makes sure the ``admin``
 account exists, and shares the database with the billing plugins
-(:attr:`BillingSetup.database`, with this gateway's :func:`gateway_id`), its API key
+(:attr:`BillingSetup.database`, with this gateway's :func:`gateway_id`: the
+configured one, else a random id kept in ``<data_dir>/gateway-id``), its API key
 cache and admin API, and the station's join-token directory; it is closed once the
 roles (and billing) have finished. :func:`check_auth` refuses, before anything starts,
 a gateway listening beyond loopback without ``gateway.auth``.
@@ -22,8 +23,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import signal
-import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,13 +124,52 @@ def check_auth(settings: Settings) -> None:
         resolve_mode(settings.gateway, warn=False)  # the gateway warns as it starts
 
 
+GATEWAY_ID_FILE = "gateway-id"
+"""In the data dir: this gateway's id when ``gateway.gateway_id`` is empty."""
+
+
 def gateway_id(settings: Settings) -> str:
     """This gateway's name among those sharing a database: ``gateway.gateway_id``, else
-    ``<hostname>:<port>``."""
+    a random id (``gw-`` and 16 hex digits) made once and kept in
+    ``<data_dir>/gateway-id``, so a restart is the same gateway (it reconciles its own
+    leases) while two machines cloned from one image (one hostname) are not. Each
+    gateway therefore needs its own data dir (as it does for its identity)."""
     if settings.gateway.gateway_id:
         return settings.gateway.gateway_id
-    port = settings.gateway.listen.rpartition(":")[2]
-    return f"{socket.gethostname()}:{port}"
+    return stored_gateway_id(Path(os.path.expanduser(settings.data_dir)))
+
+
+def stored_gateway_id(data_dir: Path) -> str:
+    """The id in ``data_dir/gateway-id``, made (atomically: the first of two racing
+    processes wins) if the file is missing or holds no usable id."""
+    path = data_dir / GATEWAY_ID_FILE
+    for _ in range(2):
+        try:
+            stored = path.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            stored = None
+        if stored is not None and _usable_id(stored):
+            return stored
+        made = "gw-" + secrets.token_hex(8)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        if stored is not None:  # unusable: replace it
+            tmp = path.with_name(f".{GATEWAY_ID_FILE}.{os.getpid()}")
+            tmp.write_text(made + "\n", encoding="utf-8")
+            tmp.replace(path)
+            log.warning("%s held no usable gateway id; it is now %s", path, made)
+            return made
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            continue  # another process made it first: read theirs
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            file.write(made + "\n")
+        return made
+    raise RuntimeError(f"cannot read or make a gateway id in {path}")
+
+
+def _usable_id(text: str) -> bool:
+    return 0 < len(text) <= 128 and text.isprintable() and not any(c.isspace() for c in text)
 
 
 def open_database(settings: Settings) -> Database:

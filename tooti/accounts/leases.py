@@ -29,10 +29,22 @@ Life of a lease:
   nothing is billed twice (settle entries are idempotent by request id).
 
 Locking order (PostgreSQL): every transaction that moves money out of or into a lease
-first locks the lease's row (a conditional ``UPDATE leases``) and only then touches
-books, in name order. Reconciling reads the lease book *after* locking the row, so a
-concurrent settle on that lease either commits before (and the remainder excludes
-it) or finds the row closed.
+first locks the rows of *every* lease it touches, in id order (a conditional
+``UPDATE leases`` each: :func:`close_leases` locks all of them before posting any
+remainder), and only then touches books, in name order. So a reconcile closing many
+leases and a settle batch spending from many never wait on each other in a cycle.
+Reconciling reads the lease book *after* locking the row, so a concurrent settle on
+that lease either commits before (and the remainder excludes it) or finds the row
+closed.
+
+A refusal costs one transaction, then nothing for a while: growing a lease reads the
+account's balance under the lock of its book row (so a short balance is definite, not
+a race lost to another gateway, and is never retried), and the account's available
+credit is remembered as *short* for :data:`SHORT_TTL` seconds (per account: another
+request asking for more than that is refused from memory, one asking for less still
+tries). :meth:`LeaseBook.credit_changed` forgets it at once (a top-up on this gateway).
+The only retry is for a lease that another gateway closed meanwhile (it had expired):
+then a new lease is opened.
 
 **The bound.** Reservations never exceed a lease's free credit and leases never exceed
 the balance (the floor), so while gateways reach the database no account is ever
@@ -80,8 +92,12 @@ DEFAULT_SIZE = MICROS
 """Credit taken per lease (1 credit), unless a request needs more."""
 DEFAULT_IDLE = 30.0
 DEFAULT_TTL = 120.0
-ATTEMPTS = 4
-"""Times a lease is tried when concurrent gateways race for one balance."""
+ATTEMPTS = 3
+"""Times a reservation tries to grow a lease that another gateway keeps closing (only a
+lease found gone is retried; a short balance is final)."""
+SHORT_TTL = 1.0
+"""Seconds an account found short is refused from memory (for requests asking more than
+it had); :meth:`LeaseBook.credit_changed` forgets it sooner."""
 
 
 class Reservation(msgspec.Struct, frozen=True):
@@ -132,6 +148,29 @@ def close_lease(tx: Tx, lease_id: str, closed_at: float, *,
     return remainder
 
 
+def close_leases(tx: Tx, lease_ids: list[str], closed_at: float, *,
+                 expired_before: float | None = None) -> list[str]:
+    """Close several leases in one transaction (see :func:`close_lease`); the ids closed.
+
+    Every lease row is locked first, in id order, and only then are books touched (the
+    remainders posted): the locking order settle batches follow too, so a reconcile
+    and a settle batch on the same leases and accounts cannot deadlock on PostgreSQL."""
+    locked: list[str] = []
+    for lease_id in sorted(set(lease_ids)):
+        if expired_before is None:
+            hit = tx.run("UPDATE leases SET amount = amount WHERE id = ? "
+                         "AND closed_at IS NULL", (lease_id,))
+        else:
+            hit = tx.run("UPDATE leases SET amount = amount WHERE id = ? "
+                         "AND closed_at IS NULL AND expires_at < ?",
+                         (lease_id, expired_before))
+        if hit:
+            locked.append(lease_id)
+    return [lease_id for lease_id in locked
+            if close_lease(tx, lease_id, closed_at, expired_before=expired_before)
+            is not None]
+
+
 def lock_open_lease(tx: Tx, lease_id: str) -> bool:
     """Lock an open lease's row for this transaction (so no reconcile closes it under a
     settle); False if it is closed."""
@@ -157,6 +196,8 @@ class LeaseBook:
         self._leases: dict[str, _Lease] = {}
         """Every lease this gateway holds or still has reservations on."""
         self._locks: defaultdict[str, trio.Lock] = defaultdict(trio.Lock)
+        self._short: dict[str, tuple[int, float]] = {}
+        """Account → (its balance beyond its lease here, monotonic time found short)."""
 
     # ------------------------------------------------------------ reserving
 
@@ -188,23 +229,47 @@ class LeaseBook:
         taken = self._take(account_id, amount)
         if taken is not None:
             return taken
+        self._refuse_if_short(account_id, amount)
         async with self._locks[account_id]:
-            for attempt in range(ATTEMPTS):
+            for _ in range(ATTEMPTS):
                 taken = self._take(account_id, amount)
                 if taken is not None:
                     return taken
+                self._refuse_if_short(account_id, amount)
                 try:
                     await self._grow(account_id, amount)
                 except _LeaseGone:
-                    continue
-                except InsufficientFunds:
-                    if attempt == ATTEMPTS - 1:
-                        raise
-                    await trio.lowlevel.checkpoint()
+                    continue  # another gateway closed it (expired): open a new one
+                except InsufficientFunds as short:
+                    self._short[account_id] = (max(short.balance, 0), clock.now())
+                    raise
             taken = self._take(account_id, amount)
             if taken is None:
                 raise InsufficientFunds(account_book(account_id), 0, amount)
             return taken
+
+    def _refuse_if_short(self, account_id: str, amount: int) -> None:
+        """Raise :class:`InsufficientFunds` from memory if the account was found unable
+        to cover ``amount`` less than :data:`SHORT_TTL` seconds ago."""
+        short = self._short.get(account_id)
+        if short is None:
+            return
+        have, since = short
+        if clock.now() - since >= SHORT_TTL:
+            del self._short[account_id]
+            return
+        lease = self._current.get(account_id)
+        free = lease.free if lease is not None and lease.open else 0
+        if amount > free + have:
+            raise InsufficientFunds(account_book(account_id), have, amount - free)
+
+    def credit_changed(self, account_id: str | None = None) -> None:
+        """Credit reached the account (or, with None, any account): forget that it was
+        short, so its next request goes to the database again."""
+        if account_id is None:
+            self._short.clear()
+        else:
+            self._short.pop(account_id, None)
 
     async def _grow(self, account_id: str, amount: int) -> None:
         """Top the account's lease up (or open one) so it can cover ``amount``."""
@@ -226,18 +291,25 @@ class LeaseBook:
                 if tx.run("UPDATE leases SET expires_at = ? WHERE id = ? AND closed_at IS NULL",
                           (expires, lease_id)) == 0:
                     raise _LeaseGone(lease_id)
+            # Lock the account's book row before reading it: the balance read is then
+            # the one the floor sees (no other gateway can take it in between), so a
+            # short balance is final, not a race to retry.
+            tx.run("UPDATE books SET balance = balance WHERE book = ?",
+                   (account_book(account_id),))
             have = balance(tx, account_book(account_id))
-            grant = min(want, have)
+            grant = max(0, min(want, have))
             if grant < need:
                 raise InsufficientFunds(account_book(account_id), have, need)
             if lease is None:
                 tx.run("INSERT INTO leases (id, gateway_id, account_id, amount, acquired_at, "
                        "expires_at) VALUES (?, ?, ?, 0, ?, ?)",
                        (lease_id, self.gateway_id, account_id, self.wall(), expires))
-            post(tx, f"lease:{lease_id}:{secrets.token_hex(6)}", "lease",
-                 [(account_book(account_id), -grant), (lease_book(lease_id), grant)],
-                 floors={account_book(account_id): 0})
-            tx.run("UPDATE leases SET amount = amount + ? WHERE id = ?", (grant, lease_id))
+            if grant > 0:  # else only renewed (a lease past its deadline, still enough)
+                post(tx, f"lease:{lease_id}:{secrets.token_hex(6)}", "lease",
+                     [(account_book(account_id), -grant), (lease_book(lease_id), grant)],
+                     floors={account_book(account_id): 0})
+                tx.run("UPDATE leases SET amount = amount + ? WHERE id = ?",
+                       (grant, lease_id))
             return grant
 
         try:
@@ -253,6 +325,7 @@ class LeaseBook:
             self._current[account_id] = lease
         lease.free += granted
         lease.deadline = deadline
+        self._short.pop(account_id, None)
 
     def release(self, reservation: Reservation, spent: int = 0) -> None:
         """A request ended having spent ``spent`` of its reservation: the rest is free
@@ -293,11 +366,8 @@ class LeaseBook:
         def recover(tx: Tx) -> int:
             rows = tx.all("SELECT id FROM leases WHERE gateway_id = ? AND closed_at IS NULL",
                           (self.gateway_id,))
-            closed = 0
-            for (lease_id,) in sorted(rows):
-                if lease_id not in mine and close_lease(tx, lease_id, now) is not None:
-                    closed += 1
-            return closed
+            return len(close_leases(tx, [lease_id for (lease_id,) in rows
+                                         if lease_id not in mine], now))
 
         closed = self.db.write_sync(recover)
         if closed:
@@ -311,6 +381,10 @@ class LeaseBook:
         last_renew = clock.now()
         while True:
             await trio.sleep(tick)
+            now = clock.now()
+            for account_id, (_, since) in list(self._short.items()):
+                if now - since >= SHORT_TTL:
+                    del self._short[account_id]
             try:
                 if clock.now() - last_renew >= self.ttl / 3:
                     last_renew = clock.now()
@@ -356,8 +430,7 @@ class LeaseBook:
         closed_at = self.wall()
 
         def give_back(tx: Tx) -> None:
-            for lease_id in sorted(lease_ids):
-                close_lease(tx, lease_id, closed_at)
+            close_leases(tx, lease_ids, closed_at)
 
         with trio.CancelScope(shield=True):
             await self.db.write(give_back)
@@ -370,8 +443,8 @@ class LeaseBook:
         def reconcile(tx: Tx) -> list[str]:
             rows = tx.all("SELECT id FROM leases WHERE closed_at IS NULL AND expires_at < ?",
                           (now,))
-            return [lease_id for (lease_id,) in sorted(rows)
-                    if close_lease(tx, lease_id, now, expired_before=now) is not None]
+            return close_leases(tx, [lease_id for (lease_id,) in rows], now,
+                                expired_before=now)
 
         closed = await self.db.write(reconcile)
         for lease_id in closed:

@@ -7,17 +7,28 @@ the exit status); an empty list means the ledger balances:
 2. every book's cached balance equals the sum of its lines (and no line names a book
    without a balance);
 3. all books together sum to zero (money is neither created nor lost: ``issued`` is
-   minus everything ever issued);
-4. no account book is below zero — *unless* settle entries charged to that account
-   book directly explain it (a gateway cut off from the database past its lease ttl
-   settled on a lease another gateway had reconciled: the documented bound of
-   :mod:`tooti.accounts.leases`). Such a balance is a *warning*
-   (:func:`check_report`), not a violation, as long as ``-balance`` is at most what
-   those settles charged; beyond that it is a violation;
-5. a closed lease holds zero, an open lease is not negative;
-6. every usage row with ``charged > 0`` has exactly one ``settle:<request id>`` entry
+   minus everything ever issued) — implied by 1 and 2, kept as the headline figure;
+4. ``issued`` moves only through ``topup`` and ``code`` entries (no other entry creates
+   or destroys credit);
+5. every redeemed credit code has exactly one ``code:<id>`` entry crediting its redeemer
+   exactly its amount, and every ``code`` entry belongs to a redeemed code;
+6. no account book is below zero — *unless* settles charged to that account book
+   directly after a reconcile explain it (a gateway cut off from the database past its
+   lease ttl settled on a lease another gateway had reconciled, or a quarantined
+   request replayed after its lease went back: the documented bound of
+   :mod:`tooti.accounts.leases`). The allowance is, per closed lease of the account,
+   the lesser of what those settles charged the account book and what the lease's
+   ``release:<lease>`` entry returned to it; within it the balance is a *warning*
+   (:func:`check_report`), beyond it a violation;
+7. a closed lease holds zero, an open lease is not negative, and every lease's
+   ``amount`` is what its ``lease`` entries credited its book;
+8. every usage row with ``charged > 0`` has exactly one ``settle:<request id>`` entry
    debiting exactly ``charged``, and every settle entry has such a row;
-7. every usage row's ``earned + fee == charged``.
+9. every usage row's ``earned + fee == charged``, and its settle entry credits exactly
+   ``earned`` to ``earnings:<owner_id>`` (``admin`` without one), ``fee`` to ``fees``
+   and nothing else;
+10. ``usage_quarantine`` is empty: a quarantined request is not billed yet (``tooti
+    ledger replay`` writes it).
 
 :func:`summary` gives the totals an operator reads beside it.
 """
@@ -30,6 +41,7 @@ import msgspec
 
 from tooti.accounts.database import Database, Tx
 from tooti.accounts.journal import FEES, ISSUED, PAYOUTS
+from tooti.accounts.records import ADMIN_ACCOUNT
 
 SHOWN = 20
 """Offending rows listed per invariant (the count says how many there are)."""
@@ -79,18 +91,34 @@ def _check(tx: Tx) -> Report:
     total = int(tx.value("SELECT SUM(balance) FROM books", default=0))
     if total:
         out.append(f"the books sum to {total}, not 0 (money was created or lost)")
+    out += _listed("entries moving issued credit that are not top-ups or codes", tx.all(
+        "SELECT j.idem_key, j.kind, l.amount FROM journal_lines l JOIN journal j "
+        "ON j.id = l.entry_id WHERE l.book = ? AND j.kind NOT IN ('topup', 'code') "
+        "ORDER BY j.idem_key", (ISSUED,)), "{0} ({1}) moves {2}")
+    codes = tx.all(
+        "SELECT c.id, c.amount, (SELECT COUNT(*) FROM journal j "
+        "WHERE j.idem_key = 'code:' || c.id), (SELECT COALESCE(SUM(l.amount), 0) "
+        "FROM journal j JOIN journal_lines l ON l.entry_id = j.id "
+        "WHERE j.idem_key = 'code:' || c.id AND l.book = 'account:' || c.redeemed_by) "
+        "FROM credit_codes c WHERE c.redeemed_by IS NOT NULL ORDER BY c.id")
+    out += _listed("redeemed credit codes without exactly one entry of their amount",
+                   [row for row in codes if int(row[2]) != 1 or int(row[3]) != int(row[1])],
+                   "{0} of {1}: {2} entries crediting {3}")
+    out += _listed("code entries without a redeemed code", tx.all(
+        "SELECT j.idem_key FROM journal j WHERE j.kind = 'code' AND NOT EXISTS "
+        "(SELECT 1 FROM credit_codes c WHERE j.idem_key = 'code:' || c.id "
+        "AND c.redeemed_by IS NOT NULL) ORDER BY j.idem_key"), "{0}")
     below = tx.all("SELECT book, balance FROM books WHERE balance < 0 ORDER BY book")
     unexplained: list[tuple[Any, ...]] = []
     for book, held in below:
         if not str(book).startswith("account:"):
             continue
-        direct = -int(tx.value(
-            "SELECT SUM(l.amount) FROM journal_lines l JOIN journal j ON j.id = l.entry_id "
-            "WHERE l.book = ? AND j.kind = 'settle' AND l.amount < 0", (book,), default=0))
-        if -int(held) <= direct:
+        allowed = _overdraft_allowed(tx, str(book))
+        if -int(held) <= allowed:
             warnings.append(f"{book} holds {held}: settles on leases reconciled while "
-                            f"their gateway was cut off charged it {direct} directly "
-                            "(within the documented bound)")
+                            f"their gateway was cut off (or replayed after their lease "
+                            f"went back) charged it up to {allowed} directly (within the "
+                            "documented bound)")
         else:
             unexplained.append((book, held))
     out += _listed("accounts below zero", unexplained, "{0} holds {1}")
@@ -100,6 +128,13 @@ def _check(tx: Tx) -> Report:
     out += _listed("open leases below zero", tx.all(
         "SELECT l.id, b.balance FROM leases l JOIN books b ON b.book = 'lease:' || l.id "
         "WHERE l.closed_at IS NULL AND b.balance < 0 ORDER BY l.id"), "{0} holds {1}")
+    leases = tx.all(
+        "SELECT le.id, le.amount, (SELECT COALESCE(SUM(l.amount), 0) FROM journal_lines l "
+        "JOIN journal j ON j.id = l.entry_id WHERE l.book = 'lease:' || le.id "
+        "AND j.kind = 'lease') FROM leases le ORDER BY le.id")
+    out += _listed("leases whose amount is not what their lease entries credited",
+                   [row for row in leases if int(row[1]) != int(row[2])],
+                   "{0} amount {1}, entries {2}")
     out += _listed("charged requests without exactly one settle entry", tx.all(
         "SELECT u.request_id, u.charged, COUNT(j.id) FROM usage u LEFT JOIN journal j "
         "ON j.idem_key = 'settle:' || u.request_id WHERE u.charged > 0 "
@@ -118,7 +153,45 @@ def _check(tx: Tx) -> Report:
     out += _listed("requests whose earned + fee is not their charge", tx.all(
         "SELECT request_id, charged, earned, fee FROM usage WHERE earned + fee <> charged "
         "ORDER BY request_id"), "{0} charged {1}, earned {2} + fee {3}")
+    splits = tx.all(
+        "SELECT u.request_id, u.owner_id, u.earned, u.fee, "
+        "(SELECT COALESCE(SUM(l.amount), 0) FROM journal_lines l WHERE l.entry_id = j.id "
+        "AND l.book = 'earnings:' || COALESCE(NULLIF(u.owner_id, ''), ?)), "
+        "(SELECT COALESCE(SUM(l.amount), 0) FROM journal_lines l WHERE l.entry_id = j.id "
+        "AND l.book = ?), "
+        "(SELECT COALESCE(SUM(l.amount), 0) FROM journal_lines l WHERE l.entry_id = j.id "
+        "AND l.amount > 0) "
+        "FROM usage u JOIN journal j ON j.idem_key = 'settle:' || u.request_id "
+        "WHERE u.charged > 0 ORDER BY u.request_id", (ADMIN_ACCOUNT, FEES))
+    out += _listed("settle entries not paying their request's owner its earnings and fee",
+                   [(rid, owner or ADMIN_ACCOUNT, earned, fee, to_owner, to_fees, credited)
+                    for rid, owner, earned, fee, to_owner, to_fees, credited in splits
+                    if (int(to_owner), int(to_fees), int(credited))
+                    != (int(earned), int(fee), int(earned) + int(fee))],
+                   "{0}: earned {2} + fee {3} for {1}, its entry pays {4} to the owner, "
+                   "{5} to fees, {6} in all")
+    out += _listed("quarantined requests, not billed yet (run tooti ledger replay)",
+                   tx.all("SELECT request_id, error FROM usage_quarantine "
+                          "ORDER BY request_id, ts"), "{0} ({1})")
     return Report(out, warnings)
+
+
+def _overdraft_allowed(tx: Tx, book: str) -> int:
+    """How far below zero settles charged directly to ``book`` after reconciles may take
+    it: per lease, the lesser of those settles and what the lease's release returned."""
+    direct = tx.all(
+        "SELECT u.lease_id, -SUM(l.amount) FROM usage u JOIN journal j "
+        "ON j.idem_key = 'settle:' || u.request_id JOIN journal_lines l "
+        "ON l.entry_id = j.id WHERE l.book = ? AND l.amount < 0 AND u.lease_id <> '' "
+        "GROUP BY u.lease_id", (book,))
+    allowed = 0
+    for lease_id, charged in direct:
+        returned = int(tx.value(
+            "SELECT COALESCE(SUM(l.amount), 0) FROM journal j JOIN journal_lines l "
+            "ON l.entry_id = j.id WHERE j.idem_key = ? AND l.book = ?",
+            (f"release:{lease_id}", book), default=0))
+        allowed += max(0, min(int(charged), returned))
+    return allowed
 
 
 def summary(db: Database) -> dict[str, int]:

@@ -94,6 +94,9 @@ class Usage(msgspec.Struct, frozen=True):
     """True when the node could not report exact token counts, or reported counts out
     of bounds (then the counts are the gateway's own estimate)."""
     latency_ms: float = 0.0
+    owner: str = ""
+    """The account the serving node earns for, as the gateway knew it when the node
+    served (its admission's owner; ``""``: unknown, billing looks it up)."""
 
     @property
     def cost(self) -> int:
@@ -117,6 +120,8 @@ class Outcome(msgspec.Struct):
     """A node answered (so it did the work)."""
     node_id: str = ""
     model: str = ""
+    owner: str = ""
+    """The serving node's owner account (the peer's admission owner)."""
     price_input: float = 0.0
     """The serving node's advertised price per 1M prompt tokens (its own number; billing
     receives it in micro-units)."""

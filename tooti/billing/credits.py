@@ -25,24 +25,45 @@ For a request of an account (``ctx.account_id``):
   :mod:`tooti.accounts.leases`.
 * :meth:`Credits.refund` frees the reservation and records a ``failed`` row, cost 0.
 
-The node's owner is the ``node_owners`` row of the serving node (cached), ``admin``
-when it has none.
+The node's owner is the one the gateway knew when the node served
+(:attr:`Usage.owner`, from the peer's admission: the account whose join token admitted
+it, ``admin`` for the legacy token), so a node earns for its owner from its first
+request. Only a usage without one (a caller other than the gateway's proxy) is looked
+up in ``node_owners`` at write time — never cached — and earns for ``admin`` without a
+row.
 
 **Durability and group commit** (as the usage ledger always did): settle queues its
 row and entry and returns once they are committed; :meth:`Credits.run` writes
 everything queued while a transaction is being written in the next one (up to
 ``BATCH`` requests), so concurrent requests share a commit. The gateway settles a
 completed answer before its last bytes leave, so a client never sees a complete
-answer whose charge a ``kill -9`` could lose. Nothing is ever lost to a bad value or a
-failing database, and no error ends ``run``: a batch that fails is written again
-request by request, and a request that still fails goes to ``usage_quarantine`` with
-the error (or, if the database cannot take even that, to ``usage-quarantine.jsonl``
-in the data dir); its reserved credit stays in the lease and returns to the account
-when the lease is returned.
+answer whose charge a ``kill -9`` could lose.
+
+**Nothing is lost to a failing database** and no error ends ``run``. Queuing never
+blocks and never fails (a settle cut off by the pipeline's timeout is still written,
+and its reservation released, once the database takes it). A batch the database
+refuses stays in memory and is tried again with :class:`~tooti.backoff.Backoff`
+(:data:`RETRY_BASE` doubling to :data:`RETRY_CAP` s) while the database is
+unreachable; each reservation is held until its request is written, so the lease
+cannot be returned with an unbilled request's credit. Memory is bounded: while
+:data:`QUEUE` records wait, :meth:`Credits.authorize` refuses new requests (503
+``billing_unavailable``, ``retry-after``) instead of serving what it cannot bill — so
+at most ``QUEUE`` plus the requests in flight wait. If the database answers but refuses
+one request on its own :data:`POISON_ATTEMPTS` times (a value it cannot store), that
+request goes to ``usage_quarantine`` with the error; so does everything still waiting
+when the plugin closes (if the database cannot take even that, to
+``usage-quarantine.jsonl`` in the data dir). ``tooti ledger check`` reports every
+quarantined row as a violation, and :func:`replay_quarantine` (``tooti ledger
+replay``, ``POST /admin/v1/ledger/replay``) writes them again idempotently: the usage
+row ``ON CONFLICT DO NOTHING`` and the entry ``settle:<request id>``, so a replay
+never charges twice. A quarantined request's reserved credit stays in its lease and
+returns to the account with it; the replay charges it from the lease if still open,
+else from the account's book directly (the bound of :mod:`tooti.accounts.leases`).
 
 Options (``[billing.options]``, shared by every billing plugin): ``fee_bps`` (the
 gateway's fee in basis points of what nodes earn, default 0), ``lease_credits``
-(credit taken per lease, a decimal number of credits, default 1), ``lease_idle``
+(credit taken per lease, a decimal string of credits or an integer, never a float,
+default ``"1"``), ``lease_idle``
 (seconds without a request after which a lease goes back, default 30), ``lease_ttl``
 (seconds a lease lives without renewal, default 120; renewed every third of it).
 
@@ -58,8 +79,10 @@ import functools
 import json
 import logging
 import secrets
+from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Any
 
 import msgspec
@@ -78,6 +101,7 @@ from tooti.accounts.journal import (
 from tooti.accounts.leases import LeaseBook, Reservation, lock_open_lease
 from tooti.accounts.money import format_credits, parse_credits, split_fee
 from tooti.accounts.records import ADMIN_ACCOUNT
+from tooti.backoff import Backoff
 from tooti.billing.base import Billing, BillingSetup, RequestContext, Usage
 from tooti.errors import APIError
 
@@ -86,11 +110,17 @@ log = logging.getLogger("tooti.billing")
 QUARANTINE_FILE = "usage-quarantine.jsonl"
 """In the data dir: rows that neither the usage table nor the quarantine table took."""
 QUEUE = 10_000
+"""Most requests whose records wait in memory for the database; beyond it
+:meth:`Credits.authorize` refuses (503) rather than serve what it could not bill."""
 BATCH = 512
 FLUSH_TIMEOUT = 10.0
 """Longest wait in :meth:`Credits.flush` (shutdown must not hang on the database)."""
-OWNER_TTL = 60.0
-"""Seconds a node's owner is cached."""
+RETRY_BASE = 0.1
+RETRY_CAP = 5.0
+"""Backoff (seconds) between attempts at a batch the database refused."""
+POISON_ATTEMPTS = 3
+"""Times a request the database refuses on its own, while it answers, is tried before
+it is quarantined (a value no database takes)."""
 
 COLUMNS = ("request_id", "ts", "account_id", "key_id", "model", "node_id", "owner_id",
            "endpoint", "stream", "prompt_tokens", "completion_tokens", "estimated",
@@ -122,6 +152,10 @@ def parse_options(options: Mapping[str, Any]) -> tuple[CreditsOptions, int]:
     raw = parsed.lease_credits
     if isinstance(raw, bool):
         raise ValueError("billing.options.lease_credits must be an amount of credits")
+    if isinstance(raw, float):
+        raise ValueError(f"billing.options.lease_credits must be a decimal string or an "
+                         f"integer of credits, not a float: write \"{raw}\" (money is "
+                         "never a float)")
     try:
         size = parse_credits(str(raw))
     except ValueError as exc:
@@ -139,11 +173,16 @@ class _Item:
     request_id: str
     account_id: str
     node_id: str
+    owner: str
+    """The account the serving node earns for (``""``: read ``node_owners``)."""
     charged: int
     earned: int
     fee: int
     reservation: Reservation | None
-    committed: trio.Event | None
+    committed: trio.Event = field(default_factory=trio.Event)
+    """Set once the row and its entry are written (or quarantined)."""
+    attempts: int = 0
+    """Times the database refused this request alone while it was reachable."""
 
 
 class Credits:
@@ -167,8 +206,10 @@ class Credits:
                 self.db.close()
             raise
         self._reserved: dict[str, Reservation] = {}
-        self._owners: dict[str, tuple[str, float]] = {}
-        self._send, self._receive = trio.open_memory_channel[_Item](QUEUE)
+        self._pending: deque[_Item] = deque()
+        """Requests not written yet, oldest first (those being retried at the front)."""
+        self._wake = trio.Event()
+        self._write_lock = trio.Lock()
         self._queued = 0
         self._written = 0
         self._wrote = trio.Event()
@@ -176,25 +217,35 @@ class Credits:
     # ------------------------------------------------------------ Billing
 
     async def run(self) -> None:
-        """Write queued requests in batches and keep the leases, until cancelled."""
+        """Write queued requests in batches and keep the leases, until cancelled; a batch
+        the database refuses is kept and tried again, backing off."""
+        backoff = Backoff(RETRY_BASE, RETRY_CAP)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.leases.run)
             while True:
-                batch = [await self._receive.receive()]
-                while len(batch) < BATCH:
-                    try:
-                        batch.append(self._receive.receive_nowait())
-                    except trio.WouldBlock:
-                        break
-                # A batch taken off the queue is always written, even during shutdown.
-                with trio.CancelScope(shield=True):
-                    await self._write(batch)
+                while not self._pending:
+                    self._wake = trio.Event()
+                    await self._wake.wait()
+                if await self._write_round():
+                    backoff.reset()
+                else:
+                    await trio.sleep(backoff.next())
+
+    @property
+    def backlog(self) -> int:
+        """Requests whose records wait in memory (queued or being retried)."""
+        return len(self._pending)
 
     async def authorize(self, ctx: RequestContext) -> None:
         """Reserve the request's maximum cost (nothing for an anonymous request, nor for the
         ``admin`` account: the house, whose requests are recorded but never charged and
         earn nobody anything); 402 ``insufficient_quota`` if the account's balance cannot
-        cover it."""
+        cover it; 503 while :data:`QUEUE` records wait for the database."""
+        if len(self._pending) >= QUEUE:
+            raise APIError(
+                503, "the gateway cannot record requests right now (its billing database "
+                "is not taking writes); retry shortly", code="billing_unavailable",
+                headers={"retry-after": "5"})
         if not ctx.account_id or ctx.account_id == ADMIN_ACCOUNT:
             return
         try:
@@ -209,37 +260,41 @@ class Credits:
 
     async def settle(self, ctx: RequestContext, usage: Usage) -> None:
         """Charge what was delivered (capped at the reservation) and record the usage
-        row; returns once both are committed (idempotent by request id)."""
-        reservation = self._reserved.pop(ctx.request_id, None)
+        row; returns once both are committed (idempotent by request id). The record is
+        queued before this first waits, so a settle cut off by its caller's timeout is
+        still written (and its reservation released) by :meth:`run`."""
+        reservation = self._reserved.get(ctx.request_id)
         cost = usage.cost
         charged = min(cost, reservation.amount) if reservation is not None else 0
         earned, fee = split_fee(charged, self.options.fee_bps)
-        committed = trio.Event()
-        await self._queue(_Item(
+        item = _Item(
             [ctx.request_id, self.wall(), ctx.account_id, ctx.key_id, usage.model,
-             usage.node_id, "", ctx.endpoint, int(ctx.stream), usage.prompt_tokens,
+             usage.node_id, usage.owner, ctx.endpoint, int(ctx.stream), usage.prompt_tokens,
              usage.completion_tokens, int(usage.estimated), usage.price_input,
              usage.price_output, cost, charged, earned, fee,
              reservation.lease_id if reservation is not None else "", usage.status,
              usage.latency_ms],
-            ctx.request_id, ctx.account_id, usage.node_id, charged, earned, fee,
-            reservation, committed))
-        await committed.wait()
+            ctx.request_id, ctx.account_id, usage.node_id, usage.owner, charged, earned,
+            fee, reservation)
+        self._queue(item)
+        self._reserved.pop(ctx.request_id, None)  # the queued item holds it now
+        await item.committed.wait()
 
     async def refund(self, ctx: RequestContext, reason: str) -> None:
         """Free the reservation and queue a ``failed`` row (zero tokens, cost 0)."""
         reservation = self._reserved.pop(ctx.request_id, None)
         if reservation is not None:
             self.leases.release(reservation, 0)
-        await self._queue(_Item(
+        self._queue(_Item(
             [ctx.request_id, self.wall(), ctx.account_id, ctx.key_id, ctx.model, "", "",
              ctx.endpoint, int(ctx.stream), 0, 0, 0, 0, 0, 0, 0, 0, 0, "", "failed", 0.0],
-            ctx.request_id, ctx.account_id, "", 0, 0, 0, None, None))
+            ctx.request_id, ctx.account_id, "", "", 0, 0, 0, None))
 
     async def close(self) -> None:
-        """Flush the queue, return every lease and close a database opened here."""
+        """Flush the queue (quarantining what the database still refuses), return every
+        lease and close a database opened here."""
         with trio.CancelScope(shield=True):
-            await self.flush()
+            await self.flush(closing=True)
             try:
                 await self.leases.close()
             except Exception:
@@ -249,125 +304,284 @@ class Credits:
 
     # ------------------------------------------------------------ writing
 
-    async def _queue(self, item: _Item) -> None:
+    def _queue(self, item: _Item) -> None:
+        """Never blocks, never fails: the memory it takes is bounded by :data:`QUEUE`
+        (``authorize`` refuses beyond it) plus the requests in flight."""
         self._queued += 1
-        await self._send.send(item)
+        self._pending.append(item)
+        self._wake.set()
 
-    async def flush(self) -> None:
-        """Return once every request queued before the call is written."""
+    async def flush(self, *, closing: bool = False) -> None:
+        """Return once every request queued before the call is written (at most
+        :data:`FLUSH_TIMEOUT` s); ``closing``: then quarantine whatever is still waiting."""
         target = self._queued
-        items: list[_Item] = []
-        while True:
-            try:
-                items.append(self._receive.receive_nowait())
-            except trio.WouldBlock:
-                break
-        if items:
-            await self._write(items)
-        with trio.move_on_after(FLUSH_TIMEOUT) as timer:
+        backoff = Backoff(RETRY_BASE, RETRY_CAP)
+        with trio.move_on_after(FLUSH_TIMEOUT):
             while self._written < target:
-                await self._wrote.wait()
-        if timer.cancelled_caught:
-            log.error("credits: %d requests not written after %.0fs",
-                      target - self._written, FLUSH_TIMEOUT)
+                if self._pending:
+                    if await self._write_round():
+                        backoff.reset()
+                    else:
+                        await trio.sleep(backoff.next())
+                else:  # the last ones are being written by run()
+                    await self._wrote.wait()
+        if self._written >= target:
+            return
+        log.error("credits: %d requests not written after %.0fs", target - self._written,
+                  FLUSH_TIMEOUT)
+        if closing and self._pending:
+            with trio.CancelScope(shield=True):
+                async with self._write_lock:
+                    left = list(self._pending)
+                    self._pending.clear()
+                    await self._quarantine(left, RuntimeError(
+                        "the database refused it until the gateway closed"))
+                    self._done(left, [])
 
-    async def _write(self, items: list[_Item]) -> None:
-        closed: list[str] = []
+    async def _write_round(self) -> bool:
+        """Write the next batch; False if part of it is kept to be tried again."""
+        async with self._write_lock:
+            batch: list[_Item] = []
+            while self._pending and len(batch) < BATCH:
+                batch.append(self._pending.popleft())
+            if not batch:
+                return True
+            # A batch taken off the queue is always dealt with, even during shutdown.
+            with trio.CancelScope(shield=True):
+                kept = await self._write(batch)
+            self._pending.extendleft(reversed(kept))
+            return not kept
+
+    async def _write(self, items: list[_Item]) -> list[_Item]:
+        """Write ``items``; those to be tried again. A batch that fails is kept whole
+        while the database is unreachable, else written request by request: one the
+        database refuses :data:`POISON_ATTEMPTS` times while it takes others is
+        quarantined."""
         try:
-            closed = await self.db.write(lambda tx: self._commit(tx, items))
+            closed = await self.db.write(functools.partial(commit, items=items))
         except Exception as exc:
-            log.error("credits: a batch of %d requests failed (%s: %s); writing them one "
-                      "by one", len(items), type(exc).__name__, exc)
-            for item in items:
-                one = [item]
-                try:
-                    closed += await self.db.write(functools.partial(self._commit, items=one))
-                except Exception as error:
-                    await self._quarantine(item, error)
+            log.error("credits: a batch of %d requests failed (%s: %s)", len(items),
+                      type(exc).__name__, exc)
+        else:
+            self._done(items, closed)
+            return []
+        if not await self._reachable():
+            return items
+        kept: list[_Item] = []
+        for item in items:
+            try:
+                closed = await self.db.write(functools.partial(commit, items=[item]))
+            except Exception as error:
+                item.attempts += 1
+                if item.attempts < POISON_ATTEMPTS:
+                    kept.append(item)
+                    continue
+                await self._quarantine([item], error)
+                closed = []
+            self._done([item], closed)
+        return kept
+
+    async def _reachable(self) -> bool:
+        try:
+            await self.db.read(lambda tx: tx.value("SELECT 1"))
+        except Exception:
+            return False
+        return True
+
+    def _done(self, items: list[_Item], closed: list[str]) -> None:
+        """``items`` are written (or quarantined): release their reservations, wake
+        their settles."""
         for lease_id in closed:
             self.leases.forget(lease_id)
         self._written += len(items)
         for item in items:
             if item.reservation is not None:
                 self.leases.release(item.reservation, item.charged)
-            if item.committed is not None:
-                item.committed.set()
+            item.committed.set()
         self._wrote.set()
         self._wrote = trio.Event()
 
-    def _commit(self, tx: Tx, items: list[_Item]) -> list[str]:
-        """Every item's usage row and settle entry in ``tx``; the leases found closed.
-
-        Locks in a fixed order (lease rows, then books by name) so batches of
-        concurrent gateways never deadlock."""
-        charging = [item for item in items if item.charged > 0]
-        leases = sorted({item.reservation.lease_id for item in charging
-                         if item.reservation is not None and item.reservation.lease_id})
-        open_leases = {lease_id for lease_id in leases if lock_open_lease(tx, lease_id)}
-        owners = {node: self._owner(tx, node) for node in {item.node_id for item in items}}
-        sources: dict[str, str] = {}
-        books: set[str] = set()
-        for item in charging:
-            lease_id = item.reservation.lease_id if item.reservation is not None else ""
-            source = (lease_book(lease_id) if lease_id in open_leases
-                      else account_book(item.account_id))
-            sources[item.request_id] = source
-            books |= {source, earnings_book(owners[item.node_id] or ADMIN_ACCOUNT)}
-            if item.fee:
-                books.add(FEES)
-        for book in sorted(books):
-            tx.run("UPDATE books SET balance = balance WHERE book = ?", (book,))
-        for item in items:
-            owner = owners[item.node_id]
-            row = list(item.row)
-            row[OWNER] = owner
-            if tx.run(INSERT, row) == 0:
-                continue  # settled (or refunded) before: nothing moves again
-            if item.charged <= 0:
-                continue
-            source = sources[item.request_id]
-            lines = [(source, -item.charged),
-                     (earnings_book(owner or ADMIN_ACCOUNT), item.earned)]
-            if item.fee:
-                lines.append((FEES, item.fee))
-            post(tx, f"settle:{item.request_id}", "settle", lines,
-                 request_id=item.request_id,
-                 floors={source: 0} if source.startswith("lease:") else None)
-        return [lease_id for lease_id in leases if lease_id not in open_leases]
-
-    def _owner(self, tx: Tx, node_id: str) -> str:
-        """The account a node earns for (``admin`` without a ``node_owners`` row)."""
-        if not node_id:
-            return ""
-        now = clock.wall()
-        cached = self._owners.get(node_id)
-        if cached is not None and now - cached[1] < OWNER_TTL:
-            return cached[0]
-        owner = str(tx.value("SELECT account_id FROM node_owners WHERE node_id = ?",
-                             (node_id,), default=ADMIN_ACCOUNT))
-        self._owners[node_id] = (owner, now)
-        return owner
-
-    async def _quarantine(self, item: _Item, error: Exception) -> None:
-        """Keep a request the database refused, with why: in ``usage_quarantine``, else
-        in :data:`QUARANTINE_FILE`, else (nothing takes it) in the log."""
+    async def _quarantine(self, items: list[_Item], error: Exception) -> None:
+        """Keep requests the database refused, with why: in ``usage_quarantine`` (which
+        :func:`replay_quarantine` writes again), else in :data:`QUARANTINE_FILE`, else
+        (nothing takes them) in the log. Their reserved credit stays in the lease (it
+        returns to the account with it); the replay charges it."""
         reason = f"{type(error).__name__}: {error}"
-        record = json.dumps({**dict(zip(COLUMNS, item.row, strict=False)),
-                             "charged": item.charged}, default=repr)
-        log.error("credits: request %s quarantined (%s)", item.request_id, reason)
+        records = [(item.request_id, json.dumps(_record(item), default=repr))
+                   for item in items]
+        for item in items:
+            log.error("credits: request %s quarantined (%s)", item.request_id, reason)
+        now = clock.wall()
         try:
-            await self.db.write(lambda tx: tx.run(
+            await self.db.write(lambda tx: tx.many(
                 "INSERT INTO usage_quarantine (request_id, ts, error, row_json) "
-                "VALUES (?, ?, ?, ?)", (item.request_id, clock.wall(), reason, record)))
+                "VALUES (?, ?, ?, ?)", [(rid, now, reason, rec) for rid, rec in records]))
             return
         except Exception as exc:
-            log.error("credits: the quarantine table refused %s (%s)", item.request_id, exc)
+            log.error("credits: the quarantine table refused %d requests (%s)",
+                      len(records), exc)
         try:
             with (self.data_dir / QUARANTINE_FILE).open("a") as file:
-                file.write(json.dumps({"error": reason, "row": record}) + "\n")
+                for _, record in records:
+                    file.write(json.dumps({"error": reason, "row": record}) + "\n")
         except OSError as exc:
-            log.error("credits: %s lost to the disk (%s); its record: %s", item.request_id,
-                      exc, record)
+            for request_id, record in records:
+                log.error("credits: %s lost to the disk (%s); its record: %s", request_id,
+                          exc, record)
+
+
+def _record(item: _Item) -> dict[str, Any]:
+    return {**dict(zip(COLUMNS, item.row, strict=False)), "owner_id": item.owner,
+            "charged": item.charged}
+
+
+def node_owner(tx: Tx, node_id: str) -> str:
+    """The account a node earns for: its ``node_owners`` row, else ``admin`` (never
+    cached: a binding written a moment ago counts)."""
+    if not node_id:
+        return ""
+    return str(tx.value("SELECT account_id FROM node_owners WHERE node_id = ?",
+                        (node_id,), default=ADMIN_ACCOUNT))
+
+
+def commit(tx: Tx, items: list[_Item]) -> list[str]:
+    """Every item's usage row and settle entry in ``tx``; the leases found closed.
+
+    Locks in a fixed order (lease rows by id, then books by name) so batches of
+    concurrent gateways, and reconciles (:func:`~tooti.accounts.leases.close_leases`),
+    never deadlock."""
+    charging = [item for item in items if item.charged > 0]
+    leases = sorted({item.reservation.lease_id for item in charging
+                     if item.reservation is not None and item.reservation.lease_id})
+    open_leases = {lease_id for lease_id in leases if lock_open_lease(tx, lease_id)}
+    looked_up = {node: node_owner(tx, node)
+                 for node in {item.node_id for item in items if not item.owner}}
+    owners = {item.request_id: item.owner or looked_up[item.node_id] for item in items}
+    sources: dict[str, str] = {}
+    books: set[str] = set()
+    for item in charging:
+        lease_id = item.reservation.lease_id if item.reservation is not None else ""
+        source = (lease_book(lease_id) if lease_id in open_leases
+                  else account_book(item.account_id))
+        sources[item.request_id] = source
+        books |= {source, earnings_book(owners[item.request_id] or ADMIN_ACCOUNT)}
+        if item.fee:
+            books.add(FEES)
+    for book in sorted(books):
+        tx.run("UPDATE books SET balance = balance WHERE book = ?", (book,))
+    for item in items:
+        owner = owners[item.request_id]
+        row = list(item.row)
+        row[OWNER] = owner
+        if tx.run(INSERT, row) == 0:
+            continue  # settled (or refunded) before: nothing moves again
+        if item.charged <= 0:
+            continue
+        source = sources[item.request_id]
+        lines = [(source, -item.charged),
+                 (earnings_book(owner or ADMIN_ACCOUNT), item.earned)]
+        if item.fee:
+            lines.append((FEES, item.fee))
+        post(tx, f"settle:{item.request_id}", "settle", lines,
+             request_id=item.request_id,
+             floors={source: 0} if source.startswith("lease:") else None)
+    return [lease_id for lease_id in leases if lease_id not in open_leases]
+
+
+# ------------------------------------------------------------ replaying the quarantine
+
+
+class ReplayReport(msgspec.Struct, frozen=True):
+    """What :func:`replay_quarantine` did."""
+
+    replayed: list[str]
+    """Requests whose row (and settle entry, if charged) were written now."""
+    already: list[str]
+    """Requests found written before (nothing moved; their quarantine rows dropped)."""
+    failed: list[str]
+    """``<request id>: <error>`` of rows the database still refuses (kept)."""
+    imported: int = 0
+    """Records moved from :data:`QUARANTINE_FILE` into the table first."""
+
+
+def _item_of(record: Mapping[str, Any]) -> _Item:
+    """The queued item a quarantined record was made from (ValueError if it is not one)."""
+    row = [record[column] for column in COLUMNS]
+    ints = ("charged", "earned", "fee")
+    if any(type(record[name]) is not int for name in ints):
+        raise ValueError("charged, earned and fee must be integers")
+    charged, earned, fee = (int(record[name]) for name in ints)
+    if charged < 0 or earned + fee != charged:
+        raise ValueError(f"charged {charged} is not earned {earned} + fee {fee}")
+    request_id, account_id = str(record["request_id"]), str(record["account_id"])
+    lease_id = str(record["lease_id"] or "")
+    reservation = Reservation(account_id, lease_id, charged) if lease_id else None
+    return _Item(row, request_id, account_id, str(record["node_id"]),
+                 str(record["owner_id"] or ""), charged, earned, fee, reservation)
+
+
+async def replay_quarantine(db: Database, data_dir: Path | None = None) -> ReplayReport:
+    """Write every quarantined request again, idempotently: its usage row (``ON
+    CONFLICT (request_id) DO NOTHING``) and settle entry (``settle:<request id>``) in
+    one transaction with the removal of its quarantine row, so a replay repeated or
+    racing another charges nothing twice. A request whose lease has been returned
+    since is charged to its account's book directly (the credit it reserved went back
+    there with the lease; see the bound in :mod:`tooti.accounts.leases`). With
+    ``data_dir``, records of :data:`QUARANTINE_FILE` are moved into the table first
+    (the file is renamed ``….imported-<time>``)."""
+    imported = 0
+    if data_dir is not None and (data_dir / QUARANTINE_FILE).exists():
+        imported = await _import_file(db, data_dir / QUARANTINE_FILE)
+    rows = await db.read(lambda tx: tx.all(
+        "SELECT DISTINCT request_id, row_json FROM usage_quarantine ORDER BY request_id"))
+    replayed: list[str] = []
+    already: list[str] = []
+    failed: list[str] = []
+    for request_id, row_json in rows:
+        try:
+            item = _item_of(json.loads(row_json))
+        except (ValueError, KeyError, TypeError) as exc:
+            failed.append(f"{request_id}: unreadable record ({exc})")
+            continue
+
+        def write(tx: Tx, item: _Item = item, raw: str = row_json) -> bool:
+            written = tx.one("SELECT 1 FROM usage WHERE request_id = ?",
+                             (item.request_id,)) is not None
+            commit(tx, [item])
+            tx.run("DELETE FROM usage_quarantine WHERE request_id = ? AND row_json = ?",
+                   (item.request_id, raw))
+            return written
+
+        try:
+            was_written = await db.write(write)
+        except Exception as exc:
+            failed.append(f"{request_id}: {type(exc).__name__}: {exc}")
+            continue
+        (already if was_written else replayed).append(str(request_id))
+    if replayed or already:
+        log.info("credits: replayed %d quarantined requests (%d were written before)",
+                 len(replayed), len(already))
+    return ReplayReport(replayed, already, failed, imported)
+
+
+async def _import_file(db: Database, path: Path) -> int:
+    records: list[tuple[str, float, str, str]] = []
+    now = clock.wall()
+    for line in (await trio.Path(path).read_text()).splitlines():
+        try:
+            entry = json.loads(line)
+            record = str(entry["row"])
+            request_id = str(json.loads(record)["request_id"])
+        except (ValueError, KeyError, TypeError):
+            log.error("credits: an unreadable line of %s is skipped: %.200s", path, line)
+            continue
+        records.append((request_id, now, str(entry.get("error", "")), record))
+    if records:
+        await db.write(lambda tx: tx.many(
+            "INSERT INTO usage_quarantine (request_id, ts, error, row_json) "
+            "VALUES (?, ?, ?, ?)", records))
+    await trio.Path(path).rename(path.with_name(f"{path.name}.imported-{int(now)}"))
+    return len(records)
 
 
 def plugins() -> Mapping[str, Callable[[BillingSetup], Billing]]:

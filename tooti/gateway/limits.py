@@ -78,6 +78,7 @@ from tooti.accounts import quota
 from tooti.accounts.database import Database, Tx
 from tooti.accounts.quota import Period
 from tooti.accounts.records import Caller, Limits
+from tooti.backoff import Backoff
 from tooti.errors import APIError
 
 log = logging.getLogger("tooti.gateway.limits")
@@ -92,6 +93,8 @@ LIVE_FOR = 15.0
 """A gateway seen within this many seconds counts as live (concurrency shares)."""
 PURGE_EVERY = 60.0
 """Seconds between deletions of ended windows' rows."""
+MAX_RETRY = 30.0
+"""Longest wait (seconds) between :meth:`Limiter.run`'s rounds while the database fails."""
 CLOSE_TIMEOUT = 5.0
 """Seconds :meth:`Limiter.run` spends giving chunks back when it ends."""
 NO_LIMITS = Limits()
@@ -446,34 +449,67 @@ class Limiter:
 
     async def run(self) -> None:
         """Charge debts, give back idle chunks, forget idle counters, heartbeat and
-        count live gateways, delete ended windows; at the end, give every chunk back."""
+        count live gateways, delete ended windows; at the end, give every chunk back.
+
+        No database error ends it (it runs in the gateway's nursery): a round that
+        fails is logged and the next one waits a :class:`~tooti.backoff.Backoff` delay
+        (:data:`TICK` doubling to :data:`MAX_RETRY`); a debt or chunk whose write
+        failed stays in its counter for the next round."""
         next_beat = next_purge = clock.now()
+        backoff = Backoff(TICK, MAX_RETRY)
         try:
             while True:
-                await self.tick()
-                if self.db is not None and clock.now() >= next_beat:
-                    next_beat = clock.now() + HEARTBEAT
-                    await self._heartbeat()
-                if self.db is not None and clock.now() >= next_purge:
-                    next_purge = clock.now() + PURGE_EVERY
-                    await self.db.write(partial(quota.purge, wall=self.wall()))
-                await trio.sleep(TICK)
+                delay = TICK
+                try:
+                    await self.tick()
+                    if self.db is not None and clock.now() >= next_beat:
+                        await self._heartbeat()
+                        next_beat = clock.now() + HEARTBEAT
+                    if self.db is not None and clock.now() >= next_purge:
+                        await self.db.write(partial(quota.purge, wall=self.wall()))
+                        next_purge = clock.now() + PURGE_EVERY
+                except Exception as exc:
+                    delay = backoff.next()
+                    log.warning("rate limits: syncing with the database failed (%s: %s); "
+                                "trying again in %.1fs", type(exc).__name__, exc, delay)
+                else:
+                    backoff.reset()
+                await trio.sleep(delay)
         finally:
             with trio.move_on_after(CLOSE_TIMEOUT) as scope:
                 scope.shield = True
-                await self.close()
+                try:
+                    await self.close()
+                except Exception as exc:
+                    log.warning("rate limits: giving chunks back at close failed (%s: %s); "
+                                "they are freed when their windows end",
+                                type(exc).__name__, exc)
 
     async def tick(self) -> None:
-        """One round of :meth:`run`'s periodic work (without the heartbeat)."""
+        """One round of :meth:`run`'s periodic work (without the heartbeat). Raises the
+        first database error, after putting the debt or chunk it was writing back in
+        its counter (nothing is lost; the next round writes it)."""
         wall = self.wall()
         for counter in list(self._counters.values()):
             counter.roll(wall)
             if counter.local < 0:
-                debt, counter.local = -counter.local, 0
-                counter.shared = await self._charge(counter.subject, counter.window, debt)
+                window, debt = counter.window, -counter.local
+                counter.local = 0
+                try:
+                    shared = await self._charge(counter.subject, window, debt)
+                except BaseException:
+                    self._restore(counter, window, -debt)
+                    raise
+                if counter.window == window:
+                    counter.shared = shared
             elif counter.local > 0 and wall - counter.touched >= IDLE_RETURN:
-                amount, counter.local = counter.local, 0
-                await self._release(counter.subject, counter.window, amount)
+                window, amount = counter.window, counter.local
+                counter.local = 0
+                try:
+                    await self._release(counter.subject, window, amount)
+                except BaseException:
+                    self._restore(counter, window, amount)
+                    raise
                 counter.shared -= amount
             length = quota.window_end(counter.period, counter.window) - counter.window
             if (wall - counter.touched >= 2 * length and counter.local == 0
@@ -484,16 +520,33 @@ class Limiter:
                 if quota.window_end(quota.period_of(subject), start) <= wall:
                     del self._memory[subject, start]
 
+    def _restore(self, counter: _Counter, window: int, units: int) -> None:
+        """Put back in ``counter`` what a failed write took out of it: a debt
+        (``units < 0``, still owed, whatever the window now) or an unused chunk
+        (``units > 0``, only while its window lasts: the shared row forgets it then)."""
+        self._counters.setdefault(counter.subject, counter)
+        if units < 0 or counter.window == window:
+            counter.local += units
+
     async def close(self) -> None:
-        """Give every unused chunk back and charge every debt (the gateway is stopping)."""
+        """Give every unused chunk back and charge every debt (the gateway is stopping);
+        every counter is tried, the first error raised after."""
         wall = self.wall()
+        failed: BaseException | None = None
         for counter in list(self._counters.values()):
             counter.roll(wall)
-            amount, counter.local = counter.local, 0
-            if amount > 0:
-                await self._release(counter.subject, counter.window, amount)
-            elif amount < 0:
-                await self._charge(counter.subject, counter.window, -amount)
+            window, amount = counter.window, counter.local
+            counter.local = 0
+            try:
+                if amount > 0:
+                    await self._release(counter.subject, window, amount)
+                elif amount < 0:
+                    await self._charge(counter.subject, window, -amount)
+            except Exception as exc:
+                self._restore(counter, window, amount)
+                failed = failed or exc
+        if failed is not None:
+            raise failed
 
     async def _heartbeat(self) -> None:
         assert self.db is not None

@@ -271,6 +271,7 @@ class Proxy:
             assert out is not None
             info = peer.models.get(model)
             outcome.node_id, outcome.model = peer.id, model
+            outcome.owner = peer.owner
             outcome.price_input = info.price_input if info else 0.0
             outcome.price_output = info.price_output if info else 0.0
             if head is None or (request.stream and head.status == 200 and first is None):
