@@ -26,6 +26,10 @@ docs/accounts.md), each with its own gateway and node:
 * ``tooti-keys-pg`` - the same with ``--database postgresql://...`` on a
   throwaway PostgreSQL cluster (``tests/postgres.py``'s ``cluster(durable=True)``:
   fsync and synchronous_commit on, real commits), stopped at the end.
+  ``--pg-synchronous-commit off`` turns synchronous_commit off for its database
+  (the durability SQLite's ``synchronous=NORMAL`` gives ``tooti-keys``): at c=1
+  each request's settle commit otherwise waits for one WAL flush, the disk's
+  fdatasync time (``pg_test_fsync`` measures it).
 
 Before measuring, the admin HTTP API (``/admin/v1/``) creates an account, tops it
 up with enough credit for every request the run can make at the reservation
@@ -670,10 +674,16 @@ def check_account(target: Target) -> AccountCheck:
 
 
 @contextlib.contextmanager
-def postgres(children: Children, layout: Layout) -> Iterator[tuple[str, int]]:
+def postgres(children: Children, layout: Layout, synchronous_commit: bool = True,
+             ) -> Iterator[tuple[str, int]]:
     """A throwaway durable PostgreSQL cluster (tests/postgres.py: fsync and
     synchronous_commit on), stopped and deleted on exit; yields a fresh database's URL
-    and the postmaster's pid, whose process tree counts as the benchmark's own CPU."""
+    and the postmaster's pid, whose process tree counts as the benchmark's own CPU.
+
+    ``synchronous_commit=False`` sets it off for that database only: a commit returns
+    before its WAL is flushed (fsync stays on: a server crash loses the last few
+    hundred milliseconds of commits, never consistency), the durability SQLite's
+    ``synchronous=NORMAL`` in WAL mode gives the ``tooti-keys`` target."""
     if str(REPO_DIR) not in sys.path:
         sys.path.insert(0, str(REPO_DIR))
     from tests.postgres import PostgresMissing, cluster
@@ -687,10 +697,17 @@ def postgres(children: Children, layout: Layout) -> Iterator[tuple[str, int]]:
                     with contextlib.suppress(OSError):
                         os.sched_setaffinity(pid, layout.database)
             children.adopted.append(postmaster)
-            print(f"PostgreSQL {running.bindir.parent.name} on port {running.port} "
-                  "(durable: fsync and synchronous_commit on)", flush=True)
+            url = running.fresh_database()
+            if not synchronous_commit:
+                import psycopg
+
+                with psycopg.connect(url, autocommit=True) as conn:
+                    conn.execute(f"ALTER DATABASE {url.rsplit('/', 1)[1]} "
+                                 "SET synchronous_commit = off")
+            print(f"PostgreSQL {running.bindir.parent.name} on port {running.port} (fsync on, "
+                  f"synchronous_commit {'on' if synchronous_commit else 'off'})", flush=True)
             try:
-                yield running.fresh_database(), postmaster
+                yield url, postmaster
             finally:
                 children.adopted.remove(postmaster)
     except PostgresMissing as exc:
@@ -1118,6 +1135,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="also measure auth + credits: tooti-keys (--auth keys, SQLite) "
                              "and tooti-keys-pg (--database on a throwaway durable "
                              "PostgreSQL), each against tooti of the same run")
+    parser.add_argument("--pg-synchronous-commit", choices=("on", "off"), default="on",
+                        help="tooti-keys-pg: 'on' (default) waits for each commit's WAL "
+                             "flush; 'off' matches the durability of SQLite's "
+                             "synchronous=NORMAL (fsync stays on either way)")
     parser.add_argument("--chunks", type=int, default=32, help="SSE events per stream")
     parser.add_argument("--max-concurrency", type=int, metavar="N",
                         help="the node backend's max_concurrency (slots per model; default: "
@@ -1214,7 +1235,8 @@ def main(argv: list[str] | None = None) -> int:
                     children, layout, upstream, Path(tmp), args.max_concurrency,
                     name="tooti-keys", keys=True, top_up=top_up)
             if "tooti-keys-pg" in targets:
-                url, postmaster = databases.enter_context(postgres(children, layout))
+                url, postmaster = databases.enter_context(postgres(
+                    children, layout, args.pg_synchronous_commit == "on"))
                 keys_pg = start_tooti(
                     children, layout, upstream, Path(tmp), args.max_concurrency,
                     name="tooti-keys-pg", keys=True, database=url, top_up=top_up)
