@@ -13,7 +13,8 @@ MICROS = 1_000_000
 """Micro-units per credit."""
 MAX_AMOUNT = 10**15
 """The largest amount a top-up, code or budget may be (a billion credits)."""
-_DECIMAL = re.compile(r"(\d{1,10})(?:\.(\d{1,6}))?")
+_DECIMAL = re.compile(r"([0-9]{1,10})(?:\.([0-9]{1,6}))?")
+"""ASCII digits only (``\\d`` would take any Unicode digit: ``"٣"`` is not an amount)."""
 
 
 def parse_credits(text: str) -> int:
