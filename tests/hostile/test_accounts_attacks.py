@@ -32,8 +32,9 @@ from tooti import clock
 from tooti.accounts.credentials import API_KEY, generate, is_api_key
 from tooti.accounts.database import Database, Tx
 from tooti.accounts.directory import MAX_LOOKUPS, KeyDirectory
+from tooti.accounts.journal import FEES, account_book, earnings_book, post
 from tooti.accounts.records import AccountInfo
-from tooti.accounts.service import AccountService
+from tooti.accounts.service import MAX_SELF_SERVICE_KEYS, AccountService
 from tooti.backends.simulated import SimulatedBackend
 from tooti.billing.base import BillingSetup
 from tooti.billing.credits import Credits
@@ -151,11 +152,12 @@ async def test_malformed_bodies_on_every_route_are_400_objects(
                         "content-type": "application/json"})
                     assert response.status_code != 500, (path, label, response.text)
                     assert_error(response, (400, 403, 404))
-                # Over MAX_BODY (64 KiB): 413, read no further. (On a connection of its
-                # own: the gateway closes it after an early 413.)
+                # Over MAX_BODY (64 KiB): 413, read no further, and the connection is
+                # closed saying so (the client's next request goes on a new one).
                 huge = b'{"name": "' + b"a" * (1 << 20) + b'"}'
-                async with env.client(http.headers["authorization"][7:]) as fresh:
-                    assert_error(await fresh.request(method, path, content=huge), 413)
+                too_large = await http.request(method, path, content=huge)
+                assert_error(too_large, 413)
+                assert too_large.headers["connection"] == "close"
     assert [a.id for a in await env.service.list_accounts()] == before
     assert "Traceback" not in caplog.text and operator.id
 
@@ -324,6 +326,44 @@ async def test_a_user_key_reaches_nothing_of_anyone_else(env: Env) -> None:
     assert [i.uses for i in await env.service.list_invites("bobs")] == [invite.uses]
 
 
+async def test_an_operator_sees_only_its_own_earnings(env: Env, database: Database) -> None:
+    a, a_key = await user(env, "op-a", "operator")
+    b, _b_key = await user(env, "op-b", "operator")
+    payer, _ = await user(env, "payer", credit=1_000_000)
+    record_earning(database, payer.id, b.id, "req_b", 5_000, 500)
+    async with env.client(a_key) as http:
+        for query in ("", f"?account={b.id}", "?account=admin", f"?owner={b.id}"):
+            response = await http.get("/v1/me/earnings" + query)
+            assert response.status_code == 200, response.text
+            report = response.json()
+            assert report["account_id"] == a.id
+            assert all(row.get("owner_id", a.id) == a.id
+                       for row in report["report"]["operators"] + report["report"]["nodes"])
+        assert_error(await http.get("/v1/me/earnings?since=NaN"), 400)
+        assert "req_b" not in response.text and b.id not in response.text
+    async with env.client() as admin:  # the admin sees b's earning: the check above bites
+        assert b.id in (await admin.get("/admin/v1/earnings")).text
+
+
+def record_earning(database: Database, payer: str, owner: str, request_id: str,
+                   charged: int, fee: int) -> None:
+    """What the credits plugin writes when a request settles (a usage row and the entry
+    paying the node's owner)."""
+
+    def write(tx: Tx) -> None:
+        tx.run("INSERT INTO usage (request_id, ts, account_id, key_id, model, node_id, "
+               "owner_id, endpoint, stream, prompt_tokens, completion_tokens, estimated, "
+               "price_input, price_output, cost, charged, earned, fee, status, latency_ms) "
+               "VALUES (?, ?, ?, 'k', 'm', 'node-b', ?, 'chat/completions', 0, 10, 20, 0, "
+               "1, 1, ?, ?, ?, ?, 'ok', 1.0)",
+               (request_id, clock.wall(), payer, owner, charged, charged, charged - fee, fee))
+        post(tx, f"settle:{request_id}", "settle",
+             [(account_book(payer), -charged), (earnings_book(owner), charged - fee),
+              (FEES, fee)], request_id=request_id)
+
+    database.write_sync(write)
+
+
 async def test_an_operator_cannot_mint_for_another_operators_group(env: Env) -> None:
     _a, a_key = await user(env, "op-a", "operator")
     b, _b_key = await user(env, "op-b", "operator")
@@ -339,8 +379,41 @@ async def test_an_operator_cannot_mint_for_another_operators_group(env: Env) -> 
         # Its own public token works.
         minted = await http.post("/v1/me/join-tokens", json={"name": "mine"})
         assert minted.status_code == 201, minted.text
+    # A minted join token is neither the admin key nor an API key.
+    async with env.client(minted.json()["token"]) as http:
+        assert_error(await http.get("/admin/v1/accounts"), 401, "invalid_admin_key")
+        assert_error(await http.get("/v1/models"), 401, "invalid_api_key")
+        assert_error(await http.get("/v1/me"), 401, "invalid_api_key")
     assert await env.service.list_join_tokens(b.id) == []
     assert await env.service.list_invites(group.id) == []
+
+
+async def test_self_service_keys_are_capped_even_when_made_at_once(
+        env: Env, database_url: str) -> None:
+    alice, key = await user(env, "alice")
+    for i in range(MAX_SELF_SERVICE_KEYS - 6):  # with "main": 5 short of the cap
+        await env.service.create_key(alice.id, f"k{i}")
+    statuses: list[int] = []
+
+    async def make(http: httpx.AsyncClient) -> None:
+        response = await http.post("/v1/me/keys", json={"name": "burst"})
+        if response.status_code != 201:
+            assert_error(response, 409, "too_many_keys")
+        statuses.append(response.status_code)
+
+    burst = 30
+    async with env.client(key) as http, trio.open_nursery() as nursery:
+        for _ in range(burst):
+            nursery.start_soon(make, http)
+    made = statuses.count(201)
+    active = len([k for k in await env.service.list_keys(alice.id) if k.revoked_at is None])
+    assert active == MAX_SELF_SERVICE_KEYS - 5 + made
+    if not database_url.startswith("postgresql"):
+        assert made == 5  # one writer: the count is exact
+    else:  # the documented bound: concurrent creations pass the cap by at most their number
+        assert 5 <= made <= 5 + burst
+    async with env.client(key) as http:  # once over, every further one is refused
+        assert_error(await http.post("/v1/me/keys", json={}), 409, "too_many_keys")
 
 
 # ------------------------------------------------------------ invite and credit codes
@@ -380,6 +453,14 @@ async def test_invite_codes_race_repeat_expire_and_prefixes(env: Env, database: 
             assert code2 not in response.text
     assert [i.uses for i in await env.service.list_invites("club") if i.id == invite2.id] == [1]
     assert first.id
+
+    # Revoked: 410 revoked, for a new member and (no use left to take) idempotently.
+    code4, invite4 = await env.service.create_invite("club", owner.id, max_uses=5)
+    await env.service.revoke_invite(invite4.id)
+    _other, other_key = await user(env, "other")
+    async with env.client(other_key) as http:
+        assert_error(await http.post("/v1/me/redeem", json={"code": code4}), 410, "revoked")
+        assert (await http.get("/v1/me")).json()["groups"] == []
 
     # Expired: 410 expired (the row's expiry moved into the past).
     code3, invite3 = await env.service.create_invite("club", owner.id, max_uses=5,
@@ -616,7 +697,17 @@ async def test_bad_amounts_are_400_and_move_nothing(env: Env) -> None:
             assert_error(await admin.post("/admin/v1/invites", content=raw), 400)
         for since in ("NaN", "inf", "-inf", "1e400", "9999-99-99", "x" * 5000):
             assert_error(await admin.get(f"/admin/v1/earnings?since={since}"), 400)
-    assert (await env.service.get_account(alice.id)).balance == 1_000_000
+        # An idempotency key reused for another account or amount moves nothing.
+        first = await admin.post("/admin/v1/credits/top-up", json={
+            "account": alice.id, "amount": "2", "idem_key": "once"})
+        assert first.status_code == 200, first.text
+        for body in ({"account": "admin", "amount": "2"}, {"account": alice.id, "amount": "3"}):
+            assert_error(await admin.post("/admin/v1/credits/top-up", json={
+                **body, "idem_key": "once"}), 409, "idempotency_conflict")
+        again = await admin.post("/admin/v1/credits/top-up", json={
+            "account": alice.id, "amount": "2", "idem_key": "once"})
+        assert again.json()["balance_micros"] == 3_000_000
+    assert (await env.service.get_account(alice.id)).balance == 3_000_000
     assert await env.service.list_credit_codes() == []
     assert len(await env.service.list_keys(alice.id)) == 1
 
@@ -651,7 +742,8 @@ async def test_an_enormous_max_tokens_at_the_highest_price_is_402(
     async with env.client() as admin:
         check = (await admin.get("/admin/v1/ledger/check")).json()
     assert check["ok"], check
-    assert (await env.service.get_account(alice.id)).balance <= 10_000_000
+    # Every refusal came before any node was used: nothing was charged at all.
+    assert (await env.service.get_account(alice.id)).balance == 10_000_000
     assert "Traceback" not in caplog.text
 
 

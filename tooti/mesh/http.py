@@ -49,13 +49,17 @@ async def serve_lifespan(receive: Receive, send: Send) -> None:
 async def read_body(scope: Scope, receive: Receive, limit: int, seconds: float = 60.0
                     ) -> bytes:
     """Read the whole request body; APIError(413) past ``limit`` bytes, APIError(408) if
-    it has not all arrived ``seconds`` after the head (a client trickling it in)."""
+    it has not all arrived ``seconds`` after the head (a client trickling it in).
+
+    The 413 says ``connection: close``: the rest of the body is never read, so the
+    connection cannot carry another request, and a keep-alive client must be told (else
+    its next request on that connection fails)."""
     declared = header(scope, b"content-length")
     if declared is not None:
         try:
             if int(declared) > limit:
                 raise APIError(413, f"request body over the {limit}-byte limit",
-                               code="request_too_large")
+                               code="request_too_large", headers={"connection": "close"})
         except ValueError:
             raise APIError(400, "bad content-length header", code="invalid_header") from None
     parts: list[bytes] = []
@@ -70,7 +74,7 @@ async def read_body(scope: Scope, receive: Receive, limit: int, seconds: float =
                 size += len(chunk)
                 if size > limit:
                     raise APIError(413, f"request body over the {limit}-byte limit",
-                                   code="request_too_large")
+                                   code="request_too_large", headers={"connection": "close"})
                 parts.append(chunk)
             if not message.get("more_body", False):
                 return parts[0] if len(parts) == 1 else b"".join(parts)
