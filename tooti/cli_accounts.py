@@ -10,6 +10,8 @@
 * ``tooti earnings [--since T] [--until T] [--export csv|json]`` and
   ``tooti earnings payout ACCOUNT AMOUNT``
 * ``tooti ledger check`` (exit 0 if the ledger balances, 1 with the first violation)
+* ``tooti ledger replay`` (bill the quarantined requests again, idempotently; exit 1 if
+  some are still refused)
 
 Each takes ``--gateway URL`` (default ``$TOOTI_GATEWAY``, else ``http://127.0.0.1:8080``)
 and ``--admin-key K`` (default ``$TOOTI_ADMIN_KEY``; prefer the variable, a flag shows in
@@ -358,6 +360,17 @@ def _ledger_check(c: AdminClient, a: argparse.Namespace) -> int:
     return 0
 
 
+def _ledger_replay(c: AdminClient, a: argparse.Namespace) -> int:
+    answer = c.post("/admin/v1/ledger/replay", {})
+    failed = answer.get("failed") or []
+    emit(a, answer, lambda r: (
+        f"replayed {len(r.get('replayed') or [])} quarantined requests "
+        f"({len(r.get('already') or [])} were billed before), {len(failed)} still refused"))
+    for line in failed[:20]:
+        print(f"tooti: still refused: {_safe(line)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 # ------------------------------------------------------------ the parser
 
 def _run(handler: Handler) -> Callable[[argparse.Namespace], int]:
@@ -517,3 +530,5 @@ def register(commands: Any) -> None:
     ledger = group("ledger", "check the ledger")
     leaf(ledger, "check", "verify the ledger's invariants (exit 1 with the first violation)",
          _ledger_check)
+    leaf(ledger, "replay", "bill the quarantined requests again (idempotent)",
+         _ledger_replay)

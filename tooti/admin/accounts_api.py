@@ -31,6 +31,8 @@ Routes (every one needs the admin key; bodies are JSON objects, unknown fields r
   ``POST /admin/v1/earnings/payouts`` ``{account, amount | amount_micros, idem_key?}``
   (idempotency as for top-ups).
 * ``GET /admin/v1/ledger/check`` → ``{ok, violations, summary}``.
+* ``POST /admin/v1/ledger/replay`` → ``{replayed, already, failed}``: writes the requests
+  in ``usage_quarantine`` again, idempotently (:func:`tooti.billing.credits.replay_quarantine`).
 
 Money: amounts in requests are either ``amount``, a decimal string of credits (``"12.5"``),
 or ``amount_micros``, an integer of micro-units (1 credit = 1,000,000); never a float.
@@ -519,6 +521,7 @@ _ROUTES = [
     _route("GET", "/admin/v1/earnings/export", "export"),
     _route("POST", "/admin/v1/earnings/payouts", "payout"),
     _route("GET", "/admin/v1/ledger/check", "ledger_check"),
+    _route("POST", "/admin/v1/ledger/replay", "ledger_replay"),
 ]
 MOUNTS = ("accounts", "keys", "groups", "invites", "join-tokens", "credits", "earnings",
           "ledger")
@@ -733,3 +736,10 @@ class AccountsAPI:
 
     async def ledger_check(self, scope: Scope, receive: Receive) -> tuple[int, Any]:
         return 200, await ledger_report(self.database)
+
+    async def ledger_replay(self, scope: Scope, receive: Receive) -> tuple[int, Any]:
+        from tooti.billing.credits import replay_quarantine
+
+        report = await replay_quarantine(self.database)
+        return 200, {"replayed": report.replayed, "already": report.already,
+                     "failed": report.failed}
