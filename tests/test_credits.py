@@ -5,21 +5,29 @@ balance, and leases of a killed gateway reconciled at its restart or after expir
 
 from __future__ import annotations
 
+import functools
+import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
+import msgspec
 import pytest
 import trio
+import trio.testing
 
-from tooti.accounts.database import Database, Tx
+from tooti.accounts import leases as leases_module
+from tooti.accounts.database import Database, DatabaseError, Tx
 from tooti.accounts.journal import FEES, ISSUED, InsufficientFunds, balance, post
 from tooti.accounts.leases import LeaseBook
 from tooti.accounts.ledger_check import check, check_report, summary
 from tooti.accounts.money import MICROS
-from tooti.billing.base import BillingSetup, RequestContext, Usage
+from tooti.billing import credits as credits_module
+from tooti.billing.base import BillingSetup, Outcome, RequestContext, Usage
 from tooti.billing.credits import Credits, parse_options
+from tooti.billing.pipeline import usage_from
 from tooti.errors import APIError
 
 ACCOUNT = "acct_alice"
@@ -364,4 +372,319 @@ async def test_leases_are_renewed_while_held(database: Database, tmp_path: Path)
         assert ACCOUNT not in a.leases._current
         await a.settle(ctx("r1", 10_000), usage())
         await a.refund(ctx("r2", 10_000), "failed")
+    assert check(database) == []
+
+
+# ------------------------------------------------------------ review fixes (money side)
+
+
+class Flaky:
+    """A :class:`Database` whose writes (and, while ``down``, reads) fail on demand:
+    ``fail(fn)`` decides per write; ``writes`` counts the writes of a lease growing."""
+
+    def __init__(self, db: Database, fail: Callable[[Any], bool] = lambda fn: False) -> None:
+        self.db = db
+        self.fail = fail
+        self.down = False
+        self.writes = 0
+
+    async def write(self, fn: Callable[[Tx], Any]) -> Any:
+        if "_grow" in getattr(fn, "__qualname__", ""):
+            self.writes += 1
+        if self.down or self.fail(fn):
+            raise DatabaseError("the database is away")
+        return await self.db.write(fn)
+
+    async def read(self, fn: Callable[[Tx], Any]) -> Any:
+        if self.down:
+            raise DatabaseError("the database is away")
+        return await self.db.read(fn)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.db, name)
+
+
+def is_settle_batch(fn: Any) -> bool:
+    return isinstance(fn, functools.partial) and fn.func is credits_module.commit
+
+
+def holds(credits: Credits) -> int:
+    return sum(lease.holds for lease in credits.leases._leases.values())
+
+
+def quarantine_rows(db: Database) -> list[str]:
+    return [row[0] for row in db.read_sync(lambda tx: tx.all(
+        "SELECT request_id FROM usage_quarantine ORDER BY request_id"))]
+
+
+async def test_an_outage_keeps_settles_in_memory_until_written(
+    database: Database, tmp_path: Path, autojump_clock: trio.testing.MockClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Finding 3: while the database is away, settles wait in memory (retried with
+    backoff) instead of being quarantined as free requests; a settle cut off by its
+    caller's timeout, even past the queue's bound, is still written and its reservation
+    released; past the bound new requests are refused (503), not served unbilled."""
+    monkeypatch.setattr(credits_module, "QUEUE", 2)
+    open_account(database)
+    async with running(database, tmp_path) as credits:
+        flaky = Flaky(database)
+        credits.db = cast(Database, flaky)
+        for i in range(3):
+            await credits.authorize(ctx(f"r{i}", 10_000))
+        flaky.down = True
+        for i in range(3):  # each settle cut off (the pipeline's SETTLE_TIMEOUT)
+            with trio.move_on_after(5):
+                await credits.settle(ctx(f"r{i}", 10_000), usage())
+        assert credits.backlog == 3
+        with pytest.raises(APIError) as refused:
+            await credits.authorize(ctx("r3", 10_000))
+        assert (refused.value.status, refused.value.code) == (503, "billing_unavailable")
+        assert usage_rows(database) == {}
+        flaky.down = False
+        await credits.flush()
+        assert credits.backlog == 0
+        assert holds(credits) == 0  # every reservation released once written
+    rows = usage_rows(database)
+    assert sorted(rows) == ["r0", "r1", "r2"]
+    assert all(row[:3] == ("ok", 4000, 4000) for row in rows.values())
+    assert quarantine_rows(database) == []
+    assert not (tmp_path / credits_module.QUARANTINE_FILE).exists()
+    assert book(database, f"account:{ACCOUNT}") == 10 * MICROS - 3 * 4000
+    assert check(database) == []
+
+
+async def test_quarantined_settles_fail_the_check_and_replay_once(
+    database: Database, tmp_path: Path, autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Finding 3: a request the database keeps refusing (while it answers) is
+    quarantined; ``ledger check`` reports it; the replay bills it exactly once (a second
+    replay, or a replay of a row written meanwhile, moves nothing)."""
+    open_account(database)
+    open_account(database, "acct_op", credit=0)
+    async with running(database, tmp_path, fee_bps=1000) as credits:
+        flaky = Flaky(database, is_settle_batch)
+        credits.db = cast(Database, flaky)
+        await credits.authorize(ctx("r1", 10_000))
+        await credits.settle(ctx("r1", 10_000), usage(node="node-a"))
+        credits.db = database
+        assert holds(credits) == 0
+    assert quarantine_rows(database) == ["r1"]
+    assert "r1" not in usage_rows(database)
+    violations = check(database)
+    assert violations[0].startswith("quarantined requests, not billed yet (run tooti ledger "
+                                    "replay): r1 (DatabaseError: the database is away)")
+    # The lease went back with r1's credit: the replay charges the account directly.
+    assert book(database, f"account:{ACCOUNT}") == 10 * MICROS
+    report = await credits_module.replay_quarantine(database)
+    assert (report.replayed, report.already, report.failed) == (["r1"], [], [])
+    assert usage_rows(database)["r1"] == ("ok", 4000, 4000, 3600, 400, "admin")
+    assert book(database, f"account:{ACCOUNT}") == 10 * MICROS - 4000
+    assert check(database) == []
+    again = await credits_module.replay_quarantine(database)
+    assert (again.replayed, again.already, again.failed) == ([], [], [])
+    # A row quarantined although it was written (the commit's answer was lost):
+    row_json = json.dumps({**dict(zip(credits_module.COLUMNS,
+                                      database.read_sync(lambda tx: tx.one(
+                                          f"SELECT {', '.join(credits_module.COLUMNS)} "
+                                          "FROM usage WHERE request_id = 'r1'")),
+                                      strict=True))})
+    database.write_sync(lambda tx: tx.run(
+        "INSERT INTO usage_quarantine (request_id, ts, error, row_json) VALUES "
+        "('r1', 0, 'lost answer', ?)", (row_json,)))
+    third = await credits_module.replay_quarantine(database)
+    assert (third.replayed, third.already) == ([], ["r1"])
+    assert book(database, f"account:{ACCOUNT}") == 10 * MICROS - 4000
+    assert quarantine_rows(database) == []
+    assert check(database) == []
+
+
+async def test_the_quarantine_file_is_replayed_too(
+    database: Database, tmp_path: Path, autojump_clock: trio.testing.MockClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Closing while the database takes nothing (not even the quarantine table): the
+    request goes to usage-quarantine.jsonl, and the replay imports and bills it."""
+    monkeypatch.setattr(credits_module, "FLUSH_TIMEOUT", 3.0)
+    open_account(database)
+    credits_db = Flaky(database)
+    async with running(database, tmp_path) as credits:
+        await credits.authorize(ctx("r1", 10_000))
+        credits.db = cast(Database, credits_db)
+        credits_db.down = True
+        with trio.move_on_after(1):
+            await credits.settle(ctx("r1", 10_000), usage())
+    lines = (tmp_path / credits_module.QUARANTINE_FILE).read_text().splitlines()
+    assert len(lines) == 1 and "r1" in lines[0]
+    report = await credits_module.replay_quarantine(database, tmp_path)
+    assert (report.imported, report.replayed) == (1, ["r1"])
+    assert not (tmp_path / credits_module.QUARANTINE_FILE).exists()
+    assert usage_rows(database)["r1"][:3] == ("ok", 4000, 4000)
+    assert book(database, f"account:{ACCOUNT}") == 10 * MICROS - 4000
+    assert check(database) == []
+
+
+async def test_a_402_costs_one_write_then_none_for_a_second(
+    database: Database, tmp_path: Path, mock_clock: trio.testing.MockClock,
+) -> None:
+    """Finding 7: a short balance is final (not retried) and remembered for SHORT_TTL;
+    a smaller request still tries, and credit_changed forgets it at once."""
+    open_account(database, credit=3000)
+    async with running(database, tmp_path) as credits:
+        flaky = Flaky(database)
+        credits.leases.db = cast(Database, flaky)
+        for _ in range(5):
+            with pytest.raises(APIError) as refused:
+                await credits.authorize(ctx("r1", 5000))
+            assert refused.value.status == 402
+        assert flaky.writes == 1
+        await credits.authorize(ctx("r2", 2000))  # fits: goes to the database
+        assert flaky.writes == 2
+        await credits.refund(ctx("r2", 2000), "failed")
+        with pytest.raises(APIError):
+            await credits.authorize(ctx("r3", 5000))
+        assert flaky.writes == 3
+        open_account(database, credit=5000)  # a top-up
+        with pytest.raises(APIError):  # still remembered as short ...
+            await credits.authorize(ctx("r4", 5000))
+        assert flaky.writes == 3
+        credits.credit_changed(ACCOUNT)  # ... until told
+        await credits.authorize(ctx("r4", 5000))
+        assert flaky.writes == 4
+        await credits.refund(ctx("r4", 5000), "failed")
+        with pytest.raises(APIError):
+            await credits.authorize(ctx("r5", 50_000))
+        assert flaky.writes == 5
+        mock_clock.jump(leases_module.SHORT_TTL / 2)
+        with pytest.raises(APIError):
+            await credits.authorize(ctx("r6", 50_000))
+        assert flaky.writes == 5
+        mock_clock.jump(leases_module.SHORT_TTL / 2)  # forgotten after SHORT_TTL
+        with pytest.raises(APIError):
+            await credits.authorize(ctx("r7", 50_000))
+        assert flaky.writes == 6
+    assert check(database) == []
+
+
+async def test_the_serving_peers_owner_earns_and_no_default_is_cached(
+    database: Database, tmp_path: Path,
+) -> None:
+    """Finding 8: the owner the gateway knew at settle time earns (no node_owners row
+    needed yet); without one, a row written after the node's first request counts."""
+    open_account(database)
+    for operator in ("acct_op", "acct_op2"):
+        open_account(database, operator, credit=0)
+    async with running(database, tmp_path) as credits:
+        await credits.authorize(ctx("r1", 10_000))
+        await credits.settle(ctx("r1", 10_000), msgspec.structs.replace(
+            usage(node="node-new"), owner="acct_op"))
+        await credits.authorize(ctx("r2", 10_000))
+        await credits.settle(ctx("r2", 10_000), usage(node="node-x"))  # no row: admin
+        database.write_sync(lambda tx: tx.run(
+            "INSERT INTO node_owners (node_id, account_id, bound_at) "
+            "VALUES ('node-x', 'acct_op2', 0)"))
+        await credits.authorize(ctx("r3", 10_000))
+        await credits.settle(ctx("r3", 10_000), usage(node="node-x"))
+    rows = usage_rows(database)
+    assert [rows[r][5] for r in ("r1", "r2", "r3")] == ["acct_op", "admin", "acct_op2"]
+    assert book(database, "earnings:acct_op") == 4000
+    assert book(database, "earnings:acct_op2") == 4000
+    assert book(database, "earnings:admin") == 4000
+    assert check(database) == []
+
+
+async def test_the_proxy_hands_the_peers_owner_to_billing() -> None:
+    outcome = Outcome(served=True, node_id="node-a", model="m", owner="acct_op",
+                      status="ok")
+    assert usage_from(outcome, 100, 0.0).owner == "acct_op"
+
+
+class Recorder:
+    """A Tx that records every statement it runs."""
+
+    def __init__(self, tx: Tx, log: list[str]) -> None:
+        self._tx = tx
+        self._log = log
+
+    def run(self, sql: str, params: Any = ()) -> int:
+        self._log.append(f"{sql} {params}")
+        return self._tx.run(sql, params)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tx, name)
+
+
+async def test_reconciling_locks_every_lease_before_any_book(database: Database) -> None:
+    """Finding 13: closing several leases locks all their rows (in id order) before any
+    book, the order settle batches lock in (else PostgreSQL can deadlock them)."""
+    now = [1_000_000.0]
+    for account in ("acct_a", "acct_b"):
+        open_account(database, account)
+    killed = LeaseBook(database, "gw-a", ttl=10, wall=lambda: now[0])
+    for account in ("acct_a", "acct_b"):
+        await killed.reserve(account, 5000)
+    lease_ids = sorted(lease.id for lease in killed._leases.values())
+    now[0] += 60
+    statements: list[str] = []
+    real_write = database.write
+
+    async def recording(fn: Callable[[Tx], Any]) -> Any:
+        return await real_write(lambda tx: fn(cast(Tx, Recorder(tx, statements))))
+
+    other = LeaseBook(database, "gw-b", ttl=10, wall=lambda: now[0])
+    other.db = cast(Database, SimpleNamespace(write=recording))
+    assert sorted(await other.reconcile_expired()) == lease_ids
+    first_book = next(i for i, sql in enumerate(statements)
+                      if "books" in sql or "journal" in sql)
+    locked = [i for i, sql in enumerate(statements)
+              if sql.startswith("UPDATE leases") and any(lid in sql for lid in lease_ids)]
+    assert {lid for i in locked[:2] for lid in lease_ids if lid in statements[i]} == set(
+        lease_ids)
+    assert locked[1] < first_book
+    assert [lid for lid in lease_ids if lid in statements[locked[0]]] == lease_ids[:1]
+    assert check(database) == []
+
+
+async def test_a_renewal_without_new_credit_posts_no_empty_entry(
+    database: Database, autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Finding 16: a lease past its deadline that still covers the request is renewed
+    without a journal entry (there was one without lines)."""
+    open_account(database)
+    leases = LeaseBook(database, "gw-a", ttl=3)
+    first = await leases.reserve(ACCOUNT, 100)
+    leases.release(first, 0)
+    await trio.sleep(3)  # past the local deadline (2/3 ttl), no renewal running
+    await leases.reserve(ACCOUNT, 100)
+    assert database.read_sync(lambda tx: tx.value(
+        "SELECT COUNT(*) FROM journal j WHERE NOT EXISTS "
+        "(SELECT 1 FROM journal_lines l WHERE l.entry_id = j.id)")) == 0
+    assert database.read_sync(lambda tx: tx.value(
+        "SELECT COUNT(*) FROM journal WHERE kind = 'lease'")) == 1
+    await leases.close()
+    assert check(database) == []
+
+
+def test_lease_credits_is_never_a_float() -> None:
+    with pytest.raises(ValueError, match="not a float"):
+        parse_options({"lease_credits": 0.5})
+    assert parse_options({"lease_credits": "0.5"})[1] == 500_000
+
+
+async def test_a_quarantine_file_is_imported_at_start(
+    database: Database, tmp_path: Path,
+) -> None:
+    """What a previous run could only write to usage-quarantine.jsonl reaches the table
+    when the plugin starts, so the ledger check and the admin API's replay see it."""
+    record = {column: 0 for column in credits_module.COLUMNS}
+    record.update(request_id="r9", account_id="", key_id="k", model="m", node_id="",
+                  owner_id="", endpoint="e", lease_id="", status="failed")
+    (tmp_path / credits_module.QUARANTINE_FILE).write_text(
+        json.dumps({"error": "disk", "row": json.dumps(record)}) + "\n")
+    async with running(database, tmp_path) as credits:
+        await credits.flush()
+    assert quarantine_rows(database) == ["r9"]
+    assert not (tmp_path / credits_module.QUARANTINE_FILE).exists()
+    report = await credits_module.replay_quarantine(database)
+    assert report.replayed == ["r9"] and usage_rows(database)["r9"][0] == "failed"
     assert check(database) == []

@@ -14,7 +14,7 @@ import pytest
 from tests.test_credits import ACCOUNT, ctx, open_account, running, usage
 from tooti.accounts import earnings
 from tooti.accounts.database import Database, Tx
-from tooti.accounts.journal import PAYOUTS, earnings_book, post
+from tooti.accounts.journal import ISSUED, PAYOUTS, earnings_book, post
 from tooti.accounts.ledger_check import check, check_report, summary
 from tooti.accounts.money import MICROS
 
@@ -151,3 +151,119 @@ async def test_tooti_usage_reads_the_accounts_database(
     lines = capsys.readouterr().out.splitlines()
     assert lines[2].split() == ["node-a", "2", "2000", "2000", "0.008", "0.008"]
     assert lines[3].split() == ["node-b", "1", "1000", "1000", "0.004", "0.004"]
+
+
+# ------------------------------------------------------------ review finding 11
+
+
+def forge(db: Database, idem_key: str, kind: str, lines: list[tuple[str, int]],
+          request_id: str = "") -> None:
+    """A balanced entry written through the journal (so only the new checks can see it)."""
+    db.write_sync(lambda tx: post(tx, idem_key, kind, lines, request_id=request_id))
+
+
+async def test_issued_moves_only_through_top_ups_and_codes(
+        database: Database, tmp_path: Path) -> None:
+    await settled_ledger(database, tmp_path)
+    forge(database, "gift:1", "settle", [(ISSUED, -700), (f"account:{ACCOUNT}", 700)])
+    assert "entries moving issued credit that are not top-ups or codes: gift:1 (settle) " \
+        "moves -700" in check(database)
+
+
+async def test_credit_codes_and_their_entries_match(database: Database, tmp_path: Path) -> None:
+    await settled_ledger(database, tmp_path)
+
+    def codes(tx: Tx) -> None:
+        for code_id, redeemed in (("cc_a", ACCOUNT), ("cc_b", ACCOUNT), ("cc_c", None)):
+            tx.run("INSERT INTO credit_codes (id, prefix, hash, amount, created_by, "
+                   "created_at, redeemed_by) VALUES (?, 'tc', ?, 500, 'admin', 0, ?)",
+                   (code_id, code_id, redeemed))
+
+    database.write_sync(codes)
+    forge(database, "code:cc_a", "code", [(ISSUED, -500), (f"account:{ACCOUNT}", 500)])
+    forge(database, "code:cc_b", "code", [(ISSUED, -900), (f"account:{ACCOUNT}", 900)])
+    forge(database, "code:cc_c", "code", [(ISSUED, -500), (f"account:{ACCOUNT}", 500)])
+    violations = check(database)
+    assert ("redeemed credit codes without exactly one entry of their amount: cc_b of 500: "
+            "1 entries crediting 900") in violations
+    assert "code entries without a redeemed code: code:cc_c" in violations
+    assert not any("cc_a" in v for v in violations)
+
+
+async def test_a_lease_amount_must_match_its_entries(database: Database, tmp_path: Path) -> None:
+    open_account(database)
+    async with running(database, tmp_path, close=False) as credits:
+        await credits.authorize(ctx("r1", 10_000))
+        lease = credits.leases._current[ACCOUNT].id
+    assert check(database) == []
+    database.write_sync(lambda tx: tx.run("UPDATE leases SET amount = amount + 1"))
+    assert check(database) == [f"leases whose amount is not what their lease entries "
+                               f"credited: {lease} amount {MICROS + 1}, entries {MICROS}"]
+
+
+async def test_a_settle_must_pay_its_rows_owner(database: Database, tmp_path: Path) -> None:
+    await settled_ledger(database, tmp_path)  # r0 on node-a: earned 3600 by acct_op
+    database.write_sync(lambda tx: tx.run(
+        "UPDATE usage SET owner_id = 'acct_x' WHERE request_id = 'r0'"))
+    assert check(database) == [
+        "settle entries not paying their request's owner its earnings and fee: r0: earned "
+        "3600 + fee 400 for acct_x, its entry pays 0 to the owner, 400 to fees, 4000 in all"]
+
+
+async def test_a_quarantined_request_is_a_violation(database: Database, tmp_path: Path) -> None:
+    await settled_ledger(database, tmp_path)
+    database.write_sync(lambda tx: tx.run(
+        "INSERT INTO usage_quarantine (request_id, ts, error, row_json) "
+        "VALUES ('r5', 0, 'OperationalError: locked', '{}')"))
+    assert check(database) == ["quarantined requests, not billed yet (run tooti ledger "
+                               "replay): r5 (OperationalError: locked)"]
+
+
+def settle_direct(tx: Tx, request_id: str, account: str, lease_id: str, amount: int) -> None:
+    """A settle charged to the account book (its lease was found closed), by hand."""
+    tx.run("INSERT INTO usage (request_id, ts, account_id, key_id, model, node_id, "
+           "owner_id, endpoint, stream, prompt_tokens, completion_tokens, estimated, "
+           "price_input, price_output, cost, charged, earned, fee, lease_id, status, "
+           "latency_ms) VALUES (?, 0, ?, 'k', 'm', 'n', 'admin', 'e', 0, 1, 1, 0, 1, 1, "
+           "?, ?, ?, 0, ?, 'ok', 0)", (request_id, account, amount, amount, amount, lease_id))
+    post(tx, f"settle:{request_id}", "settle",
+         [(f"account:{account}", -amount), (earnings_book("admin"), amount)],
+         request_id=request_id)
+
+
+async def test_the_overdraft_allowance_is_what_a_reconciled_lease_returned(
+        database: Database) -> None:
+    """Settles charged to the account book directly (their lease was reconciled) may
+    overdraw it only within what that lease's release returned — not by everything
+    direct settles ever charged."""
+    # A direct settle on a lease that returned nothing explains no overdraft.
+    open_account(database, "acct_bob", credit=0)
+    database.write_sync(lambda tx: settle_direct(tx, "r0", "acct_bob", "lease_none", 700))
+    assert check(database) == [
+        "accounts below zero: account:acct_bob holds -700",
+        "settles charged directly beyond what their reconciled lease returned: "
+        "lease_none charged 700, its release returned 0"]
+    database.write_sync(lambda tx: post(tx, "topup:bob", "topup", [
+        (ISSUED, -700), ("account:acct_bob", 700)]))
+
+    open_account(database, credit=0)
+
+    def reconciled(tx: Tx) -> None:
+        # lease_a returned 3000 to the account; then another lease took all of it.
+        post(tx, "topup:t", "topup", [(ISSUED, -3000), ("lease:lease_a", 3000)])
+        post(tx, "release:lease_a", "release",
+             [("lease:lease_a", -3000), (f"account:{ACCOUNT}", 3000)])
+        post(tx, "lease:lease_b:1", "lease",
+             [(f"account:{ACCOUNT}", -3000), ("lease:lease_b", 3000)])
+
+    database.write_sync(reconciled)
+    database.write_sync(lambda tx: settle_direct(tx, "r1", ACCOUNT, "lease_a", 2500))
+    report = check_report(database)
+    assert [v for v in report.violations if ACCOUNT in v or "lease_a" in v] == []
+    assert report.warnings[0].startswith(f"account:{ACCOUNT} holds -2500")
+    database.write_sync(lambda tx: settle_direct(tx, "r2", ACCOUNT, "lease_a", 1000))
+    assert [v for v in check(database) if ACCOUNT in v or "lease_a" in v] == [
+        f"accounts below zero: account:{ACCOUNT} holds -3500",
+        "settles charged directly beyond what their reconciled lease returned: "
+        "lease_a charged 3500, its release returned 3000; lease_none charged 700, its "
+        "release returned 0"]

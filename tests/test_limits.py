@@ -9,17 +9,17 @@ from __future__ import annotations
 import calendar
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import trio
 import trio.testing
 
 from tooti.accounts import quota
-from tooti.accounts.database import Database
+from tooti.accounts.database import Database, DatabaseError
 from tooti.accounts.records import Caller, Limits
 from tooti.errors import APIError
-from tooti.gateway.limits import Limiter, Ticket, format_reset
+from tooti.gateway.limits import IDLE_RETURN, Limiter, Ticket, format_reset
 
 T0 = float(calendar.timegm((2026, 3, 10, 12, 0, 0)))
 """A minute boundary: the tests' wall clock starts here and moves with trio's clock."""
@@ -401,3 +401,76 @@ async def test_an_admit_cancelled_while_claiming_gives_back_its_slot(database: D
     assert scope.cancelled_caught
     ticket = await admit(lim, who)  # the slot was given back
     await lim.finish(ticket, tokens=0, cost=0)
+
+
+# ------------------------------------------------------------ a failing database
+
+
+class FlakyWrites:
+    """The database, with its next ``failures`` writes refused."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.failures = 0
+        self.refused = 0
+        self.written = 0
+        self.wrote = trio.Event()
+
+    async def write(self, fn: Any) -> Any:
+        if self.failures:
+            self.failures -= 1
+            self.refused += 1
+            raise DatabaseError("the database is away (failover)")
+        result = await self.db.write(fn)
+        self.written += 1
+        self.wrote.set()
+        self.wrote = trio.Event()
+        return result
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.db, name)
+
+
+async def test_run_survives_database_errors_and_keeps_the_debt(
+    database: Database, autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Finding 2: a database error in run() used to end it (and the gateway with it), and
+    tick() zeroed a debt before charging it, so a failed charge lost it. Now each round
+    is retried with backoff and the debt is charged once the database is back."""
+    flaky = FlakyWrites(database)
+    lim = Limiter(cast(Database, flaky), "gw-a", wall=wall)
+    who = caller(key=Limits(tpm=1000))
+    ticket = await admit(lim, who, tokens=10)  # claims a chunk of 100, holds 10
+    await lim.finish(ticket, tokens=500, cost=0)  # 490 beyond the estimate: a debt
+    flaky.failures, flaky.written = 3, 0
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lim.run)
+        # (No fail_after: trio's autojump clock would jump to its deadline while a
+        # database call runs in its thread.) run()'s backoff: 1 + 2 + 4 virtual seconds.
+        while flaky.written < 2:  # the debt's charge, then the heartbeat
+            await flaky.wrote.wait()
+        assert flaky.refused == 3
+        assert database.read_sync(lambda tx: tx.value(
+            "SELECT COUNT(*) FROM gateways WHERE id = 'gw-a'")) == 1
+        nursery.cancel_scope.cancel()
+    assert database.read_sync(lambda tx: tx.value(
+        "SELECT SUM(used) FROM quota_windows WHERE subject = 'key:key_1:tpm'")) == 500
+
+
+async def test_a_chunk_whose_release_fails_is_kept(
+    database: Database, autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Finding 2: an idle chunk whose release fails stays in the counter (given back by
+    a later round, or at close), not forgotten with the shared row still counting it."""
+    flaky = FlakyWrites(database)
+    lim = Limiter(cast(Database, flaky), "gw-a", wall=wall)
+    who = caller(key=Limits(rpm=100))
+    await admit(lim, who)  # claims 10, uses 1
+    await trio.sleep(IDLE_RETURN)
+    flaky.failures = 1
+    with pytest.raises(DatabaseError):
+        await lim.tick()
+    assert lim._counters["key:key_1:rpm"].local == 9
+    await lim.close()
+    assert database.read_sync(lambda tx: tx.value(
+        "SELECT used FROM quota_windows WHERE subject = 'key:key_1:rpm'")) == 1

@@ -129,6 +129,8 @@ COLUMNS = ("request_id", "ts", "account_id", "key_id", "model", "node_id", "owne
 INSERT = (f"INSERT INTO usage ({', '.join(COLUMNS)}) VALUES "
           f"({', '.join('?' * len(COLUMNS))}) ON CONFLICT (request_id) DO NOTHING")
 OWNER = COLUMNS.index("owner_id")
+QUARANTINE_INSERT = ("INSERT INTO usage_quarantine (request_id, ts, error, row_json) "
+                     "VALUES (?, ?, ?, ?)")
 
 
 class CreditsOptions(msgspec.Struct, frozen=True):
@@ -205,6 +207,7 @@ class Credits:
             if self._own_db:
                 self.db.close()
             raise
+        self._import_quarantine_file()
         self._reserved: dict[str, Reservation] = {}
         self._pending: deque[_Item] = deque()
         """Requests not written yet, oldest first (those being retried at the front)."""
@@ -230,6 +233,31 @@ class Credits:
                     backoff.reset()
                 else:
                     await trio.sleep(backoff.next())
+
+    def credit_changed(self, account_id: str | None = None) -> None:
+        """Credit reached ``account_id`` (None: any account) through this gateway, e.g.
+        a top-up: its next request asks the database again instead of being refused
+        from memory (see :meth:`tooti.accounts.leases.LeaseBook.credit_changed`)."""
+        self.leases.credit_changed(account_id)
+
+    def _import_quarantine_file(self) -> None:
+        """Move the records a previous run left in :data:`QUARANTINE_FILE` (its database
+        took nothing) into ``usage_quarantine``, where the ledger check reports them and
+        the replay finds them; a failure is logged (the file stays for the next start)."""
+        path = self.data_dir / QUARANTINE_FILE
+        if not path.exists():
+            return
+        try:
+            records = _file_records(path.read_text(encoding="utf-8"), path)
+            if records:
+                self.db.write_sync(lambda tx: tx.many(QUARANTINE_INSERT, records))
+            path.rename(path.with_name(f"{path.name}.imported-{int(clock.wall())}"))
+        except Exception as exc:
+            log.error("credits: could not import %s (%s: %s); it stays for the next start",
+                      path, type(exc).__name__, exc)
+            return
+        log.warning("credits: %d quarantined requests of %s moved to usage_quarantine; "
+                    "tooti ledger replay bills them", len(records), path)
 
     @property
     def backlog(self) -> int:
@@ -414,8 +442,7 @@ class Credits:
         now = clock.wall()
         try:
             await self.db.write(lambda tx: tx.many(
-                "INSERT INTO usage_quarantine (request_id, ts, error, row_json) "
-                "VALUES (?, ?, ?, ?)", [(rid, now, reason, rec) for rid, rec in records]))
+                QUARANTINE_INSERT, [(rid, now, reason, rec) for rid, rec in records]))
             return
         except Exception as exc:
             log.error("credits: the quarantine table refused %d requests (%s)",
@@ -564,10 +591,11 @@ async def replay_quarantine(db: Database, data_dir: Path | None = None) -> Repla
     return ReplayReport(replayed, already, failed, imported)
 
 
-async def _import_file(db: Database, path: Path) -> int:
+def _file_records(text: str, path: Path) -> list[tuple[str, float, str, str]]:
+    """The ``usage_quarantine`` rows of :data:`QUARANTINE_FILE`'s lines."""
     records: list[tuple[str, float, str, str]] = []
     now = clock.wall()
-    for line in (await trio.Path(path).read_text()).splitlines():
+    for line in text.splitlines():
         try:
             entry = json.loads(line)
             record = str(entry["row"])
@@ -576,11 +604,14 @@ async def _import_file(db: Database, path: Path) -> int:
             log.error("credits: an unreadable line of %s is skipped: %.200s", path, line)
             continue
         records.append((request_id, now, str(entry.get("error", "")), record))
+    return records
+
+
+async def _import_file(db: Database, path: Path) -> int:
+    records = _file_records(await trio.Path(path).read_text(encoding="utf-8"), path)
     if records:
-        await db.write(lambda tx: tx.many(
-            "INSERT INTO usage_quarantine (request_id, ts, error, row_json) "
-            "VALUES (?, ?, ?, ?)", records))
-    await trio.Path(path).rename(path.with_name(f"{path.name}.imported-{int(now)}"))
+        await db.write(lambda tx: tx.many(QUARANTINE_INSERT, records))
+    await trio.Path(path).rename(path.with_name(f"{path.name}.imported-{int(clock.wall())}"))
     return len(records)
 
 
