@@ -91,19 +91,30 @@ def cluster(durable: bool = False) -> Iterator[Cluster]:
     if user is not None:
         shutil.chown(root, user)
     data = root / "data"
-    port = _free_port()
-    settings = [f"-p {port}", f"-k {root}", "-c listen_addresses=127.0.0.1",
-                "-c max_connections=200", "-c shared_buffers=64MB"]
-    if not durable:
-        settings += ["-c fsync=off", "-c synchronous_commit=off", "-c full_page_writes=off"]
     try:
         _run([str(bindir / "initdb"), "-D", str(data), "-U", "tooti", "-A", "trust",
               "--no-sync", "-E", "UTF8", "--locale=C"], user)
-        _run([str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "log"), "-w",
-              "-t", "60", "-o", " ".join(settings), "start"], user)
     except subprocess.CalledProcessError as exc:
         shutil.rmtree(root, ignore_errors=True)
-        raise RuntimeError(f"starting PostgreSQL failed: {exc.stderr.decode()[-2000:]}") from None
+        raise RuntimeError(f"initdb failed: {exc.stderr.decode()[-2000:]}") from None
+    for attempt in range(3):  # a free port can be taken by another process meanwhile
+        port = _free_port()
+        settings = [f"-p {port}", f"-k {root}", "-c listen_addresses=127.0.0.1",
+                    "-c max_connections=100", "-c shared_buffers=64MB"]
+        if not durable:
+            settings += ["-c fsync=off", "-c synchronous_commit=off",
+                         "-c full_page_writes=off"]
+        try:
+            _run([str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "log"), "-w",
+                  "-t", "60", "-o", " ".join(settings), "start"], user)
+            break
+        except subprocess.CalledProcessError as exc:
+            if attempt == 2:
+                log = (root / "log").read_text(errors="replace")[-2000:] \
+                    if (root / "log").exists() else ""
+                shutil.rmtree(root, ignore_errors=True)
+                raise RuntimeError(f"starting PostgreSQL failed: "
+                                   f"{exc.stderr.decode()[-1000:]}\n{log}") from None
     try:
         yield Cluster(root, port, bindir, user)
     finally:
