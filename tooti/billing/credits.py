@@ -118,7 +118,7 @@ FLUSH_TIMEOUT = 10.0
 RETRY_BASE = 0.1
 RETRY_CAP = 5.0
 """Backoff (seconds) between attempts at a batch the database refused."""
-POISON_ATTEMPTS = 3
+POISON_ATTEMPTS = 5
 """Times a request the database refuses on its own, while it answers, is tried before
 it is quarantined (a value no database takes)."""
 
