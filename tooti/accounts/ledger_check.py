@@ -19,7 +19,9 @@ the exit status); an empty list means the ledger balances:
    :mod:`tooti.accounts.leases`). The allowance is, per closed lease of the account,
    the lesser of what those settles charged the account book and what the lease's
    ``release:<lease>`` entry returned to it; within it the balance is a *warning*
-   (:func:`check_report`), beyond it a violation;
+   (:func:`check_report`), beyond it a violation. And per lease, what its requests
+   charged the account book directly is at most what its release returned (the bound
+   itself);
 7. a closed lease holds zero, an open lease is not negative, and every lease's
    ``amount`` is what its ``lease`` entries credited its book;
 8. every usage row with ``charged > 0`` has exactly one ``settle:<request id>`` entry
@@ -122,6 +124,9 @@ def _check(tx: Tx) -> Report:
         else:
             unexplained.append((book, held))
     out += _listed("accounts below zero", unexplained, "{0} holds {1}")
+    out += _listed("settles charged directly beyond what their reconciled lease returned",
+                   _direct_beyond_release(tx),
+                   "{0} charged {1}, its release returned {2}")
     out += _listed("closed leases holding credit", tx.all(
         "SELECT l.id, b.balance FROM leases l JOIN books b ON b.book = 'lease:' || l.id "
         "WHERE l.closed_at IS NOT NULL AND b.balance <> 0 ORDER BY l.id"), "{0} holds {1}")
@@ -176,6 +181,31 @@ def _check(tx: Tx) -> Report:
     return Report(out, warnings)
 
 
+def _direct_beyond_release(tx: Tx) -> list[tuple[str, int, int]]:
+    """Leases whose requests charged their account's book directly (the lease was found
+    closed) more than the lease's release returned to that account: the bound of
+    :mod:`tooti.accounts.leases` broken."""
+    rows = tx.all(
+        "SELECT u.lease_id, u.account_id, -SUM(l.amount) FROM usage u JOIN journal j "
+        "ON j.idem_key = 'settle:' || u.request_id JOIN journal_lines l "
+        "ON l.entry_id = j.id AND l.book = 'account:' || u.account_id "
+        "WHERE u.lease_id <> '' AND l.amount < 0 GROUP BY u.lease_id, u.account_id "
+        "ORDER BY u.lease_id")
+    out: list[tuple[str, int, int]] = []
+    for lease_id, account_id, charged in rows:
+        returned = _returned(tx, str(lease_id), f"account:{account_id}")
+        if int(charged) > returned:
+            out.append((str(lease_id), int(charged), returned))
+    return out
+
+
+def _returned(tx: Tx, lease_id: str, book: str) -> int:
+    return int(tx.value(
+        "SELECT COALESCE(SUM(l.amount), 0) FROM journal j JOIN journal_lines l "
+        "ON l.entry_id = j.id WHERE j.idem_key = ? AND l.book = ?",
+        (f"release:{lease_id}", book), default=0))
+
+
 def _overdraft_allowed(tx: Tx, book: str) -> int:
     """How far below zero settles charged directly to ``book`` after reconciles may take
     it: per lease, the lesser of those settles and what the lease's release returned."""
@@ -184,14 +214,8 @@ def _overdraft_allowed(tx: Tx, book: str) -> int:
         "ON j.idem_key = 'settle:' || u.request_id JOIN journal_lines l "
         "ON l.entry_id = j.id WHERE l.book = ? AND l.amount < 0 AND u.lease_id <> '' "
         "GROUP BY u.lease_id", (book,))
-    allowed = 0
-    for lease_id, charged in direct:
-        returned = int(tx.value(
-            "SELECT COALESCE(SUM(l.amount), 0) FROM journal j JOIN journal_lines l "
-            "ON l.entry_id = j.id WHERE j.idem_key = ? AND l.book = ?",
-            (f"release:{lease_id}", book), default=0))
-        allowed += max(0, min(int(charged), returned))
-    return allowed
+    return sum(max(0, min(int(charged), _returned(tx, str(lease_id), book)))
+               for lease_id, charged in direct)
 
 
 def summary(db: Database) -> dict[str, int]:
