@@ -541,3 +541,23 @@ async def test_every_refusal_through_the_openai_client(
         assert sum(1 for status, _ in usage if status == "ok") == 6
         assert all(charged == COST for status, charged in usage if status == "ok")
         assert ledger_check.check(gw.db) == []
+
+
+async def test_a_top_up_serves_the_next_request_at_once(database_url: str,
+                                                         tmp_path: Path) -> None:
+    """A 402 is remembered for a second (no database write per refused request), but a
+    top-up through this gateway's admin API makes the very next request go through."""
+    async with gateways(database_url, tmp_path, 1) as (gw,):
+        service = AccountService(gw.db)
+        await gw.network.add_node([backend()], node_id="node")
+        carol = await service.create_account("carol")
+        key, _ = await service.create_key(carol.id)
+        async with gw.client() as http:
+            refused = await http.post("/v1/chat/completions", json=chat(max_tokens=TOKENS),
+                                      headers=bearer(key))
+            assert_error(refused, 402, "insufficient_quota", "insufficient_quota")
+            await admin_post(http, "/admin/v1/credits/top-up",
+                             {"account": "carol", "amount_micros": 10 * COST})
+            served = await http.post("/v1/chat/completions", json=chat(max_tokens=TOKENS),
+                                     headers=bearer(key))
+            assert served.status_code == 200, served.text

@@ -121,7 +121,8 @@ class GatewaySettings(_Table):
     any number of gateways can share."""
     gateway_id: str = ""
     """This gateway's name among gateways sharing a database (its credit leases carry
-    it, and a restart reconciles its own); empty = ``<hostname>:<port>``."""
+    it, and a restart reconciles its own); empty = a random id generated once and kept in
+    ``<data_dir>/gateway-id`` (so each gateway needs its own data dir)."""
     reserve_completion_tokens: PositiveInt = 4096
     """Completion tokens a request without ``max_tokens`` reserves credit for (its
     prompt bound plus these, at the highest price among the nodes that may serve it);

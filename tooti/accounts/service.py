@@ -55,8 +55,9 @@ node group names on the wire). Amounts are integer micro-units (never ``bool`` o
 from __future__ import annotations
 
 import json
+import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, get_args
 
 from tooti import clock
@@ -85,6 +86,8 @@ from tooti.accounts.records import (
     Status,
 )
 from tooti.errors import APIError
+
+log = logging.getLogger("tooti.accounts")
 
 ACCOUNT_NAME = re.compile(r"[A-Za-z0-9._@-]{1,64}")
 GROUP_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -364,6 +367,9 @@ class AccountService:
         configured ``[gateway.groups.*]``)."""
         self.db = db
         self.reserved_groups = frozenset(reserved_groups)
+        self.on_credit: Callable[[str], None] | None = None
+        """Called with the account id after credit reached it (a top-up, a redeemed
+        code), so this gateway's billing forgets that the account was short."""
 
     # -------------------------------------------------------- accounts
 
@@ -809,7 +815,16 @@ class AccountService:
                        memo=memo)
             return balance(tx, book)
 
-        return await self.db.write(run)
+        after = await self.db.write(run)
+        self._credited(account_id)
+        return after
+
+    def _credited(self, account_id: str) -> None:
+        if self.on_credit is not None:
+            try:
+                self.on_credit(account_id)
+            except Exception:
+                log.exception("telling billing that %s got credit failed", account_id)
 
     async def create_credit_code(self, amount: int, by_account: str, *,
                                  expires_at: float | None = None
@@ -861,7 +876,9 @@ class AccountService:
             post(tx, f"code:{code_id}", "code", [(ISSUED, -amount), (book, amount)])
             return balance(tx, book)
 
-        return await self.db.write(run)
+        after = await self.db.write(run)
+        self._credited(account_id)
+        return after
 
     async def list_credit_codes(self) -> list[CreditCodeInfo]:
         """Every credit code (redeemed ones too), oldest first."""

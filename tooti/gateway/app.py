@@ -37,6 +37,7 @@ from tooti.admin.accounts_api import AccountsAPI
 from tooti.admin.api import AdminAPI
 from tooti.admin.self_service import SelfService
 from tooti.billing.base import Billing, Outcome, RequestContext, Usage
+from tooti.billing.credits import Credits
 from tooti.billing.pipeline import BYTES_PER_TOKEN, BillingPipeline, usage_from
 from tooti.errors import APIError
 from tooti.gateway.auth import Authenticator, check_models, routes_of
@@ -124,7 +125,7 @@ class Gateway:
         self.auth = Authenticator(settings, self.keys)
         self.gateway_id = gateway_id or settings.gateway_id or f"gw-{secrets.token_hex(4)}"
         """This gateway's name among those sharing the database (the runner gives
-        ``<hostname>:<port>`` when the config names none)."""
+        the id stored in its data dir when the config names none)."""
         self.limiter = Limiter(database, self.gateway_id)
         """Rate limits, concurrency and budgets per key and account (shared through the
         database by every gateway on it)."""
@@ -153,6 +154,7 @@ class Gateway:
         self.accounts: AccountService | None = None
         if database is not None:
             self.accounts = AccountService(database, reserved_groups=settings.groups)
+            self.accounts.on_credit = self._credit_changed
             self.self_service = SelfService(self.accounts, database)
             AccountsAPI(self.station, self.accounts, database).mount()
         self._nursery: trio.Nursery | None = None
@@ -189,6 +191,13 @@ class Gateway:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The gateway as an ASGI app: its station's (``/v1``, admin, tunnels)."""
         await self.station(scope, receive, send)
+
+    def _credit_changed(self, account_id: str) -> None:
+        """Credit reached an account through this gateway: billing asks the database
+        again at its next request instead of remembering it short."""
+        for plugin in self.billing.plugins:
+            if isinstance(plugin, Credits):
+                plugin.credit_changed(account_id)
 
     def _schedule_probe(self, peer: Peer, model: str) -> None:
         """A node's model entered cooldown: probe it when the cooldown ends."""
