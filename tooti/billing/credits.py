@@ -140,6 +140,14 @@ class CreditsOptions(msgspec.Struct, frozen=True):
     lease_credits: str | int | float = "1"
     lease_idle: Annotated[float, msgspec.Meta(gt=0)] = 30.0
     lease_ttl: Annotated[float, msgspec.Meta(gt=0)] = 120.0
+    synchronous_commit: bool = False
+    """PostgreSQL only: wait for the server's WAL flush at each settle commit. Off (the
+    default) a settle is committed and visible at once and survives the gateway being
+    killed, but a crash of the PostgreSQL server itself may lose the last fraction of a
+    second of settles (their credit then returns to the account with the lease): the
+    same class of durability as SQLite's ``synchronous=NORMAL``, which a power loss can
+    take back. On costs one disk flush per batch (milliseconds on most disks), which a
+    request at concurrency 1 waits for."""
 
 
 def parse_options(options: Mapping[str, Any]) -> tuple[CreditsOptions, int]:
@@ -380,13 +388,21 @@ class Credits:
             self._pending.extendleft(reversed(kept))
             return not kept
 
+    def _commit(self, tx: Tx, items: list[_Item]) -> list[str]:
+        """:func:`commit`, without waiting for PostgreSQL's WAL flush unless
+        ``synchronous_commit`` (see :class:`CreditsOptions`)."""
+        if tx.dialect == "postgresql":
+            tx.run("SET LOCAL synchronous_commit TO "
+                   + ("ON" if self.options.synchronous_commit else "OFF"))
+        return commit(tx, items)
+
     async def _write(self, items: list[_Item]) -> list[_Item]:
         """Write ``items``; those to be tried again. A batch that fails is kept whole
         while the database is unreachable, else written request by request: one the
         database refuses :data:`POISON_ATTEMPTS` times while it takes others is
         quarantined."""
         try:
-            closed = await self.db.write(functools.partial(commit, items=items))
+            closed = await self.db.write(functools.partial(self._commit, items=items))
         except Exception as exc:
             log.error("credits: a batch of %d requests failed (%s: %s)", len(items),
                       type(exc).__name__, exc)
@@ -398,7 +414,7 @@ class Credits:
         kept: list[_Item] = []
         for item in items:
             try:
-                closed = await self.db.write(functools.partial(commit, items=[item]))
+                closed = await self.db.write(functools.partial(self._commit, items=[item]))
             except Exception as error:
                 item.attempts += 1
                 if item.attempts < POISON_ATTEMPTS:
