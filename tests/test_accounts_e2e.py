@@ -561,3 +561,21 @@ async def test_a_top_up_serves_the_next_request_at_once(database_url: str,
             served = await http.post("/v1/chat/completions", json=chat(max_tokens=TOKENS),
                                      headers=bearer(key))
             assert served.status_code == 200, served.text
+
+
+async def test_self_service_counts_against_the_keys_rate(database_url: str,
+                                                         tmp_path: Path) -> None:
+    """``/v1/me`` is a request like any other for a key's rate limit (a key cannot
+    hammer the database through its own reports)."""
+    async with gateways(database_url, tmp_path, 1, frozen=frozen_wall()) as (gw,):
+        service = AccountService(gw.db)
+        dave = await service.create_account("dave")
+        key, _ = await service.create_key(dave.id, limits=Limits(rpm=2))
+        async with gw.client() as http:
+            first = await http.get("/v1/me", headers=bearer(key))
+            assert first.status_code == 200, first.text
+            assert first.headers["x-ratelimit-limit-requests"] == "2"
+            assert (await http.get("/v1/me", headers=bearer(key))).status_code == 200
+            refused = await http.get("/v1/me", headers=bearer(key))
+            assert_error(refused, 429, "rate_limit_exceeded", "rate_limit_error")
+            assert int(refused.headers["retry-after"]) >= 1

@@ -7,7 +7,15 @@ import threading
 import pytest
 
 from tooti.accounts.database import Database, Tx, redact
-from tooti.accounts.journal import ISSUED, InsufficientFunds, balance, post
+from tooti.accounts.journal import (
+    ISSUED,
+    AlreadyPosted,
+    Entry,
+    InsufficientFunds,
+    balance,
+    post,
+    post_new,
+)
 from tooti.accounts.money import cost_micros, format_credits, parse_credits, split_fee
 
 
@@ -91,6 +99,28 @@ def test_a_long_read_does_not_hold_up_writes(database: Database) -> None:
     finally:
         release.set()
         reader.join()
+
+
+def test_a_batch_posts_like_its_entries_one_by_one(database: Database) -> None:
+    """post_new: many entries in a constant number of statements, each book updated once
+    with its sum; a floor checked on the sum; an existing key refuses the whole batch."""
+    database.write_sync(lambda tx: post(tx, "t", "topup", [(ISSUED, -100), ("lease:l", 100)]))
+    entries = [Entry(f"settle:r{i}", "settle", [("lease:l", -10), ("earnings:op", 9),
+                                                 ("fees", 1)], f"r{i}") for i in range(5)]
+    database.write_sync(lambda tx: post_new(tx, entries, floors={"lease:l": 0}))
+    assert database.read_sync(lambda tx: (balance(tx, "lease:l"), balance(tx, "earnings:op"),
+                                          balance(tx, "fees"))) == (50, 45, 5)
+    assert database.read_sync(lambda tx: tx.value("SELECT COUNT(*) FROM journal_lines")) == 17
+    with pytest.raises(AlreadyPosted):  # r4 again, beside a new one: nothing moves
+        database.write_sync(lambda tx: post_new(tx, [
+            Entry("settle:r5", "settle", [("lease:l", -1), ("fees", 1)]), entries[4]]))
+    with pytest.raises(InsufficientFunds):  # 6 x 10 from a lease holding 50
+        database.write_sync(lambda tx: post_new(tx, [
+            Entry(f"settle:s{i}", "settle", [("lease:l", -10), ("fees", 10)])
+            for i in range(6)], floors={"lease:l": 0}))
+    assert database.read_sync(lambda tx: (balance(tx, "lease:l"), balance(tx, "fees"))) == (
+        50, 5)
+    assert database.read_sync(lambda tx: tx.value("SELECT COUNT(*) FROM journal")) == 6
 
 
 def test_money_is_integers() -> None:

@@ -65,10 +65,13 @@ class Tx:
         self._cursor.execute(self._sql(sql), tuple(params))
         return int(self._cursor.rowcount)
 
-    def many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        """Execute one statement for each of ``rows``."""
-        if rows:
-            self._cursor.executemany(self._sql(sql), [tuple(r) for r in rows])
+    def many(self, sql: str, rows: Sequence[Sequence[Any]]) -> int:
+        """Execute one statement for each of ``rows`` (PostgreSQL: pipelined, one round
+        trip); the number of rows they changed in all."""
+        if not rows:
+            return 0
+        self._cursor.executemany(self._sql(sql), [tuple(r) for r in rows])
+        return int(self._cursor.rowcount)
 
     def one(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
         """The first row of a query (None if it has none)."""

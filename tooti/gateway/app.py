@@ -123,13 +123,13 @@ class Gateway:
         self.keys = KeyDirectory(database) if database is not None else None
         """The database's API keys, cached (None without a database)."""
         self.auth = Authenticator(settings, self.keys)
+        """Who each ``/v1`` request is."""
         self.gateway_id = gateway_id or settings.gateway_id or f"gw-{secrets.token_hex(4)}"
         """This gateway's name among those sharing the database (the runner gives
         the id stored in its data dir when the config names none)."""
         self.limiter = Limiter(database, self.gateway_id)
         """Rate limits, concurrency and budgets per key and account (shared through the
         database by every gateway on it)."""
-        """Who each ``/v1`` request is."""
         self.station = station or Station(settings, tunnel, network=network,
                                           identities=identities)
         self.registry = self.station.registry
@@ -240,7 +240,15 @@ class Gateway:
             await send_bytes(send, 200, self.models.json(groups=routes_of(caller),
                                                          allowed=caller.models), headers)
         elif (path == "/v1/me" or path.startswith("/v1/me/")) and self.self_service is not None:
-            await self.self_service.handle(scope, receive, send, request_id, headers, caller)
+            # Counted against the caller's request rate like any request (a key cannot
+            # hammer the database through its reports).
+            ticket = await self.limiter.admit(caller, request_id, tokens_estimate=0,
+                                              max_cost=0)
+            try:
+                await self.self_service.handle(scope, receive, send, request_id,
+                                               [*headers, *ticket.headers], caller)
+            finally:
+                await self.limiter.finish(ticket, tokens=0, cost=0)
         else:
             raise APIError(404, f"no route for {method} {path}", code="not_found")
 
