@@ -158,21 +158,23 @@ def _check(tx: Tx) -> Report:
     out += _listed("requests whose earned + fee is not their charge", tx.all(
         "SELECT request_id, charged, earned, fee FROM usage WHERE earned + fee <> charged "
         "ORDER BY request_id"), "{0} charged {1}, earned {2} + fee {3}")
-    splits = tx.all(
-        "SELECT u.request_id, u.owner_id, u.earned, u.fee, "
-        "(SELECT COALESCE(SUM(l.amount), 0) FROM journal_lines l WHERE l.entry_id = j.id "
-        "AND l.book = 'earnings:' || COALESCE(NULLIF(u.owner_id, ''), ?)), "
-        "(SELECT COALESCE(SUM(l.amount), 0) FROM journal_lines l WHERE l.entry_id = j.id "
-        "AND l.book = ?), "
-        "(SELECT COALESCE(SUM(l.amount), 0) FROM journal_lines l WHERE l.entry_id = j.id "
-        "AND l.amount > 0) "
-        "FROM usage u JOIN journal j ON j.idem_key = 'settle:' || u.request_id "
-        "WHERE u.charged > 0 ORDER BY u.request_id", (ADMIN_ACCOUNT, FEES))
+    # One pass over the settle entries' lines, grouped by request (correlated subqueries
+    # per request would read a whole book's lines each time: quadratic).
     out += _listed("settle entries not paying their request's owner its earnings and fee",
-                   [(rid, owner or ADMIN_ACCOUNT, earned, fee, to_owner, to_fees, credited)
-                    for rid, owner, earned, fee, to_owner, to_fees, credited in splits
-                    if (int(to_owner), int(to_fees), int(credited))
-                    != (int(earned), int(fee), int(earned) + int(fee))],
+                   tx.all(
+        "SELECT u.request_id, COALESCE(NULLIF(u.owner_id, ''), ?), u.earned, u.fee, "
+        "SUM(CASE WHEN l.book = 'earnings:' || COALESCE(NULLIF(u.owner_id, ''), ?) "
+        "THEN l.amount ELSE 0 END), SUM(CASE WHEN l.book = ? THEN l.amount ELSE 0 END), "
+        "SUM(CASE WHEN l.amount > 0 THEN l.amount ELSE 0 END) "
+        "FROM usage u JOIN journal j ON j.idem_key = 'settle:' || u.request_id "
+        "JOIN journal_lines l ON l.entry_id = j.id WHERE u.charged > 0 "
+        "GROUP BY u.request_id, u.owner_id, u.earned, u.fee "
+        "HAVING SUM(CASE WHEN l.book = 'earnings:' || COALESCE(NULLIF(u.owner_id, ''), ?) "
+        "THEN l.amount ELSE 0 END) <> u.earned "
+        "OR SUM(CASE WHEN l.book = ? THEN l.amount ELSE 0 END) <> u.fee "
+        "OR SUM(CASE WHEN l.amount > 0 THEN l.amount ELSE 0 END) <> u.earned + u.fee "
+        "ORDER BY u.request_id",
+        (ADMIN_ACCOUNT, ADMIN_ACCOUNT, FEES, ADMIN_ACCOUNT, FEES)),
                    "{0}: earned {2} + fee {3} for {1}, its entry pays {4} to the owner, "
                    "{5} to fees, {6} in all")
     out += _listed("quarantined requests, not billed yet (run tooti ledger replay)",
