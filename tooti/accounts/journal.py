@@ -41,6 +41,13 @@ def earnings_book(account_id: str) -> str:
     return f"earnings:{account_id}"
 
 
+def entry_id() -> str:
+    """A new entry's id: time-ordered (microseconds, then 48 random bits), so entries
+    and their lines are appended at the end of their indexes instead of touching a
+    random page each (fewer pages written per commit)."""
+    return f"je_{int(clock.wall() * 1_000_000):014x}{secrets.token_hex(6)}"
+
+
 class InsufficientFunds(Exception):
     """A debit would take a book below its floor; nothing was posted."""
 
@@ -66,7 +73,7 @@ def post(tx: Tx, idem_key: str, kind: str, lines: Sequence[tuple[str, int]], *,
         raise TypeError("journal amounts are integers (micro-units)")
     if sum(amount for _, amount in lines) != 0:
         raise ValueError(f"unbalanced journal entry {idem_key}: {list(lines)}")
-    entry = "je_" + secrets.token_hex(12)
+    entry = entry_id()
     if tx.run("INSERT INTO journal (id, idem_key, kind, request_id, memo, at) "
               "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (idem_key) DO NOTHING",
               (entry, idem_key, kind, request_id, memo, clock.wall())) == 0:
@@ -116,11 +123,11 @@ def post_new(tx: Tx, entries: Sequence[Entry], *,
             raise TypeError("journal amounts are integers (micro-units)")
         if sum(amount for _, amount in entry.lines) != 0:
             raise ValueError(f"unbalanced journal entry {entry.idem_key}: {list(entry.lines)}")
-        entry_id = "je_" + secrets.token_hex(12)
-        rows.append((entry_id, entry.idem_key, entry.kind, entry.request_id, "", at))
+        new_id = entry_id()
+        rows.append((new_id, entry.idem_key, entry.kind, entry.request_id, "", at))
         for book, amount in entry.lines:
             if amount:
-                lines.append((entry_id, book, amount))
+                lines.append((new_id, book, amount))
                 deltas[book] = deltas.get(book, 0) + amount
     if tx.many("INSERT INTO journal (id, idem_key, kind, request_id, memo, at) "
                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (idem_key) DO NOTHING", rows) != len(rows):

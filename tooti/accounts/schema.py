@@ -133,7 +133,6 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             memo TEXT NOT NULL DEFAULT '',
             at DOUBLE PRECISION NOT NULL
         )""",
-        "CREATE INDEX journal_request ON journal(request_id)",
         """CREATE TABLE journal_lines (
             entry_id TEXT NOT NULL REFERENCES journal(id),
             book TEXT NOT NULL,

@@ -12,7 +12,7 @@ nothing of the API a role serves above it.
 from __future__ import annotations
 
 import logging
-import uuid
+import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
@@ -20,6 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 import trio
 from hypercorn.config import Config
 
+from tooti import clock
 from tooti.accounts.join_directory import JoinTokenDirectory
 from tooti.errors import APIError
 from tooti.mesh.admission import TunnelAdmission
@@ -212,7 +213,9 @@ class Station:
         """Serve one HTTP request. Whatever goes wrong is answered with an OpenAI error
         object: an :class:`APIError` as itself, any other exception (a bug) as a 500
         naming the request id, logged by :attr:`internal_errors`."""
-        request_id = "req_" + uuid.uuid4().hex
+        # Time-ordered (microseconds, then 72 random bits; 32 hex digits as a UUID's):
+        # its usage row and settle entry are appended at the end of their indexes.
+        request_id = f"req_{int(clock.wall() * 1_000_000):014x}{secrets.token_hex(9)}"
         headers: Headers = [(b"x-request-id", request_id.encode())]
         path, method = scope["path"], scope["method"]
         send = ResponseSend(raw_send)
