@@ -345,9 +345,10 @@ async def test_settles_on_postgresql_do_not_wait_for_the_wal_flush_unless_asked(
         async with running(database, tmp_path, synchronous_commit=wait) as credits:
             original = credits_module.commit
 
-            def watched(tx: Tx, items: list[Any], original: Any = original) -> list[str]:
+            def watched(tx: Tx, items: list[Any], original: Any = original,
+                        look: bool = False) -> list[str]:
                 spy(tx)
-                return original(tx, items)
+                return original(tx, items, look=look)
 
             credits_module.commit = watched  # type: ignore[assignment]
             try:

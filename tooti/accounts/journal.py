@@ -132,7 +132,19 @@ def post_new(tx: Tx, entries: Sequence[Entry], *,
     if tx.many("INSERT INTO journal (id, idem_key, kind, request_id, memo, at) "
                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (idem_key) DO NOTHING", rows) != len(rows):
         raise AlreadyPosted("an entry of this batch was posted before")
-    for book in sorted(deltas):
+    # Books credited (or without a floor) in one statement, then debits with a floor:
+    # each group in name order. A settle credits only earnings and fees books and
+    # debits only lease and account books, so every batch takes its locks in the same
+    # order (no deadlock between gateways).
+    floored = {book for book, amount in deltas.items()
+               if amount < 0 and (floors or {}).get(book) is not None}
+    plain = sorted(book for book in deltas if book not in floored)
+    if plain:
+        tx.run("INSERT INTO books (book, balance) VALUES "
+               + ", ".join(["(?, ?)"] * len(plain))
+               + " ON CONFLICT (book) DO UPDATE SET balance = books.balance + excluded.balance",
+               [value for book in plain for value in (book, deltas[book])])
+    for book in sorted(floored):
         _apply(tx, book, deltas[book], (floors or {}).get(book))
     tx.many("INSERT INTO journal_lines (entry_id, book, amount) VALUES (?, ?, ?)", lines)
 

@@ -390,13 +390,13 @@ class Credits:
             self._pending.extendleft(reversed(kept))
             return not kept
 
-    def _commit(self, tx: Tx, items: list[_Item]) -> list[str]:
+    def _commit(self, tx: Tx, items: list[_Item], look: bool = False) -> list[str]:
         """:func:`commit`, without waiting for PostgreSQL's WAL flush unless
         ``synchronous_commit`` (see :class:`CreditsOptions`)."""
         if tx.dialect == "postgresql":
             tx.run("SET LOCAL synchronous_commit TO "
                    + ("ON" if self.options.synchronous_commit else "OFF"))
-        return commit(tx, items)
+        return commit(tx, items, look=look)
 
     async def _write(self, items: list[_Item]) -> list[_Item]:
         """Write ``items``; those to be tried again. A batch that fails is kept whole
@@ -405,18 +405,21 @@ class Credits:
         quarantined."""
         try:
             closed = await self.db.write(functools.partial(self._commit, items=items))
+        except AlreadyPosted:
+            pass  # a request settled before (a repeated settle): one by one, looking
         except Exception as exc:
             log.error("credits: a batch of %d requests failed (%s: %s)", len(items),
                       type(exc).__name__, exc)
+            if not await self._reachable():
+                return items
         else:
             self._done(items, closed)
             return []
-        if not await self._reachable():
-            return items
         kept: list[_Item] = []
         for item in items:
             try:
-                closed = await self.db.write(functools.partial(self._commit, items=[item]))
+                closed = await self.db.write(functools.partial(self._commit, items=[item],
+                                                               look=True))
             except Exception as error:
                 item.attempts += 1
                 if item.attempts < POISON_ATTEMPTS:
@@ -489,7 +492,7 @@ def node_owner(tx: Tx, node_id: str) -> str:
                         (node_id,), default=ADMIN_ACCOUNT))
 
 
-def commit(tx: Tx, items: list[_Item]) -> list[str]:
+def commit(tx: Tx, items: list[_Item], *, look: bool = False) -> list[str]:
     """Every item's usage row and settle entry in ``tx``; the leases found closed.
 
     A constant number of statements per batch, however many requests it holds (so a
@@ -503,7 +506,10 @@ def commit(tx: Tx, items: list[_Item]) -> list[str]:
     leases = sorted({item.reservation.lease_id for item in charging
                      if item.reservation is not None and item.reservation.lease_id})
     open_leases = {lease_id for lease_id in leases if lock_open_lease(tx, lease_id)}
-    written = _written(tx, [item.request_id for item in items])
+    # The writer's batch holds new requests (one settle each): it needs no query of
+    # what is written, and a row found written after all rolls the batch back; the
+    # writer then writes its requests one by one with ``look``, which skips them.
+    written = _written(tx, [item.request_id for item in items]) if look else set()
     fresh: dict[str, _Item] = {}
     for item in items:  # settled (or refunded) before: nothing moves again
         if item.request_id not in written:
@@ -530,9 +536,9 @@ def commit(tx: Tx, items: list[_Item]) -> list[str]:
             lines.append((FEES, item.fee))
         entries.append(Entry(f"settle:{item.request_id}", "settle", lines, item.request_id))
     if tx.many(INSERT, rows) != len(rows):
-        # Written by a replay between the query and now: roll back; the writer then
-        # writes these requests one by one, and finds it.
-        raise AlreadyPosted("a usage row of this batch was written concurrently")
+        # Written before (a settle repeated, a replay): roll back; the writer then writes
+        # these requests one by one, looking first.
+        raise AlreadyPosted("a usage row of this batch was written before")
     post_new(tx, entries, floors=floors)
     return [lease_id for lease_id in leases if lease_id not in open_leases]
 
@@ -607,7 +613,7 @@ async def replay_quarantine(db: Database, data_dir: Path | None = None) -> Repla
         def write(tx: Tx, item: _Item = item, raw: str = row_json) -> bool:
             written = tx.one("SELECT 1 FROM usage WHERE request_id = ?",
                              (item.request_id,)) is not None
-            commit(tx, [item])
+            commit(tx, [item], look=True)
             tx.run("DELETE FROM usage_quarantine WHERE request_id = ? AND row_json = ?",
                    (item.request_id, raw))
             return written
