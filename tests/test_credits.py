@@ -435,6 +435,11 @@ class Flaky:
         return getattr(self.db, name)
 
 
+# Tests on trio's autojump clock take leases that never expire (lease_ttl=1e6): the
+# clock jumps while a database call runs in its thread, which could otherwise carry a
+# fresh lease past its local deadline before it is used.
+
+
 def is_settle_batch(fn: Any) -> bool:
     return isinstance(fn, functools.partial) and getattr(fn.func, "__name__", "") in (
         "commit", "_commit")
@@ -459,7 +464,7 @@ async def test_an_outage_keeps_settles_in_memory_until_written(
     released; past the bound new requests are refused (503), not served unbilled."""
     monkeypatch.setattr(credits_module, "QUEUE", 2)
     open_account(database)
-    async with running(database, tmp_path) as credits:
+    async with running(database, tmp_path, lease_ttl=1e6) as credits:
         flaky = Flaky(database)
         credits.db = cast(Database, flaky)
         for i in range(3):
@@ -494,7 +499,7 @@ async def test_quarantined_settles_fail_the_check_and_replay_once(
     replay, or a replay of a row written meanwhile, moves nothing)."""
     open_account(database)
     open_account(database, "acct_op", credit=0)
-    async with running(database, tmp_path, fee_bps=1000) as credits:
+    async with running(database, tmp_path, fee_bps=1000, lease_ttl=1e6) as credits:
         flaky = Flaky(database, is_settle_batch)
         credits.db = cast(Database, flaky)
         await credits.authorize(ctx("r1", 10_000))
@@ -540,7 +545,7 @@ async def test_the_quarantine_file_is_replayed_too(
     monkeypatch.setattr(credits_module, "FLUSH_TIMEOUT", 3.0)
     open_account(database)
     credits_db = Flaky(database)
-    async with running(database, tmp_path) as credits:
+    async with running(database, tmp_path, lease_ttl=1e6) as credits:
         await credits.authorize(ctx("r1", 10_000))
         credits.db = cast(Database, credits_db)
         credits_db.down = True
@@ -562,7 +567,7 @@ async def test_a_402_costs_one_write_then_none_for_a_second(
     """Finding 7: a short balance is final (not retried) and remembered for SHORT_TTL;
     a smaller request still tries, and credit_changed forgets it at once."""
     open_account(database, credit=3000)
-    async with running(database, tmp_path) as credits:
+    async with running(database, tmp_path, lease_ttl=1e6) as credits:
         flaky = Flaky(database)
         credits.leases.db = cast(Database, flaky)
         for _ in range(5):

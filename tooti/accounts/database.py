@@ -36,6 +36,9 @@ log = logging.getLogger("tooti.accounts")
 
 T = TypeVar("T")
 Row = tuple[Any, ...]
+Statement = tuple[str, Sequence[Any], bool]
+"""``(sql, params, many)``: one statement for :meth:`Tx.pipelined` (``many``: ``params``
+is a list of rows, the statement runs once per row)."""
 Dialect = Literal["sqlite", "postgresql"]
 SQLITE_FILENAME = "tooti.sqlite3"
 """The default database, in the data dir."""
@@ -72,6 +75,29 @@ class Tx:
             return 0
         self._cursor.executemany(self._sql(sql), [tuple(r) for r in rows])
         return int(self._cursor.rowcount)
+
+    def pipelined(self, statements: Sequence[Statement]) -> list[int]:
+        """Execute ``statements`` in order; the rows each changed. On PostgreSQL they go
+        to the server in one pipeline (one round trip for all, instead of one each), so
+        no statement may depend on an earlier one's result: check the counts after (an
+        error in one aborts the rest and is raised here)."""
+        if self.dialect != "postgresql":
+            return [self.many(sql, params) if many else self.run(sql, params)
+                    for sql, params, many in statements]
+        connection = self._cursor.connection
+        cursors: list[Any] = []
+        with connection.pipeline():
+            for sql, params, many in statements:
+                if many and not params:
+                    cursors.append(None)
+                    continue
+                cursor = connection.cursor()
+                if many:
+                    cursor.executemany(self._sql(sql), [tuple(row) for row in params])
+                else:
+                    cursor.execute(self._sql(sql), tuple(params))
+                cursors.append(cursor)
+        return [0 if cursor is None else int(cursor.rowcount) for cursor in cursors]
 
     def one(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
         """The first row of a query (None if it has none)."""

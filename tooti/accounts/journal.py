@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 from tooti import clock
-from tooti.accounts.database import Tx
+from tooti.accounts.database import Statement, Tx
 
 ISSUED = "issued"
 FEES = "fees"
@@ -101,6 +101,75 @@ class AlreadyPosted(Exception):
     """:func:`post_new` found an entry posted before; the transaction must roll back."""
 
 
+JOURNAL_INSERT = ("INSERT INTO journal (id, idem_key, kind, request_id, memo, at) "
+                  "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (idem_key) DO NOTHING")
+LINES_INSERT = ("INSERT INTO journal_lines (entry_id, book, amount) SELECT ?, ?, ? "
+                "WHERE EXISTS (SELECT 1 FROM journal WHERE id = ?)")
+"""A batch's lines, each only if its entry was inserted (an entry found posted before
+inserts nothing, and the batch is rolled back once the counts are checked)."""
+FLOORED_UPDATE = ("UPDATE books SET balance = balance + ? WHERE book = ? "
+                  "AND balance + ? >= ?")
+
+
+class NewEntries:
+    """What posting a batch of new entries writes (:func:`post_new`), planned before any
+    statement runs, so the statements can also go to the database in one pipeline
+    (:meth:`statements`, :meth:`check`)."""
+
+    def __init__(self, entries: Sequence[Entry], floors: Mapping[str, int] | None) -> None:
+        at = clock.wall()
+        self.rows: list[tuple[str, str, str, str, str, float]] = []
+        self.lines: list[tuple[str, str, int]] = []
+        deltas: dict[str, int] = {}
+        for entry in entries:
+            if any(type(amount) is not int for _, amount in entry.lines):
+                raise TypeError("journal amounts are integers (micro-units)")
+            if sum(amount for _, amount in entry.lines) != 0:
+                raise ValueError(
+                    f"unbalanced journal entry {entry.idem_key}: {list(entry.lines)}")
+            new_id = entry_id()
+            self.rows.append((new_id, entry.idem_key, entry.kind, entry.request_id, "", at))
+            for book, amount in entry.lines:
+                if amount:
+                    self.lines.append((new_id, book, amount))
+                    deltas[book] = deltas.get(book, 0) + amount
+        # Books credited (or without a floor) in one statement, then debits with a
+        # floor: each group in name order. A settle credits only earnings and fees books
+        # and debits only lease and account books, so every batch takes its locks in the
+        # same order (no deadlock between gateways).
+        floor_of = floors or {}
+        self.floored = [(book, deltas[book], floor_of[book]) for book in sorted(deltas)
+                        if deltas[book] < 0 and floor_of.get(book) is not None]
+        held = {book for book, _, _ in self.floored}
+        self.plain = [(book, deltas[book]) for book in sorted(deltas) if book not in held]
+
+    def statements(self) -> list[Statement]:
+        """The statements, in order: the entries, the plain books, the floored books
+        (each an UPDATE that changes no row if it would pass its floor), the lines."""
+        out: list[Statement] = [(JOURNAL_INSERT, self.rows, True)]
+        if self.plain:
+            out.append(("INSERT INTO books (book, balance) VALUES "
+                        + ", ".join(["(?, ?)"] * len(self.plain))
+                        + " ON CONFLICT (book) DO UPDATE SET balance = books.balance + "
+                        "excluded.balance",
+                        [value for book, delta in self.plain for value in (book, delta)],
+                        False))
+        out += [(FLOORED_UPDATE, (delta, book, delta, floor), False)
+                for book, delta, floor in self.floored]
+        out.append((LINES_INSERT, [(*line, line[0]) for line in self.lines], True))
+        return out
+
+    def check(self, counts: Sequence[int]) -> None:
+        """Raise :class:`AlreadyPosted` or :class:`InsufficientFunds` from the rows
+        :meth:`statements` changed (the caller's transaction must then roll back)."""
+        if counts[0] != len(self.rows):
+            raise AlreadyPosted("an entry of this batch was posted before")
+        first = 1 + (1 if self.plain else 0)
+        for (book, delta, _floor), count in zip(self.floored, counts[first:], strict=False):
+            if count != 1:
+                raise InsufficientFunds(book, 0, -delta)
+
+
 def post_new(tx: Tx, entries: Sequence[Entry], *,
              floors: Mapping[str, int] | None = None) -> None:
     """Post many balanced entries the caller knows to be new, in a constant number of
@@ -114,47 +183,15 @@ def post_new(tx: Tx, entries: Sequence[Entry], *,
     caller's transaction must roll back (raising out of :meth:`Database.write` does)."""
     if not entries:
         return
-    at = clock.wall()
-    rows: list[tuple[str, str, str, str, str, float]] = []
-    lines: list[tuple[str, str, int]] = []
-    deltas: dict[str, int] = {}
-    for entry in entries:
-        if any(type(amount) is not int for _, amount in entry.lines):
-            raise TypeError("journal amounts are integers (micro-units)")
-        if sum(amount for _, amount in entry.lines) != 0:
-            raise ValueError(f"unbalanced journal entry {entry.idem_key}: {list(entry.lines)}")
-        new_id = entry_id()
-        rows.append((new_id, entry.idem_key, entry.kind, entry.request_id, "", at))
-        for book, amount in entry.lines:
-            if amount:
-                lines.append((new_id, book, amount))
-                deltas[book] = deltas.get(book, 0) + amount
-    if tx.many("INSERT INTO journal (id, idem_key, kind, request_id, memo, at) "
-               "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (idem_key) DO NOTHING", rows) != len(rows):
-        raise AlreadyPosted("an entry of this batch was posted before")
-    # Books credited (or without a floor) in one statement, then debits with a floor:
-    # each group in name order. A settle credits only earnings and fees books and
-    # debits only lease and account books, so every batch takes its locks in the same
-    # order (no deadlock between gateways).
-    floored = {book for book, amount in deltas.items()
-               if amount < 0 and (floors or {}).get(book) is not None}
-    plain = sorted(book for book in deltas if book not in floored)
-    if plain:
-        tx.run("INSERT INTO books (book, balance) VALUES "
-               + ", ".join(["(?, ?)"] * len(plain))
-               + " ON CONFLICT (book) DO UPDATE SET balance = books.balance + excluded.balance",
-               [value for book in plain for value in (book, deltas[book])])
-    for book in sorted(floored):
-        _apply(tx, book, deltas[book], (floors or {}).get(book))
-    tx.many("INSERT INTO journal_lines (entry_id, book, amount) VALUES (?, ?, ?)", lines)
+    plan = NewEntries(entries, floors)
+    plan.check(tx.pipelined(plan.statements()))
 
 
 def _apply(tx: Tx, book: str, amount: int, floor: int | None) -> None:
     """Add ``amount`` to ``book`` (created at zero if new); a debit that would take a
     book with a ``floor`` below it raises :class:`InsufficientFunds`."""
     if floor is not None and amount < 0:
-        if tx.run("UPDATE books SET balance = balance + ? WHERE book = ? "
-                  "AND balance + ? >= ?", (amount, book, amount, floor)) == 0:
+        if tx.run(FLOORED_UPDATE, (amount, book, amount, floor)) == 0:
             have = int(tx.value("SELECT balance FROM books WHERE book = ?", (book,),
                                 default=0))
             raise InsufficientFunds(book, have, -amount)

@@ -95,6 +95,7 @@ from tooti.accounts.journal import (
     AlreadyPosted,
     Entry,
     InsufficientFunds,
+    NewEntries,
     account_book,
     earnings_book,
     lease_book,
@@ -405,8 +406,8 @@ class Credits:
         quarantined."""
         try:
             closed = await self.db.write(functools.partial(self._commit, items=items))
-        except AlreadyPosted:
-            pass  # a request settled before (a repeated settle): one by one, looking
+        except (AlreadyPosted, _Retry):
+            pass  # a request settled before, a lease closed: one by one, looking
         except Exception as exc:
             log.error("credits: a batch of %d requests failed (%s: %s)", len(items),
                       type(exc).__name__, exc)
@@ -492,8 +493,59 @@ def node_owner(tx: Tx, node_id: str) -> str:
                         (node_id,), default=ADMIN_ACCOUNT))
 
 
+class _Retry(Exception):
+    """The optimistic batch met a closed lease: roll back and write its requests one by
+    one (:func:`commit` with ``look``), which charges such a request to its account."""
+
+
+def _commit_pipelined(tx: Tx, items: list[_Item]) -> list[str]:
+    """:func:`commit` on PostgreSQL in one round trip for all its statements (besides
+    BEGIN and COMMIT), optimistically: it assumes every lease of the batch is open and
+    every request new, sends the lease locks, the usage rows, the entries, the books and
+    the lines in one pipeline, and then checks the rows each changed; a closed lease, a
+    request written before or a lease short of its charge rolls the whole batch back
+    (the writer then writes its requests one by one, looking first)."""
+    charging = [item for item in items if item.charged > 0]
+    leases = sorted({item.reservation.lease_id for item in charging
+                     if item.reservation is not None and item.reservation.lease_id})
+    fresh: dict[str, _Item] = {}
+    for item in items:
+        fresh.setdefault(item.request_id, item)
+    looked_up = {node: node_owner(tx, node)
+                 for node in {item.node_id for item in fresh.values() if not item.owner}}
+    rows, entries = [], []
+    floors: dict[str, int] = {}
+    for item in fresh.values():
+        owner = item.owner or looked_up[item.node_id]
+        row = list(item.row)
+        row[OWNER] = owner
+        rows.append(row)
+        if item.charged <= 0:
+            continue
+        lease_id = item.reservation.lease_id if item.reservation is not None else ""
+        source = lease_book(lease_id) if lease_id else account_book(item.account_id)
+        if lease_id:
+            floors[source] = 0
+        lines = [(source, -item.charged), (earnings_book(owner or ADMIN_ACCOUNT), item.earned)]
+        if item.fee:
+            lines.append((FEES, item.fee))
+        entries.append(Entry(f"settle:{item.request_id}", "settle", lines, item.request_id))
+    plan = NewEntries(entries, floors)
+    counts = tx.pipelined([
+        *[("UPDATE leases SET amount = amount WHERE id = ? AND closed_at IS NULL",
+           (lease_id,), False) for lease_id in leases],
+        (INSERT, rows, True), *plan.statements()])
+    if any(count != 1 for count in counts[:len(leases)]):
+        raise _Retry("a lease of this batch was closed")
+    if counts[len(leases)] != len(rows):
+        raise AlreadyPosted("a usage row of this batch was written before")
+    plan.check(counts[len(leases) + 1:])
+    return []
+
+
 def commit(tx: Tx, items: list[_Item], *, look: bool = False) -> list[str]:
-    """Every item's usage row and settle entry in ``tx``; the leases found closed.
+    """Every item's usage row and settle entry in ``tx``; the leases found closed. On
+    PostgreSQL the writer's batches go in one pipeline (:func:`_commit_pipelined`).
 
     A constant number of statements per batch, however many requests it holds (so a
     batch of concurrent requests costs about what one does, and on PostgreSQL about as
@@ -502,6 +554,8 @@ def commit(tx: Tx, items: list[_Item], *, look: bool = False) -> list[str]:
     statement each, and each book updated once with its sum. Locks in a fixed order
     (lease rows by id, then books by name) so batches of concurrent gateways, and
     reconciles (:func:`~tooti.accounts.leases.close_leases`), never deadlock."""
+    if tx.dialect == "postgresql" and not look:
+        return _commit_pipelined(tx, items)
     charging = [item for item in items if item.charged > 0]
     leases = sorted({item.reservation.lease_id for item in charging
                      if item.reservation is not None and item.reservation.lease_id})
