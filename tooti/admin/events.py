@@ -1,4 +1,13 @@
-"""``GET /admin/v1/events``: a snapshot, then every bus event, as server-sent events."""
+"""``GET /admin/v1/events``: a snapshot, then every bus event, as server-sent events.
+
+The stream (what ``tooti tui`` follows) is a watcher, not work: it never holds a
+drain. It ends with a ``dropped`` event whose ``reason`` says why: the subscriber fell
+behind (its bounded buffer overflowed), or the bus was closed, which
+:meth:`~tooti.mesh.station.Station.drain` does when a drain starts ("gateway shutting
+down"); a stream opened after that (a TUI reconnecting) gets its snapshot and the
+``dropped`` event at once. So an open TUI no longer makes a gateway wait out its drain
+grace. A keepalive comment goes out after :data:`KEEPALIVE` seconds of silence.
+"""
 
 from __future__ import annotations
 
@@ -26,8 +35,9 @@ def sse(kind: str, data: Any, seq: int | None = None) -> bytes:
 async def stream_events(
     snapshot: Callable[[], dict[str, Any]], bus: EventBus, send: Send, headers: Headers,
 ) -> None:
-    """Subscribe, send the snapshot, then relay events until the client leaves or is
-    dropped for falling behind (then a ``dropped`` event ends the stream)."""
+    """Subscribe, send the snapshot, then relay events until the client leaves, falls
+    behind or the bus is closed (a drain or shutdown): a ``dropped`` event naming the
+    reason ends the stream (at once on a bus already closed)."""
     sub = bus.subscribe()
     try:
         await send({"type": "http.response.start", "status": 200, "headers": [

@@ -73,6 +73,9 @@ class EventBus:
     """Called synchronously for every event (e.g. the Prometheus metrics)."""
     last_seq: int = 0
     """Sequence number of the newest event (a snapshot is current up to it)."""
+    closed: str = ""
+    """Why :meth:`close_all` ended every subscription ("" while open): a subscription
+    taken after it ends at once, with this reason (a drain ends the admin streams)."""
     _subscribers: set[Subscription] = field(default_factory=set)
     _seq: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _failure_log: Throttle = field(default_factory=lambda: Throttle(LISTENER_LOG_INTERVAL))
@@ -130,7 +133,9 @@ class EventBus:
         sub.send.close()
 
     def close_all(self, reason: str) -> None:
-        """End every subscription (their streams end with a ``dropped`` event)."""
+        """End every subscription (their streams end with a ``dropped`` event), and
+        every one taken from now on."""
+        self.closed = reason
         for sub in list(self._subscribers):
             sub.reason = reason
             self._subscribers.discard(sub)
@@ -140,7 +145,11 @@ class EventBus:
         """A new subscriber; call :meth:`unsubscribe` when done."""
         send, receive = trio.open_memory_channel[BusEvent](self.buffer)
         sub = Subscription(send, receive)
-        self._subscribers.add(sub)
+        if self.closed:
+            sub.reason = self.closed
+            send.close()
+        else:
+            self._subscribers.add(sub)
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:

@@ -164,8 +164,10 @@ class Station:
                     also: Sequence[Callable[[], Awaitable[None]]] = ()) -> None:
         """Stop taking requests and tunnels, tell peers GOAWAY, wait up to ``grace`` for
         in-flight requests (and for each of ``also``, e.g. a relay's forwarded
-        streams), then shut down."""
+        streams), then shut down. Admin event streams (``tooti tui``) end now, and any
+        opened during the drain at once: a watcher is no work to wait for."""
         self.draining = self.admission.closed = True
+        self.registry.bus.close_all("gateway shutting down")
 
         async def idle() -> None:
             await self._idle.wait()
