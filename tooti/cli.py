@@ -10,6 +10,10 @@ import sys
 from tooti import __version__
 from tooti.config import ConfigError, build_settings, load_file
 
+TUI_MODULES = frozenset({"textual", "rich"})
+"""The third-party packages ``tooti tui`` needs (a default dependency, and the ``tui``
+extra): missing, the command says so in one line."""
+
 
 def main(argv: list[str] | None = None) -> int:
     """Run the ``tooti`` command line with ``argv`` (default ``sys.argv[1:]``)."""
@@ -193,9 +197,11 @@ def _tui(args: argparse.Namespace) -> int:
     try:
         app = importlib.import_module("tooti.tui.app")
     except ModuleNotFoundError as exc:
-        if (exc.name or "").partition(".")[0] != "textual":
+        missing = (exc.name or "").partition(".")[0]
+        if missing not in TUI_MODULES:
             raise
-        print("tooti: the TUI needs textual: pip install 'tooti[tui]'", file=sys.stderr)
+        print(f"tooti: error: the TUI needs textual and rich, and {missing} is not installed "
+              "here: pip install 'tooti[tui]' (or reinstall tooti)", file=sys.stderr)
         return 1
     code: int = app.run(gateway, admin_key)
     return code
