@@ -3,7 +3,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-LISTEN ?= 127.0.0.1:8080
+# The gateway's address: `make run LISTEN=HOST:PORT`, or TOOTI_LISTEN from the environment.
+LISTEN ?= $(or $(TOOTI_LISTEN),127.0.0.1:8080)
 PLUGINS := $(wildcard plugins/*/pyproject.toml)
 
 .PHONY: run test lint bench clean postgres
