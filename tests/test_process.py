@@ -8,9 +8,12 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
 
+from tests.backend_fixtures import have_local_extra
 from tests.processes import Tooti
+from tooti.backends.llamacpp import LOCAL_EXTRA_HINT
 
 CONFIG = """
 roles = ["gateway", "node"]
@@ -87,6 +90,8 @@ async def test_second_signal_exits_at_once(nursery: trio.Nursery, tmp_path: Path
     assert code == 130, tooti.text
 
 
+@pytest.mark.llamacpp
+@pytest.mark.skipif(not have_local_extra(), reason=LOCAL_EXTRA_HINT)
 async def test_default_run_serves_the_embedded_model(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
