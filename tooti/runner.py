@@ -20,11 +20,13 @@ a gateway listening beyond loopback without ``gateway.auth``.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import secrets
 import signal
+import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -458,8 +460,54 @@ def run(settings: Settings, reload: Rebuild | None = None) -> int:
         failure = _first(exc, OSError)
         if failure is None:
             raise
-        print(f"tooti: error: {failure}", file=sys.stderr)
+        print(f"tooti: error: {describe_os_error(failure, settings)}", file=sys.stderr)
         return 1
+
+
+LISTEN_HINT = ("another tooti? choose another with --listen or TOOTI_LISTEN / "
+               "make run LISTEN=HOST:PORT")
+"""What to do when ``gateway.listen`` is taken."""
+
+
+def describe_os_error(failure: BaseException, settings: Settings) -> str:
+    """The one-line message for an OSError that stopped ``tooti run``: a taken port names
+    the address that could not be bound and what to do (the OS error names neither)."""
+    if not isinstance(failure, OSError) or failure.errno != errno.EADDRINUSE:
+        return str(failure)
+    listens: dict[str, str] = {}  # address -> hint
+    roles = effective_roles(settings)
+    if "gateway" in roles or "relay" in roles:
+        listens[settings.gateway.listen] = LISTEN_HINT
+    elif "node" in roles and settings.node.admin_listen:
+        listens[settings.node.admin_listen] = "another tooti? choose another node.admin_listen"
+    taken = [address for address in listens if _taken(address)] or list(listens)
+    if not taken:
+        return str(failure)
+    hints = dict.fromkeys(listens[address] for address in taken)
+    return (f"cannot listen on {' or '.join(taken)}: address already in use "
+            f"({'; '.join(hints)})")
+
+
+def _taken(address: str) -> bool:
+    """True if ``HOST:PORT`` cannot be bound now because it is in use (a probe: bind and
+    close, with SO_REUSEADDR as the listener does)."""
+    from tooti.config import ConfigError, parse_listen
+
+    try:
+        host, port = parse_listen(address)
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except (ConfigError, OSError):
+        return False
+    for family, kind, proto, _name, sockaddr in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(sockaddr)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return True
+    return False
 
 
 def _first(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
