@@ -8,6 +8,15 @@ rest stand by and take over, in turn, when a session fails.
 Each session is re-dialed with exponential backoff and jitter; host names are
 resolved at every dial. The handshake proves the dialer's identity (the
 WELCOME challenge signed with its key).
+
+A configured or bootstrap peer that refuses the join token (HTTP 401 or 403 on the
+tunnel upgrade, other than a gateway shutting down) will keep refusing it until an
+operator acts: the dialer logs that at ERROR with what to fix (:func:`token_refusal`),
+and re-dials only after ``refused_retry`` seconds (:data:`REFUSED_RETRY`, plus up to a
+fifth of it as jitter) instead of the normal backoff, so a changed token on either side
+is picked up within about a minute without pressing the peer meanwhile. Every other
+failure (peer down, TLS, a refused HELLO, a discovered peer refusing us) keeps the
+normal backoff and is logged at INFO.
 """
 
 from __future__ import annotations
@@ -61,10 +70,34 @@ MAX_DISCOVERED_FAILURES = 5
 """Failed dials in a row after which a discovered peer is forgotten."""
 FORGET_FOR = 600.0
 """Seconds a forgotten discovered peer stays forgotten, however often it is listed."""
+REFUSED_RETRY = 60.0
+"""Seconds before re-dialing a peer that refused the join token (it will not fix
+itself); the default of the dialer's ``refused_retry``."""
+_AUTH_STATUSES = (401, 403)
+_NOT_AUTH = ("shutting down",)
+"""Refusals with an auth status that are no verdict on the token (a gateway's 403
+while it shuts down): those keep the normal backoff."""
 
 
 class TunnelRefused(Exception):
     """The peer refused our HELLO (GOAWAY or a broken handshake)."""
+
+
+def token_refusal(exc: BaseException, url: str) -> str | None:
+    """The ERROR line for a dial that failed because ``url`` refused the join token
+    (HTTP 401/403 on the upgrade), saying what to fix; ``None`` for any other failure.
+    The token itself is never in the line."""
+    if not isinstance(exc, HandshakeFailed) or exc.status not in _AUTH_STATUSES:
+        return None
+    if any(phrase in exc.reason for phrase in _NOT_AUTH):
+        return None
+    refused = f"gateway {url} refused the join token ({exc})"
+    if "no token configured" in exc.reason:
+        return (f"{refused}: that gateway has no join token and admits nodes from loopback "
+                "only: give it one (--join-token / TOOTI_JOIN_TOKEN there) and the same "
+                "token here")
+    return (f"{refused}: check --join-token / TOOTI_JOIN_TOKEN, or mint one with "
+            "`tooti join-tokens create`")
 
 
 class SessionOwner(Protocol):
@@ -119,13 +152,14 @@ class Dialer:
         reconnect_initial: float = 0.25, reconnect_max: float = 10.0,
         is_stopping: Callable[[], bool] = lambda: False,
         streams_wanted: Callable[[], int] | None = None,
-        rng: random.Random | None = None,
+        rng: random.Random | None = None, refused_retry: float = REFUSED_RETRY,
     ) -> None:
         """``streams_wanted``: how many concurrent streams the owner can serve (a node:
         what its models advertise); each HELLO offers at least that many, up to
         :data:`MAX_OFFERED_STREAMS`, so a peer's requests are not held back by the
         tunnel while the node has slots. ``rng`` draws the re-dial jitter (each delay
-        is scaled by a factor between 0.5 and 1)."""
+        is scaled by a factor between 0.5 and 1). ``refused_retry``: seconds before
+        re-dialing a peer that refused the join token (scaled by 1 to 1.2)."""
         self.owner = owner
         self.peer_id = peer_id
         self.role = role
@@ -139,6 +173,7 @@ class Dialer:
         self.is_stopping = is_stopping
         self.streams_wanted = streams_wanted
         self.rng = rng or random.Random()
+        self.refused_retry = refused_retry
         self.log = logging.getLogger(f"tooti.{role}")
         self.links: dict[str, Link] = {}
         self._forgotten: dict[str, float] = {}
@@ -222,6 +257,7 @@ class Dialer:
         headers = [(b"authorization", b"Bearer " + token.encode())] if token else []
         failures = 0
         while not self.is_stopping():
+            refusal: str | None = None
             link.state, link.since = "standby", clock.wall()
             async with self._slots:  # released during backoff: a standby peer goes next
                 started = clock.now()
@@ -241,8 +277,14 @@ class Dialer:
                 except (OSError, HandshakeFailed, TunnelRefused, TLSError,
                         trio.TooSlowError) as exc:
                     failures = 0 if link.state == "connected" else failures + 1
-                    link.last_error = str(exc) or type(exc).__name__
-                    self.log.info("tunnel to %s: %s", url, link.last_error)
+                    # A discovered peer is only some peer's claim, dialed without the
+                    # join token: its refusal is no operator's error (it is forgotten
+                    # after MAX_DISCOVERED_FAILURES dials at the normal backoff).
+                    if link.source != "discovered":
+                        refusal = token_refusal(exc, url)
+                    link.last_error = refusal or str(exc) or type(exc).__name__
+                    if refusal is None:
+                        self.log.info("tunnel to %s: %s", url, link.last_error)
             if self.is_stopping():
                 return
             if link.source == "discovered" and failures >= MAX_DISCOVERED_FAILURES:
@@ -260,7 +302,11 @@ class Dialer:
                 backoff.hold_at_cap()
             elif clock.now() - started > 10 * self.reconnect_initial + 5:
                 backoff.reset()  # the session lasted: start the doubling over
-            pause = backoff.next()
+            if refusal is not None:  # it will not fix itself: do not press the peer
+                pause = self.refused_retry * self.rng.uniform(1.0, 1.2)
+                self.log.error("%s; next dial in %.0f s", refusal, pause)
+            else:
+                pause = backoff.next()
             link.state, link.since, link.session_id = "backoff", clock.wall(), ""
             self.log.info("re-dialling %s in %.2fs", url, pause)
             await trio.sleep(pause)

@@ -15,6 +15,12 @@ them; a backend never needs to frame or meter anything itself.
 Cancellation: the node runs :meth:`Backend.open` inside the stream's cancel
 scope. When the client goes away the scope is cancelled, and the backend's
 upstream HTTP request must be closed so the model server sees the disconnect.
+
+Health: :meth:`Backend.health` answers yes or no. A backend that can say why it is
+unhealthy keeps the reason in a ``health_error`` string attribute (``""`` while
+healthy): the URL it asked and the cause (connection refused, the HTTP status, a
+timeout). :func:`health_problem` reads it for the node's log line, and falls back to
+a generic sentence for backends (e.g. plugins') that keep none.
 """
 
 from __future__ import annotations
@@ -168,7 +174,8 @@ class Backend(Protocol):
         ...
 
     async def health(self) -> bool:
-        """Return True when the backend can take traffic."""
+        """Return True when the backend can take traffic (when False, a backend may
+        say why in a ``health_error`` attribute: see :func:`health_problem`)."""
         ...
 
     def open(
@@ -186,3 +193,13 @@ class Backend(Protocol):
     async def close(self) -> None:
         """Release every resource (clients, child processes)."""
         ...
+
+
+def health_problem(backend: Backend) -> str:
+    """Why ``backend``'s last :meth:`~Backend.health` check failed, e.g. ``health check
+    failed: GET http://127.0.0.1:8000/health: connection refused`` (its
+    ``health_error``, when it keeps one: the URL and the cause)."""
+    detail = getattr(backend, "health_error", "")
+    if isinstance(detail, str) and detail:
+        return f"health check failed: {detail}"
+    return "health check failed"

@@ -7,7 +7,8 @@ are forwarded or parsed as they arrive), a connect timeout but no read timeout
 (the gateway owns deadlines), bounded reads of error bodies, a mapping of
 transport failures to :class:`~tooti.backends.base.BackendError`, and a
 shielded close of an upstream response so that the server sees the disconnect
-even when we are being cancelled.
+even when we are being cancelled. Health checks say why they failed in words
+(:func:`failure_cause`, :func:`status_cause`): the operator reads them in the log.
 
 Common options read by :meth:`HttpOptions.from_settings` (all optional):
 ``headers`` (a table of strings), ``clients`` (shards, default 4),
@@ -18,6 +19,7 @@ default 10). ``settings.api_key``, when set, is sent as a bearer token.
 
 from __future__ import annotations
 
+import errno
 import itertools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -123,6 +125,41 @@ def transport_error(exc: httpx.HTTPError, url: str) -> BackendError:
     return BackendError(
         f"upstream request to {url} failed: {exc!r}", status=502, code="backend_error"
     )
+
+
+def failure_cause(exc: httpx.HTTPError, timeout: float | None = None) -> str:
+    """Why a request failed before its answer, for a log line: ``connection refused``,
+    ``timed out after 10 s`` (``timeout``: the seconds allowed, if known), ``cannot
+    connect: <the OS's reason>`` or the error itself."""
+    if isinstance(exc, httpx.TimeoutException):
+        what = "connect timeout" if isinstance(exc, httpx.ConnectTimeout) else "timed out"
+        return f"{what} after {timeout:g} s" if timeout is not None else what
+    if isinstance(exc, httpx.ConnectError):
+        cause: BaseException | None = exc
+        while cause is not None:  # httpcore wraps the OSError (and trio may group it)
+            if isinstance(cause, OSError) and cause.errno == errno.ECONNREFUSED:
+                return "connection refused"
+            if isinstance(cause, BaseExceptionGroup):
+                cause = next(iter(cause.exceptions), None)
+                continue
+            cause = cause.__cause__ or cause.__context__
+        text = str(exc)
+        if "refused" in text.lower():
+            return "connection refused"
+        return f"cannot connect: {text or type(exc).__name__}"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def status_cause(response: httpx.Response) -> str:
+    """An unexpected answer in words: ``HTTP 500`` and the start of its body (one line,
+    at most 200 characters), e.g. ``HTTP 503: {"error": "Loading model"}``."""
+    try:
+        text = " ".join(response.text.split())
+    except (httpx.HTTPError, UnicodeDecodeError):  # a body not (yet) read: status only
+        text = ""
+    if len(text) > 200:
+        text = text[:200] + "…"
+    return f"HTTP {response.status_code}" + (f": {text}" if text else "")
 
 
 def stream_error(exc: BaseException) -> BackendError:

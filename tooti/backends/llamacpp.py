@@ -229,6 +229,8 @@ class LlamaCppBackend:
             options={"clients": int(opts.get("clients", 4))},
         ))
         self.launches = 0
+        self.health_error = ""
+        """Why the last :meth:`health` check failed; ``""`` if it passed."""
         self._launched = trio.Event()
         self._child: _Child | None = None
         self._closing = False
@@ -363,11 +365,20 @@ class LlamaCppBackend:
         )]
 
     async def health(self) -> bool:
-        """True while the child runs and answers ``/health`` with 200."""
+        """True while the child runs and answers ``/health`` with 200; else
+        :attr:`health_error` says why (the child is not running, or the URL asked and
+        the cause)."""
         process = self.process
-        if process is None or process.returncode is not None:
+        if process is None:
+            self.health_error = "the llama.cpp child is not running"
             return False
-        return await self.upstream.health()
+        if process.returncode is not None:
+            self.health_error = (f"the llama.cpp child pid {process.pid} exited with "
+                                 f"status {process.returncode}")
+            return False
+        healthy = await self.upstream.health()
+        self.health_error = self.upstream.health_error
+        return healthy
 
     def open(
         self, endpoint: str, body: bytes, request: dict[str, Any]

@@ -65,8 +65,10 @@ from tooti.backends.http_util import (
     HttpOptions,
     aclose_iterator,
     close_response,
+    failure_cause,
     read_bounded,
     retryable,
+    status_cause,
     stream_error,
     transport_error,
 )
@@ -230,6 +232,8 @@ class OllamaBackend:
         self.defaults = Defaults(num_ctx=num_ctx, keep_alive=keep_alive)
         self.http = HttpOptions.from_settings(settings, "ollama")
         self._clients = ClientShards(self.http)
+        self.health_error = ""
+        """Why the last :meth:`health` check failed (URL and cause); ``""`` if it passed."""
 
     # -- lifecycle ------------------------------------------------------
 
@@ -330,14 +334,20 @@ class OllamaBackend:
         return found
 
     async def health(self) -> bool:
-        """True when ``GET /api/version`` answers 200."""
+        """True when ``GET /api/version`` answers 200; else :attr:`health_error` names
+        the URL and the cause (connection refused, the status, a timeout)."""
+        url = f"{self.url}/api/version"
+        timeout = self.http.control_timeout
         try:
-            response = await self._clients.next().get(
-                f"{self.url}/api/version", timeout=self.http.control_timeout
-            )
-        except httpx.HTTPError:
+            response = await self._clients.next().get(url, timeout=timeout)
+        except httpx.HTTPError as exc:
+            self.health_error = f"GET {url}: {failure_cause(exc, timeout)}"
             return False
-        return response.status_code == 200
+        if response.status_code != 200:
+            self.health_error = f"GET {url} answered {status_cause(response)}"
+            return False
+        self.health_error = ""
+        return True
 
     # -- requests -------------------------------------------------------
 

@@ -59,8 +59,10 @@ from tooti.backends.http_util import (
     HttpOptions,
     aclose_iterator,
     close_response,
+    failure_cause,
     read_bounded,
     retryable,
+    status_cause,
     stream_error,
     transport_error,
 )
@@ -154,6 +156,8 @@ class OpenAIBackend:
         self.max_connections = http.max_connections
         self.control_timeout = http.control_timeout
         self._clients = ClientShards(http)
+        self.health_error = ""
+        """Why the last :meth:`health` check failed (URL and cause); ``""`` if it passed."""
 
     # -- lifecycle ------------------------------------------------------
 
@@ -229,16 +233,23 @@ class OpenAIBackend:
     async def health(self) -> bool:
         """True if ``{root}/health`` answers 200; a server without that route (404 or
         405) is healthy when ``{url}/models`` succeeds. Any other status (llama.cpp
-        answers 503 while loading) is unhealthy."""
+        answers 503 while loading) is unhealthy. When unhealthy, :attr:`health_error`
+        names the URL asked and the cause (connection refused, the status, a timeout)."""
         client = self._client()
+        url = f"{self.root_url}/health"
         try:
-            response = await client.get(f"{self.root_url}/health", timeout=self.control_timeout)
-            if response.status_code not in (404, 405):
-                return response.status_code == 200
-            response = await client.get(f"{self.url}/models", timeout=self.control_timeout)
-            return response.status_code == 200
-        except httpx.HTTPError:
+            response = await client.get(url, timeout=self.control_timeout)
+            if response.status_code in (404, 405):
+                url = f"{self.url}/models"
+                response = await client.get(url, timeout=self.control_timeout)
+        except httpx.HTTPError as exc:
+            self.health_error = f"GET {url}: {failure_cause(exc, self.control_timeout)}"
             return False
+        if response.status_code != 200:
+            self.health_error = f"GET {url} answered {status_cause(response)}"
+            return False
+        self.health_error = ""
+        return True
 
     # -- requests -------------------------------------------------------
 

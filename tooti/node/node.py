@@ -16,7 +16,7 @@ import msgspec
 import trio
 
 from tooti import clock
-from tooti.backends.base import Backend, BackendError, ModelInfo
+from tooti.backends.base import Backend, BackendError, ModelInfo, health_problem
 from tooti.dialer import Dialer
 from tooti.identity import Identity
 from tooti.node.metering import UsageMeter
@@ -119,7 +119,7 @@ class Node:
         for index, backend in enumerate(self.backends):
             try:
                 if not await backend.health():
-                    raise RuntimeError("health check failed")
+                    raise RuntimeError(health_problem(backend))
                 if list_models or index not in self._listed:
                     self._listed[index] = await backend.models()
             except Exception as exc:  # a sick backend only loses its models
