@@ -7,6 +7,14 @@ end (:func:`stream_answer`) the closing ``data: [DONE]`` line is held until the
 node's END has arrived and the gateway has settled, so a client that saw ``[DONE]``
 saw an answer whose usage was already recorded. A failure after the first token
 becomes an in-band ``data: {"error": ...}`` event followed by ``data: [DONE]``.
+
+Once the node's ``[DONE]`` has arrived and every event before it was sent, the answer
+is marked :attr:`~tooti.mesh.http.ResponseSend.answered`: the client has every token
+and the finish reason, and only the held closing part is left. A client that stops
+reading there and closes (it need not wait for ``[DONE]``) was served in full, so its
+disconnect no longer cancels the work: the node's END is still awaited and the request
+settles ``ok`` with the node's real usage (issue 14, bug 6: it was recorded
+``cancelled`` with estimated counts when the END came a moment after the ``[DONE]``).
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ from collections.abc import Awaitable, Callable
 
 from tooti.billing.base import Outcome
 from tooti.errors import APIError, from_end_info
-from tooti.mesh.http import Headers, Send
+from tooti.mesh.http import Headers, ResponseSend, Send
 from tooti.protocol.sse import EVENT_END, SSEDecoder
 from tooti.tunnel import OutboundStream, TunnelLost
 
@@ -182,6 +190,8 @@ async def stream_answer(
         outcome.delivered_events = hold.delivered
         if body:
             await send({"type": "http.response.body", "body": body, "more_body": True})
+        if hold.held and isinstance(send, ResponseSend):
+            send.answered = True  # all before [DONE] is sent: a client leaving was served
 
     await relay(first)
     error: APIError | None = None

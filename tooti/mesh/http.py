@@ -109,16 +109,28 @@ async def send_error(send: Send, error: APIError, headers: Headers) -> None:
     await send_bytes(send, error.status, error.to_json(), headers + extra)
 
 
+ANSWERED_GRACE = 10.0
+"""Seconds an answer that was all sent but its closing part (see
+:attr:`ResponseSend.answered`) may still take to finish after its client left."""
+
+
 class ResponseSend:
     """The ASGI ``send`` of one request, remembering how far its response got: whether
-    it has started (an error can still be answered) and whether its last body part
-    was handed to the server (the client was served in full)."""
+    it has started (an error can still be answered), whether all of its answer was
+    handed to the server but a closing part the app holds back (:attr:`answered`),
+    and whether its last body part was handed to the server (the client was served in
+    full)."""
 
-    __slots__ = ("complete", "send", "started")
+    __slots__ = ("answered", "complete", "send", "started")
 
     def __init__(self, send: Send) -> None:
         self.send = send
         self.started = False
+        self.answered = False
+        """Set by the app: the answer is complete and all of it was sent but a closing
+        part held until its bookkeeping is done (a stream's ``data: [DONE]``, held until
+        the node's END has arrived and the request has settled). A client leaving now
+        was served: :func:`cancel_on_disconnect` lets the work finish."""
         self.complete = False
 
     async def __call__(self, message: dict[str, Any]) -> None:
@@ -142,7 +154,11 @@ async def cancel_on_disconnect(
     so nothing else is received) and cancels ``work``, which propagates the
     cancellation down the tunnel to the backend. Hypercorn also sends
     ``http.disconnect`` once a response is complete; the watcher ignores it
-    then, so a finished response is never taken for a cancelled one.
+    then, so a finished response is never taken for a cancelled one. Nor does it
+    cancel an answer that was all sent but its closing part (:attr:`ResponseSend.answered`:
+    a stream whose ``[DONE]`` waits for the node's END and the settle): a client that
+    stops reading at the last token (or at a finish reason) was served in full, so the
+    work gets up to :data:`ANSWERED_GRACE` seconds more to finish and record it.
     """
     tracked = send if isinstance(send, ResponseSend) else ResponseSend(send)
     try:
@@ -151,8 +167,13 @@ async def cancel_on_disconnect(
             async def watch() -> None:
                 while (await receive())["type"] != "http.disconnect":
                     pass
-                if not tracked.complete:
-                    nursery.cancel_scope.cancel()
+                if tracked.complete:
+                    return
+                if tracked.answered:  # only the closing part is left: let it finish
+                    scope = nursery.cancel_scope
+                    scope.deadline = min(scope.deadline, trio.current_time() + ANSWERED_GRACE)
+                    return
+                nursery.cancel_scope.cancel()
 
             nursery.start_soon(watch)
             await work(tracked)
