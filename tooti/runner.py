@@ -37,6 +37,7 @@ from tooti.accounts.database import Database, DatabaseError
 from tooti.accounts.join_directory import JoinTokenDirectory
 from tooti.backends.base import Backend
 from tooti.billing.base import Billing, BillingSetup
+from tooti.data_dir_lock import lock_data_dir
 from tooti.gateway.app import Gateway
 from tooti.gateway.auth import resolve_mode
 from tooti.identity import DERIVED_PREFIX, RELAY_KEY_FILE, Identity
@@ -445,12 +446,19 @@ def run(settings: Settings, reload: Rebuild | None = None) -> int:
     builds them again on SIGHUP (see :func:`main`).
 
     Configuration problems raise :class:`~tooti.config.ConfigError` (the CLI
-    prints them); a port that cannot be bound is reported in one line, exit 1.
+    prints them), as does a data dir another process holds (:mod:`tooti.data_dir_lock`:
+    locked for the whole run); a port that cannot be bound is reported in one line, exit 1.
     """
     setup_logging(settings.log_level)
     check_plugin_names(settings)
     check_tls(settings)
     check_auth(settings)
+    # One process per data dir (its identity, gateway id, ledger), held until we return.
+    with lock_data_dir(settings.data_dir):
+        return _run_locked(settings, reload)
+
+
+def _run_locked(settings: Settings, reload: Rebuild | None) -> int:
     backends = build_backends(settings) if "node" in effective_roles(settings) else None
     try:
         return trio.run(main, settings, backends, reload)
