@@ -171,11 +171,14 @@ def close_leases(tx: Tx, lease_ids: list[str], closed_at: float, *,
             is not None]
 
 
+LOCK_OPEN_LEASE = "UPDATE leases SET amount = amount WHERE id = ? AND closed_at IS NULL"
+"""Locks an open lease's row for the transaction; changes no row if it is closed."""
+
+
 def lock_open_lease(tx: Tx, lease_id: str) -> bool:
     """Lock an open lease's row for this transaction (so no reconcile closes it under a
     settle); False if it is closed."""
-    return tx.run("UPDATE leases SET amount = amount WHERE id = ? AND closed_at IS NULL",
-                  (lease_id,)) > 0
+    return tx.run(LOCK_OPEN_LEASE, (lease_id,)) > 0
 
 
 class LeaseBook:

@@ -101,7 +101,7 @@ from tooti.accounts.journal import (
     lease_book,
     post_new,
 )
-from tooti.accounts.leases import LeaseBook, Reservation, lock_open_lease
+from tooti.accounts.leases import LOCK_OPEN_LEASE, LeaseBook, Reservation, lock_open_lease
 from tooti.accounts.money import format_credits, parse_credits, split_fee
 from tooti.accounts.records import ADMIN_ACCOUNT
 from tooti.backoff import Backoff
@@ -498,81 +498,64 @@ class _Retry(Exception):
     one (:func:`commit` with ``look``), which charges such a request to its account."""
 
 
-def _commit_pipelined(tx: Tx, items: list[_Item]) -> list[str]:
-    """:func:`commit` on PostgreSQL in one round trip for all its statements (besides
-    BEGIN and COMMIT), optimistically: it assumes every lease of the batch is open and
-    every request new, sends the lease locks, the usage rows, the entries, the books and
-    the lines in one pipeline, and then checks the rows each changed; a closed lease, a
-    request written before or a lease short of its charge rolls the whole batch back
-    (the writer then writes its requests one by one, looking first)."""
+def commit(tx: Tx, items: list[_Item], *, look: bool = False) -> list[str]:
+    """Every item's usage row and settle entry in ``tx``; the leases found closed.
+
+    A constant number of statements per batch, however many requests it holds, locking
+    in a fixed order (lease rows by id, then books by name) so batches of concurrent
+    gateways, and reconciles (:func:`~tooti.accounts.leases.close_leases`), never
+    deadlock. The writer's batch (``look`` False) is optimistic: it assumes every lease
+    of the batch open and every request new, sends the lease locks, usage rows, entries,
+    books and lines at once (on PostgreSQL in one pipeline, one round trip) and checks
+    the rows each changed after; a closed lease, a request written before or a lease
+    short of its charge rolls the batch back, and the writer then writes its requests
+    one by one with ``look``: leases locked first (a closed one's requests charged to
+    their account), requests already written skipped."""
     charging = [item for item in items if item.charged > 0]
     leases = sorted({item.reservation.lease_id for item in charging
                      if item.reservation is not None and item.reservation.lease_id})
+    if not look:
+        rows, entries, floors = _settlements(tx, _unique(items), lambda lease_id: True)
+        plan = NewEntries(entries, floors)
+        counts = tx.pipelined([
+            *[(LOCK_OPEN_LEASE, (lease_id,), False) for lease_id in leases],
+            (INSERT, rows, True), *plan.statements()])
+        if any(count != 1 for count in counts[:len(leases)]):
+            raise _Retry("a lease of this batch was closed")
+        if counts[len(leases)] != len(rows):
+            raise AlreadyPosted("a usage row of this batch was written before")
+        plan.check(counts[len(leases) + 1:])
+        return []
+    open_leases = {lease_id for lease_id in leases if lock_open_lease(tx, lease_id)}
+    written = _written(tx, [item.request_id for item in items])
+    rows, entries, floors = _settlements(  # settled (or refunded) before: nothing moves
+        tx, _unique(items, written), open_leases.__contains__)
+    if tx.many(INSERT, rows) != len(rows):  # written by a replay meanwhile
+        raise AlreadyPosted("a usage row of this batch was written concurrently")
+    post_new(tx, entries, floors=floors)
+    return [lease_id for lease_id in leases if lease_id not in open_leases]
+
+
+def _unique(items: list[_Item], skip: set[str] | None = None) -> list[_Item]:
+    """``items`` without those in ``skip``, each request id once (the first)."""
     fresh: dict[str, _Item] = {}
     for item in items:
-        fresh.setdefault(item.request_id, item)
-    looked_up = {node: node_owner(tx, node)
-                 for node in {item.node_id for item in fresh.values() if not item.owner}}
-    rows, entries = [], []
-    floors: dict[str, int] = {}
-    for item in fresh.values():
-        owner = item.owner or looked_up[item.node_id]
-        row = list(item.row)
-        row[OWNER] = owner
-        rows.append(row)
-        if item.charged <= 0:
-            continue
-        lease_id = item.reservation.lease_id if item.reservation is not None else ""
-        source = lease_book(lease_id) if lease_id else account_book(item.account_id)
-        if lease_id:
-            floors[source] = 0
-        lines = [(source, -item.charged), (earnings_book(owner or ADMIN_ACCOUNT), item.earned)]
-        if item.fee:
-            lines.append((FEES, item.fee))
-        entries.append(Entry(f"settle:{item.request_id}", "settle", lines, item.request_id))
-    plan = NewEntries(entries, floors)
-    counts = tx.pipelined([
-        *[("UPDATE leases SET amount = amount WHERE id = ? AND closed_at IS NULL",
-           (lease_id,), False) for lease_id in leases],
-        (INSERT, rows, True), *plan.statements()])
-    if any(count != 1 for count in counts[:len(leases)]):
-        raise _Retry("a lease of this batch was closed")
-    if counts[len(leases)] != len(rows):
-        raise AlreadyPosted("a usage row of this batch was written before")
-    plan.check(counts[len(leases) + 1:])
-    return []
-
-
-def commit(tx: Tx, items: list[_Item], *, look: bool = False) -> list[str]:
-    """Every item's usage row and settle entry in ``tx``; the leases found closed. On
-    PostgreSQL the writer's batches go in one pipeline (:func:`_commit_pipelined`).
-
-    A constant number of statements per batch, however many requests it holds (so a
-    batch of concurrent requests costs about what one does, and on PostgreSQL about as
-    many round trips): the open leases locked, the requests already written found in one
-    query, the new usage rows, settle entries and their lines inserted in one pipelined
-    statement each, and each book updated once with its sum. Locks in a fixed order
-    (lease rows by id, then books by name) so batches of concurrent gateways, and
-    reconciles (:func:`~tooti.accounts.leases.close_leases`), never deadlock."""
-    if tx.dialect == "postgresql" and not look:
-        return _commit_pipelined(tx, items)
-    charging = [item for item in items if item.charged > 0]
-    leases = sorted({item.reservation.lease_id for item in charging
-                     if item.reservation is not None and item.reservation.lease_id})
-    open_leases = {lease_id for lease_id in leases if lock_open_lease(tx, lease_id)}
-    # The writer's batch holds new requests (one settle each): it needs no query of
-    # what is written, and a row found written after all rolls the batch back; the
-    # writer then writes its requests one by one with ``look``, which skips them.
-    written = _written(tx, [item.request_id for item in items]) if look else set()
-    fresh: dict[str, _Item] = {}
-    for item in items:  # settled (or refunded) before: nothing moves again
-        if item.request_id not in written:
+        if not skip or item.request_id not in skip:
             fresh.setdefault(item.request_id, item)
+    return list(fresh.values())
+
+
+def _settlements(tx: Tx, items: list[_Item], is_open: Callable[[str], bool],
+                 ) -> tuple[list[list[Any]], list[Entry], dict[str, int]]:
+    """The usage rows of ``items``, the settle entries of those charged, and the floors
+    of the lease books they spend from: a request whose lease ``is_open`` spends from
+    it, one whose lease was reconciled meanwhile is charged to its account directly."""
     looked_up = {node: node_owner(tx, node)
-                 for node in {item.node_id for item in fresh.values() if not item.owner}}
-    rows, entries = [], []
+                 for node in {item.node_id for item in items if not item.owner}}
+    rows: list[list[Any]] = []
+    entries: list[Entry] = []
     floors: dict[str, int] = {}
-    for item in fresh.values():
+    for item in items:
         owner = item.owner or looked_up[item.node_id]
         row = list(item.row)
         row[OWNER] = owner
@@ -580,21 +563,16 @@ def commit(tx: Tx, items: list[_Item], *, look: bool = False) -> list[str]:
         if item.charged <= 0:
             continue
         lease_id = item.reservation.lease_id if item.reservation is not None else ""
-        if lease_id in open_leases:
+        if lease_id and is_open(lease_id):
             source = lease_book(lease_id)
             floors[source] = 0
-        else:  # its lease was reconciled meanwhile: the account pays directly
+        else:
             source = account_book(item.account_id)
         lines = [(source, -item.charged), (earnings_book(owner or ADMIN_ACCOUNT), item.earned)]
         if item.fee:
             lines.append((FEES, item.fee))
         entries.append(Entry(f"settle:{item.request_id}", "settle", lines, item.request_id))
-    if tx.many(INSERT, rows) != len(rows):
-        # Written before (a settle repeated, a replay): roll back; the writer then writes
-        # these requests one by one, looking first.
-        raise AlreadyPosted("a usage row of this batch was written before")
-    post_new(tx, entries, floors=floors)
-    return [lease_id for lease_id in leases if lease_id not in open_leases]
+    return rows, entries, floors
 
 
 def _written(tx: Tx, request_ids: list[str]) -> set[str]:
