@@ -331,7 +331,8 @@ async def _serve_roles(process: Process, roles: list[str],
         task_status.started(process)
         if process.gateway is not None and process.node is not None and process.node.models:
             model = sorted(process.node.models)[0]
-            print(ready_banner(process.urls[0], model), flush=True)
+            print(ready_banner(process.urls[0], model,
+                               process.node.models[model][0].type_name), flush=True)
 
 
 def relay_identity(settings: Settings) -> tuple[str, Identity]:
@@ -348,13 +349,50 @@ def relay_identity(settings: Settings) -> tuple[str, Identity]:
     return name or identity.id, identity
 
 
-def ready_banner(url: str, model: str) -> str:
-    """The line printed once a gateway with a local node is ready: a working curl."""
+def ready_banner(url: str, model: str, backend_type: str = "",
+                 command: str | None = None) -> str:
+    """What a gateway with a local node prints once it is ready: the URL and model (first
+    line, ``tooti is ready on URL serving MODEL.``), what the model is when it is the
+    embedded Gemma 3 270M (a small base model for trying the network, not for good
+    answers) or the simulated backend (no model at all), a working curl, where the TUI
+    is, and — for those two — how to serve a real model instead.
+
+    ``command`` is how to call tooti in the hints: by default the ``tooti`` script beside
+    this interpreter (``.venv/bin/tooti`` after ``make run``, relative to the working
+    directory when it is under it), else ``tooti``."""
+    if command is None:
+        script = Path(sys.executable).with_name("tooti")
+        command = "tooti"
+        if script.is_file():
+            relative = os.path.relpath(script)
+            command = relative if not relative.startswith("..") else str(script)
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello!"}],
                        "max_tokens": 32})
-    return (f"tooti is ready on {url} serving {model}. Try:\n"
-            f"  curl {url}/v1/chat/completions -H 'content-type: application/json' "
-            f"-d '{body}'")
+    address = url.partition("://")[2]
+    listen = "" if address == "127.0.0.1:8080" else f" --listen {address}"
+    lines = [f"tooti is ready on {url} serving {model}."]
+    stand_in = backend_type in ("llamacpp", "simulated")
+    if backend_type == "llamacpp" and model == "gemma-3-270m":
+        lines.append(f"  {model} is Gemma 3 270M on the embedded llama.cpp: a small base "
+                     "model for trying the network, not for good answers.")
+    elif backend_type == "simulated":
+        lines.append(f"  {model} is the simulated backend: made-up tokens, no model at all.")
+    lines += [
+        "Try it:",
+        f"  curl {url}/v1/chat/completions -H 'content-type: application/json' "
+        f"-d '{body}'",
+        "Watch it live:",
+        f"  {command} tui --gateway {url}",
+    ]
+    if stand_in:
+        lines += [
+            "Serve a real model: stop this (Ctrl-C) and point tooti at your model server:",
+            f"  {command} run{listen} --backend openai=http://127.0.0.1:8000/v1"
+            "   # vLLM, llama.cpp server, LM Studio",
+            f"  {command} run{listen} --backend ollama=http://127.0.0.1:11434"
+            "   # Ollama",
+        ]
+    return "\n".join(lines)
 
 
 async def _attach_local(station: Station, node: Node) -> None:
