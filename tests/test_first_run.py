@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -126,3 +127,61 @@ def test_default_run_test_skips_without_the_local_extra() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1 skipped" in result.stdout, result.stdout
     assert "pip install 'tooti[local]'" in result.stdout, result.stdout
+
+
+# -- the ready banner tells the truth ----------------------------------------------
+
+
+def test_ready_banner_names_the_embedded_model_and_how_to_serve_a_real_one() -> None:
+    """The embedded Gemma 3 270M is named as a small base model for trying the network,
+    with a working curl, the TUI, and the two ways to serve a real model (the backend
+    syntax of docs/backends.md); the first line stays what test_process parses."""
+    from tooti.runner import ready_banner
+
+    url = "http://127.0.0.1:8080"
+    banner = ready_banner(url, "gemma-3-270m", "llamacpp", command=".venv/bin/tooti")
+    first, *rest = banner.splitlines()
+    assert first == f"tooti is ready on {url} serving gemma-3-270m."
+    text = "\n".join(rest)
+    assert "Gemma 3 270M" in text
+    assert "small base model for trying the network, not for good answers" in text
+    assert f"  .venv/bin/tooti tui --gateway {url}" in rest
+    assert ".venv/bin/tooti run --backend openai=http://127.0.0.1:8000/v1" in text
+    assert ".venv/bin/tooti run --backend ollama=http://127.0.0.1:11434" in text
+    for server in ("vLLM", "llama.cpp server", "LM Studio", "Ollama"):
+        assert server in text
+    [curl] = [line for line in rest if line.startswith("  curl ")]
+    body = curl.partition(" -d '")[2].rstrip("'")
+    assert curl.startswith(f"  curl {url}/v1/chat/completions -H 'content-type: application/json'")
+    assert json.loads(body)["model"] == "gemma-3-270m"
+    # the backend syntax shown is the one --backend parses
+    from tooti.config import parse_backend_flag
+
+    openai = parse_backend_flag("openai=http://127.0.0.1:8000/v1")
+    ollama = parse_backend_flag("ollama=http://127.0.0.1:11434")
+    assert (openai.type, ollama.type) == ("openai", "ollama")
+
+
+def test_ready_banner_elsewhere_and_for_other_backends() -> None:
+    """Another address is carried into the restart hints; the simulated backend says it
+    is no model; a real backend gets no "serve a real model" hint."""
+    from tooti.runner import ready_banner
+
+    url = "http://127.0.0.1:8181"
+    simulated = ready_banner(url, "tooti-sim", "simulated", command="tooti")
+    assert "no model at all" in simulated
+    assert "tooti run --listen 127.0.0.1:8181 --backend openai=" in simulated
+    real = ready_banner(url, "llama-3-8b", "openai", command="tooti")
+    assert "not for good answers" not in real and "--backend" not in real
+    assert real.splitlines()[0] == f"tooti is ready on {url} serving llama-3-8b."
+
+
+def test_ready_banner_points_at_the_script_beside_the_interpreter() -> None:
+    from tooti.runner import ready_banner
+
+    banner = ready_banner("http://127.0.0.1:8080", "gemma-3-270m", "llamacpp")
+    script = Path(sys.executable).with_name("tooti")
+    expected = os.path.relpath(script) if script.is_file() else "tooti"
+    if expected.startswith(".."):
+        expected = str(script)
+    assert f"  {expected} tui --gateway http://127.0.0.1:8080" in banner.splitlines()
