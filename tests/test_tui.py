@@ -343,3 +343,40 @@ if __name__ == "__main__":
     with trio_network() as network:
         asyncio.run(_screenshot(network, target))
     print(f"wrote {target}")
+
+
+def test_escape_clears_the_filter_after_enter_kept_it() -> None:
+    """``/`` filter, Enter keeps it (the panes show only matches, the focus back on a
+    pane), then Escape — pressed in the pane, not the box — clears it: every row is back
+    and the box is hidden. Before the fix Escape only cleared a filter being typed.
+    Escape in the details screen still only closes that screen."""
+    from tests.test_tui_snapshots import SIZE, make_app
+
+    async def scenario() -> None:
+        app = make_app()
+        async with app.run_test(size=SIZE) as pilot:
+            every_peer = list(app.peers_table.shown_keys())
+            every_request = list(app.requests_table.shown_keys())
+            await pilot.press("slash", *"gpu-b", "enter")
+            box = app.query_one("#filter")
+            assert app.filter_text == "gpu-b" and box.has_class("visible")
+            assert app.focused is app.peers_table
+            assert app.peers_table.shown_keys() == ["gpu-b"]
+            await pilot.press("tab")  # the requests pane, still filtered
+            assert app.focused is app.requests_table
+            assert 0 < len(app.requests_table.shown_keys()) < len(every_request)
+            await pilot.press("enter")  # a request's details: Escape closes them only
+            assert isinstance(app.screen, DetailScreen)
+            await pilot.press("escape")
+            await pilot.pause()
+            assert not isinstance(app.screen, DetailScreen)
+            assert app.filter_text == "gpu-b"
+            await pilot.press("escape")  # now in the pane: clears the kept filter
+            await pilot.pause()
+            assert app.filter_text == ""
+            assert not box.has_class("visible")
+            assert app.focused is app.requests_table  # the pane keeps the focus
+            assert app.peers_table.shown_keys() == every_peer
+            assert sorted(app.requests_table.shown_keys()) == sorted(every_request)
+
+    asyncio.run(scenario())

@@ -240,14 +240,22 @@ class TootiApp(App[None]):
         self._close_filter()
 
     def on_key(self, event: events.Key) -> None:
-        """Escape in the filter box clears the filter."""
+        """Escape clears the filter: while it is being typed (the box focused: back to
+        the tables) and after Enter kept it (a pane focused: the pane keeps the focus).
+        In a details or help screen Escape only closes that screen."""
+        if event.key != "escape" or isinstance(self.screen, ModalScreen):
+            return
         box = self.query_one("#filter", Input)
-        if event.key == "escape" and self.focused is box:
-            box.value = ""
-            self.filter_text = ""
-            self._close_filter()
-            self.redraw(force=True)
-            event.stop()
+        if self.focused is not box and not box.value and not self.filter_text:
+            return
+        typing = self.focused is box
+        box.value = ""
+        self.filter_text = ""
+        box.remove_class("visible")
+        if typing:
+            self.peers_table.focus()
+        self.redraw(force=True)
+        event.stop()
 
     def _close_filter(self) -> None:
         box = self.query_one("#filter", Input)

@@ -19,7 +19,7 @@ STATE_STYLES = {
     "queued": "yellow", "retrying": "yellow", "draining": "yellow",
     "cooldown": "dark_orange", "unhealthy": "dark_orange", "lost": "dim",
     "gone": "dim red", "cancelled": "dim", "error": "red", "failed": "red",
-    "failed_midstream": "red",
+    "failed_midstream": "red", "rejected": "magenta",
 }
 """Rich style of each state word."""
 
