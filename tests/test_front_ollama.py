@@ -57,6 +57,7 @@ from tooti.fronts.ollama_models import (
     unsupported_action,
     version_body,
 )
+from tooti.protocol.sse import SSEDecoder
 
 PNG = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 16).decode()
 JPEG = base64.b64encode(b"\xff\xd8\xff\xe0" + b"\0" * 16).decode()
@@ -209,8 +210,8 @@ def test_model_names() -> None:
     (parse_chat, {"model": "m", "options": {"num_predict": 0}}, "options.num_predict"),
     (parse_chat, {"model": "m", "options": {"seed": True}}, "options.seed"),
     (parse_chat, {"model": "m", "format": "xml"}, "format"),
-    (parse_chat, {"model": "m", "logprobs": True}, "logprobs"),
-    (parse_chat, {"model": "m", "top_logprobs": 3}, "top_logprobs"),
+    (parse_chat, {"model": "m", "logprobs": 1}, "logprobs"),
+    (parse_chat, {"model": "m", "top_logprobs": 21}, "top_logprobs"),
     (parse_chat, {"model": "m", "tools": [{"type": "code", "function": {"name": "f"}}]},
      "tools[0].type"),
     (parse_chat, {"model": "m", "messages": [{"role": "user", "images": ["!!"]}]},
@@ -422,6 +423,35 @@ def test_stream_tool_calls_arrive_whole_before_the_end() -> None:
     calls = items[0].message.tool_calls
     assert calls is not None and calls[0].function.arguments == {"city": "Rome"}
     assert items[1].done and items[1].done_reason == "stop"
+
+
+LOGPROBS = {"content": [{"token": "Hi", "logprob": -0.25, "bytes": [72, 105],
+                         "top_logprobs": [{"token": "Hi", "logprob": -0.25, "bytes": None},
+                                          {"token": "Yo", "logprob": -1.5, "bytes": None}]}]}
+
+
+def test_logprobs_are_asked_for_and_returned() -> None:
+    request = chat(logprobs=True, top_logprobs=2, stream=False)
+    assert request.body["logprobs"] is True and request.body["top_logprobs"] == 2
+    assert chat(top_logprobs=1).body["logprobs"] is True
+    assert "logprobs" not in chat(logprobs=False).body
+    upstream = completion("Hi")
+    upstream["choices"][0]["logprobs"] = LOGPROBS
+    item = ChatResponse(**json.loads(answer(upstream, request)))
+    assert item.logprobs is not None and item.logprobs[0].token == "Hi"
+    assert item.logprobs[0].logprob == -0.25
+    assert [t.token for t in item.logprobs[0].top_logprobs or []] == ["Hi", "Yo"]
+    streamed = chunk({"content": "Hi"})
+    streamed["choices"][0]["logprobs"] = LOGPROBS
+    first = ChatResponse(**run_stream(chat(logprobs=True), [streamed, USAGE_CHUNK])[0])
+    assert first.logprobs is not None and first.logprobs[0].logprob == -0.25
+
+
+def test_an_error_chunk_ends_the_stream_with_an_error_line() -> None:
+    translator = stream_translator(chat())
+    line = translator.feed({"error": {"message": "out of memory", "type": "server_error"}})
+    assert json.loads(line) == {"error": "out of memory"}
+    assert translator.feed(chunk({"content": "x"})) == b"" and translator.finish() == b""
 
 
 def test_stream_without_usage_omits_counts() -> None:
@@ -667,8 +697,11 @@ def test_ollama_client_generate_embed_and_refusals(
         assert "not supported by a network gateway" in caught.value.error
     with pytest.raises(ollama.ResponseError) as caught:
         c.chat(model="gemma-3-270m", messages=[{"role": "user", "content": "x"}],
-               logprobs=True)
-    assert caught.value.status_code == 400 and "logprobs" in caught.value.error
+               options={"top_p": 2})
+    assert caught.value.status_code == 400 and "options.top_p" in caught.value.error
+    with pytest.raises(ollama.ResponseError) as caught:
+        c.chat(model="unknown", messages=[{"role": "user", "content": "x"}])
+    assert caught.value.status_code == 404
 
 
 def test_ollama_client_raises_a_mid_stream_error() -> None:
@@ -761,6 +794,44 @@ def test_valid_chats_reach_the_node_unchanged(
     assert body.get("tools", []) == tools
 
 
+def sse(chunks: list[dict[str, Any]]) -> bytes:
+    return b"".join(b"data: " + msgspec.json.encode(c) + b"\n\n" for c in chunks) + \
+        b"data: [DONE]\n\n"
+
+
+def translate_sse(request: ChatRequest, pieces: list[bytes]) -> bytes:
+    """What the route will do: decode the node's SSE bytes as they come, feed each
+    event's chunk, finish at ``[DONE]``."""
+    decoder = SSEDecoder()
+    translator = stream_translator(request, FakeClock().clock())
+    out = translator.start()
+    for piece in pieces:
+        for event in decoder.events(piece):
+            if event.data == "[DONE]":
+                out += translator.finish()
+            else:
+                out += translator.feed(json.loads(event.data))
+    return out
+
+
+def test_node_bytes_split_at_every_boundary_give_the_same_stream() -> None:
+    calls = [{"index": 0, "id": "c1", "type": "function",
+              "function": {"name": "get_weather", "arguments": '{"city":'}}]
+    chunks = [*text_chunks("Hé", "llo ✓")[:-2], chunk({"tool_calls": calls}),
+              chunk({"tool_calls": [{"index": 0, "function": {"arguments": '"Rome"}'}}]}),
+              chunk(finish="tool_calls"), USAGE_CHUNK]
+    data = sse(chunks).replace(b"\n", b"\r\n")
+    request = chat(tools=[WEATHER])
+    whole = translate_sse(request, [data])
+    items = [ChatResponse(**json.loads(line)) for line in whole.splitlines()]
+    assert "".join(i.message.content or "" for i in items) == "Héllo ✓"
+    assert items[-2].message.tool_calls is not None
+    assert items[-2].message.tool_calls[0].function.arguments == {"city": "Rome"}
+    assert items[-1].done and items[-1].eval_count == 3
+    for cut in range(len(data) + 1):
+        assert translate_sse(request, [data[:cut], data[cut:]]) == whole, cut
+
+
 def _split(text: str, cuts: list[int]) -> list[str]:
     points = sorted({c % (len(text) + 1) for c in cuts} | {0, len(text)})
     return [text[a:b] for a, b in itertools.pairwise(points)]
@@ -771,10 +842,11 @@ def _split(text: str, cuts: list[int]) -> list[str]:
        arguments=st.dictionaries(st.text(max_size=5), st.integers() | st.text(max_size=5),
                                  max_size=3),
        arg_cuts=st.lists(st.integers(0, 1000), max_size=10), generate=st.booleans(),
-       finish=st.sampled_from(["stop", "length", "tool_calls"]))
+       finish=st.sampled_from(["stop", "length", "tool_calls"]),
+       byte_cuts=st.lists(st.integers(0, 10_000), max_size=8))
 def test_any_split_stream_comes_back_whole(
         text: str, cuts: list[int], arguments: dict[str, Any], arg_cuts: list[int],
-        generate: bool, finish: str) -> None:
+        generate: bool, finish: str, byte_cuts: list[int]) -> None:
     encoded = json.dumps(arguments)
     chunks = [chunk({"role": "assistant", "content": ""})]
     chunks += [chunk({"content": piece}) for piece in _split(text, cuts)]
@@ -786,6 +858,10 @@ def test_any_split_stream_comes_back_whole(
     chunks += [chunk(finish=finish), USAGE_CHUNK]
     request = (parse_generate(raw({"model": "m", "prompt": "x"})) if generate else chat())
     items = run_stream(request, chunks)
+    data = sse(chunks)
+    points = sorted({c % (len(data) + 1) for c in byte_cuts} | {0, len(data)})
+    pieces = [data[a:b] for a, b in itertools.pairwise(points)]
+    assert [json.loads(line) for line in translate_sse(request, pieces).splitlines()] == items
     if generate:
         generated = [GenerateResponse(**item) for item in items]
         assert "".join(p.response or "" for p in generated) == text

@@ -17,9 +17,12 @@ Decisions where Ollama and the network differ (``docs/api.md`` lists every field
   name itself, else without its ``:latest`` tag, else with ``:latest`` added; answers
   carry the name the client sent, as Ollama's do.
 * **Refused** (400 naming the field), because ignoring them would change the answer:
-  ``logprobs``/``top_logprobs``, ``raw``, a non-empty ``template``, ``context`` or
-  ``suffix``, image-generation fields, images on a message that is not the user's, a
-  tool result that answers no earlier tool call.
+  ``raw``, a non-empty ``template``, ``context`` or ``suffix``, image-generation
+  fields, images on a message that is not the user's, a tool result that answers no
+  earlier tool call.
+* ``logprobs`` / ``top_logprobs`` (0-20) ask the node for OpenAI ``logprobs`` and
+  return them as Ollama's (``token``, ``logprob``, ``top_logprobs``), per line when
+  streamed; a node whose backend gives none returns none.
 * **Ignored**: ``keep_alive`` (nodes keep their models loaded), load-time options
   (``num_ctx``, ``num_gpu``, ...), and sampling options few backends take
   (``typical_p``, ``repeat_last_n``, ``mirostat*``, ``tfs_z``, ``penalize_newline``,
@@ -72,6 +75,7 @@ MAX_TOOL_CALLS = 128
 MAX_STOP = 16
 MAX_STOP_LENGTH = 1024
 MAX_EMBED_INPUTS = 2048
+MAX_TOP_LOGPROBS = 20
 
 _encode = msgspec.json.encode
 _decode_any = msgspec.json.decode
@@ -209,7 +213,7 @@ class _Generation(Struct, kw_only=True):
     stream: bool | None = None
     think: _Think | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: Annotated[int, Meta(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
 
 
 class _Chat(_Generation, kw_only=True):
@@ -349,13 +353,6 @@ def _messages(messages: list[_Message]) -> list[dict[str, Any]]:
     return out
 
 
-def _refuse_logprobs(request: _Generation) -> None:
-    if request.logprobs:
-        raise _bad("logprobs are not supported by this gateway", "logprobs")
-    if request.top_logprobs:
-        raise _bad("top_logprobs are not supported by this gateway", "top_logprobs")
-
-
 def _sampling(body: dict[str, Any], options: _Options | None) -> None:
     """Ollama's ``options`` as OpenAI sampling fields (``top_k``, ``min_p`` and
     ``repeat_penalty`` under their own names, as llama.cpp and vLLM take them)."""
@@ -412,6 +409,10 @@ def _body(request: _Generation, model: str, messages: list[dict[str, Any]], stre
         body["response_format"] = response_format
     if isinstance(request.think, str):
         body["reasoning_effort"] = request.think
+    if request.logprobs or request.top_logprobs:
+        body["logprobs"] = True
+        if request.top_logprobs:
+            body["top_logprobs"] = request.top_logprobs
     return body
 
 
@@ -426,7 +427,6 @@ def parse_chat(raw: bytes, *, live: Collection[str] = (), clock: Clock = SYSTEM_
     """An ``/api/chat`` body as a chat-completions request; ``live``: the network's
     model ids the caller may use (for :func:`resolve_model`). Raises APIError(400)."""
     request: _Chat = decode_request(raw, _Chat)
-    _refuse_logprobs(request)
     model = resolve_model(request.model, live)
     stream = request.stream is not False
     context = _context("chat", request, clock)
@@ -443,7 +443,6 @@ def parse_generate(raw: bytes, *, live: Collection[str] = (), clock: Clock = SYS
     """An ``/api/generate`` body as a chat-completions request (``system`` and
     ``prompt`` as a system and a user message). Raises APIError(400)."""
     request: _Generate = decode_request(raw, _Generate)
-    _refuse_logprobs(request)
     if request.raw:
         raise _bad("raw prompts are not supported: nodes apply their model's own "
                    "template", "raw")
@@ -564,6 +563,24 @@ def _tool_calls(calls: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]
     return out, text
 
 
+def logprobs(choice: dict[str, Any]) -> list[dict[str, Any]]:
+    """A choice's OpenAI ``logprobs.content`` as Ollama's ``logprobs`` (each token's
+    ``token``, ``logprob`` and ``top_logprobs``)."""
+    content = _dict(choice.get("logprobs")).get("content")
+    out = []
+    for item in content if isinstance(content, list) else []:
+        if not isinstance(item, dict) or not isinstance(item.get("logprob"), int | float):
+            continue
+        entry: dict[str, Any] = {"token": _str(item.get("token")), "logprob": item["logprob"]}
+        top = item.get("top_logprobs")
+        if isinstance(top, list):
+            entry["top_logprobs"] = [
+                {"token": _str(t.get("token")), "logprob": t["logprob"]} for t in top
+                if isinstance(t, dict) and isinstance(t.get("logprob"), int | float)]
+        out.append(entry)
+    return out
+
+
 def _reasoning(message: dict[str, Any]) -> str:
     return _str(message.get("reasoning_content")) or _str(message.get("reasoning"))
 
@@ -623,6 +640,9 @@ def answer(upstream: dict[str, Any], request: ChatRequest, clock: Clock = SYSTEM
         if calls:
             reply["tool_calls"] = calls
         body = {"message": reply}
+    tokens = logprobs(choice)
+    if tokens:
+        body["logprobs"] = tokens
     return _encode({"model": out.pop("model"), "created_at": out.pop("created_at"),
                     **body, **out})
 
@@ -671,7 +691,8 @@ class NdjsonStream:
     ``done_reason``, the node's counts and the durations (see the module's notes).
 
     Call :meth:`start` when the node's answer starts, :meth:`feed` with each decoded
-    chunk (the usage chunk included), :meth:`finish` at ``[DONE]``; :meth:`fail` ends
+    chunk (the usage chunk included; a chunk that is an ``{"error": ...}`` object ends
+    the stream as :meth:`fail` does), :meth:`finish` at ``[DONE]``; :meth:`fail` ends
     the stream with Ollama's ``{"error": ...}`` line, which the ``ollama`` client raises
     as ``ResponseError``."""
 
@@ -690,7 +711,8 @@ class NdjsonStream:
                 "created_at": rfc3339(self.clock.wall_ns()), **fields}
         return _encode(line) + b"\n"
 
-    def _piece(self, text: str, thinking: str = "", calls: Any = None) -> bytes:
+    def _piece(self, text: str, thinking: str = "", calls: Any = None,
+               tokens: list[dict[str, Any]] | None = None) -> bytes:
         if self.request.context.get("kind") == "generate":
             fields: dict[str, Any] = {"response": text}
             if thinking:
@@ -702,6 +724,8 @@ class NdjsonStream:
             if calls:
                 message["tool_calls"] = calls
             fields = {"message": message}
+        if tokens:
+            fields["logprobs"] = tokens
         fields["done"] = False
         return self._line(fields)
 
@@ -720,6 +744,11 @@ class NdjsonStream:
             self._usage = chunk["usage"]
         choices = chunk.get("choices")
         if not isinstance(choices, list) or not choices:
+            error = chunk.get("error")
+            if error is not None:
+                message = _dict(error).get("message") if isinstance(error, dict) else error
+                return self.fail(APIError(502, str(message or "the node reported an error"),
+                                          code="bad_gateway"))
             return b""
         choice = _dict(choices[0])
         delta = _dict(choice.get("delta"))
@@ -729,10 +758,11 @@ class NdjsonStream:
         for call in calls if isinstance(calls, list) else []:
             self._add_call(_dict(call))
         out = b""
-        if text or thinking:
+        tokens = logprobs(choice)
+        if text or thinking or tokens:
             if self._first_token_ns is None:
                 self._first_token_ns = self.clock.monotonic_ns()
-            out = self._piece(text, thinking)
+            out = self._piece(text, thinking, tokens=tokens)
         if choice.get("finish_reason") is not None:
             self._finish_reason = choice["finish_reason"]
             out += self._flush_calls()
