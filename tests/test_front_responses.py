@@ -79,6 +79,10 @@ def text_chunk(text: str) -> dict[str, Any]:
             "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]}
 
 
+def delta_chunk(**delta: Any) -> dict[str, Any]:
+    return {"choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+
+
 def finish_chunk(reason: str = "stop") -> dict[str, Any]:
     return {"choices": [{"index": 0, "delta": {}, "finish_reason": reason}]}
 
@@ -546,6 +550,40 @@ def test_length_stream_is_incomplete_and_failure_is_failed() -> None:
     assert failed.output[0].type == "message" and failed.output[0].status == "incomplete"
 
 
+def test_reasoning_then_text_then_refusal() -> None:
+    request = parse({"model": "m", "input": "x", "stream": True})
+    events = run_stream(request, [
+        delta_chunk(reasoning_content="Think"), delta_chunk(reasoning="ing."),
+        text_chunk("Answer"), delta_chunk(refusal="No more."), finish_chunk(), usage_chunk()])
+    assert [e["type"] for e in events][2:] == [
+        "response.output_item.added", "response.content_part.added",
+        "response.reasoning_text.delta", "response.reasoning_text.delta",
+        "response.reasoning_text.done", "response.content_part.done",
+        "response.output_item.done",
+        "response.output_item.added", "response.content_part.added",
+        "response.output_text.delta",
+        "response.output_text.done", "response.content_part.done",
+        "response.content_part.added", "response.refusal.delta",
+        "response.refusal.done", "response.content_part.done",
+        "response.output_item.done", "response.completed"]
+    final = Response.model_validate(events[-1]["response"])
+    reasoning, message = final.output
+    assert reasoning.type == "reasoning" and reasoning.content is not None
+    assert reasoning.content[0].text == "Thinking."
+    assert message.type == "message" and final.output_text == "Answer"
+    assert [p.type for p in message.content] == ["output_text", "refusal"]
+    refusal_done = next(e for e in events if e["type"] == "response.refusal.done")
+    assert (refusal_done["refusal"], refusal_done["content_index"]) == ("No more.", 1)
+
+
+def test_reasoning_answer() -> None:
+    response = Response.model_validate(build_response(parse({"model": "m", "input": "x"}),
+                                                      completion({"content": "4",
+                                                                  "reasoning_content": "2+2"})))
+    assert [item.type for item in response.output] == ["reasoning", "message"]
+    assert response.output_text == "4"
+
+
 def test_an_error_chunk_fails_the_stream() -> None:
     events = run_stream(parse({"model": "m", "input": "x", "stream": True}),
                         [text_chunk("a"), {"error": {"message": "out of memory"}},
@@ -586,6 +624,8 @@ _chunk = st.one_of(
     _text.map(text_chunk),
     st.builds(call_chunk, st.integers(0, 2), call_id=st.none() | st.just("call_x"),
               name=st.none() | _name, arguments=_text),
+    _text.map(lambda t: delta_chunk(reasoning_content=t)),
+    _text.map(lambda t: delta_chunk(refusal=t)),
     st.sampled_from(["stop", "length", "tool_calls", "content_filter"]).map(finish_chunk),
     st.builds(usage_chunk, st.integers(0, 100), st.integers(0, 100)),
     _json, _objects,
@@ -647,7 +687,8 @@ class FakeGatewayFront:
                        call_chunk(0, arguments="{\"city\":"),
                        call_chunk(0, arguments="\"Paris\"}"), finish_chunk("tool_calls")]
                       if wants_call else
-                      [text_chunk("It is "), text_chunk(messages[-1]["content"]),
+                      [delta_chunk(reasoning_content="Look it up."), text_chunk("It is "),
+                       text_chunk(messages[-1]["content"]),
                        finish_chunk()]) + [usage_chunk()]
             raw = translator.start() + b"".join(map(translator.feed, chunks))
             return httpx2.Response(200, content=raw + translator.finish(),
@@ -700,6 +741,7 @@ def test_sdk_stream_helper_accumulates_the_final_response(client: openai.OpenAI)
         final = stream.get_final_response()
     assert "".join(deltas) == final.output_text == "It is sunny"
     assert final.status == "completed" and final.usage is not None
+    assert [item.type for item in final.output] == ["reasoning", "message"]
 
 
 def test_sdk_stream_of_a_function_call(client: openai.OpenAI) -> None:

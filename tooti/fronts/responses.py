@@ -625,17 +625,37 @@ INCOMPLETE_REASONS = {"length": "max_output_tokens", "content_filter": "content_
 """Chat ``finish_reason``s that make a response ``incomplete``, and the reason given."""
 
 
-def message_item(item_id: str, text: str, status: str,
-                 refusal: str | None = None) -> dict[str, Any]:
-    """An assistant ``message`` output item with one ``output_text`` part (or a refusal)."""
-    content: list[dict[str, Any]] = []
-    if text or refusal is None:
-        content.append({"type": "output_text", "text": text, "annotations": [],
-                        "logprobs": []})
-    if refusal is not None:
-        content.append({"type": "refusal", "refusal": refusal})
+def text_part(text: str) -> dict[str, Any]:
+    """An ``output_text`` content part (no annotations, no logprobs)."""
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def refusal_part(refusal: str) -> dict[str, Any]:
+    """A ``refusal`` content part."""
+    return {"type": "refusal", "refusal": refusal}
+
+
+def message_item(item_id: str, content: list[dict[str, Any]], status: str) -> dict[str, Any]:
+    """An assistant ``message`` output item."""
     return {"type": "message", "id": item_id, "role": "assistant", "status": status,
             "content": content}
+
+
+def reasoning_item(item_id: str, text: str, status: str) -> dict[str, Any]:
+    """A ``reasoning`` output item carrying the model's reasoning text (a chat answer's
+    ``reasoning_content``) as one ``reasoning_text`` part, with no summary."""
+    return {"type": "reasoning", "id": item_id, "summary": [],
+            "content": [{"type": "reasoning_text", "text": text}], "status": status}
+
+
+def reasoning_of(message: dict[str, Any]) -> str:
+    """A chat message's or delta's reasoning text: ``reasoning_content`` (llama.cpp,
+    vLLM, DeepSeek) or ``reasoning`` (OpenRouter, newer vLLM); ``""`` when none."""
+    for key in ("reasoning_content", "reasoning"):
+        value = message.get(key)
+        if isinstance(value, str) and value:
+            return value
+    return ""
 
 
 def function_call_item(item_id: str, call_id: str, name: str, arguments: str,
@@ -662,8 +682,14 @@ def build_response(request: ChatRequest, completion: Any,
     refusal = message.get("refusal") if isinstance(message.get("refusal"), str) else None
     calls = message.get("tool_calls")
     calls = [c for c in calls if isinstance(c, dict)] if isinstance(calls, list) else []
+    reasoning = reasoning_of(message)
+    if reasoning:
+        output.append(reasoning_item(new_id("rs"), reasoning, item_status))
     if text or refusal is not None or not calls:
-        output.append(message_item(new_id("msg"), text, item_status, refusal))
+        content = [text_part(text)] if text or refusal is None else []
+        if refusal is not None:
+            content.append(refusal_part(refusal))
+        output.append(message_item(new_id("msg"), content, item_status))
     for call in calls:
         function = call.get("function")
         function = function if isinstance(function, dict) else {}

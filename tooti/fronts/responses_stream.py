@@ -5,18 +5,19 @@ terminal event (``response.completed``, ``response.incomplete`` or ``response.fa
 ends the stream, as OpenAI's does.
 
 Order: ``response.created``, ``response.in_progress``; then for each output item
-``response.output_item.added``, and for a message ``response.content_part.added``,
-``response.output_text.delta``…, ``response.output_text.done``,
-``response.content_part.done``; for a function call ``response.function_call_arguments.delta``…,
-``response.function_call_arguments.done``; then ``response.output_item.done``; last the
+``response.output_item.added``; for a message, per content part
+``response.content_part.added``, its deltas (``response.output_text.delta`` or
+``response.refusal.delta``), their done event and ``response.content_part.done``; for a
+reasoning item (the chunks' ``reasoning_content`` or ``reasoning``) the same with
+``response.reasoning_text.*``; for a function call ``response.function_call_arguments.delta``…
+and ``response.function_call_arguments.done``; then ``response.output_item.done``; last the
 terminal event with the whole ``Response`` (output items and usage).
 
-A message item is closed when a tool call starts; the tool calls of one turn stay open
-together (backends may interleave parallel calls' argument pieces) and close, in output
-order, when text follows them or the stream ends. Only the first choice is read (the
-Responses API has no ``n``). Chunks of any shape are taken without raising: what is not
-understood is skipped. Streamed ``refusal`` and ``reasoning_content`` deltas are not
-translated (non-streamed refusals are).
+A message or reasoning item is closed when another kind of output starts; the tool calls
+of one turn stay open together (backends may interleave parallel calls' argument pieces)
+and close, in output order, when text follows them or the stream ends. Only the first
+choice is read (the Responses API has no ``n``). Chunks of any shape are taken without
+raising: what is not understood is skipped.
 """
 
 from __future__ import annotations
@@ -35,7 +36,11 @@ from tooti.fronts.responses import (
     function_call_item,
     message_item,
     new_id,
+    reasoning_item,
+    reasoning_of,
+    refusal_part,
     response_object,
+    text_part,
     usage_object,
 )
 
@@ -43,25 +48,57 @@ _encoder = msgspec.json.Encoder()
 
 
 @dataclass(slots=True)
-class _Item:
-    """One output item: a message (``call_id`` None) or a function call."""
+class _Part:
+    """One content part of a message (``output_text``, ``refusal``) or of a reasoning item
+    (``reasoning_text``)."""
 
-    output_index: int
-    item_id: str
-    call_id: str | None = None
-    name: str = ""
+    kind: str
     pieces: list[str] = field(default_factory=list)
-    done: dict[str, Any] | None = None
-    """The item as ``response.output_item.done`` sent it (None while open)."""
+    closed: bool = False
 
     @property
     def text(self) -> str:
         return "".join(self.pieces)
 
+    def snapshot(self, empty: bool = False) -> dict[str, Any]:
+        text = "" if empty else self.text
+        if self.kind == "refusal":
+            return refusal_part(text)
+        if self.kind == "reasoning_text":
+            return {"type": "reasoning_text", "text": text}
+        return text_part(text)
+
+
+@dataclass(slots=True)
+class _Item:
+    """One output item: a ``message``, a ``reasoning`` item or a ``function_call``."""
+
+    output_index: int
+    item_id: str
+    kind: str
+    call_id: str = ""
+    name: str = ""
+    parts: list[_Part] = field(default_factory=list)
+    arguments: list[str] = field(default_factory=list)
+    done: dict[str, Any] | None = None
+    """The item as ``response.output_item.done`` sent it (None while open)."""
+
     def snapshot(self, status: str) -> dict[str, Any]:
-        if self.call_id is None:
-            return message_item(self.item_id, self.text, status)
-        return function_call_item(self.item_id, self.call_id, self.name, self.text, status)
+        if self.kind == "function_call":
+            return function_call_item(self.item_id, self.call_id, self.name,
+                                      "".join(self.arguments), status)
+        if self.kind == "reasoning":
+            return reasoning_item(self.item_id, "".join(p.text for p in self.parts), status)
+        return message_item(self.item_id, [part.snapshot() for part in self.parts], status)
+
+
+_PART_ITEMS = {"output_text": "message", "refusal": "message", "reasoning_text": "reasoning"}
+"""The item each kind of content part belongs to."""
+_PART_EVENTS = {"output_text": ("response.output_text", "text"),
+                "refusal": ("response.refusal", "refusal"),
+                "reasoning_text": ("response.reasoning_text", "text")}
+"""Each part's delta / done event prefix and the done event's field holding the text."""
+_ID_PREFIXES = {"message": "msg", "reasoning": "rs", "function_call": "fc"}
 
 
 class ResponsesStream:
@@ -75,8 +112,10 @@ class ResponsesStream:
         self._started = False
         self._ended = False
         self._items: list[_Item] = []
-        self._message: _Item | None = None
+        self._current: _Item | None = None
+        """The open message or reasoning item."""
         self._calls: dict[int, _Item] = {}
+        """The open function calls of this turn, by the chunks' tool-call index."""
         self._finish_reason: str | None = None
         self._usage: dict[str, Any] | None = None
         self._model: str | None = None
@@ -115,9 +154,13 @@ class ResponsesStream:
             return b"".join(out)
         delta = choice.get("delta")
         if isinstance(delta, dict):
-            content = delta.get("content")
-            if isinstance(content, str) and content:
-                out.append(self._text(content))
+            reasoning = reasoning_of(delta)
+            if reasoning:
+                out.append(self._content("reasoning_text", reasoning))
+            for kind, key in (("output_text", "content"), ("refusal", "refusal")):
+                text = delta.get(key)
+                if isinstance(text, str) and text:
+                    out.append(self._content(kind, text))
             calls = delta.get("tool_calls")
             if isinstance(calls, list):
                 for position, call in enumerate(calls):
@@ -136,7 +179,10 @@ class ResponsesStream:
         out = [self.start()]
         reason = INCOMPLETE_REASONS.get(self._finish_reason or "")
         status = "incomplete" if reason else "completed"
-        out.append(self._close_all(status))
+        # an open message or reasoning item and open calls never coexist: each closes
+        # the other when it starts
+        out.append(self._close_current(status))
+        out.append(self._close_calls(status))
         self._ended = True
         response = self._response(
             status, output=[item.done or item.snapshot(status) for item in self._items],
@@ -159,21 +205,32 @@ class ResponsesStream:
 
     # -- items ----------------------------------------------------------------------------
 
-    def _text(self, content: str) -> bytes:
+    def _content(self, kind: str, text: str) -> bytes:
+        """A piece of text of a content part ``kind``, opening its item and part if new."""
         out = []
-        if self._message is None:
+        item = self._current
+        if item is None or item.kind != _PART_ITEMS[kind]:
+            out.append(self._close_current())
             out.append(self._close_calls())
-            item = self._message = self._open(None)
+            item = self._current = self._open(_PART_ITEMS[kind])
             out.append(self._event("response.output_item.added", output_index=item.output_index,
                                    item=item.snapshot("in_progress")))
+        part = item.parts[-1] if item.parts else None
+        if part is None or part.kind != kind:
+            if part is not None:
+                out.append(self._close_part(item, part))
+            part = _Part(kind)
+            item.parts.append(part)
             out.append(self._event("response.content_part.added", item_id=item.item_id,
-                                   output_index=item.output_index, content_index=0,
-                                   part=_text_part("")))
-        item = self._message
-        item.pieces.append(content)
-        out.append(self._event("response.output_text.delta", item_id=item.item_id,
-                               output_index=item.output_index, content_index=0, delta=content,
-                               logprobs=[]))
+                                   output_index=item.output_index,
+                                   content_index=len(item.parts) - 1,
+                                   part=part.snapshot(empty=True)))
+        part.pieces.append(text)
+        prefix, _ = _PART_EVENTS[kind]
+        extra: dict[str, Any] = {"logprobs": []} if kind == "output_text" else {}
+        out.append(self._event(f"{prefix}.delta", item_id=item.item_id,
+                               output_index=item.output_index,
+                               content_index=len(item.parts) - 1, delta=text, **extra))
         return b"".join(out)
 
     def _call(self, call: dict[str, Any], position: int) -> bytes:
@@ -185,11 +242,11 @@ class ResponsesStream:
         arguments = function.get("arguments")
         out = []
         item = self._calls.get(key)
-        if item is None or item.done is not None:
-            out.append(self._close_message())
+        if item is None:
+            out.append(self._close_current())
             call_id = call.get("id")
-            item = self._open(call_id if isinstance(call_id, str) and call_id
-                              else new_id("call"))
+            item = self._open("function_call")
+            item.call_id = call_id if isinstance(call_id, str) and call_id else new_id("call")
             item.name = name if isinstance(name, str) else ""
             self._calls[key] = item
             out.append(self._event("response.output_item.added", output_index=item.output_index,
@@ -197,49 +254,50 @@ class ResponsesStream:
         elif isinstance(name, str) and name and name != item.name:
             item.name += name  # a backend sending the name in pieces
         if isinstance(arguments, str) and arguments:
-            item.pieces.append(arguments)
+            item.arguments.append(arguments)
             out.append(self._event("response.function_call_arguments.delta",
                                    item_id=item.item_id, output_index=item.output_index,
                                    delta=arguments))
         return b"".join(out)
 
-    def _open(self, call_id: str | None) -> _Item:
-        item = _Item(len(self._items), new_id("msg" if call_id is None else "fc"), call_id)
+    def _open(self, kind: str) -> _Item:
+        item = _Item(len(self._items), new_id(_ID_PREFIXES[kind]), kind)
         self._items.append(item)
         return item
 
+    def _close_part(self, item: _Item, part: _Part) -> bytes:
+        part.closed = True
+        prefix, field_name = _PART_EVENTS[part.kind]
+        index = item.parts.index(part)
+        extra: dict[str, Any] = {"logprobs": []} if part.kind == "output_text" else {}
+        return (self._event(f"{prefix}.done", item_id=item.item_id,
+                            output_index=item.output_index, content_index=index,
+                            **{field_name: part.text}, **extra)
+                + self._event("response.content_part.done", item_id=item.item_id,
+                              output_index=item.output_index, content_index=index,
+                              part=part.snapshot()))
+
     def _close(self, item: _Item, status: str) -> bytes:
         out = []
-        if item.call_id is None:
-            text = item.text
-            out.append(self._event("response.output_text.done", item_id=item.item_id,
-                                   output_index=item.output_index, content_index=0, text=text,
-                                   logprobs=[]))
-            out.append(self._event("response.content_part.done", item_id=item.item_id,
-                                   output_index=item.output_index, content_index=0,
-                                   part=_text_part(text)))
-        else:
+        if item.kind == "function_call":
             out.append(self._event("response.function_call_arguments.done",
                                    item_id=item.item_id, output_index=item.output_index,
-                                   name=item.name, arguments=item.text))
+                                   name=item.name, arguments="".join(item.arguments)))
+        else:
+            out.extend(self._close_part(item, part) for part in item.parts if not part.closed)
         item.done = item.snapshot(status)
         out.append(self._event("response.output_item.done", output_index=item.output_index,
                                item=item.done))
         return b"".join(out)
 
-    def _close_message(self, status: str = "completed") -> bytes:
-        item, self._message = self._message, None
+    def _close_current(self, status: str = "completed") -> bytes:
+        item, self._current = self._current, None
         return self._close(item, status) if item is not None else b""
 
     def _close_calls(self, status: str = "completed") -> bytes:
-        open_calls = [item for item in self._calls.values() if item.done is None]
-        self._calls = {}
+        open_calls, self._calls = self._calls, {}
         return b"".join(self._close(item, status)
-                        for item in sorted(open_calls, key=lambda i: i.output_index))
-
-    def _close_all(self, status: str) -> bytes:
-        # a message and calls are never open together: each closes the other
-        return self._close_message(status) + self._close_calls(status)
+                        for item in sorted(open_calls.values(), key=lambda i: i.output_index))
 
     # -- events ---------------------------------------------------------------------------
 
@@ -255,10 +313,6 @@ class ResponsesStream:
         payload = {"type": kind, "sequence_number": self._sequence, **fields}
         self._sequence += 1
         return b"event: " + kind.encode() + b"\ndata: " + _encoder.encode(payload) + b"\n\n"
-
-
-def _text_part(text: str) -> dict[str, Any]:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
 
 def _first_choice(choices: Any) -> dict[str, Any] | None:
