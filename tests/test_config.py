@@ -105,7 +105,8 @@ def test_unknown_top_level_key() -> None:
 
 def test_unknown_nested_key() -> None:
     err = error_of('log_level = "info"\n[gateway]\nlisten = "127.0.0.1:1"\n\nlistn = "x"\n')
-    assert str(err).startswith("tooti.toml:5: unknown key 'gateway.listn' (known: admin_key")
+    assert str(err).startswith(
+        "tooti.toml:5: unknown key 'gateway.listn' (known: access_log, admin_key")
 
 
 def test_unknown_key_in_second_backend() -> None:
@@ -562,3 +563,60 @@ def test_bad_flag_names_the_flag() -> None:
 
 def test_defaults_without_file() -> None:
     assert build_settings(namespace(), {}) == Settings()
+
+
+# -- logs: log_format and the access log -----------------------------------
+
+
+def test_log_format_and_access_log_defaults() -> None:
+    s = Settings()
+    assert s.log_format == "text" and s.gateway.access_log is True
+
+
+def test_log_format_and_access_log_from_file_env_and_flags(tmp_path: Path) -> None:
+    path = tmp_path / "t.toml"
+    path.write_text('log_format = "json"\n[gateway]\naccess_log = false\n')
+    s = build_settings(namespace(config=str(path)), {})
+    assert s.log_format == "json" and s.gateway.access_log is False
+    s = build_settings(namespace(config=None), {"TOOTI_LOG_FORMAT": "json",
+                                               "TOOTI_ACCESS_LOG": "0"})
+    assert s.log_format == "json" and s.gateway.access_log is False
+    s = build_settings(namespace(config=str(path)), {"TOOTI_ACCESS_LOG": "yes",
+                                                     "TOOTI_LOG_FORMAT": "text"})
+    assert s.log_format == "text" and s.gateway.access_log is True  # env over the file
+    s = build_settings(namespace(config=None, log_format="json", access_log="0"),
+                       {"TOOTI_ACCESS_LOG": "1", "TOOTI_LOG_FORMAT": "text"})
+    assert s.log_format == "json" and s.gateway.access_log is False  # flags over env
+
+
+def test_no_access_log_flag_parses() -> None:
+    from tooti.cli import _parser
+
+    args = _parser().parse_args(["run", "--no-access-log", "--log-format", "json"])
+    s = build_settings(args, {})
+    assert s.gateway.access_log is False and s.log_format == "json"
+    s = build_settings(_parser().parse_args(["run"]), {})
+    assert s.gateway.access_log is True and s.log_format == "text"
+
+
+def test_invalid_log_format_names_the_key() -> None:
+    err = error_of('log_level = "info"\nlog_format = "xml"\n')
+    assert str(err) == ("tooti.toml:2: log_format: unknown log format 'xml' "
+                        "(expected one of: text, json)")
+    err = error_of('[gateway]\naccess_log = "no"\n')
+    assert str(err).startswith("tooti.toml:2: gateway.access_log: expected bool")
+
+
+@pytest.mark.parametrize(("var", "value"), [("TOOTI_LOG_FORMAT", "JSONL"),
+                                            ("TOOTI_ACCESS_LOG", "maybe")])
+def test_invalid_log_env_names_the_variable(var: str, value: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        apply_env(Settings(), {var: value})
+    assert str(info.value).startswith(f"{var}: ") and value in str(info.value)
+
+
+def test_invalid_log_format_flag_names_the_flag() -> None:
+    with pytest.raises(ConfigError) as info:
+        build_settings(namespace(config=None, log_format="yaml"), {})
+    assert str(info.value) == ("--log-format: unknown log format 'yaml' "
+                               "(expected one of: text, json)")

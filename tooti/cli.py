@@ -74,6 +74,14 @@ def _parser() -> argparse.ArgumentParser:
         "--log-level", metavar="L", help="debug, info, warning or error [TOOTI_LOG_LEVEL]"
     )
     run.add_argument(
+        "--log-format", metavar="F",
+        help="text, or json: one JSON object per line for log shippers [TOOTI_LOG_FORMAT]",
+    )
+    run.add_argument(
+        "--no-access-log", dest="access_log", action="store_const", const="0",
+        help="no access-log line per /v1 request [TOOTI_ACCESS_LOG=0]",
+    )
+    run.add_argument(
         "--drain-grace",
         metavar="S",
         help="seconds to finish streams on shutdown [TOOTI_DRAIN_GRACE]",

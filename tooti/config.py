@@ -31,7 +31,14 @@ from urllib.parse import urlsplit, urlunsplit
 import msgspec
 
 from tooti.groups import DEFAULT_TOKEN, GROUP_NAME, api_key_digest
-from tooti.settings import BackendSettings, GatewaySettings, LogLevel, Role, Settings
+from tooti.settings import (
+    BackendSettings,
+    GatewaySettings,
+    LogFormat,
+    LogLevel,
+    Role,
+    Settings,
+)
 from tooti.toml_keys import Path, line_of, locate_keys
 from tooti.transport.websocket import TUNNEL_PATH
 
@@ -386,6 +393,18 @@ def _check_log_level(level: str) -> str:
     return str(_checked(level, LogLevel)).lower()
 
 
+_SWITCH = {"1": True, "true": True, "yes": True, "on": True,
+           "0": False, "false": False, "no": False, "off": False}
+
+
+def _parse_switch(value: str) -> bool:
+    """An on/off option: 1/0, true/false, yes/no, on/off (``--no-access-log`` gives 0)."""
+    switch = _SWITCH.get(value.strip().lower())
+    if switch is None:
+        raise ConfigError(f"expected 1 or 0 (true/false, yes/no, on/off), got '{value}'")
+    return switch
+
+
 def parse_listen(text: str) -> tuple[str, int]:
     """Split ``HOST:PORT`` (``[v6addr]:PORT`` for IPv6) into host and port 0..65535."""
     host, sep, port = text.rpartition(":")
@@ -436,6 +455,8 @@ _OPTIONS: dict[str, tuple[str, str]] = {
     "admin_key": ("TOOTI_ADMIN_KEY", "--admin-key"),
     "data_dir": ("TOOTI_DATA_DIR", "--data-dir"),
     "log_level": ("TOOTI_LOG_LEVEL", "--log-level"),
+    "log_format": ("TOOTI_LOG_FORMAT", "--log-format"),
+    "access_log": ("TOOTI_ACCESS_LOG", "--no-access-log"),
     "node_id": ("TOOTI_NODE_ID", "--node-id"),
     "drain_grace": ("TOOTI_DRAIN_GRACE", "--drain-grace"),
     "plugins_dir": ("TOOTI_PLUGINS_DIR", "--plugins-dir"),
@@ -498,6 +519,10 @@ def _apply_option(s: Settings, option: str, values: list[str], source: str) -> N
             s.data_dir = value
         elif option == "log_level":
             s.log_level = _check_log_level(value)
+        elif option == "log_format":
+            s.log_format = str(_checked(value, LogFormat))
+        elif option == "access_log":
+            s.gateway.access_log = _parse_switch(value)
         elif option == "node_id":
             s.node.id = value
         elif option == "drain_grace":

@@ -41,6 +41,7 @@ from tooti.data_dir_lock import lock_data_dir
 from tooti.gateway.app import Gateway
 from tooti.gateway.auth import resolve_mode
 from tooti.identity import DERIVED_PREFIX, RELAY_KEY_FILE, Identity
+from tooti.logging_setup import setup_logging
 from tooti.mesh.identity_store import IdentityStore
 from tooti.mesh.station import Station
 from tooti.node.admin import NodeAdmin
@@ -423,17 +424,6 @@ def _reload_tls(process: Process) -> None:
             log.exception("reloading the TLS certificate failed; the current one stays in use")
 
 
-def setup_logging(level: str) -> None:
-    """Configure the root logger once (plain text on stderr)."""
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("hypercorn").setLevel(logging.WARNING)
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    logging.getLogger("trio-websocket").setLevel(logging.WARNING)
-
-
 async def main(settings: Settings, backends: list[Backend] | None = None,
                reload: Rebuild | None = None) -> int:
     """The async body of ``tooti run``; returns the exit code. ``reload`` builds the
@@ -487,7 +477,8 @@ def run(settings: Settings, reload: Rebuild | None = None) -> int:
     prints them), as does a data dir another process holds (:mod:`tooti.data_dir_lock`:
     locked for the whole run); a port that cannot be bound is reported in one line, exit 1.
     """
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format,
+                  access_log=settings.gateway.access_log)
     check_plugin_names(settings)
     check_tls(settings)
     check_auth(settings)

@@ -17,6 +17,7 @@ from msgspec import Meta
 
 ROLES = ("gateway", "node", "relay")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 
 PositiveInt = Annotated[int, Meta(gt=0)]
 """A count, size or limit: an integer > 0."""
@@ -34,6 +35,11 @@ LogLevel = Annotated[str, Meta(
     pattern=rf"^(?i:{'|'.join(LOG_LEVELS)})\Z",
     extra={"error": f"unknown log level '{{value}}' (expected one of: {', '.join(LOG_LEVELS)})"})]
 """One of :data:`LOG_LEVELS`, in any case (the loader lower-cases it)."""
+LogFormat = Annotated[str, Meta(
+    pattern=rf"^({'|'.join(LOG_FORMATS)})\Z",
+    extra={"error": f"unknown log format '{{value}}' (expected one of: "
+           f"{', '.join(LOG_FORMATS)})"})]
+"""One of :data:`LOG_FORMATS`."""
 BackendType = Annotated[str, Meta(min_length=1,
                                   extra={"error": "backend type must not be empty"})]
 """A backend type name; which names exist is known only once plugins are loaded."""
@@ -119,6 +125,10 @@ class GatewaySettings(_Table):
     """Where accounts, keys, groups, credits and the usage ledger live: empty = SQLite at
     ``<data_dir>/tooti.sqlite3``; ``postgresql://user:pass@host/db`` = PostgreSQL, which
     any number of gateways can share."""
+    access_log: bool = True
+    """One line per ``/v1`` request on the ``tooti.access`` logger, at INFO, when it ends
+    (request id, key id, model, node, status, tokens, TTFT, duration; see
+    :mod:`tooti.gateway.access_log`). Shown whatever ``log_level`` says; false = none."""
     gateway_id: str = ""
     """This gateway's name among gateways sharing a database (its credit leases carry
     it, and a restart reconciles its own); empty = a random id generated once and kept in
@@ -342,6 +352,9 @@ class Settings(_Table):
     """Where persistent state (node identity, ledger) lives."""
     log_level: LogLevel = "info"
     """Logging level: debug, info, warning, error."""
+    log_format: LogFormat = "text"
+    """``text`` (one readable line per record) or ``json`` (one JSON object per line, for
+    log shippers: ``ts``, ``level``, ``logger``, ``msg``, and an access record's fields)."""
     drain_grace: NonNegativeFloat = 10.0
     """Seconds in-flight streams may take to finish after SIGINT/SIGTERM."""
     plugins_dir: str = ""

@@ -40,6 +40,7 @@ from tooti.billing.base import Billing, Outcome, RequestContext, Usage
 from tooti.billing.credits import Credits
 from tooti.billing.pipeline import BYTES_PER_TOKEN, BillingPipeline, usage_from
 from tooti.errors import APIError
+from tooti.gateway import access_log
 from tooti.gateway.auth import Authenticator, check_models, routes_of
 from tooti.gateway.limits import Limiter
 from tooti.gateway.models_list import ModelsList
@@ -54,6 +55,7 @@ from tooti.mesh.health import CooldownPolicy
 from tooti.mesh.http import (
     Headers,
     Receive,
+    ResponseSend,
     Scope,
     Send,
     cancel_on_disconnect,
@@ -218,9 +220,27 @@ class Gateway:
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, request_id: str,
                      headers: Headers) -> None:
-        """Serve one ``/v1`` request (mounted on the station)."""
+        """Serve one ``/v1`` request (mounted on the station); with the access log on,
+        write its record when it ends (:mod:`tooti.gateway.access_log`)."""
+        if not access_log.enabled(self.settings.access_log):
+            await self._handle(scope, receive, send, request_id, headers, None)
+            return
+        entry = access_log.AccessRecord(request_id, scope["method"], scope["path"])
+        try:
+            await self._handle(scope, receive, send, request_id, headers, entry)
+        except BaseException as exc:
+            entry.failed(exc)
+            raise
+        finally:
+            entry.end(send.status if isinstance(send, ResponseSend) else 0)
+            access_log.write(entry)
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send, request_id: str,
+                      headers: Headers, entry: access_log.AccessRecord | None) -> None:
         path, method = scope["path"], scope["method"]
         caller = await self.auth.identify(scope)
+        if entry is not None:
+            entry.caller = caller
         endpoint = API_ROUTES.get(path)
         if endpoint is not None:
             if method != "POST":
@@ -232,8 +252,10 @@ class Gateway:
             raw = await read_body(scope, receive, self.settings.max_body_bytes,
                                   self.settings.body_timeout)
             request = parse_request(endpoint, raw, self.settings.max_json_depth)
+            if entry is not None:
+                entry.model, entry.stream = request.model, request.stream
             await self._forward(scope, receive, send, request_id, headers, request, raw,
-                                caller)
+                                caller, entry)
         elif path == "/v1/models":
             if method != "GET":
                 raise APIError(405, "use GET on /v1/models", code="method_not_allowed")
@@ -255,8 +277,10 @@ class Gateway:
     async def _forward(
         self, scope: Scope, receive: Receive, send: Send, request_id: str, headers: Headers,
         request: ParsedRequest, raw: bytes, caller: Caller,
+        entry: access_log.AccessRecord | None = None,
     ) -> None:
-        """Authorize, forward (cancelled if the client leaves), then settle or refund."""
+        """Authorize, forward (cancelled if the client leaves), then settle or refund;
+        ``entry`` (the access record) gets billing's outcome and usage."""
         key_id, group, account = caller.key_id, caller.group, caller.account_name
         groups = routes_of(caller)
         if group:  # routed to the group's nodes (then, if it allows, the public ones)
@@ -337,6 +361,8 @@ class Gateway:
             if settled is None:
                 await self.billing.finish(ctx, outcome, usage)
             self._publish_finished(request_id, outcome, usage, request.stream, account)
+            if entry is not None:
+                entry.outcome, entry.usage = outcome, usage
 
     def _check_routable(self, models: Sequence[str], groups: Sequence[str]) -> None:
         """404 / 503 as :func:`check_routable`, over the node groups a caller may use."""

@@ -121,11 +121,13 @@ class ResponseSend:
     and whether its last body part was handed to the server (the client was served in
     full)."""
 
-    __slots__ = ("answered", "complete", "send", "started")
+    __slots__ = ("answered", "complete", "send", "started", "status")
 
     def __init__(self, send: Send) -> None:
         self.send = send
         self.started = False
+        self.status = 0
+        """The response's HTTP status once it has started (0 before)."""
         self.answered = False
         """Set by the app: the answer is complete and all of it was sent but a closing
         part held until its bookkeeping is done (a stream's ``data: [DONE]``, held until
@@ -137,6 +139,7 @@ class ResponseSend:
         kind = message["type"]
         if kind == "http.response.start":
             self.started = True
+            self.status = message["status"]
         elif kind == "http.response.body" and not message.get("more_body", False):
             self.complete = True
         await self.send(message)

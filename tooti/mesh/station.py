@@ -123,6 +123,9 @@ class Station:
         config = Config()
         config.bind = [self.settings.listen]
         config.accesslog = None
+        # A Logger (not "-"): hypercorn adds no handler of its own, so its errors go
+        # through the process's one handler and format (tooti.logging_setup).
+        config.errorlog = logging.getLogger("hypercorn.error")
         config.graceful_timeout = grace
         config.keep_alive_timeout = self.settings.keep_alive_timeout
         config.websocket_max_message_size = self.tunnel_settings.max_frame_bytes

@@ -41,6 +41,9 @@ class NodeAdmin:
         config = Config()
         config.bind = [self.listen]
         config.accesslog = None
+        # A Logger (not "-"): hypercorn adds no handler of its own, so its errors go
+        # through the process's one handler and format (tooti.logging_setup).
+        config.errorlog = logging.getLogger("hypercorn.error")
         config.include_server_header = False
         app: Any = self
         await serve(app, config, shutdown_trigger=self._shutdown.wait, task_status=task_status)
