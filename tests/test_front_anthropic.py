@@ -77,7 +77,8 @@ def test_a_plain_request_becomes_chat_completions() -> None:
                      {"role": "user", "content": "hi"}],
         "temperature": 0.5, "top_p": 0.9, "top_k": 40, "stop": ["END", "STOP"],
         "user": "u-1"}
-    assert request.context == {"model": "claude-x", "stop_sequences": ("END", "STOP")}
+    assert request.context == {"model": "claude-x", "stop_sequences": ("END", "STOP"),
+                               "thinking": False}
     assert "stream_options" not in chat(body(stream=False))
 
 
@@ -208,6 +209,7 @@ def test_ignored_and_translated_extras() -> None:
     ({"tool_choice": {"type": "sometimes"}}, "tool_choice.type", "tool_choice type"),
     ({"mcp_servers": [{"type": "url", "url": "https://m", "name": "m"}]}, "mcp_servers",
      "not supported"),
+    ({"thinking": "yes"}, "thinking", "Expected `object | null`, got `str`"),
 ])
 def test_refusals_name_the_param(fields: dict[str, Any], param: str, words: str) -> None:
     err = refusal(body(**fields))
@@ -351,8 +353,10 @@ def test_random_requests_reach_the_node_intact(messages: list[dict[str, Any]],
 
 def completion(content: str | None = "Hello!", *, finish: str | None = "stop",
                calls: list[dict[str, Any]] | None = None, usage: dict[str, Any] | None = None,
-               **choice: Any) -> dict[str, Any]:
+               reasoning: str | None = None, **choice: Any) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": content}
+    if reasoning is not None:
+        message["reasoning_content"] = reasoning
     if calls:
         message["tool_calls"] = calls
     return {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "node-m",
@@ -412,6 +416,29 @@ def test_tool_calls_become_tool_use_blocks() -> None:
     assert (message.usage.input_tokens, message.usage.cache_read_input_tokens,
             message.usage.output_tokens) == (12, 8, 9)
     assert tool_input({"a": 1}) == {"a": 1} and tool_input(None) == {}
+
+
+@pytest.mark.parametrize(("thinking", "blocks"), [
+    ({"type": "enabled", "budget_tokens": 2048}, ["thinking", "text"]),
+    ({"type": "adaptive"}, ["thinking", "text"]),
+    ({"type": "disabled"}, ["text"]), (None, ["text"])])
+def test_reasoning_is_thinking_only_when_asked(thinking: dict[str, Any] | None,
+                                               blocks: list[str]) -> None:
+    request = parse_request(body(thinking=thinking) if thinking else body())
+    assert request.context["thinking"] == (blocks[0] == "thinking")
+    answer = completion("42", reasoning="6 times 7")
+    message = Message.model_validate(message_dict(answer, request))
+    assert [b.type for b in message.content] == blocks
+    if thinking and blocks[0] == "thinking":
+        first: Any = message.content[0]
+        assert (first.thinking, first.signature) == ("6 times 7", "")
+    chunks = [chunk({"reasoning": "6 times"}), chunk({"reasoning": " 7"}),
+              chunk({"content": "42"}), chunk({}, "stop"), usage_chunk()]
+    seq = events(translate(chunks, request))
+    check_order(seq)
+    streamed = final_message(seq)
+    assert [b.type for b in streamed.content] == blocks
+    assert streamed.model_dump()["content"] == message.model_dump()["content"]
 
 
 @pytest.mark.parametrize("answer", [
@@ -582,6 +609,10 @@ def test_an_empty_stream_and_an_error_mid_stream() -> None:
     seq = events(translate([chunk({"content": "par"})], error=APIError(503, "node left")))
     assert [n for n, _ in seq][-1] == "error"
     assert seq[-1][1]["error"] == {"type": "overloaded_error", "message": "node left"}
+    seq = events(translate([chunk({"content": "a"}), {"error": {"message": "oom"}},
+                            chunk({"content": "b"})]))
+    assert seq[-1] == ("error", {"type": "error", "error": {"type": "api_error",
+                                                            "message": "oom"}})
     stream = AnthropicStream(REQUEST)
     assert stream.content_type == "text/event-stream"
     lazy = events(stream.feed(chunk({"content": "x"})) + stream.finish())

@@ -22,10 +22,14 @@ What is translated, ignored or refused (``docs/api.md`` lists it field by field)
   the tool failed. Images inside a ``tool_result`` are refused (a ``tool`` message
   carries text only; moving them elsewhere would change the conversation).
 - ``thinking`` / ``redacted_thinking`` blocks in assistant turns are dropped (Anthropic
-  itself strips earlier turns' thinking from the context). The ``thinking`` parameter is
-  accepted and ignored: whether a model reasons is its node's setup, and refusing it
-  would break clients that always send it (Claude Code). No thinking blocks are
-  answered.
+  itself strips earlier turns' thinking from the context). The ``thinking`` parameter
+  does not reach the node: whether and how long a model reasons is its node's setup
+  (``budget_tokens`` is not enforced), and refusing it would break clients that always
+  send it (Claude Code). With ``thinking`` enabled (any type but ``disabled``), the
+  reasoning a node returns (``reasoning_content``, or ``reasoning``, as llama.cpp, vLLM
+  and SGLang send it) is answered as a ``thinking`` block before the text, with an empty
+  ``signature`` (only Anthropic can sign); without it, reasoning is left out, as
+  Anthropic answers no thinking unless asked.
 - ``tools`` (custom tools: ``name``, ``description``, ``input_schema``, ``strict``)
   become function tools; server tools (``web_search_…``, ``bash_…``, ...) and
   non-empty ``mcp_servers`` are refused, since ignoring them would silently change the
@@ -209,6 +213,11 @@ class _ChoiceNone(Struct, tag="none", tag_field="type"):
     pass
 
 
+class _ThinkingConfig(Struct):
+    type: Annotated[str, Meta(min_length=1, max_length=64)]
+    budget_tokens: int | None = None
+
+
 class _Metadata(Struct):
     user_id: Annotated[str, Meta(max_length=MAX_USER_ID_LENGTH)] | None = None
 
@@ -231,7 +240,7 @@ class _Common(Struct, kw_only=True):
     system: str | Annotated[list[_Text], Meta(max_length=MAX_BLOCKS)] | None = None
     tools: Annotated[list[_Tool], Meta(max_length=MAX_TOOLS)] | None = None
     tool_choice: _ChoiceAuto | _ChoiceAny | _ChoiceTool | _ChoiceNone | None = None
-    thinking: Any = None
+    thinking: _ThinkingConfig | None = None
     output_config: _OutputConfig | None = None
     output_format: _JsonFormat | None = None
     mcp_servers: list[Any] | None = None
@@ -533,7 +542,8 @@ def parse_request(raw: bytes, *, max_depth: int = MAX_JSON_DEPTH) -> ChatRequest
 
     Raises :class:`~tooti.errors.APIError` (400, ``param`` named) for a body Anthropic
     would refuse or this gateway cannot honour. ``context`` holds what the answer needs:
-    ``model`` (echoed) and ``stop_sequences`` (to name a matched one).
+    ``model`` (echoed), ``stop_sequences`` (to name a matched one) and ``thinking``
+    (whether to answer the node's reasoning as thinking blocks).
     """
     body: _Create = _decode(raw, _create_decoder, max_depth)
     chat: dict[str, Any] = {"model": body.model, "messages": _messages(body),
@@ -553,8 +563,9 @@ def parse_request(raw: bytes, *, max_depth: int = MAX_JSON_DEPTH) -> ChatRequest
     _common(body, chat)
     if body.metadata is not None and body.metadata.user_id:
         chat["user"] = body.metadata.user_id
+    thinking = body.thinking is not None and body.thinking.type != "disabled"
     return ChatRequest(body=chat, model=body.model, stream=stream,
-                       context={"model": body.model,
+                       context={"model": body.model, "thinking": thinking,
                                 "stop_sequences": tuple(body.stop_sequences or ())})
 
 
@@ -646,6 +657,16 @@ def tool_input(arguments: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {"_raw_arguments": arguments}
 
 
+def reasoning_of(message: dict[str, Any]) -> str | None:
+    """A node message's (or delta's) reasoning text: ``reasoning_content`` (llama.cpp,
+    vLLM, DeepSeek) or ``reasoning`` (newer vLLM, OpenRouter)."""
+    for name in ("reasoning_content", "reasoning"):
+        value = message.get(name)
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
 def message_dict(completion: Any, request: ChatRequest, *,
                  message_id: str | None = None) -> dict[str, Any]:
     """The ``Message`` for a node's ``chat.completion`` (choice 0)."""
@@ -657,6 +678,9 @@ def message_dict(completion: Any, request: ChatRequest, *,
     message = choice.get("message")
     message = message if isinstance(message, dict) else {}
     content: list[dict[str, Any]] = []
+    reasoning = reasoning_of(message) if request.context.get("thinking") else None
+    if reasoning:
+        content.append({"type": "thinking", "thinking": reasoning, "signature": ""})
     text = message.get("content")
     if isinstance(text, list):  # content parts, from some servers
         text = "".join(p.get("text", "") for p in text

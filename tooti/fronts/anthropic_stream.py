@@ -3,7 +3,8 @@
 The sequence is the one the ``anthropic`` SDK (and its ``messages.stream()`` helper)
 expects: ``message_start`` (``usage.input_tokens`` 0: an OpenAI stream reports usage
 last), then for each content block ``content_block_start``, its deltas
-(``text_delta``; ``input_json_delta`` carrying a tool call's argument text as the node
+(``text_delta``; ``thinking_delta`` when the request enabled ``thinking`` and the node
+streams reasoning; ``input_json_delta`` carrying a tool call's argument text as the node
 streams it, so one call's arguments may span many chunks) and ``content_block_stop``;
 then ``message_delta`` with the ``stop_reason`` and the final usage (``output_tokens``
 and the corrected ``input_tokens``, from the chunk with empty ``choices`` that
@@ -14,8 +15,11 @@ Blocks follow the node's deltas: text opens a ``text`` block, each new tool-call
 (OpenAI streams them one after the other) closes the open block and opens a
 ``tool_use`` block. A tool call is opened once its name is known (its argument text
 before that is held and sent then); a call whose name never came is dropped. Only
-choice 0 is read (Anthropic answers one message). A node's ``reasoning_content`` is
-not forwarded (see :mod:`tooti.fronts.anthropic_messages` on ``thinking``).
+choice 0 is read (Anthropic answers one message). A chunk that is an OpenAI error
+object (``{"error": {...}}``, as some servers send mid-stream) ends the stream with an
+``error`` event of type ``api_error``. A node's ``reasoning_content`` is
+forwarded only as ``thinking`` blocks to a request with ``thinking`` enabled (see
+:mod:`tooti.fronts.anthropic_messages`).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from tooti.fronts.anthropic_messages import (
     error_dict,
     new_message_id,
     new_tool_use_id,
+    reasoning_of,
     stop_reason,
     usage_dict,
 )
@@ -65,13 +70,15 @@ class AnthropicStream:
     def __init__(self, request: ChatRequest, *, message_id: str | None = None) -> None:
         self._model: str = request.context.get("model", request.model)
         self._stop_sequences: tuple[str, ...] = request.context.get("stop_sequences", ())
+        self._thinking: bool = bool(request.context.get("thinking"))
         self._id = message_id or new_message_id()
         self._started = False
         self._done = False
         self._next_block = 0
         self._open: int | None = None
         """The open block's index."""
-        self._open_is_text = False
+        self._open_kind = ""
+        """``text``, ``thinking`` or ``tool_use``."""
         self._calls: dict[int, _PendingCall] = {}
         self._finish: Any = None
         self._matched: Any = None
@@ -94,6 +101,11 @@ class AnthropicStream:
         """The events for one chat-completions chunk."""
         if self._done or not isinstance(chunk, dict):
             return b""
+        node_error = chunk.get("error")
+        if isinstance(node_error, dict) and not chunk.get("choices"):
+            message = node_error.get("message")
+            return self.fail(APIError(502, message if isinstance(message, str) and message
+                                      else "the node reported an error mid-stream"))
         usage = chunk.get("usage")
         if isinstance(usage, dict):
             self._usage = usage
@@ -134,9 +146,12 @@ class AnthropicStream:
     def _choice(self, choice: dict[str, Any], out: list[bytes]) -> None:
         delta = choice.get("delta")
         if isinstance(delta, dict):
+            reasoning = reasoning_of(delta) if self._thinking else None
+            if reasoning:
+                self._text("thinking", reasoning, out)
             text = delta.get("content")
             if isinstance(text, str) and text:
-                self._text(text, out)
+                self._text("text", text, out)
             calls = delta.get("tool_calls")
             for call in calls if isinstance(calls, list) else ():
                 if isinstance(call, dict):
@@ -152,21 +167,24 @@ class AnthropicStream:
                                  {"type": "content_block_stop", "index": self._open}))
             self._open = None
 
-    def _open_block(self, block: dict[str, Any], out: list[bytes], *, text: bool) -> int:
+    def _open_block(self, block: dict[str, Any], out: list[bytes]) -> int:
         self._close(out)
         index = self._next_block
         self._next_block += 1
-        self._open, self._open_is_text = index, text
+        self._open, self._open_kind = index, block["type"]
         out.append(sse_event("content_block_start", {
             "type": "content_block_start", "index": index, "content_block": block}))
         return index
 
-    def _text(self, text: str, out: list[bytes]) -> None:
-        if self._open is None or not self._open_is_text:
-            self._open_block({"type": "text", "text": ""}, out, text=True)
+    def _text(self, kind: str, text: str, out: list[bytes]) -> None:
+        """A ``text`` or ``thinking`` delta, in a block of its kind."""
+        if self._open is None or self._open_kind != kind:
+            self._open_block({"type": "text", "text": ""} if kind == "text"
+                             else {"type": "thinking", "thinking": "", "signature": ""}, out)
+        delta = ({"type": "text_delta", "text": text} if kind == "text"
+                 else {"type": "thinking_delta", "thinking": text})
         out.append(sse_event("content_block_delta", {
-            "type": "content_block_delta", "index": self._open,
-            "delta": {"type": "text_delta", "text": text}}))
+            "type": "content_block_delta", "index": self._open, "delta": delta}))
 
     def _tool_delta(self, call: dict[str, Any], out: list[bytes]) -> None:
         position = call.get("index", 0)
@@ -191,7 +209,7 @@ class AnthropicStream:
         if pending.block is None and pending.name is not None:
             pending.block = self._open_block(
                 {"type": "tool_use", "id": pending.id or new_tool_use_id(),
-                 "name": pending.name, "input": {}}, out, text=False)
+                 "name": pending.name, "input": {}}, out)
         if pending.block is not None and pending.held:
             out.append(sse_event("content_block_delta", {
                 "type": "content_block_delta", "index": pending.block,
