@@ -28,6 +28,7 @@ from ollama import (
     ShowResponse,
 )
 
+from tooti.backends.ollama_requests import Defaults, chat_payload
 from tooti.errors import APIError
 from tooti.fronts.base import ChatRequest, StreamTranslator
 from tooti.fronts.ollama_api import (
@@ -875,3 +876,54 @@ def test_any_split_stream_comes_back_whole(
     assert [p.done for p in parsed] == [False] * (len(parsed) - 1) + [True]
     assert parsed[-1].done_reason == ("stop" if finish == "tool_calls" else finish)
     assert parsed[-1].eval_count == 3
+
+
+ollama_options = st.fixed_dictionaries({}, optional={
+    "temperature": st.floats(0, 2), "top_p": st.floats(0, 1), "top_k": st.integers(0, 100),
+    "min_p": st.floats(0, 1), "seed": st.integers(0, 2**31), "num_predict": st.integers(1, 512),
+    "stop": st.lists(st.text(min_size=1, max_size=5), min_size=1, max_size=3),
+    "presence_penalty": st.floats(-2, 2), "frequency_penalty": st.floats(-2, 2),
+    "repeat_penalty": st.floats(0, 2)})
+turn = st.one_of(
+    st.fixed_dictionaries({"role": st.just("user"), "content": st.text(max_size=10)},
+                          optional={"images": st.lists(st.sampled_from([PNG, JPEG]),
+                                                       min_size=1, max_size=2)}),
+    st.fixed_dictionaries({"role": st.sampled_from(["system", "assistant"]),
+                           "content": st.text(max_size=10)}),
+    st.builds(lambda city, result: [
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"function": {"name": "get_weather", "arguments": {"city": city}}}]},
+        {"role": "tool", "tool_name": "get_weather", "content": result}],
+        st.text(max_size=5), st.text(max_size=5)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(turns=st.lists(turn, min_size=1, max_size=5), options=ollama_options,
+       fmt=st.sampled_from([None, "json", {"type": "object"}]),
+       tools=st.lists(st.just(WEATHER), max_size=1), stream=st.booleans())
+def test_ollama_chats_survive_the_round_trip_to_an_ollama_node(
+        turns: list[Any], options: dict[str, Any], fmt: Any, tools: list[Any],
+        stream: bool) -> None:
+    """Ollama client → this front → chat completions → the ``ollama`` backend's request
+    translation: the Ollama node receives the messages, tools and options sent."""
+    messages = [m for t in turns for m in (t if isinstance(t, list) else [t])]
+    sent: dict[str, Any] = {"model": "llama3.2", "messages": messages, "options": options,
+                            "tools": tools, "stream": stream}
+    if fmt is not None:
+        sent["format"] = fmt
+    request = parse_chat(raw(sent), live=LIVE)
+    node = chat_payload(request.body, "llama3.2:latest", Defaults())
+    assert node["stream"] is stream and node.get("tools", []) == tools
+    assert node.get("format") == fmt
+    assert node.get("options", {}) == options  # num_predict went as max_tokens and back
+    expected = []
+    for message in messages:
+        item = {"role": message["role"], "content": message["content"]}
+        if message.get("images"):
+            item["images"] = message["images"]
+        if message.get("tool_calls"):
+            item["tool_calls"] = message["tool_calls"]
+        if message["role"] == "tool":
+            item["tool_name"] = message["tool_name"]
+        expected.append(item)
+    assert node["messages"] == expected
