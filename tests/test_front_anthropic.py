@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from pydantic import TypeAdapter
 
 from tooti.errors import APIError
+from tooti.gateway import validation
 from tooti.fronts.anthropic_messages import (
     api_key,
     error_body,
@@ -209,6 +210,8 @@ def test_ignored_and_translated_extras() -> None:
     ({"tool_choice": {"type": "sometimes"}}, "tool_choice.type", "tool_choice type"),
     ({"mcp_servers": [{"type": "url", "url": "https://m", "name": "m"}]}, "mcp_servers",
      "not supported"),
+    ({"messages": [{"role": "user", "content": [{"type": "thinking", "thinking": "t"}]}]},
+     "messages", "no user or assistant turn"),
     ({"thinking": "yes"}, "thinking", "Expected `object | null`, got `str`"),
 ])
 def test_refusals_name_the_param(fields: dict[str, Any], param: str, words: str) -> None:
@@ -256,8 +259,8 @@ def test_any_json_is_a_request_or_an_error(value: Any, top: dict[str, Any]) -> N
             ErrorResponse.model_validate_json(error_body(err))
             assert 400 <= err.status < 500
         else:
-            assert isinstance(request, ChatRequest) and request.body["messages"]
-            encode(request.body)
+            assert isinstance(request, ChatRequest)
+            validation.parse_request("chat/completions", encode(request.body))
 
 
 # -- round trip: random valid requests reach the node intact -------------------------
@@ -306,6 +309,8 @@ def test_random_requests_reach_the_node_intact(messages: list[dict[str, Any]],
     if system is not None:
         fields["system"] = system
     out = chat(body(**fields))
+    checked = validation.parse_request("chat/completions", encode(out))
+    assert checked.model == "claude-x" and checked.stream == bool(params.get("stream"))
     for name in ("temperature", "top_p", "top_k"):
         assert out.get(name) == params.get(name)
     assert out.get("stop") == (params.get("stop_sequences") or None)

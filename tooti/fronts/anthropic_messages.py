@@ -480,6 +480,9 @@ def _messages(body: _Common) -> list[dict[str, Any]]:
                                    "a system message takes text blocks only")
             out.append({"role": "system",
                         "content": _system_content(message.content)})  # type: ignore[arg-type]
+    if not any(m["role"] != "system" for m in out):
+        raise _bad("messages", "no user or assistant turn with content a model can read "
+                   "(thinking blocks are dropped)")
     return out
 
 
