@@ -22,7 +22,6 @@ from hypothesis import strategies as st
 from pydantic import TypeAdapter
 
 from tooti.errors import APIError
-from tooti.gateway import validation
 from tooti.fronts.anthropic_messages import (
     api_key,
     error_body,
@@ -36,6 +35,7 @@ from tooti.fronts.anthropic_messages import (
 )
 from tooti.fronts.anthropic_stream import AnthropicStream
 from tooti.fronts.base import ChatRequest
+from tooti.gateway import validation
 from tooti.protocol.sse import SSEDecoder
 
 EVENT = TypeAdapter(RawMessageStreamEvent)
