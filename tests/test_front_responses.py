@@ -203,6 +203,8 @@ def test_tool_choice(choice: Any, chat_choice: Any, names: list[str]) -> None:
                      "tool_choice": choice})
     assert request.body["tool_choice"] == chat_choice
     assert [t["function"]["name"] for t in request.body["tools"]] == names
+    echoed = Response.model_validate(build_response(request, {})).tool_choice
+    assert echoed == choice or echoed.model_dump(exclude_none=True) == choice
 
 
 @pytest.mark.parametrize(("fmt", "response_format"), [
@@ -217,7 +219,9 @@ def test_tool_choice(choice: Any, chat_choice: Any, names: list[str]) -> None:
 def test_text_format(fmt: dict[str, Any], response_format: Any) -> None:
     request = parse({"model": "m", "input": "x", "text": {"format": fmt, "verbosity": "low"}})
     assert request.body.get("response_format") == response_format
-    assert request.context["echo"]["text"]["format"]["type"] == fmt["type"]
+    text = Response.model_validate(build_response(request, {})).text
+    assert text is not None and text.format is not None
+    assert text.format.model_dump(by_alias=True, exclude_none=True) == fmt
 
 
 def test_routing_preferences_reach_the_chat_body() -> None:

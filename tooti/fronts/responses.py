@@ -32,6 +32,10 @@ Decisions where the API leaves room (what a LiteLLM / OpenRouter user expects):
   ``text.verbosity``, ``truncation``, ``max_tool_calls``, ``service_tier``,
   ``safety_identifier``, ``prompt_cache_key``, ``prompt_cache_retention``,
   ``stream_options``, ``top_logprobs``, other ``include`` values, and unknown fields.
+- **Reasoning out.** A node's ``reasoning_content`` (or ``reasoning``) becomes a
+  ``reasoning`` output item before the message, its text as one ``reasoning_text`` part
+  and an empty ``summary`` (there is no summarizer); ``usage`` counts its tokens as the
+  node reported them.
 - **Routing.** The gateway's own ``provider`` / ``tooti`` preferences and ``models``
   fallback list are copied into the chat body unchanged, so the gateway's usual checks and
   routing read them as for a chat request.
