@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import tooti
-from tooti.cli import main
+from tooti.cli import _parser, main
 from tooti.config import ConfigError
 from tooti.settings import BackendSettings, Settings
 
@@ -233,3 +234,37 @@ def test_usage_errors_return_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["config"]) == 2
     assert main(["run", "--bogus"]) == 2
     assert "usage: tooti" in capsys.readouterr().err
+
+
+# -- help ------------------------------------------------------------------
+
+
+def _commands(parser: argparse.ArgumentParser,
+              path: tuple[str, ...] = ()) -> list[tuple[str, argparse.ArgumentParser]]:
+    """Every (sub)command of ``parser`` with its path, nested ones included."""
+    found = [(" ".join(("tooti", *path)), parser)]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found += _commands(sub, (*path, name))
+    return found
+
+
+def test_every_command_describes_itself() -> None:
+    commands = _commands(_parser())
+    assert len(commands) > 40  # nested ones (config check, keys create, ...) included
+    missing = [name for name, parser in commands if not (parser.description or "").strip()]
+    assert missing == []
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["usage", "--help"], "Summarize the usage ledger"),
+    (["config", "check", "--help"], "Validate a TOML config file"),
+    (["config", "--help"], "config files"),
+])
+def test_help_describes_the_command(argv: list[str], says: str,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps the description
+    head, _, _ = out.partition("options:")
+    assert says in head

@@ -120,7 +120,13 @@ def _parser() -> argparse.ArgumentParser:
     plugins.add_argument("--plugins-dir", metavar="DIR", help="extra plugin files to load")
     plugins.set_defaults(handler=_plugins)
 
-    usage = commands.add_parser("usage", help="summarize the usage ledger")
+    usage = commands.add_parser(
+        "usage", help="summarize the usage ledger",
+        description="Summarize the usage ledger (requests, prompt and completion tokens, "
+        "cost and what was charged) grouped by key, model and node, or by --by. Reads the "
+        "accounts database directly (a gateway need not run): <data-dir>/tooti.sqlite3, "
+        "or --database.",
+    )
     usage.add_argument("--data-dir", metavar="DIR", help="state directory [TOOTI_DATA_DIR]")
     usage.add_argument("--database", metavar="URL", help="the accounts database (SQLite path "
                        "or postgresql://…) [TOOTI_DATABASE, default <data-dir>/tooti.sqlite3]")
@@ -154,12 +160,21 @@ def _parser() -> argparse.ArgumentParser:
     peers.add_argument("--json", action="store_true", help="print the raw JSON view")
     peers.set_defaults(handler=_peers)
 
-    config = commands.add_parser("config", help="work with config files")
+    config = commands.add_parser(
+        "config", help="work with config files",
+        description="Work with tooti's TOML config files (see config.example.toml).",
+    )
     config_commands = config.add_subparsers(dest="config_command", required=True, metavar="COMMAND")
-    check = config_commands.add_parser("check", help="validate a config file")
+    check = config_commands.add_parser(
+        "check", help="validate a config file",
+        description="Validate a TOML config file the way tooti run reads it (types, ranges, "
+        "checks across fields, plugin names, TLS files) without starting anything: print "
+        "a summary and exit 0, or the first error with its key and line and exit 2.",
+    )
     check.add_argument("file", metavar="FILE")
     check.set_defaults(handler=_config_check)
     importlib.import_module("tooti.cli_accounts").register(commands)
+    importlib.import_module("tooti.cli_completion").register(commands, parser)
     return parser
 
 
