@@ -28,6 +28,7 @@ from tooti.fronts.responses import (
     parse_request,
 )
 from tooti.fronts.responses_stream import ResponsesStream
+from tooti.gateway import validation
 from tooti.protocol.sse import SSEDecoder
 
 EVENTS: TypeAdapter[Any] = TypeAdapter(ResponseStreamEvent)
@@ -72,6 +73,12 @@ def run_stream(request: ChatRequest, chunks: list[Any], *, fail: APIError | None
     assert [e["type"] in TERMINAL for e in events].count(True) == 1
     assert events[-1]["type"] in TERMINAL
     return events
+
+
+def passes_the_chat_checks(request: ChatRequest) -> None:
+    """The translated body is a chat-completions body the gateway's own checks accept."""
+    checked = validation.parse_request("chat/completions", msgspec.json.encode(request.body))
+    assert (checked.model, checked.stream) == (request.model, request.stream)
 
 
 def text_chunk(text: str) -> dict[str, Any]:
@@ -355,6 +362,7 @@ def test_any_json_is_a_request_or_a_400(body: Any) -> None:
     else:
         assert isinstance(request, ChatRequest)
         assert request.body["messages"]
+        passes_the_chat_checks(request)
 
 
 _text = st.text(max_size=20)
@@ -421,6 +429,7 @@ def test_valid_requests_reach_the_backend_unchanged(
     assert chat.get("temperature") == temperature
     assert chat.get("max_tokens") == max_output_tokens
     assert chat["stream"] is stream
+    passes_the_chat_checks(parse(body))
 
 
 # -- non-streamed answers ---------------------------------------------------------------------
