@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import TypeAdapter
 
+from tooti.backends.simulated_answers import StreamShape, completion_body, prepare_job
 from tooti.errors import APIError
 from tooti.fronts.anthropic_messages import (
     api_key,
@@ -836,3 +837,34 @@ def test_the_sdk_counts_tokens() -> None:
     count = client(gateway).messages.count_tokens(
         model="claude-x", messages=[{"role": "user", "content": "hello there"}])
     assert count.input_tokens == 42 and gateway.seen[0].body["max_tokens"] == 1
+
+
+@pytest.mark.parametrize(("max_tokens", "reason"), [(64, "end_turn"), (3, "max_tokens")])
+def test_the_simulated_backends_own_answers_translate(max_tokens: int, reason: str) -> None:
+    """The simulated node backend takes the translated bodies and its exact wire output
+    (``usage: null`` in every chunk, the usage chunk, ``[DONE]``) comes back valid."""
+    for stream in (False, True):
+        request = parse_request(body(max_tokens=max_tokens, stream=stream,
+                                     system="sys", messages=[
+            {"role": "user", "content": [{"type": "text", "text": "one two three"}]}]))
+        job = prepare_job("chat/completions", "claude-x", request.body, 5)
+        if not stream:
+            message = Message.model_validate_json(
+                render_message(json.loads(completion_body(job, "a", 1)), request))
+        else:
+            shape = StreamShape(job, "a", 1)
+            wire = b"".join([*shape.opening(),
+                             *(shape.content(0, t, i == 0) for i, t in enumerate(job.tokens)),
+                             *shape.closing()])
+            translator = AnthropicStream(request)
+            out = [translator.start()]
+            for event in SSEDecoder().events(wire):
+                out.append(translator.finish() if event.data == "[DONE]"
+                           else translator.feed(json.loads(event.data)))
+            seq = events(b"".join(out))
+            check_order(seq)
+            message = final_message(seq)
+        text: Any = message.content[0]
+        assert text.text == "".join(job.tokens) and message.stop_reason == reason
+        assert (message.usage.input_tokens, message.usage.output_tokens) == \
+            (job.prompt_tokens, len(job.tokens))
