@@ -23,6 +23,7 @@ ARG PYTHON_IMAGE=python:3.11-slim
 FROM ${PYTHON_IMAGE} AS builder
 ARG EXTRAS=""
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore \
     PIP_NO_CACHE_DIR=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
@@ -34,6 +35,7 @@ RUN pip wheel --wheel-dir /wheels ".${EXTRAS:+[$EXTRAS]}"
 FROM ${PYTHON_IMAGE} AS runtime
 ARG EXTRAS=""
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore \
     PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
@@ -61,8 +63,9 @@ ENV TOOTI_DATA_DIR=/data \
 VOLUME /data
 EXPOSE 8080
 
-# Ready = the gateway can serve (live nodes with models): /readyz answers 200, else 503
-# (urlopen raises, python exits 1). The port follows TOOTI_LISTEN.
+# Ready = a gateway can serve (a live node with a model), a relay has its upstream link:
+# /readyz answers 200, else 503 (urlopen raises, python exits 1). The port follows
+# TOOTI_LISTEN. A container running only a node has no listener: --no-healthcheck.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('TOOTI_LISTEN', ':8080').rpartition(':')[2], timeout=4)"]
 

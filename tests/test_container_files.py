@@ -346,8 +346,9 @@ def test_compose_volumes_healthchecks_and_start_order(compose: dict[str, Any]) -
     # the gateway is ready only once nodes arrive through the relay: waiting for it to be
     # healthy before starting the relay would wait forever
     assert services["relay"]["depends_on"]["gateway"]["condition"] == "service_started"
-    gateway_check = services["gateway"]["healthcheck"]["test"]
-    assert gateway_check[0] == "CMD" and "/readyz" in gateway_check[-1]
+    for name in ("gateway", "relay"):  # ready: can serve / has its upstream link
+        check = services[name]["healthcheck"]["test"]
+        assert check[0] == "CMD" and "/readyz" in check[-1]
 
 
 def test_compose_reader_refuses_what_it_does_not_read() -> None:
