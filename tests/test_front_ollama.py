@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -16,7 +17,7 @@ import httpx
 import msgspec
 import ollama
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from ollama import (
     ChatResponse,
@@ -927,3 +928,43 @@ def test_ollama_chats_survive_the_round_trip_to_an_ollama_node(
             item["tool_name"] = message["tool_name"]
         expected.append(item)
     assert node["messages"] == expected
+
+
+node_keys = st.sampled_from(["choices", "delta", "message", "content", "tool_calls",
+                             "function", "arguments", "index", "id", "name", "usage",
+                             "prompt_tokens", "completion_tokens", "finish_reason",
+                             "reasoning_content", "logprobs", "token", "logprob",
+                             "top_logprobs", "data", "embedding", "error"])
+node_shaped = st.recursive(
+    json_values,
+    lambda inner: st.dictionaries(node_keys, inner, max_size=5) | st.lists(inner, max_size=3),
+    max_leaves=30)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@example(upstream=[{"choices": [{"delta": {"content": "x"}, "message": {"content": "x"},
+                                 "logprobs": {"content": [{"token": "x", "logprob": math.inf,
+                                                           "top_logprobs": [None]}]}}]}])
+@example(upstream=[{"data": [{"embedding": [1.0, "x"]}]}, {"data": [{"embedding": [math.inf]}]}])
+@given(upstream=st.lists(st.dictionaries(node_keys, node_shaped, max_size=5), max_size=5))
+def test_any_node_answer_is_translated_or_a_bad_gateway(upstream: list[dict[str, Any]]
+                                                        ) -> None:
+    """What a node sends is not trusted: any JSON object gives an answer or a 502."""
+    requests = [chat(stream=False), parse_generate(raw({"model": "m", "prompt": "x"})),
+                parse_embed(raw({"model": "m", "input": "x"})),
+                parse_embeddings(raw({"model": "m", "prompt": "x"}))]
+    kinds: list[Any] = [ChatResponse, GenerateResponse, EmbedResponse, EmbeddingsResponse]
+    for request, kind in zip(requests, kinds, strict=True):
+        for item in upstream:
+            try:
+                kind(**json.loads(answer(item, request)))
+            except APIError as error:
+                assert error.status == 502
+    for request, kind in zip(requests[:2], kinds[:2], strict=True):
+        translator = stream_translator(request)
+        out = translator.start() + b"".join(translator.feed(c) for c in upstream)
+        out += translator.finish()
+        for line in out.splitlines():
+            item = json.loads(line)
+            if "error" not in item:
+                kind(**item)

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 import re
 import time
 from collections.abc import Callable, Collection
@@ -58,7 +59,7 @@ from msgspec import Meta, Struct
 
 from tooti.errors import APIError
 from tooti.fronts.base import ChatRequest
-from tooti.protocol.numbers import is_int
+from tooti.protocol.numbers import is_int, is_number
 
 JSON_CONTENT_TYPE = "application/json; charset=utf-8"
 """The media type of every non-streamed answer and of error bodies."""
@@ -563,20 +564,24 @@ def _tool_calls(calls: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]
     return out, text
 
 
+def _finite(value: Any) -> bool:
+    return is_number(value) and math.isfinite(value)
+
+
 def logprobs(choice: dict[str, Any]) -> list[dict[str, Any]]:
     """A choice's OpenAI ``logprobs.content`` as Ollama's ``logprobs`` (each token's
     ``token``, ``logprob`` and ``top_logprobs``)."""
     content = _dict(choice.get("logprobs")).get("content")
     out = []
     for item in content if isinstance(content, list) else []:
-        if not isinstance(item, dict) or not isinstance(item.get("logprob"), int | float):
+        if not isinstance(item, dict) or not _finite(item.get("logprob")):
             continue
         entry: dict[str, Any] = {"token": _str(item.get("token")), "logprob": item["logprob"]}
         top = item.get("top_logprobs")
         if isinstance(top, list):
             entry["top_logprobs"] = [
                 {"token": _str(t.get("token")), "logprob": t["logprob"]} for t in top
-                if isinstance(t, dict) and isinstance(t.get("logprob"), int | float)]
+                if isinstance(t, dict) and _finite(t.get("logprob"))]
         out.append(entry)
     return out
 
@@ -658,7 +663,7 @@ def _embedding_answer(upstream: dict[str, Any], request: ChatRequest, clock: Clo
     items = sorted((d for d in data if isinstance(d, dict)) if isinstance(data, list)
                    else [], key=_index)
     vectors = [d.get("embedding") for d in items]
-    if not all(isinstance(v, list) for v in vectors):
+    if not all(isinstance(v, list) and all(_finite(x) for x in v) for v in vectors):
         raise APIError(502, "the node answered embeddings that are not float arrays",
                        code="bad_gateway")
     if request.context.get("kind") == "embeddings":
