@@ -250,6 +250,17 @@ def test_refusals_of_bodies_that_are_not_objects() -> None:
         assert refused(parse_chat, body).param is None
 
 
+def test_nesting_is_bounded() -> None:
+    schema: Any = {}
+    for _ in range(200):
+        schema = {"type": "object", "properties": {"a": schema}}
+    body = raw({"model": "m", "messages": [{"role": "user", "content": "x"}], "format": schema})
+    error = refused(parse_chat, body)
+    assert "deeper than 128 levels" in error.message
+    assert parse_chat(body, max_depth=1000).body["response_format"]["json_schema"]["schema"] \
+        == schema
+
+
 def test_accepted_ignored_fields() -> None:
     request = parse_generate(raw({"model": "m", "prompt": "x", "template": "", "suffix": "",
                                   "raw": False, "context": [], "keep_alive": -1,

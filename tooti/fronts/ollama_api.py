@@ -77,6 +77,9 @@ MAX_STOP = 16
 MAX_STOP_LENGTH = 1024
 MAX_EMBED_INPUTS = 2048
 MAX_TOP_LOGPROBS = 20
+MAX_JSON_DEPTH = 128
+"""Deepest nesting of arrays and objects in a request body (the gateway's default
+``max_json_depth``; the parsers take the gateway's setting as ``max_depth``)."""
 
 _encode = msgspec.json.encode
 _decode_any = msgspec.json.decode
@@ -136,8 +139,32 @@ def _validation_error(exc: msgspec.ValidationError) -> APIError:
     return _bad(f"invalid request: {text}{where}", param)
 
 
-def decode_request(raw: bytes, kind: type[Any]) -> Any:
+def _nesting_within(raw: bytes, limit: int) -> bool:
+    """True if ``raw``'s arrays and objects nest at most ``limit`` deep: two byte counts
+    for an ordinary body, else a walk level by level (no recursion)."""
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return True
+    try:
+        value = _decode_any(raw)
+    except (msgspec.DecodeError, RecursionError):
+        return False
+    level = [value] if isinstance(value, dict | list) else []
+    depth = 0
+    while level:
+        depth += 1
+        if depth > limit:
+            return False
+        level = [v for item in level for v in (item.values() if isinstance(item, dict)
+                                                 else item) if isinstance(v, dict | list)]
+    return True
+
+
+def decode_request(raw: bytes, kind: type[Any], max_depth: int = MAX_JSON_DEPTH
+                   ) -> Any:
     """Decode ``raw`` into the Struct ``kind``; every refusal is an APIError(400)."""
+    if not _nesting_within(raw, max_depth):
+        raise _bad(f"request body nests arrays and objects deeper than {max_depth} levels",
+                   None)
     try:
         return msgspec.json.decode(raw, type=kind)
     except msgspec.ValidationError as exc:
@@ -423,11 +450,11 @@ def _context(kind: str, request: _Generation, clock: Clock) -> dict[str, Any]:
             "load": False}
 
 
-def parse_chat(raw: bytes, *, live: Collection[str] = (), clock: Clock = SYSTEM_CLOCK
-               ) -> ChatRequest:
+def parse_chat(raw: bytes, *, live: Collection[str] = (), clock: Clock = SYSTEM_CLOCK,
+               max_depth: int = MAX_JSON_DEPTH) -> ChatRequest:
     """An ``/api/chat`` body as a chat-completions request; ``live``: the network's
     model ids the caller may use (for :func:`resolve_model`). Raises APIError(400)."""
-    request: _Chat = decode_request(raw, _Chat)
+    request: _Chat = decode_request(raw, _Chat, max_depth)
     model = resolve_model(request.model, live)
     stream = request.stream is not False
     context = _context("chat", request, clock)
@@ -439,11 +466,11 @@ def parse_chat(raw: bytes, *, live: Collection[str] = (), clock: Clock = SYSTEM_
     return ChatRequest(body=body, model=model, stream=stream, context=context)
 
 
-def parse_generate(raw: bytes, *, live: Collection[str] = (), clock: Clock = SYSTEM_CLOCK
-                   ) -> ChatRequest:
+def parse_generate(raw: bytes, *, live: Collection[str] = (), clock: Clock = SYSTEM_CLOCK,
+                   max_depth: int = MAX_JSON_DEPTH) -> ChatRequest:
     """An ``/api/generate`` body as a chat-completions request (``system`` and
     ``prompt`` as a system and a user message). Raises APIError(400)."""
-    request: _Generate = decode_request(raw, _Generate)
+    request: _Generate = decode_request(raw, _Generate, max_depth)
     if request.raw:
         raise _bad("raw prompts are not supported: nodes apply their model's own "
                    "template", "raw")
@@ -471,11 +498,11 @@ def parse_generate(raw: bytes, *, live: Collection[str] = (), clock: Clock = SYS
                        stream=stream, context=context)
 
 
-def parse_embed(raw: bytes, *, live: Collection[str] = (), clock: Clock = SYSTEM_CLOCK
-                ) -> ChatRequest:
+def parse_embed(raw: bytes, *, live: Collection[str] = (), clock: Clock = SYSTEM_CLOCK,
+                max_depth: int = MAX_JSON_DEPTH) -> ChatRequest:
     """An ``/api/embed`` body as an OpenAI embeddings request (``context["endpoint"]``
     is ``embeddings``). Raises APIError(400)."""
-    request: _Embed = decode_request(raw, _Embed)
+    request: _Embed = decode_request(raw, _Embed, max_depth)
     model = resolve_model(request.model, live)
     body: dict[str, Any] = {"model": model, "input": request.input,
                             "encoding_format": "float"}
@@ -487,10 +514,11 @@ def parse_embed(raw: bytes, *, live: Collection[str] = (), clock: Clock = SYSTEM
 
 
 def parse_embeddings(raw: bytes, *, live: Collection[str] = (),
-                     clock: Clock = SYSTEM_CLOCK) -> ChatRequest:
+                     clock: Clock = SYSTEM_CLOCK, max_depth: int = MAX_JSON_DEPTH
+                     ) -> ChatRequest:
     """A legacy ``/api/embeddings`` body (one ``prompt``) as an OpenAI embeddings
     request. Raises APIError(400)."""
-    request: _Embeddings = decode_request(raw, _Embeddings)
+    request: _Embeddings = decode_request(raw, _Embeddings, max_depth)
     if not request.prompt:
         raise _bad("prompt is required: the text to embed", "prompt")
     model = resolve_model(request.model, live)
