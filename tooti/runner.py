@@ -47,7 +47,7 @@ from tooti.mesh.station import Station
 from tooti.node.admin import NodeAdmin
 from tooti.node.node import Node
 from tooti.relay.role import RelayRole
-from tooti.reload import Rebuild, reload_join_tokens
+from tooti.reload import Rebuild, Reloader
 from tooti.routing.base import RoutingPolicy
 from tooti.settings import BackendSettings, Settings
 from tooti.transport.memory import memory_pair
@@ -240,6 +240,8 @@ class Process:
     """The accounts database of a gateway process (closed when the roles finish)."""
     urls: list[str] = field(default_factory=list)
     ready: trio.Event = field(default_factory=trio.Event)
+    reloader: Reloader | None = None
+    """Applies SIGHUP (made at the first one)."""
 
     @property
     def station(self) -> Station | None:
@@ -325,9 +327,16 @@ async def _serve_roles(process: Process, roles: list[str],
                 beside.show_dialer(process.node.dialer)
                 nursery.start_soon(_attach_local, beside, process.node)
                 registry, local = beside.registry, process.node
-                await registry.wait_until(
-                    lambda: not local.models or bool(registry.peers.get(local.id, None)
-                                                     and registry.peers[local.id].models))
+
+                def local_routable() -> bool:
+                    """The local node's model is routable here (ready, not loading), or it
+                    has none ready nor loading (a sick backend: nothing to wait for)."""
+                    peer = registry.peers.get(local.id)
+                    if peer is not None and any(m.ready for m in peer.models.values()):
+                        return True
+                    return not local.models and not local.loading
+
+                await registry.wait_until(local_routable)
         process.ready.set()
         task_status.started(process)
         if process.gateway is not None and process.node is not None and process.node.models:
@@ -424,18 +433,25 @@ def _reload_tls(process: Process) -> None:
             log.exception("reloading the TLS certificate failed; the current one stays in use")
 
 
+def _check_reloaded(settings: Settings) -> None:
+    """What ``tooti config check`` checks of a file beyond its schema (plugin names, TLS
+    files), for SIGHUP; raises ConfigError."""
+    check_plugin_names(settings)
+    check_tls(settings)
+
+
 async def main(settings: Settings, backends: list[Backend] | None = None,
                reload: Rebuild | None = None) -> int:
     """The async body of ``tooti run``; returns the exit code. ``reload`` builds the
-    settings again as they were built for this run (SIGHUP applies their join tokens);
-    None: SIGHUP keeps the tokens."""
+    settings again as they were built for this run: SIGHUP applies what changed
+    (:mod:`tooti.reload`, in a task of its own, so a reload never holds up a SIGTERM, and
+    no failure of it ends the process) and reloads the TLS certificate; None: SIGHUP
+    changes nothing but the certificate."""
     process = Process(settings, backends)
     exit_code = 0
-    # SIGHUP reloads the join tokens and the TLS certificate of a gateway or relay; a
-    # node alone keeps its default action.
     roles = effective_roles(settings)
-    hangup = (signal.SIGHUP,) if "gateway" in roles or "relay" in roles else ()
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, *hangup) as signals:
+    reloader: Reloader | None = None
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             roles_scope = trio.CancelScope()
 
@@ -448,7 +464,14 @@ async def main(settings: Settings, backends: list[Backend] | None = None,
             count = 0
             async for signum in signals:
                 if signum == signal.SIGHUP:
-                    reload_join_tokens(process.station, settings, reload)
+                    if not process.ready.is_set():
+                        log.warning("SIGHUP: still starting; the configuration is not read "
+                                    "again (send SIGHUP once it is ready)")
+                        continue
+                    if reloader is None:
+                        reloader = process.reloader = Reloader(
+                            process, settings, reload, roles, check=_check_reloaded)
+                    reloader.request(nursery)
                     _reload_tls(process)
                     continue
                 count += 1

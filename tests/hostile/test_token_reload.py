@@ -89,8 +89,8 @@ async def test_reload_tokens_admits_by_the_new_set_and_keeps_live_sessions(
 
 async def test_reload_tokens_per_group(nursery: trio.Nursery) -> None:
     """A group's tokens are reloaded like the ungrouped ones; a group the gateway did not
-    start with needs a restart (its API keys route nowhere yet), so its tokens are not
-    taken; a group removed from the file admits no one any more."""
+    start with admits its nodes at once (its API keys are reloaded with it); a group
+    removed from the file admits no one any more."""
     gateway = Gateway(GatewaySettings(listen="127.0.0.1:0", join_token="tok-plain", groups={
         "blue": GroupSettings(join_token="tok-blue"),
         "red": GroupSettings(join_token="tok-red")}), TunnelSettings())
@@ -100,15 +100,16 @@ async def test_reload_tokens_per_group(nursery: trio.Nursery) -> None:
         "blue": GroupSettings(join_token="tok-blue-2", join_tokens={"spare": "tok-spare"}),
         "green": GroupSettings(join_token="tok-green")}))
 
-    assert changes.added == ["blue/spare"]
+    assert changes.added == ["blue/spare", "green/default"]
     assert changes.removed == ["red/default"]
     assert changes.replaced == ["blue/default"]
-    for token in ("tok-blue", "tok-red", "tok-green"):
+    for token in ("tok-blue", "tok-red"):
         assert await upgrade_status(url, token) == 403, token
     registry = gateway.registry
     with trio.fail_after(TIMEOUT):
         for token, group, name in (("tok-blue-2", "blue", "default"),
                                    ("tok-spare", "blue", "spare"),
+                                   ("tok-green", "green", "default"),
                                    ("tok-plain", "", "default")):
             async with hostile_peer(url.replace("http://", "ws://") + TUNNEL_PATH,
                                     token=token) as peer:
@@ -165,17 +166,18 @@ async def test_sighup_reloads_join_tokens_of_a_relay_without_tls(
     exit_codes = running.exit_codes
     assert exit_codes == [0]
     lines = [r.getMessage() for r in caplog.records]
-    replaced = [line for line in lines if "join tokens reloaded" in line]
+    replaced = [line for line in lines if "configuration reloaded" in line]
     assert len(replaced) == 1 and "replaced current" in replaced[0]
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
-    assert len(errors) == 1 and "current join tokens stay" in errors[0].getMessage()
+    assert len(errors) == 1 and "the current one stays in force" in errors[0].getMessage()
     assert "relay.toml" in errors[0].getMessage() and not errors[0].exc_info
     assert not any("tok-" in line for line in lines)
 
 
-def config_text(tokens: dict[str, str], max_queue: int = 1000) -> str:
+def config_text(tokens: dict[str, str], max_connections: int = 1000) -> str:
     return (toml_value_lines({"roles": ["gateway"], "log_level": "info", "drain_grace": 0.0})
-            + toml_table("gateway", {"listen": "127.0.0.1:0", "max_queue": max_queue})
+            + toml_table("gateway", {"listen": "127.0.0.1:0",
+                                     "max_connections": max_connections})
             + toml_table("gateway.join_tokens", tokens))
 
 
@@ -202,18 +204,17 @@ async def test_sighup_rotates_the_join_tokens_of_a_running_gateway(tmp_path: Pat
             assert await upgrade_status(url, "tok-autumn-secret") == 403
 
             rewrite(config, config_text({"autumn": "tok-autumn-secret",
-                                         "keep": "tok-keep-secret"}, max_queue=10))
+                                         "keep": "tok-keep-secret"}, max_connections=10))
             since = tooti.mark()
             tooti.signal(signal.SIGHUP)
             with trio.fail_after(TIMEOUT):
-                reloaded = await tooti.wait_for(r"join tokens reloaded[^\n]*", since)
+                reloaded = await tooti.wait_for(r"configuration reloaded[^\n]*", since)
                 restart = await tooti.wait_for(r"[^\n]*need a restart[^\n]*", since)
                 await admitted_as(url, "tok-autumn-secret")
                 await admitted_as(url, "tok-keep-secret")
             assert await upgrade_status(url, "tok-spring-secret") == 403
             assert "added autumn" in reloaded.group(0) and "removed spring" in reloaded.group(0)
-            assert "gateway.max_queue" in restart.group(0)
-            assert "only join tokens and the TLS certificate are reloaded" in restart.group(0)
+            assert "gateway.max_connections" in restart.group(0)
 
             # A broken file: one clear error, the tokens in use stay.
             rewrite(config, config_text({"autumn": "tok-autumn-secret"}) + "[gateway\n")
@@ -231,7 +232,8 @@ async def test_sighup_rotates_the_join_tokens_of_a_running_gateway(tmp_path: Pat
 
 
 def test_a_reload_names_every_other_change_as_needing_a_restart() -> None:
-    """Keys only, never values; the join tokens of the groups running are not named."""
+    """Keys only, never values; what a gateway applies live (join tokens, groups, their
+    keys, request limits) is not named."""
     running = Settings(gateway=GatewaySettings(join_token="tok-a", groups={
         "blue": GroupSettings(join_token="tok-b")}))
     loaded = Settings(
@@ -240,7 +242,5 @@ def test_a_reload_names_every_other_change_as_needing_a_restart() -> None:
                                                               api_keys=["k"]),
                                         "green": GroupSettings(join_token="tok-g")}),
         node=NodeSettings(join_token="tok-n"))
-    assert sorted(restart_keys(running, loaded)) == [
-        "gateway.groups.blue.api_keys", "gateway.groups.green", "gateway.max_queue",
-        "node.join_token"]
+    assert sorted(restart_keys(running, loaded)) == ["node.join_token"]
     assert restart_keys(running, running) == []

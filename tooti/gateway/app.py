@@ -190,6 +190,31 @@ class Gateway:
     def shutdown(self) -> None:
         self.station.shutdown()
 
+    def reload(self, settings: GatewaySettings, policy: RoutingPolicy | None = None) -> None:
+        """SIGHUP: serve new requests by ``settings`` (which keep the running values of
+        what needs a restart) and, if given, rank nodes by ``policy``. The admin key and
+        the static group keys are matched by the new table from the next request on (a
+        key removed gets 401; they are matched before the database's key cache, so no
+        cache keeps one), the request-path limits and timeouts change in one step, with
+        no checkpoint, for every new request. Requests under way keep their caller and
+        their node. A group name stays reserved against database groups for the
+        process's life once configured: nodes joined under a removed group keep their
+        tunnel until they reconnect, and must not serve a database group of that name.
+        The station (join tokens, admin API key) is reloaded by its owner.
+
+        Raises :class:`~tooti.config.ConfigError` (naming ``gateway.auth``) before
+        changing anything if the settings resolve to no auth mode."""
+        auth = Authenticator(settings, self.keys)
+        self.settings = settings
+        self.auth = auth
+        self.proxy_settings.replace_with(proxy_settings_of(settings))
+        self.proxy.answers.buffers.limit = settings.max_buffered_bytes
+        if policy is not None:
+            self.policy = policy
+            self.proxy.picker.use_policy(policy)
+        if self.accounts is not None:
+            self.accounts.reserved_groups |= frozenset(settings.groups)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The gateway as an ASGI app: its station's (``/v1``, admin, tunnels)."""
         await self.station(scope, receive, send)

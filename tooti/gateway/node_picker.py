@@ -37,21 +37,43 @@ class _NoRoute(Exception):
     """No node the request may use serves the model at all, busy or not."""
 
 
+LOADING_RETRY_AFTER = 5
+"""Seconds a request for a model still loading is told to wait (``Retry-After``): a
+small model loads in seconds, a large one is polled that often without a flood."""
+
+
+def model_loading(model: str) -> APIError:
+    """503 ``model_loading`` with ``Retry-After``: the nodes that serve ``model`` are
+    still loading it (like Ollama or a model server warming up, the client may retry)."""
+    return APIError(503, f"the model '{model}' is loading on the nodes that serve it; "
+                    f"retry in {LOADING_RETRY_AFTER}s", code="model_loading",
+                    type="service_unavailable",
+                    headers={"retry-after": str(LOADING_RETRY_AFTER)})
+
+
 def check_routable(
     registry: Registry, models: Sequence[str], *,
     serving: Callable[[str], Sequence[Peer]] | None = None,
     known: Container[str] | None = None,
+    loading: Callable[[str], bool] | None = None,
 ) -> None:
-    """404 if no model in ``models`` was ever advertised here, 503 if none has a live node.
+    """404 if no model in ``models`` was ever advertised here, 503 ``model_loading`` if
+    only nodes still loading it announce one, 503 ``no_capacity`` if none has a live node.
 
-    ``serving`` (model → live peers) and ``known`` (models ever advertised) narrow both
-    to the nodes one request may use (its node group), so a model only another group
-    serves is 404 as if it did not exist.
+    ``serving`` (model → live peers with the model ready) and ``known`` (models ever
+    advertised, loading or ready) narrow all three to the nodes one request may use (its
+    node group), so a model only another group serves is 404 as if it did not exist;
+    ``loading`` (model → announced loading by a live node; by default in any group) is
+    only asked of models ``known`` holds.
     """
     serving = serving or registry.serving
     known = registry.known_models if known is None else known
     if any(serving(m) for m in models):
         return
+    is_loading = loading or registry.loading
+    for model in models:
+        if model in known and is_loading(model):
+            raise model_loading(model)
     if any(m in known for m in models):
         raise APIError(503, f"no live node serves model '{models[0]}' right now",
                        code="no_capacity", type="service_unavailable")
@@ -71,6 +93,12 @@ class NodePicker:
         """Shared with the proxy: ``queue_timeout`` and ``max_queue`` are read per request."""
         self.queued = 0
         """Requests waiting for a free slot right now."""
+
+    def use_policy(self, policy: RoutingPolicy) -> None:
+        """Rank every pick from now on by ``policy`` (SIGHUP). A pick is made without a
+        checkpoint, so none under way is affected; a request still queued is ranked by
+        the new policy at its next try."""
+        self.policy = policy
 
     def pick_among(self, route: RouteRequest, prefs: Preferences,
                    candidates: Sequence[Peer]) -> Peer | None:

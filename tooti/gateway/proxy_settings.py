@@ -1,12 +1,17 @@
 """The gateway settings the proxy, its node picker and its answer buffers read.
 
 One mutable object shared by all three (the gateway and the tests change a field
-of it on a running gateway, and every part sees the change).
+of it on a running gateway, and every part sees the change). A configuration reload
+(SIGHUP) swaps every value at once with :meth:`ProxySettings.replace_with`: the
+object the parts hold stays the same, so no part can keep a stale copy, and the swap
+has no checkpoint, so no request reads half old, half new values. A request under way
+reads each value when it needs it: it may see the new value of one it reads later (the
+next attempt's ``first_byte_timeout``), which is what a reload wants.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from tooti.mesh.health import CooldownPolicy
 
@@ -34,3 +39,8 @@ class ProxySettings:
     prompt_token_allowance: int = 4096
     media_token_allowance: int = 16_384
     """See :mod:`tooti.protocol.usage`."""
+
+    def replace_with(self, new: ProxySettings) -> None:
+        """Take every value of ``new`` at once (SIGHUP), in this same object."""
+        for name in [f.name for f in fields(self)]:
+            setattr(self, name, getattr(new, name))

@@ -4,7 +4,7 @@ A :class:`Station` owns what both roles share: the listener, the registry of liv
 peers, tunnel admission (:class:`~tooti.mesh.admission.TunnelAdmission`), the admin key,
 TLS and the process's life cycle (serve, drain, shut down). It answers every HTTP
 request's frame - a request id, an OpenAI error object for whatever goes wrong,
-``/healthz`` - and hands each path to the handler a role mounted for its prefix (the
+``/healthz`` and ``/readyz`` - and hands each path to the handler a role mounted for its prefix (the
 gateway mounts ``/v1/``, every role mounts the admin API), so the station itself knows
 nothing of the API a role serves above it.
 """
@@ -54,6 +54,8 @@ LISTEN_BACKLOG = 2048
 MAX_WELCOME_PEERS = 32
 """Most addresses one WELCOME lists."""
 
+Readiness = Callable[[], tuple[bool, dict[str, Any]]]
+"""Whether a process can serve now, and the ``/readyz`` body saying so."""
 Handler = Callable[[Scope, Receive, Send, str, Headers], Awaitable[None]]
 """Serves one HTTP request under a mounted prefix, given its request id and the headers
 every answer carries; raises :class:`APIError` to refuse."""
@@ -104,6 +106,9 @@ class Station:
         self._shutdown = trio.Event()
         self.draining = False
         """Set by :meth:`drain`: new requests get 503 and new tunnels are refused."""
+        self.readiness: Readiness | None = None
+        """What ``/readyz`` asks when the station is not a gateway's (a relay sets it:
+        ready while an upstream link is up); None: :meth:`gateway_readiness`."""
 
     def mount(self, prefix: str, handler: Handler) -> None:
         """Serve paths starting with ``prefix`` by ``handler``: the longest matching
@@ -160,8 +165,26 @@ class Station:
         await self._idle.wait()
 
     def reload_tokens(self, settings: GatewaySettings) -> TokenChanges:
-        """Admit new tunnels by the join tokens of ``settings`` (SIGHUP)."""
+        """Admit new tunnels by the join tokens of ``settings`` (SIGHUP), those of every
+        node group it configures (one added since the start included)."""
+        self.admission.group_names = frozenset(settings.groups)
         return self.admission.reload(settings)
+
+    def reload_settings(self, settings: GatewaySettings) -> TokenChanges:
+        """SIGHUP: from now on, check the admin API by the admin key of ``settings``,
+        admit new tunnels by its join tokens (:meth:`reload_tokens`) and limit tunnel
+        handshakes per address by its rates and caps (addresses keep what they hold).
+        ``settings`` keep the running values of what needs a restart (``listen``, the
+        listener's connection limits). Tunnels already up stay up. No checkpoint: a
+        request sees the old settings or the new, never a mix."""
+        changes = self.reload_tokens(settings)
+        self.settings = settings
+        self.admin_auth = BearerAuth(settings.admin_key)
+        handshakes = self.admission.handshakes
+        handshakes.rate = settings.tunnel_handshake_rate
+        handshakes.burst = settings.tunnel_handshake_burst
+        handshakes.concurrent = settings.tunnel_handshakes_per_ip
+        return changes
 
     async def drain(self, grace: float,
                     also: Sequence[Callable[[], Awaitable[None]]] = ()) -> None:
@@ -186,6 +209,29 @@ class Station:
         self.registry.bus.close_all("gateway shutting down")
         for session in list(self.admission.sessions):
             session.abort("gateway shutting down")
+
+    def ready(self) -> tuple[bool, dict[str, Any]]:
+        """``/readyz``: whether a load balancer should send this process traffic, and
+        the body saying so. Never while draining; else the relay's :attr:`readiness`
+        when set, else :meth:`gateway_readiness`."""
+        if self.draining:
+            return False, {"status": "not ready", "reason": "draining"}
+        if self.readiness is not None:
+            return self.readiness()
+        return self.gateway_readiness()
+
+    def gateway_readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Ready when at least one live peer serves at least one model ready (from the
+        counts the routing index keeps: no walk over peers or models)."""
+        registry = self.registry
+        peers, models = registry.ready_counts()
+        if models:
+            return True, {"status": "ready", "peers": peers, "models": models}
+        loading = len(registry.index.loading_models)
+        reason = (f"{loading} model{'s' if loading != 1 else ''} still loading, none ready"
+                  if loading else "no live node serves a model")
+        return False, {"status": "not ready", "reason": reason, "peers": peers,
+                       "models": 0, "loading": loading}
 
     def public_peers(self) -> list[str]:
         """Public tunnel addresses this process tells dialers about in WELCOME: its own
@@ -234,12 +280,16 @@ class Station:
                     await handler(scope, receive, send, request_id, headers)
                     break
             else:
-                if path != "/healthz":
+                if path == "/readyz":  # for load balancers: can it serve now?
+                    ready, body = self.ready()
+                    await send_json(send, 200 if ready else 503, body, headers)
+                    return
+                if path != "/healthz":  # liveness: 200 while the process runs
                     raise APIError(404, f"no route for {method} {path}", code="not_found")
                 await send_json(send, 200, {
                     "status": "draining" if self.draining else "ok",
                     "peers": len(self.registry.peers),
-                    "models": len(self.registry.live_models()),
+                    "models": self.registry.ready_counts()[1],
                 }, headers)
         except APIError as error:
             if not send.started:  # else the answer is under way and hypercorn ends it

@@ -1,5 +1,7 @@
 """The admin API of a process that runs a node without a gateway or relay: ``/healthz``
-and ``GET /admin/v1/network`` (what ``tooti peers`` shows), on ``node.admin_listen``."""
+(liveness), ``/readyz`` (200 once at least one model is ready, 503 while every model is
+loading or no backend answers, and while draining) and ``GET /admin/v1/network`` (what
+``tooti peers`` shows), on ``node.admin_listen``."""
 
 from __future__ import annotations
 
@@ -52,11 +54,28 @@ class NodeAdmin:
         """Stop serving."""
         self._shutdown.set()
 
+    def reload_admin_key(self, admin_key: str) -> None:
+        """SIGHUP: check ``/admin/v1`` by ``admin_key`` from the next request on."""
+        self.auth = BearerAuth(admin_key)
+
     def network_view(self) -> dict[str, Any]:
         """What the node knows of the network, in the gateway's ``/admin/v1/network`` shape."""
         dialer = self.node.dialer
         # A node alone has no public address of its own, nor peers dialled into it.
         return network_view(["node"], [dialer], discover=dialer.network.discover)
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Ready when at least one model is ready to serve and the node is not draining."""
+        node = self.node
+        if node.draining:
+            return False, {"status": "not ready", "reason": "draining"}
+        if node.models:
+            return True, {"status": "ready", "models": len(node.models),
+                          "loading": len(node.loading), "sessions": len(node.sessions)}
+        reason = (f"still loading {', '.join(sorted(node.loading))}" if node.loading
+                  else "no backend serves a model")
+        return False, {"status": "not ready", "reason": reason, "models": 0,
+                       "loading": len(node.loading), "sessions": len(node.sessions)}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The ASGI entry point (HTTP only)."""
@@ -73,6 +92,9 @@ class NodeAdmin:
                 await send_json(send, 200, {
                     "status": "draining" if self.node.draining else "ok",
                     "sessions": len(self.node.sessions), "models": len(self.node.models)}, [])
+            elif path == "/readyz":
+                ready, body = self.readiness()
+                await send_json(send, 200 if ready else 503, body, [])
             elif path == "/admin/v1/network":
                 check_admin(self.auth, scope)
                 await send_json(send, 200, self.network_view(), [])

@@ -5,6 +5,15 @@ jitter), introduces itself with HELLO, announces its models, sends load
 figures in heartbeats, and answers each OPEN by calling the backend that
 serves the model. A CANCEL frame, or the tunnel's loss, cancels the stream's
 scope, which closes the backend's upstream request.
+
+A backend that can say what it is loading (``loading_models``, see
+:mod:`tooti.backends.base`: the embedded llama.cpp backend) is started in the
+background: the node dials at once and announces its models with state ``loading``
+until the backend answers health and lists them, then as ``ready``. A gateway routes
+only ready models. If such a backend's start fails, the error ends the node (and
+``tooti run``) as a failed start always did: nothing stays "loading" for ever. A
+backend that loads again later (a restarted llama.cpp child) is announced loading
+while its launch is under way, and not at all between failed launches.
 """
 
 from __future__ import annotations
@@ -16,7 +25,14 @@ import msgspec
 import trio
 
 from tooti import clock
-from tooti.backends.base import Backend, BackendError, ModelInfo, health_problem
+from tooti.backends.base import (
+    Backend,
+    BackendError,
+    ModelInfo,
+    announces_loading,
+    health_problem,
+    loading_models,
+)
 from tooti.dialer import Dialer
 from tooti.identity import Identity
 from tooti.node.metering import UsageMeter
@@ -30,6 +46,10 @@ _decoder = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()
 
 MAX_REQUEST_BYTES = 64 * 1024 * 1024
+
+
+class _NotStarted(Exception):
+    """A backend started in the background has not finished starting."""
 
 
 class Node:
@@ -52,6 +72,9 @@ class Node:
         """False when the node only attaches in memory to a relay in the same process."""
         self.health_interval = settings.health_interval
         self.models: dict[str, tuple[Backend, ModelInfo]] = {}
+        """The ready models: the ones streams are served for."""
+        self.loading: dict[str, ModelInfo] = {}
+        """Models announced as loading (a backend still starting), none of them ready."""
         self.in_flight = 0
         self.queued = 0
         self.healthy = True
@@ -59,6 +82,19 @@ class Node:
         self._slots: dict[str, trio.Semaphore] = {}
         self._listed: dict[int, list[ModelInfo]] = {}
         self._backend_ok: dict[int, bool] = {}
+        self._started: set[int] = set()
+        """Backends (by index) whose :meth:`Backend.start` returned."""
+        self._starting: set[int] = set()
+        """Backends whose start was called (closed at the end)."""
+        self._was_loading: set[int] = set()
+        self._refresh_lock = trio.Lock()
+        self._nursery: trio.Nursery | None = None
+        """The nursery of :meth:`run` (backends a reload adds run in it)."""
+        self._streams_of: dict[int, int] = {}
+        """Streams in flight per backend (by ``id``), so a removed one closes after them."""
+        self._stream_ended = trio.Event()
+        self._run_scopes: dict[int, trio.CancelScope] = {}
+        """The ``run`` tasks of backends a reload added (cancelled if one is removed)."""
         self._idle = trio.Event()
         self._idle.set()
         self._ttft_ms = 0.0
@@ -77,21 +113,38 @@ class Node:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Start backends, dial every peer, and serve until cancelled."""
-        for backend in self.backends:
-            await backend.start()
         try:
-            await self.refresh_models()
             async with trio.open_nursery() as nursery:
-                for backend in self.backends:
+                self._nursery = nursery
+                for index, backend in enumerate(self.backends):
+                    self._starting.add(index)
+                    if announces_loading(backend):  # announced as loading meanwhile
+                        nursery.start_soon(self._start_backend, index, backend)
+                        continue
+                    await backend.start()
+                    self._started.add(index)
                     nursery.start_soon(backend.run)
+                await self.refresh_models()
                 nursery.start_soon(self._watch_backends)
                 if self.dial:
                     await nursery.start(self.dialer.run, list(self.settings.peers))
                 task_status.started()
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(5):
-                for backend in self.backends:
-                    await backend.close()
+                for index, backend in enumerate(self.backends):
+                    if index in self._starting:
+                        await backend.close()
+
+    async def _start_backend(self, index: int, backend: Backend) -> None:
+        """Start a backend that announces its models as loading meanwhile; once started,
+        announce what it serves and supervise it. A failed start raises (ending the node,
+        as a failed start did before the node dialled)."""
+        await backend.start()
+        self._started.add(index)
+        if await self.refresh_models():
+            self._log_models()
+            await self.announce_models()
+        await backend.run()
 
     async def drain(self, grace: float) -> None:
         """Refuse new streams (GOAWAY), let in-flight ones finish for up to ``grace``."""
@@ -111,43 +164,75 @@ class Node:
         """Check every backend's health and (with ``list_models``) re-read its models.
 
         Only healthy backends' models are served, so a sick backend's models
-        stop receiving traffic at the next announcement. Returns True if the
-        served model table changed.
+        stop receiving traffic at the next announcement. A backend still loading
+        (started in the background, or unhealthy while it says it is loading) has its
+        models announced as loading instead. Returns True if the announced model table
+        (ready or loading) changed. One refresh at a time (the health loop and a
+        backend that finished starting may both ask).
         """
+        async with self._refresh_lock:
+            return await self._refresh(list_models)
+
+    async def _refresh(self, list_models: bool) -> bool:
         table: dict[str, tuple[Backend, ModelInfo]] = {}
+        loading: dict[str, ModelInfo] = {}
         healthy_any = False
         for index, backend in enumerate(self.backends):
             try:
+                if index not in self._started and announces_loading(backend):
+                    raise _NotStarted  # started in the background, not done yet
                 if not await backend.health():
                     raise RuntimeError(health_problem(backend))
                 if list_models or index not in self._listed:
                     self._listed[index] = await backend.models()
             except Exception as exc:  # a sick backend only loses its models
-                if self._backend_ok.get(index, True):
+                pending = loading_models(backend)
+                if pending:
+                    if index not in self._was_loading:
+                        log.info("backend %s is loading %s", backend.type_name,
+                                 ", ".join(info.id for info in pending))
+                    self._was_loading.add(index)
+                    for info in pending:
+                        loading.setdefault(info.id, info)
+                    continue
+                self._was_loading.discard(index)
+                if self._backend_ok.get(index, True) and not isinstance(exc, _NotStarted):
                     log.warning("backend %s unavailable: %s", backend.type_name, exc)
                 self._backend_ok[index] = False
                 continue
             if not self._backend_ok.get(index, True):
                 log.info("backend %s is healthy again", backend.type_name)
+            self._was_loading.discard(index)
             self._backend_ok[index] = True
             healthy_any = True
             for info in self._listed[index]:
                 table.setdefault(info.id, (backend, info))
-        self.healthy = healthy_any
-        changed = {k: v[1] for k, v in table.items()} != {k: v[1] for k, v in self.models.items()}
+        for model in table:
+            loading.pop(model, None)  # served by another backend already
+        self.healthy = healthy_any or bool(loading)
+        changed = (loading != self.loading or {k: v[1] for k, v in table.items()}
+                   != {k: v[1] for k, v in self.models.items()})
         self.models = table
-        for model, (_, info) in table.items():
+        self.loading = loading
+        for model, info in [*((m, v[1]) for m, v in table.items()), *loading.items()]:
             if model not in self._slots:
                 self._slots[model] = trio.Semaphore(max(1, info.max_concurrency))
         return changed
 
     def slots(self) -> int:
-        """Concurrent requests the node's models advertise, over all of them."""
-        return sum(info.max_concurrency for _, info in self.models.values())
+        """Concurrent requests the node's models advertise, over all of them (loading
+        ones included: they are served on the same sessions once ready)."""
+        return (sum(info.max_concurrency for _, info in self.models.values())
+                + sum(info.max_concurrency for info in self.loading.values()))
 
     def models_wire(self) -> list[dict[str, Any]]:
-        """The MODELS frame payload."""
-        return [info.to_wire() for _, info in self.models.values()]
+        """The MODELS frame payload: the ready models, then those loading."""
+        return ([info.to_wire() for _, info in self.models.values()]
+                + [info.to_wire() for info in self.loading.values()])
+
+    def _log_models(self) -> None:
+        loading = f" (loading: {', '.join(sorted(self.loading))})" if self.loading else ""
+        log.info("models changed: %s%s", ", ".join(sorted(self.models)) or "none", loading)
 
     async def _watch_backends(self) -> None:
         """Health every ``health_interval``, models every ``poll_interval``; announce changes."""
@@ -158,7 +243,7 @@ class Node:
             if list_models:
                 next_listing = clock.now() + self.poll_interval
             if await self.refresh_models(list_models):
-                log.info("models changed: %s", ", ".join(sorted(self.models)) or "none")
+                self._log_models()
                 await self.announce_models()
 
     async def announce_models(self) -> None:
@@ -193,6 +278,97 @@ class Node:
         """A new session is open: announce our models on it."""
         await session.send_control(lambda conn: conn.send_models(self.models_wire()))
 
+    # ------------------------------------------------------------ reload (SIGHUP)
+
+    def backends_settled(self) -> bool:
+        """True when no backend is still starting in the background (a reload of the
+        backends waits for that)."""
+        return self._starting <= self._started
+
+    async def replace_backends(self, backends: list[Backend],
+                               poll_interval: float | None = None) -> None:
+        """SIGHUP: serve new streams from ``backends`` from now on.
+
+        A backend object in both the old list and ``backends`` is kept as it is (started,
+        its models listed, its slots); one only in ``backends`` must be started already
+        (the reload started it, and a failed start refused the reload) and is supervised
+        here from now on; one only in the old list leaves the model table at once, and
+        is closed once the streams it serves have finished. The models are then read
+        again and announced to every peer, so gateways list the change within a round
+        trip. Call only while :meth:`backends_settled` and the node runs.
+        """
+        nursery = self._nursery
+        if nursery is None:
+            raise RuntimeError("the node is not running")
+        sizes = {model: info.max_concurrency for model, (_, info) in self.models.items()}
+        async with self._refresh_lock:  # no health round sees half the swap
+            old = self.backends
+            where = {id(backend): index for index, backend in enumerate(old)}
+            moved = {where[id(b)]: index for index, b in enumerate(backends) if id(b) in where}
+            fresh = {index for index, b in enumerate(backends) if id(b) not in where}
+            self._listed = {moved[i]: v for i, v in self._listed.items() if i in moved}
+            self._backend_ok = {moved[i]: v for i, v in self._backend_ok.items() if i in moved}
+            self._started = {moved[i] for i in self._started if i in moved} | fresh
+            self._starting = {moved[i] for i in self._starting if i in moved} | fresh
+            self._was_loading = {moved[i] for i in self._was_loading if i in moved}
+            kept = {id(backend) for backend in backends}
+            removed = [backend for backend in old if id(backend) not in kept]
+            self.backends = backends
+            if poll_interval is not None:
+                self.poll_interval = poll_interval
+            self.models = {model: entry for model, entry in self.models.items()
+                           if id(entry[0]) in kept}
+        for index in sorted(fresh):
+            nursery.start_soon(self._supervise, backends[index])
+        for backend in removed:
+            nursery.start_soon(self._retire, backend)
+        await self.refresh_models()
+        for model, (_, info) in self.models.items():  # a new max_concurrency, when idle
+            slots, size = self._slots.get(model), sizes.get(model)
+            if (slots is not None and size is not None and size != info.max_concurrency
+                    and slots.value == max(1, size) and not slots.statistics().tasks_waiting):
+                self._slots[model] = trio.Semaphore(max(1, info.max_concurrency))
+        self._log_models()
+        await self.announce_models()
+
+    def _stream_done(self, backend: Backend) -> None:
+        left = self._streams_of.get(id(backend), 0) - 1
+        if left > 0:
+            self._streams_of[id(backend)] = left
+        else:
+            self._streams_of.pop(id(backend), None)
+            self._stream_ended.set()
+            self._stream_ended = trio.Event()
+
+    async def _supervise(self, backend: Backend) -> None:
+        """Run a backend a reload added, until a later reload removes it."""
+        with trio.CancelScope() as scope:
+            self._run_scopes[id(backend)] = scope
+            try:
+                await backend.run()
+            finally:
+                self._run_scopes.pop(id(backend), None)
+
+    async def _retire(self, backend: Backend) -> None:
+        """Close a backend a reload removed, once no stream it serves is in flight (or
+        at once when the node stops)."""
+        try:
+            while self._streams_of.get(id(backend), 0):
+                await self._stream_ended.wait()
+        finally:
+            scope = self._run_scopes.pop(id(backend), None)
+            if scope is not None:
+                scope.cancel()
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                try:
+                    await backend.close()
+                except Exception as exc:  # it serves nothing any more: log and go on
+                    log.warning("closing the removed backend %s failed: %s",
+                                backend.type_name, exc)
+                else:
+                    log.info("backend %s removed: closed after its last stream",
+                             backend.type_name)
+
     # ------------------------------------------------------------ serving
 
     async def _serve_stream(self, stream: InboundStream) -> None:
@@ -202,6 +378,10 @@ class Node:
             await stream.end(end_error(400, "bad_open", "OPEN needs endpoint and model strings"))
             return
         entry = self.models.get(model)
+        if entry is None and model in self.loading:  # a gateway that predates the state
+            await stream.end(end_error(503, "model_loading",
+                                       f"node {self.id} is still loading {model}"))
+            return
         if entry is None or endpoint not in entry[1].endpoints:
             await stream.end(end_error(503, "model_not_served",
                                        f"node {self.id} does not serve {model} on /{endpoint}"))
@@ -226,6 +406,7 @@ class Node:
                 strip = True
         self.in_flight += 1
         self._idle = trio.Event() if self.in_flight == 1 else self._idle
+        self._streams_of[id(backend)] = self._streams_of.get(id(backend), 0) + 1
         try:
             self.queued += 1
             try:
@@ -237,6 +418,7 @@ class Node:
             finally:
                 self._slots[model].release()
         finally:
+            self._stream_done(backend)
             self.in_flight -= 1
             if self.in_flight == 0:
                 self._idle.set()
