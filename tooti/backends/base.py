@@ -21,18 +21,30 @@ unhealthy keeps the reason in a ``health_error`` string attribute (``""`` while
 healthy): the URL it asked and the cause (connection refused, the HTTP status, a
 timeout). :func:`health_problem` reads it for the node's log line, and falls back to
 a generic sentence for backends (e.g. plugins') that keep none.
+
+Loading: a backend that knows which models it will serve before it is up (the embedded
+llama.cpp backend names its model from the start, and takes seconds to load it) may
+define ``loading_models() -> list[ModelInfo]``: the models it is loading now (an empty
+list once it is up, and once a start has failed: it is not loading any more). The node
+then runs its :meth:`Backend.start` in the background, announces those models with
+state ``loading`` from its first second, and as ``ready`` once :meth:`Backend.health`
+passes and :meth:`Backend.models` lists them; a gateway answers requests for a model
+only loading nodes serve with 503 ``model_loading`` and ``Retry-After``. A backend
+without the method (a remote server that may be down cannot say what it will serve) is
+started before the node dials, as before, and announces nothing until it answers
+(:func:`loading_models`).
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import msgspec
 
-from tooti.protocol.schemas import ENDPOINTS, ModelEntry
+from tooti.protocol.schemas import ENDPOINTS, LOADING, READY, ModelEntry, ModelState
 
 
 @dataclass(frozen=True)
@@ -51,6 +63,14 @@ class ModelInfo:
     owned_by: str = "tooti"
     meta: dict[str, Any] = field(default_factory=dict)
     """Extra metadata shown in ``/v1/models`` (e.g. ``{"simulated": true}``)."""
+    state: ModelState = READY
+    """``ready``, or ``loading`` while its backend starts (see :func:`loading_models`):
+    a gateway routes only ready models and answers 503 ``model_loading`` for the rest."""
+
+    @property
+    def ready(self) -> bool:
+        """True when the model takes requests (its state is ``ready``)."""
+        return self.state == READY
 
     def to_wire(self) -> dict[str, Any]:
         """Return the JSON-able dict sent in a MODELS frame."""
@@ -63,6 +83,7 @@ class ModelInfo:
             "warm": self.warm,
             "owned_by": self.owned_by,
             "meta": self.meta,
+            "state": self.state,
         }
 
     @classmethod
@@ -82,6 +103,7 @@ class ModelInfo:
             warm=entry.warm,
             owned_by=entry.owned_by,
             meta=dict(entry.meta),
+            state=entry.state,
         )
 
 
@@ -203,3 +225,22 @@ def health_problem(backend: Backend) -> str:
     if isinstance(detail, str) and detail:
         return f"health check failed: {detail}"
     return "health check failed"
+
+
+def announces_loading(backend: Backend) -> bool:
+    """True if ``backend`` can say what it is loading (it has ``loading_models``): the
+    node starts it in the background and announces its models as loading meanwhile."""
+    return callable(getattr(backend, "loading_models", None))
+
+
+def loading_models(backend: Backend) -> list[ModelInfo]:
+    """The models ``backend`` is loading now, with state ``loading`` (none for a backend
+    without ``loading_models``, or whose method raised)."""
+    method = getattr(backend, "loading_models", None)
+    if not callable(method):
+        return []
+    try:
+        models = method()
+    except Exception:  # a plugin's bug must not stop the node's health loop
+        return []
+    return [replace(info, state=LOADING) for info in models if isinstance(info, ModelInfo)]

@@ -9,7 +9,10 @@ Chat completions, completions and embeddings are all served by the one child.
 
 The model is advertised as ``gemma-3-270m`` (or ``settings.models[0]``); the
 child is started with that name as its alias, so its answers carry the same
-name and no renaming is needed.
+name and no renaming is needed. Its id is known from the start, so while a child is
+being launched (model preparation, the child loading the GGUF, a restart)
+:meth:`LlamaCppBackend.loading_models` names it and the node announces it as loading;
+after a launch failed it names nothing (the model is not loading any more).
 
 The child is protected by a random API key (passed in its environment), runs
 in its own session (a terminal's Ctrl-C reaches only the node, which then
@@ -232,6 +235,8 @@ class LlamaCppBackend:
         self.health_error = ""
         """Why the last :meth:`health` check failed; ``""`` if it passed."""
         self._launched = trio.Event()
+        self._launching = True
+        """A launch is under way (or the first has not been tried yet)."""
         self._child: _Child | None = None
         self._closing = False
         self._run_scope: trio.CancelScope | None = None
@@ -259,6 +264,13 @@ class LlamaCppBackend:
 
     async def _launch(self) -> None:
         """Start one child and wait until it is healthy; kill it on any failure."""
+        self._launching = True
+        try:
+            await self._launch_child()
+        finally:
+            self._launching = False
+
+    async def _launch_child(self) -> None:
         env = {**os.environ, API_KEY_ENV: self._api_key}
         process = await trio.lowlevel.open_process(
             self.command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -322,9 +334,13 @@ class LlamaCppBackend:
         Raises :class:`LlamaCppStartError` (with the child's stderr tail) if it
         exits or is not healthy within ``startup_timeout``.
         """
-        if not self.model_path:
-            self.model_path = str(await trio.to_thread.run_sync(assemble_gemma))
-        await self.upstream.start()
+        try:
+            if not self.model_path:
+                self.model_path = str(await trio.to_thread.run_sync(assemble_gemma))
+            await self.upstream.start()
+        except BaseException:
+            self._launching = False
+            raise
         await self._launch()
 
     async def run(self) -> None:
@@ -354,15 +370,23 @@ class LlamaCppBackend:
 
     async def models(self) -> list[ModelInfo]:
         """The one served model, with the per-request context length."""
+        return [self._info()]
+
+    def loading_models(self) -> list[ModelInfo]:
+        """The model, while a child is being launched (see :mod:`tooti.backends.base`);
+        nothing once it is up, after a failed launch, or while closing."""
+        return [self._info()] if self._launching and not self._closing else []
+
+    def _info(self) -> ModelInfo:
         s = self.settings
-        return [ModelInfo(
+        return ModelInfo(
             id=self.model_id,
             context_length=self.context_size,
             max_concurrency=self.parallel,
             price_input=s.price_input,
             price_output=s.price_output,
             meta={"engine": "llama.cpp"},
-        )]
+        )
 
     async def health(self) -> bool:
         """True while the child runs and answers ``/health`` with 200; else

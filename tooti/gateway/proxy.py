@@ -39,7 +39,7 @@ from tooti.billing.base import Outcome
 from tooti.errors import APIError, from_end_info
 from tooti.gateway.byte_budget import ByteBudget
 from tooti.gateway.collected_answer import AnswerBuffers, AnswerLost
-from tooti.gateway.node_picker import NodePicker
+from tooti.gateway.node_picker import NodePicker, model_loading
 from tooti.gateway.proxy_settings import ProxySettings
 from tooti.gateway.response_headers import BadHeader, content_type, header_value
 from tooti.gateway.streamed_answer import first_token, stream_answer
@@ -130,9 +130,11 @@ class Proxy:
             for index, model in enumerate(request.models):
                 routes = [g for g in groups if self.registry.serving(model, g)]
                 if not routes:
-                    last_error = last_error or APIError(
-                        503, f"no live node serves model '{model}' right now",
-                        code="no_capacity", type="service_unavailable")
+                    last_error = last_error or (
+                        model_loading(model)
+                        if any(self.registry.loading(model, g) for g in groups)
+                        else APIError(503, f"no live node serves model '{model}' right now",
+                                      code="no_capacity", type="service_unavailable"))
                     continue
                 body = raw_body if not request.rewrite else _rewrite(request.body, model)
                 model_route = route if model == route.model else RouteRequest(

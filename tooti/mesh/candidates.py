@@ -27,18 +27,21 @@ class ModelIndex:
     """The peers of one node group that serve one model, kept current as they change.
 
     ``serving`` ⊇ ``live`` ⊇ ``eligible`` ⊇ the peers with a free slot, which are the
-    keys of every ``keys[name]`` dict (``free`` is ``keys["least_loaded"]``). Free peers
+    keys of every ``keys[name]`` dict (``free`` is ``keys["least_loaded"]``). ``live``
+    holds only peers that announce the model ready; ``loading`` (also in ``serving``,
+    never in ``live``) those otherwise live that announce it loading. Free peers
     are also kept in buckets of equal least-loaded key under a heap of those keys
     (pruned lazily), and sorted by id.
     """
 
     __slots__ = ("buckets", "by_id", "eligible", "epoch", "free", "heap", "ids", "in_heap",
-                 "keys", "live", "model", "recheck", "served", "serving")
+                 "keys", "live", "loading", "model", "recheck", "served", "serving")
 
     def __init__(self, model: str) -> None:
         self.model = model
         self.serving: dict[Peer, None] = {}
         self.live: dict[Peer, None] = {}
+        self.loading: dict[Peer, None] = {}
         self.eligible: dict[Peer, None] = {}
         self.keys: dict[str, dict[Peer, Key]] = {name: {} for name in KEY_NAMES}
         self.free = self.keys["least_loaded"]
@@ -59,7 +62,9 @@ class ModelIndex:
         it became or stopped being live or eligible."""
         model = self.model
         info = peer.models.get(model)
-        live = info is not None and peer.live
+        announced = info is not None and peer.live
+        live = announced and info is not None and info.ready
+        _mark(self.loading, peer, announced and not live)
         record = peer.health.get(model)
         eligible = live and (record is None or not record.in_cooldown)
         flipped = _mark(self.live, peer, live)
@@ -79,6 +84,7 @@ class ModelIndex:
         """Forget ``peer`` (it left, or no longer serves the model)."""
         self.serving.pop(peer, None)
         self.live.pop(peer, None)
+        self.loading.pop(peer, None)
         if peer in self.eligible:
             del self.eligible[peer]
             self.recheck = True

@@ -27,6 +27,8 @@ class Peer:
     labels: dict[str, str] = field(default_factory=dict)
     software: str = ""
     models: dict[str, ModelInfo] = field(default_factory=dict)
+    """Every model it announces, ready or loading (:attr:`ModelInfo.state`; the routing
+    index routes only the ready ones)."""
     in_flight: dict[str, int] = field(default_factory=dict)
     """Streams this gateway has open on the peer, by model."""
     stats: dict[str, Any] = field(default_factory=dict)
@@ -154,6 +156,7 @@ class Peer:
                     "capacity": self.capacity(model),
                     "price": {"input": info.price_input, "output": info.price_output},
                     **self.health_of(model).describe(),
+                    **({} if info.ready else {"state": "loading"}),
                 }
                 for model, info in sorted(self.models.items())
             },

@@ -102,6 +102,8 @@ class Registry:
         self.live_models = index.live_models
         self.live_in_group = index.live_in_group
         self.live_version = index.live_version
+        self.loading = index.loading
+        self.ready_counts = index.ready_counts
         self.usable = slots.usable
         self.reserve = slots.reserve
         self.release = slots.release

@@ -4,11 +4,13 @@ peers come, go and change, so a routing decision never scans every peer."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Container, Iterable, Mapping
+from collections.abc import Callable, Collection, Container, Hashable, Iterable, Mapping
+from typing import TypeVar
 
 from tooti.mesh.candidates import Candidates, ModelIndex
 from tooti.mesh.peer import Peer
 
+K = TypeVar("K", bound=Hashable)
 ModelGroup = tuple[str, str]
 """(model id, node group): what one :class:`ModelIndex` (and one queue) is for."""
 
@@ -43,6 +45,13 @@ class RoutingIndex:
         """Bumped whenever a peer starts or stops being live (or eligible) for a model,
         or a peer's models change: what is cached from the live models is current while
         it stays the same."""
+        self.ready_models: dict[str, int] = {}
+        """Model → live peers serving it ready (models with none left out): counted as
+        peers are filed, so readiness probes cost nothing however many peers there are."""
+        self.ready_peers: dict[Peer, int] = {}
+        """Live peer → models it serves ready (peers with none left out)."""
+        self.loading_models: dict[str, int] = {}
+        """Model → live peers announcing it loading (models with none left out)."""
 
     # ------------------------------------------------------------ reads
 
@@ -102,6 +111,23 @@ class RoutingIndex:
                 out[model] = list(index.live)
         return out
 
+    def loading(self, model: str, group: str | None = None) -> bool:
+        """True if a live peer (of node group ``group`` only, when given) announces
+        ``model`` as loading."""
+        if group is None:
+            if self.stale:
+                self.catch_up()
+            return model in self.loading_models
+        index = self.find(model, group)
+        return index is not None and bool(index.loading)
+
+    def ready_counts(self) -> tuple[int, int]:
+        """(live peers serving at least one model ready, models at least one live peer
+        serves ready), from the counts kept as peers are filed."""
+        if self.stale:
+            self.catch_up()
+        return len(self.ready_peers), len(self.ready_models)
+
     def live_version(self) -> int:
         """:attr:`version`, after catching up with pending re-evaluations."""
         self.catch_up()
@@ -120,6 +146,7 @@ class RoutingIndex:
         group, models = filed
         keys, flipped = [], False
         for model in models - peer.models.keys():
+            self._uncount(peer, model, self.by_model[model][group])
             self.by_model[model][group].discard(peer)
             models.discard(model)
             keys.append((model, group))
@@ -133,7 +160,13 @@ class RoutingIndex:
             if peer not in index.serving:
                 index.serving[peer] = None
                 models.add(model)
+            was_live, was_loading = peer in index.live, peer in index.loading
             flipped = index.evaluate(peer) or flipped
+            is_live, is_loading = peer in index.live, peer in index.loading
+            if was_live != is_live:
+                self._count_ready(peer, model, 1 if is_live else -1)
+            if was_loading != is_loading:
+                _bump(self.loading_models, model, 1 if is_loading else -1)
             keys.append((model, group))
         if flipped:
             self.version += 1
@@ -153,10 +186,23 @@ class RoutingIndex:
                 del self.tunnels[id(peer.session)]
         group, models = filed
         for model in models:
-            self.by_model[model][group].discard(peer)
+            index = self.by_model[model][group]
+            self._uncount(peer, model, index)
+            index.discard(peer)
             self.prune(model, group)
         self.version += 1
         return [(model, group) for model in models]
+
+    def _count_ready(self, peer: Peer, model: str, delta: int) -> None:
+        _bump(self.ready_models, model, delta)
+        _bump(self.ready_peers, peer, delta)
+
+    def _uncount(self, peer: Peer, model: str, index: ModelIndex) -> None:
+        """``peer`` is leaving ``index``: take it out of the counts."""
+        if peer in index.live:
+            self._count_ready(peer, model, -1)
+        if peer in index.loading:
+            _bump(self.loading_models, model, -1)
 
     def sharing_tunnel(self, peer: Peer, keys: Container[ModelGroup]) -> list[ModelGroup]:
         """The tunnel of ``peer`` has a stream to spare again: the pairs among ``keys``
@@ -195,6 +241,16 @@ class RoutingIndex:
     def rebuild(self) -> None:
         """Index every peer in ``peers`` afresh (after changing ``peers`` directly)."""
         self.by_model, self.filed, self.tunnels = {}, {}, {}
+        self.ready_models, self.ready_peers, self.loading_models = {}, {}, {}
         self.stale = False
         for peer in self.peers.values():
             self.file(peer)
+
+
+def _bump(counts: dict[K, int], key: K, delta: int) -> None:
+    """Add ``delta`` to ``counts[key]``, leaving the key out at zero."""
+    count = counts.get(key, 0) + delta
+    if count > 0:
+        counts[key] = count
+    else:
+        counts.pop(key, None)

@@ -24,6 +24,11 @@ from tooti.protocol.errors import ProtocolError
 Endpoint = Literal["chat/completions", "completions", "embeddings"]
 ENDPOINTS: tuple[Endpoint, ...] = get_args(Endpoint)
 """The OpenAI endpoints a node may serve."""
+ModelState = Literal["ready", "loading"]
+"""A model entry's ``state``: ``ready`` takes requests; ``loading`` is announced while
+its backend starts (requests for it get 503 ``model_loading`` until it is ready)."""
+READY: ModelState = "ready"
+LOADING: ModelState = "loading"
 
 MAX_MODEL_ID = 256
 """Longest model id, in characters."""
@@ -87,6 +92,9 @@ class ModelEntry(Struct, frozen=True):
     warm: bool = True
     owned_by: Text = "tooti"
     meta: dict[str, Any] = msgspec.field(default_factory=dict)
+    state: ModelState = READY
+    """Absent (a node older than the field) means ready; any value but the two named is
+    refused like any other bad entry. A gateway older than the field ignores it."""
 
     def __post_init__(self) -> None:
         if self.meta:

@@ -5,6 +5,7 @@ nodes to gateways and forwards their streams (:class:`~tooti.relay.upstream.Upst
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import trio
 
@@ -45,11 +46,23 @@ class RelayRole:
         self.upstream = Upstream(settings.relay, settings.tunnel, station.registry, relay_id,
                               identity, network=settings.network)
         station.show_dialer(self.upstream.dialer)
+        if self.owns_station:  # beside a gateway, the gateway's readiness stands
+            station.readiness = self.readiness
         self.drain_grace = settings.drain_grace
 
     @property
     def id(self) -> str:
         return self.upstream.id
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """A relay alone is ready (``/readyz``) while at least one upstream link is up:
+        its nodes reach a gateway only through one."""
+        links = len(self.upstream.dialer.sessions)
+        if links:
+            return True, {"status": "ready", "upstream": links,
+                          "peers": len(self.station.registry.peers)}
+        return False, {"status": "not ready", "reason": "no upstream link is up",
+                       "upstream": 0}
 
     async def serve(self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
                     ) -> None:
