@@ -32,12 +32,11 @@ from ollama import (
 from tooti.backends.ollama_requests import Defaults, chat_payload
 from tooti.errors import APIError
 from tooti.fronts.base import ChatRequest, StreamTranslator
+from tooti.fronts.ollama_answers import answer, load_answer, stream_translator
 from tooti.fronts.ollama_api import (
     NDJSON_CONTENT_TYPE,
     Clock,
-    answer,
     error_body,
-    load_answer,
     ollama_name,
     parse_chat,
     parse_embed,
@@ -45,7 +44,6 @@ from tooti.fronts.ollama_api import (
     parse_generate,
     resolve_model,
     rfc3339,
-    stream_translator,
 )
 from tooti.fronts.ollama_models import (
     API_VERSION,
