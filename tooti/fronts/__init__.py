@@ -8,6 +8,8 @@ path (routing, failover, cancellation, metering, billing) carries every dialect;
 the shapes at the edges differ.
 
 - :mod:`tooti.fronts.anthropic_messages`: Anthropic's Messages API (``/v1/messages``).
-- :mod:`tooti.fronts.ollama_api`: Ollama's API (``/api/chat``, ``/api/generate``, ...).
+- :mod:`tooti.fronts.ollama_api`: Ollama's API (``/api/chat``, ``/api/generate``, ...);
+  its answers and NDJSON streams in :mod:`tooti.fronts.ollama_answers`, its model
+  listings in :mod:`tooti.fronts.ollama_models`.
 - :mod:`tooti.fronts.responses`: OpenAI's Responses API (``/v1/responses``).
 """
