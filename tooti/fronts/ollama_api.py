@@ -10,6 +10,15 @@ through :mod:`tooti.fronts.ollama_answers`; the model listings (``/api/tags``,
 ``/api/ps``, ``/api/show``, ``/api/version``) and the refused model-management routes
 are in :mod:`tooti.fronts.ollama_models`.
 
+:mod:`tooti.backends.ollama_requests` and :mod:`tooti.backends.ollama_answers` translate
+the other way (a node talking to a real Ollama server). Nothing is shared with them on
+purpose: each direction is the other's inverse (their option table maps OpenAI fields
+to Ollama's, this one Ollama's to OpenAI's; they parse NDJSON and write SSE, this front
+the reverse), and the one identical rule, ``:latest`` as the default tag, is a line; a
+shared module below both would couple a backend to a front for nothing. A test runs
+both (an Ollama body through this front, then the backend) and checks the Ollama node
+gets what the client sent.
+
 Decisions where Ollama and the network differ (``docs/api.md`` lists every field):
 
 * **Streaming is the default** (``stream`` absent or ``null`` streams), as in Ollama.
