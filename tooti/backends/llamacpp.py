@@ -332,8 +332,12 @@ class LlamaCppBackend:
         """Launch the child and return once its ``/health`` answers 200.
 
         Raises :class:`LlamaCppStartError` (with the child's stderr tail) if it
-        exits or is not healthy within ``startup_timeout``.
+        exits or is not healthy within ``startup_timeout``. Logs one INFO line when it
+        begins (model preparation and loading take seconds) and one when it is ready.
         """
+        began = clock.now()
+        logger.info("loading %s (%s)…", self.model_id,
+                    self.model_path or "Gemma 3 270M, packaged; prepared on first use")
         try:
             if not self.model_path:
                 self.model_path = str(await trio.to_thread.run_sync(assemble_gemma))
@@ -342,6 +346,7 @@ class LlamaCppBackend:
             self._launching = False
             raise
         await self._launch()
+        logger.info("%s ready (loaded in %.1f s)", self.model_id, clock.now() - began)
 
     async def run(self) -> None:
         """Supervise the child: restart it with exponential backoff when it exits."""
