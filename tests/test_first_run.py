@@ -216,7 +216,7 @@ async def test_first_run_logs_loading_then_ready_then_the_banner(
             banner = await tooti.wait_for(r"tooti is ready on http://\S+ serving gemma-3-270m\.")
             await tooti.wait_for(r"not for good answers")
         assert loading.start() < ready.start() < banner.start()
-        assert len(re.findall(r"loading gemma-3-270m", tooti.text)) == 1
+        assert len(re.findall(r"tooti\.llamacpp: loading gemma-3-270m", tooti.text)) == 1
     finally:
         tooti.signal(signal.SIGINT)
         with trio.fail_after(30):
