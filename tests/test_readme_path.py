@@ -1,6 +1,6 @@
 """The README's newcomer path, run as written: a gateway, a relay dialling it and a node
-dialling the relay, each its own ``tooti run`` process, then the ``curl`` and
-``tooti peers`` the README shows.
+dialling the relay, each its own ``tooti run`` process, then the ``curl``,
+``tooti peers`` and ``tooti usage`` the README shows.
 
 The commands are read from the ``sh`` block between the ``<!-- newcomer-path: begin``
 and ``<!-- newcomer-path: end -->`` comments of README.md, so the README cannot drift
@@ -83,6 +83,7 @@ def test_readme_path_has_the_three_roles_on_their_own_data_dirs() -> None:
     assert len(set(data_dirs)) == 3, data_dirs  # one process per data dir: it is locked
     assert any(c.startswith("curl ") for c in commands)
     assert any(c.startswith(".venv/bin/tooti peers ") for c in commands)
+    assert any(c.startswith(".venv/bin/tooti usage ") for c in commands)
 
 
 async def run_curl(argv: list[str]) -> str:
@@ -141,7 +142,7 @@ async def test_readme_newcomer_path_serves_through_the_relay(
         raise
     for tooti in started.values():
         tooti.signal(signal.SIGINT)  # what Ctrl-C in its terminal sends
-    answer, peers = outputs
+    answer, peers, usage = outputs
     head, _, body = answer.replace("\r\n", "\n").partition("\n\n")
     assert head.startswith("HTTP/1.1 200"), answer
     assert re.search(r"^x-tooti-node: my-node$", head, re.MULTILINE | re.IGNORECASE), head
@@ -152,6 +153,8 @@ async def test_readme_newcomer_path_serves_through_the_relay(
     assert relay, peers
     assert re.search(rf"^\s+my-node\s+node\s+live\s+via {re.escape(relay.group(1))}\b.*tooti-sim",
                      peers, re.MULTILINE), peers
+    by_node = usage.split("by node:", 1)[1]
+    assert re.search(r"^\s+my-node\s+1\s+\d+\s+8\b", by_node, re.MULTILINE), usage
     for tooti in started.values():
         with trio.fail_after(START_TIMEOUT):
             assert await tooti.process.wait() == 0, tooti.text
