@@ -5,6 +5,7 @@ process can serve; with real tunnels and real sockets."""
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import trio.testing
 from tests.backend_fixtures import have_local_extra
 from tests.conftest import Network, simulated
 from tests.hostile.peers import hostile_peer
+from tests.test_routing_index import make_peer, registry_of
 from tooti.backends.base import ModelInfo
 from tooti.backends.llamacpp import LOCAL_EXTRA_HINT, LlamaCppBackend, LlamaCppStartError
 from tooti.backends.simulated import SimulatedBackend
@@ -50,20 +52,25 @@ class SlowToLoad(SimulatedBackend):
     either its :meth:`start` waits for the event (``mode="start"``) or its
     :meth:`health` fails until then (``mode="health"``, a server loading its model)."""
 
-    def __init__(self, mode: str = "start") -> None:
-        super().__init__(BackendSettings(type="simulated"))
+    def __init__(self, mode: str = "start", **options: Any) -> None:
+        super().__init__(BackendSettings(type="simulated", max_concurrency=1,
+                                         options=options))
         self.mode = mode
         self.loaded = trio.Event()
+        self.reloading = False
+        """Set to fail health and name the model as loading again (a restart)."""
 
     async def start(self) -> None:
         if self.mode == "start":
             await self.loaded.wait()
 
     async def health(self) -> bool:
-        return self.loaded.is_set() and self.healthy
+        return self.loaded.is_set() and self.healthy and not self.reloading
 
     def loading_models(self) -> list[ModelInfo]:
-        return [] if self.loaded.is_set() else [ModelInfo(id="tooti-sim")]
+        if self.loaded.is_set() and not self.reloading:
+            return []
+        return [ModelInfo(id="tooti-sim")]
 
 
 async def until(registry: Registry, condition: Callable[[], bool]) -> None:
@@ -171,6 +178,51 @@ async def test_a_node_that_stops_loading_without_being_ready_is_not_loading(
     async with network.client() as client:
         answer = await client.post("/v1/chat/completions", json=CHAT)
     assert answer.status_code == 503 and answer.json()["error"]["code"] == "no_capacity"
+
+
+async def test_a_queued_request_gets_model_loading_when_its_nodes_reload(
+        network: Network) -> None:
+    """A request waiting for a slot when its only node goes back to loading (a restarted
+    model server) is answered 503 model_loading, not left waiting nor told no_capacity."""
+    backend = SlowToLoad("health", ttft=30.0)
+    backend.loaded.set()
+    await network.add_node([backend], "node-a", health_interval=0.05)
+    registry = network.gateway.registry
+    await until(registry, lambda: ready_here(registry, "node-a"))
+    routed = trio.Event()
+    network.gateway.registry.bus.listeners.append(
+        lambda event: routed.set() if event.kind == "request.routed" else None)
+    async with network.client() as client, trio.open_nursery() as nursery:
+
+        async def held() -> None:  # takes the node's one slot
+            try:
+                await client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+            except httpx.HTTPError:
+                pass
+
+        nursery.start_soon(held)
+        with trio.fail_after(LIMIT):
+            await routed.wait()
+        answers: list[httpx.Response] = []
+        answered = trio.Event()
+
+        async def queued() -> None:
+            async with network.client() as other:
+                answers.append(await other.post("/v1/chat/completions", json=CHAT))
+            answered.set()
+
+        nursery.start_soon(queued)
+        with trio.fail_after(LIMIT):
+            while network.gateway.proxy.queued == 0:
+                await trio.testing.wait_all_tasks_blocked()
+        backend.reloading = True
+        await until(registry, lambda: loading_here(registry, "node-a"))
+        with trio.fail_after(LIMIT):
+            await answered.wait()
+        nursery.cancel_scope.cancel()
+    assert answers[0].status_code == 503, answers[0].text
+    assert answers[0].json()["error"]["code"] == "model_loading"
+    assert answers[0].headers["retry-after"] == str(LOADING_RETRY_AFTER)
 
 
 async def test_readyz_is_503_during_drain(network: Network) -> None:
@@ -354,3 +406,66 @@ async def test_llamacpp_is_loading_until_its_launch_ends_and_not_after_a_failed_
     await node.refresh_models()
     assert not node.loading and not node.models
     await backend.close()
+
+
+# ------------------------------------------------------------ the counts /readyz reads
+
+
+def _scan_counts(registry: Registry) -> tuple[set[str], dict[str, int], dict[str, int]]:
+    """Ready peers, ready models and loading models, from scratch (a full scan)."""
+    peers: set[str] = set()
+    ready: dict[str, int] = {}
+    loading: dict[str, int] = {}
+    for peer in registry.peers.values():
+        if not peer.live:
+            continue
+        for model, served in peer.models.items():
+            counts = ready if served.ready else loading
+            counts[model] = counts.get(model, 0) + 1
+            if served.ready:
+                peers.add(peer.id)
+    return peers, ready, loading
+
+
+async def test_random_changes_keep_the_ready_counts_exact() -> None:
+    rng = random.Random(14)
+    models = ("a", "b", "c")
+
+    def some_models() -> list[ModelInfo]:
+        return [ModelInfo(id=m, state=rng.choice(("ready", "loading")))
+                for m in models if rng.random() < 0.5]
+
+    peers = [make_peer(f"n{i:02d}") for i in range(16)]
+    for peer in peers:
+        peer.group = rng.choice(("", "", "g"))
+    registry = registry_of(*peers)
+    for _ in range(800):
+        peer = rng.choice(peers)
+        action = rng.randrange(6)
+        if action <= 1 and peer.id in registry.peers:
+            registry.set_models(peer, some_models())
+        elif action == 2:
+            peer.draining = not peer.draining
+            registry.peer_updated(peer)
+        elif action == 3:
+            registry.heartbeat(peer, {"healthy": rng.random() < 0.7})
+        elif action == 4:
+            peer.stats = {"healthy": rng.random() < 0.7}
+            registry.changed()
+        elif peer.id in registry.peers and rng.random() < 0.5:
+            registry.remove(peer)
+        elif peer.id not in registry.peers:
+            registry.add(peer)
+            registry.set_models(peer, some_models())
+        ready_peers, ready, loading = _scan_counts(registry)
+        assert registry.ready_counts() == (len(ready_peers), len(ready))
+        index = registry.index
+        assert index.ready_models == ready and index.loading_models == loading
+        assert {p.id for p in index.ready_peers} == ready_peers
+        for model in models:
+            assert registry.loading(model) == (model in loading)
+            assert bool(registry.serving(model)) == (model in ready)
+            for group in ("", "g"):
+                assert registry.loading(model, group) == any(
+                    p.live and p.group == group and model in p.models
+                    and not p.models[model].ready for p in registry.peers.values())

@@ -5,7 +5,12 @@ however many nodes and models there are.
 A view is the node groups a caller's requests may reach (its group, then the public
 nodes ``""`` if the group allows) and the models its key may use (empty = all): it lists
 only those, so no caller learns of another group's models. At most :data:`MAX_VIEWS`
-views are kept (then the cache starts over)."""
+views are kept (then the cache starts over).
+
+Only models some live node serves *ready* are listed: a model every node still announces
+as loading is left out (a client picking it from the list would get 503
+``model_loading``), and appears once a node has it ready, as the registry's version
+changes then."""
 
 from __future__ import annotations
 

@@ -202,6 +202,8 @@ class Proxy:
             raise APIError(503, f"no node serving '{route.model}' matches the request's "
                            "provider preferences (order/only/ignore/max_price)",
                            code="no_matching_node", type="service_unavailable")
+        if last_error is None and self.registry.loading(route.model, prefs.group):
+            raise model_loading(route.model)  # its nodes went back to loading meanwhile
         raise last_error or APIError(503, f"no live node serves model '{route.model}' now",
                                      code="no_capacity", type="service_unavailable")
 

@@ -64,10 +64,11 @@ class Registry:
     as peers change, so a routing decision never scans every peer) and :attr:`slots`
     (a :class:`SlotQueue`: reservations, and the FIFO queues of requests waiting for a
     slot per model and group), whose methods callers use are bound as its own
-    (``free_slots``, ``eligible``, ``serving``, ``reserve``, ``release``, ``enqueue``,
-    ``leave``, ...). :meth:`add`, :meth:`remove` and :meth:`set_models` keep
-    the index current; whoever changes a peer's state (draining, health, cooldowns)
-    calls :meth:`refresh` / :meth:`peer_updated` for that peer or :meth:`changed`.
+    (``free_slots``, ``eligible``, ``serving``, ``loading``, ``ready_counts``,
+    ``reserve``, ``release``, ``enqueue``, ``leave``, ...). :meth:`add`, :meth:`remove`
+    and :meth:`set_models` keep the index current; whoever changes a peer's state
+    (draining, health, cooldowns) calls :meth:`refresh` / :meth:`peer_updated` for that
+    peer or :meth:`changed`.
 
     It also composes who may join: :attr:`bindings` (which key owns each node id) and
     :attr:`bans` (ids and relay routes refused after a violation), which handshakes
