@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tooti.cli import _parser, main
-from tooti.cli_completion import SHELLS, command_tree, script
+from tooti.cli_completion import SHELLS, command_tree, register, script
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX shells")
 
@@ -220,3 +220,17 @@ def test_completion_has_its_own_help(capsys: pytest.CaptureFixture[str]) -> None
     out = capsys.readouterr().out
     assert "source <(tooti completion bash)" in out
     assert "{bash,zsh,fish}" not in out  # the metavar, SHELL, not the choices
+
+
+def test_register_without_the_root_parser(capsys: pytest.CaptureFixture[str]) -> None:
+    """``register(commands)`` alone (as cli_accounts is hooked): the script describes the
+    subcommands under a bare ``tooti``."""
+    parser = argparse.ArgumentParser(prog="tooti")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("serve").add_argument("--colour", choices=("red", "green"))
+    register(commands)
+    args = parser.parse_args(["completion", "bash"])
+    assert args.handler(args) == 0
+    text = capsys.readouterr().out
+    assert "'') echo 'serve completion' ;;" in text
+    assert "'serve --colour') echo 'choices red green' ;;" in text
