@@ -276,7 +276,7 @@ def test_plan_splits_live_keys_from_restart_keys() -> None:
         groups={"blue": GroupSettings(join_token="t", api_keys=["k1"])}))
     loaded = Settings(
         gateway=GatewaySettings(listen="127.0.0.1:2", admin_key="b", max_queue=7,
-                                max_connections=9,
+                                max_connections=9, database="elsewhere.sqlite3",
                                 groups={"blue": GroupSettings(join_token="t",
                                                               api_keys=["k2"]),
                                         "green": GroupSettings(join_token="g")}),
@@ -285,14 +285,15 @@ def test_plan_splits_live_keys_from_restart_keys() -> None:
     plan = plan_reload(running, loaded, live_keys(["gateway"]))
     assert sorted(plan.applied) == [
         "gateway.admin_key", "gateway.groups.blue.api_keys", "gateway.groups.green",
-        "gateway.max_queue", "routing.policy"]
+        "gateway.max_connections", "gateway.max_queue", "routing.policy"]
     assert sorted(plan.restart) == [
-        "gateway.listen", "gateway.max_connections", "node.backends", "tunnel.max_streams"]
+        "gateway.database", "gateway.listen", "node.backends", "tunnel.max_streams"]
     applied = plan.settings
     assert (applied.gateway.admin_key, applied.gateway.max_queue) == ("b", 7)
     assert set(applied.gateway.groups) == {"blue", "green"}
     assert applied.routing.policy == "round-robin"
-    assert (applied.gateway.listen, applied.gateway.max_connections) == ("127.0.0.1:1", 10_000)
+    assert (applied.gateway.listen, applied.gateway.database) == ("127.0.0.1:1", "")
+    assert applied.gateway.max_connections == 9
     assert applied.tunnel.max_streams == running.tunnel.max_streams
     assert applied.node.backends == [] and running.gateway.admin_key == "a"  # not touched
     assert plan.changed("routing.policy") and not plan.changed("routing.options")
@@ -355,3 +356,28 @@ async def test_a_failure_applying_is_logged_and_the_next_reload_still_runs(
     failures = [r for r in caplog.records if "reloading the configuration failed" in
                 r.getMessage()]
     assert len(failures) == 2 and failures[0].exc_info is not None
+
+
+async def test_reloaded_connection_limits_apply_to_new_connections(
+        nursery: trio.Nursery) -> None:
+    """The listener asks the station's limits at every accept: after a reload that cuts
+    the per-address burst, new connections beyond it get 429 (those counted before are
+    not refused again), and the handshake limiter takes the new caps."""
+    from tooti.gateway.app import Gateway
+
+    gateway = Gateway(GatewaySettings(listen="127.0.0.1:0"), TunnelSettings())
+    url = (await nursery.start(gateway.serve))[0]
+
+    async def fresh_connection_status() -> int:
+        async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT) as http:
+            return (await http.get("/healthz")).status_code
+
+    for _ in range(3):
+        assert await fresh_connection_status() == 200
+    gateway.station.reload_settings(GatewaySettings(
+        listen="127.0.0.1:0", connection_burst=2, connection_rate=0.001,
+        tunnel_handshakes_per_ip=1))
+    statuses = [await fresh_connection_status() for _ in range(3)]
+    assert statuses[-1] == 429, statuses
+    assert gateway.station.admission.handshakes.concurrent == 1
+    gateway.shutdown()

@@ -30,9 +30,9 @@ flags), then, in two phases:
   tunnels stay until they reconnect, and are then refused with its token) get no new
   request. A group name configured once stays reserved for the process's life, so no
   database group can take over nodes still joined under it;
-* limits: the request-path limits and timeouts of ``[gateway]`` (see
-  :data:`GATEWAY_LIVE`): new requests see the new values, requests under way may
-  keep theirs;
+* limits: the request-path limits and timeouts of ``[gateway]`` and the listener's
+  connection limits and timeouts (see :data:`GATEWAY_LIVE`): new requests and
+  connections see the new values, those under way may keep theirs;
 * ``[routing]``: the new policy ranks every pick from now on;
 * ``[[node.backends]]``: an entry unchanged keeps its backend object (an embedded model
   is not loaded again); a new or changed entry gets a new backend, started before the
@@ -41,7 +41,7 @@ flags), then, in two phases:
 * ``log_level``.
 
 Everything else (``listen``, ``data_dir``, ``gateway.database``, ``roles``,
-``tunnel.*``, TLS paths, the listener's connection limits, …) is named in one WARNING
+``tunnel.*``, TLS paths, ``relay.*``, ``node.peers``, …) is named in one WARNING
 as needing a restart: key names only, never values. The TLS certificate's *files* are
 re-read on SIGHUP anyway (:mod:`tooti.tls`). One INFO line says what was applied.
 """
@@ -87,12 +87,18 @@ GATEWAY_LIVE = frozenset({
     "gateway.cooldown_failures", "gateway.cooldown_window", "gateway.cooldown_seconds",
     "gateway.cooldown_max_seconds", "gateway.tunnel_handshake_rate",
     "gateway.tunnel_handshake_burst", "gateway.tunnel_handshakes_per_ip",
+    "gateway.header_timeout", "gateway.keep_alive_timeout", "gateway.send_timeout",
+    "gateway.max_connections", "gateway.max_connections_per_ip",
+    "gateway.connection_rate", "gateway.connection_burst",
     "routing.policy", "routing.options",
 })
 """What a gateway applies on SIGHUP."""
 RELAY_LIVE = frozenset({
     "gateway.admin_key", *JOIN_TOKENS, "gateway.tunnel_handshake_rate",
     "gateway.tunnel_handshake_burst", "gateway.tunnel_handshakes_per_ip",
+    "gateway.header_timeout", "gateway.keep_alive_timeout", "gateway.send_timeout",
+    "gateway.max_connections", "gateway.max_connections_per_ip",
+    "gateway.connection_rate", "gateway.connection_burst",
 })
 """What a relay (its station) applies on SIGHUP."""
 NODE_LIVE = frozenset({"node.backends"})

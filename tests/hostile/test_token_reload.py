@@ -174,10 +174,10 @@ async def test_sighup_reloads_join_tokens_of_a_relay_without_tls(
     assert not any("tok-" in line for line in lines)
 
 
-def config_text(tokens: dict[str, str], max_connections: int = 1000) -> str:
+def config_text(tokens: dict[str, str], peer_ban_seconds: float = 60.0) -> str:
     return (toml_value_lines({"roles": ["gateway"], "log_level": "info", "drain_grace": 0.0})
             + toml_table("gateway", {"listen": "127.0.0.1:0",
-                                     "max_connections": max_connections})
+                                     "peer_ban_seconds": peer_ban_seconds})
             + toml_table("gateway.join_tokens", tokens))
 
 
@@ -204,7 +204,7 @@ async def test_sighup_rotates_the_join_tokens_of_a_running_gateway(tmp_path: Pat
             assert await upgrade_status(url, "tok-autumn-secret") == 403
 
             rewrite(config, config_text({"autumn": "tok-autumn-secret",
-                                         "keep": "tok-keep-secret"}, max_connections=10))
+                                         "keep": "tok-keep-secret"}, peer_ban_seconds=30.0))
             since = tooti.mark()
             tooti.signal(signal.SIGHUP)
             with trio.fail_after(TIMEOUT):
@@ -214,7 +214,7 @@ async def test_sighup_rotates_the_join_tokens_of_a_running_gateway(tmp_path: Pat
                 await admitted_as(url, "tok-keep-secret")
             assert await upgrade_status(url, "tok-spring-secret") == 403
             assert "added autumn" in reloaded.group(0) and "removed spring" in reloaded.group(0)
-            assert "gateway.max_connections" in restart.group(0)
+            assert "gateway.peer_ban_seconds" in restart.group(0)
 
             # A broken file: one clear error, the tokens in use stay.
             rewrite(config, config_text({"autumn": "tok-autumn-secret"}) + "[gateway\n")

@@ -276,7 +276,7 @@ async def serve(app: Any, config: Config, on_tunnel: TunnelHandler,
                 shutdown_trigger: Callable[[], Awaitable[object]], *,
                 tls: Callable[[], ssl.SSLContext] | None = None,
                 handshake_timeout: float = HANDSHAKE_TIMEOUT,
-                limits: Limits | None = None,
+                limits: Limits | Callable[[], Limits] | None = None,
                 task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
     """Listen on ``config.bind`` until ``shutdown_trigger`` returns; reports the bound
     URLs. Connections opening with a tunnel upgrade go to ``on_tunnel``, the rest to
@@ -284,13 +284,20 @@ async def serve(app: Any, config: Config, on_tunnel: TunnelHandler,
     configured). With ``tls`` (which returns the server context to use now) every
     connection speaks TLS, and must complete its handshake within
     ``handshake_timeout`` seconds. ``limits`` (default: the settings' defaults) bound
-    every connection and their number."""
-    limits = limits or Limits.of(GatewaySettings())
-    cap = connection_cap(limits.max_connections)
+    every connection and their number; given as a function, it is asked at every accept
+    (a configuration reload): a new connection gets the limits current then, and the
+    ones open keep theirs."""
+    fixed = limits if isinstance(limits, Limits) else Limits.of(GatewaySettings())
+
+    def current() -> Limits:
+        return limits() if callable(limits) else fixed
+
+    now = current()
+    cap = connection_cap(now.max_connections)
     open_count = 0
     busy_log = Throttle(BUSY_LOG_EVERY)
-    per_address = PerAddressLimiter(limits.connection_rate, limits.connection_burst,
-                                    limits.max_connections_per_ip)
+    per_address = PerAddressLimiter(now.connection_rate, now.connection_burst,
+                                    now.max_connections_per_ip)
     refusal_log = Throttle(BUSY_LOG_EVERY)
     served: set[Replay] = set()
     opening = _Opening()
@@ -307,7 +314,7 @@ async def serve(app: Any, config: Config, on_tunnel: TunnelHandler,
         raise ValueError("the gateway listener takes its TLS context as tls=, not from "
                          "hypercorn's certfile")
 
-    async def connection(stream: trio.SocketStream, slot: Slot) -> None:
+    async def connection(stream: trio.SocketStream, slot: Slot, limits: Limits) -> None:
         accepted: Accepted | None = stream
         head, started, upgrade = b"", 0.0, None
         with opening.guard():
@@ -343,7 +350,14 @@ async def serve(app: Any, config: Config, on_tunnel: TunnelHandler,
             served.discard(replayed)
 
     async def handler(stream: trio.SocketStream) -> None:
-        nonlocal open_count
+        nonlocal open_count, now, cap
+        limits = current()
+        if limits is not now:  # reloaded: new connections count by the new limits
+            if limits.max_connections != now.max_connections:
+                cap = connection_cap(limits.max_connections)
+            per_address.rate, per_address.burst = limits.connection_rate, limits.connection_burst
+            per_address.concurrent = limits.max_connections_per_ip
+            now = limits
         host = peer_host(stream)
         try:
             slot = per_address.acquire(host, "new connections", held="open connections")
@@ -365,7 +379,7 @@ async def serve(app: Any, config: Config, on_tunnel: TunnelHandler,
                 return
             open_count += 1
             try:
-                await connection(stream, slot)
+                await connection(stream, slot, limits)
             finally:
                 open_count -= 1
     async with trio.open_nursery() as handlers:

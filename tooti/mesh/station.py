@@ -93,6 +93,8 @@ class Station:
         self.admin_auth = BearerAuth(settings.admin_key)
         self.internal_errors = InternalErrors(log)
         """Reports requests that failed on a bug (one line each, tracebacks rationed)."""
+        self.limits = Limits.of(settings)
+        """What each new client connection may take (swapped by :meth:`reload_settings`)."""
         self.tls = (ServerTLS(settings.tls_cert, settings.tls_key, settings.tls_reload_interval)
                     if settings.tls_cert else None)
         """The listener's certificate (None: plain HTTP); raises TLSError if unusable."""
@@ -154,7 +156,7 @@ class Station:
                 lambda task_status: serve(app, config, self.admission.admit_upgrade,
                                           self._shutdown.wait,
                                           tls=self.tls.current if self.tls else None,
-                                          limits=Limits.of(self.settings),
+                                          limits=lambda: self.limits,
                                           task_status=task_status))
             log.info("%s listening on %s", "gateway" if "gateway" in self.roles else "relay",
                      ", ".join(self.bound))
@@ -172,13 +174,15 @@ class Station:
 
     def reload_settings(self, settings: GatewaySettings) -> TokenChanges:
         """SIGHUP: from now on, check the admin API by the admin key of ``settings``,
-        admit new tunnels by its join tokens (:meth:`reload_tokens`) and limit tunnel
-        handshakes per address by its rates and caps (addresses keep what they hold).
-        ``settings`` keep the running values of what needs a restart (``listen``, the
-        listener's connection limits). Tunnels already up stay up. No checkpoint: a
-        request sees the old settings or the new, never a mix."""
+        admit new tunnels by its join tokens (:meth:`reload_tokens`), limit tunnel
+        handshakes per address by its rates and caps (addresses keep what they hold), and
+        give each new client connection the connection limits and timeouts of
+        ``settings`` (those open keep theirs). ``settings`` keep the running values of
+        what needs a restart (``listen``, TLS paths). Tunnels already up stay up. No
+        checkpoint: a request sees the old settings or the new, never a mix."""
         changes = self.reload_tokens(settings)
         self.settings = settings
+        self.limits = Limits.of(settings)
         self.admin_auth = BearerAuth(settings.admin_key)
         handshakes = self.admission.handshakes
         handshakes.rate = settings.tunnel_handshake_rate
