@@ -496,6 +496,15 @@ async def test_compose_network_serves_the_readme_curl(
                                       content=body)
             assert refused.status_code == 401, "the container's gateway requires a key"
 
+        # `docker compose exec gateway tooti peers`: the container's environment
+        env = {**os.environ, **env_of(dockerfile, runtime),
+               **{k: interpolate(v) for k, v in services["gateway"]["environment"].items()},
+               "TOOTI_GATEWAY": f"http://127.0.0.1:{port}"}
+        peers = await trio.run_process([sys.executable, "-m", "tooti", "peers"], env=env,
+                                       capture_stdout=True, capture_stderr=True)
+        listed = peers.stdout.decode()
+        assert listed.count("via") >= 2 and "relay" in listed, listed
+
 
 def test_compose_and_readme_print_the_same_curl() -> None:
     compose_lines = [line.removeprefix("#").strip() for line in COMPOSE.read_text().splitlines()]
