@@ -292,6 +292,47 @@ def test_dockerignore_keeps_the_context_small() -> None:
     assert not copied & patterns
 
 
+_DOCKER_VALUE_OPTIONS = frozenset({"-p", "-e", "-v", "--name", "--entrypoint", "--network",
+                                   "-u", "--user", "--env-file"})
+
+
+def _readme_container_section() -> str:
+    text = README.read_text()
+    section = text[text.index("\n## Container"):]
+    return section[:section.index("\n## ", 1)]
+
+
+def readme_docker_runs() -> list[list[str]]:
+    """The ``tooti`` argv of every ``docker run ... IMAGE ARGS`` in the README's Container
+    section (fenced lines and inline code; ``...`` stands for options)."""
+    section = _readme_container_section()
+    fenced = re.findall(r"```sh\n(.*?)```", section, re.S)
+    inline = re.findall(r"`([^`]+)`", re.sub(r"```sh\n.*?```", "", section, flags=re.S))
+    candidates = [line for block in fenced for line in block.replace("\\\n", " ").splitlines()]
+    candidates += [" ".join(code.split()) for code in inline]
+    runs = []
+    for candidate in candidates:
+        if not candidate.startswith("docker run "):
+            continue
+        words = iter(shlex.split(candidate.partition(" #")[0])[2:])
+        for word in words:
+            if word in _DOCKER_VALUE_OPTIONS:
+                next(words)
+            elif not word.startswith("-") and word != "...":
+                assert word == "tooti" or word.startswith("tooti:"), f"image? {candidate}"
+                runs.append(list(words))
+                break
+    return runs
+
+
+def test_readme_docker_commands_exist_in_the_cli() -> None:
+    runs = readme_docker_runs()
+    assert len(runs) >= 3  # the gateway, a node, gateway + node on the embedded model
+    for argv in runs:
+        if argv:
+            check_command(argv)
+
+
 # ------------------------------------------------------------ compose.yaml
 
 def test_compose_is_a_gateway_a_relay_and_two_simulated_nodes(
@@ -385,9 +426,7 @@ async def test_image_healthcheck_reads_readyz(network: Network, dockerfile: list
 
 def _readme_curl_lines() -> list[str]:
     """The lines of the README's Container section's curl command."""
-    text = README.read_text()
-    section = text[text.index("\n## Container"):]
-    section = section[:section.index("\n## ", 1)]
+    section = _readme_container_section()
     lines = section[section.index("curl "):].splitlines()
     end = next(i for i, line in enumerate(lines) if not line.endswith("\\"))
     return lines[:end + 1]
