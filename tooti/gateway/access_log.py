@@ -51,6 +51,7 @@ record; nothing is formatted while the access log is off.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import trio
@@ -67,6 +68,9 @@ CLIENT_CLOSED = 499
 """The status logged for a request whose client left before any answer started."""
 MAX_VALUE = 256
 """Characters of a client-chosen value (path, model) kept in a record."""
+
+_BARE = re.compile(r'[!#-<>-\[\]-~]+')
+"""A logfmt value that needs no quotes: printable ASCII but space, ``"``, ``=`` and ``\\``."""
 
 _OUTCOMES = {"ok": "ok", "cancelled": "cancelled"}
 """Billing's outcome status → the access log's (anything else is ``error``)."""
@@ -219,7 +223,7 @@ def _key_id(caller: Caller | None) -> str:
 def _quoted(value: str) -> str:
     """``value`` as a logfmt value: bare when safe, else double-quoted with JSON escapes
     (so no value can break the line or fake another field)."""
-    if value and value.isprintable() and not any(c in value for c in ' "=\\'):
+    if _BARE.fullmatch(value):
         return value
     escaped = value.replace("\\", "\\\\").replace('"', '\\"')
     if not escaped.isprintable():
