@@ -117,6 +117,10 @@ def test_bash_completes_files_and_directories(scripts: dict[str, Path], tmp_path
         "tooti.toml"]
     assert complete_bash(bash, ["tooti", "run", "--data-dir", "too"], cwd=tmp_path) == [
         "tooti-data"]
+    (tmp_path / "my data*").mkdir()  # a space and a glob character stay as they are
+    (tmp_path / "my-data").mkdir()
+    assert complete_bash(bash, ["tooti", "run", "--data-dir", "my"], cwd=tmp_path) == [
+        "my data*", "my-data"]
 
 
 # ------------------------------------------------------------ zsh and fish

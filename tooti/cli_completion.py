@@ -186,9 +186,11 @@ _tooti_reply() {
         commands) COMPREPLY=($(compgen -W "$(_tooti_commands "$3")" -- "$2")) ;;
         choices\ *) COMPREPLY=($(compgen -W "${1#choices }" -- "$2")) ;;
         file|dir)
-            local IFS=$'\n' flag=-f
+            local name flag=-f
             [ "$1" = dir ] && flag=-d
-            COMPREPLY=($(compgen "$flag" -- "$2"))
+            while IFS= read -r name; do
+                COMPREPLY+=("$name")
+            done < <(compgen "$flag" -- "$2")
             compopt -o filenames 2>/dev/null ;;
     esac
 }
