@@ -111,7 +111,7 @@ def test_bash_completes_files_and_directories(scripts: dict[str, Path], tmp_path
     (tmp_path / "tooti.toml").write_text("")
     (tmp_path / "tooti-data").mkdir()
     bash = scripts["bash"]
-    assert complete_bash(bash, ["tooti", "config", "check", "too"], cwd=tmp_path) == [
+    assert sorted(complete_bash(bash, ["tooti", "config", "check", "too"], cwd=tmp_path)) == [
         "tooti-data", "tooti.toml"]
     assert complete_bash(bash, ["tooti", "run", "--config", "tooti."], cwd=tmp_path) == [
         "tooti.toml"]
@@ -119,7 +119,7 @@ def test_bash_completes_files_and_directories(scripts: dict[str, Path], tmp_path
         "tooti-data"]
     (tmp_path / "my data*").mkdir()  # a space and a glob character stay as they are
     (tmp_path / "my-data").mkdir()
-    assert complete_bash(bash, ["tooti", "run", "--data-dir", "my"], cwd=tmp_path) == [
+    assert sorted(complete_bash(bash, ["tooti", "run", "--data-dir", "my"], cwd=tmp_path)) == [
         "my data*", "my-data"]
 
 
