@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -228,3 +229,28 @@ async def test_json_format_types_an_access_records_fields() -> None:
     assert text.endswith(f"WARNING tooti.gateway: req=req_1 key=- method=POST path={CHAT} "
                          "model=m status=429 outcome=error error=rate_limited tokens=- "
                          "ms=12 stream=yes")
+
+
+@pytest.mark.parametrize("access_log", [True, False])
+def test_setup_logging_one_format_for_every_logger(access_log: bool) -> None:
+    """In a fresh process (the root logger unconfigured, as in ``tooti run``): JSON lines
+    for tooti's and the libraries' records, INFO hidden at ``warning`` but the access
+    log's, which follows its own switch."""
+    script = (
+        "import logging\n"
+        "from tooti.logging_setup import setup_logging\n"
+        f"setup_logging('warning', 'json', access_log={access_log})\n"
+        "logging.getLogger('tooti.access').info('a request')\n"
+        "logging.getLogger('tooti.gateway').info('hidden at warning')\n"
+        "logging.getLogger('tooti.gateway').warning('shown')\n"
+        "logging.getLogger('hypercorn.error').info('library chatter')\n"
+        "logging.getLogger('hypercorn.error').error('library error')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, check=True)
+    assert done.stdout == ""
+    lines = [json.loads(line) for line in done.stderr.splitlines()]
+    expected = [("tooti.gateway", "shown"), ("hypercorn.error", "library error")]
+    if access_log:
+        expected.insert(0, ("tooti.access", "a request"))
+    assert [(e["logger"], e["msg"]) for e in lines] == expected
