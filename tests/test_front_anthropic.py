@@ -37,7 +37,20 @@ from tooti.fronts.anthropic_messages import (
 from tooti.fronts.anthropic_stream import AnthropicStream
 from tooti.fronts.base import ChatRequest
 from tooti.gateway import validation
+from tooti.fronts.tool_calls import MAX_CALLS
 from tooti.protocol.sse import SSEDecoder
+
+from tests.fronts_support import (
+    NodeStream,
+    chunk,
+    many_pieces,
+    node_streams,
+    run,
+    sse_wire,
+    through_sse,
+    tool_entry,
+    usage_chunk,
+)
 
 EVENT = TypeAdapter(RawMessageStreamEvent)
 PIXEL = base64.b64encode(b"\x89PNG fake").decode()
@@ -80,7 +93,7 @@ def test_a_plain_request_becomes_chat_completions() -> None:
         "temperature": 0.5, "top_p": 0.9, "top_k": 40, "stop": ["END", "STOP"],
         "user": "u-1"}
     assert request.context == {"model": "claude-x", "stop_sequences": ("END", "STOP"),
-                               "thinking": False}
+                               "thinking": False, "request_id": None}
     assert "stream_options" not in chat(body(stream=False))
 
 
@@ -178,33 +191,44 @@ def test_ignored_and_translated_extras() -> None:
     ({"messages": []}, "messages", "length >= 1"),
     ({"temperature": 1.5}, "temperature", "<= 1"),
     ({"model": ""}, "model", "length >= 1"),
-    ({"stop_sequences": [""]}, "stop_sequences.0", "length >= 1"),
+    ({"stop_sequences": [""]}, "stop_sequences[0]", "length >= 1"),
     ({"stop_sequences": ["x"] * 65}, "stop_sequences", "length <= 64"),
-    ({"messages": [{"role": "user"}]}, "messages.0.content", "Field required"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role", "Invalid enum value"),
+    ({"messages": [{"role": "user"}]}, "messages[0].content", "Field required"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role", "Invalid enum value"),
     ({"messages": [{"role": "user", "content": [{"type": "document", "source": {}}]}]},
-     "messages.0.content.0.type", "content block type 'document' is not supported"),
+     "messages[0].content[0].type", "content block type 'document' is not supported"),
     ({"messages": [{"role": "user", "content": [{"type": "image", "source": {
         "type": "file", "file_id": "f"}}]}]},
-     "messages.0.content.0.source.type", "image source type 'file'"),
+     "messages[0].content[0].source.type", "image source type 'file'"),
     ({"messages": [{"role": "user", "content": [{"type": "image", "source": {
         "type": "base64", "media_type": "image/tiff", "data": "x"}}]}]},
-     "messages.0.content.0.source.media_type", "Invalid enum value"),
-    ({"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t",
+     "messages[0].content[0].source.media_type", "Invalid enum value"),
+    ({"messages": [{"role": "assistant", "content": [{"type": "tool_use", "id": "t",
+                                                      "name": "f", "input": {}}]},
+                   {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t",
                                                  "content": [{"type": "image", "source": {
                                                      "type": "url", "url": "u"}}]}]}]},
-     "messages.0.content.0.content.0", "images in a tool_result"),
+     "messages[1].content[0].content[0]", "images in a tool_result"),
+    ({"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t",
+                                                 "content": "18C"}]}]},
+     "messages[0].content[0].tool_use_id", "answers no tool_use block"),
+    ({"messages": [{"role": "user", "content": [{"type": "image", "source": {
+        "type": "url", "url": "file:///etc/passwd"}}]}]},
+     "messages[0].content[0].source.url", "http(s)"),
+    ({"messages": [{"role": "user", "content": [{"type": "image", "source": {
+        "type": "base64", "media_type": "image/png", "data": "not base64!"}}]}]},
+     "messages[0].content[0].source.data", "not valid base64"),
     ({"messages": [{"role": "user", "content": [{"type": "tool_use", "id": "t", "name": "f",
                                                  "input": {}}]}]},
-     "messages.0.content.0.type", "assistant turns"),
+     "messages[0].content[0].type", "assistant turns"),
     ({"messages": [{"role": "assistant", "content": [{"type": "tool_result",
                                                       "tool_use_id": "t"}]}]},
-     "messages.0.content.0.type", "user turns"),
-    ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools.0.type",
+     "messages[0].content[0].type", "user turns"),
+    ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools[0].type",
      "server tool"),
-    ({"tools": [{"name": "f"}]}, "tools.0.input_schema", "Field required"),
-    ({"tools": [{"name": "bad name", "input_schema": {}}]}, "tools.0.name", "matching regex"),
-    ({"tools": [{"name": "f", "input_schema": {}}] * 2}, "tools.1.name", "used twice"),
+    ({"tools": [{"name": "f"}]}, "tools[0].input_schema", "Field required"),
+    ({"tools": [{"name": "bad name", "input_schema": {}}]}, "tools[0].name", "matching regex"),
+    ({"tools": [{"name": "f", "input_schema": {}}] * 2}, "tools[1].name", "used twice"),
     ({"tool_choice": {"type": "any"}}, "tool_choice", "needs tools"),
     ({"tool_choice": {"type": "tool", "name": "g"},
       "tools": [{"name": "f", "input_schema": {}}]}, "tool_choice.name", "no tool named"),
@@ -244,7 +268,7 @@ _JSON = st.recursive(_SCALARS, lambda inner: st.lists(inner, max_size=4)
                                        max_size=6), max_leaves=40)
 
 
-@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@settings(max_examples=100, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(value=_JSON, top=st.fixed_dictionaries({}, optional={
     "model": st.sampled_from(["m", "", 3]), "max_tokens": st.sampled_from([1, 0, "1"]),
     "messages": _JSON, "tools": _JSON, "tool_choice": _JSON, "system": _JSON}))
@@ -295,7 +319,7 @@ def _conversation(draw: st.DrawFn) -> list[dict[str, Any]]:
     return turns
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(messages=_conversation(), system=st.none() | _text,
        params=st.fixed_dictionaries({}, optional={
            "temperature": st.floats(0, 1), "top_p": st.floats(0, 1),
@@ -493,39 +517,13 @@ def test_count_tokens_is_the_nodes_own_count() -> None:
 # -- streams ---------------------------------------------------------------------------
 
 
-def chunk(delta: dict[str, Any] | None = None, finish: str | None = None,
-          **extra: Any) -> dict[str, Any]:
-    choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish,
-                                         **extra}]
-    return {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1,
-            "model": "node-m", "choices": choices}
+def tool_delta(index: int, **fields: Any) -> dict[str, Any]:
+    return {"tool_calls": [tool_entry(index, **fields)]}
 
 
-def usage_chunk(prompt: int = 12, completion_tokens: int = 5) -> dict[str, Any]:
-    return {**chunk(), "usage": {"prompt_tokens": prompt, "completion_tokens": completion_tokens,
-                                 "total_tokens": prompt + completion_tokens}}
-
-
-def tool_delta(index: int, *, call_id: str | None = None, name: str | None = None,
-               arguments: str | None = None) -> dict[str, Any]:
-    function: dict[str, Any] = {}
-    if name is not None:
-        function["name"] = name
-    if arguments is not None:
-        function["arguments"] = arguments
-    entry: dict[str, Any] = {"index": index, "function": function}
-    if call_id is not None:
-        entry.update(id=call_id, type="function")
-    return {"tool_calls": [entry]}
-
-
-def translate(chunks: list[dict[str, Any]], request: ChatRequest = REQUEST,
+def translate(chunks: list[Any], request: ChatRequest = REQUEST,
               error: APIError | None = None) -> bytes:
-    stream = AnthropicStream(request, message_id="msg_s")
-    out = [stream.start(), *(stream.feed(c) for c in chunks)]
-    out.append(stream.fail(error) if error else stream.finish())
-    assert stream.feed(chunk({"content": "late"})) == b"" and stream.finish() == b""
-    return b"".join(out)
+    return run(AnthropicStream(request, message_id="msg_s"), chunks, error)
 
 
 def events(raw: bytes) -> list[tuple[str, dict[str, Any]]]:
@@ -585,27 +583,54 @@ def test_a_text_stream() -> None:
     assert (message.usage.input_tokens, message.usage.output_tokens) == (12, 5)
 
 
-def test_tool_calls_stream_their_arguments_across_chunks() -> None:
+def test_tool_calls_come_whole_after_the_text() -> None:
     seq = events(translate([
         chunk({"content": "Let me check."}),
         chunk(tool_delta(0, call_id="call_a", name="get_weather", arguments="")),
-        chunk(tool_delta(0, arguments='{"ci')), chunk(tool_delta(0, arguments='ty": "Paris"}')),
+        chunk(tool_delta(0, arguments='{"ci')),
         chunk(tool_delta(1, call_id="call_b")), chunk(tool_delta(1, arguments="{}")),
-        chunk(tool_delta(1, name="clock")),
+        chunk(tool_delta(0, arguments='ty": "Paris"}')),  # interleaved with call 1
+        chunk(tool_delta(1, name="clock")), chunk({"content": " Done."}),
         chunk({}, "tool_calls"), usage_chunk(30, 17)]))
     check_order(seq)
     starts = [d["content_block"] for n, d in seq if n == "content_block_start"]
     assert starts == [{"type": "text", "text": ""},
                       {"type": "tool_use", "id": "call_a", "name": "get_weather", "input": {}},
                       {"type": "tool_use", "id": "call_b", "name": "clock", "input": {}}]
-    partial = [d["delta"]["partial_json"] for n, d in seq
-               if n == "content_block_delta" and d["index"] == 1]
-    assert partial == ['{"ci', 'ty": "Paris"}']
+    partial = [(d["index"], d["delta"]["partial_json"]) for n, d in seq
+               if n == "content_block_delta" and d["delta"]["type"] == "input_json_delta"]
+    assert partial == [(1, '{"city": "Paris"}'), (2, "{}")]
     message = final_message(seq)
     assert message.stop_reason == "tool_use"
-    assert [b.model_dump(exclude_none=True) for b in message.content[1:]] == [
+    assert [b.model_dump(exclude_none=True) for b in message.content] == [
+        {"type": "text", "text": "Let me check. Done."},
         {"type": "tool_use", "id": "call_a", "name": "get_weather", "input": {"city": "Paris"}},
         {"type": "tool_use", "id": "call_b", "name": "clock", "input": {}}]
+
+
+def test_tool_calls_finish_without_a_named_call_is_end_turn() -> None:
+    seq = events(translate([chunk({"content": "hm"}), chunk(tool_delta(0, arguments="{}")),
+                            chunk({}, "tool_calls"), usage_chunk()]))
+    check_order(seq)
+    message = final_message(seq)
+    assert message.stop_reason == "end_turn" and [b.type for b in message.content] == ["text"]
+    answer = message_dict(completion(None, finish="tool_calls"), REQUEST)
+    assert answer["stop_reason"] == "end_turn" and answer["content"] == []
+
+
+def test_a_long_stream_of_small_argument_pieces() -> None:
+    chunks, arguments = many_pieces()
+    seq = events(translate(chunks))
+    message = final_message(seq)
+    assert [(b.id, b.name, b.input) for b in message.content if b.type == "tool_use"] == [
+        ("call_long", "echo", json.loads(arguments))]
+
+
+def test_too_many_tool_calls_end_the_stream_as_a_node_error() -> None:
+    chunks = [chunk(tool_delta(k, call_id=f"c{k}", name="f")) for k in range(MAX_CALLS + 1)]
+    seq = events(translate([chunk({"content": "a"}), *chunks]))
+    assert seq[-1][0] == "error" and seq[-1][1]["error"]["type"] == "api_error"
+    assert str(MAX_CALLS) in seq[-1][1]["error"]["message"]
 
 
 def test_an_empty_stream_and_an_error_mid_stream() -> None:
@@ -625,60 +650,27 @@ def test_an_empty_stream_and_an_error_mid_stream() -> None:
     check_order(lazy)
 
 
-_piece = st.one_of(
-    st.builds(lambda t: ("text", t), st.text(min_size=1, max_size=6)),
-    st.builds(lambda n, a, s: ("tool", n, a, s), _tool_names,
-              st.dictionaries(st.sampled_from(["q", "n"]), st.integers() | _text, max_size=2),
-              st.integers(1, 4)))
-
-
-@settings(max_examples=60, deadline=None)
-@given(pieces=st.lists(_piece, max_size=4), finish=st.sampled_from(["stop", "length", None]),
-       crlf=st.booleans())
+@settings(max_examples=40, deadline=None)
+@given(node=node_streams(), crlf=st.booleans())
 def test_random_streams_split_anywhere_are_valid_event_sequences(
-        pieces: list[Any], finish: str | None, crlf: bool) -> None:
-    chunks: list[dict[str, Any]] = [chunk({"role": "assistant"})]
-    text = ""
-    calls: list[Any] = []
-    for piece in pieces:
-        if piece[0] == "text":
-            text += piece[1]
-            chunks.append(chunk({"content": piece[1]}))
-            continue
-        _, name, args, splits = piece
-        index = len(calls)
-        calls.append((f"call_{index}", name, args))
-        encoded = json.dumps(args)
-        size = max(1, len(encoded) // splits)
-        chunks.append(chunk(tool_delta(index, call_id=f"call_{index}", name=name, arguments="")))
-        for at in range(0, len(encoded), size):
-            chunks.append(chunk(tool_delta(index, arguments=encoded[at:at + size])))
-    chunks += [chunk({}, finish), usage_chunk(7, 4)]
-    end = b"\r\n\r\n" if crlf else b"\n\n"
-    wire = b"".join(b"data: " + encode(c) + end for c in chunks) + b"data: [DONE]" + end
+        node: NodeStream, crlf: bool) -> None:
+    wire = sse_wire(node.chunks, crlf)
 
     def through(parts: list[bytes]) -> bytes:
-        decoder, stream = SSEDecoder(), AnthropicStream(REQUEST, message_id="msg_p")
-        out = [stream.start()]
-        for part in parts:
-            for event in decoder.events(part):
-                out.append(stream.finish() if event.data == "[DONE]"
-                           else stream.feed(json.loads(event.data)))
-        return b"".join(out)
+        return through_sse(AnthropicStream(REQUEST, message_id="msg_p"), parts)
 
     whole = through([wire])
-    for cut in range(1, len(wire), max(1, len(wire) // 40)):
+    for cut in range(1, len(wire), max(1, len(wire) // 20)):
         assert through([wire[:cut], wire[cut:]]) == whole
     assert through([wire[i:i + 1] for i in range(len(wire))]) == whole
     seq = events(whole)
     check_order(seq)
     message = final_message(seq)
     texts = "".join(b.text for b in message.content if b.type == "text")
-    assert texts == text
-    assert [(b.id, b.name, b.input) for b in message.content if b.type == "tool_use"] == calls
-    expected = "tool_use" if calls else {"stop": "end_turn", "length": "max_tokens",
-                                         None: "end_turn"}[finish]
-    assert message.stop_reason == expected
+    assert texts == node.text
+    assert [(b.id, b.name, b.input) for b in message.content if b.type == "tool_use"] == [
+        (call_id, name, json.loads(arguments)) for call_id, name, arguments in node.calls]
+    assert message.stop_reason == ("tool_use" if node.calls else "end_turn")
     assert (message.usage.input_tokens, message.usage.output_tokens) == (7, 4)
 
 
@@ -822,7 +814,7 @@ def test_the_sdk_sees_a_refused_request_and_a_mid_stream_error() -> None:
         sdk.messages.create(model="claude-x", max_tokens=5, messages=[
             {"role": "user", "content": "x"}], tools=[{"type": "web_search_20250305",
                                                        "name": "web_search"}])
-    assert "tools.0.type: server tool" in str(caught.value)
+    assert "tools[0].type: server tool" in str(caught.value)
     with pytest.raises(anthropic.APIStatusError) as failed:
         with sdk.messages.stream(model="claude-x", max_tokens=5,
                                  messages=[{"role": "user", "content": "x"}]) as stream:

@@ -14,22 +14,20 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import msgspec
 import trio
 
 from tooti.mesh.events import EventBus
 from tooti.mesh.http import Headers, Send
+from tooti.protocol.sse import encode_event
 
 KEEPALIVE = 15.0
 """Seconds of silence after which a comment line is sent (keeps proxies and clients sure
 the stream is alive)."""
-_encoder = msgspec.json.Encoder()
 
 
 def sse(kind: str, data: Any, seq: int | None = None) -> bytes:
     """One server-sent event."""
-    head = f"event: {kind}\n" + (f"id: {seq}\n" if seq is not None else "")
-    return head.encode() + b"data: " + _encoder.encode(data) + b"\n\n"
+    return encode_event(kind, data, seq)
 
 
 async def stream_events(

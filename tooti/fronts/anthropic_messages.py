@@ -61,7 +61,6 @@ tool parameter JSON from model").
 from __future__ import annotations
 
 import re
-import uuid
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
@@ -69,7 +68,19 @@ import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
 from tooti.errors import APIError
-from tooti.fronts.base import ChatRequest
+from tooti.fronts.base import (
+    MAX_JSON_DEPTH,
+    MAX_TOKENS,
+    ChatRequest,
+    base64_image,
+    convert,
+    count,
+    decode_body,
+    image_url,
+    new_id,
+    reasoning_of,
+    validation_error,
+)
 
 __all__ = [
     "API_KEY_HEADER",
@@ -126,13 +137,9 @@ MAX_BLOCKS = 10_000
 MAX_TOOLS = 1_000
 MAX_STOP_SEQUENCES = 64
 MAX_STOP_LENGTH = 1_000
-MAX_TOKENS = 2**31 - 1
 MAX_MODEL_LENGTH = 256
 MAX_ID_LENGTH = 256
 MAX_USER_ID_LENGTH = 256
-MAX_URL_LENGTH = 65_536
-MAX_JSON_DEPTH = 128
-"""Deepest nesting of arrays and objects in a body (tool schemas and inputs nest)."""
 
 _Model = Annotated[str, Meta(min_length=1, max_length=MAX_MODEL_LENGTH)]
 _Id = Annotated[str, Meta(min_length=1, max_length=MAX_ID_LENGTH)]
@@ -152,7 +159,7 @@ class _Base64Source(Struct, tag="base64", tag_field="type"):
 
 
 class _UrlSource(Struct, tag="url", tag_field="type"):
-    url: Annotated[str, Meta(min_length=1, max_length=MAX_URL_LENGTH)]
+    url: Annotated[str, Meta(min_length=1)]
 
 
 class _Image(Struct, tag="image", tag_field="type"):
@@ -263,8 +270,6 @@ class _CountTokens(_Common, kw_only=True):
     pass
 
 
-_create_decoder = msgspec.json.Decoder(_Create)
-_count_decoder = msgspec.json.Decoder(_CountTokens)
 _any_decoder = msgspec.json.Decoder()
 _encode = msgspec.json.encode
 
@@ -308,27 +313,14 @@ def _bad(param: str | None, message: str) -> APIError:
     return APIError(400, message, param=param, code="invalid_request_error")
 
 
-_PATH_STEP = re.compile(r"\[(\d+)\]")
-
-
-def _param_of(path: str) -> str | None:
-    """``$.messages[0].content`` → ``messages.0.content`` (``$`` → None)."""
-    dotted = _PATH_STEP.sub(r".\1", path.removeprefix("$")).lstrip(".")
-    return dotted or None
-
-
 def _from_validation(exc: msgspec.ValidationError) -> APIError:
-    text = str(exc)
-    what, _, where = text.partition(" - at `")
-    param = _param_of(where.rstrip("`")) if where else None
-    missing = re.match(r"Object missing required field `([^`]+)`", what)
+    what, param, missing = validation_error(exc)
     if missing:
-        field = missing.group(1)
-        return _bad(f"{param}.{field}" if param else field, "Field required")
+        return _bad(param, "Field required")
     tag = re.match(r"Invalid value '(.*)'$", what)
     if tag and param and param.endswith(".type"):
         where_of = param.removesuffix(".type")
-        if ".source" in where_of or where_of.endswith("source"):
+        if where_of.endswith("source"):
             kinds = "base64, url"
             kind = "image source type"
         elif where_of.startswith("tool_choice"):
@@ -339,58 +331,36 @@ def _from_validation(exc: msgspec.ValidationError) -> APIError:
     return _bad(param, what)
 
 
-def _nesting_within(raw: bytes, limit: int) -> bool:
-    """True if ``raw``'s arrays and objects nest at most ``limit`` deep (two byte counts
-    for an ordinary body; a level-by-level walk, no recursion, otherwise)."""
-    if raw.count(b"[") + raw.count(b"{") <= limit:
-        return True
+def _decode(raw: bytes, kind: type[Any], max_depth: int) -> Any:
+    value = decode_body(raw, max_depth)
     try:
-        value = _any_decoder.decode(raw)
-    except (msgspec.DecodeError, RecursionError):
-        return False
-    level = [value] if isinstance(value, dict | list) else []
-    depth = 0
-    while level:
-        depth += 1
-        if depth > limit:
-            return False
-        level = [v for item in level for v in (item.values() if isinstance(item, dict)
-                                                 else item) if isinstance(v, dict | list)]
-    return True
-
-
-def _decode(raw: bytes, decoder: msgspec.json.Decoder[Any], max_depth: int) -> Any:
-    if not _nesting_within(raw, max_depth):
-        raise APIError(400, f"request body nests arrays and objects deeper than {max_depth}"
-                       " levels", code="invalid_json")
-    try:
-        return decoder.decode(raw)
+        return convert(value, kind)
     except msgspec.ValidationError as exc:
         raise _from_validation(exc) from None
-    except (msgspec.DecodeError, RecursionError) as exc:
-        raise APIError(400, f"request body is not valid JSON: {exc}",
-                       code="invalid_json") from None
 
 
 # -- request translation ------------------------------------------------------------
 
 
-def _data_url(source: _Base64Source | _UrlSource) -> str:
+def _data_url(source: _Base64Source | _UrlSource, param: str) -> str:
     if isinstance(source, _UrlSource):
-        return source.url
+        return image_url(source.url, f"{param}.url")
+    base64_image(source.data, f"{param}.data")
     return f"data:{source.media_type};base64,{source.data}"
 
 
-def _parts(blocks: list[Any]) -> str | list[dict[str, Any]]:
-    """OpenAI content for text and image blocks: one text block is a plain string."""
-    if len(blocks) == 1 and isinstance(blocks[0], _Text):
-        return blocks[0].text
+def _parts(blocks: list[tuple[Any, str]]) -> str | list[dict[str, Any]]:
+    """OpenAI content for text and image blocks (each with its param): one text block
+    is a plain string."""
+    if len(blocks) == 1 and isinstance(blocks[0][0], _Text):
+        return blocks[0][0].text
     parts: list[dict[str, Any]] = []
-    for block in blocks:
+    for block, param in blocks:
         if isinstance(block, _Text):
             parts.append({"type": "text", "text": block.text})
         else:
-            parts.append({"type": "image_url", "image_url": {"url": _data_url(block.source)}})
+            parts.append({"type": "image_url", "image_url": {
+                "url": _data_url(block.source, f"{param}.source")}})
     return parts
 
 
@@ -401,10 +371,10 @@ def _tool_message(block: _ToolResult, param: str) -> dict[str, Any]:
     else:
         for j, part in enumerate(block.content):
             if isinstance(part, _Image):
-                raise _bad(f"{param}.content.{j}", "images in a tool_result are not supported "
+                raise _bad(f"{param}.content[{j}]", "images in a tool_result are not supported "
                            "by this gateway (a chat-completions tool message carries text "
                            "only); send the image in a user text/image block instead")
-        content = _parts(block.content) if block.content else ""
+        content = _parts([(part, "") for part in block.content]) if block.content else ""
     if block.is_error:
         if isinstance(content, str):
             content = "Error: " + content
@@ -413,17 +383,21 @@ def _tool_message(block: _ToolResult, param: str) -> dict[str, Any]:
     return {"role": "tool", "tool_call_id": block.tool_use_id, "content": content}
 
 
-def _user(message: _Message, param: str, out: list[dict[str, Any]]) -> None:
+def _user(message: _Message, param: str, out: list[dict[str, Any]],
+          calls: set[str]) -> None:
     if isinstance(message.content, str):
         out.append({"role": "user", "content": message.content})
         return
-    rest: list[Any] = []
+    rest: list[tuple[Any, str]] = []
     for j, block in enumerate(message.content):
-        where = f"{param}.content.{j}"
+        where = f"{param}.content[{j}]"
         if isinstance(block, _ToolResult):
+            if block.tool_use_id not in calls:
+                raise _bad(f"{where}.tool_use_id", f"tool_result '{block.tool_use_id[:64]}' "
+                           "answers no tool_use block of an earlier assistant turn")
             out.append(_tool_message(block, where))
         elif isinstance(block, _Text | _Image):
-            rest.append(block)
+            rest.append((block, where))
         elif isinstance(block, _Thinking | _RedactedThinking):
             continue
         else:
@@ -432,17 +406,19 @@ def _user(message: _Message, param: str, out: list[dict[str, Any]]) -> None:
         out.append({"role": "user", "content": _parts(rest) if rest else ""})
 
 
-def _assistant(message: _Message, param: str, out: list[dict[str, Any]]) -> None:
+def _assistant(message: _Message, param: str, out: list[dict[str, Any]],
+               made: set[str]) -> None:
     if isinstance(message.content, str):
         out.append({"role": "assistant", "content": message.content})
         return
-    texts: list[Any] = []
+    texts: list[tuple[Any, str]] = []
     calls: list[dict[str, Any]] = []
     for j, block in enumerate(message.content):
-        where = f"{param}.content.{j}"
+        where = f"{param}.content[{j}]"
         if isinstance(block, _Text):
-            texts.append(block)
+            texts.append((block, where))
         elif isinstance(block, _ToolUse):
+            made.add(block.id)
             calls.append({"id": block.id, "type": "function",
                           "function": {"name": block.name,
                                        "arguments": _encode(block.input).decode()}})
@@ -459,24 +435,25 @@ def _assistant(message: _Message, param: str, out: list[dict[str, Any]]) -> None
 
 
 def _system_content(content: str | list[_Text]) -> str | list[dict[str, Any]]:
-    return content if isinstance(content, str) else _parts(list(content))
+    return content if isinstance(content, str) else _parts([(block, "") for block in content])
 
 
 def _messages(body: _Common) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
+    calls: set[str] = set()
     if body.system:
         out.append({"role": "system", "content": _system_content(body.system)})
     for i, message in enumerate(body.messages):
-        param = f"messages.{i}"
+        param = f"messages[{i}]"
         if message.role == "user":
-            _user(message, param, out)
+            _user(message, param, out, calls)
         elif message.role == "assistant":
-            _assistant(message, param, out)
+            _assistant(message, param, out, calls)
         else:
             if not isinstance(message.content, str):
                 for j, block in enumerate(message.content):
                     if not isinstance(block, _Text):
-                        raise _bad(f"{param}.content.{j}.type",
+                        raise _bad(f"{param}.content[{j}].type",
                                    "a system message takes text blocks only")
             out.append({"role": "system",
                         "content": _system_content(message.content)})  # type: ignore[arg-type]
@@ -492,12 +469,12 @@ def _tools(body: _Common, chat: dict[str, Any]) -> None:
         tools: list[dict[str, Any]] = []
         for i, tool in enumerate(body.tools):
             if tool.type not in (None, "custom"):
-                raise _bad(f"tools.{i}.type", f"server tool '{tool.type}' is not supported by "
+                raise _bad(f"tools[{i}].type", f"server tool '{tool.type}' is not supported by "
                            "this gateway; only custom tools (name, description, input_schema)")
             if isinstance(tool.input_schema, UnsetType):
-                raise _bad(f"tools.{i}.input_schema", "Field required")
+                raise _bad(f"tools[{i}].input_schema", "Field required")
             if tool.name in names:
-                raise _bad(f"tools.{i}.name", f"tool name '{tool.name}' is used twice")
+                raise _bad(f"tools[{i}].name", f"tool name '{tool.name}' is used twice")
             names.add(tool.name)
             function: dict[str, Any] = {"name": tool.name}
             if tool.description is not None:
@@ -540,7 +517,8 @@ def _common(body: _Common, chat: dict[str, Any]) -> None:
                                    "json_schema": {"name": "output", "schema": fmt.schema}}
 
 
-def parse_request(raw: bytes, *, max_depth: int = MAX_JSON_DEPTH) -> ChatRequest:
+def parse_request(raw: bytes, *, max_depth: int = MAX_JSON_DEPTH,
+                  request_id: str | None = None) -> ChatRequest:
     """A ``/v1/messages`` body as the chat-completions request the nodes serve.
 
     Raises :class:`~tooti.errors.APIError` (400, ``param`` named) for a body Anthropic
@@ -548,7 +526,7 @@ def parse_request(raw: bytes, *, max_depth: int = MAX_JSON_DEPTH) -> ChatRequest
     ``model`` (echoed), ``stop_sequences`` (to name a matched one) and ``thinking``
     (whether to answer the node's reasoning as thinking blocks).
     """
-    body: _Create = _decode(raw, _create_decoder, max_depth)
+    body: _Create = _decode(raw, _Create, max_depth)
     chat: dict[str, Any] = {"model": body.model, "messages": _messages(body),
                             "max_tokens": body.max_tokens}
     stream = bool(body.stream)
@@ -569,6 +547,7 @@ def parse_request(raw: bytes, *, max_depth: int = MAX_JSON_DEPTH) -> ChatRequest
     thinking = body.thinking is not None and body.thinking.type != "disabled"
     return ChatRequest(body=chat, model=body.model, stream=stream,
                        context={"model": body.model, "thinking": thinking,
+                                "request_id": request_id,
                                 "stop_sequences": tuple(body.stop_sequences or ())})
 
 
@@ -578,7 +557,7 @@ def parse_count_tokens(raw: bytes, *, max_depth: int = MAX_JSON_DEPTH) -> ChatRe
     count the prompt (``max_tokens: 1``, not streamed), so the number is exact, not an
     estimate. The node evaluates the prompt and makes one token: it costs (and is
     metered as) that small request."""
-    body: _CountTokens = _decode(raw, _count_decoder, max_depth)
+    body: _CountTokens = _decode(raw, _CountTokens, max_depth)
     chat: dict[str, Any] = {"model": body.model, "messages": _messages(body),
                             "max_tokens": 1, "stream": False}
     _common(body, chat)
@@ -590,11 +569,11 @@ def render_count_tokens(completion: Any) -> bytes:
     """``{"input_tokens": N}`` from the node's answer to :func:`parse_count_tokens`'s
     request; 502 when the node reported no prompt token count."""
     usage = completion.get("usage") if isinstance(completion, dict) else None
-    count = usage.get("prompt_tokens") if isinstance(usage, dict) else None
-    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+    prompt = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+    if prompt is None or count(prompt) != prompt:
         raise APIError(502, "the node did not report a prompt token count",
                        code="bad_gateway")
-    return _encode({"input_tokens": count})
+    return _encode({"input_tokens": prompt})
 
 
 # -- answer translation ------------------------------------------------------------
@@ -602,16 +581,12 @@ def render_count_tokens(completion: Any) -> bytes:
 
 def new_message_id() -> str:
     """A fresh ``msg_…`` id."""
-    return "msg_" + uuid.uuid4().hex
+    return new_id("msg")
 
 
 def new_tool_use_id() -> str:
     """A fresh ``toolu_…`` id (for a tool call a node sent without one)."""
-    return "toolu_" + uuid.uuid4().hex
-
-
-def _count(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+    return new_id("toolu")
 
 
 def usage_dict(usage: Any) -> dict[str, int]:
@@ -619,11 +594,11 @@ def usage_dict(usage: Any) -> dict[str, int]:
     cached tokens, reported apart as ``cache_read_input_tokens``."""
     if not isinstance(usage, dict):
         return {"input_tokens": 0, "output_tokens": 0}
-    prompt = _count(usage.get("prompt_tokens"))
+    prompt = count(usage.get("prompt_tokens"))
     details = usage.get("prompt_tokens_details")
-    cached = _count(details.get("cached_tokens")) if isinstance(details, dict) else 0
+    cached = count(details.get("cached_tokens")) if isinstance(details, dict) else 0
     cached = min(cached, prompt)
-    out = {"input_tokens": prompt - cached, "output_tokens": _count(usage.get("completion_tokens"))}
+    out = {"input_tokens": prompt - cached, "output_tokens": count(usage.get("completion_tokens"))}
     if cached:
         out["cache_read_input_tokens"] = cached
     return out
@@ -634,8 +609,10 @@ def stop_reason(finish_reason: Any, matched: Any, stop_sequences: tuple[str, ...
     """``(stop_reason, stop_sequence)`` for a chat-completions finish.
 
     ``matched`` is the choice's non-standard ``stop_reason`` (vLLM: the stop string
-    that matched); only a string among ``stop_sequences`` counts."""
-    if has_tool_calls or finish_reason in ("tool_calls", "function_call"):
+    that matched); only a string among ``stop_sequences`` counts. ``tool_use`` only
+    when the answer has a tool_use block: a ``tool_calls`` finish without a named call
+    is ``end_turn`` (an agent loop would wait for a call that is not there)."""
+    if has_tool_calls:
         return "tool_use", None
     if finish_reason == "length":
         return "max_tokens", None
@@ -658,16 +635,6 @@ def tool_input(arguments: Any) -> dict[str, Any]:
     except (msgspec.DecodeError, RecursionError):
         return {"_raw_arguments": arguments}
     return value if isinstance(value, dict) else {"_raw_arguments": arguments}
-
-
-def reasoning_of(message: dict[str, Any]) -> str | None:
-    """A node message's (or delta's) reasoning text: ``reasoning_content`` (llama.cpp,
-    vLLM, DeepSeek) or ``reasoning`` (newer vLLM, OpenRouter)."""
-    for name in ("reasoning_content", "reasoning"):
-        value = message.get(name)
-        if isinstance(value, str) and value:
-            return value
-    return None
 
 
 def message_dict(completion: Any, request: ChatRequest, *,

@@ -1,65 +1,49 @@
-"""A node's chat-completions stream as the Messages API's server-sent events.
+"""A node's chat-completions stream as the Messages API's server-sent events, and
+:class:`AnthropicFront`, the ``/v1/messages`` :class:`~tooti.fronts.base.Front`.
 
 The sequence is the one the ``anthropic`` SDK (and its ``messages.stream()`` helper)
 expects: ``message_start`` (``usage.input_tokens`` 0: an OpenAI stream reports usage
-last), then for each content block ``content_block_start``, its deltas
-(``text_delta``; ``thinking_delta`` when the request enabled ``thinking`` and the node
-streams reasoning; ``input_json_delta`` carrying a tool call's argument text as the node
-streams it, so one call's arguments may span many chunks) and ``content_block_stop``;
-then ``message_delta`` with the ``stop_reason`` and the final usage (``output_tokens``
-and the corrected ``input_tokens``, from the chunk with empty ``choices`` that
-``stream_options.include_usage`` makes nodes send), and ``message_stop``. An error
-mid-stream is one ``error`` event, and the stream ends there.
+last), then for each content block ``content_block_start``, its deltas and
+``content_block_stop``; then ``message_delta`` with the ``stop_reason`` and the final
+usage (``output_tokens`` and the corrected ``input_tokens``, from the chunk with empty
+``choices`` that ``stream_options.include_usage`` makes nodes send), and
+``message_stop``. An error mid-stream is one ``error`` event, and the stream ends there.
 
-Blocks follow the node's deltas: text opens a ``text`` block, each new tool-call index
-(OpenAI streams them one after the other) closes the open block and opens a
-``tool_use`` block. A tool call is opened once its name is known (its argument text
-before that is held and sent then); a call whose name never came is dropped. Only
-choice 0 is read (Anthropic answers one message). A chunk that is an OpenAI error
-object (``{"error": {...}}``, as some servers send mid-stream) ends the stream with an
-``error`` event of type ``api_error``. A node's ``reasoning_content`` is
-forwarded only as ``thinking`` blocks to a request with ``thinking`` enabled (see
-:mod:`tooti.fronts.anthropic_messages`).
+Text (``text_delta``) and, when the request enabled ``thinking``, reasoning
+(``thinking_delta``) stream live, each run in a block of its kind. **Tool calls come
+whole at the end**: a node may interleave parallel calls' argument pieces, and Anthropic
+allows one open block at a time and no delta after a block's stop, so each call
+(accumulated by :mod:`tooti.fronts.tool_calls`) is sent once the node's stream ended, in
+the order the calls appeared: ``content_block_start`` (``tool_use``), one
+``input_json_delta`` with the whole argument text, ``content_block_stop``. The SDK's
+accumulated message is the same as if the pieces had streamed. A call whose name never
+came is dropped, and ``stop_reason`` is ``tool_use`` only when a call was sent.
+Only choice 0 is read (Anthropic answers one message).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import msgspec
-
 from tooti.errors import APIError
 from tooti.fronts.anthropic_messages import (
+    ERROR_CONTENT_TYPE,
+    error_body,
     error_dict,
     new_message_id,
     new_tool_use_id,
-    reasoning_of,
+    parse_request,
+    render_message,
     stop_reason,
     usage_dict,
 )
-from tooti.fronts.base import ChatRequest
+from tooti.fronts.base import MAX_JSON_DEPTH, ChatRequest, node_error, reasoning_of
+from tooti.fronts.tool_calls import ToolCalls
+from tooti.protocol.sse import encode_event
 
-__all__ = ["CONTENT_TYPE", "AnthropicStream", "sse_event"]
+__all__ = ["CONTENT_TYPE", "FRONT", "AnthropicFront", "AnthropicStream"]
 
 CONTENT_TYPE = "text/event-stream"
-_encode = msgspec.json.encode
-
-
-def sse_event(name: str, data: dict[str, Any]) -> bytes:
-    """One server-sent event: ``event: <name>`` and its JSON ``data``."""
-    return b"event: " + name.encode() + b"\ndata: " + _encode(data) + b"\n\n"
-
-
-class _PendingCall:
-    """A streamed tool call: its block index once opened, else what came so far."""
-
-    __slots__ = ("block", "held", "id", "name")
-
-    def __init__(self) -> None:
-        self.block: int | None = None
-        self.id: str | None = None
-        self.name: str | None = None
-        self.held: list[str] = []
 
 
 class AnthropicStream:
@@ -71,6 +55,7 @@ class AnthropicStream:
         self._model: str = request.context.get("model", request.model)
         self._stop_sequences: tuple[str, ...] = request.context.get("stop_sequences", ())
         self._thinking: bool = bool(request.context.get("thinking"))
+        self._request_id: str | None = request.context.get("request_id")
         self._id = message_id or new_message_id()
         self._started = False
         self._done = False
@@ -78,8 +63,8 @@ class AnthropicStream:
         self._open: int | None = None
         """The open block's index."""
         self._open_kind = ""
-        """``text``, ``thinking`` or ``tool_use``."""
-        self._calls: dict[int, _PendingCall] = {}
+        """``text`` or ``thinking``."""
+        self._calls = ToolCalls()
         self._finish: Any = None
         self._matched: Any = None
         self._usage: Any = None
@@ -92,46 +77,56 @@ class AnthropicStream:
             return b""
         self._started = True
         usage = usage_dict(self._usage)
-        return sse_event("message_start", {"type": "message_start", "message": {
+        return encode_event("message_start", {"type": "message_start", "message": {
             "id": self._id, "type": "message", "role": "assistant", "model": self._model,
             "content": [], "stop_reason": None, "stop_sequence": None,
             "usage": {"input_tokens": usage["input_tokens"], "output_tokens": 0}}})
 
-    def feed(self, chunk: dict[str, Any]) -> bytes:
+    def feed(self, chunk: Any) -> bytes:
         """The events for one chat-completions chunk."""
         if self._done or not isinstance(chunk, dict):
             return b""
-        node_error = chunk.get("error")
-        if isinstance(node_error, dict) and not chunk.get("choices"):
-            message = node_error.get("message")
-            return self.fail(APIError(502, message if isinstance(message, str) and message
-                                      else "the node reported an error mid-stream"))
+        error = node_error(chunk)
+        if error is not None:
+            return self.fail(error)
         usage = chunk.get("usage")
         if isinstance(usage, dict):
             self._usage = usage
         out = [self.start()]
         choices = chunk.get("choices")
-        for choice in choices if isinstance(choices, list) else ():
-            if isinstance(choice, dict) and choice.get("index", 0) == 0:
-                self._choice(choice, out)
+        try:
+            for choice in choices if isinstance(choices, list) else ():
+                if isinstance(choice, dict) and choice.get("index", 0) == 0:
+                    self._choice(choice, out)
+        except APIError as exc:  # past the tool calls' bounds
+            out.append(self.fail(exc))
         return b"".join(out)
 
     def finish(self) -> bytes:
-        """Close the open block; ``message_delta`` (stop reason, usage) and
-        ``message_stop``."""
+        """Close the open block; the tool calls; ``message_delta`` (stop reason, usage)
+        and ``message_stop``."""
         if self._done:
             return b""
         out = [self.start()]
         self._close(out)
+        calls = self._calls.named()
+        for call in calls:
+            index = self._open_block({"type": "tool_use", "id": call.id or new_tool_use_id(),
+                                      "name": call.name, "input": {}}, out)
+            arguments = call.arguments
+            if arguments:
+                out.append(encode_event("content_block_delta", {
+                    "type": "content_block_delta", "index": index,
+                    "delta": {"type": "input_json_delta", "partial_json": arguments}}))
+            self._close(out)
         self._done = True
-        reason, sequence = stop_reason(
-            self._finish, self._matched, self._stop_sequences,
-            any(call.block is not None for call in self._calls.values()))
+        reason, sequence = stop_reason(self._finish, self._matched, self._stop_sequences,
+                                       bool(calls))
         usage = usage_dict(self._usage)
-        out.append(sse_event("message_delta", {
+        out.append(encode_event("message_delta", {
             "type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": sequence},
             "usage": {"output_tokens": usage.pop("output_tokens"), **usage}}))
-        out.append(sse_event("message_stop", {"type": "message_stop"}))
+        out.append(encode_event("message_stop", {"type": "message_stop"}))
         return b"".join(out)
 
     def fail(self, error: APIError) -> bytes:
@@ -139,14 +134,14 @@ class AnthropicStream:
         if self._done:
             return b""
         self._done = True
-        return sse_event("error", error_dict(error))
+        return encode_event("error", error_dict(error, self._request_id))
 
     # -- blocks ----------------------------------------------------------------------
 
     def _choice(self, choice: dict[str, Any], out: list[bytes]) -> None:
         delta = choice.get("delta")
         if isinstance(delta, dict):
-            reasoning = reasoning_of(delta) if self._thinking else None
+            reasoning = reasoning_of(delta) if self._thinking else ""
             if reasoning:
                 self._text("thinking", reasoning, out)
             text = delta.get("content")
@@ -154,8 +149,7 @@ class AnthropicStream:
                 self._text("text", text, out)
             calls = delta.get("tool_calls")
             for call in calls if isinstance(calls, list) else ():
-                if isinstance(call, dict):
-                    self._tool_delta(call, out)
+                self._calls.add(call)
         finish = choice.get("finish_reason")
         if finish is not None:
             self._finish = finish
@@ -163,8 +157,8 @@ class AnthropicStream:
 
     def _close(self, out: list[bytes]) -> None:
         if self._open is not None:
-            out.append(sse_event("content_block_stop",
-                                 {"type": "content_block_stop", "index": self._open}))
+            out.append(encode_event("content_block_stop",
+                                    {"type": "content_block_stop", "index": self._open}))
             self._open = None
 
     def _open_block(self, block: dict[str, Any], out: list[bytes]) -> int:
@@ -172,7 +166,7 @@ class AnthropicStream:
         index = self._next_block
         self._next_block += 1
         self._open, self._open_kind = index, block["type"]
-        out.append(sse_event("content_block_start", {
+        out.append(encode_event("content_block_start", {
             "type": "content_block_start", "index": index, "content_block": block}))
         return index
 
@@ -183,35 +177,31 @@ class AnthropicStream:
                              else {"type": "thinking", "thinking": "", "signature": ""}, out)
         delta = ({"type": "text_delta", "text": text} if kind == "text"
                  else {"type": "thinking_delta", "thinking": text})
-        out.append(sse_event("content_block_delta", {
+        out.append(encode_event("content_block_delta", {
             "type": "content_block_delta", "index": self._open, "delta": delta}))
 
-    def _tool_delta(self, call: dict[str, Any], out: list[bytes]) -> None:
-        position = call.get("index", 0)
-        if not isinstance(position, int) or isinstance(position, bool):
-            return
-        pending = self._calls.get(position)
-        if pending is None:
-            pending = self._calls[position] = _PendingCall()
-        call_id = call.get("id")
-        if isinstance(call_id, str) and call_id and pending.id is None:
-            pending.id = call_id
-        function = call.get("function")
-        function = function if isinstance(function, dict) else {}
-        name = function.get("name")
-        if isinstance(name, str) and name and pending.name is None:
-            pending.name = name
-        arguments = function.get("arguments")
-        if isinstance(arguments, dict):  # an object, from servers that send one
-            arguments = _encode(arguments).decode()
-        if isinstance(arguments, str) and arguments:
-            pending.held.append(arguments)
-        if pending.block is None and pending.name is not None:
-            pending.block = self._open_block(
-                {"type": "tool_use", "id": pending.id or new_tool_use_id(),
-                 "name": pending.name, "input": {}}, out)
-        if pending.block is not None and pending.held:
-            out.append(sse_event("content_block_delta", {
-                "type": "content_block_delta", "index": pending.block,
-                "delta": {"type": "input_json_delta", "partial_json": "".join(pending.held)}}))
-            pending.held.clear()
+
+class AnthropicFront:
+    """``POST /v1/messages`` as a :class:`~tooti.fronts.base.Front` (``/v1/messages/
+    count_tokens`` is :func:`~tooti.fronts.anthropic_messages.parse_count_tokens` and
+    :func:`~tooti.fronts.anthropic_messages.render_count_tokens`)."""
+
+    media_type = ERROR_CONTENT_TYPE
+    stream_media_type = CONTENT_TYPE
+
+    def parse(self, raw: bytes, *, max_depth: int = MAX_JSON_DEPTH,
+              request_id: str | None = None) -> ChatRequest:
+        return parse_request(raw, max_depth=max_depth, request_id=request_id)
+
+    def answer(self, request: ChatRequest, completion: Any) -> bytes:
+        return render_message(completion, request)
+
+    def stream(self, request: ChatRequest) -> AnthropicStream:
+        return AnthropicStream(request)
+
+    def error_body(self, error: APIError, request_id: str | None = None) -> bytes:
+        return error_body(error, request_id)
+
+
+FRONT = AnthropicFront()
+"""The one instance the gateway mounts."""

@@ -30,6 +30,7 @@ import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
 from tooti.errors import APIError
+from tooti.protocol.json_depth import MAX_JSON_DEPTH, nesting_within
 
 _decoder = msgspec.json.Decoder()
 
@@ -81,29 +82,6 @@ class ParsedRequest:
     """Models to try in order (``model`` first, then the body's ``models`` list)."""
     rewrite: bool = False
     """The body carries gateway-only fields that must not reach the backend."""
-
-
-MAX_JSON_DEPTH = 128
-"""Deepest nesting of arrays and objects in a request body, unless the gateway's
-``max_json_depth`` says otherwise."""
-
-
-def nesting_within(raw: bytes, value: Any, limit: int) -> bool:
-    """True if ``value`` (decoded from ``raw``) nests arrays and objects at most
-    ``limit`` deep (``[]`` is 1 deep). Walked level by level, without recursion, and
-    only when ``raw`` holds more than ``limit`` brackets: an ordinary body costs two
-    byte counts."""
-    if raw.count(b"[") + raw.count(b"{") <= limit:
-        return True
-    level = [value] if isinstance(value, dict | list) else []
-    depth = 0
-    while level:
-        depth += 1
-        if depth > limit:
-            return False
-        level = [v for item in level for v in (item.values() if isinstance(item, dict)
-                                                 else item) if isinstance(v, dict | list)]
-    return True
 
 
 def _too_deep(limit: int) -> APIError:

@@ -15,11 +15,15 @@ the very bytes it was fed, cut only at event ends.
 (``event``, ``data`` lines joined with ``\\n``, ``id``, ``retry``; comments and
 unknown fields ignored; an event without data is no event).
 :meth:`SSEDecoder.events` does both for readers that want events, not bytes.
+:func:`encode_event` writes one event (the other direction).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+import msgspec
 
 EVENT_END = b"\n\n"
 """Ends every event :meth:`SSEDecoder.feed` returns (line ends are written ``\\n``)."""
@@ -130,3 +134,16 @@ class SSEDecoder:
         if not data:
             return None
         return Event("\n".join(data), kind or "message", self.last_id, retry)
+
+
+_json = msgspec.json.Encoder()
+
+
+def encode_event(kind: str, data: Any, event_id: int | str | None = None) -> bytes:
+    """One server-sent event to send: ``event: <kind>``, ``id:`` when given, and
+    ``data`` encoded as one line of JSON (JSON escapes every line end, so one ``data:``
+    line always holds it). The one encoder of every SSE stream tooti writes."""
+    head = b"event: " + kind.encode()
+    if event_id is not None:
+        head += b"\nid: " + str(event_id).encode()
+    return head + b"\ndata: " + _json.encode(data) + b"\n\n"
