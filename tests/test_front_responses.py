@@ -29,7 +29,17 @@ from tooti.fronts.responses import (
 )
 from tooti.fronts.responses_stream import ResponsesStream
 from tooti.gateway import validation
+from tooti.fronts.tool_calls import MAX_ARGUMENT_BYTES
 from tooti.protocol.sse import SSEDecoder
+
+from tests.fronts_support import (
+    NodeStream,
+    many_pieces,
+    node_streams,
+    run,
+    sse_wire,
+    through_sse,
+)
 
 EVENTS: TypeAdapter[Any] = TypeAdapter(ResponseStreamEvent)
 TERMINAL = {"response.completed", "response.incomplete", "response.failed"}
@@ -299,9 +309,21 @@ def test_routing_preferences_reach_the_chat_body() -> None:
     ({"model": "m", "input": [{"role": "system", "content": [{"type": "input_image",
                                                                "image_url": "https://x/i.png"}]}]},
      "input[0].content[0]", "unsupported_value"),
-    ({"model": "m", "input": [{"type": "function_call_output", "call_id": "c", "output": [
-        {"type": "input_image", "image_url": "https://x/i.png"}]}]}, "input[0].output[0]",
+    ({"model": "m", "input": [
+        {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c", "output": [
+            {"type": "input_image", "image_url": "https://x/i.png"}]}]}, "input[1].output[0]",
      "unsupported_value"),
+    ({"model": "m", "input": [{"type": "function_call_output", "call_id": "c",
+                               "output": "18C"}]}, "input[0].call_id", "invalid_value"),
+    ({"model": "m", "input": [{"role": "user", "content": [
+        {"type": "input_image", "image_url": "file:///etc/passwd"}]}]},
+     "input[0].content[0].image_url", "invalid_value"),
+    ({"model": "m", "input": [{"role": "user", "content": [
+        {"type": "input_image", "image_url": "data:image/png;base64,not base64!"}]}]},
+     "input[0].content[0].image_url", "invalid_value"),
+    ({"model": "m", "input": "x", "max_output_tokens": 10**30}, "max_output_tokens",
+     "invalid_value"),
     ({"model": "m", "input": [{"type": "function_call", "name": "f", "arguments": "{}"}]},
      "input[0].call_id", "missing_required_parameter"),
     ({"model": "m", "input": [{"type": "reasoning", "summary": []}], "instructions": "i"},
@@ -315,6 +337,21 @@ def test_refusals_name_the_param(body: dict[str, Any], param: str, code: str) ->
     shape = json.loads(error_body(error))
     assert shape == {"error": {"message": error.message, "type": "invalid_request_error",
                                "param": param, "code": code}}
+
+
+def test_nesting_is_bounded() -> None:
+    deep = (b'{"model": "m", "input": "x", "metadata": {"a": "b"}, "tools": [{"type": '
+            b'"function", "name": "f", "parameters": ' + b'{"a":' * 300 + b"1"
+            + b"}" * 300 + b"}]}")
+    assert "deeper than 128" in refusal_raw(deep).message
+    assert parse_request(deep, max_depth=400).body["tools"][0]["function"]["name"] == "f"
+
+
+def refusal_raw(raw: bytes) -> APIError:
+    with pytest.raises(APIError) as info:
+        parse_request(raw)
+    assert info.value.status == 400
+    return info.value
 
 
 def test_previous_response_refusal_says_what_to_do() -> None:
@@ -351,7 +388,7 @@ _bodies = st.dictionaries(_fields, _json | _objects | st.lists(
     max_size=4), max_size=8)
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(body=_json | _bodies)
 def test_any_json_is_a_request_or_a_400(body: Any) -> None:
     try:
@@ -495,12 +532,18 @@ def test_refusal_answer() -> None:
     assert message.type == "message" and message.content[-1].type == "refusal"
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(answer=_json | st.fixed_dictionaries({"choices": st.lists(
     st.dictionaries(st.sampled_from(["index", "message", "finish_reason"]), _json | _objects),
     max_size=2), "usage": _json | _objects}))
-def test_any_node_answer_is_a_valid_response(answer: Any) -> None:
-    Response.model_validate(build_response(parse({"model": "m", "input": "x"}), answer))
+def test_any_node_answer_is_a_valid_response_or_a_bad_gateway(answer: Any) -> None:
+    request = parse({"model": "m", "input": "x"})
+    if not isinstance(answer, dict):
+        with pytest.raises(APIError) as caught:
+            build_response(request, answer)
+        assert caught.value.status == 502
+        return
+    Response.model_validate(build_response(request, answer))
 
 
 # -- streamed answers -------------------------------------------------------------------------
@@ -629,7 +672,7 @@ def test_chunks_split_at_every_byte_come_back_the_same() -> None:
 
     whole = translate([raw])
     assert whole[-1][0] == "response.completed"
-    for cut in range(1, len(raw)):
+    for cut in range(1, len(raw), 3):
         assert translate([raw[:cut], raw[cut:]]) == whole
 
 
@@ -658,7 +701,7 @@ def _content(chunk: Any) -> str:
     return ""
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(chunks=st.lists(_chunk, max_size=12), fails=st.booleans())
 def test_any_chunks_give_a_valid_event_sequence(chunks: list[Any], fails: bool) -> None:
     request = parse({"model": "m", "input": "x", "stream": True})
@@ -672,6 +715,69 @@ def test_any_chunks_give_a_valid_event_sequence(chunks: list[Any], fails: bool) 
     closed = [e["output_index"] for e in events if e["type"] == "response.output_item.done"]
     if events[-1]["type"] != "response.failed":
         assert sorted(closed) == added
+
+
+def calls_of(events: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """The function calls of the terminal event's response, checked against the
+    arguments each call's ``.delta`` events streamed and its ``.done`` event."""
+    final = Response.model_validate(events[-1]["response"])
+    streamed: dict[str, str] = {}
+    for event in events:
+        if event["type"] == "response.function_call_arguments.delta":
+            streamed[event["item_id"]] = streamed.get(event["item_id"], "") + event["delta"]
+        elif event["type"] == "response.function_call_arguments.done":
+            assert event["arguments"] == streamed.get(event["item_id"], "")
+    out = []
+    for item in final.output:
+        if item.type == "function_call":
+            assert item.arguments == streamed.get(item.id or "", "")
+            out.append((item.call_id, item.name, item.arguments))
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(node=node_streams())
+def test_random_node_streams_give_their_text_and_tool_calls(node: NodeStream) -> None:
+    request = parse({"model": "m", "input": "x", "stream": True})
+    events = run_stream(request, node.chunks)
+    final = Response.model_validate(events[-1]["response"])
+    assert events[-1]["type"] == "response.completed"
+    assert final.output_text == node.text
+    assert calls_of(events) == node.calls
+    wire = sse_wire(node.chunks)
+    whole = through_sse(ResponsesStream(request), [wire])
+    assert calls_of(events_of(through_sse(ResponsesStream(request), [
+        wire[i:i + 1] for i in range(len(wire))]))) == calls_of(events_of(whole)) == node.calls
+
+
+def test_a_long_stream_of_small_argument_pieces() -> None:
+    chunks, arguments = many_pieces()
+    raw = run(ResponsesStream(parse({"model": "m", "input": "x", "stream": True})), chunks)
+    events = [msgspec.json.decode(e.data) for e in SSEDecoder().events(raw)]
+    assert len(events) > 50_000 and events[-1]["type"] == "response.completed"
+    assert calls_of(events) == [("call_long", "echo", arguments)]
+
+
+def test_a_name_repeated_in_every_chunk_is_said_once() -> None:
+    events = run_stream(parse({"model": "m", "input": "x", "stream": True}), [
+        call_chunk(0, call_id="c", name="get_weather", arguments='{"city":'),
+        call_chunk(0, name="get_weather", arguments='"Paris"}'), finish_chunk("tool_calls")])
+    assert calls_of(events) == [("c", "get_weather", '{"city":"Paris"}')]
+
+
+def test_too_much_argument_text_fails_the_stream_as_a_node_error() -> None:
+    piece = "x" * (MAX_ARGUMENT_BYTES // 4)
+    events = run_stream(parse({"model": "m", "input": "x", "stream": True}), [
+        call_chunk(0, call_id="c", name="f"),
+        *[call_chunk(0, arguments=piece) for _ in range(5)], finish_chunk("tool_calls")])
+    assert events[-1]["type"] == "response.failed"
+    assert "tool call arguments" in events[-1]["response"]["error"]["message"]
+
+
+def test_an_unnamed_call_is_no_item() -> None:
+    events = run_stream(parse({"model": "m", "input": "x", "stream": True}), [
+        text_chunk("ok"), call_chunk(0, arguments="{}"), finish_chunk("tool_calls")])
+    assert calls_of(events) == [] and events[-1]["type"] == "response.completed"
 
 
 # -- the official SDK end to end, over a mock transport ---------------------------------------
@@ -782,8 +888,3 @@ def test_sdk_json_schema_format(client: openai.OpenAI, front: FakeGatewayFront) 
     assert front.chat_bodies[0]["response_format"] == {
         "type": "json_schema",
         "json_schema": {"name": "out", "schema": {"type": "object"}, "strict": True}}
-
-
-def test_encoded_body_is_plain_json() -> None:
-    request = parse({"model": "m", "input": "x"})
-    assert msgspec.json.decode(msgspec.json.encode(request.body)) == request.body

@@ -43,8 +43,6 @@ Decisions where the API leaves room (what a LiteLLM / OpenRouter user expects):
 
 from __future__ import annotations
 
-import re
-import secrets
 import time
 from typing import Annotated, Any, Literal
 
@@ -52,7 +50,18 @@ import msgspec
 from msgspec import Meta, Struct
 
 from tooti.errors import APIError
-from tooti.fronts.base import ChatRequest
+from tooti.fronts.base import (
+    MAX_JSON_DEPTH,
+    MAX_TOKENS,
+    ChatRequest,
+    convert,
+    count,
+    decode_body,
+    image_url,
+    new_id,
+    reasoning_of,
+    validation_error,
+)
 
 ROUTE = "/v1/responses"
 """The route the mounting step serves (``POST``)."""
@@ -70,7 +79,6 @@ MAX_METADATA_KEYS = 16
 MAX_MODEL_LENGTH = 256
 MAX_ID_LENGTH = 256
 
-_decoder = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()
 
 # -- the request's schemas ---------------------------------------------------------------
@@ -176,7 +184,7 @@ class _Request(Struct, kw_only=True):
     stream: bool | None = None
     temperature: _Temperature | None = None
     top_p: _TopP | None = None
-    max_output_tokens: Annotated[int, Meta(ge=1)] | None = None
+    max_output_tokens: Annotated[int, Meta(ge=1, le=MAX_TOKENS)] | None = None
     tools: Annotated[list[dict[str, Any]], Meta(max_length=MAX_TOOLS)] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
@@ -212,21 +220,11 @@ def _bad(message: str, param: str | None, code: str = "invalid_value") -> APIErr
     return APIError(400, message, param=param, code=code)
 
 
-_AT = re.compile(r"^(?P<what>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
-_MISSING_FIELD = re.compile(r"^Object missing required field `(?P<name>[^`]+)`$")
-
-
 def _from_validation(exc: msgspec.ValidationError, prefix: str) -> APIError:
     """An APIError naming the param msgspec's refusal points at (``prefix`` is the path of
     the converted value in the body: ``input[3]``, ``tools[0]``, or ``""``)."""
-    match = _AT.match(str(exc))
-    what = match["what"] if match else str(exc)
-    path = (match["path"] or "") if match else ""
-    # a dict's key is not named: name the dict
-    param = (prefix + path.split("[...]")[0]).lstrip(".")
-    missing = _MISSING_FIELD.match(what)
+    what, param, missing = validation_error(exc, prefix)
     if missing:
-        param = f"{param}.{missing['name']}" if param else missing["name"]
         return _bad(f"Missing required parameter: '{param}'.", param,
                     "missing_required_parameter")
     if not param:
@@ -248,7 +246,8 @@ def resolve_previous_response(previous_response_id: str) -> list[dict[str, Any]]
 # -- parsing ------------------------------------------------------------------------------
 
 
-def parse_request(raw: bytes, *, created_at: float | None = None,
+def parse_request(raw: bytes, *, max_depth: int = MAX_JSON_DEPTH,
+                  request_id: str | None = None, created_at: float | None = None,
                   response_id: str | None = None) -> ChatRequest:
     """Decode and translate a ``/v1/responses`` body; raise APIError(400) naming the param.
 
@@ -257,23 +256,20 @@ def parse_request(raw: bytes, *, created_at: float | None = None,
     object repeats) and ``raw`` (the body as received, for passing it through to a node
     whose backend serves ``/v1/responses`` itself).
     """
+    value = decode_body(raw, max_depth)
     try:
-        value = _decoder.decode(raw)
-    except (msgspec.DecodeError, RecursionError) as exc:
-        raise _bad(f"request body is not valid JSON: {exc}", None, "invalid_json") from None
-    if not isinstance(value, dict):
-        raise _bad("request body must be a JSON object", None, "invalid_type")
-    try:
-        request = msgspec.convert(value, _Request)
+        request = convert(value, _Request)
     except msgspec.ValidationError as exc:
         raise _from_validation(exc, "") from None
-    except RecursionError:
-        raise _bad("request body nests too deep", None, "invalid_json") from None
-    return _translate(request, value, raw, created_at, response_id)
+    context = {"model": request.model, "request_id": request_id,
+               "response_id": response_id or new_id("resp"),
+               "created_at": int(time.time() if created_at is None else created_at),
+               "raw": raw}
+    return _translate(request, value, context)
 
 
-def _translate(request: _Request, body: dict[str, Any], raw: bytes,
-               created_at: float | None, response_id: str | None) -> ChatRequest:
+def _translate(request: _Request, body: dict[str, Any], context: dict[str, Any]
+               ) -> ChatRequest:
     if request.background:
         raise _bad("background responses are not supported by this gateway (nothing is "
                    "stored to poll); leave 'background' unset or false.", "background",
@@ -349,22 +345,13 @@ def _translate(request: _Request, body: dict[str, Any], raw: bytes,
         "reasoning": None,
         "background": False,
     }
-    context = {
-        "response_id": response_id or new_id("resp"),
-        "created_at": int(time.time() if created_at is None else created_at),
-        "echo": echo,
-        "raw": raw,
-    }
+    context["echo"] = echo
     return ChatRequest(body=chat, model=request.model, stream=stream, context=context)
-
-
-def new_id(prefix: str) -> str:
-    """A fresh id in OpenAI's style (``resp_…``, ``msg_…``, ``fc_…``, ``call_…``)."""
-    return f"{prefix}_{secrets.token_hex(16)}"
 
 
 def _input_messages(items: list[Any], messages: list[dict[str, Any]]) -> None:
     """Append the chat messages of ``input``'s items to ``messages``."""
+    calls: set[str] = set()
     for i, item in enumerate(items):
         where = f"input[{i}]"
         if not isinstance(item, dict):
@@ -374,6 +361,7 @@ def _input_messages(items: list[Any], messages: list[dict[str, Any]]) -> None:
             messages.append(_message(_convert(item, _Message, where), where))
         elif kind == "function_call":
             call = _convert(item, _FunctionCall, where)
+            calls.add(call.call_id)
             tool_call = {"id": call.call_id, "type": "function",
                          "function": {"name": call.name, "arguments": call.arguments}}
             last = messages[-1] if messages else None
@@ -384,6 +372,10 @@ def _input_messages(items: list[Any], messages: list[dict[str, Any]]) -> None:
                                  "tool_calls": [tool_call]})
         elif kind == "function_call_output":
             result = _convert(item, _FunctionCallOutput, where)
+            if result.call_id not in calls:
+                raise _bad(f"No tool call found for function call output with call_id "
+                           f"{result.call_id[:64]}: it answers no function_call item before "
+                           "it in 'input'.", f"{where}.call_id")
             messages.append({"role": "tool", "tool_call_id": result.call_id,
                              "content": _tool_output(result.output, where)})
         elif kind == "reasoning":
@@ -407,8 +399,6 @@ def _convert(item: dict[str, Any], kind: type[Any], where: str) -> Any:
         return msgspec.convert(fields, kind)
     except msgspec.ValidationError as exc:
         raise _from_validation(exc, where) from None
-    except RecursionError:
-        raise _bad("request body nests too deep", where, "invalid_json") from None
 
 
 def _message(message: _Message, where: str) -> dict[str, Any]:
@@ -439,7 +429,7 @@ def _image(part: _InputImage, param: str) -> dict[str, Any]:
         raise _bad("images by file_id are not supported by this gateway (no Files API); send "
                    "image_url (an https URL or a data: URL)", f"{param}.image_url",
                    "unsupported_value")
-    image: dict[str, Any] = {"url": part.image_url}
+    image: dict[str, Any] = {"url": image_url(part.image_url, f"{param}.image_url")}
     if part.detail in ("low", "high", "auto"):
         image["detail"] = part.detail
     return {"type": "image_url", "image_url": image}
@@ -602,27 +592,23 @@ def usage_object(usage: Any) -> dict[str, Any] | None:
     """The Responses ``usage`` of a chat ``usage`` object (None when it has none)."""
     if not isinstance(usage, dict):
         return None
-    prompt = _count(usage.get("prompt_tokens"))
-    completion = _count(usage.get("completion_tokens"))
+    prompt = count(usage.get("prompt_tokens"))
+    completion = count(usage.get("completion_tokens"))
     prompt_details = usage.get("prompt_tokens_details")
     completion_details = usage.get("completion_tokens_details")
-    cached = _count(prompt_details.get("cached_tokens")) if isinstance(
+    cached = count(prompt_details.get("cached_tokens")) if isinstance(
         prompt_details, dict) else 0
-    reasoning = _count(completion_details.get("reasoning_tokens")) if isinstance(
+    reasoning = count(completion_details.get("reasoning_tokens")) if isinstance(
         completion_details, dict) else 0
     total = usage.get("total_tokens")
+    total = total if total is not None and count(total) == total else None
     return {
         "input_tokens": prompt,
         "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
         "output_tokens": completion,
         "output_tokens_details": {"reasoning_tokens": reasoning},
-        "total_tokens": _count(total) if isinstance(total, int) and not isinstance(
-            total, bool) else prompt + completion,
+        "total_tokens": prompt + completion if total is None else total,
     }
-
-
-def _count(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
 INCOMPLETE_REASONS = {"length": "max_output_tokens", "content_filter": "content_filter"}
@@ -652,16 +638,6 @@ def reasoning_item(item_id: str, text: str, status: str) -> dict[str, Any]:
             "content": [{"type": "reasoning_text", "text": text}], "status": status}
 
 
-def reasoning_of(message: dict[str, Any]) -> str:
-    """A chat message's or delta's reasoning text: ``reasoning_content`` (llama.cpp,
-    vLLM, DeepSeek) or ``reasoning`` (OpenRouter, newer vLLM); ``""`` when none."""
-    for key in ("reasoning_content", "reasoning"):
-        value = message.get(key)
-        if isinstance(value, str) and value:
-            return value
-    return ""
-
-
 def function_call_item(item_id: str, call_id: str, name: str, arguments: str,
                        status: str) -> dict[str, Any]:
     """A ``function_call`` output item."""
@@ -671,8 +647,10 @@ def function_call_item(item_id: str, call_id: str, name: str, arguments: str,
 
 def build_response(request: ChatRequest, completion: Any,
                    completed_at: float | None = None) -> dict[str, Any]:
-    """The ``Response`` object of a node's ``chat.completion`` answer (a dict)."""
-    completion = completion if isinstance(completion, dict) else {}
+    """The ``Response`` object of a node's ``chat.completion`` answer (a dict); 502
+    when the answer is not a JSON object."""
+    if not isinstance(completion, dict):
+        raise APIError(502, "the node's answer is not a JSON object", code="bad_gateway")
     choices = completion.get("choices")
     choice = choices[0] if isinstance(choices, list) and choices and isinstance(
         choices[0], dict) else {}
@@ -729,6 +707,7 @@ def answer_body(request: ChatRequest, completion: Any) -> bytes:
     return _encoder.encode(build_response(request, completion))
 
 
-def error_body(error: APIError) -> bytes:
-    """The OpenAI error object, the Responses API's error shape."""
+def error_body(error: APIError, request_id: str | None = None) -> bytes:
+    """The OpenAI error object, the Responses API's error shape (the request id is in
+    the ``x-request-id`` header, not the body: ``request_id`` is ignored)."""
     return error.to_json()

@@ -14,10 +14,16 @@ and ``response.function_call_arguments.done``; then ``response.output_item.done`
 terminal event with the whole ``Response`` (output items and usage).
 
 A message or reasoning item is closed when another kind of output starts; the tool calls
-of one turn stay open together (backends may interleave parallel calls' argument pieces)
-and close, in output order, when text follows them or the stream ends. Only the first
-choice is read (the Responses API has no ``n``). Chunks of any shape are taken without
-raising: what is not understood is skipped.
+of one turn stay open together (backends may interleave parallel calls' argument pieces:
+each event names its item) and close, in output order, when text follows them or the
+stream ends. Calls are accumulated by :mod:`tooti.fronts.tool_calls`: a call's item is
+added once its name is known (the argument text before that comes as one delta then);
+a call whose name never came is no item; past the accumulator's bounds the stream ends
+with ``response.failed``. Only the first choice is read (the Responses API has no
+``n``). Chunks of any shape are taken without raising: what is not understood is
+skipped; an error chunk is ``response.failed``.
+
+:class:`ResponsesFront` is the ``/v1/responses`` :class:`~tooti.fronts.base.Front`.
 """
 
 from __future__ import annotations
@@ -26,25 +32,27 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgspec
-
 from tooti.errors import APIError
-from tooti.fronts.base import ChatRequest
+from tooti.fronts.base import MAX_JSON_DEPTH, ChatRequest, new_id, node_error, reasoning_of
 from tooti.fronts.responses import (
+    CONTENT_TYPE,
     INCOMPLETE_REASONS,
     STREAM_CONTENT_TYPE,
+    answer_body,
+    error_body,
     function_call_item,
     message_item,
-    new_id,
+    parse_request,
     reasoning_item,
-    reasoning_of,
     refusal_part,
     response_object,
     text_part,
     usage_object,
 )
+from tooti.fronts.tool_calls import ToolCall, ToolCalls
+from tooti.protocol.sse import encode_event
 
-_encoder = msgspec.json.Encoder()
+__all__ = ["FRONT", "ResponsesFront", "ResponsesStream"]
 
 
 @dataclass(slots=True)
@@ -76,17 +84,17 @@ class _Item:
     output_index: int
     item_id: str
     kind: str
+    call: ToolCall | None = None
+    """A function call's accumulated state."""
     call_id: str = ""
-    name: str = ""
     parts: list[_Part] = field(default_factory=list)
-    arguments: list[str] = field(default_factory=list)
     done: dict[str, Any] | None = None
     """The item as ``response.output_item.done`` sent it (None while open)."""
 
     def snapshot(self, status: str) -> dict[str, Any]:
-        if self.kind == "function_call":
-            return function_call_item(self.item_id, self.call_id, self.name,
-                                      "".join(self.arguments), status)
+        if self.call is not None:
+            return function_call_item(self.item_id, self.call_id, self.call.name or "",
+                                      self.call.arguments, status)
         if self.kind == "reasoning":
             return reasoning_item(self.item_id, "".join(p.text for p in self.parts), status)
         return message_item(self.item_id, [part.snapshot() for part in self.parts], status)
@@ -114,8 +122,9 @@ class ResponsesStream:
         self._items: list[_Item] = []
         self._current: _Item | None = None
         """The open message or reasoning item."""
+        self._accumulated = ToolCalls()
         self._calls: dict[int, _Item] = {}
-        """The open function calls of this turn, by the chunks' tool-call index."""
+        """The open function calls of this turn, by the accumulator's call key."""
         self._finish_reason: str | None = None
         self._usage: dict[str, Any] | None = None
         self._model: str | None = None
@@ -131,7 +140,7 @@ class ResponsesStream:
         return (self._event("response.created", response=response)
                 + self._event("response.in_progress", response=response))
 
-    def feed(self, chunk: dict[str, Any]) -> bytes:
+    def feed(self, chunk: Any) -> bytes:
         """The events of one decoded ``chat.completion.chunk``."""
         if self._ended or not isinstance(chunk, dict):
             return b""
@@ -142,14 +151,11 @@ class ResponsesStream:
         usage = usage_object(chunk.get("usage"))
         if usage is not None:
             self._usage = usage
-        choices = chunk.get("choices")
-        error = chunk.get("error")
-        if isinstance(error, dict) and not choices:
-            message = error.get("message")
-            out.append(self.fail(APIError(502, message if isinstance(message, str)
-                                          else "backend error")))
+        error = node_error(chunk)
+        if error is not None:
+            out.append(self.fail(error))
             return b"".join(out)
-        choice = _first_choice(choices)
+        choice = _first_choice(chunk.get("choices"))
         if choice is None:
             return b"".join(out)
         delta = choice.get("delta")
@@ -162,10 +168,12 @@ class ResponsesStream:
                 if isinstance(text, str) and text:
                     out.append(self._content(kind, text))
             calls = delta.get("tool_calls")
-            if isinstance(calls, list):
-                for position, call in enumerate(calls):
-                    if isinstance(call, dict):
-                        out.append(self._call(call, position))
+            try:
+                for call in calls if isinstance(calls, list) else ():
+                    out.append(self._call(call))
+            except APIError as exc:  # past the tool calls' bounds
+                out.append(self.fail(exc))
+                return b"".join(out)
         reason = choice.get("finish_reason")
         if isinstance(reason, str) and reason:
             self._finish_reason = reason
@@ -233,31 +241,29 @@ class ResponsesStream:
                                content_index=len(item.parts) - 1, delta=text, **extra))
         return b"".join(out)
 
-    def _call(self, call: dict[str, Any], position: int) -> bytes:
-        index = call.get("index")
-        key = index if isinstance(index, int) and not isinstance(index, bool) else position
-        function = call.get("function")
-        function = function if isinstance(function, dict) else {}
-        name = function.get("name")
-        arguments = function.get("arguments")
+    def _call(self, entry: Any) -> bytes:
+        added = self._accumulated.add(entry)
+        if added is None:
+            return b""
+        call, piece = added
         out = []
-        item = self._calls.get(key)
-        if item is None:
+        item = self._calls.get(call.key)
+        if item is None or item.call is not call:
+            if call.name is None:
+                return b""  # held in the accumulator until the name comes
             out.append(self._close_current())
-            call_id = call.get("id")
             item = self._open("function_call")
-            item.call_id = call_id if isinstance(call_id, str) and call_id else new_id("call")
-            item.name = name if isinstance(name, str) else ""
-            self._calls[key] = item
+            item.call = call
+            item.call_id = call.id or new_id("call")
+            self._calls[call.key] = item
             out.append(self._event("response.output_item.added", output_index=item.output_index,
-                                   item=item.snapshot("in_progress")))
-        elif isinstance(name, str) and name and name != item.name:
-            item.name += name  # a backend sending the name in pieces
-        if isinstance(arguments, str) and arguments:
-            item.arguments.append(arguments)
+                                   item=function_call_item(item.item_id, item.call_id,
+                                                           call.name, "", "in_progress")))
+            piece = call.arguments  # what came before the name, and this piece
+        if piece:
             out.append(self._event("response.function_call_arguments.delta",
                                    item_id=item.item_id, output_index=item.output_index,
-                                   delta=arguments))
+                                   delta=piece))
         return b"".join(out)
 
     def _open(self, kind: str) -> _Item:
@@ -279,10 +285,10 @@ class ResponsesStream:
 
     def _close(self, item: _Item, status: str) -> bytes:
         out = []
-        if item.kind == "function_call":
+        if item.call is not None:
             out.append(self._event("response.function_call_arguments.done",
                                    item_id=item.item_id, output_index=item.output_index,
-                                   name=item.name, arguments="".join(item.arguments)))
+                                   name=item.call.name or "", arguments=item.call.arguments))
         else:
             out.extend(self._close_part(item, part) for part in item.parts if not part.closed)
         item.done = item.snapshot(status)
@@ -296,6 +302,8 @@ class ResponsesStream:
 
     def _close_calls(self, status: str = "completed") -> bytes:
         open_calls, self._calls = self._calls, {}
+        if open_calls:
+            self._accumulated.clear()
         return b"".join(self._close(item, status)
                         for item in sorted(open_calls.values(), key=lambda i: i.output_index))
 
@@ -312,7 +320,7 @@ class ResponsesStream:
     def _event(self, kind: str, **fields: Any) -> bytes:
         payload = {"type": kind, "sequence_number": self._sequence, **fields}
         self._sequence += 1
-        return b"event: " + kind.encode() + b"\ndata: " + _encoder.encode(payload) + b"\n\n"
+        return encode_event(kind, payload)
 
 
 def _first_choice(choices: Any) -> dict[str, Any] | None:
@@ -322,3 +330,27 @@ def _first_choice(choices: Any) -> dict[str, Any] | None:
         if isinstance(choice, dict) and choice.get("index", 0) == 0:
             return choice
     return None
+
+
+class ResponsesFront:
+    """``POST /v1/responses`` as a :class:`~tooti.fronts.base.Front`."""
+
+    media_type = CONTENT_TYPE
+    stream_media_type = STREAM_CONTENT_TYPE
+
+    def parse(self, raw: bytes, *, max_depth: int = MAX_JSON_DEPTH,
+              request_id: str | None = None) -> ChatRequest:
+        return parse_request(raw, max_depth=max_depth, request_id=request_id)
+
+    def answer(self, request: ChatRequest, completion: Any) -> bytes:
+        return answer_body(request, completion)
+
+    def stream(self, request: ChatRequest) -> ResponsesStream:
+        return ResponsesStream(request)
+
+    def error_body(self, error: APIError, request_id: str | None = None) -> bytes:
+        return error_body(error, request_id)
+
+
+FRONT = ResponsesFront()
+"""The one instance the gateway mounts."""
