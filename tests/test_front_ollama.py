@@ -57,7 +57,10 @@ from tooti.fronts.ollama_models import (
     unsupported_action,
     version_body,
 )
+from tooti.fronts.tool_calls import MAX_CALLS
 from tooti.protocol.sse import SSEDecoder
+
+from tests.fronts_support import NodeStream, many_pieces, node_streams, tool_chunk
 
 PNG = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 16).decode()
 JPEG = base64.b64encode(b"\xff\xd8\xff\xe0" + b"\0" * 16).decode()
@@ -150,6 +153,15 @@ def test_images_become_data_url_parts() -> None:
         {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}"}},
         {"type": "image_url", "image_url": {"url": f"data:image/jpeg;base64,{JPEG}"}},
     ]
+
+
+@pytest.mark.parametrize("image", [
+    PNG + "A" * 1_000_000 + "!!!!",  # bad base64 far past the bytes decoded for the type
+    PNG[:-1], "", "bm90IGFuIGltYWdl"])  # length not a multiple of 4; empty; not an image
+def test_images_are_checked_without_decoding_them_whole(image: str) -> None:
+    error = refused(parse_chat, {"model": "m", "messages": [
+        {"role": "user", "content": "x", "images": [image]}]})
+    assert error.param == "messages[0].images[0]"
 
 
 def test_tool_round_trip_links_results_to_calls() -> None:
@@ -465,6 +477,58 @@ def test_an_error_chunk_ends_the_stream_with_an_error_line() -> None:
     assert translator.feed(chunk({"content": "x"})) == b"" and translator.finish() == b""
 
 
+def calls_of(items: list[dict[str, Any]]) -> list[tuple[str | None, str, Any]]:
+    """The tool calls of a stream's lines, each line checked by the client's type."""
+    out = []
+    for item in items:
+        ChatResponse(**item)
+        for call in item["message"].get("tool_calls", []):
+            out.append((call.get("id"), call["function"]["name"],
+                        call["function"]["arguments"]))
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(node=node_streams())
+def test_random_node_streams_give_their_text_and_tool_calls(node: NodeStream) -> None:
+    items = run_stream(chat(tools=[WEATHER]), node.chunks)
+    assert "".join(i["message"]["content"] for i in items) == node.text
+    assert calls_of(items) == [(call_id, name, json.loads(arguments))
+                               for call_id, name, arguments in node.calls]
+    assert items[-1]["done"] and items[-1]["done_reason"] == "stop"
+    assert [i["done"] for i in items].count(True) == 1
+
+
+def test_a_long_stream_of_small_argument_pieces() -> None:
+    chunks, arguments = many_pieces()
+    items = run_stream(chat(tools=[WEATHER]), chunks)
+    assert calls_of(items) == [("call_long", "echo", json.loads(arguments))]
+
+
+def test_a_repeated_name_and_pieces_without_index_make_one_call() -> None:
+    items = run_stream(chat(tools=[WEATHER]), [
+        tool_chunk(None, call_id="c1", name="get_weather", arguments='{"a":'),
+        tool_chunk(None, name="get_weather", arguments="1}"), chunk(finish="tool_calls")])
+    assert calls_of(items) == [("c1", "get_weather", {"a": 1})]
+
+
+def test_too_many_tool_calls_end_the_stream_with_an_error_line() -> None:
+    translator = stream_translator(chat(tools=[WEATHER]))
+    out = b"".join(translator.feed(tool_chunk(k, call_id=f"c{k}", name="f"))
+                   for k in range(MAX_CALLS + 1))
+    assert str(MAX_CALLS) in json.loads(out)["error"] and translator.finish() == b""
+
+
+def test_chunks_and_answers_that_are_not_objects() -> None:
+    translator = stream_translator(chat())
+    assert [translator.feed(junk) for junk in ([1], None, "x", 3)] == [b""] * 4
+    assert translator.feed(chunk({"content": "ok"}))
+    for junk in ([1], None, "x"):
+        with pytest.raises(APIError) as caught:
+            answer(junk, chat(stream=False))
+        assert caught.value.status == 502
+
+
 def test_stream_without_usage_omits_counts() -> None:
     items = run_stream(chat(), text_chunks("a")[:-1])
     assert items[-1]["done"] and "eval_count" not in items[-1]
@@ -746,7 +810,7 @@ shaped = st.recursive(
     max_leaves=30)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(body=shaped)
 def test_any_json_is_a_request_or_an_api_error(body: Any) -> None:
     data = msgspec.json.encode(body)
@@ -777,7 +841,7 @@ options_strategy = st.fixed_dictionaries({}, optional={
     "presence_penalty": st.floats(-2, 2), "repeat_penalty": st.floats(0, 2)})
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(messages=messages_strategy, options=options_strategy,
        tools=st.lists(st.just(WEATHER), max_size=2), stream=st.booleans())
 def test_valid_chats_reach_the_node_unchanged(
@@ -848,7 +912,7 @@ def _split(text: str, cuts: list[int]) -> list[str]:
     return [text[a:b] for a, b in itertools.pairwise(points)]
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(text=st.text(max_size=40), cuts=st.lists(st.integers(0, 1000), max_size=10),
        arguments=st.dictionaries(st.text(max_size=5), st.integers() | st.text(max_size=5),
                                  max_size=3),
@@ -907,7 +971,7 @@ turn = st.one_of(
         st.text(max_size=5), st.text(max_size=5)))
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(turns=st.lists(turn, min_size=1, max_size=5), options=ollama_options,
        fmt=st.sampled_from([None, "json", {"type": "object"}]),
        tools=st.lists(st.just(WEATHER), max_size=1), stream=st.booleans())
@@ -950,15 +1014,17 @@ node_shaped = st.recursive(
     max_leaves=30)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@example(upstream=[[1], None, "x"])
 @example(upstream=[{"choices": [{"delta": {"content": "x"}, "message": {"content": "x"},
                                  "logprobs": {"content": [{"token": "x", "logprob": math.inf,
                                                            "top_logprobs": [None]}]}}]}])
 @example(upstream=[{"data": [{"embedding": [1.0, "x"]}]}, {"data": [{"embedding": [math.inf]}]}])
-@given(upstream=st.lists(st.dictionaries(node_keys, node_shaped, max_size=5), max_size=5))
-def test_any_node_answer_is_translated_or_a_bad_gateway(upstream: list[dict[str, Any]]
-                                                        ) -> None:
-    """What a node sends is not trusted: any JSON object gives an answer or a 502."""
+@given(upstream=st.lists(st.dictionaries(node_keys, node_shaped, max_size=5) | node_shaped,
+                         max_size=5))
+def test_any_node_answer_is_translated_or_a_bad_gateway(upstream: list[Any]) -> None:
+    """What a node sends is not trusted: any JSON value gives an answer or a 502 (a
+    whole answer), or is skipped or an error line (a stream's chunk)."""
     requests = [chat(stream=False), parse_generate(raw({"model": "m", "prompt": "x"})),
                 parse_embed(raw({"model": "m", "input": "x"})),
                 parse_embeddings(raw({"model": "m", "prompt": "x"}))]

@@ -10,20 +10,27 @@ that are not finite numbers are a 502.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 
 from tooti.errors import APIError
-from tooti.fronts.base import ChatRequest
+from tooti.fronts.base import MAX_JSON_DEPTH, ChatRequest, node_error, reasoning_of
 from tooti.fronts.ollama_api import (
+    JSON_CONTENT_TYPE,
     NDJSON_CONTENT_TYPE,
     SYSTEM_CLOCK,
     Clock,
     error_body,
+    parse_chat,
+    parse_embed,
+    parse_embeddings,
+    parse_generate,
     rfc3339,
 )
+from tooti.fronts.tool_calls import ToolCalls
 from tooti.protocol.numbers import is_int, is_number
 
 _encode = msgspec.json.encode
@@ -83,14 +90,14 @@ def _tool_call(call: dict[str, Any], index: int) -> dict[str, Any] | None:
 def _tool_calls(calls: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
     """Ollama's tool calls, and the text of those whose arguments are no object."""
     out: list[dict[str, Any]] = []
-    text = ""
+    stray: list[str] = []
     for call in calls:
         mapped = _tool_call(call, len(out))
         if mapped is None:
-            text += _str(_dict(call.get("function")).get("arguments"))
+            stray.append(_str(_dict(call.get("function")).get("arguments")))
         else:
             out.append(mapped)
-    return out, text
+    return out, "".join(stray)
 
 
 def _finite(value: Any) -> bool:
@@ -113,10 +120,6 @@ def logprobs(choice: dict[str, Any]) -> list[dict[str, Any]]:
                 if isinstance(t, dict) and _finite(t.get("logprob"))]
         out.append(entry)
     return out
-
-
-def _reasoning(message: dict[str, Any]) -> str:
-    return _str(message.get("reasoning_content")) or _str(message.get("reasoning"))
 
 
 def _final(request: ChatRequest, created_at: str, durations: dict[str, int],
@@ -145,10 +148,11 @@ def load_answer(request: ChatRequest, clock: Clock = SYSTEM_CLOCK) -> bytes:
     return _encode(line) + b"\n" if request.stream else _encode(line)
 
 
-def answer(upstream: dict[str, Any], request: ChatRequest, clock: Clock = SYSTEM_CLOCK
-           ) -> bytes:
+def answer(upstream: Any, request: ChatRequest, clock: Clock = SYSTEM_CLOCK) -> bytes:
     """The node's whole answer (a ``chat.completion``, or an embeddings list) as the
-    Ollama JSON answer to ``request``."""
+    Ollama JSON answer to ``request``; 502 when it is not a JSON object."""
+    if not isinstance(upstream, dict):
+        raise APIError(502, "the node's answer is not a JSON object", code="bad_gateway")
     kind = request.context.get("kind")
     if kind in ("embed", "embeddings"):
         return _embedding_answer(upstream, request, clock)
@@ -160,7 +164,7 @@ def answer(upstream: dict[str, Any], request: ChatRequest, clock: Clock = SYSTEM
     calls, stray = _tool_calls([c for c in upstream_calls if isinstance(c, dict)]
                                if isinstance(upstream_calls, list) else [])
     text += stray
-    thinking = _reasoning(message) if request.context.get("think", True) else ""
+    thinking = reasoning_of(message) if request.context.get("think", True) else ""
     out = _final(request, rfc3339(clock.wall_ns()), _whole_durations(request, clock),
                  choice.get("finish_reason"), upstream.get("usage"))
     if kind == "generate":
@@ -211,13 +215,6 @@ def _embedding_answer(upstream: dict[str, Any], request: ChatRequest, clock: Clo
 
 
 @dataclass
-class _PendingCall:
-    id: str | None = None
-    name: str = ""
-    arguments: str = ""
-
-
-@dataclass
 class NdjsonStream:
     """Turns a node's chat-completions stream into Ollama's NDJSON stream: a line per
     piece of text (``message.content``, or ``response`` for generate) or of thinking,
@@ -226,9 +223,11 @@ class NdjsonStream:
 
     Call :meth:`start` when the node's answer starts, :meth:`feed` with each decoded
     chunk (the usage chunk included; a chunk that is an ``{"error": ...}`` object ends
-    the stream as :meth:`fail` does), :meth:`finish` at ``[DONE]``; :meth:`fail` ends
-    the stream with Ollama's ``{"error": ...}`` line, which the ``ollama`` client raises
-    as ``ResponseError``."""
+    the stream as :meth:`fail` does; one that is not an object is skipped),
+    :meth:`finish` at ``[DONE]``; :meth:`fail` ends the stream with Ollama's
+    ``{"error": ...}`` line, which the ``ollama`` client raises as ``ResponseError``.
+    Tool calls are accumulated by :mod:`tooti.fronts.tool_calls` (past its bounds the
+    stream fails) and sent whole in one line when the choice finishes."""
 
     request: ChatRequest
     clock: Clock = SYSTEM_CLOCK
@@ -237,7 +236,7 @@ class NdjsonStream:
     _first_token_ns: int | None = None
     _finish_reason: Any = None
     _usage: Any = None
-    _calls: dict[int, _PendingCall] = field(default_factory=dict)
+    _calls: ToolCalls = field(default_factory=ToolCalls)
     _ended: bool = False
 
     def _line(self, fields: dict[str, Any]) -> bytes:
@@ -269,28 +268,30 @@ class NdjsonStream:
             self._opened_ns = self.clock.monotonic_ns()
         return b""
 
-    def feed(self, chunk: dict[str, Any]) -> bytes:
+    def feed(self, chunk: Any) -> bytes:
         """The lines for one chat-completions chunk (may be empty)."""
-        if self._ended:
+        if self._ended or not isinstance(chunk, dict):
             return b""
         self.start()
+        error = node_error(chunk)
+        if error is not None:
+            return self.fail(error)
         if isinstance(chunk.get("usage"), dict):
             self._usage = chunk["usage"]
         choices = chunk.get("choices")
         if not isinstance(choices, list) or not choices:
-            error = chunk.get("error")
-            if error is not None:
-                message = _dict(error).get("message") if isinstance(error, dict) else error
-                return self.fail(APIError(502, str(message or "the node reported an error"),
-                                          code="bad_gateway"))
             return b""
         choice = _dict(choices[0])
         delta = _dict(choice.get("delta"))
         text = _str(delta.get("content"))
-        thinking = _reasoning(delta) if self.request.context.get("think", True) else ""
+        thinking = reasoning_of(delta) if self.request.context.get("think", True) else ""
         calls = delta.get("tool_calls")
-        for call in calls if isinstance(calls, list) else []:
-            self._add_call(_dict(call))
+        try:
+            for call in calls if isinstance(calls, list) else []:
+                if self._calls.add(call) is not None and self._first_token_ns is None:
+                    self._first_token_ns = self.clock.monotonic_ns()
+        except APIError as exc:  # past the tool calls' bounds
+            return self.fail(exc)
         out = b""
         tokens = logprobs(choice)
         if text or thinking or tokens:
@@ -302,25 +303,14 @@ class NdjsonStream:
             out += self._flush_calls()
         return out
 
-    def _add_call(self, call: dict[str, Any]) -> None:
-        index = call.get("index")
-        pending = self._calls.setdefault(index if is_int(index) else len(self._calls),
-                                         _PendingCall())
-        if isinstance(call.get("id"), str):
-            pending.id = call["id"]
-        function = _dict(call.get("function"))
-        pending.name += _str(function.get("name"))
-        pending.arguments += _str(function.get("arguments"))
-        if self._first_token_ns is None:
-            self._first_token_ns = self.clock.monotonic_ns()
-
     def _flush_calls(self) -> bytes:
-        if not self._calls:
+        named = self._calls.named()
+        self._calls.clear()
+        if not named:
             return b""
         calls = [{"id": c.id, "function": {"name": c.name, "arguments": c.arguments}}
                  if c.id else {"function": {"name": c.name, "arguments": c.arguments}}
-                 for _, c in sorted(self._calls.items())]
-        self._calls.clear()
+                 for c in named]
         mapped, stray = _tool_calls(calls)
         return self._piece(stray, calls=mapped) if mapped or stray else b""
 
@@ -358,3 +348,41 @@ def stream_translator(request: ChatRequest, clock: Clock = SYSTEM_CLOCK) -> Ndjs
     """The :class:`~tooti.fronts.base.StreamTranslator` of a streamed chat or
     generate request."""
     return NdjsonStream(request, clock)
+
+
+@dataclass(frozen=True, slots=True)
+class OllamaFront:
+    """``/api/chat``, ``/api/generate``, ``/api/embed`` or ``/api/embeddings`` as a
+    :class:`~tooti.fronts.base.Front`. Made per request: ``live`` is the network's model
+    ids the caller may use (names resolve against them, so ``request.model`` is the id
+    to route and ``context["model"]`` the client's spelling), and ``clock`` stays
+    injectable. A request with ``context["load"]`` is answered by
+    :func:`load_answer` without asking a node. The listings (``/api/tags``, ``/api/ps``,
+    ``/api/show``, ``/api/version``) are :mod:`tooti.fronts.ollama_models`."""
+
+    kind: str = "chat"
+    """``chat``, ``generate``, ``embed`` or ``embeddings``."""
+    live: Collection[str] = ()
+    clock: Clock = SYSTEM_CLOCK
+    media_type: str = JSON_CONTENT_TYPE
+    stream_media_type: str = NDJSON_CONTENT_TYPE
+
+    def parse(self, raw: bytes, *, max_depth: int = MAX_JSON_DEPTH,
+              request_id: str | None = None) -> ChatRequest:
+        parser = _PARSERS[self.kind]
+        request = parser(raw, live=self.live, clock=self.clock, max_depth=max_depth)
+        request.context["request_id"] = request_id
+        return request
+
+    def answer(self, request: ChatRequest, completion: Any) -> bytes:
+        return answer(completion, request, self.clock)
+
+    def stream(self, request: ChatRequest) -> NdjsonStream:
+        return NdjsonStream(request, self.clock)
+
+    def error_body(self, error: APIError, request_id: str | None = None) -> bytes:
+        return error_body(error, request_id)
+
+
+_PARSERS = {"chat": parse_chat, "generate": parse_generate, "embed": parse_embed,
+            "embeddings": parse_embeddings}

@@ -55,9 +55,6 @@ Decisions where Ollama and the network differ (``docs/api.md`` lists every field
 
 from __future__ import annotations
 
-import base64
-import binascii
-import re
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -67,7 +64,16 @@ import msgspec
 from msgspec import Meta, Struct
 
 from tooti.errors import APIError
-from tooti.fronts.base import ChatRequest
+from tooti.fronts.base import (
+    MAX_IMAGE_BYTES,
+    MAX_JSON_DEPTH,
+    MAX_TOKENS,
+    ChatRequest,
+    base64_image,
+    convert,
+    decode_body,
+    validation_error,
+)
 
 JSON_CONTENT_TYPE = "application/json; charset=utf-8"
 """The media type of every non-streamed answer and of error bodies."""
@@ -78,19 +84,14 @@ MAX_MODEL_NAME = 256
 MAX_MESSAGES = 4096
 MAX_IMAGES = 16
 """Images per message (or per generate request)."""
-MAX_IMAGE_BASE64 = 32 * 1024 * 1024
 MAX_TOOLS = 128
 MAX_TOOL_CALLS = 128
 MAX_STOP = 16
 MAX_STOP_LENGTH = 1024
 MAX_EMBED_INPUTS = 2048
 MAX_TOP_LOGPROBS = 20
-MAX_JSON_DEPTH = 128
-"""Deepest nesting of arrays and objects in a request body (the gateway's default
-``max_json_depth``; the parsers take the gateway's setting as ``max_depth``)."""
 
 _encode = msgspec.json.encode
-_decode_any = msgspec.json.decode
 
 
 # -- the clock -----------------------------------------------------------------------
@@ -118,9 +119,10 @@ def rfc3339(wall_ns: int) -> str:
 # -- errors --------------------------------------------------------------------------
 
 
-def error_body(error: APIError) -> bytes:
+def error_body(error: APIError, request_id: str | None = None) -> bytes:
     """Ollama's error shape: ``{"error": "<message>"}`` (what the ``ollama`` client's
-    ``ResponseError`` reads); send it with ``error.status`` and ``error.headers``."""
+    ``ResponseError`` reads); send it with ``error.status`` and ``error.headers``.
+    Ollama's errors carry no request id: ``request_id`` is ignored."""
     return _encode({"error": error.message})
 
 
@@ -128,59 +130,21 @@ def _bad(message: str, param: str | None) -> APIError:
     return APIError(400, message, param=param, code="invalid_value")
 
 
-_AT = re.compile(r" - at `\$(?P<path>[^`]*)`$")
-_MISSING = re.compile(r"missing required field `(?P<name>[^`]+)`")
-
-
 def _validation_error(exc: msgspec.ValidationError) -> APIError:
     """msgspec's refusal as a 400 naming the param (``messages[0].role``)."""
-    text = str(exc)
-    param: str | None = None
-    found = _AT.search(text)
-    if found:
-        param = found.group("path").lstrip(".") or None
-        text = text[: found.start()]
-    missing = _MISSING.search(text)
-    if missing:
-        param = f"{param}.{missing.group('name')}" if param else missing.group("name")
+    what, param, _ = validation_error(exc)
     where = f" (at {param})" if param else ""
-    return _bad(f"invalid request: {text}{where}", param)
-
-
-def _nesting_within(raw: bytes, limit: int) -> bool:
-    """True if ``raw``'s arrays and objects nest at most ``limit`` deep: two byte counts
-    for an ordinary body, else a walk level by level (no recursion)."""
-    if raw.count(b"[") + raw.count(b"{") <= limit:
-        return True
-    try:
-        value = _decode_any(raw)
-    except (msgspec.DecodeError, RecursionError):
-        return False
-    level = [value] if isinstance(value, dict | list) else []
-    depth = 0
-    while level:
-        depth += 1
-        if depth > limit:
-            return False
-        level = [v for item in level for v in (item.values() if isinstance(item, dict)
-                                                 else item) if isinstance(v, dict | list)]
-    return True
+    return _bad(f"invalid request: {what}{where}", param)
 
 
 def decode_request(raw: bytes, kind: type[Any], max_depth: int = MAX_JSON_DEPTH
                    ) -> Any:
-    """Decode ``raw`` into the Struct ``kind``; every refusal is an APIError(400)."""
-    if not _nesting_within(raw, max_depth):
-        raise _bad(f"request body nests arrays and objects deeper than {max_depth} levels",
-                   None)
+    """Decode ``raw`` once into the Struct ``kind``; every refusal is an APIError(400)."""
+    value = decode_body(raw, max_depth)
     try:
-        return msgspec.json.decode(raw, type=kind)
+        return convert(value, kind)
     except msgspec.ValidationError as exc:
         raise _validation_error(exc) from None
-    except msgspec.DecodeError as exc:
-        raise _bad(f"invalid JSON: {exc}", None) from None
-    except RecursionError:
-        raise _bad("request body nests arrays and objects too deeply", None) from None
 
 
 # -- the request schemas ------------------------------------------------------------
@@ -188,7 +152,7 @@ def decode_request(raw: bytes, kind: type[Any], max_depth: int = MAX_JSON_DEPTH
 ModelName = Annotated[str, Meta(min_length=1, max_length=MAX_MODEL_NAME)]
 _Name = Annotated[str, Meta(min_length=1, max_length=256)]
 _Stop = Annotated[str, Meta(max_length=MAX_STOP_LENGTH)]
-_Image = Annotated[str, Meta(max_length=MAX_IMAGE_BASE64)]
+_Image = Annotated[str, Meta(max_length=MAX_IMAGE_BYTES)]
 _Images = Annotated[list[_Image], Meta(max_length=MAX_IMAGES)]
 _Think = bool | Literal["low", "medium", "high"]
 
@@ -202,7 +166,7 @@ class _Options(Struct):
     top_k: Annotated[int, Meta(ge=0, le=1_000_000)] | None = None
     min_p: Annotated[float, Meta(ge=0, le=1)] | None = None
     seed: Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)] | None = None
-    num_predict: Annotated[int, Meta(ge=-2, le=2**31 - 1)] | None = None
+    num_predict: Annotated[int, Meta(ge=-2, le=MAX_TOKENS)] | None = None
     stop: _Stop | Annotated[list[_Stop], Meta(max_length=MAX_STOP)] | None = None
     presence_penalty: Annotated[float, Meta(ge=-2, le=2)] | None = None
     frequency_penalty: Annotated[float, Meta(ge=-2, le=2)] | None = None
@@ -311,23 +275,14 @@ def resolve_model(name: str, live: Collection[str]) -> str:
 # -- requests ------------------------------------------------------------------------
 
 
-_MAGIC = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"),
-          (b"GIF87a", "image/gif"), (b"GIF89a", "image/gif"), (b"BM", "image/bmp"))
-
-
 def _image_part(data: str, param: str) -> dict[str, Any]:
     """One of Ollama's base64 images as an OpenAI ``image_url`` part (a data URL of
-    the type its first bytes show)."""
+    the type its first bytes show; :func:`~tooti.fronts.base.base64_image` checks it)."""
     if data.startswith("data:") and "," in data:
         data = data.partition(",")[2]
-    data = data.replace("\n", "").replace("\r", "")
-    try:
-        head = base64.b64decode(data, validate=True)[:16]
-    except (binascii.Error, ValueError):
-        raise _bad(f"{param} is not valid base64", param) from None
-    mime = next((kind for magic, kind in _MAGIC if head.startswith(magic)), None)
-    if mime is None and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        mime = "image/webp"
+    if "\n" in data or "\r" in data:
+        data = data.replace("\n", "").replace("\r", "")
+    mime = base64_image(data, param)
     if mime is None:
         raise _bad(f"{param} is not a PNG, JPEG, GIF, WebP or BMP image", param)
     return {"type": "image_url", "image_url": {"url": f"data:{mime};base64,{data}"}}
@@ -366,6 +321,8 @@ def _messages(messages: list[_Message]) -> list[dict[str, Any]]:
                 pending = []
                 calls = []
                 for k, call in enumerate(message.tool_calls):
+                    # not new_id: the client sends the same history again next turn,
+                    # and a stable id keeps the prompt (and a node's prefix cache) the same
                     call_id = call.id or f"call_{i}_{k}"
                     pending.append((call_id, call.function.name))
                     calls.append({"id": call_id, "type": "function", "function": {
