@@ -14,7 +14,7 @@ import msgspec
 from hypothesis import strategies as st
 
 from tooti.errors import APIError
-from tooti.fronts.base import StreamTranslator
+from tooti.fronts.base import ChatRequest, Front, StreamTranslator
 from tooti.protocol.sse import SSEDecoder
 
 encode = msgspec.json.encode
@@ -163,3 +163,31 @@ def through_sse(translator: StreamTranslator, parts: list[bytes]) -> bytes:
             out.append(translator.finish() if event.data == "[DONE]"
                        else translator.feed(json.loads(event.data)))
     return b"".join(out)
+
+
+def check_front(front: Front, raw: bytes, *, media_type: str, stream_media_type: str
+                ) -> tuple[ChatRequest, bytes]:
+    """What the mounting step relies on, the same for every front: ``parse`` with the
+    gateway's depth and request id (``request.model`` the id to route, the client's
+    spelling in ``context["model"]``), a non-object node answer a 502, the media types,
+    and a stream whose error chunk ends it. Returns the request and that stream's bytes."""
+    assert (front.media_type, front.stream_media_type) == (media_type, stream_media_type)
+    request = front.parse(raw, max_depth=128, request_id="req-7")
+    assert request.context["request_id"] == "req-7" and request.body["model"] == request.model
+    assert isinstance(request.context["model"], str)
+    for junk in ([1], None, "x"):
+        try:
+            front.answer(request, junk)
+        except APIError as error:
+            assert error.status == 502
+        else:
+            raise AssertionError("a node answer that is not an object must be a 502")
+    try:
+        front.parse(b"[" * 200 + b"]" * 200, max_depth=128, request_id="req-7")
+    except APIError as error:
+        assert error.status == 400 and front.error_body(error, "req-7")
+    else:
+        raise AssertionError("a body nesting past max_depth must be refused")
+    translator = front.stream(request)
+    out = run(translator, [chunk({"content": "hi"}), {"error": {"message": "oom"}}])
+    return request, out

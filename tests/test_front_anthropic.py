@@ -21,6 +21,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import TypeAdapter
 
+from tests.fronts_support import (
+    NodeStream,
+    check_front,
+    chunk,
+    many_pieces,
+    node_streams,
+    run,
+    sse_wire,
+    through_sse,
+    tool_entry,
+    usage_chunk,
+)
 from tooti.backends.simulated_answers import StreamShape, completion_body, prepare_job
 from tooti.errors import APIError
 from tooti.fronts.anthropic_messages import (
@@ -34,23 +46,11 @@ from tooti.fronts.anthropic_messages import (
     render_message,
     tool_input,
 )
-from tooti.fronts.anthropic_stream import AnthropicStream
+from tooti.fronts.anthropic_stream import FRONT, AnthropicStream
 from tooti.fronts.base import ChatRequest
-from tooti.gateway import validation
 from tooti.fronts.tool_calls import MAX_CALLS
+from tooti.gateway import validation
 from tooti.protocol.sse import SSEDecoder
-
-from tests.fronts_support import (
-    NodeStream,
-    chunk,
-    many_pieces,
-    node_streams,
-    run,
-    sse_wire,
-    through_sse,
-    tool_entry,
-    usage_chunk,
-)
 
 EVENT = TypeAdapter(RawMessageStreamEvent)
 PIXEL = base64.b64encode(b"\x89PNG fake").decode()
@@ -860,3 +860,13 @@ def test_the_simulated_backends_own_answers_translate(max_tokens: int, reason: s
         assert text.text == "".join(job.tokens) and message.stop_reason == reason
         assert (message.usage.input_tokens, message.usage.output_tokens) == \
             (job.prompt_tokens, len(job.tokens))
+
+
+def test_the_front_interface() -> None:
+    request, out = check_front(FRONT, body(stream=True), media_type="application/json",
+                               stream_media_type="text/event-stream")
+    assert request.model == request.context["model"] == "claude-x"
+    seq = events(out)
+    assert seq[-1] == ("error", {"type": "error", "request_id": "req-7", "error": {
+        "type": "api_error", "message": "oom"}})
+    Message.model_validate_json(FRONT.answer(request, completion()))

@@ -29,10 +29,17 @@ from ollama import (
     ShowResponse,
 )
 
+from tests.fronts_support import (
+    NodeStream,
+    check_front,
+    many_pieces,
+    node_streams,
+    tool_chunk,
+)
 from tooti.backends.ollama_requests import Defaults, chat_payload
 from tooti.errors import APIError
 from tooti.fronts.base import ChatRequest, StreamTranslator
-from tooti.fronts.ollama_answers import answer, load_answer, stream_translator
+from tooti.fronts.ollama_answers import answer, load_answer, ollama_front, stream_translator
 from tooti.fronts.ollama_api import (
     NDJSON_CONTENT_TYPE,
     Clock,
@@ -59,8 +66,6 @@ from tooti.fronts.ollama_models import (
 )
 from tooti.fronts.tool_calls import MAX_CALLS
 from tooti.protocol.sse import SSEDecoder
-
-from tests.fronts_support import NodeStream, many_pieces, node_streams, tool_chunk
 
 PNG = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 16).decode()
 JPEG = base64.b64encode(b"\xff\xd8\xff\xe0" + b"\0" * 16).decode()
@@ -1043,3 +1048,15 @@ def test_any_node_answer_is_translated_or_a_bad_gateway(upstream: list[Any]) -> 
             item = json.loads(line)
             if "error" not in item:
                 kind(**item)
+
+
+def test_the_front_interface() -> None:
+    front = ollama_front("chat", live=LIVE, clock=FakeClock().clock())
+    request, out = check_front(front, raw({"model": "llama3.2", "messages": [
+        {"role": "user", "content": "hi"}]}), media_type="application/json; charset=utf-8",
+        stream_media_type="application/x-ndjson")
+    assert (request.model, request.context["model"]) == ("llama3.2:latest", "llama3.2")
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert lines[-1] == {"error": "oom"} and lines[0]["message"]["content"] == "hi"
+    ChatResponse(**json.loads(front.answer(request, completion())))
+    assert json.loads(front.error_body(APIError(400, "bad"), "req-7")) == {"error": "bad"}

@@ -17,6 +17,15 @@ from hypothesis import strategies as st
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
+from tests.fronts_support import (
+    NodeStream,
+    check_front,
+    many_pieces,
+    node_streams,
+    run,
+    sse_wire,
+    through_sse,
+)
 from tooti.errors import APIError
 from tooti.fronts.base import ChatRequest, StreamTranslator
 from tooti.fronts.responses import (
@@ -27,19 +36,10 @@ from tooti.fronts.responses import (
     error_body,
     parse_request,
 )
-from tooti.fronts.responses_stream import ResponsesStream
-from tooti.gateway import validation
+from tooti.fronts.responses_stream import FRONT, ResponsesStream
 from tooti.fronts.tool_calls import MAX_ARGUMENT_BYTES
+from tooti.gateway import validation
 from tooti.protocol.sse import SSEDecoder
-
-from tests.fronts_support import (
-    NodeStream,
-    many_pieces,
-    node_streams,
-    run,
-    sse_wire,
-    through_sse,
-)
 
 EVENTS: TypeAdapter[Any] = TypeAdapter(ResponseStreamEvent)
 TERMINAL = {"response.completed", "response.incomplete", "response.failed"}
@@ -888,3 +888,14 @@ def test_sdk_json_schema_format(client: openai.OpenAI, front: FakeGatewayFront) 
     assert front.chat_bodies[0]["response_format"] == {
         "type": "json_schema",
         "json_schema": {"name": "out", "schema": {"type": "object"}, "strict": True}}
+
+
+def test_the_front_interface() -> None:
+    request, out = check_front(FRONT, json.dumps({"model": "m", "input": "x", "stream": True})
+                               .encode(), media_type="application/json",
+                               stream_media_type="text/event-stream")
+    assert request.model == request.context["model"] == "m"
+    events = events_of(out)
+    assert events[-1]["type"] == "response.failed"
+    assert events[-1]["response"]["error"]["message"] == "oom"
+    Response.model_validate_json(FRONT.answer(request, completion({"content": "hi"})))

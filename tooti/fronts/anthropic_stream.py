@@ -37,7 +37,7 @@ from tooti.fronts.anthropic_messages import (
     stop_reason,
     usage_dict,
 )
-from tooti.fronts.base import MAX_JSON_DEPTH, ChatRequest, node_error, reasoning_of
+from tooti.fronts.base import MAX_JSON_DEPTH, ChatRequest, Front, node_error, reasoning_of
 from tooti.fronts.tool_calls import ToolCalls
 from tooti.protocol.sse import encode_event
 
@@ -203,5 +203,5 @@ class AnthropicFront:
         return error_body(error, request_id)
 
 
-FRONT = AnthropicFront()
+FRONT: Front = AnthropicFront()
 """The one instance the gateway mounts."""

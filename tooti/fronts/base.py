@@ -112,10 +112,13 @@ class Front(Protocol):
     (``stream_media_type``); any :class:`~tooti.errors.APIError` is :meth:`error_body`
     with ``error.status`` and ``error.headers``, in ``media_type``."""
 
-    media_type: str
-    """The media type of a whole answer and of an error body."""
-    stream_media_type: str
-    """The media type of a streamed answer."""
+    @property
+    def media_type(self) -> str:
+        """The media type of a whole answer and of an error body."""
+
+    @property
+    def stream_media_type(self) -> str:
+        """The media type of a streamed answer."""
 
     def parse(self, raw: bytes, *, max_depth: int = MAX_JSON_DEPTH,
               request_id: str | None = None) -> ChatRequest:

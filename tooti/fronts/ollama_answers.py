@@ -17,7 +17,7 @@ from typing import Any
 import msgspec
 
 from tooti.errors import APIError
-from tooti.fronts.base import MAX_JSON_DEPTH, ChatRequest, node_error, reasoning_of
+from tooti.fronts.base import MAX_JSON_DEPTH, ChatRequest, Front, node_error, reasoning_of
 from tooti.fronts.ollama_api import (
     JSON_CONTENT_TYPE,
     NDJSON_CONTENT_TYPE,
@@ -386,3 +386,9 @@ class OllamaFront:
 
 _PARSERS = {"chat": parse_chat, "generate": parse_generate, "embed": parse_embed,
             "embeddings": parse_embeddings}
+
+
+def ollama_front(kind: str = "chat", *, live: Collection[str] = (),
+                 clock: Clock = SYSTEM_CLOCK) -> Front:
+    """The :class:`OllamaFront` of one request to the route ``kind``."""
+    return OllamaFront(kind, live, clock)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tooti.errors import APIError
-from tooti.fronts.base import MAX_JSON_DEPTH, ChatRequest, new_id, node_error, reasoning_of
+from tooti.fronts.base import MAX_JSON_DEPTH, ChatRequest, Front, new_id, node_error, reasoning_of
 from tooti.fronts.responses import (
     CONTENT_TYPE,
     INCOMPLETE_REASONS,
@@ -352,5 +352,5 @@ class ResponsesFront:
         return error_body(error, request_id)
 
 
-FRONT = ResponsesFront()
+FRONT: Front = ResponsesFront()
 """The one instance the gateway mounts."""
