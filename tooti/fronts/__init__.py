@@ -7,9 +7,17 @@ stream of its chunks) back into that dialect's answer or events. The gateway's o
 path (routing, failover, cancellation, metering, billing) carries every dialect; only
 the shapes at the edges differ.
 
-- :mod:`tooti.fronts.anthropic_messages`: Anthropic's Messages API (``/v1/messages``).
+Every front is a :class:`tooti.fronts.base.Front` (``parse``, ``answer``, ``stream``,
+``error_body``, media types), so the gateway mounts them the same way; what they share
+(body decoding and its depth limit, param spelling, images, ids, untrusted node output)
+is in :mod:`tooti.fronts.base`, and streamed tool calls are accumulated by
+:mod:`tooti.fronts.tool_calls`. ``docs/api.md`` states the shared rules once.
+
+- :mod:`tooti.fronts.anthropic_messages`: Anthropic's Messages API (``/v1/messages``);
+  its stream and ``FRONT`` in :mod:`tooti.fronts.anthropic_stream`.
 - :mod:`tooti.fronts.ollama_api`: Ollama's API (``/api/chat``, ``/api/generate``, ...);
-  its answers and NDJSON streams in :mod:`tooti.fronts.ollama_answers`, its model
-  listings in :mod:`tooti.fronts.ollama_models`.
-- :mod:`tooti.fronts.responses`: OpenAI's Responses API (``/v1/responses``).
+  its answers, NDJSON streams and ``ollama_front`` in :mod:`tooti.fronts.ollama_answers`,
+  its model listings in :mod:`tooti.fronts.ollama_models`.
+- :mod:`tooti.fronts.responses`: OpenAI's Responses API (``/v1/responses``); its
+  stream and ``FRONT`` in :mod:`tooti.fronts.responses_stream`.
 """
