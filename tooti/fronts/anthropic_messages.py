@@ -79,6 +79,7 @@ from tooti.fronts.base import (
     image_url,
     new_id,
     reasoning_of,
+    set_stream,
     validation_error,
 )
 
@@ -530,9 +531,7 @@ def parse_request(raw: bytes, *, max_depth: int = MAX_JSON_DEPTH,
     chat: dict[str, Any] = {"model": body.model, "messages": _messages(body),
                             "max_tokens": body.max_tokens}
     stream = bool(body.stream)
-    chat["stream"] = stream
-    if stream:
-        chat["stream_options"] = {"include_usage": True}
+    set_stream(chat, stream)
     if body.temperature is not None:
         chat["temperature"] = body.temperature
     if body.top_p is not None:

@@ -60,6 +60,8 @@ __all__ = [
     "node_error",
     "param_of",
     "reasoning_of",
+    "set_stream",
+    "validation_error",
 ]
 
 MAX_IMAGE_BYTES = 32 * 1024 * 1024
@@ -185,6 +187,15 @@ def validation_error(exc: msgspec.ValidationError, prefix: str = "") -> tuple[
     if missing:
         return what, f"{param}.{missing['name']}" if param else missing["name"], True
     return what, param, False
+
+
+def set_stream(chat: dict[str, Any], stream: bool) -> None:
+    """The chat body's ``stream``, and, when streaming, ``stream_options.include_usage``
+    (a translated stream's last event carries the usage, which only the node's usage
+    chunk gives)."""
+    chat["stream"] = stream
+    if stream:
+        chat["stream_options"] = {"include_usage": True}
 
 
 def convert(value: Any, kind: type[Any]) -> Any:

@@ -167,22 +167,29 @@ def answer(upstream: Any, request: ChatRequest, clock: Clock = SYSTEM_CLOCK) -> 
     thinking = reasoning_of(message) if request.context.get("think", True) else ""
     out = _final(request, rfc3339(clock.wall_ns()), _whole_durations(request, clock),
                  choice.get("finish_reason"), upstream.get("usage"))
-    if kind == "generate":
-        body: dict[str, Any] = {"response": text}
-        if thinking:
-            body["thinking"] = thinking
-    else:
-        reply: dict[str, Any] = {"role": "assistant", "content": text}
-        if thinking:
-            reply["thinking"] = thinking
-        if calls:
-            reply["tool_calls"] = calls
-        body = {"message": reply}
-    tokens = logprobs(choice)
-    if tokens:
-        body["logprobs"] = tokens
+    body = _reply(kind, text, thinking, calls, logprobs(choice))
     return _encode({"model": out.pop("model"), "created_at": out.pop("created_at"),
                     **body, **out})
+
+
+def _reply(kind: Any, text: str, thinking: str, calls: Any,
+           tokens: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """The fields of an answer or a stream line: ``response`` (generate) or ``message``
+    (chat: ``role``, ``content``, ``thinking``, ``tool_calls``), and ``logprobs``."""
+    if kind == "generate":
+        fields: dict[str, Any] = {"response": text}
+        if thinking:
+            fields["thinking"] = thinking
+    else:
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if thinking:
+            message["thinking"] = thinking
+        if calls:
+            message["tool_calls"] = calls
+        fields = {"message": message}
+    if tokens:
+        fields["logprobs"] = tokens
+    return fields
 
 
 def _index(item: dict[str, Any]) -> int:
@@ -246,19 +253,7 @@ class NdjsonStream:
 
     def _piece(self, text: str, thinking: str = "", calls: Any = None,
                tokens: list[dict[str, Any]] | None = None) -> bytes:
-        if self.request.context.get("kind") == "generate":
-            fields: dict[str, Any] = {"response": text}
-            if thinking:
-                fields["thinking"] = thinking
-        else:
-            message: dict[str, Any] = {"role": "assistant", "content": text}
-            if thinking:
-                message["thinking"] = thinking
-            if calls:
-                message["tool_calls"] = calls
-            fields = {"message": message}
-        if tokens:
-            fields["logprobs"] = tokens
+        fields = _reply(self.request.context.get("kind"), text, thinking, calls, tokens)
         fields["done"] = False
         return self._line(fields)
 

@@ -72,6 +72,7 @@ from tooti.fronts.base import (
     base64_image,
     convert,
     decode_body,
+    set_stream,
     validation_error,
 )
 
@@ -393,9 +394,8 @@ def _tools(tools: list[_Tool]) -> list[dict[str, Any]]:
 
 def _body(request: _Generation, model: str, messages: list[dict[str, Any]], stream: bool
           ) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": model, "messages": messages, "stream": stream}
-    if stream:
-        body["stream_options"] = {"include_usage": True}
+    body: dict[str, Any] = {"model": model, "messages": messages}
+    set_stream(body, stream)
     _sampling(body, request.options)
     response_format = _response_format(request.format)
     if response_format is not None:

@@ -60,6 +60,7 @@ from tooti.fronts.base import (
     image_url,
     new_id,
     reasoning_of,
+    set_stream,
     validation_error,
 )
 
@@ -301,9 +302,7 @@ def _translate(request: _Request, body: dict[str, Any], context: dict[str, Any]
     tools, chat_tools = _tools(request.tools or [])
     chat: dict[str, Any] = {"model": request.model, "messages": messages}
     stream = bool(request.stream)
-    chat["stream"] = stream
-    if stream:
-        chat["stream_options"] = {"include_usage": True}
+    set_stream(chat, stream)
     if request.temperature is not None:
         chat["temperature"] = request.temperature
     if request.top_p is not None:
