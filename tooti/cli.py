@@ -136,7 +136,7 @@ def _parser() -> argparse.ArgumentParser:
     usage.set_defaults(handler=_usage)
 
     tui = commands.add_parser(
-        "tui", help="live terminal view of a gateway (needs the 'tui' extra)",
+        "tui", help="live terminal view of a gateway's peers and requests",
         description="Watch a gateway's peers, request flows and totals live, from its "
         "admin events stream. Reconnects when the gateway restarts.",
     )

@@ -35,7 +35,7 @@ import trio
 
 from tooti.accounts.database import Database, DatabaseError
 from tooti.accounts.join_directory import JoinTokenDirectory
-from tooti.backends.base import Backend
+from tooti.backends.base import Backend, BackendStartError
 from tooti.billing.base import Billing, BillingSetup
 from tooti.data_dir_lock import lock_data_dir
 from tooti.gateway.app import Gateway
@@ -517,6 +517,10 @@ def _run_locked(settings: Settings, reload: Rebuild | None) -> int:
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BaseException as exc:
+        start = _first(exc, BackendStartError)
+        if start is not None:  # e.g. the embedded model's server: its own message says why
+            print(f"tooti: error: a backend could not start: {start}", file=sys.stderr)
+            return 1
         failure = _first(exc, OSError)
         if failure is None:
             raise

@@ -122,6 +122,11 @@ class BackendResponse:
     """
 
 
+class BackendStartError(RuntimeError):
+    """A backend could not start at all (e.g. the embedded model's server): ``tooti run``
+    stops with its message in one line, no traceback."""
+
+
 class BackendError(Exception):
     """A backend failed before producing a response head.
 

@@ -66,7 +66,7 @@ from typing import Any
 import trio
 
 from tooti import clock
-from tooti.backends.base import BackendResponse, ModelInfo
+from tooti.backends.base import BackendResponse, BackendStartError, ModelInfo
 from tooti.backends.openai import OpenAIBackend
 from tooti.backoff import Backoff
 from tooti.settings import BackendSettings
@@ -86,10 +86,14 @@ STOP_GRACE = 10.0
 """Seconds a child gets to exit after SIGTERM before it is killed."""
 HEALTH_POLL = 0.1
 """Seconds between /health polls while a child starts."""
-_LEVELS = {"E": logging.ERROR, "W": logging.INFO, "I": logging.DEBUG, "D": logging.DEBUG}
+_LEVELS = {"E": logging.ERROR, "W": logging.DEBUG, "I": logging.DEBUG, "D": logging.DEBUG}
+"""llama.cpp's own levels (its second word) to ours: its warnings are about the model file
+and its defaults (``this is probably a bug in the model``, context sizes), not about
+anything an operator of the embedded model can act on, so they show with
+``--log-level debug``; its errors stay errors."""
 
 
-class LlamaCppStartError(RuntimeError):
+class LlamaCppStartError(BackendStartError):
     """The llama.cpp child could not be started (message includes its stderr tail)."""
 
 
