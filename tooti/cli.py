@@ -187,7 +187,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         settings = build_settings(args, os.environ)
         runner = importlib.import_module("tooti.runner")
-        # SIGHUP builds the settings again the same way, for their join tokens.
+        # SIGHUP builds the settings again the same way (tooti.reload applies what it can).
         code: int = runner.run(settings, reload=lambda: build_settings(args, os.environ))
     except ConfigError as exc:
         return _error(exc)
