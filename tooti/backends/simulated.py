@@ -35,6 +35,12 @@ Failure injection (for tests of the layers above):
 ``stall``
     Seconds to hang before the response head (default 0), i.e. before the
     first token, for first-byte-timeout and cancellation tests.
+``tool_calls``
+    When true, a chat request that offers function ``tools`` and whose last message is
+    not a tool result is answered with one call of its first tool, arguments
+    ``{"simulated": true}`` (streamed in pieces, finish reason ``tool_calls``, 3
+    completion tokens); once the conversation ends with a tool result the answer is
+    text again, so a client's tool round trip completes (default false).
 ``cut_after``
     Streams only: after this many content chunks the chunk iterator raises
     :class:`~tooti.backends.base.BackendError` (code ``simulated_stream_cut``)
@@ -72,6 +78,9 @@ from tooti.backends.simulated_answers import (
     embeddings_body,
     prepare_embeddings,
     prepare_job,
+    tool_call_body,
+    tool_call_events,
+    tool_to_call,
     wants_stream,
 )
 from tooti.settings import BackendSettings
@@ -102,6 +111,7 @@ class SimulatedBackend:
         self.stall = float(opts.get("stall", 0.0))
         cut_after = opts.get("cut_after")
         self.cut_after: int | None = None if cut_after is None else int(cut_after)
+        self.tool_calls = bool(opts.get("tool_calls", False))
         self._rng = random.Random(opts.get("seed", 0))
         self.model_ids: list[str] = list(settings.models) or [DEFAULT_MODEL]
         self.healthy = True
@@ -158,7 +168,12 @@ class SimulatedBackend:
         else:
             stream = wants_stream(request)
             job = prepare_job(endpoint, model, request, self.tokens)
-            chunks = self._stream(job) if stream else self._complete(job)
+            tool = (tool_to_call(request) if self.tool_calls and endpoint == "chat/completions"
+                    else None)
+            if tool is not None:
+                chunks = self._tool_call(job, tool, stream)
+            else:
+                chunks = self._stream(job) if stream else self._complete(job)
         try:
             self._maybe_fail()
             if self.stall > 0:
@@ -211,6 +226,18 @@ class SimulatedBackend:
                 yield shape.content(i, text, position == 0)
                 sent += 1
         for event in shape.closing():
+            yield event
+
+    async def _tool_call(self, job: Job, name: str, stream: bool
+                         ) -> AsyncGenerator[bytes, None]:
+        """Yield a call of tool ``name`` (the ``tool_calls`` option) after ``ttft``."""
+        await trio.sleep(self.ttft)
+        answer_id, created = uuid.uuid4().hex, int(clock.wall())
+        if not stream:
+            yield tool_call_body(job, name, answer_id, created)
+            return
+        for event in tool_call_events(job, name, answer_id, created):
+            await trio.lowlevel.checkpoint()
             yield event
 
     async def _embeddings(self, job: EmbeddingsJob) -> AsyncGenerator[bytes, None]:

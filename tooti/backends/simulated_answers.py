@@ -373,3 +373,68 @@ def embeddings_body(job: EmbeddingsJob) -> bytes:
         "model": job.model,
         "usage": {"prompt_tokens": job.prompt_tokens, "total_tokens": job.prompt_tokens},
     })
+
+
+# -- tool calls (the ``tool_calls`` option) -------------------------------------
+
+TOOL_ARGUMENTS = '{"simulated": true}'
+"""The arguments of every simulated tool call."""
+TOOL_CALL_TOKENS = 3
+"""The completion tokens a simulated tool call counts."""
+
+
+def tool_to_call(request: dict[str, Any]) -> str | None:
+    """The name of the first function tool a chat request offers, when its last message
+    is not a tool result (a simulated model calls a tool once, then answers text)."""
+    tools = request.get("tools")
+    if not isinstance(tools, list) or not tools:
+        return None
+    messages = request.get("messages")
+    if isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
+            and messages[-1].get("role") == "tool":
+        return None
+    for tool in tools:
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if isinstance(function, dict) and isinstance(function.get("name"), str):
+            return str(function["name"])
+    return None
+
+
+def tool_call_body(job: Job, name: str, answer_id: str, created: int) -> bytes:
+    """A non-streamed answer calling tool ``name`` with :data:`TOOL_ARGUMENTS`."""
+    return _encode({
+        "id": f"chatcmpl-{answer_id}", "object": "chat.completion", "created": created,
+        "model": job.model, "system_fingerprint": SYSTEM_FINGERPRINT,
+        "choices": [{"index": 0, "message": {
+            "role": "assistant", "content": None, "refusal": None,
+            "tool_calls": [{"id": f"call_{answer_id[:24]}", "type": "function",
+                            "function": {"name": name, "arguments": TOOL_ARGUMENTS}}]},
+            "logprobs": None, "finish_reason": "tool_calls"}],
+        "usage": usage(job.prompt_tokens, TOOL_CALL_TOKENS),
+    })
+
+
+def tool_call_events(job: Job, name: str, answer_id: str, created: int) -> list[bytes]:
+    """The SSE events of a streamed tool call: the call's id and name, its arguments in
+    two pieces, the ``tool_calls`` finish, the usage chunk when asked for, ``[DONE]``."""
+    base = {"id": f"chatcmpl-{answer_id}", "object": "chat.completion.chunk",
+            "created": created, "model": job.model, "system_fingerprint": SYSTEM_FINGERPRINT}
+    half = len(TOOL_ARGUMENTS) // 2
+    deltas: list[tuple[dict[str, Any], str | None]] = [
+        ({"role": "assistant", "content": None, "tool_calls": [{
+            "index": 0, "id": f"call_{answer_id[:24]}", "type": "function",
+            "function": {"name": name, "arguments": ""}}]}, None),
+        ({"tool_calls": [{"index": 0, "function": {"arguments": TOOL_ARGUMENTS[:half]}}]},
+         None),
+        ({"tool_calls": [{"index": 0, "function": {"arguments": TOOL_ARGUMENTS[half:]}}]},
+         None),
+        ({}, "tool_calls"),
+    ]
+    events = [b"data: " + _encode({**base, "choices": [
+        {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}) + b"\n\n"
+        for delta, finish in deltas]
+    if job.include_usage:
+        events.append(b"data: " + _encode({**base, "choices": [], "usage": usage(
+            job.prompt_tokens, TOOL_CALL_TOKENS)}) + b"\n\n")
+    events.append(DONE_EVENT)
+    return events

@@ -42,6 +42,7 @@ from tooti.billing.pipeline import BYTES_PER_TOKEN, BillingPipeline, usage_from
 from tooti.errors import APIError
 from tooti.gateway import access_log
 from tooti.gateway.auth import Authenticator, check_models, routes_of
+from tooti.gateway.front_routes import FrontRoutes
 from tooti.gateway.limits import Limiter
 from tooti.gateway.models_list import ModelsList
 from tooti.gateway.node_picker import check_routable
@@ -152,6 +153,9 @@ class Gateway:
             "billing.settle_late", request_id=request_id)
         self.admin = AdminAPI(self.station, lambda: self.proxy.queued)
         self.station.mount("/v1/", self.handle)
+        self.fronts = FrontRoutes(self)
+        """The Anthropic, Responses and Ollama routes, over :meth:`_forward`."""
+        self.fronts.mount()
         self.admin.mount()
         self.accounts: AccountService | None = None
         if database is not None:

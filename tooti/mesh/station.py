@@ -101,6 +101,7 @@ class Station:
         self.dialers: list[Dialer] = []
         """Dialers of roles in the same process (node, relay), shown by the admin API."""
         self._mounts: list[tuple[str, Handler]] = []
+        self._exact: dict[str, Handler] = {}
         self.bound: list[str] = []
         self.in_flight = 0
         self._idle = trio.Event()
@@ -117,6 +118,12 @@ class Station:
         prefix wins (``/admin/v1/accounts`` before ``/admin/v1/``), then the first mount."""
         self._mounts.append((prefix, handler))
         self._mounts.sort(key=lambda mount: -len(mount[0]))  # stable: equal ones keep order
+
+    def mount_exact(self, path: str, handler: Handler) -> None:
+        """Serve exactly ``path`` (no path below it) by ``handler``, before any prefix
+        mount: the gateway's root ``/``, which Ollama clients probe, without shadowing
+        ``/healthz`` or ``/readyz``."""
+        self._exact[path] = handler
 
     def show_dialer(self, dialer: Dialer) -> None:
         """List a same-process role's dialer in the network view and in WELCOME."""
@@ -279,6 +286,10 @@ class Station:
         try:
             if method == "CONNECT":  # a success would switch the connection to a tunnel
                 raise APIError(405, "CONNECT is not supported", code="method_not_allowed")
+            exact = self._exact.get(path) if self._exact else None
+            if exact is not None:
+                await exact(scope, receive, send, request_id, headers)
+                return
             for prefix, handler in self._mounts:
                 if path.startswith(prefix):
                     await handler(scope, receive, send, request_id, headers)

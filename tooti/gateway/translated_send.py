@@ -1,0 +1,210 @@
+"""An ASGI ``send`` that turns the proxy's chat-completions answer into a front's dialect.
+
+The front routes (:mod:`tooti.gateway.front_routes`) run the one proxy path
+(:meth:`tooti.gateway.app.Gateway._forward`) on the chat body a front made, with a
+:class:`TranslatedSend` in place of the request's ``send``. The proxy answers as it
+answers every chat request; this wrapper rewrites what it sends on the way out:
+
+- **A stream** (the request streams and the node answered 200 with server-sent events):
+  the response starts with the dialect's media type, and the events the proxy sends
+  (whole events: :mod:`tooti.gateway.streamed_answer` cuts them with the one
+  :class:`~tooti.protocol.sse.SSEDecoder`) are decoded again here, each ``data:`` event
+  json-decoded and fed to the front's :class:`~tooti.fronts.base.StreamTranslator`:
+  ``start()`` goes out with the first bytes, ``finish()`` in place of ``[DONE]``, and an
+  in-band error event (the gateway's own, after a stream broke or timed out, or a
+  node's) becomes ``fail(error)``. ``[DONE]`` reaches this wrapper only in the proxy's
+  last body part, after billing settled, so the dialect's closing event (``message_stop``,
+  ``response.completed``, Ollama's ``done`` line) keeps that guarantee.
+- **A whole answer**: the body the proxy sends (already bounded by
+  ``max_response_bytes``) is collected, decoded and sent as ``front.answer(...)`` (or the
+  route's own ``render``) with a content-length; a node's error answer (4xx/5xx, an
+  OpenAI error object) is sent as ``front.error_body`` with its status.
+
+Every other header the proxy set (``x-request-id``, ``x-ratelimit-*``, ``x-tooti-node``,
+``x-tooti-model``, ``cache-control``) is kept; ``content-type`` and ``content-length``
+are the dialect's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import msgspec
+
+from tooti.errors import APIError
+from tooti.fronts.base import ChatRequest, Front, StreamTranslator
+from tooti.mesh.http import Headers, Send
+from tooti.protocol.sse import SSEDecoder, split_events
+
+_decode = msgspec.json.decode
+_REPLACED = (b"content-type", b"content-length")
+_DONE = "[DONE]"
+
+Render = Callable[[Any], bytes]
+"""A whole (decoded) node answer as the dialect's body; raises APIError."""
+
+
+def error_of(status: int, body: Any) -> APIError:
+    """A node's or the gateway's OpenAI error object (decoded ``body``) as an APIError of
+    ``status``; anything else as a plain error of that status."""
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, str):
+        return APIError(status, error or "the node reported an error", code="bad_gateway")
+    if not isinstance(error, dict):
+        return APIError(status, "the node reported an error", code="bad_gateway")
+
+    def text(name: str) -> str | None:
+        value = error.get(name)
+        return value if isinstance(value, str) and value else None
+
+    return APIError(status, text("message") or "the node reported an error",
+                    code=text("code"), param=text("param"), type=text("type"))
+
+
+def inband_status(error: Any) -> int:
+    """The status an in-band error event stands for (a stream's status is already 200):
+    504 for the gateway's request timeout, 429 for a rate limit, else 502 (the node)."""
+    if isinstance(error, dict):
+        if error.get("code") == "timeout":
+            return 504
+        if error.get("type") == "rate_limit_error":
+            return 429
+    return 502
+
+
+class TranslatedSend:
+    """The ``send`` of one front request (see the module docstring)."""
+
+    __slots__ = (
+        "_decoder",
+        "_extra",
+        "_front",
+        "_headers",
+        "_opening",
+        "_parts",
+        "_render",
+        "_request",
+        "_send",
+        "_status",
+        "_translator",
+    )
+
+    def __init__(self, send: Send, front: Front, request: ChatRequest, *,
+                 render: Render | None = None, extra_headers: Sequence[tuple[bytes, bytes]] = (),
+                 ) -> None:
+        """``send``: the request's own; ``render``: a whole answer's body (default
+        ``front.answer``); ``extra_headers`` go on every answer (Anthropic's
+        ``request-id``)."""
+        self._send = send
+        self._front = front
+        self._request = request
+        self._render = render
+        self._extra = list(extra_headers)
+        self._status = 0
+        self._headers: Headers = []
+        self._parts: list[bytes] = []
+        self._translator: StreamTranslator | None = None
+        self._decoder: SSEDecoder | None = None
+        self._opening = False
+
+    async def __call__(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if kind == "http.response.start":
+            await self._start(message)
+        elif kind == "http.response.body":
+            more = bool(message.get("more_body", False))
+            if self._translator is not None:
+                await self._stream_body(message.get("body", b""), more)
+            else:
+                await self._whole_body(message.get("body", b""), more)
+        else:
+            await self._send(message)
+
+    async def _start(self, message: dict[str, Any]) -> None:
+        self._status = status = message["status"]
+        self._headers = [(name, value) for name, value in message.get("headers", ())
+                         if name.lower() not in _REPLACED]
+        content_type = b""
+        for name, value in message.get("headers", ()):
+            if name.lower() == b"content-type":
+                content_type = bytes(value)
+        if self._request.stream and status == 200 and content_type.startswith(
+                b"text/event-stream"):
+            self._translator = self._front.stream(self._request)
+            self._decoder = SSEDecoder()
+            await self._send({"type": "http.response.start", "status": 200, "headers": [
+                (b"content-type", self._front.stream_media_type.encode()),
+                *self._headers, *self._extra]})
+            self._opening = True
+
+    # ------------------------------------------------------------ streams
+
+    async def _stream_body(self, body: bytes, more: bool) -> None:
+        translator, decoder = self._translator, self._decoder
+        assert translator is not None and decoder is not None
+        out: list[bytes] = []
+        if self._opening:  # the first bytes: the dialect's opening
+            self._opening = False
+            out.append(translator.start())
+        block = decoder.feed(body) if body else b""
+        if block:
+            for raw in split_events(block):
+                self._event(decoder, raw, translator, out)
+        if not more:
+            tail = decoder.flush()
+            if tail:
+                self._event(decoder, tail, translator, out)
+            out.append(translator.finish())  # b"" once finished or failed
+        data = b"".join(out)
+        if data or not more:
+            await self._send({"type": "http.response.body", "body": data, "more_body": more})
+
+    @staticmethod
+    def _event(decoder: SSEDecoder, raw: bytes, translator: StreamTranslator,
+               out: list[bytes]) -> None:
+        event = decoder.parse(raw)
+        if event is None:
+            return
+        data = event.data
+        if data.strip() == _DONE:
+            out.append(translator.finish())
+            return
+        try:
+            chunk = _decode(data)
+        except (msgspec.DecodeError, RecursionError):
+            return  # not JSON: skipped, as a chunk that is not an object is
+        if isinstance(chunk, dict) and "error" in chunk and not chunk.get("choices"):
+            error = chunk["error"]
+            out.append(translator.fail(error_of(inband_status(error), chunk)))
+            return
+        out.append(translator.feed(chunk))
+
+    # ------------------------------------------------------------ whole answers
+
+    async def _whole_body(self, body: bytes, more: bool) -> None:
+        if body:
+            self._parts.append(body)
+        if more:
+            return
+        raw = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
+        self._parts.clear()
+        status = self._status
+        try:
+            decoded = _decode(raw) if raw else None
+        except (msgspec.DecodeError, RecursionError):
+            decoded = None
+        front = self._front
+        if status >= 400:
+            error = error_of(status, decoded)
+            request_id = self._request.context.get("request_id")
+            out = front.error_body(error, request_id)
+        elif decoded is None:
+            raise APIError(502, "the node's answer is not JSON", code="bad_gateway")
+        else:
+            out = (self._render(decoded) if self._render is not None
+                   else front.answer(self._request, decoded))
+        await self._send({"type": "http.response.start", "status": status, "headers": [
+            (b"content-type", front.media_type.encode()),
+            (b"content-length", str(len(out)).encode()), *self._headers, *self._extra]})
+        await self._send({"type": "http.response.body", "body": out, "more_body": False})
