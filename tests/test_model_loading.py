@@ -427,8 +427,29 @@ def _scan_counts(registry: Registry) -> tuple[set[str], dict[str, int], dict[str
     return peers, ready, loading
 
 
+async def test_a_slot_released_after_its_peer_stopped_being_live_keeps_the_counts() -> None:
+    """A tunnel dropping with streams in flight: the peer stops being live, a stream
+    releases its slot before the registry re-files the peer, then the peer leaves. The
+    release re-evaluates the peer; the counts /readyz reads must follow it."""
+    peer = make_peer("n01")
+    registry = registry_of(peer)
+    assert registry.ready_counts() == (1, 1)
+    assert registry.slots.reserve(peer, "m")
+    peer.draining = True
+    registry.slots.release(peer, "m")
+    registry.peer_updated(peer)
+    assert registry.ready_counts() == (0, 0)
+    registry.remove(peer)
+    assert registry.ready_counts() == (0, 0)
+    assert not registry.index.ready_peers and not registry.index.ready_models
+
+
 async def test_random_changes_keep_the_ready_counts_exact() -> None:
+    """Models, states, health and membership changed at random, and slots reserved and
+    released (some after their peer's state flipped and before the registry re-files
+    it, as when a tunnel drops with streams in flight): the counts match a full scan."""
     rng = random.Random(14)
+    held: list[tuple[Any, str]] = []
     models = ("a", "b", "c")
 
     def some_models() -> list[ModelInfo]:
@@ -441,8 +462,20 @@ async def test_random_changes_keep_the_ready_counts_exact() -> None:
     registry = registry_of(*peers)
     for _ in range(800):
         peer = rng.choice(peers)
-        action = rng.randrange(6)
-        if action <= 1 and peer.id in registry.peers:
+        action = rng.randrange(8)
+        if action == 6:
+            model = rng.choice(models)
+            if model in peer.models and registry.slots.reserve(peer, model):
+                held.append((peer, model))
+        elif action == 7 and held:
+            holder, model = held.pop(rng.randrange(len(held)))
+            flip = rng.random() < 0.5
+            if flip:  # its state changes before the registry hears of it
+                holder.draining = not holder.draining
+            registry.slots.release(holder, model)
+            if flip:
+                registry.peer_updated(holder)
+        elif action <= 1 and peer.id in registry.peers:
             registry.set_models(peer, some_models())
         elif action == 2:
             peer.draining = not peer.draining

@@ -160,19 +160,28 @@ class RoutingIndex:
             if peer not in index.serving:
                 index.serving[peer] = None
                 models.add(model)
-            was_live, was_loading = peer in index.live, peer in index.loading
-            flipped = index.evaluate(peer) or flipped
-            is_live, is_loading = peer in index.live, peer in index.loading
-            if was_live != is_live:
-                self._count_ready(peer, model, 1 if is_live else -1)
-            if was_loading != is_loading:
-                _bump(self.loading_models, model, 1 if is_loading else -1)
+            flipped = self.evaluate(peer, model, index) or flipped
             keys.append((model, group))
         if flipped:
             self.version += 1
             if notify:
                 self.on_flip()
         return keys
+
+    def evaluate(self, peer: Peer, model: str, index: ModelIndex) -> bool:
+        """Re-evaluate ``peer`` in ``index`` (that of ``model``), keeping the ready and
+        loading counts in step; returns whether it became or stopped being live or
+        eligible there. Everything that re-evaluates a filed peer goes through here
+        (filing, a slot reserved or released), so no change of state escapes the counts
+        :meth:`ready_counts` and :meth:`loading` read."""
+        was_live, was_loading = peer in index.live, peer in index.loading
+        flipped = index.evaluate(peer)
+        is_live, is_loading = peer in index.live, peer in index.loading
+        if was_live != is_live:
+            self._count_ready(peer, model, 1 if is_live else -1)
+        if was_loading != is_loading:
+            _bump(self.loading_models, model, 1 if is_loading else -1)
+        return flipped
 
     def unfile(self, peer: Peer) -> list[ModelGroup]:
         """Take ``peer`` out of every index; returns the (model, group) pairs it left."""

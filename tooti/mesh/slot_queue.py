@@ -56,7 +56,7 @@ class SlotQueue:
         peer.in_flight[model] = peer.in_flight.get(model, 0) + 1
         index = self.index
         found = index.find(model, index.filed[peer][0])
-        if found is not None and found.evaluate(peer):
+        if found is not None and index.evaluate(peer, model, found):
             index.version += 1
         return True
 
@@ -69,7 +69,7 @@ class SlotQueue:
         if filed is None:
             return
         found = index.find(model, filed[0])
-        if found is not None and found.evaluate(peer):
+        if found is not None and index.evaluate(peer, model, found):
             index.version += 1
         if self.waiting:
             self._dispatch(index.sharing_tunnel(peer, self.waiting))
