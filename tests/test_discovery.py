@@ -3,6 +3,8 @@ peers up to a limit, bootstrap peers, and ``tooti peers`` (real gateways and soc
 
 from __future__ import annotations
 
+import re
+
 import httpx
 import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
@@ -161,9 +163,10 @@ async def test_admin_network_view_and_tooti_peers(nursery: trio.Nursery,
     code = await trio.to_thread.run_sync(cli.main, ["peers", "--url", base])
     out = capsys.readouterr().out  # type: ignore[attr-defined]
     assert code == 0
-    assert "listed  node  live  direct  models: tooti-sim" in out
+    assert re.search(r"^  listed +node +live +direct +tooti-sim$", out, re.MULTILINE), out
     assert "ws://gw.example:1/tooti/v1/tunnel" in out
-    assert f"connected  configured {url}" in out
+    assert re.search(rf"^  connected +configured +{re.escape(url)} +\d+s ago$", out,
+                     re.MULTILINE), out
     code = await trio.to_thread.run_sync(cli.main, ["peers", "--url", base, "--json"])
     assert code == 0
     assert '"id": "listed"' in capsys.readouterr().out  # type: ignore[attr-defined]
@@ -210,8 +213,8 @@ async def test_a_node_only_process_answers_tooti_peers(nursery: trio.Nursery,
         cli.main, ["peers", "--url", base, "--admin-key", "k-admin"])
     out = capsys.readouterr().out  # type: ignore[attr-defined]
     assert code == 0, out
-    assert "dialing as node solo (1):" in out
-    assert f"connected  configured {url}" in out
+    assert "dialing as node solo (1 peer):" in out
+    assert re.search(rf"^  connected +configured +{re.escape(url)} ", out, re.MULTILINE), out
     admin.shutdown()
 
 
@@ -230,6 +233,29 @@ def test_tooti_peers_output_cannot_drive_the_terminal() -> None:
     assert "forged line" in text and text.count("\n") == network_report.render(
         {"roles": ["gateway"], "peers": [{"id": "x", "role": "node", "state": "live",
                                           "models": ["m"]}]}).count("\n")
+
+
+def test_tooti_peers_output_is_in_aligned_columns_in_plain_words() -> None:
+    view = {"roles": ["gateway", "node"], "public_peers": [],
+            "dialing": [{"role": "node", "id": "tooti-local", "links": []}],
+            "peers": [{"id": "relay-eu", "role": "relay", "state": "live", "models": []},
+                      {"id": "n1", "role": "node", "state": "live", "via": "relay-eu",
+                       "hops": 1, "models": ["tooti-sim"]},
+                      {"id": "a-long-node-name", "role": "node", "state": "draining",
+                       "via": "relay-eu", "hops": 2, "models": ["m1", "m2"]}]}
+    text = network_report.render(view)
+    assert "addresses this gateway tells its dialers: none" in text
+    assert "dialing as" not in text  # no heading over nothing (a node attached in memory)
+    assert "(1 hop)" in text and "(2 hops)" in text and "hops)" not in text.replace(
+        "(2 hops)", "")
+    assert text.split("peers connected here (3):\n", 1)[1].splitlines() == [
+        "  ID                ROLE   STATE     ROUTE                  MODELS",  # no empty column
+        "  relay-eu          relay  live      direct                 -",
+        "  a-long-node-name  node   draining  via relay-eu (2 hops)  m1, m2",
+        "  n1                node   live      via relay-eu (1 hop)   tooti-sim"]
+    public = network_report.render({"roles": ["relay"], "public_peers": ["wss://r.example"]})
+    assert "addresses this relay tells its dialers (1):\n  wss://r.example" in public
+    assert "peers connected here: none" in public
 
 
 async def test_a_discovered_peer_never_gets_the_join_token(nursery: trio.Nursery) -> None:

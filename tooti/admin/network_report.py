@@ -49,40 +49,75 @@ def _safe(text: str) -> str:
 
 
 def render(view: dict[str, Any], now: float | None = None) -> str:
-    """A plain-text report of a network view; peer-supplied text cannot drive the
-    terminal (control characters are replaced)."""
+    """A plain-text report of a network view: the addresses it tells dialers (or
+    ``none``), each dialer with links (a dialer with none, such as a node attached in
+    memory to this process's gateway, is left out) and the peers connected here, in
+    columns as wide as their widest value. Peer-supplied text cannot drive the terminal
+    (control characters are replaced)."""
     return "\n".join(_safe(line) for line in _lines(view, now))
 
 
 def _lines(view: dict[str, Any], now: float | None) -> list[str]:
     now = clock.wall() if now is None else now
-    lines = [f"roles: {', '.join(view.get('roles') or []) or '-'}",
+    roles = view.get("roles") or []
+    lines = [f"roles: {', '.join(roles) or '-'}",
              f"public url: {view.get('public_url') or '-'}",
              f"discovery: {'on' if view.get('discover') else 'off'}"]
+    this = "gateway" if "gateway" in roles else "relay" if "relay" in roles else "process"
     public = view.get("public_peers") or []
-    lines.append(f"public peers told to dialers ({len(public)}):")
-    lines += [f"  {url}" for url in public] or ["  -"]
+    if public:
+        lines.append(f"addresses this {this} tells its dialers ({len(public)}):")
+        lines += [f"  {url}" for url in public]
+    else:
+        lines.append(f"addresses this {this} tells its dialers: none")
     for dialer in view.get("dialing") or []:
         links = dialer.get("links") or []
-        lines.append(f"dialing as {dialer.get('role')} {dialer.get('id')} ({len(links)}):")
+        if not links:  # e.g. a node attached in memory to this process's gateway
+            continue
+        lines.append(f"dialing as {dialer.get('role')} {dialer.get('id')} "
+                     f"({_count(len(links), 'peer')}):")
+        rows = []
         for link in links:
             since = link.get("since")
-            age = f"{max(0.0, now - since):.0f}s" if isinstance(since, int | float) else "?"
-            error = f"  last error: {link['last_error']}" if link.get("last_error") else ""
-            lines.append(f"  {link.get('state', '?'):<10} {link.get('source', '?'):<10} "
-                         f"{link.get('url')}  ({age}){error}")
+            age = (f"{max(0.0, now - since):.0f}s ago" if isinstance(since, int | float)
+                   else "?")
+            rows.append([link.get("state") or "?", link.get("source") or "?",
+                         link.get("url") or "?", age, link.get("last_error") or ""])
+        lines += _table(["state", "source", "url", "since", "last error"], rows)
     peers = view.get("peers") or []
-    lines.append(f"peers connected here ({len(peers)}):")
     if not peers:
-        lines.append("  -")
+        lines.append("peers connected here: none")
+        return lines
+    lines.append(f"peers connected here ({len(peers)}):")
+    rows = []
     for peer in sorted(peers, key=lambda p: (p.get("via") or "", p.get("id") or "")):
-        route = f"via {peer['via']} ({peer.get('hops')} hops)" if peer.get("via") else "direct"
-        group = f" group={peer['group']}" if peer.get("group") else ""
-        token = f" token={peer['token']}" if peer.get("token") else ""
-        models = ", ".join(peer.get("models") or []) or "-"
-        lines.append(f"  {peer.get('id')}  {peer.get('role')}  {peer.get('state')}  {route}"
-                     f"{group}{token}  models: {models}")
+        hops = peer.get("hops")
+        route = (f"via {peer['via']}"
+                 + (f" ({_count(hops, 'hop')})" if isinstance(hops, int) else "")
+                 if peer.get("via") else "direct")
+        rows.append([peer.get("id") or "?", peer.get("role") or "?",
+                     peer.get("state") or "?", route,
+                     peer.get("group") or "", peer.get("token") or "",
+                     ", ".join(peer.get("models") or []) or "-"])
+    lines += _table(["id", "role", "state", "route", "group", "token", "models"], rows)
     return lines
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 hop``, ``2 hops``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _table(head: list[str], rows: list[list[Any]]) -> list[str]:
+    """``rows`` under ``head`` in columns as wide as their widest cell (control
+    characters already replaced, so the width is what the terminal shows), two spaces
+    apart; a column empty in every row is left out, and the last is not padded."""
+    cells = [[_safe(str(cell)) for cell in row] for row in rows]
+    keep = [i for i in range(len(head)) if any(row[i] for row in cells)]
+    table = [[head[i].upper() for i in keep], *([row[i] for i in keep] for row in cells)]
+    widths = [max(len(row[c]) for row in table) for c in range(len(keep))]
+    return ["  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+            .rstrip() for row in table]
 
 
 def to_json(view: dict[str, Any]) -> str:
