@@ -24,6 +24,7 @@ import operator
 import os
 import re
 import tomllib
+import types
 from collections.abc import Iterable, Mapping
 from typing import Annotated, Any, get_args, get_origin, get_type_hints
 from urllib.parse import urlsplit, urlunsplit
@@ -32,6 +33,7 @@ import msgspec
 
 from tooti.groups import DEFAULT_TOKEN, GROUP_NAME, api_key_digest
 from tooti.settings import (
+    AliasTarget,
     BackendSettings,
     GatewaySettings,
     LogFormat,
@@ -170,6 +172,7 @@ def _explain(error: str, data: Any, hint: Any) -> _Invalid:
     value = data
     for step in _STEP.finditer(m["at"] or ""):
         key: str | int | None
+        hint = _member(hint, value)
         if step[1] is not None:
             hint, key = get_type_hints(_unwrap(hint)[0], include_extras=True)[step[1]], step[1]
         elif step[2] is not None:
@@ -180,11 +183,26 @@ def _explain(error: str, data: Any, hint: Any) -> _Invalid:
             if key is None:
                 break
         value, path = value[key], (*path, key)
+    if isinstance(value, dict):  # a union's table (e.g. an alias's): its Struct's keys
+        hint = _member(hint, value)
     if unknown := re.fullmatch(r"Object contains unknown field `(.*)`", m["what"]):
         return _unknown_key(path, unknown[1], _unwrap(hint)[0].__struct_fields__)
     if ", got `" in m["what"]:
         return _Invalid(path, f"expected {_kind(hint)}, got {_describe(value, _is_secret(path))}")
     return _Invalid(path, _broken(hint, value, _is_secret(path)))
+
+
+def _member(hint: Any, value: Any) -> Any:
+    """Of a union type (an alias's ``str | list[str] | AliasTiers``), the member ``value``
+    is of (a table: the Struct); any other type as it is."""
+    if not isinstance(_unwrap(hint)[0], types.UnionType):
+        return hint
+    for member in get_args(_unwrap(hint)[0]):
+        kind = _kind(member)
+        if kind == _VALUES.get(type(value), "") or (kind == "table"
+                                                    and isinstance(value, dict)):
+            return member
+    return hint
 
 
 def _unwrap(hint: Any) -> tuple[Any, tuple[Any, ...]]:
@@ -206,6 +224,9 @@ def _fits(value: Any, hint: Any) -> bool:
 def _kind(hint: Any) -> str:
     """What TOML calls the declared type: ``integer``, ``number``, ``table``, ..."""
     base = _unwrap(hint)[0]
+    if isinstance(base, types.UnionType):
+        kinds = [_kind(member) for member in get_args(base)]
+        return ", ".join(kinds[:-1]) + " or " + kinds[-1]
     return _KINDS.get(get_origin(base) or base, "table")  # the rest are Structs
 
 
@@ -311,6 +332,8 @@ def _validate(s: Settings) -> Settings:
         _at(("node", "admin_listen"), parse_listen, s.node.admin_listen)
     s.log_level = s.log_level.lower()
     _check_groups(s.gateway)
+    alias_tiers(s.gateway.aliases)
+    _check_cors(s.gateway.cors.allow_origins)
     if s.node.reconnect_max < s.node.reconnect_initial:
         raise _Invalid(("node", "reconnect_max"), "must be >= node.reconnect_initial")
     if s.relay.reconnect_max < s.relay.reconnect_initial:
@@ -352,6 +375,91 @@ def _check_groups(gateway: GatewaySettings) -> None:
                 raise _Invalid((*where, "api_keys", i), "key listed twice" if owner == name
                                else f"key already belongs to group '{owner}'")
             keys[digest] = name
+
+
+MODEL_NAME = re.compile(r"[^\x00-\x20\x7f]{1,256}")
+"""A model id or alias name: 1 to 256 characters, none blank or a control character."""
+MAX_ALIAS_MODELS = 64
+"""Most node model ids one alias expands to."""
+Tiers = tuple[tuple[str, ...], ...]
+
+
+def alias_tiers(aliases: Mapping[str, AliasTarget]) -> dict[str, Tiers]:
+    """Each alias of ``[gateway.aliases]`` → its node model ids in tiers, tier 1 first.
+
+    A value is one id (one tier of one), a list (one tier) or ``{tiers = [[...], ...]}``.
+    A target naming another alias stands for all of that alias's ids (its tiers in
+    order) at that place; an id reached twice is kept at its first place. Refused
+    (:class:`_Invalid` at the alias's key): a malformed name, an alias listing itself,
+    aliases that refer to each other in a cycle, an id listed twice, more than
+    :data:`MAX_ALIAS_MODELS` ids."""
+    declared: dict[str, list[list[str]]] = {}
+    for name, value in aliases.items():
+        where: Path = ("gateway", "aliases", name)
+        if not MODEL_NAME.fullmatch(name):
+            raise _Invalid(where, f"invalid alias name '{name}' (1 to 256 characters, "
+                           "no spaces or control characters)")
+        tiers = ([[value]] if isinstance(value, str) else [list(value)]
+                 if isinstance(value, list) else [list(t) for t in value.tiers])
+        seen: set[str] = set()
+        for tier in tiers:
+            if not tier:
+                raise _Invalid(where, "an alias needs at least one model id")
+            for target in tier:
+                if not MODEL_NAME.fullmatch(target):
+                    raise _Invalid(where, f"invalid model id '{target}' (1 to 256 "
+                                   "characters, no spaces or control characters)")
+                if target == name:
+                    raise _Invalid(where, f"alias '{name}' may not list itself")
+                if target in seen:
+                    raise _Invalid(where, f"'{target}' is listed twice")
+                seen.add(target)
+        declared[name] = tiers
+    resolved: dict[str, Tiers] = {}
+
+    def resolve(name: str, chain: tuple[str, ...]) -> Tiers:
+        done = resolved.get(name)
+        if done is not None:
+            return done
+        out: list[tuple[str, ...]] = []
+        seen: set[str] = set()
+        for tier in declared[name]:
+            ids: list[str] = []
+            for target in tier:
+                if target in chain:
+                    raise _Invalid(("gateway", "aliases", chain[0]), "aliases form a cycle: "
+                                   + " -> ".join([*chain, target]))
+                expanded = ([i for sub in resolve(target, (*chain, target)) for i in sub]
+                            if target in declared else [target])
+                for model in expanded:
+                    if model not in seen:
+                        seen.add(model)
+                        ids.append(model)
+            if ids:
+                out.append(tuple(ids))
+        if len(seen) > MAX_ALIAS_MODELS:
+            raise _Invalid(("gateway", "aliases", name),
+                           f"expands to {len(seen)} model ids (at most {MAX_ALIAS_MODELS})")
+        resolved[name] = result = tuple(out)
+        return result
+
+    for name in declared:
+        resolve(name, (name,))
+    return resolved
+
+
+def _check_cors(origins: list[str]) -> None:
+    """``gateway.cors.allow_origins``: ``"*"`` or ``scheme://host[:port]`` each, once."""
+    for i, origin in enumerate(origins):
+        where: Path = ("gateway", "cors", "allow_origins", i)
+        if origin == "*":
+            continue
+        parts = urlsplit(origin)
+        if (parts.scheme not in ("http", "https") or not parts.hostname
+                or parts.path or parts.query or parts.fragment or parts.username
+                or origin != origin.strip()):
+            raise _Invalid(where, f"invalid origin '{origin}' (expected \"*\" or "
+                           "scheme://host[:port], e.g. https://app.example, no path)")
 
 
 def _check_tokens(token: str, named: dict[str, str], where: Path, group: str,

@@ -94,6 +94,33 @@ class GroupSettings(_Table):
     digests of them (so the config need not hold the keys themselves)."""
 
 
+class AliasTiers(_Table):
+    """An alias's node model ids in priority tiers (``[gateway.aliases."NAME"]``)."""
+
+    tiers: Annotated[
+        list[Annotated[list[str], Meta(min_length=1, extra={
+            "error": "a tier needs at least one model id"})]],
+        Meta(min_length=1, extra={"error": "an alias needs at least one tier"})]
+    """Tier 1 first: ``[["qwen2.5-72b"], ["llama-3.1-70b", "mixtral"]]``. A request goes
+    to a later tier only when no node of the tiers before can take it now."""
+
+
+AliasTarget = str | list[str] | AliasTiers
+"""An alias's value: one model id, a list of ids (one tier: the least-loaded node
+among all of them serves), or a table with ``tiers``."""
+
+
+class CorsSettings(_Table):
+    """Cross-origin requests from browsers (``[gateway.cors]``); off while
+    ``allow_origins`` is empty."""
+
+    allow_origins: list[str] = []
+    """Origins (``https://app.example``, scheme://host[:port]) whose pages may call the
+    API; ``"*"`` = any origin."""
+    max_age: NonNegativeInt = 600
+    """Seconds a browser may cache a preflight's answer (``Access-Control-Max-Age``)."""
+
+
 class GatewaySettings(_Table):
     """The OpenAI-compatible front door."""
 
@@ -222,6 +249,11 @@ class GatewaySettings(_Table):
     groups: dict[str, GroupSettings] = {}
     """Named node groups (``[gateway.groups.NAME]``): a request of a group is routed only
     to that group's nodes, an ungrouped request only to ungrouped nodes."""
+    aliases: dict[str, AliasTarget] = {}
+    """Public model names mapped to node model ids (``[gateway.aliases]``), see
+    :mod:`tooti.gateway.aliases`."""
+    cors: CorsSettings = msgspec.field(default_factory=CorsSettings)
+    """Browsers' cross-origin access (``[gateway.cors]``), see :mod:`tooti.gateway.cors`."""
 
 
 class BackendSettings(_Table):

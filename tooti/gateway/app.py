@@ -24,6 +24,7 @@ import dataclasses
 import logging
 import secrets
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from urllib.parse import unquote
 
 import trio
 
@@ -41,7 +42,9 @@ from tooti.billing.credits import Credits
 from tooti.billing.pipeline import BYTES_PER_TOKEN, BillingPipeline, usage_from
 from tooti.errors import APIError
 from tooti.gateway import access_log
+from tooti.gateway.aliases import AliasedSend, Aliases
 from tooti.gateway.auth import Authenticator, check_models, routes_of
+from tooti.gateway.cors import cors_of
 from tooti.gateway.front_routes import FrontRoutes
 from tooti.gateway.limits import Limiter
 from tooti.gateway.models_list import ModelsList
@@ -145,7 +148,10 @@ class Gateway:
         self.registry.bus.listeners.append(self._note_group_models)
         self.self_service: SelfService | None = None
         """Serves ``/v1/me*`` (with a database)."""
-        self.models = ModelsList(self.registry)
+        self.aliases = Aliases(settings.aliases)
+        """Public model names → node model ids in tiers (``[gateway.aliases]``)."""
+        self.models = ModelsList(self.registry, self.aliases)
+        self.station.cors = cors_of(settings.cors)
         self.proxy_settings = proxy_settings_of(settings)
         self.proxy = Proxy(self.registry, self.policy, self.proxy_settings)
         self.proxy.on_cooldown = self._schedule_probe
@@ -209,8 +215,12 @@ class Gateway:
         Raises :class:`~tooti.config.ConfigError` (naming ``gateway.auth``) before
         changing anything if the settings resolve to no auth mode."""
         auth = Authenticator(settings, self.keys)
+        aliases = Aliases(settings.aliases)
         self.settings = settings
         self.auth = auth
+        self.aliases = aliases
+        self.models.use_aliases(aliases)
+        self.station.cors = cors_of(settings.cors)
         self.proxy_settings.replace_with(proxy_settings_of(settings))
         self.proxy.answers.buffers.limit = settings.max_buffered_bytes
         if policy is not None:
@@ -290,6 +300,8 @@ class Gateway:
                 raise APIError(405, "use GET on /v1/models", code="method_not_allowed")
             await send_bytes(send, 200, self.models.json(groups=routes_of(caller),
                                                          allowed=caller.models), headers)
+        elif path.startswith("/v1/models/"):
+            await self._model(scope, send, headers, caller)
         elif (path == "/v1/me" or path.startswith("/v1/me/")) and self.self_service is not None:
             # Counted against the caller's request rate like any request (a key cannot
             # hammer the database through its reports).
@@ -302,6 +314,21 @@ class Gateway:
                 await self.limiter.finish(ticket, tokens=0, cost=0)
         else:
             raise APIError(404, f"no route for {method} {path}", code="not_found")
+
+    async def _model(self, scope: Scope, send: Send, headers: Headers, caller: Caller
+                     ) -> None:
+        """``GET /v1/models/{id}``: the model (or alias) as ``/v1/models`` lists it for
+        this caller; 404 ``model_not_found`` when that list has no such id. The id is
+        all of the path after ``/v1/models/`` (ids hold ``/`` and ``:``), percent-decoded
+        as the client's HTTP library encoded it."""
+        model = _model_id(scope)
+        if scope["method"] != "GET":
+            raise APIError(405, f"use GET on /v1/models/{model}", code="method_not_allowed")
+        found = self.models.model(model, groups=routes_of(caller), allowed=caller.models)
+        if found is None:
+            raise APIError(404, f"the model '{model}' does not exist", param="model",
+                           code="model_not_found", type="invalid_request_error")
+        await send_bytes(send, 200, found, headers)
 
     async def _forward(
         self, scope: Scope, receive: Receive, send: Send, request_id: str, headers: Headers,
@@ -319,9 +346,25 @@ class Gateway:
         bus.publish("request.received", request_id=request_id, model=request.model,
                     endpoint=request.endpoint, stream=request.stream, key_id=key_id,
                     account=account)
+        aliases = self.aliases
+        plan = aliases.plan(request.models, caller.models) if aliases else None
+        if plan is not None:  # an alias: its tiers' ids are routed, its name answered
+            served_as = {m: name for name in request.models if name in aliases.tiers
+                         for tier in aliases.tiers[name] for m in tier}
+            request = dataclasses.replace(request, models=plan[1], rewrite=True)
         try:
-            check_models(caller, request.models)
-            self._check_routable(request.models, groups)
+            if plan is None:
+                check_models(caller, request.models)
+                self._check_routable(request.models, groups)
+            else:
+                check_models(caller, [m for m in request.models if m not in served_as])
+                try:
+                    self._check_routable(request.models, groups)
+                except APIError as error:
+                    if error.status != 404:
+                        raise
+                    raise APIError(404, f"the model '{request.model}' does not exist",
+                                   param="model", code="model_not_found") from None
             ctx = RequestContext(
                 request_id, key_id, request.model, request.endpoint, request.stream,
                 account_id=caller.account_id, group=group,
@@ -361,7 +404,10 @@ class Gateway:
         try:
             complete = await cancel_on_disconnect(receive, send, lambda tracked: (
                 self.proxy.forward(request, route, raw, tracked, headers, outcome, settle,
-                                   groups)))
+                                   groups) if plan is None else
+                self.proxy.forward(request, route, raw, AliasedSend(tracked, served_as,
+                                                                    outcome),
+                                   headers, outcome, settle, groups, plan[0])))
             if not complete:
                 outcome.status = "cancelled"
         except trio.TooSlowError:
@@ -443,6 +489,18 @@ class Gateway:
             latency_ms=round(usage.latency_ms, 3), error=outcome.error or None,
             account=account,
         )
+
+
+def _model_id(scope: Scope) -> str:
+    """The model id of a ``/v1/models/{id}`` path: everything after the prefix, with
+    ``%2F`` and the like decoded (the server decoded the path; a raw path keeps an
+    encoded ``/`` apart, and clients encode ids both ways)."""
+    raw = scope.get("raw_path")
+    if raw:
+        text = bytes(raw).split(b"?", 1)[0].decode("latin-1")
+        if text.startswith("/v1/models/"):
+            return unquote(text[len("/v1/models/"):])
+    return str(scope["path"])[len("/v1/models/"):]
 
 
 class _KnownIn:

@@ -11,6 +11,11 @@ the queue is never unbounded.
 One verb, *pick*: :meth:`NodePicker.pick` reserves a slot (queueing),
 :meth:`NodePicker.pick_now` names the node a request would take now without
 reserving it, :meth:`NodePicker.pick_among` picks among given candidates.
+:meth:`NodePicker.pick_tier` picks among the nodes of several model ids at once (an
+alias's tier, :mod:`tooti.gateway.aliases`): the best node of each id (as above), the
+least loaded of those (in-flight ÷ capacity, then measured TTFT; a tie goes to the id
+listed first); without a free node it returns None at once (the request falls to the
+next tier), or, at a last tier, queues for whichever id frees a slot first.
 """
 
 from __future__ import annotations
@@ -231,6 +236,95 @@ class NodePicker:
         finally:
             self.queued -= 1
             registry.leave(waiter)
+
+
+    async def pick_tier(self, route: RouteRequest, models: Sequence[str], prefs: Preferences,
+                        excluded: set[str], *, queue: bool = True
+                        ) -> tuple[Peer, str] | None:
+        """Reserve a slot on the best node serving any of ``models`` (an alias's tier)
+        and return it with the id it was picked for; None when none can take the
+        request now and ``queue`` is False, or when none may serve it at all. With
+        ``queue``, waits (as :meth:`pick`, one place in the gateway's queue) for the
+        first slot of any of ``models``."""
+        if len(models) == 1 and queue:
+            peer = await self.pick(_for_model(route, models[0]), prefs, excluded)
+            return None if peer is None else (peer, models[0])
+        registry = self.registry
+        deadline = clock.now() + self.settings.queue_timeout
+        routes = [_for_model(route, model) for model in models]
+        best: tuple[Peer, str] | None = None
+        best_key: tuple[float, float] = (0.0, 0.0)
+        for each in routes:
+            registry.dispatch(each.model, prefs.group)  # older requests first
+            peer = self.pick_now(each, prefs, excluded)
+            if peer is not None:
+                key = _load_key(peer, each.model)
+                if best is None or key < best_key:
+                    best, best_key = (peer, each.model), key
+        if best is not None and registry.reserve(*best):
+            return best
+        if not queue:
+            return None
+        eligible = [each for each in routes if self._any_eligible(each.model, prefs, excluded)]
+        if not eligible:
+            return None
+        if self.queued >= self.settings.max_queue:
+            raise _busy("the gateway's queue is full")
+
+        def taker(each: RouteRequest) -> Callable[[], Peer | None]:
+            return lambda: self._try_pick(each, prefs, excluded)
+
+        waiters = [registry.enqueue(each.model, prefs.group, taker(each)) for each in eligible]
+        self.queued += 1
+        try:
+            with trio.move_on_at(deadline):
+                while True:
+                    for waiter in waiters:
+                        if waiter.peer is not None:
+                            peer, waiter.peer = waiter.peer, None  # claimed
+                            return peer, waiter.key[0]
+                    pending = [w.event for w in waiters if not w.event.is_set()]
+                    if not pending:
+                        break
+                    await _any_set(pending)
+            errors = [w.error for w in waiters]
+            if all(isinstance(error, _NoRoute) for error in errors):
+                return None
+            for error in errors:
+                if error is not None and not isinstance(error, _NoRoute):
+                    raise error
+            raise _busy(f"every node serving {', '.join(repr(m) for m in models)} stayed "
+                        f"busy for {self.settings.queue_timeout:g}s")
+        finally:
+            self.queued -= 1
+            for waiter in waiters:
+                registry.leave(waiter)
+
+
+def _for_model(route: RouteRequest, model: str) -> RouteRequest:
+    """``route`` for ``model`` (itself when it already is)."""
+    if route.model == model:
+        return route
+    return RouteRequest(route.request_id, model, route.endpoint, route.headers, route.body,
+                        route.key_id)
+
+
+def _load_key(peer: Peer, model: str) -> tuple[float, float]:
+    """How busy ``peer`` is for ``model``: in-flight ÷ capacity, then measured TTFT."""
+    health = peer.health.get(model)
+    ttft = health.ttft_ms if health is not None and health.ttft_ms is not None else 0.0
+    return (peer.load(model), ttft)
+
+
+async def _any_set(events: Sequence[trio.Event]) -> None:
+    """Wait until any of ``events`` is set."""
+    async with trio.open_nursery() as nursery:
+        async def wait(event: trio.Event) -> None:
+            await event.wait()
+            nursery.cancel_scope.cancel()
+
+        for event in events:
+            nursery.start_soon(wait, event)
 
 
 def _sort_key(sort: str, model: str) -> Callable[[Peer], tuple[float, ...]]:

@@ -37,6 +37,7 @@ import trio
 from tooti import clock
 from tooti.billing.base import Outcome
 from tooti.errors import APIError, from_end_info
+from tooti.gateway.aliases import Tier
 from tooti.gateway.byte_budget import ByteBudget
 from tooti.gateway.collected_answer import AnswerBuffers, AnswerLost
 from tooti.gateway.node_picker import NodePicker, model_loading
@@ -111,9 +112,13 @@ class Proxy:
         headers: Headers, outcome: Outcome,
         before_last: Callable[[], Awaitable[None]] | None = None,
         groups: Sequence[str] = (),
+        tiers: Sequence[Tier] = (),
     ) -> None:
         """Serve ``request``: each model in turn, each node group in turn (``groups``;
-        empty = the request's own), each node in turn, until one answers.
+        empty = the request's own), each node in turn, until one answers. ``tiers``
+        (an aliased request's plan, :meth:`tooti.gateway.aliases.Aliases.plan`) replaces
+        the models: each tier's ids are tried together, and a tier that may not queue
+        is passed over at once when none of its nodes can take the request.
 
         ``before_last`` is awaited once a node's answer is complete and its usage
         checked, right before the last bytes go to the client (the gateway settles
@@ -126,28 +131,28 @@ class Proxy:
         own = request.preferences.group
         groups = groups or (own,)
         last_error: APIError | None = None
+        plan = tiers or [((model,), True) for model in request.models]
         with trio.fail_after(self.settings.request_timeout):
-            for index, model in enumerate(request.models):
-                routes = [g for g in groups if self.registry.serving(model, g)]
+            for index, (models, queue) in enumerate(plan):
+                model = models[0]
+                routes = [g for g in groups
+                          if any(self.registry.serving(m, g) for m in models)]
                 if not routes:
                     last_error = last_error or (
                         model_loading(model)
-                        if any(self.registry.loading(model, g) for g in groups)
+                        if any(self.registry.loading(m, g) for m in models for g in groups)
                         else APIError(503, f"no live node serves model '{model}' right now",
                                       code="no_capacity", type="service_unavailable"))
                     continue
-                body = raw_body if not request.rewrite else _rewrite(request.body, model)
-                model_route = route if model == route.model else RouteRequest(
-                    route.request_id, model, route.endpoint, route.headers, route.body,
-                    route.key_id)
                 try:
                     for position, group in enumerate(routes):
                         attempt = request if group == own else dataclasses.replace(
                             request, preferences=dataclasses.replace(
                                 request.preferences, group=group))
                         try:
-                            await self._forward_model(attempt, model_route, body, send,
-                                                      headers, outcome, before_last)
+                            await self._forward_model(attempt, route, models, queue,
+                                                      raw_body, send, headers, outcome,
+                                                      before_last)
                             return
                         except APIError as error:
                             if (outcome.served or error.status not in RETRYABLE_STATUS
@@ -160,51 +165,63 @@ class Proxy:
                     if outcome.served or error.status not in RETRYABLE_STATUS:
                         raise
                     last_error = error
-                    if index + 1 < len(request.models):
+                    if index + 1 < len(plan):
                         log.info("request %s: model %s unavailable (%s), falling back to %s",
                                  route.request_id, model, error.message,
-                                 request.models[index + 1])
+                                 plan[index + 1][0][0])
         raise last_error or APIError(503, "no live node serves the requested models",
                                      code="no_capacity", type="service_unavailable")
 
     async def _forward_model(
-        self, request: ParsedRequest, route: RouteRequest, body: bytes, send: Send,
-        headers: Headers, outcome: Outcome,
+        self, request: ParsedRequest, route: RouteRequest, models: Sequence[str],
+        queue: bool, raw_body: bytes, send: Send, headers: Headers, outcome: Outcome,
         before_last: Callable[[], Awaitable[None]] | None,
     ) -> None:
+        """Attempts on the nodes of ``models`` (one model, or an alias's tier), each
+        picked by :meth:`NodePicker.pick_tier` (queueing only with ``queue``)."""
         prefs = request.preferences
         attempts = max(1, self.settings.max_attempts) if prefs.allow_fallbacks else 1
         excluded: set[str] = set()
         last_error: APIError | None = None
+        bodies: dict[str, bytes] = {}
         for _ in range(attempts):
-            peer = await self.picker.pick(route, prefs, excluded)
-            if peer is None:
+            picked = await self.picker.pick_tier(route, models, prefs, excluded, queue=queue)
+            if picked is None:
                 break
+            peer, model = picked
+            body = bodies.get(model)
+            if body is None:
+                body = bodies[model] = (raw_body if not request.rewrite
+                                        else _rewrite(request.body, model))
+            model_route = route if model == route.model else RouteRequest(
+                route.request_id, model, route.endpoint, route.headers, route.body,
+                route.key_id)
             outcome.attempts += 1
             outcome.nodes_tried.append(peer.id)
             self.registry.bus.publish("request.routed", request_id=route.request_id,
-                                      node=peer.id, model=route.model, attempt=outcome.attempts)
+                                      node=peer.id, model=model, attempt=outcome.attempts)
             try:
-                await self._serve_from(peer, request, route, body, send, headers, outcome,
-                                       before_last)
+                await self._serve_from(peer, request, model_route, body, send, headers,
+                                       outcome, before_last)
                 return
             except _Retry as retry:
                 excluded.add(peer.id)
                 last_error = retry.error
                 if retry.counts:
-                    self.node_failed(peer, route.model, retry.error.message)
+                    self.node_failed(peer, model, retry.error.message)
                 log.info("request %s: node %s failed before the first token (%s)",
                          route.request_id, peer.id, retry.error.message)
             finally:
-                self.registry.release(peer, route.model)
+                self.registry.release(peer, model)
+        model = models[0]
         if (last_error is None and not prefs.is_default
-                and self.registry.eligible(route.model, prefs.group)):
-            raise APIError(503, f"no node serving '{route.model}' matches the request's "
+                and any(self.registry.eligible(m, prefs.group) for m in models)):
+            raise APIError(503, f"no node serving '{model}' matches the request's "
                            "provider preferences (order/only/ignore/max_price)",
                            code="no_matching_node", type="service_unavailable")
-        if last_error is None and self.registry.loading(route.model, prefs.group):
-            raise model_loading(route.model)  # its nodes went back to loading meanwhile
-        raise last_error or APIError(503, f"no live node serves model '{route.model}' now",
+        if last_error is None and any(self.registry.loading(m, prefs.group) for m in models):
+            raise model_loading(model)  # its nodes went back to loading meanwhile
+        raise last_error or APIError(503, f"no live node serves model '{model}' now",
                                      code="no_capacity", type="service_unavailable")
 
     def _checked_usage(self, peer: Peer, out: OutboundStream, outcome: Outcome

@@ -56,6 +56,8 @@ MAX_WELCOME_PEERS = 32
 
 Readiness = Callable[[], tuple[bool, dict[str, Any]]]
 """Whether a process can serve now, and the ``/readyz`` body saying so."""
+CorsHook = Callable[[Scope, Send, Headers], Awaitable[bool]]
+"""Answers a request itself (True) or adds to its answers' headers (False)."""
 Handler = Callable[[Scope, Receive, Send, str, Headers], Awaitable[None]]
 """Serves one HTTP request under a mounted prefix, given its request id and the headers
 every answer carries; raises :class:`APIError` to refuse."""
@@ -109,6 +111,10 @@ class Station:
         self._shutdown = trio.Event()
         self.draining = False
         """Set by :meth:`drain`: new requests get 503 and new tunnels are refused."""
+        self.cors: CorsHook | None = None
+        """Asked first for every HTTP request when set (the gateway's CORS, see
+        :mod:`tooti.gateway.cors`): True when it answered the request (a preflight); it
+        may add headers to those every answer of the request carries."""
         self.readiness: Readiness | None = None
         """What ``/readyz`` asks when the station is not a gateway's (a relay sets it:
         ready while an upstream link is up); None: :meth:`gateway_readiness`."""
@@ -286,6 +292,8 @@ class Station:
         try:
             if method == "CONNECT":  # a success would switch the connection to a tunnel
                 raise APIError(405, "CONNECT is not supported", code="method_not_allowed")
+            if self.cors is not None and await self.cors(scope, send, headers):
+                return
             exact = self._exact.get(path) if self._exact else None
             if exact is not None:
                 await exact(scope, receive, send, request_id, headers)
