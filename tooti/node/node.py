@@ -94,7 +94,7 @@ class Node:
         """Streams in flight per backend (by ``id``), so a removed one closes after them."""
         self._stream_ended = trio.Event()
         self._run_scopes: dict[int, trio.CancelScope] = {}
-        """The ``run`` tasks of backends a reload added (cancelled if one is removed)."""
+        """The ``run`` task of every backend (cancelled when a reload removes it)."""
         self._idle = trio.Event()
         self._idle.set()
         self._ttft_ms = 0.0
@@ -123,7 +123,7 @@ class Node:
                         continue
                     await backend.start()
                     self._started.add(index)
-                    nursery.start_soon(backend.run)
+                    nursery.start_soon(self._supervise, backend)
                 await self.refresh_models()
                 nursery.start_soon(self._watch_backends)
                 if self.dial:
@@ -144,7 +144,7 @@ class Node:
         if await self.refresh_models():
             self._log_models()
             await self.announce_models()
-        await backend.run()
+        await self._supervise(backend)
 
     async def drain(self, grace: float) -> None:
         """Refuse new streams (GOAWAY), let in-flight ones finish for up to ``grace``."""
@@ -341,7 +341,9 @@ class Node:
             self._stream_ended = trio.Event()
 
     async def _supervise(self, backend: Backend) -> None:
-        """Run a backend a reload added, until a later reload removes it."""
+        """Run a backend (started with the node or added by a reload) until a reload
+        removes it: :meth:`_retire` cancels its ``run`` before closing it, so no task of
+        a removed backend is left behind."""
         with trio.CancelScope() as scope:
             self._run_scopes[id(backend)] = scope
             try:
@@ -387,6 +389,17 @@ class Node:
                                        f"node {self.id} does not serve {model} on /{endpoint}"))
             return
         backend, _info = entry
+        # Counted from here: a reload removing this backend while the body is still read
+        # closes it only after this stream (see _retire).
+        self._streams_of[id(backend)] = self._streams_of.get(id(backend), 0) + 1
+        try:
+            await self._serve_on(stream, backend, endpoint, model)
+        finally:
+            self._stream_done(backend)
+
+    async def _serve_on(self, stream: InboundStream, backend: Backend, endpoint: str,
+                        model: str) -> None:
+        """Serve an opened stream on ``backend``, counted in its streams in flight."""
         try:
             body = await stream.read_body(MAX_REQUEST_BYTES)
             request = _decoder.decode(body)
@@ -406,7 +419,6 @@ class Node:
                 strip = True
         self.in_flight += 1
         self._idle = trio.Event() if self.in_flight == 1 else self._idle
-        self._streams_of[id(backend)] = self._streams_of.get(id(backend), 0) + 1
         try:
             self.queued += 1
             try:
@@ -418,7 +430,6 @@ class Node:
             finally:
                 self._slots[model].release()
         finally:
-            self._stream_done(backend)
             self.in_flight -= 1
             if self.in_flight == 0:
                 self._idle.set()
