@@ -5,6 +5,9 @@ failover down the tiers, the alias's name in answers, the model id the node gets
 from __future__ import annotations
 
 import json
+import os
+import signal
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -13,6 +16,7 @@ import pytest
 import trio
 
 from tests.conftest import Network
+from tests.processes import START_TIMEOUT, open_cluster, spawn, toml_table, toml_value_lines
 from tests.spy import Spy, read_stream
 from tooti import config
 from tooti.backends.simulated import SimulatedBackend
@@ -300,3 +304,56 @@ def test_config_nested_aliases_expand_in_place() -> None:
                             '[gateway.aliases.smart]\ntiers = [["big"], ["fast", "c"]]\n')
     assert Aliases(settings.gateway.aliases).tiers == {
         "fast": (("a", "b"),), "smart": (("big",), ("a", "b", "c"))}
+
+
+# ---------------------------------------------------------------- SIGHUP, real processes
+
+
+async def test_sighup_applies_aliases_and_cors(tmp_path: Path) -> None:
+    """A real ``tooti run`` gateway: an alias and a CORS origin written into its file
+    and applied by SIGHUP, without a restart; removed again by the next SIGHUP."""
+    def gateway_config(extra: str = "") -> str:
+        return (toml_value_lines({"roles": ["gateway"], "log_level": "info",
+                                  "drain_grace": 0.0})
+                + toml_table("gateway", {"listen": "127.0.0.1:0"})
+                + toml_table("tunnel", {"heartbeat_interval": 0.5}) + extra)
+
+    config_file = tmp_path / "gateway.toml"
+    config_file.write_text(gateway_config())
+    async with open_cluster(tmp_path) as cluster:
+        gateway = await spawn(cluster.nursery, config_file, cluster.gateway_data, "gateway")
+        cluster.children.append(gateway)
+        cluster.gateway = gateway
+        with trio.fail_after(START_TIMEOUT):
+            match = await gateway.wait_for(r"gateway listening on (http://127\.0\.0\.1:(\d+))")
+        cluster.url, cluster.port = match.group(1), int(match.group(2))
+        await cluster.start_nodes([("node-a", {})])
+
+        async def sighup(text: str) -> str:
+            fresh = config_file.with_name("gateway.toml.new")
+            fresh.write_text(text)
+            os.replace(fresh, config_file)
+            since = gateway.mark()
+            gateway.signal(signal.SIGHUP)
+            with trio.fail_after(30):
+                return (await gateway.wait_for(r"configuration reloaded[^\n]*", since)
+                        ).group(0)
+
+        async with httpx.AsyncClient(base_url=cluster.url, timeout=30) as http:
+            before = await http.post(CHAT, json=chat("fast"))
+            applied = await sighup(gateway_config(
+                toml_table("gateway.aliases", {"fast": ["tooti-sim"]})
+                + toml_table("gateway.cors", {"allow_origins": ["https://app.example"]})))
+            during = await http.post(CHAT, json=chat("fast"),
+                                     headers={"origin": "https://app.example"})
+            listed = [m["id"] for m in (await http.get("/v1/models")).json()["data"]]
+            await sighup(gateway_config())
+            after = await http.post(CHAT, json=chat("fast"),
+                                    headers={"origin": "https://app.example"})
+    assert before.status_code == 404
+    assert "gateway.aliases" in applied and "gateway.cors" in applied
+    assert during.status_code == 200, during.text
+    assert during.json()["model"] == "fast"
+    assert during.headers["access-control-allow-origin"] == "https://app.example"
+    assert "fast" in listed
+    assert after.status_code == 404 and "access-control-allow-origin" not in after.headers

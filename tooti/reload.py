@@ -34,6 +34,8 @@ flags), then, in two phases:
   connection limits and timeouts (see :data:`GATEWAY_LIVE`): new requests and
   connections see the new values, those under way may keep theirs;
 * ``[routing]``: the new policy ranks every pick from now on;
+* ``[gateway.aliases]`` and ``[gateway.cors]``: new requests are routed by the new
+  aliases (``/v1/models`` lists them at once) and answered by the new CORS origins;
 * ``[[node.backends]]``: an entry unchanged keeps its backend object (an embedded model
   is not loaded again); a new or changed entry gets a new backend, started before the
   swap; new requests use the new set, the models are announced to every gateway at
@@ -90,7 +92,7 @@ GATEWAY_LIVE = frozenset({
     "gateway.header_timeout", "gateway.keep_alive_timeout", "gateway.send_timeout",
     "gateway.max_connections", "gateway.max_connections_per_ip",
     "gateway.connection_rate", "gateway.connection_burst",
-    "routing.policy", "routing.options",
+    "routing.policy", "routing.options", "gateway.aliases", "gateway.cors",
 })
 """What a gateway applies on SIGHUP."""
 RELAY_LIVE = frozenset({
