@@ -22,6 +22,7 @@ from tests.test_routing_index import make_peer, registry_of
 from tooti.backends.base import ModelInfo
 from tooti.backends.llamacpp import LOCAL_EXTRA_HINT, LlamaCppBackend, LlamaCppStartError
 from tooti.backends.simulated import SimulatedBackend
+from tooti.gateway.app import Gateway
 from tooti.gateway.node_picker import LOADING_RETRY_AFTER
 from tooti.identity import Identity
 from tooti.mesh.events import BusEvent
@@ -34,6 +35,7 @@ from tooti.relay.role import RelayRole
 from tooti.settings import (
     BackendSettings,
     GatewaySettings,
+    GroupSettings,
     NodeSettings,
     RelaySettings,
     Settings,
@@ -178,6 +180,33 @@ async def test_a_node_that_stops_loading_without_being_ready_is_not_loading(
     async with network.client() as client:
         answer = await client.post("/v1/chat/completions", json=CHAT)
     assert answer.status_code == 503 and answer.json()["error"]["code"] == "no_capacity"
+
+
+async def test_a_model_loading_in_another_group_is_no_capacity_here(
+        nursery: trio.Nursery) -> None:
+    """Node groups ``blue`` and ``red``: ``blue`` once had ``tooti-sim`` (its node left),
+    ``red`` has it loading. A ``blue`` caller is told no_capacity (its nodes have none),
+    never model_loading: how another group's nodes are doing is not its business."""
+    tunnel = TunnelSettings(heartbeat_interval=0.5)
+    gateway = Gateway(GatewaySettings(listen="127.0.0.1:0", first_byte_timeout=10, groups={
+        "blue": GroupSettings(join_token="join-blue", api_keys=["key-blue"]),
+        "red": GroupSettings(join_token="join-red", api_keys=["key-red"])}), tunnel)
+    network = Network(nursery, gateway, (await nursery.start(gateway.serve))[0], tunnel)
+    registry = gateway.registry
+    await network.add_node([simulated()], "node-blue", join_token="join-blue")
+    with trio.fail_after(LIMIT):
+        await network.add_node([SlowToLoad()], "node-red", wait=False,
+                               join_token="join-red", health_interval=0.05)
+    await until(registry, lambda: loading_here(registry, "node-red"))
+    network.kill_node("node-blue")
+    await until(registry, lambda: "node-blue" not in registry.peers)
+    async with network.client() as client:
+        blue, red = [await client.post("/v1/chat/completions", json=CHAT, headers={
+            "authorization": f"Bearer {key}"}) for key in ("key-blue", "key-red")]
+    assert blue.status_code == 503 and blue.json()["error"]["code"] == "no_capacity", \
+        blue.text
+    assert red.status_code == 503 and red.json()["error"]["code"] == "model_loading"
+    gateway.shutdown()
 
 
 async def test_a_queued_request_gets_model_loading_when_its_nodes_reload(

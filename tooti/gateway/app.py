@@ -445,13 +445,15 @@ class Gateway:
         if len(groups) == 1:
             only = groups[0]
             check_routable(registry, models, serving=lambda model: registry.serving(model, only),
-                           known=self.known_by_group.get(only, ()))
+                           known=self.known_by_group.get(only, ()),
+                           loading=lambda model: registry.loading(model, only))
             return
         check_routable(registry, models,
                        serving=lambda model: [peer for g in groups
                                               for peer in registry.serving(model, g)],
                        known=_KnownIn([self.known_by_group[g] for g in groups
-                                       if g in self.known_by_group]))
+                                       if g in self.known_by_group]),
+                       loading=lambda model: any(registry.loading(model, g) for g in groups))
 
     def _max_cost(self, request: ParsedRequest, body_bytes: int, groups: Sequence[str]) -> int:
         """The most ``request`` can cost, in micro-units: its prompt bound and completion
