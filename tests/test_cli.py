@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import tooti
-from tooti.cli import _parser, main
+from tooti.cli import GATEWAY_HELP, _parser, main, usage_table
 from tooti.config import ConfigError
 from tooti.settings import BackendSettings, Settings
 
@@ -73,11 +73,24 @@ def test_config_check_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
         f"{path}: ok",
         "  roles: gateway, node",
         "  listen: 0.0.0.0:8080",
-        "  backends: 1",
+        "  backends: 1 (openai)",
         "  peers: 2",
     ]
     assert err == ""
     assert not any(secret in out for secret in SECRETS)
+
+
+@pytest.mark.parametrize(("text", "line"), [
+    ("", "  backends: default (llamacpp)"),  # a node with none runs the embedded model
+    ('roles = ["node"]\n', "  backends: default (llamacpp)"),
+    ('roles = ["gateway"]\n', "  backends: none (no node role)"),
+    ('[[node.backends]]\ntype = "simulated"\n[[node.backends]]\ntype = "openai"\n'
+     'url = "http://h/v1"\n', "  backends: 2 (simulated, openai)"),
+])
+def test_config_check_names_the_backends_a_node_runs(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, line: str) -> None:
+    assert main(["config", "check", str(write(tmp_path, text))]) == 0
+    assert line in capsys.readouterr().out.splitlines()
 
 
 def test_config_check_example(capsys: pytest.CaptureFixture[str]) -> None:
@@ -255,6 +268,30 @@ def test_every_command_describes_itself() -> None:
     assert len(commands) > 40  # nested ones (config check, keys create, ...) included
     missing = [name for name, parser in commands if not (parser.description or "").strip()]
     assert missing == []
+
+
+@pytest.mark.parametrize("command", ["peers", "tui"])
+def test_peers_and_tui_take_gateway_and_url_alike(command: str,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """``tooti peers --url`` and ``tooti tui --gateway`` were each other's spelling: both
+    commands take both (``--gateway`` as the accounts commands, ``--url`` kept)."""
+    for flag in ("--gateway", "--url"):
+        args = _parser().parse_args([command, flag, "http://gw.example:8080"])
+        assert args.gateway == "http://gw.example:8080"
+    assert main([command, "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--gateway URL, --url URL" in out and " ".join(GATEWAY_HELP.split()) in out
+
+
+def test_usage_columns_fit_the_widest_value() -> None:
+    node = "tooti-" + "a" * 26  # a derived node id, 32 characters
+    lines = usage_table("node", [(node, "3", "120", "48", "0.0012", "0"),
+                                 ("my-node", "12", "7", "1000000", "0", "0")])
+    assert lines == [
+        f"  node{' ' * 28}  requests  prompt  completion    cost  charged",
+        f"  {node}         3     120          48  0.0012        0",
+        f"  my-node{' ' * 25}        12       7     1000000       0        0"]
+    assert len({len(line) for line in lines}) == 1  # every row as wide: nothing shifted
 
 
 @pytest.mark.parametrize(("argv", "says"), [

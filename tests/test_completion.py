@@ -102,6 +102,17 @@ def test_bash_completes_choices(scripts: dict[str, Path]) -> None:
     assert complete_bash(scripts["bash"], ["tooti", "usage", "--by", "=", "mo"]) == ["model"]
     assert complete_bash(scripts["bash"], ["tooti", "usage", "--by", "="]) == by
     assert complete_bash(scripts["bash"], ["tooti", "run", "--auth", ""]) == ["keys", "open"]
+    # flags checked by tooti.config, not by argparse's choices (--role gateway,node and
+    # --log-level DEBUG stay accepted), offer their words all the same
+    assert complete_bash(scripts["bash"], ["tooti", "run", "--role", ""]) == [
+        "gateway", "node", "relay"]
+    assert complete_bash(scripts["bash"], ["tooti", "run", "--role", "r"]) == ["relay"]
+    assert complete_bash(scripts["bash"], ["tooti", "run", "--log-level", ""]) == [
+        "debug", "info", "warning", "error"]
+    assert complete_bash(scripts["bash"], ["tooti", "run", "--log-format", ""]) == [
+        "text", "json"]
+    assert _parser().parse_args(["run", "--role", "gateway,node", "--log-level",
+                                 "DEBUG"]).role == ["gateway,node"]
     assert complete_bash(scripts["bash"], ["tooti", "completion", ""]) == list(SHELLS)
     # a value that is not completed offers nothing, not the flags
     assert complete_bash(scripts["bash"], ["tooti", "run", "--listen", ""]) == []

@@ -8,11 +8,18 @@ import os
 import sys
 
 from tooti import __version__
+from tooti.cli_completion import offer
 from tooti.config import ConfigError, build_settings, load_file
+from tooti.settings import LOG_FORMATS, LOG_LEVELS, ROLES
 
 TUI_MODULES = frozenset({"textual", "rich"})
 """The third-party packages ``tooti tui`` needs (a default dependency, and the ``tui``
 extra): missing, the command says so in one line."""
+
+
+GATEWAY_HELP = ("base URL of the gateway (or relay) to ask [TOOTI_GATEWAY, default "
+                "http://127.0.0.1:8080]")
+"""The help of ``--gateway`` (also spelled ``--url``) of ``tooti tui`` and ``tooti peers``."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,12 +47,15 @@ def _parser() -> argparse.ArgumentParser:
         "TOOTI_* variable in brackets; flags win over the environment, which wins "
         "over the config file.",
     )
-    run.add_argument(
+    # --role, --log-level and --log-format take forms argparse's choices would refuse
+    # (gateway,node; DEBUG): tooti.config checks them, the completion offers the words.
+    offer(run.add_argument(
         "--role",
         action="append",
         metavar="ROLE",
-        help="gateway, node or relay; repeatable [TOOTI_ROLE, comma-separated]",
-    )
+        help="gateway, node or relay; repeatable or comma-separated [TOOTI_ROLE, "
+        "comma-separated]",
+    ), ROLES)
     run.add_argument("--config", metavar="FILE", help="TOML config file [TOOTI_CONFIG]")
     run.add_argument("--listen", metavar="HOST:PORT", help="gateway address [TOOTI_LISTEN]")
     run.add_argument(
@@ -70,13 +80,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--data-dir", metavar="DIR", help="state directory [TOOTI_DATA_DIR]")
     run.add_argument("--node-id", metavar="ID", help="node id [TOOTI_NODE_ID]")
-    run.add_argument(
+    offer(run.add_argument(
         "--log-level", metavar="L", help="debug, info, warning or error [TOOTI_LOG_LEVEL]"
-    )
-    run.add_argument(
+    ), LOG_LEVELS)
+    offer(run.add_argument(
         "--log-format", metavar="F",
         help="text, or json: one JSON object per line for log shippers [TOOTI_LOG_FORMAT]",
-    )
+    ), LOG_FORMATS)
     run.add_argument(
         "--no-access-log", dest="access_log", action="store_const", const="0",
         help="no access-log line per /v1 request [TOOTI_ACCESS_LOG=0]",
@@ -140,8 +150,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Watch a gateway's peers, request flows and totals live, from its "
         "admin events stream. Reconnects when the gateway restarts.",
     )
-    tui.add_argument("--gateway", metavar="URL",
-                     help="gateway base URL [TOOTI_GATEWAY, default http://127.0.0.1:8080]")
+    tui.add_argument("--gateway", "--url", dest="gateway", metavar="URL", help=GATEWAY_HELP)
     tui.add_argument("--admin-key", metavar="K",
                      help="the gateway's admin key; prefer the variable [TOOTI_ADMIN_KEY]")
     tui.set_defaults(handler=_tui)
@@ -152,9 +161,8 @@ def _parser() -> argparse.ArgumentParser:
         "which are connected to it (direct or via relays) and which public addresses it "
         "tells dialers about.",
     )
-    peers.add_argument("--url", metavar="URL",
-                       help="the process's base URL [TOOTI_GATEWAY, default "
-                       "http://127.0.0.1:8080]")
+    peers.add_argument("--gateway", "--url", dest="gateway", metavar="URL",
+                       help=GATEWAY_HELP)
     peers.add_argument("--admin-key", metavar="K",
                        help="its admin key; prefer the variable [TOOTI_ADMIN_KEY]")
     peers.add_argument("--json", action="store_true", help="print the raw JSON view")
@@ -195,7 +203,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _config_check(args: argparse.Namespace) -> int:
-    from tooti.runner import check_plugin_names, check_tls
+    from tooti.runner import check_plugin_names, check_tls, effective_roles
 
     try:
         settings = load_file(args.file)
@@ -207,7 +215,13 @@ def _config_check(args: argparse.Namespace) -> int:
     print(f"{args.file}: ok")
     print(f"  roles: {roles}")
     print(f"  listen: {settings.gateway.listen}")
-    print(f"  backends: {len(settings.node.backends)}")
+    backends = [backend.type for backend in settings.node.backends]
+    if backends:
+        print(f"  backends: {len(backends)} ({', '.join(backends)})")
+    elif "node" in effective_roles(settings):
+        print("  backends: default (llamacpp)")  # what tooti.runner.build_backends runs
+    else:
+        print("  backends: none (no node role)")
     print(f"  peers: {len(settings.node.peers)}")
     if "relay" in settings.roles:
         print(f"  relay upstream peers: {len(settings.relay.peers)}")
@@ -233,7 +247,7 @@ def _tui(args: argparse.Namespace) -> int:
 def _peers(args: argparse.Namespace) -> int:
     from tooti.admin import network_report
 
-    url = args.url or os.environ.get("TOOTI_GATEWAY") or "http://127.0.0.1:8080"
+    url = args.gateway or os.environ.get("TOOTI_GATEWAY") or "http://127.0.0.1:8080"
     admin_key = args.admin_key or os.environ.get("TOOTI_ADMIN_KEY") or ""
     try:
         view = network_report.fetch(url, admin_key)
@@ -281,15 +295,30 @@ def _usage(args: argparse.Namespace) -> int:
         return 1
     try:
         for by in args.by or ["key", "model", "node"]:
-            rows = summarize(db, by)
             print(f"by {by}:")
-            print(f"  {by:<28} {'requests':>9} {'prompt':>10} {'completion':>11} "
-                  f"{'cost':>14} {'charged':>14}")
-            for row in rows:
-                print(f"  {row.group:<28} {row.requests:>9} {row.prompt_tokens:>10} "
-                      f"{row.completion_tokens:>11} {format_credits(row.cost):>14} "
-                      f"{format_credits(row.charged):>14}")
+            for line in usage_table(by, [
+                    (row.group, str(row.requests), str(row.prompt_tokens),
+                     str(row.completion_tokens), format_credits(row.cost),
+                     format_credits(row.charged)) for row in summarize(db, by)]):
+                print(line)
             print()
     finally:
         db.close()
     return 0
+
+
+USAGE_COLUMNS = ("requests", "prompt", "completion", "cost", "charged")
+"""The figures ``tooti usage`` prints after each group's name."""
+
+
+def usage_table(by: str, rows: list[tuple[str, ...]]) -> list[str]:
+    """``tooti usage``'s table for one grouping: a heading (``by`` over the groups, then
+    :data:`USAGE_COLUMNS`) and ``rows`` (a group, then its figures as text), each column
+    as wide as its widest value (a 32-character node id or key id shifts nothing), names
+    left-aligned, figures right-aligned, two spaces apart, indented two."""
+    table = [(by, *USAGE_COLUMNS), *rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    return ["  " + "  ".join([row[0].ljust(widths[0]), *(cell.rjust(width) for cell, width
+                                                          in zip(row[1:], widths[1:],
+                                                                 strict=True))])
+            for row in table]

@@ -5,7 +5,8 @@ command line.
 What it completes, at every level of nesting (``tooti config check``, ``tooti keys
 create``, ``tooti earnings payout``): the subcommands (with their help as descriptions
 in zsh and fish), each subcommand's own flags, the values of a flag or positional that
-has ``choices`` (``tooti usage --by <TAB>``, ``tooti completion <TAB>``), file names for
+has ``choices`` (``tooti usage --by <TAB>``, ``tooti completion <TAB>``) or words given by
+:func:`offer` (``tooti run --role <TAB>``), file names for
 a ``FILE`` metavar and directory names for ``DIR``. Other values (``HOST:PORT``, a key)
 are not guessed. Options hidden from ``--help`` are not offered. ``--flag=value`` works
 as well as ``--flag value``.
@@ -28,7 +29,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,8 +94,21 @@ def _one_line(text: str | None) -> str:
     return " ".join(text.replace("%(default)s", "").replace("%%", "%").split())
 
 
+_OFFERED = "tooti_completion_choices"
+"""The attribute :func:`offer` sets on an argparse action."""
+
+
+def offer(action: argparse.Action, words: Iterable[str]) -> argparse.Action:
+    """Complete ``action``'s value with ``words`` though argparse does not restrict it to
+    them (no ``choices``): for a flag whose value is checked elsewhere, in a form
+    ``choices`` would refuse (``--role gateway,node``, ``--log-level DEBUG``). Returns
+    ``action``."""
+    setattr(action, _OFFERED, tuple(words))
+    return action
+
+
 def _value_of(action: argparse.Action) -> Value:
-    choices = action.choices
+    choices = action.choices if action.choices is not None else getattr(action, _OFFERED, None)
     if choices is not None and not isinstance(action, argparse._SubParsersAction):
         words = tuple(str(choice) for choice in choices)
         return Value("choices", tuple(w for w in words if _SAFE_WORD.fullmatch(w)))
@@ -491,7 +505,11 @@ def register(commands: Any, root: argparse.ArgumentParser | None = None) -> None
         "(subcommands, flags, their choices, file and directory names). Load it:\n\n"
         "  bash  source <(tooti completion bash)     in ~/.bashrc\n"
         "  zsh   source <(tooti completion zsh)      in ~/.zshrc, after compinit\n"
-        "  fish  tooti completion fish | source      in ~/.config/fish/config.fish",
+        "  fish  tooti completion fish | source      in ~/.config/fish/config.fish\n\n"
+        "Where tooti is not on PATH (a virtualenv not activated), write its full path\n"
+        "instead, e.g. source <(/path/to/tooti/.venv/bin/tooti completion bash). The\n"
+        "script completes the command named tooti: typed as tooti, or in bash as a\n"
+        "path ending in /tooti (bash falls back to the name after the last slash).",
     )
     parser.add_argument("shell", metavar="SHELL", choices=SHELLS,
                         help="bash, zsh or fish")
