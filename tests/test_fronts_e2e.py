@@ -534,3 +534,34 @@ async def test_access_log_ledger_and_events_record_front_requests(
         gateway.shutdown()
         for scope in network.scopes.values():
             scope.cancel()
+
+
+async def test_native_responses_seam(network: Network) -> None:
+    """A Responses request is offered to ``native_responses`` once parsed (the refusals
+    apply first); when it declines, the request is translated."""
+    await network.add_node([simulated(tokens=2)])
+    offered: list[bytes] = []
+    serve_natively = False
+
+    async def native(scope: Any, receive: Any, send: Any, request_id: str, headers: Any,
+                     caller: Any, request: Any, entry: Any) -> bool:
+        offered.append(request.context["raw"])
+        if not serve_natively:
+            return False
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"application/json"), *headers]})
+        await send({"type": "http.response.body", "body": b'{"native": true}'})
+        return True
+
+    network.gateway.fronts.native_responses = native
+    async with network.client() as http:
+        translated = await http.post("/v1/responses", json={"model": MODEL, "input": "hi"})
+        refused = await http.post("/v1/responses", json={
+            "model": MODEL, "input": "hi", "previous_response_id": "resp_1"})
+        serve_natively = True
+        passed = await http.post("/v1/responses", json={"model": MODEL, "input": "yo"})
+    assert translated.json()["status"] == "completed"
+    assert refused.status_code == 400
+    assert passed.json() == {"native": True}
+    assert passed.headers["x-request-id"].startswith("req_")
+    assert [json.loads(raw)["input"] for raw in offered] == ["hi", "yo"]

@@ -70,8 +70,11 @@ TEXT_PLAIN = b"text/plain; charset=utf-8"
 Route = Callable[[Scope, Receive, Send, str, Headers, Caller,
                   access_log.AccessRecord | None], Awaitable[None]]
 """Serves one front route for a known caller."""
-ResponsesUpstream = Callable[[ChatRequest], tuple[str, bytes]]
-"""The endpoint and body a ``/v1/responses`` request is forwarded as."""
+NativeResponses = Callable[[Scope, Receive, Send, str, Headers, Caller, ChatRequest,
+                            access_log.AccessRecord | None], Awaitable[bool]]
+"""Serves a parsed ``/v1/responses`` request on a node whose backend serves the Responses
+API itself (``request.context["raw"]`` is the client's body), returning True; False when
+no such node may serve it (then the request is translated)."""
 
 
 def dialect_of(path: str) -> str:
@@ -89,11 +92,6 @@ def _method(method: str, allowed: str, path: str) -> None:
                        code="method_not_allowed", headers={"allow": allowed})
 
 
-def translated_chat(request: ChatRequest) -> tuple[str, bytes]:
-    """The chat-completions endpoint and body a front's request is forwarded as."""
-    return "chat/completions", _encode(request.body)
-
-
 class FrontRoutes:
     """The dialects' routes of one gateway (see the module docstring)."""
 
@@ -104,13 +102,12 @@ class FrontRoutes:
             "/v1/responses": self._responses,
             **{path: self._ollama for path in (*OLLAMA_GENERATION, "/api/tags", "/api/ps",
                                                "/api/show")}}
-        self.responses_upstream: ResponsesUpstream = translated_chat
-        """The seam for native ``/v1/responses``: how a Responses request goes to the
-        nodes. Today every one is translated to chat completions
-        (:func:`translated_chat`); nodes whose backend serves ``/v1/responses`` itself
-        may be given ``request.context["raw"]`` (the client's body) with the
-        ``responses`` endpoint instead, once routing picks only such nodes for it, and
-        the answer then passes through untranslated."""
+        self.native_responses: NativeResponses | None = None
+        """The seam for native ``/v1/responses``: asked first for every Responses request
+        once its body was parsed (so the same refusals apply either way); when it serves
+        the request (a node whose backend serves ``/v1/responses`` is given the client's
+        body and its answer passes through untranslated) nothing else runs. None: every
+        Responses request is translated to chat completions."""
 
     def mount(self) -> None:
         """Mount the routes on the gateway's station: ``/v1/messages*`` and
@@ -247,12 +244,12 @@ class FrontRoutes:
         raw = await self._read(scope, receive)
         chat = front.parse(raw, max_depth=self.gateway.settings.max_json_depth,
                            request_id=request_id)
-        if front is responses_stream.FRONT:
-            endpoint, body = self.responses_upstream(chat)
-        else:
-            endpoint, body = translated_chat(chat)
+        native = self.native_responses if front is responses_stream.FRONT else None
+        if native is not None and await native(scope, receive, send, request_id, headers,
+                                               caller, chat, entry):
+            return
         await self._proxy(scope, receive, send, request_id, headers, front, chat, caller,
-                          entry, endpoint=endpoint, body=body)
+                          entry, endpoint="chat/completions", body=_encode(chat.body))
 
     async def _count_tokens(self, scope: Scope, receive: Receive, send: Send,
                             request_id: str, headers: Headers, caller: Caller,

@@ -35,11 +35,11 @@ import msgspec
 from tooti.errors import APIError
 from tooti.fronts.base import ChatRequest, Front, StreamTranslator
 from tooti.mesh.http import Headers, Send
-from tooti.protocol.sse import SSEDecoder, split_events
+from tooti.protocol.sse import EVENT_END, SSEDecoder
 
 _decode = msgspec.json.decode
 _REPLACED = (b"content-type", b"content-length")
-_DONE = "[DONE]"
+_DONE = b"[DONE]"
 
 Render = Callable[[Any], bytes]
 """A whole (decoded) node answer as the dialect's body; raises APIError."""
@@ -149,7 +149,7 @@ class TranslatedSend:
             out.append(translator.start())
         block = decoder.feed(body) if body else b""
         if block:
-            for raw in split_events(block):
+            for raw in block.split(EVENT_END)[:-1]:  # whole events, each ending in EVENT_END
                 self._event(decoder, raw, translator, out)
         if not more:
             tail = decoder.flush()
@@ -163,10 +163,14 @@ class TranslatedSend:
     @staticmethod
     def _event(decoder: SSEDecoder, raw: bytes, translator: StreamTranslator,
                out: list[bytes]) -> None:
-        event = decoder.parse(raw)
-        if event is None:
-            return
-        data = event.data
+        """Feed one event (its bytes without the closing blank line) to ``translator``."""
+        if raw.startswith(b"data: ") and raw.find(b"\n") < 0:
+            data = raw[6:]  # the usual event: one data line, as nodes write them
+        else:
+            event = decoder.parse(raw + EVENT_END)
+            if event is None:
+                return
+            data = event.data.encode()
         if data.strip() == _DONE:
             out.append(translator.finish())
             return
