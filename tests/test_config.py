@@ -129,6 +129,29 @@ modles = ["m"]
     assert "did you mean 'models'?" in str(err)
 
 
+def test_a_literal_key_lists_its_values() -> None:
+    """Every ``Literal``-typed key (``gateway.auth``) names the values it takes, as
+    ``log_level`` does, and its type by the type of those values."""
+    err = error_of('[gateway]\nauth = "kyes"\n')
+    assert (err.line, err.key) == (2, "gateway.auth")
+    assert err.message == ("unknown value 'kyes' (expected one of: keys, open, or \"\" for "
+                           "the default)")
+    assert error_of("[gateway]\nauth = 3\n").message == "expected string, got integer 3"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('[node]\nbackends = ["simulated"]\n', 'expected table, got string "simulated"; '
+     'write [[node.backends]] with type = "simulated"'),
+    ('[node]\nbackends = "ollama"\n', 'expected array, got string "ollama"; '
+     'write [[node.backends]] with type = "ollama"'),
+    ("[node]\nbackends = [1]\n",
+     "expected table, got integer 1; write a [[node.backends]] table for each"),
+])
+def test_backends_written_as_strings_say_how_to_write_them(text: str, message: str) -> None:
+    err = error_of(text)
+    assert (err.line, err.message) == (2, message)
+
+
 def test_unknown_table_reports_header_line() -> None:
     err = error_of('data_dir = "/tmp"\n\n[tunel]\n')
     assert (err.line, "unknown key 'tunel'" in str(err)) == (3, True)

@@ -26,7 +26,7 @@ import re
 import tomllib
 import types
 from collections.abc import Iterable, Mapping
-from typing import Annotated, Any, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Literal, get_args, get_origin, get_type_hints
 from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
@@ -188,8 +188,28 @@ def _explain(error: str, data: Any, hint: Any) -> _Invalid:
     if unknown := re.fullmatch(r"Object contains unknown field `(.*)`", m["what"]):
         return _unknown_key(path, unknown[1], _unwrap(hint)[0].__struct_fields__)
     if ", got `" in m["what"]:
-        return _Invalid(path, f"expected {_kind(hint)}, got {_describe(value, _is_secret(path))}")
+        return _Invalid(path, f"expected {_kind(hint)}, got {_describe(value, _is_secret(path))}"
+                        + _tables_hint(path, hint, value))
     return _Invalid(path, _broken(hint, value, _is_secret(path)))
+
+
+def _tables_hint(path: Path, hint: Any, value: Any) -> str:
+    """For a value where an array of tables (``[[node.backends]]``) is declared, or in
+    one: how to write it (``node.backends = ["simulated"]`` →
+    ``; write [[node.backends]] with type = "simulated"``); else ``""``."""
+    base = _unwrap(hint)[0]
+    if get_origin(base) is list:
+        base, where = _unwrap(get_args(base)[0])[0], path
+    elif path and isinstance(path[-1], int):
+        where = path[:-1]
+    else:
+        return ""
+    if not (isinstance(base, type) and issubclass(base, msgspec.Struct)):
+        return ""
+    header = f"[[{_dotted(where)}]]"
+    if isinstance(value, str) and "type" in base.__struct_fields__ and not _is_secret(path):
+        return f"; write {header} with type = {_describe(value).removeprefix('string ')}"
+    return f"; write a {header} table for each"
 
 
 def _member(hint: Any, value: Any) -> Any:
@@ -227,13 +247,21 @@ def _kind(hint: Any) -> str:
     if isinstance(base, types.UnionType):
         kinds = [_kind(member) for member in get_args(base)]
         return ", ".join(kinds[:-1]) + " or " + kinds[-1]
+    if get_origin(base) is Literal:  # the type of its values (a Literal is one type)
+        return _kind(type(get_args(base)[0]))
     return _KINDS.get(get_origin(base) or base, "table")  # the rest are Structs
 
 
 def _broken(hint: Any, value: Any, secret: bool) -> str:
     """The message for a value of the right type that breaks its declared constraint:
-    the constraint's own ``extra["error"]``, else the bound it breaks."""
+    the constraint's own ``extra["error"]``, else the values a ``Literal`` allows, else
+    the bound it breaks."""
     base, metas = _unwrap(hint)
+    if get_origin(base) is Literal:
+        listed = ", ".join(str(v) for v in get_args(base) if v != "")
+        unset = ', or "" for the default' if "" in get_args(base) else ""
+        got = "" if secret else f" '{value}'"
+        return f"unknown value{got} (expected one of: {listed}{unset})"
     shown = float(value) if base is float else value
     for meta in metas:
         if meta.extra and "error" in meta.extra:
