@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import trio
 import trio.testing
 
@@ -27,6 +28,7 @@ from tests.processes import (
     toml_table,
     toml_value_lines,
 )
+from tooti.config import ConfigError
 from tooti.reload import Reloader, live_keys, plan_reload, restart_keys
 from tooti.settings import (
     BackendSettings,
@@ -320,10 +322,13 @@ def test_plan_of_a_node_only_process() -> None:
 class _FailingGateway:
     """A gateway whose reload hits a bug."""
 
+    keys = None
+
     def __init__(self) -> None:
         self.calls = 0
 
-    def reload(self, settings: GatewaySettings, policy: object = None) -> None:
+    def reload(self, settings: GatewaySettings, policy: object = None,
+               auth: object = None) -> None:
         self.calls += 1
         raise RuntimeError("a bug while applying")
 
@@ -381,3 +386,65 @@ async def test_reloaded_connection_limits_apply_to_new_connections(
     assert statuses[-1] == 429, statuses
     assert gateway.station.admission.handshakes.concurrent == 1
     gateway.shutdown()
+
+
+async def test_a_key_table_that_cannot_be_built_changes_nothing(
+        monkeypatch: pytest.MonkeyPatch, caplog: Any) -> None:
+    """Everything is built before anything is swapped: a failure building the gateway's
+    key table leaves the station (admin key, join tokens) as it was too."""
+    from tooti.gateway import app, auth
+    from tooti.gateway.app import Gateway
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise ConfigError("the key table cannot be built", key="gateway.auth")
+
+    running = Settings(roles=["gateway"], gateway=GatewaySettings(
+        listen="127.0.0.1:0", admin_key="adm-old", join_token="join-old"))
+    loaded = Settings(roles=["gateway"], gateway=GatewaySettings(
+        listen="127.0.0.1:0", admin_key="adm-new", join_token="join-new"))
+    gateway = Gateway(running.gateway, TunnelSettings())
+    roles = _Roles(gateway)
+    roles.station = gateway.station
+    reloader = Reloader(roles, running, lambda: loaded, ["gateway"])
+    monkeypatch.setattr(auth, "Authenticator", refuse)
+    monkeypatch.setattr(app, "Authenticator", refuse)
+    await reloader.reload()
+    assert gateway.station.settings.admin_key == gateway.settings.admin_key == "adm-old"
+    assert gateway.station.settings.join_token == "join-old"
+    assert reloader.running is running
+    assert any("configuration not reloaded" in r.getMessage()
+               and "the key table cannot be built" in r.getMessage()
+               for r in caplog.records)
+
+
+async def test_backends_a_stopped_node_cannot_take_are_closed_and_nothing_changes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reload whose backend swap is refused (the node stopped meanwhile) closes the
+    backends it started and keeps the running configuration, so the next reload
+    compares against what the node really runs."""
+    import tooti.backends
+    from tooti.backends.simulated import SimulatedBackend
+    from tooti.node.node import Node
+
+    closed: list[str] = []
+
+    class Noted(SimulatedBackend):
+        async def close(self) -> None:
+            closed.append(self.settings.models[0])
+            await super().close()
+
+    old_entry = BackendSettings(type="simulated", models=["a"])
+    new_entry = BackendSettings(type="simulated", models=["b"])
+    running = Settings(roles=["node"], node=NodeSettings(peers=[], backends=[old_entry]))
+    loaded = Settings(roles=["node"], node=NodeSettings(peers=[], backends=[new_entry]))
+    old = Noted(old_entry)
+    node = Node(running.node, TunnelSettings(), [old], "node-a", dial=False)
+    roles = _Roles(None)
+    roles.node = node
+    monkeypatch.setattr(tooti.backends, "create_backend", Noted)
+    reloader = Reloader(roles, running, lambda: loaded, ["node"])
+    with pytest.raises(RuntimeError, match="not running"):
+        await reloader.reload()
+    assert closed == ["b"]
+    assert node.backends == [old]
+    assert reloader.running is running

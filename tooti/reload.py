@@ -65,6 +65,7 @@ from tooti.settings import BackendSettings, Settings
 if TYPE_CHECKING:
     from tooti.backends.base import Backend
     from tooti.gateway.app import Gateway
+    from tooti.gateway.auth import Authenticator
     from tooti.mesh.join_tokens import TokenChanges
     from tooti.mesh.station import Station
     from tooti.node.admin import NodeAdmin
@@ -227,6 +228,8 @@ class _Built:
 
     plan: Plan
     policy: RoutingPolicy | None = None
+    auth: Authenticator | None = None
+    """The gateway's new key table (built before the station or gateway changes)."""
     backends: list[Backend] | None = None
     """The node's whole new backend list (None: unchanged)."""
     started: list[Backend] = field(default_factory=list)
@@ -304,12 +307,21 @@ class Reloader:
             log.error("SIGHUP: configuration not reloaded, the current one stays in force: "
                       "%s", exc)
             return
-        self._apply(built)
-        if built.backends is not None:
+        if built.backends is not None:  # first: the one step of applying that can fail
             assert node is not None
-            await node.replace_backends(built.backends,
-                                        min((b.poll_interval for b in built.entries),
-                                            default=node.poll_interval))
+            try:
+                await node.replace_backends(built.backends,
+                                            min((b.poll_interval for b in built.entries),
+                                                default=node.poll_interval))
+            except BaseException:
+                if node.backends is not built.backends:  # refused before the swap
+                    with trio.CancelScope(shield=True), trio.move_on_after(5):
+                        for backend in built.started:
+                            await _close_quietly(backend)
+                    raise
+                self._apply(built)  # swapped: the node runs the new list from now on
+                raise
+        self._apply(built)
 
     async def _build(self, loaded: Settings) -> _Built:
         """Check ``loaded`` and build what it needs (raises ConfigError, having closed
@@ -325,6 +337,7 @@ class Reloader:
             resolve_mode(plan.settings.gateway, warn=False)  # ConfigError naming the key
             if plan.changed("routing.policy", "routing.options"):
                 built.policy = build_policy(plan.settings)
+            built.auth = build_auth(plan.settings, gateway)
         if self.roles.node is not None and plan.changed("node.backends"):
             await self._build_backends(built)
         return built
@@ -380,7 +393,7 @@ class Reloader:
         if station is not None:
             tokens = station.reload_settings(settings.gateway)
         if roles.gateway is not None:
-            roles.gateway.reload(settings.gateway, built.policy)
+            roles.gateway.reload(settings.gateway, built.policy, auth=built.auth)
         if roles.node_admin is not None and plan.changed("gateway.admin_key"):
             roles.node_admin.reload_admin_key(settings.gateway.admin_key)
         if built.backends is not None:
@@ -401,6 +414,14 @@ class Reloader:
         if plan.restart:
             log.warning("SIGHUP: changed settings need a restart to apply: %s",
                         ", ".join(plan.restart))
+
+
+def build_auth(settings: Settings, gateway: Gateway) -> Authenticator:
+    """The key table ``settings`` give ``gateway`` (raises ConfigError naming
+    ``gateway.auth`` if they resolve to no auth mode)."""
+    from tooti.gateway.auth import Authenticator
+
+    return Authenticator(settings.gateway, gateway.keys)
 
 
 def build_policy(settings: Settings) -> RoutingPolicy:

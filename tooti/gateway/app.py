@@ -200,7 +200,8 @@ class Gateway:
     def shutdown(self) -> None:
         self.station.shutdown()
 
-    def reload(self, settings: GatewaySettings, policy: RoutingPolicy | None = None) -> None:
+    def reload(self, settings: GatewaySettings, policy: RoutingPolicy | None = None,
+               auth: Authenticator | None = None) -> None:
         """SIGHUP: serve new requests by ``settings`` (which keep the running values of
         what needs a restart) and, if given, rank nodes by ``policy``. The admin key and
         the static group keys are matched by the new table from the next request on (a
@@ -212,9 +213,12 @@ class Gateway:
         tunnel until they reconnect, and must not serve a database group of that name.
         The station (join tokens, admin API key) is reloaded by its owner.
 
+        ``auth``: the key table for ``settings``, built by the caller beforehand (a
+        reload builds everything before it swaps anything); built here when not given.
         Raises :class:`~tooti.config.ConfigError` (naming ``gateway.auth``) before
         changing anything if the settings resolve to no auth mode."""
-        auth = Authenticator(settings, self.keys)
+        if auth is None:
+            auth = Authenticator(settings, self.keys)
         aliases = Aliases(settings.aliases)
         self.settings = settings
         self.auth = auth
