@@ -211,6 +211,48 @@ async def test_one_tier_of_two_ids_takes_the_free_node(aliased: Network) -> None
     assert small.requests[0]["model"] == "small"
 
 
+async def test_last_tier_of_two_ids_queues_for_either(
+    aliased: Network, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Both ids of a one-tier alias full: the request waits once (one place in the
+    gateway's queue) for whichever frees a slot first, and leaves both queues after."""
+    queued = trio.Event()
+    registry = aliased.gateway.registry
+    original = registry.wait_for_slot
+
+    async def hooked(waiter: SlotWaiter) -> None:
+        queued.set()
+        await original(waiter)
+
+    monkeypatch.setattr(registry, "wait_for_slot", hooked)
+    big_gate, small_gate = trio.Event(), trio.Event()
+    big = await node(aliased, "n-big", "big", big_gate, max_concurrency=1)
+    small = await node(aliased, "n-small", "small", small_gate, max_concurrency=1)
+    async with aliased.client() as http, trio.open_nursery() as nursery:
+        nursery.start_soon(read_stream, http, chat("pair"))
+        await big.wait_until(lambda: big.log == ["open 1"])
+        nursery.start_soon(read_stream, http, chat("pair"))
+        await small.wait_until(lambda: small.log == ["open 1"])
+        answers: list[httpx.Response] = []
+
+        async def third() -> None:
+            answers.append(await http.post(CHAT, json=chat("pair")))
+
+        nursery.start_soon(third)
+        with trio.fail_after(LIMIT):
+            await queued.wait()
+        assert aliased.gateway.proxy.queued == 1
+        small_gate.set()  # the second id frees first: the waiting request takes it
+        await small.wait_until(lambda: small.log[-1:] == ["end 2"])
+        big_gate.set()
+    assert answers[0].status_code == 200, answers[0].text
+    assert answers[0].headers["x-tooti-node"] == "n-small"
+    assert answers[0].json()["model"] == "pair"
+    assert big.log == ["open 1", "end 1"]
+    await settled(aliased)
+    assert aliased.gateway.proxy.queued == 0 and not registry.slots.waiting
+
+
 async def test_alias_beside_the_models_fallback_and_preferences(aliased: Network) -> None:
     await node(aliased, "n-big", "big")
     other = await node(aliased, "n-other", "other")

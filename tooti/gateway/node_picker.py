@@ -28,7 +28,7 @@ from tooti import clock
 from tooti.errors import APIError
 from tooti.gateway.proxy_settings import ProxySettings
 from tooti.gateway.validation import Preferences
-from tooti.mesh.candidates import Candidates
+from tooti.mesh.candidates import Candidates, SlotWaiter
 from tooti.mesh.peer import Peer
 from tooti.mesh.registry import Registry
 from tooti.routing.base import KeyName, RouteRequest, RoutingPolicy
@@ -283,10 +283,10 @@ class NodePicker:
                         if waiter.peer is not None:
                             peer, waiter.peer = waiter.peer, None  # claimed
                             return peer, waiter.key[0]
-                    pending = [w.event for w in waiters if not w.event.is_set()]
+                    pending = [w for w in waiters if not w.event.is_set()]
                     if not pending:
                         break
-                    await _any_set(pending)
+                    await _first_slot(registry, pending)
             errors = [w.error for w in waiters]
             if all(isinstance(error, _NoRoute) for error in errors):
                 return None
@@ -316,15 +316,15 @@ def _load_key(peer: Peer, model: str) -> tuple[float, float]:
     return (peer.load(model), ttft)
 
 
-async def _any_set(events: Sequence[trio.Event]) -> None:
-    """Wait until any of ``events`` is set."""
+async def _first_slot(registry: Registry, waiters: Sequence[SlotWaiter]) -> None:
+    """Wait until any of ``waiters`` has a slot or an error."""
     async with trio.open_nursery() as nursery:
-        async def wait(event: trio.Event) -> None:
-            await event.wait()
+        async def wait(waiter: SlotWaiter) -> None:
+            await registry.wait_for_slot(waiter)
             nursery.cancel_scope.cancel()
 
-        for event in events:
-            nursery.start_soon(wait, event)
+        for waiter in waiters:
+            nursery.start_soon(wait, waiter)
 
 
 def _sort_key(sort: str, model: str) -> Callable[[Peer], tuple[float, ...]]:
