@@ -399,3 +399,15 @@ async def test_sighup_applies_aliases_and_cors(tmp_path: Path) -> None:
     assert during.headers["access-control-allow-origin"] == "https://app.example"
     assert "fast" in listed
     assert after.status_code == 404 and "access-control-allow-origin" not in after.headers
+
+
+async def test_an_alias_through_the_anthropic_front(aliased: Network) -> None:
+    import anthropic
+
+    small = await node(aliased, "n-small", "small")
+    async with anthropic.AsyncAnthropic(base_url=aliased.url, api_key="none",
+                                        max_retries=0) as api:
+        message = await api.messages.create(
+            model="smart", max_tokens=8, messages=[{"role": "user", "content": "hi"}])
+    assert message.model == "smart"
+    assert small.requests[-1]["model"] == "small"
