@@ -565,3 +565,23 @@ async def test_native_responses_seam(network: Network) -> None:
     assert passed.json() == {"native": True}
     assert passed.headers["x-request-id"].startswith("req_")
     assert [json.loads(raw)["input"] for raw in offered] == ["hi", "yo"]
+
+
+async def test_a_stream_broken_after_its_start_ends_in_the_dialects_error(
+        network: Network) -> None:
+    await network.add_node([simulated(tokens=8, cut_after=2)])
+    anthropic_stream = await anthropic_client(network.url).messages.create(
+        model=MODEL, max_tokens=100, stream=True,
+        messages=[{"role": "user", "content": "hi"}])
+    seen: list[str] = []
+    with pytest.raises(anthropic.APIStatusError) as broken:
+        async for event in anthropic_stream:
+            seen.append(event.type)
+    assert seen[0] == "message_start" and "message_stop" not in seen
+    assert broken.value.body["error"]["type"] == "api_error"  # type: ignore[index]
+    parts: list[Any] = []
+    with pytest.raises(ollama.ResponseError) as ollama_broken:
+        async for part in await ollama.AsyncClient(host=network.url).chat(
+                model=MODEL, stream=True, messages=[{"role": "user", "content": "hi"}]):
+            parts.append(part)
+    assert parts and not parts[-1].done and ollama_broken.value.error

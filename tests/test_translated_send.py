@@ -1,0 +1,147 @@
+"""The send wrapper that turns the proxy's chat-completions answer into a front's dialect
+(:mod:`tooti.gateway.translated_send`), driven with the ASGI messages the proxy sends."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import pytest
+
+from tooti.errors import APIError
+from tooti.fronts import anthropic_stream, responses_stream
+from tooti.fronts.base import Front
+from tooti.fronts.ollama_answers import ollama_front
+from tooti.gateway.translated_send import TranslatedSend, error_of, inband_status
+from tooti.protocol.sse import SSEDecoder
+
+ANTHROPIC = b'{"model": "m", "max_tokens": 50, "stream": true, "messages": [{"role": "user", "content": "hi"}]}'  # noqa: E501
+SSE = b"text/event-stream"
+
+
+def event(obj: Any) -> bytes:
+    return b"data: " + msgspec.json.encode(obj) + b"\n\n"
+
+
+def chunk(content: str | None = None, finish: str | None = None,
+          usage: dict[str, int] | None = None) -> bytes:
+    choices = [] if content is None and finish is None else [
+        {"index": 0, "delta": {"content": content} if content else {},
+         "finish_reason": finish}]
+    body: dict[str, Any] = {"id": "c", "object": "chat.completion.chunk", "model": "m",
+                            "choices": choices}
+    if usage is not None:
+        body["usage"] = usage
+    return event(body)
+
+
+STREAM = (chunk(" tok0") + chunk(" tok1") + chunk(finish="stop")
+          + chunk(usage={"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5})
+          + b"data: [DONE]\n\n")
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.messages: list[dict[str, Any]] = []
+
+    async def __call__(self, message: dict[str, Any]) -> None:
+        self.messages.append(message)
+
+    @property
+    def start(self) -> dict[str, Any]:
+        return self.messages[0]
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(m.get("body", b"") for m in self.messages[1:])
+
+    def header(self, name: bytes) -> bytes | None:
+        return dict(self.start["headers"]).get(name)
+
+
+async def run(front: Front, raw: bytes, parts: list[bytes], *, status: int = 200,
+              content_type: bytes = SSE) -> Sink:
+    sink = Sink()
+    send = TranslatedSend(sink, front, front.parse(raw, request_id="req_1"))
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", content_type), (b"x-request-id", b"req_1"),
+        (b"x-ratelimit-remaining-requests", b"9")]})
+    for index, part in enumerate(parts):
+        await send({"type": "http.response.body", "body": part,
+                    "more_body": index + 1 < len(parts)})
+    return sink
+
+
+def anthropic_events(body: bytes) -> list[tuple[str, dict[str, Any]]]:
+    decoder = SSEDecoder()
+    return [(e.event, msgspec.json.decode(e.data)) for e in decoder.events(body)]
+
+
+async def test_a_stream_is_translated_and_keeps_the_proxys_headers() -> None:
+    sink = await run(anthropic_stream.FRONT, ANTHROPIC, [STREAM])
+    assert sink.start["status"] == 200 and sink.header(b"content-type") == SSE
+    assert sink.header(b"x-request-id") == b"req_1"
+    assert sink.header(b"x-ratelimit-remaining-requests") == b"9"
+    kinds = [kind for kind, _ in anthropic_events(sink.body)]
+    assert kinds[0] == "message_start" and kinds[-2:] == ["message_delta", "message_stop"]
+    assert sink.messages[-1]["more_body"] is False
+
+
+async def test_every_split_of_the_stream_gives_the_same_events() -> None:
+    whole = anthropic_events((await run(anthropic_stream.FRONT, ANTHROPIC, [STREAM])).body)
+    strip = {"id", "request_id"}
+
+    def shape(events: list[tuple[str, dict[str, Any]]]) -> list[Any]:
+        return [(kind, {k: v for k, v in data.items() if k != "message"} if kind ==
+                 "message_start" else data) for kind, data in events if kind not in strip]
+
+    for cut in range(1, len(STREAM)):
+        # The proxy relays whole events; a cut inside one still reaches the wrapper as
+        # bytes it must join (an unfinished event at the end included).
+        split = await run(anthropic_stream.FRONT, ANTHROPIC, [STREAM[:cut], STREAM[cut:]])
+        assert shape(anthropic_events(split.body)) == shape(whole), cut
+
+
+async def test_an_inband_error_ends_the_stream_in_the_dialect() -> None:
+    error = APIError(504, "request exceeded 5s", code="timeout")
+    sink = await run(anthropic_stream.FRONT, ANTHROPIC, [
+        chunk(" tok0"), b"data: " + error.to_json() + b"\n\ndata: [DONE]\n\n"])
+    events = anthropic_events(sink.body)
+    assert events[-1][0] == "error"
+    assert events[-1][1]["error"]["type"] == "timeout_error"
+    assert "message_stop" not in [kind for kind, _ in events]
+
+
+async def test_a_whole_answer_and_a_nodes_error_answer() -> None:
+    raw = b'{"model": "m", "input": "hi"}'
+    completion = {"id": "c", "object": "chat.completion", "model": "m", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "hello"},
+         "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}}
+    encoded = msgspec.json.encode(completion)
+    sink = await run(responses_stream.FRONT, raw, [encoded[:10], encoded[10:]],
+                     content_type=b"application/json")
+    answer = msgspec.json.decode(sink.body)
+    assert answer["object"] == "response" and answer["output"][0]["content"][0][
+        "text"] == "hello"
+    assert sink.header(b"content-length") == str(len(sink.body)).encode()
+    node_error = APIError(400, "bad 'n'", code="invalid_value", param="n")
+    refused = await run(ollama_front("chat", live={"m"}),
+                        b'{"model": "m", "stream": false, "messages": []}',
+                        [node_error.to_json()], status=400,
+                        content_type=b"application/json")
+    assert refused.start["status"] == 400
+    assert msgspec.json.decode(refused.body) == {"error": "bad 'n'"}
+    with pytest.raises(APIError) as not_json:
+        await run(responses_stream.FRONT, raw, [b"<html>"], content_type=b"text/html")
+    assert not_json.value.status == 502
+
+
+def test_error_objects_and_inband_statuses() -> None:
+    assert error_of(429, {"error": {"message": "slow down", "type": "rate_limit_error",
+                                    "code": "rate_limited"}}).code == "rate_limited"
+    assert error_of(502, {"error": "boom"}).message == "boom"
+    assert error_of(500, [1, 2]).status == 500
+    assert inband_status({"code": "timeout"}) == 504
+    assert inband_status({"type": "rate_limit_error"}) == 429
+    assert inband_status("node lost") == 502
