@@ -27,6 +27,7 @@ from tooti.gateway.node_picker import LOADING_RETRY_AFTER
 from tooti.identity import Identity
 from tooti.mesh.events import BusEvent
 from tooti.mesh.registry import Registry
+from tooti.mesh.serves_log import ServesLog
 from tooti.node.admin import NodeAdmin
 from tooti.node.node import Node
 from tooti.protocol import schemas
@@ -409,6 +410,26 @@ async def test_an_old_node_without_state_is_routable(network: Network) -> None:
         await until(registry, lambda: bool(registry.serving("m")))
         assert not registry.loading("m")
         assert registry.ready_counts() == (1, 1)
+
+
+async def test_a_peer_flipping_its_model_state_logs_a_bounded_number_of_lines(
+        network: Network, caplog: pytest.LogCaptureFixture) -> None:
+    """The INFO line says a model is still loading, then that it serves it; a peer
+    flipping the state 60 times (within its control-frame limit) logs the burst only."""
+    caplog.set_level("INFO", logger="tooti")
+    registry = network.gateway.registry
+    async with hostile_peer(network.tunnel_url) as peer:
+        await peer.models([{"id": "m", "state": "loading"}])
+        await until(registry, lambda: registry.loading("m"))
+        await peer.models([{"id": "m", "state": "ready"}])
+        await until(registry, lambda: bool(registry.serving("m")))
+        for flip in range(60):
+            await peer.models([{"id": "m", "state": ("loading", "ready")[flip % 2]}])
+        await peer.models([{"id": "m", "state": "loading"}, {"id": "z"}])
+        await until(registry, lambda: "z" in registry.known_models)
+    lines = [r.getMessage() for r in caplog.records if " serves " in r.getMessage()]
+    assert lines[0].endswith(" serves m (loading)") and lines[1].endswith(" serves m")
+    assert len(lines) == ServesLog().burst, lines
 
 
 # ------------------------------------------------------------ the embedded backend

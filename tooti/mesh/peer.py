@@ -129,11 +129,12 @@ class Peer:
         return sum(self.in_flight.values())
 
     def models_summary(self, shown: int = 3) -> str:
-        """The first few model ids and how many there are, for a log line."""
+        """The first few model ids (each still loading marked so) and how many there
+        are, for a log line."""
         ids = sorted(self.models)
         if not ids:
             return "nothing"
-        text = ", ".join(ids[:shown])
+        text = ", ".join(m if self.models[m].ready else f"{m} (loading)" for m in ids[:shown])
         return f"{text} and {len(ids) - shown} more ({len(ids)} models)" if len(ids) > shown \
             else text
 

@@ -18,6 +18,7 @@ from tooti.mesh.advertisements import RelayedNodes
 from tooti.mesh.join_tokens import UNGROUPED, Admission
 from tooti.mesh.peer import Peer
 from tooti.mesh.registry import Registry
+from tooti.mesh.serves_log import ServesLog
 from tooti.protocol import schemas
 from tooti.protocol.connection import (
     Connection,
@@ -117,6 +118,7 @@ async def serve_peer(
         return
     peer_ref: list[Peer] = []
     relayed: list[RelayedNodes] = []
+    serves_log = ServesLog()
 
     def on_event(event: Event) -> None:
         """Peer input enters here: each value is checked (:mod:`tooti.protocol.schemas`)
@@ -132,7 +134,7 @@ async def serve_peer(
                 return
             entries = schemas.model_entries(event.models, settings.max_models_per_peer)
             if registry.set_models(peer, [ModelInfo.from_wire(e) for e in entries]):
-                log.info("peer %s serves %s", peer.id, peer.models_summary())
+                serves_log.note(peer)
         elif isinstance(event, GoAwayReceived):
             peer.draining = True
             if relayed:
