@@ -213,6 +213,25 @@ async def relay(network: Network) -> AsyncIterator[RunningRelay]:
 # ---------------------------------------------------------------- serving through a relay
 
 
+async def test_log_lines_name_the_relay_and_the_route(network: Network) -> None:
+    """A relay's own station logs on ``tooti.relay`` (not ``tooti.gateway``), and a node
+    reached through it "joined via" the relay (not "joined from via")."""
+    with LogEvent("tooti.relay", "relay listening on") as relay_log, \
+            LogEvent("tooti.gateway", "listening on") as gateway_log:
+        running = await start_relay(network, "relay-1")
+    assert relay_log.messages == [f"relay listening on {running.url}"]
+    assert gateway_log.messages == []
+    await until(network.gateway.registry, lambda: "relay-1" in network.gateway.registry.peers)
+    with LogEvent("tooti.gateway", "peer behind joined") as joined:
+        await start_node(network, "behind", [running.tunnel_url])
+        await until(network.gateway.registry,
+                    lambda: "behind" in network.gateway.registry.peers)
+    # the gateway's line (the relay's own registry logs it "from" the node's address)
+    assert "peer behind joined via relay-1 (node)" in joined.messages
+    assert not any("from via" in message for message in joined.messages)
+    running.scope.cancel()
+
+
 async def test_node_behind_a_relay_is_routable_and_served_through_the_hop(
     network: Network, relay: RunningRelay,
 ) -> None:

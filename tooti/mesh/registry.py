@@ -230,7 +230,8 @@ class Registry:
         if self.join_directory is not None and peer.role == "node":
             self.join_directory.bind_owner(peer.id, peer.owner, peer.group_id, peer.token_id,
                                            public_key=peer.public_key)
-        log.info("peer %s joined from %s (%s)", peer.id, peer.address, peer.role)
+        log.info("peer %s joined %s (%s)", peer.id,
+                 f"via {peer.via}" if peer.via else f"from {peer.address}", peer.role)
         self.bus.publish("peer.joined", peer=peer.describe())
         return old
 

@@ -171,8 +171,9 @@ class Station:
                                           tls=self.tls.current if self.tls else None,
                                           limits=lambda: self.limits,
                                           task_status=task_status))
-            log.info("%s listening on %s", "gateway" if "gateway" in self.roles else "relay",
-                     ", ".join(self.bound))
+            role = "gateway" if "gateway" in self.roles else "relay"
+            logging.getLogger(f"tooti.{role}").info("%s listening on %s", role,
+                                                    ", ".join(self.bound))
             task_status.started(self.bound)
 
     async def wait_idle(self) -> None:
