@@ -12,6 +12,7 @@ from typing import Any
 
 import anthropic
 import httpx
+import msgspec
 import ollama
 import openai
 import pytest
@@ -585,3 +586,21 @@ async def test_a_stream_broken_after_its_start_ends_in_the_dialects_error(
                 model=MODEL, stream=True, messages=[{"role": "user", "content": "hi"}]):
             parts.append(part)
     assert parts and not parts[-1].done and ollama_broken.value.error
+
+
+async def test_an_alias_through_each_front(network: Network) -> None:
+    """A configured alias ([gateway.aliases]) is a model name every front takes: routed to
+    its node ids, answered under the name the client sent."""
+    network.gateway.reload(msgspec.structs.replace(network.gateway.settings,
+                                                   aliases={"fast": "tooti-sim"}))
+    await network.add_node([simulated(tokens=2)])
+    message = await anthropic_client(network.url).messages.create(
+        model="fast", max_tokens=10, messages=[{"role": "user", "content": "hi"}])
+    assert message.model == "fast" and message.usage.output_tokens == 2
+    response = await openai_client(network.url).responses.create(model="fast", input="hi")
+    assert response.output_text.count("tok") == 2
+    client = ollama.AsyncClient(host=network.url)
+    assert "fast:latest" in [m.model for m in (await client.list()).models]
+    chat = await client.chat(model="fast", stream=False,
+                             messages=[{"role": "user", "content": "hi"}])
+    assert chat.model == "fast" and chat.eval_count == 2
