@@ -338,7 +338,7 @@ async def test_unknown_model_and_endpoint() -> None:
     assert (info.value.status, info.value.code, info.value.retryable) == (
         404, "model_not_found", False)
     with pytest.raises(BackendError) as info:
-        await call(sim(), "images/generations", chat())
+        await call(sim(), "video/generations", chat())  # not an endpoint at all
     assert info.value.status == 404
 
 

@@ -168,6 +168,12 @@ class GatewaySettings(_Table):
     """Largest request body accepted (413 above)."""
     max_json_depth: PositiveInt = 128
     """Deepest nesting of arrays and objects accepted in a request body (400 above)."""
+    max_upload_bytes: PositiveInt = 26_214_400
+    """Largest multipart upload (``/v1/audio/transcriptions``) passed through to a node
+    (413 above); it is streamed, never held whole."""
+    max_form_prefix_bytes: PositiveInt = 1_048_576
+    """Most bytes of a multipart upload the gateway reads ahead to find its ``model``
+    field (400 if the field is not complete within them)."""
     header_timeout: PositiveFloat = 10.0
     """Seconds a client has to send a whole request head, counted from its first byte
     however slowly the rest trickles in (then 408 and the connection closes)."""
@@ -277,6 +283,12 @@ class BackendSettings(_Table):
     """Seconds between model-list refreshes."""
     options: dict[str, Any] = {}
     """Backend-specific options (e.g. simulated ``ttft``, ``tokens_per_second``)."""
+    endpoints: list[str] = []
+    """The ``/v1`` endpoints this backend's models serve, announced to gateways (one of
+    ``chat/completions``, ``completions``, ``embeddings``, ``rerank``,
+    ``audio/transcriptions``, ``audio/speech``, ``images/generations``, ``responses``);
+    empty = the backend's own default (the openai backend: the first three, since a
+    remote server cannot be asked which it serves)."""
 
 
 class NodeSettings(_Table):

@@ -14,6 +14,7 @@ import trio
 from tests.conftest import Network
 from tooti.backends.simulated import SimulatedBackend
 from tooti.node.node import Node
+from tooti.protocol.schemas import ENDPOINTS
 from tooti.settings import BackendSettings, NodeSettings
 from tooti.transport.memory import memory_pair
 
@@ -28,7 +29,10 @@ async def attach_nodes(network: Network, shared: bool) -> None:
     for n in range(NODES):
         ids = [f"model-{i:03d}" if shared else f"n{n:03d}-model-{i:03d}"
                for i in range(MODELS)]
-        backend = SimulatedBackend(BackendSettings(type="simulated", models=ids))
+        # the usual three endpoints (not every one the simulated backend can serve):
+        # 256 long ids with all eight names each would not fit tunnel.max_control_bytes
+        backend = SimulatedBackend(BackendSettings(type="simulated", models=ids,
+                                                   endpoints=list(ENDPOINTS)))
         node = Node(NodeSettings(), network.tunnel, [backend], f"bulk-{n:03d}", dial=False)
         await network.nursery.start(node.run)
         dialer, acceptor = memory_pair()

@@ -16,6 +16,15 @@ Cancellation: the node runs :meth:`Backend.open` inside the stream's cancel
 scope. When the client goes away the scope is cancelled, and the backend's
 upstream HTTP request must be closed so the model server sees the disconnect.
 
+Endpoints: each :class:`ModelInfo` names the endpoints its model serves (default
+:data:`~tooti.protocol.schemas.ENDPOINTS`: chat/completions, completions, embeddings).
+The pass-through endpoints (rerank, audio/speech, images/generations, responses) come
+to :meth:`Backend.open` like the others, as JSON bytes; their answer may be any content
+type (audio/speech answers binary audio) and is relayed as it comes. An
+``audio/transcriptions`` upload is a multipart form that is never held whole: a backend
+that serves it defines ``open_upload(endpoint, upload: Upload)``, an async context
+manager yielding a :class:`BackendResponse` like :meth:`Backend.open`.
+
 Health: :meth:`Backend.health` answers yes or no. A backend that can say why it is
 unhealthy keeps the reason in a ``health_error`` string attribute (``""`` while
 healthy): the URL it asked and the cause (connection refused, the HTTP status, a
@@ -44,7 +53,14 @@ from typing import Any, Protocol
 
 import msgspec
 
-from tooti.protocol.schemas import ENDPOINTS, LOADING, READY, ModelEntry, ModelState
+from tooti.protocol.schemas import (
+    ALL_ENDPOINTS,
+    ENDPOINTS,
+    LOADING,
+    READY,
+    ModelEntry,
+    ModelState,
+)
 
 
 @dataclass(frozen=True)
@@ -74,9 +90,11 @@ class ModelInfo:
 
     def to_wire(self) -> dict[str, Any]:
         """Return the JSON-able dict sent in a MODELS frame."""
+        wire: dict[str, Any] = {"id": self.id}
+        if self.endpoints != ENDPOINTS:  # absent means the usual three: a shorter list
+            wire["endpoints"] = list(self.endpoints)
         return {
-            "id": self.id,
-            "endpoints": list(self.endpoints),
+            **wire,
             "context_length": self.context_length,
             "max_concurrency": self.max_concurrency,
             "price": {"input": self.price_input, "output": self.price_output},
@@ -127,6 +145,27 @@ class BackendStartError(RuntimeError):
     stops with its message in one line, no traceback."""
 
 
+@dataclass
+class Upload:
+    """A request body that is not held whole (``audio/transcriptions``' multipart form):
+    the node hands it to :meth:`Backend.open_upload` as it arrives through the tunnel.
+
+    ``chunks`` yields the body's bytes in arbitrary pieces (the tunnel's flow control
+    bounds what is in flight); ``content_type`` is the client's, with its multipart
+    ``boundary``; ``model`` the model the gateway routed the request for."""
+
+    content_type: str
+    model: str
+    chunks: AsyncIterator[bytes]
+
+
+def open_upload_of(backend: Backend) -> Any:
+    """``backend.open_upload`` (see :class:`Upload`), or None for a backend without one:
+    such a backend serves no streamed upload (and should announce none)."""
+    method = getattr(backend, "open_upload", None)
+    return method if callable(method) else None
+
+
 class BackendError(Exception):
     """A backend failed before producing a response head.
 
@@ -152,8 +191,9 @@ def bad_request(message: str) -> BackendError:
 
 
 def check_endpoint(endpoint: str) -> None:
-    """Raise a 404 BackendError unless ``endpoint`` is one of :data:`ENDPOINTS`."""
-    if endpoint not in ENDPOINTS:
+    """Raise a 404 BackendError unless ``endpoint`` is one a node may announce
+    (:data:`~tooti.protocol.schemas.ALL_ENDPOINTS`)."""
+    if endpoint not in ALL_ENDPOINTS:
         raise BackendError(
             f"unknown endpoint {endpoint!r}", status=404, code="not_found", retryable=False
         )
@@ -210,7 +250,8 @@ class Backend(Protocol):
     ) -> AbstractAsyncContextManager[BackendResponse]:
         """Start one request; the context yields the response head and body.
 
-        ``endpoint`` is one of :data:`ENDPOINTS`; ``body`` the client's exact
+        ``endpoint`` is one of the endpoints the backend announced for the model
+        (:data:`~tooti.protocol.schemas.ALL_ENDPOINTS`); ``body`` the client's exact
         bytes; ``request`` the decoded body. Raises :class:`BackendError` if
         no response head can be produced. Leaving the context (normally or by
         cancellation) closes the upstream request.

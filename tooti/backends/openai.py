@@ -10,6 +10,16 @@ Settings: ``url`` is the base URL ending in ``/v1``; ``api_key`` is sent as a
 bearer token; ``models`` (if set) are advertised instead of those discovered
 with ``GET {url}/models``.
 
+``endpoints`` (a ``[[node.backends]]`` key) names the endpoints its models serve, e.g.
+``endpoints = ["chat/completions", "embeddings", "rerank"]``; without it, the usual
+three (chat/completions, completions, embeddings). It is configured rather than
+discovered: an OpenAI-compatible server has no way to say which routes it serves (a
+probe of ``/rerank`` or ``/audio/speech`` would need a valid request for each, and a 404
+cannot be told from a model that is merely not loaded). Every endpoint, the pass-through
+ones too, is forwarded to ``{url}/{endpoint}``; an ``audio/transcriptions`` upload is
+streamed to the server as it arrives (:meth:`OpenAIBackend.open_upload`, the model name
+not renamed inside the form).
+
 Options:
 
 ``rename``
@@ -50,6 +60,7 @@ from tooti.backends.base import (
     BackendError,
     BackendResponse,
     ModelInfo,
+    Upload,
     check_endpoint,
 )
 from tooti.backends.http_util import (
@@ -67,6 +78,7 @@ from tooti.backends.http_util import (
     transport_error,
 )
 from tooti.protocol.numbers import is_int
+from tooti.protocol.schemas import ALL_ENDPOINTS, ENDPOINTS
 from tooti.settings import BackendSettings
 
 __all__ = ["CLOSE_TIMEOUT", "MAX_ERROR_BODY", "OpenAIBackend", "upstream_error"]
@@ -158,6 +170,8 @@ class OpenAIBackend:
         self._clients = ClientShards(http)
         self.health_error = ""
         """Why the last :meth:`health` check failed (URL and cause); ``""`` if it passed."""
+        self.endpoints = configured_endpoints(settings, ENDPOINTS)
+        """What this backend's models are announced to serve (``endpoints``)."""
 
     # -- lifecycle ------------------------------------------------------
 
@@ -187,6 +201,7 @@ class OpenAIBackend:
         s = self.settings
         return ModelInfo(
             id=model_id,
+            endpoints=self.endpoints,
             context_length=context_length,
             max_concurrency=s.max_concurrency,
             price_input=s.price_input,
@@ -285,3 +300,41 @@ class OpenAIBackend:
             # the server learns that the client went away (shielded, see
             # close_response).
             await close_response(response, chunks)
+
+    @asynccontextmanager
+    async def open_upload(self, endpoint: str, upload: Upload
+                          ) -> AsyncIterator[BackendResponse]:
+        """Stream a multipart upload to ``{url}/{endpoint}`` as its pieces arrive (see
+        :class:`~tooti.backends.base.Upload`); the answer as :meth:`open`'s."""
+        check_endpoint(endpoint)
+        client = self._client()
+        upstream = client.build_request(
+            "POST", f"{self.url}/{endpoint}", content=upload.chunks,
+            headers={"Content-Type": upload.content_type},
+        )
+        try:
+            response = await client.send(upstream, stream=True)
+        except httpx.HTTPError as exc:
+            raise transport_error(exc, self.url) from exc
+        chunks = _Chunks(response)
+        try:
+            if response.status_code >= 400:
+                raise upstream_error(response.status_code, await read_bounded(response))
+            yield BackendResponse(
+                status=response.status_code,
+                content_type=response.headers.get("content-type", "application/json"),
+                chunks=chunks,
+            )
+        finally:
+            await close_response(response, chunks)
+
+
+def configured_endpoints(settings: BackendSettings, default: tuple[str, ...]
+                         ) -> tuple[str, ...]:
+    """The ``endpoints`` of a backend's settings, checked (ValueError naming an unknown
+    one), or ``default`` when it names none."""
+    unknown = [name for name in settings.endpoints if name not in ALL_ENDPOINTS]
+    if unknown:
+        raise ValueError(f"{settings.type} backend: unknown endpoints {unknown}; known: "
+                         + ", ".join(ALL_ENDPOINTS))
+    return tuple(dict.fromkeys(settings.endpoints)) or default

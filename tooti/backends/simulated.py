@@ -68,8 +68,10 @@ from tooti.backends.base import (
     BackendError,
     BackendResponse,
     ModelInfo,
+    Upload,
     requested_model,
 )
+from tooti.backends.openai import configured_endpoints
 from tooti.backends.simulated_answers import (
     EmbeddingsJob,
     Job,
@@ -83,6 +85,8 @@ from tooti.backends.simulated_answers import (
     tool_to_call,
     wants_stream,
 )
+from tooti.backends.simulated_passthrough import passthrough_answer, transcription
+from tooti.protocol.schemas import ALL_ENDPOINTS, PASSTHROUGH_ENDPOINTS
 from tooti.settings import BackendSettings
 
 DEFAULT_MODEL = "tooti-sim"
@@ -115,6 +119,9 @@ class SimulatedBackend:
         self._rng = random.Random(opts.get("seed", 0))
         self.model_ids: list[str] = list(settings.models) or [DEFAULT_MODEL]
         self.healthy = True
+        self.endpoints = configured_endpoints(settings, ALL_ENDPOINTS)
+        """Every endpoint unless ``endpoints`` names fewer (the pass-through ones answer
+        labelled fakes: :mod:`tooti.backends.simulated_passthrough`)."""
         if not 0.0 <= self.fail_rate <= 1.0:
             raise ValueError("simulated backend: fail_rate must be within 0..1")
         if self.tokens < 0 or self.embedding_dim < 1:
@@ -138,6 +145,7 @@ class SimulatedBackend:
                 price_output=self.settings.price_output,
                 owned_by="tooti-simulated",
                 meta={"simulated": True},
+                endpoints=self.endpoints,
             )
             for model_id in self.model_ids
         ]
@@ -162,6 +170,12 @@ class SimulatedBackend:
                 f"model {model!r} is not served here", status=404, code="model_not_found",
                 retryable=False,
             )
+        if endpoint in PASSTHROUGH_ENDPOINTS:
+            self._maybe_fail()
+            if self.stall > 0:
+                await trio.sleep(self.stall)
+            yield passthrough_answer(endpoint, model, request)
+            return
         stream = False
         if endpoint == "embeddings":
             chunks = self._embeddings(prepare_embeddings(model, request, self.embedding_dim))
@@ -186,6 +200,21 @@ class SimulatedBackend:
             yield BackendResponse(200, "application/json", _chain(first, chunks))
         finally:
             await chunks.aclose()
+
+    @asynccontextmanager
+    async def open_upload(self, endpoint: str, upload: Upload
+                          ) -> AsyncIterator[BackendResponse]:
+        """Answer an ``audio/transcriptions`` upload once it has streamed past (see
+        :func:`~tooti.backends.simulated_passthrough.transcription`)."""
+        if endpoint != "audio/transcriptions" or endpoint not in self.endpoints:
+            raise BackendError(f"no upload on /{endpoint}", status=404,
+                               code="endpoint_not_served", retryable=False)
+        if upload.model not in self.model_ids:
+            raise BackendError(f"model {upload.model!r} is not served here", status=404,
+                               code="model_not_found", retryable=False)
+        self._maybe_fail()
+        body = await transcription(upload)
+        yield BackendResponse(200, "application/json", _chain(body, _nothing()))
 
     def _maybe_fail(self) -> None:
         if self.fail_rate > 0 and self._rng.random() < self.fail_rate:
@@ -250,3 +279,8 @@ async def _chain(first: bytes, rest: AsyncIterator[bytes]) -> AsyncGenerator[byt
     yield first
     async for chunk in rest:
         yield chunk
+
+
+async def _nothing() -> AsyncGenerator[bytes, None]:
+    return
+    yield b""  # pragma: no cover - makes this an async generator

@@ -49,6 +49,7 @@ from tooti.gateway.front_routes import FrontRoutes
 from tooti.gateway.limits import Limiter
 from tooti.gateway.models_list import ModelsList
 from tooti.gateway.node_picker import check_routable
+from tooti.gateway.passthrough import PASSTHROUGH_ROUTES, PassThrough
 from tooti.gateway.probe import probe_until_healthy
 from tooti.gateway.proxy import Proxy
 from tooti.gateway.proxy_settings import ProxySettings
@@ -157,6 +158,8 @@ class Gateway:
         self.proxy.on_cooldown = self._schedule_probe
         self.billing.on_late = lambda request_id: self.registry.bus.publish(
             "billing.settle_late", request_id=request_id)
+        self.passthrough = PassThrough(self)
+        """Rerank, audio, images and native responses, to nodes that announce them."""
         self.admin = AdminAPI(self.station, lambda: self.proxy.queued)
         self.station.mount("/v1/", self.handle)
         self.fronts = FrontRoutes(self)
@@ -299,6 +302,9 @@ class Gateway:
                 entry.model, entry.stream = request.model, request.stream
             await self._forward(scope, receive, send, request_id, headers, request, raw,
                                 caller, entry)
+        elif path in PASSTHROUGH_ROUTES:
+            await self.passthrough.serve(scope, receive, send, request_id, headers, caller,
+                                         PASSTHROUGH_ROUTES[path], entry)
         elif path == "/v1/models":
             if method != "GET":
                 raise APIError(405, "use GET on /v1/models", code="method_not_allowed")

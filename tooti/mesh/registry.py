@@ -100,6 +100,8 @@ class Registry:
         self.eligible = index.eligible
         self.free_slots = index.free_slots
         self.serving = index.serving
+        self.serving_endpoint = index.serving_endpoint
+        self.not_serving = index.not_serving
         self.live_models = index.live_models
         self.live_in_group = index.live_in_group
         self.live_version = index.live_version

@@ -5,10 +5,12 @@ peers come, go and change, so a routing decision never scans every peer."""
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Container, Hashable, Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from typing import TypeVar
 
 from tooti.mesh.candidates import Candidates, ModelIndex
 from tooti.mesh.peer import Peer
+from tooti.protocol.schemas import ENDPOINTS, PASSTHROUGH_ENDPOINTS
 
 K = TypeVar("K", bound=Hashable)
 ModelGroup = tuple[str, str]
@@ -52,6 +54,15 @@ class RoutingIndex:
         """Live peer → models it serves ready (peers with none left out)."""
         self.loading_models: dict[str, int] = {}
         """Model → live peers announcing it loading (models with none left out)."""
+        self.lacking: dict[ModelGroup, dict[str, set[str]]] = {}
+        """(model, group) → one of the usual endpoints (chat/completions, completions,
+        embeddings) → ids of the peers filed there that do not serve the model on it
+        (empty entries left out): nearly every node serves all three, so this stays empty
+        and a chat request pays one dict lookup for it (see :meth:`not_serving`)."""
+        self.offering: dict[ModelGroup, dict[str, set[str]]] = {}
+        """(model, group) → a pass-through endpoint (rerank, audio/*, images/generations,
+        responses) → ids of the peers filed there that serve the model on it (empty
+        entries left out): few nodes serve them, so this is the small side to keep."""
 
     # ------------------------------------------------------------ reads
 
@@ -89,6 +100,31 @@ class RoutingIndex:
             index = self.find(model, group)
             return [] if index is None else list(index.live)
         return [peer for index in self._indexes(model) for peer in index.live]
+
+    def not_serving(self, model: str, group: str, endpoint: str) -> AbstractSet[str]:
+        """Ids of the peers filed under ``model`` in node group ``group`` that do not
+        serve it on ``endpoint`` (what a request for that endpoint excludes): a lookup
+        for the usual endpoints, a pass over the model's peers for a pass-through one."""
+        if self.stale:
+            self.catch_up()
+        key = (model, group)
+        if endpoint in _USUAL:
+            lacking = self.lacking.get(key)
+            return _NONE if lacking is None else lacking.get(endpoint, _NONE)
+        index = self.find(model, group)
+        if index is None:
+            return _NONE
+        offering = self.offering.get(key, {}).get(endpoint, _NONE)
+        return {peer.id for peer in index.serving if peer.id not in offering}
+
+    def serving_endpoint(self, model: str, endpoint: str, group: str) -> list[Peer]:
+        """Live peers of node group ``group`` serving ``model`` on ``endpoint``."""
+        live = self.serving(model, group)
+        if endpoint in _USUAL:
+            skip = self.not_serving(model, group, endpoint)
+            return [peer for peer in live if peer.id not in skip] if skip else live
+        offering = self.offering.get((model, group), {}).get(endpoint, _NONE)
+        return [peer for peer in live if peer.id in offering]
 
     def live_models(self) -> dict[str, list[Peer]]:
         """Model id → live peers serving it (models with none are left out)."""
@@ -146,6 +182,7 @@ class RoutingIndex:
         group, models = filed
         keys, flipped = [], False
         for model in models - peer.models.keys():
+            self._unfile_endpoints(peer, model, group)
             self._uncount(peer, model, self.by_model[model][group])
             self.by_model[model][group].discard(peer)
             models.discard(model)
@@ -160,6 +197,7 @@ class RoutingIndex:
             if peer not in index.serving:
                 index.serving[peer] = None
                 models.add(model)
+            self._file_endpoints(peer, model, group)
             flipped = self.evaluate(peer, model, index) or flipped
             keys.append((model, group))
         if flipped:
@@ -196,11 +234,27 @@ class RoutingIndex:
         group, models = filed
         for model in models:
             index = self.by_model[model][group]
+            self._unfile_endpoints(peer, model, group)
             self._uncount(peer, model, index)
             index.discard(peer)
             self.prune(model, group)
         self.version += 1
         return [(model, group) for model in models]
+
+    def _file_endpoints(self, peer: Peer, model: str, group: str) -> None:
+        """File ``peer`` under the usual endpoints it does not serve ``model`` on
+        (:attr:`lacking`) and the pass-through ones it does (:attr:`offering`)."""
+        info = peer.models.get(model)
+        served = frozenset(info.endpoints) if info is not None else frozenset()
+        key = (model, group)
+        _mark_ids(self.lacking, key, peer.id, _USUAL - served, _USUAL)
+        _mark_ids(self.offering, key, peer.id, served & PASSTHROUGH_ENDPOINTS,
+                  PASSTHROUGH_ENDPOINTS)
+
+    def _unfile_endpoints(self, peer: Peer, model: str, group: str) -> None:
+        key = (model, group)
+        _mark_ids(self.lacking, key, peer.id, _NONE, _USUAL)
+        _mark_ids(self.offering, key, peer.id, _NONE, PASSTHROUGH_ENDPOINTS)
 
     def _count_ready(self, peer: Peer, model: str, delta: int) -> None:
         _bump(self.ready_models, model, delta)
@@ -251,9 +305,37 @@ class RoutingIndex:
         """Index every peer in ``peers`` afresh (after changing ``peers`` directly)."""
         self.by_model, self.filed, self.tunnels = {}, {}, {}
         self.ready_models, self.ready_peers, self.loading_models = {}, {}, {}
+        self.lacking, self.offering = {}, {}
         self.stale = False
         for peer in self.peers.values():
             self.file(peer)
+
+
+_NONE: frozenset[str] = frozenset()
+_USUAL = frozenset(ENDPOINTS)
+
+
+def _mark_ids(table: dict[ModelGroup, dict[str, set[str]]], key: ModelGroup, peer_id: str,
+              member_of: AbstractSet[str], endpoints: AbstractSet[str]) -> None:
+    """Put ``peer_id`` in ``table[key][e]`` for each ``e`` of ``member_of`` and take it
+    out of the rest of ``endpoints``, leaving empty sets and tables out."""
+    entry = table.get(key)
+    if entry is None:
+        if not member_of:
+            return
+        entry = table[key] = {}
+    for endpoint in endpoints:
+        ids = entry.get(endpoint)
+        if endpoint in member_of:
+            if ids is None:
+                ids = entry[endpoint] = set()
+            ids.add(peer_id)
+        elif ids is not None:
+            ids.discard(peer_id)
+            if not ids:
+                del entry[endpoint]
+    if not entry:
+        del table[key]
 
 
 def _bump(counts: dict[K, int], key: K, delta: int) -> None:

@@ -36,6 +36,8 @@ from tooti.backends.base import (
 from tooti.dialer import Dialer
 from tooti.identity import Identity
 from tooti.node.metering import UsageMeter
+from tooti.node.passthrough import UPLOAD_ENDPOINTS, PassThroughMeter, open_answer
+from tooti.protocol.schemas import PASSTHROUGH_ENDPOINTS
 from tooti.protocol.usage import completion_limit, end_error
 from tooti.settings import NetworkSettings, NodeSettings, TunnelSettings
 from tooti.transport import Transport
@@ -400,16 +402,21 @@ class Node:
     async def _serve_on(self, stream: InboundStream, backend: Backend, endpoint: str,
                         model: str) -> None:
         """Serve an opened stream on ``backend``, counted in its streams in flight."""
-        try:
-            body = await stream.read_body(MAX_REQUEST_BYTES)
-            request = _decoder.decode(body)
-        except (ValueError, msgspec.DecodeError) as exc:
-            await stream.end(end_error(400, "bad_body", str(exc)))
-            return
-        if not isinstance(request, dict):
-            await stream.end(end_error(400, "bad_body", "request body must be a JSON object"))
-            return
-        streaming = request.get("stream") is True
+        passthrough = endpoint in PASSTHROUGH_ENDPOINTS
+        if endpoint in UPLOAD_ENDPOINTS:  # streamed to the backend, never read whole
+            body, request = b"", {}
+        else:
+            try:
+                body = await stream.read_body(MAX_REQUEST_BYTES)
+                request = _decoder.decode(body)
+            except (ValueError, msgspec.DecodeError) as exc:
+                await stream.end(end_error(400, "bad_body", str(exc)))
+                return
+            if not isinstance(request, dict):
+                await stream.end(end_error(400, "bad_body",
+                                           "request body must be a JSON object"))
+                return
+        streaming = request.get("stream") is True and not passthrough
         strip = False
         if streaming:
             options = request.get("stream_options")
@@ -426,13 +433,48 @@ class Node:
             finally:
                 self.queued -= 1
             try:
-                await self._call_backend(stream, backend, endpoint, body, request, strip)
+                if passthrough:
+                    await self._call_passthrough(stream, backend, endpoint, model, body,
+                                                 request)
+                else:
+                    await self._call_backend(stream, backend, endpoint, body, request, strip)
             finally:
                 self._slots[model].release()
         finally:
             self.in_flight -= 1
             if self.in_flight == 0:
                 self._idle.set()
+
+    async def _call_passthrough(
+        self, stream: InboundStream, backend: Backend, endpoint: str, model: str,
+        body: bytes, request: dict[str, Any],
+    ) -> None:
+        """Serve a pass-through endpoint: the answer relayed as the backend sends it,
+        usage as :mod:`tooti.node.passthrough` reads it."""
+        meter: PassThroughMeter | None = None
+        try:
+            async with open_answer(backend, stream, endpoint, model, body,
+                                   request) as response:
+                meter = PassThroughMeter(response)
+                await stream.respond(response.status, {"content-type": response.content_type})
+                async for chunk in response.chunks:
+                    if chunk:
+                        meter.feed(chunk)
+                        await stream.send(chunk)
+        except BackendError as exc:
+            await stream.end({**(meter.report() if meter else {}),
+                              **end_error(exc.status, exc.code, exc.message,
+                                          retryable=exc.retryable and meter is None)})
+            return
+        except TunnelLost:
+            raise
+        except Exception as exc:
+            log.warning("backend %s failed on /%s: %r", backend.type_name, endpoint, exc)
+            await stream.end({**(meter.report() if meter else {}),
+                              **end_error(502, "backend_failed",
+                                          f"backend failed: {type(exc).__name__}")})
+            return
+        await stream.end(meter.report())
 
     async def _call_backend(
         self, stream: InboundStream, backend: Backend, endpoint: str, body: bytes,

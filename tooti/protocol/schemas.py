@@ -21,9 +21,6 @@ from msgspec import Meta, Struct
 
 from tooti.protocol.errors import ProtocolError
 
-Endpoint = Literal["chat/completions", "completions", "embeddings"]
-ENDPOINTS: tuple[Endpoint, ...] = get_args(Endpoint)
-"""The OpenAI endpoints a node may serve."""
 ModelState = Literal["ready", "loading"]
 """A model entry's ``state``: ``ready`` takes requests; ``loading`` is announced while
 its backend starts (requests for it get 503 ``model_loading`` until it is ready)."""
@@ -59,6 +56,22 @@ _PRINTABLE = r"\A[^\x00-\x1f\x7f-\x9f]+\Z"
 """Non-empty text without control characters (C0, DEL, C1): nothing a peer names can
 start a new log line or drive a terminal."""
 _PRINTABLE_OR_EMPTY = r"\A[^\x00-\x1f\x7f-\x9f]*\Z"
+
+Endpoint = Literal[
+    "chat/completions", "completions", "embeddings", "rerank", "audio/transcriptions",
+    "audio/speech", "images/generations", "responses"]
+ALL_ENDPOINTS: tuple[Endpoint, ...] = get_args(Endpoint)
+"""Every endpoint a node may announce for a model (the ``/v1/`` path after the prefix)."""
+ENDPOINTS: tuple[Endpoint, ...] = ("chat/completions", "completions", "embeddings")
+"""The endpoints a model entry serves when it names none (a node older than the
+pass-through endpoints, or an empty list): the three every backend has always served."""
+PASSTHROUGH_ENDPOINTS: frozenset[str] = frozenset(ALL_ENDPOINTS) - frozenset(ENDPOINTS)
+"""Endpoints the gateway passes through as they are, announced explicitly by a node."""
+MAX_ENDPOINT_NAMES = 16
+"""Most endpoint names one model entry may list (known or not)."""
+EndpointName = Annotated[str, Meta(min_length=1, max_length=64, pattern=_PRINTABLE)]
+"""An endpoint name as a peer sends it: bounded text; names this gateway does not
+know are dropped (a newer node announcing a newer endpoint is not refused)."""
 T = TypeVar("T")
 
 ModelId = Annotated[str, Meta(min_length=1, max_length=MAX_MODEL_ID, pattern=_PRINTABLE)]
@@ -84,8 +97,11 @@ class ModelEntry(Struct, frozen=True):
     """One entry of a MODELS frame (and of a ROUTES node's ``models``)."""
 
     id: ModelId
-    endpoints: Annotated[list[Endpoint], Meta(max_length=8)] = msgspec.field(
-        default_factory=lambda: list(ENDPOINTS))
+    endpoints: Annotated[list[EndpointName], Meta(max_length=MAX_ENDPOINT_NAMES)] = (
+        msgspec.field(default_factory=lambda: list(ENDPOINTS)))
+    """Absent or empty: :data:`ENDPOINTS` (what every node served before the member
+    listed more). Names not in :data:`ALL_ENDPOINTS` are dropped, not refused; a list of
+    unknown names only serves nothing."""
     context_length: Annotated[int, Meta(ge=0, le=MAX_CONTEXT)] | None = None
     max_concurrency: Annotated[int, Meta(ge=1, le=MAX_CONCURRENCY)] = 8
     price: Prices = Prices()
@@ -97,6 +113,11 @@ class ModelEntry(Struct, frozen=True):
     refused like any other bad entry. A gateway older than the field ignores it."""
 
     def __post_init__(self) -> None:
+        if not self.endpoints:
+            msgspec.structs.force_setattr(self, "endpoints", list(ENDPOINTS))
+        elif any(name not in _KNOWN for name in self.endpoints):
+            msgspec.structs.force_setattr(
+                self, "endpoints", [name for name in self.endpoints if name in _KNOWN])
         if self.meta:
             if len(_encoder.encode(self.meta)) > MAX_META_BYTES:
                 raise ValueError(f"meta is over {MAX_META_BYTES} bytes")
@@ -156,6 +177,7 @@ class HelloExtra(Struct, frozen=True):
 
 
 _encoder = msgspec.json.Encoder()
+_KNOWN = frozenset(ALL_ENDPOINTS)
 
 
 def _depth(value: object, level: int = 1) -> int:

@@ -1,0 +1,295 @@
+"""The pass-through endpoints end to end over real sockets: the official ``openai``
+client (or httpx) → gateway → WebSocket tunnel → node → simulated backend.
+
+Rerank, transcription (a multipart upload streamed, not held), speech (binary audio
+streamed back), images, and native responses through the seam the translated route
+uses; routing by the endpoints each node announces, refusals, and a node older than
+the ``endpoints`` member."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import struct
+import tracemalloc
+import wave
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+import openai
+import pytest
+import trio
+
+from tests.conftest import Network
+from tooti.backends.base import ModelInfo
+from tooti.backends.simulated import SimulatedBackend
+from tooti.backends.simulated_passthrough import AUDIO_MAGIC, TINY_PNG_B64
+from tooti.gateway.passthrough import forward_native, serves_natively
+from tooti.mesh.events import BusEvent
+from tooti.mesh.http import read_body
+from tooti.protocol.errors import ProtocolError
+from tooti.protocol.schemas import ALL_ENDPOINTS, ENDPOINTS, ModelEntry, model_entries
+from tooti.settings import BackendSettings
+
+MODEL = "tooti-sim"
+
+
+def sim(endpoints: list[str] | None = None, **options: Any) -> SimulatedBackend:
+    """A simulated backend announcing ``endpoints`` (None: all of them)."""
+    return SimulatedBackend(BackendSettings(type="simulated", endpoints=endpoints or [],
+                                            options=options))
+
+
+def client_for(network: Network) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=network.url + "/v1", api_key="unused",
+                              max_retries=0)
+
+
+def wav_bytes(frames: int = 800) -> bytes:
+    """A short mono 8 kHz WAV (a ramp), made here."""
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(8000)
+        w.writeframes(b"".join(struct.pack("<h", (i * 37) % 30000) for i in range(frames)))
+    return out.getvalue()
+
+
+RERANK = {"model": MODEL, "query": "which is a fruit?",
+          "documents": ["a carrot", "an apple", "a stone"], "top_n": 2}
+
+
+async def test_rerank_goes_only_to_nodes_that_announce_it(network: Network) -> None:
+    await network.add_node([sim(list(ENDPOINTS))], node_id="chat-only")
+    await network.add_node([sim(["chat/completions", "rerank"], fail_rate=1.0,
+                                fail_status=503)], node_id="rerank-broken")
+    await network.add_node([sim(["rerank"])], node_id="rerank-ok")
+    served_by = set()
+    async with network.client() as http:
+        for _ in range(6):
+            response = await http.post("/v1/rerank", json=RERANK)
+            assert response.status_code == 200, response.text
+            served_by.add(response.headers["x-tooti-node"])
+            body = response.json()
+            assert [r["index"] for r in body["results"]] and len(body["results"]) == 2
+            scores = [r["relevance_score"] for r in body["results"]]
+            assert scores == sorted(scores, reverse=True)
+            assert body["usage"]["prompt_tokens"] > 0
+    # failover stayed among the nodes announcing rerank: the broken one failed over to
+    # the good one, the chat-only node was never asked
+    assert served_by == {"rerank-ok"}
+    routed = network.gateway.registry.peers
+    assert routed["chat-only"].models[MODEL].endpoints == ENDPOINTS
+
+
+async def test_endpoint_not_served_is_404_naming_model_and_endpoint(network: Network
+                                                                  ) -> None:
+    await network.add_node([sim(list(ENDPOINTS))])
+    async with network.client() as http:
+        refused = await http.post("/v1/rerank", json=RERANK)
+        speech = await http.post("/v1/audio/speech",
+                                 json={"model": MODEL, "input": "hi", "voice": "alloy"})
+        unknown = await http.post("/v1/rerank", json={**RERANK, "model": "nope"})
+        chat = await http.post("/v1/chat/completions", json={
+            "model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 2})
+    assert refused.status_code == 404 and speech.status_code == 404
+    error = refused.json()["error"]
+    assert error["code"] == "endpoint_not_served"
+    assert MODEL in error["message"] and "/v1/rerank" in error["message"]
+    assert "/v1/audio/speech" in speech.json()["error"]["message"]
+    assert unknown.status_code == 404
+    assert unknown.json()["error"]["code"] == "model_not_found"
+    assert chat.status_code == 200
+
+
+async def test_transcription_upload_reaches_the_backend_byte_for_byte(network: Network
+                                                                      ) -> None:
+    await network.add_node([sim(list(ENDPOINTS))], node_id="no-audio")
+    await network.add_node([sim()], node_id="audio")
+    audio = wav_bytes()
+    result = await client_for(network).audio.transcriptions.create(
+        model=MODEL, file=("clip.wav", audio, "audio/wav"))
+    assert result.text == (f"simulated transcription of clip.wav: {len(audio)} bytes, "
+                           f"sha256 {hashlib.sha256(audio).hexdigest()}")
+
+
+async def test_speech_streams_binary_audio_with_its_content_type(network: Network) -> None:
+    await network.add_node([sim()])
+    client = client_for(network)
+    async with client.audio.speech.with_streaming_response.create(
+            model=MODEL, voice="alloy", input="hello from tooti",
+            response_format="wav") as response:
+        assert response.headers["content-type"] == "audio/wav"
+        pieces = [piece async for piece in response.iter_bytes()]
+    audio = b"".join(pieces)
+    assert audio == AUDIO_MAGIC + b"hello from tooti"
+
+
+async def test_images_generate_with_usage(network: Network) -> None:
+    await network.add_node([sim()])
+    images = await client_for(network).images.generate(model=MODEL, prompt="a red dot",
+                                                       n=2)
+    assert images.data is not None and len(images.data) == 2
+    assert images.data[0].b64_json == TINY_PNG_B64
+    assert images.usage is not None and images.usage.input_tokens == 3
+
+
+async def test_usage_of_passthrough_answers_is_recorded(network: Network) -> None:
+    await network.add_node([sim()])
+    finished: list[dict[str, Any]] = []
+    both = trio.Event()
+
+    def listen(event: BusEvent) -> None:
+        if event.kind == "request.finished":
+            finished.append(event.data)
+            if len(finished) == 2:
+                both.set()
+
+    network.gateway.registry.bus.listeners.append(listen)
+    async with network.client() as http:
+        assert (await http.post("/v1/rerank", json=RERANK)).status_code == 200
+        speech = await http.post("/v1/audio/speech",
+                                 json={"model": MODEL, "input": "x", "voice": "alloy"})
+        assert speech.status_code == 200
+    with trio.fail_after(5):
+        await both.wait()
+    rerank, audio = finished
+    assert rerank["status"] == "ok" and rerank["prompt_tokens"] == 10
+    assert rerank["completion_tokens"] == 0 and rerank["estimated"] is False
+    # no usage in an audio answer: recorded with zero tokens, not an estimate
+    assert audio["status"] == "ok" and audio["node"] == "node-a"
+    assert (audio["prompt_tokens"], audio["completion_tokens"]) == (0, 0)
+    assert audio["estimated"] is False
+
+
+async def _form(boundary: bytes, size: int, digest: Any) -> AsyncIterator[bytes]:
+    """A multipart form with ``model`` first and a ``size``-byte file, generated piece
+    by piece (``digest`` sees the file's bytes)."""
+    yield (b"--" + boundary + b'\r\nContent-Disposition: form-data; name="model"\r\n\r\n'
+           + MODEL.encode() + b"\r\n--" + boundary
+           + b'\r\nContent-Disposition: form-data; name="file"; filename="big.wav"\r\n'
+           b"Content-Type: audio/wav\r\n\r\n")
+    piece = bytes(range(256)) * 256  # 64 KiB
+    sent = 0
+    while sent < size:
+        chunk = piece[:size - sent]
+        digest.update(chunk)
+        sent += len(chunk)
+        yield chunk
+    yield b"\r\n--" + boundary + b"--\r\n"
+
+
+async def test_20_mib_upload_streams_through_without_being_held(network: Network) -> None:
+    size = 20 * 1024 * 1024
+    await network.add_node([sim()])
+    boundary = b"tooti-test-boundary"
+    head = len(b"".join([piece async for piece in _form(boundary, 0, hashlib.sha256())]))
+    digest = hashlib.sha256()
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        async with network.client() as http:
+            response = await http.post(
+                "/v1/audio/transcriptions", content=_form(boundary, size, digest),
+                headers={"content-type": "multipart/form-data; boundary=tooti-test-boundary",
+                         "content-length": str(head + size)})
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert response.status_code == 200, response.text
+    simulated = response.json()["x_tooti_simulated"]
+    assert simulated["file_bytes"] == size and simulated["sha256"] == digest.hexdigest()
+    # gateway, node, backend and this client share the process: together they never
+    # held more than a few MiB of the 20 MiB upload at once
+    assert peak < 8 * 1024 * 1024, f"peak traced memory {peak / 2**20:.1f} MiB"
+
+
+async def test_upload_limits_and_form_checks(network: Network) -> None:
+    await network.add_node([sim()])
+    network.gateway.settings.max_upload_bytes = 1000
+    async with network.client() as http:
+        too_big = await http.post("/v1/audio/transcriptions", files={
+            "file": ("a.wav", b"x" * 2000)}, data={"model": MODEL})
+        no_model = await http.post("/v1/audio/transcriptions",
+                                   files={"file": ("a.wav", b"x" * 10)})
+        not_form = await http.post("/v1/audio/transcriptions", json={"model": MODEL})
+    assert too_big.status_code == 413
+    assert no_model.status_code == 400 and no_model.json()["error"]["param"] == "model"
+    assert not_form.status_code == 400
+
+
+async def test_node_older_than_endpoints_serves_the_usual_three(
+        network: Network, monkeypatch: pytest.MonkeyPatch) -> None:
+    plain = ModelInfo.to_wire
+
+    def old_wire(self: ModelInfo) -> dict[str, Any]:
+        wire = plain(self)
+        del wire["endpoints"]  # what a node before the pass-through endpoints sends
+        return wire
+
+    monkeypatch.setattr(ModelInfo, "to_wire", old_wire)
+    await network.add_node([sim()])  # would announce every endpoint, sends none
+    assert network.gateway.registry.peers["node-a"].models[MODEL].endpoints == ENDPOINTS
+    async with network.client() as http:
+        chat = await http.post("/v1/chat/completions", json={
+            "model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 2})
+        rerank = await http.post("/v1/rerank", json=RERANK)
+    assert chat.status_code == 200
+    assert rerank.status_code == 404
+    assert rerank.json()["error"]["code"] == "endpoint_not_served"
+
+
+def test_endpoint_names_from_a_peer_are_typed_and_bounded() -> None:
+    entry = msgspec.convert({"id": "m"}, ModelEntry)
+    assert entry.endpoints == list(ENDPOINTS)
+    assert msgspec.convert({"id": "m", "endpoints": []}, ModelEntry).endpoints == list(
+        ENDPOINTS)
+    # a newer node's endpoint is dropped, not refused; the known ones stay
+    newer = msgspec.convert({"id": "m", "endpoints": ["rerank", "video/generations"]},
+                            ModelEntry)
+    assert newer.endpoints == ["rerank"]
+    assert set(ALL_ENDPOINTS) >= set(newer.endpoints)
+    for bad in (["x"] * 17, ["a" * 65], [5], ["bad\nname"], "rerank"):
+        with pytest.raises(ProtocolError):
+            model_entries([{"id": "m", "endpoints": bad}], 8)
+
+
+async def test_native_responses_seam(network: Network) -> None:
+    await network.add_node([sim(list(ENDPOINTS))], node_id="translated-only")
+    gateway = network.gateway
+    caller = await gateway.auth.identify({"type": "http", "headers": [],
+                                          "client": ("127.0.0.1", 1)})
+    assert not serves_natively(gateway, caller, MODEL)
+    await network.add_node([sim(["chat/completions", "responses"])], node_id="native")
+    assert serves_natively(gateway, caller, MODEL)
+    assert not serves_natively(gateway, caller, "nope")
+
+
+async def test_native_responses_forwarded_raw_through_the_seam(network: Network) -> None:
+    """What the translated /v1/responses route does when a node serves it natively:
+    the raw body goes to that node untouched and its answer comes back as it is."""
+    gateway = network.gateway
+
+    async def route(scope: Any, receive: Any, send: Any, request_id: str,
+                    headers: Any) -> None:
+        caller = await gateway.auth.identify(scope)
+        raw = await read_body(scope, receive, 1 << 20)
+        await forward_native(gateway, scope, receive, send, request_id, headers, caller,
+                             raw)
+
+    gateway.station.mount("/test-native/", route)
+    await network.add_node([sim(list(ENDPOINTS))], node_id="translated-only")
+    await network.add_node([sim(["responses"])], node_id="native")
+    async with network.client() as http:
+        for _ in range(4):
+            answer = await http.post("/test-native/responses", json={
+                "model": MODEL, "input": "say hi", "instructions": "be brief"})
+            assert answer.status_code == 200, answer.text
+            assert answer.headers["x-tooti-node"] == "native"
+            body = answer.json()
+            assert body["object"] == "response" and body["status"] == "completed"
+            assert body["usage"]["input_tokens"] == 4
