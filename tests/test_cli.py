@@ -40,7 +40,8 @@ def runner(monkeypatch: pytest.MonkeyPatch,
     """Replace tooti.runner with a fake that records the Settings it gets."""
     calls: list[Settings] = []
 
-    def run(settings: Settings, reload: Callable[[], Settings] | None = None) -> int:
+    def run(settings: Settings, reload: Callable[[], Settings] | None = None,
+            config_file: str = "") -> int:
         calls.append(settings)
         if reload is not None:
             reloads.append(reload)
@@ -189,10 +190,17 @@ def test_run_reloads_settings_the_way_it_built_them(
         reload()
 
 
-def test_run_returns_runner_exit_code(monkeypatch: pytest.MonkeyPatch) -> None:
-    fake = types.SimpleNamespace(run=lambda settings, reload=None: 3)
+def test_run_returns_runner_exit_code(monkeypatch: pytest.MonkeyPatch,
+                                      tmp_path: Path) -> None:
+    files: list[str] = []
+    fake = types.SimpleNamespace(
+        run=lambda settings, reload=None, config_file="": files.append(config_file) or 3)
     monkeypatch.setitem(sys.modules, "tooti.runner", fake)
+    monkeypatch.delenv("TOOTI_CONFIG", raising=False)
     assert main(["run"]) == 3
+    monkeypatch.setenv("TOOTI_CONFIG", str(write(tmp_path, "")))
+    assert main(["run"]) == 3
+    assert files == ["", str(tmp_path / "tooti.toml")]  # SIGHUP says if it reads a file
 
 
 def test_run_bad_flag(runner: list[Settings], capsys: pytest.CaptureFixture[str]) -> None:
@@ -224,7 +232,8 @@ def test_run_bad_config_file(
 def test_run_runner_config_error(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    def run(settings: Settings, reload: Callable[[], Settings] | None = None) -> int:
+    def run(settings: Settings, reload: Callable[[], Settings] | None = None,
+            config_file: str = "") -> int:
         raise ConfigError("unknown backend type 'nope'", key="node.backends[0].type")
 
     monkeypatch.setitem(sys.modules, "tooti.runner", types.SimpleNamespace(run=run))

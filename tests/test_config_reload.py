@@ -448,3 +448,30 @@ async def test_backends_a_stopped_node_cannot_take_are_closed_and_nothing_change
     assert closed == ["b"]
     assert node.backends == [old]
     assert reloader.running is running
+
+
+async def test_reload_messages_say_what_happened_once(caplog: Any) -> None:
+    """A newcomer's SIGHUPs: the loopback-only join warning is not repeated by every
+    reload, a change that needs a restart is "nothing applied live" (then named), and a
+    process without a configuration file says only the environment and flags were read
+    again."""
+    from tooti.gateway.app import Gateway
+
+    running = Settings(roles=["gateway"], gateway=GatewaySettings(listen="127.0.0.1:0"))
+    moved = Settings(roles=["gateway"], gateway=GatewaySettings(listen="127.0.0.1:9"))
+    gateway = Gateway(running.gateway, TunnelSettings())
+    roles = _Roles(gateway)
+    roles.station = gateway.station
+    caplog.set_level("INFO", logger="tooti")
+    caplog.clear()
+    for _ in range(3):
+        await Reloader(roles, running, lambda: running, ["gateway"]).reload()
+    await Reloader(roles, running, lambda: moved, ["gateway"],
+                   config_file="tooti.toml").reload()
+    lines = [r.getMessage() for r in caplog.records]
+    assert not [line for line in lines if "no join token" in line], lines
+    assert lines == [
+        "SIGHUP: configuration reloaded: nothing changed (no configuration file: the "
+        "environment and flags were read again)"] * 3 + [
+        "SIGHUP: configuration reloaded: nothing applied live",
+        "SIGHUP: changed settings need a restart to apply: gateway.listen"]

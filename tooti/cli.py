@@ -196,7 +196,9 @@ def _run(args: argparse.Namespace) -> int:
         settings = build_settings(args, os.environ)
         runner = importlib.import_module("tooti.runner")
         # SIGHUP builds the settings again the same way (tooti.reload applies what it can).
-        code: int = runner.run(settings, reload=lambda: build_settings(args, os.environ))
+        code: int = runner.run(settings, reload=lambda: build_settings(args, os.environ),
+                               config_file=getattr(args, "config", None)
+                               or os.environ.get("TOOTI_CONFIG", "").strip())
     except ConfigError as exc:
         return _error(exc)
     return code

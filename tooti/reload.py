@@ -245,9 +245,13 @@ class Reloader:
 
     def __init__(self, roles: Roles, running: Settings, rebuild: Rebuild | None,
                  role_names: Sequence[str],
-                 check: Callable[[Settings], None] = lambda settings: None) -> None:
+                 check: Callable[[Settings], None] = lambda settings: None,
+                 config_file: str = "") -> None:
         """``check`` validates a loaded configuration beyond its schema as ``tooti config
-        check`` does (plugin names, TLS files; raises ConfigError)."""
+        check`` does (plugin names, TLS files; raises ConfigError); ``config_file``: the
+        file ``rebuild`` reads (empty: none, only the environment and flags: the log
+        line of a reload says so)."""
+        self.config_file = config_file
         self.roles = roles
         self.check = check
         self.running = running
@@ -399,7 +403,12 @@ class Reloader:
         if built.backends is not None:
             self._entries = built.entries
         self.running = settings
-        done = ", ".join(plan.applied) if plan.applied else "nothing changed"
+        if plan.applied:
+            done = ", ".join(plan.applied)
+        else:  # the restart WARNING below names what did change
+            done = "nothing applied live" if plan.restart else "nothing changed"
+        if not self.config_file:
+            done += " (no configuration file: the environment and flags were read again)"
         if built.backends is not None:
             done += (f" (backends: {len(built.started)} new, {built.removed} removed, "
                      f"{len(built.backends) - len(built.started)} kept)")

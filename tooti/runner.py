@@ -4,9 +4,9 @@ Roles share one root nursery. A gateway and a node in the same process are
 joined by an in-memory transport that speaks the same tunnel protocol as a
 WebSocket. The first SIGINT/SIGTERM drains (gateway and node send GOAWAY,
 in-flight streams get ``drain_grace`` seconds), then the process exits 0; a
-second signal cancels everything at once and exits 130. With a gateway or relay,
-SIGHUP re-reads the configuration for its join tokens (:mod:`tooti.reload`) and
-reloads the TLS certificate.
+second signal cancels everything at once and exits 130. SIGHUP builds the
+settings again (the configuration file, the environment, the flags) and applies what
+changed, all or nothing (:mod:`tooti.reload`), and reloads the TLS certificate.
 
 A gateway opens ONE accounts database per process (``gateway.database``, else SQLite
 at ``<data_dir>/tooti.sqlite3``; :func:`open_database`), makes sure the ``admin``
@@ -441,12 +441,13 @@ def _check_reloaded(settings: Settings) -> None:
 
 
 async def main(settings: Settings, backends: list[Backend] | None = None,
-               reload: Rebuild | None = None) -> int:
+               reload: Rebuild | None = None, config_file: str = "") -> int:
     """The async body of ``tooti run``; returns the exit code. ``reload`` builds the
     settings again as they were built for this run: SIGHUP applies what changed
     (:mod:`tooti.reload`, in a task of its own, so a reload never holds up a SIGTERM, and
     no failure of it ends the process) and reloads the TLS certificate; None: SIGHUP
-    changes nothing but the certificate."""
+    changes nothing but the certificate. ``config_file``: the file ``reload`` reads
+    (empty: none; SIGHUP says so, as only the environment and flags are read again)."""
     process = Process(settings, backends)
     exit_code = 0
     roles = effective_roles(settings)
@@ -470,7 +471,8 @@ async def main(settings: Settings, backends: list[Backend] | None = None,
                         continue
                     if reloader is None:
                         reloader = process.reloader = Reloader(
-                            process, settings, reload, roles, check=_check_reloaded)
+                            process, settings, reload, roles, check=_check_reloaded,
+                            config_file=config_file)
                     reloader.request(nursery)
                     _reload_tls(process)
                     continue
@@ -492,9 +494,10 @@ async def main(settings: Settings, backends: list[Backend] | None = None,
     return exit_code
 
 
-def run(settings: Settings, reload: Rebuild | None = None) -> int:
+def run(settings: Settings, reload: Rebuild | None = None, config_file: str = "") -> int:
     """Run ``tooti`` with ``settings``; returns the process exit code. ``reload``
-    builds them again on SIGHUP (see :func:`main`).
+    builds them again on SIGHUP from ``config_file`` (if any), the environment and the
+    flags (see :func:`main`).
 
     Configuration problems raise :class:`~tooti.config.ConfigError` (the CLI
     prints them), as does a data dir another process holds (:mod:`tooti.data_dir_lock`:
@@ -507,13 +510,13 @@ def run(settings: Settings, reload: Rebuild | None = None) -> int:
     check_auth(settings)
     # One process per data dir (its identity, gateway id, ledger), held until we return.
     with lock_data_dir(settings.data_dir):
-        return _run_locked(settings, reload)
+        return _run_locked(settings, reload, config_file)
 
 
-def _run_locked(settings: Settings, reload: Rebuild | None) -> int:
+def _run_locked(settings: Settings, reload: Rebuild | None, config_file: str) -> int:
     backends = build_backends(settings) if "node" in effective_roles(settings) else None
     try:
-        return trio.run(main, settings, backends, reload)
+        return trio.run(main, settings, backends, reload, config_file)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BaseException as exc:

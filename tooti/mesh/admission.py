@@ -96,8 +96,9 @@ class TunnelAdmission:
                   if name in self.group_names}
         auth = join_auth(settings, groups, self.join_directory)
         changes = self.auth.changes(auth)
-        self.auth = auth
-        self.warn_if_loopback_only()
+        was_open, self.auth = self.auth.open_to_network, auth
+        if was_open:  # said once at start; again only when it becomes true
+            self.warn_if_loopback_only()
         return changes
 
     def close_revoked(self, token_ids: frozenset[str]) -> None:
