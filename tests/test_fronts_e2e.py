@@ -503,6 +503,9 @@ async def test_access_log_ledger_and_events_record_front_requests(
     try:
         await network.add_node([simulated(tokens=5)])
         key = "sk-admin-k"
+        async with httpx.AsyncClient(base_url=url) as http:  # probes: not access-logged
+            assert (await http.get("/api/version")).status_code == 200
+            assert (await http.head("/")).status_code == 200
         message = await anthropic_client(url, key).messages.with_raw_response.create(
             model=MODEL, max_tokens=100, stream=True,
             messages=[{"role": "user", "content": "one two"}])

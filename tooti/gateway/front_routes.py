@@ -32,7 +32,9 @@ view of the live models, the same groups and allowed models as ``/v1/models``; a
 name an Ollama client sends that no live model of that view matches is Ollama's 404
 (``model "x" not found``) before anything is billed; a request that only loads a model
 (``/api/chat`` without messages) is answered at once when the model is live, unbilled.
-The model-management 501s need no key: they reveal nothing and change nothing.
+The model-management 501s need no key: they reveal nothing and change nothing. The
+probes (``/``, ``/api/version``) are not access-logged, as ``/healthz`` is not: Open WebUI
+asks them every few seconds.
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ OLLAMA_GENERATION = {"/api/chat": "chat", "/api/generate": "generate",
                      "/api/embed": "embed", "/api/embeddings": "embeddings"}
 """Ollama's routes forwarded to a node, and the front ``kind`` of each."""
 TEXT_PLAIN = b"text/plain; charset=utf-8"
+PROBES = frozenset({"/", "/api/version"})
+"""What clients probe to find a server: not access-logged, as ``/healthz`` is not."""
 
 Route = Callable[[Scope, Receive, Send, str, Headers, Caller,
                   access_log.AccessRecord | None], Awaitable[None]]
@@ -129,16 +133,16 @@ class FrontRoutes:
         extra: Headers = [(b"request-id", request_id.encode())] if dialect == ANTHROPIC else []
         settings = self.gateway.settings
         entry = (access_log.AccessRecord(request_id, scope["method"], path)
-                 if access_log.enabled(settings.access_log) and path != "/" else None)
+                 if access_log.enabled(settings.access_log) and path not in PROBES else None)
         try:
             await self._route(scope, receive, send, request_id, [*headers, *extra], entry)
         except APIError as error:
             if entry is not None:
                 entry.failed(error)
             await self._refuse(send, dialect, error, request_id, [*headers, *extra])
-        except ClientGone:
+        except ClientGone as gone:
             if entry is not None:
-                entry.cancelled = True
+                entry.failed(gone)
             raise
         except Exception as exc:
             failure = self.gateway.station.internal_errors.report(request_id, exc)
