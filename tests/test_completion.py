@@ -11,6 +11,7 @@ they are not installed those tests skip, saying so.
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import shutil
 import subprocess
@@ -235,6 +236,20 @@ def test_completion_has_its_own_help(capsys: pytest.CaptureFixture[str]) -> None
     out = capsys.readouterr().out
     assert "source <(tooti completion bash)" in out
     assert "{bash,zsh,fish}" not in out  # the metavar, SHELL, not the choices
+
+
+def test_operations_doc_loads_the_scripts_as_the_help_says(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """docs/operations.md gives, for each shell, the same line to load the script, in the
+    same file, as ``tooti completion --help``."""
+    assert main(["completion", "--help"]) == 0
+    helped = dict((m[1], (m[2], m[3].split(",")[0])) for m in re.finditer(
+        r"^  (\w+) +(\S.*?)  +in (\S.*)$", capsys.readouterr().out, re.MULTILINE))
+    assert set(helped) == set(SHELLS)
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
+    rows = {m[1]: (m[2].replace("\\|", "|"), m[3]) for m in re.finditer(
+        r"^\| (\w+) \| `(.+?)` \| `([^`]+)`", doc, re.MULTILINE)}
+    assert rows == helped
 
 
 def test_register_without_the_root_parser(capsys: pytest.CaptureFixture[str]) -> None:
