@@ -218,7 +218,12 @@ class Cluster:
             + toml_table("gateway", {"listen": f"127.0.0.1:{port}", **gateway})
             + toml_table("tunnel", {"heartbeat_interval": self.heartbeat_interval})
         )
-        path = self._write(f"gateway-{len(self.children)}", config)
+        return await self.start_gateway_from(
+            self._write(f"gateway-{len(self.children)}", config))
+
+    async def start_gateway_from(self, path: Path) -> Tooti:
+        """Start a gateway process with the configuration file ``path`` (which must
+        listen on 127.0.0.1 over plain HTTP); wait until it listens."""
         tooti = await spawn(self.nursery, path, self.gateway_data, "gateway")
         self.children.append(tooti)
         self.gateway = tooti

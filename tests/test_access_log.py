@@ -20,6 +20,7 @@ import pytest
 import trio
 
 from tests.conftest import Network, simulated
+from tests.log_capture import LogWatch, watching
 from tooti.gateway.access_log import AccessRecord
 from tooti.gateway.app import Gateway
 from tooti.logging_setup import JsonFormatter, formatter_for, iso_utc
@@ -32,23 +33,11 @@ def chat(model: str = "tooti-sim", **extra: Any) -> dict[str, Any]:
     return {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra}
 
 
-class Records(logging.Handler):
-    """Collects the access records; :meth:`wait` wakes when enough have arrived."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-        self._changed = trio.Event()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-        self._changed.set()
+class Records(LogWatch):
+    """The access records; :meth:`wait` returns once enough have arrived."""
 
     async def wait(self, count: int) -> list[AccessRecord]:
-        with trio.fail_after(10):
-            while len(self.records) < count:
-                self._changed = trio.Event()
-                await self._changed.wait()
+        await self.wait_count(count)
         return self.entries()
 
     def entries(self) -> list[AccessRecord]:
@@ -63,13 +52,8 @@ class Records(logging.Handler):
 @pytest.fixture
 def records() -> Iterator[Records]:
     handler = Records()
-    logger = logging.getLogger("tooti.access")
-    old_level = logger.level
-    logger.setLevel(logging.INFO)
-    logger.addHandler(handler)
-    yield handler
-    logger.removeHandler(handler)
-    logger.setLevel(old_level)
+    with watching("tooti.access", logging.INFO, handler):
+        yield handler
 
 
 async def test_served_requests_are_logged_with_node_tokens_and_timing(

@@ -92,6 +92,25 @@ def ready_here(registry: Registry, node_id: str) -> bool:
     return peer is not None and "tooti-sim" in peer.models and peer.models["tooti-sim"].ready
 
 
+async def hold_a_stream(network: Network, client: httpx.AsyncClient,
+                        nursery: trio.Nursery) -> None:
+    """Start a streamed chat request in ``nursery`` (held until the nursery is
+    cancelled); return once the gateway has routed it to a node."""
+    routed = trio.Event()
+    network.gateway.registry.bus.listeners.append(
+        lambda event: routed.set() if event.kind == "request.routed" else None)
+
+    async def held() -> None:
+        try:
+            await client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+        except httpx.HTTPError:
+            pass
+
+    nursery.start_soon(held)
+    with trio.fail_after(LIMIT):
+        await routed.wait()
+
+
 async def add_loading_node(network: Network, backend: SlowToLoad, node_id: str = "node-a"
                            ) -> Node:
     """A node with ``backend``; returns once the gateway has its model as loading."""
@@ -219,20 +238,8 @@ async def test_a_queued_request_gets_model_loading_when_its_nodes_reload(
     await network.add_node([backend], "node-a", health_interval=0.05)
     registry = network.gateway.registry
     await until(registry, lambda: ready_here(registry, "node-a"))
-    routed = trio.Event()
-    network.gateway.registry.bus.listeners.append(
-        lambda event: routed.set() if event.kind == "request.routed" else None)
     async with network.client() as client, trio.open_nursery() as nursery:
-
-        async def held() -> None:  # takes the node's one slot
-            try:
-                await client.post("/v1/chat/completions", json={**CHAT, "stream": True})
-            except httpx.HTTPError:
-                pass
-
-        nursery.start_soon(held)
-        with trio.fail_after(LIMIT):
-            await routed.wait()
+        await hold_a_stream(network, client, nursery)  # takes the node's one slot
         answers: list[httpx.Response] = []
         answered = trio.Event()
 
@@ -259,19 +266,7 @@ async def test_readyz_is_503_during_drain(network: Network) -> None:
     await network.add_node([simulated(ttft=30.0)], "node-a")
     async with network.client() as client, trio.open_nursery() as nursery:
         assert (await client.get("/readyz")).status_code == 200
-        routed = trio.Event()
-        network.gateway.registry.bus.listeners.append(
-            lambda event: routed.set() if event.kind == "request.routed" else None)
-
-        async def held() -> None:  # keeps the drain waiting
-            try:
-                await client.post("/v1/chat/completions", json={**CHAT, "stream": True})
-            except httpx.HTTPError:
-                pass
-
-        nursery.start_soon(held)
-        with trio.fail_after(LIMIT):
-            await routed.wait()
+        await hold_a_stream(network, client, nursery)  # keeps the drain waiting
         nursery.start_soon(network.gateway.drain, 30.0)
         with trio.fail_after(LIMIT):
             await trio.testing.wait_all_tasks_blocked()

@@ -11,9 +11,12 @@ flags), then, in two phases:
    load or validate, an unknown plugin name, a policy whose options its factory refuses,
    a backend that cannot be built or started: one ERROR line with the message ``tooti
    config check`` prints, and the whole running configuration stays in force.
-2. **Apply**: each role swaps what it reads per request, in one step with no checkpoint
-   in between for the gateway and the station, so a request sees either the old or the
-   new settings, never a mix. Nothing already under way is interrupted: tunnels stay up,
+2. **Apply**: the node's backends first (the one step that can be refused: then
+   nothing is applied), then each role swaps what it reads per request, in one step
+   with no checkpoint in between for the gateway and the station, so each value read is
+   wholly old or wholly new; a request that spans the reload reads each value when it
+   needs it (its body timeout before, its request timeout after, say), so it may see
+   some old values and some new. Nothing already under way is interrupted: tunnels stay up,
    a stream in flight keeps the node and the backend it had, a request already queued
    keeps its deadline.
 

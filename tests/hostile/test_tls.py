@@ -10,11 +10,9 @@ import ipaddress
 import json
 import logging
 import os
-import re
 import signal
 import ssl
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -33,6 +31,7 @@ from hypercorn.config import Config
 from tests.conftest import simulated
 from tests.hostile.client import connect as connect_from
 from tests.hostile.signal_loop import signal_loop
+from tests.log_capture import watching
 from tests.processes import START_TIMEOUT, spawn, toml_table, toml_value_lines
 from tooti.gateway.app import Gateway
 from tooti.mesh.listener import UpgradeRequest
@@ -215,48 +214,6 @@ async def wait_for_node(gateway: Gateway, node_id: str) -> None:
             lambda: node_id in registry.peers and bool(registry.peers[node_id].models))
 
 
-class LogWatch(logging.Handler):
-    """Collects the ``tooti`` log records; ``wait_for`` waits for a message."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-        self._changed = trio.Event()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-        self._changed.set()
-        self._changed = trio.Event()
-
-    def matching(self, pattern: str) -> list[str]:
-        return [r.getMessage() for r in self.records if re.search(pattern, r.getMessage())]
-
-    async def wait_for(self, pattern: str) -> str:
-        with trio.fail_after(TIMEOUT):
-            while not (found := self.matching(pattern)):
-                await self._changed.wait()
-        return found[0]
-
-    def problems(self) -> list[str]:
-        """Records at ERROR or above, and any that carry a traceback."""
-        return [f"{r.levelname} {r.name}: {r.getMessage()}" for r in self.records
-                if r.levelno >= logging.ERROR or r.exc_info]
-
-
-@contextmanager
-def watching_logs() -> Iterator[LogWatch]:
-    logger = logging.getLogger("tooti")
-    watch = LogWatch()
-    level = logger.level
-    logger.setLevel(logging.DEBUG)
-    logger.addHandler(watch)
-    try:
-        yield watch
-    finally:
-        logger.removeHandler(watch)
-        logger.setLevel(level)
-
-
 async def served_serial(port: int, context: ssl.SSLContext) -> int:
     """The serial number of the certificate a new TLS connection to ``port`` gets."""
     with trio.fail_after(TIMEOUT):
@@ -373,7 +330,7 @@ async def test_without_the_ca_a_dialer_refuses_the_gateway_and_says_why(
         node=NodeSettings(peers=[tls_gateway.tunnel_url], id="node-a",
                           backends=[BackendSettings(type="simulated")]),
         relay=RelaySettings(peers=[tls_gateway.tunnel_url], id="relay-1"))
-    with watching_logs() as logs:
+    with watching() as logs:
         await nursery.start(serve, Process(settings))
         line = await logs.wait_for(r"tunnel to wss://.*certificate")
     assert "certificate verify failed" in line and "unable to get local issuer" in line
@@ -423,7 +380,7 @@ async def test_a_broken_new_certificate_keeps_the_old_one(
     old = await served_serial(tls_gateway.port, context)
     tls = tls_gateway.gateway.station.tls
     assert tls is not None
-    with watching_logs() as logs:
+    with watching() as logs:
         if breakage == "garbage":
             replace(authority.cert_path, b"-----BEGIN CERTIFICATE-----\nnot one\n")
         elif breakage == "missing":
@@ -517,7 +474,7 @@ async def test_a_sighup_reload_that_fails_unexpectedly_is_logged_and_the_process
 
 async def test_plain_http_to_the_tls_port_gets_a_400_and_the_listener_goes_on(
         tls_gateway: TLSGateway, authority: Authority) -> None:
-    with watching_logs() as logs:
+    with watching() as logs:
         with trio.fail_after(TIMEOUT):
             stream = await trio.open_tcp_stream("127.0.0.1", tls_gateway.port)
             await stream.send_all(b"GET /v1/models HTTP/1.1\r\nHost: gw\r\n\r\n")
@@ -537,7 +494,7 @@ async def test_plain_http_to_the_tls_port_gets_a_400_and_the_listener_goes_on(
 
 async def test_tls_to_a_plain_port_fails_cleanly(nursery: trio.Nursery) -> None:
     gateway = Gateway(GatewaySettings(listen="127.0.0.1:0"), TUNNEL)
-    with watching_logs() as logs:
+    with watching() as logs:
         urls = await nursery.start(gateway.serve)
         port = int(urls[0].rsplit(":", 1)[1])
         with trio.fail_after(TIMEOUT):
@@ -633,7 +590,7 @@ async def test_a_tls_handshake_flood_from_one_address_is_rate_limited(
     running = await start_gateway(nursery, authority, connection_burst=burst,
                                   connection_rate=0.01)
     context = authority.client_context()
-    with watching_logs() as logs:
+    with watching() as logs:
         assert [await handshakes(running.port, context) for _ in range(burst)] == [True] * burst
         assert [await handshakes(running.port, context) for _ in range(20)] == [False] * 20
         assert await handshakes(running.port, context, "127.0.0.2")

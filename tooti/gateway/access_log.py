@@ -175,38 +175,35 @@ class AccessRecord:
         return model[:MAX_VALUE] or None
 
     def __str__(self) -> str:
-        """The text form: one logfmt line."""
-        outcome, usage, caller = self.outcome, self.usage, self.caller
-        served = outcome is not None and outcome.served
-        parts = [f"req={self.request_id}", f"key={_key_id(caller) or '-'}"]
-        if caller is not None and caller.account_name:
-            parts.append(f"account={_quoted(caller.account_name)}")
-        parts.append(f"method={_quoted(self.method)}")
-        parts.append(f"path={_quoted(self.path[:MAX_VALUE])}")
-        model = self._model()
-        if model:
-            parts.append(f"model={_quoted(model)}")
-        if outcome is not None and outcome.node_id:
-            parts.append(f"node={_quoted(outcome.node_id)}")
-            if outcome.attempts > 1:
-                parts.append(f"attempts={outcome.attempts}")
-        parts.append(f"status={self.status}")
-        parts.append(f"outcome={self._outcome()}")
-        error = self._error()
-        if error:
-            parts.append(f"error={_quoted(error)}")
-        if usage is not None and served:
-            mark = "~" if usage.estimated else ""
-            parts.append(f"tokens={mark}{usage.prompt_tokens}/{usage.completion_tokens}")
+        """The text form: one logfmt line of :meth:`log_fields` (empty ones left out,
+        tokens as ``prompt/completion``, ``~`` marking an estimate)."""
+        f = self.log_fields()
+        parts = [f"req={f['request_id']}", f"key={f['key_id'] or '-'}"]
+        if f["account"]:
+            parts.append(f"account={_quoted(f['account'])}")
+        parts.append(f"method={_quoted(f['method'])}")
+        parts.append(f"path={_quoted(f['path'])}")
+        if f["model"]:
+            parts.append(f"model={_quoted(f['model'])}")
+        if f["node"]:
+            parts.append(f"node={_quoted(f['node'])}")
+            if f["attempts"] > 1:
+                parts.append(f"attempts={f['attempts']}")
+        parts.append(f"status={f['status']}")
+        parts.append(f"outcome={f['outcome']}")
+        if f["error"]:
+            parts.append(f"error={_quoted(f['error'])}")
+        if f["prompt_tokens"] is not None:
+            mark = "~" if f["tokens_estimated"] else ""
+            parts.append(f"tokens={mark}{f['prompt_tokens']}/{f['completion_tokens']}")
         else:
             parts.append("tokens=-")
-        if served and outcome is not None and outcome.ttft_ms is not None:
-            parts.append(f"ttft_ms={outcome.ttft_ms:.0f}")
-        parts.append(f"ms={self.duration_ms:.0f}")
-        if self.stream is not None:
-            parts.append(f"stream={'yes' if self.stream else 'no'}")
+        if f["ttft_ms"] is not None:
+            parts.append(f"ttft_ms={f['ttft_ms']:.0f}")
+        parts.append(f"ms={f['duration_ms']:.0f}")
+        if f["stream"] is not None:
+            parts.append(f"stream={'yes' if f['stream'] else 'no'}")
         return " ".join(parts)
-
 
 def write(record: AccessRecord) -> None:
     """Log ``record`` (rendered by the handler's formatter, if any handler takes it)."""

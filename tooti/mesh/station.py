@@ -193,7 +193,8 @@ class Station:
         give each new client connection the connection limits and timeouts of
         ``settings`` (those open keep theirs). ``settings`` keep the running values of
         what needs a restart (``listen``, TLS paths). Tunnels already up stay up. No
-        checkpoint: a request sees the old settings or the new, never a mix."""
+        checkpoint: each value read after it is the new one (a request under way reads
+        each value when it needs it, so it may read some before and some after)."""
         changes = self.reload_tokens(settings)
         self.settings = settings
         self.limits = Limits.of(settings)
