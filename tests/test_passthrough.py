@@ -21,8 +21,11 @@ import openai
 import pytest
 import trio
 
+from tests.backend_fixtures import serve_asgi
 from tests.conftest import Network
 from tooti.backends.base import ModelInfo
+from tooti.backends.ollama import OllamaBackend
+from tooti.backends.openai import OpenAIBackend
 from tooti.backends.simulated import SimulatedBackend
 from tooti.backends.simulated_passthrough import AUDIO_MAGIC, TINY_PNG_B64
 from tooti.gateway.passthrough import forward_native, serves_natively
@@ -293,3 +296,111 @@ async def test_native_responses_forwarded_raw_through_the_seam(network: Network)
             body = answer.json()
             assert body["object"] == "response" and body["status"] == "completed"
             assert body["usage"]["input_tokens"] == 4
+
+
+class RecordingServer:
+    """An OpenAI-compatible server serving only the pass-through routes: it hashes each
+    request body as it streams in (never keeping it) and answers like a real server."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, tuple[str, int, str]] = {}
+        """Path → (content type, body size, body SHA-256)."""
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                await send({"type": message["type"] + ".complete"})
+                if message["type"] == "lifespan.shutdown":
+                    return
+        digest, size, more = hashlib.sha256(), 0, True
+        while more:
+            message = await receive()
+            digest.update(message.get("body", b""))
+            size += len(message.get("body", b""))
+            more = message.get("more_body", False)
+        kind = dict(scope["headers"]).get(b"content-type", b"").decode()
+        self.seen[scope["path"]] = (kind, size, digest.hexdigest())
+        if scope["path"] == "/v1/audio/speech":
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"audio/mpeg")]})
+            for piece in (b"ID3", b"\x00\x01" * 1000, b"end"):
+                await send({"type": "http.response.body", "body": piece, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        answers = {
+            "/v1/audio/transcriptions": {"text": "hello"},
+            "/v1/rerank": {"results": [{"index": 0, "relevance_score": 0.9}],
+                           "usage": {"prompt_tokens": 7, "total_tokens": 7}},
+            "/v1/models": {"object": "list", "data": [{"id": "remote", "object": "model"}]},
+        }
+        body = msgspec.json.encode(answers.get(scope["path"], {"error": "no"}))
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+async def test_openai_backend_passes_uploads_and_audio_through_byte_for_byte(
+        network: Network, nursery: trio.Nursery) -> None:
+    server = RecordingServer()
+    url = await serve_asgi(nursery, server)
+    backend = OpenAIBackend(BackendSettings(
+        type="openai", url=url + "/v1", models=["remote"],
+        endpoints=["rerank", "audio/transcriptions", "audio/speech"]))
+    await network.add_node([backend])
+    assert set(network.gateway.registry.peers["node-a"].models["remote"].endpoints) == {
+        "rerank", "audio/transcriptions", "audio/speech"}
+    client = client_for(network)
+    audio = wav_bytes(4000)
+    text = await client.audio.transcriptions.create(model="remote",
+                                                    file=("a.wav", audio, "audio/wav"))
+    assert text.text == "hello"
+    kind, size, _ = server.seen["/v1/audio/transcriptions"]
+    assert kind.startswith("multipart/form-data; boundary=") and size > len(audio)
+    async with client.audio.speech.with_streaming_response.create(
+            model="remote", voice="alloy", input="hi") as speech:
+        assert speech.headers["content-type"] == "audio/mpeg"
+        got = b"".join([piece async for piece in speech.iter_bytes()])
+    assert got == b"ID3" + b"\x00\x01" * 1000 + b"end"
+    async with network.client() as http:
+        raw = msgspec.json.encode({"model": "remote", "query": "q", "documents": ["d"]})
+        rerank = await http.post("/v1/rerank", content=raw,
+                                 headers={"content-type": "application/json"})
+        chat = await http.post("/v1/chat/completions", json={
+            "model": "remote", "messages": [{"role": "user", "content": "x"}]})
+    assert rerank.status_code == 200 and rerank.json()["usage"]["prompt_tokens"] == 7
+    # the body reached the server byte for byte
+    assert server.seen["/v1/rerank"][1:] == (len(raw), hashlib.sha256(raw).hexdigest())
+    # this server was configured without chat: the gateway does not route chat to it
+    assert chat.status_code == 404 and "/v1/chat/completions" not in server.seen
+
+
+def test_backends_refuse_endpoints_they_cannot_serve() -> None:
+    with pytest.raises(ValueError, match="unknown endpoints"):
+        OpenAIBackend(BackendSettings(type="openai", url="http://x/v1",
+                                      endpoints=["video/generations"]))
+    with pytest.raises(ValueError, match="cannot serve"):
+        OllamaBackend(BackendSettings(type="ollama", url="http://x",
+                                      endpoints=["rerank"]))
+    embed_only = OllamaBackend(BackendSettings(type="ollama", url="http://x",
+                                               endpoints=["embeddings"]))
+    assert embed_only.endpoints == ("embeddings",)
+    assert OpenAIBackend(BackendSettings(type="openai", url="http://x/v1")).endpoints == (
+        ENDPOINTS)
+
+
+async def test_chat_endpoints_route_by_endpoint_too(network: Network) -> None:
+    await network.add_node([sim(["embeddings"])], node_id="embed-only")
+    await network.add_node([sim(["chat/completions"])], node_id="chat-only")
+    async with network.client() as http:
+        for _ in range(4):
+            chat = await http.post("/v1/chat/completions", json={
+                "model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 2})
+            assert chat.headers["x-tooti-node"] == "chat-only"
+            embed = await http.post("/v1/embeddings", json={"model": MODEL, "input": "x"})
+            assert embed.headers["x-tooti-node"] == "embed-only"
+        completions = await http.post("/v1/completions", json={"model": MODEL,
+                                                               "prompt": "x"})
+    assert completions.status_code == 404
+    assert completions.json()["error"]["code"] == "endpoint_not_served"

@@ -61,6 +61,7 @@ from tooti.protocol.schemas import (
     ModelEntry,
     ModelState,
 )
+from tooti.settings import BackendSettings
 
 
 @dataclass(frozen=True)
@@ -290,3 +291,26 @@ def loading_models(backend: Backend) -> list[ModelInfo]:
     except Exception:  # a plugin's bug must not stop the node's health loop
         return []
     return [replace(info, state=LOADING) for info in models if isinstance(info, ModelInfo)]
+
+
+def configured_endpoints(settings: BackendSettings, default: tuple[str, ...]
+                         ) -> tuple[str, ...]:
+    """The ``endpoints`` of a backend's settings, checked (ValueError naming an unknown
+    one), or ``default`` when it names none."""
+    unknown = [name for name in settings.endpoints if name not in ALL_ENDPOINTS]
+    if unknown:
+        raise ValueError(f"{settings.type} backend: unknown endpoints {unknown}; known: "
+                         + ", ".join(ALL_ENDPOINTS))
+    return tuple(dict.fromkeys(settings.endpoints)) or default
+
+
+def usual_endpoints(settings: BackendSettings) -> tuple[str, ...]:
+    """The ``endpoints`` of a backend that serves only the usual three (ollama, the
+    embedded llama.cpp): a subset of them (e.g. ``["embeddings"]`` for an embedding
+    model), or all three; ValueError naming a pass-through endpoint it cannot serve."""
+    endpoints = configured_endpoints(settings, ENDPOINTS)
+    beyond = [name for name in endpoints if name not in ENDPOINTS]
+    if beyond:
+        raise ValueError(f"{settings.type} backend: cannot serve {beyond} (only "
+                         + ", ".join(ENDPOINTS) + "); serve them from an openai backend")
+    return endpoints

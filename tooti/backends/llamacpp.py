@@ -66,7 +66,7 @@ from typing import Any
 import trio
 
 from tooti import clock
-from tooti.backends.base import BackendResponse, BackendStartError, ModelInfo
+from tooti.backends.base import BackendResponse, BackendStartError, ModelInfo, usual_endpoints
 from tooti.backends.openai import OpenAIBackend
 from tooti.backoff import Backoff
 from tooti.settings import BackendSettings
@@ -206,6 +206,10 @@ class LlamaCppBackend:
         """Check that the 'local' extra is installed and read the options."""
         opts = settings.options
         self.settings = settings
+        self.endpoints = usual_endpoints(settings)
+        """What its model is announced to serve: the usual three (llama-server's
+        ``/v1/rerank`` needs ``--reranking`` and a reranker model, which this backend does
+        not launch; ``endpoints`` may name fewer)."""
         self.model_path = str(opts.get("model_path") or "")
         needed = ["xllamacpp"] if self.model_path else ["xllamacpp", GEMMA_PACKAGE]
         missing = [name for name in needed if importlib.util.find_spec(name) is None]
@@ -395,6 +399,7 @@ class LlamaCppBackend:
             price_input=s.price_input,
             price_output=s.price_output,
             meta={"engine": "llama.cpp"},
+            endpoints=self.endpoints,
         )
 
     async def health(self) -> bool:

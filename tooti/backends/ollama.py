@@ -58,6 +58,7 @@ from tooti.backends.base import (
     BackendResponse,
     ModelInfo,
     requested_model,
+    usual_endpoints,
 )
 from tooti.backends.http_util import (
     MAX_ERROR_BODY,
@@ -218,6 +219,9 @@ class OllamaBackend:
         """Read the settings; HTTP clients are created lazily."""
         opts = settings.options
         self.settings = settings
+        self.endpoints = usual_endpoints(settings)
+        """What its models are announced to serve: Ollama's API has chat, generate and
+        embed, none of the pass-through endpoints (``endpoints`` may name fewer)."""
         self.url = root_url(settings.url)
         rename = opts.get("rename") or {}
         if not isinstance(rename, dict):
@@ -297,6 +301,7 @@ class OllamaBackend:
             price_input=s.price_input,
             price_output=s.price_output,
             warm=warm,
+            endpoints=self.endpoints,
             owned_by="ollama",
             meta=meta,
         )

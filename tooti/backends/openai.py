@@ -62,6 +62,7 @@ from tooti.backends.base import (
     ModelInfo,
     Upload,
     check_endpoint,
+    configured_endpoints,
 )
 from tooti.backends.http_util import (
     CLOSE_TIMEOUT,
@@ -78,7 +79,7 @@ from tooti.backends.http_util import (
     transport_error,
 )
 from tooti.protocol.numbers import is_int
-from tooti.protocol.schemas import ALL_ENDPOINTS, ENDPOINTS
+from tooti.protocol.schemas import ENDPOINTS
 from tooti.settings import BackendSettings
 
 __all__ = ["CLOSE_TIMEOUT", "MAX_ERROR_BODY", "OpenAIBackend", "upstream_error"]
@@ -328,13 +329,3 @@ class OpenAIBackend:
         finally:
             await close_response(response, chunks)
 
-
-def configured_endpoints(settings: BackendSettings, default: tuple[str, ...]
-                         ) -> tuple[str, ...]:
-    """The ``endpoints`` of a backend's settings, checked (ValueError naming an unknown
-    one), or ``default`` when it names none."""
-    unknown = [name for name in settings.endpoints if name not in ALL_ENDPOINTS]
-    if unknown:
-        raise ValueError(f"{settings.type} backend: unknown endpoints {unknown}; known: "
-                         + ", ".join(ALL_ENDPOINTS))
-    return tuple(dict.fromkeys(settings.endpoints)) or default

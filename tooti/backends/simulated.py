@@ -69,9 +69,9 @@ from tooti.backends.base import (
     BackendResponse,
     ModelInfo,
     Upload,
+    configured_endpoints,
     requested_model,
 )
-from tooti.backends.openai import configured_endpoints
 from tooti.backends.simulated_answers import (
     EmbeddingsJob,
     Job,

@@ -50,7 +50,7 @@ from tooti.billing.pipeline import BYTES_PER_TOKEN, usage_from
 from tooti.errors import APIError, from_end_info
 from tooti.gateway import access_log
 from tooti.gateway.auth import check_models, routes_of
-from tooti.gateway.proxy import NOT_THE_NODES_FAULT, RETRYABLE_STATUS
+from tooti.gateway.proxy import NOT_THE_NODES_FAULT, RETRYABLE_STATUS, endpoint_not_served
 from tooti.gateway.response_headers import BadHeader, content_type, header_value
 from tooti.gateway.validation import ParsedRequest, Preferences
 from tooti.mesh.http import Headers, Receive, ResponseSend, Scope, Send, header, read_body
@@ -79,12 +79,6 @@ PIECE = 64 * 1024
 """Most bytes of an answer joined into one piece sent to the client."""
 
 _decoder = msgspec.json.Decoder()
-
-
-def endpoint_not_served(model: str, endpoint: str) -> APIError:
-    """404 for a model live nodes serve, but none on ``endpoint``."""
-    return APIError(404, f"no live node serves model '{model}' on /v1/{endpoint}",
-                    code="endpoint_not_served", param="model")
 
 
 def serves_natively(gateway: Gateway, caller: Caller, model: str,

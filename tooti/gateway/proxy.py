@@ -64,6 +64,12 @@ NOT_THE_NODES_FAULT = frozenset({"relay_busy", "draining"})
 relay at its stream limit, or a peer that had already sent GOAWAY."""
 
 
+def endpoint_not_served(model: str, endpoint: str) -> APIError:
+    """404 for a model live nodes serve, but none on ``endpoint`` (``/v1/{endpoint}``)."""
+    return APIError(404, f"no live node serves model '{model}' on /v1/{endpoint}",
+                    code="endpoint_not_served", param="model")
+
+
 class _Retry(Exception):
     """This node failed before anything reached the client; try another.
 
@@ -135,12 +141,14 @@ class Proxy:
         with trio.fail_after(self.settings.request_timeout):
             for index, (models, queue) in enumerate(plan):
                 model = models[0]
-                routes = [g for g in groups
-                          if any(self.registry.serving(m, g) for m in models)]
+                routes = [g for g in groups if any(
+                    self.registry.serving_endpoint(m, request.endpoint, g) for m in models)]
                 if not routes:
                     last_error = last_error or (
                         model_loading(model)
                         if any(self.registry.loading(m, g) for m in models for g in groups)
+                        else endpoint_not_served(model, request.endpoint)
+                        if any(self.registry.serving(m, g) for m in models for g in groups)
                         else APIError(503, f"no live node serves model '{model}' right now",
                                       code="no_capacity", type="service_unavailable"))
                     continue
@@ -181,7 +189,12 @@ class Proxy:
         picked by :meth:`NodePicker.pick_tier` (queueing only with ``queue``)."""
         prefs = request.preferences
         attempts = max(1, self.settings.max_attempts) if prefs.allow_fallbacks else 1
-        excluded: set[str] = set()
+        # Nodes serving the model but not on this endpoint are never picked (a tier of
+        # several models leaves that to the node, which refuses: a node may serve one of
+        # them on it and not another).
+        excluded: set[str] = (set(self.registry.not_serving(models[0], prefs.group,
+                                                            route.endpoint))
+                              if len(models) == 1 else set())
         last_error: APIError | None = None
         bodies: dict[str, bytes] = {}
         for _ in range(attempts):
