@@ -64,10 +64,13 @@ VOLUME /data
 EXPOSE 8080
 
 # Ready = a gateway can serve (a live node with a model), a relay has its upstream link:
-# /readyz answers 200, else 503 (urlopen raises, python exits 1). The port follows
-# TOOTI_LISTEN. A container running only a node has no listener: --no-healthcheck.
+# /readyz answers 200, else 503 (the probe exits 1). The port and the scheme follow the
+# main process's --listen and --tls-cert, else TOOTI_LISTEN and TOOTI_TLS_CERT (https
+# with a certificate, not verified: it asks 127.0.0.1); a listen address set only in a
+# config file is not seen (tooti/healthcheck.py). A container running only a node has
+# no listener: --no-healthcheck.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('TOOTI_LISTEN', ':8080').rpartition(':')[2], timeout=4)"]
+    CMD ["python", "-m", "tooti.healthcheck"]
 
 ENTRYPOINT ["tooti"]
 CMD ["run", "--role", "gateway"]

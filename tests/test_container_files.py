@@ -37,9 +37,11 @@ import pytest
 import trio
 
 from tests.conftest import Network
+from tests.hostile.test_tls import Authority, start_gateway, start_node, wait_for_node
 from tests.processes import EXIT_TIMEOUT, START_TIMEOUT, Tooti
 from tooti.cli import _parser
 from tooti.config import _OPTIONS, ConfigError, build_settings
+from tooti.healthcheck import readyz_url
 from tooti.runner import check_auth, effective_roles
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -389,7 +391,7 @@ def test_compose_volumes_healthchecks_and_start_order(compose: dict[str, Any]) -
     assert services["relay"]["depends_on"]["gateway"]["condition"] == "service_started"
     for name in ("gateway", "relay"):  # ready: can serve / has its upstream link
         check = services[name]["healthcheck"]["test"]
-        assert check[0] == "CMD" and "/readyz" in check[-1]
+        assert check == ["CMD", *PROBE]
 
 
 def test_compose_reader_refuses_what_it_does_not_read() -> None:
@@ -403,23 +405,53 @@ def test_compose_reader_refuses_what_it_does_not_read() -> None:
 
 # ------------------------------------------------------------ health checks, for real
 
-async def probe(command: list[str], port: int) -> int:
-    """Run a health check's python command against 127.0.0.1:``port``; its exit code."""
+PROBE = ["python", "-m", "tooti.healthcheck"]
+"""The health check of the image and of compose's gateway and relay."""
+
+
+async def probe(command: list[str], port: int, **env: str) -> int:
+    """Run a health check's python command against 127.0.0.1:``port`` (as the image's
+    TOOTI_LISTEN says, with ``env`` added); its exit code."""
     argv = [sys.executable if command[0] == "python" else command[0], *command[1:]]
-    argv = [a.replace("127.0.0.1:8080", f"127.0.0.1:{port}") for a in argv]
-    env = {**os.environ, "TOOTI_LISTEN": f"0.0.0.0:{port}"}
-    done = await trio.run_process(argv, env=env, check=False, capture_stderr=True)
+    environ = {name: value for name, value in os.environ.items()
+               if name != "TOOTI_TLS_CERT"}
+    environ.update(TOOTI_LISTEN=f"0.0.0.0:{port}", **env)
+    done = await trio.run_process(argv, env=environ, check=False, capture_stderr=True)
     return done.returncode
 
 
 async def test_image_healthcheck_reads_readyz(network: Network, dockerfile: list[Instruction],
                                               runtime: int) -> None:
     command = healthcheck(dockerfile, runtime)
-    assert command[0] == "python" and "/readyz" in command[-1]
+    assert command == PROBE
     port = int(network.url.rpartition(":")[2])
     assert await probe(command, port) == 1, "no node yet: 503, the check fails"
     await network.add_node()
     assert await probe(command, port) == 0
+
+
+async def test_image_healthcheck_speaks_https_to_a_gateway_with_a_certificate(
+        nursery: trio.Nursery, tmp_path: Path) -> None:
+    """With TOOTI_TLS_CERT set (or --tls-cert given to the main process) the gateway
+    serves only https: the probe asks https, not checking the certificate."""
+    authority = Authority.create(tmp_path)
+    authority.issue()
+    running = await start_gateway(nursery, authority)
+    await start_node(nursery, running.tunnel_url, peer_ca=str(authority.ca_path))
+    await wait_for_node(running.gateway, "node-a")
+    cert = str(authority.cert_path)
+    assert await probe(PROBE, running.port, TOOTI_TLS_CERT=cert) == 0
+    assert await probe(PROBE, running.port) == 1, "plain http to a TLS port fails"
+    running.gateway.shutdown()
+
+
+def test_the_probe_reads_flags_before_the_environment() -> None:
+    environ = {"TOOTI_LISTEN": "0.0.0.0:8080"}
+    assert readyz_url([], environ) == "http://127.0.0.1:8080/readyz"
+    assert readyz_url(["tooti", "run", "--listen", "0.0.0.0:9000", "--tls-cert=/c.pem"],
+                      environ) == "https://127.0.0.1:9000/readyz"
+    assert readyz_url([], {"TOOTI_TLS_CERT": "/c.pem"}) == "https://127.0.0.1:8080/readyz"
+    assert readyz_url(["tooti", "--listen"], {}) == "http://127.0.0.1:8080/readyz"
 
 
 # ------------------------------------------------------------ compose, as processes
