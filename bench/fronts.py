@@ -77,7 +77,10 @@ def start(children: Children, root: Path, tokens: int) -> tuple[int, int]:
     config = root / "node.toml"
     config.write_text(
         common + toml_table("node", {"id": "node-a", "reconnect_max": 0.5})
-        + toml_table("[[node.backends]]", {"type": "simulated", "max_concurrency": 4})
+        + toml_table("[[node.backends]]", {"type": "simulated", "max_concurrency": 4,
+                                           # no native /v1/responses: it is translated
+                                           "endpoints": ["chat/completions", "completions",
+                                                         "embeddings"]})
         + toml_table("node.backends.options", {"tokens": tokens}))
     children.start("node", [
         sys.executable, "-m", "tooti", "run", "--role", "node", "--config", str(config),

@@ -18,16 +18,28 @@ import openai
 import pytest
 import trio
 
-from tests.conftest import Network, simulated
+from tests.conftest import Network
 from tests.upstream import SlowUpstream, start_upstream
 from tooti.accounts.database import Database
 from tooti.backends.openai import OpenAIBackend
+from tooti.backends.simulated import SimulatedBackend
 from tooti.billing.base import BillingSetup
 from tooti.billing.credits import Credits
 from tooti.gateway.access_log import AccessRecord
 from tooti.gateway.app import Gateway
 from tooti.mesh.events import BusEvent
 from tooti.settings import BackendSettings, GatewaySettings, TunnelSettings
+
+USUAL = ["chat/completions", "completions", "embeddings"]
+"""What a translated-only node serves (no native ``/v1/responses``)."""
+
+
+def simulated(endpoints: list[str] | None = None, **options: Any) -> SimulatedBackend:
+    """A simulated backend (model ``tooti-sim``) serving ``endpoints`` (default the
+    usual three: its Responses requests are translated)."""
+    models = options.pop("models", [])
+    return SimulatedBackend(BackendSettings(type="simulated", models=models, options=options,
+                                            endpoints=endpoints or USUAL))
 
 MODEL = "tooti-sim"
 WEATHER_TOOL = {"type": "function", "name": "get_weather", "description": "the weather",
@@ -147,7 +159,7 @@ async def test_responses_function_tool_round_trip(network: Network, stream: bool
 
 
 async def test_responses_errors_are_openai_objects(network: Network) -> None:
-    await network.add_node()
+    await network.add_node([simulated()])
     client = openai_client(network.url)
     with pytest.raises(openai.BadRequestError) as bad:
         await client.responses.create(model=MODEL, input="x", previous_response_id="resp_1")
@@ -229,7 +241,7 @@ async def test_anthropic_tool_use_round_trip(network: Network, stream: bool) -> 
 
 
 async def test_anthropic_count_tokens(network: Network) -> None:
-    await network.add_node()
+    await network.add_node([simulated()])
     client = anthropic_client(network.url)
     counted = await client.messages.count_tokens(
         model=MODEL, messages=[{"role": "user", "content": "one two three"}])
@@ -239,7 +251,7 @@ async def test_anthropic_count_tokens(network: Network) -> None:
 
 
 async def test_anthropic_error_types(network: Network) -> None:
-    await network.add_node()
+    await network.add_node([simulated()])
     client = anthropic_client(network.url)
     with pytest.raises(anthropic.NotFoundError) as missing:
         await client.messages.create(model="nope", max_tokens=5,
@@ -261,7 +273,7 @@ async def test_anthropic_wrong_key_on_a_keys_gateway(nursery: trio.Nursery) -> N
                                       admin_key="sk-admin-secret"), tunnel)
     url = (await nursery.start(gateway.serve))[0]
     network = Network(nursery, gateway, url, tunnel)
-    await network.add_node()
+    await network.add_node([simulated()])
     with pytest.raises(anthropic.AuthenticationError) as refused:
         await anthropic_client(url, "sk-wrong").messages.create(
             model=MODEL, max_tokens=5, messages=[{"role": "user", "content": "x"}])
@@ -366,7 +378,7 @@ async def test_ollama_sync_client_and_refused_actions(network: Network) -> None:
 
 
 async def test_ollama_probes_and_other_routes_untouched(network: Network) -> None:
-    await network.add_node()
+    await network.add_node([simulated()])
     async with network.client() as http:
         root = await http.get("/")
         head = await http.head("/")
@@ -607,3 +619,24 @@ async def test_an_alias_through_each_front(network: Network) -> None:
     chat = await client.chat(model="fast", stream=False,
                              messages=[{"role": "user", "content": "hi"}])
     assert chat.model == "fast" and chat.eval_count == 2
+
+
+async def test_responses_pass_through_to_a_node_serving_them_natively(
+        network: Network) -> None:
+    """A node whose backend serves /v1/responses itself gets the client's body untouched
+    (the simulated backend's native answer says it is simulated); without one, the same
+    request is translated."""
+    await network.add_node([simulated()], node_id="translated-only")
+    client = openai_client(network.url)
+    translated = await client.responses.with_raw_response.create(model=MODEL, input="hi")
+    assert translated.headers["x-tooti-node"] == "translated-only"
+    await network.add_node([simulated(endpoints=["responses"])], node_id="native")
+    async with network.client() as http:
+        native = await http.post("/v1/responses", json={
+            "model": MODEL, "input": "hi", "instructions": "be brief"})
+    assert native.headers["x-tooti-node"] == "native"
+    body = native.json()  # the node's own answer, passed through as it came
+    assert body["object"] == "response" and body["status"] == "completed"
+    assert body["usage"]["input_tokens"] > 0
+    with pytest.raises(openai.BadRequestError):  # the front's refusals apply first
+        await client.responses.create(model=MODEL, input="x", previous_response_id="resp_1")

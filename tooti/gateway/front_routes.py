@@ -16,7 +16,9 @@ into the dialect's on the way out. The access log records front requests as it r
 Routes (``docs/api.md`` lists what each supports and refuses):
 
 - ``POST /v1/messages``, ``POST /v1/messages/count_tokens`` (Anthropic);
-- ``POST /v1/responses`` (Responses, translated to chat completions);
+- ``POST /v1/responses`` (Responses: passed through untouched to a node whose backend
+  serves it natively when a live one the caller may use serves the model, else translated
+  to chat completions);
 - Ollama: ``POST /api/chat``, ``/api/generate``, ``/api/embed``, ``/api/embeddings``,
   ``/api/show``; ``GET /api/tags``, ``/api/ps``; ``GET /api/version`` and ``GET``/``HEAD
   /`` (``Ollama is running``) without auth, as Ollama clients and Open WebUI probe them to
@@ -53,6 +55,7 @@ from tooti.fronts.ollama_answers import load_answer, ollama_front
 from tooti.fronts.ollama_api import error_body as ollama_error_body
 from tooti.gateway import access_log
 from tooti.gateway.auth import routes_of
+from tooti.gateway.passthrough import forward_native, serves_natively
 from tooti.gateway.translated_send import Render, TranslatedSend
 from tooti.gateway.validation import parse_request
 from tooti.mesh.http import ClientGone, Headers, Receive, ResponseSend, Scope, Send, read_body
@@ -106,12 +109,12 @@ class FrontRoutes:
             "/v1/responses": self._responses,
             **{path: self._ollama for path in (*OLLAMA_GENERATION, "/api/tags", "/api/ps",
                                                "/api/show")}}
-        self.native_responses: NativeResponses | None = None
+        self.native_responses: NativeResponses | None = self.responses_natively
         """The seam for native ``/v1/responses``: asked first for every Responses request
         once its body was parsed (so the same refusals apply either way); when it serves
         the request (a node whose backend serves ``/v1/responses`` is given the client's
-        body and its answer passes through untranslated) nothing else runs. None: every
-        Responses request is translated to chat completions."""
+        body and its answer passes through untranslated) nothing else runs. By default
+        :meth:`responses_natively`; None: every Responses request is translated."""
 
     def mount(self) -> None:
         """Mount the routes on the gateway's station: ``/v1/messages*`` and
@@ -239,6 +242,22 @@ class FrontRoutes:
         """``POST /v1/responses``."""
         await self._dialect(scope, receive, send, request_id, headers,
                             responses_stream.FRONT, caller, entry)
+
+    async def responses_natively(self, scope: Scope, receive: Receive, send: Send,
+                                 request_id: str, headers: Headers, caller: Caller,
+                                 request: ChatRequest,
+                                 entry: access_log.AccessRecord | None) -> bool:
+        """Serve a Responses request on a node whose backend serves ``/v1/responses``
+        itself, when a live one the caller may use serves its model
+        (:func:`~tooti.gateway.passthrough.serves_natively`): the client's body as it came,
+        the answer as the node sends it (:func:`~tooti.gateway.passthrough.forward_native`).
+        False (translate it) when none does."""
+        gateway = self.gateway
+        if not serves_natively(gateway, caller, request.model):
+            return False
+        await forward_native(gateway, scope, receive, send, request_id, headers, caller,
+                             request.context["raw"], entry)
+        return True
 
     async def _dialect(self, scope: Scope, receive: Receive, send: Send, request_id: str,
                        headers: Headers, front: Front, caller: Caller,
