@@ -14,6 +14,7 @@ import struct
 import tracemalloc
 import wave
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import msgspec
@@ -23,6 +24,7 @@ import trio
 
 from tests.backend_fixtures import serve_asgi
 from tests.conftest import Network
+from tests.test_relay import RunningRelay, start_node, start_relay, until
 from tooti.backends.base import ModelInfo
 from tooti.backends.ollama import OllamaBackend
 from tooti.backends.openai import OpenAIBackend
@@ -219,7 +221,12 @@ async def test_upload_limits_and_form_checks(network: Network) -> None:
         no_model = await http.post("/v1/audio/transcriptions",
                                    files={"file": ("a.wav", b"x" * 10)})
         not_form = await http.post("/v1/audio/transcriptions", json={"model": MODEL})
+        chunked = await http.post(  # no content-length: counted as it streams
+            "/v1/audio/transcriptions", content=_form(b"b", 5000, hashlib.sha256()),
+            headers={"content-type": "multipart/form-data; boundary=b"})
     assert too_big.status_code == 413
+    assert chunked.status_code == 413, chunked.text
+    assert chunked.json()["error"]["code"] == "request_too_large"
     assert no_model.status_code == 400 and no_model.json()["error"]["param"] == "model"
     assert not_form.status_code == 400
 
@@ -404,3 +411,85 @@ async def test_chat_endpoints_route_by_endpoint_too(network: Network) -> None:
                                                                "prompt": "x"})
     assert completions.status_code == 404
     assert completions.json()["error"]["code"] == "endpoint_not_served"
+
+
+class WatchedUploads(SimulatedBackend):
+    """The simulated backend, telling when an upload reached it and when its call ended
+    (normally or cancelled)."""
+
+    def __init__(self) -> None:
+        super().__init__(BackendSettings(type="simulated"))
+        self.started, self.ended = trio.Event(), trio.Event()
+
+    def open_upload(self, endpoint: str, upload: Any) -> Any:
+        inner = super().open_upload
+
+        @asynccontextmanager
+        async def watched() -> AsyncIterator[Any]:
+            source = upload.chunks
+
+            async def chunks() -> AsyncIterator[bytes]:
+                async for chunk in source:
+                    self.started.set()
+                    yield chunk
+
+            upload.chunks = chunks()
+            try:
+                async with inner(endpoint, upload) as response:
+                    yield response
+            finally:
+                self.ended.set()
+
+        return watched()
+
+
+async def test_client_leaving_mid_upload_cancels_the_backend_call(network: Network) -> None:
+    backend = WatchedUploads()
+    node = await network.add_node([backend])
+    never = trio.Event()
+
+    async def half_a_form() -> AsyncIterator[bytes]:
+        async for piece in _form(b"b", 1 << 20, hashlib.sha256()):
+            yield piece
+            if len(piece) == 65536:
+                break
+        await never.wait()  # the rest never comes: the client gives up
+
+    async with network.client() as http, trio.open_nursery() as inner:
+        inner.start_soon(lambda: http.post(
+            "/v1/audio/transcriptions", content=half_a_form(),
+            headers={"content-type": "multipart/form-data; boundary=b"}))
+        with trio.fail_after(10):
+            await backend.started.wait()
+        inner.cancel_scope.cancel()
+    with trio.fail_after(5):
+        await backend.ended.wait()
+        await node.wait_idle()
+    registry = network.gateway.registry
+    with trio.fail_after(5):
+        await registry.wait_until(lambda: registry.peers["node-a"].total_in_flight() == 0)
+
+
+@pytest.fixture
+async def hop(network: Network) -> AsyncIterator[RunningRelay]:
+    """A relay in front of the network's gateway, connected upstream."""
+    running = await start_relay(network, "relay-1")
+    await until(network.gateway.registry, lambda: "relay-1" in network.gateway.registry.peers)
+    yield running
+    running.scope.cancel()
+
+
+async def test_upload_and_speech_through_a_relay(network: Network, hop: RunningRelay
+                                                 ) -> None:
+    relay = hop
+    await start_node(network, "behind", [relay.tunnel_url], [sim()])
+    await until(network.gateway.registry,
+                lambda: bool(network.gateway.registry.serving_endpoint(
+                    MODEL, "audio/transcriptions", "")))
+    audio = wav_bytes(200_000)  # 400 KB: many DATA frames through two hops
+    client = client_for(network)
+    result = await client.audio.transcriptions.create(model=MODEL,
+                                                      file=("r.wav", audio, "audio/wav"))
+    assert f"{len(audio)} bytes, sha256 {hashlib.sha256(audio).hexdigest()}" in result.text
+    speech = await client.audio.speech.create(model=MODEL, voice="alloy", input="relayed")
+    assert speech.content == AUDIO_MAGIC + b"relayed"

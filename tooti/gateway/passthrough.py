@@ -233,8 +233,10 @@ class PassThrough:
                 raise APIError(504, f"request exceeded {gateway.settings.request_timeout:g}s",
                                code="timeout") from None
         except BaseException as exc:
-            if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-                exc = exc.exceptions[0]
+            if isinstance(exc, BaseExceptionGroup):  # the request's error, if one is
+                errors = [e for e in exc.exceptions if isinstance(e, APIError)]
+                exc = errors[0] if errors else (
+                    exc.exceptions[0] if len(exc.exceptions) == 1 else exc)
             if outcome.status in ("pending", "ok"):
                 outcome.status = "cancelled" if outcome.served else "failed"
             if isinstance(exc, APIError):
@@ -339,15 +341,12 @@ class PassThrough:
                 await self._relay(peer, request, route, out, head, send, headers, outcome,
                                   settle, opened)
                 nursery.cancel_scope.cancel()
-        except BaseExceptionGroup as group:
-            if len(group.exceptions) == 1:
-                if out is not None:
-                    await out.cancel("failed")
-                raise group.exceptions[0] from None
-            raise
-        except BaseException:
+        except BaseException as exc:
+            # the node stops its backend call (a CANCEL), whatever ended the attempt
             if out is not None:
                 await out.cancel("client gone" if out.end_info is None else "done")
+            if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+                raise exc.exceptions[0] from None  # the attempt's own error (a _Retry)
             raise
 
     async def _relay(self, peer: Peer, request: ParsedRequest, route: RouteRequest,
