@@ -493,3 +493,17 @@ async def test_upload_and_speech_through_a_relay(network: Network, hop: RunningR
     assert f"{len(audio)} bytes, sha256 {hashlib.sha256(audio).hexdigest()}" in result.text
     speech = await client.audio.speech.create(model=MODEL, voice="alloy", input="relayed")
     assert speech.content == AUDIO_MAGIC + b"relayed"
+
+
+async def test_bad_passthrough_bodies_are_400(network: Network) -> None:
+    await network.add_node([sim()])
+    deep = b'{"model": "tooti-sim", "query": "q", "documents": ' + b"[" * 200 + b"]" * 200 + b"}"
+    async with network.client() as http:
+        answers = [await http.post("/v1/rerank", content=body,
+                                   headers={"content-type": "application/json"})
+                   for body in (b"{not json", b"[1]", b'{"query": "q"}',
+                                b'{"model": "a\\nb"}', deep)]
+        get = await http.get("/v1/rerank")
+    assert [a.status_code for a in answers] == [400] * 5
+    assert answers[-1].json()["error"]["code"] == "invalid_json"
+    assert get.status_code == 405

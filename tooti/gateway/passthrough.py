@@ -37,8 +37,9 @@ a live node the caller may use serves ``responses`` natively for a model, and
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import msgspec
 import trio
@@ -56,6 +57,7 @@ from tooti.gateway.validation import ParsedRequest, Preferences
 from tooti.mesh.http import Headers, Receive, ResponseSend, Scope, Send, header, read_body
 from tooti.mesh.peer import Peer
 from tooti.protocol.connection import FlowControlError, ResponseStarted
+from tooti.protocol.json_depth import nesting_within
 from tooti.protocol.multipart import MORE, boundary_of, find_field
 from tooti.protocol.usage import limits_for
 from tooti.routing.base import RouteRequest
@@ -79,6 +81,7 @@ PIECE = 64 * 1024
 """Most bytes of an answer joined into one piece sent to the client."""
 
 _decoder = msgspec.json.Decoder()
+_MODEL_ID = re.compile(r"[^\x00-\x1f\x7f-\x9f]{1,256}")
 
 
 def serves_natively(gateway: Gateway, caller: Caller, model: str,
@@ -152,7 +155,7 @@ class PassThrough:
             if raw is None:
                 raw = await read_body(scope, receive, settings.max_body_bytes,
                                       settings.body_timeout)
-            body, model = _json_body(raw)
+            body, model = _json_body(raw, settings.max_json_depth)
             body_bytes = len(raw)
             stream = body.get("stream") is True
         if entry is not None:
@@ -421,19 +424,32 @@ def media_type(headers: dict[str, Any]) -> bytes:
     return checked
 
 
-def _json_body(raw: bytes) -> tuple[dict[str, Any], str]:
-    """The decoded JSON object and its ``model``; 400 otherwise."""
+def _json_body(raw: bytes, max_depth: int) -> tuple[dict[str, Any], str]:
+    """The decoded JSON object (nested at most ``max_depth`` deep) and its ``model``;
+    400 otherwise."""
+    too_deep = APIError(400, f"request body nests arrays and objects deeper than "
+                        f"{max_depth} levels", code="invalid_json")
     try:
         body = _decoder.decode(raw)
+    except RecursionError:
+        raise too_deep from None
     except msgspec.DecodeError:
         raise APIError(400, "request body is not valid JSON", code="invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(400, "request body must be a JSON object", code="invalid_request")
+    if not nesting_within(raw, body, max_depth):
+        raise too_deep
     model = body.get("model")
-    if not isinstance(model, str) or not model or len(model) > 256:
+    if not _model_id(model):
         raise APIError(400, "'model' is required (a string of 1 to 256 characters)",
                        code="invalid_request", param="model")
     return body, model
+
+
+def _model_id(value: object) -> TypeGuard[str]:
+    """True for a model id a node could announce (1..256 characters, none a control
+    character: it reaches logs and events)."""
+    return isinstance(value, str) and _MODEL_ID.fullmatch(value) is not None
 
 
 async def _read_ahead(scope: Scope, receive: Receive, limit: int, prefix_limit: int
@@ -464,7 +480,7 @@ async def _read_ahead(scope: Scope, receive: Receive, limit: int, prefix_limit: 
             raise APIError(400, "the client went away", code="client_gone")
         data += message.get("body", b"")
         complete = not message.get("more_body", False)
-    if not isinstance(found, str) or not found or len(found) > 256:
+    if not _model_id(found):
         raise APIError(400, "the form needs a 'model' field", code="invalid_request",
                        param="model")
     if len(data) > limit:
