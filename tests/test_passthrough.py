@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import httpx
 import msgspec
 import openai
 import pytest
@@ -24,6 +25,7 @@ import trio
 
 from tests.backend_fixtures import serve_asgi
 from tests.conftest import Network
+from tests.processes import open_cluster
 from tests.test_relay import RunningRelay, start_node, start_relay, until
 from tooti.backends.base import ModelInfo
 from tooti.backends.ollama import OllamaBackend
@@ -507,3 +509,37 @@ async def test_bad_passthrough_bodies_are_400(network: Network) -> None:
     assert [a.status_code for a in answers] == [400] * 5
     assert answers[-1].json()["error"]["code"] == "invalid_json"
     assert get.status_code == 405
+
+
+def peak_rss(pid: int) -> int:
+    """A process's peak resident set (``VmHWM``), in bytes."""
+    for line in open(f"/proc/{pid}/status").read().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+async def test_20_mib_upload_grows_neither_process_rss(tmp_path: Any) -> None:
+    """A gateway and a node in processes of their own: a 20 MiB upload through them
+    raises neither one's peak RSS by more than a few MiB."""
+    size = 20 * 1024 * 1024
+    async with open_cluster(tmp_path) as cluster:
+        gateway = await cluster.start_gateway()
+        node = await cluster.start_node("n1")
+        boundary = b"rss-boundary"
+        headers = {"content-type": "multipart/form-data; boundary=rss-boundary"}
+        async with httpx.AsyncClient(base_url=cluster.url, timeout=60) as http:
+            warm = await http.post("/v1/audio/transcriptions", headers=headers,
+                                   content=_form(boundary, 1 << 20, hashlib.sha256()))
+            assert warm.status_code == 200, warm.text
+            before = peak_rss(gateway.pid), peak_rss(node.pid)
+            digest = hashlib.sha256()
+            big = await http.post("/v1/audio/transcriptions", headers=headers,
+                                  content=_form(boundary, size, digest))
+        after = peak_rss(gateway.pid), peak_rss(node.pid)
+    assert big.status_code == 200, big.text
+    assert big.json()["x_tooti_simulated"]["sha256"] == digest.hexdigest()
+    growth = [(a - b) / 2**20 for a, b in zip(after, before, strict=True)]
+    print(f"peak RSS growth for a 20 MiB upload: gateway {growth[0]:.1f} MiB, "
+          f"node {growth[1]:.1f} MiB")
+    assert max(growth) < 6, growth
