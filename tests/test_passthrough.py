@@ -27,7 +27,7 @@ from tests.backend_fixtures import serve_asgi
 from tests.conftest import Network
 from tests.processes import open_cluster
 from tests.test_relay import RunningRelay, start_node, start_relay, until
-from tooti.backends.base import ModelInfo
+from tooti.backends.base import BackendError, BackendResponse, ModelInfo
 from tooti.backends.ollama import OllamaBackend
 from tooti.backends.openai import OpenAIBackend
 from tooti.backends.simulated import SimulatedBackend
@@ -543,3 +543,45 @@ async def test_20_mib_upload_grows_neither_process_rss(tmp_path: Any) -> None:
     print(f"peak RSS growth for a 20 MiB upload: gateway {growth[0]:.1f} MiB, "
           f"node {growth[1]:.1f} MiB")
     assert max(growth) < 6, growth
+
+
+class BrokenSpeech(SimulatedBackend):
+    """Speech that breaks after its first bytes, as a lost upstream would."""
+
+    def __init__(self) -> None:
+        super().__init__(BackendSettings(type="simulated"))
+
+    @asynccontextmanager
+    async def open(self, endpoint: str, body: bytes, request: dict[str, Any]
+                   ) -> AsyncIterator[BackendResponse]:
+        async def chunks() -> AsyncIterator[bytes]:
+            yield b"RIFF" + b"\x00" * 70_000  # more than one piece: some reaches the client
+            yield b"more"
+            raise BackendError("upstream lost", code="backend_stream_error")
+
+        yield BackendResponse(200, "audio/wav", chunks())
+
+
+async def test_speech_broken_mid_answer_is_cut_not_completed(network: Network) -> None:
+    await network.add_node([BrokenSpeech()])
+    finished = trio.Event()
+    seen: dict[str, Any] = {}
+
+    def listen(event: BusEvent) -> None:
+        if event.kind == "request.finished":
+            seen.update(event.data)
+            finished.set()
+
+    network.gateway.registry.bus.listeners.append(listen)
+    got = b""
+    async with network.client() as http:
+        with pytest.raises(httpx.RemoteProtocolError):
+            async with http.stream("POST", "/v1/audio/speech", json={
+                    "model": MODEL, "input": "x", "voice": "alloy"}) as response:
+                assert response.status_code == 200
+                async for piece in response.aiter_bytes():
+                    got += piece
+    with trio.fail_after(5):
+        await finished.wait()
+    assert not got.endswith(b"more")  # the held last piece never left
+    assert seen["status"] == "failed_midstream"

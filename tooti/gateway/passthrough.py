@@ -385,11 +385,22 @@ class PassThrough:
             (b"content-type", media), *headers, (b"x-tooti-node", header_value(peer.id)),
             (b"x-tooti-model", header_value(model))]})
         outcome.served = True
+        # The last piece is held until the node's END is in and billing has settled, so
+        # no client has a complete answer whose record could still be lost (a JSON
+        # answer, one piece, is held whole; audio is one piece behind). SSE (a native
+        # Responses stream) is relayed at once: its events are the client's tokens.
+        hold = not media.startswith(b"text/event-stream")
+        held = b""
         while (piece := await out.next_data(PIECE)) is not None:
             outcome.relayed_bytes += len(piece)
+            if hold:
+                piece, held = held, piece
+                if not piece:
+                    continue
             await send({"type": "http.response.body", "body": piece, "more_body": True})
         end = out.end_info or {}
-        if "error" in end:
+        broken = "error" in end
+        if broken:
             outcome.status = "failed_midstream"
             outcome.error = str(from_end_info(end).message)
             proxy.node_failed(peer, model, "failed mid-answer")
@@ -397,7 +408,10 @@ class PassThrough:
             outcome.status = "ok"
         outcome.usage = proxy._checked_usage(peer, out, outcome)
         await settle()
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if broken:  # cut, not completed: a truncated audio file must not look whole
+            raise APIError(502, f"node {peer.id} failed mid-answer: {outcome.error}",
+                           code="backend_failed")
+        await send({"type": "http.response.body", "body": held, "more_body": False})
         if outcome.status == "ok":
             peer.health_of(model).record_success(None, 0, clock.now() - opened)
 
