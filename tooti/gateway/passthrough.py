@@ -23,7 +23,9 @@ Bodies are not translated, only routed:
   refused the stream at once).
 
 The answer is relayed as the node sends it, with its content type (binary audio for
-speech, JSON or SSE otherwise), not collected: failover ends at the response head. A
+speech, JSON or SSE otherwise), not collected: failover ends at the response head. Its
+last piece is held until the node's END is in and billing has settled (SSE excepted);
+an answer the node breaks midway is cut, never completed. A
 node's usage (rerank's and images' ``usage``, a native Responses answer's) is billed
 as reported, clamped like any; an answer without usage (audio) is recorded with zero
 tokens (see :mod:`tooti.node.passthrough`). Limits, billing, events and the access log
