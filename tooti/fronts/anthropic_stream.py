@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
+
 from tooti.errors import APIError
 from tooti.fronts.anthropic_messages import (
     ERROR_CONTENT_TYPE,
@@ -37,9 +39,19 @@ from tooti.fronts.anthropic_messages import (
     stop_reason,
     usage_dict,
 )
-from tooti.fronts.base import MAX_JSON_DEPTH, ChatRequest, Front, node_error, reasoning_of
+from tooti.fronts.base import (
+    MAX_JSON_DEPTH,
+    SLOT,
+    ChatRequest,
+    Front,
+    node_error,
+    reasoning_of,
+    template,
+)
 from tooti.fronts.tool_calls import ToolCalls
 from tooti.protocol.sse import encode_event
+
+_encode = msgspec.json.encode
 
 __all__ = ["CONTENT_TYPE", "FRONT", "AnthropicFront", "AnthropicStream"]
 
@@ -64,6 +76,8 @@ class AnthropicStream:
         """The open block's index."""
         self._open_kind = ""
         """``text`` or ``thinking``."""
+        self._delta: tuple[bytes, ...] = ()
+        """The open text or thinking block's ``content_block_delta``, cut at its text."""
         self._calls = ToolCalls()
         self._finish: Any = None
         self._matched: Any = None
@@ -100,6 +114,15 @@ class AnthropicStream:
                     self._choice(choice, out)
         except APIError as exc:  # past the tool calls' bounds
             out.append(self.fail(exc))
+        return b"".join(out)
+
+    def feed_text(self, text: str, model: str | None) -> bytes:
+        """The events for a chunk carrying only ``text`` (what :meth:`feed` sends)."""
+        if self._done:
+            return b""
+        out = [self.start()]
+        if text:
+            self._text("text", text, out)
         return b"".join(out)
 
     def finish(self) -> bytes:
@@ -175,10 +198,12 @@ class AnthropicStream:
         if self._open is None or self._open_kind != kind:
             self._open_block({"type": "text", "text": ""} if kind == "text"
                              else {"type": "thinking", "thinking": "", "signature": ""}, out)
-        delta = ({"type": "text_delta", "text": text} if kind == "text"
-                 else {"type": "thinking_delta", "thinking": text})
-        out.append(encode_event("content_block_delta", {
-            "type": "content_block_delta", "index": self._open, "delta": delta}))
+            delta = ({"type": "text_delta", "text": SLOT} if kind == "text"
+                     else {"type": "thinking_delta", "thinking": SLOT})
+            self._delta = template(encode_event("content_block_delta", {
+                "type": "content_block_delta", "index": self._open, "delta": delta}))
+        head, tail = self._delta
+        out.append(head + _encode(text) + tail)
 
 
 class AnthropicFront:

@@ -23,6 +23,15 @@ Rules every front follows (``docs/api.md`` states them for clients):
   an object is skipped; a chunk that is an error object (``{"error": ...}`` without
   ``choices``) ends the stream with the dialect's error, as a node error (502)
   (:func:`node_error`). Tool calls are accumulated by :mod:`tooti.fronts.tool_calls`.
+- **The common chunk is read typed**: a chunk whose only news is choice 0's text
+  (:func:`text_delta`, a msgspec Struct decoded straight from the ``data:`` bytes) goes
+  to :meth:`StreamTranslator.feed_text`, which answers the very bytes :meth:`~StreamTranslator.feed`
+  gives for it; any other chunk (usage, a finish, tool calls, reasoning, refusals,
+  logprobs, errors, junk) takes the general path.
+- **Events are spliced, not rebuilt**: a stream encodes each kind of per-token event
+  once, with :data:`SLOT` standing for what changes, cuts it with :func:`template`, and
+  then writes each event as the constant pieces around the JSON of its values (the same
+  bytes as encoding the whole event).
 - **Ids** are made by :func:`new_id` (``<prefix>_`` and 32 hex digits).
 - ``request.model`` is the model id to route; ``context["model"]`` is the name the
   client sent, which answers echo.
@@ -48,6 +57,7 @@ __all__ = [
     "MAX_IMAGE_BYTES",
     "MAX_JSON_DEPTH",
     "MAX_TOKENS",
+    "SLOT",
     "ChatRequest",
     "Front",
     "StreamTranslator",
@@ -61,6 +71,8 @@ __all__ = [
     "param_of",
     "reasoning_of",
     "set_stream",
+    "template",
+    "text_delta",
     "validation_error",
 ]
 
@@ -97,6 +109,10 @@ class StreamTranslator(Protocol):
     def feed(self, chunk: Any) -> bytes:
         """The dialect's bytes for one decoded chat-completions chunk (may be empty; a
         chunk that is not an object is skipped)."""
+
+    def feed_text(self, text: str, model: str | None) -> bytes:
+        """The same bytes as :meth:`feed` for a chunk whose only news is choice 0's
+        ``text`` (possibly empty) from ``model`` (:func:`text_delta` read it)."""
 
     def finish(self) -> bytes:
         """The dialect's closing bytes once the upstream stream ended normally."""
@@ -234,6 +250,70 @@ def node_error(chunk: dict[str, Any]) -> APIError | None:
     message = error.get("message") if isinstance(error, dict) else error
     return APIError(502, message if isinstance(message, str) and message
                     else "the node reported an error mid-stream", code="bad_gateway")
+
+
+class _TextDelta(msgspec.Struct):
+    """A delta carrying text only: any other news (typed ``None`` here) refuses it."""
+
+    content: str | None = None
+    reasoning_content: None = None
+    reasoning: None = None
+    refusal: None = None
+    tool_calls: None = None
+
+
+class _TextChoice(msgspec.Struct):
+    index: int = 0
+    delta: _TextDelta | None = None
+    finish_reason: None = None
+    logprobs: None = None
+
+
+class _TextChunk(msgspec.Struct):
+    """The chunk of a streamed token, as nodes send nearly every chunk: one choice
+    (index 0) whose delta holds only ``content`` (and ``role``), no usage, no error.
+    Fields the fronts do not read (``id``, ``created``, ``role``, ...) are not decoded."""
+
+    choices: list[_TextChoice]
+    model: str | None = None
+    usage: None = None
+    error: None = None
+
+
+_text_chunk = msgspec.json.Decoder(_TextChunk)
+
+
+def text_delta(data: bytes) -> tuple[str, str | None] | None:
+    """``(text, model)`` of a chunk's JSON ``data`` when the chunk is a plain text delta
+    (see :class:`_TextChunk`; ``text`` is ``""`` for a null or missing content), else
+    None: the chunk takes the general path (json-decoded, :meth:`StreamTranslator.feed`).
+    One typed decode, no dicts."""
+    try:
+        chunk = _text_chunk.decode(data)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    choices = chunk.choices
+    if len(choices) != 1 or choices[0].index != 0:
+        return None
+    delta = choices[0].delta
+    return (delta.content or "") if delta is not None else "", chunk.model
+
+
+SLOT = f"\0slot-{secrets.token_hex(8)}\0"
+"""A value :func:`template` cuts an encoded event at (unguessable: no client's text can
+hold it)."""
+_SLOT_JSON = msgspec.json.encode(SLOT)
+
+
+def template(encoded: bytes, slots: int = 1) -> tuple[bytes, ...]:
+    """``encoded`` (an event or a line whose JSON holds ``slots`` values that are
+    :data:`SLOT`) cut at those values: the ``slots + 1`` constant pieces to write each
+    value's JSON between. Made once per stream (or per content block), so each event
+    costs one encode of its changing values, not of the whole event."""
+    pieces = tuple(encoded.split(_SLOT_JSON))
+    if len(pieces) != slots + 1:
+        raise ValueError(f"expected {slots} slots in the template, found {len(pieces) - 1}")
+    return pieces
 
 
 def new_id(prefix: str) -> str:

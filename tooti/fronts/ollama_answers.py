@@ -17,7 +17,15 @@ from typing import Any
 import msgspec
 
 from tooti.errors import APIError
-from tooti.fronts.base import MAX_JSON_DEPTH, ChatRequest, Front, node_error, reasoning_of
+from tooti.fronts.base import (
+    MAX_JSON_DEPTH,
+    SLOT,
+    ChatRequest,
+    Front,
+    node_error,
+    reasoning_of,
+    template,
+)
 from tooti.fronts.ollama_api import (
     JSON_CONTENT_TYPE,
     NDJSON_CONTENT_TYPE,
@@ -245,17 +253,27 @@ class NdjsonStream:
     _usage: Any = None
     _calls: ToolCalls = field(default_factory=ToolCalls)
     _ended: bool = False
+    _text_line: tuple[bytes, ...] = ()
+    """A text-only line, cut at its ``created_at`` and its text (made at the first)."""
 
-    def _line(self, fields: dict[str, Any]) -> bytes:
+    def _line(self, fields: dict[str, Any], created_at: str | None = None) -> bytes:
         line = {"model": self.request.context.get("model", self.request.model),
-                "created_at": rfc3339(self.clock.wall_ns()), **fields}
+                "created_at": created_at or rfc3339(self.clock.wall_ns()), **fields}
         return _encode(line) + b"\n"
 
     def _piece(self, text: str, thinking: str = "", calls: Any = None,
                tokens: list[dict[str, Any]] | None = None) -> bytes:
-        fields = _reply(self.request.context.get("kind"), text, thinking, calls, tokens)
-        fields["done"] = False
-        return self._line(fields)
+        kind = self.request.context.get("kind")
+        if thinking or calls or tokens:
+            fields = _reply(kind, text, thinking, calls, tokens)
+            fields["done"] = False
+            return self._line(fields)
+        if not self._text_line:  # the usual line: spliced from the constant pieces
+            self._text_line = template(self._line({**_reply(kind, SLOT, "", None, None),
+                                                   "done": False}, SLOT), 2)
+        head, middle, tail = self._text_line
+        return (head + _encode(rfc3339(self.clock.wall_ns())) + middle + _encode(text)
+                + tail)
 
     def start(self) -> bytes:
         """Nothing to send; notes when the node's answer started (``load_duration``)."""
@@ -297,6 +315,17 @@ class NdjsonStream:
             self._finish_reason = choice["finish_reason"]
             out += self._flush_calls()
         return out
+
+    def feed_text(self, text: str, model: str | None) -> bytes:
+        """The line of a chunk carrying only ``text`` (what :meth:`feed` sends)."""
+        if self._ended:
+            return b""
+        self.start()
+        if not text:
+            return b""
+        if self._first_token_ns is None:
+            self._first_token_ns = self.clock.monotonic_ns()
+        return self._piece(text)
 
     def _flush_calls(self) -> bytes:
         named = self._calls.named()

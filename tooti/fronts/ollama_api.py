@@ -55,6 +55,7 @@ Decisions where Ollama and the network differ (``docs/api.md`` lists every field
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -112,9 +113,15 @@ SYSTEM_CLOCK = Clock()
 
 def rfc3339(wall_ns: int) -> str:
     """``wall_ns`` (Unix nanoseconds) as RFC 3339 UTC with nanoseconds, as Ollama
-    writes ``created_at``."""
+    writes ``created_at`` (the second's text is formatted once per second: a stream
+    writes a line per token)."""
     seconds, nanos = divmod(wall_ns, 1_000_000_000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{nanos:09d}Z"
+    return _utc_second(seconds) + f".{nanos:09d}Z"
+
+
+@functools.lru_cache(maxsize=2)
+def _utc_second(seconds: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
 
 
 # -- errors --------------------------------------------------------------------------

@@ -32,8 +32,19 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from tooti.errors import APIError
-from tooti.fronts.base import MAX_JSON_DEPTH, ChatRequest, Front, new_id, node_error, reasoning_of
+from tooti.fronts.base import (
+    MAX_JSON_DEPTH,
+    SLOT,
+    ChatRequest,
+    Front,
+    new_id,
+    node_error,
+    reasoning_of,
+    template,
+)
 from tooti.fronts.responses import (
     CONTENT_TYPE,
     INCOMPLETE_REASONS,
@@ -54,6 +65,8 @@ from tooti.protocol.sse import encode_event
 
 __all__ = ["FRONT", "ResponsesFront", "ResponsesStream"]
 
+_encode = msgspec.json.encode
+
 
 @dataclass(slots=True)
 class _Part:
@@ -63,6 +76,8 @@ class _Part:
     kind: str
     pieces: list[str] = field(default_factory=list)
     closed: bool = False
+    delta: tuple[bytes, ...] = ()
+    """The part's delta event cut at its ``sequence_number`` and its ``delta``."""
 
     @property
     def text(self) -> str:
@@ -179,6 +194,15 @@ class ResponsesStream:
             self._finish_reason = reason
         return b"".join(out)
 
+    def feed_text(self, text: str, model: str | None) -> bytes:
+        """The events of a chunk carrying only ``text`` (what :meth:`feed` sends)."""
+        if self._ended:
+            return b""
+        opening = self.start()
+        if model:
+            self._model = model
+        return opening + self._content("output_text", text) if text else opening
+
     def finish(self) -> bytes:
         """Close the open items and send ``response.completed`` (``response.incomplete``
         when the node stopped at the token limit or a content filter)."""
@@ -215,6 +239,20 @@ class ResponsesStream:
 
     def _content(self, kind: str, text: str) -> bytes:
         """A piece of text of a content part ``kind``, opening its item and part if new."""
+        item = self._current
+        part = item.parts[-1] if item is not None and item.parts else None
+        opening = b""
+        if item is None or part is None or part.kind != kind:
+            opening, item, part = self._open_part(kind)
+        part.pieces.append(text)
+        head, middle, tail = part.delta
+        sequence = self._sequence
+        self._sequence += 1
+        return opening + head + str(sequence).encode() + middle + _encode(text) + tail
+
+    def _open_part(self, kind: str) -> tuple[bytes, _Item, _Part]:
+        """The events opening a new content part ``kind`` (and its item when the open
+        one is of another kind, or none is open)."""
         out = []
         item = self._current
         if item is None or item.kind != _PART_ITEMS[kind]:
@@ -223,23 +261,21 @@ class ResponsesStream:
             item = self._current = self._open(_PART_ITEMS[kind])
             out.append(self._event("response.output_item.added", output_index=item.output_index,
                                    item=item.snapshot("in_progress")))
-        part = item.parts[-1] if item.parts else None
-        if part is None or part.kind != kind:
-            if part is not None:
-                out.append(self._close_part(item, part))
-            part = _Part(kind)
-            item.parts.append(part)
-            out.append(self._event("response.content_part.added", item_id=item.item_id,
-                                   output_index=item.output_index,
-                                   content_index=len(item.parts) - 1,
-                                   part=part.snapshot(empty=True)))
-        part.pieces.append(text)
+        if item.parts:
+            out.append(self._close_part(item, item.parts[-1]))
+        part = _Part(kind)
+        item.parts.append(part)
+        content_index = len(item.parts) - 1
+        out.append(self._event("response.content_part.added", item_id=item.item_id,
+                               output_index=item.output_index, content_index=content_index,
+                               part=part.snapshot(empty=True)))
         prefix, _ = _PART_EVENTS[kind]
         extra: dict[str, Any] = {"logprobs": []} if kind == "output_text" else {}
-        out.append(self._event(f"{prefix}.delta", item_id=item.item_id,
-                               output_index=item.output_index,
-                               content_index=len(item.parts) - 1, delta=text, **extra))
-        return b"".join(out)
+        part.delta = template(encode_event(f"{prefix}.delta", {
+            "type": f"{prefix}.delta", "sequence_number": SLOT, "item_id": item.item_id,
+            "output_index": item.output_index, "content_index": content_index,
+            "delta": SLOT, **extra}), 2)
+        return b"".join(out), item, part
 
     def _call(self, entry: Any) -> bytes:
         added = self._accumulated.add(entry)

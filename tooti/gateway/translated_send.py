@@ -9,7 +9,9 @@ answers every chat request; this wrapper rewrites what it sends on the way out:
   the response starts with the dialect's media type, and the events the proxy sends
   (whole events: :mod:`tooti.gateway.streamed_answer` cuts them with the one
   :class:`~tooti.protocol.sse.SSEDecoder`) are decoded again here, each ``data:`` event
-  json-decoded and fed to the front's :class:`~tooti.fronts.base.StreamTranslator`:
+  fed to the front's :class:`~tooti.fronts.base.StreamTranslator`: a plain text delta
+  (nearly every chunk) read typed by :func:`~tooti.fronts.base.text_delta` and given to
+  ``feed_text``, any other chunk json-decoded and given to ``feed``;
   ``start()`` goes out with the first bytes, ``finish()`` in place of ``[DONE]``, and an
   in-band error event (the gateway's own, after a stream broke or timed out, or a
   node's) becomes ``fail(error)``. ``[DONE]`` reaches this wrapper only in the proxy's
@@ -33,7 +35,7 @@ from typing import Any
 import msgspec
 
 from tooti.errors import APIError
-from tooti.fronts.base import ChatRequest, Front, StreamTranslator
+from tooti.fronts.base import ChatRequest, Front, StreamTranslator, text_delta
 from tooti.mesh.http import Headers, Send
 from tooti.protocol.sse import EVENT_END, SSEDecoder
 
@@ -110,14 +112,17 @@ class TranslatedSend:
 
     async def __call__(self, message: dict[str, Any]) -> None:
         kind = message["type"]
-        if kind == "http.response.start":
-            await self._start(message)
-        elif kind == "http.response.body":
+        if kind == "http.response.body":
             more = bool(message.get("more_body", False))
             if self._translator is not None:
-                await self._stream_body(message.get("body", b""), more)
+                data = self._translate(message.get("body", b""), more)
+                if data or not more:
+                    await self._send({"type": "http.response.body", "body": data,
+                                      "more_body": more})
             else:
                 await self._whole_body(message.get("body", b""), more)
+        elif kind == "http.response.start":
+            await self._start(message)
         else:
             await self._send(message)
 
@@ -140,7 +145,8 @@ class TranslatedSend:
 
     # ------------------------------------------------------------ streams
 
-    async def _stream_body(self, body: bytes, more: bool) -> None:
+    def _translate(self, body: bytes, more: bool) -> bytes:
+        """The dialect's bytes for one body part of the node's stream (joined once)."""
         translator, decoder = self._translator, self._decoder
         assert translator is not None and decoder is not None
         out: list[bytes] = []
@@ -156,21 +162,23 @@ class TranslatedSend:
             if tail:
                 self._event(decoder, tail, translator, out)
             out.append(translator.finish())  # b"" once finished or failed
-        data = b"".join(out)
-        if data or not more:
-            await self._send({"type": "http.response.body", "body": data, "more_body": more})
+        return out[0] if len(out) == 1 else b"".join(out)
 
     @staticmethod
     def _event(decoder: SSEDecoder, raw: bytes, translator: StreamTranslator,
                out: list[bytes]) -> None:
         """Feed one event (its bytes without the closing blank line) to ``translator``."""
-        if raw.startswith(b"data: ") and raw.find(b"\n") < 0:
+        if raw.startswith(b"data: ") and 0x0A not in raw:
             data = raw[6:]  # the usual event: one data line, as nodes write them
         else:
             event = decoder.parse(raw + EVENT_END)
             if event is None:
                 return
             data = event.data.encode()
+        text = text_delta(data)
+        if text is not None:  # the common chunk: typed, no dicts
+            out.append(translator.feed_text(*text))
+            return
         if data.strip() == _DONE:
             out.append(translator.finish())
             return
