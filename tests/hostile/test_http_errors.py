@@ -244,3 +244,21 @@ async def test_unexpected_exception_is_a_500_error_object_logged_as_one_line(
     assert lines[0].exc_info is not None
     assert all(r.exc_info is None for r in lines[1:])
     assert not [r for r in caplog.records if r.name.startswith("hypercorn")]
+
+
+async def test_an_error_answer_survives_the_bytes_the_client_still_sends(
+        served: Network, caplog: pytest.LogCaptureFixture) -> None:
+    """A malformed head followed by far more bytes than the server reads at once: it
+    answers, half-closes and drops what still comes (a lingering close), so the client
+    reads the whole 400 instead of a connection reset (closing with unread bytes makes
+    the kernel send RST, which destroys an answer not yet read)."""
+    head = request_bytes("POST", CHAT_PATH, b"", [
+        ("host", "x"), ("content-length", "4"), ("content-length", "1")])
+    stream = await connect(served.url)
+    async with stream:
+        with trio.fail_after(TIMEOUT):
+            await stream.send_all(head + b"x" * 300_000)  # taken in while it lingers
+            answer = await read_response(stream)
+    assert assert_error_object(answer, 400)["code"] == "invalid_http_request"
+    assert_no_tracebacks(caplog)
+    await assert_serves(served)

@@ -48,6 +48,12 @@ from tooti.mesh.http import protocol_error
 PINNED_VERSION = "0.18.0"
 """The hypercorn release this module is written against (``pyproject.toml`` pins it)."""
 MAX_RECV = 2**16
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 2**20
+"""After answering a malformed request the server half-closes, then reads and drops what
+the client still sends (at most this long and this much) before closing: closing a socket
+with unread bytes makes the kernel send RST, which can destroy the error answer in the
+client's receive buffer before it reads it (nginx's "lingering close")."""
 """Bytes asked of the stream per read (hypercorn's own server reads as much)."""
 
 
@@ -130,6 +136,8 @@ class ErrorObjectH11(H11Protocol):
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
+        self.sent_error = False
+        """Whether an error answer went out (the connection then lingers as it closes)."""
         send = self.send
         in_order = trio.Lock()  # taken at once (no yield) when free: first come, first out
 
@@ -153,6 +161,7 @@ class ErrorObjectH11(H11Protocol):
         answer the app starts meanwhile cannot interleave with it. Raises
         ``h11.LocalProtocolError`` if a response has begun (unless the request was
         found malformed: then the answer under way ends the connection)."""
+        self.sent_error = True  # the connection lingers as it closes: see LINGER_SECONDS
         body = error.to_json()
         headers = [(b"content-type", b"application/json"),
                    (b"content-length", b"%d" % len(body)), (b"connection", b"close"),
@@ -273,7 +282,28 @@ class ConnectionServer:
 
     async def _close(self) -> None:
         try:
-            await self.stream.send_eof()
-        except (trio.BrokenResourceError, trio.BusyResourceError, trio.ClosedResourceError):
-            pass  # gone already
-        await self.stream.aclose()
+            try:
+                await self.stream.send_eof()
+            except (trio.BrokenResourceError, trio.BusyResourceError,
+                    trio.ClosedResourceError):
+                return  # gone already
+            protocol = self._protocol.protocol if self._protocol is not None else None
+            if isinstance(protocol, ErrorObjectH11) and protocol.sent_error:
+                await self._linger()
+        finally:
+            await self.stream.aclose()
+
+    async def _linger(self) -> None:
+        """Read and drop what the client still sends after an error answer, until it
+        closes, ``LINGER_BYTES`` or ``LINGER_SECONDS`` (see :data:`LINGER_SECONDS`)."""
+        dropped = 0
+        with trio.move_on_after(LINGER_SECONDS):
+            while dropped < LINGER_BYTES:
+                try:
+                    data = await self.stream.receive_some(MAX_RECV)
+                except (trio.BrokenResourceError, trio.BusyResourceError,
+                        trio.ClosedResourceError):
+                    return
+                if not data:
+                    return
+                dropped += len(data)

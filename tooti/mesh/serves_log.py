@@ -10,7 +10,7 @@ from collections.abc import Callable
 import tooti.clock
 from tooti.mesh.peer import Peer
 
-log = logging.getLogger("tooti")
+log = logging.getLogger("tooti.gateway")
 
 BURST = 4
 """Lines a peer's changes may log in a row (first models, loaded, a reload, ...)."""
