@@ -120,6 +120,9 @@ class AnthropicStream:
         """The events for a chunk carrying only ``text`` (what :meth:`feed` sends)."""
         if self._done:
             return b""
+        if text and self._open is not None and self._open_kind == "text":
+            head, tail = self._delta  # the usual chunk: the open text block's next delta
+            return head + _encode(text) + tail
         out = [self.start()]
         if text:
             self._text("text", text, out)

@@ -263,17 +263,17 @@ class NdjsonStream:
 
     def _piece(self, text: str, thinking: str = "", calls: Any = None,
                tokens: list[dict[str, Any]] | None = None) -> bytes:
-        kind = self.request.context.get("kind")
         if thinking or calls or tokens:
-            fields = _reply(kind, text, thinking, calls, tokens)
+            fields = _reply(self.request.context.get("kind"), text, thinking, calls, tokens)
             fields["done"] = False
             return self._line(fields)
         if not self._text_line:  # the usual line: spliced from the constant pieces
-            self._text_line = template(self._line({**_reply(kind, SLOT, "", None, None),
-                                                   "done": False}, SLOT), 2)
+            self._text_line = template(self._line({
+                **_reply(self.request.context.get("kind"), SLOT, "", None, None),
+                "done": False}, SLOT), 2)
         head, middle, tail = self._text_line
-        return (head + _encode(rfc3339(self.clock.wall_ns())) + middle + _encode(text)
-                + tail)
+        return b"".join((head, _encode(rfc3339(self.clock.wall_ns())), middle, _encode(text),
+                         tail))
 
     def start(self) -> bytes:
         """Nothing to send; notes when the node's answer started (``load_duration``)."""
@@ -320,7 +320,8 @@ class NdjsonStream:
         """The line of a chunk carrying only ``text`` (what :meth:`feed` sends)."""
         if self._ended:
             return b""
-        self.start()
+        if self._opened_ns is None:
+            self.start()
         if not text:
             return b""
         if self._first_token_ns is None:

@@ -116,7 +116,7 @@ def rfc3339(wall_ns: int) -> str:
     writes ``created_at`` (the second's text is formatted once per second: a stream
     writes a line per token)."""
     seconds, nanos = divmod(wall_ns, 1_000_000_000)
-    return _utc_second(seconds) + f".{nanos:09d}Z"
+    return f"{_utc_second(seconds)}.{nanos:09d}Z"
 
 
 @functools.lru_cache(maxsize=2)

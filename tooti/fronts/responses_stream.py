@@ -103,8 +103,9 @@ class _Item:
     """A function call's accumulated state."""
     call_id: str = ""
     parts: list[_Part] = field(default_factory=list)
-    done: dict[str, Any] | None = None
-    """The item as ``response.output_item.done`` sent it (None while open)."""
+    done: msgspec.Raw | None = None
+    """The item as ``response.output_item.done`` sent it, encoded (None while open): the
+    terminal event's output repeats those bytes."""
 
     def snapshot(self, status: str) -> dict[str, Any]:
         if self.call is not None:
@@ -151,7 +152,7 @@ class ResponsesStream:
         if self._started:
             return b""
         self._started = True
-        response = self._response("in_progress")
+        response = msgspec.Raw(_encode(self._response("in_progress")))  # encoded once
         return (self._event("response.created", response=response)
                 + self._event("response.in_progress", response=response))
 
@@ -327,7 +328,7 @@ class ResponsesStream:
                                    name=item.call.name or "", arguments=item.call.arguments))
         else:
             out.extend(self._close_part(item, part) for part in item.parts if not part.closed)
-        item.done = item.snapshot(status)
+        item.done = msgspec.Raw(_encode(item.snapshot(status)))
         out.append(self._event("response.output_item.done", output_index=item.output_index,
                                item=item.done))
         return b"".join(out)
@@ -337,15 +338,16 @@ class ResponsesStream:
         return self._close(item, status) if item is not None else b""
 
     def _close_calls(self, status: str = "completed") -> bytes:
+        if not self._calls:
+            return b""
         open_calls, self._calls = self._calls, {}
-        if open_calls:
-            self._accumulated.clear()
+        self._accumulated.clear()
         return b"".join(self._close(item, status)
                         for item in sorted(open_calls.values(), key=lambda i: i.output_index))
 
     # -- events ---------------------------------------------------------------------------
 
-    def _response(self, status: str, *, output: list[dict[str, Any]] | None = None,
+    def _response(self, status: str, *, output: list[Any] | None = None,
                   incomplete_reason: str | None = None, error: dict[str, Any] | None = None,
                   completed_at: float | None = None) -> dict[str, Any]:
         return response_object(

@@ -154,31 +154,31 @@ class TranslatedSend:
             self._opening = False
             out.append(translator.start())
         block = decoder.feed(body) if body else b""
-        if block:
-            for raw in block.split(EVENT_END)[:-1]:  # whole events, each ending in EVENT_END
-                self._event(decoder, raw, translator, out)
+        events = block.split(EVENT_END)[:-1] if block else []  # whole events
         if not more:
             tail = decoder.flush()
             if tail:
-                self._event(decoder, tail, translator, out)
+                events.append(tail)
+        for raw in events:
+            if raw.startswith(b"data: ") and 0x0A not in raw:
+                data = raw[6:]  # the usual event: one data line, as nodes write them
+            else:
+                event = decoder.parse(raw + EVENT_END)
+                if event is None:
+                    continue
+                data = event.data.encode()
+            text = text_delta(data)
+            if text is not None:  # the usual chunk, a token: typed, no dicts
+                out.append(translator.feed_text(*text))
+            else:
+                self._chunk(data, translator, out)
+        if not more:
             out.append(translator.finish())  # b"" once finished or failed
         return out[0] if len(out) == 1 else b"".join(out)
 
     @staticmethod
-    def _event(decoder: SSEDecoder, raw: bytes, translator: StreamTranslator,
-               out: list[bytes]) -> None:
-        """Feed one event (its bytes without the closing blank line) to ``translator``."""
-        if raw.startswith(b"data: ") and 0x0A not in raw:
-            data = raw[6:]  # the usual event: one data line, as nodes write them
-        else:
-            event = decoder.parse(raw + EVENT_END)
-            if event is None:
-                return
-            data = event.data.encode()
-        text = text_delta(data)
-        if text is not None:  # the common chunk: typed, no dicts
-            out.append(translator.feed_text(*text))
-            return
+    def _chunk(data: bytes, translator: StreamTranslator, out: list[bytes]) -> None:
+        """Feed one event's data (not a plain text delta) to ``translator``."""
         if data.strip() == _DONE:
             out.append(translator.finish())
             return
