@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import httpx
@@ -269,19 +269,31 @@ class OpenAIBackend:
 
     # -- requests -------------------------------------------------------
 
-    @asynccontextmanager
-    async def open(
-        self, endpoint: str, body: bytes, request: dict[str, Any]
-    ) -> AsyncIterator[BackendResponse]:
+    def open(self, endpoint: str, body: bytes, request: dict[str, Any]
+             ) -> AbstractAsyncContextManager[BackendResponse]:
         """Forward one request; see :meth:`tooti.backends.base.Backend.open`."""
-        check_endpoint(endpoint)
         model = request.get("model") if isinstance(request, dict) else None
         if isinstance(model, str) and model in self.rename:
             body = msgspec.json.encode({**request, "model": self.rename[model]})
+        return self._post(endpoint, body, "application/json")
+
+    def open_upload(self, endpoint: str, upload: Upload
+                    ) -> AbstractAsyncContextManager[BackendResponse]:
+        """Stream a multipart upload to ``{url}/{endpoint}`` as its pieces arrive (see
+        :class:`~tooti.backends.base.Upload`); the answer as :meth:`open`'s."""
+        return self._post(endpoint, upload.chunks, upload.content_type)
+
+    @asynccontextmanager
+    async def _post(self, endpoint: str, content: bytes | AsyncIterator[bytes],
+                    content_type: str) -> AsyncIterator[BackendResponse]:
+        """POST ``content`` (bytes, or pieces sent as they come) to ``{url}/{endpoint}``
+        and relay the answer as it streams in; an error status is raised as
+        :func:`upstream_error`; an endpoint this backend does not serve is refused."""
+        check_endpoint(endpoint)
         client = self._client()
         upstream = client.build_request(
-            "POST", f"{self.url}/{endpoint}", content=body,
-            headers={"Content-Type": "application/json"},
+            "POST", f"{self.url}/{endpoint}", content=content,
+            headers={"Content-Type": content_type},
         )
         try:
             response = await client.send(upstream, stream=True)
@@ -300,32 +312,5 @@ class OpenAIBackend:
             # Closing an unfinished response drops the connection, which is how
             # the server learns that the client went away (shielded, see
             # close_response).
-            await close_response(response, chunks)
-
-    @asynccontextmanager
-    async def open_upload(self, endpoint: str, upload: Upload
-                          ) -> AsyncIterator[BackendResponse]:
-        """Stream a multipart upload to ``{url}/{endpoint}`` as its pieces arrive (see
-        :class:`~tooti.backends.base.Upload`); the answer as :meth:`open`'s."""
-        check_endpoint(endpoint)
-        client = self._client()
-        upstream = client.build_request(
-            "POST", f"{self.url}/{endpoint}", content=upload.chunks,
-            headers={"Content-Type": upload.content_type},
-        )
-        try:
-            response = await client.send(upstream, stream=True)
-        except httpx.HTTPError as exc:
-            raise transport_error(exc, self.url) from exc
-        chunks = _Chunks(response)
-        try:
-            if response.status_code >= 400:
-                raise upstream_error(response.status_code, await read_bounded(response))
-            yield BackendResponse(
-                status=response.status_code,
-                content_type=response.headers.get("content-type", "application/json"),
-                chunks=chunks,
-            )
-        finally:
             await close_response(response, chunks)
 

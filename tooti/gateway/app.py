@@ -53,6 +53,7 @@ from tooti.gateway.passthrough import PASSTHROUGH_ROUTES, PassThrough
 from tooti.gateway.probe import probe_until_healthy
 from tooti.gateway.proxy import Proxy
 from tooti.gateway.proxy_settings import ProxySettings
+from tooti.gateway.relayed_answer import AsIs
 from tooti.gateway.streamed_answer import DONE
 from tooti.gateway.validation import ParsedRequest, parse_request
 from tooti.mesh.events import BusEvent
@@ -343,10 +344,16 @@ class Gateway:
     async def _forward(
         self, scope: Scope, receive: Receive, send: Send, request_id: str, headers: Headers,
         request: ParsedRequest, raw: bytes, caller: Caller,
-        entry: access_log.AccessRecord | None = None,
+        entry: access_log.AccessRecord | None = None, as_is: AsIs | None = None,
+        estimate_bytes: int | None = None,
     ) -> None:
         """Authorize, forward (cancelled if the client leaves), then settle or refund;
-        ``entry`` (the access record) gets billing's outcome and usage."""
+        ``entry`` (the access record) gets billing's outcome and usage.
+
+        ``as_is``: a pass-through request (its upload streamed, its answer relayed as
+        the node sends it, not rewritten for an alias); ``estimate_bytes``: the body
+        size admission and the reservation assume (an upload's declared or read-ahead
+        size; billing then counts the bytes that came)."""
         key_id, group, account = caller.key_id, caller.group, caller.account_name
         groups = routes_of(caller)
         if group:  # routed to the group's nodes (then, if it allows, the public ones)
@@ -356,6 +363,7 @@ class Gateway:
         bus.publish("request.received", request_id=request_id, model=request.model,
                     endpoint=request.endpoint, stream=request.stream, key_id=key_id,
                     account=account)
+        estimate = len(raw) if estimate_bytes is None else estimate_bytes
         aliases = self.aliases
         plan = aliases.plan(request.models, caller.models) if aliases else None
         if plan is not None:  # an alias: its tiers' ids are routed, its name answered
@@ -378,10 +386,10 @@ class Gateway:
             ctx = RequestContext(
                 request_id, key_id, request.model, request.endpoint, request.stream,
                 account_id=caller.account_id, group=group,
-                max_cost=self._max_cost(request, len(raw), groups)
+                max_cost=self._max_cost(request, estimate, groups)
                 if caller.account_id else 0)
             ticket = await self.limiter.admit(
-                caller, request_id, tokens_estimate=len(raw) // BYTES_PER_TOKEN,
+                caller, request_id, tokens_estimate=estimate // BYTES_PER_TOKEN,
                 max_cost=ctx.max_cost)
             try:
                 await self.billing.authorize(ctx)
@@ -408,16 +416,20 @@ class Gateway:
             """A node's answer is complete: settle before its last bytes leave, so no
             client sees a complete answer whose usage record could still be lost."""
             nonlocal settled
-            settled = usage_from(outcome, len(raw), started)
+            settled = usage_from(outcome, size(), started)
             await self.billing.finish(ctx, outcome, settled)
 
+        def size() -> int:
+            return len(raw) if as_is is None else as_is.body_bytes(raw)
+
+        watched = receive if as_is is None or as_is.upload is None else as_is.upload.receive
         try:
-            complete = await cancel_on_disconnect(receive, send, lambda tracked: (
+            complete = await cancel_on_disconnect(watched, send, lambda tracked: (
                 self.proxy.forward(request, route, raw, tracked, headers, outcome, settle,
-                                   groups) if plan is None else
-                self.proxy.forward(request, route, raw, AliasedSend(tracked, served_as,
-                                                                    outcome),
-                                   headers, outcome, settle, groups, plan[0])))
+                                   groups, as_is=as_is) if plan is None else
+                self.proxy.forward(request, route, raw, tracked if as_is is not None
+                                   else AliasedSend(tracked, served_as, outcome),
+                                   headers, outcome, settle, groups, plan[0], as_is)))
             if not complete:
                 outcome.status = "cancelled"
         except trio.TooSlowError:
@@ -438,7 +450,7 @@ class Gateway:
         finally:
             usage = settled
             if usage is None:
-                usage = usage_from(outcome, len(raw), started)
+                usage = usage_from(outcome, size(), started)
             await self.limiter.finish(  # never waits: safe under cancellation
                 ticket, tokens=usage.prompt_tokens + usage.completion_tokens
                 if outcome.served else 0,

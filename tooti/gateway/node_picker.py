@@ -245,18 +245,24 @@ class NodePicker:
         and return it with the id it was picked for; None when none can take the
         request now and ``queue`` is False, or when none may serve it at all. With
         ``queue``, waits (as :meth:`pick`, one place in the gateway's queue) for the
-        first slot of any of ``models``."""
+        first slot of any of ``models``. Besides ``excluded``, each id's nodes that do
+        not serve ``route.endpoint`` are passed over."""
         if len(models) == 1 and queue:
             peer = await self.pick(_for_model(route, models[0]), prefs, excluded)
             return None if peer is None else (peer, models[0])
         registry = self.registry
         deadline = clock.now() + self.settings.queue_timeout
         routes = [_for_model(route, model) for model in models]
+        # Each id's nodes that do not serve the request's endpoint are never picked (a
+        # node may serve one id of the tier on it and not another).
+        skip = {each.model: excluded | registry.not_serving(each.model, prefs.group,
+                                                            route.endpoint)
+                for each in routes}
         best: tuple[Peer, str] | None = None
         best_key: tuple[float, float] = (0.0, 0.0)
         for each in routes:
             registry.dispatch(each.model, prefs.group)  # older requests first
-            peer = self.pick_now(each, prefs, excluded)
+            peer = self.pick_now(each, prefs, skip[each.model])
             if peer is not None:
                 key = _load_key(peer, each.model)
                 if best is None or key < best_key:
@@ -265,14 +271,15 @@ class NodePicker:
             return best
         if not queue:
             return None
-        eligible = [each for each in routes if self._any_eligible(each.model, prefs, excluded)]
+        eligible = [each for each in routes
+                    if self._any_eligible(each.model, prefs, skip[each.model])]
         if not eligible:
             return None
         if self.queued >= self.settings.max_queue:
             raise _busy("the gateway's queue is full")
 
         def taker(each: RouteRequest) -> Callable[[], Peer | None]:
-            return lambda: self._try_pick(each, prefs, excluded)
+            return lambda: self._try_pick(each, prefs, skip[each.model])
 
         waiters = [registry.enqueue(each.model, prefs.group, taker(each)) for each in eligible]
         self.queued += 1

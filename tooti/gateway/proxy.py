@@ -42,6 +42,8 @@ from tooti.gateway.byte_budget import ByteBudget
 from tooti.gateway.collected_answer import AnswerBuffers, AnswerLost
 from tooti.gateway.node_picker import NodePicker, model_loading
 from tooti.gateway.proxy_settings import ProxySettings
+from tooti.gateway.relayed_answer import AsIs
+from tooti.gateway.relayed_answer import media_type as relayed_media_type
 from tooti.gateway.response_headers import BadHeader, content_type, header_value
 from tooti.gateway.streamed_answer import first_token, stream_answer
 from tooti.gateway.validation import ParsedRequest
@@ -119,6 +121,7 @@ class Proxy:
         before_last: Callable[[], Awaitable[None]] | None = None,
         groups: Sequence[str] = (),
         tiers: Sequence[Tier] = (),
+        as_is: AsIs | None = None,
     ) -> None:
         """Serve ``request``: each model in turn, each node group in turn (``groups``;
         empty = the request's own), each node in turn, until one answers. ``tiers``
@@ -129,9 +132,14 @@ class Proxy:
         ``before_last`` is awaited once a node's answer is complete and its usage
         checked, right before the last bytes go to the client (the gateway settles
         billing there, so a client never sees a complete answer whose record could
-        still be lost)."""
+        still be lost).
+
+        ``as_is``: a pass-through request (:mod:`tooti.gateway.relayed_answer`): its
+        body may be an upload streamed to the node, and its answer is relayed as the
+        node sends it instead of being collected or read as chat's SSE."""
         settings = self.settings
-        outcome.limits = limits_for(request.endpoint, request.body, len(raw_body),
+        size = len(raw_body) if as_is is None else as_is.body_bytes(raw_body)
+        outcome.limits = limits_for(request.endpoint, request.body, size,
                                     settings.prompt_token_allowance,
                                     settings.media_token_allowance)
         own = request.preferences.group
@@ -160,17 +168,19 @@ class Proxy:
                         try:
                             await self._forward_model(attempt, route, models, queue,
                                                       raw_body, send, headers, outcome,
-                                                      before_last)
+                                                      before_last, as_is)
                             return
                         except APIError as error:
                             if (outcome.served or error.status not in RETRYABLE_STATUS
-                                    or position + 1 == len(routes)):
+                                    or position + 1 == len(routes)
+                                    or (as_is is not None and not as_is.may_fail_over())):
                                 raise
                             log.info("request %s: group %r could not serve %s (%s); trying "
                                      "the public nodes", route.request_id, group, model,
                                      error.message)
                 except APIError as error:
-                    if outcome.served or error.status not in RETRYABLE_STATUS:
+                    if (outcome.served or error.status not in RETRYABLE_STATUS
+                            or (as_is is not None and not as_is.may_fail_over())):
                         raise
                     last_error = error
                     if index + 1 < len(plan):
@@ -183,15 +193,14 @@ class Proxy:
     async def _forward_model(
         self, request: ParsedRequest, route: RouteRequest, models: Sequence[str],
         queue: bool, raw_body: bytes, send: Send, headers: Headers, outcome: Outcome,
-        before_last: Callable[[], Awaitable[None]] | None,
+        before_last: Callable[[], Awaitable[None]] | None, as_is: AsIs | None = None,
     ) -> None:
         """Attempts on the nodes of ``models`` (one model, or an alias's tier), each
         picked by :meth:`NodePicker.pick_tier` (queueing only with ``queue``)."""
         prefs = request.preferences
         attempts = max(1, self.settings.max_attempts) if prefs.allow_fallbacks else 1
-        # Nodes serving the model but not on this endpoint are never picked (a tier of
-        # several models leaves that to the node, which refuses: a node may serve one of
-        # them on it and not another).
+        # Nodes serving the model but not on this endpoint are never picked (for a tier
+        # of several ids, pick_tier passes them over per id).
         excluded: set[str] = (set(self.registry.not_serving(models[0], prefs.group,
                                                             route.endpoint))
                               if len(models) == 1 else set())
@@ -215,13 +224,15 @@ class Proxy:
                                       node=peer.id, model=model, attempt=outcome.attempts)
             try:
                 await self._serve_from(peer, request, model_route, body, send, headers,
-                                       outcome, before_last)
+                                       outcome, before_last, as_is)
                 return
             except _Retry as retry:
                 excluded.add(peer.id)
                 last_error = retry.error
                 if retry.counts:
                     self.node_failed(peer, model, retry.error.message)
+                if as_is is not None and not as_is.may_fail_over():
+                    raise retry.error from None  # the upload went on past its read-ahead
                 log.info("request %s: node %s failed before the first token (%s)",
                          route.request_id, peer.id, retry.error.message)
             finally:
@@ -271,7 +282,7 @@ class Proxy:
     async def _serve_from(
         self, peer: Peer, request: ParsedRequest, route: RouteRequest, body: bytes,
         send: Send, headers: Headers, outcome: Outcome,
-        before_last: Callable[[], Awaitable[None]] | None,
+        before_last: Callable[[], Awaitable[None]] | None, as_is: AsIs | None = None,
     ) -> None:
         """One attempt on ``peer``: open the stream, wait for its head (and, for a
         stream, its first token) within ``first_byte_timeout``, then pass the answer to
@@ -285,12 +296,18 @@ class Proxy:
         opened = clock.now()
         first: bytes | None = None
         head: ResponseStarted | None = None
+        wants_first = request.stream and as_is is None  # chat's SSE: wait for a token
         try:
             with trio.move_on_after(self.settings.first_byte_timeout) as timer:
                 try:
-                    out = await peer.open_stream(meta, body)
-                    head = await out.head()
-                    if head is not None and request.stream and head.status == 200:
+                    if as_is is None:
+                        out = await peer.open_stream(meta, body)
+                        head = await out.head()
+                    else:
+                        out = await as_is.open(peer, meta, body, model)
+                        head = await as_is.head(out, timer,
+                                                self.settings.first_byte_timeout)
+                    if head is not None and wants_first and head.status == 200:
                         first = await first_token(out)
                 except TunnelLost as exc:
                     raise _Retry(APIError(502, f"node {peer.id} unavailable: {exc}",
@@ -308,7 +325,7 @@ class Proxy:
             outcome.owner = peer.owner
             outcome.price_input = info.price_input if info else 0.0
             outcome.price_output = info.price_output if info else 0.0
-            if head is None or (request.stream and head.status == 200 and first is None):
+            if head is None or (wants_first and head.status == 200 and first is None):
                 end = out.end_info or {}
                 error = from_end_info(end)
                 retryable = end.get("retryable")
@@ -317,7 +334,8 @@ class Proxy:
                 outcome.status = "error"
                 raise error
             try:
-                media_type = content_type(head.headers)
+                media_type = (content_type(head.headers) if as_is is None
+                              else relayed_media_type(head.headers))
             except BadHeader as exc:
                 self.registry.penalize(peer, f"bad response header: {exc}")
                 raise _Retry(APIError(502, f"node {peer.id} sent an invalid response "
@@ -337,7 +355,14 @@ class Proxy:
                 if before_last is not None:
                     await before_last()
 
-            if first is not None:
+            if as_is is not None:
+                await as_is.relay(out, head.status, media_type, send, node_headers,
+                                  outcome, settle)
+                if outcome.status == "failed_midstream":  # cut, never completed
+                    self.node_failed(peer, model, "failed mid-answer")
+                    raise APIError(502, f"node {peer.id} failed mid-answer: "
+                                   f"{outcome.error}", code="backend_failed")
+            elif first is not None:
                 outcome.served = True
                 await stream_answer(out, first, head.status, media_type, send, node_headers,
                                     route.request_id, outcome, settle)
