@@ -58,6 +58,21 @@ def aliased(network: Network) -> Network:
     return network
 
 
+@pytest.fixture
+def queued(aliased: Network, monkeypatch: pytest.MonkeyPatch) -> trio.Event:
+    """Set when a request of the aliased gateway starts waiting in its queue."""
+    event = trio.Event()
+    registry = aliased.gateway.registry
+    original = registry.wait_for_slot
+
+    async def hooked(waiter: SlotWaiter) -> None:
+        event.set()
+        await original(waiter)
+
+    monkeypatch.setattr(registry, "wait_for_slot", hooked)
+    return event
+
+
 async def settled(network: Network) -> None:
     with trio.fail_after(LIMIT):
         await network.gateway.station.wait_idle()
@@ -132,17 +147,8 @@ async def test_failover_continues_down_the_tiers_then_cooldown_skips_tier_one(
 
 
 async def test_tier_one_full_falls_through_without_queueing(
-    aliased: Network, monkeypatch: pytest.MonkeyPatch,
+    aliased: Network, queued: trio.Event,
 ) -> None:
-    queued = trio.Event()
-    registry = aliased.gateway.registry
-    original = registry.wait_for_slot
-
-    async def hooked(waiter: SlotWaiter) -> None:
-        queued.set()
-        await original(waiter)
-
-    monkeypatch.setattr(registry, "wait_for_slot", hooked)
     gate = trio.Event()
     big = await node(aliased, "n-big", "big", gate, max_concurrency=1)
     small = await node(aliased, "n-small", "small")
@@ -163,17 +169,7 @@ async def test_tier_one_full_falls_through_without_queueing(
     assert len(big.requests) == 1 and len(small.requests) == 1
 
 
-async def test_last_tier_full_queues(aliased: Network, monkeypatch: pytest.MonkeyPatch
-                                     ) -> None:
-    queued = trio.Event()
-    registry = aliased.gateway.registry
-    original = registry.wait_for_slot
-
-    async def hooked(waiter: SlotWaiter) -> None:
-        queued.set()
-        await original(waiter)
-
-    monkeypatch.setattr(registry, "wait_for_slot", hooked)
+async def test_last_tier_full_queues(aliased: Network, queued: trio.Event) -> None:
     gate = trio.Event()
     small = await node(aliased, "n-small", "small", gate, max_concurrency=1)
     async with aliased.client() as http, trio.open_nursery() as nursery:
@@ -212,19 +208,11 @@ async def test_one_tier_of_two_ids_takes_the_free_node(aliased: Network) -> None
 
 
 async def test_last_tier_of_two_ids_queues_for_either(
-    aliased: Network, monkeypatch: pytest.MonkeyPatch,
+    aliased: Network, queued: trio.Event,
 ) -> None:
     """Both ids of a one-tier alias full: the request waits once (one place in the
     gateway's queue) for whichever frees a slot first, and leaves both queues after."""
-    queued = trio.Event()
     registry = aliased.gateway.registry
-    original = registry.wait_for_slot
-
-    async def hooked(waiter: SlotWaiter) -> None:
-        queued.set()
-        await original(waiter)
-
-    monkeypatch.setattr(registry, "wait_for_slot", hooked)
     big_gate, small_gate = trio.Event(), trio.Event()
     big = await node(aliased, "n-big", "big", big_gate, max_concurrency=1)
     small = await node(aliased, "n-small", "small", small_gate, max_concurrency=1)
