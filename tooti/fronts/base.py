@@ -252,7 +252,7 @@ def node_error(chunk: dict[str, Any]) -> APIError | None:
                     else "the node reported an error mid-stream", code="bad_gateway")
 
 
-class _TextDelta(msgspec.Struct):
+class _TextDelta(msgspec.Struct, gc=False):
     """A delta carrying text only: any other news (typed ``None`` here) refuses it."""
 
     content: str | None = None
@@ -262,17 +262,18 @@ class _TextDelta(msgspec.Struct):
     tool_calls: None = None
 
 
-class _TextChoice(msgspec.Struct):
+class _TextChoice(msgspec.Struct, gc=False):
     index: int = 0
     delta: _TextDelta | None = None
     finish_reason: None = None
     logprobs: None = None
 
 
-class _TextChunk(msgspec.Struct):
+class _TextChunk(msgspec.Struct, gc=False):
     """The chunk of a streamed token, as nodes send nearly every chunk: one choice
     (index 0) whose delta holds only ``content`` (and ``role``), no usage, no error.
-    Fields the fronts do not read (``id``, ``created``, ``role``, ...) are not decoded."""
+    Fields the fronts do not read (``id``, ``created``, ``role``, ...) are not decoded.
+    (``gc=False``: these hold no cycles, so the collector need not track them.)"""
 
     choices: list[_TextChoice]
     model: str | None = None
