@@ -238,6 +238,16 @@ async def serve_asgi(nursery: trio.Nursery, app: Any) -> str:
     return binds[0]
 
 
+async def answer_lifespan(receive: Any, send: Any) -> None:
+    """Answer an ASGI server's lifespan messages (startup, shutdown) until shutdown: the
+    part every test server shares."""
+    while True:
+        message = await receive()
+        await send({"type": message["type"] + ".complete"})
+        if message["type"] == "lifespan.shutdown":
+            return
+
+
 async def _read_body(receive: Any) -> bytes:
     body = b""
     while True:
@@ -289,11 +299,8 @@ class FakeUpstream:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         """The ASGI entry point."""
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                await send({"type": message["type"] + ".complete"})
-                if message["type"] == "lifespan.shutdown":
-                    return
+            await answer_lifespan(receive, send)
+            return
         body = await _read_body(receive)
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
         self.received.append(

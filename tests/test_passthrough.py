@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import struct
+import time
 import tracemalloc
 import wave
 from collections.abc import AsyncIterator
@@ -23,8 +25,9 @@ import openai
 import pytest
 import trio
 
-from tests.backend_fixtures import serve_asgi
+from tests.backend_fixtures import answer_lifespan, serve_asgi
 from tests.conftest import Network
+from tests.log_capture import watching
 from tests.processes import open_cluster
 from tests.test_relay import RunningRelay, start_node, start_relay, until
 from tooti.backends.base import BackendError, BackendResponse, ModelInfo
@@ -32,10 +35,13 @@ from tooti.backends.ollama import OllamaBackend
 from tooti.backends.openai import OpenAIBackend
 from tooti.backends.simulated import SimulatedBackend
 from tooti.backends.simulated_passthrough import AUDIO_MAGIC, TINY_PNG_B64
+from tooti.gateway.access_log import AccessRecord
 from tooti.gateway.passthrough import forward_native, serves_natively
+from tooti.gateway.relayed_answer import media_type
 from tooti.mesh.events import BusEvent
 from tooti.mesh.http import read_body
 from tooti.protocol.errors import ProtocolError
+from tooti.protocol.multipart import FormFields
 from tooti.protocol.schemas import ALL_ENDPOINTS, ENDPOINTS, ModelEntry, model_entries
 from tooti.settings import BackendSettings
 
@@ -317,11 +323,8 @@ class RecordingServer:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                await send({"type": message["type"] + ".complete"})
-                if message["type"] == "lifespan.shutdown":
-                    return
+            await answer_lifespan(receive, send)
+            return
         digest, size, more = hashlib.sha256(), 0, True
         while more:
             message = await receive()
@@ -448,6 +451,7 @@ class WatchedUploads(SimulatedBackend):
 async def test_client_leaving_mid_upload_cancels_the_backend_call(network: Network) -> None:
     backend = WatchedUploads()
     node = await network.add_node([backend])
+    finished = Finished(network)
     never = trio.Event()
 
     async def half_a_form() -> AsyncIterator[bytes]:
@@ -470,6 +474,10 @@ async def test_client_leaving_mid_upload_cancels_the_backend_call(network: Netwo
     registry = network.gateway.registry
     with trio.fail_after(5):
         await registry.wait_until(lambda: registry.peers["node-a"].total_in_flight() == 0)
+    seen = await finished.wait(1)
+    # recorded as cancelled, with no node having served it: nothing to bill
+    assert seen[0]["status"] == "cancelled" and seen[0]["node"] is None
+    assert seen[0]["completion_tokens"] == 0
 
 
 @pytest.fixture
@@ -585,3 +593,257 @@ async def test_speech_broken_mid_answer_is_cut_not_completed(network: Network) -
         await finished.wait()
     assert not got.endswith(b"more")  # the held last piece never left
     assert seen["status"] == "failed_midstream"
+
+
+# -- the one proxy path: aliases, preferences, bounds, uploads (review of issue 15) ----
+
+def form(*parts: tuple[str, bytes, str | None], boundary: bytes = b"b") -> bytes:
+    """A multipart form of ``(name, value, filename)`` parts, in order."""
+    out = b""
+    for name, value, filename in parts:
+        disposition = f'form-data; name="{name}"' + (
+            f'; filename="{filename}"' if filename else "")
+        out += (b"--" + boundary + b"\r\nContent-Disposition: " + disposition.encode()
+                + b"\r\n\r\n" + value + b"\r\n")
+    return out + b"--" + boundary + b"--\r\n"
+
+
+FORM_TYPE = {"content-type": "multipart/form-data; boundary=b"}
+
+
+class Finished:
+    """The ``request.finished`` events a gateway publishes from now on."""
+
+    def __init__(self, network: Network) -> None:
+        self.seen: list[dict[str, Any]] = []
+        self._changed = trio.Event()
+        network.gateway.registry.bus.listeners.append(self._listen)
+
+    def _listen(self, event: BusEvent) -> None:
+        if event.kind == "request.finished":
+            self.seen.append(event.data)
+            self._changed.set()
+            self._changed = trio.Event()
+
+    async def wait(self, count: int) -> list[dict[str, Any]]:
+        """The events, once ``count`` have come."""
+        with trio.fail_after(10):
+            while len(self.seen) < count:
+                await self._changed.wait()
+        return self.seen
+
+
+async def test_aliases_reach_passthrough_endpoints(network: Network) -> None:
+    gateway = network.gateway
+    gateway.reload(msgspec.structs.replace(gateway.settings, aliases={
+        "ranker": MODEL, "whisper-1": MODEL, "tts-1": MODEL}))
+    await network.add_node([sim()])
+    async with network.client() as http:
+        rerank = await http.post("/v1/rerank", json={**RERANK, "model": "ranker"})
+        speech = await http.post("/v1/audio/speech",
+                                 json={"model": "tts-1", "input": "hi", "voice": "alloy"})
+        audio = wav_bytes(100)
+        text = await http.post("/v1/audio/transcriptions", headers=FORM_TYPE, content=form(
+            ("model", b"whisper-1", None), ("file", audio, "a.wav")))
+    for answer in (rerank, speech, text):
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["x-tooti-model"] == MODEL
+    assert speech.content == AUDIO_MAGIC + b"hi"
+    # the node got its own id in the form's model field (the simulated backend refuses
+    # a model it does not serve), and the file byte for byte
+    assert hashlib.sha256(audio).hexdigest() in text.json()["text"]
+
+
+async def test_passthrough_honours_provider_preferences_and_fallbacks(network: Network
+                                                                      ) -> None:
+    await network.add_node([sim()], node_id="n1")
+    await network.add_node([sim()], node_id="n2")
+    async with network.client() as http:
+        for target in ("n1", "n2", "n1", "n2"):
+            answer = await http.post("/v1/rerank",
+                                     json={**RERANK, "provider": {"only": [target]}})
+            assert answer.status_code == 200, answer.text
+            assert answer.headers["x-tooti-node"] == target
+        fallback = await http.post("/v1/rerank", json={**RERANK, "model": "not-here",
+                                                       "models": [MODEL]})
+    assert fallback.status_code == 200, fallback.text
+    assert fallback.headers["x-tooti-model"] == MODEL
+
+
+async def test_native_responses_for_an_alias_goes_native(network: Network) -> None:
+    gateway = network.gateway
+    gateway.reload(msgspec.structs.replace(gateway.settings, aliases={"gpt-x": [MODEL]}))
+    await network.add_node([sim()], node_id="native")
+    caller = await gateway.auth.identify({"type": "http", "headers": [], "path": "/v1/x",
+                                          "method": "POST"})
+    assert serves_natively(gateway, caller, "gpt-x")
+    assert not serves_natively(gateway, caller, "nothing-of-that-name")
+
+
+async def test_alias_tier_never_picks_a_node_lacking_the_endpoint(network: Network) -> None:
+    gateway = network.gateway
+    gateway.reload(msgspec.structs.replace(gateway.settings, aliases={"pair": ["a", "b"]}))
+    for node_id, endpoint, model in (("chat-a", "chat/completions", "a"),
+                                     ("embed-b", "embeddings", "b")):
+        await network.add_node([SimulatedBackend(BackendSettings(
+            type="simulated", models=[model], endpoints=[endpoint]))], node_id=node_id)
+    async with network.client() as http:
+        for _ in range(3):
+            answer = await http.post("/v1/embeddings", json={"model": "pair", "input": "x"})
+            assert answer.status_code == 200, answer.text
+            assert answer.headers["x-tooti-node"] == "embed-b"
+    # the chat-only node was never asked, so never counted as failing
+    assert gateway.registry.peers["chat-a"].failures == 0
+
+
+class BigUsage(SimulatedBackend):
+    """Answers a transcription with a usage far beyond what its upload could cost."""
+
+    def open_upload(self, endpoint: str, upload: Any) -> Any:
+        @asynccontextmanager
+        async def answer() -> AsyncIterator[BackendResponse]:
+            async for _ in upload.chunks:
+                pass
+
+            async def body() -> AsyncIterator[bytes]:
+                yield msgspec.json.encode({"text": "x", "usage": {
+                    "input_tokens": 5_000_000, "output_tokens": 0}})
+
+            yield BackendResponse(200, "application/json", body())
+
+        return answer()
+
+
+async def test_upload_without_length_is_estimated_small_and_billed_by_its_size(
+        network: Network, monkeypatch: pytest.MonkeyPatch) -> None:
+    await network.add_node([BigUsage(BackendSettings(type="simulated"))])
+    gateway = network.gateway
+    estimates: list[int] = []
+    admit = gateway.limiter.admit
+
+    async def spy(caller: Any, request_id: str, **kw: Any) -> Any:
+        estimates.append(kw["tokens_estimate"])
+        return await admit(caller, request_id, **kw)
+
+    monkeypatch.setattr(gateway.limiter, "admit", spy)
+    finished = Finished(network)
+    body = form(("model", MODEL.encode(), None), ("file", b"x" * 1000, "a.wav"))
+
+    async def chunked() -> AsyncIterator[bytes]:  # no content-length
+        yield body
+
+    async with network.client() as http:
+        answer = await http.post("/v1/audio/transcriptions", headers=FORM_TYPE,
+                                 content=chunked())
+    assert answer.status_code == 200, answer.text
+    assert estimates == [len(body) // 4]  # not max_upload_bytes // 4
+    seen = await finished.wait(1)
+    allowance = gateway.settings.prompt_token_allowance
+    assert seen[0]["prompt_tokens"] <= len(body) + allowance  # not 5 million
+
+
+async def test_duplicate_model_field_is_refused(network: Network) -> None:
+    await network.add_node([sim()])
+    async with network.client() as http:
+        after_file = await http.post("/v1/audio/transcriptions", headers=FORM_TYPE,
+                                     content=form(("model", MODEL.encode(), None),
+                                                  ("file", wav_bytes(50), "a.wav"),
+                                                  ("model", b"dearer-model", None)))
+        twice = await http.post("/v1/audio/transcriptions", headers=FORM_TYPE,
+                                content=form(("model", MODEL.encode(), None),
+                                             ("model", b"other", None),
+                                             ("file", b"x", "a.wav")))
+    for answer in (after_file, twice):
+        assert answer.status_code == 400, answer.text
+        error = answer.json()["error"]
+        assert error["param"] == "model" and "more than one 'model'" in error["message"]
+
+
+async def raw_request(network: Network, head: bytes) -> trio.SocketStream:
+    """A raw connection to the gateway, with ``head`` sent."""
+    host, port = network.url.removeprefix("http://").rsplit(":", 1)
+    stream = await trio.open_tcp_stream(host, int(port))
+    await stream.send_all(head)
+    return stream
+
+
+def upload_head(length: int) -> bytes:
+    return (b"POST /v1/audio/transcriptions HTTP/1.1\r\nhost: x\r\n"
+            b"content-type: multipart/form-data; boundary=b\r\n"
+            b"content-length: " + str(length).encode() + b"\r\n\r\n")
+
+
+async def test_client_leaving_during_read_ahead_is_logged_cancelled(network: Network
+                                                                    ) -> None:
+    await network.add_node([sim()])
+    with watching("tooti.access", logging.INFO) as access:
+        stream = await raw_request(network, upload_head(10_000)
+                                   + b'--b\r\nContent-Disposition: form-data; name="mo')
+        await stream.aclose()  # mid read-ahead
+        await access.wait_count(1)
+    entry = access.records[0].msg
+    assert isinstance(entry, AccessRecord)
+    fields = entry.log_fields()
+    assert (fields["status"], fields["outcome"]) == (499, "cancelled")
+
+
+async def read_status(stream: trio.SocketStream) -> bytes:
+    """The status line of the answer on ``stream``."""
+    data = b""
+    with trio.fail_after(10):  # a hang guard: the answer comes within body_timeout
+        while b"\r\n" not in data:
+            piece = await stream.receive_some()
+            assert piece, data
+            data += piece
+    return data.split(b"\r\n", 1)[0]
+
+
+async def test_slow_uploads_time_out_before_and_after_the_read_ahead(network: Network
+                                                                      ) -> None:
+    backend = WatchedUploads()
+    await network.add_node([backend])
+    network.gateway.settings.body_timeout = 0.5
+    stalled_in_prefix = await raw_request(network, upload_head(10_000) + b"--b\r\n")
+    start = form(("model", MODEL.encode(), None), ("file", b"x" * 100, "a.wav"))[:-10]
+    trickled = await raw_request(network, upload_head(10_000) + start)
+    with trio.fail_after(10):
+        await backend.started.wait()  # past the read-ahead: a node took the upload
+    assert (await read_status(stalled_in_prefix)).startswith(b"HTTP/1.1 408")
+    assert (await read_status(trickled)).startswith(b"HTTP/1.1 408")
+    with trio.fail_after(5):
+        await backend.ended.wait()  # the node's call was stopped
+    for stream in (stalled_in_prefix, trickled):
+        await stream.aclose()
+
+
+def test_form_fields_scan_each_byte_once() -> None:
+    """A 1 MiB form prefix fed 16 bytes at a time: the old rescan of everything read
+    took about 18 s here; scanning from where the last search stopped takes well under
+    one."""
+    prefix = form(("note", b"y" * (1 << 20), None), ("model", MODEL.encode(), None))
+    fields = FormFields(b"b")
+    started = time.perf_counter()
+    for at in range(0, len(prefix), 16):
+        fields.feed(prefix[at:at + 16])
+    assert fields.value == MODEL
+    assert time.perf_counter() - started < 5
+
+
+async def test_passthrough_answer_bounded_by_max_response_bytes(network: Network) -> None:
+    await network.add_node([sim()])
+    network.gateway.settings.max_response_bytes = 1000
+    network.gateway.proxy_settings.max_response_bytes = 1000
+    finished = Finished(network)
+    async with network.client() as http:
+        with pytest.raises(httpx.RemoteProtocolError):
+            await http.post("/v1/audio/speech", json={
+                "model": MODEL, "input": "z" * 5000, "voice": "alloy"})
+    seen = await finished.wait(1)
+    assert seen[0]["status"] == "failed_midstream"
+
+
+def test_binary_media_types_keep_safe_parameters() -> None:
+    assert media_type({"content-type": "audio/pcm; rate=24000; channels=1"}) == (
+        b"audio/pcm; rate=24000; channels=1")
+    assert media_type({"content-type": "audio/pcm; rate=<script>; x=1"}) == b"audio/pcm"
+    assert media_type({"content-type": "image/svg+xml"}).startswith(b"text/plain")
