@@ -380,13 +380,16 @@ async def test_sighup_applies_aliases_and_cors(tmp_path: Path) -> None:
             await sighup(gateway_config())
             after = await http.post(CHAT, json=chat("fast"),
                                     headers={"origin": "https://app.example"})
+            gone = await http.post(CHAT, json=chat("fast"))
     assert before.status_code == 404
     assert "gateway.aliases" in applied and "gateway.cors" in applied
     assert during.status_code == 200, during.text
     assert during.json()["model"] == "fast"
     assert during.headers["access-control-allow-origin"] == "https://app.example"
     assert "fast" in listed
-    assert after.status_code == 404 and "access-control-allow-origin" not in after.headers
+    # CORS off again: that site's pages are refused; the alias is gone too.
+    assert after.status_code == 403 and "access-control-allow-origin" not in after.headers
+    assert gone.status_code == 404
 
 
 async def test_an_alias_through_the_anthropic_front(aliased: Network) -> None:
