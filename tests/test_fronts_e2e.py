@@ -19,7 +19,8 @@ import pytest
 import trio
 
 from tests.conftest import Network
-from tests.upstream import SlowUpstream, start_upstream
+from tests.log_capture import LogWatch, watching
+from tests.upstream import SlowUpstream, backend_call_cancelled, start_upstream
 from tooti.accounts.database import Database
 from tooti.backends.openai import OpenAIBackend
 from tooti.backends.simulated import SimulatedBackend
@@ -383,6 +384,7 @@ async def test_ollama_probes_and_other_routes_untouched(network: Network) -> Non
         root = await http.get("/")
         head = await http.head("/")
         version = await http.get("/api/version")
+        version_head = await http.head("/api/version")
         health = await http.get("/healthz")
         ready = await http.get("/readyz")
         unknown = await http.get("/api/nothing")
@@ -392,6 +394,8 @@ async def test_ollama_probes_and_other_routes_untouched(network: Network) -> Non
     assert root.headers["content-type"].startswith("text/plain")
     assert head.status_code == 200 and head.content == b""
     assert version.json()["version"] and version.headers["x-request-id"].startswith("req_")
+    assert version_head.status_code == 200 and version_head.content == b""
+    assert version_head.headers["content-length"] == str(len(version.content))
     assert health.json()["status"] == "ok" and ready.json()["status"] == "ready"
     assert unknown.status_code == 404 and set(unknown.json()) == {"error"}
     assert models.json()["data"][0]["id"] == MODEL
@@ -408,15 +412,6 @@ async def _slow_node(network: Network, nursery: trio.Nursery) -> SlowUpstream:
     return upstream
 
 
-async def _walks_away(network: Network, upstream: SlowUpstream) -> None:
-    with trio.fail_after(5):
-        await upstream.gone.wait()
-    registry = network.gateway.registry
-    with trio.fail_after(5):
-        await registry.wait_until(lambda: registry.peers["node-a"].total_in_flight() == 0)
-        await network.nodes[0].wait_idle()
-
-
 async def test_anthropic_stream_client_leaving_cancels_the_node(
         network: Network, nursery: trio.Nursery) -> None:
     upstream = await _slow_node(network, nursery)
@@ -426,7 +421,7 @@ async def test_anthropic_stream_client_leaving_cancels_the_node(
         async for event in stream:
             if event.type == "content_block_delta":
                 break  # a token arrived: the client walks away
-    await _walks_away(network, upstream)
+    await backend_call_cancelled(network, upstream)
 
 
 async def test_ollama_stream_client_leaving_cancels_the_node(
@@ -445,7 +440,7 @@ async def test_ollama_stream_client_leaving_cancels_the_node(
         with trio.fail_after(10):
             await first.wait()
         inner.cancel_scope.cancel()  # the client gives up mid-stream
-    await _walks_away(network, upstream)
+    await backend_call_cancelled(network, upstream)
 
 
 async def test_failover_through_a_front(network: Network) -> None:
@@ -464,42 +459,23 @@ async def test_failover_through_a_front(network: Network) -> None:
     assert finished["attempts"] == 2 and finished["status"] == "ok"
 
 
-class Records(logging.Handler):
-    """The access records written (woken on each)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-        self._changed = trio.Event()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-        self._changed.set()
-
-    async def wait(self, count: int) -> list[dict[str, Any]]:
-        with trio.fail_after(10):
-            while len(self.records) < count:
-                self._changed = trio.Event()
-                await self._changed.wait()
-        entries = [r.msg for r in self.records]
-        assert all(isinstance(e, AccessRecord) for e in entries)
-        return [e.log_fields() for e in entries]  # type: ignore[union-attr]
-
-
 @pytest.fixture
-def records() -> Iterator[Records]:
-    handler = Records()
-    logger = logging.getLogger("tooti.access")
-    old_level = logger.level
-    logger.setLevel(logging.INFO)
-    logger.addHandler(handler)
-    yield handler
-    logger.removeHandler(handler)
-    logger.setLevel(old_level)
+def records() -> Iterator[LogWatch]:
+    """The access records written (``tooti.access`` at INFO)."""
+    with watching("tooti.access", logging.INFO) as watch:
+        yield watch
+
+
+async def access_fields(watch: LogWatch, count: int) -> list[dict[str, Any]]:
+    """The fields of the first ``count`` access records, once written."""
+    await watch.wait_count(count)
+    entries = [r.msg for r in watch.records]
+    assert all(isinstance(e, AccessRecord) for e in entries)
+    return [e.log_fields() for e in entries]  # type: ignore[union-attr]
 
 
 async def test_access_log_ledger_and_events_record_front_requests(
-        nursery: trio.Nursery, tmp_path: Path, records: Records) -> None:
+        nursery: trio.Nursery, tmp_path: Path, records: LogWatch) -> None:
     """Front requests are access-logged under their own path, settled in the usage ledger
     with the node's real usage, and seen by the event stream the TUI reads."""
     db = Database(str(tmp_path / "tooti.sqlite3"))
@@ -529,7 +505,7 @@ async def test_access_log_ledger_and_events_record_front_requests(
             "Authorization": f"Bearer {key}"}).chat(
             model=MODEL, stream=False, messages=[{"role": "user", "content": "one two"}])
         assert chat.eval_count == 5
-        fields = await records.wait(3)
+        fields = await access_fields(records, 3)
         ids = [message.headers["x-request-id"], response.headers["x-request-id"]]
         assert [f["path"] for f in fields] == ["/v1/messages", "/v1/responses", "/api/chat"]
         assert [f["request_id"] for f in fields[:2]] == ids

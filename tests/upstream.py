@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import trio
@@ -17,6 +17,9 @@ from hypercorn.config import Config
 from hypercorn.trio import serve
 
 from tooti.mesh.http import cancel_on_disconnect
+
+if TYPE_CHECKING:
+    from tests.conftest import Network
 
 
 @dataclass
@@ -90,3 +93,15 @@ async def start_upstream(nursery: trio.Nursery, app: SlowUpstream) -> str:
     binds = await nursery.start(lambda task_status: serve(app, config, task_status=task_status))
     app.url = binds[0] + "/v1"
     return app.url
+
+
+async def backend_call_cancelled(network: Network, upstream: SlowUpstream,
+                                 node_id: str = "node-a") -> None:
+    """Return once ``upstream`` saw its client (the node's backend) go and the gateway
+    and the node have nothing of the request left in flight."""
+    with trio.fail_after(5):
+        await upstream.gone.wait()
+    registry = network.gateway.registry
+    with trio.fail_after(5):
+        await registry.wait_until(lambda: registry.peers[node_id].total_in_flight() == 0)
+        await network.nodes[0].wait_idle()

@@ -20,10 +20,10 @@ Routes (``docs/api.md`` lists what each supports and refuses):
   serves it natively when a live one the caller may use serves the model, else translated
   to chat completions);
 - Ollama: ``POST /api/chat``, ``/api/generate``, ``/api/embed``, ``/api/embeddings``,
-  ``/api/show``; ``GET /api/tags``, ``/api/ps``; ``GET /api/version`` and ``GET``/``HEAD
-  /`` (``Ollama is running``) without auth, as Ollama clients and Open WebUI probe them to
-  find a server; ``/api/pull``, ``push``, ``create``, ``delete``, ``copy``, ``blobs`` 501
-  whatever the method (the ``ollama`` package deletes with ``DELETE``).
+  ``/api/show``; ``GET /api/tags``, ``/api/ps``; ``GET``/``HEAD /api/version`` and
+  ``GET``/``HEAD /`` (``Ollama is running``) without auth, as Ollama clients and Open
+  WebUI probe them to find a server; ``/api/pull``, ``push``, ``create``, ``delete``,
+  ``copy``, ``blobs`` 501 whatever the method (the ``ollama`` package deletes with ``DELETE``).
 
 Errors before an answer starts are rendered in the dialect's own shape and status
 (:meth:`~tooti.fronts.base.Front.error_body`), a bug as a 500 naming the request id in
@@ -139,23 +139,14 @@ class FrontRoutes:
                  if access_log.enabled(settings.access_log) and path not in PROBES else None)
         try:
             await self._route(scope, receive, send, request_id, [*headers, *extra], entry)
-        except APIError as error:
-            if entry is not None:
-                entry.failed(error)
-            await self._refuse(send, dialect, error, request_id, [*headers, *extra])
-        except ClientGone as gone:
-            if entry is not None:
-                entry.failed(gone)
-            raise
-        except Exception as exc:
-            failure = self.gateway.station.internal_errors.report(request_id, exc)
-            if entry is not None:
-                entry.failed(exc)
-            await self._refuse(send, dialect, failure, request_id, [*headers, *extra])
         except BaseException as exc:
             if entry is not None:
                 entry.failed(exc)
-            raise
+            if isinstance(exc, ClientGone) or not isinstance(exc, Exception):
+                raise
+            error = (exc if isinstance(exc, APIError)  # else a bug: a 500 naming the id
+                     else self.gateway.station.internal_errors.report(request_id, exc))
+            await self._refuse(send, dialect, error, request_id, [*headers, *extra])
         finally:
             if entry is not None:
                 entry.end(send.status if isinstance(send, ResponseSend) else 0)
@@ -190,9 +181,11 @@ class FrontRoutes:
                               head=method == "HEAD")
             return
         if path == "/api/version":
-            _method(method, "GET", path)
+            if method not in ("GET", "HEAD"):
+                raise APIError(405, f"{method} is not allowed on {path}; use GET",
+                               code="method_not_allowed", headers={"allow": "GET, HEAD"})
             await _send_whole(send, 200, ollama_models.version_body(), headers,
-                              b"application/json; charset=utf-8")
+                              b"application/json; charset=utf-8", head=method == "HEAD")
             return
         action = ollama_models.unsupported_action(path)
         if action is not None:
