@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +23,10 @@ from tests.conftest import Network
 from tests.log_capture import LogWatch, watching
 from tests.upstream import SlowUpstream, backend_call_cancelled, start_upstream
 from tooti.accounts.database import Database
+from tooti.backends.base import BackendResponse
 from tooti.backends.openai import OpenAIBackend
 from tooti.backends.simulated import SimulatedBackend
-from tooti.billing.base import BillingSetup
+from tooti.billing.base import BillingSetup, RequestContext, Usage
 from tooti.billing.credits import Credits
 from tooti.gateway.access_log import AccessRecord
 from tooti.gateway.app import Gateway
@@ -616,3 +618,64 @@ async def test_responses_pass_through_to_a_node_serving_them_natively(
     assert body["usage"]["input_tokens"] > 0
     with pytest.raises(openai.BadRequestError):  # the front's refusals apply first
         await client.responses.create(model=MODEL, input="x", previous_response_id="resp_1")
+
+
+class Ledger:
+    """A billing plugin recording each request's settle or refund."""
+
+    def __init__(self) -> None:
+        self.settled: dict[str, Usage] = {}
+        self.refunded: dict[str, str] = {}
+
+    async def run(self) -> None:
+        await trio.sleep_forever()
+
+    async def authorize(self, ctx: RequestContext) -> None:
+        pass
+
+    async def settle(self, ctx: RequestContext, usage: Usage) -> None:
+        self.settled[ctx.request_id] = usage
+
+    async def refund(self, ctx: RequestContext, reason: str) -> None:
+        self.refunded[ctx.request_id] = reason
+
+    async def close(self) -> None:
+        pass
+
+
+class NotJSON(SimulatedBackend):
+    """Answers every request 200 ``application/json`` with a body that is not JSON."""
+
+    @asynccontextmanager
+    async def open(self, endpoint: str, body: bytes, request: dict[str, Any]
+                   ) -> AsyncIterator[BackendResponse]:
+        async def chunks() -> AsyncIterator[bytes]:
+            yield b"<html>not json</html>"
+
+        yield BackendResponse(200, "application/json", chunks())
+
+
+async def test_an_answer_that_cannot_be_translated_is_refunded_not_billed(
+        network: Network) -> None:
+    """A node's whole answer the front cannot translate is the client's 502, and billing
+    refunds it (it is settled only once translated), where a translatable one settles."""
+    ledger = Ledger()
+    network.gateway.billing.plugins.append(ledger)
+    await network.add_node([NotJSON(BackendSettings(type="simulated", endpoints=USUAL))],
+                           node_id="node-bad")
+    await network.add_node([simulated(tokens=2, models=["good"])], node_id="node-good")
+    events = Events(network.gateway)
+    client = anthropic_client(network.url)
+    question: Any = [{"role": "user", "content": "hi"}]
+    with pytest.raises(anthropic.APIStatusError) as broken:
+        await client.messages.create(model=MODEL, max_tokens=10, messages=question)
+    assert broken.value.status_code == 502
+    bad = broken.value.response.headers["x-request-id"]
+    good = await client.messages.with_raw_response.create(model="good", max_tokens=10,
+                                                          messages=question)
+    ok = good.headers["x-request-id"]
+    assert (await good.parse()).usage.output_tokens == 2
+    assert (await events.wait("request.finished", bad))["status"] == "failed"
+    assert (await events.wait("request.finished", ok))["status"] == "ok"
+    assert bad in ledger.refunded and bad not in ledger.settled
+    assert ledger.settled[ok].status == "ok" and ledger.settled[ok].completion_tokens == 2

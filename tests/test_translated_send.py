@@ -8,6 +8,7 @@ from typing import Any
 import msgspec
 import pytest
 
+from tooti.billing.base import Outcome
 from tooti.errors import APIError
 from tooti.fronts import anthropic_stream, responses_stream
 from tooti.fronts.base import Front
@@ -145,3 +146,62 @@ def test_error_objects_and_inband_statuses() -> None:
     assert inband_status({"code": "timeout"}) == 504
     assert inband_status({"type": "rate_limit_error"}) == 429
     assert inband_status("node lost") == 502
+
+
+async def _settling(body: bytes) -> tuple[Sink, list[int], Outcome, APIError | None]:
+    """Drive a whole Responses answer ``body`` as the proxy does (the node's answer
+    complete, then its head and body): what went out, when it settled (the messages sent
+    by then), the outcome, the error raised."""
+    sink = Sink()
+    settled: list[int] = []
+    outcome = Outcome()
+    outcome.served, outcome.status = True, "ok"
+
+    async def settle() -> None:
+        settled.append(len(sink.messages))
+
+    front = responses_stream.FRONT
+    send = TranslatedSend(sink, front, front.parse(b'{"model": "m", "input": "hi"}',
+                                                   request_id="req_1"))
+    await send.settle_hook(outcome, settle)()  # the node's answer is complete
+    assert settled == []  # not yet: it is not translated
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json")]})
+    try:
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+    except APIError as error:
+        return sink, settled, outcome, error
+    return sink, settled, outcome, None
+
+
+async def test_a_whole_answer_settles_once_translated() -> None:
+    """The proxy's settle runs right before a translated whole answer goes; one that
+    cannot be translated never settles and leaves the request unserved (refunded)."""
+    completion = msgspec.json.encode({"id": "c", "object": "chat.completion", "model": "m",
+                                      "choices": [{"index": 0, "finish_reason": "stop",
+                                                   "message": {"role": "assistant",
+                                                               "content": "hello"}}]})
+    sink, settled, outcome, error = await _settling(completion)
+    assert error is None and settled == [0] and len(sink.messages) == 2
+    assert outcome.served and outcome.status == "ok"
+    sink, settled, outcome, error = await _settling(b"<html>")
+    assert error is not None and error.status == 502
+    assert settled == [] and not sink.messages
+    assert not outcome.served and outcome.status == "failed"
+
+
+async def test_a_translated_stream_settles_at_once() -> None:
+    streamed = Sink()
+    settled: list[int] = []
+
+    async def settle() -> None:
+        settled.append(len(streamed.messages))
+
+    send = TranslatedSend(streamed, anthropic_stream.FRONT,
+                          anthropic_stream.FRONT.parse(ANTHROPIC, request_id="req_2"))
+    hook = send.settle_hook(Outcome(), settle)
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", SSE)]})
+    await send({"type": "http.response.body", "body": STREAM[:40], "more_body": True})
+    await hook()  # before its last part, as the proxy does
+    assert settled == [len(streamed.messages)]

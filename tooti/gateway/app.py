@@ -55,6 +55,7 @@ from tooti.gateway.proxy import Proxy
 from tooti.gateway.proxy_settings import ProxySettings
 from tooti.gateway.relayed_answer import AsIs
 from tooti.gateway.streamed_answer import DONE
+from tooti.gateway.translated_send import TranslatedSend
 from tooti.gateway.validation import ParsedRequest, parse_request
 from tooti.mesh.events import BusEvent
 from tooti.mesh.health import CooldownPolicy
@@ -345,7 +346,7 @@ class Gateway:
         self, scope: Scope, receive: Receive, send: Send, request_id: str, headers: Headers,
         request: ParsedRequest, raw: bytes, caller: Caller,
         entry: access_log.AccessRecord | None = None, as_is: AsIs | None = None,
-        estimate_bytes: int | None = None,
+        estimate_bytes: int | None = None, translated: TranslatedSend | None = None,
     ) -> None:
         """Authorize, forward (cancelled if the client leaves), then settle or refund;
         ``entry`` (the access record) gets billing's outcome and usage.
@@ -353,7 +354,8 @@ class Gateway:
         ``as_is``: a pass-through request (its upload streamed, its answer relayed as
         the node sends it, not rewritten for an alias); ``estimate_bytes``: the body
         size admission and the reservation assume (an upload's declared or read-ahead
-        size; billing then counts the bytes that came)."""
+        size; billing then counts the bytes that came); ``translated``: a front's
+        ``send`` (a whole answer settles once translated, see its ``settle_hook``)."""
         key_id, group, account = caller.key_id, caller.group, caller.account_name
         groups = routes_of(caller)
         if group:  # routed to the group's nodes (then, if it allows, the public ones)
@@ -423,13 +425,14 @@ class Gateway:
             return len(raw) if as_is is None else as_is.body_bytes(raw)
 
         watched = receive if as_is is None or as_is.upload is None else as_is.upload.receive
+        last = settle if translated is None else translated.settle_hook(outcome, settle)
         try:
             complete = await cancel_on_disconnect(watched, send, lambda tracked: (
-                self.proxy.forward(request, route, raw, tracked, headers, outcome, settle,
+                self.proxy.forward(request, route, raw, tracked, headers, outcome, last,
                                    groups, as_is=as_is) if plan is None else
                 self.proxy.forward(request, route, raw, tracked if as_is is not None
                                    else AliasedSend(tracked, served_as, outcome),
-                                   headers, outcome, settle, groups, plan[0], as_is)))
+                                   headers, outcome, last, groups, plan[0], as_is)))
             if not complete:
                 outcome.status = "cancelled"
         except trio.TooSlowError:

@@ -220,7 +220,7 @@ class FrontRoutes:
             entry.model, entry.stream = request.model, request.stream
         translated = TranslatedSend(send, front, chat, render=render)
         await gateway._forward(scope, receive, translated, request_id, headers, request, body,
-                               caller, entry)
+                               caller, entry, translated=translated)
 
     async def _messages(self, scope: Scope, receive: Receive, send: Send, request_id: str,
                         headers: Headers, caller: Caller,

@@ -20,7 +20,10 @@ answers every chat request; this wrapper rewrites what it sends on the way out:
 - **A whole answer**: the body the proxy sends (already bounded by
   ``max_response_bytes``) is collected, decoded and sent as ``front.answer(...)`` (or the
   route's own ``render``) with a content-length; a node's error answer (4xx/5xx, an
-  OpenAI error object) is sent as ``front.error_body`` with its status.
+  OpenAI error object) is sent as ``front.error_body`` with its status. Billing settles
+  a whole answer only once it was translated (:meth:`TranslatedSend.settle_hook`): an
+  answer that cannot be (not JSON, not a chat completion) is the client's 502, and the
+  request is not served (refunded), not billed as ok.
 
 Every other header the proxy set (``x-request-id``, ``x-ratelimit-*``, ``x-tooti-node``,
 ``x-tooti-model``, ``cache-control``) is kept; ``content-type`` and ``content-length``
@@ -29,11 +32,12 @@ are the dialect's.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import msgspec
 
+from tooti.billing.base import Outcome
 from tooti.errors import APIError
 from tooti.fronts.base import ChatRequest, Front, StreamTranslator, text_delta
 from tooti.mesh.http import Headers, Send
@@ -84,10 +88,12 @@ class TranslatedSend:
         "_front",
         "_headers",
         "_opening",
+        "_outcome",
         "_parts",
         "_render",
         "_request",
         "_send",
+        "_settle",
         "_status",
         "_translator",
     )
@@ -109,6 +115,26 @@ class TranslatedSend:
         self._translator: StreamTranslator | None = None
         self._decoder: SSEDecoder | None = None
         self._opening = False
+        self._outcome: Outcome | None = None
+        self._settle: Callable[[], Awaitable[None]] | None = None
+        """The proxy's settle, held until the whole answer was translated."""
+
+    def settle_hook(self, outcome: Outcome, settle: Callable[[], Awaitable[None]]
+                    ) -> Callable[[], Awaitable[None]]:
+        """What the proxy runs in place of the gateway's ``settle`` (the request's
+        ``outcome``) once the node's answer is complete: a stream settles at once (its
+        events already went out as they came); a whole answer settles once translated,
+        right before its bytes go (:meth:`_whole_body`), so one that cannot be translated
+        is refused unbilled."""
+        self._outcome = outcome
+
+        async def before_last() -> None:
+            if self._translator is not None:
+                await settle()
+            else:
+                self._settle = settle
+
+        return before_last
 
     async def __call__(self, message: dict[str, Any]) -> None:
         kind = message["type"]
@@ -207,15 +233,25 @@ class TranslatedSend:
         except (msgspec.DecodeError, RecursionError):
             decoded = None
         front = self._front
-        if status >= 400:
-            error = error_of(status, decoded)
-            request_id = self._request.context.get("request_id")
-            out = front.error_body(error, request_id)
-        elif decoded is None:
-            raise APIError(502, "the node's answer is not JSON", code="bad_gateway")
-        else:
-            out = (self._render(decoded) if self._render is not None
-                   else front.answer(self._request, decoded))
+        settle, self._settle = self._settle, None
+        try:
+            if status >= 400:
+                error = error_of(status, decoded)
+                request_id = self._request.context.get("request_id")
+                out = front.error_body(error, request_id)
+            elif decoded is None:
+                raise APIError(502, "the node's answer is not JSON", code="bad_gateway")
+            else:
+                out = (self._render(decoded) if self._render is not None
+                       else front.answer(self._request, decoded))
+        except APIError as refused:
+            outcome = self._outcome
+            if settle is not None and outcome is not None:  # not settled: not served
+                outcome.served, outcome.status = False, "failed"
+                outcome.error = refused.message
+            raise
+        if settle is not None:
+            await settle()
         await self._send({"type": "http.response.start", "status": status, "headers": [
             (b"content-type", front.media_type.encode()),
             (b"content-length", str(len(out)).encode()), *self._headers, *self._extra]})
