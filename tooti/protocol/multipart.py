@@ -1,7 +1,8 @@
 """Just enough of ``multipart/form-data`` to route and check a streamed upload, sans-I/O.
 
 The gateway never parses an upload whole: it reads the form's first bytes until the
-``model`` field is complete (:func:`find_field`) and passes every byte on untouched. A
+``model`` field is complete and passes every byte on untouched, while
+:class:`FormFields` follows the whole form for a second ``model`` field. A
 test backend hashes the file part as it streams past (:class:`FilePart`) without keeping
 it. Neither decodes transfer encodings (browsers and SDKs send none).
 """
@@ -27,40 +28,6 @@ def boundary_of(content_type: str) -> bytes | None:
     if found is None:
         return None
     return (found.group(1) or found.group(2)).encode("latin-1")
-
-
-MORE = object()
-"""What :func:`find_field` returns while the field may still come in later bytes."""
-
-
-def find_field(data: bytes, boundary: bytes, name: str, complete: bool
-               ) -> str | object | None:
-    """The value of the first plain (not file) field ``name`` in the form's first bytes
-    ``data``: the text, :data:`MORE` if it may still come (``complete`` is False: more
-    bytes follow), or None if the form (or ``data``, when ``complete``) has none."""
-    delimiter = b"--" + boundary
-    wanted = name.encode()
-    start = data.find(delimiter)
-    if start < 0:
-        return None if complete else MORE
-    position = start + len(delimiter)
-    while True:
-        if data[position:position + 2] == b"--":
-            return None  # the closing delimiter
-        head_end = data.find(b"\r\n\r\n", position)
-        if head_end < 0:
-            return None if complete else MORE
-        head = data[position:head_end]
-        body_start = head_end + 4
-        body_end = data.find(b"\r\n" + delimiter, body_start)
-        found = _NAME.search(head)
-        if found is not None and found.group(1) == wanted and not _FILENAME.search(head):
-            if body_end < 0:
-                return None if complete else MORE
-            return data[body_start:body_end].decode("utf-8", "replace").strip()
-        if body_end < 0:
-            return None if complete else MORE
-        position = body_end + 2 + len(delimiter)
 
 
 class DuplicateField(ValueError):
