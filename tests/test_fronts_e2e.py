@@ -37,12 +37,14 @@ USUAL = ["chat/completions", "completions", "embeddings"]
 """What a translated-only node serves (no native ``/v1/responses``)."""
 
 
-def simulated(endpoints: list[str] | None = None, **options: Any) -> SimulatedBackend:
+def simulated(endpoints: list[str] | None = None, max_concurrency: int = 8,
+              **options: Any) -> SimulatedBackend:
     """A simulated backend (model ``tooti-sim``) serving ``endpoints`` (default the
     usual three: its Responses requests are translated)."""
     models = options.pop("models", [])
     return SimulatedBackend(BackendSettings(type="simulated", models=models, options=options,
-                                            endpoints=endpoints or USUAL))
+                                            endpoints=endpoints or USUAL,
+                                            max_concurrency=max_concurrency))
 
 MODEL = "tooti-sim"
 WEATHER_TOOL = {"type": "function", "name": "get_weather", "description": "the weather",
@@ -679,3 +681,36 @@ async def test_an_answer_that_cannot_be_translated_is_refunded_not_billed(
     assert (await events.wait("request.finished", ok))["status"] == "ok"
     assert bad in ledger.refunded and bad not in ledger.settled
     assert ledger.settled[ok].status == "ok" and ledger.settled[ok].completion_tokens == 2
+
+
+async def test_native_responses_fall_back_to_translation(network: Network) -> None:
+    """Nodes serving Responses natively are preferred, never waited for: when the native
+    node refuses (503 before any byte) or is busy, a node that can take the request
+    translated answers it."""
+    await network.add_node([simulated(endpoints=["responses", *USUAL], fail_rate=1.0,
+                                      fail_status=503)], node_id="native-refusing")
+    await network.add_node([simulated(tokens=2)], node_id="translated-only")
+    client = openai_client(network.url)
+    with trio.fail_after(10):
+        refused = await client.responses.with_raw_response.create(
+            model=MODEL, input="hi", extra_body={"provider": {"order": [
+                "native-refusing", "translated-only"]}})
+    assert refused.headers["x-tooti-node"] == "translated-only"
+    assert refused.parse().output_text.count("tok") == 2
+    network.kill_node("native-refusing")
+    registry = network.gateway.registry
+    with trio.fail_after(10):
+        await registry.wait_until(lambda: "native-refusing" not in registry.peers)
+    await network.add_node([simulated(endpoints=["responses", *USUAL], stall=60,
+                                      max_concurrency=1)], node_id="native-busy")
+    events = Events(network.gateway)
+    body = {"model": MODEL, "input": "hold"}
+    async with trio.open_nursery() as holding, network.client() as http:
+        holding.start_soon(lambda: http.post("/v1/responses", json=body))
+        routed = await events.first("request.routed")  # its one slot is taken
+        assert routed["node"] == "native-busy"
+        assert registry.peers["native-busy"].total_in_flight() == 1
+        with trio.fail_after(10):
+            busy = await client.responses.with_raw_response.create(model=MODEL, input="hi")
+        holding.cancel_scope.cancel()
+    assert busy.headers["x-tooti-node"] == "translated-only"

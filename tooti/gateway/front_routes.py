@@ -242,15 +242,50 @@ class FrontRoutes:
                                  entry: access_log.AccessRecord | None) -> bool:
         """Serve a Responses request on a node whose backend serves ``/v1/responses``
         itself, when a live one the caller may use serves its model
-        (:func:`~tooti.gateway.passthrough.serves_natively`): the client's body as it came,
-        the answer as the node sends it (:func:`~tooti.gateway.passthrough.forward_native`).
-        False (translate it) when none does."""
+        (:func:`~tooti.gateway.passthrough.serves_natively`) and one of them has a free
+        slot now: the client's body as it came, the answer as the node sends it
+        (:func:`~tooti.gateway.passthrough.forward_native`). False (translate it) when
+        none does, or when the native attempt ends in a 503 before any byte went out
+        (every native node refused or went away meanwhile).
+
+        Decision: native nodes are preferred, never waited for. When all of them are
+        busy or cooling down the request is translated at once: translation reaches
+        every node serving the model's chat completions (the native ones too) and
+        queues there if all are busy, so a request never waits on the few native nodes
+        while others could answer. A request that falls back after its native attempt
+        was admitted is admitted again (two ``request.received`` events, and two of a
+        key's requests per minute, in that rare race)."""
         gateway = self.gateway
-        if not serves_natively(gateway, caller, request.model):
+        if not (serves_natively(gateway, caller, request.model)
+                and self._native_slot_free(caller, request.model)):
             return False
-        await forward_native(gateway, scope, receive, send, request_id, headers, caller,
-                             request.context["raw"], entry)
+        try:
+            await forward_native(gateway, scope, receive, send, request_id, headers, caller,
+                                 request.context["raw"], entry)
+        except APIError as error:
+            if (error.status != 503 or error.code == "shutting_down"
+                    or (isinstance(send, ResponseSend) and send.started)):
+                raise
+            log.info("request %s: no node serving Responses natively took it (%s); "
+                     "translating it", request_id, error.message)
+            return False
         return True
+
+    def _native_slot_free(self, caller: Caller, model: str) -> bool:
+        """True if a node serving ``model`` (an alias: any of its ids) on
+        ``/v1/responses`` in a group the caller may use can take a request now (live,
+        not cooling down, under its concurrency)."""
+        gateway = self.gateway
+        registry = gateway.registry
+        tiers = gateway.aliases.tiers.get(model)
+        ids = [m for tier in tiers for m in tier] if tiers else [model]
+        for group in routes_of(caller):
+            for m in ids:
+                free = registry.free_slots(m, group)
+                if any(peer in free for peer in registry.serving_endpoint(m, "responses",
+                                                                          group)):
+                    return True
+        return False
 
     async def _dialect(self, scope: Scope, receive: Receive, send: Send, request_id: str,
                        headers: Headers, front: Front, caller: Caller,
