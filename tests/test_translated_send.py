@@ -205,3 +205,69 @@ async def test_a_translated_stream_settles_at_once() -> None:
     await send({"type": "http.response.body", "body": STREAM[:40], "more_body": True})
     await hook()  # before its last part, as the proxy does
     assert settled == [len(streamed.messages)]
+
+
+RESPONSES = b'{"model": "asked", "input": "hi", "stream": true}'
+OLLAMA = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'
+BROKEN = [
+    b'data: {"choices": [{"index": 0, "delta": {"content": "x"\n\n',  # truncated JSON
+    b"data: [1, 2, 3]\n\n",
+    b'data: {"model": "m", "choices": "notalist"}\n\n',
+    b'data: {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": "x"}]}}]}\n\n',
+    b'data: {"choices": [{"index": 0, "delta": {"content": "\xff\xfe"}}]}\n\n',
+]
+
+
+def _ending(front_name: str, body: bytes) -> str:
+    """What a translated stream ended with: ``error`` or ``success``."""
+    if front_name == "anthropic":
+        kinds = [kind for kind, _ in anthropic_events(body)]
+        return "error" if kinds[-1] == "error" else "success"
+    if front_name == "responses":
+        kinds = [json["type"] for _, json in anthropic_events(body)]
+        assert kinds[-1] in ("response.failed", "response.completed"), kinds
+        return "error" if kinds[-1] == "response.failed" else "success"
+    last = msgspec.json.decode(body.strip().split(b"\n")[-1])
+    return "error" if "error" in last else "success"
+
+
+@pytest.mark.parametrize("broken", BROKEN)
+async def test_a_malformed_chunk_ends_the_stream_in_the_dialects_error(broken: bytes) -> None:
+    fronts = {"anthropic": (anthropic_stream.FRONT, ANTHROPIC),
+              "responses": (responses_stream.FRONT, RESPONSES),
+              "ollama": (ollama_front("chat", live={"m"}), OLLAMA)}
+    for name, (front, raw) in fronts.items():
+        sink = Sink()
+        outcome = Outcome()
+        outcome.served, outcome.status = True, "ok"
+        send = TranslatedSend(sink, front, front.parse(raw, request_id="req_1"))
+        send.settle_hook(outcome, _nothing)
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", SSE)]})
+        for part, more in ((chunk(" tok0") + broken, True), (STREAM, False)):
+            await send({"type": "http.response.body", "body": part, "more_body": more})
+        assert _ending(name, sink.body) == "error", (name, sink.body[-300:])
+        assert outcome.status == "failed_midstream", name
+        assert b"malformed" in sink.body, name
+        assert b"tok1" not in sink.body, name  # nothing after the failure
+
+
+async def _nothing() -> None:
+    pass
+
+
+async def test_only_choice_zero_and_the_asked_model_reach_the_client() -> None:
+    other = event({"model": "node-model", "choices": [
+        {"index": 99999999999, "delta": {"content": "SECRET"}, "finish_reason": None}]})
+    both = event({"model": "node-model", "choices": [
+        {"index": 0, "delta": {"content": " zero"}, "finish_reason": None},
+        {"index": 1, "delta": {"content": "ONE"}, "finish_reason": None}]})
+    for front, raw in ((responses_stream.FRONT, RESPONSES),
+                       (ollama_front("chat", live={"m"}), OLLAMA),
+                       (anthropic_stream.FRONT, ANTHROPIC)):
+        sink = await run(front, raw, [other + both + STREAM])
+        assert b"SECRET" not in sink.body and b"ONE" not in sink.body
+        assert b" zero" in sink.body and b"node-model" not in sink.body
+    events = [data for _, data in anthropic_events(
+        (await run(responses_stream.FRONT, RESPONSES, [other + both + STREAM])).body)]
+    assert {e["response"]["model"] for e in events if "response" in e} == {"asked"}

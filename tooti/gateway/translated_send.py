@@ -41,6 +41,7 @@ from tooti.billing.base import Outcome
 from tooti.errors import APIError
 from tooti.fronts.base import ChatRequest, Front, StreamTranslator, text_delta
 from tooti.mesh.http import Headers, Send
+from tooti.protocol.numbers import is_int
 from tooti.protocol.sse import EVENT_END, SSEDecoder
 
 _decode = msgspec.json.decode
@@ -77,6 +78,35 @@ def inband_status(error: Any) -> int:
         if error.get("type") == "rate_limit_error":
             return 429
     return 502
+
+
+def malformed(chunk: Any) -> str | None:
+    """Why a node's decoded stream chunk is not a ``chat.completion.chunk`` a front can
+    read (None: it is): an object whose ``choices``, if any, is a list of objects with
+    integer indexes, each ``delta`` an object, each ``tool_calls`` a list of objects
+    with integer indexes. What the fronts read beyond that they check as they read."""
+    if not isinstance(chunk, dict):
+        return "not a JSON object"
+    choices = chunk.get("choices")
+    if choices is None:
+        return None
+    if not isinstance(choices, list):
+        return "choices is not a list"
+    for choice in choices:
+        if not isinstance(choice, dict) or not is_int(choice.get("index", 0)):
+            return "a choice is not an object with an integer index"
+        delta = choice.get("delta")
+        if delta is None:
+            continue
+        if not isinstance(delta, dict):
+            return "a delta is not an object"
+        calls = delta.get("tool_calls")
+        if calls is None:
+            continue
+        if not isinstance(calls, list) or not all(
+                isinstance(call, dict) and is_int(call.get("index", 0)) for call in calls):
+            return "tool_calls is not a list of objects with integer indexes"
+    return None
 
 
 class TranslatedSend:
@@ -195,27 +225,42 @@ class TranslatedSend:
                 data = event.data.encode()
             text = text_delta(data)
             if text is not None:  # the usual chunk, a token: typed, no dicts
-                out.append(translator.feed_text(*text))
+                out.append(translator.feed_text(text[0], None))
             else:
                 self._chunk(data, translator, out)
         if not more:
             out.append(translator.finish())  # b"" once finished or failed
         return out[0] if len(out) == 1 else b"".join(out)
 
-    @staticmethod
-    def _chunk(data: bytes, translator: StreamTranslator, out: list[bytes]) -> None:
-        """Feed one event's data (not a plain text delta) to ``translator``."""
+    def _chunk(self, data: bytes, translator: StreamTranslator, out: list[bytes]) -> None:
+        """Feed one event's data (not a plain text delta) to ``translator``: the choice
+        of index 0 only, without the node's ``model`` (the dialect names the model the
+        client asked for, from its first event to its last); a chunk that is not a
+        ``chat.completion.chunk`` ends the stream in the dialect's error."""
         if data.strip() == _DONE:
             out.append(translator.finish())
             return
         try:
             chunk = _decode(data)
         except (msgspec.DecodeError, RecursionError):
-            return  # not JSON: skipped, as a chunk that is not an object is
+            chunk = None  # not JSON (or not UTF-8)
         if isinstance(chunk, dict) and "error" in chunk and not chunk.get("choices"):
             error = chunk["error"]
             out.append(translator.fail(error_of(inband_status(error), chunk)))
             return
+        why = malformed(chunk)
+        if why is not None:
+            broken = APIError(502, f"the node sent a malformed stream chunk: {why}",
+                              code="bad_gateway")
+            outcome = self._outcome
+            if outcome is not None and outcome.status in ("pending", "ok"):
+                outcome.status, outcome.error = "failed_midstream", broken.message
+            out.append(translator.fail(broken))
+            return
+        chunk.pop("model", None)
+        choices = chunk.get("choices")
+        if choices and any(choice.get("index", 0) != 0 for choice in choices):
+            chunk["choices"] = [c for c in choices if c.get("index", 0) == 0]
         out.append(translator.feed(chunk))
 
     # ------------------------------------------------------------ whole answers
