@@ -489,7 +489,7 @@ def test_text_answer_is_a_response() -> None:
     assert response.id == request.context["response_id"]
     assert response.status == "completed" and response.completed_at is not None
     assert response.output_text == "Hello there"
-    assert response.model == "node-model"
+    assert response.model == "m"  # the model asked for, never the name the node gives
     assert response.usage is not None
     assert (response.usage.input_tokens, response.usage.output_tokens,
             response.usage.total_tokens) == (11, 4, 15)

@@ -678,12 +678,9 @@ def build_response(request: ChatRequest, completion: Any,
         output.append(function_call_item(
             new_id("fc"), call_id or new_id("call"), _str(function.get("name")),
             _str(function.get("arguments")), "completed"))
-    model = completion.get("model")
-    return response_object(
+    return response_object(  # named as asked (as the stream is), never as the node says
         request, status="incomplete" if reason else "completed", output=output,
-        usage=usage_object(completion.get("usage")),
-        model=model if isinstance(model, str) and model else None,
-        incomplete_reason=reason,
+        usage=usage_object(completion.get("usage")), incomplete_reason=reason,
         completed_at=None if reason else (time.time() if completed_at is None
                                           else completed_at))
 
