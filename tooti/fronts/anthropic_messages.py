@@ -73,9 +73,8 @@ from tooti.fronts.base import (
     MAX_TOKENS,
     ChatRequest,
     base64_image,
-    convert,
     count,
-    decode_body,
+    decode_as,
     image_url,
     new_id,
     reasoning_of,
@@ -333,11 +332,7 @@ def _from_validation(exc: msgspec.ValidationError) -> APIError:
 
 
 def _decode(raw: bytes, kind: type[Any], max_depth: int) -> Any:
-    value = decode_body(raw, max_depth)
-    try:
-        return convert(value, kind)
-    except msgspec.ValidationError as exc:
-        raise _from_validation(exc) from None
+    return decode_as(raw, kind, max_depth, _from_validation)[1]
 
 
 # -- request translation ------------------------------------------------------------

@@ -43,6 +43,7 @@ import binascii
 import re
 import secrets
 from base64 import b64decode
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -169,7 +170,7 @@ def decode_body(raw: bytes, max_depth: int = MAX_JSON_DEPTH) -> dict[str, Any]:
     try:
         value = _decoder.decode(raw)
     except msgspec.DecodeError as exc:
-        raise APIError(400, f"request body is not valid JSON: {exc}",
+        raise APIError(400, f"request body is not valid JSON: {_why_not_json(raw, exc)}",
                        code="invalid_json") from None
     except RecursionError:  # deeper than the decoder goes, far beyond any limit
         raise _too_deep(max_depth) from None
@@ -178,6 +179,33 @@ def decode_body(raw: bytes, max_depth: int = MAX_JSON_DEPTH) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise APIError(400, "request body must be a JSON object", code="invalid_type")
     return value
+
+
+def _why_not_json(raw: bytes, exc: msgspec.DecodeError) -> str:
+    """msgspec's reason, except where it misleads: a string escaping half a UTF-16
+    surrogate pair (``"\\ud800"``), which it calls truncated input."""
+    reason = str(exc)
+    if "truncated" in reason and _LONE_SURROGATE.search(raw):
+        return "a string escapes half a UTF-16 surrogate pair (\\ud800-\\udfff alone)"
+    return reason
+
+
+_LONE_SURROGATE = re.compile(
+    rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+    rb"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}")
+
+
+def decode_as(raw: bytes, kind: type[Any], max_depth: int,
+              refuse: Callable[[msgspec.ValidationError], APIError]
+              ) -> tuple[dict[str, Any], Any]:
+    """``raw`` decoded once (:func:`decode_body`) and converted to the Struct ``kind``:
+    the decoded object and the Struct; msgspec's refusal is raised as ``refuse`` words
+    it in the front's dialect."""
+    value = decode_body(raw, max_depth)
+    try:
+        return value, msgspec.convert(value, kind)
+    except msgspec.ValidationError as exc:
+        raise refuse(exc) from None
 
 
 _AT = re.compile(r"^(?P<what>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)

@@ -71,8 +71,7 @@ from tooti.fronts.base import (
     MAX_TOKENS,
     ChatRequest,
     base64_image,
-    convert,
-    decode_body,
+    decode_as,
     set_stream,
     validation_error,
 )
@@ -148,11 +147,7 @@ def _validation_error(exc: msgspec.ValidationError) -> APIError:
 def decode_request(raw: bytes, kind: type[Any], max_depth: int = MAX_JSON_DEPTH
                    ) -> Any:
     """Decode ``raw`` once into the Struct ``kind``; every refusal is an APIError(400)."""
-    value = decode_body(raw, max_depth)
-    try:
-        return convert(value, kind)
-    except msgspec.ValidationError as exc:
-        raise _validation_error(exc) from None
+    return decode_as(raw, kind, max_depth, _validation_error)[1]
 
 
 # -- the request schemas ------------------------------------------------------------

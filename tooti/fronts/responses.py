@@ -50,19 +50,8 @@ import msgspec
 from msgspec import Meta, Struct
 
 from tooti.errors import APIError
-from tooti.fronts.base import (
-    MAX_JSON_DEPTH,
-    MAX_TOKENS,
-    ChatRequest,
-    convert,
-    count,
-    decode_body,
-    image_url,
-    new_id,
-    reasoning_of,
-    set_stream,
-    validation_error,
-)
+from tooti.fronts import base
+from tooti.fronts.base import ChatRequest, count, image_url, new_id
 
 ROUTE = "/v1/responses"
 """The route the mounting step serves (``POST``)."""
@@ -185,7 +174,7 @@ class _Request(Struct, kw_only=True):
     stream: bool | None = None
     temperature: _Temperature | None = None
     top_p: _TopP | None = None
-    max_output_tokens: Annotated[int, Meta(ge=1, le=MAX_TOKENS)] | None = None
+    max_output_tokens: Annotated[int, Meta(ge=1, le=base.MAX_TOKENS)] | None = None
     tools: Annotated[list[dict[str, Any]], Meta(max_length=MAX_TOOLS)] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
@@ -224,7 +213,7 @@ def _bad(message: str, param: str | None, code: str = "invalid_value") -> APIErr
 def _from_validation(exc: msgspec.ValidationError, prefix: str) -> APIError:
     """An APIError naming the param msgspec's refusal points at (``prefix`` is the path of
     the converted value in the body: ``input[3]``, ``tools[0]``, or ``""``)."""
-    what, param, missing = validation_error(exc, prefix)
+    what, param, missing = base.validation_error(exc, prefix)
     if missing:
         return _bad(f"Missing required parameter: '{param}'.", param,
                     "missing_required_parameter")
@@ -247,7 +236,7 @@ def resolve_previous_response(previous_response_id: str) -> list[dict[str, Any]]
 # -- parsing ------------------------------------------------------------------------------
 
 
-def parse_request(raw: bytes, *, max_depth: int = MAX_JSON_DEPTH,
+def parse_request(raw: bytes, *, max_depth: int = base.MAX_JSON_DEPTH,
                   request_id: str | None = None, created_at: float | None = None,
                   response_id: str | None = None) -> ChatRequest:
     """Decode and translate a ``/v1/responses`` body; raise APIError(400) naming the param.
@@ -257,11 +246,8 @@ def parse_request(raw: bytes, *, max_depth: int = MAX_JSON_DEPTH,
     object repeats) and ``raw`` (the body as received, for passing it through to a node
     whose backend serves ``/v1/responses`` itself).
     """
-    value = decode_body(raw, max_depth)
-    try:
-        request = convert(value, _Request)
-    except msgspec.ValidationError as exc:
-        raise _from_validation(exc, "") from None
+    value, request = base.decode_as(raw, _Request, max_depth,
+                                    lambda exc: _from_validation(exc, ""))
     context = {"model": request.model, "request_id": request_id,
                "response_id": response_id or new_id("resp"),
                "created_at": int(time.time() if created_at is None else created_at),
@@ -302,7 +288,7 @@ def _translate(request: _Request, body: dict[str, Any], context: dict[str, Any]
     tools, chat_tools = _tools(request.tools or [])
     chat: dict[str, Any] = {"model": request.model, "messages": messages}
     stream = bool(request.stream)
-    set_stream(chat, stream)
+    base.set_stream(chat, stream)
     if request.temperature is not None:
         chat["temperature"] = request.temperature
     if request.top_p is not None:
@@ -663,7 +649,7 @@ def build_response(request: ChatRequest, completion: Any,
     refusal = message.get("refusal") if isinstance(message.get("refusal"), str) else None
     calls = message.get("tool_calls")
     calls = [c for c in calls if isinstance(c, dict)] if isinstance(calls, list) else []
-    reasoning = reasoning_of(message)
+    reasoning = base.reasoning_of(message)
     if reasoning:
         output.append(reasoning_item(new_id("rs"), reasoning, item_status))
     if text or refusal is not None or not calls:
