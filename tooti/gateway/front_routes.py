@@ -17,8 +17,8 @@ Routes (``docs/api.md`` lists what each supports and refuses):
 
 - ``POST /v1/messages``, ``POST /v1/messages/count_tokens`` (Anthropic);
 - ``POST /v1/responses`` (Responses: passed through untouched to a node whose backend
-  serves it natively when a live one the caller may use serves the model, else translated
-  to chat completions);
+  serves it natively when a live one the caller may use serves the model and has a free
+  slot, else translated to chat completions; see :meth:`FrontRoutes.responses_natively`);
 - Ollama: ``POST /api/chat``, ``/api/generate``, ``/api/embed``, ``/api/embeddings``,
   ``/api/show``; ``GET /api/tags``, ``/api/ps``; ``GET``/``HEAD /api/version`` and
   ``GET``/``HEAD /`` (``Ollama is running``) without auth, as Ollama clients and Open
