@@ -16,6 +16,7 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
+from tests.backend_fixtures import answer_lifespan
 from tooti.mesh.http import cancel_on_disconnect
 
 if TYPE_CHECKING:
@@ -35,11 +36,8 @@ class SlowUpstream:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                await send({"type": message["type"] + ".complete"})
-                if message["type"] == "lifespan.shutdown":
-                    return
+            await answer_lifespan(receive, send)
+            return
         if scope["type"] != "http":
             return
         if scope["path"].endswith("/models"):
