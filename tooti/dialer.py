@@ -17,6 +17,11 @@ fifth of it as jitter) instead of the normal backoff, so a changed token on eith
 is picked up within about a minute without pressing the peer meanwhile. Every other
 failure (peer down, TLS, a refused HELLO, a discovered peer refusing us) keeps the
 normal backoff and is logged at INFO.
+
+Each session remembers the endpoint names its peer's WELCOME listed
+(:meth:`Dialer.accepted`): an owner announces to that peer only those (a gateway or
+relay older than the list decodes only the usual three and would ban a node naming
+another), whatever the versions of the other peers it dials.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from tooti.protocol.connection import (
     Side,
     WelcomeReceived,
 )
-from tooti.protocol.schemas import MAX_CONCURRENCY
+from tooti.protocol.schemas import ENDPOINTS, MAX_CONCURRENCY, accepted_endpoints
 from tooti.settings import NetworkSettings, TunnelSettings
 from tooti.tls import TLSError, client_context
 from tooti.transport import Transport, TransportClosed
@@ -77,6 +82,9 @@ _AUTH_STATUSES = (401, 403)
 _NOT_AUTH = ("shutting down",)
 """Refusals with an auth status that are no verdict on the token (a gateway's 403
 while it shuts down): those keep the normal backoff."""
+
+
+_USUAL = frozenset(ENDPOINTS)
 
 
 class TunnelRefused(Exception):
@@ -179,6 +187,8 @@ class Dialer:
         self._forgotten: dict[str, float] = {}
         """Discovered peer URL → when it was forgotten (:func:`tooti.clock.now`)."""
         self.sessions: set[TunnelSession] = set()
+        self._accepted: dict[TunnelSession, frozenset[str]] = {}
+        """Session → the endpoint names its WELCOME accepts (see :meth:`accepted`)."""
         self.connected = trio.Event()
         """Set each time a session completes its handshake (for callers that wait)."""
         self._replaced: set[str] = set()
@@ -243,6 +253,12 @@ class Dialer:
     def describe(self) -> list[dict[str, Any]]:
         """Every peer URL this dialer knows, with its state."""
         return [link.describe() for link in self.links.values()]
+
+    def accepted(self, session: TunnelSession) -> frozenset[str]:
+        """The endpoint names ``session``'s peer decodes in model entries (its WELCOME's
+        ``endpoints``, :func:`~tooti.protocol.schemas.accepted_endpoints`); the usual
+        three for a session this dialer does not hold."""
+        return self._accepted.get(session, _USUAL)
 
     # ------------------------------------------------------------ one peer
 
@@ -374,6 +390,7 @@ class Dialer:
             link.state, link.since, link.last_error = "connected", clock.wall(), ""
             link.session_id, link.learned_peers = welcome.session_id, list(welcome.peers)
         self.learn(welcome.peers)
+        self._accepted[session] = accepted_endpoints(welcome.extra.get("endpoints"))
         self.sessions.add(session)
         self.connected.set()
         self.connected = trio.Event()
@@ -384,6 +401,7 @@ class Dialer:
                 nursery.cancel_scope.cancel()
         finally:
             self.sessions.discard(session)
+            self._accepted.pop(session, None)
             self.log.info("tunnel to %s closed: %s", transport.remote, session.close_reason)
 
 

@@ -32,6 +32,7 @@ from tooti.mesh.listener import UpgradeRequest
 from tooti.mesh.peer_session import serve_peer
 from tooti.mesh.ratelimit import Limited, PerAddressLimiter, Slot, Throttle
 from tooti.mesh.registry import Registry
+from tooti.protocol.schemas import ALL_ENDPOINTS
 from tooti.settings import GatewaySettings, TunnelSettings
 from tooti.transport import Transport
 from tooti.transport.websocket import (
@@ -65,6 +66,8 @@ class TunnelAdmission:
         self.tunnel_settings = tunnel
         self.local_id = local_id
         self.welcome_peers = welcome_peers
+        self.welcome_endpoints: Sequence[str] | None = ALL_ENDPOINTS
+        """The endpoint names each WELCOME lists (:func:`serve_peer`'s ``endpoints``)."""
         self.group_names = frozenset(settings.groups)
         """The node groups configured at start (a reload cannot add one)."""
         self.join_directory = join_directory
@@ -155,7 +158,8 @@ class TunnelAdmission:
         started = clock.now()
         await serve_peer(transport, self.registry, self.tunnel_settings, self.sessions,
                          admission, welcome_peers=self.welcome_peers(),
-                         local_id=self.local_id, on_proven=on_proven)
+                         local_id=self.local_id, on_proven=on_proven,
+                         endpoints=self.welcome_endpoints)
         log.debug("tunnel from %s ended after %.1fs", transport.remote,
                   clock.now() - started)
 

@@ -34,13 +34,18 @@ LOGGED_REFUSALS = 10
 """Refused entries of one ROUTES frame logged one by one (the rest are counted)."""
 
 
-def advertised(peer: Peer) -> dict[str, Any]:
-    """The ROUTES entry a relay sends upstream for one node it can reach."""
+def advertised(peer: Peer, accepted: frozenset[str] = frozenset(schemas.ALL_ENDPOINTS)
+               ) -> dict[str, Any]:
+    """The ROUTES entry a relay sends upstream for one node it can reach, its models
+    cut to the endpoint names ``accepted`` (what the upstream peer's WELCOME says it
+    decodes: :func:`~tooti.protocol.schemas.announceable`), so an upstream older than
+    a name the node serves is never sent it."""
     return {
         "id": peer.id,
         "public_key": b64(peer.public_key),
         "proof": peer.proof,
-        "models": [info.to_wire() for info in peer.models.values()],
+        "models": schemas.announceable([info.to_wire() for info in peer.models.values()],
+                                       accepted),
         "stats": peer.stats,
         "labels": peer.labels,
         "software": peer.software,

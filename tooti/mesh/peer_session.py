@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import trio
 
@@ -56,6 +56,7 @@ async def serve_peer(
     sessions: set[TunnelSession], admission: Admission = UNGROUPED,
     welcome_peers: list[str] | None = None, local_id: str = "",
     on_proven: Callable[[], None] | None = None,
+    endpoints: Sequence[str] | None = schemas.ALL_ENDPOINTS,
 ) -> None:
     """Run the acceptor side of one tunnel until it closes; the peer joins the node
     group its join token admitted it to (``admission``), and its nodes belong to the
@@ -64,7 +65,11 @@ async def serve_peer(
     listener passes its own id as ``local_id``: session ids then start with it, so a
     node's proof names the relay it was made for (see :mod:`tooti.mesh.advertisements`).
     ``on_proven`` is called once the peer has proven its identity (its handshake is
-    over: the per-address handshake limit frees its slot)."""
+    over: the per-address handshake limit frees its slot). ``endpoints``: the endpoint
+    names WELCOME lists, every one this version decodes in model entries, so a node (or
+    relay) announces to this session only what it understands
+    (:func:`tooti.protocol.schemas.accepted_endpoints`); None leaves the member out, as
+    an acceptor older than it did (such a peer then announces only the usual three)."""
     conn = Connection(Side.ACCEPTOR, limits_from(settings))
     hello: Event | None = None
     try:
@@ -81,10 +86,13 @@ async def serve_peer(
             raise ProtocolError("bad_hello", "public_key must be a base64 Ed25519 key")
         challenge = os.urandom(CHALLENGE_BYTES)
         session_id = f"{local_id}.{uuid.uuid4().hex}" if local_id else uuid.uuid4().hex
+        welcome_extra: dict[str, object] = {"software": f"tooti/{__version__}",
+                                            "challenge": b64(challenge)}
+        if endpoints is not None:
+            welcome_extra["endpoints"] = list(endpoints)
         await transport.send(conn.send_welcome(
             version, session_id, settings.heartbeat_interval, peers=welcome_peers,
-            extra={"software": f"tooti/{__version__}", "challenge": b64(challenge)},
-            require_proof=True,
+            extra=welcome_extra, require_proof=True,
         ))
         proof: Event | None = None
         with trio.move_on_after(HANDSHAKE_TIMEOUT):

@@ -37,7 +37,7 @@ from tooti.dialer import Dialer
 from tooti.identity import Identity
 from tooti.node.metering import UsageMeter
 from tooti.node.passthrough import UPLOAD_ENDPOINTS, PassThroughMeter, open_answer
-from tooti.protocol.schemas import PASSTHROUGH_ENDPOINTS
+from tooti.protocol.schemas import PASSTHROUGH_ENDPOINTS, announceable
 from tooti.protocol.usage import completion_limit, end_error
 from tooti.settings import NetworkSettings, NodeSettings, TunnelSettings
 from tooti.transport import Transport
@@ -227,10 +227,18 @@ class Node:
         return (sum(info.max_concurrency for _, info in self.models.values())
                 + sum(info.max_concurrency for info in self.loading.values()))
 
-    def models_wire(self) -> list[dict[str, Any]]:
-        """The MODELS frame payload: the ready models, then those loading."""
-        return ([info.to_wire() for _, info in self.models.values()]
+    def models_wire(self, accepted: frozenset[str] | None = None) -> list[dict[str, Any]]:
+        """The MODELS frame payload: the ready models, then those loading; with
+        ``accepted`` (a session's :meth:`Dialer.accepted`), cut to the endpoint names
+        that peer understands (:func:`~tooti.protocol.schemas.announceable`)."""
+        wire = ([info.to_wire() for _, info in self.models.values()]
                 + [info.to_wire() for info in self.loading.values()])
+        return wire if accepted is None else announceable(wire, accepted)
+
+    async def _announce(self, session: TunnelSession) -> None:
+        """Send MODELS on ``session``: what its peer's WELCOME says it understands."""
+        accepted = self.dialer.accepted(session)
+        await session.send_control(lambda conn: conn.send_models(self.models_wire(accepted)))
 
     def _log_models(self) -> None:
         loading = f" (loading: {', '.join(sorted(self.loading))})" if self.loading else ""
@@ -252,7 +260,7 @@ class Node:
         """Send the current model table to every connected peer."""
         for session in list(self.sessions):
             try:
-                await session.send_control(lambda conn: conn.send_models(self.models_wire()))
+                await self._announce(session)
             except TunnelLost:
                 continue
 
@@ -277,8 +285,10 @@ class Node:
         await self.dialer.serve_transport(transport)
 
     async def on_session(self, session: TunnelSession) -> None:
-        """A new session is open: announce our models on it."""
-        await session.send_control(lambda conn: conn.send_models(self.models_wire()))
+        """A new session is open: announce our models on it (only the endpoints its
+        peer understands: a gateway or relay older than the pass-through endpoints
+        would ban a node naming one)."""
+        await self._announce(session)
 
     # ------------------------------------------------------------ reload (SIGHUP)
 

@@ -73,7 +73,11 @@ class Hello(Payload, frozen=True):
 
 
 class Welcome(Payload, frozen=True):
-    """WELCOME: the acceptor accepts the session. Other members are extras."""
+    """WELCOME: the acceptor accepts the session. Other members are extras: among
+    them ``endpoints``, the endpoint names the acceptor decodes in model entries, read
+    leniently by :func:`tooti.protocol.schemas.accepted_endpoints` (a member this struct
+    named would refuse the session on a value it did not expect; every decoder of this
+    struct, old ones too, ignores members it does not name)."""
 
     violation = "bad_welcome"
     member_violations = {"version": "unsupported_version", "session_id": "bad_field",

@@ -178,6 +178,7 @@ class HelloExtra(Struct, frozen=True):
 
 _encoder = msgspec.json.Encoder()
 _KNOWN = frozenset(ALL_ENDPOINTS)
+_USUAL = frozenset(ENDPOINTS)
 
 
 def _depth(value: object, level: int = 1) -> int:
@@ -207,6 +208,42 @@ def model_entries(models: list[Any], limit: int) -> list[ModelEntry]:
             "bad_models", f"{len(models)} models, over the limit of {limit} per node "
             "(tunnel.max_models_per_peer)")
     return convert(models, list[ModelEntry], "bad_models", "MODELS")
+
+
+def accepted_endpoints(value: object) -> frozenset[str]:
+    """The endpoint names a peer may announce to an acceptor whose WELCOME had
+    ``value`` as its ``endpoints`` member: the usual three (:data:`ENDPOINTS`, which
+    every acceptor of protocol v1 decodes) plus the names listed that this side knows.
+    Absent (an acceptor older than the member, whose decoder refuses any other name as
+    ``bad_models``) or not a list: the usual three only. Entries that are not known
+    names are skipped, never an error: the member only narrows what is announced."""
+    if not isinstance(value, list):
+        return _USUAL
+    return _USUAL | frozenset(
+        name for name in value if isinstance(name, str) and name in _KNOWN)
+
+
+def announceable(models: list[dict[str, Any]], accepted: frozenset[str]
+                 ) -> list[dict[str, Any]]:
+    """MODELS (or ROUTES ``models``) entries as wire dicts, cut to what an acceptor
+    understands (:func:`accepted_endpoints`): each entry's ``endpoints`` keeps only
+    names in ``accepted`` (left out when the usual three remain, as a node older than
+    the member sent them); an entry with none left is not announced at all (it would
+    read as the usual three). Entries are copied only when changed."""
+    if accepted >= _KNOWN:
+        return models
+    out: list[dict[str, Any]] = []
+    for entry in models:
+        names = entry.get("endpoints") or ENDPOINTS
+        kept = [name for name in names if name in accepted]
+        if len(kept) == len(names):
+            out.append(entry)
+        elif kept:
+            cut = {**entry, "endpoints": kept}
+            if tuple(kept) == ENDPOINTS:
+                del cut["endpoints"]
+            out.append(cut)
+    return out
 
 
 def stats(obj: dict[str, Any]) -> dict[str, Any]:

@@ -1,7 +1,9 @@
 """The relay's advertising upstream: every node it can reach, in ROUTES frames
 (:mod:`tooti.mesh.advertisements` builds each entry, with the proof the node gave in its
 own handshake), kept current on each upstream session as nodes join, leave, change
-models or report load."""
+models or report load. Each upstream session is told only the endpoint names its
+WELCOME listed (the usual three to an upstream older than the list): the names the
+relay's nodes announce, intersected with what that upstream decodes."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from tooti.mesh.advertisements import advertised, can_advertise, routing_state
 from tooti.mesh.events import BusEvent
 from tooti.mesh.registry import Registry
 from tooti.protocol.connection import Connection
+from tooti.protocol.schemas import ALL_ENDPOINTS
 from tooti.settings import TunnelSettings
 from tooti.tunnel import TunnelSession
 
@@ -38,16 +41,19 @@ class Advertiser:
         self.tunnel = tunnel
         self.interval = interval
 
-    async def on_session(self, session: TunnelSession) -> None:
+    async def on_session(self, session: TunnelSession,
+                         accepted: frozenset[str] = frozenset(ALL_ENDPOINTS)) -> None:
         """Advertise every node we can reach on a new upstream session, then each change
         (batched over ``advertise_interval``) for as long as the session lives. A node's
         whole entry goes out only when something that matters for routing changed (models,
         labels, draining, its session, ...); new load figures alone go out in ``loads``,
         at most once per heartbeat interval and batched, so an honest relay's control
-        traffic stays far within its upstream's budget however many nodes it has."""
+        traffic stays far within its upstream's budget however many nodes it has.
+        ``accepted``: the endpoint names the upstream's WELCOME listed (models are
+        advertised with only those)."""
         dirty: set[str] = set()
         wake = trio.Event()
-        state = _Advertised()
+        state = _Advertised(accepted)
 
         def listener(event: BusEvent) -> None:
             nonlocal wake
@@ -103,7 +109,7 @@ class Advertiser:
             else:
                 state.forget(peer_id)
             entry: msgspec.Raw | None = (
-                msgspec.Raw(_json.encode(advertised(peer)))
+                msgspec.Raw(_json.encode(advertised(peer, state.accepted)))
                 if peer is not None and reachable else None)
             cost = len(entry) if entry is not None else len(peer_id) + 4
             if cost > budget:  # one node's labels and models alone would break the frame
@@ -151,9 +157,11 @@ class Advertiser:
 class _Advertised:
     """What one upstream session was told of each node."""
 
-    __slots__ = ("loads", "sent", "stats")
+    __slots__ = ("accepted", "loads", "sent", "stats")
 
-    def __init__(self) -> None:
+    def __init__(self, accepted: frozenset[str]) -> None:
+        self.accepted = accepted
+        """The endpoint names this session's peer decodes."""
         self.sent: dict[str, tuple[Any, ...]] = {}
         """Node id → its routing state (:func:`routing_state`) as last advertised."""
         self.stats: dict[str, dict[str, Any]] = {}

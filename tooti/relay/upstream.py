@@ -70,5 +70,6 @@ class Upstream:
 
     async def on_session(self, session: TunnelSession) -> None:
         """Advertise the reachable nodes on a new upstream session for as long as it
-        lives (see :meth:`Advertiser.on_session`)."""
-        await self.advertiser.on_session(session)
+        lives (see :meth:`Advertiser.on_session`), with the endpoint names that
+        session's WELCOME listed."""
+        await self.advertiser.on_session(session, self.dialer.accepted(session))
