@@ -1,11 +1,13 @@
-"""Peer ids and labels are printable text: a HELLO (or a relay's ROUTES entry) with a
-control character in the peer id or a label is refused, so no peer can write its own
-lines into the gateway's log."""
+"""Peer ids, labels and model ids are printable text: a HELLO (or a relay's ROUTES entry)
+with a control character in the peer id or a label is refused, so no peer can write its
+own lines into the gateway's log; bidirectional controls (U+202E, ...) are refused too,
+so no name can show as another in a list, the TUI or a log."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 import pytest
 import trio
 
@@ -15,6 +17,7 @@ from tests.hostile.test_peer_values import GOOD
 from tooti.identity import Identity, b64
 from tooti.protocol.connection import Connection, GoAwayReceived, Side
 from tooti.protocol.frames import FrameType
+from tooti.protocol.schemas import ModelEntry
 from tooti.transport.websocket import SUBPROTOCOL, connect
 
 FORGED_LINE = "\n2099-01-01 WARNING tooti.gateway: admin key rotated"
@@ -25,6 +28,8 @@ BAD_HELLOS: dict[str, tuple[str, dict[str, str]]] = {
     "newline in a label value": ("node-x", {"region": "eu" + FORGED_LINE}),
     "newline in a label key": ("node-x", {"region\nx": "eu"}),
     "C1 control in a label": ("node-x", {"region": "eu\x85"}),
+    "right-to-left override in peer id": ("node-\u202eexe.txt", {}),
+    "bidi isolate in a label": ("node-x", {"region": "eu\u2067x"}),
 }
 
 
@@ -59,3 +64,10 @@ async def test_a_routes_entry_with_control_characters_is_skipped(network: Networ
         with trio.fail_after(5):
             await registry.wait_until(lambda: good.id in registry.peers)
         assert bad.id not in registry.peers
+
+
+@pytest.mark.parametrize("model", ["evil\u202etxt.exe", "a\u2066b", "x\u200fy"])
+def test_a_model_id_with_bidirectional_controls_is_refused(model: str) -> None:
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.convert({"id": model}, ModelEntry)
+    assert msgspec.convert({"id": "ñandú/llama-3:8b"}, ModelEntry).id == "ñandú/llama-3:8b"

@@ -52,10 +52,14 @@ MAX_HOPS = 4
 MAX_PEER_ID = 128
 """Longest peer (node, relay) id (printable: no control characters)."""
 
-_PRINTABLE = r"\A[^\x00-\x1f\x7f-\x9f]+\Z"
-"""Non-empty text without control characters (C0, DEL, C1): nothing a peer names can
-start a new log line or drive a terminal."""
-_PRINTABLE_OR_EMPTY = r"\A[^\x00-\x1f\x7f-\x9f]*\Z"
+_UNSHOWN = r"\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
+"""Characters a peer may not use in anything it names: control characters (C0, DEL,
+C1: a new log line, terminal escapes) and the bidirectional controls (U+061C, U+200E,
+U+200F, U+202A to U+202E, U+2066 to U+2069), which reorder how the text around them shows: a
+model id with U+202E could display in ``/v1/models``, the TUI or a log as another."""
+_PRINTABLE = rf"\A[^{_UNSHOWN}]+\Z"
+"""Non-empty text without the characters of :data:`_UNSHOWN`."""
+_PRINTABLE_OR_EMPTY = rf"\A[^{_UNSHOWN}]*\Z"
 
 Endpoint = Literal[
     "chat/completions", "completions", "embeddings", "rerank", "audio/transcriptions",
