@@ -25,11 +25,12 @@ import openai
 import pytest
 import trio
 
+from tests import test_relay
 from tests.backend_fixtures import answer_lifespan, serve_asgi
 from tests.conftest import Network
 from tests.log_capture import watching
 from tests.processes import open_cluster
-from tests.test_relay import RunningRelay, start_node, start_relay, until
+from tests.test_relay import RunningRelay, start_node, until
 from tooti.backends.base import BackendError, BackendResponse, ModelInfo
 from tooti.backends.ollama import OllamaBackend
 from tooti.backends.openai import OpenAIBackend
@@ -480,18 +481,12 @@ async def test_client_leaving_mid_upload_cancels_the_backend_call(network: Netwo
     assert seen[0]["completion_tokens"] == 0
 
 
-@pytest.fixture
-async def hop(network: Network) -> AsyncIterator[RunningRelay]:
-    """A relay in front of the network's gateway, connected upstream."""
-    running = await start_relay(network, "relay-1")
-    await until(network.gateway.registry, lambda: "relay-1" in network.gateway.registry.peers)
-    yield running
-    running.scope.cancel()
+relay = test_relay.relay
+"""The relay tests' fixture: a relay in front of the network's gateway, connected upstream."""
 
 
-async def test_upload_and_speech_through_a_relay(network: Network, hop: RunningRelay
+async def test_upload_and_speech_through_a_relay(network: Network, relay: RunningRelay
                                                  ) -> None:
-    relay = hop
     await start_node(network, "behind", [relay.tunnel_url], [sim()])
     await until(network.gateway.registry,
                 lambda: bool(network.gateway.registry.serving_endpoint(
