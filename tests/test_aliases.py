@@ -16,7 +16,7 @@ import pytest
 import trio
 
 from tests.conftest import Network
-from tests.processes import START_TIMEOUT, open_cluster, spawn, toml_table, toml_value_lines
+from tests.processes import open_cluster, toml_table, toml_value_lines
 from tests.spy import Spy, read_stream
 from tooti import config
 from tooti.backends.simulated import SimulatedBackend
@@ -351,12 +351,7 @@ async def test_sighup_applies_aliases_and_cors(tmp_path: Path) -> None:
     config_file = tmp_path / "gateway.toml"
     config_file.write_text(gateway_config())
     async with open_cluster(tmp_path) as cluster:
-        gateway = await spawn(cluster.nursery, config_file, cluster.gateway_data, "gateway")
-        cluster.children.append(gateway)
-        cluster.gateway = gateway
-        with trio.fail_after(START_TIMEOUT):
-            match = await gateway.wait_for(r"gateway listening on (http://127\.0\.0\.1:(\d+))")
-        cluster.url, cluster.port = match.group(1), int(match.group(2))
+        gateway = await cluster.start_gateway_from(config_file)
         await cluster.start_nodes([("node-a", {})])
 
         async def sighup(text: str) -> str:
