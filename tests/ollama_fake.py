@@ -66,6 +66,8 @@ from typing import Any
 import msgspec
 import trio
 
+from tests.backend_fixtures import answer_lifespan
+
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 
@@ -340,11 +342,8 @@ class FakeOllama:
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         """The ASGI entry point."""
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                await send({"type": message["type"] + ".complete"})
-                if message["type"] == "lifespan.shutdown":
-                    return
+            await answer_lifespan(receive, send)
+            return
         if scope["type"] != "http":
             return
         method, path = scope["method"], scope["path"]
