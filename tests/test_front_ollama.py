@@ -34,6 +34,8 @@ from tests.fronts_support import (
     check_front,
     many_pieces,
     node_streams,
+    sse_wire,
+    through_sse,
     tool_chunk,
 )
 from tooti.backends.ollama_requests import Defaults, chat_payload
@@ -65,7 +67,6 @@ from tooti.fronts.ollama_models import (
     version_body,
 )
 from tooti.fronts.tool_calls import MAX_CALLS
-from tooti.protocol.sse import SSEDecoder
 
 PNG = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 16).decode()
 JPEG = base64.b64encode(b"\xff\xd8\xff\xe0" + b"\0" * 16).decode()
@@ -874,24 +875,10 @@ def test_valid_chats_reach_the_node_unchanged(
     assert body.get("tools", []) == tools
 
 
-def sse(chunks: list[dict[str, Any]]) -> bytes:
-    return b"".join(b"data: " + msgspec.json.encode(c) + b"\n\n" for c in chunks) + \
-        b"data: [DONE]\n\n"
-
-
 def translate_sse(request: ChatRequest, pieces: list[bytes]) -> bytes:
     """What the route will do: decode the node's SSE bytes as they come, feed each
     event's chunk, finish at ``[DONE]``."""
-    decoder = SSEDecoder()
-    translator = stream_translator(request, FakeClock().clock())
-    out = translator.start()
-    for piece in pieces:
-        for event in decoder.events(piece):
-            if event.data == "[DONE]":
-                out += translator.finish()
-            else:
-                out += translator.feed(json.loads(event.data))
-    return out
+    return through_sse(stream_translator(request, FakeClock().clock()), pieces)
 
 
 def test_node_bytes_split_at_every_boundary_give_the_same_stream() -> None:
@@ -900,7 +887,7 @@ def test_node_bytes_split_at_every_boundary_give_the_same_stream() -> None:
     chunks = [*text_chunks("Hé", "llo ✓")[:-2], chunk({"tool_calls": calls}),
               chunk({"tool_calls": [{"index": 0, "function": {"arguments": '"Rome"}'}}]}),
               chunk(finish="tool_calls"), USAGE_CHUNK]
-    data = sse(chunks).replace(b"\n", b"\r\n")
+    data = sse_wire(chunks, crlf=True)
     request = chat(tools=[WEATHER])
     whole = translate_sse(request, [data])
     items = [ChatResponse(**json.loads(line)) for line in whole.splitlines()]
@@ -938,7 +925,7 @@ def test_any_split_stream_comes_back_whole(
     chunks += [chunk(finish=finish), USAGE_CHUNK]
     request = (parse_generate(raw({"model": "m", "prompt": "x"})) if generate else chat())
     items = run_stream(request, chunks)
-    data = sse(chunks)
+    data = sse_wire(chunks)
     points = sorted({c % (len(data) + 1) for c in byte_cuts} | {0, len(data)})
     pieces = [data[a:b] for a, b in itertools.pairwise(points)]
     assert [json.loads(line) for line in translate_sse(request, pieces).splitlines()] == items

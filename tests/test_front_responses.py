@@ -653,22 +653,12 @@ def test_chunks_split_at_every_byte_come_back_the_same() -> None:
     events (ids aside) as the whole."""
     chunks = [text_chunk("Hi"), text_chunk(" there"), call_chunk(0, call_id="c", name="f"),
               call_chunk(0, arguments="{}"), finish_chunk("tool_calls"), usage_chunk()]
-    raw = b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks)
-    raw += b"data: [DONE]\n\n"
+    raw = sse_wire(chunks)
     request = parse({"model": "m", "input": "x", "stream": True})
 
     def translate(pieces: list[bytes]) -> list[Any]:
-        decoder = SSEDecoder()
-        translator = ResponsesStream(request)
-        out = translator.start()
-        for piece in pieces:
-            for event in decoder.events(piece):
-                if event.data == "[DONE]":
-                    out += translator.finish()
-                else:
-                    out += translator.feed(json.loads(event.data))
         return [(e["type"], e.get("delta"), e.get("output_index"), e.get("arguments"))
-                for e in events_of(out)]
+                for e in events_of(through_sse(ResponsesStream(request), pieces))]
 
     whole = translate([raw])
     assert whole[-1][0] == "response.completed"
