@@ -124,6 +124,13 @@ async def post(url: str, path: str, body: dict[str, Any]) -> httpx.Response:
         return await http.post(path, json=body)
 
 
+async def answered_by(url: str, path: str, body: dict[str, Any], node_id: str) -> None:
+    """POST ``body`` to ``path``: answered (200) by ``node_id``."""
+    response = await post(url, path, body)
+    assert response.status_code == 200, response.text
+    assert response.headers["x-tooti-node"] == node_id
+
+
 # ---------------------------------------------------------------- the rule, sans I/O
 
 
@@ -188,10 +195,8 @@ async def test_a_new_node_is_not_banned_by_an_old_gateway_and_serves_chat(
     assert registry.banned("new-node") is None
     assert served(registry, "new-node") == ENDPOINTS
     assert [node.dialer.accepted(s) for s in node.sessions] == [frozenset(ENDPOINTS)]
-    chat = await post(network.url, "/v1/chat/completions", CHAT)
+    await answered_by(network.url, "/v1/chat/completions", CHAT, "new-node")
     rerank = await post(network.url, "/v1/rerank", RERANK)
-    assert chat.status_code == 200, chat.text
-    assert chat.headers["x-tooti-node"] == "new-node"
     assert rerank.status_code == 404  # the old gateway was never told of it
     # a later announcement (a model change) is cut as well, not only the first
     before = decoder.decoded
@@ -204,9 +209,7 @@ async def test_a_new_gateway_gets_the_pass_through_endpoints(network: Network) -
     node = await add_node(network, "new-node")
     assert served(network.gateway.registry, "new-node") == ALL_ENDPOINTS
     assert [node.dialer.accepted(s) for s in node.sessions] == [frozenset(ALL_ENDPOINTS)]
-    rerank = await post(network.url, "/v1/rerank", RERANK)
-    assert rerank.status_code == 200, rerank.text
-    assert rerank.headers["x-tooti-node"] == "new-node"
+    await answered_by(network.url, "/v1/rerank", RERANK, "new-node")
 
 
 async def test_one_node_announces_per_tunnel_to_an_old_and_a_new_gateway(
@@ -222,10 +225,8 @@ async def test_one_node_announces_per_tunnel_to_an_old_and_a_new_gateway(
     assert served(new.registry, "both") == ALL_ENDPOINTS
     assert network.gateway.registry.banned("both") is None
     new_url = new_tunnel.replace("ws://", "http://").removesuffix("/tooti/v1/tunnel")
-    chat_old = await post(network.url, "/v1/chat/completions", CHAT)
-    rerank_new = await post(new_url, "/v1/rerank", RERANK)
-    assert chat_old.status_code == 200, chat_old.text
-    assert rerank_new.status_code == 200, rerank_new.text
+    await answered_by(network.url, "/v1/chat/completions", CHAT, "both")
+    await answered_by(new_url, "/v1/rerank", RERANK, "both")
     new.shutdown()
 
 
@@ -244,9 +245,7 @@ async def test_a_new_relay_tells_an_old_gateway_only_the_usual_three(
     assert served(registry, "behind") == ENDPOINTS
     assert registry.peers["behind"].via == "relay-new"
     assert registry.banned("behind", "relay-new") is None
-    chat = await post(network.url, "/v1/chat/completions", CHAT)
-    assert chat.status_code == 200, chat.text
-    assert chat.headers["x-tooti-node"] == "behind"
+    await answered_by(network.url, "/v1/chat/completions", CHAT, "behind")
 
 
 async def test_an_old_relay_hears_only_the_usual_three_and_passes_them_on(
@@ -263,8 +262,7 @@ async def test_an_old_relay_hears_only_the_usual_three_and_passes_them_on(
     assert old.registry.banned("behind-old") is None
     assert served(old.registry, "behind-old") == ENDPOINTS
     assert served(registry, "behind-old") == ENDPOINTS
-    chat = await post(network.url, "/v1/chat/completions", CHAT)
-    assert chat.status_code == 200, chat.text
+    await answered_by(network.url, "/v1/chat/completions", CHAT, "behind-old")
 
 
 async def test_a_chain_of_new_relays_carries_rerank(network: Network) -> None:
@@ -277,7 +275,5 @@ async def test_a_chain_of_new_relays_carries_rerank(network: Network) -> None:
     await start_node(network, "deep", [lower.tunnel_url])
     assert served(registry, "deep") == ALL_ENDPOINTS
     assert registry.peers["deep"].hops == 2
-    rerank = await post(network.url, "/v1/rerank", RERANK)
-    assert rerank.status_code == 200, rerank.text
-    assert rerank.headers["x-tooti-node"] == "deep"
+    await answered_by(network.url, "/v1/rerank", RERANK, "deep")
 
