@@ -37,6 +37,7 @@ from tooti.fronts.ollama_api import (
     parse_embeddings,
     parse_generate,
     rfc3339,
+    rfc3339_json,
 )
 from tooti.fronts.tool_calls import ToolCalls
 from tooti.protocol.numbers import is_int, is_number
@@ -272,7 +273,7 @@ class NdjsonStream:
                 **_reply(self.request.context.get("kind"), SLOT, "", None, None),
                 "done": False}, SLOT), 2)
         head, middle, tail = self._text_line
-        return b"".join((head, _encode(rfc3339(self.clock.wall_ns())), middle, _encode(text),
+        return b"".join((head, rfc3339_json(self.clock.wall_ns()), middle, _encode(text),
                          tail))
 
     def start(self) -> bytes:
@@ -318,6 +319,11 @@ class NdjsonStream:
 
     def feed_text(self, text: str, model: str | None) -> bytes:
         """The line of a chunk carrying only ``text`` (what :meth:`feed` sends)."""
+        line = self._text_line
+        if line and text and not self._ended and self._first_token_ns is not None:
+            head, middle, tail = line  # the usual token: as _piece writes it
+            return b"".join((head, rfc3339_json(self.clock.wall_ns()), middle,
+                             _encode(text), tail))
         if self._ended:
             return b""
         if self._opened_ns is None:

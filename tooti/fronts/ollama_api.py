@@ -123,6 +123,22 @@ def _utc_second(seconds: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
 
 
+_json_second: tuple[int, bytes] = (-1, b"")
+"""The last second :func:`rfc3339_json` formatted, and its JSON text up to the dot."""
+
+
+def rfc3339_json(wall_ns: int) -> bytes:
+    """:func:`rfc3339` encoded as a JSON string (nothing in it needs escaping), the
+    second's part kept from the last call: what a stream's line per token writes."""
+    global _json_second
+    seconds, nanos = divmod(wall_ns, 1_000_000_000)
+    cached, prefix = _json_second
+    if cached != seconds:
+        prefix = b'"' + _utc_second(seconds).encode() + b"."
+        _json_second = (seconds, prefix)
+    return b'%b%09dZ"' % (prefix, nanos)
+
+
 # -- errors --------------------------------------------------------------------------
 
 

@@ -551,7 +551,7 @@ def _text(text: _Text) -> tuple[dict[str, Any] | None, dict[str, Any]]:
 # -- the answer ---------------------------------------------------------------------------
 
 
-def response_object(request: ChatRequest, *, status: str, output: list[dict[str, Any]],
+def response_object(request: ChatRequest, *, status: str, output: list[Any],
                     usage: dict[str, Any] | None = None, model: str | None = None,
                     incomplete_reason: str | None = None,
                     error: dict[str, Any] | None = None,
@@ -562,6 +562,21 @@ def response_object(request: ChatRequest, *, status: str, output: list[dict[str,
         "id": context["response_id"],
         "object": "response",
         "created_at": context["created_at"],
+        **response_state(request, status=status, output=output, usage=usage, model=model,
+                         incomplete_reason=incomplete_reason, error=error,
+                         completed_at=completed_at),
+        **context["echo"],
+    }
+
+
+def response_state(request: ChatRequest, *, status: str, output: list[Any],
+                   usage: dict[str, Any] | None = None, model: str | None = None,
+                   incomplete_reason: str | None = None,
+                   error: dict[str, Any] | None = None,
+                   completed_at: float | None = None) -> dict[str, Any]:
+    """The members of a ``Response`` that change while it streams (``status`` …
+    ``usage``, in the object's order): what :func:`response_frame` leaves out."""
+    return {
         "status": status,
         "completed_at": int(completed_at) if completed_at is not None else None,
         "error": error,
@@ -569,8 +584,26 @@ def response_object(request: ChatRequest, *, status: str, output: list[dict[str,
         "model": model or request.model,
         "output": output,
         "usage": usage,
-        **context["echo"],
     }
+
+
+_STATUS_MEMBER = b'"status":'
+_NO_USAGE = b',"usage":null'
+
+
+def response_frame(request: ChatRequest, status: str) -> tuple[bytes, tuple[bytes, bytes]]:
+    """The encoded :func:`response_object` of ``request`` with ``status``, no output and
+    no usage (the ``Response`` of ``response.created``), and that object cut around its
+    changing members (:func:`response_state`): ``head + encode(state)[1:-1] + tail`` is
+    the encoded :func:`response_object`, byte for byte. One encode per stream, so the
+    stream's later ``Response`` objects encode only those members, not the request's
+    echo."""
+    encoded = _encoder.encode(response_object(request, status=status, output=[]))
+    start = encoded.find(_STATUS_MEMBER)  # the first members are the request's id, ...
+    end = encoded.find(_NO_USAGE, start)  # the first: JSON strings escape every '"'
+    if start < 0 or end < 0:
+        raise ValueError("the Response's changing members are not where expected")
+    return encoded, (encoded[:start], encoded[end + len(_NO_USAGE):])
 
 
 def usage_object(usage: Any) -> dict[str, Any] | None:

@@ -28,7 +28,9 @@ skipped; an error chunk is ``response.failed``.
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,7 +58,8 @@ from tooti.fronts.responses import (
     parse_request,
     reasoning_item,
     refusal_part,
-    response_object,
+    response_frame,
+    response_state,
     text_part,
     usage_object,
 )
@@ -81,7 +84,13 @@ class _Part:
 
     @property
     def text(self) -> str:
-        return "".join(self.pieces)
+        pieces = self.pieces
+        if len(pieces) == 1:
+            return pieces[0]
+        text = "".join(pieces)
+        if self.closed:  # no more pieces: joined once, not for each closing event
+            self.pieces = [text]
+        return text
 
     def snapshot(self, empty: bool = False) -> dict[str, Any]:
         text = "" if empty else self.text
@@ -124,6 +133,75 @@ _PART_EVENTS = {"output_text": ("response.output_text", "text"),
 """Each part's delta / done event prefix and the done event's field holding the text."""
 _ID_PREFIXES = {"message": "msg", "reasoning": "rs", "function_call": "fc"}
 
+# -- the usual message, from templates ---------------------------------------------------
+# A stream's usual output is one message of one output_text part: its opening and closing
+# events are written from pieces encoded once per process, cut at what changes (sequence
+# numbers, the item's id and index, the text, the status); every other shape takes the
+# general path. The bytes are the same (tests/test_front_fast_path.py).
+
+_SEQUENCE = 7_391_846_205_117
+_INDEX = 7_391_846_205_119
+"""Numbers a template is cut at (with :data:`SLOT` for strings): no template's event
+holds them otherwise."""
+_MARKS = {"s": str(_SEQUENCE).encode(), "i": str(_INDEX).encode(), "x": _encode(SLOT)}
+
+
+def _cut(encoded: bytes, marks: str) -> tuple[bytes, ...]:
+    """``encoded`` cut at each of ``marks`` (keys of :data:`_MARKS`) in turn."""
+    pieces = []
+    rest = encoded
+    for mark in marks:
+        head, found, rest = rest.partition(_MARKS[mark])
+        if not found:
+            raise ValueError(f"template mark {mark} not found")
+        pieces.append(head)
+    pieces.append(rest)
+    if any(mark in piece for piece in pieces for mark in _MARKS.values()):
+        raise ValueError("a template holds more marks than it is cut at")
+    return tuple(pieces)
+
+
+def _splice(pieces: tuple[bytes, ...], values: Sequence[bytes]) -> bytes:
+    out = [pieces[0]]
+    for value, piece in zip(values, pieces[1:], strict=True):
+        out.append(value)
+        out.append(piece)
+    return b"".join(out)
+
+
+def _plain(kind: str, **fields: Any) -> bytes:
+    return encode_event(kind, {"type": kind, "sequence_number": _SEQUENCE, **fields})
+
+
+@functools.cache
+def _message_opening() -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
+    """``response.output_item.added`` and ``response.content_part.added`` of a message
+    opening with an output_text part (cut at: sequence, index, id, sequence, id, index),
+    and that part's delta event (cut at: id, index; its head ends before the sequence
+    number, its tail after the delta's slot)."""
+    opening = (_plain("response.output_item.added", output_index=_INDEX,
+                      item=message_item(SLOT, [], "in_progress"))
+               + _plain("response.content_part.added", item_id=SLOT, output_index=_INDEX,
+                        content_index=0, part=text_part("")))
+    delta = _plain("response.output_text.delta", item_id=SLOT, output_index=_INDEX,
+                   content_index=0, delta=SLOT, logprobs=[])
+    return _cut(opening, "sixsxi"), _cut(delta, "sxix")
+
+
+@functools.cache
+def _message_closing(status: str) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
+    """The closing events of a message of one output_text part, ``status`` (cut at:
+    sequence, id, index, text; sequence, id, index, text; sequence, index, the item),
+    and the item's JSON (cut at: id, text)."""
+    closing = (_plain("response.output_text.done", item_id=SLOT, output_index=_INDEX,
+                      content_index=0, text=SLOT, logprobs=[])
+               + _plain("response.content_part.done", item_id=SLOT, output_index=_INDEX,
+                        content_index=0, part=text_part(SLOT))
+               + _plain("response.output_item.done", output_index=_INDEX,
+                        item=msgspec.Raw(_encode(SLOT))))
+    item = _encode(message_item(SLOT, [text_part(SLOT)], status))
+    return _cut(closing, "sxixsxixsix"), _cut(item, "xx")
+
 
 class ResponsesStream:
     """A :class:`~tooti.fronts.base.StreamTranslator` for one ``/v1/responses`` stream."""
@@ -144,6 +222,8 @@ class ResponsesStream:
         self._finish_reason: str | None = None
         self._usage: dict[str, Any] | None = None
         self._model: str | None = None
+        self._frame: tuple[bytes, bytes] | None = None
+        """The encoded ``Response`` around its changing members (made at the first)."""
 
     # -- the StreamTranslator protocol ----------------------------------------------------
 
@@ -152,7 +232,8 @@ class ResponsesStream:
         if self._started:
             return b""
         self._started = True
-        response = msgspec.Raw(_encode(self._response("in_progress")))  # encoded once
+        whole, self._frame = response_frame(self._request, "in_progress")
+        response = msgspec.Raw(whole)  # encoded once
         return (self._event("response.created", response=response)
                 + self._event("response.in_progress", response=response))
 
@@ -254,6 +335,8 @@ class ResponsesStream:
     def _open_part(self, kind: str) -> tuple[bytes, _Item, _Part]:
         """The events opening a new content part ``kind`` (and its item when the open
         one is of another kind, or none is open)."""
+        if kind == "output_text" and self._current is None and not self._calls:
+            return self._open_message()
         out = []
         item = self._current
         if item is None or item.kind != _PART_ITEMS[kind]:
@@ -277,6 +360,20 @@ class ResponsesStream:
             "output_index": item.output_index, "content_index": content_index,
             "delta": SLOT, **extra}), 2)
         return b"".join(out), item, part
+
+    def _open_message(self) -> tuple[bytes, _Item, _Part]:
+        """:meth:`_open_part` of a message's first output_text part, from templates."""
+        opening, delta = _message_opening()
+        item = self._current = self._open("message")
+        part = _Part("output_text")
+        item.parts.append(part)
+        sequence = self._sequence
+        self._sequence += 2
+        item_id = b'"' + item.item_id.encode() + b'"'  # msg_ and hex: nothing to escape
+        index = str(item.output_index).encode()
+        part.delta = (delta[0], _splice(delta[1:4], (item_id, index)), delta[4])
+        return _splice(opening, (str(sequence).encode(), index, item_id,
+                                 str(sequence + 1).encode(), item_id, index)), item, part
 
     def _call(self, entry: Any) -> bytes:
         added = self._accumulated.add(entry)
@@ -321,6 +418,10 @@ class ResponsesStream:
                               part=part.snapshot()))
 
     def _close(self, item: _Item, status: str) -> bytes:
+        parts = item.parts
+        if (item.kind == "message" and len(parts) == 1 and parts[0].kind == "output_text"
+                and not parts[0].closed and status in ("completed", "incomplete")):
+            return self._close_message(item, parts[0], status)
         out = []
         if item.call is not None:
             out.append(self._event("response.function_call_arguments.done",
@@ -332,6 +433,21 @@ class ResponsesStream:
         out.append(self._event("response.output_item.done", output_index=item.output_index,
                                item=item.done))
         return b"".join(out)
+
+    def _close_message(self, item: _Item, part: _Part, status: str) -> bytes:
+        """:meth:`_close` of a message of one open output_text part, from templates."""
+        closing, item_pieces = _message_closing(status)
+        part.closed = True
+        item_id = b'"' + item.item_id.encode() + b'"'
+        index = str(item.output_index).encode()
+        text = _encode(part.text)  # encoded once for the three events and the item
+        encoded = _splice(item_pieces, (item_id, text))
+        item.done = msgspec.Raw(encoded)
+        sequence = self._sequence
+        self._sequence += 3
+        return _splice(closing, (str(sequence).encode(), item_id, index, text,
+                                 str(sequence + 1).encode(), item_id, index, text,
+                                 str(sequence + 2).encode(), index, encoded))
 
     def _close_current(self, status: str = "completed") -> bytes:
         item, self._current = self._current, None
@@ -349,16 +465,27 @@ class ResponsesStream:
 
     def _response(self, status: str, *, output: list[Any] | None = None,
                   incomplete_reason: str | None = None, error: dict[str, Any] | None = None,
-                  completed_at: float | None = None) -> dict[str, Any]:
-        return response_object(
+                  completed_at: float | None = None) -> msgspec.Raw:
+        """The encoded ``Response`` (the request's part encoded once per stream)."""
+        if self._frame is None:  # start() makes it: not reached
+            self._frame = response_frame(self._request, status)[1]
+        head, tail = self._frame
+        state = _encode(response_state(
             self._request, status=status, output=output or [],
             usage=self._usage if status != "in_progress" else None, model=self._model,
-            incomplete_reason=incomplete_reason, error=error, completed_at=completed_at)
+            incomplete_reason=incomplete_reason, error=error, completed_at=completed_at))
+        return msgspec.Raw(b"".join((head, state[1:-1], tail)))
 
     def _event(self, kind: str, **fields: Any) -> bytes:
-        payload = {"type": kind, "sequence_number": self._sequence, **fields}
+        """The SSE event ``kind`` with ``fields`` after its ``type`` and
+        ``sequence_number``: what ``encode_event(kind, {"type": kind,
+        "sequence_number": n, **fields})`` writes, without building that dict."""
+        sequence = self._sequence
         self._sequence += 1
-        return encode_event(kind, payload)
+        kind_bytes = kind.encode()
+        head = b"".join((b"event: ", kind_bytes, b'\ndata: {"type":"', kind_bytes,
+                         b'","sequence_number":', str(sequence).encode()))
+        return b"".join((head, b"," if fields else b"", _encode(fields)[1:], b"\n\n"))
 
 
 def _first_choice(choices: Any) -> dict[str, Any] | None:
