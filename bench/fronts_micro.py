@@ -9,6 +9,11 @@ sockets, no gateway: what the fronts' per-chunk work costs, to profile and compa
 Run from the repository root with the project's venv::
 
     python bench/fronts_micro.py [--tokens 16 256] [--repeat 300] [--profile anthropic]
+    python bench/fronts_micro.py --parts [--tokens 16]
+
+``--parts``: each translator alone (no parse, no send wrapper, no SSE decoding), its
+methods called in turn, median µs of ``start``, the first token (which opens the output),
+each later token, and the closing (the finish and usage chunks, ``finish``).
 """
 
 from __future__ import annotations
@@ -81,6 +86,40 @@ async def drive(front: Front, body: bytes, stream: list[bytes]) -> None:
     await send({"type": "http.response.body", "body": stream[-1], "more_body": False})
 
 
+def parts(tokens: int, repeat: int) -> None:
+    """The translators' fixed and per-token costs (see ``--parts``)."""
+    finish_chunk = {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+    usage_chunk = {"choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": tokens,
+                                            "total_tokens": 12 + tokens}}
+    clock = time.perf_counter_ns
+    print(f"{'µs, ' + str(tokens) + ' tokens':<22}{'start':>8}{'first':>8}{'token':>8}"
+          f"{'closing':>9}")
+    for name, (front, body) in fronts().items():
+        request = front.parse(body)
+        samples: list[list[float]] = [[], [], [], []]
+        for _ in range(repeat):
+            stream = front.stream(request)
+            began = clock()
+            stream.start()
+            started = clock()
+            stream.feed_text("Hello", None)
+            first = clock()
+            for _ in range(tokens - 1):
+                stream.feed_text(" word", None)
+            fed = clock()
+            stream.feed(finish_chunk)
+            stream.feed(usage_chunk)
+            stream.finish()
+            ended = clock()
+            for column, value in zip(samples, (started - began, first - started,
+                                               (fed - first) / max(1, tokens - 1), ended - fed),
+                                     strict=True):
+                column.append(value)
+        print(f"{name:<22}" + "".join(f"{statistics.median(column) / 1000:>8.2f}"
+                                      for column in samples[:3])
+              + f"{statistics.median(samples[3]) / 1000:>9.2f}")
+
+
 async def measure(tokens: Sequence[int], repeat: int, profile: str | None) -> None:
     table = fronts()
     print(f"{'µs':<22}{'per stream':>12}{'per chunk':>11}")
@@ -112,7 +151,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, nargs="+", default=[16, 256])
     parser.add_argument("--repeat", type=int, default=300)
     parser.add_argument("--profile", choices=["anthropic", "responses", "ollama"])
+    parser.add_argument("--parts", action="store_true",
+                        help="each translator's start, first token, token and closing")
     args = parser.parse_args(argv)
+    if args.parts:
+        for count in args.tokens:
+            parts(count, args.repeat)
+        return 0
     trio.run(measure, args.tokens, args.repeat, args.profile)
     return 0
 
