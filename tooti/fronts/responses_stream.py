@@ -278,6 +278,15 @@ class ResponsesStream:
 
     def feed_text(self, text: str, model: str | None) -> bytes:
         """The events of a chunk carrying only ``text`` (what :meth:`feed` sends)."""
+        item = self._current
+        if item is not None and text and not model and not self._ended:
+            part = item.parts[-1]  # an open item has its part
+            if part.kind == "output_text":  # the usual token: as _content writes it
+                part.pieces.append(text)
+                sequence = self._sequence
+                self._sequence = sequence + 1
+                head, middle, tail = part.delta
+                return b"".join((head, str(sequence).encode(), middle, _encode(text), tail))
         if self._ended:
             return b""
         opening = self.start()
