@@ -73,10 +73,12 @@ from tooti.fronts.base import (
     MAX_TOKENS,
     ChatRequest,
     base64_image,
+    chat_tool,
     count,
     decode_as,
     image_url,
     new_id,
+    put_given,
     reasoning_of,
     set_stream,
     validation_error,
@@ -472,13 +474,8 @@ def _tools(body: _Common, chat: dict[str, Any]) -> None:
             if tool.name in names:
                 raise _bad(f"tools[{i}].name", f"tool name '{tool.name}' is used twice")
             names.add(tool.name)
-            function: dict[str, Any] = {"name": tool.name}
-            if tool.description is not None:
-                function["description"] = tool.description
-            function["parameters"] = tool.input_schema
-            if tool.strict is not None:
-                function["strict"] = tool.strict
-            tools.append({"type": "function", "function": function})
+            tools.append(chat_tool(tool.name, description=tool.description,
+                                   parameters=tool.input_schema, strict=tool.strict))
         chat["tools"] = tools
     choice = body.tool_choice
     if choice is None:
@@ -527,12 +524,7 @@ def parse_request(raw: bytes, *, max_depth: int = MAX_JSON_DEPTH,
                             "max_tokens": body.max_tokens}
     stream = bool(body.stream)
     set_stream(chat, stream)
-    if body.temperature is not None:
-        chat["temperature"] = body.temperature
-    if body.top_p is not None:
-        chat["top_p"] = body.top_p
-    if body.top_k is not None:
-        chat["top_k"] = body.top_k
+    put_given(chat, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k)
     if body.stop_sequences:
         chat["stop"] = list(body.stop_sequences)
     _common(body, chat)

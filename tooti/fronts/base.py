@@ -242,6 +242,23 @@ def set_stream(chat: dict[str, Any], stream: bool) -> None:
         chat["stream_options"] = {"include_usage": True}
 
 
+def put_given(target: dict[str, Any], **values: Any) -> dict[str, Any]:
+    """Set in ``target`` each of ``values`` the client gave (not None), in order; returns
+    ``target``. A field left out stays the node's default."""
+    for name, value in values.items():
+        if value is not None:
+            target[name] = value
+    return target
+
+
+def chat_tool(name: str, *, description: str | None = None, parameters: Any = None,
+              strict: bool | None = None) -> dict[str, Any]:
+    """A function tool in chat completions' shape (members not given left out): what
+    every dialect's tool definition becomes."""
+    return {"type": "function", "function": put_given(
+        {"name": name}, description=description, parameters=parameters, strict=strict)}
+
+
 def convert(value: Any, kind: type[Any]) -> Any:
     """``value`` (decoded by :func:`decode_body`) as the Struct ``kind``; raises
     msgspec.ValidationError for the front to word."""

@@ -71,7 +71,9 @@ from tooti.fronts.base import (
     MAX_TOKENS,
     ChatRequest,
     base64_image,
+    chat_tool,
     decode_as,
+    put_given,
     set_stream,
     validation_error,
 )
@@ -370,11 +372,9 @@ def _sampling(body: dict[str, Any], options: _Options | None) -> None:
     ``repeat_penalty`` under their own names, as llama.cpp and vLLM take them)."""
     if options is None:
         return
-    for name in ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty",
-                 "top_k", "min_p", "repeat_penalty"):
-        value = getattr(options, name)
-        if value is not None:
-            body[name] = value
+    put_given(body, **{name: getattr(options, name) for name in (
+        "temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "top_k",
+        "min_p", "repeat_penalty")})
     if options.num_predict is not None:
         if options.num_predict == 0:
             raise _bad("options.num_predict must be positive, or -1 (no limit)",
@@ -401,12 +401,8 @@ def _tools(tools: list[_Tool]) -> list[dict[str, Any]]:
     for i, tool in enumerate(tools):
         if tool.type != "function":
             raise _bad(f"tools[{i}].type must be \"function\"", f"tools[{i}].type")
-        function: dict[str, Any] = {"name": tool.function.name}
-        if tool.function.description is not None:
-            function["description"] = tool.function.description
-        if tool.function.parameters is not None:
-            function["parameters"] = tool.function.parameters
-        out.append({"type": "function", "function": function})
+        out.append(chat_tool(tool.function.name, description=tool.function.description,
+                             parameters=tool.function.parameters))
     return out
 
 

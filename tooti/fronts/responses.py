@@ -289,12 +289,8 @@ def _translate(request: _Request, body: dict[str, Any], context: dict[str, Any]
     chat: dict[str, Any] = {"model": request.model, "messages": messages}
     stream = bool(request.stream)
     base.set_stream(chat, stream)
-    if request.temperature is not None:
-        chat["temperature"] = request.temperature
-    if request.top_p is not None:
-        chat["top_p"] = request.top_p
-    if request.max_output_tokens is not None:
-        chat["max_tokens"] = request.max_output_tokens
+    base.put_given(chat, temperature=request.temperature, top_p=request.top_p,
+                   max_tokens=request.max_output_tokens)
     tool_choice, choice_echo, chat_tools = _tool_choice(request.tool_choice, tools, chat_tools)
     if chat_tools:
         chat["tools"] = chat_tools
@@ -467,14 +463,8 @@ def _tools(tools: list[dict[str, Any]]) -> tuple[list[_FunctionTool], list[dict[
 
 
 def _chat_tool(tool: _FunctionTool) -> dict[str, Any]:
-    function: dict[str, Any] = {"name": tool.name}
-    if tool.description is not None:
-        function["description"] = tool.description
-    if tool.parameters is not None:
-        function["parameters"] = tool.parameters
-    if tool.strict is not None:
-        function["strict"] = tool.strict
-    return {"type": "function", "function": function}
+    return base.chat_tool(tool.name, description=tool.description,
+                          parameters=tool.parameters, strict=tool.strict)
 
 
 def _tool_echo(tool: _FunctionTool) -> dict[str, Any]:
