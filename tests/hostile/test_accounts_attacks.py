@@ -418,12 +418,9 @@ async def test_self_service_keys_are_capped_even_when_made_at_once(
 
 # ------------------------------------------------------------ invite and credit codes
 
-async def test_invite_codes_race_repeat_expire_and_prefixes(env: Env, database: Database
-                                                           ) -> None:
-    owner, _ = await user(env, "owner", "operator")
-    await env.service.create_group(owner.id, "club")
-    code, invite = await env.service.create_invite("club", owner.id, max_uses=3)
-    members = [await user(env, f"m{i}") for i in range(12)]
+async def redeem_at_once(env: Env, keys: list[str], code: str) -> list[int]:
+    """Every key redeems ``code`` at the same time; the statuses they got (a refusal
+    must be 410 ``used_up``)."""
     statuses: list[int] = []
 
     async def redeem(secret: str) -> None:
@@ -434,8 +431,18 @@ async def test_invite_codes_race_repeat_expire_and_prefixes(env: Env, database: 
             statuses.append(response.status_code)
 
     async with trio.open_nursery() as nursery:
-        for _account, secret in members:
+        for secret in keys:
             nursery.start_soon(redeem, secret)
+    return statuses
+
+
+async def test_invite_codes_race_repeat_expire_and_prefixes(env: Env, database: Database
+                                                           ) -> None:
+    owner, _ = await user(env, "owner", "operator")
+    await env.service.create_group(owner.id, "club")
+    code, invite = await env.service.create_invite("club", owner.id, max_uses=3)
+    members = [await user(env, f"m{i}") for i in range(12)]
+    statuses = await redeem_at_once(env, [secret for _account, secret in members], code)
     assert statuses.count(200) == 3
     assert [i.uses for i in await env.service.list_invites("club")] == [3]
 
@@ -482,18 +489,7 @@ async def test_credit_codes_race_repeat_expire_and_prefixes(env: Env, database: 
                                                            ) -> None:
     code, info = await env.service.create_credit_code(5_000_000, "admin")
     redeemers = [await user(env, f"r{i}") for i in range(10)]
-    results: list[int] = []
-
-    async def redeem(secret: str) -> None:
-        async with env.client(secret) as http:
-            response = await http.post("/v1/me/redeem", json={"code": code})
-            if response.status_code != 200:
-                assert_error(response, 410, "used_up")
-            results.append(response.status_code)
-
-    async with trio.open_nursery() as nursery:
-        for _account, secret in redeemers:
-            nursery.start_soon(redeem, secret)
+    results = await redeem_at_once(env, [secret for _account, secret in redeemers], code)
     assert results.count(200) == 1
     balances = [(await env.service.get_account(a.id)).balance for a, _ in redeemers]
     assert sorted(balances) == [0] * 9 + [5_000_000]
