@@ -28,3 +28,25 @@ def test_a_surrogate_pair_and_truncated_input() -> None:
     with pytest.raises(APIError) as truncated:
         decode_body(b'{"a": "abc')
     assert "truncated" in truncated.value.message
+
+
+def test_every_front_answers_from_choice_0_only() -> None:
+    """A node's choice with another index is not the client's answer: each front reads
+    the first choice with index 0 (``fronts.base.first_choice``), whole or streamed."""
+    raw = (b'{"model": "m", "max_tokens": 5, "stream": true, "input": "hi", '
+           b'"messages": [{"role": "user", "content": "hi"}]}')
+    chunk = {"choices": [{"index": 7, "delta": {"content": "WRONG"}},
+                         {"index": 0, "delta": {"content": "right"}}]}
+    completion = {"choices": [
+        {"index": 3, "message": {"role": "assistant", "content": "WRONG"},
+         "finish_reason": "stop"},
+        {"index": 0, "message": {"role": "assistant", "content": "right"},
+         "finish_reason": "stop"}]}
+    for front in (anthropic_stream.FRONT, responses_stream.FRONT,
+                  ollama_front("chat", live={"m"})):
+        request = front.parse(raw)
+        stream = front.stream(request)
+        streamed = stream.start() + stream.feed(chunk) + stream.finish()
+        whole = front.answer(request, completion)
+        for out in (streamed, whole):
+            assert b"right" in out and b"WRONG" not in out, (front, out)

@@ -76,6 +76,7 @@ from tooti.fronts.base import (
     chat_tool,
     count,
     decode_as,
+    first_choice,
     image_url,
     new_id,
     put_given,
@@ -628,9 +629,7 @@ def message_dict(completion: Any, request: ChatRequest, *,
     """The ``Message`` for a node's ``chat.completion`` (choice 0)."""
     if not isinstance(completion, dict):
         raise APIError(502, "the node's answer is not a JSON object", code="bad_gateway")
-    choices = completion.get("choices")
-    choice = choices[0] if isinstance(choices, list) and choices else {}
-    choice = choice if isinstance(choice, dict) else {}
+    choice = first_choice(completion.get("choices")) or {}
     message = choice.get("message")
     message = message if isinstance(message, dict) else {}
     content: list[dict[str, Any]] = []

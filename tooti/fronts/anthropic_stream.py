@@ -44,6 +44,7 @@ from tooti.fronts.base import (
     SLOT,
     ChatRequest,
     Front,
+    first_choice,
     node_error,
     reasoning_of,
     template,
@@ -107,11 +108,10 @@ class AnthropicStream:
         if isinstance(usage, dict):
             self._usage = usage
         out = [self.start()]
-        choices = chunk.get("choices")
+        choice = first_choice(chunk.get("choices"))
         try:
-            for choice in choices if isinstance(choices, list) else ():
-                if isinstance(choice, dict) and choice.get("index", 0) == 0:
-                    self._choice(choice, out)
+            if choice is not None:
+                self._choice(choice, out)
         except APIError as exc:  # past the tool calls' bounds
             out.append(self.fail(exc))
         return b"".join(out)

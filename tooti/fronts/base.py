@@ -285,6 +285,17 @@ def reasoning_of(message: Any) -> str:
     return ""
 
 
+def first_choice(choices: Any) -> dict[str, Any] | None:
+    """The choice a front answers from a node's ``choices``: the first object with
+    ``index`` 0 (absent counts as 0); another index is not the client's answer."""
+    if not isinstance(choices, list):
+        return None
+    for choice in choices:
+        if isinstance(choice, dict) and choice.get("index", 0) == 0:
+            return choice
+    return None
+
+
 def node_error(chunk: dict[str, Any]) -> APIError | None:
     """The error a stream chunk reports (an OpenAI error object, or an error string,
     under ``error`` and with no ``choices``, as some servers send mid-stream) as a node

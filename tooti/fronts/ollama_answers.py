@@ -22,6 +22,7 @@ from tooti.fronts.base import (
     SLOT,
     ChatRequest,
     Front,
+    first_choice,
     node_error,
     reasoning_of,
     template,
@@ -165,8 +166,7 @@ def answer(upstream: Any, request: ChatRequest, clock: Clock = SYSTEM_CLOCK) -> 
     kind = request.context.get("kind")
     if kind in ("embed", "embeddings"):
         return _embedding_answer(upstream, request, clock)
-    choices = upstream.get("choices")
-    choice = _dict(choices[0]) if isinstance(choices, list) and choices else {}
+    choice = first_choice(upstream.get("choices")) or {}
     message = _dict(choice.get("message"))
     text = _str(message.get("content"))
     upstream_calls = message.get("tool_calls")
@@ -292,10 +292,9 @@ class NdjsonStream:
             return self.fail(error)
         if isinstance(chunk.get("usage"), dict):
             self._usage = chunk["usage"]
-        choices = chunk.get("choices")
-        if not isinstance(choices, list) or not choices:
+        choice = first_choice(chunk.get("choices"))
+        if choice is None:
             return b""
-        choice = _dict(choices[0])
         delta = _dict(choice.get("delta"))
         text = _str(delta.get("content"))
         thinking = reasoning_of(delta) if self.request.context.get("think", True) else ""

@@ -659,9 +659,7 @@ def build_response(request: ChatRequest, completion: Any,
     when the answer is not a JSON object."""
     if not isinstance(completion, dict):
         raise APIError(502, "the node's answer is not a JSON object", code="bad_gateway")
-    choices = completion.get("choices")
-    choice = choices[0] if isinstance(choices, list) and choices and isinstance(
-        choices[0], dict) else {}
+    choice = base.first_choice(completion.get("choices")) or {}
     message = choice.get("message")
     message = message if isinstance(message, dict) else {}
     finish = choice.get("finish_reason")

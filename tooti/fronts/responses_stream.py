@@ -42,6 +42,7 @@ from tooti.fronts.base import (
     SLOT,
     ChatRequest,
     Front,
+    first_choice,
     new_id,
     node_error,
     reasoning_of,
@@ -252,7 +253,7 @@ class ResponsesStream:
         if error is not None:
             out.append(self.fail(error))
             return b"".join(out)
-        choice = _first_choice(chunk.get("choices"))
+        choice = first_choice(chunk.get("choices"))
         if choice is None:
             return b"".join(out)
         delta = choice.get("delta")
@@ -495,15 +496,6 @@ class ResponsesStream:
         head = b"".join((b"event: ", kind_bytes, b'\ndata: {"type":"', kind_bytes,
                          b'","sequence_number":', str(sequence).encode()))
         return b"".join((head, b"," if fields else b"", _encode(fields)[1:], b"\n\n"))
-
-
-def _first_choice(choices: Any) -> dict[str, Any] | None:
-    if not isinstance(choices, list):
-        return None
-    for choice in choices:
-        if isinstance(choice, dict) and choice.get("index", 0) == 0:
-            return choice
-    return None
 
 
 class ResponsesFront:
