@@ -102,10 +102,10 @@ def parts(tokens: int, repeat: int) -> None:
             began = clock()
             stream.start()
             started = clock()
-            stream.feed_text("Hello", None)
+            stream.feed_text("Hello")
             first = clock()
             for _ in range(tokens - 1):
-                stream.feed_text(" word", None)
+                stream.feed_text(" word")
             fed = clock()
             stream.feed(finish_chunk)
             stream.feed(usage_chunk)

@@ -77,7 +77,7 @@ def fast(front: Front, raw: bytes, events: list[bytes]) -> tuple[bytes, int]:
             out.append(t.feed(msgspec.json.decode(data)))
         else:
             typed += 1
-            out.append(t.feed_text(*text))
+            out.append(t.feed_text(text))
     out.append(t.finish())
     return b"".join(out), typed
 
@@ -180,9 +180,9 @@ def test_a_chunk_the_typed_decoder_cannot_read_takes_the_general_path(data: Any)
 
 
 def test_a_plain_text_chunk_reads_as_its_text_and_model() -> None:
-    assert text_delta(encode(chunk({"role": "assistant", "content": "hé"}))) == ("hé", "node-m")
-    assert text_delta(encode(chunk({"content": None}))) == ("", "node-m")
-    assert text_delta(b'{"choices": [{"delta": {"content": "a"}}]}') == ("a", None)
+    assert text_delta(encode(chunk({"role": "assistant", "content": "hé"}))) == "hé"
+    assert text_delta(encode(chunk({"content": None}))) == ""
+    assert text_delta(b'{"choices": [{"delta": {"content": "a"}}]}') == "a"
 
 
 def test_a_template_is_cut_at_its_slots_only() -> None:
@@ -207,8 +207,8 @@ class Spy:
         self.calls.append(("feed", chunk))
         return b"f"
 
-    def feed_text(self, text: str, model: str | None) -> bytes:
-        self.calls.append(("text", (text, model)))
+    def feed_text(self, text: str) -> bytes:
+        self.calls.append(("text", text))
         return b"t"
 
     def finish(self) -> bytes:
@@ -243,8 +243,5 @@ async def test_the_send_wrapper_feeds_text_chunks_typed_and_others_whole() -> No
     body = b"".join(b"data: " + encode(c) + b"\n\n" for c in [chunk({"content": "a"}), tools])
     await send({"type": "http.response.body", "body": body + b"data: [DONE]\n\n",
                 "more_body": False})
-    # The node's model is not passed on: the dialect names the model the client asked for.
-    without_model = {k: v for k, v in tools.items() if k != "model"}
-    assert spy.calls == [("text", ("a", None)), ("feed", without_model), ("finish", None),
-                         ("finish", None)]
+    assert spy.calls == [("text", "a"), ("feed", tools), ("finish", None), ("finish", None)]
     assert sent[-1] == {"type": "http.response.body", "body": b"tf", "more_body": False}

@@ -889,3 +889,12 @@ def test_the_front_interface() -> None:
     assert events[-1]["type"] == "response.failed"
     assert events[-1]["response"]["error"]["message"] == "oom"
     Response.model_validate_json(FRONT.answer(request, completion({"content": "hi"})))
+
+
+def test_a_stream_names_the_model_asked_for_never_the_nodes() -> None:
+    """Every chunk says ``model: node-model``: the Response in every event names the
+    model the request asked for (a node cannot rename it)."""
+    events = run_stream(parse({"model": "m", "input": "hi", "stream": True}),
+                        [text_chunk("a"), text_chunk("b"), finish_chunk(), usage_chunk()])
+    models = {e["response"]["model"] for e in events if "response" in e}
+    assert models == {"m"}

@@ -116,7 +116,7 @@ class AnthropicStream:
             out.append(self.fail(exc))
         return b"".join(out)
 
-    def feed_text(self, text: str, model: str | None) -> bytes:
+    def feed_text(self, text: str) -> bytes:
         """The events for a chunk carrying only ``text`` (what :meth:`feed` sends)."""
         if self._done:
             return b""

@@ -111,9 +111,9 @@ class StreamTranslator(Protocol):
         """The dialect's bytes for one decoded chat-completions chunk (may be empty; a
         chunk that is not an object is skipped)."""
 
-    def feed_text(self, text: str, model: str | None) -> bytes:
+    def feed_text(self, text: str) -> bytes:
         """The same bytes as :meth:`feed` for a chunk whose only news is choice 0's
-        ``text`` (possibly empty) from ``model`` (:func:`text_delta` read it)."""
+        ``text`` (possibly empty; :func:`text_delta` read it)."""
 
     def finish(self) -> bytes:
         """The dialect's closing bytes once the upstream stream ended normally."""
@@ -332,7 +332,6 @@ class _TextChunk(msgspec.Struct, gc=False):
     (``gc=False``: these hold no cycles, so the collector need not track them.)"""
 
     choices: list[_TextChoice]
-    model: str | None = None
     usage: None = None
     error: None = None
 
@@ -340,8 +339,8 @@ class _TextChunk(msgspec.Struct, gc=False):
 _text_chunk = msgspec.json.Decoder(_TextChunk)
 
 
-def text_delta(data: bytes) -> tuple[str, str | None] | None:
-    """``(text, model)`` of a chunk's JSON ``data`` when the chunk is a plain text delta
+def text_delta(data: bytes) -> str | None:
+    """The text of a chunk's JSON ``data`` when the chunk is a plain text delta
     (see :class:`_TextChunk`; ``text`` is ``""`` for a null or missing content), else
     None: the chunk takes the general path (json-decoded, :meth:`StreamTranslator.feed`).
     One typed decode, no dicts."""
@@ -353,7 +352,7 @@ def text_delta(data: bytes) -> tuple[str, str | None] | None:
     if len(choices) != 1 or choices[0].index != 0:
         return None
     delta = choices[0].delta
-    return (delta.content or "") if delta is not None else "", chunk.model
+    return (delta.content or "") if delta is not None else ""
 
 
 SLOT = f"\0slot-{secrets.token_hex(8)}\0"

@@ -316,7 +316,7 @@ class NdjsonStream:
             out += self._flush_calls()
         return out
 
-    def feed_text(self, text: str, model: str | None) -> bytes:
+    def feed_text(self, text: str) -> bytes:
         """The line of a chunk carrying only ``text`` (what :meth:`feed` sends)."""
         line = self._text_line
         if line and text and not self._ended and self._first_token_ns is not None:

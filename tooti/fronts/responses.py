@@ -542,7 +542,7 @@ def _text(text: _Text) -> tuple[dict[str, Any] | None, dict[str, Any]]:
 
 
 def response_object(request: ChatRequest, *, status: str, output: list[Any],
-                    usage: dict[str, Any] | None = None, model: str | None = None,
+                    usage: dict[str, Any] | None = None,
                     incomplete_reason: str | None = None,
                     error: dict[str, Any] | None = None,
                     completed_at: float | None = None) -> dict[str, Any]:
@@ -552,7 +552,7 @@ def response_object(request: ChatRequest, *, status: str, output: list[Any],
         "id": context["response_id"],
         "object": "response",
         "created_at": context["created_at"],
-        **response_state(request, status=status, output=output, usage=usage, model=model,
+        **response_state(request, status=status, output=output, usage=usage,
                          incomplete_reason=incomplete_reason, error=error,
                          completed_at=completed_at),
         **context["echo"],
@@ -560,18 +560,19 @@ def response_object(request: ChatRequest, *, status: str, output: list[Any],
 
 
 def response_state(request: ChatRequest, *, status: str, output: list[Any],
-                   usage: dict[str, Any] | None = None, model: str | None = None,
+                   usage: dict[str, Any] | None = None,
                    incomplete_reason: str | None = None,
                    error: dict[str, Any] | None = None,
                    completed_at: float | None = None) -> dict[str, Any]:
     """The members of a ``Response`` that change while it streams (``status`` …
-    ``usage``, in the object's order): what :func:`response_frame` leaves out."""
+    ``usage``, in the object's order): what :func:`response_frame` leaves out. ``model``
+    is the one the request named, never the one a node says it is."""
     return {
         "status": status,
         "completed_at": int(completed_at) if completed_at is not None else None,
         "error": error,
         "incomplete_details": {"reason": incomplete_reason} if incomplete_reason else None,
-        "model": model or request.model,
+        "model": request.model,
         "output": output,
         "usage": usage,
     }

@@ -222,7 +222,6 @@ class ResponsesStream:
         """The open function calls of this turn, by the accumulator's call key."""
         self._finish_reason: str | None = None
         self._usage: dict[str, Any] | None = None
-        self._model: str | None = None
         self._frame: tuple[bytes, bytes] | None = None
         """The encoded ``Response`` around its changing members (made at the first)."""
 
@@ -243,9 +242,6 @@ class ResponsesStream:
         if self._ended or not isinstance(chunk, dict):
             return b""
         out = [self.start()]
-        model = chunk.get("model")
-        if isinstance(model, str) and model:
-            self._model = model
         usage = usage_object(chunk.get("usage"))
         if usage is not None:
             self._usage = usage
@@ -277,10 +273,10 @@ class ResponsesStream:
             self._finish_reason = reason
         return b"".join(out)
 
-    def feed_text(self, text: str, model: str | None) -> bytes:
+    def feed_text(self, text: str) -> bytes:
         """The events of a chunk carrying only ``text`` (what :meth:`feed` sends)."""
         item = self._current
-        if item is not None and text and not model and not self._ended:
+        if item is not None and text and not self._ended:
             part = item.parts[-1]  # an open item has its part
             if part.kind == "output_text":  # the usual token: as _content writes it
                 part.pieces.append(text)
@@ -291,8 +287,6 @@ class ResponsesStream:
         if self._ended:
             return b""
         opening = self.start()
-        if model:
-            self._model = model
         return opening + self._content("output_text", text) if text else opening
 
     def finish(self) -> bytes:
@@ -482,7 +476,7 @@ class ResponsesStream:
         head, tail = self._frame
         state = _encode(response_state(
             self._request, status=status, output=output or [],
-            usage=self._usage if status != "in_progress" else None, model=self._model,
+            usage=self._usage if status != "in_progress" else None,
             incomplete_reason=incomplete_reason, error=error, completed_at=completed_at))
         return msgspec.Raw(b"".join((head, state[1:-1], tail)))
 

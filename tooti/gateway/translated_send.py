@@ -225,7 +225,7 @@ class TranslatedSend:
                 data = event.data.encode()
             text = text_delta(data)
             if text is not None:  # the usual chunk, a token: typed, no dicts
-                out.append(translator.feed_text(text[0], None))
+                out.append(translator.feed_text(text))
             else:
                 self._chunk(data, translator, out)
         if not more:
@@ -233,10 +233,10 @@ class TranslatedSend:
         return out[0] if len(out) == 1 else b"".join(out)
 
     def _chunk(self, data: bytes, translator: StreamTranslator, out: list[bytes]) -> None:
-        """Feed one event's data (not a plain text delta) to ``translator``: the choice
-        of index 0 only, without the node's ``model`` (the dialect names the model the
-        client asked for, from its first event to its last); a chunk that is not a
-        ``chat.completion.chunk`` ends the stream in the dialect's error."""
+        """Feed one event's data (not a plain text delta) to ``translator`` (which reads
+        choice 0 only and names the model the client asked for, never the node's); a
+        chunk that is not a ``chat.completion.chunk`` ends the stream in the dialect's
+        error."""
         if data.strip() == _DONE:
             out.append(translator.finish())
             return
@@ -257,10 +257,6 @@ class TranslatedSend:
                 outcome.status, outcome.error = "failed_midstream", broken.message
             out.append(translator.fail(broken))
             return
-        chunk.pop("model", None)
-        choices = chunk.get("choices")
-        if choices and any(choice.get("index", 0) != 0 for choice in choices):
-            chunk["choices"] = [c for c in choices if c.get("index", 0) == 0]
         out.append(translator.feed(chunk))
 
     # ------------------------------------------------------------ whole answers
