@@ -14,7 +14,7 @@ PLUGINS := $(wildcard plugins/*/pyproject.toml)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 PIP = PYTHONWARNINGS='ignore:Editable installation' $(BIN)/python -m pip
 
-.PHONY: help install run tui peers usage test lint bench clean postgres
+.PHONY: help install run tui peers usage test lint bench clean postgres chromium
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -58,7 +58,12 @@ usage: $(VENV)/.installed-run  ## the usage records of `make run`'s gateway, by 
 postgres:
 	bash scripts/install-postgres.sh
 
-test: $(VENV)/.installed-test postgres  ## install the test extras and run the whole suite
+# Debian's chromium and chromium-driver for the console's browser tests; never fails
+# (a machine where apt cannot install them gets one line and the browser tests skip).
+chromium:
+	bash scripts/install-chromium.sh
+
+test: $(VENV)/.installed-test postgres chromium  ## install the test extras and run the whole suite
 	$(BIN)/python -m pytest -q
 	$(BIN)/ruff check tooti tests bench
 	$(BIN)/mypy
