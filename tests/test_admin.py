@@ -64,7 +64,8 @@ async def test_admin_key_required_when_configured(keyed: tuple[Gateway, str]) ->
         assert KEY not in refused.text
     for allowed in (right, lower):
         assert allowed.status_code == 200
-        assert allowed.json() == {"object": "list", "data": [], "queued": 0}
+        assert allowed.json() == {"object": "list", "data": [], "queued": 0,
+                                  "disabled": []}
     assert models.status_code == 200
 
 
@@ -163,4 +164,4 @@ async def test_peers_show_in_flight_and_leaving_nodes(network: Network) -> None:
             await registry.wait_until(lambda: "node-a" not in registry.peers)
         gone = (await http.get(PEERS)).json()
     assert busy["in_flight"] == 1 and busy["per_model"][MODEL]["in_flight"] == 1
-    assert gone == {"object": "list", "data": [], "queued": 0}
+    assert gone == {"object": "list", "data": [], "queued": 0, "disabled": []}

@@ -5,7 +5,10 @@ only. ``GET /admin/v1/peers`` (live peers), ``/network`` (what this process know
 the network, read by ``tooti peers``), ``/requests`` (recent requests), ``/events``
 (a snapshot, then every bus event, as server-sent events; the TUI reads it),
 ``/identities`` (bound node names) and ``DELETE /admin/v1/identities/{name}``;
-``GET /metrics`` is the Prometheus text exposition.
+``GET /metrics`` is the Prometheus text exposition. On a gateway (given a
+:class:`~tooti.admin.peer_control.PeerControl`), ``POST /admin/v1/peers/{id}/disable``,
+``/enable`` and ``/drain`` control a node (each answers the peer's admin view), and
+``GET /admin/v1/peers`` also lists the ``disabled`` ids.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from tooti import clock
 from tooti.admin.events import stream_events
 from tooti.admin.metrics import CONTENT_TYPE as METRICS_TYPE
 from tooti.admin.metrics import GatewayMetrics
+from tooti.admin.peer_control import PeerControl
 from tooti.dialer import Dialer
 from tooti.errors import APIError
 from tooti.identity import derive_id
@@ -42,6 +46,9 @@ log = logging.getLogger("tooti.gateway")
 ADMIN_PREFIX = "/admin/v1/"
 METRICS_PATH = "/metrics"
 IDENTITIES_PATH = "/admin/v1/identities"
+PEERS_PATH = "/admin/v1/peers"
+PEER_ACTIONS = ("disable", "enable", "drain")
+"""What ``POST /admin/v1/peers/{id}/{action}`` does (see :class:`PeerControl`)."""
 T = TypeVar("T")
 
 
@@ -97,12 +104,15 @@ def network_view(roles: Sequence[str], dialers: Iterable[Dialer], *, discover: b
 
 class AdminAPI:
     """The admin routes of one station; ``queued`` counts requests waiting for a node
-    (a gateway's proxy; nothing on a relay)."""
+    (a gateway's proxy; nothing on a relay); ``peer_control`` serves the peer actions
+    (a gateway's; without one they are 404)."""
 
-    def __init__(self, station: Station, queued: Callable[[], int] = lambda: 0) -> None:
+    def __init__(self, station: Station, queued: Callable[[], int] = lambda: 0,
+                 peer_control: PeerControl | None = None) -> None:
         self.station = station
         self.registry = station.registry
         self.queued = queued
+        self.peer_control = peer_control
         self.metrics = GatewayMetrics(station.registry, station.registry.bus, queued)
 
     def mount(self) -> None:
@@ -119,6 +129,9 @@ class AdminAPI:
         if path == IDENTITIES_PATH or path.startswith(IDENTITIES_PATH + "/"):
             await self._identities(scope, send, headers)
             return
+        if path.startswith(PEERS_PATH + "/"):
+            await send_json(send, 200, self._peer_action(path, method), headers)
+            return
         if method != "GET":
             raise APIError(405, f"use GET on {path}", code="method_not_allowed")
         bus = self.registry.bus
@@ -129,6 +142,7 @@ class AdminAPI:
                 "object": "list",
                 "data": [peer.describe() for peer in self.registry.peers.values()],
                 "queued": self.queued(),
+                "disabled": sorted(self.registry.disabled_ids),
             }, headers)
         elif path == "/admin/v1/network":
             await send_json(send, 200, self.network_view(), headers)
@@ -141,6 +155,21 @@ class AdminAPI:
                 self.snapshot, bus, tracked, headers))
         else:
             raise APIError(404, f"no admin route {path}", code="not_found")
+
+    def _peer_action(self, path: str, method: str) -> dict[str, Any]:
+        """``POST /admin/v1/peers/{id}/disable|enable|drain`` (see :class:`PeerControl`):
+        the peer's admin view after the action."""
+        node_id, _, action = path[len(PEERS_PATH) + 1:].rpartition("/")
+        control = self.peer_control
+        if not node_id or action not in PEER_ACTIONS or control is None:
+            raise APIError(404, f"no admin route {path}", code="not_found")
+        if method != "POST":
+            raise APIError(405, f"use POST on {path}", code="method_not_allowed")
+        if action == "disable":
+            return control.disable(node_id)
+        if action == "enable":
+            return control.enable(node_id)
+        return control.drain(node_id)
 
     async def _identities(self, scope: Scope, send: Send, headers: Headers) -> None:
         """``GET /admin/v1/identities``: bound node names with their keys' fingerprints

@@ -36,6 +36,7 @@ from tooti.accounts.records import Caller
 from tooti.accounts.service import AccountService
 from tooti.admin.accounts_api import AccountsAPI
 from tooti.admin.api import AdminAPI
+from tooti.admin.peer_control import PeerControl
 from tooti.admin.self_service import SelfService
 from tooti.billing.base import Billing, Outcome, RequestContext, Usage
 from tooti.billing.credits import Credits
@@ -162,7 +163,9 @@ class Gateway:
             "billing.settle_late", request_id=request_id)
         self.passthrough = PassThrough(self)
         """Rerank, audio, images and native responses, to nodes that announce them."""
-        self.admin = AdminAPI(self.station, lambda: self.proxy.queued)
+        self.peer_control = PeerControl(self.registry)
+        """Disable, enable and drain nodes (the admin API, the CLI and the console)."""
+        self.admin = AdminAPI(self.station, lambda: self.proxy.queued, self.peer_control)
         self.station.mount("/v1/", self.handle)
         self.fronts = FrontRoutes(self)
         """The Anthropic, Responses and Ollama routes, over :meth:`_forward`."""

@@ -36,6 +36,11 @@ class Peer:
     connected_at: float = field(default_factory=clock.wall)
     """When its tunnel was registered (wall clock, shown to people)."""
     draining: bool = False
+    """It takes no new streams: it sent GOAWAY (or its relay did), or an admin drained
+    it (:meth:`Registry.drain`)."""
+    disabled: bool = False
+    """An admin disabled its node id here (:meth:`Registry.disable`): routed nothing new
+    until enabled, set again whenever the same id re-joins."""
     failures: int = 0
     health: dict[str, ModelHealth] = field(default_factory=dict)
     """What this gateway measured for each model on this peer."""
@@ -95,6 +100,7 @@ class Peer:
         """True while the tunnel is up and the peer takes new streams."""
         return (
             not self.draining
+            and not self.disabled
             and not self.session.closed.is_set()
             and self.stats.get("healthy", True) is not False
         )
@@ -146,6 +152,7 @@ class Peer:
             "token": self.token or None, "owner": self.owner,
             "software": self.software, "models": sorted(self.models),
             "in_flight": self.total_in_flight(), "draining": self.draining,
+            "disabled": self.disabled,
             "rtt_ms": None if self.session.rtt is None else round(self.session.rtt * 1000, 3),
             "connected_at": self.connected_at,
             "state": self.state(),
@@ -164,9 +171,13 @@ class Peer:
         }
 
     def state(self) -> str:
-        """``live``, ``draining``, ``unhealthy``, ``cooldown`` (every model) or ``gone``."""
+        """``live``, ``disabled`` (by an admin), ``draining``, ``unhealthy``,
+        ``cooldown`` (every model) or ``gone``, the first that holds in that order
+        from ``gone`` up."""
         if self.session.closed.is_set():
             return "gone"
+        if self.disabled:
+            return "disabled"
         if self.draining:
             return "draining"
         if self.stats.get("healthy", True) is False:

@@ -18,6 +18,7 @@ from tooti.mesh.identity_store import IdentityStore
 from tooti.mesh.peer import Peer
 from tooti.mesh.routing_index import RoutingIndex
 from tooti.mesh.slot_queue import SlotQueue
+from tooti.tunnel import TunnelLost, TunnelSession
 
 log = logging.getLogger("tooti.gateway")
 
@@ -25,6 +26,14 @@ KNOWN_MODELS_LIMIT = 10_000
 """Model ids a gateway remembers having seen advertised (beyond those served now)."""
 VIOLATION = "protocol_violation"
 """GOAWAY code sent to a peer whose session is cut by :meth:`Registry.penalize`."""
+DRAINING = "draining"
+"""GOAWAY code sent to a peer an admin drained, once its last stream ended."""
+DISABLED_LIMIT = 10_000
+"""Node ids a gateway remembers as disabled (:meth:`Registry.disable`) at most."""
+
+
+class TooManyDisabled(Exception):
+    """:attr:`Registry.disabled_ids` is full: enable some ids before disabling more."""
 
 
 class KnownModels:
@@ -70,6 +79,11 @@ class Registry:
     (draining, health, cooldowns) calls :meth:`refresh` / :meth:`peer_updated` for that
     peer or :meth:`changed`.
 
+    An admin's peer control lives here too: :meth:`disable` / :meth:`enable` (node ids
+    routed nothing new, remembered across re-joins in :attr:`disabled_ids`) and
+    :meth:`drain` (no new streams, then the tunnel closes with GOAWAY ``draining`` once
+    the last stream on it ended, seen in :meth:`release`).
+
     It also composes who may join: :attr:`bindings` (which key owns each node id) and
     :attr:`bans` (ids and relay routes refused after a violation), which handshakes
     reach through :meth:`bind_identity`, :meth:`banned` and :meth:`penalize`.
@@ -109,7 +123,6 @@ class Registry:
         self.ready_counts = index.ready_counts
         self.usable = slots.usable
         self.reserve = slots.reserve
-        self.release = slots.release
         self.enqueue = slots.enqueue
         self.wait_for_slot = slots.wait_for_slot
         self.leave = slots.leave
@@ -126,6 +139,13 @@ class Registry:
         """Peer ids and relay routes refused after a violation (see :meth:`penalize`),
         and the strikes counted against relays."""
         self._changed = trio.Event()
+        self.disabled_ids: dict[str, float] = {}
+        """Node ids an admin disabled (→ when, wall clock), at most :data:`DISABLED_LIMIT`;
+        a peer registered under one of them is disabled at once (memory only: a gateway
+        restart forgets them)."""
+        self.closing: dict[TunnelSession, Peer] = {}
+        """Tunnels drained by an admin (:meth:`drain`) → their peer, closed as soon as
+        no stream is left on them."""
         self.join_directory: JoinTokenDirectory | None = None
         """Where each node registered here is bound to its owner account (the account
         of the join token that admitted it, or its relay), when the gateway has an
@@ -222,6 +242,7 @@ class Registry:
         registered again (a relayed node re-advertised after its ban) answers for its
         next violation afresh."""
         peer.penalized = False
+        peer.disabled = peer.id in self.disabled_ids
         old = self.peers.get(peer.id)
         self.peers[peer.id] = peer
         index = self.index
@@ -260,6 +281,8 @@ class Registry:
         why, when not that its tunnel closed)."""
         if self.peers.get(peer.id) is peer:
             del self.peers[peer.id]
+            if self.closing.get(peer.session) is peer:
+                del self.closing[peer.session]
             keys = self.index.unfile(peer)
             self._notify()
             self.slots.wake(keys)
@@ -316,3 +339,82 @@ class Registry:
         self.index.rebuild()
         self._notify()
         self.slots.wake_all(recheck=True)
+
+    # ------------------------------------------------------------ admin control
+
+    def release(self, peer: Peer, model: str) -> None:
+        """A stream of ``model`` on ``peer`` ended (see :meth:`SlotQueue.release`); the
+        last one on a tunnel an admin drained closes that tunnel."""
+        self.slots.release(peer, model)
+        if self.closing and peer.session in self.closing:
+            self._close_if_idle(peer.session)
+
+    def disable(self, peer_id: str) -> bool:
+        """Route ``peer_id`` nothing new (its streams under way finish) until
+        :meth:`enable`, across its re-joins; returns False if it already was. Raises
+        :class:`TooManyDisabled` when :data:`DISABLED_LIMIT` ids are disabled."""
+        if peer_id in self.disabled_ids:
+            return False
+        if len(self.disabled_ids) >= DISABLED_LIMIT:
+            raise TooManyDisabled(f"{DISABLED_LIMIT} node ids are disabled already")
+        self.disabled_ids[peer_id] = clock.wall()
+        self._set_disabled(peer_id, True)
+        log.info("node %s disabled (admin)", peer_id)
+        return True
+
+    def enable(self, peer_id: str) -> bool:
+        """Undo :meth:`disable`; returns False if ``peer_id`` was not disabled."""
+        if self.disabled_ids.pop(peer_id, None) is None:
+            return False
+        self._set_disabled(peer_id, False)
+        log.info("node %s enabled (admin)", peer_id)
+        return True
+
+    def _set_disabled(self, peer_id: str, disabled: bool) -> None:
+        peer = self.peers.get(peer_id)
+        if peer is not None and peer.disabled != disabled:
+            peer.disabled = disabled
+            self.peer_updated(peer)  # re-filed now: routing sees it at once
+            self.changed()
+
+    def drain(self, peer: Peer) -> None:
+        """Route ``peer`` (a direct tunnel: a node or a relay with every node behind
+        it) nothing new and close its tunnel with GOAWAY ``draining`` once its last
+        stream ended (at once if none is open). The peer may dial in again afterwards
+        (keep it out with :meth:`disable`). A node reached through a relay has no tunnel
+        of its own here: ValueError."""
+        if peer.via:
+            raise ValueError(f"node {peer.id} is reached through relay {peer.via}")
+        session = peer.session
+        if session.closed.is_set() or self.peers.get(peer.id) is not peer:
+            return
+        behind = [p for p in self.peers.values() if p.session is session]
+        for each in behind:  # the relay itself, and every node reached through it
+            if not each.draining:
+                each.draining = True
+                self.peer_updated(each)
+        self.changed()
+        if session not in self.closing:
+            log.info("peer %s draining (admin): its tunnel closes once its %d streams end",
+                     peer.id, self._streams_on(session))
+            self.closing[session] = peer
+        self._close_if_idle(session)
+
+    def _streams_on(self, session: TunnelSession) -> int:
+        return sum(p.total_in_flight() for p in self.peers.values() if p.session is session)
+
+    def _close_if_idle(self, session: TunnelSession) -> None:
+        """Close a drained tunnel if no stream is left on it: GOAWAY ``draining``,
+        written with what is queued (the last stream's frames), then the close."""
+        if self._streams_on(session):
+            return
+        peer = self.closing.pop(session)
+        log.info("peer %s drained: closing its tunnel", peer.id)
+        self.bus.publish("peer.drained", peer_id=peer.id)
+        try:
+            session.enqueue(session.conn.send_goaway(DRAINING, "drained by an admin"))
+        except (TunnelLost, RuntimeError):
+            pass
+        else:
+            session.flush_nowait()
+        session.abort("drained by an admin")

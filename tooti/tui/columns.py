@@ -17,7 +17,8 @@ T = TypeVar("T")
 STATE_STYLES = {
     "live": "green", "ok": "green", "streaming": "cyan", "routed": "cyan",
     "queued": "yellow", "retrying": "yellow", "draining": "yellow",
-    "cooldown": "dark_orange", "unhealthy": "dark_orange", "lost": "dim",
+    "cooldown": "dark_orange", "unhealthy": "dark_orange", "disabled": "magenta",
+    "lost": "dim",
     "gone": "dim red", "cancelled": "dim", "error": "red", "failed": "red",
     "failed_midstream": "red", "rejected": "magenta",
 }
