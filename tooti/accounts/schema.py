@@ -27,6 +27,18 @@ Tables:
 * ``gateways``: gateways sharing this database, with when each was last seen.
 * ``changes``: a counter bumped by every change a gateway caches (keys, accounts,
   groups, join tokens), polled to invalidate caches within a second.
+
+Migration 2 (the web console, :mod:`tooti.console`):
+
+* ``usage.ttft_ms``: the time to the first token of a request (NULL when unknown, and
+  for every row written before the column existed).
+* ``console_sessions``: signed-in browser sessions, by the SHA-256 of their cookie
+  token (:mod:`tooti.accounts.console_sessions`), with their CSRF token.
+* ``login_links``: hashed one-time login links (:mod:`tooti.accounts.login_links`).
+* ``login_failures``: failed password checks per account, for the lockout
+  (:mod:`tooti.accounts.passwords`); the password hash is ``accounts.password_hash``.
+* ``console_secrets``: the key that signs the console's cookies, shared by every
+  gateway on the database.
 """
 
 from __future__ import annotations
@@ -201,5 +213,37 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             counter BIGINT NOT NULL
         )""",
         "INSERT INTO changes VALUES (1, 0)",
+    ]),
+    (2, [
+        "ALTER TABLE usage ADD COLUMN ttft_ms DOUBLE PRECISION",
+        """CREATE TABLE console_sessions (
+            hash TEXT PRIMARY KEY,
+            account_id TEXT NOT NULL REFERENCES accounts(id),
+            csrf TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            expires_at DOUBLE PRECISION NOT NULL,
+            last_seen DOUBLE PRECISION NOT NULL,
+            revoked_at DOUBLE PRECISION
+        )""",
+        "CREATE INDEX console_sessions_account ON console_sessions(account_id)",
+        """CREATE TABLE login_links (
+            id TEXT PRIMARY KEY,
+            hash TEXT NOT NULL UNIQUE,
+            account_id TEXT NOT NULL REFERENCES accounts(id),
+            created_by TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            expires_at DOUBLE PRECISION NOT NULL,
+            used_at DOUBLE PRECISION
+        )""",
+        """CREATE TABLE login_failures (
+            account_id TEXT PRIMARY KEY REFERENCES accounts(id),
+            failures BIGINT NOT NULL,
+            window_start DOUBLE PRECISION NOT NULL,
+            locked_until DOUBLE PRECISION
+        )""",
+        """CREATE TABLE console_secrets (
+            name TEXT PRIMARY KEY,
+            value TEXT NOT NULL
+        )""",
     ]),
 ]

@@ -97,6 +97,9 @@ class Usage(msgspec.Struct, frozen=True):
     owner: str = ""
     """The account the serving node earns for, as the gateway knew it when the node
     served (its admission's owner; ``""``: unknown, billing looks it up)."""
+    ttft_ms: float | None = None
+    """Milliseconds from opening the stream on the serving node to its first token
+    (:attr:`Outcome.ttft_ms`; None when unknown)."""
 
     @property
     def cost(self) -> int:

@@ -128,7 +128,10 @@ it is quarantined (a value no database takes)."""
 COLUMNS = ("request_id", "ts", "account_id", "key_id", "model", "node_id", "owner_id",
            "endpoint", "stream", "prompt_tokens", "completion_tokens", "estimated",
            "price_input", "price_output", "cost", "charged", "earned", "fee", "lease_id",
-           "status", "latency_ms")
+           "status", "latency_ms", "ttft_ms")
+OPTIONAL_COLUMNS = frozenset({"ttft_ms"})
+"""Columns added after rows were first quarantined: a record without one replays as
+NULL (see :func:`_item_of`)."""
 INSERT = (f"INSERT INTO usage ({', '.join(COLUMNS)}) VALUES "
           f"({', '.join('?' * len(COLUMNS))}) ON CONFLICT (request_id) DO NOTHING")
 OWNER = COLUMNS.index("owner_id")
@@ -312,7 +315,7 @@ class Credits:
              usage.completion_tokens, int(usage.estimated), usage.price_input,
              usage.price_output, cost, charged, earned, fee,
              reservation.lease_id if reservation is not None else "", usage.status,
-             usage.latency_ms],
+             usage.latency_ms, usage.ttft_ms],
             ctx.request_id, ctx.account_id, usage.node_id, usage.owner, charged, earned,
             fee, reservation)
         self._queue(item)
@@ -326,7 +329,7 @@ class Credits:
             self.leases.release(reservation, 0)
         self._queue(_Item(
             [ctx.request_id, self.wall(), ctx.account_id, ctx.key_id, ctx.model, "", "",
-             ctx.endpoint, int(ctx.stream), 0, 0, 0, 0, 0, 0, 0, 0, 0, "", "failed", 0.0],
+             ctx.endpoint, int(ctx.stream), 0, 0, 0, 0, 0, 0, 0, 0, 0, "", "failed", 0.0, None],
             ctx.request_id, ctx.account_id, "", "", 0, 0, 0, None))
 
     async def close(self) -> None:
@@ -604,7 +607,8 @@ class ReplayReport(msgspec.Struct, frozen=True):
 
 def _item_of(record: Mapping[str, Any]) -> _Item:
     """The queued item a quarantined record was made from (ValueError if it is not one)."""
-    row = [record[column] for column in COLUMNS]
+    row = [record.get(column) if column in OPTIONAL_COLUMNS else record[column]
+           for column in COLUMNS]
     ints = ("charged", "earned", "fee")
     if any(type(record[name]) is not int for name in ints):
         raise ValueError("charged, earned and fee must be integers")

@@ -50,7 +50,7 @@ def usage_from(outcome: Outcome, body_bytes: int, started: float) -> Usage:
         completion_tokens=completion, status=outcome.status,
         price_input=_price(outcome.price_input), price_output=_price(outcome.price_output),
         estimated=estimated, latency_ms=(clock.now() - started) * 1000,
-        owner=outcome.owner,
+        owner=outcome.owner, ttft_ms=outcome.ttft_ms,
     )
 
 
