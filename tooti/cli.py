@@ -1,4 +1,7 @@
-"""The ``tooti`` command line: ``tooti run`` and ``tooti config check``."""
+"""The ``tooti`` command line: ``tooti run``, ``tooti config check``, ``tooti peers``,
+``tooti nodes disable|enable|drain ID`` (a running gateway's peer control, see
+:mod:`tooti.admin.peer_control`) and more; the accounts commands are in
+:mod:`tooti.cli_accounts`."""
 
 from __future__ import annotations
 
@@ -16,6 +19,13 @@ TUI_MODULES = frozenset({"textual", "rich"})
 """The third-party packages ``tooti tui`` needs (a default dependency, and the ``tui``
 extra): missing, the command says so in one line."""
 
+
+NODE_ACTIONS = {
+    "disable": "route a node nothing new until enabled (its requests under way finish)",
+    "enable": "route a disabled node again",
+    "drain": "route a node nothing new, then close its tunnel once its requests end",
+}
+"""``tooti nodes`` subcommands (``POST /admin/v1/peers/{id}/{action}``)."""
 
 GATEWAY_HELP = ("base URL of the gateway (or relay) to ask [TOOTI_GATEWAY, default "
                 "http://127.0.0.1:8080]")
@@ -90,6 +100,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--no-access-log", dest="access_log", action="store_const", const="0",
         help="no access-log line per /v1 request [TOOTI_ACCESS_LOG=0]",
+    )
+    run.add_argument(
+        "--console", dest="console", action="store_const", const="1",
+        help="serve the web console under /console (sign-in pages for users, operators "
+        "and admins) [TOOTI_CONSOLE=1]",
     )
     run.add_argument(
         "--drain-grace",
@@ -167,6 +182,26 @@ def _parser() -> argparse.ArgumentParser:
                        help="its admin key; prefer the variable [TOOTI_ADMIN_KEY]")
     peers.add_argument("--json", action="store_true", help="print the raw JSON view")
     peers.set_defaults(handler=_peers)
+
+    nodes = commands.add_parser(
+        "nodes", help="disable, enable or drain a node on a running gateway",
+        description="Control a node connected to a running gateway, through its admin API: "
+        "disable (route it nothing new, its requests under way finish; kept when it "
+        "reconnects), enable (route it again), drain (route it nothing new, then close its "
+        "tunnel once its requests under way end; it dials again later: disable it to keep "
+        "it out).",
+    )
+    node_commands = nodes.add_subparsers(dest="nodes_command", required=True,
+                                         metavar="COMMAND")
+    for action, text in NODE_ACTIONS.items():
+        leaf = node_commands.add_parser(action, help=text, description=text + ".")
+        leaf.add_argument("node_id", metavar="ID", help="the node's id")
+        leaf.add_argument("--gateway", "--url", dest="gateway", metavar="URL",
+                          help=GATEWAY_HELP)
+        leaf.add_argument("--admin-key", metavar="K",
+                          help="the gateway's admin key; prefer the variable [TOOTI_ADMIN_KEY]")
+        leaf.add_argument("--json", action="store_true", help="print the gateway's JSON")
+        leaf.set_defaults(handler=_nodes, action=action)
 
     config = commands.add_parser(
         "config", help="work with config files",
@@ -257,6 +292,31 @@ def _peers(args: argparse.Namespace) -> int:
         print(f"tooti: error: {exc}", file=sys.stderr)
         return 1
     print(network_report.to_json(view) if args.json else network_report.render(view))
+    return 0
+
+
+def _nodes(args: argparse.Namespace) -> int:
+    import json
+    from urllib.parse import quote
+
+    from tooti.admin_client import DEFAULT_GATEWAY, AdminClient, AdminError
+
+    url = args.gateway or os.environ.get("TOOTI_GATEWAY") or DEFAULT_GATEWAY
+    admin_key = args.admin_key or os.environ.get("TOOTI_ADMIN_KEY") or ""
+    try:
+        with AdminClient(url, admin_key) as client:
+            view = client.post(f"/admin/v1/peers/{quote(args.node_id, safe='')}/"
+                               f"{args.action}", {})
+    except AdminError as exc:
+        print(f"tooti: error: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(view, indent=2))
+    else:
+        in_flight = view.get("in_flight")
+        print(f"node {args.node_id}: {view.get('state', '?')}"
+              + ("" if in_flight is None else f" ({in_flight} requests in flight)")
+              + ("" if view.get("connected", True) else " (not connected)"))
     return 0
 
 
