@@ -593,6 +593,7 @@ _OPTIONS: dict[str, tuple[str, str]] = {
     "log_level": ("TOOTI_LOG_LEVEL", "--log-level"),
     "log_format": ("TOOTI_LOG_FORMAT", "--log-format"),
     "access_log": ("TOOTI_ACCESS_LOG", "--no-access-log"),
+    "console": ("TOOTI_CONSOLE", "--console"),
     "node_id": ("TOOTI_NODE_ID", "--node-id"),
     "drain_grace": ("TOOTI_DRAIN_GRACE", "--drain-grace"),
     "plugins_dir": ("TOOTI_PLUGINS_DIR", "--plugins-dir"),
@@ -659,6 +660,8 @@ def _apply_option(s: Settings, option: str, values: list[str], source: str) -> N
             s.log_format = str(_checked(value, LogFormat))
         elif option == "access_log":
             s.gateway.access_log = _parse_switch(value)
+        elif option == "console":
+            s.gateway.console = _parse_switch(value)
         elif option == "node_id":
             s.node.id = value
         elif option == "drain_grace":

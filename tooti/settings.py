@@ -156,6 +156,9 @@ class GatewaySettings(_Table):
     """One line per ``/v1`` request on the ``tooti.access`` logger, at INFO, when it ends
     (request id, key id, model, node, status, tokens, TTFT, duration; see
     :mod:`tooti.gateway.access_log`). Shown whatever ``log_level`` says; false = none."""
+    console: bool = False
+    """Serve the web console under ``/console`` on the gateway's port (sign-in pages for
+    users, operators and admins; see docs/console.md). Needs the accounts database."""
     gateway_id: str = ""
     """This gateway's name among gateways sharing a database (its credit leases carry
     it, and a restart reconciles its own); empty = a random id generated once and kept in

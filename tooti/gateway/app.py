@@ -41,6 +41,10 @@ from tooti.admin.self_service import SelfService
 from tooti.billing.base import Billing, Outcome, RequestContext, Usage
 from tooti.billing.credits import Credits
 from tooti.billing.pipeline import BYTES_PER_TOKEN, BillingPipeline, usage_from
+from tooti.config import ConfigError
+from tooti.console.app import PREFIX as CONSOLE_PREFIX
+from tooti.console.app import Console
+from tooti.console.context import ConsoleContext
 from tooti.errors import APIError
 from tooti.gateway import access_log
 from tooti.gateway.aliases import AliasedSend, Aliases
@@ -81,6 +85,8 @@ from tooti.settings import GatewaySettings, NetworkSettings, TunnelSettings
 
 log = logging.getLogger("tooti.gateway")
 
+FRONTS = ("anthropic", "responses", "ollama")
+"""The API dialects the gateway speaks besides OpenAI's chat (:mod:`tooti.fronts`)."""
 API_ROUTES = {
     "/v1/chat/completions": "chat/completions",
     "/v1/completions": "completions",
@@ -178,6 +184,19 @@ class Gateway:
             self.self_service = SelfService(self.accounts, database)
             AccountsAPI(self.station, self.accounts, database).mount()
         self._nursery: trio.Nursery | None = None
+        self.console: Console | None = None
+        """The web console under ``/console`` (``gateway.console``; needs a database)."""
+        if settings.console:
+            if self.accounts is None or database is None:
+                raise ConfigError("the console needs the accounts database "
+                                  "(gateway.database, or the default SQLite file)",
+                                  key="gateway.console")
+            self.console = Console(ConsoleContext(
+                settings=lambda: self.settings, database=database, accounts=self.accounts,
+                registry=self.registry, admin=self.admin, peer_control=self.peer_control,
+                gateway_id=self.gateway_id, fronts=FRONTS,
+            ), secure_cookies=bool(settings.tls_cert))
+            self.station.mount(CONSOLE_PREFIX, self.console)
 
     # ------------------------------------------------------------ life cycle
 
@@ -188,6 +207,8 @@ class Gateway:
         key acts as) is created first if it does not exist."""
         if self.accounts is not None:
             await self.accounts.ensure_admin()
+        if self.console is not None:
+            await self.console.start()
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
