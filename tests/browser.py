@@ -170,7 +170,7 @@ class _Chromium:
 
 def reset(driver: Any) -> None:
     """A clean browser for the next test: no cookies, no storage, desktop size, blank."""
-    driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+    set_desktop(driver)  # a test that left the phone size on
     driver.execute_cdp_cmd("Network.clearBrowserCookies", {})
     driver.execute_cdp_cmd("Storage.clearDataForOrigin",
                            {"origin": "*", "storageTypes": "all"})
