@@ -85,6 +85,10 @@ class AdminClient:
     def delete(self, path: str) -> Any:
         return self.call("DELETE", path)
 
+    def put_no_content(self, path: str, body: dict[str, Any]) -> None:
+        """A ``PUT`` the gateway answers with 204 (no body)."""
+        self.raw("PUT", path, json=_compact(body))
+
 
 def _compact(body: dict[str, Any]) -> dict[str, Any]:
     """``body`` without the members left unset (None), so the gateway's defaults apply."""

@@ -2,6 +2,11 @@
 (:mod:`tooti.admin.accounts_api`, through :class:`tooti.admin_client.AdminClient`):
 
 * ``tooti accounts {create,list,show,suspend,activate,limits}``
+* ``tooti accounts login-link NAME [--ttl 15m]`` (prints the console URL that signs the
+  account in once), ``tooti accounts set-password NAME`` (the password is read from a
+  prompt, or from stdin when it is not a terminal: never from the command line, which
+  other users see in ``ps``), ``tooti accounts logout NAME`` (ends every console
+  session of the account)
 * ``tooti keys {create,list,revoke}``
 * ``tooti groups {create,list,members,remove-member}``
 * ``tooti invites {create,list,revoke,redeem}``
@@ -32,6 +37,7 @@ account or amount).
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import os
 import re
@@ -197,6 +203,41 @@ def _accounts_limits(c: AdminClient, a: argparse.Namespace) -> int:
     limits = {"rpm": a.rpm, "tpm": a.tpm, "concurrency": a.concurrency}
     return emit(a, c.patch(f"/admin/v1/accounts/{a.account}", {"limits": limits}),
                 _one(ACCOUNT_COLUMNS))
+
+
+def _accounts_login_link(c: AdminClient, a: argparse.Namespace) -> int:
+    answer = c.post(f"/admin/v1/accounts/{a.account}/login-link", {"ttl": a.ttl})
+    url = c.base_url + answer["path"]
+    return emit(a, {**answer, "url": url}, lambda r: (
+        f"{url}\n(a one-time login link for {r['account_id']}, valid until "
+        f"{when(r.get('expires_at'))} UTC: give it to its owner privately)"))
+
+
+def read_password(stdin: Any = None) -> str:
+    """The new password: typed twice at a prompt (not echoed) when stdin is a terminal,
+    else the first line of stdin (without its line end). Never an argument."""
+    stdin = sys.stdin if stdin is None else stdin
+    if stdin.isatty():
+        first = getpass.getpass("new password: ")
+        if getpass.getpass("again: ") != first:
+            raise AdminError("the two passwords differ")
+        return first
+    return stdin.readline().rstrip("\r\n")
+
+
+def _accounts_set_password(c: AdminClient, a: argparse.Namespace) -> int:
+    password = read_password()
+    if not password:
+        raise AdminError("no password given (type it at the prompt, or pipe it on stdin)")
+    c.put_no_content(f"/admin/v1/accounts/{a.account}/password", {"password": password})
+    return emit(a, {"account": a.account, "password_set": True}, lambda _: (
+        f"password of {a.account} set; its console sessions were ended"))
+
+
+def _accounts_logout(c: AdminClient, a: argparse.Namespace) -> int:
+    return emit(a, c.post(f"/admin/v1/accounts/{a.account}/logout", {}), lambda r: (
+        f"ended {r['revoked']} console session{'s' if r['revoked'] != 1 else ''} of "
+        f"{r['account_id']}"))
 
 
 def _keys_create(c: AdminClient, a: argparse.Namespace) -> int:
@@ -434,6 +475,16 @@ def register(commands: Any) -> None:
              _accounts_limits)
     p.add_argument("account", metavar="ACCOUNT")
     _limit_flags(p)
+    p = leaf(accounts, "login-link", "print a one-time console login link for an account",
+             _accounts_login_link)
+    p.add_argument("account", metavar="ACCOUNT")
+    p.add_argument("--ttl", type=duration, default=900, metavar="DURATION",
+                   help="how long the link works (default 15m, at most 7d)")
+    leaf(accounts, "set-password", "set an account's console password (read from a "
+         "prompt, or stdin; never an argument)", _accounts_set_password).add_argument(
+        "account", metavar="ACCOUNT")
+    leaf(accounts, "logout", "end every console session of an account",
+         _accounts_logout).add_argument("account", metavar="ACCOUNT")
 
     keys = group("keys", "manage API keys")
     p = leaf(keys, "create", "create an API key (its secret is shown once)", _keys_create)

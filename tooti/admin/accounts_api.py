@@ -7,6 +7,13 @@ Routes (every one needs the admin key; bodies are JSON objects, unknown fields r
 * ``POST /admin/v1/accounts`` ``{name, role}`` → 201 the account;
   ``GET /admin/v1/accounts``; ``GET /admin/v1/accounts/{id or name}``;
   ``PATCH /admin/v1/accounts/{id or name}`` ``{status?, limits?: {rpm, tpm, concurrency}}``.
+* ``POST /admin/v1/accounts/{id or name}/login-link`` ``{ttl?}`` (seconds, default 900)
+  → 201 ``{link, path, expires_at}``: a one-time console login link (shown once;
+  :mod:`tooti.accounts.login_links`), ``path`` the console URL path that uses it;
+  ``PUT /admin/v1/accounts/{id or name}/password`` ``{password}`` → 204 (argon2id,
+  :mod:`tooti.accounts.passwords`; logs the account out of the console everywhere);
+  ``POST /admin/v1/accounts/{id or name}/logout`` → ``{revoked: n}`` (every console
+  session of the account ended).
 * ``POST /admin/v1/keys`` ``{account, name, group, models, expires_in | expires_at, rpm,
   tpm, concurrency, budget_day | budget_day_micros, budget_month | budget_month_micros}`` →
   201 the key with its secret in ``key`` (the only time it is ever shown);
@@ -58,8 +65,11 @@ import msgspec
 import trio
 
 from tooti import clock
+from tooti.accounts.console_sessions import ConsoleSessions
 from tooti.accounts.database import Database
+from tooti.accounts.login_links import LoginLinks
 from tooti.accounts.money import MAX_AMOUNT, format_credits, parse_credits
+from tooti.accounts.passwords import Passwords
 from tooti.accounts.records import (
     ADMIN_ACCOUNT,
     AccountInfo,
@@ -83,6 +93,8 @@ MAX_BODY = 64 * 1024
 """The largest request body the accounts routes read (bytes)."""
 BODY_SECONDS = 10.0
 T = TypeVar("T")
+LOGIN_LINK_PATH = "/console/login/link"
+"""The console page a login link opens (``?token=<link>``)."""
 SUMMARY_COUNTS = frozenset({"open_leases"})
 """Members of the ledger summary that are counts, not amounts."""
 
@@ -117,6 +129,18 @@ class AccountCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class AccountPatch(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     status: Literal["active", "suspended"] | None = None
     limits: LimitsBody | None = None
+
+
+class Empty(msgspec.Struct, forbid_unknown_fields=True):
+    """A body that must be empty (or ``{}``)."""
+
+
+class LoginLinkCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    ttl: Annotated[int, msgspec.Meta(ge=1, le=7 * 86400)] = 900
+
+
+class PasswordSet(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    password: Annotated[str, msgspec.Meta(max_length=1024)]
 
 
 class KeySpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -498,6 +522,9 @@ _ROUTES = [
     _route("GET", "/admin/v1/accounts", "list_accounts"),
     _route("GET", "/admin/v1/accounts/{}", "get_account"),
     _route("PATCH", "/admin/v1/accounts/{}", "patch_account"),
+    _route("POST", "/admin/v1/accounts/{}/login-link", "login_link"),
+    _route("PUT", "/admin/v1/accounts/{}/password", "set_password"),
+    _route("POST", "/admin/v1/accounts/{}/logout", "logout"),
     _route("POST", "/admin/v1/keys", "create_key"),
     _route("GET", "/admin/v1/keys", "list_keys"),
     _route("DELETE", "/admin/v1/keys/{}", "revoke_key"),
@@ -536,6 +563,9 @@ class AccountsAPI:
         self.service = service
         self.database = database
         self.router = Router(self, _ROUTES)
+        self.passwords = Passwords(database)
+        self.links = LoginLinks(database)
+        self.sessions = ConsoleSessions(database)
 
     def mount(self) -> None:
         """Serve the routes on the station (their prefixes are longer than the admin
@@ -550,6 +580,8 @@ class AccountsAPI:
         status, body = await handler(scope, receive, *args)
         if isinstance(body, RawBody):
             await send_bytes(send, status, body.body, headers, body.content_type)
+        elif body is None:  # 204
+            await send_bytes(send, status, b"", headers)
         else:
             await send_json(send, status, body, headers)
 
@@ -585,6 +617,31 @@ class AccountsAPI:
                 rpm=body.limits.rpm, tpm=body.limits.tpm,
                 concurrency=body.limits.concurrency))
         return 200, account_json(await self.service.get_account(account.id))
+
+    async def login_link(self, scope: Scope, receive: Receive, ident: str
+                         ) -> tuple[int, Any]:
+        body = await read_json(scope, receive, LoginLinkCreate)
+        account = await self._account(ident)
+        secret = await self.links.mint(account.id, by_account=ADMIN_ACCOUNT, ttl=body.ttl)
+        return 201, {"object": "login_link", "account_id": account.id, "link": secret,
+                     "path": f"{LOGIN_LINK_PATH}?token={secret}",
+                     "expires_at": clock.wall() + body.ttl}
+
+    async def set_password(self, scope: Scope, receive: Receive, ident: str
+                           ) -> tuple[int, Any]:
+        body = await read_json(scope, receive, PasswordSet)
+        account = await self._account(ident)
+        try:
+            await self.passwords.set_password(account.id, body.password)
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="password", code="invalid_request") from None
+        return 204, None
+
+    async def logout(self, scope: Scope, receive: Receive, ident: str) -> tuple[int, Any]:
+        await read_json(scope, receive, Empty)
+        account = await self._account(ident)
+        return 200, {"account_id": account.id,
+                     "revoked": await self.sessions.revoke_all(account.id)}
 
     # ------------------------------------------------------------ keys
 
