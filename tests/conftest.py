@@ -115,7 +115,7 @@ def simulated(**options: Any) -> SimulatedBackend:
 
 NetworkFactory = Callable[..., Any]
 
-pytest_plugins = ["tests.backend_fixtures", "tests.browser"]  # browser: the console tests
+pytest_plugins = ["tests.backend_fixtures", "tests.browser", "tests.console_support"]
 
 
 @pytest.fixture
