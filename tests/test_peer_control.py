@@ -10,6 +10,7 @@ change or an event, bounded by :data:`LIMIT`.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -215,7 +216,15 @@ async def test_disable_lets_a_request_in_flight_finish(network: Network) -> None
 # ------------------------------------------------------------ drain
 
 
-async def test_drain_lets_the_stream_finish_then_closes_the_tunnel(network: Network) -> None:
+def goaways(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The GOAWAY frames tunnel ends in this process received (the node's logs them)."""
+    return [r.getMessage().partition(": ")[2] for r in caplog.records
+            if r.name == "tooti.tunnel" and ": GOAWAY " in r.getMessage()]
+
+
+async def test_drain_lets_the_stream_finish_then_closes_the_tunnel(
+        network: Network, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="tooti.tunnel")
     held = Held()
     await start_node(network, "node-a", [network.tunnel_url], backends=[held])
     registry = network.gateway.registry
@@ -238,6 +247,7 @@ async def test_drain_lets_the_stream_finish_then_closes_the_tunnel(network: Netw
         # nothing new reaches it, and its tunnel stays up while its stream runs
         assert (await http.post("/v1/chat/completions", json=chat())).status_code == 503
         assert not peer.session.closed.is_set()
+        assert goaways(caplog) == []  # not told yet
         again = await http.post("/admin/v1/peers/node-a/drain")  # idempotent
         assert again.json()["state"] == "draining"
         held.go.set()
@@ -245,6 +255,7 @@ async def test_drain_lets_the_stream_finish_then_closes_the_tunnel(network: Netw
     assert sum(line.startswith("data: {") for line in lines) >= 3
     await until(network, lambda: registry.peers.get("node-a") is not peer)
     assert peer.session.close_reason == "drained by an admin"
+    assert goaways(caplog) == ["GOAWAY draining drained by an admin"]  # the node was told
     kinds = [e.kind for e in events]
     assert kinds.index("peer.drained") < kinds.index("peer.left")
     left = next(e for e in events if e.kind == "peer.left")
@@ -257,16 +268,18 @@ async def test_drain_lets_the_stream_finish_then_closes_the_tunnel(network: Netw
     assert not registry.closing
 
 
-async def test_drain_of_an_idle_node_closes_its_tunnel_at_once(network: Network) -> None:
+async def test_drain_of_an_idle_node_closes_its_tunnel_at_once(
+        network: Network, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="tooti.tunnel")
     await start_node(network, "node-a", [network.tunnel_url])
     registry = network.gateway.registry
     peer = registry.peers["node-a"]
     async with admin(network) as http:
         answer = await http.post("/admin/v1/peers/node-a/drain")
     assert answer.status_code == 200 and answer.json()["state"] in ("draining", "gone")
-    with trio.fail_after(LIMIT):
-        await peer.session.closed.wait()
+    await until(network, lambda: registry.peers.get("node-a") is not peer)
     assert peer.session.close_reason == "drained by an admin"
+    assert goaways(caplog) == ["GOAWAY draining drained by an admin"]
 
 
 async def test_a_relayed_node_can_be_disabled_but_not_drained(network: Network) -> None:
