@@ -78,7 +78,8 @@ def test_bash_completes_subcommands(scripts: dict[str, Path]) -> None:
 
 def test_bash_completes_nested_subcommands(scripts: dict[str, Path]) -> None:
     assert complete_bash(scripts["bash"], ["tooti", "config", ""]) == ["check"]
-    assert complete_bash(scripts["bash"], ["tooti", "accounts", "s"]) == ["show", "suspend"]
+    assert complete_bash(scripts["bash"], ["tooti", "accounts", "s"]) == [
+        "show", "suspend", "set-password"]
     # earnings takes flags and an optional subcommand: a flag's value is skipped
     assert complete_bash(scripts["bash"], ["tooti", "earnings", "--since", "3", "p"]) == [
         "payout"]
