@@ -110,7 +110,32 @@ async def test_unknown_name_verifies_a_dummy_hash(database: Database,
     monkeypatch.setattr(passwords, "_verify_sync", spy)
     await refused("credentials", passwords.check("nobody", PASSWORD))
     await refused("credentials", passwords.check("", PASSWORD))
-    assert len(verified) == 2 and all(h.startswith("$argon2id$") for h in verified)
+    await refused("credentials", passwords.check("nul\x00name", PASSWORD))
+    assert len(verified) == 3 and all(h.startswith("$argon2id$") for h in verified)
+
+
+async def test_migration_2_upgrades_a_database_with_rows(
+        database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tooti.accounts import database as database_module
+    from tooti.accounts.schema import MIGRATIONS
+
+    monkeypatch.setattr(database_module, "MIGRATIONS", MIGRATIONS[:1])
+    old = Database(database_url)
+    assert old.version == 1
+    row = usage_row("before", T0, "acct_x", "m")
+    del row["ttft_ms"]
+    insert(old, [row])
+    old.close()
+    monkeypatch.setattr(database_module, "MIGRATIONS", MIGRATIONS)
+    new = Database(database_url)
+    try:
+        assert new.version == 2
+        assert new.read_sync(lambda tx: tx.one(
+            "SELECT request_id, ttft_ms FROM usage")) == ("before", None)
+        Database(database_url).close()  # opening again applies nothing twice
+        assert new.version == 2
+    finally:
+        new.close()
 
 
 async def test_lockout_after_failures_and_reset(database: Database, service: AccountService,

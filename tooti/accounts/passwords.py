@@ -74,6 +74,12 @@ def revoke_sessions(tx: Tx, account_id: str, now: float) -> int:
                   "revoked_at IS NULL", (now, account_id))
 
 
+def plausible_name(name: object) -> bool:
+    """Whether ``name`` could be an account's name or id (worth a lookup): a non-empty
+    string without a NUL (PostgreSQL text cannot hold one) of at most 200 characters."""
+    return isinstance(name, str) and 0 < len(name) <= 200 and "\x00" not in name
+
+
 def refuse_inactive(account: AccountInfo) -> AccountInfo:
     """``account`` if it is active, else :class:`LoginRefused` ``suspended``."""
     if account.status != "active":
@@ -159,7 +165,7 @@ class Passwords:
         :class:`LoginRefused` (see the module docstring)."""
 
         def read(tx: Tx) -> tuple[AccountInfo | None, str, float | None]:
-            account = _find_account(tx, name) if isinstance(name, str) and name else None
+            account = _find_account(tx, name) if plausible_name(name) else None
             if account is None:
                 return None, "", None
             encoded = str(tx.value("SELECT password_hash FROM accounts WHERE id = ?",
