@@ -27,6 +27,7 @@ from tooti.cli import _parser, main
 from tooti.cli_completion import script
 from tooti.gateway.app import Gateway
 from tooti.identity import Identity
+from tooti.mesh import registry as registry_module
 from tooti.mesh.events import BusEvent
 from tooti.settings import BackendSettings, GatewaySettings, TunnelSettings
 
@@ -211,6 +212,21 @@ async def test_disable_lets_a_request_in_flight_finish(network: Network) -> None
         held.go.set()
     assert lines[-1] == "data: [DONE]"
     assert network.gateway.registry.peers["node-a"].state() == "disabled"  # tunnel kept
+
+
+async def test_the_disabled_ids_are_bounded(network: Network,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(registry_module, "DISABLED_LIMIT", 1)
+    await start_node(network, "node-a", [network.tunnel_url])
+    await start_node(network, "node-b", [network.tunnel_url])
+    async with admin(network) as http:
+        assert (await http.post("/admin/v1/peers/node-a/disable")).status_code == 200
+        full = await http.post("/admin/v1/peers/node-b/disable")
+        assert_error(full, 409, "too_many_disabled")
+        assert network.gateway.registry.peers["node-b"].state() == "live"  # refused whole
+        assert (await http.post("/admin/v1/peers/node-a/enable")).status_code == 200
+        assert (await http.post("/admin/v1/peers/node-b/disable")).status_code == 200
+    assert list(network.gateway.registry.disabled_ids) == ["node-b"]
 
 
 # ------------------------------------------------------------ drain
