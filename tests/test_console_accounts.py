@@ -8,7 +8,7 @@ TTFT a request's usage row records (and a quarantined row from before the column
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import pytest
@@ -51,7 +51,7 @@ def service(database: Database) -> AccountService:
     return AccountService(database)
 
 
-async def gather(calls: list[Callable[[], Awaitable[Any]]]) -> list[Any]:
+async def gather(calls: Sequence[Callable[[], Awaitable[Any]]]) -> list[Any]:
     """Run every call at once; each result or the exception it raised."""
     results: list[Any] = [None] * len(calls)
 
@@ -363,7 +363,7 @@ async def test_ttft_recorded_and_old_quarantine_replays(database: Database,
         await credits.flush()
         nursery.cancel_scope.cancel()
     await credits.close()
-    stored = dict(database.read_sync(lambda tx: tx.all(
+    stored: dict[str, float | None] = dict(database.read_sync(lambda tx: tx.all(
         "SELECT request_id, ttft_ms FROM usage")))
     assert stored == {"req-ttft": 41.25, "req-none": None}
     # a row quarantined before the column existed has no ttft_ms: it replays as NULL
