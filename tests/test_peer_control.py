@@ -193,6 +193,24 @@ async def test_a_disabled_node_stays_disabled_when_it_rejoins(network: Network) 
         assert "node-a" in await served_by(http, 6)
 
 
+async def test_a_node_enabled_while_away_is_routed_when_it_rejoins(network: Network) -> None:
+    identity = Identity.generate()
+    await start_node(network, "node-a", [network.tunnel_url], identity=identity)
+    registry = network.gateway.registry
+    async with admin(network) as http:
+        assert (await http.post("/admin/v1/peers/node-a/disable")).status_code == 200
+        network.kill_node("node-a")
+        await until(network, lambda: "node-a" not in registry.peers)
+        enabled = await http.post("/admin/v1/peers/node-a/enable")
+        assert enabled.status_code == 200, enabled.text
+        assert enabled.json() == {"id": "node-a", "state": "gone", "disabled": False,
+                                  "connected": False}
+        assert (await http.get("/admin/v1/peers")).json()["disabled"] == []
+        assert_error(await http.post("/admin/v1/peers/node-a/enable"), 404, "peer_not_found")
+        await start_node(network, "node-a", [network.tunnel_url], identity=identity)
+        assert await served_by(http, 2) == ["node-a", "node-a"]
+
+
 async def test_disable_lets_a_request_in_flight_finish(network: Network) -> None:
     held = Held()
     await start_node(network, "node-a", [network.tunnel_url], backends=[held])

@@ -31,7 +31,9 @@ The admin API (``POST /admin/v1/peers/{id}/disable|enable|drain``), the CLI
 
 Each call returns the peer's admin view (:meth:`Peer.describe`, what
 ``GET /admin/v1/peers`` lists), or for a disabled id with no live tunnel
-``{"id", "state": "disabled", "disabled": true, "connected": false, "disabled_at"}``.
+``{"id", "state": "disabled", "disabled": true, "connected": false, "disabled_at"}``
+(and an id enabled while not connected ``{"id", "state": "gone", "disabled": false,
+"connected": false}``).
 Unknown ids are APIError 404 ``peer_not_found``.
 """
 
@@ -71,6 +73,8 @@ class PeerControl:
         if node_id not in registry.peers and node_id not in registry.disabled_ids:
             raise _not_found(node_id)
         registry.enable(node_id)
+        if node_id not in registry.peers:  # enabled while away: routed when it re-joins
+            return {"id": node_id, "state": "gone", "disabled": False, "connected": False}
         return self.view(node_id)
 
     def drain(self, node_id: str) -> dict[str, Any]:
