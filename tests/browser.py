@@ -37,10 +37,11 @@ background networking, component updates, sync and QUIC off, in a fresh temporar
 
 When there is no browser
 ------------------------
-A missing ``/usr/bin/chromium`` or ``/usr/bin/chromedriver``, or a browser that cannot
-start, skips the tests that use the fixture with the reason (which binary, and that
-``bash scripts/install-chromium.sh`` installs it). Set ``TOOTI_REQUIRE_BROWSER=1`` (e.g.
-in CI, where the browser tests must run) to make that a failure instead.
+A missing ``/usr/bin/chromium`` or ``/usr/bin/chromedriver`` (the install script could
+not install them) skips the tests that use the fixture with the reason (which binary,
+and that ``bash scripts/install-chromium.sh`` installs it); an installed browser that
+cannot start fails them. Set ``TOOTI_REQUIRE_BROWSER=1`` to make a missing browser a
+failure too.
 """
 
 from __future__ import annotations
@@ -125,8 +126,13 @@ def start_chromium(user_data_dir: Path) -> Any:
 
 
 def _unavailable(reason: str) -> None:
+    """Skip only when the browser is not installed (the install script could not install
+    it); an installed browser that cannot start is a failure, as it would hide a broken
+    console from the suite."""
     if os.environ.get("TOOTI_REQUIRE_BROWSER", "") not in ("", "0"):
         pytest.fail(f"TOOTI_REQUIRE_BROWSER is set but {reason}", pytrace=False)
+    if not missing_binaries():
+        pytest.fail(f"Chromium is installed but unusable: {reason}", pytrace=False)
     pytest.skip(reason)
 
 
