@@ -104,9 +104,12 @@ API_KEY = "sk-bench-1234"
 LUA = {"non-stream": BENCH_DIR / "post_nostream.lua", "stream": BENCH_DIR / "post_stream.lua"}
 MODES = ("non-stream", "stream")
 CONCURRENCIES = (1, 16)
-TARGET_NAMES = ("direct", "tooti", "tooti-keys", "tooti-keys-pg", "litellm")
+TARGET_NAMES = ("direct", "tooti", "tooti-console", "tooti-keys", "tooti-keys-pg", "litellm")
 ACCOUNT_TARGETS = ("tooti-keys", "tooti-keys-pg")
 """Targets with API keys and charged credits (``--accounts``), compared with ``tooti``."""
+CONSOLE_TARGET = "tooti-console"
+"""The open gateway with its web console on and idle (``--console``), compared with
+``tooti``: the console must cost the ``/v1`` path nothing beyond noise."""
 KEY_ENV = "TOOTI_BENCH_KEY"
 """The variable the lua scripts read the bearer key from (else :data:`API_KEY`)."""
 PRICE_INPUT, PRICE_OUTPUT = 1.0, 2.0
@@ -476,7 +479,7 @@ def _node_config(path: Path, upstream_base: str, max_concurrency: int | None,
 def start_tooti(
     children: Children, layout: Layout, upstream: Target, data_dir: Path,
     max_concurrency: int | None = None, *, name: str = "tooti", keys: bool = False,
-    database: str = "", top_up: int = 0,
+    database: str = "", top_up: int = 0, console: bool = False,
 ) -> Target:
     """Start a gateway and a node (separate processes, state under ``data_dir/name``).
 
@@ -486,6 +489,7 @@ def start_tooti(
     admin key (on ``database``, a ``postgresql://`` URL, or empty for SQLite in its
     data dir), its node's backend is priced, and :func:`open_account` makes the
     account (topped up with ``top_up`` micro-units) and the key wrk sends.
+    ``console``: the gateway serves its web console (``--console``), idle.
     """
     port = free_port()
     state = data_dir / name
@@ -494,6 +498,8 @@ def start_tooti(
     tooti = [sys.executable, "-m", "tooti", "run", "--log-level", "warning"]
     argv = [*tooti, "--role", "gateway", "--listen", f"127.0.0.1:{port}",
             "--data-dir", str(state / "gateway")]  # the accounts/usage database is here
+    if console:
+        argv.append("--console")
     env = dict(os.environ)
     env.pop(KEY_ENV, None)
     admin_key = ""
@@ -1011,10 +1017,11 @@ def report(
                 lat = [b / a for a, b in zip(t_add, l_add, strict=False) if a > 0]
                 out.append(f"| {mode} | {c} | {_fmt_runs(ratios, 1)} | {_fmt_runs(lat, 1)} |")
         out.append("")
-    keyed = [t for t in ACCOUNT_TARGETS if t in targets]
+    keyed = [t for t in (CONSOLE_TARGET, *ACCOUNT_TARGETS) if t in targets]
     if keyed and "tooti" in targets:
-        out += ["Auth + credits vs the open gateway (tooti) of the same run (req/s change: "
-                "negative = slower; p50 added = p50 minus tooti's p50; per run):", "",
+        out += ["The console (idle), or auth + credits, vs the open gateway (tooti) of the "
+                "same run (req/s change: negative = slower; p50 added = p50 minus tooti's "
+                "p50; per run):", "",
                 "| path | mode | c | req/s change % | p50 added ms |", "|---|---|---|---|---|"]
         for target in keyed:
             for mode in MODES:
@@ -1135,6 +1142,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="also measure auth + credits: tooti-keys (--auth keys, SQLite) "
                              "and tooti-keys-pg (--database on a throwaway durable "
                              "PostgreSQL), each against tooti of the same run")
+    parser.add_argument("--console", action="store_true",
+                        help="also measure tooti-console: the open gateway with its web "
+                             "console on (--console) and idle, against tooti of the same run")
     parser.add_argument("--pg-synchronous-commit", choices=("on", "off"), default="on",
                         help="tooti-keys-pg: 'on' (default) waits for each commit's WAL "
                              "flush; 'off' matches the durability of SQLite's "
@@ -1148,9 +1158,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="CPU list for wrk, 'any', or 'auto' (default: shares the node's "
                              "CPU on two-CPU machines)")
     parser.add_argument("--only", default="",
-                        help="comma-separated subset of targets: direct,tooti,tooti-keys,"
-                             "tooti-keys-pg,litellm (direct always runs; tooti-keys* need "
-                             "--accounts, litellm --litellm)")
+                        help="comma-separated subset of targets: direct,tooti,tooti-console,"
+                             "tooti-keys,tooti-keys-pg,litellm (direct always runs; "
+                             "tooti-console needs --console, tooti-keys* --accounts, litellm "
+                             "--litellm)")
     parser.add_argument("--quiet-below", type=float, default=0.3, metavar="CPUS",
                         help="before each cell wait for other processes to use at most this "
                              "many CPUs (default 0.3)")
@@ -1199,7 +1210,8 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         sys.exit("error: tooti is not importable; run with the project's venv python")
     targets = [t for t in TARGET_NAMES if (t != "litellm" or args.litellm)
-               and (t not in ACCOUNT_TARGETS or args.accounts)]
+               and (t not in ACCOUNT_TARGETS or args.accounts)
+               and (t != CONSOLE_TARGET or args.console)]
     if args.only:
         wanted = set(args.only.split(","))
         targets = [t for t in targets if t in wanted or t == "direct"]
@@ -1224,6 +1236,10 @@ def main(argv: list[str] | None = None) -> int:
             if "tooti" in targets:
                 started["tooti"] = start_tooti(children, layout, upstream, Path(tmp),
                                                args.max_concurrency)
+            if CONSOLE_TARGET in targets:
+                started[CONSOLE_TARGET] = start_tooti(
+                    children, layout, upstream, Path(tmp), args.max_concurrency,
+                    name=CONSOLE_TARGET, console=True)
             top_up = 0
             if any(t in targets for t in ACCOUNT_TARGETS):
                 top_up = top_up_micros(args)
