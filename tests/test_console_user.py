@@ -237,3 +237,26 @@ async def test_quickstart_uses_the_browsers_url_and_lists_models(
     assert ('id="qs-ollama"' in page.text) == ("ollama" in fronts)
     if "ollama" in fronts:
         assert f'Client(host="{env.url}"' in page.text
+
+
+USER_PAGES = ["/console/", "/console/requests", "/console/keys", "/console/redeem",
+              "/console/quickstart"]
+
+
+async def test_user_pages_need_a_session_and_forms_need_csrf(
+        console_env: ConsoleEnv) -> None:
+    env = console_env
+    visitor = env.browser()
+    for path in USER_PAGES:
+        answer = await visitor.get(path)
+        assert answer.status_code == 303 and answer.headers["location"] == "/console/login"
+    user = await env.account("vic")
+    browser = env.browser()
+    await env.sign_in(browser, "vic")
+    for path in USER_PAGES:
+        page = await browser.get(path)
+        assert page.status_code == 200, path
+        assert "style=" not in page.text and "<script>" not in page.text
+    forged = await browser.post("/console/keys", {"name": "x"}, csrf="not-the-token")
+    assert forged.status_code == 403
+    assert await env.service.list_keys(user.id) == []
