@@ -62,9 +62,9 @@ async def paid_console(nursery: trio.Nursery, database: Database, tmp_path: Path
     gateway.shutdown()
 
 
-def priced_backend() -> SimulatedBackend:
+def priced_backend(model: str = "tooti-sim") -> SimulatedBackend:
     return SimulatedBackend(BackendSettings(
-        type="simulated", models=["tooti-sim"], max_concurrency=8, price_input=PRICE_IN,
+        type="simulated", models=[model], max_concurrency=8, price_input=PRICE_IN,
         price_output=PRICE_OUT, options={"tokens": TOKENS}))
 
 
@@ -75,16 +75,16 @@ async def flush_billing(env: ConsoleEnv) -> None:
             await plugin.flush()
 
 
-async def operator_with_node(env: ConsoleEnv, name: str = "olga", node_id: str = "node-o"
-                             ) -> tuple[str, str]:
-    """An operator whose node (joined with its token) served two paid requests; returns
-    (operator id, join token secret)."""
+async def operator_with_node(env: ConsoleEnv, name: str = "olga", node_id: str = "node-o",
+                             model: str = "tooti-sim") -> tuple[str, str]:
+    """An operator whose node (joined with its token, the only one serving ``model``)
+    served two paid requests; returns (operator id, join token secret)."""
     operator = await env.account(name, "operator")
     token, _ = await env.service.create_join_token(operator.id, name="rack-1")
     directory = env.gateway.station.join_directory
     assert directory is not None
     await directory.wait_current()  # else a loopback node would join as the admin's
-    await env.add_node([priced_backend()], node_id, join_token=token)
+    await env.add_node([priced_backend(model)], node_id, join_token=token)
     user = await env.account(f"{name}-user", "user")
     await env.service.top_up(user.id, 1_000_000, idem_key=f"top-{name}")
     key, _ = await env.service.create_key(user.id, "k")
@@ -92,7 +92,7 @@ async def operator_with_node(env: ConsoleEnv, name: str = "olga", node_id: str =
         for _ in range(2):
             answer = await http.post(
                 "/v1/chat/completions", headers={"authorization": f"Bearer {key}"},
-                json={"model": "tooti-sim", "max_tokens": TOKENS,
+                json={"model": model, "max_tokens": TOKENS,
                       "messages": [{"role": "user", "content": "hi"}]})
             assert answer.status_code == 200, answer.text
             assert answer.headers["x-tooti-node"] == node_id
@@ -245,7 +245,7 @@ async def test_earnings_page_and_export_are_the_operators_own(
         paid_console: ConsoleEnv) -> None:
     env = paid_console
     olga_id, _ = await operator_with_node(env, "olga", "node-o")
-    pete_id, _ = await operator_with_node(env, "pete", "node-p")
+    pete_id, _ = await operator_with_node(env, "pete", "node-p", "pete-model")
     browser = env.browser()
     await env.sign_in(browser, "olga")
     page = await browser.get("/console/earnings")
@@ -272,6 +272,9 @@ async def test_earnings_page_and_export_are_the_operators_own(
     assert int(row["earned"]) == 0 and int(row["owed"]) == earned
     bad = await browser.get("/console/earnings", params={"since": "yesterday-ish"})
     assert bad.status_code == 400
+    # the nodes page: olga's live node, never pete's (live on the same gateway)
+    nodes = (await browser.get("/console/nodes")).text
+    assert 'data-node="node-o"' in nodes and "node-p" not in nodes
 
 
 async def test_operator_pages_refuse_users(console_env: ConsoleEnv) -> None:
@@ -294,3 +297,26 @@ async def test_operator_pages_refuse_users(console_env: ConsoleEnv) -> None:
     for path in OPERATOR_PAGES:
         answer = await anonymous.get(path)
         assert answer.status_code == 303 and answer.headers["location"] == "/console/login"
+
+
+async def test_an_admin_sees_operator_pages_and_manages_any_group(
+        console_env: ConsoleEnv) -> None:
+    env = console_env
+    owner = await env.account("opal", "operator")
+    await env.service.create_group(owner.id, "opals")
+    admin = env.browser()
+    await env.sign_in(admin, "admin")
+    for path in OPERATOR_PAGES:
+        assert (await admin.get(path)).status_code == 200, path
+    page = await admin.get("/console/groups/opals")
+    assert page.status_code == 200 and "opal" in page.text
+    made = await admin.post("/console/groups/opals/invites", {"max_uses": "2"})
+    assert made.status_code == 200 and secret_of(made.text).startswith("ti-tooti-")
+    [invite] = await env.service.list_invites("opals")
+    assert invite.max_uses == 2 and invite.expires_at is None
+    # the operator's own page lists it (by prefix only)
+    operator = env.browser()
+    await env.sign_in(operator, "opal")
+    listed = await operator.get("/console/groups/opals")
+    assert f'data-invite="{invite.id}"' in listed.text
+    assert secret_of(made.text) not in listed.text
