@@ -120,6 +120,8 @@ async def test_nodes_page_shows_the_live_node_its_price_and_earnings(
     assert 'badge live' in row.group(1) and "tooti-sim" in row.group(1)
     assert ">1000<" in row.group(1)  # the completion price, credits per 1M tokens
     assert "/ 8<" in row.group(1)  # load: in flight / capacity
+    # tokens/s as the gateway measured the two requests (the last cell)
+    assert re.search(r'<td class="num">\d+\.\d</td>\s*$', row.group(1)), row.group(1)
     # the earnings chart has a bar for today, for node-o, with what it earned
     earned = env.gateway.database.read_sync(lambda tx: tx.value(  # type: ignore[union-attr]
         "SELECT SUM(earned) FROM usage WHERE owner_id = ?", (operator_id,)))
