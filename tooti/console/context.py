@@ -37,6 +37,8 @@ class ConsoleContext:
     fronts: tuple[str, ...] = ()
     """The API dialects the gateway speaks besides OpenAI's (``anthropic``, ``ollama``,
     ``responses``), for the quick start."""
+    routing_policy: Callable[[], str] = lambda: ""
+    """The routing policy in use now (a reload may swap it), for the config page."""
     passwords: Passwords = dataclasses.field(init=False)
     links: LoginLinks = dataclasses.field(init=False)
     sessions: ConsoleSessions = dataclasses.field(init=False)

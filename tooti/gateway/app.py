@@ -195,6 +195,7 @@ class Gateway:
                 settings=lambda: self.settings, database=database, accounts=self.accounts,
                 registry=self.registry, admin=self.admin, peer_control=self.peer_control,
                 gateway_id=self.gateway_id, fronts=FRONTS,
+                routing_policy=lambda: type(self.policy).__name__,
             ), secure_cookies=bool(settings.tls_cert))
             self.station.mount(CONSOLE_PREFIX, self.console)
 
