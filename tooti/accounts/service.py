@@ -411,6 +411,15 @@ class AccountService:
         """The account ``account_id`` (404 if none)."""
         return await self.db.read(lambda tx: _get_account(tx, account_id))
 
+    async def held(self, account_id: str) -> int:
+        """Micro-units of the account's credit that gateways hold in open leases
+        (:mod:`tooti.accounts.leases`): still the account's, spendable by its requests, and
+        back in its balance when the lease ends. ``balance + held`` is what it can spend."""
+        return await self.db.read(lambda tx: int(tx.value(
+            "SELECT COALESCE(SUM(b.balance), 0) FROM leases l JOIN books b "
+            "ON b.book = 'lease:' || l.id WHERE l.account_id = ? AND l.closed_at IS NULL",
+            (account_id,), 0)))
+
     async def find_account(self, id_or_name: str) -> AccountInfo | None:
         """The account with this id, else with this name, else None."""
         return await self.db.read(lambda tx: _find_account(tx, id_or_name))

@@ -187,8 +187,9 @@ class SelfService:
         usage = dict(await self.service.account_usage(account.id, since))
         charged = usage.pop("charged", 0)
         groups = await self.service.list_groups(account.id)
+        held = await self.service.held(account.id)
         return 200, {
-            **account_json(account),
+            **account_json(account), **money("held", held),
             "key": {"id": caller.key_id, "group": caller.group,
                     "models": list(caller.models), "limits": limits_json(caller.key_limits),
                     "expires_at": caller.expires_at},

@@ -202,8 +202,9 @@ async def overview() -> str:
     groups = await accounts.list_groups(account.id)
     keys = await accounts.list_keys(account.id)
     active = sum(1 for key in keys if key_state(key, now) == "active")
+    held = await accounts.held(account.id)
     return await render_template(
-        "user_overview.html", account=account, usage=usage, tokens_chart=tokens,
+        "user_overview.html", account=account, held=held, usage=usage, tokens_chart=tokens,
         credits_chart=credits, groups=groups, active_keys=active, total_keys=len(keys))
 
 
