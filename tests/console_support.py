@@ -6,9 +6,11 @@ in, and httpx clients that keep cookies like a browser and send each form's CSRF
 from __future__ import annotations
 
 import re
+import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from html import unescape
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,14 +18,20 @@ import pytest
 import trio
 
 from tooti.accounts.database import Database
+from tooti.accounts.join_directory import JoinTokenDirectory
 from tooti.accounts.records import AccountInfo
 from tooti.accounts.service import AccountService
 from tooti.backends.base import Backend
+from tooti.billing.base import BillingSetup
+from tooti.billing.credits import Credits
 from tooti.gateway.app import Gateway
+from tooti.mesh.station import Station
 from tooti.node.node import Node
 from tooti.settings import GatewaySettings, NodeSettings, TunnelSettings
 
 ADMIN_KEY = "adm-console-secret-key"
+FEE_BPS = 1000
+"""The house's fee on every charge (10 %), as ``billing.options.fee_bps``."""
 CSRF = re.compile(r'name="csrf" value="([^"]+)"')
 
 
@@ -105,6 +113,12 @@ class ConsoleEnv:
         assert landing.status_code == 200, landing.text
         return landing
 
+    async def flush_billing(self) -> None:
+        """Every request settled so far is in the database."""
+        for plugin in self.gateway.billing.plugins:
+            if isinstance(plugin, Credits):
+                await plugin.flush()
+
     async def add_node(self, backends: list[Backend], node_id: str, *, join_token: str = "",
                        **node_kwargs: Any) -> Node:
         """A node dialling the gateway (with ``join_token``: an operator's token)."""
@@ -125,24 +139,33 @@ class ConsoleEnv:
         return node
 
 
-async def start_console(nursery: trio.Nursery, database: Database, **settings: Any
-                        ) -> ConsoleEnv:
-    """A gateway with the console on, listening on a loopback port."""
+async def start_console(nursery: trio.Nursery, database: Database,
+                        data_dir: Path | None = None, **settings: Any) -> ConsoleEnv:
+    """A gateway with the console on, listening on a loopback port, as a paying
+    deployment runs (as ``tooti run`` builds it): the ``credits`` billing plugin (fee
+    10 %: usage rows, charges, earnings) and minted join tokens admitted (a node joining
+    with one earns for the token's account)."""
     service = AccountService(database)
     await service.ensure_admin()
     tunnel = TunnelSettings(heartbeat_interval=0.5)
     options: dict[str, Any] = {"listen": "127.0.0.1:0", "admin_key": ADMIN_KEY,
-                               "auth": "keys", "console": True, **settings}
-    gateway = Gateway(GatewaySettings(**options), tunnel, database=database)
+                               "auth": "keys", "console": True, "first_byte_timeout": 10,
+                               **settings}
+    gateway_settings = GatewaySettings(**options)
+    station = Station(gateway_settings, tunnel, join_directory=JoinTokenDirectory(database))
+    data_dir = data_dir or Path(tempfile.mkdtemp(prefix="tooti-console-"))
+    credits = Credits(BillingSetup(data_dir, {"fee_bps": FEE_BPS}, database=database))
+    gateway = Gateway(gateway_settings, tunnel, billing=[credits], station=station,
+                      database=database)
     urls = await nursery.start(gateway.serve)
     return ConsoleEnv(nursery, gateway, urls[0], service, tunnel)
 
 
 @pytest.fixture
-async def console_env(nursery: trio.Nursery, database: Database
+async def console_env(nursery: trio.Nursery, database: Database, tmp_path: Path
                       ) -> AsyncIterator[ConsoleEnv]:
     """A running gateway with the console on (SQLite and PostgreSQL)."""
-    env = await start_console(nursery, database)
+    env = await start_console(nursery, database, tmp_path)
     yield env
     for browser in env.browsers:
         await browser.aclose()

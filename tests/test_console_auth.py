@@ -4,6 +4,8 @@ cookie's flags, session fixation, CSRF, and the headers every answer carries."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 import pytest
 import trio
@@ -211,8 +213,9 @@ async def test_a_suspended_account_is_signed_out(console_env: ConsoleEnv) -> Non
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
-async def test_console_off_by_default(nursery: trio.Nursery, database: Database) -> None:
-    env = await start_console(nursery, database, console=False)
+async def test_console_off_by_default(nursery: trio.Nursery, database: Database,
+                                      tmp_path: Path) -> None:
+    env = await start_console(nursery, database, tmp_path, console=False)
     async with httpx.AsyncClient(base_url=env.url) as http:
         assert (await http.get("/console/login")).status_code == 404
     env.gateway.shutdown()

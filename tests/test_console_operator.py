@@ -10,23 +10,13 @@ from __future__ import annotations
 import csv
 import io
 import re
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import httpx
-import pytest
-import trio
 
-from tests.console_support import ADMIN_KEY, ConsoleEnv
-from tooti.accounts.database import Database
-from tooti.accounts.join_directory import JoinTokenDirectory
-from tooti.accounts.service import AccountService
+from tests.console_support import ConsoleEnv
+from tooti.accounts.money import format_credits
 from tooti.backends.simulated import SimulatedBackend
-from tooti.billing.base import BillingSetup
-from tooti.billing.credits import Credits
-from tooti.gateway.app import Gateway
-from tooti.mesh.station import Station
-from tooti.settings import BackendSettings, GatewaySettings, TunnelSettings
+from tooti.settings import BackendSettings
 
 PRICE_IN = 0.0
 PRICE_OUT = 1000.0
@@ -39,40 +29,10 @@ OPERATOR_PAGES = ["/console/nodes", "/console/groups", "/console/earnings",
                   "/console/earnings.csv", "/console/earnings.json"]
 
 
-@pytest.fixture
-async def paid_console(nursery: trio.Nursery, database: Database, tmp_path: Path
-                       ) -> AsyncIterator[ConsoleEnv]:
-    """Like ``console_env`` (the console on, SQLite and PostgreSQL), and as a paying
-    deployment runs: the ``credits`` billing plugin (fee 10 %) and minted join tokens
-    admitted (a node joining with one earns for the token's account)."""
-    service = AccountService(database)
-    await service.ensure_admin()
-    tunnel = TunnelSettings(heartbeat_interval=0.5)
-    settings = GatewaySettings(listen="127.0.0.1:0", admin_key=ADMIN_KEY, auth="keys",
-                               console=True, first_byte_timeout=10)
-    station = Station(settings, tunnel, join_directory=JoinTokenDirectory(database))
-    credits = Credits(BillingSetup(tmp_path, {"fee_bps": 1000}, database=database))
-    gateway = Gateway(settings, tunnel, billing=[credits], station=station,
-                      database=database)
-    urls = await nursery.start(gateway.serve)
-    env = ConsoleEnv(nursery, gateway, urls[0], service, tunnel)
-    yield env
-    for browser in env.browsers:
-        await browser.aclose()
-    gateway.shutdown()
-
-
 def priced_backend(model: str = "tooti-sim") -> SimulatedBackend:
     return SimulatedBackend(BackendSettings(
         type="simulated", models=[model], max_concurrency=8, price_input=PRICE_IN,
         price_output=PRICE_OUT, options={"tokens": TOKENS}))
-
-
-async def flush_billing(env: ConsoleEnv) -> None:
-    """Every request settled so far is in the database."""
-    for plugin in env.gateway.billing.plugins:
-        if isinstance(plugin, Credits):
-            await plugin.flush()
 
 
 async def operator_with_node(env: ConsoleEnv, name: str = "olga", node_id: str = "node-o",
@@ -96,7 +56,7 @@ async def operator_with_node(env: ConsoleEnv, name: str = "olga", node_id: str =
                       "messages": [{"role": "user", "content": "hi"}]})
             assert answer.status_code == 200, answer.text
             assert answer.headers["x-tooti-node"] == node_id
-    await flush_billing(env)
+    await env.flush_billing()
     return operator.id, token
 
 
@@ -107,8 +67,8 @@ def secret_of(html: str) -> str:
 
 
 async def test_nodes_page_shows_the_live_node_its_price_and_earnings(
-        paid_console: ConsoleEnv) -> None:
-    env = paid_console
+        console_env: ConsoleEnv) -> None:
+    env = console_env
     operator_id, token = await operator_with_node(env)
     browser = env.browser()
     await env.sign_in(browser, "olga")
@@ -244,8 +204,8 @@ async def test_groups_invites_members_and_group_tokens(console_env: ConsoleEnv) 
 
 
 async def test_earnings_page_and_export_are_the_operators_own(
-        paid_console: ConsoleEnv) -> None:
-    env = paid_console
+        console_env: ConsoleEnv) -> None:
+    env = console_env
     olga_id, _ = await operator_with_node(env, "olga", "node-o")
     pete_id, _ = await operator_with_node(env, "pete", "node-p", "pete-model")
     browser = env.browser()
@@ -256,7 +216,7 @@ async def test_earnings_page_and_export_are_the_operators_own(
     earned = int(env.gateway.database.read_sync(lambda tx: tx.value(  # type: ignore[union-attr]
         "SELECT SUM(earned) FROM usage WHERE owner_id = ?", (olga_id,))))
     owed = re.search(r'id="owed-now">.*?class="value">([^<]+)<', page.text, re.S)
-    assert owed and owed.group(1) == f"{earned / 1_000_000:g}"
+    assert owed and owed.group(1) == format_credits(earned)
 
     exported = await browser.get("/console/earnings.csv")
     assert exported.status_code == 200
