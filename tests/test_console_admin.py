@@ -120,6 +120,24 @@ async def test_users_and_operators_get_403_on_every_admin_page_visitors_sign_in(
     assert await console_env.service.find_account("evil") is None
 
 
+async def test_origin_null_of_a_no_referrer_page_falls_back_on_sec_fetch_site(
+        console_env: ConsoleEnv) -> None:
+    """Under ``Referrer-Policy: no-referrer`` Chromium sends ``Origin: null`` with the
+    console's own forms: then ``Sec-Fetch-Site`` decides (a foreign page's is
+    ``cross-site``)."""
+    browser = await admin(console_env)
+    await browser.get("/console/admin/accounts")
+    own = {"origin": "null", "sec-fetch-site": "same-origin"}
+    for headers in ({"origin": "null", "sec-fetch-site": "cross-site"},
+                    {"origin": "https://evil.example", "sec-fetch-site": "same-origin"}):
+        refused = await browser.post("/console/admin/accounts", {"name": "mallory"},
+                                     headers=headers)
+        assert refused.status_code == 403 and "another site" in refused.text
+    made = await browser.post("/console/admin/accounts", {"name": "carol"}, headers=own)
+    assert made.status_code == 303
+    assert [a.name for a in await console_env.service.list_accounts()] == ["admin", "carol"]
+
+
 # ------------------------------------------------------------ accounts
 
 async def test_create_account_list_and_refusals(console_env: ConsoleEnv) -> None:
@@ -466,3 +484,54 @@ async def test_no_secret_on_any_admin_page(nursery: trio.Nursery, database: Data
         for opened in env.browsers:
             await opened.aclose()
         env.gateway.shutdown()
+
+
+# ------------------------------------------------------------ in a real browser
+
+async def test_live_network_and_requests_in_a_browser(
+        console_env: ConsoleEnv, browser: Any) -> None:
+    """console.js follows the event stream on the admin pages: a node joining while
+    the page is open appears, a disable made elsewhere shows, a request appears on the
+    live request page; the action buttons it draws post to the console; no errors
+    under the CSP."""
+    from selenium.webdriver.common.by import By
+
+    from tests.browser import browser_errors, in_thread, screenshot, wait_for
+
+    await console_env.add_node([simulated()], "n1")
+    token = await console_env.gateway.console.ctx.links.mint("admin")  # type: ignore[union-attr]
+    await in_thread(browser.get, f"{console_env.url}/console/login/link?token={token}")
+    await in_thread(lambda: browser.find_element(By.CSS_SELECTOR, "#link-form button").click())
+    await in_thread(wait_for, browser, "header.top nav")
+    await in_thread(browser.get, f"{console_env.url}/console/admin/network")
+    await in_thread(wait_for, browser, "#live-status", text="live")
+    await in_thread(wait_for, browser, '#peers tr[data-id="n1"].state-live')
+    await console_env.add_node([simulated()], "n2")  # arrives over the stream
+    await in_thread(wait_for, browser, '#peers tr[data-id="n2"] td.actions button',
+                    text="Disable")
+    console_env.gateway.peer_control.disable("n2")  # elsewhere (the admin API)
+    await in_thread(wait_for, browser, '#peers tr[data-id="n2"].state-disabled')
+    await in_thread(wait_for, browser, '#peers tr[data-id="n2"] td.actions button',
+                    text="Enable")
+    await in_thread(screenshot, browser, "admin-network")
+
+    def enable_n2() -> None:
+        browser.execute_script("window.confirm = () => true;")
+        button = browser.find_element(
+            By.CSS_SELECTOR, '#peers tr[data-id="n2"] td.actions button')
+        assert button.text == "Enable"
+        button.click()
+
+    await in_thread(enable_n2)
+    await in_thread(wait_for, browser, ".notice.ok", text="Node n2: enabled")
+    assert not console_env.gateway.registry.peers["n2"].disabled
+    await in_thread(browser.get, f"{console_env.url}/console/admin/requests")
+    await in_thread(wait_for, browser, "#live-status", text="live")
+    async with httpx.AsyncClient(base_url=console_env.url, timeout=20) as http:
+        answer = await http.post("/v1/chat/completions", json=CHAT, headers=bearer(ADMIN_KEY))
+    row = await in_thread(wait_for, browser,
+                          f'#live-requests tr[data-id="{answer.headers["x-request-id"]}"]',
+                          text="finished")
+    assert "admin" in row.text and answer.headers["x-tooti-node"] in row.text
+    await in_thread(screenshot, browser, "admin-requests")
+    assert await in_thread(browser_errors, browser) == []

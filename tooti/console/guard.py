@@ -8,8 +8,10 @@
   session gets a per-browser CSRF token for the sign-in forms, kept in the signed cookie.
 * :func:`check_csrf` runs before every ``POST``: the form's ``csrf`` field must equal the
   session's token (compared in constant time), and a browser's ``Origin`` (or, without
-  one, ``Sec-Fetch-Site``) must be this console's own. Anything else is 403 before the
-  view runs.
+  one, ``Sec-Fetch-Site``) must be this console's own. ``Origin: null`` counts as none:
+  under the console's ``Referrer-Policy: no-referrer`` a browser sends it on every form
+  of the console itself, and ``Sec-Fetch-Site`` still tells a foreign page's form.
+  Anything else is 403 before the view runs.
 * :func:`signed_in` guards a view: 303 to the sign-in page without a session, 403 for a
   role below the page's (``user`` < ``operator`` < ``admin``). Every view that takes an
   id checks it against ``g.me`` itself (a service call scoped to the account), so an id
@@ -73,8 +75,8 @@ def signed_in_account() -> AccountInfo | None:
 async def check_csrf() -> None:
     """Refuse a ``POST`` whose CSRF token or origin is not this console's (403)."""
     origin = request.headers.get("origin")
-    if origin is not None:
-        if origin == "null" or urlsplit(origin).netloc.lower() != request.host.lower():
+    if origin is not None and origin != "null":
+        if urlsplit(origin).netloc.lower() != request.host.lower():
             raise APIError(403, "this form was sent from another site", code="csrf")
     elif request.headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
         raise APIError(403, "this form was sent from another site", code="csrf")
