@@ -346,6 +346,16 @@ async def test_network_page_lists_the_node_and_disable_enable_drain(
     assert (await browser.post("/console/admin/nodes/n2/explode")).status_code == 404
     assert (await browser.get("/console/admin/nodes/n2/enable")).status_code == 405
     assert registry.peers["n2"].disabled  # untouched by the refused requests
+    # A disabled node that left stays disabled, listed with a way to enable it.
+    console_env.scopes["n2"].cancel()
+    with trio.fail_after(10):
+        await registry.wait_until(lambda: "n2" not in registry.peers)
+    page = await browser.get("/console/admin/network")
+    offline = page.text.split('id="disabled-offline"', 1)[1]
+    assert 'action="/console/admin/nodes/n2/enable"' in row_of(offline, "n2")
+    assert (await browser.post("/console/admin/nodes/n2/enable")).status_code == 303
+    assert "n2" not in registry.disabled_ids
+    assert 'id="disabled-offline"' not in (await browser.get("/console/admin/network")).text
 
 
 async def test_event_stream_snapshot_then_request_events_and_release(
@@ -534,4 +544,19 @@ async def test_live_network_and_requests_in_a_browser(
                           text="finished")
     assert "admin" in row.text and answer.headers["x-tooti-node"] in row.text
     await in_thread(screenshot, browser, "admin-requests")
+    bob = await console_env.account("bob")
+    await console_env.service.top_up(bob.id, 25_000_000, idem_key="t1")
+    await console_env.service.create_key(bob.id, "laptop")
+    for path, name, ready in (
+            ("accounts", "admin-accounts", f'#accounts tr[data-id="{bob.id}"]'),
+            (f"accounts/{bob.id}", "admin-account", "#top-up-form"),
+            ("ledger", "admin-ledger", "#ledger-form"),
+            ("config", "admin-config", "table.config")):
+        await in_thread(browser.get, f"{console_env.url}/console/admin/{path}")
+        await in_thread(wait_for, browser, ready)
+        if name == "admin-ledger":
+            await in_thread(lambda: browser.find_element(
+                By.CSS_SELECTOR, "#ledger-form button").click())
+            await in_thread(wait_for, browser, "#ledger-ok")
+        await in_thread(screenshot, browser, name)
     assert await in_thread(browser_errors, browser) == []

@@ -532,7 +532,8 @@ def config_sections(settings: GatewaySettings, *, roles: list[str],
     limits = []
     for field in msgspec.structs.fields(GatewaySettings):
         value = getattr(settings, field.name)
-        if isinstance(value, bool | int | float) and field.name not in SECRET_FIELDS:
+        if isinstance(value, bool | int | float) and field.name not in SECRET_FIELDS \
+                and field.name != "console":  # in the first section
             limits.append((field.name, str(value).lower() if isinstance(value, bool)
                            else str(value)))
     groups = [(name, "configured group (join tokens and API keys not shown)")
