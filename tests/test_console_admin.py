@@ -23,6 +23,7 @@ from tooti.accounts.database import Database
 from tooti.accounts.directory import KeyDirectory
 from tooti.admin.events import sse
 from tooti.console import admin_pages
+from tooti.errors import APIError
 from tooti.settings import CorsSettings, GroupSettings
 
 CHAT = {"model": "tooti-sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
@@ -104,6 +105,7 @@ async def test_users_and_operators_get_403_on_every_admin_page_visitors_sign_in(
         for path in ADMIN_GETS:
             page = await browser.get(path)
             assert page.status_code == 403, (name, path, page.text)
+            assert "this page is for admins" in page.text
             assert "text/html" in page.headers["content-type"]
         for path in ADMIN_POSTS:
             await browser.get("/console/account")  # a fresh CSRF token
@@ -111,6 +113,7 @@ async def test_users_and_operators_get_403_on_every_admin_page_visitors_sign_in(
                                                "status": "suspended", "password": PASSWORD,
                                                "again": PASSWORD})
             assert answer.status_code == 403, (name, path, answer.text)
+            assert "this page is for admins" in answer.text  # the role, not the CSRF check
     visitor = console_env.browser()
     for path in ADMIN_GETS:
         answer = await visitor.get(path)
@@ -356,6 +359,17 @@ async def test_network_page_lists_the_node_and_disable_enable_drain(
     assert (await browser.post("/console/admin/nodes/n2/enable")).status_code == 303
     assert "n2" not in registry.disabled_ids
     assert 'id="disabled-offline"' not in (await browser.get("/console/admin/network")).text
+    # A refusal of the control (a relayed node's drain, 409) is a message on the page.
+
+    def relayed(node_id: str) -> dict[str, Any]:
+        raise APIError(409, f"node '{node_id}' is reached through relay 'r1'",
+                       code="relayed_node")
+
+    console_env.gateway.peer_control.drain = relayed  # type: ignore[method-assign]
+    refused = await browser.post("/console/admin/nodes/n9/drain")
+    assert refused.status_code == 303
+    page = await browser.get(refused.headers["location"])
+    assert "node &#39;n9&#39; is reached through relay &#39;r1&#39;" in page.text
 
 
 async def test_event_stream_snapshot_then_request_events_and_release(
