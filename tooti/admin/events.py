@@ -11,7 +11,8 @@ grace. A keepalive comment goes out after :data:`KEEPALIVE` seconds of silence.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
+from contextlib import aclosing
 from typing import Any
 
 import trio
@@ -30,33 +31,41 @@ def sse(kind: str, data: Any, seq: int | None = None) -> bytes:
     return encode_event(kind, data, seq)
 
 
-async def stream_events(
-    snapshot: Callable[[], dict[str, Any]], bus: EventBus, send: Send, headers: Headers,
-) -> None:
-    """Subscribe, send the snapshot, then relay events until the client leaves, falls
-    behind or the bus is closed (a drain or shutdown): a ``dropped`` event naming the
-    reason ends the stream (at once on a bus already closed)."""
+async def event_frames(snapshot: Callable[[], dict[str, Any]], bus: EventBus
+                       ) -> AsyncGenerator[bytes, None]:
+    """The stream's frames: subscribed before the snapshot is taken (so nothing is
+    missed; events up to ``snapshot["seq"]`` are in it), then every event, a keepalive
+    comment after :data:`KEEPALIVE` seconds of silence, and a ``dropped`` event naming
+    the reason when the subscriber fell behind or the bus was closed. The subscription
+    is released however the iteration ends (close the iterator: ``aclosing``)."""
     sub = bus.subscribe()
     try:
-        await send({"type": "http.response.start", "status": 200, "headers": [
-            (b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
-            (b"x-accel-buffering", b"no"), *headers]})
-        # Subscribed first, so nothing is missed; events up to snapshot["seq"] are in it.
-        await send({"type": "http.response.body", "body": sse("snapshot", snapshot()),
-                    "more_body": True})
+        yield sse("snapshot", snapshot())
         while True:
-            with trio.move_on_after(KEEPALIVE) as idle:
+            with trio.move_on_after(KEEPALIVE) as idle:  # never yield inside the scope
                 try:
                     event = await sub.receive.receive()
                 except trio.EndOfChannel:
                     break
             if idle.cancelled_caught:
-                await send({"type": "http.response.body", "body": b": keepalive\n\n",
-                            "more_body": True})
+                yield b": keepalive\n\n"
                 continue
-            await send({"type": "http.response.body", "more_body": True,
-                        "body": sse(event.kind, event.to_dict(), event.seq)})
-        await send({"type": "http.response.body", "more_body": False,
-                    "body": sse("dropped", {"reason": sub.reason or "bus closed"})})
+            yield sse(event.kind, event.to_dict(), event.seq)
+        yield sse("dropped", {"reason": sub.reason or "bus closed"})
     finally:
         bus.unsubscribe(sub)
+
+
+async def stream_events(
+    snapshot: Callable[[], dict[str, Any]], bus: EventBus, send: Send, headers: Headers,
+) -> None:
+    """:func:`event_frames` as an ASGI answer: until the client leaves, falls behind or
+    the bus is closed (a drain or shutdown), which ends it with the ``dropped`` event
+    (at once on a bus already closed)."""
+    async with aclosing(event_frames(snapshot, bus)) as frames:
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
+            (b"x-accel-buffering", b"no"), *headers]})
+        async for frame in frames:
+            await send({"type": "http.response.body", "body": frame, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
