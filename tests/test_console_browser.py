@@ -51,9 +51,12 @@ Checks on every page
 Every page visited is saved as a whole-page PNG (desktop, 1280 px wide) named in story
 order (``01-admin-sign-in-link.png``, ...), plus the user's overview on a phone-sized
 screen, into ``tests/.output/console/`` (or ``$TOOTI_SCREENSHOTS``); the main ones are
-copied by hand into ``docs/console/``. On every page :func:`tests.browser.browser_errors`
-must be empty: no Content-Security-Policy refusal, no JavaScript error, no failed load.
-Every wait is :func:`tests.browser.wait_for` on what the next page shows (no sleep), and
+copied by hand into ``docs/console/`` (``01-admin-accounts`` is ``NN-admin-accounts-after``,
+``04-operator-group`` is ``NN-operator-group-join-token``, ``07-user-keys`` is
+``NN-user-key-created``; the others keep their names).
+On every page :func:`tests.browser.browser_errors` must be empty: no Content-Security-Policy
+refusal, no JavaScript error, no failed load. Every wait is :func:`tests.browser.wait_for`
+on what the next page shows (no sleep), and
 every selenium call runs in a worker thread (:func:`tests.browser.in_thread`) so the
 test's trio loop keeps serving the gateway meanwhile. SQLite only: the database layer is
 covered on both databases by the other console tests; this one is about the browser.
