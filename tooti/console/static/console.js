@@ -128,6 +128,9 @@ const REQUEST_COLUMNS = [
 ];
 
 function renderTable(table) {
+  // Rows are updated in place, keyed by id: a row's elements (and a button under the
+  // pointer) stay the same nodes while events arrive; only changed cells are rewritten,
+  // a peer's action buttons only when its state changes.
   const kind = table.dataset.live;
   const columns = kind === "peers" ? PEER_COLUMNS : REQUEST_COLUMNS;
   let rows = kind === "peers" ? Array.from(live.peers.values())
@@ -135,18 +138,41 @@ function renderTable(table) {
   if (kind === "peers" && table.dataset.role) {
     rows = rows.filter((peer) => peer.role === table.dataset.role);
   }
-  const body = el("tbody");
-  for (const row of rows) {
-    const tr = el("tr");
-    tr.dataset.id = row.id || row.request_id;
-    if (row.state) tr.className = "state-" + String(row.state).replace(/[^a-z_]/g, "");
-    for (const [key, , digits] of columns) tr.appendChild(el("td", fmt(row[key], digits)));
-    if (kind === "peers" && table.dataset.actions === "yes" && row.role === "node"
-        && row.state !== "gone") {
-      tr.appendChild(actionsCell(row));
-    }
-    body.appendChild(tr);
+  const body = table.tBodies[0] || table.appendChild(el("tbody"));
+  const existing = new Map();
+  for (const tr of Array.from(body.rows)) {
+    if (tr.dataset.id) existing.set(tr.dataset.id, tr); else tr.remove();
   }
+  let previous = null;
+  for (const row of rows) {
+    const id = String(row.id || row.request_id);
+    let tr = existing.get(id);
+    existing.delete(id);
+    if (!tr) {
+      tr = el("tr");
+      tr.dataset.id = id;
+      for (let i = 0; i < columns.length; i++) tr.appendChild(el("td"));
+    }
+    const state = row.state ? "state-" + String(row.state).replace(/[^a-z_]/g, "") : "";
+    if (tr.className !== state) tr.className = state;
+    columns.forEach(([key, , digits], i) => {
+      const text = fmt(row[key], digits);
+      if (tr.cells[i].textContent !== text) tr.cells[i].textContent = text;
+    });
+    if (kind === "peers" && table.dataset.actions === "yes") {
+      const wanted = row.role === "node" && row.state !== "gone" ? String(row.state) : "";
+      const cell = tr.cells[columns.length];
+      if (!cell || cell.dataset.state !== wanted) {
+        const fresh = wanted ? actionsCell(row) : el("td", null, "actions");
+        fresh.dataset.state = wanted;
+        if (cell) tr.replaceChild(fresh, cell); else tr.appendChild(fresh);
+      }
+    }
+    const expected = previous ? previous.nextSibling : body.firstChild;
+    if (expected !== tr) body.insertBefore(tr, expected);
+    previous = tr;
+  }
+  for (const stale of existing.values()) stale.remove();
   if (!rows.length) {
     const tr = el("tr");
     const td = el("td", kind === "peers" ? "No peers connected." : "No requests yet.", "empty");
@@ -154,7 +180,6 @@ function renderTable(table) {
     tr.appendChild(td);
     body.appendChild(tr);
   }
-  table.replaceChild(body, table.tBodies[0]);
   const count = document.querySelector(`[data-count="${kind}"]`);
   if (count) count.textContent = String(rows.length);
 }
