@@ -10,10 +10,11 @@ import httpx
 import pytest
 import trio
 
-from tests.console_support import ConsoleEnv, start_console
+from tests.console_support import ConsoleEnv, csrf_of, start_console
 from tooti.accounts.database import Database
 
 PASSWORD = "correct horse battery staple"
+ADMIN = "adm-console-process-key"
 
 
 def cookie_header(response: httpx.Response) -> str:
@@ -219,3 +220,34 @@ async def test_console_off_by_default(nursery: trio.Nursery, database: Database,
     async with httpx.AsyncClient(base_url=env.url) as http:
         assert (await http.get("/console/login")).status_code == 404
     env.gateway.shutdown()
+
+
+async def test_tooti_run_console_signs_in_with_the_clis_link(tmp_path: Path) -> None:
+    """A real ``tooti run`` process with ``console = true``: the CLI's login link (with
+    the admin key from the environment) signs a browser in; an unknown path under
+    ``/console`` is the console's 404 page, ``/v1`` is unchanged."""
+    import os
+    import sys
+
+    from tests.processes import open_cluster
+
+    async with open_cluster(tmp_path) as cluster:
+        await cluster.start_gateway(console=True, admin_key=ADMIN, auth="keys")
+        link = await trio.run_process(
+            [sys.executable, "-m", "tooti", "accounts", "login-link", "admin",
+             "--gateway", cluster.url], capture_stdout=True, capture_stderr=True,
+            env={**os.environ, "TOOTI_ADMIN_KEY": ADMIN})
+        url = link.stdout.decode().splitlines()[0]  # then a note on whom to give it
+        assert url.startswith(f"{cluster.url}/console/login/link?token=tl-tooti-"), url
+        async with httpx.AsyncClient(timeout=20) as http:
+            page = await http.get(url)
+            assert page.status_code == 200
+            token = url.split("token=", 1)[1]
+            answer = await http.post(f"{cluster.url}/console/login/link",
+                                     data={"csrf": csrf_of(page.text), "token": token})
+            assert answer.status_code == 303, answer.text
+            account = await http.get(f"{cluster.url}/console/account")
+            assert account.status_code == 200 and "Set a password" in account.text
+            assert (await http.get(f"{cluster.url}/console/nope")).status_code == 404
+            models = await http.get(f"{cluster.url}/v1/models")
+            assert models.status_code == 401  # auth = keys: the console changes nothing
