@@ -181,6 +181,17 @@ def test_ready_banner_elsewhere_and_for_other_backends() -> None:
     assert real.splitlines()[0] == f"tooti is ready on {url} serving llama-3-8b."
 
 
+def test_ready_banner_names_the_console_when_it_is_on() -> None:
+    """With the console on, the banner gives its URL and how to sign in the first time."""
+    from tooti.runner import ready_banner
+
+    url = "http://127.0.0.1:8080"
+    assert "console" not in ready_banner(url, "tooti-sim", "simulated", command="tooti")
+    banner = ready_banner(url, "tooti-sim", "simulated", command="tooti", console=True)
+    assert (f"Web console: {url}/console (first sign-in: tooti accounts login-link admin "
+            f"--gateway {url})") in banner
+
+
 def test_ready_banner_points_at_the_script_beside_the_interpreter() -> None:
     from tooti.runner import ready_banner
 

@@ -342,7 +342,8 @@ async def _serve_roles(process: Process, roles: list[str],
         if process.gateway is not None and process.node is not None and process.node.models:
             model = sorted(process.node.models)[0]
             print(ready_banner(process.urls[0], model,
-                               process.node.models[model][0].type_name), flush=True)
+                               process.node.models[model][0].type_name,
+                               console=process.gateway.console is not None), flush=True)
 
 
 def relay_identity(settings: Settings) -> tuple[str, Identity]:
@@ -360,12 +361,13 @@ def relay_identity(settings: Settings) -> tuple[str, Identity]:
 
 
 def ready_banner(url: str, model: str, backend_type: str = "",
-                 command: str | None = None) -> str:
+                 command: str | None = None, *, console: bool = False) -> str:
     """What a gateway with a local node prints once it is ready: the URL and model (first
     line, ``tooti is ready on URL serving MODEL.``), what the model is when it is the
     embedded Gemma 3 270M (a small base model for trying the network, not for good
     answers) or the simulated backend (no model at all), a working curl, where the TUI
-    is, and — for those two — how to serve a real model instead.
+    is (and the web console, when ``console``), and — for those two — how to serve a
+    real model instead.
 
     ``command`` is how to call tooti in the hints: by default the ``tooti`` script beside
     this interpreter (``.venv/bin/tooti`` after ``make run``, relative to the working
@@ -394,6 +396,11 @@ def ready_banner(url: str, model: str, backend_type: str = "",
         "Watch it live:",
         f"  {command} tui --gateway {url}",
     ]
+    if console:
+        lines += [
+            f"Web console: {url}/console (first sign-in: "
+            f"{command} accounts login-link admin --gateway {url})",
+        ]
     if stand_in:
         lines += [
             "Serve a real model: stop this (Ctrl-C) and point tooti at your model server:",
