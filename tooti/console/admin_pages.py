@@ -25,6 +25,39 @@ Accounts
     the account's console sessions); ``/logout`` (every console session of the account
     ended, on every gateway sharing the database); ``/keys/<key id>/revoke`` (scoped to
     the account: a key of another account is 404).
+    Also on that page, so that the console can do what the admin CLI does:
+    ``/limits`` (``rpm``, ``tpm``, ``concurrency``, empty = unlimited:
+    :meth:`~tooti.accounts.service.AccountService.set_limits`, as ``tooti accounts
+    limits``); ``/keys`` (an API key for the account, the user key form's fields read by
+    :mod:`tooti.console.user_pages`' helpers, the group one the account belongs to;
+    ``create_key`` as ``POST /admin/v1/keys`` / ``tooti keys create``, the secret shown
+    once in the ``200`` answer); ``/join-tokens`` (operator and admin accounts: minted for
+    their public nodes or a group they own, every group for an admin account, shown
+    once, as ``tooti join-tokens create``) and ``/join-tokens/<id>/revoke`` (scoped to the
+    account); ``/groups`` (a group owned by the operator or admin account, as ``tooti
+    groups create --owner``); ``/redeem`` (an invite or credit code redeemed for the
+    account, as ``tooti invites|credits redeem --account``; an unknown code is a 400).
+
+Groups, credit codes, earnings and usage
+  * ``GET /console/admin/groups`` (:func:`groups_page`): every group, its owner and
+    member count, each linking to ``/console/groups/<name>`` (the operator page, which
+    an admin may open for any group: members, invites, join tokens).
+  * ``GET /console/admin/credits`` (:func:`credits_page`): every credit code (prefix,
+    amount, created, expires, redeemed by and when), as ``tooti credits codes``;
+    ``POST`` (:func:`create_code`): a single-use code (``amount`` in credits,
+    ``expires`` a duration or never), made by the signed-in admin account through
+    :meth:`~tooti.accounts.service.AccountService.create_credit_code`, shown once.
+  * ``GET /console/admin/earnings?since=&until=`` (:func:`earnings_page`): per operator
+    and per node, :func:`tooti.admin.accounts_api.earnings_report` (what ``GET
+    /admin/v1/earnings`` answers), and what each is owed now;
+    ``GET /console/admin/earnings.csv|.json``: :func:`tooti.admin.accounts_api.
+    earnings_export` (the body of ``GET /admin/v1/earnings/export``);
+    ``POST /console/admin/earnings/payout`` (:func:`payout`): ``account``, ``amount``
+    and ``idem`` (rendered into the form as the top-up's, so a form sent twice pays
+    once): :meth:`~tooti.accounts.service.AccountService.payout`.
+  * ``GET /console/admin/usage`` (:func:`usage_page`): :func:`tooti.billing.ledger.
+    summarize`, the function ``tooti usage`` prints, per account, model, node, key,
+    status and owner.
 
 Network and requests
   * ``GET /console/admin/network`` (:func:`network_page`): every peer of this gateway
@@ -54,7 +87,9 @@ Ledger and configuration
     what ``GET /admin/v1/ledger/check`` answers) and shows ok or the violations, the
     warnings and the summary. The check only reads, but it scans the whole journal: a
     ``POST`` makes it an act of the admin (not of a reload, a prefetch or another
-    site's page, which the CSRF check refuses).
+    site's page, which the CSRF check refuses). ``POST /console/admin/ledger/replay``
+    (:func:`ledger_replay`): :func:`tooti.billing.credits.replay_quarantine`, as ``POST
+    /admin/v1/ledger/replay`` and ``tooti ledger replay``, then 303 with the counts.
   * ``GET /console/admin/config`` (:func:`config_page`): the gateway's settings now
     (after any reload), with no secret: the admin key and every join token or group
     API key appear only as "set" / "not set" (join tokens by name), the database as
@@ -74,14 +109,37 @@ import msgspec
 import trio
 from quart import Blueprint, Response, flash, g, render_template, request, session
 
+from tooti import clock
+from tooti.accounts.credentials import CREDIT_CODE, INVITE
 from tooti.accounts.database import redact
-from tooti.accounts.money import format_credits, parse_credits
-from tooti.accounts.records import ADMIN_ACCOUNT, AccountInfo
-from tooti.admin.accounts_api import ledger_report
+from tooti.accounts.money import format_credits
+from tooti.accounts.records import ADMIN_ACCOUNT, AccountInfo, GroupInfo, KeyInfo, Limits
+from tooti.admin.accounts_api import (
+    amount_of,
+    earnings_export,
+    earnings_report,
+    expiry_of,
+    ledger_report,
+    time_param,
+)
 from tooti.admin.api import PEER_ACTIONS
 from tooti.admin.events import KEEPALIVE, sse
+from tooti.billing.credits import replay_quarantine
+from tooti.billing.ledger import summarize
 from tooti.console.guard import me, signed_in
 from tooti.console.responses import redirect_to
+from tooti.console.user_pages import (
+    KEY_FIELDS,
+    FormError,
+    budget,
+    budgets_text,
+    expiry_seconds,
+    key_state,
+    limits_text,
+    model_list,
+    text_field,
+    whole_number,
+)
 from tooti.errors import APIError
 from tooti.mesh.events import EventBus
 from tooti.settings import GatewaySettings
@@ -114,10 +172,6 @@ REQUEST_COLUMNS: tuple[tuple[str, str, int | None], ...] = (
 """The requests table's columns, as ``console.js``'s ``REQUEST_COLUMNS``."""
 SECRET_FIELDS = frozenset({"admin_key", "join_token", "join_tokens", "groups", "database"})
 """Settings the config page never shows as they are."""
-
-
-class FormError(ValueError):
-    """A field of an admin form is not valid (the page is re-rendered with status 400)."""
 
 
 # ------------------------------------------------------------ helpers
@@ -183,19 +237,26 @@ def _text(value: str, field: str, *, required: bool = False) -> str:
 
 
 def amount_field(text: str) -> int:
-    """Credits as a decimal string (``"12.5"``) → positive micro-units."""
+    """Credits as a decimal string (``"12.5"``) → positive micro-units, read by the admin
+    API's :func:`~tooti.admin.accounts_api.amount_of` (a refusal: :class:`FormError`)."""
     try:
-        value = parse_credits(text)
-    except ValueError as exc:
-        raise FormError(f"amount: {exc}") from None
-    if value <= 0:
-        raise FormError("amount: more than zero credits")
-    return value
+        return amount_of(text.strip(), None)
+    except APIError as bad:
+        raise FormError(f"amount: {bad.message}") from None
+
+
+def _path_id(text: str, what: str) -> str:
+    """An id or name from a page's path: one holding a control character is no id (404,
+    as the admin API's :func:`~tooti.admin.accounts_api.path_part`; PostgreSQL text
+    cannot even hold a NUL)."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+        raise APIError(404, f"no {what} holds a control character", code="not_found")
+    return text
 
 
 async def _account(ident: str) -> AccountInfo:
     """The account of a page's path (id or name; 404 if none)."""
-    account = await g.ctx.accounts.find_account(ident)
+    account = await g.ctx.accounts.find_account(_path_id(ident, "account"))
     if account is None:
         raise APIError(404, f"no account '{ident}'", code="not_found")
     return account
@@ -242,18 +303,46 @@ async def create_account() -> Response | tuple[str, int]:
 
 
 async def _account_page(account: AccountInfo, *, status: int = 200, error: str = "",
-                        link: str = "", link_expires: str = "") -> tuple[str, int]:
-    """The account's page, with a new idempotency key in its top-up form."""
-    account = await g.ctx.accounts.get_account(account.id)  # the balance now
-    keys = await g.ctx.accounts.list_keys(account.id)
+                        link: str = "", link_expires: str = "", key_secret: str = "",
+                        key_made: KeyInfo | None = None, token_secret: str = "",
+                        key_form: dict[str, str] | None = None) -> tuple[str, int]:
+    """The account's page, with a new idempotency key in its top-up form; a secret made
+    by the ``POST`` being answered (login link, API key, join token) is shown once."""
+    accounts = g.ctx.accounts
+    account = await accounts.get_account(account.id)  # the balance now
+    keys = await accounts.list_keys(account.id)
+    now = clock.wall()
+    operates = account.role in ("operator", "admin")
+    groups = await accounts.list_groups(account.id)
     html = await render_template(
         "admin_account.html", account=account, keys=list(reversed(keys)),
         path=_account_path(account), idem=f"console-{secrets.token_hex(12)}",
         error=error, link=link, link_expires=link_expires, link_ttls=LINK_TTLS,
         has_password=await g.ctx.passwords.has_password(account.id),
         min_length=g.ctx.passwords.MIN_LENGTH, is_admin_account=account.id == ADMIN_ACCOUNT,
-        key_paths={k.id: quote(k.id, safe="") for k in keys})
+        key_paths={k.id: quote(k.id, safe="") for k in keys},
+        key_rows={k.id: {"state": key_state(k, now), "limits": limits_text(k.limits),
+                         "budgets": budgets_text(k.limits)} for k in keys},
+        key_secret=key_secret, key_made=key_made, key_form=key_form or {},
+        groups=groups, group_paths={grp.id: _group_path(grp) for grp in groups},
+        token_groups=await _token_groups(account) if operates else [],
+        operates=operates, token_secret=token_secret,
+        tokens=list(reversed(await accounts.list_join_tokens(account.id))) if operates
+        else [], limits=account.limits)
     return html, status
+
+
+def _group_path(group: GroupInfo) -> str:
+    """The operator page of a group (where an admin manages any group)."""
+    return "/console/groups/" + quote(group.name, safe="")
+
+
+async def _token_groups(account: AccountInfo) -> list[GroupInfo]:
+    """The groups a join token of ``account`` may admit nodes into: those it owns, or
+    every group for an admin account (as the service allows)."""
+    every = await g.ctx.accounts.list_groups()
+    return every if account.role == "admin" else [
+        grp for grp in every if grp.owner_id == account.id]
 
 
 @blueprint.route("/console/admin/accounts/<ident>", methods=["GET"])
@@ -388,10 +477,306 @@ async def revoke_key(ident: str, key_id: str) -> Response | tuple[str, int]:
     """Revoke one of the account's keys (as ``DELETE /admin/v1/keys/{id}``, scoped to
     the account of the page: another account's key is 404)."""
     account = await _account(ident)
-    key = await g.ctx.accounts.revoke_key(key_id, account_id=account.id)
+    key = await g.ctx.accounts.revoke_key(_path_id(key_id, "key"), account_id=account.id)
     log.info("console: %s revoked key %s of %s", me().name, key.prefix, account.name)
     await flash(f"Key {key.prefix}… revoked.", "ok")
     return redirect_to(_account_path(account))
+
+
+@blueprint.route("/console/admin/accounts/<ident>/limits", methods=["POST"])
+@signed_in("admin")
+async def set_limits(ident: str) -> Response | tuple[str, int]:
+    """Replace the account's limits (``rpm``, ``tpm``, ``concurrency``; empty:
+    unlimited), as ``PATCH /admin/v1/accounts/{id}`` ``{limits}`` and ``tooti accounts
+    limits``."""
+    form = await request.form
+
+    async def run(account: AccountInfo) -> None:
+        limits = Limits(rpm=whole_number(form.get("rpm", ""), "rpm"),
+                        tpm=whole_number(form.get("tpm", ""), "tpm"),
+                        concurrency=whole_number(form.get("concurrency", ""), "concurrency"))
+        await g.ctx.accounts.set_limits(account.id, limits)
+        log.info("console: %s set the limits of %s", me().name, account.name)
+        await flash(f"Limits of {account.name}: {limits_text(limits)}.", "ok")
+
+    return await _act(ident, run)
+
+
+@blueprint.route("/console/admin/accounts/<ident>/keys", methods=["POST"])
+@signed_in("admin")
+async def create_key(ident: str) -> Response | tuple[str, int]:
+    """A new API key for the account (as ``POST /admin/v1/keys`` and ``tooti keys
+    create``), its secret shown once in the answer. The fields are the user key form's
+    (:data:`~tooti.console.user_pages.KEY_FIELDS`), read by its helpers; the group must
+    be one the account belongs to (else 400, nothing made)."""
+    raw = await request.form
+    form = {name: str(raw.get(name, "")) for name in KEY_FIELDS}
+    account = await _account(ident)
+    try:
+        name = text_field(form["name"], "name")
+        seconds = expiry_seconds(form["expires"])
+        models = model_list(form["models"])
+        group = text_field(form["group"], "group")
+        limits = Limits(rpm=whole_number(form["rpm"], "rpm"),
+                        tpm=whole_number(form["tpm"], "tpm"),
+                        concurrency=whole_number(form["concurrency"], "concurrency"),
+                        budget_day=budget(form["budget_day"], "daily budget"),
+                        budget_month=budget(form["budget_month"], "monthly budget"))
+        if group and group not in {
+                found.name for found in await g.ctx.accounts.list_groups(account.id)}:
+            raise FormError(f"group: {account.name} is not a member of a group {group!r}")
+        secret, key = await g.ctx.accounts.create_key(
+            account.id, name, group=group, models=models, limits=limits,
+            expires_at=expiry_of(seconds, None))
+    except FormError as bad:
+        return await _account_page(account, status=400, error=str(bad), key_form=form)
+    except APIError as refused:
+        if refused.status == 404:
+            raise
+        return await _account_page(account, status=refused.status, error=refused.message,
+                                   key_form=form)
+    log.info("console: %s created key %s for %s", me().name, key.prefix, account.name)
+    return await _account_page(account, key_secret=secret, key_made=key)
+
+
+@blueprint.route("/console/admin/accounts/<ident>/join-tokens", methods=["POST"])
+@signed_in("admin")
+async def mint_join_token(ident: str) -> Response | tuple[str, int]:
+    """A join token for the account's nodes (``group``: empty for its public nodes, or
+    one of :func:`_token_groups`), as ``POST /admin/v1/join-tokens`` and ``tooti
+    join-tokens create``; shown once in the answer."""
+    form = await request.form
+
+    async def run(account: AccountInfo) -> tuple[str, int]:
+        name = text_field(form.get("name", ""), "name")
+        group = text_field(form.get("group", ""), "group")
+        if group and group not in {grp.name for grp in await _token_groups(account)}:
+            raise FormError(f"group: {account.name} owns no group {group!r}")
+        secret, token = await g.ctx.accounts.create_join_token(account.id, group=group,
+                                                               name=name)
+        log.info("console: %s minted join token %s for %s", me().name, token.id,
+                 account.name)
+        return await _account_page(account, token_secret=secret)
+
+    return await _act(ident, run)
+
+
+@blueprint.route("/console/admin/accounts/<ident>/join-tokens/<token_id>/revoke",
+                 methods=["POST"])
+@signed_in("admin")
+async def revoke_join_token(ident: str, token_id: str) -> Response:
+    """Revoke one of the account's join tokens (as ``DELETE /admin/v1/join-tokens/{id}``,
+    scoped to the account of the page: another account's token is 404)."""
+    account = await _account(ident)
+    token = await g.ctx.accounts.revoke_join_token(_path_id(token_id, "join token"),
+                                                   account_id=account.id)
+    log.info("console: %s revoked join token %s of %s", me().name, token.id, account.name)
+    await flash(f"Join token {token.prefix}… revoked: no node can join with it now.", "ok")
+    return redirect_to(_account_path(account))
+
+
+@blueprint.route("/console/admin/accounts/<ident>/groups", methods=["POST"])
+@signed_in("admin")
+async def create_group(ident: str) -> Response | tuple[str, int]:
+    """A group owned by this (operator or admin) account, as ``POST /admin/v1/groups``
+    and ``tooti groups create --owner``; ``public_nodes``: ``yes`` (the default) or
+    ``no``."""
+    form = await request.form
+
+    async def run(account: AccountInfo) -> None:
+        name = text_field(form.get("name", ""), "name")
+        public = form.get("public_nodes", "yes")
+        if public not in ("yes", "no"):
+            raise FormError("public nodes: yes or no")
+        group = await g.ctx.accounts.create_group(account.id, name,
+                                                  public_nodes=public == "yes")
+        log.info("console: %s created group %s owned by %s", me().name, group.name,
+                 account.name)
+        await flash(f"Group {group.name} created, owned by {account.name}.", "ok")
+
+    return await _act(ident, run)
+
+
+@blueprint.route("/console/admin/accounts/<ident>/redeem", methods=["POST"])
+@signed_in("admin")
+async def redeem(ident: str) -> Response | tuple[str, int]:
+    """Redeem an invite code (joins its group) or a credit code (adds its amount) for
+    the account, as ``POST /admin/v1/invites/redeem`` / ``/credits/redeem`` and ``tooti
+    invites|credits redeem CODE --account``."""
+    form = await request.form
+
+    async def run(account: AccountInfo) -> None:
+        code = _text(form.get("code", ""), "code", required=True)
+        try:
+            if code.startswith(INVITE):
+                group = await g.ctx.accounts.redeem_invite(code, account.id)
+                message = f"{account.name} joined the group {group.name}."
+            elif code.startswith(CREDIT_CODE):
+                balance = await g.ctx.accounts.redeem_credit_code(code, account.id)
+                message = (f"Credit code redeemed for {account.name}: balance now "
+                           f"{format_credits(balance)} credits.")
+            else:
+                raise FormError(f"code: not an invite code ({INVITE}…) or a credit code "
+                                f"({CREDIT_CODE}…)")
+        except APIError as refused:  # an unknown code: a bad field, not a missing page
+            if refused.status != 404:
+                raise
+            raise FormError(f"code: {refused.message}") from None
+        log.info("console: %s redeemed a code for %s", me().name, account.name)
+        await flash(message, "ok")
+
+    return await _act(ident, run)
+
+
+# ------------------------------------------------------------ groups
+
+@blueprint.route("/console/admin/groups", methods=["GET"])
+@signed_in("admin")
+async def groups_page() -> str:
+    """Every group with its owner and member count; each opens the group's page
+    (``/console/groups/<name>``, where an admin manages any group), as ``tooti groups
+    list``."""
+    groups = await g.ctx.accounts.list_groups()
+    names = {a.id: a for a in await g.ctx.accounts.list_accounts()}
+    return await render_template(
+        "admin_groups.html", groups=groups, owners=names,
+        paths={grp.id: _group_path(grp) for grp in groups},
+        owner_paths={a.id: _account_path(a) for a in names.values()})
+
+
+# ------------------------------------------------------------ credit codes
+
+async def _credits_page(*, status: int = 200, error: str = "", secret: str = "",
+                        form: dict[str, str] | None = None) -> tuple[str, int]:
+    codes = await g.ctx.accounts.list_credit_codes()
+    names = {a.id: a.name for a in await g.ctx.accounts.list_accounts()}
+    html = await render_template("admin_credits.html", codes=list(reversed(codes)),
+                                 names=names, error=error, secret=secret, form=form or {})
+    return html, status
+
+
+@blueprint.route("/console/admin/credits", methods=["GET"])
+@signed_in("admin")
+async def credits_page() -> tuple[str, int]:
+    """Every credit code (prefix, amount, created, expires, redeemed by and when), as
+    ``tooti credits codes``, and the form to make one."""
+    return await _credits_page()
+
+
+@blueprint.route("/console/admin/credits", methods=["POST"])
+@signed_in("admin")
+async def create_code() -> tuple[str, int]:
+    """A single-use credit code (``amount`` in credits, ``expires`` a duration or
+    never), as ``POST /admin/v1/credits/codes`` and ``tooti credits code``; shown once
+    in the answer."""
+    raw = await request.form
+    form = {"amount": str(raw.get("amount", ""))[:32], "expires": str(raw.get("expires", ""))[:32]}
+    try:
+        amount = amount_field(form["amount"])
+        seconds = expiry_seconds(form["expires"])
+        secret, code = await g.ctx.accounts.create_credit_code(
+            amount, me().id, expires_at=expiry_of(seconds, None))
+    except FormError as bad:
+        return await _credits_page(status=400, error=str(bad), form=form)
+    except APIError as refused:
+        return await _credits_page(status=refused.status, error=refused.message, form=form)
+    log.info("console: %s made credit code %s (%s credits)", me().name, code.prefix,
+             format_credits(code.amount))
+    return await _credits_page(secret=secret)
+
+
+# ------------------------------------------------------------ earnings and payouts
+
+async def _earnings_page(*, status: int = 200, error: str = "",
+                         form: dict[str, str] | None = None) -> tuple[str, int]:
+    """Per operator and per node earnings in the period (``?since=&until=``, as ``GET
+    /admin/v1/earnings`` reads them), owed now, and the payout form."""
+    args = request.args
+    since, until = time_param(args, "since"), time_param(args, "until")
+    report = await earnings_report(g.ctx.database, since, until)
+    accounts = await g.ctx.accounts.list_accounts()
+    by_id = {a.id: a for a in accounts}
+    payable = [a for a in accounts if a.role in ("operator", "admin") or a.earnings]
+    html = await render_template(
+        "admin_earnings.html", report=report, accounts=by_id, payable=payable,
+        paths={a.id: _account_path(a) for a in accounts},
+        idem=f"console-{secrets.token_hex(12)}", error=error, form=form or {},
+        since_text=args.get("since", "")[:40], until_text=args.get("until", "")[:40],
+        query=request.query_string.decode("latin-1"))
+    return html, status
+
+
+@blueprint.route("/console/admin/earnings", methods=["GET"])
+@signed_in("admin")
+async def earnings_page() -> tuple[str, int]:
+    """Every operator's earnings per node, and what each is owed."""
+    return await _earnings_page()
+
+
+@blueprint.route("/console/admin/earnings/payout", methods=["POST"])
+@signed_in("admin")
+async def payout() -> Response | tuple[str, int]:
+    """Record a payout of an operator's earnings (``account``, ``amount`` in credits,
+    ``idem``: the idempotency key rendered into the form, so a form sent twice pays
+    once), as ``POST /admin/v1/earnings/payouts`` and ``tooti earnings payout``."""
+    raw = await request.form
+    form = {name: str(raw.get(name, ""))[:MAX_TEXT] for name in ("account", "amount", "idem")}
+    try:
+        amount = amount_field(form["amount"])
+        idem = _text(form["idem"], "idempotency key", required=True)
+        ident = _text(form["account"], "account", required=True)
+        account = await g.ctx.accounts.find_account(ident)
+        if account is None:
+            raise FormError(f"account: no account {ident!r}")
+        left = await g.ctx.accounts.payout(account.id, amount, idem_key=idem)
+    except FormError as bad:
+        return await _earnings_page(status=400, error=str(bad), form=form)
+    except APIError as refused:
+        return await _earnings_page(status=refused.status, error=refused.message, form=form)
+    log.info("console: %s paid out to %s (form %s)", me().name, account.name, idem)
+    await flash(f"Payout of {format_credits(amount)} credits to {account.name} recorded "
+                f"(sent twice, it counts once); {format_credits(left)} credits unpaid "
+                "left.", "ok")
+    return redirect_to("/console/admin/earnings")
+
+
+async def _earnings_export(fmt: str) -> Response:
+    """The payout export of every operator (as ``GET /admin/v1/earnings/export``)."""
+    args = request.args
+    body, content_type = await earnings_export(
+        g.ctx.database, fmt, time_param(args, "since"), time_param(args, "until"))
+    return Response(body, status=200, content_type=content_type.decode(), headers={
+        "content-disposition": f'attachment; filename="earnings.{fmt}"'})
+
+
+@blueprint.route("/console/admin/earnings.csv", methods=["GET"])
+@signed_in("admin")
+async def earnings_csv() -> Response:
+    return await _earnings_export("csv")
+
+
+@blueprint.route("/console/admin/earnings.json", methods=["GET"])
+@signed_in("admin")
+async def earnings_json() -> Response:
+    return await _earnings_export("json")
+
+
+# ------------------------------------------------------------ usage
+
+USAGE_GROUPINGS = ("account", "model", "node", "key", "status", "owner")
+"""The groupings of the usage page, each one table of ``tooti usage --by``."""
+
+
+@blueprint.route("/console/admin/usage", methods=["GET"])
+@signed_in("admin")
+async def usage_page() -> str:
+    """The usage summary ``tooti usage`` prints (:func:`tooti.billing.ledger.summarize`):
+    requests, tokens, cost and charged per account, model, node, key, status, owner."""
+    db = g.ctx.database
+    tables = [(by, await trio.to_thread.run_sync(summarize, db, by))
+              for by in USAGE_GROUPINGS]
+    names = {a.id: a.name for a in await g.ctx.accounts.list_accounts()}
+    return await render_template("admin_usage.html", tables=tables, names=names)
 
 
 # ------------------------------------------------------------ network and requests
@@ -490,6 +875,22 @@ async def ledger_page() -> str:
         (name, value) for name, value in report["summary"].items()
         if not name.endswith("_micros")]
     return await render_template("admin_ledger.html", report=report, summary=summary)
+
+
+@blueprint.route("/console/admin/ledger/replay", methods=["POST"])
+@signed_in("admin")
+async def ledger_replay() -> Response:
+    """Bill the quarantined requests again, idempotently (:func:`tooti.billing.credits.
+    replay_quarantine`), as ``POST /admin/v1/ledger/replay`` and ``tooti ledger
+    replay``; the counts (and the first refusals) as the message."""
+    report = await replay_quarantine(g.ctx.database)
+    log.info("console: %s replayed the quarantine: %d replayed, %d already, %d failed",
+             me().name, len(report.replayed), len(report.already), len(report.failed))
+    await flash(f"Replayed {len(report.replayed)} quarantined request(s) "
+                f"({len(report.already)} were billed before), {len(report.failed)} still "
+                "refused" + (": " + "; ".join(report.failed[:5]) if report.failed else "."),
+                "error" if report.failed else "ok")
+    return redirect_to("/console/admin/ledger")
 
 
 def _set(value: object) -> str:
