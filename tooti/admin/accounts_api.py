@@ -65,11 +65,8 @@ import msgspec
 import trio
 
 from tooti import clock
-from tooti.accounts.console_sessions import ConsoleSessions
 from tooti.accounts.database import Database
-from tooti.accounts.login_links import LoginLinks
 from tooti.accounts.money import MAX_AMOUNT, format_credits, parse_credits
-from tooti.accounts.passwords import Passwords
 from tooti.accounts.records import (
     ADMIN_ACCOUNT,
     AccountInfo,
@@ -80,6 +77,7 @@ from tooti.accounts.records import (
     KeyInfo,
     Limits,
 )
+from tooti.accounts.sign_in import SignIn
 from tooti.admin.api import check_admin
 from tooti.errors import APIError
 from tooti.mesh.http import Headers, Receive, Scope, Send, read_body, send_bytes, send_json
@@ -558,14 +556,17 @@ class AccountsAPI:
     """The accounts routes of the admin API on one station (see the module docstring)."""
 
     def __init__(self, station: Station, service: AccountService,
-                 database: Database) -> None:
+                 database: Database, sign_in: SignIn | None = None) -> None:
+        """``sign_in``: the gateway's passwords, links and sessions (shared with its
+        console); built on ``database`` when not given."""
         self.station = station
         self.service = service
         self.database = database
         self.router = Router(self, _ROUTES)
-        self.passwords = Passwords(database)
-        self.links = LoginLinks(database)
-        self.sessions = ConsoleSessions(database)
+        sign_in = sign_in or SignIn.of(database)
+        self.passwords = sign_in.passwords
+        self.links = sign_in.links
+        self.sessions = sign_in.sessions
 
     def mount(self) -> None:
         """Serve the routes on the station (their prefixes are longer than the admin

@@ -12,6 +12,7 @@ from tooti.accounts.database import Database
 from tooti.accounts.login_links import LoginLinks
 from tooti.accounts.passwords import Passwords
 from tooti.accounts.service import AccountService
+from tooti.accounts.sign_in import SignIn
 from tooti.admin.api import AdminAPI
 from tooti.admin.peer_control import PeerControl
 from tooti.mesh.registry import Registry
@@ -39,11 +40,14 @@ class ConsoleContext:
     ``responses``), for the quick start."""
     routing_policy: Callable[[], str] = lambda: ""
     """The routing policy in use now (a reload may swap it), for the config page."""
+    sign_in: SignIn | None = None
+    """The gateway's passwords, login links and sessions (shared with its admin API);
+    built on :attr:`database` when not given."""
     passwords: Passwords = dataclasses.field(init=False)
     links: LoginLinks = dataclasses.field(init=False)
     sessions: ConsoleSessions = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
-        self.passwords = Passwords(self.database)
-        self.links = LoginLinks(self.database)
-        self.sessions = ConsoleSessions(self.database)
+        sign_in = self.sign_in or SignIn.of(self.database)
+        self.passwords, self.links, self.sessions = (
+            sign_in.passwords, sign_in.links, sign_in.sessions)

@@ -24,6 +24,7 @@ import dataclasses
 import logging
 import secrets
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
 import trio
@@ -34,6 +35,7 @@ from tooti.accounts.directory import KeyDirectory
 from tooti.accounts.money import cost_micros, price_micros
 from tooti.accounts.records import Caller
 from tooti.accounts.service import AccountService
+from tooti.accounts.sign_in import SignIn
 from tooti.admin.accounts_api import AccountsAPI
 from tooti.admin.api import AdminAPI
 from tooti.admin.peer_control import PeerControl
@@ -42,9 +44,6 @@ from tooti.billing.base import Billing, Outcome, RequestContext, Usage
 from tooti.billing.credits import Credits
 from tooti.billing.pipeline import BYTES_PER_TOKEN, BillingPipeline, usage_from
 from tooti.config import ConfigError
-from tooti.console.app import PREFIX as CONSOLE_PREFIX
-from tooti.console.app import Console
-from tooti.console.context import ConsoleContext
 from tooti.errors import APIError
 from tooti.gateway import access_log
 from tooti.gateway.aliases import AliasedSend, Aliases
@@ -82,6 +81,9 @@ from tooti.protocol.usage import limits_for
 from tooti.routing.base import RouteRequest, RoutingPolicy
 from tooti.routing.policies import LeastLoaded
 from tooti.settings import GatewaySettings, NetworkSettings, TunnelSettings
+
+if TYPE_CHECKING:
+    from tooti.console.app import Console
 
 log = logging.getLogger("tooti.gateway")
 
@@ -178,24 +180,32 @@ class Gateway:
         self.fronts.mount()
         self.admin.mount()
         self.accounts: AccountService | None = None
+        self.sign_in: SignIn | None = None
+        """Console passwords, login links and sessions (with a database), shared by the
+        admin API and the console."""
         if database is not None:
             self.accounts = AccountService(database, reserved_groups=settings.groups)
             self.accounts.on_credit = self._credit_changed
             self.self_service = SelfService(self.accounts, database)
-            AccountsAPI(self.station, self.accounts, database).mount()
+            self.sign_in = SignIn.of(database)
+            AccountsAPI(self.station, self.accounts, database, self.sign_in).mount()
         self._nursery: trio.Nursery | None = None
-        self.console: Console | None = None
+        self.console: Console | None = None  # imported only when on: Quart is not light
         """The web console under ``/console`` (``gateway.console``; needs a database)."""
         if settings.console:
             if self.accounts is None or database is None:
                 raise ConfigError("the console needs the accounts database "
                                   "(gateway.database, or the default SQLite file)",
                                   key="gateway.console")
+            from tooti.console.app import PREFIX as CONSOLE_PREFIX
+            from tooti.console.app import Console
+            from tooti.console.context import ConsoleContext
+
             self.console = Console(ConsoleContext(
                 settings=lambda: self.settings, database=database, accounts=self.accounts,
                 registry=self.registry, admin=self.admin, peer_control=self.peer_control,
                 gateway_id=self.gateway_id, fronts=FRONTS,
-                routing_policy=lambda: type(self.policy).__name__,
+                routing_policy=lambda: type(self.policy).__name__, sign_in=self.sign_in,
             ), secure_cookies=bool(settings.tls_cert))
             self.station.mount(CONSOLE_PREFIX, self.console)
 
