@@ -401,7 +401,7 @@ async def test_nul_bytes_and_long_text_in_every_new_form_are_refused_cleanly(
     for path in (f"{base}/join-tokens/jt%00x/revoke", f"{base}/keys/k%00x/revoke",
                  "/console/admin/accounts/a%00b/limits"):
         await browser.get("/console/admin/credits")
-        assert (await browser.post(path, {"rpm": "1"})).status_code == 404, path
+        assert (await browser.post(path, {"rpm": "1"})).status_code in (400, 404), path
     assert (await env.service.get_account(olga.id)).limits == Limits()
     assert await env.service.list_keys() == [] and await env.service.list_groups() == []
     assert await env.service.list_join_tokens() == []

@@ -251,3 +251,30 @@ async def test_tooti_run_console_signs_in_with_the_clis_link(tmp_path: Path) -> 
             assert (await http.get(f"{cluster.url}/console/nope")).status_code == 404
             models = await http.get(f"{cluster.url}/v1/models")
             assert models.status_code == 401  # auth = keys: the console changes nothing
+
+
+async def test_signing_in_again_ends_the_browsers_previous_session(
+        console_env: ConsoleEnv) -> None:
+    await console_env.account("bob", password=PASSWORD)
+    await console_env.account("eve", password=PASSWORD)
+    browser = console_env.browser()
+    await console_env.sign_in(browser, "bob")
+    bob_cookie = browser.http.cookies.get("tooti_console")
+    await browser.get("/console/login")  # signed in: redirected, the form is still there
+    await browser.post("/console/login", {"name": "eve", "password": PASSWORD})
+    assert ">eve</a>" in (await browser.get("/console/")).text
+    replay = console_env.browser()
+    replay.http.cookies.set("tooti_console", bob_cookie, path="/console")
+    assert (await replay.get("/console/")).status_code == 303  # bob's session ended
+
+
+async def test_nul_characters_and_times_beyond_the_calendar_are_clear_answers(
+        console_env: ConsoleEnv) -> None:
+    await console_env.account("olga", "operator")
+    browser = console_env.browser()
+    await console_env.sign_in(browser, "olga")
+    assert (await browser.get("/console/groups/a%00b")).status_code == 400
+    refused = await browser.post("/console/groups", {"name": "a\x00b"})
+    assert refused.status_code == 400 and "NUL" in refused.text
+    far = await browser.get("/console/earnings", params={"since": "1e12"})
+    assert far.status_code in (200, 400), far.text

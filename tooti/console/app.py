@@ -29,6 +29,7 @@ guard`).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,9 @@ class Console:
             await load_session()
             if request.method == "POST":
                 await check_csrf()
+                refuse_unstorable((await request.form).values())
+            refuse_unstorable([*(request.view_args or {}).values(),
+                                     *request.args.values()])
 
         @app.context_processor
         async def _globals() -> dict[str, Any]:
@@ -132,6 +136,8 @@ class Console:
         """Before the first page: the signing key from the database (shared by every
         gateway on it), and Quart's start-up."""
         self.app.secret_key = await self.ctx.sessions.secret_key()
+        # Quart's start-up runs before-serving functions (none yet). Its shutdown is not
+        # called: the console starts no background task and holds nothing to release.
         await self.app.startup()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send, request_id: str,
@@ -158,7 +164,18 @@ def _credits(micros: int | None) -> str:
 
 
 def _when(ts: float | None) -> str:
-    """A Unix time as UTC ``YYYY-MM-DD HH:MM:SS``."""
+    """A Unix time as UTC ``YYYY-MM-DD HH:MM:SS`` (``-`` for none, or one beyond the
+    calendar's years 1 to 9999)."""
     if ts is None:
         return "-"
-    return datetime.fromtimestamp(float(ts), UTC).strftime("%Y-%m-%d %H:%M:%S")
+    try:
+        return datetime.fromtimestamp(float(ts), UTC).strftime("%Y-%m-%d %H:%M:%S")
+    except (ValueError, OverflowError, OSError):
+        return "-"
+
+
+def refuse_unstorable(values: Iterable[Any]) -> None:
+    """400 for a path part, query or form value holding a NUL character: no database
+    text holds one (PostgreSQL refuses it), and no name, id or amount has one."""
+    if any(isinstance(value, str) and "\x00" in value for value in values):
+        raise APIError(400, "a value holds a NUL character", code="invalid_value")

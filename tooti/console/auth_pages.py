@@ -35,7 +35,10 @@ MAX_NAME = 64
 
 
 async def start_session(account: AccountInfo) -> None:
-    """Sign ``account`` in on this browser: a new session token in a new cookie."""
+    """Sign ``account`` in on this browser: a new session token in a new cookie (a
+    session the browser still had, of any account, ends)."""
+    if g.get("session_token"):
+        await g.ctx.sessions.revoke(g.session_token)
     token, csrf = await g.ctx.sessions.create(account.id)
     session.clear()
     session["sid"] = token
