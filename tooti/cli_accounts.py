@@ -47,22 +47,22 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from tooti.accounts.durations import parse_duration
 from tooti.admin_client import DEFAULT_GATEWAY, AdminClient, AdminError
 
 Handler = Callable[[AdminClient, argparse.Namespace], int]
-_DURATION = re.compile(r"(\d+)\s*([smhdw]?)")
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _CONTROL = dict.fromkeys([*range(0x20), 0x7F, *range(0x80, 0xA0)], "?")
 
 
 # ------------------------------------------------------------ parsing helpers
 
 def duration(text: str) -> int:
-    """``"30d"`` → seconds (argparse type)."""
-    match = _DURATION.fullmatch(text.strip().lower())
-    if match is None or int(match.group(1)) <= 0:
-        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 3600, 90m, 12h, 30d)")
-    return int(match.group(1)) * _UNITS[match.group(2)]
+    """``"30d"`` → seconds (argparse type; the grammar is
+    :func:`tooti.accounts.durations.parse_duration`'s)."""
+    try:
+        return parse_duration(text)
+    except ValueError as bad:
+        raise argparse.ArgumentTypeError(str(bad)) from None
 
 
 def moment(text: str) -> str:

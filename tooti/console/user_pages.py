@@ -58,6 +58,7 @@ from quart import Blueprint, flash, g, render_template, request
 from tooti import clock
 from tooti.accounts import reports
 from tooti.accounts.credentials import CREDIT_CODE, INVITE
+from tooti.accounts.durations import parse_duration
 from tooti.accounts.money import MAX_AMOUNT, format_credits, parse_credits
 from tooti.accounts.records import KeyInfo, Limits
 from tooti.accounts.service import MAX_SELF_SERVICE_KEYS
@@ -75,8 +76,6 @@ RECENT = 50
 MAX_NAME = 64
 MAX_EXPIRY = 100 * 365 * 86400
 """The longest expiry a key may be given (as the admin API's ``expires_in``)."""
-_DURATION = re.compile(r"([0-9]{1,10})\s*([smhdw]?)")
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 KEY_FIELDS = ("name", "expires", "models", "group", "rpm", "tpm", "concurrency",
               "budget_day", "budget_month")
@@ -89,15 +88,15 @@ class FormError(ValueError):
 # ------------------------------------------------------------ parsing
 
 def expiry_seconds(text: str) -> int | None:
-    """``"30d"`` → seconds; ``""``/``"never"`` → None (no expiry)."""
+    """``"30d"`` → seconds (:func:`tooti.accounts.durations.parse_duration`, the CLI's
+    grammar); ``""``/``"never"`` → None (no expiry); at most :data:`MAX_EXPIRY`."""
     text = text.strip().lower()
     if text in ("", "never"):
         return None
-    match = _DURATION.fullmatch(text)
-    if match is None or int(match.group(1)) <= 0:
-        raise FormError(f"expiry: not a duration: {text!r} (e.g. 3600, 90m, 12h, 30d, "
-                        "or never)")
-    seconds = int(match.group(1)) * _UNITS[match.group(2)]
+    try:
+        seconds = parse_duration(text)
+    except ValueError as bad:
+        raise FormError(f"expiry: {bad}, or never") from None
     if seconds > MAX_EXPIRY:
         raise FormError("expiry: at most 100 years")
     return seconds
