@@ -34,6 +34,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import trio
 from quart import g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
@@ -51,6 +52,9 @@ PREFIX = "/console"
 COOKIE = "tooti_console"
 MAX_FORM_BYTES = 64 * 1024
 """The largest form body a console page takes (413 beyond)."""
+MAX_DISCARD_BYTES = 8 * 1024 * 1024
+"""The most of an oversized body read (and dropped) so that its sender sees the 413."""
+DISCARD_SECONDS = 10.0
 CSP = (b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
        b"connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 SECURITY_HEADERS: Headers = [
@@ -150,12 +154,51 @@ class Console:
         if not scope["path"].startswith(STATIC):
             extra.append(NO_STORE)
 
+        receive = await _past_oversized_body(scope, receive, extra)
+
         async def send_with_headers(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 message = {**message, "headers": [*message.get("headers", ()), *extra]}
             await send(message)
 
         await self.app(scope, receive, send_with_headers)  # type: ignore[arg-type]
+
+
+async def _past_oversized_body(scope: Scope, receive: Receive, extra: Headers) -> Receive:
+    """A body declared over :data:`MAX_FORM_BYTES` (which Quart answers 413 without
+    reading it) is read and dropped first, up to :data:`MAX_DISCARD_BYTES` within
+    :data:`DISCARD_SECONDS`: else the client, still sending it, would wait on a
+    connection that reads no more, and never see the 413 page. A longer or slower body
+    is not waited for: the 413 then closes the connection (``connection: close``)."""
+    declared = next((value for name, value in scope.get("headers", ())
+                     if name.lower() == b"content-length"), None)
+    try:
+        size = int(declared) if declared is not None else 0
+    except ValueError:
+        return receive
+    if size <= MAX_FORM_BYTES:
+        return receive
+    complete = False
+    if size <= MAX_DISCARD_BYTES:
+        with trio.move_on_after(DISCARD_SECONDS):
+            while True:
+                message = await receive()
+                if message["type"] != "http.request" or not message.get("more_body"):
+                    complete = message["type"] == "http.request"
+                    break
+    if not complete:
+        extra.append((b"connection", b"close"))
+        return receive
+    done = False
+
+    async def after_body() -> dict[str, Any]:
+        nonlocal done
+        if not done:
+            done = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        return await receive()
+
+    return after_body
 
 
 def _credits(micros: int | None) -> str:
