@@ -7,9 +7,15 @@ exactly, converted to micro-units as billing converts them."""
 from __future__ import annotations
 
 import re
+from typing import Any
+
+import pytest
 
 from tests.console_support import ConsoleEnv
-from tests.test_console_operator import secret_of
+from tests.test_console_operator import operator_with_node, secret_of
+from tooti.accounts import earnings
+from tooti.accounts.database import Database
+from tooti.accounts.money import format_credits
 
 
 async def test_admin_mints_a_group_token_for_the_groups_owner(
@@ -43,3 +49,36 @@ async def test_admin_mints_a_group_token_for_the_groups_owner(
     await env.sign_in(operator, "opal")
     page = await operator.get("/console/groups/opals")
     assert len(re.findall(re.escape(token.prefix), page.text)) >= 1
+
+
+async def test_earnings_page_reads_only_its_operators_rows(
+        console_env: ConsoleEnv, monkeypatch: pytest.MonkeyPatch) -> None:
+    env = console_env
+    olga_id, _ = await operator_with_node(env, "olga", "node-o")
+    pete_id, _ = await operator_with_node(env, "pete", "node-p", "pete-model")
+    db = env.gateway.database
+    assert db is not None
+    everyone = earnings.payouts(db)
+    assert {row.owner_id for row in everyone} == {olga_id, pete_id}
+    assert earnings.payouts(db, owner=olga_id) == [
+        row for row in everyone if row.owner_id == olga_id]
+    assert earnings.payouts(db, owner="acct_nobody") == []
+    # every usage scan the pages make is filtered to the signed-in operator
+    owners: list[str | None] = []
+    real = earnings.by_node
+
+    def spy(database: Database, *, since: float | None = None,
+            until: float | None = None, owner: str | None = None) -> list[Any]:
+        owners.append(owner)
+        return real(database, since=since, until=until, owner=owner)
+
+    monkeypatch.setattr(earnings, "by_node", spy)
+    browser = env.browser()
+    await env.sign_in(browser, "olga")
+    for path in ("/console/earnings", "/console/earnings.csv", "/console/earnings.json"):
+        assert (await browser.get(path)).status_code == 200, path
+    assert owners and set(owners) == {olga_id}
+    page = (await browser.get("/console/earnings")).text
+    [mine] = [row for row in everyone if row.owner_id == olga_id]
+    owed = re.search(r'id="owed-now">.*?class="value">([^<]+)<', page, re.S)
+    assert owed and owed.group(1) == format_credits(mine.owed) and mine.owed > 0

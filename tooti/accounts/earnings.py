@@ -100,20 +100,27 @@ def by_operator(db: Database, *, since: float | None = None, until: float | None
     return [OperatorEarnings(owner_id, *t) for owner_id, t in sorted(totals.items())]
 
 
-def payouts(db: Database, *, since: float | None = None,
-            until: float | None = None) -> list[PayoutRow]:
-    """Every operator with earnings in the range or owed now: earned in the range, the
-    balance of its earnings book (owed) and what it was paid out (from the journal)."""
-    earned = {row.owner_id: row.earned for row in by_operator(db, since=since, until=until)}
+def payouts(db: Database, *, since: float | None = None, until: float | None = None,
+            owner: str | None = None) -> list[PayoutRow]:
+    """Every operator with earnings in the range or owed now (or only ``owner``, whose
+    row is read alone: its usage rows, its earnings book and its payouts): earned in the
+    range, the balance of its earnings book (owed) and what it was paid out (from the
+    journal)."""
+    earned = {row.owner_id: row.earned
+              for row in by_operator(db, since=since, until=until, owner=owner)}
+    if owner is None:
+        books, match = "book LIKE ?", "earnings:_%"
+    else:
+        books, match = "book = ?", earnings_book(owner)
 
     def read(tx: Tx) -> list[PayoutRow]:
         owed = {str(book).removeprefix("earnings:"): int(balance) for book, balance in tx.all(
-            "SELECT book, balance FROM books WHERE book LIKE ?", ("earnings:_%",))}
+            f"SELECT book, balance FROM books WHERE {books}", (match,))}
         paid: dict[str, int] = {}
         for book, amount in tx.all(
                 "SELECT l.book, SUM(-l.amount) FROM journal_lines l WHERE l.entry_id IN "
-                "(SELECT entry_id FROM journal_lines WHERE book = ?) AND l.book LIKE ? "
-                "GROUP BY l.book", (PAYOUTS, "earnings:_%")):
+                f"(SELECT entry_id FROM journal_lines WHERE book = ?) AND l.{books} "
+                "GROUP BY l.book", (PAYOUTS, match)):
             paid[str(book).removeprefix("earnings:")] = int(amount or 0)
         owners = sorted(set(earned) | {o for o, v in owed.items() if v} | set(paid))
         return [PayoutRow(o, earned.get(o, 0), owed.get(o, 0), paid.get(o, 0))

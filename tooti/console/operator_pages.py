@@ -28,10 +28,11 @@ console holds no state of its own.
   for the owner), and the page lists the owner's tokens for the group.
 * ``GET /console/earnings?since=&until=``: earned per node and per day in the period
   (dates ``YYYY-MM-DD`` or Unix seconds, as the admin API reads them; default: the last
-  30 days), owed now (:func:`~tooti.accounts.earnings.owed`) and paid out so far.
+  30 days), owed now (its earnings book) and paid out so far.
   ``GET /console/earnings.csv`` and ``.json``: the rows of ``GET /admin/v1/earnings/
   export`` (:func:`~tooti.accounts.earnings.payouts`: earned in the range, owed, paid),
-  kept to the signed-in operator's own row.
+  read for the signed-in operator only (``owner=``: its usage rows, its books, never
+  another operator's).
 
 Secrets (join tokens, invite codes) exist only in the answer of the POST that created
 them: never in a redirect, the session, a URL or a listing (listings show the prefix).
@@ -358,13 +359,12 @@ async def earnings_page() -> tuple[str, int]:
     since, until = _period(request.args, now)
     nodes_rows = await trio.to_thread.run_sync(lambda: earnings.by_node(
         db, since=since, until=until, owner=account.id))
-    rows = await trio.to_thread.run_sync(lambda: earnings.payouts(db))
-    mine = [row for row in rows if row.owner_id == account.id]
+    mine = await trio.to_thread.run_sync(lambda: earnings.payouts(
+        db, since=since, until=until, owner=account.id))
     per_day = await reports.earnings_by_day(db, account.id, days=DAYS, now=now)
-    owed = await trio.to_thread.run_sync(earnings.owed, db, account.id)
     html = await render_template(
         "operator_earnings.html", nodes=nodes_rows, per_day=list(reversed(per_day)),
-        owed=owed, paid=mine[0].paid if mine else 0,
+        owed=mine[0].owed if mine else 0, paid=mine[0].paid if mine else 0,
         earned=sum(row.earned for row in nodes_rows),
         since=since, until=until, since_text=request.args.get("since", "")[:40],
         until_text=request.args.get("until", "")[:40], days=DAYS)
@@ -376,9 +376,8 @@ async def _export(fmt: str) -> Response:
     account = me()
     db = g.ctx.database
     since, until = _period(request.args, clock.wall())
-    rows = await trio.to_thread.run_sync(lambda: earnings.payouts(
-        db, since=since, until=until))
-    mine = [row for row in rows if row.owner_id == account.id]
+    mine = await trio.to_thread.run_sync(lambda: earnings.payouts(
+        db, since=since, until=until, owner=account.id))
     headers = {"content-disposition": f'attachment; filename="earnings-{account.name}.{fmt}"'}
     if fmt == "json":
         body = msgspec.json.encode(listing(earnings.export_json(mine)))
