@@ -9,7 +9,7 @@ import pytest
 
 from tooti.accounts.durations import parse_duration
 from tooti.cli_accounts import duration
-from tooti.console.user_pages import MAX_EXPIRY, FormError, expiry_seconds
+from tooti.console.forms import MAX_EXPIRY, FormError, expiry_seconds
 
 TEXTS = ["3600", "90m", "12h", "30d", "4w", " 2 H ", "10s", "0", "-5", "5y", "", "1.5h",
          "12345678901", "9" * 5000, "never"]

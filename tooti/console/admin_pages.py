@@ -29,7 +29,7 @@ Accounts
     ``/limits`` (``rpm``, ``tpm``, ``concurrency``, empty = unlimited:
     :meth:`~tooti.accounts.service.AccountService.set_limits`, as ``tooti accounts
     limits``); ``/keys`` (an API key for the account, the user key form's fields read by
-    :mod:`tooti.console.user_pages`' helpers, the group one the account belongs to;
+    :func:`tooti.console.forms.parse_key_form`, the group one the account belongs to;
     ``create_key`` as ``POST /admin/v1/keys`` / ``tooti keys create``, the secret shown
     once in the ``200`` answer); ``/join-tokens`` (operator and admin accounts: minted for
     their public nodes or a group they own, every group for an admin account, shown
@@ -113,9 +113,8 @@ from tooti import clock
 from tooti.accounts.credentials import CREDIT_CODE, INVITE
 from tooti.accounts.database import redact
 from tooti.accounts.money import format_credits
-from tooti.accounts.records import ADMIN_ACCOUNT, AccountInfo, GroupInfo, KeyInfo, Limits
+from tooti.accounts.records import ADMIN_ACCOUNT, AccountInfo, GroupInfo, KeyInfo
 from tooti.admin.accounts_api import (
-    amount_of,
     earnings_export,
     earnings_report,
     expiry_of,
@@ -126,20 +125,22 @@ from tooti.admin.api import PEER_ACTIONS
 from tooti.admin.events import KEEPALIVE, sse
 from tooti.billing.credits import replay_quarantine
 from tooti.billing.ledger import summarize
-from tooti.console.guard import me, signed_in
-from tooti.console.responses import redirect_to
-from tooti.console.user_pages import (
-    KEY_FIELDS,
+from tooti.console.forms import (
+    MAX_TEXT,
     FormError,
-    budget,
+    amount_field,
     budgets_text,
     expiry_seconds,
+    key_form_values,
     key_state,
     limits_text,
-    model_list,
+    parse_key_form,
+    parse_limits,
+    short_text,
     text_field,
-    whole_number,
 )
+from tooti.console.guard import me, signed_in
+from tooti.console.responses import redirect_to
 from tooti.errors import APIError
 from tooti.mesh.events import EventBus
 from tooti.settings import GatewaySettings
@@ -152,8 +153,6 @@ LINK_TTLS = {"900": "15 minutes", "3600": "1 hour", "86400": "1 day", "604800": 
 """Lifetimes a login link may be given from the console (seconds → label)."""
 RECENT = 100
 """Requests the live request page renders before its stream takes over."""
-MAX_TEXT = 256
-"""Longest memo or idempotency key (as the admin API's)."""
 PEER_COLUMNS: tuple[tuple[str, str, int | None], ...] = (
     ("id", "node", None), ("role", "role", None), ("state", "state", None),
     ("via", "via", None), ("group", "group", None), ("owner", "owner", None),
@@ -225,24 +224,6 @@ def state_class(state: str) -> str:
     """The row class of a state (letters and ``_`` only, as ``console.js`` makes it)."""
     return "state-" + "".join(c for c in str(state) if c.isascii() and (c.islower()
                                                                         or c == "_"))
-
-
-def _text(value: str, field: str, *, required: bool = False) -> str:
-    value = value.strip()
-    if required and not value:
-        raise FormError(f"{field}: required")
-    if len(value) > MAX_TEXT or any(ord(c) < 32 or ord(c) == 127 for c in value):
-        raise FormError(f"{field}: at most {MAX_TEXT} characters, no control characters")
-    return value
-
-
-def amount_field(text: str) -> int:
-    """Credits as a decimal string (``"12.5"``) → positive micro-units, read by the admin
-    API's :func:`~tooti.admin.accounts_api.amount_of` (a refusal: :class:`FormError`)."""
-    try:
-        return amount_of(text.strip(), None)
-    except APIError as bad:
-        raise FormError(f"amount: {bad.message}") from None
 
 
 def _path_id(text: str, what: str) -> str:
@@ -377,8 +358,8 @@ async def top_up(ident: str) -> Response | tuple[str, int]:
 
     async def run(account: AccountInfo) -> None:
         amount = amount_field(form.get("amount", ""))
-        idem = _text(form.get("idem", ""), "idempotency key", required=True)
-        memo = _text(form.get("memo", ""), "memo")
+        idem = short_text(form.get("idem", ""), "idempotency key", required=True)
+        memo = short_text(form.get("memo", ""), "memo")
         balance = await g.ctx.accounts.top_up(account.id, amount, idem_key=idem, memo=memo)
         log.info("console: %s topped up %s (form %s)", me().name, account.name, idem)
         await flash(f"Top-up of {form.get('amount', '').strip()} credits to {account.name} "
@@ -492,9 +473,7 @@ async def set_limits(ident: str) -> Response | tuple[str, int]:
     form = await request.form
 
     async def run(account: AccountInfo) -> None:
-        limits = Limits(rpm=whole_number(form.get("rpm", ""), "rpm"),
-                        tpm=whole_number(form.get("tpm", ""), "tpm"),
-                        concurrency=whole_number(form.get("concurrency", ""), "concurrency"))
+        limits = parse_limits(form)
         await g.ctx.accounts.set_limits(account.id, limits)
         log.info("console: %s set the limits of %s", me().name, account.name)
         await flash(f"Limits of {account.name}: {limits_text(limits)}.", "ok")
@@ -507,27 +486,18 @@ async def set_limits(ident: str) -> Response | tuple[str, int]:
 async def create_key(ident: str) -> Response | tuple[str, int]:
     """A new API key for the account (as ``POST /admin/v1/keys`` and ``tooti keys
     create``), its secret shown once in the answer. The fields are the user key form's
-    (:data:`~tooti.console.user_pages.KEY_FIELDS`), read by its helpers; the group must
-    be one the account belongs to (else 400, nothing made)."""
-    raw = await request.form
-    form = {name: str(raw.get(name, "")) for name in KEY_FIELDS}
+    (:data:`~tooti.console.forms.KEY_FIELDS`), read by :func:`~tooti.console.forms.
+    parse_key_form`; the group must be one the account belongs to (else 400, nothing
+    made)."""
+    form = key_form_values(await request.form)
     account = await _account(ident)
     try:
-        name = text_field(form["name"], "name")
-        seconds = expiry_seconds(form["expires"])
-        models = model_list(form["models"])
-        group = text_field(form["group"], "group")
-        limits = Limits(rpm=whole_number(form["rpm"], "rpm"),
-                        tpm=whole_number(form["tpm"], "tpm"),
-                        concurrency=whole_number(form["concurrency"], "concurrency"),
-                        budget_day=budget(form["budget_day"], "daily budget"),
-                        budget_month=budget(form["budget_month"], "monthly budget"))
-        if group and group not in {
-                found.name for found in await g.ctx.accounts.list_groups(account.id)}:
-            raise FormError(f"group: {account.name} is not a member of a group {group!r}")
+        parsed = parse_key_form(
+            form, [found.name for found in await g.ctx.accounts.list_groups(account.id)],
+            member=f"{account.name} is")
         secret, key = await g.ctx.accounts.create_key(
-            account.id, name, group=group, models=models, limits=limits,
-            expires_at=expiry_of(seconds, None))
+            account.id, parsed.name, group=parsed.group, models=parsed.models,
+            limits=parsed.limits, expires_at=expiry_of(parsed.expires, None))
     except FormError as bad:
         return await _account_page(account, status=400, error=str(bad), key_form=form)
     except APIError as refused:
@@ -606,7 +576,7 @@ async def redeem(ident: str) -> Response | tuple[str, int]:
     form = await request.form
 
     async def run(account: AccountInfo) -> None:
-        code = _text(form.get("code", ""), "code", required=True)
+        code = short_text(form.get("code", ""), "code", required=True)
         try:
             if code.startswith(INVITE):
                 group = await g.ctx.accounts.redeem_invite(code, account.id)
@@ -723,8 +693,8 @@ async def payout() -> Response | tuple[str, int]:
     form = {name: str(raw.get(name, ""))[:MAX_TEXT] for name in ("account", "amount", "idem")}
     try:
         amount = amount_field(form["amount"])
-        idem = _text(form["idem"], "idempotency key", required=True)
-        ident = _text(form["account"], "account", required=True)
+        idem = short_text(form["idem"], "idempotency key", required=True)
+        ident = short_text(form["account"], "account", required=True)
         account = await g.ctx.accounts.find_account(ident)
         if account is None:
             raise FormError(f"account: no account {ident!r}")

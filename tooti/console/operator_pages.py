@@ -59,6 +59,7 @@ from tooti.accounts.records import AccountInfo, GroupInfo, InviteInfo
 from tooti.admin.accounts_api import expiry_of, listing, time_param
 from tooti.console import charts
 from tooti.console.guard import me, signed_in
+from tooti.console.forms import MAX_NAME, clipped, int_field
 from tooti.console.responses import redirect_to
 from tooti.errors import APIError
 
@@ -67,7 +68,6 @@ blueprint = Blueprint("operator", __name__)
 
 DAYS = 30
 """Days the nodes page's earnings chart and the earnings page's default period cover."""
-MAX_NAME = 64
 MAX_USES = 10**6
 """Most uses an invite made in the console may have (the service allows more)."""
 MAX_EXPIRY_DAYS = 3650
@@ -107,25 +107,6 @@ def _peer_url() -> str:
     ``wss://`` behind TLS), the form ``docs/accounts.md`` shows."""
     scheme = "wss" if request.scheme in ("https", "wss") else "ws"
     return f"{scheme}://{request.host}"
-
-
-def _text(form: Mapping[str, str], name: str, limit: int = MAX_NAME) -> str:
-    return form.get(name, "").strip()[:limit]
-
-
-def _int_field(form: Mapping[str, str], name: str, low: int, high: int,
-               default: int | None) -> int | None:
-    """An optional whole number in ``[low, high]`` (ValueError naming the field else)."""
-    text = form.get(name, "").strip()
-    if not text:
-        return default
-    try:
-        value = int(text)
-    except ValueError:
-        raise ValueError(f"{name.replace('_', ' ')} must be a whole number") from None
-    if not low <= value <= high:
-        raise ValueError(f"{name.replace('_', ' ')} must be between {low} and {high}")
-    return value
 
 
 # ------------------------------------------------------------ nodes
@@ -219,12 +200,12 @@ async def nodes() -> tuple[str, int]:
 async def mint_token() -> tuple[str, int]:
     """Mint a join token (for the account's public nodes, or one of its groups)."""
     form = await request.form
-    group = _text(form, "group")
+    group = clipped(form, "group")
     owner = me().id
     if group:  # another operator's group: 404, not the service's 403
         owner = (await _my_group(group)).owner_id  # the group's tokens are its owner's
     secret, token = await g.ctx.accounts.create_join_token(
-        owner, group=group, name=_text(form, "name"))
+        owner, group=group, name=clipped(form, "name"))
     log.info("console: %s minted join token %s", me().name, token.id)
     return await _nodes_page(secret=secret, secret_token=token)
 
@@ -246,7 +227,7 @@ async def groups() -> Response | tuple[str, int]:
     error = ""
     if request.method == "POST":
         form = await request.form
-        name = _text(form, "name", MAX_NAME + 1)
+        name = clipped(form, "name", MAX_NAME + 1)
         try:
             group = await g.ctx.accounts.create_group(
                 account.id, name, public_nodes=form.get("public_nodes") == "on")
@@ -288,8 +269,8 @@ async def create_invite(name: str) -> tuple[str, int]:
     group = await _my_group(name)
     form = await request.form
     try:
-        max_uses = _int_field(form, "max_uses", 1, MAX_USES, 1)
-        days = _int_field(form, "expires_days", 1, MAX_EXPIRY_DAYS, None)
+        max_uses = int_field(form, "max_uses", 1, MAX_USES, 1)
+        days = int_field(form, "expires_days", 1, MAX_EXPIRY_DAYS, None)
     except ValueError as bad:
         return await _group_page(group, error=str(bad), status=400)
     assert max_uses is not None
@@ -332,7 +313,7 @@ async def group_token(name: str) -> tuple[str, int]:
     group = await _my_group(name)
     form = await request.form
     secret, token = await g.ctx.accounts.create_join_token(
-        group.owner_id, group=group.id, name=_text(form, "name"))
+        group.owner_id, group=group.id, name=clipped(form, "name"))
     log.info("console: %s minted join token %s for %s", me().name, token.id, group.name)
     return await _group_page(group, secret=secret, secret_kind="token")
 

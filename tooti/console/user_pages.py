@@ -42,15 +42,13 @@ Form fields of the key form: ``name``; ``expires`` (a duration such as ``3600``,
 ``90m``, ``12h``, ``30d``, ``4w``, or ``never``/empty); ``models`` (comma separated);
 ``group`` (one of the account's groups or empty for the public nodes); ``rpm``, ``tpm``,
 ``concurrency`` (whole numbers ≥ 0, empty: none); ``budget_day``, ``budget_month``
-(credits, e.g. ``2.50``, parsed by :func:`tooti.accounts.money.parse_credits` into
-integer micro-units; empty: none). The duration grammar is the CLI's (``tooti accounts
-keys create --expires-in``); it is re-stated here because the console may not import
-the CLI (layering).
+(credits, e.g. ``2.50``, into integer micro-units; empty: none). The form is read by
+:func:`tooti.console.forms.parse_key_form` (the admin's key form too): budgets as the
+admin API reads them, the expiry with the CLI's duration grammar.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from quart import Blueprint, flash, g, render_template, request
@@ -58,13 +56,20 @@ from quart import Blueprint, flash, g, render_template, request
 from tooti import clock
 from tooti.accounts import reports
 from tooti.accounts.credentials import CREDIT_CODE, INVITE
-from tooti.accounts.durations import parse_duration
-from tooti.accounts.money import MAX_AMOUNT, format_credits, parse_credits
-from tooti.accounts.records import KeyInfo, Limits
+from tooti.accounts.money import format_credits
+from tooti.accounts.records import KeyInfo
 from tooti.accounts.service import MAX_SELF_SERVICE_KEYS
 from tooti.admin.accounts_api import expiry_of
 from tooti.admin.self_service import month_start
 from tooti.console.charts import by_day, last_days, stacked_bars
+from tooti.console.forms import (
+    FormError,
+    budgets_text,
+    key_form_values,
+    key_state,
+    limits_text,
+    parse_key_form,
+)
 from tooti.console.guard import me, signed_in
 from tooti.console.responses import redirect_to
 from tooti.errors import APIError
@@ -73,98 +78,9 @@ blueprint = Blueprint("user", __name__)
 
 CHART_DAYS = 30
 RECENT = 50
-MAX_NAME = 64
-MAX_EXPIRY = 100 * 365 * 86400
-"""The longest expiry a key may be given (as the admin API's ``expires_in``)."""
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-KEY_FIELDS = ("name", "expires", "models", "group", "rpm", "tpm", "concurrency",
-              "budget_day", "budget_month")
-
-
-class FormError(ValueError):
-    """A field of a console form is not valid (re-rendered with status 400)."""
-
-
-# ------------------------------------------------------------ parsing
-
-def expiry_seconds(text: str) -> int | None:
-    """``"30d"`` → seconds (:func:`tooti.accounts.durations.parse_duration`, the CLI's
-    grammar); ``""``/``"never"`` → None (no expiry); at most :data:`MAX_EXPIRY`."""
-    text = text.strip().lower()
-    if text in ("", "never"):
-        return None
-    try:
-        seconds = parse_duration(text)
-    except ValueError as bad:
-        raise FormError(f"expiry: {bad}, or never") from None
-    if seconds > MAX_EXPIRY:
-        raise FormError("expiry: at most 100 years")
-    return seconds
-
-
-def whole_number(text: str, field: str) -> int | None:
-    """A limit: empty → None, else ASCII digits in ``0 … MAX_AMOUNT``."""
-    text = text.strip()
-    if not text:
-        return None
-    if not text.isascii() or not text.isdigit() or int(text) > MAX_AMOUNT:
-        raise FormError(f"{field}: a whole number of 0 or more (or empty for no limit)")
-    return int(text)
-
-
-def budget(text: str, field: str) -> int | None:
-    """A budget in credits: empty → None, else positive micro-units."""
-    text = text.strip()
-    if not text:
-        return None
-    try:
-        value = parse_credits(text)
-    except ValueError as exc:
-        raise FormError(f"{field}: {exc}") from None
-    if value <= 0:
-        raise FormError(f"{field}: more than zero credits (or empty for no budget)")
-    return value
-
-
-def text_field(text: str, field: str) -> str:
-    """A short single-line text (a name, a model id, a group)."""
-    text = text.strip()
-    if len(text) > MAX_NAME or _CONTROL.search(text):
-        raise FormError(f"{field}: at most {MAX_NAME} characters, no control characters")
-    return text
-
-
-def model_list(text: str) -> tuple[str, ...]:
-    """Comma-separated model ids (empty: every model)."""
-    names = [text_field(part, "models") for part in text.split(",")]
-    return tuple(dict.fromkeys(name for name in names if name))
 
 
 # ------------------------------------------------------------ helpers
-
-def key_state(key: KeyInfo, now: float) -> str:
-    """``revoked``, ``expired`` or ``active``."""
-    if key.revoked_at is not None:
-        return "revoked"
-    if key.expires_at is not None and key.expires_at <= now:
-        return "expired"
-    return "active"
-
-
-def limits_text(limits: Limits) -> str:
-    """The rate limits of a key as a short text (``-``: none)."""
-    parts = [f"{name} {value}" for name, value in (
-        ("rpm", limits.rpm), ("tpm", limits.tpm), ("concurrency", limits.concurrency))
-        if value is not None]
-    return ", ".join(parts) or "-"
-
-
-def budgets_text(limits: Limits) -> str:
-    """The budgets of a key in credits (``-``: none)."""
-    parts = [f"{format_credits(value)} / {name}" for name, value in (
-        ("day", limits.budget_day), ("month", limits.budget_month)) if value is not None]
-    return ", ".join(parts) or "-"
-
 
 async def _keys_page(*, status: int = 200, error: str = "", created: str = "",
                      created_key: KeyInfo | None = None,
@@ -227,27 +143,17 @@ async def keys_page() -> tuple[str, int]:
 async def create_key() -> tuple[str, int]:
     """Create a key; the answer shows its secret once."""
     account = me()
-    raw = await request.form
-    form = {name: str(raw.get(name, "")) for name in KEY_FIELDS}
+    form = key_form_values(await request.form)
     try:
-        name = text_field(form["name"], "name")
-        seconds = expiry_seconds(form["expires"])
-        models = model_list(form["models"])
-        group = text_field(form["group"], "group")
-        limits = Limits(rpm=whole_number(form["rpm"], "rpm"),
-                        tpm=whole_number(form["tpm"], "tpm"),
-                        concurrency=whole_number(form["concurrency"], "concurrency"),
-                        budget_day=budget(form["budget_day"], "daily budget"),
-                        budget_month=budget(form["budget_month"], "monthly budget"))
-        if group and group not in {
-                found.name for found in await g.ctx.accounts.list_groups(account.id)}:
-            raise FormError(f"group: you are not a member of a group {group!r}")
+        parsed = parse_key_form(form, [found.name for found in
+                                       await g.ctx.accounts.list_groups(account.id)])
     except FormError as exc:
         return await _keys_page(status=400, error=str(exc), form=form)
     try:
         secret, key = await g.ctx.accounts.create_key(
-            account.id, name, group=group, models=models, limits=limits,
-            expires_at=expiry_of(seconds, None), max_active=MAX_SELF_SERVICE_KEYS)
+            account.id, parsed.name, group=parsed.group, models=parsed.models,
+            limits=parsed.limits, expires_at=expiry_of(parsed.expires, None),
+            max_active=MAX_SELF_SERVICE_KEYS)
     except APIError as exc:
         return await _keys_page(status=exc.status, error=exc.message, form=form)
     return await _keys_page(created=secret, created_key=key)
