@@ -15,7 +15,13 @@ from tests.console_support import ConsoleEnv
 from tests.test_console_operator import operator_with_node, secret_of
 from tooti.accounts import earnings
 from tooti.accounts.database import Database
-from tooti.accounts.money import format_credits
+from tooti.accounts.money import format_credits, price_micros
+from tooti.backends.simulated import SimulatedBackend
+from tooti.settings import BackendSettings
+
+PRICE_IN = 12.3456789
+PRICE_OUT = 999999.5
+"""Credits per 1M tokens that ``%g`` (six significant digits) would round."""
 
 
 async def test_admin_mints_a_group_token_for_the_groups_owner(
@@ -82,3 +88,24 @@ async def test_earnings_page_reads_only_its_operators_rows(
     [mine] = [row for row in everyone if row.owner_id == olga_id]
     owed = re.search(r'id="owed-now">.*?class="value">([^<]+)<', page, re.S)
     assert owed and owed.group(1) == format_credits(mine.owed) and mine.owed > 0
+
+
+async def test_advertised_prices_render_exactly_as_billed(console_env: ConsoleEnv) -> None:
+    env = console_env
+    operator = await env.account("pia", "operator")
+    token, _ = await env.service.create_join_token(operator.id, name="rack")
+    directory = env.gateway.station.join_directory
+    assert directory is not None
+    await directory.wait_current()
+    backend = SimulatedBackend(BackendSettings(
+        type="simulated", models=["exact-sim"], max_concurrency=2,
+        price_input=PRICE_IN, price_output=PRICE_OUT, options={"tokens": 1}))
+    await env.add_node([backend], "node-x", join_token=token)
+    browser = env.browser()
+    await env.sign_in(browser, "pia")
+    html = (await browser.get("/console/nodes")).text
+    row = re.search(r'<tr class="node-row" data-node="node-x">(.*?)</tr>', html, re.S)
+    assert row, html
+    # "%g" showed 12.3457 and 1.23457e+06: six significant digits of a float
+    assert f">{format_credits(price_micros(PRICE_IN))}<" in row.group(1)
+    assert ">12.345679<" in row.group(1) and ">999999.5<" in row.group(1)

@@ -37,7 +37,8 @@ console holds no state of its own.
 Secrets (join tokens, invite codes) exist only in the answer of the POST that created
 them: never in a redirect, the session, a URL or a listing (listings show the prefix).
 Money is integer micro-units, rendered with the ``credits`` filter; advertised prices
-are the node's own numbers (credits per 1M tokens).
+are the node's own numbers (credits per 1M tokens) converted to micro-units per 1M
+tokens as billing converts them (:func:`_price`), so they are shown exactly.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from quart import Blueprint, Response, flash, g, render_template, request
 
 from tooti import clock
 from tooti.accounts import earnings, reports
-from tooti.accounts.money import format_credits
+from tooti.accounts.money import format_credits, price_micros
 from tooti.accounts.records import AccountInfo, GroupInfo, InviteInfo
 from tooti.admin.accounts_api import expiry_of, listing, time_param
 from tooti.console import charts
@@ -62,6 +63,7 @@ from tooti.console.guard import me, signed_in
 from tooti.console.forms import MAX_NAME, clipped, int_field
 from tooti.console.responses import redirect_to
 from tooti.errors import APIError
+from tooti.protocol.schemas import MAX_PRICE
 
 log = logging.getLogger("tooti.console")
 blueprint = Blueprint("operator", __name__)
@@ -116,8 +118,9 @@ class ModelRow:
     """One model a live node serves, as the nodes page shows it."""
 
     name: str
-    price_input: float
-    price_output: float
+    price_input: int
+    """Micro-units per 1M tokens (:func:`_price`), rendered with ``credits``."""
+    price_output: int
     in_flight: int
     capacity: int
     ttft_ms: float | None
@@ -137,6 +140,17 @@ class NodeRow:
     connected_at: float | None = None
     in_flight: int = 0
     models: list[ModelRow] = field(default_factory=list)
+
+
+def _price(value: object) -> int:
+    """A node's advertised price (credits per 1M tokens) as integer micro-units per 1M
+    tokens, converted as the billing pipeline converts it
+    (:func:`~tooti.accounts.money.price_micros`, capped at
+    :data:`~tooti.protocol.schemas.MAX_PRICE`, NaN as zero), so the page shows exactly
+    what a request is charged at; anything not a number is zero."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0
+    return price_micros(min(float(value), MAX_PRICE)) if value == value else 0
 
 
 def _node_rows(owner: AccountInfo, bound: list[reports.OwnedNode]) -> list[NodeRow]:
@@ -160,8 +174,8 @@ def _node_rows(owner: AccountInfo, bound: list[reports.OwnedNode]) -> list[NodeR
         for name, info in view["per_model"].items():
             price = info.get("price") or {}
             row.models.append(ModelRow(
-                name=str(name), price_input=float(price.get("input") or 0.0),
-                price_output=float(price.get("output") or 0.0),
+                name=str(name), price_input=_price(price.get("input")),
+                price_output=_price(price.get("output")),
                 in_flight=int(info.get("in_flight") or 0),
                 capacity=int(info.get("capacity") or 0), ttft_ms=info.get("ttft_ms"),
                 tokens_per_s=info.get("tokens_per_s"),
