@@ -59,8 +59,8 @@ from tooti.accounts.money import format_credits, price_micros
 from tooti.accounts.records import AccountInfo, GroupInfo, InviteInfo
 from tooti.admin.accounts_api import expiry_of, listing, time_param
 from tooti.console import charts
-from tooti.console.guard import me, signed_in
 from tooti.console.forms import MAX_NAME, clipped, int_field
+from tooti.console.guard import me, signed_in
 from tooti.console.responses import redirect_to
 from tooti.errors import APIError
 from tooti.protocol.schemas import MAX_PRICE
