@@ -1,5 +1,5 @@
 """The console's one form module (:mod:`tooti.console.forms`): the key form read once for
-the user's and the admin's pages, and page
+the user's and the admin's pages, money read as the admin API reads it, and page
 modules that import forms, never each other."""
 
 from __future__ import annotations
@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 
 from tooti.accounts.records import Limits
+from tooti.admin.accounts_api import optional_amount
 from tooti.console import forms
 from tooti.console.forms import FormError, KeyForm, int_field, parse_key_form
+from tooti.errors import APIError
 
 PAGES = ("user_pages", "operator_pages", "admin_pages")
 FORM = {"name": " ci ", "expires": "30d", "models": "a, b,a", "group": "team",
@@ -36,6 +38,15 @@ def test_parse_key_form_reads_every_field() -> None:
     with pytest.raises(FormError, match="alice is not a member of a group 'team'"):
         parse_key_form(FORM, ["other"], member="alice is")
     assert parse_key_form({}, []) == KeyForm("", "", (), None, Limits())
+
+
+@pytest.mark.parametrize("text", ["0", "-1", "abc", "1.0000001", "1e3"])
+def test_budget_refused_with_the_admin_apis_words(text: str) -> None:
+    with pytest.raises(APIError) as api:
+        optional_amount(text, None, "daily budget")
+    with pytest.raises(FormError) as form:
+        parse_key_form({**FORM, "budget_day": text}, ["team"])
+    assert str(form.value) == f"daily budget: {api.value.message}"
 
 
 def test_int_field_range_and_default() -> None:

@@ -4,9 +4,11 @@ this module, the service, and the admin API's parsing helpers).
 
 A refused field raises :class:`FormError` (a :class:`ValueError`) whose message names the
 field; the page re-renders its form with the message and status 400, and nothing is
-done. Durations are not parsed here a second time: an amount is read by the admin API's
-:func:`~tooti.admin.accounts_api.amount_of`, a duration by
-:func:`tooti.accounts.durations.parse_duration` (the CLI's grammar).
+done. Money and durations are not parsed here a second time: an amount or a budget is
+read by the admin API's :func:`~tooti.admin.accounts_api.amount_of` /
+:func:`~tooti.admin.accounts_api.optional_amount` (so a form says what ``POST
+/admin/v1/keys`` says), a duration by :func:`tooti.accounts.durations.parse_duration`
+(the CLI's grammar).
 
 * Field helpers: :func:`text_field` (a name, a model id, a group: at most
   :data:`MAX_NAME` characters, no control character), :func:`short_text` (a memo, an
@@ -31,9 +33,9 @@ from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
 from tooti.accounts.durations import parse_duration
-from tooti.accounts.money import MAX_AMOUNT, format_credits, parse_credits
+from tooti.accounts.money import MAX_AMOUNT, format_credits
 from tooti.accounts.records import KeyInfo, Limits
-from tooti.admin.accounts_api import amount_of
+from tooti.admin.accounts_api import amount_of, optional_amount
 from tooti.errors import APIError
 
 MAX_NAME = 64
@@ -116,17 +118,14 @@ def int_field(form: Mapping[str, str], name: str, low: int, high: int,
 
 
 def budget(text: str, field: str) -> int | None:
-    """A budget in credits: empty → None, else positive micro-units."""
+    """A budget in credits (``"2.50"``): empty → None, else positive micro-units, read
+    as the admin API reads ``budget_day`` (:func:`~tooti.admin.accounts_api.
+    optional_amount`)."""
     text = text.strip()
-    if not text:
-        return None
     try:
-        value = parse_credits(text)
-    except ValueError as exc:
-        raise FormError(f"{field}: {exc}") from None
-    if value <= 0:
-        raise FormError(f"{field}: more than zero credits (or empty for no budget)")
-    return value
+        return optional_amount(text or None, None, field)
+    except APIError as bad:
+        raise FormError(f"{field}: {bad.message}") from None
 
 
 def amount_field(text: str) -> int:
