@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import re
 from html import unescape
+from typing import Any
 
 import httpx
 
@@ -31,6 +32,7 @@ from tooti.accounts.money import format_credits
 from tooti.accounts.records import Limits
 from tooti.billing.credits import COLUMNS
 from tooti.billing.ledger import summarize
+from tooti.console import admin_pages
 
 SECRET = re.compile(r'<code class="secret" id="([a-z-]+)">([^<]+)</code>')
 NEW_GETS = ("/console/admin/groups", "/console/admin/credits", "/console/admin/earnings",
@@ -41,7 +43,7 @@ NEW_POSTS = ("/console/admin/accounts/admin/limits", "/console/admin/accounts/ad
              "/console/admin/accounts/admin/join-tokens/jt_x/revoke",
              "/console/admin/accounts/admin/groups", "/console/admin/accounts/admin/redeem",
              "/console/admin/credits", "/console/admin/earnings/payout",
-             "/console/admin/ledger/replay")
+             "/console/admin/ledger/replay", "/console/admin/usage")
 
 
 def secret_in(html: str, element: str) -> str:
@@ -333,8 +335,23 @@ async def test_usage_page_is_tooti_usage(console_env: ConsoleEnv) -> None:
     database = env.gateway.database
     assert database is not None
     browser = await admin(env)
-    page = await browser.get("/console/admin/usage")
+    called: list[str] = []
+    summarize_ = admin_pages.summarize
+
+    def counted(db: Any, by: str) -> Any:
+        called.append(by)
+        return summarize_(db, by)
+
+    admin_pages.summarize = counted  # type: ignore[assignment]
+    try:
+        shown = await browser.get("/console/admin/usage")  # a GET scans nothing
+        assert shown.status_code == 200 and 'id="usage-form"' in shown.text
+        assert called == [] and 'id="usage-by-' not in shown.text
+        page = await browser.post("/console/admin/usage")
+    finally:
+        admin_pages.summarize = summarize_  # type: ignore[assignment]
     assert page.status_code == 200
+    assert called == ["account", "model", "node", "key", "status", "owner"]
     for by in ("account", "model", "node", "key", "status", "owner"):
         table = page.text.split(f'id="usage-by-{by}"', 1)[1].split("</table>", 1)[0]
         rows = summarize(database, by)

@@ -55,9 +55,10 @@ Groups, credit codes, earnings and usage
     ``POST /console/admin/earnings/payout`` (:func:`payout`): ``account``, ``amount``
     and ``idem`` (rendered into the form as the top-up's, so a form sent twice pays
     once): :meth:`~tooti.accounts.service.AccountService.payout`.
-  * ``GET /console/admin/usage`` (:func:`usage_page`): :func:`tooti.billing.ledger.
-    summarize`, the function ``tooti usage`` prints, per account, model, node, key,
-    status and owner.
+  * ``GET /console/admin/usage`` (:func:`usage_page`) shows a button; ``POST`` runs
+    :func:`tooti.billing.ledger.summarize`, the function ``tooti usage`` prints, per
+    account, model, node, key, status and owner (six full scans of the usage table:
+    on demand, as the ledger check, not on every page load).
 
 Network and requests
   * ``GET /console/admin/network`` (:func:`network_page`): every peer of this gateway
@@ -737,16 +738,28 @@ USAGE_GROUPINGS = ("account", "model", "node", "key", "status", "owner")
 """The groupings of the usage page, each one table of ``tooti usage --by``."""
 
 
-@blueprint.route("/console/admin/usage", methods=["GET"])
+@blueprint.route("/console/admin/usage", methods=["GET", "POST"])
 @signed_in("admin")
 async def usage_page() -> str:
     """The usage summary ``tooti usage`` prints (:func:`tooti.billing.ledger.summarize`):
-    requests, tokens, cost and charged per account, model, node, key, status, owner."""
-    db = g.ctx.database
-    tables = [(by, await trio.to_thread.run_sync(summarize, db, by))
-              for by in USAGE_GROUPINGS]
-    names = {a.id: a.name for a in await g.ctx.accounts.list_accounts()}
-    return await render_template("admin_usage.html", tables=tables, names=names)
+    requests, tokens, cost and charged per account, model, node, key, status, owner.
+
+    Computed on ``POST`` only (a button; ``GET`` shows the button), as the ledger check:
+    each grouping is a full scan of the usage table, six per summary, which grows with
+    every request ever served. A ``GET`` that a reload, a prefetch or an open tab repeats
+    must not cost that; a ``POST`` is an act of the admin (and another site's page cannot
+    send it: the CSRF check). Bounding the period instead would show a different figure
+    than ``tooti usage`` prints, so the page keeps the CLI's totals and runs on demand."""
+    tables: list[tuple[str, Any]] = []
+    names: dict[str, str] = {}
+    if request.method == "POST":
+        db = g.ctx.database
+        tables = [(by, await trio.to_thread.run_sync(summarize, db, by))
+                  for by in USAGE_GROUPINGS]
+        names = {a.id: a.name for a in await g.ctx.accounts.list_accounts()}
+        log.info("console: %s ran the usage summary", me().name)
+    return await render_template("admin_usage.html", tables=tables, names=names,
+                                 ran=request.method == "POST")
 
 
 # ------------------------------------------------------------ network and requests
