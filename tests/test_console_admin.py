@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import msgspec
+import pytest
 import trio
 
 from tests.conftest import simulated
@@ -373,7 +374,7 @@ async def test_network_page_lists_the_node_and_disable_enable_drain(
 
 
 async def test_event_stream_snapshot_then_request_events_and_release(
-        console_env: ConsoleEnv) -> None:
+        console_env: ConsoleEnv, monkeypatch: pytest.MonkeyPatch) -> None:
     await console_env.add_node([simulated()], "n1")
     browser = await admin(console_env)
     bus = console_env.gateway.registry.bus
@@ -386,6 +387,15 @@ async def test_event_stream_snapshot_then_request_events_and_release(
         released.set()
 
     bus.unsubscribe = watched  # type: ignore[method-assign]
+    served: list[bytes] = []
+    frames_of = admin_pages.event_frames
+
+    async def recorded(*args: Any) -> AsyncIterator[bytes]:  # the admin API's frames
+        async for frame in frames_of(*args):
+            served.append(frame)
+            yield frame
+
+    monkeypatch.setattr(admin_pages, "event_frames", recorded)
     seen: list[tuple[str, Any]] = []
     async with httpx.AsyncClient(base_url=console_env.url, timeout=20,
                                  headers=bearer(ADMIN_KEY)) as http:
@@ -409,8 +419,10 @@ async def test_event_stream_snapshot_then_request_events_and_release(
     finished = seen[-1][1]
     assert finished["data"]["request_id"] == answer.headers["x-request-id"]
     assert finished["data"]["node"] == "n1" and finished["seq"] > seen[0][1]["seq"]
-    # The frames are the admin API's encoder's.
-    assert sse("snapshot", {"a": 1}).startswith(b"event: snapshot\n")
+    # What the console sent is what the admin API's stream (event_frames) made.
+    assert served[0].startswith(b"event: snapshot\n")
+    assert [frame for frame in served if frame.startswith(b"event: ")][-1] == sse(
+        "request.finished", finished, finished["seq"])
     # The live request page renders that request first, with console.js's columns.
     page = await browser.get("/console/admin/requests")
     assert headers_of(page.text, "live-requests") == js_columns("REQUEST_COLUMNS")
@@ -440,6 +452,32 @@ async def test_event_stream_ends_with_dropped_when_the_bus_closes(
 
 
 # ------------------------------------------------------------ ledger and config
+
+async def test_event_stream_ends_when_the_session_ends(
+        console_env: ConsoleEnv, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Signed out everywhere while a stream is open: the stream's next session check
+    (here before every frame) ends it with a ``dropped`` event."""
+    monkeypatch.setattr(admin_pages, "SESSION_CHECK", 0.0)
+    browser, other = await admin(console_env), await admin(console_env)
+    bus = console_env.gateway.registry.bus
+    seen: list[tuple[str, Any]] = []
+    with trio.fail_after(10):
+        async with browser.http.stream("GET", "/console/admin/events") as response:
+            lines = response.aiter_lines()
+            await events_of(lines, "snapshot", seen)
+            bus.publish("peer.cooldown", peer_id="n0")  # the session is still valid
+            await events_of(lines, "peer.cooldown", seen)
+            await other.get("/console/admin/accounts/admin")
+            out = await other.post("/console/admin/accounts/admin/logout")
+            assert out.status_code == 303
+            bus.publish("peer.cooldown", peer_id="n0")  # the next frame: checked first
+            await events_of(lines, "dropped", seen)
+            rest = [line async for line in lines]  # and the answer ends
+    assert seen[-1] == ("dropped", {"reason": admin_pages.SESSION_ENDED})
+    assert [kind for kind, _ in seen] == ["snapshot", "peer.cooldown", "dropped"]
+    assert all(not line.startswith("data:") for line in rest)
+    assert bus.subscribers == 0
+
 
 async def test_ledger_check_runs_on_post_and_shows_violations(
         console_env: ConsoleEnv, database: Database) -> None:

@@ -77,10 +77,14 @@ Network and requests
     (:meth:`~tooti.admin.api.AdminAPI.snapshot`), then every bus event, a keepalive
     comment after :data:`~tooti.admin.events.KEEPALIVE` seconds of silence, and a
     ``dropped`` event when the bus stops feeding the stream (the subscriber fell
-    behind, or a drain closed the bus). The frames are :func:`tooti.admin.events.sse`'s.
-    The stream has no response timeout (Quart's would cut it after 60 s); it ends
-    when the client leaves (quart-trio cancels the response when the server reports
-    the disconnect), and the bus subscription is released however it ends.
+    behind, or a drain closed the bus): the frames of :func:`tooti.admin.events.
+    event_frames` themselves (:func:`console_events`). The session is checked again
+    every :data:`SESSION_CHECK` seconds: once it ended (signed out everywhere, a new
+    password, a suspension, no longer an admin) the stream ends with a ``dropped``
+    event, reason :data:`SESSION_ENDED`. The stream has no response timeout (Quart's
+    would cut it after 60 s); it ends when the client leaves (quart-trio cancels the
+    response when the server reports the disconnect), and the bus subscription is
+    released however it ends.
 
 Ledger and configuration
   * ``GET /console/admin/ledger`` shows a button; ``POST /console/admin/ledger``
@@ -102,7 +106,8 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from typing import Any
 from urllib.parse import quote
 
@@ -123,7 +128,7 @@ from tooti.admin.accounts_api import (
     time_param,
 )
 from tooti.admin.api import PEER_ACTIONS
-from tooti.admin.events import KEEPALIVE, sse
+from tooti.admin.events import event_frames, sse
 from tooti.billing.credits import replay_quarantine
 from tooti.billing.ledger import summarize
 from tooti.console.forms import (
@@ -808,35 +813,49 @@ async def requests_page() -> str:
                                  state_class=state_class)
 
 
-async def event_stream(snapshot: Callable[[], dict[str, Any]], bus: EventBus
-                       ) -> AsyncIterator[bytes]:
-    """The frames of ``GET /admin/v1/events`` (:func:`tooti.admin.events.stream_events`)
-    as an async iterator for a Quart response: subscribed before the snapshot is
-    taken (nothing is missed), released however the stream ends."""
-    sub = bus.subscribe()
-    try:
-        yield sse("snapshot", snapshot())
-        while True:
-            with trio.move_on_after(KEEPALIVE) as idle:  # never yield inside the scope
-                try:
-                    event = await sub.receive.receive()
-                except trio.EndOfChannel:
-                    break
-            if idle.cancelled_caught:
-                yield b": keepalive\n\n"
-                continue
-            yield sse(event.kind, event.to_dict(), event.seq)
-        yield sse("dropped", {"reason": sub.reason or "bus closed"})
-    finally:
-        bus.unsubscribe(sub)
+SESSION_CHECK = 15.0
+"""Seconds between re-checks of an open event stream's session (read when the stream
+checks, so a test may lower it)."""
+SESSION_ENDED = "session ended: sign in again"
+"""The ``dropped`` reason of a stream whose session ended (or is no longer an admin's)."""
+
+
+async def console_events(snapshot: Callable[[], dict[str, Any]], bus: EventBus,
+                         still_admin: Callable[[], Awaitable[bool]]
+                         ) -> AsyncIterator[bytes]:
+    """The frames of ``GET /admin/v1/events`` (:func:`tooti.admin.events.event_frames`,
+    closed however this ends, so the bus subscription is released), as long as the
+    console session that opened the stream is valid: before a frame goes out, once
+    :data:`SESSION_CHECK` seconds passed since the last check (on :func:`tooti.clock.
+    now`), ``still_admin()`` is asked; if the session ended (signed out everywhere, a
+    password change, a suspension, the role lowered) the stream ends with a ``dropped``
+    event saying so. A silent stream sends a keepalive every
+    :data:`~tooti.admin.events.KEEPALIVE` seconds, so such a stream ends within
+    ``max(SESSION_CHECK, KEEPALIVE)`` seconds even when nothing happens."""
+    checked = clock.now()
+    async with aclosing(event_frames(snapshot, bus)) as frames:
+        async for frame in frames:
+            if clock.now() - checked >= SESSION_CHECK:
+                if not await still_admin():
+                    yield sse("dropped", {"reason": SESSION_ENDED})
+                    return
+                checked = clock.now()
+            yield frame
 
 
 @blueprint.route("/console/admin/events", methods=["GET"])
 @signed_in("admin")
 async def events() -> Response:
     """The snapshot, then every bus event, as server-sent events (what the live tables
-    follow)."""
-    response = Response(event_stream(g.ctx.admin.snapshot, g.ctx.registry.bus),
+    follow), while the session lasts (:func:`console_events`)."""
+    sessions, token = g.ctx.sessions, g.session_token
+
+    async def still_admin() -> bool:  # no request context needed: the stream outlives g
+        info = await sessions.lookup(token)
+        return info is not None and info.account.role == "admin"
+
+    response = Response(console_events(g.ctx.admin.snapshot, g.ctx.registry.bus,
+                                       still_admin),
                         status=200, mimetype="text/event-stream",
                         headers={"x-accel-buffering": "no"})
     response.timeout = None  # Quart's default would cut it
