@@ -831,7 +831,7 @@ async def console_events(snapshot: Callable[[], dict[str, Any]], bus: EventBus,
     password change, a suspension, the role lowered) the stream ends with a ``dropped``
     event saying so. A silent stream sends a keepalive every
     :data:`~tooti.admin.events.KEEPALIVE` seconds, so such a stream ends within
-    ``max(SESSION_CHECK, KEEPALIVE)`` seconds even when nothing happens."""
+    ``SESSION_CHECK + KEEPALIVE`` seconds even when nothing happens."""
     checked = clock.now()
     async with aclosing(event_frames(snapshot, bus)) as frames:
         async for frame in frames:
