@@ -18,7 +18,7 @@ from tooti.accounts import reports
 from tooti.accounts.console_sessions import SEEN_EVERY, ConsoleSessions
 from tooti.accounts.database import Database, Tx
 from tooti.accounts.login_links import LoginLinks
-from tooti.accounts.passwords import LoginRefused, Passwords
+from tooti.accounts.passwords import LoginRefused, Passwords, subject_of
 from tooti.accounts.records import AccountInfo
 from tooti.accounts.service import AccountService
 from tooti.billing.base import BillingSetup, Outcome, RequestContext
@@ -188,6 +188,68 @@ async def test_suspended_account_refused_after_its_password(
     await service.set_status(dave.id, "suspended")
     await refused("credentials", passwords.check("dave", "not the password"))
     await refused("suspended", passwords.check("dave", PASSWORD))
+
+
+def failure_rows(database: Database) -> dict[str, tuple[int, float | None]]:
+    return {str(r[0]): (int(r[1]), r[2]) for r in database.read_sync(lambda tx: tx.all(
+        "SELECT subject, failures, locked_until FROM login_failures"))}
+
+
+async def test_unknown_names_count_and_lock_like_accounts(
+        database: Database, service: AccountService, wall: Wall,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    bob = await service.create_account("bob")
+    passwords = Passwords(database, max_failures=3, window=60.0, lock_seconds=120.0,
+                          wall=wall)
+    await passwords.set_password(bob.id, PASSWORD)
+    writes: list[str] = []
+    real_write = database.write
+
+    async def counted(fn: Callable[[Tx], Any]) -> Any:
+        writes.append(getattr(fn, "__name__", "?"))
+        return await real_write(fn)
+
+    monkeypatch.setattr(database, "write", counted)
+    # a wrong password and an unknown name do the same writes (no timing tell)
+    await refused("credentials", passwords.check("bob", "wrong password"))
+    on_account, writes[:] = list(writes), []
+    await refused("credentials", passwords.check("ghost", "wrong password"))
+    assert writes == on_account and len(on_account) == 2  # the count, the purge
+    # both lock after max_failures, the same way (no enumeration by lockout)
+    await refused("credentials", passwords.check(bob.id, "x" * 2000))  # id = name
+    await refused("credentials", passwords.check("ghost", "wrong password"))
+    bob_locked = await refused("locked", passwords.check("bob", "wrong password"))
+    ghost_locked = await refused("locked", passwords.check("ghost", "wrong password"))
+    assert bob_locked.retry_after == ghost_locked.retry_after == pytest.approx(120.0)
+    await refused("locked", passwords.check("bob", PASSWORD))
+    rows = failure_rows(database)
+    assert set(rows) == {subject_of("bob"), subject_of("ghost")}  # no typed text stored
+    assert all(until == wall.t + 120.0 for _, until in rows.values())
+    wall.t += 121
+    assert (await passwords.check(bob.id, PASSWORD)).id == bob.id
+    assert set(failure_rows(database)) == {subject_of("ghost")}
+
+
+async def test_login_failures_stay_bounded(database: Database, wall: Wall) -> None:
+    passwords = Passwords(database, max_failures=2, window=60.0, lock_seconds=300.0,
+                          max_subjects=3, wall=wall)
+    await refused("credentials", passwords.check("a1", "wrong password"))
+    await refused("credentials", passwords.check("a2", "wrong password"))
+    await refused("locked", passwords.check("a2", "wrong password"))  # for 300 s
+    assert failure_rows(database)[subject_of("a2")][1] == wall.t + 300.0
+    # a spray of new names: the oldest unlocked rows go beyond the cap, never a lock
+    for i in range(6):
+        wall.t += 1
+        await refused("credentials", passwords.check(f"spray{i}", "wrong password"))
+        rows = failure_rows(database)
+        assert len(rows) <= 3 and subject_of("a2") in rows
+        assert subject_of(f"spray{i}") in rows
+    await refused("locked", passwords.check("a2", PASSWORD))
+    # rows whose window and lock have passed are deleted by the next failure
+    wall.t += 301
+    await refused("credentials", passwords.check("late", "wrong password"))
+    assert set(failure_rows(database)) == {subject_of("late")}
+
 
 
 # ------------------------------------------------------------ login links

@@ -11,17 +11,33 @@ there instead of taking every core).
 :meth:`Passwords.check` refuses with :class:`LoginRefused`, whose ``reason`` a page may
 show, as it says nothing a guesser could use beyond what the lockout must say:
 
-* ``credentials``: an unknown name, no password set, or a wrong password. The three
-  take the same time: an unknown name or an account without a password is verified
-  against a dummy hash anyway, so the answer's timing does not tell which names exist.
-* ``locked``: ``max_failures`` wrong passwords within ``window`` seconds lock the
-  account for ``lock_seconds`` (``retry_after`` says how long is left); a locked
-  account is refused even with the right password, and so is a right password whose
-  check ended after concurrent wrong ones locked it (the success is re-checked in the
-  transaction that clears the count). The counts live in the database
-  (``login_failures``), so every gateway sharing it counts together; a failure is one
-  ``INSERT … ON CONFLICT DO UPDATE`` (atomic on SQLite and PostgreSQL), a success
-  deletes the row.
+* ``credentials``: an unknown name, no password set, a wrong password (or one longer
+  than :attr:`Passwords.MAX_LENGTH`). They do the same work: an unknown name or an
+  account without a password is verified against a dummy hash anyway, and every one of
+  them counts a failure (the same writes), so neither the answer's timing nor the
+  lockout tells which names exist.
+* ``locked``: ``max_failures`` failures within ``window`` seconds lock the *name* for
+  ``lock_seconds`` (``retry_after`` says how long is left), whether an account has it
+  or not; a locked name is refused even with the right password, and so is a right
+  password whose check ended after concurrent wrong ones locked it (the success is
+  re-checked in the transaction that clears the count). Failures are counted per
+  *subject*: the SHA-256 of the account's name when the name or id given is an
+  account's (so its name and its id share one count), else of the text given
+  (:func:`subject_of`; hashed, as people type passwords into name fields). The counts
+  live in the database (``login_failures``), so every gateway sharing it counts
+  together; a failure is one ``INSERT … ON CONFLICT DO UPDATE`` (atomic on SQLite and
+  PostgreSQL), a success deletes the row.
+
+The table is bounded. After each failure, a second transaction (:meth:`Passwords.
+_purge`) deletes the rows whose window and lock have both passed (an index on
+``window_start`` finds them), and if more than ``max_subjects`` rows remain, deletes
+the oldest rows that hold no active lock. So rows live at most ``max(window,
+lock_seconds)`` after their last failure, and a failure needs an argon2 verification
+(:data:`HASHING_THREADS` per gateway), which bounds how fast names sprayed at random
+can add rows; active locks are never evicted (evicting them would let a sprayer unlock
+a name it is guessing), so only they can exceed the cap, each paid for with
+``max_failures`` verifications. The purge is best effort: if it fails (a deadlock with
+another gateway's purge on PostgreSQL), it is logged and the next failure purges.
 * ``suspended``: the right password of a suspended account (told only to someone who
   knows the password).
 
@@ -35,6 +51,7 @@ clock is a constructor parameter so tests can move it.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import secrets
 from collections.abc import Callable
@@ -80,6 +97,12 @@ def plausible_name(name: object) -> bool:
     return isinstance(name, str) and 0 < len(name) <= 200 and "\x00" not in name
 
 
+def subject_of(name: str) -> str:
+    """The ``login_failures`` key of a sign-in name: its SHA-256 (hex), so no typed text
+    is stored; a name that cannot be encoded (a lone surrogate) is hashed as is."""
+    return hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()
+
+
 def refuse_inactive(account: AccountInfo) -> AccountInfo:
     """``account`` if it is active, else :class:`LoginRefused` ``suspended``."""
     if account.status != "active":
@@ -93,15 +116,20 @@ class Passwords:
     MIN_LENGTH = 10
     MAX_LENGTH = 1024
 
+    MAX_SUBJECTS = 100_000
+    """Rows of ``login_failures`` kept at most, active locks aside (module docstring)."""
+
     def __init__(self, db: Database, *, max_failures: int = 5, window: float = 900.0,
-                 lock_seconds: float = 900.0,
+                 lock_seconds: float = 900.0, max_subjects: int = MAX_SUBJECTS,
                  wall: Callable[[], float] = clock.wall) -> None:
-        """``max_failures`` wrong passwords within ``window`` seconds lock an account for
-        ``lock_seconds``; ``wall``: the clock of stored times (tests pass their own)."""
+        """``max_failures`` failures within ``window`` seconds lock a name for
+        ``lock_seconds``; at most ``max_subjects`` rows of failures are kept (active
+        locks aside); ``wall``: the clock of stored times (tests pass their own)."""
         self.db = db
         self.max_failures = max_failures
         self.window = window
         self.lock_seconds = lock_seconds
+        self.max_subjects = max_subjects
         self.wall = wall
         self._hasher = PasswordHasher()
         self._limiter = trio.CapacityLimiter(HASHING_THREADS)
@@ -144,10 +172,11 @@ class Passwords:
         encoded = await self._hash(password)
 
         def run(tx: Tx) -> None:
-            _get_account(tx, account_id)
+            account = _get_account(tx, account_id)
             tx.run("UPDATE accounts SET password_hash = ? WHERE id = ?",
                    (encoded, account_id))
-            tx.run("DELETE FROM login_failures WHERE account_id = ?", (account_id,))
+            tx.run("DELETE FROM login_failures WHERE subject = ?",
+                   (subject_of(account.name),))
             revoke_sessions(tx, account_id, self.wall())
             bump_changes(tx)
 
@@ -164,65 +193,91 @@ class Passwords:
         """The account ``name`` (or id) if ``password`` is its password; else
         :class:`LoginRefused` (see the module docstring)."""
 
-        def read(tx: Tx) -> tuple[AccountInfo | None, str, float | None]:
+        def read(tx: Tx) -> tuple[AccountInfo | None, str, str, float | None]:
             account = _find_account(tx, name) if plausible_name(name) else None
-            if account is None:
-                return None, "", None
-            encoded = str(tx.value("SELECT password_hash FROM accounts WHERE id = ?",
-                                   (account.id,), default=""))
-            locked = tx.value("SELECT locked_until FROM login_failures WHERE "
-                              "account_id = ?", (account.id,))
-            return account, encoded, None if locked is None else float(locked)
+            subject = subject_of(account.name if account is not None else str(name))
+            encoded = "" if account is None else str(tx.value(
+                "SELECT password_hash FROM accounts WHERE id = ?", (account.id,),
+                default=""))
+            locked = tx.value("SELECT locked_until FROM login_failures WHERE subject = ?",
+                              (subject,))
+            return account, subject, encoded, None if locked is None else float(locked)
 
-        account, encoded, locked_until = await self.db.read(read)
+        account, subject, encoded, locked_until = await self.db.read(read)
         now = self.wall()
-        if account is not None and locked_until is not None and locked_until > now:
+        if locked_until is not None and locked_until > now:
             raise LoginRefused("locked", locked_until - now)
         too_long = not isinstance(password, str) or len(password) > self.MAX_LENGTH
         candidate = "" if too_long else password
         ok = await self._verify(encoded or await self._dummy_hash(), candidate)
-        if account is None or not encoded or too_long:
-            raise LoginRefused("credentials")
-        if not ok:
-            until = await self.db.write(lambda tx: self._fail(tx, account.id))
+        if account is None or not encoded or too_long or not ok:
+            # the same writes whether the name is an account's or not (module docstring)
+            until = await self.db.write(lambda tx: self._fail(tx, subject))
+            await self._purge(subject)
             now = self.wall()
             if until is not None and until > now:
                 raise LoginRefused("locked", until - now)
             raise LoginRefused("credentials")
-        locked = await self.db.write(lambda tx: self._succeed(tx, account.id))
+        locked = await self.db.write(lambda tx: self._succeed(tx, subject))
         if locked is not None:
             raise LoginRefused("locked", max(0.0, locked - self.wall()))
         return refuse_inactive(account)
 
-    def _fail(self, tx: Tx, account_id: str) -> float | None:
-        """Count a wrong password (a new window once the last is over) and lock the
-        account at :attr:`max_failures`; the lock's end, if it is locked."""
+    def _fail(self, tx: Tx, subject: str) -> float | None:
+        """Count a failure of ``subject`` (a new window once the last is over) and lock it
+        at :attr:`max_failures`; the lock's end, if it is locked."""
         now = self.wall()
         stale = now - self.window
         tx.run(
-            "INSERT INTO login_failures (account_id, failures, window_start, locked_until) "
-            "VALUES (?, 1, ?, NULL) ON CONFLICT (account_id) DO UPDATE SET "
+            "INSERT INTO login_failures (subject, failures, window_start, locked_until) "
+            "VALUES (?, 1, ?, NULL) ON CONFLICT (subject) DO UPDATE SET "
             "failures = CASE WHEN login_failures.window_start <= ? THEN 1 "
             "ELSE login_failures.failures + 1 END, "
             "window_start = CASE WHEN login_failures.window_start <= ? THEN ? "
             "ELSE login_failures.window_start END",
-            (account_id, now, stale, stale, now))
+            (subject, now, stale, stale, now))
         tx.run("UPDATE login_failures SET locked_until = ?, failures = 0, window_start = ? "
-               "WHERE account_id = ? AND failures >= ? AND "
+               "WHERE subject = ? AND failures >= ? AND "
                "(locked_until IS NULL OR locked_until <= ?)",
-               (now + self.lock_seconds, now, account_id, self.max_failures, now))
-        until = tx.value("SELECT locked_until FROM login_failures WHERE account_id = ?",
-                         (account_id,))
+               (now + self.lock_seconds, now, subject, self.max_failures, now))
+        until = tx.value("SELECT locked_until FROM login_failures WHERE subject = ?",
+                         (subject,))
         return None if until is None else float(until)
 
-    def _succeed(self, tx: Tx, account_id: str) -> float | None:
-        """Forget the failures unless the account got locked meanwhile (then the lock's
+    async def _purge(self, keep: str) -> None:
+        """Bound ``login_failures`` (module docstring): delete the rows whose window and
+        lock have passed, then the oldest unlocked rows beyond :attr:`max_subjects`
+        (never ``keep``, the subject just counted). Best effort, in its own transaction."""
+
+        def run(tx: Tx) -> int:
+            now = self.wall()
+            gone = tx.run("DELETE FROM login_failures WHERE window_start <= ? AND "
+                          "(locked_until IS NULL OR locked_until <= ?)",
+                          (now - self.window, now))
+            over = int(tx.value("SELECT COUNT(*) FROM login_failures", default=0)) - (
+                self.max_subjects)
+            if over > 0:
+                gone += tx.run(
+                    "DELETE FROM login_failures WHERE subject IN (SELECT subject FROM "
+                    "login_failures WHERE subject <> ? AND (locked_until IS NULL OR "
+                    "locked_until <= ?) ORDER BY window_start, subject LIMIT ?)",
+                    (keep, now, over))
+            return gone
+
+        try:
+            await self.db.write(run)
+        except Exception as error:  # any database error: the next failure purges again
+            log.warning("accounts: purging old login failures failed (%s); the next "
+                        "failure retries", type(error).__name__)
+
+    def _succeed(self, tx: Tx, subject: str) -> float | None:
+        """Forget the failures unless the name got locked meanwhile (then the lock's
         end: the right password is refused too). The conditional ``DELETE`` waits for a
         concurrent failure's row lock on PostgreSQL and re-checks, so a lock committed
         first is seen."""
         now = self.wall()
-        tx.run("DELETE FROM login_failures WHERE account_id = ? AND "
-               "(locked_until IS NULL OR locked_until <= ?)", (account_id, now))
-        until = tx.value("SELECT locked_until FROM login_failures WHERE account_id = ?",
-                         (account_id,))
+        tx.run("DELETE FROM login_failures WHERE subject = ? AND "
+               "(locked_until IS NULL OR locked_until <= ?)", (subject, now))
+        until = tx.value("SELECT locked_until FROM login_failures WHERE subject = ?",
+                         (subject,))
         return None if until is None or float(until) <= now else float(until)

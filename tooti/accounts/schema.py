@@ -35,8 +35,10 @@ Migration 2 (the web console, :mod:`tooti.console`):
 * ``console_sessions``: signed-in browser sessions, by the SHA-256 of their cookie
   token (:mod:`tooti.accounts.console_sessions`), with their CSRF token.
 * ``login_links``: hashed one-time login links (:mod:`tooti.accounts.login_links`).
-* ``login_failures``: failed password checks per account, for the lockout
-  (:mod:`tooti.accounts.passwords`); the password hash is ``accounts.password_hash``.
+* ``login_failures``: failed password checks per sign-in name, for the lockout
+  (:mod:`tooti.accounts.passwords`), keyed by ``subject``, the SHA-256 of the name
+  (unknown names too, so they lock alike), indexed by ``window_start`` to purge rows
+  whose window and lock have passed; the password hash is ``accounts.password_hash``.
 * ``console_secrets``: the key that signs the console's cookies, shared by every
   gateway on the database.
 """
@@ -236,11 +238,12 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             used_at DOUBLE PRECISION
         )""",
         """CREATE TABLE login_failures (
-            account_id TEXT PRIMARY KEY REFERENCES accounts(id),
+            subject TEXT PRIMARY KEY,
             failures BIGINT NOT NULL,
             window_start DOUBLE PRECISION NOT NULL,
             locked_until DOUBLE PRECISION
         )""",
+        "CREATE INDEX login_failures_window ON login_failures(window_start)",
         """CREATE TABLE console_secrets (
             name TEXT PRIMARY KEY,
             value TEXT NOT NULL
