@@ -251,6 +251,30 @@ async def test_login_failures_stay_bounded(database: Database, wall: Wall) -> No
     assert set(failure_rows(database)) == {subject_of("late")}
 
 
+async def test_outdated_hash_is_upgraded_after_a_right_password(
+        database: Database, service: AccountService, wall: Wall) -> None:
+    from argon2 import PasswordHasher
+
+    kim = await service.create_account("kim")
+    sessions = ConsoleSessions(database, wall=wall)
+    passwords = Passwords(database, wall=wall)
+    await passwords.set_password(kim.id, PASSWORD)
+    session, _ = await sessions.create(kim.id)
+    old = PasswordHasher(time_cost=1, memory_cost=8192).hash(PASSWORD)
+    database.write_sync(lambda tx: tx.run(
+        "UPDATE accounts SET password_hash = ? WHERE id = ?", (old, kim.id)))
+    stored = lambda: str(database.read_sync(lambda tx: tx.value(  # noqa: E731
+        "SELECT password_hash FROM accounts WHERE id = ?", (kim.id,))))
+    await refused("credentials", passwords.check("kim", "not the password"))
+    assert stored() == old  # a wrong password changes nothing
+    assert (await passwords.check("kim", PASSWORD)).id == kim.id
+    upgraded = stored()
+    assert upgraded != old and not PasswordHasher().check_needs_rehash(upgraded)
+    assert PasswordHasher().verify(upgraded, PASSWORD)
+    assert await sessions.lookup(session) is not None  # sessions stay
+    assert (await passwords.check("kim", PASSWORD)).id == kim.id
+    assert stored() == upgraded  # a current hash is not rewritten
+
 
 # ------------------------------------------------------------ login links
 

@@ -41,6 +41,12 @@ another gateway's purge on PostgreSQL), it is logged and the next failure purges
 * ``suspended``: the right password of a suspended account (told only to someone who
   knows the password).
 
+After a successful check, if argon2 says the stored hash was made with other
+parameters than the current ones (``check_needs_rehash``), the password is hashed again
+and stored in place of the old hash (only if the stored hash is still the one checked,
+so a concurrent :meth:`Passwords.set_password` wins), in one transaction that bumps the
+``changes`` counter; sessions stay.
+
 :meth:`Passwords.set_password` replaces the hash, forgets the failures and revokes every
 console session of the account (a password change logs out everywhere), in one
 transaction that also bumps the ``changes`` counter.
@@ -221,7 +227,26 @@ class Passwords:
         locked = await self.db.write(lambda tx: self._succeed(tx, subject))
         if locked is not None:
             raise LoginRefused("locked", max(0.0, locked - self.wall()))
-        return refuse_inactive(account)
+        refuse_inactive(account)
+        if self._hasher.check_needs_rehash(encoded):
+            await self._rehash(account.id, encoded, candidate)
+        return account
+
+    async def _rehash(self, account_id: str, checked: str, password: str) -> None:
+        """Store a hash of ``password`` with the current parameters in place of
+        ``checked``, unless the stored hash changed meanwhile."""
+        encoded = await self._hash(password)
+
+        def run(tx: Tx) -> int:
+            changed = tx.run("UPDATE accounts SET password_hash = ? WHERE id = ? AND "
+                             "password_hash = ?", (encoded, account_id, checked))
+            if changed:
+                bump_changes(tx)
+            return changed
+
+        if await self.db.write(run):
+            log.info("accounts: password hash of %s upgraded to the current parameters",
+                     account_id)
 
     def _fail(self, tx: Tx, subject: str) -> float | None:
         """Count a failure of ``subject`` (a new window once the last is over) and lock it
