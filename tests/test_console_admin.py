@@ -373,6 +373,66 @@ async def test_network_page_lists_the_node_and_disable_enable_drain(
     assert "node &#39;n9&#39; is reached through relay &#39;r1&#39;" in page.text
 
 
+def test_peer_actions_per_role_state_and_route() -> None:
+    actions = admin_pages.peer_actions
+    assert actions("node", "live", "") == ("disable", "drain")
+    assert actions("node", "disabled", "") == ("enable", "drain")
+    assert actions("node", "live", "r1") == ("disable",)  # its drain is a 409
+    assert actions("node", "disabled", "r1") == ("enable",)
+    assert actions("relay", "live", "") == ("drain",)
+    assert actions("relay", "disabled", "") == ("enable", "drain")
+    assert actions("node", "gone", "") == actions("relay", "gone", "") == ()
+
+
+async def test_network_page_drains_a_relay_and_offers_no_drain_behind_it(
+        console_env: ConsoleEnv) -> None:
+    """A relay's row offers its drain (which closes its tunnel); the node behind it is
+    offered disable, not the drain the control refuses."""
+    from types import SimpleNamespace
+
+    from tests.test_relay import start_relay
+    from tooti.node.node import Node
+    from tooti.settings import NodeSettings
+
+    env = console_env
+    registry = env.gateway.registry
+    shim = SimpleNamespace(tunnel_url=env.url.replace("http://", "ws://") + "/tooti/v1/tunnel",
+                           tunnel=env.tunnel, nursery=env.nursery)
+    relay = await start_relay(shim, "r1")  # type: ignore[arg-type]
+    node = Node(NodeSettings(peers=[relay.tunnel_url], id="behind", reconnect_initial=0.05,
+                             reconnect_max=0.5), env.tunnel, [simulated()], "behind")
+    scope = trio.CancelScope()
+
+    async def run() -> None:
+        with scope:
+            await node.run()
+
+    env.nursery.start_soon(run)
+    try:
+        with trio.fail_after(10):
+            await registry.wait_until(lambda: "r1" in registry.peers and bool(
+                getattr(registry.peers.get("behind"), "models", None)))
+        browser = await admin(env)
+        page = await browser.get("/console/admin/network")
+        relay_row, behind = row_of(page.text, "r1"), row_of(page.text, "behind")
+        assert "<td>relay</td>" in relay_row and "<td>r1</td>" in behind
+        assert 'action="/console/admin/nodes/r1/drain"' in relay_row
+        assert 'data-confirm="drain relay r1?"' in relay_row
+        assert "/r1/disable" not in relay_row
+        assert 'action="/console/admin/nodes/behind/disable"' in behind
+        assert "/behind/drain" not in behind
+        disabled = await browser.post("/console/admin/nodes/behind/disable")
+        assert disabled.status_code == 303 and registry.peers["behind"].disabled
+        assert 'action="/console/admin/nodes/behind/enable"' in row_of(
+            (await browser.get("/console/admin/network")).text, "behind")
+        drained = await browser.post("/console/admin/nodes/r1/drain")
+        assert drained.status_code == 303
+        assert registry.peers.get("r1") is None or registry.peers["r1"].draining
+    finally:
+        scope.cancel()
+        relay.scope.cancel()
+
+
 async def test_event_stream_snapshot_then_request_events_and_release(
         console_env: ConsoleEnv, monkeypatch: pytest.MonkeyPatch) -> None:
     await console_env.add_node([simulated()], "n1")
@@ -568,6 +628,13 @@ async def test_live_network_and_requests_in_a_browser(
     await in_thread(browser.get, f"{console_env.url}/console/admin/network")
     await in_thread(wait_for, browser, "#live-status", text="live")
     await in_thread(wait_for, browser, '#peers tr[data-id="n1"].state-live')
+    # console.js offers the buttons the server renders, per role, state and route.
+    cases = [(role, state, via) for role in ("node", "relay", "gateway")
+             for state in ("live", "disabled", "draining", "gone") for via in ("", "r1")]
+    drawn = await in_thread(browser.execute_script, "return arguments[0].map("
+                            "([role, state, via]) => peerActions({role, state, via}));",
+                            cases)
+    assert [tuple(a) for a in drawn] == [admin_pages.peer_actions(*c) for c in cases]
     await console_env.add_node([simulated()], "n2")  # arrives over the stream
     await in_thread(wait_for, browser, '#peers tr[data-id="n2"] td.actions button',
                     text="Disable")

@@ -64,8 +64,9 @@ Network and requests
   * ``GET /console/admin/network`` (:func:`network_page`): every peer of this gateway
     (nodes, relays and the nodes behind relays), rendered on the server from the admin
     snapshot (so the page is useful without JavaScript), then kept current by
-    ``console.js`` from :func:`events`; nodes have disable/enable and drain buttons,
-    and ids disabled while not connected can be enabled.
+    ``console.js`` from :func:`events`; nodes have disable/enable and drain buttons (no
+    drain for a node behind a relay), relays a drain button (:func:`peer_actions`), and
+    ids disabled while not connected can be enabled.
     ``POST /console/admin/nodes/<id>/disable|enable|drain`` (:func:`node_action`):
     :class:`~tooti.admin.peer_control.PeerControl`, then 303 back with a message (an
     unknown id is the 404 page; a refusal such as draining a relayed node, 409, is
@@ -215,9 +216,24 @@ def peer_row(peer: dict[str, Any]) -> dict[str, Any]:
     return {"cells": [fmt(row[key], digits) for key, _, digits in PEER_COLUMNS],
             "id": row["id"], "state": row["state"], "role": row["role"],
             "path": quote(str(row["id"]), safe=""),
-            "actions": (("enable", "drain") if row["state"] == "disabled"
-                        else ("disable", "drain"))
-            if row["role"] == "node" and row["state"] != "gone" else ()}
+            "actions": peer_actions(str(row["role"]), str(row["state"]), str(row["via"]))}
+
+
+def peer_actions(role: str, state: str, via: str) -> tuple[str, ...]:
+    """The buttons of a peer's row, as ``console.js``'s ``peerActions`` (a test compares
+    them). A node: disable (enable when disabled) and drain; a node behind a relay
+    (``via``): no drain, which :class:`~tooti.admin.peer_control.PeerControl` refuses
+    (409 ``relayed_node``: it shares the relay's tunnel), disable works. A relay: drain
+    (its tunnel closes with every node behind it), and enable when disabled; no disable,
+    which the control accepts but which routes nothing differently (a relay serves no
+    model itself, the nodes behind it are routed as their own peers: disable those). A
+    peer that is gone: none."""
+    if state == "gone" or role not in ("node", "relay"):
+        return ()
+    if role == "relay":
+        return ("enable", "drain") if state == "disabled" else ("drain",)
+    first = "enable" if state == "disabled" else "disable"
+    return (first,) if via else (first, "drain")
 
 
 def request_row(summary: dict[str, Any]) -> dict[str, Any]:
@@ -787,7 +803,8 @@ async def network_page() -> str:
 @blueprint.route("/console/admin/nodes/<node_id>/<action>", methods=["POST"])
 @signed_in("admin")
 async def node_action(node_id: str, action: str) -> Response:
-    """Disable, enable or drain a node (as ``POST /admin/v1/peers/{id}/{action}``)."""
+    """Disable, enable or drain a node or a relay (as ``POST
+    /admin/v1/peers/{id}/{action}``)."""
     if action not in PEER_ACTIONS:
         raise APIError(404, f"no node action '{action}'", code="not_found")
     control = g.ctx.peer_control

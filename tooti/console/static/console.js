@@ -160,10 +160,11 @@ function renderTable(table) {
       if (tr.cells[i].textContent !== text) tr.cells[i].textContent = text;
     });
     if (kind === "peers" && table.dataset.actions === "yes") {
-      const wanted = row.role === "node" && row.state !== "gone" ? String(row.state) : "";
+      const actions = peerActions(row);
+      const wanted = actions.length ? `${row.state}|${actions.join(",")}` : "";
       const cell = tr.cells[columns.length];
       if (!cell || cell.dataset.state !== wanted) {
-        const fresh = wanted ? actionsCell(row) : el("td", null, "actions");
+        const fresh = wanted ? actionsCell(row, actions) : el("td", null, "actions");
         fresh.dataset.state = wanted;
         if (cell) tr.replaceChild(fresh, cell); else tr.appendChild(fresh);
       }
@@ -184,16 +185,25 @@ function renderTable(table) {
   if (count) count.textContent = String(rows.length);
 }
 
-function actionsCell(peer) {
+function peerActions(peer) {
+  // The buttons of a peer's row, as admin_pages.peer_actions (a test compares them): a
+  // node: disable (enable when disabled) and drain, no drain behind a relay (the gateway
+  // refuses it: 409); a relay: drain, and enable when disabled; a gone peer: none.
+  if (peer.state === "gone" || (peer.role !== "node" && peer.role !== "relay")) return [];
+  if (peer.role === "relay") return peer.state === "disabled" ? ["enable", "drain"] : ["drain"];
+  const first = peer.state === "disabled" ? "enable" : "disable";
+  return peer.via ? [first] : [first, "drain"];
+}
+
+function actionsCell(peer, actions) {
   const td = el("td", null, "actions");
   const template = document.getElementById("peer-actions");
   if (!template) return td;
-  const disabled = peer.state === "disabled";
-  for (const action of disabled ? ["enable", "drain"] : ["disable", "drain"]) {
+  for (const action of actions) {
     const form = template.content.firstElementChild.cloneNode(true);
     form.action = `/console/admin/nodes/${encodeURIComponent(peer.id)}/${action}`;
     form.querySelector("button").textContent = action[0].toUpperCase() + action.slice(1);
-    form.dataset.confirm = `${action} node ${peer.id}?`;
+    form.dataset.confirm = `${action} ${peer.role} ${peer.id}?`;
     form.addEventListener("submit", (event) => {
       if (!window.confirm(form.dataset.confirm)) event.preventDefault();
     });
