@@ -198,6 +198,8 @@ async def test_every_answer_carries_the_security_headers(console_env: ConsoleEnv
             assert answer.headers["cache-control"] == "no-store", path
     missing = await browser.get("/console/nope")
     assert missing.status_code == 404 and "<html" in missing.text
+    beside = await browser.get("/consolex")  # not the console's: the gateway's own 404
+    assert beside.status_code == 404 and beside.json()["error"]["code"] == "not_found"
     assert (await browser.get("/console")).headers["location"] == "/console/login"
 
 

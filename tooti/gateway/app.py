@@ -207,7 +207,8 @@ class Gateway:
                 gateway_id=self.gateway_id, fronts=FRONTS,
                 routing_policy=lambda: type(self.policy).__name__, sign_in=self.sign_in,
             ), secure_cookies=bool(settings.tls_cert))
-            self.station.mount(CONSOLE_PREFIX, self.console)
+            self.station.mount(CONSOLE_PREFIX + "/", self.console)  # not /consolex
+            self.station.mount_exact(CONSOLE_PREFIX, self.console)
 
     # ------------------------------------------------------------ life cycle
 
