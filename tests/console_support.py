@@ -140,11 +140,12 @@ class ConsoleEnv:
 
 
 async def start_console(nursery: trio.Nursery, database: Database,
-                        data_dir: Path | None = None, **settings: Any) -> ConsoleEnv:
+                        data_dir: Path | None = None, /, **settings: Any) -> ConsoleEnv:
     """A gateway with the console on, listening on a loopback port, as a paying
     deployment runs (as ``tooti run`` builds it): the ``credits`` billing plugin (fee
     10 %: usage rows, charges, earnings) and minted join tokens admitted (a node joining
-    with one earns for the token's account)."""
+    with one earns for the token's account). ``settings`` are ``[gateway]`` keys
+    (``database`` among them: the URL the gateway names, e.g. in its config page)."""
     service = AccountService(database)
     await service.ensure_admin()
     tunnel = TunnelSettings(heartbeat_interval=0.5)

@@ -63,20 +63,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.console_support import ADMIN_KEY, Browser, ConsoleEnv
+from tests.console_support import ADMIN_KEY, Browser, ConsoleEnv, start_console
 from tooti.accounts import schema
 from tooti.accounts.database import Database, Tx
-from tooti.accounts.join_directory import JoinTokenDirectory
 from tooti.accounts.records import AccountInfo, GroupInfo, InviteInfo, JoinTokenInfo, KeyInfo
-from tooti.accounts.service import AccountService
 from tooti.backends.simulated import SimulatedBackend
-from tooti.billing.base import BillingSetup
-from tooti.billing.credits import Credits
 from tooti.console.app import COOKIE, Console
 from tooti.console.guard import SignedCookie
-from tooti.gateway.app import Gateway
-from tooti.mesh.station import Station
-from tooti.settings import BackendSettings, GatewaySettings, GroupSettings, TunnelSettings
+from tooti.settings import BackendSettings, GroupSettings
 
 PASSWORD = "ursula's long console password"
 CONFIG_SECRETS = {
@@ -170,12 +164,7 @@ async def start_world(nursery: trio.Nursery, database: Database, database_url: s
     """The world of this file (see the module docstring); without ``node`` (a TLS
     gateway, which the tunnel and the helpers' plain clients do not reach), no node, no
     request and no signed-in browsers."""
-    service = AccountService(database)
-    admin = await service.ensure_admin()
-    tunnel = TunnelSettings(heartbeat_interval=0.5)
     options: dict[str, Any] = {
-        "listen": "127.0.0.1:0", "admin_key": ADMIN_KEY, "auth": "keys", "console": True,
-        "first_byte_timeout": 10,
         "join_token": CONFIG_SECRETS["static join token"],
         "join_tokens": {"rotation": CONFIG_SECRETS["rotated join token"]},
         "groups": {"staticgrp": GroupSettings(
@@ -186,13 +175,9 @@ async def start_world(nursery: trio.Nursery, database: Database, database_url: s
     if database_url.startswith("postgresql"):
         options["database"] = with_password(database_url)
         secrets["database password"] = PG_PASSWORD
-    settings = GatewaySettings(**options)
-    station = Station(settings, tunnel, join_directory=JoinTokenDirectory(database))
-    credits = Credits(BillingSetup(tmp_path, {"fee_bps": 1000}, database=database))
-    gateway = Gateway(settings, tunnel, billing=[credits], station=station,
-                      database=database)
-    urls = await nursery.start(gateway.serve)
-    env = ConsoleEnv(nursery, gateway, urls[0], service, tunnel)
+    env = await start_console(nursery, database, tmp_path, **options)
+    service, gateway = env.service, env.gateway
+    admin = await service.ensure_admin()
     console = gateway.console
     assert console is not None
 
@@ -226,7 +211,7 @@ async def start_world(nursery: trio.Nursery, database: Database, database_url: s
     await service.top_up(ursula.id, 5_000_000, idem_key="sec-top-up")
 
     if node:
-        directory = station.join_directory
+        directory = gateway.station.join_directory
         assert directory is not None
         await directory.wait_current()
         await env.add_node([priced_backend()], "node-sec",
@@ -238,7 +223,7 @@ async def start_world(nursery: trio.Nursery, database: Database, database_url: s
                 json={"model": MODEL, "max_tokens": 5,
                       "messages": [{"role": "user", "content": "hello"}]})
             assert answer.status_code == 200, answer.text
-        await credits.flush()
+        await env.flush_billing()
 
     world = World(env, database, admin, olga, oscar, ursula, victor, group, oscar_group,
                   invite, olga_token, ursula_key, secrets)
