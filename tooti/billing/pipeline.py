@@ -48,13 +48,14 @@ def usage_from(outcome: Outcome, body_bytes: int, started: float) -> Usage:
     return Usage(
         node_id=outcome.node_id, model=outcome.model, prompt_tokens=prompt,
         completion_tokens=completion, status=outcome.status,
-        price_input=_price(outcome.price_input), price_output=_price(outcome.price_output),
+        price_input=advertised_price(outcome.price_input),
+        price_output=advertised_price(outcome.price_output),
         estimated=estimated, latency_ms=(clock.now() - started) * 1000,
         owner=outcome.owner, ttft_ms=outcome.ttft_ms,
     )
 
 
-def _price(price: float) -> int:
+def advertised_price(price: float) -> int:
     """A node's advertised price as integer micro-units per 1M tokens (converted once,
     here); anything not finite or above :data:`MAX_PRICE` counts as that cap, anything
     not positive as zero."""

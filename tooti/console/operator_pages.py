@@ -55,15 +55,15 @@ from quart import Blueprint, Response, flash, g, render_template, request
 
 from tooti import clock
 from tooti.accounts import earnings, reports
-from tooti.accounts.money import format_credits, price_micros
+from tooti.accounts.money import format_credits
 from tooti.accounts.records import AccountInfo, GroupInfo, InviteInfo
 from tooti.admin.accounts_api import expiry_of, listing, time_param
+from tooti.billing.pipeline import advertised_price
 from tooti.console import charts
 from tooti.console.forms import MAX_NAME, clipped, int_field
 from tooti.console.guard import me, signed_in
 from tooti.console.responses import redirect_to
 from tooti.errors import APIError
-from tooti.protocol.schemas import MAX_PRICE
 
 log = logging.getLogger("tooti.console")
 blueprint = Blueprint("operator", __name__)
@@ -144,13 +144,12 @@ class NodeRow:
 
 def _price(value: object) -> int:
     """A node's advertised price (credits per 1M tokens) as integer micro-units per 1M
-    tokens, converted as the billing pipeline converts it
-    (:func:`~tooti.accounts.money.price_micros`, capped at
-    :data:`~tooti.protocol.schemas.MAX_PRICE`, NaN as zero), so the page shows exactly
-    what a request is charged at; anything not a number is zero."""
+    tokens, converted by the billing pipeline's own
+    :func:`~tooti.billing.pipeline.advertised_price`, so the page shows exactly what a
+    request is charged at; anything not a number is zero."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return 0
-    return price_micros(min(float(value), MAX_PRICE)) if value == value else 0
+    return advertised_price(float(value))
 
 
 def _node_rows(owner: AccountInfo, bound: list[reports.OwnedNode]) -> list[NodeRow]:
