@@ -679,3 +679,32 @@ async def test_live_network_and_requests_in_a_browser(
             await in_thread(wait_for, browser, "#ledger-ok")
         await in_thread(screenshot, browser, name)
     assert await in_thread(browser_errors, browser) == []
+
+
+async def test_links_follow_the_public_url_not_the_host_header(
+        nursery: trio.Nursery, database: Database) -> None:
+    """With ``network.public_url`` set, a login link, the quick start and a join token's
+    ``--peer`` line use it, whatever ``Host`` the request carried; without one, the
+    browser's own host."""
+    env = await start_console(nursery, database)
+    env.gateway.station.network.public_url = "wss://gw.example.net/tooti/v1/tunnel"
+    await env.account("olga", "operator")
+    admin = env.browser()
+    await env.sign_in(admin, "admin")
+    olga = await env.service.find_account("olga")
+    assert olga is not None
+    forged = {"host": "evil.example"}
+    await admin.get(f"/console/admin/accounts/{olga.id}", headers=forged)
+    page = await admin.post(f"/console/admin/accounts/{olga.id}/login-link", {"ttl": "900"},
+                            headers=forged)
+    assert page.status_code == 200, page.text
+    assert "https://gw.example.net/console/login/link?token=tl-tooti-" in page.text
+    assert "evil.example" not in page.text
+    quick = await admin.get("/console/quickstart", headers=forged)
+    assert "https://gw.example.net/v1" in quick.text and "evil.example" not in quick.text
+    nodes = await admin.get("/console/nodes", headers=forged)
+    assert "evil.example" not in nodes.text
+    env.gateway.station.network.public_url = ""
+    own = await admin.get("/console/quickstart")
+    assert env.url + "/v1" in own.text
+    env.gateway.shutdown()

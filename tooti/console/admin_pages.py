@@ -148,6 +148,7 @@ from tooti.console.forms import (
 )
 from tooti.console.guard import me, signed_in
 from tooti.console.responses import redirect_to
+from tooti.console.urls import site_url
 from tooti.errors import APIError
 from tooti.mesh.events import EventBus
 from tooti.settings import GatewaySettings
@@ -423,7 +424,7 @@ async def login_link(ident: str) -> Response | tuple[str, int]:
             raise FormError(f"lifetime: one of {', '.join(LINK_TTLS.values())}")
         secret = await g.ctx.links.mint(account.id, by_account=me().id, ttl=int(ttl))
         log.info("console: %s made a login link for %s", me().name, account.name)
-        url = f"{request.host_url}console/login/link?token={quote(secret, safe='')}"
+        url = f"{site_url()}/console/login/link?token={quote(secret, safe='')}"
         return await _account_page(account, link=url, link_expires=LINK_TTLS[ttl])
 
     return await _act(ident, run)

@@ -38,6 +38,9 @@ class ConsoleContext:
     fronts: tuple[str, ...] = ()
     """The API dialects the gateway speaks besides OpenAI's (``anthropic``, ``ollama``,
     ``responses``), for the quick start."""
+    public_url: Callable[[], str] = lambda: ""
+    """``network.public_url`` now (the gateway's tunnel URL as others reach it; empty:
+    none), which the addresses the console shows derive from (:mod:`tooti.console.urls`)."""
     routing_policy: Callable[[], str] = lambda: ""
     """The routing policy in use now (a reload may swap it), for the config page."""
     sign_in: SignIn | None = None

@@ -63,6 +63,7 @@ from tooti.console import charts
 from tooti.console.forms import MAX_NAME, clipped, int_field
 from tooti.console.guard import me, signed_in
 from tooti.console.responses import redirect_to
+from tooti.console.urls import tunnel_url
 from tooti.errors import APIError
 
 log = logging.getLogger("tooti.console")
@@ -102,13 +103,6 @@ async def _owned_groups(account: AccountInfo) -> list[GroupInfo]:
     """The groups ``account`` owns (not those it only belongs to)."""
     return [group for group in await g.ctx.accounts.list_groups(account.id)
             if group.owner_id == account.id]
-
-
-def _peer_url() -> str:
-    """The address a node dials, as the browser reached this gateway (``ws://host``,
-    ``wss://`` behind TLS), the form ``docs/accounts.md`` shows."""
-    scheme = "wss" if request.scheme in ("https", "wss") else "ws"
-    return f"{scheme}://{request.host}"
 
 
 # ------------------------------------------------------------ nodes
@@ -198,7 +192,7 @@ async def _nodes_page(secret: str = "", secret_token: Any = None, error: str = "
         "operator_nodes.html", nodes=_node_rows(account, bound), chart=chart,
         earned_30d=sum(d.earned for d in per_day), tokens=tokens,
         groups=await _owned_groups(account), secret=secret, secret_token=secret_token,
-        peer_url=_peer_url(), error=error)
+        peer_url=tunnel_url(), error=error)
     return html, status
 
 
@@ -265,7 +259,7 @@ async def _group_page(group: GroupInfo, *, secret: str = "", secret_kind: str = 
         invites=await ctx.accounts.list_invites(group.id),
         tokens=[t for t in await ctx.accounts.list_join_tokens(group.owner_id)
                 if t.group == group.name],
-        secret=secret, secret_kind=secret_kind, peer_url=_peer_url(), error=error,
+        secret=secret, secret_kind=secret_kind, peer_url=tunnel_url(), error=error,
         now=clock.wall(), max_uses=MAX_USES, max_days=MAX_EXPIRY_DAYS)
     return html, status
 

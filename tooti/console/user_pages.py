@@ -31,10 +31,11 @@ exactly like an unknown one (404).
   service's message and status.
 * ``GET /console/quickstart`` (:func:`quickstart`): copyable snippets (``curl``, the
   ``openai`` Python client, and the ``anthropic`` and ``ollama`` Python clients when the
-  gateway mounts those fronts) using the gateway's URL as the browser reached it
-  (``request.host_url``) and a placeholder for the key, and the models this account can
-  use now. The console may not import the gateway (nor its ``/v1/models`` list), so
-  the models are read from the registry: the live models of the public nodes (``""``)
+  gateway mounts those fronts) using the gateway's address
+  (:func:`~tooti.console.urls.site_url`: its public one, else as the browser reached
+  it) and a placeholder for the key, and the models this account can use now. The
+  console may not import the gateway (nor its ``/v1/models`` list), so the models
+  are read from the registry: the live models of the public nodes (``""``)
   and of each node group the account belongs to (:meth:`~tooti.mesh.registry.Registry.
   live_in_group`). A key restricted to some models or to one group sees a subset of it.
 
@@ -72,6 +73,7 @@ from tooti.console.forms import (
 )
 from tooti.console.guard import me, signed_in
 from tooti.console.responses import redirect_to
+from tooti.console.urls import site_url
 from tooti.errors import APIError
 
 blueprint = Blueprint("user", __name__)
@@ -203,7 +205,7 @@ async def quickstart() -> str:
     models: set[str] = set()
     for group in ["", *(found.name for found in groups)]:
         models.update(registry.live_in_group(group))
-    base = request.host_url.rstrip("/")
+    base = site_url()
     model = min(models) if models else "MODEL"
     return await render_template(
         "user_quickstart.html", base=base, models=sorted(models), model=model,

@@ -206,6 +206,7 @@ class Gateway:
                 registry=self.registry, admin=self.admin, peer_control=self.peer_control,
                 gateway_id=self.gateway_id, fronts=FRONTS,
                 routing_policy=lambda: type(self.policy).__name__, sign_in=self.sign_in,
+                public_url=lambda: self.station.network.public_url,
             ), secure_cookies=bool(settings.tls_cert))
             self.station.mount(CONSOLE_PREFIX + "/", self.console)  # not /consolex
             self.station.mount_exact(CONSOLE_PREFIX, self.console)
