@@ -25,9 +25,11 @@ KEY = "adm-cli-secret"
 class Cli:
     """``tooti …`` against one gateway: exit code, stdout and stderr of each run."""
 
-    def __init__(self, url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    def __init__(self, url: str, capsys: pytest.CaptureFixture[str], gateway: Gateway
+                 ) -> None:
         self.url = url
         self.capsys = capsys
+        self.gateway = gateway
 
     async def __call__(self, *argv: str, key: str | None = KEY) -> tuple[int, str, str]:
         args = [*argv, "--gateway", self.url]
@@ -54,7 +56,7 @@ async def tooti(nursery: trio.Nursery, database: Database,
     gateway = Gateway(GatewaySettings(listen="127.0.0.1:0", admin_key=KEY, auth="keys"),
                       TunnelSettings(), database=database)
     urls = await nursery.start(gateway.serve)
-    yield Cli(urls[0], capsys)
+    yield Cli(urls[0], capsys, gateway)
     gateway.shutdown()
 
 
@@ -153,6 +155,7 @@ async def test_refusals_print_a_message_and_exit_1(tooti: Cli) -> None:
     code, out, err = await tooti("accounts", "list", key="wrong-key")
     assert (code, out) == (1, "")
     assert err.startswith("tooti: error:") and "401" in err and "admin key" in err
+    assert "TOOTI_ADMIN_KEY or --admin-key" in err  # what to set
     assert "Traceback" not in err and "wrong-key" not in err
 
     code, _, err = await tooti("accounts", "show", "nobody")

@@ -88,9 +88,16 @@ async def test_cli_login_link_set_password_and_logout(
     assert code == 0, err
     url = out.splitlines()[0]
     assert url.startswith(f"{tooti.url}/console/login/link?token=tl-tooti-")
+    assert "a one-time login link for bob," in out  # the name given, not the id
     secret = parse_qs(urlsplit(url).query)["token"][0]
     bob = await LoginLinks(database).consume(secret)
     assert bob.name == "bob"
+    # With a public address the link is on it, whatever --gateway reached.
+    tooti.gateway.station.network.public_url = "wss://gw.example.net/tooti/v1/tunnel"
+    code, out, err = await tooti("accounts", "login-link", "bob")
+    assert code == 0, err
+    assert out.startswith("https://gw.example.net/console/login/link?token=tl-tooti-")
+    tooti.gateway.station.network.public_url = ""
 
     # the password comes from stdin when it is not a terminal
     monkeypatch.setattr("sys.stdin", io.StringIO(PASSWORD + "\n"))

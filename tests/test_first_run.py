@@ -190,6 +190,18 @@ def test_ready_banner_names_the_console_when_it_is_on() -> None:
     banner = ready_banner(url, "tooti-sim", "simulated", command="tooti", console=True)
     assert (f"Web console: {url}/console (first sign-in: tooti accounts login-link admin "
             f"--gateway {url})") in banner
+    assert "TOOTI_KEY" not in banner  # an open gateway: the curl needs no key
+
+
+def test_ready_banner_sends_a_key_when_the_gateway_needs_one() -> None:
+    """Under ``--auth keys`` the banner's curl carries a key and says how to make one
+    (a curl without one would get 401)."""
+    from tooti.runner import ready_banner
+
+    url = "http://127.0.0.1:8080"
+    banner = ready_banner(url, "tooti-sim", "simulated", command="tooti", key_needed=True)
+    assert f'curl {url}/v1/chat/completions -H "authorization: Bearer $TOOTI_KEY"' in banner
+    assert "tooti keys create admin --name me" in banner
 
 
 def test_ready_banner_points_at_the_script_beside_the_interpreter() -> None:

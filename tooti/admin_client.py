@@ -52,7 +52,8 @@ class AdminClient:
         try:
             response = self._http.request(method, path, json=json, params=query)
         except httpx.HTTPError as exc:
-            raise AdminError(f"cannot reach {self.base_url}: {exc}") from None
+            raise AdminError(f"cannot reach {self.base_url}: {exc} (the gateway is "
+                             "--gateway URL or TOOTI_GATEWAY)") from None
         if response.is_success:
             return response
         message, code = response.text[:300], None
@@ -61,6 +62,8 @@ class AdminClient:
             message, code = str(error["message"]), error.get("code")
         except (ValueError, KeyError, TypeError):
             pass
+        if code in ("invalid_admin_key", "admin_loopback_only"):
+            message += " (the admin key is TOOTI_ADMIN_KEY or --admin-key)"
         raise AdminError(f"{method} {path} answered {response.status_code}: {message}",
                          response.status_code, code)
 

@@ -195,7 +195,9 @@ def _parser() -> argparse.ArgumentParser:
                                          metavar="COMMAND")
     for action, text in NODE_ACTIONS.items():
         leaf = node_commands.add_parser(action, help=text, description=text + ".")
-        leaf.add_argument("node_id", metavar="ID", help="the node's id")
+        leaf.add_argument("node_id", metavar="ID",
+                          help="the node's id, as `tooti peers` or the console's Network "
+                          "page lists it")
         leaf.add_argument("--gateway", "--url", dest="gateway", metavar="URL",
                           help=GATEWAY_HELP)
         leaf.add_argument("--admin-key", metavar="K",

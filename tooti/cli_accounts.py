@@ -207,10 +207,11 @@ def _accounts_limits(c: AdminClient, a: argparse.Namespace) -> int:
 
 def _accounts_login_link(c: AdminClient, a: argparse.Namespace) -> int:
     answer = c.post(f"/admin/v1/accounts/{a.account}/login-link", {"ttl": a.ttl})
-    url = c.base_url + answer["path"]
+    # The gateway's public address when it has one (network.public_url), else --gateway.
+    url = answer.get("url") or c.base_url + answer["path"]
     return emit(a, {**answer, "url": url}, lambda r: (
-        f"{url}\n(a one-time login link for {r['account_id']}, valid until "
-        f"{when(r.get('expires_at'))} UTC: give it to its owner privately)"))
+        f"{url}\n(a one-time login link for {r.get('account') or r['account_id']}, valid "
+        f"until {when(r.get('expires_at'))} UTC: give it to its owner privately)"))
 
 
 def read_password(stdin: Any = None) -> str:

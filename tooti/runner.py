@@ -343,7 +343,8 @@ async def _serve_roles(process: Process, roles: list[str],
             model = sorted(process.node.models)[0]
             print(ready_banner(process.urls[0], model,
                                process.node.models[model][0].type_name,
-                               console=process.gateway.console is not None), flush=True)
+                               console=process.gateway.console is not None,
+                               key_needed=process.gateway.auth.mode == "keys"), flush=True)
 
 
 def relay_identity(settings: Settings) -> tuple[str, Identity]:
@@ -361,13 +362,15 @@ def relay_identity(settings: Settings) -> tuple[str, Identity]:
 
 
 def ready_banner(url: str, model: str, backend_type: str = "",
-                 command: str | None = None, *, console: bool = False) -> str:
+                 command: str | None = None, *, console: bool = False,
+                 key_needed: bool = False) -> str:
     """What a gateway with a local node prints once it is ready: the URL and model (first
     line, ``tooti is ready on URL serving MODEL.``), what the model is when it is the
     embedded Gemma 3 270M (a small base model for trying the network, not for good
     answers) or the simulated backend (no model at all), a working curl, where the TUI
     is (and the web console, when ``console``), and — for those two — how to serve a
-    real model instead.
+    real model instead. ``key_needed`` (``--auth keys``): the curl sends a key, and the
+    banner says how to make one.
 
     ``command`` is how to call tooti in the hints: by default the ``tooti`` script beside
     this interpreter (``.venv/bin/tooti`` after ``make run``, relative to the working
@@ -389,9 +392,14 @@ def ready_banner(url: str, model: str, backend_type: str = "",
                      "model for trying the network, not for good answers.")
     elif backend_type == "simulated":
         lines.append(f"  {model} is the simulated backend: made-up tokens, no model at all.")
+    key = " -H \"authorization: Bearer $TOOTI_KEY\"" if key_needed else ""
+    lines.append("Try it:")
+    if key_needed:
+        where = " (or on the console)" if console else ""
+        lines.append(f"  (--auth keys: make a key with {command} keys create admin --name me"
+                     f"{where} and export TOOTI_KEY=sk-tooti-…)")
     lines += [
-        "Try it:",
-        f"  curl {url}/v1/chat/completions -H 'content-type: application/json' "
+        f"  curl {url}/v1/chat/completions{key} -H 'content-type: application/json' "
         f"-d '{body}'",
         "Watch it live:",
         f"  {command} tui --gateway {url}",

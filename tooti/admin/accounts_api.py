@@ -8,8 +8,10 @@ Routes (every one needs the admin key; bodies are JSON objects, unknown fields r
   ``GET /admin/v1/accounts``; ``GET /admin/v1/accounts/{id or name}``;
   ``PATCH /admin/v1/accounts/{id or name}`` ``{status?, limits?: {rpm, tpm, concurrency}}``.
 * ``POST /admin/v1/accounts/{id or name}/login-link`` ``{ttl?}`` (seconds, default 900)
-  → 201 ``{link, path, expires_at}``: a one-time console login link (shown once;
-  :mod:`tooti.accounts.login_links`), ``path`` the console URL path that uses it;
+  → 201 ``{link, path, url, expires_at}``: a one-time console login link (shown once;
+  :mod:`tooti.accounts.login_links`), ``path`` the console URL path that uses it,
+  ``url`` the whole link on the gateway's public address (``network.public_url``; null
+  when none is set);
   ``PUT /admin/v1/accounts/{id or name}/password`` ``{password}`` → 204 (argon2id,
   :mod:`tooti.accounts.passwords`; logs the account out of the console everywhere);
   ``POST /admin/v1/accounts/{id or name}/logout`` → ``{revoked: n}`` (every console
@@ -59,7 +61,7 @@ import secrets
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
-from urllib.parse import parse_qs, unquote
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import msgspec
 import trio
@@ -552,6 +554,17 @@ MOUNTS = ("accounts", "keys", "groups", "invites", "join-tokens", "credits", "ea
           "ledger")
 
 
+def public_origin(public_url: str) -> str:
+    """The HTTP origin of a gateway's public tunnel URL (``network.public_url``:
+    ``wss://gw.example/…`` → ``https://gw.example``, ``ws`` → ``http``); ``""`` when
+    none is set. What links handed to people are built on (never a request's ``Host``)."""
+    public = urlsplit(public_url)
+    if not public.netloc:
+        return ""
+    scheme = "https" if public.scheme in ("wss", "https") else "http"
+    return f"{scheme}://{public.netloc}"
+
+
 class AccountsAPI:
     """The accounts routes of the admin API on one station (see the module docstring)."""
 
@@ -624,8 +637,11 @@ class AccountsAPI:
         body = await read_json(scope, receive, LoginLinkCreate)
         account = await self._account(ident)
         secret = await self.links.mint(account.id, by_account=ADMIN_ACCOUNT, ttl=body.ttl)
-        return 201, {"object": "login_link", "account_id": account.id, "link": secret,
-                     "path": f"{LOGIN_LINK_PATH}?token={secret}",
+        path = f"{LOGIN_LINK_PATH}?token={secret}"
+        site = public_origin(self.station.network.public_url)
+        return 201, {"object": "login_link", "account_id": account.id,
+                     "account": account.name, "link": secret, "path": path,
+                     "url": site + path if site else None,
                      "expires_at": clock.wall() + body.ttl}
 
     async def set_password(self, scope: Scope, receive: Receive, ident: str

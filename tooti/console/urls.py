@@ -10,9 +10,9 @@ browser used, which is what a user of a gateway on its own address expects.
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
-
 from quart import g, request
+
+from tooti.admin.accounts_api import public_origin
 
 
 def tunnel_url() -> str:
@@ -29,8 +29,4 @@ def site_url() -> str:
     """This gateway's HTTP address without a trailing slash: the origin of
     ``network.public_url`` (``ws`` read as ``http``, ``wss`` as ``https``), else the
     one the browser reached."""
-    public = urlsplit(g.ctx.public_url())
-    if public.netloc:
-        scheme = "https" if public.scheme in ("wss", "https") else "http"
-        return f"{scheme}://{public.netloc}"
-    return request.host_url.rstrip("/")
+    return public_origin(g.ctx.public_url()) or request.host_url.rstrip("/")
