@@ -92,24 +92,34 @@ def _since(days: int, now: float | None) -> float:
     return float((today - days + 1) * DAY)
 
 
+async def _by_day(db: Database, *, who: str, who_id: str, key: str, sums: str, days: int,
+                  now: float | None) -> list[tuple[str, str, list[int]]]:
+    """The usage rows where column ``who`` is ``who_id`` over the last ``days`` UTC days
+    (today included), grouped by day and column ``key``, by day then key: per group its day
+    (``YYYY-MM-DD``), key and the integers of the ``sums`` select list (a fixed SQL text of
+    this module's callers, never user input)."""
+    since = _since(days, now)
+
+    def read(tx: Tx) -> list[tuple[str, str, list[int]]]:
+        day = _day_expr(tx)
+        rows = tx.all(
+            f"SELECT {day} AS d, {key}, {sums} FROM usage WHERE {who} = ? AND ts >= ? "
+            f"GROUP BY {day}, {key} ORDER BY d, {key}", (who_id, since))
+        return [(_day_text(int(r[0])), str(r[1]), [int(v) for v in r[2:]]) for r in rows]
+
+    return await db.read(read)
+
+
 async def usage_by_day(db: Database, account_id: str, *, days: int = 30,
                        now: float | None = None) -> list[DayUsage]:
     """An account's requests, tokens and charges per UTC day and model over the last
     ``days`` days (today included), by day then model."""
-    since = _since(days, now)
-
-    def read(tx: Tx) -> list[DayUsage]:
-        day = _day_expr(tx)
-        rows = tx.all(
-            f"SELECT {day} AS d, model, COUNT(*), COALESCE(SUM(prompt_tokens), 0), "
-            "COALESCE(SUM(completion_tokens), 0), COALESCE(SUM(charged), 0) FROM usage "
-            f"WHERE account_id = ? AND ts >= ? GROUP BY {day}, model ORDER BY d, model",
-            (account_id, since))
-        return [DayUsage(day=_day_text(int(r[0])), model=str(r[1]), requests=int(r[2]),
-                         prompt_tokens=int(r[3]), completion_tokens=int(r[4]),
-                         charged=int(r[5])) for r in rows]
-
-    return await db.read(read)
+    rows = await _by_day(
+        db, who="account_id", who_id=account_id, key="model", days=days, now=now,
+        sums="COUNT(*), COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0), "
+             "COALESCE(SUM(charged), 0)")
+    return [DayUsage(day=day, model=model, requests=v[0], prompt_tokens=v[1],
+                     completion_tokens=v[2], charged=v[3]) for day, model, v in rows]
 
 
 async def recent_requests(db: Database, account_id: str, *,
@@ -133,19 +143,12 @@ async def earnings_by_day(db: Database, owner_id: str, *, days: int = 30,
                           now: float | None = None) -> list[DayEarnings]:
     """What an operator's nodes served and earned per UTC day and node over the last
     ``days`` days (today included), by day then node."""
-    since = _since(days, now)
-
-    def read(tx: Tx) -> list[DayEarnings]:
-        day = _day_expr(tx)
-        rows = tx.all(
-            f"SELECT {day} AS d, node_id, COUNT(*), "
-            "COALESCE(SUM(prompt_tokens + completion_tokens), 0), COALESCE(SUM(earned), 0) "
-            f"FROM usage WHERE owner_id = ? AND ts >= ? GROUP BY {day}, node_id "
-            "ORDER BY d, node_id", (owner_id, since))
-        return [DayEarnings(day=_day_text(int(r[0])), node_id=str(r[1]), requests=int(r[2]),
-                            tokens=int(r[3]), earned=int(r[4])) for r in rows]
-
-    return await db.read(read)
+    rows = await _by_day(
+        db, who="owner_id", who_id=owner_id, key="node_id", days=days, now=now,
+        sums="COUNT(*), COALESCE(SUM(prompt_tokens + completion_tokens), 0), "
+             "COALESCE(SUM(earned), 0)")
+    return [DayEarnings(day=day, node_id=node, requests=v[0], tokens=v[1], earned=v[2])
+            for day, node, v in rows]
 
 
 async def nodes_of(db: Database, owner_id: str) -> list[OwnedNode]:
