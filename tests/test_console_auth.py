@@ -88,7 +88,10 @@ async def test_login_link_is_spent_by_the_post_not_the_get(console_env: ConsoleE
     assert answer.status_code == 303
     assert answer.headers["location"] == "/console/account"  # no password yet: set one
     again = console_env.browser()
-    await again.get("/console/login/link", params={"token": token})
+    opened = await again.get("/console/login/link", params={"token": token})
+    assert opened.status_code == 400 and "not valid" in opened.text  # said at once
+    assert 'id="link-form"' not in opened.text
+    await again.get("/console/login")  # a form's token, to post the spent link anyway
     spent = await again.post("/console/login/link", {"token": token})
     assert spent.status_code == 400 and "not valid" in spent.text
     assert (await again.get("/console/")).status_code == 303

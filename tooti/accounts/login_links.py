@@ -65,6 +65,18 @@ class LoginLinks:
         await self.db.write(run)
         return secret
 
+    async def usable(self, secret: str) -> bool:
+        """Whether ``secret`` is a link that :meth:`consume` would take now (unused, not
+        expired), without using it up: the page a link opens says at once when it is
+        spent. (It can still be spent between the two; :meth:`consume` decides.)"""
+        if not isinstance(secret, str) or _SHAPE.fullmatch(secret) is None:
+            return False
+        digest = credentials.digest(secret)
+        found = await self.db.read(lambda tx: tx.value(
+            "SELECT COUNT(*) FROM login_links WHERE hash = ? AND used_at IS NULL "
+            "AND expires_at > ?", (digest, self.wall()), 0))
+        return bool(found)
+
     async def consume(self, secret: str) -> AccountInfo:
         """The account a link signs in, using the link up (see the module docstring)."""
         if not isinstance(secret, str) or _SHAPE.fullmatch(secret) is None:

@@ -87,6 +87,9 @@ async def login_link() -> Response | tuple[str, int] | str:
         if not token:
             return await render_template("login_link.html", token="",
                                          error="This page needs the link's token."), 400
+        if not await g.ctx.links.usable(token):
+            message, status, _ = _refusal(LoginRefused("link"))
+            return await render_template("login_link.html", token="", error=message), status
         return await render_template("login_link.html", token=token, error="")
     form = await request.form
     try:
