@@ -211,20 +211,28 @@ async def test_a_node_enabled_while_away_is_routed_when_it_rejoins(network: Netw
         assert await served_by(http, 2) == ["node-a", "node-a"]
 
 
+async def held_stream(http: httpx.AsyncClient, nursery: trio.Nursery,
+                      held: Held) -> list[str]:
+    """Start a streamed chat completion in ``nursery`` and return once ``held`` (its node's
+    backend) holds it: the list returned gets the response's non-empty lines when it ends."""
+    lines: list[str] = []
+
+    async def stream() -> None:
+        async with http.stream("POST", "/v1/chat/completions",
+                               json=chat(stream=True)) as response:
+            lines.extend([line async for line in response.aiter_lines() if line])
+
+    nursery.start_soon(stream)
+    with trio.fail_after(LIMIT):
+        await held.started.wait()
+    return lines
+
+
 async def test_disable_lets_a_request_in_flight_finish(network: Network) -> None:
     held = Held()
     await start_node(network, "node-a", [network.tunnel_url], backends=[held])
     async with admin(network) as http, trio.open_nursery() as nursery:
-        lines: list[str] = []
-
-        async def stream() -> None:
-            async with http.stream("POST", "/v1/chat/completions",
-                                   json=chat(stream=True)) as response:
-                lines.extend([line async for line in response.aiter_lines() if line])
-
-        nursery.start_soon(stream)
-        with trio.fail_after(LIMIT):
-            await held.started.wait()
+        lines = await held_stream(http, nursery, held)
         assert (await http.post("/admin/v1/peers/node-a/disable")).status_code == 200
         assert (await http.post("/v1/chat/completions", json=chat())).status_code == 503
         held.go.set()
@@ -265,16 +273,7 @@ async def test_drain_lets_the_stream_finish_then_closes_the_tunnel(
     peer = registry.peers["node-a"]
     events = record(network.gateway)
     async with admin(network) as http, trio.open_nursery() as nursery:
-        lines: list[str] = []
-
-        async def stream() -> None:
-            async with http.stream("POST", "/v1/chat/completions",
-                                   json=chat(stream=True)) as response:
-                lines.extend([line async for line in response.aiter_lines() if line])
-
-        nursery.start_soon(stream)
-        with trio.fail_after(LIMIT):
-            await held.started.wait()
+        lines = await held_stream(http, nursery, held)
         answer = await http.post("/admin/v1/peers/node-a/drain")
         assert answer.status_code == 200, answer.text
         assert answer.json()["state"] == "draining" and answer.json()["in_flight"] == 1
