@@ -5,6 +5,7 @@ in, and httpx clients that keep cookies like a browser and send each form's CSRF
 
 from __future__ import annotations
 
+import json
 import re
 import tempfile
 from collections.abc import AsyncIterator
@@ -171,3 +172,41 @@ async def console_env(nursery: trio.Nursery, database: Database, tmp_path: Path
     for browser in env.browsers:
         await browser.aclose()
     env.gateway.shutdown()
+
+
+async def read_events(lines: AsyncIterator[str], until: str,
+                      seen: list[tuple[str, Any]]) -> None:
+    """Read server-sent events (``event:`` then ``data:`` JSON lines, as ``/events`` and
+    ``/console/admin/events`` send them) into ``seen`` up to one of kind ``until``; the
+    stream ending first is an error."""
+    kind = ""
+    async for line in lines:
+        if line.startswith("event: "):
+            kind = line[7:]
+        elif line.startswith("data: "):
+            seen.append((kind, json.loads(line[6:])))
+            if kind == until:
+                return
+    raise AssertionError(f"the stream ended before a {until} event: {seen}")
+
+
+async def assert_admin_only(env: ConsoleEnv, gets: tuple[str, ...], posts: tuple[str, ...],
+                            form: dict[str, str]) -> None:
+    """A user (bob) and an operator (olga), both created here, get the console's 403 page
+    ("this page is for admins", HTML) on each of ``gets`` and on each of ``posts`` sent
+    ``form`` with a valid CSRF token (so it is the role that refuses, not the CSRF check)."""
+    await env.account("bob")
+    await env.account("olga", "operator")
+    for name in ("bob", "olga"):
+        browser = env.browser()
+        await env.sign_in(browser, name)
+        for path in gets:
+            page = await browser.get(path)
+            assert page.status_code == 403, (name, path, page.text)
+            assert "this page is for admins" in page.text
+            assert "text/html" in page.headers["content-type"]
+        for path in posts:
+            await browser.get("/console/account")  # a fresh CSRF token
+            answer = await browser.post(path, form)
+            assert answer.status_code == 403, (name, path, answer.text)
+            assert "this page is for admins" in answer.text

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from html import unescape
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,14 @@ import pytest
 import trio
 
 from tests.conftest import simulated
-from tests.console_support import ADMIN_KEY, Browser, ConsoleEnv, start_console
+from tests.console_support import (
+    ADMIN_KEY,
+    Browser,
+    ConsoleEnv,
+    assert_admin_only,
+    read_events,
+    start_console,
+)
 from tooti.accounts.database import Database
 from tooti.accounts.directory import KeyDirectory
 from tooti.admin.events import sse
@@ -80,41 +88,25 @@ def row_of(html: str, row_id: str) -> str:
     return found.group(0)
 
 
-async def events_of(lines: AsyncIterator[str], until: str,
-                    seen: list[tuple[str, Any]]) -> None:
-    """Read server-sent events into ``seen`` up to one of kind ``until``."""
-    kind = ""
-    async for line in lines:
-        if line.startswith("event: "):
-            kind = line[7:]
-        elif line.startswith("data: "):
-            seen.append((kind, json.loads(line[6:])))
-            if kind == until:
-                return
-    raise AssertionError(f"the stream ended before a {until} event: {seen}")
+@asynccontextmanager
+async def admin_events(
+        browser: Browser) -> AsyncIterator[tuple[AsyncIterator[str], list[tuple[str, Any]]]]:
+    """``/console/admin/events`` opened by ``browser`` and read up to its snapshot: the
+    stream's lines and the events read so far (more go into that list by ``read_events``)."""
+    seen: list[tuple[str, Any]] = []
+    async with browser.http.stream("GET", "/console/admin/events") as response:
+        lines = response.aiter_lines()
+        await read_events(lines, "snapshot", seen)
+        yield lines, seen
 
 
 # ------------------------------------------------------------ authorization
 
 async def test_users_and_operators_get_403_on_every_admin_page_visitors_sign_in(
         console_env: ConsoleEnv) -> None:
-    await console_env.account("bob")
-    await console_env.account("olga", "operator")
-    for name in ("bob", "olga"):
-        browser = console_env.browser()
-        await console_env.sign_in(browser, name)
-        for path in ADMIN_GETS:
-            page = await browser.get(path)
-            assert page.status_code == 403, (name, path, page.text)
-            assert "this page is for admins" in page.text
-            assert "text/html" in page.headers["content-type"]
-        for path in ADMIN_POSTS:
-            await browser.get("/console/account")  # a fresh CSRF token
-            answer = await browser.post(path, {"amount": "5", "idem": "x", "name": "evil",
-                                               "status": "suspended", "password": PASSWORD,
-                                               "again": PASSWORD})
-            assert answer.status_code == 403, (name, path, answer.text)
-            assert "this page is for admins" in answer.text  # the role, not the CSRF check
+    await assert_admin_only(console_env, ADMIN_GETS, ADMIN_POSTS, {
+        "amount": "5", "idem": "x", "name": "evil", "status": "suspended",
+        "password": PASSWORD, "again": PASSWORD})
     visitor = console_env.browser()
     for path in ADMIN_GETS:
         answer = await visitor.get(path)
@@ -465,12 +457,12 @@ async def test_event_stream_snapshot_then_request_events_and_release(
                 assert response.headers["content-type"].startswith("text/event-stream")
                 assert "default-src 'none'" in response.headers["content-security-policy"]
                 lines = response.aiter_lines()
-                await events_of(lines, "snapshot", seen)
+                await read_events(lines, "snapshot", seen)
                 assert bus.subscribers == before + 1
                 assert [p["id"] for p in seen[0][1]["peers"]] == ["n1"]
                 answer = await http.post("/v1/chat/completions", json=CHAT)
                 assert answer.status_code == 200
-                await events_of(lines, "request.finished", seen)
+                await read_events(lines, "request.finished", seen)
             # The client left: the server notices and releases the subscription.
             await released.wait()
     assert bus.subscribers == before
@@ -495,13 +487,10 @@ async def test_event_stream_ends_with_dropped_when_the_bus_closes(
         console_env: ConsoleEnv) -> None:
     browser = await admin(console_env)
     bus = console_env.gateway.registry.bus
-    seen: list[tuple[str, Any]] = []
     with trio.fail_after(10):
-        async with browser.http.stream("GET", "/console/admin/events") as response:
-            lines = response.aiter_lines()
-            await events_of(lines, "snapshot", seen)
+        async with admin_events(browser) as (lines, seen):
             bus.close_all("gateway shutting down")  # what a drain does
-            await events_of(lines, "dropped", seen)
+            await read_events(lines, "dropped", seen)
             rest = [line async for line in lines]  # and the answer ends
     assert seen[-1] == ("dropped", {"reason": "gateway shutting down"})
     assert all(not line.startswith("data:") for line in rest)
@@ -520,18 +509,15 @@ async def test_event_stream_ends_when_the_session_ends(
     monkeypatch.setattr(admin_pages, "SESSION_CHECK", 0.0)
     browser, other = await admin(console_env), await admin(console_env)
     bus = console_env.gateway.registry.bus
-    seen: list[tuple[str, Any]] = []
     with trio.fail_after(10):
-        async with browser.http.stream("GET", "/console/admin/events") as response:
-            lines = response.aiter_lines()
-            await events_of(lines, "snapshot", seen)
+        async with admin_events(browser) as (lines, seen):
             bus.publish("peer.cooldown", peer_id="n0")  # the session is still valid
-            await events_of(lines, "peer.cooldown", seen)
+            await read_events(lines, "peer.cooldown", seen)
             await other.get("/console/admin/accounts/admin")
             out = await other.post("/console/admin/accounts/admin/logout")
             assert out.status_code == 303
             bus.publish("peer.cooldown", peer_id="n0")  # the next frame: checked first
-            await events_of(lines, "dropped", seen)
+            await read_events(lines, "dropped", seen)
             rest = [line async for line in lines]  # and the answer ends
     assert seen[-1] == ("dropped", {"reason": admin_pages.SESSION_ENDED})
     assert [kind for kind, _ in seen] == ["snapshot", "peer.cooldown", "dropped"]
@@ -587,7 +573,7 @@ async def test_no_secret_on_any_admin_page(nursery: trio.Nursery, database: Data
         with trio.fail_after(10):
             async with browser.http.stream("GET", "/console/admin/events") as response:
                 seen: list[tuple[str, Any]] = []
-                await events_of(response.aiter_lines(), "snapshot", seen)
+                await read_events(response.aiter_lines(), "snapshot", seen)
         for path, page in pages.items():
             assert page.status_code == 200, (path, page.text)
             for secret in secrets_:

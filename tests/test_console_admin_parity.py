@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 
-from tests.console_support import ADMIN_KEY, ConsoleEnv
+from tests.console_support import ADMIN_KEY, ConsoleEnv, assert_admin_only
 from tests.test_console_accounts import usage_row
 from tests.test_console_admin import IDEM, admin, row_of
 from tests.test_console_operator import operator_with_node
@@ -57,22 +57,9 @@ def secret_in(html: str, element: str) -> str:
 async def test_users_and_operators_get_403_on_every_new_page_and_form(
         console_env: ConsoleEnv) -> None:
     env = console_env
-    await env.account("bob")
-    await env.account("olga", "operator")
-    for name in ("bob", "olga"):
-        browser = env.browser()
-        await env.sign_in(browser, name)
-        for path in NEW_GETS:
-            page = await browser.get(path)
-            assert page.status_code == 403, (name, path)
-            assert "this page is for admins" in page.text
-        for path in NEW_POSTS:
-            await browser.get("/console/account")  # a fresh CSRF token
-            answer = await browser.post(path, {
-                "rpm": "1", "name": "evil", "amount": "5", "idem": "x", "account": "admin",
-                "code": "tc-tooti-x", "group": ""})
-            assert answer.status_code == 403, (name, path, answer.text)
-            assert "this page is for admins" in answer.text
+    await assert_admin_only(env, NEW_GETS, NEW_POSTS, {
+        "rpm": "1", "name": "evil", "amount": "5", "idem": "x", "account": "admin",
+        "code": "tc-tooti-x", "group": ""})
     admin_account = await env.service.get_account("admin")
     assert admin_account.limits == Limits() and admin_account.balance == 0
     assert await env.service.list_keys() == []

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import trio
 
 from tests.conftest import Network
+from tests.console_support import read_events
 from tooti.mesh.events import EventBus
 
 CHAT = {"model": "tooti-sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
@@ -43,18 +42,6 @@ def test_recent_requests_keep_a_timeline_and_a_bound() -> None:
     assert newest[0]["timeline"][1]["node"] == "n1"
 
 
-async def _read_events(lines: AsyncIterator[str], until: str,
-                       seen: list[tuple[str, dict[str, Any]]]) -> None:
-    kind = ""
-    async for line in lines:
-        if line.startswith("event: "):
-            kind = line[7:]
-        elif line.startswith("data: "):
-            seen.append((kind, json.loads(line[6:])))
-            if kind == until:
-                return
-
-
 async def test_events_stream_snapshot_then_deltas(network: Network) -> None:
     await network.add_node(node_id="first")
     seen: list[tuple[str, dict[str, Any]]] = []
@@ -63,13 +50,13 @@ async def test_events_stream_snapshot_then_deltas(network: Network) -> None:
             assert response.status_code == 200
             events = response.aiter_lines()
             with trio.fail_after(10):
-                await _read_events(events, "snapshot", seen)
+                await read_events(events, "snapshot", seen)
                 assert [p["id"] for p in seen[0][1]["peers"]] == ["first"]
                 await network.add_node(node_id="second")
-                await _read_events(events, "peer.joined", seen)
+                await read_events(events, "peer.joined", seen)
                 assert seen[-1][1]["data"]["peer"]["id"] == "second"
                 response = await http.post("/v1/chat/completions", json=CHAT)
-                await _read_events(events, "request.finished", seen)
+                await read_events(events, "request.finished", seen)
     kinds = [kind for kind, _ in seen]
     for step in ("request.received", "request.routed", "request.first_token"):
         assert step in kinds
@@ -86,9 +73,9 @@ async def test_node_leaving_is_an_event(network: Network) -> None:
         async with http.stream("GET", "/admin/v1/events") as response:
             events = response.aiter_lines()
             with trio.fail_after(10):
-                await _read_events(events, "snapshot", seen)
+                await read_events(events, "snapshot", seen)
                 network.kill_node("brief")
-                await _read_events(events, "peer.left", seen)
+                await read_events(events, "peer.left", seen)
     assert seen[-1][1]["data"]["peer_id"] == "brief"
 
 
@@ -128,14 +115,14 @@ async def test_rejected_requests_and_shutdown_are_events(network: Network) -> No
         async with http.stream("GET", "/admin/v1/events") as response:
             events = response.aiter_lines()
             with trio.fail_after(10):
-                await _read_events(events, "snapshot", seen)
+                await read_events(events, "snapshot", seen)
                 assert isinstance(seen[0][1]["ts"], float)
                 missing = await http.post("/v1/chat/completions",
                                           json={**CHAT, "model": "no-such-model"})
-                await _read_events(events, "request.finished", seen)
+                await read_events(events, "request.finished", seen)
                 finished = seen[-1][1]["data"]
                 assert finished["status"] == "rejected" and finished["http_status"] == 404
                 assert finished["request_id"] == missing.headers["x-request-id"]
                 network.gateway.shutdown()
-                await _read_events(events, "dropped", seen)
+                await read_events(events, "dropped", seen)
     assert seen[-1][1] == {"reason": "gateway shutting down"}
