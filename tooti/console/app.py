@@ -107,8 +107,7 @@ class Console:
             if request.method == "POST":
                 await check_csrf()
                 refuse_unstorable((await request.form).values())
-            refuse_unstorable([*(request.view_args or {}).values(),
-                                     *request.args.values()])
+            refuse_unstorable([*(request.view_args or {}).values(), *request.args.values()])
 
         @app.context_processor
         async def _globals() -> dict[str, Any]:

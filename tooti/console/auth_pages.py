@@ -73,7 +73,8 @@ async def login() -> Response | tuple[str, int, dict[str, str]] | str:
         account = await g.ctx.passwords.check(name, password)
     except LoginRefused as refused:
         message, status, headers = _refusal(refused)
-        log.info("console sign-in refused for %r: %s", name, refused.reason)
+        # Not the name: people type passwords into name fields.
+        log.info("console sign-in refused: %s", refused.reason)
         return await render_template("login.html", error=message, name=name), status, headers
     await start_session(account)
     log.info("console sign-in: %s (%s)", account.name, account.role)
