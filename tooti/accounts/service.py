@@ -415,10 +415,17 @@ class AccountService:
         """Micro-units of the account's credit that gateways hold in open leases
         (:mod:`tooti.accounts.leases`): still the account's, spendable by its requests, and
         back in its balance when the lease ends. ``balance + held`` is what it can spend."""
-        return await self.db.read(lambda tx: int(tx.value(
-            "SELECT COALESCE(SUM(b.balance), 0) FROM leases l JOIN books b "
-            "ON b.book = 'lease:' || l.id WHERE l.account_id = ? AND l.closed_at IS NULL",
-            (account_id,), 0)))
+        return (await self.held_by_account(account_id)).get(account_id, 0)
+
+    async def held_by_account(self, account_id: str | None = None) -> dict[str, int]:
+        """:meth:`held` of every account holding any (or of ``account_id`` only), in one
+        query."""
+        where = "" if account_id is None else " AND l.account_id = ?"
+        rows = await self.db.read(lambda tx: tx.all(
+            "SELECT l.account_id, COALESCE(SUM(b.balance), 0) FROM leases l JOIN books b "
+            "ON b.book = 'lease:' || l.id WHERE l.closed_at IS NULL" + where +
+            " GROUP BY l.account_id", () if account_id is None else (account_id,)))
+        return {str(row[0]): int(row[1]) for row in rows if int(row[1])}
 
     async def find_account(self, id_or_name: str) -> AccountInfo | None:
         """The account with this id, else with this name, else None."""

@@ -275,7 +275,9 @@ def _account_path(account: AccountInfo) -> str:
 async def _accounts_page(*, status: int = 200, error: str = "",
                          form: dict[str, str] | None = None) -> tuple[str, int]:
     accounts = await g.ctx.accounts.list_accounts()
+    held = await g.ctx.accounts.held_by_account()
     html = await render_template("admin_accounts.html", accounts=accounts, roles=ROLES,
+                                 held=held,
                                  error=error, form=form or {},
                                  paths={a.id: _account_path(a) for a in accounts})
     return html, status
@@ -319,7 +321,8 @@ async def _account_page(account: AccountInfo, *, status: int = 200, error: str =
     operates = account.role in ("operator", "admin")
     groups = await accounts.list_groups(account.id)
     html = await render_template(
-        "admin_account.html", account=account, keys=list(reversed(keys)),
+        "admin_account.html", account=account, held=await accounts.held(account.id),
+        keys=list(reversed(keys)),
         path=_account_path(account), idem=f"console-{secrets.token_hex(12)}",
         error=error, link=link, link_expires=link_expires, link_ttls=LINK_TTLS,
         has_password=await g.ctx.passwords.has_password(account.id),
