@@ -40,13 +40,10 @@ real paid request by ``ursula``, so the node, request and earnings pages have ro
 from __future__ import annotations
 
 import base64
-import datetime
 import hashlib
 import inspect
-import ipaddress
 import json
 import re
-import ssl
 import zlib
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
@@ -58,12 +55,9 @@ from urllib.parse import quote, urlsplit
 import httpx
 import pytest
 import trio
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from tests.console_support import ADMIN_KEY, Browser, ConsoleEnv, start_console
+from tests.hostile.test_tls import Authority
 from tooti.accounts import schema
 from tooti.accounts.database import Database, Tx
 from tooti.accounts.records import AccountInfo, GroupInfo, InviteInfo, JoinTokenInfo, KeyInfo
@@ -663,39 +657,20 @@ async def test_session_cookie_flags_and_content(world: World) -> None:
     assert set(session_content(world, visitor)) <= {"pre"}
 
 
-def self_signed(directory: Path) -> tuple[Path, Path]:
-    """A certificate for 127.0.0.1 signed by its own key: (cert, key) files."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(hours=1))
-            .add_extension(x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = directory / "console.pem", directory / "console-key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
-
-
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 async def test_session_cookie_is_secure_over_tls(nursery: trio.Nursery, database: Database,
                                                  database_url: str, tmp_path: Path) -> None:
-    cert, key = self_signed(tmp_path)
-    world = await start_world(nursery, database, database_url, tmp_path,
-                              node=False, tls_cert=str(cert), tls_key=str(key))
+    authority = Authority.create(tmp_path)  # the TLS tests' own certificate authority
+    authority.issue()
+    world = await start_world(nursery, database, database_url, tmp_path, node=False,
+                              tls_cert=str(authority.cert_path),
+                              tls_key=str(authority.key_path))
     assert world.env.url.startswith("https://")
     browser = world.env.browser()
     await browser.http.aclose()
     browser.http = httpx.AsyncClient(
         base_url=world.env.url, timeout=TIMEOUT, follow_redirects=False,
-        verify=ssl.create_default_context(cafile=str(cert)))
+        verify=authority.client_context())
     await check_cookie(world, browser, secure=True)
     for made in world.env.browsers:
         await made.aclose()
