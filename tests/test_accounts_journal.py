@@ -139,3 +139,8 @@ def test_money_is_integers() -> None:
 def test_a_password_never_reaches_an_error() -> None:
     assert redact("postgresql://u:secret@h:5/db") == "postgresql://u:***@h:5/db"
     assert redact("postgresql://u@h/db") == "postgresql://u@h/db"
+    # libpq takes passwords in the query too; their values never show, other options do
+    assert redact("postgresql://u@h/db?sslmode=require&password=s1&sslpassword=s2#f") == \
+        "postgresql://u@h/db?sslmode=require&password=***&sslpassword=***"
+    assert redact("postgresql://u:p@h/db?application_name=x") == \
+        "postgresql://u:***@h/db?application_name=x"

@@ -583,7 +583,7 @@ async def test_no_secret_on_any_admin_page(nursery: trio.Nursery, database: Data
         config = pages["/console/admin/config"].text
         for shown in ("admin key</th><td>set<", "join token (default)</th><td>set<",
                       "1 set: ops", "<th>team</th>", "db.example", "tooti:***@",
-                      "(options not shown)", "tooti-sim, other", "https://app.example",
+                      "?sslpassword=***", "tooti-sim, other", "https://app.example",
                       "LeastLoaded", "127.0.0.1:0",
                       "max body bytes</th><td>4194304<", "console</th><td>on<"):
             assert shown in config, shown

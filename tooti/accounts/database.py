@@ -298,11 +298,20 @@ class Database:
 
 
 def redact(url: str) -> str:
-    """A database URL with its password replaced by ``***`` (for logs and errors)."""
+    """A database URL with every password replaced by ``***`` (for logs, errors and the
+    console): the one in its user info, and the value of any query parameter whose name
+    holds ``password`` (libpq's ``password``, ``sslpassword``); a fragment is dropped."""
     scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
+    if not sep:
         return url
-    userinfo, _, host = rest.rpartition("@")
-    user = userinfo.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}" if ":" in userinfo else url
-
+    rest = rest.partition("#")[0]
+    base, mark, query = rest.partition("?")
+    if "@" in base:
+        userinfo, _, host = base.rpartition("@")
+        if ":" in userinfo:
+            base = f"{userinfo.split(':', 1)[0]}:***@{host}"
+    if query:
+        query = "&".join(
+            f"{name}=***" if "password" in name.lower() and eq else f"{name}{eq}{value}"
+            for name, eq, value in (part.partition("=") for part in query.split("&")))
+    return f"{scheme}://{base}{mark}{query}"

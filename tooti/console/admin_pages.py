@@ -922,11 +922,9 @@ def _set(value: object) -> str:
 
 def database_summary(url: str) -> str:
     """The database as the config page shows it: its kind and where, never a password
-    (:func:`redact`) nor the URL's query or fragment (they may carry ``password=``)."""
+    (:func:`redact`, which masks the query's too)."""
     if url.startswith(("postgresql://", "postgres://")):
-        bare = url.split("#", 1)[0].split("?", 1)[0]
-        return f"PostgreSQL: {redact(bare)}" + (
-            " (options not shown)" if len(bare) < len(url) else "")
+        return f"PostgreSQL: {redact(url)}"
     if not url:
         return "SQLite: tooti.sqlite3 in the data directory"
     return f"SQLite: {url.removeprefix('sqlite://')}"
