@@ -130,6 +130,7 @@ async def test_accounts_create_list_show_patch(env: Env) -> None:
         assert alice["name"] == "alice" and alice["role"] == "operator"
         assert alice["status"] == "active"
         assert (alice["balance_micros"], alice["balance"]) == (0, "0")
+        assert (alice["held_micros"], alice["held"]) == (0, "0")  # no lease holds any
         assert alice["id"].startswith("acct_")
 
         assert_error(await http.post("/admin/v1/accounts", json={"name": "alice"}), 409)

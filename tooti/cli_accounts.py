@@ -139,7 +139,8 @@ def limits_text(limits: dict[str, Any] | None) -> str:
 
 
 ACCOUNT_COLUMNS = [("ID", "id"), ("NAME", "name"), ("ROLE", "role"), ("STATUS", "status"),
-                   ("BALANCE", "balance"), ("EARNINGS", "earnings"),
+                   ("BALANCE", "balance"), ("HELD", lambda r: r.get("held", "-")),
+                   ("EARNINGS", "earnings"),
                    ("LIMITS", lambda r: limits_text(r.get("limits"))),
                    ("CREATED", lambda r: when(r.get("created_at")))]
 KEY_COLUMNS = [("ID", "id"), ("ACCOUNT", "account_id"), ("NAME", "name"),

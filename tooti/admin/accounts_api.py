@@ -5,7 +5,9 @@ of :mod:`tooti.admin.api` (same admin key, same :func:`~tooti.admin.api.check_ad
 Routes (every one needs the admin key; bodies are JSON objects, unknown fields refused):
 
 * ``POST /admin/v1/accounts`` ``{name, role}`` → 201 the account;
-  ``GET /admin/v1/accounts``; ``GET /admin/v1/accounts/{id or name}``;
+  ``GET /admin/v1/accounts``; ``GET /admin/v1/accounts/{id or name}`` (both with
+  ``held``: the account's credit gateways hold in open leases for its requests, which
+  with ``balance`` is what it can spend, as ``/v1/me`` and the console show it);
   ``PATCH /admin/v1/accounts/{id or name}`` ``{status?, limits?: {rpm, tpm, concurrency}}``.
 * ``POST /admin/v1/accounts/{id or name}/login-link`` ``{ttl?}`` (seconds, default 900)
   → 201 ``{link, path, url, expires_at}``: a one-time console login link (shown once;
@@ -611,14 +613,21 @@ class AccountsAPI:
 
     async def create_account(self, scope: Scope, receive: Receive) -> tuple[int, Any]:
         body = await read_json(scope, receive, AccountCreate)
-        return 201, account_json(await self.service.create_account(body.name, body.role))
+        return 201, await self._with_held(
+            await self.service.create_account(body.name, body.role))
 
     async def list_accounts(self, scope: Scope, receive: Receive) -> tuple[int, Any]:
-        return 200, listing([account_json(a) for a in await self.service.list_accounts()])
+        held = await self.service.held_by_account()
+        return 200, listing([{**account_json(a), **money("held", held.get(a.id, 0))}
+                             for a in await self.service.list_accounts()])
 
     async def get_account(self, scope: Scope, receive: Receive, ident: str
                           ) -> tuple[int, Any]:
-        return 200, account_json(await self._account(ident))
+        return 200, await self._with_held(await self._account(ident))
+
+    async def _with_held(self, account: AccountInfo) -> dict[str, Any]:
+        """An account's answer: :func:`account_json` and what gateways hold for it."""
+        return {**account_json(account), **money("held", await self.service.held(account.id))}
 
     async def patch_account(self, scope: Scope, receive: Receive, ident: str
                             ) -> tuple[int, Any]:
@@ -630,7 +639,7 @@ class AccountsAPI:
             await self.service.set_limits(account.id, Limits(
                 rpm=body.limits.rpm, tpm=body.limits.tpm,
                 concurrency=body.limits.concurrency))
-        return 200, account_json(await self.service.get_account(account.id))
+        return 200, await self._with_held(await self.service.get_account(account.id))
 
     async def login_link(self, scope: Scope, receive: Receive, ident: str
                          ) -> tuple[int, Any]:
