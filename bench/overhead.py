@@ -893,9 +893,10 @@ def find_pyspy() -> str:
 
 def profile_tooti(
     wrk: str, children: Children, layout: Layout, target: Target, duration: float,
-    out_dir: Path, top: int,
+    out_dir: Path, top: int, concurrency: int = 16,
 ) -> None:
-    """Record the gateway and node with py-spy under c=16 load and print their hot spots.
+    """Record the gateway and node with py-spy under load (``concurrency`` clients, 16 by
+    default) and print their hot spots.
 
     py-spy samples 100 times a second in its default blocking mode (exact
     stacks, the process pauses for each sample); these runs are not reported
@@ -915,14 +916,16 @@ def profile_tooti(
                 "-f", "raw", "-o", path,
             ], None)))
         time.sleep(0.5)  # let py-spy attach before the load starts
-        fields = load_target(wrk, children, layout, target, mode, 16, seconds + 1)
-        print(f"profiled {mode} c=16: {fields['rps']:.0f} req/s under py-spy", flush=True)
+        fields = load_target(wrk, children, layout, target, mode, concurrency, seconds + 1)
+        print(f"profiled {mode} c={concurrency}: {fields['rps']:.0f} req/s under py-spy",
+              flush=True)
         for proc, path, child in recorders:
             output = children.finish(child, 30)
             if not path.exists():
                 print(f"py-spy recorded nothing for the {proc}:\n{output}", file=sys.stderr)
                 continue
-            print(summary(load(path, str(REPO_DIR)), f"{proc}, {mode}, c=16 ({path})", top))
+            print(summary(load(path, str(REPO_DIR)), f"{proc}, {mode}, c={concurrency} ({path})",
+                          top))
             print(flush=True)
 
 
@@ -1176,7 +1179,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="print the report of a run saved with --json; run nothing")
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="after the runs, record the gateway and node with py-spy under "
-                             "c=16 load (raw profiles into DIR) and print their hot spots")
+                             "load (raw profiles into DIR) and print their hot spots")
+    parser.add_argument("--profile-concurrency", type=int, default=16, metavar="N",
+                        help="clients of the profiled load (default 16)")
     parser.add_argument("--profile-top", type=int, default=15,
                         help="rows per hot-spot table (default 15)")
     args = parser.parse_args(argv)
@@ -1276,7 +1281,7 @@ def main(argv: list[str] | None = None) -> int:
             warnings = log_warnings(children)
             if args.profile and "tooti" in started:
                 profile_tooti(wrk, children, layout, started["tooti"], args.duration,
-                              args.profile, args.profile_top)
+                              args.profile, args.profile_top, args.profile_concurrency)
             answers = {name: (t.requests, t.non_2xx) for name, t in started.items()}
             checks = [check_account(t) for t in started.values() if t.admin is not None]
         except KeyboardInterrupt:
