@@ -14,7 +14,7 @@ PLUGINS := $(wildcard plugins/*/pyproject.toml)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 PIP = PYTHONWARNINGS='ignore:Editable installation' $(BIN)/python -m pip
 
-.PHONY: help install run tui peers usage test lint bench clean postgres chromium
+.PHONY: help install run tui peers usage test lint bench clean postgres chromium haproxy
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -63,7 +63,12 @@ postgres:
 chromium:
 	bash scripts/install-chromium.sh
 
-test: $(VENV)/.installed-test postgres chromium  ## install the test extras and run the whole suite
+# Debian's haproxy for the scaling test (HAProxy in front of two gateway processes);
+# never fails (a machine where apt cannot install it gets one line and the test skips).
+haproxy:
+	bash scripts/install-haproxy.sh
+
+test: $(VENV)/.installed-test postgres chromium haproxy  ## install the test extras and run the whole suite
 	$(BIN)/python -m pytest -q
 	$(BIN)/ruff check tooti tests bench
 	$(BIN)/mypy
