@@ -1,10 +1,38 @@
-"""``/metrics``: Prometheus text exposition of the gateway, fed by the event bus."""
+"""``/metrics``: Prometheus text exposition of the gateway, fed by the event bus.
+
+:class:`GatewayMetrics` (a gateway's and a relay's ``/metrics``) holds counters and
+histograms of finished requests, updated from ``request.finished`` and
+``billing.settle_late`` bus events, and gauges read from the registry at scrape time
+(peers by state, in-flight streams, cooldowns, queued requests).
+
+Every process that serves ``/metrics`` (the gateway, the relay and, on
+``node.admin_listen``, a node) also exposes the health of the process itself, read at
+scrape time by :class:`ProcessGauges` and prometheus_client's ``ProcessCollector``:
+
+``tooti_tasks``
+    The trio tasks alive in the process, counted by walking the task tree from
+    ``trio.lowlevel.current_root_task()`` (every task, system tasks included). A count
+    that grows while the load stays the same is a task leak; ``bench/soak.py`` compares
+    it at idle moments of a long run. Walking costs O(tasks) per scrape and nothing
+    between scrapes.
+``process_open_fds``, ``process_resident_memory_bytes``, ``process_cpu_seconds_total``, ...
+    The standard process metrics (Linux ``/proc/self``; absent elsewhere).
+
+:func:`process_metrics` renders only those process figures (what a node serves).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+import trio
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -48,6 +76,50 @@ class _LiveState(Collector):
         yield from (peers, in_flight, cooldowns, queued)
 
 
+def count_tasks() -> int | None:
+    """The trio tasks alive in the calling trio run (None outside one)."""
+    try:
+        root = trio.lowlevel.current_root_task()
+    except RuntimeError:
+        return None
+    if root is None:
+        return None
+    count = 0
+    pending = [root]
+    while pending:
+        task = pending.pop()
+        count += 1
+        for nursery in task.child_nurseries:
+            pending.extend(nursery.child_tasks)
+    return count
+
+
+class ProcessGauges(Collector):
+    """``tooti_tasks``: the trio tasks of this process, counted at scrape time."""
+
+    def collect(self) -> Iterator[Metric]:
+        tasks = count_tasks()
+        if tasks is not None:
+            gauge = GaugeMetricFamily("tooti_tasks", "Trio tasks alive in this process")
+            gauge.add_metric([], float(tasks))
+            yield gauge
+
+
+def add_process_collectors(registry: CollectorRegistry) -> None:
+    """Register the process figures (:class:`ProcessGauges` and the standard
+    ``process_*`` metrics) on ``registry``."""
+    registry.register(ProcessGauges())
+    ProcessCollector(registry=registry)
+
+
+def process_metrics() -> bytes:
+    """The Prometheus text of this process's own figures only (tasks, fds, memory, CPU);
+    call it from a trio task so ``tooti_tasks`` is present."""
+    registry = CollectorRegistry()
+    add_process_collectors(registry)
+    return generate_latest(registry)
+
+
 class GatewayMetrics:
     """Counters and histograms of finished requests, plus live gauges."""
 
@@ -69,6 +141,7 @@ class GatewayMetrics:
             "timeout: a completed answer then left before its usage record was durable",
             registry=self.prometheus)
         self.prometheus.register(_LiveState(registry, queued))
+        add_process_collectors(self.prometheus)
         bus.listeners.append(self.on_event)
 
     def on_event(self, event: BusEvent) -> None:

@@ -1,7 +1,8 @@
 """The admin API of a process that runs a node without a gateway or relay: ``/healthz``
 (liveness), ``/readyz`` (200 once at least one model is ready, 503 while every model is
-loading or no backend answers, and while draining) and ``GET /admin/v1/network`` (what
-``tooti peers`` shows), on ``node.admin_listen``."""
+loading or no backend answers, and while draining), ``GET /admin/v1/network`` (what
+``tooti peers`` shows) and ``GET /metrics`` (the process's own figures: ``tooti_tasks``,
+``process_open_fds``, memory; see :mod:`tooti.admin.metrics`), on ``node.admin_listen``."""
 
 from __future__ import annotations
 
@@ -13,11 +14,14 @@ from hypercorn.config import Config
 from hypercorn.trio import serve
 
 from tooti.admin.api import check_admin, network_view
+from tooti.admin.metrics import CONTENT_TYPE as METRICS_TYPE
+from tooti.admin.metrics import process_metrics
 from tooti.errors import APIError
 from tooti.mesh.http import (
     Receive,
     Scope,
     Send,
+    send_bytes,
     send_error,
     send_json,
     serve_lifespan,
@@ -98,6 +102,9 @@ class NodeAdmin:
             elif path == "/admin/v1/network":
                 check_admin(self.auth, scope)
                 await send_json(send, 200, self.network_view(), [])
+            elif path == "/metrics":
+                check_admin(self.auth, scope)
+                await send_bytes(send, 200, process_metrics(), [], METRICS_TYPE)
             else:
                 raise APIError(404, f"no route for {method} {path}", code="not_found")
         except APIError as error:
