@@ -210,8 +210,11 @@ def start_topology(children: Children, root: Path, name: str, upstream: str,
         peer = relay_port
     for role, port, extra in roles:
         config = root / f"{name}-{role}.toml"
-        text = common + toml_table("gateway", {"listen": f"127.0.0.1:{port}",
-                                               "max_queue": limits})
+        # every client connection comes from 127.0.0.1: lift the per-IP limits
+        text = common + toml_table("gateway", {
+            "listen": f"127.0.0.1:{port}", "max_queue": limits,
+            "max_connections_per_ip": 2 * limits, "connection_burst": 2 * limits,
+            "connection_rate": 100_000.0})
         if role == "relay":
             text += toml_table("relay", {"max_streams": limits,
                                          "max_streams_per_node": limits})
