@@ -239,13 +239,23 @@ async def test_unknown_endpoint_is_refused(fake: tuple[FakeUpstream, str]) -> No
     assert info.value.status == 404
 
 
-async def test_client_shards_are_used_round_robin(fake: tuple[FakeUpstream, str]) -> None:
+async def test_requests_reuse_one_pooled_connection(fake: tuple[FakeUpstream, str]) -> None:
+    """Requests one after the other ride one kept-alive connection; requests in flight
+    together each get their own (the pool replaced httpx's round-robin shards)."""
     app, url = fake
     backend = backend_for(url, options={"clients": 2})
     for _ in range(4):
         await call(backend, "chat/completions", {"model": "m", "messages": []})
     ports = [r.client_port for r in app.received]
-    assert ports[0] == ports[2] and ports[1] == ports[3] and ports[0] != ports[1]
+    assert len(ports) == 4 and len(set(ports)) == 1
+    request = {"model": "m", "messages": []}
+    body = msgspec.json.encode(request)
+    async with backend.open("chat/completions", body, request) as first, \
+            backend.open("chat/completions", body, request) as second:
+        assert b"".join([c async for c in first.chunks])
+        assert b"".join([c async for c in second.chunks])
+    assert app.received[-1].client_port != app.received[-2].client_port
+    assert ports[0] in {app.received[-1].client_port, app.received[-2].client_port}
     await backend.close()
 
 

@@ -10,8 +10,13 @@ shielded close of an upstream response so that the server sees the disconnect
 even when we are being cancelled. Health checks say why they failed in words
 (:func:`failure_cause`, :func:`status_cause`): the operator reads them in the log.
 
+The ``openai`` backend's requests go through the lean pooled client of
+:mod:`tooti.backends.http_client` (:func:`pooled_client`) instead of httpx, unless an
+environment proxy applies to its URL (:func:`env_proxy`); httpx stays for the small
+control calls (``/models``, ``/health``) and the ``ollama`` backend.
+
 Common options read by :meth:`HttpOptions.from_settings` (all optional):
-``headers`` (a table of strings), ``clients`` (shards, default 4),
+``headers`` (a table of strings), ``clients`` (httpx shards, default 4),
 ``connect_timeout`` (seconds, default 10), ``max_connections`` (per shard,
 default 1000), ``control_timeout`` (seconds for small discovery/health calls,
 default 10). ``settings.api_key``, when set, is sent as a bearer token.
@@ -21,6 +26,8 @@ from __future__ import annotations
 
 import errno
 import itertools
+import os
+import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +36,7 @@ import httpx
 import trio
 
 from tooti.backends.base import BackendError
+from tooti.backends.http_client import ConnectFailed, HttpClient, HttpError
 from tooti.settings import BackendSettings
 
 MAX_ERROR_BODY = 65_536
@@ -111,14 +119,41 @@ class ClientShards:
                 await client.aclose()
 
 
-def transport_error(exc: httpx.HTTPError, url: str) -> BackendError:
+def pooled_client(options: HttpOptions) -> HttpClient:
+    """The :class:`~tooti.backends.http_client.HttpClient` for a backend's requests:
+    its headers, connect timeout and connection bound (one pool: the shards that
+    work around httpx's slowdown are not needed)."""
+    return HttpClient(headers=options.headers, connect_timeout=options.connect_timeout,
+                      max_connections=options.max_connections,
+                      max_idle=min(options.max_connections, 100))
+
+
+_PROXY_VARIABLES = ("all_proxy", "http_proxy", "https_proxy")
+
+
+def env_proxy(url: str) -> bool:
+    """True when an environment proxy (``HTTPS_PROXY``, ``HTTP_PROXY``, ``ALL_PROXY``,
+    not excluded by ``NO_PROXY``) applies to ``url``: httpx honours it (``trust_env``),
+    the lean client does not, so such a backend keeps using httpx."""
+    names = {name.lower() for name in os.environ}
+    if not any(variable in names for variable in _PROXY_VARIABLES):
+        return False
+    scheme, _, rest = url.partition("://")
+    proxies = urllib.request.getproxies_environment()
+    if not (proxies.get(scheme.lower()) or proxies.get("all")):
+        return False
+    host = rest.split("/", 1)[0]
+    return not urllib.request.proxy_bypass_environment(host, proxies)  # type: ignore[attr-defined]
+
+
+def transport_error(exc: httpx.HTTPError | HttpError, url: str) -> BackendError:
     """The :class:`BackendError` for a request that failed before any response head.
 
     A connection that cannot be made is ``backend_unavailable``; anything else
     (the server dropped the connection, a protocol error) is ``backend_error``.
     Both are 502 and retryable.
     """
-    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | ConnectFailed):
         return BackendError(
             f"cannot reach {url}: {exc!r}", status=502, code="backend_unavailable"
         )

@@ -28,15 +28,23 @@ Options:
 ``headers``
     Extra request headers (a table of strings).
 ``clients``
-    Number of ``httpx.AsyncClient`` shards used round-robin (default 4): one
-    client shared by many concurrent streams slows down (encode/httpx#3215).
+    Number of ``httpx.AsyncClient`` shards used round-robin (default 4) for the
+    control calls and for requests through an environment proxy: one httpx client
+    shared by many concurrent streams slows down (encode/httpx#3215).
 ``connect_timeout``
-    Seconds to establish a connection (default 10). Streams have no read
-    timeout: the gateway owns deadlines.
+    Seconds to establish a connection, TLS handshake included (default 10).
+    Streams have no read timeout: the gateway owns deadlines.
 ``max_connections``
-    Connection limit per client shard (default 1000).
+    Most requests in flight to the server at once (default 1000; more wait for
+    one to finish); at most 100 idle keep-alive connections are kept, 30 s each.
 ``control_timeout``
     Overall timeout of the small ``/models`` and ``/health`` calls (default 10).
+
+Requests go through the lean pooled HTTP/1.1 client of
+:mod:`tooti.backends.http_client` (llhttp-parsed, keep-alive, ``https`` with a
+verifying context; about a tenth of httpx's CPU per request), except when an
+environment proxy (``HTTPS_PROXY`` and the like) applies to the URL: then httpx,
+which honours it. The small ``/models`` and ``/health`` calls use httpx.
 
 Errors before the response head become :class:`~tooti.backends.base.BackendError`:
 status 502 with code ``backend_unavailable`` when the server cannot be reached,
@@ -64,6 +72,7 @@ from tooti.backends.base import (
     check_endpoint,
     configured_endpoints,
 )
+from tooti.backends.http_client import HttpClient, HttpError, Response
 from tooti.backends.http_util import (
     CLOSE_TIMEOUT,
     MAX_ERROR_BODY,
@@ -71,7 +80,9 @@ from tooti.backends.http_util import (
     HttpOptions,
     aclose_iterator,
     close_response,
+    env_proxy,
     failure_cause,
+    pooled_client,
     read_bounded,
     retryable,
     status_cause,
@@ -121,8 +132,27 @@ def upstream_error(status: int, body: bytes) -> BackendError:
     return BackendError(message, status=status, code=code, retryable=retryable(status))
 
 
+class _Body:
+    """The lean client's answer body as raw chunks, with transport errors as
+    BackendError."""
+
+    __slots__ = ("_response",)
+
+    def __init__(self, response: Response) -> None:
+        self._response = response
+
+    def __aiter__(self) -> _Body:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return await self._response.__anext__()
+        except HttpError as exc:
+            raise stream_error(exc) from exc
+
+
 class _Chunks:
-    """The upstream body as raw chunks, with transport errors as BackendError."""
+    """The upstream body as raw chunks (httpx), with transport errors as BackendError."""
 
     def __init__(self, response: httpx.Response) -> None:
         self._iter = response.aiter_raw()
@@ -169,6 +199,8 @@ class OpenAIBackend:
         self.max_connections = http.max_connections
         self.control_timeout = http.control_timeout
         self._clients = ClientShards(http)
+        self._pool: HttpClient = pooled_client(http)
+        self._proxy_checked: dict[str, bool] = {}
         self.health_error = ""
         """Why the last :meth:`health` check failed (URL and cause); ``""`` if it passed."""
         self.endpoints = configured_endpoints(settings, ENDPOINTS)
@@ -189,7 +221,8 @@ class OpenAIBackend:
         await trio.sleep_forever()
 
     async def close(self) -> None:
-        """Close every HTTP client."""
+        """Close every HTTP client (the pool's idle connections, httpx's clients)."""
+        await self._pool.aclose()
         await self._clients.aclose()
 
     # -- discovery and health -------------------------------------------
@@ -288,11 +321,50 @@ class OpenAIBackend:
                     content_type: str) -> AsyncIterator[BackendResponse]:
         """POST ``content`` (bytes, or pieces sent as they come) to ``{url}/{endpoint}``
         and relay the answer as it streams in; an error status is raised as
-        :func:`upstream_error`; an endpoint this backend does not serve is refused."""
+        :func:`upstream_error`; an endpoint this backend does not serve is refused.
+
+        Sent with the lean pooled client (:mod:`tooti.backends.http_client`); with httpx
+        when an environment proxy applies to the URL (:func:`_post_httpx`)."""
         check_endpoint(endpoint)
+        url = f"{self.url}/{endpoint}"
+        if self._proxied(url):
+            async with self._post_httpx(url, content, content_type) as answer:
+                yield answer
+            return
+        try:
+            response = await self._pool.send("POST", url, content, content_type)
+        except HttpError as exc:
+            raise transport_error(exc, self.url) from exc
+        try:
+            if response.status >= 400:
+                raise upstream_error(response.status, await response.read(MAX_ERROR_BODY))
+            yield BackendResponse(
+                status=response.status,
+                content_type=response.header(b"content-type", "application/json"),
+                chunks=_Body(response),
+            )
+        finally:
+            # An unfinished answer's connection is closed (not pooled), which is how
+            # the server learns that the client went away; synchronous, so it also
+            # happens during cancellation.
+            response.close()
+
+    def _proxied(self, url: str) -> bool:
+        """Whether an environment proxy applies to ``url`` (checked once per URL)."""
+        proxied = self._proxy_checked.get(url)
+        if proxied is None:
+            if len(self._proxy_checked) > 64:
+                self._proxy_checked.clear()
+            proxied = self._proxy_checked[url] = env_proxy(url)
+        return proxied
+
+    @asynccontextmanager
+    async def _post_httpx(self, url: str, content: bytes | AsyncIterator[bytes],
+                          content_type: str) -> AsyncIterator[BackendResponse]:
+        """:meth:`_post` through httpx (which honours the environment's proxy)."""
         client = self._client()
         upstream = client.build_request(
-            "POST", f"{self.url}/{endpoint}", content=content,
+            "POST", url, content=content,
             headers={"Content-Type": content_type},
         )
         try:
