@@ -411,9 +411,14 @@ def main(argv: list[str] | None = None) -> int:
             if d.admin is not None:
                 me = d.admin.call("GET", "/v1/me", key=d.key)
                 answered = warm + sum(c.requests - c.errors for c in cells)
-                print(f"\n--keys: /v1/me counts {me['usage']['requests']} requests; wrk got "
-                      f"{answered} answers (warm-up included); both gateways wrote them to "
-                      "one ledger")
+                in_flight = 16 * len(args.mode_list) + sum(
+                    c.concurrency for c in cells)
+                counted = int(me["usage"]["requests"])
+                verdict = ("ok" if answered <= counted <= answered + in_flight
+                           else "MISMATCH")
+                print(f"\n--keys: /v1/me counts {counted} requests, both gateways' usage "
+                      f"rows in one ledger; wrk got {answered} answers (warm-up included) "
+                      f"and stopped with at most {in_flight} in flight: {verdict}")
         except KeyboardInterrupt:
             print("\ninterrupted; stopping children", file=sys.stderr)
             return 130
