@@ -426,6 +426,9 @@ class Flaky:
             raise DatabaseError("the database is away")
         return await self.db.write(fn)
 
+    async def write_soon(self, fn: Callable[[Tx], Any]) -> Any:  # the settles' writes
+        return await self.write(fn)
+
     async def read(self, fn: Callable[[Tx], Any]) -> Any:
         if self.down:
             raise DatabaseError("the database is away")

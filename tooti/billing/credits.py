@@ -35,7 +35,12 @@ row.
 **Durability and group commit** (as the usage ledger always did): settle queues its
 row and entry and returns once they are committed; :meth:`Credits.run` writes
 everything queued while a transaction is being written in the next one (up to
-``BATCH`` requests), so concurrent requests share a commit. The gateway settles a
+``BATCH`` requests), so concurrent requests share a commit. On SQLite the commit runs
+on the event loop's thread when it can without waiting
+(:meth:`~tooti.accounts.database.Database.write_soon`: no ``fsync`` in a WAL commit,
+the checkpoints done in a worker thread), which saves each batch the worker-thread
+hop, the largest cost of a request's settle at concurrency 1; PostgreSQL (a network
+round trip) always commits in a worker thread. The gateway settles a
 completed answer before its last bytes leave, so a client never sees a complete
 answer whose charge a ``kill -9`` could lose.
 
@@ -408,7 +413,7 @@ class Credits:
         database refuses :data:`POISON_ATTEMPTS` times while it takes others is
         quarantined."""
         try:
-            closed = await self.db.write(functools.partial(self._commit, items=items))
+            closed = await self.db.write_soon(functools.partial(self._commit, items=items))
         except (AlreadyPosted, _Retry):
             pass  # a request settled before, a lease closed: one by one, looking
         except Exception as exc:
@@ -422,8 +427,8 @@ class Credits:
         kept: list[_Item] = []
         for item in items:
             try:
-                closed = await self.db.write(functools.partial(self._commit, items=[item],
-                                                               look=True))
+                closed = await self.db.write_soon(functools.partial(
+                    self._commit, items=[item], look=True))
             except Exception as error:
                 item.attempts += 1
                 if item.attempts < POISON_ATTEMPTS:
