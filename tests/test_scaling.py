@@ -35,9 +35,12 @@ What it shows:
 4. Failover: gateway A is killed with SIGKILL; requests sent from that moment on
    (back-to-back, no pause) are all answered, by B; HAProxy logs A as DOWN, and after
    that every answer still comes from B.
+5. Recovery: A restarted on its port with its ``gateway_id`` gets both nodes back (they
+   re-dial it), HAProxy logs it UP, both gateways serve again, and ``/v1/me`` and the
+   ledger check (through either gateway) count every answered request exactly once.
 
 No fixed sleeps: the test waits on log lines (the gateways' ``listening`` and ``peer X
-serves``, HAProxy's ``Loading success.`` and ``Server gws/a is DOWN``).
+serves``, HAProxy's ``Loading success.``, ``Server gws/a is DOWN`` and ``... is UP``).
 """
 
 from __future__ import annotations
@@ -147,12 +150,13 @@ class Deployment:
     lb_url: str = ""
     children: list[Tooti] = field(default_factory=list)
 
-    async def start_gateway(self, name: str, database: str) -> None:
+    async def start_gateway(self, name: str, database: str, port: int = 0) -> None:
+        """Start gateway ``name`` on ``port`` (0: a free one); wait until it listens."""
         config = self.root / f"gateway-{name}.toml"
         config.write_text(
             toml_value_lines({"roles": ["gateway"], "log_level": "info",
                               "drain_grace": 0.0})
-            + toml_table("gateway", {"listen": "127.0.0.1:0", "auth": "keys",
+            + toml_table("gateway", {"listen": f"127.0.0.1:{port}", "auth": "keys",
                                      "admin_key": ADMIN_KEY, "gateway_id": f"gw-{name}",
                                      "database": database, "first_byte_timeout": 10.0})
             + toml_table("billing.options", {"fee_bps": 1000})
@@ -361,3 +365,25 @@ async def test_haproxy_two_gateways_on_postgres_two_nodes_and_failover(
             # B still sees both nodes (their tunnels to A are gone, not those to B).
             peers = await direct.get(f"{d.urls['b']}/admin/v1/peers", headers=ADMIN)
             assert {p["id"] for p in peers.json()["data"]} >= set(NODES), peers.text
+
+            # 5. A restarts (same port, gateway id and database): it reconciles the lease
+            # its killed run held, the nodes dial it again, HAProxy puts it back, and
+            # the one ledger still counts every answered request exactly once.
+            up_mark = d.haproxy.mark()
+            await d.start_gateway("a", database, int(d.urls["a"].rsplit(":", 1)[1]))
+            with trio.fail_after(START_TIMEOUT):
+                for node_id in NODES:
+                    await d.gateways["a"].wait_for(rf"peer {node_id} serves \S")
+                await d.haproxy.wait_for(r"Server gws/a is UP", up_mark)
+            again: Counter[str] = Counter()
+            for _ in range(ROUND):
+                answer = await lb.post("/v1/chat/completions", json=chat(), headers=auth)
+                assert answer.status_code == 200, answer.text
+                again[answer.headers["x-served-by"]] += 1
+            assert set(again) == set(GATEWAYS), again
+            answered = ROUND + len(after_kill) + ROUND
+            me = await lb.get("/v1/me", headers=auth)
+            assert me.json()["usage"]["requests"] == answered, me.text
+            assert me.json()["usage"]["charged_micros"] == answered * COST, me.text
+            check = await lb.get("/admin/v1/ledger/check", headers=ADMIN)
+            assert check.status_code == 200 and check.json()["ok"], check.text
