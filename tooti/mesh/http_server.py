@@ -1,11 +1,13 @@
-"""The HTTP side of an accepted connection: the stream hypercorn reads, and its limits.
+"""The HTTP/2 side of an accepted connection: the stream hypercorn reads, and its limits.
 
 The listener (:mod:`tooti.mesh.listener`) reads the first bytes of every connection
-itself; what is not a tunnel upgrade is served here: :class:`Replay` puts the bytes
+itself; HTTP/1.1 is served by :mod:`tooti.mesh.http1`, and a connection speaking HTTP/2
+(ALPN ``h2``, or prior knowledge) is served here: :class:`Replay` puts the bytes
 already read back in front of the stream (and bounds each write by ``send_timeout``),
 and :class:`LimitedServer` is hypercorn's per-connection server
 (:class:`~tooti.mesh.hypercorn_compat.ConnectionServer`, which also answers what h11
-refuses with the OpenAI error object) with the keep-alive and header timeouts.
+refuses with the OpenAI error object, should hypercorn ever serve HTTP/1.1 again)
+with the keep-alive and header timeouts.
 """
 
 from __future__ import annotations

@@ -1,12 +1,16 @@
-"""The gateway's TCP listener: tunnels straight onto the socket, HTTP to hypercorn.
+"""The gateway's TCP listener: tunnels straight onto the socket, HTTP/1.1 to tooti's own
+server, HTTP/2 to hypercorn.
 
 Every accepted connection is looked at once: if it opens with a WebSocket upgrade
 to :data:`~tooti.transport.websocket.TUNNEL_PATH`, the upgrade is answered here and
 the tunnel runs on :class:`~tooti.transport.websocket.WebSocketTransport` over the
-socket itself; anything else (the OpenAI API, the admin API, metrics, HTTP/2) is
-handed to hypercorn's per-connection server with the bytes already read. A tunnel
-upgrade that arrives later on a kept-alive HTTP connection still works, through
-the ASGI app (slower, same protocol).
+socket itself. A connection speaking HTTP/2 (ALPN ``h2`` over TLS, or the HTTP/2
+preface sent as prior knowledge) is handed to hypercorn's per-connection server with
+the bytes already read (:mod:`tooti.mesh.http_server`). Anything else (the OpenAI
+API, the admin API, metrics) is HTTP/1.1, served by :class:`~tooti.mesh.http1.Http1Server`:
+a lean loop per connection calling the ASGI app directly. A tunnel upgrade that
+arrives later on a kept-alive HTTP/1.1 connection is handed back here, and served
+like one on a fresh connection.
 
 With TLS configured, every accepted connection first completes a TLS handshake
 (bounded in time) with the certificate current at that moment (:mod:`tooti.tls`), and
@@ -22,11 +26,11 @@ tunnels that proved their node's identity do not count; a connection that sends
 nothing for ``keep_alive_timeout`` (before its first request or between requests) is
 closed; a request head must be complete ``header_timeout`` after its first byte,
 however slowly it trickles in (408, then close); a write a client does not read for
-``send_timeout`` disconnects it. What h11 refuses (bad request line, header,
+``send_timeout`` disconnects it. A malformed request (bad request line, header,
 Content-Length or chunk; a head over the size limit) is answered with the OpenAI
-error object, by a small subclass of hypercorn's HTTP/1.1 protocol
-(:mod:`tooti.mesh.http_server` holds the per-connection server and its limits,
-:mod:`tooti.mesh.hypercorn_compat` all that touches hypercorn's internals).
+error object, by :mod:`tooti.mesh.http1` (and on HTTP/2 by a small subclass of
+hypercorn's protocol: :mod:`tooti.mesh.hypercorn_compat` holds all that touches
+hypercorn's internals).
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from hypercorn.config import Config
 from tooti import clock
 from tooti.errors import APIError
 from tooti.mesh.http import error_response
+from tooti.mesh.http1 import H2_PREFACE, Http1Server
 from tooti.mesh.http_server import Accepted, LimitedServer, Replay, replay, socket_of
 from tooti.mesh.hypercorn_compat import ServedApp, bound_address
 from tooti.mesh.ratelimit import (
@@ -159,7 +164,8 @@ async def _read_upgrade(stream: Accepted, limits: Limits
         return data, started, None
     event: h11.Request | None = None
     with trio.move_on_at(started + limits.header_timeout):
-        while len(data) < len(TUNNEL_PREFIX) and TUNNEL_PREFIX.startswith(data):
+        while (len(data) < len(TUNNEL_PREFIX) and TUNNEL_PREFIX.startswith(data)) \
+                or (len(data) < len(H2_PREFACE) and H2_PREFACE.startswith(data)):
             chunk = await stream.receive_some(RECEIVE_BYTES)
             if not chunk:
                 return data, started, None
@@ -194,12 +200,25 @@ async def _read_upgrade(stream: Accepted, limits: Limits
     if path != TUNNEL_PATH.encode() or upgrade != "websocket" or "upgrade" not in connection:
         return data, started, None
     buffered, _ = conn.trailing_data
-    try:
-        peer = socket_of(stream).getpeername()
-        client: tuple[str, int] | None = (str(peer[0]), int(peer[1]))
-    except (OSError, IndexError, TypeError):
-        client = None
+    client = _client_of(socket_of(stream))
     return data, started, UpgradeRequest(stream, headers, client, bytes(buffered))
+
+
+def _client_of(sock: trio.socket.SocketType) -> tuple[str, int] | None:
+    """The client's address and port (None if the socket cannot tell)."""
+    try:
+        peer = sock.getpeername()
+        return str(peer[0]), int(peer[1])
+    except (OSError, IndexError, TypeError):
+        return None
+
+
+def _speaks_http2(stream: Accepted, head: bytes) -> bool:
+    """The connection speaks HTTP/2: chosen by ALPN, or opened with the HTTP/2 preface
+    (prior knowledge)."""
+    if isinstance(stream, trio.SSLStream) and stream.selected_alpn_protocol() == "h2":
+        return True
+    return head.startswith(H2_PREFACE)
 
 
 PLAIN_HTTP_ON_TLS = APIError(400, "this port speaks TLS: use https:// (wss:// for tunnels)",
@@ -302,6 +321,7 @@ async def serve(app: Any, config: Config, on_tunnel: TunnelHandler,
     served: set[Replay] = set()
     opening = _Opening()
     served_app = ServedApp.of(app, config)
+    http1 = Http1Server(app, scheme="https" if tls is not None else "http")
     sockets = config.create_sockets()
     listeners: list[trio.SocketListener] = []
     binds: list[str] = []
@@ -329,25 +349,39 @@ async def serve(app: Any, config: Config, on_tunnel: TunnelHandler,
             await trio.aclose_forcefully(accepted or stream)
             return
         if upgrade is not None:
-            with opening.guard() as unproven:  # until the peer proves its identity
-
-                def proven() -> None:
-                    slot.release()
-                    opening.forget(unproven)
-
-                try:
-                    await on_tunnel(replace(upgrade, proven=proven))
-                except Exception:  # one tunnel's failure must not stop the listener
-                    log.exception("tunnel from %s failed", upgrade.client)
-                finally:
-                    await trio.aclose_forcefully(accepted)
+            try:
+                await tunnel(upgrade, slot)
+            finally:
+                await trio.aclose_forcefully(accepted)
             return
-        replayed = replay(accepted, head, limits.send_timeout)
-        served.add(replayed)
-        try:
-            await LimitedServer(served_app, replayed, limits, started)
-        finally:
-            served.discard(replayed)
+        if _speaks_http2(accepted, head):  # ALPN h2, or h2c with prior knowledge
+            replayed = replay(accepted, head, limits.send_timeout)
+            served.add(replayed)
+            try:
+                await LimitedServer(served_app, replayed, limits, started)
+            finally:
+                served.discard(replayed)
+            return
+        sock = socket_of(accepted)
+
+        async def on_upgrade(headers: dict[str, str], buffered: bytes) -> None:
+            await tunnel(UpgradeRequest(accepted, headers, _client_of(sock), buffered), slot)
+
+        await http1.serve(accepted, sock, head, started, limits, on_upgrade)
+
+    async def tunnel(upgrade: UpgradeRequest, slot: Slot) -> None:
+        """Serve a tunnel upgrade (its connection counts toward its address's limit until
+        the peer has proven its identity, and shutdown closes it until then)."""
+        with opening.guard() as unproven:
+
+            def proven() -> None:
+                slot.release()
+                opening.forget(unproven)
+
+            try:
+                await on_tunnel(replace(upgrade, proven=proven))
+            except Exception:  # one tunnel's failure must not stop the listener
+                log.exception("tunnel from %s failed", upgrade.client)
 
     async def handler(stream: trio.SocketStream) -> None:
         nonlocal open_count, now, cap
@@ -393,6 +427,7 @@ async def serve(app: Any, config: Config, on_tunnel: TunnelHandler,
         for listener in listeners:
             await listener.aclose()
         await served_app.terminate()
+        http1.terminate()  # connections between requests close now
         opening.close()  # connections with no request yet close now
         for waiting in served:
             waiting.wake()  # connections waiting for a request close now
