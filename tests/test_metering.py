@@ -73,3 +73,18 @@ def test_an_unfinished_last_event_is_forwarded_at_finish() -> None:
     assert meter.feed(b"data: {}\n\ndata: par") == b"data: {}\n\n"
     assert meter.finish() == b"data: par"
     assert meter.forwarded == len(b"data: {}\n\ndata: par")
+
+
+def test_finish_reason_among_merged_events_is_read() -> None:
+    """Events arriving in one chunk, one with ``"finish_reason":null`` and one with
+    ``"stop"``: the finish reason is read (a null one elsewhere does not hide it), and
+    content events are counted without being parsed."""
+    stop = _event({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    stream = _content("a") + _content("b") + stop + b"data: [DONE]\n\n"
+    meter = UsageMeter(sse=True)
+    assert _run(meter, [stream]) == stream
+    assert (meter.finish_reason, meter.content_chunks, meter.done) == ("stop", 3, True)
+    spaced = stream.replace(b'"finish_reason":"stop"', b'"finish_reason": "stop"')
+    meter = UsageMeter(sse=True)
+    assert _run(meter, [spaced]) == spaced
+    assert meter.finish_reason == "stop"

@@ -19,6 +19,10 @@ output; tokens the client never saw, such as an upstream's hidden reasoning, can
 be billed; the gateway penalizes more) and at the request's own cap (``completion_cap``,
 from :func:`tooti.protocol.usage.completion_limit`; the gateway would clamp them there).
 Either cap marks the usage estimated.
+
+Cost: events are looked at as bytes first (:func:`_plain`): only an event carrying
+usage or a finish reason is parsed as JSON, and a run of events none of which is
+dropped is forwarded as the one bytes object it arrived in.
 """
 
 from __future__ import annotations
@@ -69,16 +73,16 @@ class UsageMeter:
         complete = self._events.feed(chunk)
         if not complete:
             return b""
-        if b'"usage"' not in complete and (
-            b'"finish_reason":null' in complete or b'"finish_reason"' not in complete
-        ):
-            # Fast path: no usage and no finish reason in these events.
+        if _plain(complete):
+            # Fast path: no usage and no finish reason in any of these events.
             self.content_chunks += complete.count(EVENT_END)
             if b"[DONE]" in complete:
                 self.done = True
                 self.content_chunks -= 1
             return complete
-        return b"".join(event for event in split_events(complete) if self._event(event))
+        events = split_events(complete)
+        kept = [event for event in events if self._event(event)]
+        return complete if len(kept) == len(events) else b"".join(kept)
 
     def _event(self, event: bytes) -> bool:
         """Inspect one SSE event; return False to drop it."""
@@ -92,7 +96,7 @@ class UsageMeter:
         if payload == b"[DONE]":
             self.done = True
             return True
-        if b'"usage"' not in payload and b'"finish_reason"' not in payload:
+        if _plain(payload):  # a content chunk: nothing to read, no need to parse it
             self.content_chunks += 1
             return True
         try:
@@ -172,6 +176,16 @@ class UsageMeter:
         if self.completion_cap is None:
             return self.forwarded
         return min(self.forwarded, self.completion_cap)
+
+
+def _plain(data: bytes) -> bool:
+    """True when ``data`` (events or one event's payload) holds no usage and no finish
+    reason but ``null`` ones (written compactly, as servers do): nothing in it to read.
+    Counting both forms keeps a ``"stop"`` among several events from being missed."""
+    if b'"usage"' in data:
+        return False
+    reasons = data.count(b'"finish_reason"')
+    return not reasons or reasons == data.count(b'"finish_reason":null')
 
 
 def _int(value: Any) -> int:

@@ -94,11 +94,14 @@ class Node:
         """The nursery of :meth:`run` (backends a reload adds run in it)."""
         self._streams_of: dict[int, int] = {}
         """Streams in flight per backend (by ``id``), so a removed one closes after them."""
-        self._stream_ended = trio.Event()
+        self._stream_ended: trio.Event | None = None
+        """Set when a stream ends, for a retiring backend waiting for its last stream
+        (made only while one waits: no Event per request)."""
         self._run_scopes: dict[int, trio.CancelScope] = {}
         """The ``run`` task of every backend (cancelled when a reload removes it)."""
-        self._idle = trio.Event()
-        self._idle.set()
+        self._idle: trio.Event | None = None
+        """Set when the last stream in flight ends, for :meth:`wait_idle` (made only
+        while one waits)."""
         self._ttft_ms = 0.0
         self.dialer = Dialer(
             self, peer_id=self.id, role="node", identity=self.identity, tunnel=tunnel,
@@ -160,7 +163,10 @@ class Node:
 
     async def wait_idle(self) -> None:
         """Wait until no stream is in flight on this node."""
-        await self._idle.wait()
+        while self.in_flight:
+            if self._idle is None:
+                self._idle = trio.Event()
+            await self._idle.wait()
 
     async def refresh_models(self, list_models: bool = True) -> bool:
         """Check every backend's health and (with ``list_models``) re-read its models.
@@ -349,8 +355,9 @@ class Node:
             self._streams_of[id(backend)] = left
         else:
             self._streams_of.pop(id(backend), None)
-            self._stream_ended.set()
-            self._stream_ended = trio.Event()
+            if self._stream_ended is not None:
+                self._stream_ended.set()
+                self._stream_ended = None
 
     async def _supervise(self, backend: Backend) -> None:
         """Run a backend (started with the node or added by a reload) until a reload
@@ -368,6 +375,8 @@ class Node:
         at once when the node stops)."""
         try:
             while self._streams_of.get(id(backend), 0):
+                if self._stream_ended is None:
+                    self._stream_ended = trio.Event()
                 await self._stream_ended.wait()
         finally:
             scope = self._run_scopes.pop(id(backend), None)
@@ -435,7 +444,6 @@ class Node:
                 body = _encoder.encode(request)
                 strip = True
         self.in_flight += 1
-        self._idle = trio.Event() if self.in_flight == 1 else self._idle
         try:
             self.queued += 1
             try:
@@ -452,8 +460,9 @@ class Node:
                 self._slots[model].release()
         finally:
             self.in_flight -= 1
-            if self.in_flight == 0:
+            if self.in_flight == 0 and self._idle is not None:
                 self._idle.set()
+                self._idle = None
 
     async def _call_passthrough(
         self, stream: InboundStream, backend: Backend, endpoint: str, model: str,

@@ -1,0 +1,277 @@
+"""In-process microbenchmark of a node's per-request path, and of its HTTP client.
+
+Two measurements, both in CPU time of this one process (``time.process_time``), so
+they are repeatable on a busy machine where wall-clock latency is not:
+
+``node``
+    A :class:`tooti.node.node.Node` with one ``openai`` backend aimed at
+    ``bench/fake_upstream.py`` (a separate process: its CPU is not counted) serves
+    N requests one after another through ``Node._serve_stream`` with a stand-in for
+    the tunnel's inbound stream (its ``respond``/``send``/``end`` only count), so the
+    figure is the node's own work per request: reading the OPEN's meta and body,
+    the slot, the backend's HTTP request and answer, usage metering (the SSE
+    events split and checked, the usage chunk read), the END's usage report. The
+    tunnel's framing (WebSocket, frames) is not included (``bench/overhead.py``
+    measures the whole path, ``bench/paced.py`` the per-token one).
+``client``
+    The backend HTTP client alone: one POST and its whole answer, with
+    :class:`tooti.backends.http_client.HttpClient` and with ``httpx`` as the
+    ``openai`` backend used it before (``AsyncClient.send(stream=True)``,
+    ``aiter_raw``), and the parsing of one answer by httptools (llhttp, C) and by
+    h11 (pure Python), the two parsers the design considered.
+
+Modes: ``non-stream`` (a ``chat.completion``) and ``stream`` (``--chunks`` SSE
+events, 32 by default, sent by the upstream in one write; a request without
+``stream_options`` so the node asks for usage and strips the usage chunk).
+
+Run from the repository root (``PYTHONPATH=<worktree>`` measures another checkout;
+the ``client`` comparison needs a checkout with ``tooti/backends/http_client.py``)::
+
+    python bench/node_micro.py [--requests 3000] [--only node,client] [--profile]
+
+``--profile`` prints the top functions of the node's path (cProfile, by own time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import trio
+
+BENCH_DIR = Path(__file__).resolve().parent
+MODEL = "fake-model"
+MESSAGES = [{"role": "user", "content": "Say hello in one short sentence, please."}]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def start_upstream(chunks: int) -> tuple[subprocess.Popen[bytes], str]:
+    """Start ``bench/fake_upstream.py``; its base URL (``.../v1``) once it answers."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, str(BENCH_DIR / "fake_upstream.py"), "--port", str(port),
+         "--chunks", str(chunks), "--model", MODEL],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return proc, f"http://127.0.0.1:{port}/v1"
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("the fake upstream did not start")
+
+
+class Stream:
+    """Stands in for :class:`tooti.tunnel.InboundStream`: the OPEN's meta and body;
+    the answer's bytes are counted, the END kept."""
+
+    def __init__(self, body: bytes) -> None:
+        self.meta = {"endpoint": "chat/completions", "model": MODEL}
+        self.body = body
+        self.sent = 0
+        self.end_info: dict[str, Any] | None = None
+        self.status = 0
+        self.started = False
+
+    async def read_body(self, limit: int) -> bytes:
+        return self.body
+
+    async def respond(self, status: int, headers: dict[str, Any]) -> None:
+        self.status = status
+        self.started = True
+
+    async def send(self, data: bytes) -> None:
+        self.sent += len(data)
+
+    async def end(self, info: dict[str, Any]) -> None:
+        self.end_info = info
+
+
+def request_body(stream: bool) -> bytes:
+    request: dict[str, Any] = {"model": MODEL, "messages": MESSAGES, "max_tokens": 64}
+    if stream:
+        request["stream"] = True
+    return msgspec.json.encode(request)
+
+
+async def node_cpu(url: str, stream: bool, requests: int, profile: bool) -> float:
+    """CPU µs per request of ``Node._serve_stream`` (see the module docstring)."""
+    from tooti.backends.openai import OpenAIBackend
+    from tooti.node.node import Node
+    from tooti.settings import BackendSettings, NodeSettings, TunnelSettings
+
+    backend = OpenAIBackend(BackendSettings(type="openai", url=url, max_concurrency=8))
+    node = Node(NodeSettings(), TunnelSettings(), [backend], node_id="bench", dial=False)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(node.run)
+        body = request_body(stream)
+
+        async def one() -> None:
+            s = Stream(body)
+            await node._serve_stream(s)  # type: ignore[arg-type]
+            assert s.status == 200 and s.sent and s.end_info and "error" not in s.end_info, \
+                s.end_info
+
+        for _ in range(300):
+            await one()
+        profiler = cProfile.Profile() if profile else None
+        if profiler:
+            profiler.enable()
+        start = time.process_time()
+        for _ in range(requests):
+            await one()
+        spent = time.process_time() - start
+        if profiler:
+            profiler.disable()
+            print(f"  profile, node {'stream' if stream else 'non-stream'}:")
+            stats = pstats.Stats(profiler)
+            stats.sort_stats("tottime").print_stats(25)
+        nursery.cancel_scope.cancel()
+    return spent / requests * 1e6
+
+
+async def lean_cpu(url: str, stream: bool, requests: int) -> float:
+    from tooti.backends.http_client import HttpClient
+
+    client = HttpClient(headers={"Accept-Encoding": "identity"})
+    body = request_body(stream)
+    target = f"{url}/chat/completions"
+
+    async def one() -> None:
+        response = await client.send("POST", target, body, "application/json")
+        async for _ in response:
+            pass
+        response.close()
+
+    for _ in range(300):
+        await one()
+    start = time.process_time()
+    for _ in range(requests):
+        await one()
+    spent = time.process_time() - start
+    await client.aclose()
+    return spent / requests * 1e6
+
+
+async def httpx_cpu(url: str, stream: bool, requests: int) -> float:
+    import httpx
+
+    client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10.0),
+                               headers={"Accept-Encoding": "identity"})
+    body = request_body(stream)
+    target = f"{url}/chat/completions"
+
+    async def one() -> None:
+        request = client.build_request("POST", target, content=body,
+                                       headers={"Content-Type": "application/json"})
+        response = await client.send(request, stream=True)
+        async for _ in response.aiter_raw():
+            pass
+        await response.aclose()
+
+    for _ in range(300):
+        await one()
+    start = time.process_time()
+    for _ in range(requests):
+        await one()
+    spent = time.process_time() - start
+    await client.aclose()
+    return spent / requests * 1e6
+
+
+def answer_bytes(url: str, stream: bool) -> bytes:
+    """One raw answer of the upstream (head and body), for the parser comparison."""
+    host, port = url.removeprefix("http://").split("/", 1)[0].split(":")
+    body = request_body(stream)
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nconnection: close\r\n"
+                     b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%b"
+                     % (len(body), body))
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data.replace(b"connection: close\r\n", b"")
+
+
+def parse_cpu(raw: bytes, rounds: int) -> tuple[float, float]:
+    """µs to parse ``raw`` once: (httptools, h11)."""
+    import h11
+    import httptools
+
+    class Sink:
+        def on_body(self, body: bytes) -> None:
+            pass
+
+    start = time.process_time()
+    for _ in range(rounds):
+        httptools.HttpResponseParser(Sink()).feed_data(raw)
+    fast = (time.process_time() - start) / rounds * 1e6
+    start = time.process_time()
+    for _ in range(rounds):
+        conn = h11.Connection(h11.CLIENT)
+        conn.send(h11.Request(method="POST", target="/", headers=[("host", "x"),
+                                                                  ("content-length", "0")]))
+        conn.send(h11.EndOfMessage())
+        conn.receive_data(raw)
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA or isinstance(event, h11.EndOfMessage):
+                break
+    slow = (time.process_time() - start) / rounds * 1e6
+    return fast, slow
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=3000, help="measured requests per cell")
+    parser.add_argument("--chunks", type=int, default=32, help="SSE events per stream")
+    parser.add_argument("--only", default="node,client", help="node, client, or both")
+    parser.add_argument("--profile", action="store_true",
+                        help="print the node path's top functions (cProfile)")
+    args = parser.parse_args(argv)
+    parts = set(args.only.split(","))
+    import tooti
+
+    print(f"tooti from {Path(tooti.__file__).parent}; {args.requests} requests per cell; "
+          f"{args.chunks}-event streams; CPU time of this process only")
+    proc, url = start_upstream(args.chunks)
+    try:
+        for stream in (False, True):
+            mode = "stream" if stream else "non-stream"
+            if "node" in parts:
+                cpu = trio.run(node_cpu, url, stream, args.requests, args.profile)
+                print(f"node   {mode:10}  {cpu:8.1f} µs CPU per request (Node._serve_stream)")
+            if "client" in parts:
+                try:
+                    lean = trio.run(lean_cpu, url, stream, args.requests)
+                except ImportError:
+                    lean = float("nan")
+                slow = trio.run(httpx_cpu, url, stream, args.requests)
+                fast_parse, slow_parse = parse_cpu(answer_bytes(url, stream), 2000)
+                print(f"client {mode:10}  lean {lean:8.1f} µs  httpx {slow:8.1f} µs per "
+                      f"request; parse one answer: httptools {fast_parse:6.1f} µs, "
+                      f"h11 {slow_parse:6.1f} µs")
+    finally:
+        proc.kill()
+        proc.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
