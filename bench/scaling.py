@@ -49,8 +49,15 @@ the nodes, the upstream or the load generator become the bottleneck.
 Run from the repository root with the project's venv (heavy: ``nice -n 15`` on a
 shared machine)::
 
-    python bench/scaling.py [--duration 10] [--concurrency 1,16,64] [--nodes 2] [--keys]
+    python bench/scaling.py [--duration 10] [--concurrency 1,16,64] [--repeat 2]
+                            [--nodes 2] [--keys] [--quiet-below 0.3] [--quiet-wait 20]
                             [--quick] [--json FILE]
+
+Each cell is measured ``--repeat`` times, the three layouts interleaved (HAProxy is
+restarted for each), every run printed (losing runs kept); the 2-vs-1 comparison uses
+the medians. Before each cell the script waits up to ``--quiet-wait`` s for processes
+outside the benchmark to use at most ``--quiet-below`` CPUs, and prints how busy they
+were during the cell ("other"), since a shared machine is noisy.
 
 Every child runs in its own process group and is stopped on exit (Ctrl-C, SIGTERM, and
 via ``PR_SET_PDEATHSIG`` on SIGKILL of this script); processes are not pinned to CPUs.
@@ -64,6 +71,7 @@ import json
 import os
 import secrets
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -87,6 +95,7 @@ from overhead import (
     serves_model,
     start_upstream,
     tree_cpu_seconds,
+    wait_quiet,
     wait_until,
 )
 
@@ -137,6 +146,7 @@ class Cell:
     layout: str
     mode: str
     concurrency: int
+    run: int
     rps: float
     p50_ms: float
     p99_ms: float
@@ -214,8 +224,12 @@ def stop(children: Children, child: Child) -> None:
 
 
 def measure(wrk: str, children: Children, url: str, key: str, pids: dict[str, int],
-            layout: str, mode: str, concurrency: int, duration: float) -> Cell:
-    """One wrk load; CPU of every process in ``pids`` and of wrk over it."""
+            layout: str, mode: str, concurrency: int, duration: float, run: int,
+            quiet: tuple[float, float]) -> Cell:
+    """One wrk load (once other processes keep at most ``quiet[0]`` CPUs busy, waiting
+    up to ``quiet[1]`` s for that); CPU of every process in ``pids`` and of wrk over it."""
+    if quiet[1] > 0:
+        wait_quiet(children, *quiet)
     load = ForeignLoad(children)
     before = {name: tree_cpu_seconds(pid) for name, pid in pids.items()}
     reaped = os.times()
@@ -227,14 +241,37 @@ def measure(wrk: str, children: Children, url: str, key: str, pids: dict[str, in
            for name, pid in pids.items()}
     cpu["wrk"] = 100 * ((after.children_user + after.children_system)
                         - (reaped.children_user + reaped.children_system)) / elapsed
-    cell = Cell(layout, mode, concurrency, fields["rps"], fields["p50_ms"],
+    cell = Cell(layout, mode, concurrency, run, fields["rps"], fields["p50_ms"],
                 fields["p99_ms"], int(fields["requests"]),
                 int(fields["errors_status"] + fields["errors_socket"]), load.cpus(), cpu)
-    print(f"  {layout:13} {mode:10} c={concurrency:<3} {cell.rps:8.1f} req/s  p50 "
+    print(f"  run {run} {layout:13} {mode:10} c={concurrency:<3} {cell.rps:8.1f} req/s  p50 "
           f"{cell.p50_ms:7.2f} ms  p99 {cell.p99_ms:7.2f} ms  other {cell.other_cpus:4.2f} "
           "CPU  " + " ".join(f"{k} {v:.0f}%" for k, v in cpu.items() if v >= 0.5)
           + (f"  ERRORS {cell.errors}" if cell.errors else ""), flush=True)
     return cell
+
+
+def measure_layout(wrk: str, children: Children, root: Path, d: Deployment, layout: str,
+                   run: int, headers: dict[str, str], args: argparse.Namespace) -> list[Cell]:
+    """Every mode and concurrency at one layout (HAProxy started for it and stopped)."""
+    a_port = d.gateways["a"][1]
+    haproxy: Child | None = None
+    url = f"http://127.0.0.1:{a_port}/v1/chat/completions"
+    pids = dict(d.pids)
+    if layout != "1 gw direct":
+        backends = {"a": a_port}
+        if layout.startswith("2"):
+            backends["b"] = d.gateways["b"][1]
+        haproxy, lb = start_haproxy(children, root, backends, args.haproxy_threads, headers)
+        url = f"{lb}/v1/chat/completions"
+        pids["haproxy"] = haproxy.proc.pid
+    try:
+        return [measure(wrk, children, url, d.key, pids, layout, mode, c, args.duration,
+                        run, (args.quiet_below, args.quiet_wait))
+                for mode in args.mode_list for c in args.concurrencies]
+    finally:
+        if haproxy is not None:
+            stop(children, haproxy)
 
 
 def report(cells: list[Cell], concurrencies: Sequence[int]) -> str:
@@ -244,46 +281,59 @@ def report(cells: list[Cell], concurrencies: Sequence[int]) -> str:
     for cell in cells:
         busy = sum(cell.cpu_percent.values()) / 100
         lines.append(
-            f"  {cell.layout:13} {cell.mode:10} c={cell.concurrency:<3} "
+            f"  run {cell.run} {cell.layout:13} {cell.mode:10} c={cell.concurrency:<3} "
             f"gw {cell.ms_per_request('gateway'):.3f}  node {cell.ms_per_request('node'):.3f}"
             f"  haproxy {cell.ms_per_request('haproxy'):.3f}  upstream "
             f"{cell.ms_per_request('upstream'):.3f}  wrk {cell.ms_per_request('wrk'):.3f}"
             f"  pg {cell.ms_per_request('postgres'):.3f}   busy {busy:.2f} + other "
             f"{cell.other_cpus:.2f}")
     lines.append("")
-    lines.append("2 gateways vs 1 (both behind HAProxy, same run):")
-    by = {(c.layout, c.mode, c.concurrency): c for c in cells}
+    lines.append("2 gateways vs 1 (both behind HAProxy, same run; medians over the runs):")
     cores = os.cpu_count() or 1
+
+    def runs(layout: str, mode: str, c: int) -> list[Cell]:
+        return [x for x in cells if (x.layout, x.mode, x.concurrency) == (layout, mode, c)]
+
+    def median(values: Sequence[float]) -> float:
+        return statistics.median(values) if values else 0.0
+
     for mode in MODES:
         for c in concurrencies:
-            one, two = by.get(("1 gw haproxy", mode, c)), by.get(("2 gw haproxy", mode, c))
-            direct = by.get(("1 gw direct", mode, c))
-            if one is None or two is None:
+            one, two = runs("1 gw haproxy", mode, c), runs("2 gw haproxy", mode, c)
+            direct = runs("1 gw direct", mode, c)
+            if not one or not two:
                 continue
-            split = {k: v for k, v in two.cpu_percent.items() if k.startswith("gateway")}
-            gw1, gw2 = one.ms_per_request("gateway"), two.ms_per_request("gateway")
+            rps1, rps2 = median([x.rps for x in one]), median([x.rps for x in two])
+            gw1 = median([x.ms_per_request("gateway") for x in one])
+            gw2 = median([x.ms_per_request("gateway") for x in two])
+            node1 = median([x.ms_per_request("node") for x in one])
+            split = " / ".join(
+                f"{k} {median([x.cpu_percent.get(k, 0.0) for x in two]):.0f}%"
+                for k in sorted(two[0].cpu_percent) if k.startswith("gateway"))
+            p50_added = (median([x.p50_ms for x in one]) - median([x.p50_ms for x in direct])
+                         if direct else None)
             lines.append(
-                f"  {mode:10} c={c:<3} {two.rps / one.rps:.2f}x req/s "
-                f"({one.rps:.0f} -> {two.rps:.0f}); gateway CPU per request "
-                f"{gw1:.3f} -> {gw2:.3f} ms ({100 * (gw2 / gw1 - 1) if gw1 else 0:+.0f} %); "
-                "split " + " / ".join(f"{k} {v:.0f}%" for k, v in split.items())
-                + (f"; p50 behind HAProxy {one.p50_ms - direct.p50_ms:+.2f} ms vs direct"
-                   if direct else ""))
-            busy = sum(one.cpu_percent.values()) / 100 + one.other_cpus
-            headroom = cores - busy
+                f"  {mode:10} c={c:<3} {rps2 / rps1 if rps1 else 0:.2f}x req/s "
+                f"({rps1:.0f} -> {rps2:.0f}); gateway CPU per request {gw1:.3f} -> "
+                f"{gw2:.3f} ms ({100 * (gw2 / gw1 - 1) if gw1 else 0:+.0f} %); split {split}"
+                + (f"; p50 behind HAProxy {p50_added:+.2f} ms vs direct"
+                   if p50_added is not None else ""))
+            own = median([sum(x.cpu_percent.values()) / 100 for x in one])
+            other = median([x.other_cpus for x in one])
+            idle = cores - own - other
             lines.append(
-                f"      with 1 gateway the machine was {busy:.2f} of {cores} cores busy "
-                f"({headroom:.2f} idle): "
-                + ("no idle core for a 2nd gateway to use, so 2 gateways cannot go faster "
-                   "here" if headroom < 0.5 else
+                f"      with 1 gateway the benchmark's processes kept {own:.2f} cores busy and "
+                f"other processes {other:.2f} of {cores} ({idle:.2f} idle): "
+                + ("no idle core for a 2nd gateway, so 2 gateways cannot go faster here"
+                   + (" (a ratio above 1 while other processes are busy is two processes "
+                      "taking a larger share of a contended machine, not scaling)"
+                      if other >= 0.5 else "")
+                   if idle < 0.5 else
                    "an idle core remains, so a 2nd gateway can add throughput here"))
-            gw = one.ms_per_request("gateway")
-            if gw:
+            if gw1:
                 lines.append(f"      one gateway core at this CPU per request: about "
-                             f"{1000 / gw:.0f} req/s; the nodes need "
-                             f"{one.ms_per_request('node'):.3f} ms per request "
-                             f"({1000 / max(one.ms_per_request('node'), 1e-9):.0f} req/s "
-                             "per node core)")
+                             f"{1000 / gw1:.0f} req/s; the nodes need {node1:.3f} ms per "
+                             f"request ({1000 / max(node1, 1e-9):.0f} req/s per node core)")
     lines.append("")
     lines.append(
         f"What this {cores}-core machine can show: that HAProxy splits requests evenly over "
@@ -318,7 +368,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--pg-synchronous-commit", choices=("on", "off"), default="off",
                         help="with --keys: synchronous_commit of the database")
     parser.add_argument("--quick", action="store_true",
-                        help="3 s cells, c=1 and c=16")
+                        help="3 s cells, c=1 and c=16, one run")
+    parser.add_argument("--repeat", type=int, default=2,
+                        help="runs of every cell, the layouts interleaved")
+    parser.add_argument("--quiet-below", type=float, default=0.3,
+                        help="before each cell, wait for other processes to use at most "
+                             "this many CPUs ...")
+    parser.add_argument("--quiet-wait", type=float, default=20.0,
+                        help="... for up to this many seconds (0: do not wait)")
     parser.add_argument("--json", type=Path, help="also write the cells as JSON")
     args = parser.parse_args(argv)
     args.concurrencies = [int(c) for c in args.concurrency.split(",")]
@@ -326,7 +383,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if set(args.mode_list) - set(MODES):
         parser.error(f"--modes: known modes are {', '.join(MODES)}")
     if args.quick:
-        args.duration, args.concurrencies = 3.0, [1, 16]
+        args.duration, args.concurrencies, args.repeat = 3.0, [1, 16], 1
     return args
 
 
@@ -343,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tooti {tooti.__version__}; HAProxy {haproxy_version} (nbthread "
           f"{args.haproxy_threads}); {os.cpu_count()} CPUs; {args.nodes} nodes dialling both "
           f"gateways; {'keys on PostgreSQL' if args.keys else 'open gateways'}; "
-          f"{args.duration:g} s per cell; load {os.getloadavg()[0]:.2f}", flush=True)
+          f"{args.duration:g} s per cell, {args.repeat} run(s); load average "
+          f"{os.getloadavg()[0]:.2f}", flush=True)
     cells: list[Cell] = []
     with (tempfile.TemporaryDirectory(prefix="tooti-scaling-") as tmp,
           _terminate_on_signals(), contextlib.ExitStack() as stack):
@@ -386,28 +444,10 @@ def main(argv: list[str] | None = None) -> int:
             for mode in args.mode_list:
                 warm += int(run_wrk(wrk, children, Layout(), f"http://127.0.0.1:{a_port}/v1/"
                                     "chat/completions", mode, 16, 2, d.key)["requests"])
-            for layout in LAYOUTS:
-                haproxy: Child | None = None
-                if layout == "1 gw direct":
-                    url = f"http://127.0.0.1:{a_port}/v1/chat/completions"
-                else:
-                    backends = {"a": a_port}
-                    if layout.startswith("2"):
-                        backends["b"] = d.gateways["b"][1]
-                    haproxy, lb = start_haproxy(children, root, backends,
-                                                args.haproxy_threads, headers)
-                    url = f"{lb}/v1/chat/completions"
-                pids = dict(d.pids)
-                if haproxy is not None:
-                    pids["haproxy"] = haproxy.proc.pid
-                try:
-                    for mode in args.mode_list:
-                        for c in args.concurrencies:
-                            cells.append(measure(wrk, children, url, d.key, pids, layout,
-                                                 mode, c, args.duration))
-                finally:
-                    if haproxy is not None:
-                        stop(children, haproxy)
+            for run in range(1, args.repeat + 1):
+                for layout in LAYOUTS:
+                    cells += measure_layout(wrk, children, root, d, layout, run, headers,
+                                            args)
             if d.admin is not None:
                 me = d.admin.call("GET", "/v1/me", key=d.key)
                 answered = warm + sum(c.requests - c.errors for c in cells)
