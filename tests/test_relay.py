@@ -26,6 +26,7 @@ from tests.spy import LIMIT, Spy, read_stream
 from tests.upstream import SlowUpstream, start_upstream
 from tooti.backends.base import Backend
 from tooti.backends.openai import OpenAIBackend
+from tooti.gateway import streamed_answer
 from tooti.gateway.app import Gateway
 from tooti.identity import Identity, b64, proof_message, unb64
 from tooti.mesh.registry import Registry
@@ -293,6 +294,9 @@ async def test_an_answer_larger_than_the_window_crosses_the_hop_intact(
             splices.append(self)
 
     monkeypatch.setattr(forwarding, "_Splice", Recorded)
+    # The gateway takes one chunk per wake-up (not all that is buffered, as it does to
+    # catch up when busy), so the relay outruns its credit here.
+    monkeypatch.setattr(streamed_answer, "COALESCE_BYTES", 0)
     # About 1 MiB either way (an SSE event per token is ~25 times a token's size): four
     # flow-control windows.
     tokens = 6_000 if stream else 150_000

@@ -38,6 +38,11 @@ TOKEN_FIELDS = ((b'"content":', b'"'), (b'"text":', b'"'), (b'"tool_calls":', b"
 """A field, and how its value must start, for a chunk to count as carrying a token."""
 MAX_HELD_BYTES = 65_536
 """Most bytes held before the first token, and after the closing [DONE] line."""
+COALESCE_BYTES = 65_536
+"""Most bytes of chunks already buffered that :func:`stream_answer` hands the server in
+one body message. Nothing waits to fill it: a chunk goes out as soon as the stream's
+task runs; only chunks that queued meanwhile (the process was busy) go out together,
+each SSE event still whole and separate, in one write instead of one per token."""
 
 
 def _carries_token(events: bytes) -> bool:
@@ -183,6 +188,7 @@ async def stream_answer(
         ],
     })
     hold = DoneHold()
+    tracked = send if isinstance(send, ResponseSend) else None
 
     async def relay(chunk: bytes) -> None:
         outcome.relayed_bytes += len(chunk)
@@ -190,13 +196,15 @@ async def stream_answer(
         outcome.delivered_events = hold.delivered
         if body:
             await send({"type": "http.response.body", "body": body, "more_body": True})
-        if hold.held and isinstance(send, ResponseSend):
-            send.answered = True  # all before [DONE] is sent: a client leaving was served
+        if hold.held and tracked is not None:
+            tracked.answered = True  # all before [DONE] is sent: a client leaving was served
 
     await relay(first)
     error: APIError | None = None
     try:
-        async for chunk in out.body():
+        # The chunks buffered when the task runs go out as one body message (see
+        # COALESCE_BYTES); one chunk per message while the gateway keeps up.
+        while (chunk := await out.next_data(COALESCE_BYTES)) is not None:
             await relay(chunk)
     except TunnelLost as exc:
         error = APIError(502, f"node lost mid-stream: {exc}", code="node_lost")

@@ -25,9 +25,18 @@ class TunnelLost(Exception):
 
 
 class StreamIO:
-    """Adapter-side buffers and wake-ups of one stream."""
+    """Adapter-side buffers and wake-ups of one stream.
 
-    __slots__ = ("changed", "chunks", "credit", "end", "fin", "head", "lost", "scope", "splice")
+    The wake-up is trio's low-level park/reschedule, not a :class:`trio.Event`: the
+    session's read loop calls :meth:`wake` once per frame of the stream (once per token
+    of a streamed answer), and an Event costs a new object, a parking lot and its
+    bookkeeping each time. :meth:`wake` reschedules the tasks parked in
+    :meth:`wait_changed`, or, when none is, leaves a mark the next
+    :meth:`wait_changed` consumes (so a change between a reader's check and its wait is
+    never lost: the semantics of an Event replaced after each wait)."""
+
+    __slots__ = ("_changed", "_waiters", "chunks", "credit", "end", "fin", "head", "lost",
+                 "scope", "splice")
 
     def __init__(self) -> None:
         self.chunks: deque[bytes] = deque()
@@ -35,21 +44,47 @@ class StreamIO:
         self.head: ResponseStarted | None = None
         self.end: dict[str, Any] | None = None
         self.lost: str | None = None
-        self.changed = trio.Event()
         self.credit = trio.Event()
         self.scope: trio.CancelScope | None = None
         self.splice: Splice | None = None
+        self._changed = False
+        self._waiters: list[trio.lowlevel.Task] = []
 
     def wake(self) -> None:
-        self.changed.set()
+        """Something changed: wake the waiting readers (or mark it for the next one)."""
+        waiters = self._waiters
+        if not waiters:
+            self._changed = True
+            return
+        if len(waiters) == 1:
+            trio.lowlevel.reschedule(waiters.pop())
+            return
+        self._waiters = []
+        for task in waiters:
+            trio.lowlevel.reschedule(task)
 
     async def wait_changed(self) -> None:
-        await self.changed.wait()
-        self.changed = trio.Event()
+        """Wait until :meth:`wake` is called (at once if it was since the last wait);
+        a checkpoint either way."""
+        if self._changed:
+            self._changed = False
+            await trio.lowlevel.checkpoint()
+            return
+        task = trio.lowlevel.current_task()
+        waiters = self._waiters
+        waiters.append(task)
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            if task in self._waiters:
+                self._waiters.remove(task)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+        self._changed = False  # this wake-up is consumed (a later one marks again)
 
     def fail(self, reason: str) -> None:
         self.lost = reason
-        self.changed.set()
+        self.wake()
         self.credit.set()
         if self.scope is not None:
             self.scope.cancel()
