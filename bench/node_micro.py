@@ -130,7 +130,7 @@ async def node_cpu(url: str, stream: bool, requests: int, profile: bool) -> floa
 
         for _ in range(300):
             await one()
-        profiler = cProfile.Profile() if profile else None
+        profiler = cProfile.Profile(time.process_time) if profile else None
         if profiler:
             profiler.enable()
         start = time.process_time()

@@ -88,3 +88,30 @@ def test_finish_reason_among_merged_events_is_read() -> None:
     meter = UsageMeter(sse=True)
     assert _run(meter, [spaced]) == spaced
     assert meter.finish_reason == "stop"
+
+
+def test_merged_events_meter_as_one_event_per_chunk() -> None:
+    """Whatever runs of events arrive together (two choices finishing apart, the usage
+    chunk the node asked for, [DONE]), the output and the figures are those of the same
+    stream fed one event at a time."""
+    usage = {"prompt_tokens": 4, "completion_tokens": 5, "total_tokens": 9}
+    events = [
+        _content("a"),
+        _event({"choices": [{"index": 1, "delta": {}, "finish_reason": "length"}]}),
+        _content("b"), _content("c"),
+        _event({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),
+        _event({"choices": [], "usage": usage}),
+        b"data: [DONE]\n\n",
+    ]
+    for strip in (False, True):
+        one = UsageMeter(sse=True, strip_usage_chunk=strip)
+        expected = _run(one, events)
+        figures = (one.content_chunks, one.usage, one.finish_reason, one.done, one.forwarded)
+        assert one.finish_reason == "stop" and one.usage == usage
+        for start in range(len(events)):
+            for end in range(start + 1, len(events) + 1):
+                merged = [*events[:start], b"".join(events[start:end]), *events[end:]]
+                meter = UsageMeter(sse=True, strip_usage_chunk=strip)
+                assert _run(meter, merged) == expected, (strip, start, end)
+                assert (meter.content_chunks, meter.usage, meter.finish_reason, meter.done,
+                        meter.forwarded) == figures, (strip, start, end)

@@ -32,7 +32,7 @@ from typing import Any
 import msgspec
 
 from tooti.protocol.numbers import is_int
-from tooti.protocol.sse import EVENT_END, SSEDecoder, split_events
+from tooti.protocol.sse import EVENT_END, SSEDecoder
 from tooti.protocol.usage import MAX_TOKENS
 
 _decoder = msgspec.json.Decoder()
@@ -80,9 +80,36 @@ class UsageMeter:
                 self.done = True
                 self.content_chunks -= 1
             return complete
-        events = split_events(complete)
-        kept = [event for event in events if self._event(event)]
-        return complete if len(kept) == len(events) else b"".join(kept)
+        return self._inspect(complete)
+
+    def _inspect(self, complete: bytes) -> bytes:
+        """Whole events some of which carry usage or a finish reason: walk back from the
+        end over just enough events to have seen every one of those (their number is
+        known from byte counts) and inspect those; the events before them are plain
+        content, counted in bulk. The events, less a dropped usage chunk."""
+        parts = complete.split(EVENT_END)
+        parts.pop()  # what follows the last event's end: nothing (whole events)
+        reasons = (complete.count(b'"finish_reason"')
+                   - complete.count(b'"finish_reason":null'))
+        usages = complete.count(b'"usage"')
+        first = len(parts)
+        while first and (reasons > 0 or usages > 0):
+            first -= 1
+            part = parts[first]
+            reasons -= part.count(b'"finish_reason"') - part.count(b'"finish_reason":null')
+            usages -= part.count(b'"usage"')
+        tail = [part + EVENT_END for part in parts[first:]]
+        if first:  # plain content events (a [DONE] among them ends the stream)
+            self.content_chunks += first
+            head_size = len(complete) - sum(len(event) for event in tail)
+            if b"[DONE]" in complete[:head_size]:
+                self.done = True
+                self.content_chunks -= 1
+        kept = [event for event in tail if self._event(event)]
+        if len(kept) == len(tail):
+            return complete
+        head = EVENT_END.join(parts[:first]) + EVENT_END if first else b""
+        return head + b"".join(kept)
 
     def _event(self, event: bytes) -> bool:
         """Inspect one SSE event; return False to drop it."""
