@@ -305,7 +305,11 @@ def start_gateway(children: Children, root: Path, opts: Options) -> Child:
     gateway_toml = root / "gateway.toml"
     gateway_toml.write_text(
         'log_level = "info"\ndrain_grace = 0.0\n'
-        + toml_table("gateway", {"listen": "127.0.0.1:0", "max_queue": 4096})
+        # every client connection comes from 127.0.0.1: lift the per-IP limits
+        + toml_table("gateway", {"listen": "127.0.0.1:0", "max_queue": 4096,
+                                 "max_connections_per_ip": 2 * opts.streams + 64,
+                                 "connection_burst": 2 * opts.streams + 64,
+                                 "connection_rate": 100_000.0})
         + toml_table("tunnel", tunnel))
     run = ["run", "--role", "gateway", "--config", str(gateway_toml),
            "--data-dir", str(root / "gateway-data")]
@@ -453,6 +457,17 @@ def print_report(opts: Options, report: Report) -> bool:
     print(f"  gateway RSS: {report.rss_before_kib / 1024:.1f} MiB before, "
           f"{report.rss_peak_kib / 1024:.1f} MiB peak, {report.rss_after_kib / 1024:.1f} MiB "
           "1 s after")
+    gateway_cpu = report.cpu.get("gateway", 0.0)
+    tokens = len(ok) * opts.tokens
+    if ok and gateway_cpu > 0:
+        print(f"  gateway CPU: {gateway_cpu / len(ok) * 1000:.2f} ms per stream, "
+              f"{tokens / gateway_cpu:,.0f} relayed tokens per CPU-second")
+    ttft = [r.ttft for r in ok if r.ttft is not None]
+    if ttft:
+        bound = opts.ttft + 0.5
+        p99 = percentile(ttft, 0.99)
+        print(f"target: TTFT p99 <= backend TTFT + 500 ms ({bound * 1000:.0f} ms) -> "
+              f"{'MET' if p99 <= bound else 'NOT MET'} ({p99 * 1000:.0f} ms)")
     cpu = ", ".join(f"{name} {seconds:.1f}" for name, seconds in report.cpu.items())
     print(f"  CPU seconds during the run: {cpu}; other processes on the machine "
           f"{report.others_cpu:.1f} (of {2 * report.wall:.1f} available on 2 cores)"
