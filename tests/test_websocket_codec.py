@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from wsproto.frame_protocol import FrameProtocol, Opcode
 from wsproto.handshake import generate_accept_token
 
+from tooti.protocol import websocket
 from tooti.protocol.websocket import (
     GUID,
     OP_BINARY,
@@ -196,6 +197,31 @@ def test_encode_frame_fin_and_random_keys() -> None:
     assert encode_frame(OP_CONTINUATION, b"", mask=False) == b"\x80\x00"
     keys = {encode_frame(OP_BINARY, b"x", mask=True)[2:6] for _ in range(20)}
     assert len(keys) > 1
+
+
+def test_masking_keys_are_never_reused_across_pool_refills(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keys are 4-byte slices of pooled os.urandom output, each handed out once: with a
+    source whose every 4-byte word differs, 3,000 frames (the pool refills twice) get
+    3,000 distinct keys, taken from fresh urandom calls, and each frame still unmasks to
+    its payload."""
+    calls: list[int] = []
+
+    def counting_urandom(n: int) -> bytes:
+        calls.append(n)
+        base = len(calls) << 20
+        return b"".join((base + i).to_bytes(4, "big") for i in range(n // 4))
+
+    monkeypatch.setattr(websocket.os, "urandom", counting_urandom)
+    monkeypatch.setattr(websocket, "_mask_keys", websocket._MaskKeys())
+    frames = [encode_frame(OP_BINARY, b"token", mask=True) for _ in range(3000)]
+    assert len({frame[2:6] for frame in frames}) == 3000
+    assert len(calls) == 3  # 1,024 keys per os.urandom call
+    decoder = FrameDecoder(max_message=1 << 16, client=False)
+    for frame in frames:
+        decoder.feed(frame)
+        event = decoder.next_event()
+        assert isinstance(event, Message) and event.data == b"token"
 
 
 @pytest.mark.parametrize(

@@ -90,8 +90,37 @@ def _mask(data: bytes | bytearray, key: bytes | bytearray) -> bytes:
     )
 
 
+class _MaskKeys:
+    """Masking keys for a client's frames: 4-byte slices of ``os.urandom`` output
+    fetched :data:`MASK_KEY_POOL` bytes at a time. RFC 6455 asks for keys from a strong
+    source of entropy that the application sending the payload cannot predict: these
+    are the kernel's CSPRNG bytes, each used once, kept only in this process, so a
+    frame costs a slice instead of a ``getrandom`` system call (a node masks one frame
+    per streamed token)."""
+
+    __slots__ = ("_at", "_pool")
+
+    def __init__(self) -> None:
+        self._pool = b""
+        self._at = 0
+
+    def next(self) -> bytes:
+        """A fresh 4-byte key (never handed out twice)."""
+        at = self._at
+        if at + 4 > len(self._pool):
+            self._pool, at = os.urandom(MASK_KEY_POOL), 0
+        self._at = at + 4
+        return self._pool[at : at + 4]
+
+
+MASK_KEY_POOL = 4096
+"""Bytes of ``os.urandom`` fetched at once for masking keys (1,024 frames' worth)."""
+_mask_keys = _MaskKeys()
+
+
 def encode_frame(opcode: int, payload: bytes, *, mask: bool, fin: bool = True) -> bytes:
-    """One frame; mask=True (client side) masks with a random 4-byte key (os.urandom).
+    """One frame; mask=True (client side) masks with a random 4-byte key (from
+    ``os.urandom``, see :class:`_MaskKeys`).
 
     The length uses the shortest encoding. Raises ValueError for an unknown
     opcode, or for a control frame that is fragmented or longer than 125 bytes.
@@ -109,7 +138,7 @@ def encode_frame(opcode: int, payload: bytes, *, mask: bool, fin: bool = True) -
         header = bytes((first, 127 | mask_bit)) + n.to_bytes(8, "big")
     if not mask:
         return header + payload
-    key = os.urandom(4)
+    key = _mask_keys.next()
     return header + key + _mask(payload, key)
 
 
