@@ -341,7 +341,7 @@ def report(cells: list[Cell], concurrencies: Sequence[int]) -> str:
         "p50 it adds at c=1), each process's CPU per request (the per-core figures that "
         "size a deployment: docs/scaling.md), how a gateway's CPU per request changes when "
         "it carries half the concurrency (the % above: its fixed costs per wake-up are "
-        "shared by fewer requests at lower concurrency, as c=16 vs c=64 of one gateway "
+        "shared by fewer requests at lower concurrency, as c=1 vs c=16 of one gateway "
         "shows), and failover "
         "(tests/test_scaling.py). "
         "What it cannot show: throughput growing with the number of gateways, since every "
