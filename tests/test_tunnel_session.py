@@ -631,8 +631,9 @@ async def test_heartbeat_with_an_unusable_timestamp_is_harmless() -> None:
             await peer.send(frames.encode(FrameType.HEARTBEAT, 0, huge))  # not echoed
             await peer.send(frames.encode_json(FrameType.HEARTBEAT, 0, {"t": 2.5}))
             ack = await next_frame(peer, FrameType.HEARTBEAT)
-            assert ack.flags == FLAG_ACK
-            assert frames.decode_json(ack, 1 << 16) == {"t": 2.5}
+            while ack.flags != FLAG_ACK:  # the acceptor's own heartbeat rides along
+                ack = await next_frame(peer, FrameType.HEARTBEAT)
+            assert frames.decode_json(ack, 1 << 16) == {"t": 2.5}  # the first ack
             session.abort("done")
     assert session.close_reason == "done"
 

@@ -72,6 +72,9 @@ class Peer:
     published_at: float = -1e18
     """``clock.now()`` of its last ``peer.updated`` event (heartbeats publish at
     most one per :attr:`Registry.update_spacing`)."""
+    published_stats: dict[str, Any] | None = None
+    """The :attr:`stats` its last ``peer.updated`` event carried (a heartbeat repeating
+    them publishes nothing new, see :meth:`Registry.heartbeat`)."""
     penalized: bool = False
     """:meth:`Registry.penalize` cut this peer off since it was last registered (once is
     enough; a relayed node registered again after its ban answers for new violations)."""

@@ -28,6 +28,9 @@ VIOLATION = "protocol_violation"
 """GOAWAY code sent to a peer whose session is cut by :meth:`Registry.penalize`."""
 DRAINING = "draining"
 """GOAWAY code sent to a peer an admin drained, once its last stream ended."""
+IDLE_SPACING_INTERVALS = 10
+"""Heartbeat intervals between two ``peer.updated`` events of a peer whose figures did not
+change (see :meth:`Registry.heartbeat`)."""
 DISABLED_LIMIT = 10_000
 """Node ids a gateway remembers as disabled (:meth:`Registry.disable`) at most."""
 
@@ -134,6 +137,9 @@ class Registry:
         loaded from ``identities`` and written through to it."""
         self.update_spacing = 0.8 * heartbeat_interval
         """Least time between two ``peer.updated`` events of one peer from heartbeats."""
+        self.idle_spacing = IDLE_SPACING_INTERVALS * heartbeat_interval
+        """Time after which a heartbeat repeating the last published figures publishes
+        ``peer.updated`` anyway (its round-trip time and liveness, for the TUI)."""
         self.bans = Bans(ban_seconds, relay_strikes=relay_strikes,
                          relay_strike_seconds=relay_strike_seconds)
         """Peer ids and relay routes refused after a violation (see :meth:`penalize`),
@@ -305,17 +311,24 @@ class Registry:
 
     def heartbeat(self, peer: Peer, stats: dict[str, Any]) -> None:
         """A peer's (checked) HEARTBEAT figures: kept; the peer is re-evaluated only if
-        its health flipped, and ``peer.updated`` is published at most once per
-        :attr:`update_spacing` (a later heartbeat publishes what was held back)."""
-        was_live = peer.live
+        its health flipped. ``peer.updated`` is published at most once per
+        :attr:`update_spacing`, and only if the figures differ from the ones last
+        published (a later heartbeat publishes what was held back) or
+        :attr:`idle_spacing` has passed (its round-trip time moves on): an idle peer
+        repeating the same figures costs no event, so thousands of idle nodes do not
+        flood the bus and every subscriber (the TUI)."""
+        previous = peer.stats
         peer.stats = stats
-        if peer.live != was_live:  # health flipped: re-file, wake requests waiting on it
-            self.refresh(peer)
+        if (stats.get("healthy", True) is not False) != (
+                previous.get("healthy", True) is not False):
+            self.refresh(peer)  # health flipped: re-file, wake requests waiting on it
         if self.peers.get(peer.id) is not peer:
             return
         now = clock.now()
-        if now - peer.published_at >= self.update_spacing:
-            peer.published_at = now
+        since = now - peer.published_at
+        if since >= self.update_spacing and (since >= self.idle_spacing
+                                             or stats != peer.published_stats):
+            peer.published_at, peer.published_stats = now, stats
             self.bus.publish("peer.updated", peer=peer.describe())
 
     def peer_updated(self, peer: Peer) -> None:
@@ -323,7 +336,7 @@ class Registry:
         load, health, cooldowns)."""
         if self.peers.get(peer.id) is peer:
             self.refresh(peer)
-            peer.published_at = clock.now()
+            peer.published_at, peer.published_stats = clock.now(), peer.stats
             self.bus.publish("peer.updated", peer=peer.describe())
 
     def refresh(self, peer: Peer) -> None:

@@ -4,8 +4,11 @@
 over one :class:`~tooti.transport.Transport`: a read loop that never blocks
 on any single stream (stream data goes into per-stream buffers bounded by the
 flow-control window, or is spliced onward by a hook), a writer task that sends
-every frame queued since its last write in one write, a heartbeat task, and a
-liveness watch (a peer silent for three heartbeat intervals is dead). Before a
+every frame queued since its last write in one write, and one timer task for its
+own heartbeats and the liveness watch (a peer silent for three heartbeat intervals is
+dead); an acceptor answers a heartbeating peer's HEARTBEATs from the read loop and
+sends its own only with every tenth answer, so an idle tunnel costs it one wake-up
+and one write per interval. Before a
 read loop waits for input, the frames its input produced on any tunnel of the
 process are written straight away (:func:`flush_queued`). Streams we open are
 :class:`OutboundStream` objects consumed by the caller's own task (so the

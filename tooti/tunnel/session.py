@@ -24,6 +24,7 @@ from tooti.protocol.connection import (
     HeartbeatReceived,
     ProtocolError,
     ResponseStarted,
+    Side,
     StreamCancelled,
     StreamEnded,
     StreamOpened,
@@ -46,6 +47,10 @@ log = logging.getLogger("tooti.tunnel")
 
 FLUSH_TIMEOUT = 1.0
 """Longest :meth:`TunnelSession.flush` waits for queued frames to be written."""
+ACCEPTOR_RTT_EVERY = 10
+"""An acceptor sends its own HEARTBEAT (whose acknowledgement measures the round trip)
+with every this many acknowledgements of a heartbeating peer's ones, instead of on its
+own timer: see :meth:`TunnelSession._on_peer_heartbeat`."""
 OUTGOING_LIMIT = 1 << 20
 """Bytes of frames queued for the writer beyond which senders wait (backpressure)."""
 
@@ -117,6 +122,13 @@ class TunnelSession:
         self._written = trio.Event()
         self._last_input = 0.0
         self._silence = trio.CancelScope()
+        self._own_due = 0.0
+        """When this side's next HEARTBEAT is due (see :meth:`_timers`)."""
+        self._timer: trio.CancelScope | None = None
+        """The scope :meth:`_timers` sleeps in (its deadline is moved, not re-armed)."""
+        self._peer_heartbeats = 0
+        """HEARTBEATs received from the peer (an acceptor piggybacks its own on every
+        :data:`ACCEPTOR_RTT_EVERY`-th one's acknowledgement)."""
 
     # ------------------------------------------------------------ lifecycle
 
@@ -130,8 +142,7 @@ class TunnelSession:
                     self._nursery = nursery
                     self._last_input = clock.now()
                     nursery.start_soon(self._writer)
-                    nursery.start_soon(self._heartbeats)
-                    nursery.start_soon(self._watch_silence)
+                    nursery.start_soon(self._timers)
                     code, reason = await self._read_loop()
                     nursery.cancel_scope.cancel()
             if self._cancel_scope.cancelled_caught:
@@ -228,7 +239,10 @@ class TunnelSession:
 
     async def _writer(self) -> None:
         """Write queued frames, all that accumulated at once; a failed write ends the
-        session."""
+        session. The write is first tried without waiting (``write_nowait``: on plain
+        TCP one ``send`` on the socket, none of trio's per-write machinery); only what
+        the socket did not take, or a transport that cannot write so, is awaited (a node
+        wakes its writer about once per streamed token)."""
         while True:
             if not self._outgoing and not self.transport.pending:
                 self._written.set()
@@ -239,10 +253,17 @@ class TunnelSession:
             self._room.set()
             if self._written.is_set():  # a flush may wait on the unset one: keep it
                 self._written = trio.Event()
+            messages = frames.merge_data(batch, self.conn.max_data_payload())
+            try:
+                if messages and not self.transport.pending \
+                        and self.transport.write_nowait(messages):
+                    continue  # taken; a rest the socket did not take is pending: next round
+            except TransportClosed:
+                self.abort("transport closed")
+                return
             self._writing = True  # stays set if cancelled mid-write: the framing is broken
             try:
-                await self.transport.send_many(
-                    frames.merge_data(batch, self.conn.max_data_payload()))
+                await self.transport.send_many(messages)
             except TransportClosed:
                 self.abort("transport closed")
                 return
@@ -273,12 +294,61 @@ class TunnelSession:
         except TunnelLost:
             return
 
-    async def _heartbeats(self) -> None:
+    def _heartbeat_frame(self) -> bytes:
+        stats = self._stats()
+        stats["t"] = clock.now()
+        return self.conn.send_heartbeat(stats)
+
+    async def _timers(self) -> None:
+        """This side's HEARTBEATs and the silence watch, in one task sleeping until the
+        first of them is due: the next own heartbeat, or three heartbeat intervals after
+        the last input (checked against the time of the last input, not per message),
+        which ends the read loop. An acceptor whose peer heartbeats postpones its own
+        (see :meth:`_on_peer_heartbeat`): its acknowledgements keep the peer's silence
+        watch satisfied, so with thousands of idle tunnels this task hardly ever wakes."""
+        interval = self.heartbeat_interval
+        timeout = 3 * interval
+        self._own_due = clock.now() + interval
         while True:
-            await trio.sleep(self.heartbeat_interval)
-            stats = self._stats()
-            stats["t"] = clock.now()
-            await self._send_quiet(self.conn.send_heartbeat(stats))
+            with trio.CancelScope(
+                    deadline=min(self._own_due, self._last_input + timeout)) as timer:
+                self._timer = timer
+                await trio.sleep_forever()
+            self._timer = None
+            now = clock.now()
+            if now >= self._last_input + timeout:
+                self._silence.cancel()
+                return
+            if now >= self._own_due:
+                self._own_due = now + interval
+                try:
+                    frame = self._heartbeat_frame()
+                except RuntimeError:  # the connection closed meanwhile
+                    return
+                await self._send_quiet(frame)
+
+    def _on_peer_heartbeat(self, sent_at: object) -> None:
+        """Acknowledge a peer's HEARTBEAT (queued: the read loop writes it with the rest
+        of its input's answers, no task is started). An acceptor (a gateway or relay)
+        also postpones its own next heartbeat to 1.5 intervals from now and sends one only
+        with every :data:`ACCEPTOR_RTT_EVERY`-th acknowledgement (to measure the round
+        trip), since the acknowledgement is input enough for the peer's silence watch:
+        one wake-up and one write per idle tunnel and interval."""
+        frames_out: list[bytes] = []
+        # abs() < 1e300 keeps float() from overflowing on a huge JSON integer
+        if isinstance(sent_at, int | float) and abs(sent_at) < 1e300:
+            frames_out.append(self.conn.send_heartbeat_ack(float(sent_at)))
+        if self.conn.side is Side.ACCEPTOR:
+            now = clock.now()
+            if self._peer_heartbeats % ACCEPTOR_RTT_EVERY == 0:
+                frames_out.append(self._heartbeat_frame())
+            self._peer_heartbeats += 1
+            self._own_due = now + 1.5 * self.heartbeat_interval
+            if self._timer is not None:
+                self._timer.deadline = min(
+                    self._own_due, self._last_input + 3 * self.heartbeat_interval)
+        for frame in frames_out:
+            self.enqueue(frame)
 
     async def _read_loop(self) -> tuple[int, str]:
         timeout = 3 * self.heartbeat_interval
@@ -324,16 +394,6 @@ class TunnelSession:
         self.close_reason = "heartbeat timeout"
         return CLOSE_GOING_AWAY, "heartbeat timeout"
 
-    async def _watch_silence(self) -> None:
-        """End the read loop once the peer has sent nothing for three heartbeat
-        intervals (checked against the time of the last input, not per message)."""
-        timeout = 3 * self.heartbeat_interval
-        while True:
-            await trio.sleep_until(self._last_input + timeout)
-            if clock.now() >= self._last_input + timeout:
-                self._silence.cancel()
-                return
-
     def _dispatch(self, event: Event) -> None:
         if isinstance(event, DataReceived):
             io = self._streams.get(event.stream_id)
@@ -376,13 +436,10 @@ class TunnelSession:
                 io.fail(f"cancelled: {event.reason}")
             return
         if isinstance(event, HeartbeatReceived):
-            sent_at = event.stats.get("t")
-            # abs() < 1e300 keeps float() from overflowing on a huge JSON integer
-            if (isinstance(sent_at, int | float) and abs(sent_at) < 1e300
-                    and self._nursery is not None):
-                self._nursery.start_soon(
-                    self._send_quiet, self.conn.send_heartbeat_ack(float(sent_at))
-                )
+            try:
+                self._on_peer_heartbeat(event.stats.get("t"))
+            except (TunnelLost, RuntimeError):  # closing: nothing more to acknowledge
+                pass
         elif isinstance(event, HeartbeatAcked):
             self.rtt = max(0.0, clock.now() - event.sent_at)
         elif isinstance(event, GoAwayReceived):
