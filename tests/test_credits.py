@@ -728,3 +728,33 @@ async def test_a_quarantine_file_is_imported_at_start(
     report = await credits_module.replay_quarantine(database)
     assert report.replayed == ["r9"] and usage_rows(database)["r9"][0] == "failed"
     assert check(database) == []
+
+
+async def test_an_idle_writer_lets_a_settle_write_its_own_batch(
+    database: Database, tmp_path: Path, autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Nothing being written: a settle commits its row in its own task (run() is not
+    even running here) and returns with it committed. After a failed batch it no longer
+    writes itself: it waits for run()'s retries (with backoff), which write it."""
+    setup = BillingSetup(tmp_path, {}, database=database, gateway_id="gw-a")
+    credits = Credits(setup)
+    try:
+        await credits.settle(ctx("r1", 0, account_id=""), usage())
+        assert usage_rows(database)["r1"][0] == "ok"
+        flaky = Flaky(database, is_settle_batch)
+        credits.db = cast(Database, flaky)
+        with trio.move_on_after(1):  # refused: kept for run(), the settle waits
+            await credits.settle(ctx("r2", 0, account_id=""), usage())
+        assert credits.backlog == 1 and not credits._healthy
+        credits.db = database
+        with trio.move_on_after(1):  # unhealthy: no write of its own, waits for run()
+            await credits.settle(ctx("r3", 0, account_id=""), usage())
+        assert credits.backlog == 2 and "r3" not in usage_rows(database)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(credits.run)
+            await credits.flush()
+            nursery.cancel_scope.cancel()
+        assert {"r1", "r2", "r3"} <= set(usage_rows(database))
+        assert credits._healthy
+    finally:
+        await credits.close()

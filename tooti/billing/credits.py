@@ -33,9 +33,11 @@ up in ``node_owners`` at write time — never cached — and earns for ``admin``
 row.
 
 **Durability and group commit** (as the usage ledger always did): settle queues its
-row and entry and returns once they are committed; :meth:`Credits.run` writes
-everything queued while a transaction is being written in the next one (up to
-``BATCH`` requests), so concurrent requests share a commit. On SQLite the commit runs
+row and entry and returns once they are committed. A settle that finds nothing being
+written writes the queue itself (in its own task: no wake-up of another task); else
+:meth:`Credits.run` writes everything queued while a transaction is being written in
+the next one (up to ``BATCH`` requests), so concurrent requests share a commit (and
+after a failed batch only :meth:`Credits.run` retries, backing off). On SQLite the commit runs
 on the event loop's thread when it can without waiting
 (:meth:`~tooti.accounts.database.Database.write_soon`: no ``fsync`` in a WAL commit,
 the checkpoints done in a worker thread), which saves each batch the worker-thread
@@ -234,7 +236,11 @@ class Credits:
         self._write_lock = trio.Lock()
         self._queued = 0
         self._written = 0
-        self._wrote = trio.Event()
+        self._wrote: trio.Event | None = None
+        """Set (and dropped) at the next write's end; made only when :meth:`flush` waits."""
+        self._healthy = True
+        """The last batch was written whole: a settle may write its own batch (see
+        :meth:`settle`); else the retries are :meth:`run`'s, backing off."""
 
     # ------------------------------------------------------------ Billing
 
@@ -323,9 +329,23 @@ class Credits:
              usage.latency_ms, usage.ttft_ms],
             ctx.request_id, ctx.account_id, usage.node_id, usage.owner, charged, earned,
             fee, reservation)
-        self._queue(item)
+        self._queued += 1
+        self._pending.append(item)
         self._reserved.pop(ctx.request_id, None)  # the queued item holds it now
-        await item.committed.wait()
+        try:
+            if self._healthy and not self._write_lock.locked():
+                # Nothing is being written: write this batch here, sparing the request
+                # two task switches (waking run(), then being woken by it).
+                self._write_lock.acquire_nowait()
+                try:
+                    await self._write_batch()
+                finally:
+                    self._write_lock.release()
+        finally:
+            if not item.committed.is_set():  # not written here: run() writes it
+                self._wake.set()
+        if not item.committed.is_set():
+            await item.committed.wait()
 
     async def refund(self, ctx: RequestContext, reason: str) -> None:
         """Free the reservation and queue a ``failed`` row (zero tokens, cost 0)."""
@@ -370,7 +390,9 @@ class Credits:
                         backoff.reset()
                     else:
                         await trio.sleep(backoff.next())
-                else:  # the last ones are being written by run()
+                else:  # the last ones are being written by run() or a settle
+                    if self._wrote is None:
+                        self._wrote = trio.Event()
                     await self._wrote.wait()
         if self._written >= target:
             return
@@ -388,16 +410,21 @@ class Credits:
     async def _write_round(self) -> bool:
         """Write the next batch; False if part of it is kept to be tried again."""
         async with self._write_lock:
-            batch: list[_Item] = []
-            while self._pending and len(batch) < BATCH:
-                batch.append(self._pending.popleft())
-            if not batch:
-                return True
-            # A batch taken off the queue is always dealt with, even during shutdown.
-            with trio.CancelScope(shield=True):
-                kept = await self._write(batch)
-            self._pending.extendleft(reversed(kept))
-            return not kept
+            return await self._write_batch()
+
+    async def _write_batch(self) -> bool:
+        """:meth:`_write_round` with :attr:`_write_lock` held by the caller."""
+        batch: list[_Item] = []
+        while self._pending and len(batch) < BATCH:
+            batch.append(self._pending.popleft())
+        if not batch:
+            return True
+        # A batch taken off the queue is always dealt with, even during shutdown.
+        with trio.CancelScope(shield=True):
+            kept = await self._write(batch)
+        self._pending.extendleft(reversed(kept))
+        self._healthy = not kept
+        return not kept
 
     def _commit(self, tx: Tx, items: list[_Item], look: bool = False) -> list[str]:
         """:func:`commit`, without waiting for PostgreSQL's WAL flush unless
@@ -456,8 +483,9 @@ class Credits:
             if item.reservation is not None:
                 self.leases.release(item.reservation, item.charged)
             item.committed.set()
-        self._wrote.set()
-        self._wrote = trio.Event()
+        if self._wrote is not None:
+            self._wrote.set()
+            self._wrote = None
 
     async def _quarantine(self, items: list[_Item], error: Exception) -> None:
         """Keep requests the database refused, with why: in ``usage_quarantine`` (which

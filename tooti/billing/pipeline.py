@@ -104,7 +104,10 @@ class BillingPipeline:
         unserved one; never raises, never skipped by cancellation (shielded, bounded)."""
         if not self.plugins:
             return
-        with trio.CancelScope(shield=True), trio.move_on_after(SETTLE_TIMEOUT) as timer:
+        # One scope, shielded from the caller's cancellation and bounded by its own
+        # deadline (as CancelScope(shield) + move_on_after, for one scope's cost).
+        with trio.CancelScope(shield=True,
+                              deadline=trio.current_time() + SETTLE_TIMEOUT) as timer:
             for plugin in self.plugins:
                 try:
                     if outcome.served or outcome.status == "error":
