@@ -90,3 +90,35 @@ async def test_one_minute_soak_passes(tmp_path: Path) -> None:
     assert verdicts.count("ok") >= 100
     assert len(data["checkpoints"]) == 2
     assert data["checkpoints"][-1]["in_flight"] == 0
+
+
+def _report(gateway_rss: list[float], gateway_tasks: list[int]) -> soak.Report:
+    """A 30-minute run's report with one idle checkpoint a minute (the last the end)."""
+    points = []
+    for minute, (rss, tasks) in enumerate(zip(gateway_rss, gateway_tasks, strict=True), 1):
+        samples = {name: soak.Sample(minute * 60.0, name, 1, 60.0, 13, 20)
+                   for name in soak.KEEPERS}
+        samples["gateway"] = soak.Sample(minute * 60.0, "gateway", 1, rss, 30, tasks)
+        samples["relay"] = soak.Sample(minute * 60.0, "relay", 1 + (minute >= 20), 61.0,
+                                       17, 24)
+        points.append(soak.Checkpoint(minute * 60.0, f"{minute} min", samples, 0, []))
+    records = [soak.Record(kind, soak.SIM_MODEL, "", 1.0, 2.0, 200, "node-d1", "ok", "",
+                           "ok") for kind in ("stream", "stream-cut", "chat", "chat-cut")]
+    return soak.Report(soak.Options(30, 12, 5, 1), records,
+                       [soak.Window("kill", "node-d2", ("node-d2",), 30.0, 33.0, 3.0)],
+                       points, [], [], "0 0 0", {})
+
+
+def _verdict(report: soak.Report, starts: str) -> bool | None:
+    return next(ok for name, ok, _ in soak.verdicts(report) if name.startswith(starts))
+
+
+def test_a_long_run_judges_rss_from_minute_five() -> None:
+    flat = _report([50.0] * 4 + [60.0] + [61.0] * 25, [37] * 30)  # warm-up growth is fine
+    assert _verdict(flat, "RSS growth") is True
+    assert _verdict(flat, "fds and tasks") is True
+    creeping = _report([60.0 + 0.2 * m for m in range(30)], [37] * 30)  # +8 % after min 5
+    assert _verdict(creeping, "RSS growth") is False
+    leaking = _report([60.0] * 30, [37 + m for m in range(30)])
+    assert _verdict(leaking, "fds and tasks") is False
+    assert _verdict(leaking, "RSS growth") is True
