@@ -327,7 +327,7 @@ def report(cells: list[Cell], concurrencies: Sequence[int]) -> str:
                 + ("no idle core for a 2nd gateway, so 2 gateways cannot go faster here"
                    + (" (a ratio above 1 while other processes are busy is two processes "
                       "taking a larger share of a contended machine, not scaling)"
-                      if other >= 0.5 else "")
+                      if other >= 0.5 and rps2 > rps1 else "")
                    if idle < 0.5 else
                    "an idle core remains, so a 2nd gateway can add throughput here"))
             if gw1:
