@@ -24,6 +24,7 @@ scrape time by :class:`ProcessGauges` and prometheus_client's ``ProcessCollector
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 import trio
 from prometheus_client import (
@@ -140,6 +141,9 @@ class GatewayMetrics:
             "tooti_usage_settle_late", "Settles (or refunds) cut off by the billing "
             "timeout: a completed answer then left before its usage record was durable",
             registry=self.prometheus)
+        self._series: dict[tuple[str, str, str], _Series] = {}
+        """(model, node, status) → its labelled children, looked up once (a finished
+        request then updates them without prometheus_client's label lookups)."""
         self.prometheus.register(_LiveState(registry, queued))
         add_process_collectors(self.prometheus)
         bus.listeners.append(self.on_event)
@@ -156,17 +160,34 @@ class GatewayMetrics:
         model = str(data.get("model") or "-")
         node = str(data.get("node") or "-")
         status = str(data.get("status"))
-        self.requests.labels(model, node, status).inc()
-        self.tokens.labels(model, node, "prompt").inc(_amount(data.get("prompt_tokens")))
-        self.tokens.labels(model, node, "completion").inc(
-            _amount(data.get("completion_tokens")))
+        key = (model, node, status)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = _Series(
+                self.requests.labels(model, node, status),
+                self.tokens.labels(model, node, "prompt"),
+                self.tokens.labels(model, node, "completion"),
+                self.ttft.labels(model), self.latency.labels(model, status))
+        series.requests.inc()
+        series.prompt.inc(_amount(data.get("prompt_tokens")))
+        series.completion.inc(_amount(data.get("completion_tokens")))
         if data.get("ttft_ms") is not None:
-            self.ttft.labels(model).observe(_amount(data["ttft_ms"]) / 1000)
-        self.latency.labels(model, status).observe(_amount(data.get("latency_ms")) / 1000)
+            series.ttft.observe(_amount(data["ttft_ms"]) / 1000)
+        series.latency.observe(_amount(data.get("latency_ms")) / 1000)
 
     def render(self) -> bytes:
         """The Prometheus text exposition."""
         return generate_latest(self.prometheus)
+
+
+class _Series(NamedTuple):
+    """The labelled children one (model, node, status) of finished requests updates."""
+
+    requests: Any
+    prompt: Any
+    completion: Any
+    ttft: Any
+    latency: Any
 
 
 def _amount(value: object) -> float:

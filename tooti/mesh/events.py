@@ -32,6 +32,8 @@ log = logging.getLogger("tooti.gateway")
 
 SUBSCRIBER_BUFFER = 1024
 RECENT_REQUESTS = 500
+_NO_NODE: Any = object()
+"""An event without a ``node`` member (``None`` is a value)."""
 LISTENER_LOG_INTERVAL = 60.0
 """Seconds between two log lines about the same failing listener."""
 
@@ -92,6 +94,8 @@ class EventBus:
                 listener(event)
             except Exception:
                 self._listener_failed(listener, event)
+        if not self._subscribers:  # the usual case: no admin stream open
+            return
         for sub in list(self._subscribers):
             try:
                 sub.send.send_nowait(event)
@@ -111,19 +115,21 @@ class EventBus:
                       else "")
 
     def _remember(self, event: BusEvent) -> None:
-        request_id = event.data.get("request_id")
+        data = event.data
+        request_id = data.get("request_id")
         if not isinstance(request_id, str):
             return
-        entry = self.recent.get(request_id)
+        recent = self.recent
+        entry = recent.get(request_id)
         if entry is None:
-            entry = self.recent[request_id] = {"request_id": request_id, "timeline": []}
-            while len(self.recent) > self.recent_limit:
-                self.recent.popitem(last=False)
-        entry.update({k: v for k, v in event.data.items() if k != "request_id"})
-        entry["state"] = event.kind.removeprefix("request.")
-        entry["timeline"].append({"kind": entry["state"], "ts": event.ts,
-                                  **({"node": event.data["node"]} if "node" in event.data
-                                     else {})})
+            entry = recent[request_id] = {"request_id": request_id, "timeline": []}
+            while len(recent) > self.recent_limit:
+                recent.popitem(last=False)
+        entry.update(data)  # its request_id is the entry's own
+        state = entry["state"] = event.kind[8:]  # after "request."
+        node = data.get("node", _NO_NODE)
+        entry["timeline"].append({"kind": state, "ts": event.ts} if node is _NO_NODE
+                                 else {"kind": state, "ts": event.ts, "node": node})
 
     def _drop(self, sub: Subscription) -> None:
         """A subscriber fell behind: tell it (best effort) and stop feeding it."""
