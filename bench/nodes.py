@@ -165,6 +165,21 @@ def probe_answer(process: Any, command: str) -> dict[str, Any]:
         answer["policy"] = type(picker.policy).__name__ if hasattr(picker, "policy") else "?"
         answer["pick_now"] = time_calls(decide)
         answer["free_slots"] = time_calls(lambda: registry.free_slots(MODEL))
+    elif command.startswith("tracemalloc"):
+        import tracemalloc
+
+        if not tracemalloc.is_tracing():
+            answer["tracemalloc"] = "not tracing (run with --tracemalloc)"
+        else:
+            gc.collect()
+            snapshot = tracemalloc.take_snapshot()
+            if command == "tracemalloc-base":
+                _TRACE_BASE[:] = [snapshot]
+            elif _TRACE_BASE:
+                diff = snapshot.compare_to(_TRACE_BASE[0], "lineno")
+                answer["tracemalloc"] = [
+                    (str(stat.traceback), stat.size_diff, stat.count_diff)
+                    for stat in diff[:40]]
     elif command == "census":
         gc.collect()
         objects = gc.get_objects()
@@ -172,6 +187,10 @@ def probe_answer(process: Any, command: str) -> dict[str, Any]:
         answer["objects"] = len(objects)
         answer["by_type"] = counts.most_common(40)
     return answer
+
+
+_TRACE_BASE: list[Any] = []
+"""The tracemalloc snapshot of the empty gateway (``tracemalloc-base``)."""
 
 
 async def probe_loop(process: Any, probe_dir: Path) -> None:
@@ -275,6 +294,7 @@ class Options:
     idle: float
     settle: float
     keep: bool = False
+    tracemalloc: bool = False
 
 
 @dataclass
@@ -442,7 +462,8 @@ async def benchmark(opts: Options, children: Children, root: Path) -> Report:
     probe_dir.mkdir()
     script = SCRIPT
     gateway = children.start("gateway", [
-        sys.executable, script, "--as-gateway", str(config), str(root / "gateway-data"),
+        sys.executable, *(["-X", "tracemalloc=1"] if opts.tracemalloc else []), script,
+        "--as-gateway", str(config), str(root / "gateway-data"),
         str(probe_dir)])
     probe = Probe(gateway, probe_dir)
     async with httpx.AsyncClient(timeout=120) as client:
@@ -454,6 +475,8 @@ async def benchmark(opts: Options, children: Children, root: Path) -> Report:
         await probe.ask("tasks")
         empty = await probe.ask("census")
         report.census_empty = [tuple(x) for x in empty["by_type"]]
+        if opts.tracemalloc:
+            await probe.ask("tracemalloc-base")
         report.tasks_empty = empty["tasks"]
         await trio.sleep(1.0)
         report.rss_empty_kib = proc_status_kib(gateway.pid, "VmRSS")
@@ -488,6 +511,12 @@ async def benchmark(opts: Options, children: Children, root: Path) -> Report:
         full = await probe.ask("tasks")
         report.connected, report.tasks_full = full["peers"], full["tasks"]
         report.rss_full_kib = proc_status_kib(gateway.pid, "VmRSS")
+        if opts.tracemalloc:
+            traced = await probe.ask("tracemalloc-diff", limit=300)
+            print("tracemalloc: allocations grown since the empty gateway, per session:")
+            for where, size, count in traced.get("tracemalloc") or []:
+                print(f"  {size / max(1, report.connected):9.1f} B "
+                      f"{count / max(1, report.connected):6.2f} blocks  {where}")
 
         print(f"idle window {opts.idle:.0f} s (heartbeats only)", flush=True)
         g0 = cpu_seconds(gateway.pid)
@@ -589,11 +618,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--settle", type=float, default=10.0,
                         help="seconds to wait after the last tunnel is up (10)")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs)")
+    parser.add_argument("--tracemalloc", action="store_true",
+                        help="diagnosis: trace the gateway's allocations (slower) and print "
+                        "what grew per session, by source line")
     args = parser.parse_args(args_list)
     opts = Options(nodes=args.nodes or (1000 if args.quick else 10_000),
                    diallers=args.diallers or (2 if args.quick else 4),
                    idle=args.idle or (10.0 if args.quick else 30.0), settle=args.settle,
-                   keep=args.keep)
+                   keep=args.keep, tracemalloc=args.tracemalloc)
     soft, hard = raise_fd_limit(opts.nodes + 1024)
     print(f"fd limit: soft {soft}, hard {hard} (inherited by the children)")
     root = Path(tempfile.mkdtemp(prefix="tooti-nodes-"))
