@@ -106,8 +106,8 @@ class Station:
         self._exact: dict[str, Handler] = {}
         self.bound: list[str] = []
         self.in_flight = 0
-        self._idle = trio.Event()
-        self._idle.set()
+        self._idle: trio.Event | None = None
+        """Set when :attr:`in_flight` drops to 0; made only while someone waits for it."""
         self._shutdown = trio.Event()
         self.draining = False
         """Set by :meth:`drain`: new requests get 503 and new tunnels are refused."""
@@ -178,6 +178,11 @@ class Station:
 
     async def wait_idle(self) -> None:
         """Wait until no HTTP request is being served."""
+        if self.in_flight == 0:
+            await trio.lowlevel.checkpoint()
+            return
+        if self._idle is None:
+            self._idle = trio.Event()
         await self._idle.wait()
 
     def reload_tokens(self, settings: GatewaySettings) -> TokenChanges:
@@ -215,7 +220,7 @@ class Station:
         self.registry.bus.close_all("gateway shutting down")
 
         async def idle() -> None:
-            await self._idle.wait()
+            await self.wait_idle()
             for wait in also:
                 await wait()
 
@@ -290,7 +295,6 @@ class Station:
         path, method = scope["path"], scope["method"]
         send = ResponseSend(raw_send)
         self.in_flight += 1
-        self._idle = trio.Event() if self.in_flight == 1 else self._idle
         try:
             if method == "CONNECT":  # a success would switch the connection to a tunnel
                 raise APIError(405, "CONNECT is not supported", code="method_not_allowed")
@@ -327,5 +331,6 @@ class Station:
                 await send_error(send, failure, headers)
         finally:
             self.in_flight -= 1
-            if self.in_flight == 0:
+            if self.in_flight == 0 and self._idle is not None:
                 self._idle.set()
+                self._idle = None
