@@ -305,3 +305,30 @@ async def test_broken_stream_raises_backend_error(fake: tuple[FakeUpstream, str]
     assert info.value.code == "backend_stream_error"
     assert chunks == [b'data: {"n": 1}\n\n']
     await backend.close()
+
+
+async def test_environment_proxy_is_honoured(nursery: trio.Nursery,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """With HTTP_PROXY set, requests go through the proxy (httpx honours it; the lean
+    client would not), answered as usual."""
+    seen: list[bytes] = []
+
+    async def proxy(stream: trio.SocketStream) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += await stream.receive_some(65536)
+        seen.append(data.split(b"\r\n", 1)[0])
+        body = b'{"id": "via-proxy"}'
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                              b"content-length: %d\r\n\r\n%b" % (len(body), body))
+
+    listeners = await nursery.start(trio.serve_tcp, proxy, 0)
+    port = listeners[0].socket.getsockname()[1]
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{port}")
+    backend = backend_for("http://upstream.invalid:8000")
+    response, body = await call(backend, "chat/completions", {"model": "m", "messages": []})
+    assert (response.status, body) == (200, b'{"id": "via-proxy"}')
+    assert seen == [b"POST http://upstream.invalid:8000/v1/chat/completions HTTP/1.1"]
+    await backend.close()

@@ -322,6 +322,11 @@ class Response:
             pass
         return bytes(data[:limit])
 
+    async def aclose(self) -> None:
+        """:meth:`close` (no checkpoint: an awaitable form for callers that close
+        other answers too)."""
+        self.close()
+
     def close(self) -> None:
         """Release the connection: back to the pool if the answer was read to its end
         and keep-alive holds, else closed (the server sees the disconnect)."""

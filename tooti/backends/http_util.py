@@ -10,10 +10,12 @@ shielded close of an upstream response so that the server sees the disconnect
 even when we are being cancelled. Health checks say why they failed in words
 (:func:`failure_cause`, :func:`status_cause`): the operator reads them in the log.
 
-The ``openai`` backend's requests go through the lean pooled client of
-:mod:`tooti.backends.http_client` (:func:`pooled_client`) instead of httpx, unless an
-environment proxy applies to its URL (:func:`env_proxy`); httpx stays for the small
-control calls (``/models``, ``/health``) and the ``ollama`` backend.
+Both backends reach their server through an :class:`Upstream`: requests go through
+the lean pooled client of :mod:`tooti.backends.http_client` instead of httpx (about a
+tenth of its CPU per request), unless an environment proxy applies to the URL
+(:func:`env_proxy`: httpx honours ``HTTPS_PROXY`` and the like, the lean client does
+not); the answer is an :class:`Answer` either way. httpx stays for the small control
+calls (``/models``, ``/health``, ``/api/tags``).
 
 Common options read by :meth:`HttpOptions.from_settings` (all optional):
 ``headers`` (a table of strings), ``clients`` (httpx shards, default 4),
@@ -30,13 +32,13 @@ import os
 import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import trio
 
 from tooti.backends.base import BackendError
-from tooti.backends.http_client import ConnectFailed, HttpClient, HttpError
+from tooti.backends.http_client import ConnectFailed, HttpClient, HttpError, ProtocolFailed
 from tooti.settings import BackendSettings
 
 MAX_ERROR_BODY = 65_536
@@ -134,7 +136,7 @@ _PROXY_VARIABLES = ("all_proxy", "http_proxy", "https_proxy")
 def env_proxy(url: str) -> bool:
     """True when an environment proxy (``HTTPS_PROXY``, ``HTTP_PROXY``, ``ALL_PROXY``,
     not excluded by ``NO_PROXY``) applies to ``url``: httpx honours it (``trust_env``),
-    the lean client does not, so such a backend keeps using httpx."""
+    the lean client does not, so such a backend's requests keep going through httpx."""
     names = {name.lower() for name in os.environ}
     if not any(variable in names for variable in _PROXY_VARIABLES):
         return False
@@ -144,6 +146,131 @@ def env_proxy(url: str) -> bool:
         return False
     host = rest.split("/", 1)[0]
     return not urllib.request.proxy_bypass_environment(host, proxies)  # type: ignore[attr-defined]
+
+
+class Answer(Protocol):
+    """An upstream answer whose head has arrived (the lean client's
+    :class:`~tooti.backends.http_client.Response`, or :class:`HttpxAnswer`): iterate for
+    the raw body chunks (:class:`~tooti.backends.http_client.HttpError` when the body
+    breaks), then :meth:`aclose`."""
+
+    status: int
+
+    def header(self, name: bytes, default: str = "") -> str:
+        """The first value of header ``name`` (lower-case)."""
+        ...
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        """The raw (de-chunked, never decompressed) body chunks."""
+        ...
+
+    async def read(self, limit: int) -> bytes:
+        """Up to ``limit`` bytes of the body; a transport failure ends it early."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release the connection (closed if the body was not read to its end)."""
+        ...
+
+
+class HttpxAnswer:
+    """An httpx streamed response behind the :class:`Answer` interface (the requests
+    of a backend an environment proxy applies to)."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self._response = response
+        self._body = response.aiter_raw()
+        self.status = response.status_code
+
+    def header(self, name: bytes, default: str = "") -> str:
+        return self._response.headers.get(name.decode("latin-1"), default)
+
+    def __aiter__(self) -> HttpxAnswer:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return await self._body.__anext__()
+        except httpx.HTTPError as exc:
+            raise ProtocolFailed(f"the answer's body broke: {exc!r}") from exc
+
+    async def read(self, limit: int) -> bytes:
+        data = bytearray()
+        try:
+            async for chunk in self:
+                data += chunk
+                if len(data) >= limit:
+                    break
+        except ProtocolFailed:
+            pass
+        return bytes(data[:limit])
+
+    async def aclose(self) -> None:
+        try:
+            await aclose_iterator(self._body)
+        finally:
+            await self._response.aclose()
+
+
+class Upstream:
+    """How an HTTP backend reaches its server: :meth:`post` through the lean pooled
+    client (:func:`pooled_client`), or through httpx when an environment proxy applies
+    to the URL (:func:`env_proxy`, checked once per URL); :meth:`control` is an httpx
+    client for the small discovery and health calls."""
+
+    def __init__(self, options: HttpOptions) -> None:
+        """No connection is made until a request needs one."""
+        self.pool = pooled_client(options)
+        self.shards = ClientShards(options)
+        self._proxied: dict[str, bool] = {}
+
+    def control(self) -> httpx.AsyncClient:
+        """The next httpx client shard (for ``/models``, ``/health`` and the like)."""
+        return self.shards.next()
+
+    def proxied(self, url: str) -> bool:
+        """Whether an environment proxy applies to ``url`` (remembered per URL)."""
+        proxied = self._proxied.get(url)
+        if proxied is None:
+            if len(self._proxied) > 64:
+                self._proxied.clear()
+            proxied = self._proxied[url] = env_proxy(url)
+        return proxied
+
+    async def post(self, url: str, body: bytes | AsyncIterator[bytes],
+                   content_type: str) -> Answer:
+        """POST ``body`` to ``url``; the answer once its head has arrived. Raises
+        :class:`~tooti.backends.http_client.ConnectFailed` or
+        :class:`~tooti.backends.http_client.ProtocolFailed` (:func:`transport_error`
+        maps both); the caller must :meth:`Answer.aclose` the answer."""
+        if not self.proxied(url):
+            return await self.pool.send("POST", url, body, content_type)
+        client = self.shards.next()
+        request = client.build_request("POST", url, content=body,
+                                       headers={"Content-Type": content_type})
+        try:
+            return HttpxAnswer(await client.send(request, stream=True))
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise ConnectFailed(repr(exc)) from exc
+        except httpx.HTTPError as exc:
+            raise ProtocolFailed(repr(exc)) from exc
+
+    async def aclose(self) -> None:
+        """Close the pool's idle connections and the httpx clients (both reopen)."""
+        await self.pool.aclose()
+        await self.shards.aclose()
+
+
+async def close_answer(answer: Answer, *iterators: AsyncIterator[Any]) -> None:
+    """Close ``iterators`` (readers of the body) then ``answer``, even while cancelled
+    (shielded, at most :data:`CLOSE_TIMEOUT`): an unfinished answer's connection is
+    closed, which is how the server learns that the client went away."""
+    with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+        try:
+            for iterator in iterators:
+                await aclose_iterator(iterator)
+        finally:
+            await answer.aclose()
 
 
 def transport_error(exc: httpx.HTTPError | HttpError, url: str) -> BackendError:

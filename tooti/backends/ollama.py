@@ -27,7 +27,10 @@ Options:
     ``{public name: Ollama name}``; Ollama names are advertised under their
     public names and answers carry the public name.
 ``headers``, ``clients``, ``connect_timeout``, ``max_connections``, ``control_timeout``
-    HTTP settings, as for the ``openai`` backend (see :mod:`tooti.backends.http_util`).
+    HTTP settings, as for the ``openai`` backend (see :mod:`tooti.backends.http_util`):
+    requests go through the lean pooled client of :mod:`tooti.backends.http_client`
+    (httpx when an environment proxy applies), the small ``/api/*`` listing and
+    health calls through httpx.
 
 The translation is pure and lives beside this module, which does the HTTP:
 :mod:`tooti.backends.ollama_requests` builds Ollama's request bodies (the
@@ -60,14 +63,14 @@ from tooti.backends.base import (
     requested_model,
     usual_endpoints,
 )
+from tooti.backends.http_client import HttpError
 from tooti.backends.http_util import (
     MAX_ERROR_BODY,
-    ClientShards,
+    Answer,
     HttpOptions,
-    aclose_iterator,
-    close_response,
+    Upstream,
+    close_answer,
     failure_cause,
-    read_bounded,
     retryable,
     status_cause,
     stream_error,
@@ -150,41 +153,35 @@ def _dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-async def _ndjson(response: httpx.Response) -> AsyncGenerator[dict[str, Any], None]:
+async def _ndjson(answer: Answer) -> AsyncGenerator[dict[str, Any], None]:
     """Yield the JSON objects of an NDJSON body; failures raise :class:`BackendError`."""
     lines = NdjsonLines()
-    body = response.aiter_bytes()
-    try:
-        while True:
-            try:
-                data = await body.__anext__()
-            except StopAsyncIteration:
-                break
-            except httpx.HTTPError as exc:
-                raise stream_error(exc) from exc
-            for item in lines.feed(data):
-                yield item
-        for item in lines.end():
+    body = answer.__aiter__()
+    while True:
+        try:
+            data = await body.__anext__()
+        except StopAsyncIteration:
+            break
+        except HttpError as exc:
+            raise stream_error(exc) from exc
+        for item in lines.feed(data):
             yield item
-    finally:
-        await aclose_iterator(body)
+    for item in lines.end():
+        yield item
 
 
-async def _read_body(response: httpx.Response, limit: int = MAX_BODY) -> dict[str, Any]:
+async def _read_body(answer: Answer, limit: int = MAX_BODY) -> dict[str, Any]:
     """Read and decode a whole (non-streaming) JSON answer before the head is given out."""
     data = bytearray()
-    body = response.aiter_bytes()
     try:
-        async for chunk in body:
+        async for chunk in answer:
             data += chunk
             if len(data) > limit:
                 raise BackendError("ollama answer too large", status=502, code="backend_error")
-    except httpx.HTTPError as exc:
+    except HttpError as exc:
         raise BackendError(
             f"ollama answer broke off: {exc!r}", status=502, code="backend_error"
         ) from exc
-    finally:
-        await aclose_iterator(body)
     return decode_answer(data)
 
 
@@ -235,7 +232,8 @@ class OllamaBackend:
             raise ValueError("ollama backend: options.keep_alive must be a duration or number")
         self.defaults = Defaults(num_ctx=num_ctx, keep_alive=keep_alive)
         self.http = HttpOptions.from_settings(settings, "ollama")
-        self._clients = ClientShards(self.http)
+        self.upstream = Upstream(self.http)
+        """The lean pooled client for requests, httpx for the control calls."""
         self.health_error = ""
         """Why the last :meth:`health` check failed (URL and cause); ``""`` if it passed."""
 
@@ -243,7 +241,7 @@ class OllamaBackend:
 
     async def start(self) -> None:
         """Create the HTTP clients; the server need not be up yet."""
-        self._clients.next()
+        self.upstream.control()
 
     async def run(self) -> None:
         """Nothing to supervise: sleep until cancelled."""
@@ -251,7 +249,7 @@ class OllamaBackend:
 
     async def close(self) -> None:
         """Close every HTTP client."""
-        await self._clients.aclose()
+        await self.upstream.aclose()
 
     # -- discovery and health -------------------------------------------
 
@@ -259,7 +257,7 @@ class OllamaBackend:
         """GET a small JSON document from the server; failures raise BackendError."""
         url = f"{self.url}{path}"
         try:
-            response = await self._clients.next().get(url, timeout=self.http.control_timeout)
+            response = await self.upstream.control().get(url, timeout=self.http.control_timeout)
         except httpx.HTTPError as exc:
             raise BackendError(
                 f"cannot reach ollama at {url}: {exc!r}", code="backend_unavailable"
@@ -344,7 +342,7 @@ class OllamaBackend:
         url = f"{self.url}/api/version"
         timeout = self.http.control_timeout
         try:
-            response = await self._clients.next().get(url, timeout=timeout)
+            response = await self.upstream.control().get(url, timeout=timeout)
         except httpx.HTTPError as exc:
             self.health_error = f"GET {url}: {failure_cause(exc, timeout)}"
             return False
@@ -373,20 +371,16 @@ class OllamaBackend:
             stream, include_usage = stream_flags(request)
         else:
             path, payload = "/api/embed", embed_payload(request, upstream_model, self.defaults)
-        client = self._clients.next()
-        upstream = client.build_request(
-            "POST", f"{self.url}{path}", content=_encode(payload),
-            headers={"Content-Type": "application/json"},
-        )
         try:
-            response = await client.send(upstream, stream=True)
-        except httpx.HTTPError as exc:
+            response = await self.upstream.post(f"{self.url}{path}", _encode(payload),
+                                                "application/json")
+        except HttpError as exc:
             raise transport_error(exc, self.url) from exc
         lines = _ndjson(response)
         events: AsyncGenerator[bytes, None] | None = None
         try:
-            if response.status_code >= 400:
-                raise ollama_error(response.status_code, await read_bounded(response))
+            if response.status >= 400:
+                raise ollama_error(response.status, await response.read(MAX_ERROR_BODY))
             base = answer_base(endpoint, model, int(clock.wall()))
             if stream:
                 # The first line comes with Ollama's head; an error there is
@@ -412,9 +406,9 @@ class OllamaBackend:
             yield BackendResponse(200, "application/json", _Once(_encode(result)))
         finally:
             # Closing an unfinished response drops the connection: Ollama sees
-            # the disconnect and stops generating (shielded, see close_response).
+            # the disconnect and stops generating (shielded, see close_answer).
             readers: list[AsyncIterator[Any]] = [lines] if events is None else [events, lines]
-            await close_response(response, *readers)
+            await close_answer(response, *readers)
 
     @staticmethod
     async def _events(

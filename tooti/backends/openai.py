@@ -72,18 +72,15 @@ from tooti.backends.base import (
     check_endpoint,
     configured_endpoints,
 )
-from tooti.backends.http_client import HttpClient, HttpError, Response
+from tooti.backends.http_client import HttpError, Response
 from tooti.backends.http_util import (
     CLOSE_TIMEOUT,
     MAX_ERROR_BODY,
-    ClientShards,
+    Answer,
     HttpOptions,
-    aclose_iterator,
-    close_response,
-    env_proxy,
+    Upstream,
+    close_answer,
     failure_cause,
-    pooled_client,
-    read_bounded,
     retryable,
     status_cause,
     stream_error,
@@ -133,42 +130,21 @@ def upstream_error(status: int, body: bytes) -> BackendError:
 
 
 class _Body:
-    """The lean client's answer body as raw chunks, with transport errors as
-    BackendError."""
+    """The answer's body as raw chunks, with transport errors as BackendError."""
 
-    __slots__ = ("_response",)
+    __slots__ = ("_answer",)
 
-    def __init__(self, response: Response) -> None:
-        self._response = response
+    def __init__(self, answer: Answer) -> None:
+        self._answer = answer.__aiter__()
 
     def __aiter__(self) -> _Body:
         return self
 
     async def __anext__(self) -> bytes:
         try:
-            return await self._response.__anext__()
+            return await self._answer.__anext__()
         except HttpError as exc:
             raise stream_error(exc) from exc
-
-
-class _Chunks:
-    """The upstream body as raw chunks (httpx), with transport errors as BackendError."""
-
-    def __init__(self, response: httpx.Response) -> None:
-        self._iter = response.aiter_raw()
-
-    def __aiter__(self) -> _Chunks:
-        return self
-
-    async def __anext__(self) -> bytes:
-        try:
-            return await self._iter.__anext__()
-        except httpx.HTTPError as exc:
-            raise stream_error(exc) from exc
-
-    async def aclose(self) -> None:
-        """Finalize httpx's body generator (an unfinished one would be left to the GC)."""
-        await aclose_iterator(self._iter)
 
 
 class OpenAIBackend:
@@ -198,9 +174,8 @@ class OpenAIBackend:
         self.connect_timeout = http.connect_timeout
         self.max_connections = http.max_connections
         self.control_timeout = http.control_timeout
-        self._clients = ClientShards(http)
-        self._pool: HttpClient = pooled_client(http)
-        self._proxy_checked: dict[str, bool] = {}
+        self.upstream = Upstream(http)
+        """The lean pooled client for requests, httpx for the control calls."""
         self.health_error = ""
         """Why the last :meth:`health` check failed (URL and cause); ``""`` if it passed."""
         self.endpoints = configured_endpoints(settings, ENDPOINTS)
@@ -209,8 +184,8 @@ class OpenAIBackend:
     # -- lifecycle ------------------------------------------------------
 
     def _client(self) -> httpx.AsyncClient:
-        """Return the next client shard (round-robin), creating the shards once."""
-        return self._clients.next()
+        """Return the next httpx client shard (round-robin) for a control call."""
+        return self.upstream.control()
 
     async def start(self) -> None:
         """Create the HTTP clients; the server need not be up yet."""
@@ -222,8 +197,7 @@ class OpenAIBackend:
 
     async def close(self) -> None:
         """Close every HTTP client (the pool's idle connections, httpx's clients)."""
-        await self._pool.aclose()
-        await self._clients.aclose()
+        await self.upstream.aclose()
 
     # -- discovery and health -------------------------------------------
 
@@ -321,68 +295,26 @@ class OpenAIBackend:
                     content_type: str) -> AsyncIterator[BackendResponse]:
         """POST ``content`` (bytes, or pieces sent as they come) to ``{url}/{endpoint}``
         and relay the answer as it streams in; an error status is raised as
-        :func:`upstream_error`; an endpoint this backend does not serve is refused.
-
-        Sent with the lean pooled client (:mod:`tooti.backends.http_client`); with httpx
-        when an environment proxy applies to the URL (:func:`_post_httpx`)."""
+        :func:`upstream_error`; an endpoint this backend does not serve is refused."""
         check_endpoint(endpoint)
-        url = f"{self.url}/{endpoint}"
-        if self._proxied(url):
-            async with self._post_httpx(url, content, content_type) as answer:
-                yield answer
-            return
         try:
-            response = await self._pool.send("POST", url, content, content_type)
+            answer = await self.upstream.post(f"{self.url}/{endpoint}", content,
+                                              content_type)
         except HttpError as exc:
             raise transport_error(exc, self.url) from exc
         try:
-            if response.status >= 400:
-                raise upstream_error(response.status, await response.read(MAX_ERROR_BODY))
+            if answer.status >= 400:
+                raise upstream_error(answer.status, await answer.read(MAX_ERROR_BODY))
             yield BackendResponse(
-                status=response.status,
-                content_type=response.header(b"content-type", "application/json"),
-                chunks=_Body(response),
+                status=answer.status,
+                content_type=answer.header(b"content-type", "application/json"),
+                chunks=_Body(answer),
             )
         finally:
             # An unfinished answer's connection is closed (not pooled), which is how
-            # the server learns that the client went away; synchronous, so it also
-            # happens during cancellation.
-            response.close()
-
-    def _proxied(self, url: str) -> bool:
-        """Whether an environment proxy applies to ``url`` (checked once per URL)."""
-        proxied = self._proxy_checked.get(url)
-        if proxied is None:
-            if len(self._proxy_checked) > 64:
-                self._proxy_checked.clear()
-            proxied = self._proxy_checked[url] = env_proxy(url)
-        return proxied
-
-    @asynccontextmanager
-    async def _post_httpx(self, url: str, content: bytes | AsyncIterator[bytes],
-                          content_type: str) -> AsyncIterator[BackendResponse]:
-        """:meth:`_post` through httpx (which honours the environment's proxy)."""
-        client = self._client()
-        upstream = client.build_request(
-            "POST", url, content=content,
-            headers={"Content-Type": content_type},
-        )
-        try:
-            response = await client.send(upstream, stream=True)
-        except httpx.HTTPError as exc:
-            raise transport_error(exc, self.url) from exc
-        chunks = _Chunks(response)
-        try:
-            if response.status_code >= 400:
-                raise upstream_error(response.status_code, await read_bounded(response))
-            yield BackendResponse(
-                status=response.status_code,
-                content_type=response.headers.get("content-type", "application/json"),
-                chunks=chunks,
-            )
-        finally:
-            # Closing an unfinished response drops the connection, which is how
-            # the server learns that the client went away (shielded, see
-            # close_response).
-            await close_response(response, chunks)
-
+            # the server learns that the client went away (also while cancelled: the
+            # lean client's close is synchronous, httpx's is shielded).
+            if isinstance(answer, Response):
+                answer.close()
+            else:
+                await close_answer(answer)
