@@ -28,6 +28,12 @@ Run from the repository root (``PYTHONPATH=<worktree>`` measures another checkou
 the ``client`` comparison needs a checkout with ``tooti/backends/http_client.py``)::
 
     python bench/node_micro.py [--requests 3000] [--only node,client] [--profile]
+                               [--modes non-stream,stream] [--warmup 300]
+
+Under a loaded machine CPU time still varies (caches, frequency); instruction counts
+do not: run it twice under ``valgrind --tool=callgrind`` with different
+``--requests`` and divide the difference of the "Collected" totals by the difference
+of the request counts (the start-up cancels out).
 
 ``--profile`` prints the top functions of the node's path (cProfile, by own time).
 """
@@ -49,6 +55,7 @@ import trio
 
 BENCH_DIR = Path(__file__).resolve().parent
 MODEL = "fake-model"
+WARMUP = 300
 MESSAGES = [{"role": "user", "content": "Say hello in one short sentence, please."}]
 
 
@@ -128,7 +135,7 @@ async def node_cpu(url: str, stream: bool, requests: int, profile: bool) -> floa
             assert s.status == 200 and s.sent and s.end_info and "error" not in s.end_info, \
                 s.end_info
 
-        for _ in range(300):
+        for _ in range(WARMUP):
             await one()
         profiler = cProfile.Profile(time.process_time) if profile else None
         if profiler:
@@ -159,7 +166,7 @@ async def lean_cpu(url: str, stream: bool, requests: int) -> float:
             pass
         response.close()
 
-    for _ in range(300):
+    for _ in range(WARMUP):
         await one()
     start = time.process_time()
     for _ in range(requests):
@@ -185,7 +192,7 @@ async def httpx_cpu(url: str, stream: bool, requests: int) -> float:
             pass
         await response.aclose()
 
-    for _ in range(300):
+    for _ in range(WARMUP):
         await one()
     start = time.process_time()
     for _ in range(requests):
@@ -242,18 +249,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=3000, help="measured requests per cell")
     parser.add_argument("--chunks", type=int, default=32, help="SSE events per stream")
     parser.add_argument("--only", default="node,client", help="node, client, or both")
+    parser.add_argument("--modes", default="non-stream,stream",
+                        help="non-stream, stream, or both (default)")
+    parser.add_argument("--warmup", type=int, default=300, help="requests before measuring")
     parser.add_argument("--profile", action="store_true",
                         help="print the node path's top functions (cProfile)")
     args = parser.parse_args(argv)
     parts = set(args.only.split(","))
+    global WARMUP
+    WARMUP = args.warmup
     import tooti
 
     print(f"tooti from {Path(tooti.__file__).parent}; {args.requests} requests per cell; "
           f"{args.chunks}-event streams; CPU time of this process only")
     proc, url = start_upstream(args.chunks)
     try:
-        for stream in (False, True):
-            mode = "stream" if stream else "non-stream"
+        for mode in args.modes.split(","):
+            stream = mode == "stream"
             if "node" in parts:
                 cpu = trio.run(node_cpu, url, stream, args.requests, args.profile)
                 print(f"node   {mode:10}  {cpu:8.1f} µs CPU per request (Node._serve_stream)")
