@@ -19,14 +19,17 @@ frame per stream however busy the machine is:
 * a round starts once every stream has relayed its previous token, so each token
   crosses the tunnel in its own DATA frame and wakes its stream's task once; the
   node's writer still puts the round's frames of all streams in one socket write
-  (as it does when tokens of many streams are ready together).
+  (as it does when tokens of many streams are ready together);
+* ``--staggered``: one stream's token per round instead (each token its own socket
+  write and read, as when the streams' tokens come at different moments: paced
+  streams on a machine that keeps up).
 
 Printed: CPU microseconds per token (this process's user+system time over the
 measured rounds, both tunnel ends together) and wall time. Compare commits in the
 same time window (a git worktree of the base, run with ``PYTHONPATH`` pointing at
 it). Run from the repository root::
 
-    python bench/tunnel_micro.py [--streams 200] [--tokens 200] [--repeat 3]
+    python bench/tunnel_micro.py [--streams 200] [--tokens 200] [--repeat 3] [--staggered]
 """
 
 from __future__ import annotations
@@ -60,24 +63,24 @@ class Rounds:
     """The pace: every stream sends one token per round; the next round starts once
     the gateway side relayed all of them."""
 
-    def __init__(self, streams: int) -> None:
-        self.streams = streams
-        self.round = 0
-        self.go = trio.Event()
+    def __init__(self, streams: int, per_round: int) -> None:
+        self.per_round = per_round
+        self.go = [trio.Event() for _ in range(streams)]
         self.relayed = 0
         self.all_relayed = trio.Event()
 
     def relay_one(self) -> None:
         self.relayed += 1
-        if self.relayed == self.streams:
+        if self.relayed == self.per_round:
             self.all_relayed.set()
 
-    def next_round(self) -> None:
+    def start(self, streams: range) -> None:
+        """Let ``streams`` send their next token."""
         self.relayed = 0
         self.all_relayed = trio.Event()
-        self.round += 1
-        go, self.go = self.go, trio.Event()
-        go.set()
+        for index in streams:
+            go, self.go[index] = self.go[index], trio.Event()
+            go.set()
 
 
 async def pair() -> tuple[WebSocketTransport, WebSocketTransport, Connection, Connection]:
@@ -104,16 +107,16 @@ async def pair() -> tuple[WebSocketTransport, WebSocketTransport, Connection, Co
     return gateway_end, node_end, gateway_conn, node_conn
 
 
-async def run(streams: int, tokens: int) -> tuple[float, float]:
+async def run(streams: int, tokens: int, staggered: bool) -> tuple[float, float]:
     """One measurement: (CPU seconds, wall seconds) for ``streams`` x ``tokens``."""
     gateway_end, node_end, gateway_conn, node_conn = await pair()
-    rounds = Rounds(streams)
+    rounds = Rounds(streams, 1 if staggered else streams)
 
     async def handler(stream: InboundStream) -> None:
-        await stream.read_body(1 << 20)
+        index = int((await stream.read_body(1 << 20)).decode())
         await stream.respond(200, {"content-type": "text/event-stream"})
         for _ in range(tokens):
-            await rounds.go.wait()
+            await rounds.go[index].wait()
             await stream.send(EVENT)
         await stream.send(b"data: [DONE]\n\n")
         await stream.end({"finish_reason": "stop"})
@@ -121,8 +124,8 @@ async def run(streams: int, tokens: int) -> tuple[float, float]:
     gateway = TunnelSession(gateway_end, gateway_conn, heartbeat_interval=30.0)
     node = TunnelSession(node_end, node_conn, heartbeat_interval=30.0, handler=handler)
 
-    async def client() -> None:
-        out = await gateway.open_stream({"path": "/v1/chat/completions"}, b"{}")
+    async def client(index: int) -> None:
+        out = await gateway.open_stream({"path": "/v1/chat/completions"}, b"%d" % index)
         head = await out.head()
         assert head is not None and head.status == 200
         relayed = 0
@@ -150,13 +153,18 @@ async def run(streams: int, tokens: int) -> tuple[float, float]:
         nursery.start_soon(gateway.run)
         nursery.start_soon(node.run)
         async with trio.open_nursery() as clients:
-            for _ in range(streams):
-                clients.start_soon(client)
+            for index in range(streams):
+                clients.start_soon(client, index)
             await trio.testing.wait_all_tasks_blocked(0.01)
             began_cpu, began = cpu(), time.perf_counter()
             for _ in range(tokens):
-                rounds.next_round()
-                await rounds.all_relayed.wait()
+                if staggered:
+                    for index in range(streams):
+                        rounds.start(range(index, index + 1))
+                        await rounds.all_relayed.wait()
+                else:
+                    rounds.start(range(streams))
+                    await rounds.all_relayed.wait()
             used_cpu, wall = cpu() - began_cpu, time.perf_counter() - began
         gateway.abort("done")
         node.abort("done")
@@ -169,13 +177,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--streams", type=int, default=200)
     parser.add_argument("--tokens", type=int, default=200)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--staggered", action="store_true",
+                        help="one stream's token per round (one frame per socket write)")
     args = parser.parse_args(argv)
     total = args.streams * args.tokens
     best = float("inf")
     for _ in range(args.repeat):
-        used, wall = trio.run(run, args.streams, args.tokens)
+        used, wall = trio.run(run, args.streams, args.tokens, args.staggered)
         best = min(best, used)
-        print(f"{args.streams} streams x {args.tokens} tokens: {used * 1e6 / total:6.2f} us CPU "
+        print(f"{args.streams} streams x {args.tokens} tokens"
+              f"{' staggered' if args.staggered else ''}: {used * 1e6 / total:6.2f} us CPU "
               f"per token ({total / used:,.0f} tokens per CPU-second, node and gateway "
               f"tunnel ends together), wall {wall:.2f} s", flush=True)
     print(f"best: {best * 1e6 / total:.2f} us CPU per token")

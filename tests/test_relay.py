@@ -26,7 +26,6 @@ from tests.spy import LIMIT, Spy, read_stream
 from tests.upstream import SlowUpstream, start_upstream
 from tooti.backends.base import Backend
 from tooti.backends.openai import OpenAIBackend
-from tooti.gateway import streamed_answer
 from tooti.gateway.app import Gateway
 from tooti.identity import Identity, b64, proof_message, unb64
 from tooti.mesh.registry import Registry
@@ -51,7 +50,7 @@ from tooti.settings import (
 )
 from tooti.transport.memory import memory_pair
 from tooti.transport.websocket import SUBPROTOCOL, TUNNEL_PATH
-from tooti.tunnel import TunnelLost, TunnelSession
+from tooti.tunnel import OutboundStream, TunnelLost, TunnelSession
 
 MODEL = "tooti-sim"
 
@@ -283,8 +282,14 @@ async def test_an_answer_larger_than_the_window_crosses_the_hop_intact(
     network: Network, relay: RunningRelay, stream: bool, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """An answer of several flow-control windows outruns the upstream credit: the relay
-    stops splicing and its forwarding task sends the rest, in order, as credit returns."""
+    stops splicing and its forwarding task sends the rest, in order, as credit returns.
+
+    The gateway takes no answer bytes until the splice has stopped (its streams' reads
+    wait for that), so it grants no credit back meanwhile and the relay must run out of
+    it, however fast the gateway would otherwise consume."""
     splices: list[forwarding._Splice] = []
+    deactivated = trio.Event()
+    active_slot: Any = vars(forwarding._Splice)["active"]  # the slot's descriptor
 
     class Recorded(forwarding._Splice):
         __slots__ = ()
@@ -293,10 +298,24 @@ async def test_an_answer_larger_than_the_window_crosses_the_hop_intact(
             super().__init__(*args)
             splices.append(self)
 
+        @property
+        def active(self) -> bool:
+            return bool(active_slot.__get__(self))
+
+        @active.setter
+        def active(self, value: bool) -> None:
+            active_slot.__set__(self, value)
+            if not value:
+                deactivated.set()
+
+    read_data = OutboundStream.next_data
+
+    async def gated(self: OutboundStream, limit: int) -> bytes | None:
+        await deactivated.wait()
+        return await read_data(self, limit)
+
     monkeypatch.setattr(forwarding, "_Splice", Recorded)
-    # The gateway takes one chunk per wake-up (not all that is buffered, as it does to
-    # catch up when busy), so the relay outruns its credit here.
-    monkeypatch.setattr(streamed_answer, "COALESCE_BYTES", 0)
+    monkeypatch.setattr(OutboundStream, "next_data", gated)
     # About 1 MiB either way (an SSE event per token is ~25 times a token's size): four
     # flow-control windows.
     tokens = 6_000 if stream else 150_000
