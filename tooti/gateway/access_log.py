@@ -206,8 +206,12 @@ class AccessRecord:
         return " ".join(parts)
 
 def write(record: AccessRecord) -> None:
-    """Log ``record`` (rendered by the handler's formatter, if any handler takes it)."""
-    log.info(record)
+    """Log ``record`` (rendered by the handler's formatter, if any handler takes it).
+    The log record is made here rather than by ``log.info``: that would look up the
+    caller's file and line in the stack, which no access record shows."""
+    if log.isEnabledFor(logging.INFO):
+        log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, record, (), None,
+                                  "write"))
 
 
 def _key_id(caller: Caller | None) -> str:
