@@ -92,6 +92,8 @@ class WebSocketTransport:
             self._raw = socket.socket(fileno=os.dup(stream.socket.fileno()))
             self._raw.setblocking(False)
         self._leftover = b""
+        self._more = True
+        """The last read filled its buffer: read again before waiting."""
         self._closed = False
         self._close_sent = False
         self.close_code: int | None = None
@@ -154,29 +156,36 @@ class WebSocketTransport:
     async def _receive_bytes(self) -> bytes | bytearray:
         """The next bytes from the connection (b"" at its end). Over plain TCP they are
         read straight off the socket: bytes that arrive while we wait are taken as soon
-        as we are woken; bytes that were already there are taken after a yield, so a
-        busy tunnel does not starve the process's other tasks."""
+        as we are woken. When the last read filled the buffer (more is likely waiting)
+        the socket is read at once, after a yield, so a busy tunnel does not starve the
+        process's other tasks; otherwise (a paced stream: one frame, then nothing) the
+        read waits for the socket first, which spares a ``recv`` failing with EAGAIN
+        per message."""
         raw = self._raw
         if raw is None:
             return await self._stream.receive_some(RECEIVE_BYTES)
-        await trio.lowlevel.checkpoint_if_cancelled()
-        try:
-            data = raw.recv(RECEIVE_BYTES)
-        except BlockingIOError:
-            pass
-        except OSError:
-            return b""
-        else:
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            return data
+        if self._more:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            try:
+                data = raw.recv(RECEIVE_BYTES)
+            except BlockingIOError:
+                self._more = False
+            except OSError:
+                return b""
+            else:
+                self._more = len(data) == RECEIVE_BYTES
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return data
         while True:
             await trio.lowlevel.wait_readable(raw)
             try:
-                return raw.recv(RECEIVE_BYTES)
+                data = raw.recv(RECEIVE_BYTES)
             except BlockingIOError:
                 continue
             except OSError:
                 return b""
+            self._more = len(data) == RECEIVE_BYTES
+            return data
 
     async def _close_stream(self) -> None:
         self._closed = True
