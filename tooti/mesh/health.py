@@ -12,7 +12,7 @@ it to user traffic; a failed probe starts the next, longer cooldown.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from tooti import clock
@@ -35,6 +35,10 @@ class CooldownPolicy:
     """Seconds of good health after which the doubling starts over."""
 
 
+FAILURES_KEPT = 64
+"""Failure times a :class:`ModelHealth` keeps (enough for any sensible cooldown policy)."""
+
+
 @dataclass
 class ModelHealth:
     """One node's record for one model."""
@@ -44,7 +48,9 @@ class ModelHealth:
     tokens_per_s: float | None = None
     """EWMA of completion tokens per second after the first token."""
     samples: int = 0
-    recent_failures: deque[float] = field(default_factory=lambda: deque(maxlen=64))
+    recent_failures: deque[float] | None = None
+    """When the last failures happened (at most :data:`FAILURES_KEPT`), made at the first
+    failure: most of 10,000 idle nodes never fail, and an empty deque is ~600 bytes."""
     cooldowns: int = 0
     """Cooldowns in a row (the exponent of the next duration)."""
     cooldown_until: float = 0.0
@@ -75,8 +81,11 @@ class ModelHealth:
         now = clock.now() if now is None else now
         if self.in_cooldown:
             return False
-        self.recent_failures.append(now)
-        recent = sum(1 for t in self.recent_failures if now - t <= policy.window)
+        failures = self.recent_failures
+        if failures is None:
+            failures = self.recent_failures = deque(maxlen=FAILURES_KEPT)
+        failures.append(now)
+        recent = sum(1 for t in failures if now - t <= policy.window)
         if recent < policy.failures:
             return False
         self.start_cooldown(reason, policy, now)
@@ -92,7 +101,7 @@ class ModelHealth:
         self.cooldowns += 1
         self.cooldown_until = now + duration
         self.cooldown_reason = reason
-        self.recent_failures.clear()
+        self.recent_failures = None
         return duration
 
     def end_cooldown(self, now: float | None = None) -> None:
