@@ -20,9 +20,12 @@ they are repeatable on a busy machine where wall-clock latency is not:
     ``aiter_raw``), and the parsing of one answer by httptools (llhttp, C) and by
     h11 (pure Python), the two parsers the design considered.
 
-Modes: ``non-stream`` (a ``chat.completion``) and ``stream`` (``--chunks`` SSE
+Modes: ``non-stream`` (a ``chat.completion``), ``stream`` (``--chunks`` SSE
 events, 32 by default, sent by the upstream in one write; a request without
-``stream_options`` so the node asks for usage and strips the usage chunk).
+``stream_options`` so the node asks for usage and strips the usage chunk) and
+``paced`` (the same streams paced by the upstream at ``--pace`` tokens per second,
+one event per write, ``--paced-streams`` at once: the node's cost per event as a
+model streams; ``--modes non-stream,stream,paced``).
 
 Run from the repository root (``PYTHONPATH=<worktree>`` measures another checkout;
 the ``client`` comparison needs a checkout with ``tooti/backends/http_client.py``)::
@@ -66,12 +69,14 @@ def free_port() -> int:
     return port
 
 
-def start_upstream(chunks: int) -> tuple[subprocess.Popen[bytes], str]:
-    """Start ``bench/fake_upstream.py``; its base URL (``.../v1``) once it answers."""
+def start_upstream(chunks: int, pace: float = 0.0) -> tuple[subprocess.Popen[bytes], str]:
+    """Start ``bench/fake_upstream.py`` (``pace``: tokens per second, one SSE event per
+    write); its base URL (``.../v1``) once it answers."""
     port = free_port()
+    paced = ["--tokens-per-second", str(pace)] if pace else []
     proc = subprocess.Popen(
         [sys.executable, str(BENCH_DIR / "fake_upstream.py"), "--port", str(port),
-         "--chunks", str(chunks), "--model", MODEL],
+         "--chunks", str(chunks), "--model", MODEL, *paced],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
@@ -117,13 +122,16 @@ def request_body(stream: bool) -> bytes:
     return msgspec.json.encode(request)
 
 
-async def node_cpu(url: str, stream: bool, requests: int, profile: bool) -> float:
-    """CPU µs per request of ``Node._serve_stream`` (see the module docstring)."""
+async def node_cpu(url: str, stream: bool, requests: int, profile: bool,
+                   concurrency: int = 1) -> float:
+    """CPU µs per request of ``Node._serve_stream`` (see the module docstring), with
+    ``concurrency`` requests in flight at once."""
     from tooti.backends.openai import OpenAIBackend
     from tooti.node.node import Node
     from tooti.settings import BackendSettings, NodeSettings, TunnelSettings
 
-    backend = OpenAIBackend(BackendSettings(type="openai", url=url, max_concurrency=8))
+    backend = OpenAIBackend(BackendSettings(type="openai", url=url,
+                                            max_concurrency=max(8, concurrency)))
     node = Node(NodeSettings(), TunnelSettings(), [backend], node_id="bench", dial=False)
     async with trio.open_nursery() as nursery:
         await nursery.start(node.run)
@@ -141,8 +149,16 @@ async def node_cpu(url: str, stream: bool, requests: int, profile: bool) -> floa
         if profiler:
             profiler.enable()
         start = time.process_time()
-        for _ in range(requests):
-            await one()
+        left = [requests]
+
+        async def worker() -> None:
+            while left[0] > 0:
+                left[0] -= 1
+                await one()
+
+        async with trio.open_nursery() as workers:
+            for _ in range(concurrency):
+                workers.start_soon(worker)
         spent = time.process_time() - start
         if profiler:
             profiler.disable()
@@ -252,6 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default="non-stream,stream",
                         help="non-stream, stream, or both (default)")
     parser.add_argument("--warmup", type=int, default=300, help="requests before measuring")
+    parser.add_argument("--pace", type=float, default=200.0,
+                        help="the paced mode's tokens per second per stream (default 200)")
+    parser.add_argument("--paced-streams", type=int, default=50,
+                        help="the paced mode's streams in flight at once (default 50)")
     parser.add_argument("--profile", action="store_true",
                         help="print the node path's top functions (cProfile)")
     args = parser.parse_args(argv)
@@ -263,8 +283,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tooti from {Path(tooti.__file__).parent}; {args.requests} requests per cell; "
           f"{args.chunks}-event streams; CPU time of this process only")
     proc, url = start_upstream(args.chunks)
+    paced_proc, paced_url = start_upstream(args.chunks, args.pace)
     try:
         for mode in args.modes.split(","):
+            if mode == "paced":
+                cpu = trio.run(node_cpu, paced_url, True, args.requests, args.profile,
+                               args.paced_streams)
+                events = args.chunks + 2  # the usage chunk and [DONE] too
+                print(f"node   paced       {cpu:8.1f} µs CPU per request, "
+                      f"{cpu / events:6.2f} µs per upstream event ({args.paced_streams} "
+                      f"streams at {args.pace:g} tok/s, one event per write), "
+                      f"{1e6 / (cpu / args.chunks):,.0f} tokens per CPU-second")
+                continue
             stream = mode == "stream"
             if "node" in parts:
                 cpu = trio.run(node_cpu, url, stream, args.requests, args.profile)
@@ -280,8 +310,9 @@ def main(argv: list[str] | None = None) -> int:
                       f"request; parse one answer: httptools {fast_parse:6.1f} µs, "
                       f"h11 {slow_parse:6.1f} µs")
     finally:
-        proc.kill()
-        proc.wait()
+        for child in (proc, paced_proc):
+            child.kill()
+            child.wait()
     return 0
 
 

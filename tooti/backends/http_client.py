@@ -56,7 +56,7 @@ from __future__ import annotations
 import os
 import select
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -274,12 +274,16 @@ class Response:
     """A response whose head has arrived; iterate for the raw body chunks, then
     :meth:`close` (always: it releases the connection)."""
 
-    __slots__ = ("_client", "_conn", "_done", "headers", "status")
+    __slots__ = ("_client", "_conn", "_done", "body_error", "headers", "status")
 
     def __init__(self, client: HttpClient, conn: _Connection) -> None:
         self._client = client
         self._conn = conn
         self._done = False
+        self.body_error: Callable[[HttpError], Exception] | None = None
+        """Makes what iterating raises when the body breaks (None: the
+        :class:`ProtocolFailed` itself), so a caller can hand the answer on as its own
+        iterator without wrapping every chunk."""
         self.status = conn.status
         self.headers = conn.headers
         """(lower-case name, value) pairs as the upstream sent them."""
@@ -304,8 +308,10 @@ class Response:
                 raise StopAsyncIteration
             try:
                 await conn.receive()
-            except _Closed as exc:
-                raise ProtocolFailed(f"the answer's body broke: {exc}") from exc
+            except (_Closed, ProtocolFailed) as exc:
+                failed = ProtocolFailed(f"the answer's body broke: {exc}")
+                raise (failed if self.body_error is None else self.body_error(failed)) \
+                    from exc
         pieces = conn.body
         conn.body = []
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
@@ -318,7 +324,7 @@ class Response:
                 data += chunk
                 if len(data) >= limit:
                     break
-        except HttpError:
+        except Exception:  # HttpError, or what body_error made of it
             pass
         return bytes(data[:limit])
 

@@ -305,10 +305,16 @@ class OpenAIBackend:
         try:
             if answer.status >= 400:
                 raise upstream_error(answer.status, await answer.read(MAX_ERROR_BODY))
+            chunks: AsyncIterator[bytes]
+            if isinstance(answer, Response):  # raises BackendError itself: no wrapper
+                answer.body_error = stream_error
+                chunks = answer
+            else:
+                chunks = _Body(answer)
             yield BackendResponse(
                 status=answer.status,
                 content_type=answer.header(b"content-type", "application/json"),
-                chunks=_Body(answer),
+                chunks=chunks,
             )
         finally:
             # An unfinished answer's connection is closed (not pooled), which is how
