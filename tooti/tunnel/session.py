@@ -58,6 +58,46 @@ EventHook = Callable[[Event], None]
 StatsSource = Callable[[], dict[str, Any]]
 
 
+class Wakeup:
+    """The writer task's wake-up: trio's low-level park/reschedule instead of a new
+    :class:`trio.Event` per wake-up (a node wakes its writer about once per streamed
+    token). :meth:`set` reschedules the parked task, or leaves a mark the next
+    :meth:`wait` consumes at once, so a wake-up between the task's check and its wait
+    is never lost. One waiting task at a time."""
+
+    __slots__ = ("_marked", "_task")
+
+    def __init__(self) -> None:
+        self._marked = False
+        self._task: trio.lowlevel.Task | None = None
+
+    def set(self) -> None:
+        """Wake the waiting task (or mark the next wait to return at once)."""
+        task = self._task
+        if task is None:
+            self._marked = True
+            return
+        self._task = None
+        trio.lowlevel.reschedule(task)
+
+    async def wait(self) -> None:
+        """Wait for :meth:`set` (at once if it was called since the last wait)."""
+        if self._marked:
+            self._marked = False
+            await trio.lowlevel.checkpoint()
+            return
+        if self._task is not None:
+            raise RuntimeError("Wakeup: another task is already waiting")
+        self._task = trio.lowlevel.current_task()
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            self._task = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+        self._marked = False  # consumed: the task rechecks everything now
+
+
 class TunnelSession:
     """One live tunnel: frames in and out, streams, heartbeats, liveness.
 
@@ -116,10 +156,12 @@ class TunnelSession:
         self._outgoing: list[bytes] = []
         self._queued = 0
         self._writing = False
-        self._wake_writer = trio.Event()
+        self._wake_writer = Wakeup()
         self._room = trio.Event()
         self._room.set()
-        self._written = trio.Event()
+        self._written: trio.Event | None = None
+        """Set once the writer is idle, for :meth:`flush`; made only when a flush waits
+        (not one Event per batch written)."""
         self._last_input = 0.0
         self._silence = trio.CancelScope()
         self._own_due = 0.0
@@ -157,7 +199,8 @@ class TunnelSession:
             self.closed.set()
             left, self._outgoing = self._outgoing, []
             self._room.set()
-            self._written.set()
+            if self._written is not None:
+                self._written.set()
             with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
                 if left and not self._writing:  # e.g. the last ENDs before a drain's close
                     try:
@@ -245,14 +288,13 @@ class TunnelSession:
         wakes its writer about once per streamed token)."""
         while True:
             if not self._outgoing and not self.transport.pending:
-                self._written.set()
+                if self._written is not None:
+                    self._written.set()
+                    self._written = None
                 await self._wake_writer.wait()
-                self._wake_writer = trio.Event()
                 continue
             batch, self._outgoing, self._queued = self._outgoing, [], 0
             self._room.set()
-            if self._written.is_set():  # a flush may wait on the unset one: keep it
-                self._written = trio.Event()
             messages = frames.merge_data(batch, self.conn.max_data_payload())
             try:
                 if messages and not self.transport.pending \
@@ -286,6 +328,8 @@ class TunnelSession:
         with trio.move_on_after(FLUSH_TIMEOUT):
             while ((self._outgoing or self._writing or self.transport.pending)
                    and not self.closed.is_set()):
+                if self._written is None:
+                    self._written = trio.Event()
                 await self._written.wait()
 
     async def _send_quiet(self, data: bytes) -> None:
