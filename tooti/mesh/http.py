@@ -164,23 +164,28 @@ async def cancel_on_disconnect(
     work gets up to :data:`ANSWERED_GRACE` seconds more to finish and record it.
     """
     tracked = send if isinstance(send, ResponseSend) else ResponseSend(send)
+    # The watcher's own scope: once the work is done only the watcher is cancelled
+    # (the request's task is not, which spares it a Cancelled of its own).
+    watching = trio.CancelScope()
     try:
         async with trio.open_nursery() as nursery:
 
             async def watch() -> None:
-                while (await receive())["type"] != "http.disconnect":
-                    pass
-                if tracked.complete:
-                    return
-                if tracked.answered:  # only the closing part is left: let it finish
-                    scope = nursery.cancel_scope
-                    scope.deadline = min(scope.deadline, trio.current_time() + ANSWERED_GRACE)
-                    return
-                nursery.cancel_scope.cancel()
+                with watching:
+                    while (await receive())["type"] != "http.disconnect":
+                        pass
+                    if tracked.complete:
+                        return
+                    if tracked.answered:  # only the closing part is left: let it finish
+                        scope = nursery.cancel_scope
+                        scope.deadline = min(scope.deadline,
+                                             trio.current_time() + ANSWERED_GRACE)
+                        return
+                    nursery.cancel_scope.cancel()
 
             nursery.start_soon(watch)
             await work(tracked)
-            nursery.cancel_scope.cancel()
+            watching.cancel()
     except BaseExceptionGroup as group:
         # The watcher never raises, so the group holds ``work``'s own exception.
         if len(group.exceptions) == 1:
