@@ -44,8 +44,14 @@ Measured: every ``--sample-every`` seconds each process's RSS (``/proc``), open 
 descriptors (``/proc/PID/fd``) and trio tasks (``tooti_tasks`` of its ``/metrics``; the
 fake upstream has none). At *idle checkpoints* (the end of every minute, the first one
 earlier in runs shorter than 4 minutes, and the end) the load pauses, the script waits
-until the gateway has no stream in flight and every node is live, and samples until two
-samples in a row agree: those are the figures the table prints and the verdicts compare.
+until the gateway has no stream in flight and every node is live, and samples (each
+``/metrics`` on a fresh connection) until two samples in a row agree (the same fds,
+tasks within one: hypercorn, serving a node's ``/metrics``, starts an idle timer for the
+scrape's own connection or not; the smaller count is kept), at most 10 s (the table
+marks a checkpoint that did not settle and names the processes still changing): those
+are the figures the table prints and the verdicts compare. The table also gives, per
+minute, the requests by verdict and the median latency of the paced ``soak-sim``
+requests; ``--json`` writes every record, chaos window, checkpoint and sample.
 
 Verdicts (the script prints which apply to the run's length):
 
