@@ -256,6 +256,27 @@ async def test_a_gateway_request_with_a_chunked_body_is_served(network: Network)
     assert "date" in answer_.headers and "server" not in answer_.headers
 
 
+async def test_a_body_the_app_did_not_read_is_dropped_and_the_connection_kept(
+        nursery: trio.Nursery) -> None:
+    """The app answers before the body has even arrived (a 404): the server reads the
+    body past it, and the next request on the connection is served."""
+    async def hasty(scope: Scope, receive: Receive, send: Send) -> None:
+        await answer(send, scope["path"].encode(), 404)
+
+    served = await serve_app(nursery, hasty)
+    stream = await connect(served.url)
+    async with stream:
+        with trio.fail_after(TIMEOUT):
+            await stream.send_all(raw("POST", "/nope", b"")[:-2]
+                                  + b"content-length: 5\r\n\r\n")  # the head alone
+            first = await read_response(stream)
+            assert (first.status, first.body) == (404, b"/nope")
+            assert "connection" not in first.headers
+            await stream.send_all(b"12345" + raw("GET", "/next"))
+            second = await read_response(stream)
+    assert (second.status, second.body) == (404, b"/next")
+
+
 # ---------------------------------------------------------------- responses
 
 

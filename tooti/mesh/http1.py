@@ -9,7 +9,10 @@ in the listener's own task for the connection: it reads, parses with httptools
 turn, and writes what the app sends straight to the socket. There is no task per
 request, no task group, no queue between the parser and the app and no event objects:
 the app's ``receive`` reads the socket itself when it needs more of the body, and its
-``send`` writes.
+``send`` writes: on plain TCP straight to the socket (``os.write``) when it takes the
+bytes at once, which spares trio's machinery and its yield per write (a stream writes
+once per token); a write that would block waits as trio's ``send_all``, bounded by
+``send_timeout``.
 
 Measured (``bench/http1_server.py``; one keep-alive client, a trivial app, CPU per
 request of the server process): hypercorn 0.18 + h11 about 120 µs, this loop about
@@ -25,7 +28,10 @@ Behaviour (the same as hypercorn's and tooti's limits before it, pinned by
   make the server buffer without bound). A connection closes after
   :data:`KEEP_ALIVE_MAX_REQUESTS` requests (``connection: close`` on the last), when
   the client or the app says ``connection: close``, after an HTTP/1.0 request without
-  ``keep-alive``, and when an answer or a request body did not end cleanly.
+  ``keep-alive``, and when an answer did not end cleanly. What is left of a request
+  body the app answered without reading (a 404) is read and dropped, so the connection
+  carries on (up to :data:`DISCARD_BYTES` within :data:`DISCARD_SECONDS`; past that
+  it closes).
 * **Timeouts** (:class:`~tooti.mesh.listener.Limits`): a connection silent for
   ``keep_alive_timeout`` between requests is closed; a request head not complete
   ``header_timeout`` after its first byte is answered 408 (``header_timeout``) and
@@ -82,6 +88,7 @@ nothing standard, one optional tooti extension an app may use and must not rely 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -101,13 +108,22 @@ from tooti.transport.websocket import TUNNEL_PATH, refusal_response
 log = logging.getLogger("tooti.mesh.http1")
 
 MAX_HEAD_BYTES: Final = 16 * 1024
-"""Largest request head (request line and headers) served; a larger one is answered 431.
-hypercorn's ``h11_max_incomplete_size`` default, which bounded heads before."""
+"""Most bytes of a request head (request line and headers) held while it is incomplete;
+past them it is answered 431. As h11 (``max_incomplete_event_size``, hypercorn's
+default) did before: a head that arrives complete within one read is taken whole, so a
+head is at most this plus one read (:data:`MAX_RECV`)."""
 MAX_RECV: Final = 2**16
 """Bytes asked of the socket per read."""
 KEEP_ALIVE_MAX_REQUESTS: Final = 1000
 """Requests served on one connection before it closes (hypercorn's default: a client
 is moved to a new connection now and then, which lets a load balancer rebalance)."""
+DISCARD_BYTES: Final = 2**18
+DISCARD_SECONDS: Final = 1.0
+"""What is left of a request body the app answered without reading is read and dropped
+(up to this much, for up to this long) to keep the connection; past that it closes."""
+YIELD_EVERY: Final = 16
+"""A write the socket takes at once does not yield to other tasks; every this many
+writes one does (a power of two), so a long burst of writes cannot starve them."""
 LINGER_SECONDS: Final = 2.0
 LINGER_BYTES: Final = 2**20
 """After an error answer (or an answer that left part of the request body unread), the
@@ -282,6 +298,9 @@ class Http1Connection:
         self._client = _address(sock, True)
         self._server_address = _address(sock, False)
         self._scheme = server.scheme
+        self._fd = sock.fileno() if isinstance(stream, trio.SocketStream) else -1
+        """The socket's file descriptor, written to directly (-1: TLS, or closed)."""
+        self._writes = 0
         self._parser = httptools.HttpRequestParser(self)
         self._events: deque[_Head | bytes | _Failure] = deque()
         self._phase = _IDLE
@@ -326,14 +345,8 @@ class Http1Connection:
 
     def on_url(self, url: bytes) -> None:
         self._url += url
-        self._head_bytes += len(url) + 16
-        if self._head_bytes > MAX_HEAD_BYTES:
-            raise _Refused(431)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._head_bytes += len(name) + len(value) + 4
-        if self._head_bytes > MAX_HEAD_BYTES:
-            raise _Refused(431)
         name = name.lower()
         if value and value[-1] in b" \t":
             value = value.rstrip(b" \t")
@@ -514,6 +527,7 @@ class Http1Connection:
             text = value.decode("latin-1")
             headers[key] = f"{headers[key]}, {text}" if key in headers else text
         self._gone = True  # the tunnel writes from now on; the listener closes after it
+        self._fd = -1
         await self._on_upgrade(headers, head.trailing)
 
     def _scope(self, head: _Head) -> dict[str, Any]:
@@ -581,28 +595,44 @@ class Http1Connection:
                                             code="internal_error"))
             return False
         if not self._complete or self._remaining > 0:
-            self._gone = True  # an answer cut short: the client must see it end
+            return False  # an answer cut short: the client must see it end
+        if self._close_after or self._gone or self._server.terminated:
+            self._linger = not self._body_done  # the client may still be sending it
             return False
-        if not self._skip_body():
+        if not await self._discard_body():
             self._linger = True
             return False
-        return not (self._close_after or self._gone or self._server.terminated)
+        return True
 
-    def _skip_body(self) -> bool:
-        """Drop what is queued of the request's body the app did not read: whether its
-        end was reached (else the connection cannot carry another request)."""
+    async def _discard_body(self) -> bool:
+        """Read and drop what is left of a request body the app did not read (it
+        answered without it: a 404, a 405), so that the connection can carry the next
+        request: whether its end came within :data:`DISCARD_BYTES` and
+        :data:`DISCARD_SECONDS` (else the connection closes)."""
         if self._body_done:
             return True
         events = self._events
-        while events:
-            item = events[0]
-            if item is _END:
+        dropped = 0
+        deadline = clock.now() + DISCARD_SECONDS
+        while True:
+            while events:
+                item = events[0]
+                if item is _END:
+                    events.popleft()
+                    return True
+                if type(item) is not bytes:
+                    return False  # the body is malformed
                 events.popleft()
-                return True
-            if type(item) is not bytes:
+                dropped += len(item)
+            if self._eof or self._stopped or dropped > DISCARD_BYTES:
                 return False
-            events.popleft()
-        return False
+            with trio.move_on_at(deadline):
+                data = await self._read()
+                if not data:
+                    return False
+                self._feed(data)
+                continue
+            return False
 
     # ------------------------------------------------------------ ASGI receive
 
@@ -778,11 +808,26 @@ class Http1Connection:
 
     # ------------------------------------------------------------ writing, closing
 
-    async def _write(self, data: bytes) -> None:
+    async def _write(self, data: bytes | memoryview) -> None:
         """Write ``data``; a client that does not take it within ``send_timeout`` (or
         is gone) is disconnected. Never raises: a failed write marks the client gone."""
         if self._gone:
             return
+        fd = self._fd
+        if fd >= 0:  # plain TCP: try the write at once, with no trio machinery
+            try:
+                sent = os.write(fd, data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                await self._broken()
+                return
+            if sent == len(data):
+                self._writes += 1
+                if not self._writes & (YIELD_EVERY - 1):  # let other tasks run now and then
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                return
+            data = memoryview(data)[sent:]  # the socket's buffer is full: wait below
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = clock.now() + self._send_timeout
             try:
@@ -790,9 +835,14 @@ class Http1Connection:
                 return
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 pass
+        await self._broken()
+
+    async def _broken(self) -> None:
+        """A write failed or timed out: the client is gone, the connection is closed."""
         self._gone = True
         self._eof = True
         self._stopped = True
+        self._fd = -1
         await trio.aclose_forcefully(self._stream)  # wakes a receive waiting on it
 
     async def _refuse(self, error: APIError, *, close: bool = True) -> None:
@@ -806,6 +856,7 @@ class Http1Connection:
         """Close the connection; after an error answer, or with request bytes unread,
         half-close and drop what the client still sends first (:data:`LINGER_SECONDS`)."""
         stream = self._stream
+        self._fd = -1
         try:
             if self._linger and not self._gone and not self._eof:
                 with trio.CancelScope(shield=True):
