@@ -95,6 +95,16 @@ def machine_busy_seconds() -> float:
     return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
+def user_system_seconds(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of ``pid`` so far ((0, 0) once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0, 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
 def raise_own_fd_limit() -> None:
     """Soft RLIMIT_NOFILE up to the hard limit in this process."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -325,6 +335,8 @@ class Report:
     tasks_full: int = 0
     idle_seconds: float = 0.0
     gateway_idle_cpu: float = 0.0
+    gateway_idle_user: float = 0.0
+    gateway_idle_system: float = 0.0
     diallers_idle_cpu: float = 0.0
     machine_idle_cpu: float = 0.0
     routing: dict[str, Any] = field(default_factory=dict)
@@ -533,11 +545,14 @@ async def benchmark(opts: Options, children: Children, root: Path) -> Report:
 
         print(f"idle window {opts.idle:.0f} s (heartbeats only)", flush=True)
         g0 = cpu_seconds(gateway.pid)
+        user0, system0 = user_system_seconds(gateway.pid)
         d0 = sum(cpu_seconds(d.pid) for d in diallers)
         m0, own0, t0 = machine_busy_seconds(), _own_cpu(), time.monotonic()
         await trio.sleep(opts.idle)
         report.idle_seconds = time.monotonic() - t0
         report.gateway_idle_cpu = cpu_seconds(gateway.pid) - g0
+        user1, system1 = user_system_seconds(gateway.pid)
+        report.gateway_idle_user, report.gateway_idle_system = user1 - user0, system1 - system0
         report.diallers_idle_cpu = sum(cpu_seconds(d.pid) for d in diallers) - d0
         report.machine_idle_cpu = (machine_busy_seconds() - m0 - (_own_cpu() - own0)
                                    - report.gateway_idle_cpu - report.diallers_idle_cpu)
@@ -587,6 +602,11 @@ def print_report(opts: Options, report: Report) -> bool:
           f"{_verdict(share <= TARGET_HEARTBEAT_SHARE)}; diallers "
           f"{report.diallers_idle_cpu:.2f} CPU-s; other processes "
           f"{report.machine_idle_cpu:.2f} CPU-s")
+    print(f"    gateway user {report.gateway_idle_user:.2f} s + system "
+          f"{report.gateway_idle_system:.2f} s (system: its socket calls, and on loopback the "
+          "peers' TCP receive work too); "
+          f"{report.gateway_idle_cpu / max(1, n) / max(report.idle_seconds, 1e-9) * 1e6 * 3:.0f}"
+          " µs per session per 3 s heartbeat interval")
     if pick:
         print(f"  routing decision (NodePicker.pick_now, {report.routing.get('policy')}, in "
               f"the gateway over {report.routing.get('peers'):,} live peers): "
