@@ -733,14 +733,24 @@ async def test_a_quarantine_file_is_imported_at_start(
 async def test_an_idle_writer_lets_a_settle_write_its_own_batch(
     database: Database, tmp_path: Path, autojump_clock: trio.testing.MockClock,
 ) -> None:
-    """Nothing being written: a settle commits its row in its own task (run() is not
-    even running here) and returns with it committed. After a failed batch it no longer
-    writes itself: it waits for run()'s retries (with backoff), which write it."""
+    """Alone in flight with nothing being written: a settle commits its row in its own
+    task (run() is not even running here) and returns with it committed. With another
+    request in flight, or after a failed batch, it leaves the write to run() (which
+    gathers concurrent records into one batch, and retries with backoff)."""
     setup = BillingSetup(tmp_path, {}, database=database, gateway_id="gw-a")
     credits = Credits(setup)
     try:
+        await credits.authorize(ctx("r1", 0, account_id=""))
         await credits.settle(ctx("r1", 0, account_id=""), usage())
         assert usage_rows(database)["r1"][0] == "ok"
+        for rid in ("r0", "r9"):
+            await credits.authorize(ctx(rid, 0, account_id=""))
+        with trio.move_on_after(1):  # r0 still in flight: r9's record waits for run()
+            await credits.settle(ctx("r9", 0, account_id=""), usage())
+        assert credits.backlog == 1 and "r9" not in usage_rows(database)
+        await credits.refund(ctx("r0", 0, account_id=""), "failed")
+        await credits.flush()  # (what run() would do)
+        assert {"r0", "r9"} <= set(usage_rows(database))
         flaky = Flaky(database, is_settle_batch)
         credits.db = cast(Database, flaky)
         with trio.move_on_after(1):  # refused: kept for run(), the settle waits
@@ -755,6 +765,6 @@ async def test_an_idle_writer_lets_a_settle_write_its_own_batch(
             await credits.flush()
             nursery.cancel_scope.cancel()
         assert {"r1", "r2", "r3"} <= set(usage_rows(database))
-        assert credits._healthy
+        assert credits._healthy and credits._open == 0
     finally:
         await credits.close()

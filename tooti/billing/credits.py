@@ -33,16 +33,17 @@ up in ``node_owners`` at write time — never cached — and earns for ``admin``
 row.
 
 **Durability and group commit** (as the usage ledger always did): settle queues its
-row and entry and returns once they are committed. A settle that finds nothing being
-written writes the queue itself (in its own task: no wake-up of another task); else
-:meth:`Credits.run` writes everything queued while a transaction is being written in
-the next one (up to ``BATCH`` requests), so concurrent requests share a commit (and
-after a failed batch only :meth:`Credits.run` retries, backing off). On SQLite the commit runs
-on the event loop's thread when it can without waiting
-(:meth:`~tooti.accounts.database.Database.write_soon`: no ``fsync`` in a WAL commit,
-the checkpoints done in a worker thread), which saves each batch the worker-thread
-hop, the largest cost of a request's settle at concurrency 1; PostgreSQL (a network
-round trip) always commits in a worker thread. The gateway settles a
+row and entry and returns once they are committed. :meth:`Credits.run` writes
+everything queued while a transaction is being written (in a worker thread) in the
+next one (up to ``BATCH`` requests), so concurrent requests share a commit. A settle
+alone in flight (no other request authorized and not yet settled: concurrency 1) that
+finds nothing being written and the last batch written whole writes its record
+itself, in its own task, and on SQLite on the event loop's thread when it can without
+waiting (:meth:`~tooti.accounts.database.Database.write_soon`: no ``fsync`` in a WAL
+commit, the checkpoints done in a worker thread): that saves the request the
+worker-thread hop and two task switches, the largest cost of its settle (about
+170 → 70 µs of CPU). PostgreSQL (a network round trip) always commits in a worker
+thread. After a failed batch only :meth:`Credits.run` retries, backing off. The gateway settles a
 completed answer before its last bytes leave, so a client never sees a complete
 answer whose charge a ``kill -9`` could lose.
 
@@ -241,6 +242,9 @@ class Credits:
         self._healthy = True
         """The last batch was written whole: a settle may write its own batch (see
         :meth:`settle`); else the retries are :meth:`run`'s, backing off."""
+        self._open = 0
+        """Requests authorized and not settled or refunded yet (a hint only: a settle
+        alone in flight writes its own record on the event loop's thread)."""
 
     # ------------------------------------------------------------ Billing
 
@@ -300,6 +304,7 @@ class Credits:
                 "is not taking writes); retry shortly", code="billing_unavailable",
                 headers={"retry-after": "5"})
         if not ctx.account_id or ctx.account_id == ADMIN_ACCOUNT:
+            self._open += 1
             return
         try:
             reservation = await self.leases.reserve(ctx.account_id, max(ctx.max_cost, 0))
@@ -310,6 +315,7 @@ class Credits:
                 "top up or redeem a credit code", code="insufficient_quota",
                 type="insufficient_quota") from None
         self._reserved[ctx.request_id] = reservation
+        self._open += 1
 
     async def settle(self, ctx: RequestContext, usage: Usage) -> None:
         """Charge what was delivered (capped at the reservation) and record the usage
@@ -332,13 +338,17 @@ class Credits:
         self._queued += 1
         self._pending.append(item)
         self._reserved.pop(ctx.request_id, None)  # the queued item holds it now
+        self._open = max(0, self._open - 1)
         try:
-            if self._healthy and not self._write_lock.locked():
-                # Nothing is being written: write this batch here, sparing the request
-                # two task switches (waking run(), then being woken by it).
+            if not self._open and self._healthy and not self._write_lock.locked():
+                # Alone in flight, nothing being written: write here, at once (SQLite:
+                # on this thread, Database.write_soon), sparing the request the worker
+                # thread hop and two task switches (waking run(), then being woken by
+                # it). With others in flight run() writes, in a worker thread, where the
+                # records of requests finishing meanwhile gather into its next batch.
                 self._write_lock.acquire_nowait()
                 try:
-                    await self._write_batch()
+                    await self._write_batch(soon=True)
                 finally:
                     self._write_lock.release()
         finally:
@@ -350,6 +360,7 @@ class Credits:
     async def refund(self, ctx: RequestContext, reason: str) -> None:
         """Free the reservation and queue a ``failed`` row (zero tokens, cost 0)."""
         reservation = self._reserved.pop(ctx.request_id, None)
+        self._open = max(0, self._open - 1)
         if reservation is not None:
             self.leases.release(reservation, 0)
         self._queue(_Item(
@@ -412,8 +423,9 @@ class Credits:
         async with self._write_lock:
             return await self._write_batch()
 
-    async def _write_batch(self) -> bool:
-        """:meth:`_write_round` with :attr:`_write_lock` held by the caller."""
+    async def _write_batch(self, *, soon: bool = False) -> bool:
+        """:meth:`_write_round` with :attr:`_write_lock` held by the caller; ``soon``:
+        by :meth:`~tooti.accounts.database.Database.write_soon`."""
         batch: list[_Item] = []
         while self._pending and len(batch) < BATCH:
             batch.append(self._pending.popleft())
@@ -421,7 +433,7 @@ class Credits:
             return True
         # A batch taken off the queue is always dealt with, even during shutdown.
         with trio.CancelScope(shield=True):
-            kept = await self._write(batch)
+            kept = await self._write(batch, soon=soon)
         self._pending.extendleft(reversed(kept))
         self._healthy = not kept
         return not kept
@@ -434,13 +446,14 @@ class Credits:
                    + ("ON" if self.options.synchronous_commit else "OFF"))
         return commit(tx, items, look=look)
 
-    async def _write(self, items: list[_Item]) -> list[_Item]:
+    async def _write(self, items: list[_Item], *, soon: bool = False) -> list[_Item]:
         """Write ``items``; those to be tried again. A batch that fails is kept whole
         while the database is unreachable, else written request by request: one the
         database refuses :data:`POISON_ATTEMPTS` times while it takes others is
         quarantined."""
+        write = self.db.write_soon if soon else self.db.write
         try:
-            closed = await self.db.write_soon(functools.partial(self._commit, items=items))
+            closed = await write(functools.partial(self._commit, items=items))
         except (AlreadyPosted, _Retry):
             pass  # a request settled before, a lease closed: one by one, looking
         except Exception as exc:
@@ -454,7 +467,7 @@ class Credits:
         kept: list[_Item] = []
         for item in items:
             try:
-                closed = await self.db.write_soon(functools.partial(
+                closed = await write(functools.partial(
                     self._commit, items=[item], look=True))
             except Exception as error:
                 item.attempts += 1
