@@ -59,6 +59,8 @@ import trio
 BENCH_DIR = Path(__file__).resolve().parent
 MODEL = "fake-model"
 WARMUP = 300
+SENDS = [0]
+"""Body pieces the node forwarded (in the measured requests): how merged reads were."""
 MESSAGES = [{"role": "user", "content": "Say hello in one short sentence, please."}]
 
 
@@ -110,6 +112,7 @@ class Stream:
 
     async def send(self, data: bytes) -> None:
         self.sent += len(data)
+        SENDS[0] += 1
 
     async def end(self, info: dict[str, Any]) -> None:
         self.end_info = info
@@ -149,6 +152,7 @@ async def node_cpu(url: str, stream: bool, requests: int, profile: bool,
         if profiler:
             profiler.enable()
         start = time.process_time()
+        SENDS[0] = 0
         left = [requests]
 
         async def worker() -> None:
@@ -293,7 +297,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"node   paced       {cpu:8.1f} µs CPU per request, "
                       f"{cpu / events:6.2f} µs per upstream event ({args.paced_streams} "
                       f"streams at {args.pace:g} tok/s, one event per write), "
-                      f"{1e6 / (cpu / args.chunks):,.0f} tokens per CPU-second")
+                      f"{1e6 / (cpu / args.chunks):,.0f} tokens per CPU-second; "
+                      f"{SENDS[0] / args.requests:.1f} pieces forwarded per stream "
+                      f"(fewer than {args.chunks + 1}: events merged in reads)")
                 continue
             stream = mode == "stream"
             if "node" in parts:

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import os
 import select
+import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -149,14 +150,33 @@ class _Connection:
     """One HTTP/1.1 connection and its response parser (httptools callbacks)."""
 
     __slots__ = (
-        "body", "complete", "extra", "fresh", "generation", "head_bytes", "head_done", "head_size",
-        "headers", "idle_since", "keep_alive", "origin", "parser", "received", "sized", "socket",
-        "status", "stream",
+        "body",
+        "complete",
+        "extra",
+        "fresh",
+        "generation",
+        "head_bytes",
+        "head_done",
+        "head_size",
+        "headers",
+        "idle_since",
+        "keep_alive",
+        "origin",
+        "parser",
+        "raw",
+        "received",
+        "sized",
+        "socket",
+        "status",
+        "stream",
     )
 
     def __init__(self, origin: _Origin, stream: trio.abc.Stream, sock: Any,
-                 generation: int) -> None:
+                 generation: int, raw: socket.socket | None = None) -> None:
         self.origin = origin
+        self.raw = raw
+        """The stdlib socket of a plain-TCP connection (read directly, see
+        :meth:`receive`); None over TLS."""
         self.generation = generation
         """The pool's generation when made (an :meth:`HttpClient.aclose` later: not pooled)."""
         self.stream = stream
@@ -237,9 +257,23 @@ class _Connection:
 
     async def receive(self) -> None:
         """Read once from the socket and parse it; at EOF, end a body that runs to the
-        close, else raise :class:`_Closed`."""
+        close, else raise :class:`_Closed`.
+
+        On plain TCP the read waits for the socket to be readable first, then reads
+        once: the answer (or a model's next token) is rarely there already, and trio's
+        ``receive_some`` would try a read that fails (EAGAIN) before every wait."""
+        raw = self.raw
         try:
-            data = await self.stream.receive_some(RECEIVE_SIZE)
+            if raw is None:
+                data = await self.stream.receive_some(RECEIVE_SIZE)
+            else:
+                while True:
+                    await trio.lowlevel.wait_readable(raw)
+                    try:
+                        data = raw.recv(RECEIVE_SIZE)
+                    except BlockingIOError:  # pragma: no cover - a spurious wake-up
+                        continue
+                    break
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise _Closed(str(exc) or type(exc).__name__) from exc
         if data:
@@ -445,7 +479,8 @@ class HttpClient:
         except (OSError, trio.BrokenResourceError, ssl.SSLError) as exc:
             raise ConnectFailed(_connect_cause(exc)) from exc
         self.opened += 1
-        return _Connection(origin, stream, tcp.socket, self._generation)
+        raw = None if origin.tls else _stdlib_socket(tcp.socket)
+        return _Connection(origin, stream, tcp.socket, self._generation, raw)
 
     # -- requests
 
@@ -503,7 +538,15 @@ class HttpClient:
         try:
             if isinstance(body, bytes):
                 if len(body) <= _ONE_WRITE:
-                    await stream.send_all(request + body)
+                    data = request + body
+                    sent = 0
+                    if conn.raw is not None:  # one send, none of trio's machinery
+                        try:
+                            sent = conn.raw.send(data)
+                        except BlockingIOError:  # pragma: no cover - a full send buffer
+                            sent = 0
+                    if sent < len(data):
+                        await stream.send_all(data[sent:])
                 else:
                     await stream.send_all(request)
                     await stream.send_all(body)
@@ -527,6 +570,13 @@ class HttpClient:
             for conn in conns:
                 conn.close()
         await trio.lowlevel.checkpoint()
+
+
+def _stdlib_socket(sock: Any) -> socket.socket | None:
+    """The stdlib socket inside a trio socket (trio keeps it as ``_sock``), or None if
+    this trio has no such attribute (then the stream's own methods are used)."""
+    raw = getattr(sock, "_sock", None)
+    return raw if isinstance(raw, socket.socket) else None
 
 
 def _connect_cause(exc: BaseException) -> str:
