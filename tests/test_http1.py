@@ -487,6 +487,41 @@ async def test_a_pipelined_request_waits_while_the_client_is_watched(
     assert order == ["watch:http.disconnect"]
 
 
+async def test_a_disconnect_is_seen_on_the_request_after_a_pipelined_one(
+        nursery: trio.Nursery) -> None:
+    """The watch that read the second request early does not blind the second
+    request's own watch: its client leaving is still seen."""
+    seen: list[str] = []
+    gone = trio.Event()
+
+    async def watching(scope: Scope, receive: Receive, send: Send) -> None:
+        await read_body(receive)
+        if scope["path"] == "/first":
+            async with trio.open_nursery() as watch:
+                async def watcher() -> None:
+                    await receive()  # returns once the answer is complete
+
+                watch.start_soon(watcher)
+                await trio.testing.wait_all_tasks_blocked()
+                await answer(send, b"first")
+        else:
+            seen.append((await receive())["type"])  # the client leaves
+            gone.set()
+
+    served = await serve_app(nursery, watching)
+    stream = await connect(served.url)
+    with trio.fail_after(TIMEOUT):
+        await stream.send_all(raw("GET", "/first"))
+        await trio.testing.wait_all_tasks_blocked()
+        await stream.send_all(raw("GET", "/second"))  # read by the first's watch
+        first, _ = await read_response_from(stream, b"")
+        assert first.body == b"first"
+        await trio.testing.wait_all_tasks_blocked()
+        await stream.aclose()
+        await gone.wait()
+    assert seen == ["http.disconnect"]
+
+
 # ---------------------------------------------------------------- shutdown, HTTP/2
 
 
