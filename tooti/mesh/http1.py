@@ -604,6 +604,8 @@ class Http1Connection:
         if not await self._discard_body():
             self._linger = True
             return False
+        if self._phase == _IN_HEAD:  # the next head began while this request was served:
+            self._head_deadline = clock.now() + self._header_timeout  # its time starts now
         return True
 
     async def _discard_body(self) -> bool:
