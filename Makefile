@@ -14,7 +14,7 @@ PLUGINS := $(wildcard plugins/*/pyproject.toml)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 PIP = PYTHONWARNINGS='ignore:Editable installation' $(BIN)/python -m pip
 
-.PHONY: help install run tui peers usage test lint bench clean postgres chromium haproxy
+.PHONY: help install run tui peers usage test lint bench clean postgres chromium haproxy wrk
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -68,6 +68,10 @@ chromium:
 haproxy:
 	bash scripts/install-haproxy.sh
 
+# Debian's wrk, the load generator of bench/overhead.py and bench/scaling.py; never fails.
+wrk:
+	bash scripts/install-wrk.sh
+
 test: $(VENV)/.installed-test postgres chromium haproxy  ## install the test extras and run the whole suite
 	$(BIN)/python -m pytest -q
 	$(BIN)/ruff check tooti tests bench
@@ -79,8 +83,16 @@ lint: $(VENV)/.installed-test  ## ruff, mypy and the import contracts
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-bench: $(VENV)/.installed-test  ## benchmarks that print figures
-	$(BIN)/python bench/overhead.py
+# The quick set: each script's smoke run (a few minutes in all). The full runs, and what
+# each figure means, are in docs/benchmarks.md (e.g. `python bench/overhead.py --litellm`).
+bench: $(VENV)/.installed-test haproxy wrk  ## the quick benchmarks (each prints its figures)
+	$(BIN)/python bench/overhead.py --quick
+	$(BIN)/python bench/paced.py --quick
+	$(BIN)/python bench/streams.py --quick
+	$(BIN)/python bench/nodes.py --quick
+	$(BIN)/python bench/routing.py --quick
+	$(BIN)/python bench/scaling.py --quick
+	$(BIN)/python bench/soak.py --minutes 1
 
 clean:  ## remove .venv and the caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
