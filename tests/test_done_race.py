@@ -149,6 +149,19 @@ async def test_a_client_leaving_after_the_finish_reason_while_done_is_held_is_ok
     left = trio.Event()
 
     async def watched(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        # The gateway sees the client leave either as ``http.disconnect`` (its watcher
+        # task) or, on tooti's HTTP/1.1 connections, through its disconnect watch,
+        # which tells the connection (``client_left``).
+        connection = scope.get("extensions", {}).get("tooti.http1")
+        if connection is not None:
+            told = connection.client_left
+
+            def client_left() -> None:
+                told()
+                left.set()
+
+            connection.client_left = client_left
+
         async def receive_watched() -> dict[str, Any]:
             message: dict[str, Any] = await receive()
             if message["type"] == "http.disconnect":

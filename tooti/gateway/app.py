@@ -64,6 +64,7 @@ from tooti.gateway.validation import ParsedRequest, parse_request
 from tooti.mesh.events import BusEvent
 from tooti.mesh.health import CooldownPolicy
 from tooti.mesh.http import (
+    DisconnectWatch,
     Headers,
     Receive,
     ResponseSend,
@@ -166,6 +167,8 @@ class Gateway:
         self.station.cors = cors_of(settings.cors)
         self.proxy_settings = proxy_settings_of(settings)
         self.proxy = Proxy(self.registry, self.policy, self.proxy_settings)
+        self.disconnects = DisconnectWatch()
+        """Sees the clients of requests in flight leave (no task per request)."""
         self.proxy.on_cooldown = self._schedule_probe
         self.billing.on_late = lambda request_id: self.registry.bus.publish(
             "billing.settle_late", request_id=request_id)
@@ -227,6 +230,7 @@ class Gateway:
                 self._nursery = nursery
                 nursery.start_soon(self.billing.run)
                 nursery.start_soon(self.limiter.run)
+                nursery.start_soon(self.disconnects.run)
                 if self.keys is not None:
                     nursery.start_soon(self.keys.run)
                 await self.station.serve(task_status=task_status, grace=grace)
@@ -462,6 +466,8 @@ class Gateway:
             return len(raw) if as_is is None else as_is.body_bytes(raw)
 
         watched = receive if as_is is None or as_is.upload is None else as_is.upload.receive
+        connection = (scope["extensions"].get("tooti.http1") if watched is receive
+                      and "extensions" in scope else None)
         last = settle if translated is None else translated.settle_hook(outcome, settle)
         try:
             complete = await cancel_on_disconnect(watched, send, lambda tracked: (
@@ -469,7 +475,8 @@ class Gateway:
                                    groups, as_is=as_is) if plan is None else
                 self.proxy.forward(request, route, raw, tracked if as_is is not None
                                    else AliasedSend(tracked, served_as, outcome),
-                                   headers, outcome, last, groups, plan[0], as_is)))
+                                   headers, outcome, last, groups, plan[0], as_is)),
+                watch=self.disconnects, connection=connection)
             if not complete:
                 outcome.status = "cancelled"
         except trio.TooSlowError:

@@ -4,6 +4,7 @@ straight to a socket), and answering what a server meets outside the app."""
 from __future__ import annotations
 
 import logging
+import select
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -145,8 +146,121 @@ class ResponseSend:
         await self.send(message)
 
 
+class _Watched:
+    """One request in :class:`DisconnectWatch`: what to do when its client closes."""
+
+    __slots__ = ("cancel", "connection", "tracked")
+
+    def __init__(self, connection: Any, tracked: ResponseSend, cancel: trio.CancelScope
+                 ) -> None:
+        self.connection = connection
+        self.tracked = tracked
+        self.cancel = cancel
+
+    def fire(self) -> None:
+        """The client closed its side (or the connection broke): as the watcher task of
+        :func:`cancel_on_disconnect` does on ``http.disconnect``."""
+        self.connection.client_left()
+        tracked = self.tracked
+        if tracked.complete:
+            return
+        if tracked.answered:  # only the closing part is left: let it finish
+            scope = self.cancel
+            scope.deadline = min(scope.deadline, trio.current_time() + ANSWERED_GRACE)
+            return
+        self.cancel.cancel()
+
+
+class DisconnectWatch:
+    """Sees clients of requests in flight close their connections, with no task per
+    request: one epoll set (Linux) holding the socket of every request that waits for its
+    answer, registered for ``EPOLLRDHUP`` only (the peer closed its side; a reset or
+    error is always reported), and one task (:meth:`run`, owned by the gateway's
+    nursery) waiting for that set to be readable. A request registers its socket before
+    its work and removes it after: two ``epoll_ctl`` calls, where the watcher task of
+    :func:`cancel_on_disconnect` costs a task spawned, two task steps and a nursery.
+    Bytes of a pipelined next request do not wake it (no ``EPOLLIN``); they stay in the
+    socket for the connection to read after the answer.
+
+    Used only for tooti's own HTTP/1.1 connections on plain TCP (the
+    ``"tooti.http1"`` scope extension's :attr:`~tooti.mesh.http1.Http1Connection.fd`);
+    TLS connections, HTTP/2 and a watch that is not running take the watcher task. A
+    client lost on a write (``send_timeout``, a reset) is seen by the write itself:
+    the connection closes the socket, which leaves the set without an event, so each
+    ``send`` of the request checks :attr:`~tooti.mesh.http1.Http1Connection.client_gone`
+    after it."""
+
+    def __init__(self) -> None:
+        self._epoll: Any = None
+        self._watched: dict[int, _Watched] = {}
+
+    @property
+    def running(self) -> bool:
+        """Whether :meth:`run` is watching (requests may register)."""
+        return self._epoll is not None
+
+    async def run(self) -> None:
+        """Watch until cancelled; requests still registered then are no longer watched
+        (they finish, or the gateway's shutdown cancels them)."""
+        epoll = select.epoll()
+        self._epoll = epoll
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(epoll.fileno())
+                for fd, _events in epoll.poll(0):
+                    entry = self._watched.pop(fd, None)
+                    try:
+                        epoll.unregister(fd)
+                    except OSError:
+                        pass
+                    if entry is not None:
+                        entry.fire()
+        finally:
+            self._epoll = None
+            self._watched.clear()
+            epoll.close()
+
+    async def watch(self, connection: Any, tracked: ResponseSend,
+                    work: Callable[[Send], Awaitable[None]]) -> bool:
+        """Run ``work(tracked)``, cancelled if the client of ``connection`` (an
+        ``Http1Connection`` on plain TCP) closes first; as :func:`cancel_on_disconnect`."""
+        fd = connection.fd
+        epoll = self._epoll
+        with trio.CancelScope() as cancel:
+            entry = _Watched(connection, tracked, cancel)
+            try:
+                epoll.register(fd, _RDHUP)
+            except FileExistsError:  # a stale registration of a closed, reused number
+                epoll.modify(fd, _RDHUP)
+            self._watched[fd] = entry
+            inner = tracked.send
+
+            async def send(message: dict[str, Any]) -> None:
+                await inner(message)
+                if connection.client_gone:  # a write failed or timed out: it closed the
+                    entry.fire()            # socket, which leaves the epoll set unseen
+
+            tracked.send = send
+            try:
+                await work(tracked)
+            finally:
+                tracked.send = inner
+                if self._watched.get(fd) is entry:
+                    del self._watched[fd]
+                    if self._epoll is epoll:
+                        try:
+                            epoll.unregister(fd)
+                        except OSError:  # closed by a failed write meanwhile
+                            pass
+        return tracked.complete
+
+
+_RDHUP = getattr(select, "EPOLLRDHUP", 0x2000)
+
+
 async def cancel_on_disconnect(
-    receive: Receive, send: Send, work: Callable[[Send], Awaitable[None]]
+    receive: Receive, send: Send, work: Callable[[Send], Awaitable[None]],
+    *, watch: DisconnectWatch | None = None, connection: Any = None,
 ) -> bool:
     """Run ``work(send)`` until it finishes or the client disconnects.
 
@@ -162,15 +276,22 @@ async def cancel_on_disconnect(
     a stream whose ``[DONE]`` waits for the node's END and the settle): a client that
     stops reading at the last token (or at a finish reason) was served in full, so the
     work gets up to :data:`ANSWERED_GRACE` seconds more to finish and record it.
+
+    With ``watch`` (running) and ``connection`` (the ``"tooti.http1"`` scope extension,
+    on plain TCP, whose client has not left), the client's close is seen by
+    :class:`DisconnectWatch` instead, with no task: the same outcomes.
     """
     tracked = send if isinstance(send, ResponseSend) else ResponseSend(send)
+    if (watch is not None and connection is not None and watch.running
+            and connection.fd >= 0 and not connection.client_gone):
+        return await watch.watch(connection, tracked, work)
     # The watcher's own scope: once the work is done only the watcher is cancelled
     # (the request's task is not, which spares it a Cancelled of its own).
     watching = trio.CancelScope()
     try:
         async with trio.open_nursery() as nursery:
 
-            async def watch() -> None:
+            async def watcher() -> None:
                 with watching:
                     while (await receive())["type"] != "http.disconnect":
                         pass
@@ -183,7 +304,7 @@ async def cancel_on_disconnect(
                         return
                     nursery.cancel_scope.cancel()
 
-            nursery.start_soon(watch)
+            nursery.start_soon(watcher)
             await work(tracked)
             watching.cancel()
     except BaseExceptionGroup as group:

@@ -85,6 +85,10 @@ nothing standard, one optional tooti extension an app may use and must not rely 
 * ``"tooti.http1"``: the :class:`Http1Connection` itself. Its
   :attr:`~Http1Connection.client_gone` says whether the client has left (a write
   failed or timed out, or a read saw it close), without a ``receive`` call.
+  :attr:`~Http1Connection.fd` and :meth:`~Http1Connection.client_left` let a
+  watch outside the connection (``tooti.mesh.http.DisconnectWatch``: one epoll set
+  for all requests in flight) see the client close while the app waits, with no task
+  per request, and tell the connection.
 """
 
 from __future__ import annotations
@@ -639,6 +643,18 @@ class Http1Connection:
             return False
 
     # ------------------------------------------------------------ ASGI receive
+
+    @property
+    def fd(self) -> int:
+        """The socket's descriptor while the connection is open on plain TCP (-1 over
+        TLS or once closed): for a disconnect watch outside the connection
+        (:class:`tooti.mesh.http.DisconnectWatch`)."""
+        return self._fd
+
+    def client_left(self) -> None:
+        """A watch outside the connection saw the client close its side: it is gone
+        (nothing more is written to it; ``receive`` returns ``http.disconnect``)."""
+        self._gone = True
 
     @property
     def client_gone(self) -> bool:
