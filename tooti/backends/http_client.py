@@ -308,7 +308,8 @@ class Response:
     """A response whose head has arrived; iterate for the raw body chunks, then
     :meth:`close` (always: it releases the connection)."""
 
-    __slots__ = ("_client", "_conn", "_done", "body_error", "headers", "status")
+    __slots__ = ("_client", "_conn", "_done", "before_wait", "body_error", "headers",
+                 "status")
 
     def __init__(self, client: HttpClient, conn: _Connection) -> None:
         self._client = client
@@ -318,6 +319,10 @@ class Response:
         """Makes what iterating raises when the body breaks (None: the
         :class:`ProtocolFailed` itself), so a caller can hand the answer on as its own
         iterator without wrapping every chunk."""
+        self.before_wait: Callable[[], None] | None = None
+        """Called (if set) each time iterating the body is about to wait for the
+        socket: a caller that holds output until then (the node's tunnel frames, see
+        :meth:`tooti.tunnel.InboundStream.send`) writes it there."""
         self.status = conn.status
         self.headers = conn.headers
         """(lower-case name, value) pairs as the upstream sent them."""
@@ -340,6 +345,8 @@ class Response:
             if conn.complete:
                 self._done = True
                 raise StopAsyncIteration
+            if self.before_wait is not None:
+                self.before_wait()
             try:
                 await conn.receive()
             except (_Closed, ProtocolFailed) as exc:

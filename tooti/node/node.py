@@ -19,6 +19,8 @@ while its launch is under way, and not at all between failed launches.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import msgspec
@@ -445,11 +447,15 @@ class Node:
                 strip = True
         self.in_flight += 1
         try:
-            self.queued += 1
+            slots = self._slots[model]
             try:
-                await self._slots[model].acquire()
-            finally:
-                self.queued -= 1
+                slots.acquire_nowait()  # the usual case: no yield before the request
+            except trio.WouldBlock:
+                self.queued += 1
+                try:
+                    await slots.acquire()
+                finally:
+                    self.queued -= 1
             try:
                 if passthrough:
                     await self._call_passthrough(stream, backend, endpoint, model, body,
@@ -506,19 +512,31 @@ class Node:
                 sse = response.content_type.startswith("text/event-stream")
                 meter = UsageMeter(sse=sse, strip_usage_chunk=strip and sse,
                                    completion_cap=completion_limit(endpoint, request))
-                await stream.respond(response.status, {"content-type": response.content_type})
+                # An answer that says when it is about to wait for its server (the lean
+                # client's) lets this task hold its frames and write them itself then:
+                # no wake-up of the tunnel's writer task per request or per token.
+                chunks = response.chunks
+                head = {"content-type": response.content_type}
+                send: Callable[[bytes], Awaitable[None]]
+                if isinstance(stream, InboundStream) and hasattr(chunks, "before_wait"):
+                    chunks.before_wait = stream.flush_nowait
+                    await stream.respond(response.status, head, hold=True)
+                    send = partial(stream.send, hold=True)
+                else:
+                    await stream.respond(response.status, head)
+                    send = stream.send
                 first = True
-                async for chunk in response.chunks:
+                async for chunk in chunks:
                     out = meter.feed(chunk)
                     if out:
                         if first:
                             first = False
                             self._ttft_ms = 0.8 * self._ttft_ms + 0.2 * (
                                 (clock.now() - started) * 1000)
-                        await stream.send(out)
+                        await send(out)
                 tail = meter.finish()
                 if tail:
-                    await stream.send(tail)
+                    await send(tail)
         except BackendError as exc:
             await stream.end({
                 **(meter.report() if meter else {}),

@@ -238,29 +238,37 @@ class TunnelSession:
         await self.send_frame(self.conn.send_goaway(code, reason))
         await self.flush()
 
-    async def send_frame(self, data: bytes) -> None:
+    async def send_frame(self, data: bytes, *, wake: bool = True) -> None:
         """Queue one encoded frame for the writer, waiting while the queue is over
-        :data:`OUTGOING_LIMIT`; raises TunnelLost once the session has closed."""
+        :data:`OUTGOING_LIMIT`; raises TunnelLost once the session has closed.
+        ``wake=False``: see :meth:`enqueue`."""
         if not data:
             return
         await trio.lowlevel.checkpoint_if_cancelled()
         while self._queued >= OUTGOING_LIMIT and not self.closed.is_set():
+            self.flush_nowait()  # a held queue goes out before we wait for room
             if self._room.is_set():
                 self._room = trio.Event()
             await self._room.wait()
-        self.enqueue(data)
+        self.enqueue(data, wake=wake)
 
-    def enqueue(self, data: bytes) -> None:
+    def enqueue(self, data: bytes, *, wake: bool = True) -> None:
         """Queue one encoded frame for the writer now, past the backpressure limit (for
         frames bounded otherwise: OPEN, WINDOW, frames spliced from another tunnel
-        under flow control); raises TunnelLost once the session has closed."""
+        under flow control); raises TunnelLost once the session has closed.
+
+        ``wake=False`` holds the frame: the writer task is not woken, and the caller
+        promises to call :meth:`flush_nowait` before it next waits (a stream handler
+        that has more to send at once: its frames leave in one write, made by the
+        handler itself, without a wake-up of the writer task). A read loop's
+        :func:`flush_queued` and the end of a stream's handler flush held frames too."""
         if self.closed.is_set():
             raise TunnelLost(self.close_reason or "closed")
         self._outgoing.append(data)
         self._queued += len(data)
         outbox = current_outbox()
         outbox.queued.add(self)
-        if not outbox.dispatching:  # a read loop's input is flushed by that read loop
+        if wake and not outbox.dispatching:  # a read loop's input is flushed by it
             self._wake_writer.set()
 
     def flush_nowait(self) -> None:
@@ -544,6 +552,8 @@ class TunnelSession:
             await self._end_quiet(stream, _INTERNAL_ERROR)
         finally:
             self._streams.pop(stream.id, None)
+            if self._outgoing:  # frames a handler held (see enqueue) leave now
+                self.flush_nowait()
 
     # ------------------------------------------------------------ streams we open
 
@@ -581,8 +591,11 @@ class TunnelSession:
         self.enqueue(frame)
         return OutboundStream(self, sid, io), rest
 
-    async def _send_data(self, sid: int, io: StreamIO, data: bytes, fin: bool) -> None:
-        """Send ``data`` on a stream, waiting for credit; split to the frame limit."""
+    async def _send_data(self, sid: int, io: StreamIO, data: bytes, fin: bool,
+                         wake: bool = True) -> None:
+        """Send ``data`` on a stream, waiting for credit; split to the frame limit.
+        ``wake=False`` holds the frames (see :meth:`enqueue`); held frames are flushed
+        before a wait for credit."""
         maximum = self.conn.max_data_payload()
         offset, total = 0, len(data)
         while True:
@@ -595,13 +608,14 @@ class TunnelSession:
             credit = self.conn.send_credit(sid)
             remaining = total - offset
             if remaining and credit == 0:
+                self.flush_nowait()  # what is held goes out before the wait
                 io.credit = trio.Event()
                 await io.credit.wait()
                 continue
             n = min(credit, maximum, remaining)
             last = offset + n >= total
             await self.send_frame(
-                self.conn.send_data(sid, data[offset : offset + n], fin and last)
+                self.conn.send_data(sid, data[offset : offset + n], fin and last), wake=wake
             )
             offset += n
             if last:

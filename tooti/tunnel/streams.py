@@ -160,25 +160,43 @@ class InboundStream:
                 raise TunnelLost(io.lost)
             await io.wait_changed()
 
-    async def respond(self, status: int, headers: dict[str, Any]) -> None:
+    async def respond(self, status: int, headers: dict[str, Any], *,
+                      hold: bool = False) -> None:
         """Send the response head; raises TunnelLost if the stream is gone (cancelled
-        by the peer, or the tunnel lost)."""
+        by the peer, or the tunnel lost). ``hold``: see :meth:`send`."""
         conn = self.session.conn
         if self._io.lost is not None or not conn.has_stream(self.id):
             raise TunnelLost(self._io.lost or "stream closed")
         self.started = True
-        await self.session.send_frame(conn.send_response(self.id, status, headers))
+        await self.session.send_frame(conn.send_response(self.id, status, headers),
+                                      wake=not hold)
 
-    async def send(self, data: bytes) -> None:
-        """Send response body bytes, waiting for flow-control credit."""
+    async def send(self, data: bytes, *, hold: bool = False) -> None:
+        """Send response body bytes, waiting for flow-control credit.
+
+        ``hold=True`` queues the frames without waking the session's writer task: the
+        caller promises to call :meth:`flush_nowait` (or :meth:`end`) before it next
+        waits for anything else, and the frames then leave in one write made by this
+        task (no writer wake-up: a task step and a scheduler pass fewer per request,
+        and per token of a paced stream). A wait for credit or queue room flushes
+        first, and so does the end of the stream's handler."""
         if data:
-            await self.session._send_data(self.id, self._io, data, fin=False)
+            await self.session._send_data(self.id, self._io, data, fin=False,
+                                          wake=not hold)
+
+    def flush_nowait(self) -> None:
+        """Write what this stream's session holds now (see :meth:`send`), where the
+        socket takes it without waiting; the writer task writes the rest."""
+        self.session.flush_nowait()
 
     async def end(self, info: dict[str, Any]) -> None:
-        """Finish the stream with usage / finish reason / error details."""
-        conn = self.session.conn
+        """Finish the stream with usage / finish reason / error details; the frames
+        queued so far are written at once where the socket takes them."""
+        session = self.session
+        conn = session.conn
         if conn.has_stream(self.id):
-            await self.session.send_frame(conn.send_end(self.id, info))
+            await session.send_frame(conn.send_end(self.id, info), wake=False)
+        session.flush_nowait()
 
 
 class OutboundStream:
