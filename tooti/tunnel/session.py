@@ -587,8 +587,15 @@ class TunnelSession:
         self._streams[sid] = io
         # Queued past the backpressure limit (OPENs are bounded by the stream limit):
         # OPENs go out in stream-id order, and no later CANCEL names an id the peer
-        # never saw.
-        self.enqueue(frame)
+        # never saw. Outside a read loop's dispatch it is written at once when the
+        # socket takes it (a request's OPEN: no wake-up of the writer task per request);
+        # what it does not take, or a transport that cannot write so, wakes the writer.
+        self._outgoing.append(frame)
+        self._queued += len(frame)
+        outbox = current_outbox()
+        outbox.queued.add(self)
+        if not outbox.dispatching:
+            self.flush_nowait()
         return OutboundStream(self, sid, io), rest
 
     async def _send_data(self, sid: int, io: StreamIO, data: bytes, fin: bool,
