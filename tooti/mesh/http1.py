@@ -30,21 +30,26 @@ Behaviour (the same as hypercorn's and tooti's limits before it, pinned by
   make the server buffer without bound). A connection closes after
   :data:`KEEP_ALIVE_MAX_REQUESTS` requests (``connection: close`` on the last), when
   the client or the app says ``connection: close``, after an HTTP/1.0 request without
-  ``keep-alive``, and when an answer did not end cleanly. What is left of a request
+  ``keep-alive`` (one with it is answered ``connection: keep-alive``), and when an
+  answer did not end cleanly. What is left of a request
   body the app answered without reading (a 404) is read and dropped, so the connection
   carries on (up to :data:`DISCARD_BYTES` within :data:`DISCARD_SECONDS`; past that
   it closes).
-* **Timeouts** (:class:`~tooti.mesh.listener.Limits`): a connection silent for
-  ``keep_alive_timeout`` between requests is closed; a request head not complete
+* **Timeouts** (:class:`~tooti.mesh.listener.Limits`): a connection that begins no
+  request for ``keep_alive_timeout`` is closed (empty lines, which llhttp skips, do
+  not restart that timer); a request head not complete
   ``header_timeout`` after its first byte is answered 408 (``header_timeout``) and
   closed; a write the client does not take within ``send_timeout`` disconnects it.
   Reading a body has no deadline here: the app bounds it (``gateway.body_timeout``).
 * **Malformed requests** are answered with the OpenAI error object
   (:func:`tooti.mesh.http.protocol_error`) and ``connection: close``: 400
   ``invalid_http_request`` for what llhttp refuses (request line, header, Content-Length,
-  chunk, an HTTP version other than 1.0/1.1, a missing Host on HTTP/1.1, an upgrade
-  request with a body), 431 ``headers_too_large`` for a head over
-  :data:`MAX_HEAD_BYTES`, 501 for a Transfer-Encoding other than ``chunked``. The
+  Content-Length with Transfer-Encoding, chunk, an HTTP version other than 1.0/1.1, a
+  method it does not know, obs-fold, bare LF) and for a missing or repeated Host on
+  HTTP/1.1, 431 ``headers_too_large`` for a head (or a trailer section: trailer
+  fields are counted, then dropped, never added to the request's headers) over
+  :data:`MAX_HEAD_BYTES`, 501 for a Transfer-Encoding other than a lone ``chunked``
+  (all its header lines taken together). The
   connection then closes *lingering*: it half-closes and drops what the client still
   sends (at most :data:`LINGER_BYTES` for :data:`LINGER_SECONDS`), so the kernel does
   not reset the connection under an answer the client has not read yet. The same
@@ -56,9 +61,9 @@ Behaviour (the same as hypercorn's and tooti's limits before it, pinned by
   app); else a response given in one body message gets a Content-Length, and a
   streamed one chunked framing (close-delimited for an HTTP/1.0 client). The head is
   written with the first body message, in the same write (an empty body message with
-  ``more_body`` flushes it alone). HEAD, 1xx, 204 and 304 answers carry no body. Every
-  answer carries a ``date`` header and no ``server`` header (as hypercorn was
-  configured).
+  ``more_body`` flushes it alone). HEAD, 1xx, 204 and 304 answers carry no body
+  (1xx and 204 no Content-Length either). Every answer carries a ``date`` header
+  and no ``server`` header (as hypercorn was configured).
 * **Disconnects**: once the body has been read, ``receive`` waits for the client to go
   and then returns ``http.disconnect`` (``tooti.mesh.http.cancel_on_disconnect`` cancels
   the work on it); it also returns it once the answer is complete. A client that
@@ -70,7 +75,10 @@ Behaviour (the same as hypercorn's and tooti's limits before it, pinned by
   first); one to any other path is refused 404 in plain text, as before. ``CONNECT``
   is given to the app (which answers 405) and the connection closes. Any other
   ``Upgrade`` (``h2c`` included) is ignored and the request served as HTTP/1.1, which
-  RFC 9110 allows.
+  RFC 9110 allows, then the connection closes; its body too (``curl --http2 -d`` and
+  Java's HttpClient send ``Upgrade: h2c`` on every cleartext POST): llhttp stops at the
+  head of an upgrade, so a fresh parser is given a synthetic head with the request's
+  framing and parses the body as this request's (:meth:`Http1Connection._resume_body`).
 * **Shutdown** (:meth:`Http1Server.terminate`): connections waiting for a request
   (or in the middle of a head) close at once; a request being served finishes (the
   listener bounds it by the graceful timeout) and its connection then closes.
@@ -329,7 +337,11 @@ class Http1Connection:
         self._read_ahead = False
         self._te = b""
         self._cl = False
+        self._cl_value = b""
         self._host = False
+        self._resume = False
+        """The next message the parser begins is the synthetic head that carries on the
+        body of an ignored upgrade request (see :meth:`_resume_body`)."""
         self._upgrade_value = b""
         self._connection_value = b""
         self._expect_value = False
@@ -338,6 +350,8 @@ class Http1Connection:
     # ------------------------------------------------------------ parser callbacks
 
     def on_message_begin(self) -> None:
+        if self._resume:
+            return
         self._phase = _IN_HEAD
         self._url = b""
         self._headers = []
@@ -350,19 +364,31 @@ class Http1Connection:
         self._head_open = False
 
     def on_url(self, url: bytes) -> None:
-        self._url += url
+        if not self._resume:
+            self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._resume:
+            return  # the synthetic head's own
+        if self._phase == _IN_BODY:  # a trailer field: bounded as a head, then dropped
+            self._head_bytes += len(name) + len(value) + 4
+            if self._head_bytes > MAX_HEAD_BYTES:
+                raise _Refused(431)
+            return
         name = name.lower()
         if value and value[-1] in b" \t":
             value = value.rstrip(b" \t")
         self._headers.append((name, value))
         if name == b"host":
+            if self._host:
+                raise _Refused(400)  # RFC 9112 3.2: more than one Host is a 400
             self._host = True
         elif name == b"content-length":
             self._cl = value != b"0"
+            self._cl_value = value
         elif name == b"transfer-encoding":
-            self._te = value.lower()
+            # every Transfer-Encoding line counts: "gzip" then "chunked" is "gzip, chunked"
+            self._te = self._te + b", " + value.lower() if self._te else value.lower()
         elif name == b"connection":
             self._connection_value = value.lower()
         elif name == b"upgrade":
@@ -371,6 +397,11 @@ class Http1Connection:
             self._expect_value = value.lower() == b"100-continue"
 
     def on_headers_complete(self) -> None:
+        if self._resume:  # the synthetic head: what follows is the real request's body
+            self._resume = False
+            self._phase = _IN_BODY
+            self._head_bytes = 0
+            return
         parser = self._parser
         version = parser.get_http_version()
         if version != "1.1" and version != "1.0":
@@ -396,9 +427,8 @@ class Http1Connection:
             if (head.upgrade == b"websocket" and method == "GET"
                     and b"upgrade" in (token.strip() for token in connection.split(b","))):
                 head.tunnel = True
-            elif head.body and method != "CONNECT":
-                raise _Refused(400)  # an upgrade we ignore, with a body llhttp skips
         self._phase = _IN_BODY
+        self._head_bytes = 0  # from here on: the trailer fields' bytes
         self._last_head = head
         self._events.append(head)
 
@@ -423,8 +453,10 @@ class Http1Connection:
                     head.trailing = rest
                     self._stopped = True
                     return
-                # an Upgrade we ignore (no body: checked in on_headers_complete)
+                # an Upgrade we ignore (h2c from curl --http2 or Java's HttpClient)
                 self._parser = httptools.HttpRequestParser(self)
+                if head is not None and head.body:
+                    self._resume_body()
                 if not rest:
                     return
                 data = rest
@@ -439,6 +471,19 @@ class Http1Connection:
                     self._stopped = True
                     self._events.append(_Failure(431))
             return
+
+    def _resume_body(self) -> None:
+        """llhttp ended an upgrade request at its head, leaving its body unparsed (it
+        takes what follows for the new protocol); the upgrade is ignored, so the body is
+        this request's: the fresh parser is given a synthetic head with the same framing
+        (swallowed by the callbacks), and parses the body that follows as this one's."""
+        events = self._events
+        if events and events[-1] is _END:
+            events.pop()  # llhttp's early end of the message
+        framing = (b"transfer-encoding: chunked\r\n" if self._te
+                   else b"content-length: " + self._cl_value + b"\r\n")
+        self._resume = True
+        self._parser.feed_data(b"POST / HTTP/1.1\r\nhost: x\r\n" + framing + b"\r\n")
 
     def _status_of(self, error: Exception) -> int:
         cause = error.__context__
@@ -468,7 +513,8 @@ class Http1Connection:
         """The next request head (None: the connection is to close; a refusal or a
         timeout has been answered)."""
         events = self._events
-        while True:
+        idle_deadline = clock.now() + self._keep_alive_timeout  # bytes that begin no
+        while True:                                             # request don't extend it
             while events:
                 item = events.popleft()
                 if type(item) is _Head:
@@ -483,8 +529,7 @@ class Http1Connection:
             if self._server.terminated:
                 return None
             in_head = self._phase == _IN_HEAD or self._head_open
-            deadline = (self._head_deadline if in_head
-                        else clock.now() + self._keep_alive_timeout)
+            deadline = self._head_deadline if in_head else idle_deadline
             with trio.CancelScope(deadline=deadline) as waiting:
                 self._waiting = waiting
                 try:
@@ -804,7 +849,7 @@ class Http1Connection:
                 continue  # the framing is this server's to choose
             lines.append(b"%b: %b\r\n" % (name, value))
         self._no_body = self._method_head or status < 200 or status in NO_BODY_STATUSES
-        if length >= 0:
+        if length >= 0 and (status >= 200 and status != 204):  # RFC 9110 8.6: never on these
             lines.append(b"content-length: %d\r\n" % length)
             self._remaining = length if not self._no_body else -1
         elif self._no_body:
@@ -819,6 +864,8 @@ class Http1Connection:
         if close:
             self._close_after = True
             lines.append(b"connection: close\r\n")
+        elif self._version == "1.0":  # an HTTP/1.0 client closes unless told otherwise
+            lines.append(b"connection: keep-alive\r\n")
         lines.append(_date())
         lines.append(b"\r\n")
         head = b"".join(lines)
