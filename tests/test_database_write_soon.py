@@ -1,7 +1,9 @@
-"""``Database.write_soon``: the settles' commits on the event loop's thread when SQLite can
-take them at once, in a worker thread otherwise (writer busy in this process, the file
-locked by another process, a checkpoint due; PostgreSQL always), with the same result
-and durability either way."""
+"""``Database.try_write_now`` (and ``write_soon``, which falls back to a worker thread):
+the settles' commits on the event loop's thread when SQLite can take them at once
+without an ``fsync``, declined otherwise (writer busy in this process, the file locked
+by another process, a checkpoint due, the WAL about to restart after a checkpoint or
+at open, a journal that is not WAL; PostgreSQL always), with the same result and
+durability either way."""
 
 from __future__ import annotations
 
@@ -111,9 +113,107 @@ async def test_sqlite_checkpoints_in_a_worker_thread(tmp_path: Path,
         db._commits = 0
         for n in range(10):
             await db.write_soon(insert(str(3000 + n)))
-        assert hops.count == 2  # commits 5 and 10
+        assert hops.count == 3  # commits 5 and 10, and 6: the WAL restarts after 5
         assert len(checkpoints) == 2
         assert threading.main_thread().name not in checkpoints
         assert set(range(3000, 3010)) <= versions(db)
     finally:
         db.close()
+
+
+def wal_salt(path: Path) -> bytes | None:
+    """The WAL header's checkpoint sequence number and salts (bytes 12-24: they change
+    when SQLite restarts the WAL, rewriting and syncing its header); None: no WAL."""
+    try:
+        with open(f"{path}-wal", "rb") as wal:
+            return wal.read(24)[12:]
+    except FileNotFoundError:
+        return None
+
+
+async def test_sqlite_restarts_the_wal_only_in_a_worker_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first commit after a checkpoint that copied the whole WAL restarts the log,
+    which syncs the WAL header (an ``fdatasync``): it must not run on the loop. So the
+    write right after a checkpoint goes to a thread too, and so does the first write
+    after opening (a new WAL). Every write whose commit restarted the WAL went to a
+    thread; the others stay on the loop."""
+    monkeypatch.setattr(database_module, "CHECKPOINT_COMMITS", 5)
+    path = tmp_path / "t.sqlite3"
+    Database(str(path)).close()  # made and migrated; closing deletes the WAL
+    db = Database(str(path))
+    db._commits = 0  # (opening committed its migration check)
+    hops = ThreadHops(monkeypatch)
+    threaded: list[int] = []
+    restarted: list[int] = []
+    try:
+        for n in range(12):
+            salt, before = wal_salt(path), hops.count
+            await db.write_soon(insert(str(4000 + n)))
+            if hops.count > before:
+                threaded.append(n)
+            if wal_salt(path) != salt:
+                restarted.append(n)
+        # 0: the first write into a new WAL; 4 and 9: checkpoints; 5 and 10: restarts.
+        assert threaded == [0, 4, 5, 9, 10]
+        assert restarted == [0, 5, 10]  # the checkpoints copied everything (no reader)
+        assert set(restarted) <= set(threaded)
+    finally:
+        db.close()
+
+
+async def test_sqlite_an_empty_commit_in_a_thread_leaves_the_restart_due(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker-thread commit that changed nothing wrote no WAL frame (the WAL did not
+    restart): the next write still goes to a thread."""
+    db = Database(str(tmp_path / "t.sqlite3"))
+    try:
+        db._checkpoint()
+        db.write_sync(lambda tx: tx.run("DELETE FROM schema_migrations WHERE version < 0"))
+        assert db.try_write_now(insert("5001")) == (False, None)
+        db.write_sync(insert("5002"))
+        assert db.try_write_now(insert("5003")) == (True, 1)
+        assert {5002, 5003} <= versions(db) and 5001 not in versions(db)
+    finally:
+        db.close()
+
+
+async def test_sqlite_without_wal_every_write_goes_to_a_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``PRAGMA journal_mode=WAL`` refused (as on a network filesystem): a commit would
+    need an exclusive lock and an ``fsync``, so nothing is written on the loop, and the
+    refusal is logged."""
+
+    class RefusesWal(sqlite3.Connection):
+        def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+            if sql.upper() == "PRAGMA JOURNAL_MODE=WAL":
+                sql = "PRAGMA journal_mode=DELETE"
+            return super().execute(sql, *args)
+
+    real = sqlite3.connect
+    monkeypatch.setattr(sqlite3, "connect",
+                        lambda *args, **kwargs: real(*args, factory=RefusesWal, **kwargs))
+    db = Database(str(tmp_path / "t.sqlite3"))
+    monkeypatch.setattr(sqlite3, "connect", real)
+    hops = ThreadHops(monkeypatch)
+    try:
+        assert db.write_sync(lambda tx: tx.value("PRAGMA journal_mode")) == "delete"
+        assert "the WAL journal was refused (journal mode delete" in caplog.text
+        for n in range(3):
+            assert db.try_write_now(insert(str(6000 + n))) == (False, None)
+            await db.write_soon(insert(str(6000 + n)))
+        assert hops.count == 3
+        assert {6000, 6001, 6002} <= versions(db)
+    finally:
+        db.close()
+
+
+async def test_postgresql_never_writes_on_the_loop(database: Database) -> None:
+    """``try_write_now`` declines on PostgreSQL (a network round trip), nothing ran."""
+    if database.dialect != "postgresql":
+        pytest.skip("PostgreSQL only")
+    assert database.try_write_now(insert("7001")) == (False, None)
+    assert 7001 not in versions(database)

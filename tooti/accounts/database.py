@@ -12,18 +12,33 @@ SQLite: one writer connection in WAL mode (``synchronous=NORMAL``) guarded by a 
 writes in ``BEGIN IMMEDIATE`` transactions, and up to four read-only connections for
 :meth:`Database.read` (WAL readers see the last commit and never block the writer).
 
-The hot path's writes (billing's settles, :mod:`tooti.billing.credits`) use
-:meth:`Database.write_soon`: on SQLite it commits on the event loop's own thread when it
-can do so without waiting - the writer lock free in this process (taken without
-blocking) and the file's write lock free (``BEGIN IMMEDIATE`` with no busy wait) - and
-falls back to the worker thread otherwise. A WAL commit under ``synchronous=NORMAL``
-does no ``fsync`` (tens of microseconds), several times cheaper in CPU than the worker
-thread hop it saves (waking a thread, then the event loop through its wakeup socket).
-The one slow part of a WAL commit, the checkpoint (``fsync`` of the WAL and the
-database file), is therefore never run inline: the writer connection's automatic
-checkpoint is off, and every :data:`CHECKPOINT_COMMITS` commits the next write runs in
-the worker thread and checkpoints (``PASSIVE``, as SQLite's automatic one) after its
-commit. The durability of a commit is the same either way.
+The hot path's writes (billing's settles, :mod:`tooti.billing.credits`) may use
+:meth:`Database.try_write_now`: on SQLite it commits on the event loop's own thread when
+it can do so without waiting, and otherwise declines at once (nothing ran; the caller
+leaves the write to a worker thread, :meth:`Database.write`). A WAL commit under
+``synchronous=NORMAL`` does no ``fsync`` (tens of microseconds), several times cheaper
+in CPU than the worker thread hop it saves (waking a thread, then the event loop through
+its wakeup socket). It declines when:
+
+* the journal is not WAL (``PRAGMA journal_mode=WAL`` refused, e.g. on a network
+  filesystem): a commit would then need an exclusive lock and an ``fsync``;
+* the writer lock of this process is taken (taken without blocking), or the file's
+  write lock is (``BEGIN IMMEDIATE`` with no busy wait: another process writes);
+* a checkpoint is due: the slow part of WAL, the checkpoint (``fsync`` of the WAL and
+  the database file), is never run inline. The writer connection's automatic
+  checkpoint is off, and every :data:`CHECKPOINT_COMMITS` commits the write goes to the
+  worker thread, which checkpoints (``PASSIVE``, as SQLite's automatic one) after its
+  commit;
+* the WAL may restart: the first commit after a checkpoint that copied the whole WAL
+  (and the first into a new, empty WAL, as at open) rewrites the WAL header and syncs
+  it (one ``fdatasync``, strace shows it). Until a commit that changed rows has run in
+  a worker thread since the last checkpoint (or open), every write goes there: that
+  commit either restarted the log or appended to it, and a WAL that is appended to
+  after a checkpoint is not restarted before the next one.
+
+The durability of a commit is the same either way. (A checkpoint run by another
+process on the same file could still make one inline commit restart the WAL; tooti's
+own processes never share a SQLite file while a gateway writes it.)
 PostgreSQL: a psycopg 3 connection pool, READ COMMITTED; statements that must be atomic
 across gateways are single conditional ``UPDATE``s or ``INSERT … ON CONFLICT DO
 NOTHING`` (see :mod:`tooti.accounts.journal`).
@@ -151,6 +166,11 @@ class Database:
         self._sqlite: sqlite3.Connection | None = None
         self._commits = 0
         """SQLite: commits since the last WAL checkpoint (changed under :attr:`_lock`)."""
+        self._wal = False
+        """SQLite: the journal is WAL (else :meth:`try_write_now` always declines)."""
+        self._restart_due = True
+        """SQLite: the next commit may restart the WAL (an ``fsync``): set by a checkpoint
+        and at open, cleared by a commit that changed rows in :meth:`write_sync`."""
         self._pool: Any = None
         if url.startswith(("postgresql://", "postgres://")):
             self.dialect = "postgresql"
@@ -175,13 +195,18 @@ class Database:
             path.parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
                                  timeout=BUSY_TIMEOUT_MS / 1000)
-            db.execute("PRAGMA journal_mode=WAL")
+            mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA foreign_keys=ON")
             db.execute("PRAGMA wal_autocheckpoint=0")  # checkpointed off the loop, see above
         except (OSError, sqlite3.Error) as exc:
             raise DatabaseError(f"cannot open the database {path}: {exc}") from None
         self._sqlite = db
+        self._wal = str(mode).lower() == "wal"
+        if not self._wal:
+            log.warning("database %s: the WAL journal was refused (journal mode %s, e.g. a "
+                        "network filesystem): every write runs in a worker thread", path,
+                        mode)
 
     def _open_postgres(self, url: str, pool_size: int) -> None:
         try:
@@ -242,6 +267,7 @@ class Database:
                         cursor.execute("ROLLBACK")
                 return
             with self._lock:
+                changes = self._sqlite.total_changes
                 cursor = self._sqlite.cursor()
                 cursor.execute("BEGIN IMMEDIATE")
                 try:
@@ -251,6 +277,8 @@ class Database:
                     raise
                 cursor.execute("COMMIT")
                 self._commits += 1
+                if self._sqlite.total_changes != changes:
+                    self._restart_due = False  # restarted the WAL, or appended to it
                 if self._commits >= CHECKPOINT_COMMITS:
                     self._checkpoint()
         else:
@@ -259,21 +287,26 @@ class Database:
 
     def _checkpoint(self) -> None:
         """Copy the WAL into the database file (``PASSIVE``: as far as no reader holds
-        it back), under :attr:`_lock`; a failure is logged (the next one retries)."""
+        it back), under :attr:`_lock`; a failure is logged (the next one retries). The
+        next commit may restart the WAL: it goes to a worker thread (see the module
+        docstring)."""
         assert self._sqlite is not None
         self._commits = 0
+        self._restart_due = True
         try:
             self._sqlite.execute("PRAGMA wal_checkpoint(PASSIVE)")
         except sqlite3.Error as exc:
             log.warning("database %s: WAL checkpoint failed (%s)", self.where, exc)
 
-    def _write_here(self, fn: Callable[[Tx], T]) -> tuple[bool, T | None]:
-        """SQLite: run ``fn`` in one write transaction in this thread if that cannot wait
-        (see the module docstring): ``(True, its result)``, or ``(False, None)`` when
-        the writer is busy, the file is locked or a checkpoint is due (nothing ran).
-        ``fn``'s exception is raised (its transaction rolled back)."""
+    def try_write_now(self, fn: Callable[[Tx], T]) -> tuple[bool, T | None]:
+        """Run ``fn`` in one write transaction in this thread (the event loop's) if that
+        cannot wait nor ``fsync`` (SQLite only, see the module docstring): ``(True, its
+        result)``; else ``(False, None)`` at once, nothing ran (PostgreSQL always: a
+        network round trip). For short transactions only (a batch of settles). ``fn``'s
+        exception is raised (its transaction rolled back)."""
         db = self._sqlite
-        if db is None or self._commits + 1 >= CHECKPOINT_COMMITS:
+        if (db is None or not self._wal or self._restart_due
+                or self._commits + 1 >= CHECKPOINT_COMMITS):
             return False, None
         if not self._lock.acquire(blocking=False):
             return False, None
@@ -336,14 +369,10 @@ class Database:
         return await trio.to_thread.run_sync(self.write_sync, fn)
 
     async def write_soon(self, fn: Callable[[Tx], T]) -> T:
-        """:meth:`write`, but on the calling (event loop's) thread when SQLite can commit
-        at once (see the module docstring), else in a worker thread. For short
-        transactions only (a batch of settles): ``fn`` then runs on the event loop.
-        The fast path is no checkpoint (the caller yields elsewhere)."""
-        if self.dialect == "sqlite":
-            done, result = self._write_here(fn)
-            if done:
-                return result  # type: ignore[return-value]  # T, when done
+        """:meth:`try_write_now`, else :meth:`write` (in a worker thread)."""
+        done, result = self.try_write_now(fn)
+        if done:
+            return result  # type: ignore[return-value]  # T, when done
         return await trio.to_thread.run_sync(self.write_sync, fn)
 
     async def read(self, fn: Callable[[Tx], T]) -> T:
