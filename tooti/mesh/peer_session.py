@@ -127,15 +127,26 @@ async def serve_peer(
     peer_ref: list[Peer] = []
     relayed: list[RelayedNodes] = []
     serves_log = ServesLog()
+    last_stats: list[dict[str, object] | None] = [None]
+    """The raw figures of the peer's last checked HEARTBEAT (without ``t``)."""
 
     def on_event(event: Event) -> None:
         """Peer input enters here: each value is checked (:mod:`tooti.protocol.schemas`)
         before it is stored; a ProtocolError ends the session as a violation."""
         peer = peer_ref[0]
-        if isinstance(event, RoutesReceived):
+        if isinstance(event, HeartbeatReceived):
+            # The idle path: a HEARTBEAT repeating the figures of the last one (its
+            # send time ``t`` aside, which the session already acknowledged) is not
+            # checked and converted again: the registry only notes it.
+            raw = event.stats
+            raw.pop("t", None)
+            if raw == last_stats[0]:
+                registry.heartbeat_unchanged(peer)
+            else:
+                registry.heartbeat(peer, schemas.stats(raw))
+                last_stats[0] = raw  # only once checked: a bad one never matches
+        elif isinstance(event, RoutesReceived):
             relayed[0].apply(event)  # the connection accepts ROUTES from relays only
-        elif isinstance(event, HeartbeatReceived):
-            registry.heartbeat(peer, schemas.stats(event.stats))
         elif isinstance(event, ModelsReceived):
             if relayed:  # a relay serves nothing itself: its nodes come in ROUTES
                 log.warning("relay %s sent MODELS; ignored", peer.id)

@@ -331,6 +331,20 @@ class Registry:
             peer.published_at, peer.published_stats = now, stats
             self.bus.publish("peer.updated", peer=peer.describe())
 
+    def heartbeat_unchanged(self, peer: Peer) -> None:
+        """A peer's HEARTBEAT repeated the figures it sent last (see :meth:`heartbeat`,
+        which this is for unchanged ``peer.stats``: no health flip is possible, only a
+        held-back or an idle ``peer.updated`` may be due)."""
+        if self.peers.get(peer.id) is not peer:
+            return
+        now = clock.now()
+        since = now - peer.published_at
+        if since >= self.update_spacing and (
+                since >= self.idle_spacing or (peer.stats is not peer.published_stats
+                                               and peer.stats != peer.published_stats)):
+            peer.published_at, peer.published_stats = now, peer.stats
+            self.bus.publish("peer.updated", peer=peer.describe())
+
     def peer_updated(self, peer: Peer) -> None:
         """Re-evaluate a peer (see :meth:`refresh`) and publish its current state (models,
         load, health, cooldowns)."""

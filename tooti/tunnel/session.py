@@ -33,6 +33,7 @@ from tooti.protocol.connection import (
 from tooti.protocol.usage import end_error
 from tooti.transport import Transport, TransportClosed
 from tooti.tunnel.codes import CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_PROTOCOL_ERROR, CLOSE_TIMEOUT
+from tooti.tunnel.deadlines import Entry, shared_timer
 from tooti.tunnel.outbox import current_outbox, flush_queued
 from tooti.tunnel.streams import (
     InboundStream,
@@ -165,9 +166,10 @@ class TunnelSession:
         self._last_input = 0.0
         self._silence = trio.CancelScope()
         self._own_due = 0.0
-        """When this side's next HEARTBEAT is due (see :meth:`_timers`)."""
-        self._timer: trio.CancelScope | None = None
-        """The scope :meth:`_timers` sleeps in (its deadline is moved, not re-armed)."""
+        """When this side's next HEARTBEAT is due (see :meth:`_on_timer`)."""
+        self._timer: Entry | None = None
+        """This session's entry in the run's :class:`~tooti.tunnel.deadlines.SharedTimer`
+        (its own HEARTBEATs and the silence watch; no task of its own)."""
         self._peer_heartbeats = 0
         """HEARTBEATs received from the peer (an acceptor piggybacks its own on every
         :data:`ACCEPTOR_RTT_EVERY`-th one's acknowledgement)."""
@@ -184,13 +186,16 @@ class TunnelSession:
                     self._nursery = nursery
                     self._last_input = clock.now()
                     nursery.start_soon(self._writer)
-                    nursery.start_soon(self._timers)
+                    self._start_timer()
                     code, reason = await self._read_loop()
                     nursery.cancel_scope.cancel()
             if self._cancel_scope.cancelled_caught:
                 code, reason = self._close_code or (CLOSE_GOING_AWAY,
                                                     self.close_reason or "aborted")
         finally:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
             self.close_reason = self.close_reason or reason
             for io in list(self._streams.values()):
                 io.fail(self.close_reason)
@@ -351,33 +356,38 @@ class TunnelSession:
         stats["t"] = clock.now()
         return self.conn.send_heartbeat(stats)
 
-    async def _timers(self) -> None:
-        """This side's HEARTBEATs and the silence watch, in one task sleeping until the
-        first of them is due: the next own heartbeat, or three heartbeat intervals after
-        the last input (checked against the time of the last input, not per message),
-        which ends the read loop. An acceptor whose peer heartbeats postpones its own
-        (see :meth:`_on_peer_heartbeat`): its acknowledgements keep the peer's silence
-        watch satisfied, so with thousands of idle tunnels this task hardly ever wakes."""
-        interval = self.heartbeat_interval
-        timeout = 3 * interval
-        self._own_due = clock.now() + interval
-        while True:
-            with trio.CancelScope(
-                    deadline=min(self._own_due, self._last_input + timeout)) as timer:
-                self._timer = timer
-                await trio.sleep_forever()
-            self._timer = None
-            now = clock.now()
-            if now >= self._last_input + timeout:
-                self._silence.cancel()
+    def _start_timer(self) -> None:
+        """Arm this side's HEARTBEATs and the silence watch in the run's shared timer
+        (:mod:`tooti.tunnel.deadlines`): the first own heartbeat one interval from now."""
+        self._own_due = clock.now() + self.heartbeat_interval
+        self._timer = shared_timer().call_at(self._own_due, self._on_timer)
+
+    def _on_timer(self, now: float) -> None:
+        """The shared timer's call when this session's entry is due: the next own
+        HEARTBEAT or three heartbeat intervals after the last input, whichever comes
+        first, checked lazily against the time of the last input (the read loop only
+        records it, per message; an acceptor's peer heartbeat only moves
+        :attr:`_own_due`, see :meth:`_on_peer_heartbeat`). Silence ends the read loop;
+        a due heartbeat is written at once (queued for the writer if the socket does
+        not take it); otherwise it re-arms for the new first deadline."""
+        self._timer = None
+        if self.closed.is_set():
+            return
+        silent_at = self._last_input + 3 * self.heartbeat_interval
+        if now >= silent_at:
+            self._silence.cancel()
+            return
+        if now >= self._own_due:
+            self._own_due = now + self.heartbeat_interval
+            try:
+                frame = self._heartbeat_frame()
+            except RuntimeError:  # the connection closed meanwhile
                 return
-            if now >= self._own_due:
-                self._own_due = now + interval
-                try:
-                    frame = self._heartbeat_frame()
-                except RuntimeError:  # the connection closed meanwhile
-                    return
-                await self._send_quiet(frame)
+            # Straight to the socket when it takes it: no writer wake-up per heartbeat.
+            self._outgoing.append(frame)
+            self._queued += len(frame)
+            self.flush_nowait()
+        self._timer = shared_timer().call_at(min(self._own_due, silent_at), self._on_timer)
 
     def _on_peer_heartbeat(self, sent_at: object) -> None:
         """Acknowledge a peer's HEARTBEAT (queued: the read loop writes it with the rest
@@ -395,10 +405,8 @@ class TunnelSession:
             if self._peer_heartbeats % ACCEPTOR_RTT_EVERY == 0:
                 frames_out.append(self._heartbeat_frame())
             self._peer_heartbeats += 1
+            # Only recorded: the shared timer finds it when the old due time comes.
             self._own_due = now + 1.5 * self.heartbeat_interval
-            if self._timer is not None:
-                self._timer.deadline = min(
-                    self._own_due, self._last_input + 3 * self.heartbeat_interval)
         for frame in frames_out:
             self.enqueue(frame)
 
