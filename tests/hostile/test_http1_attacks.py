@@ -11,8 +11,9 @@ listener (and the real gateway where the app matters). What is pinned:
   size, a NUL in a chunk extension, two Host headers (RFC 9112 3.2). Each gets the
   OpenAI error object (400, or 501 for a transfer coding) and the connection closes:
   the bytes after the refused head are never served as a request.
-* **Trailers** are bounded like a head (an endless trailer section was held in memory
-  without limit) and never reach the request's headers.
+* **Trailers and chunk headers** are bounded like a head (an endless trailer section,
+  or one endless trailer value, was held in memory without limit) and trailer fields
+  never reach the request's headers.
 * **An ignored upgrade with a body** (``curl --http2 -d`` and Java's HttpClient send
   ``Upgrade: h2c`` on every cleartext POST) is served with its body, as hypercorn did;
   the server had answered 400.
@@ -164,19 +165,27 @@ async def test_a_good_pipeline_then_a_bad_request_is_answered_in_order(
 # ---------------------------------------------------------------- trailers
 
 
-async def test_an_endless_trailer_section_is_cut_at_the_head_limit(
-        recorded: tuple[Served, Recorder]) -> None:
+ENDLESS = {
+    "many-trailer-fields": (b"0\r\n", b"x-trailer: " + b"a" * 1000 + b"\r\n"),
+    "one-endless-trailer-value": (b"0\r\nx-trailer: ", b"a" * 4000),
+    "endless-chunk-extension": (b"5;ext=", b"a" * 4000),
+}
+
+
+@pytest.mark.parametrize("start,piece", ENDLESS.values(), ids=ENDLESS.keys())
+async def test_an_endless_trailer_or_chunk_header_is_cut_at_the_head_limit(
+        recorded: tuple[Served, Recorder], start: bytes, piece: bytes) -> None:
     """Trailer fields used to be appended to the request's header list without bound
-    for as long as the client sent them (the head limit did not apply after the head)."""
+    for as long as the client sent them, and llhttp holds one header value (or skips a
+    chunk extension) however long it gets: the head limit did not apply after the head."""
     served, app = recorded
     stream = await connect(served.url)
     async with stream:
         with trio.fail_after(TIMEOUT):
-            await stream.send_all(H + CHUNKED + b"\r\n5\r\nhello\r\n0\r\n")
-            line = b"x-trailer: " + b"a" * 1000 + b"\r\n"
+            await stream.send_all(H + CHUNKED + b"\r\n5\r\nhello\r\n" + start)
             try:
-                for _ in range(200):  # 200 KB of trailers, far past the 16 KiB limit
-                    await stream.send_all(line * 4)
+                for _ in range(200):  # 800 KB, far past the 16 KiB limit
+                    await stream.send_all(piece * 4)
             except trio.BrokenResourceError:
                 pass  # the server refused and closed: what this test wants
             error = assert_error_object(await read_response(stream), 431)

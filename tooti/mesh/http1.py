@@ -46,11 +46,12 @@ Behaviour (the same as hypercorn's and tooti's limits before it, pinned by
   ``invalid_http_request`` for what llhttp refuses (request line, header, Content-Length,
   Content-Length with Transfer-Encoding, chunk, an HTTP version other than 1.0/1.1, a
   method it does not know, obs-fold, bare LF) and for a missing or repeated Host on
-  HTTP/1.1, 431 ``headers_too_large`` for a head (or a trailer section: trailer
-  fields are counted, then dropped, never added to the request's headers) over
-  :data:`MAX_HEAD_BYTES`, 501 for a Transfer-Encoding other than a lone ``chunked``
-  (all its header lines taken together). The
-  connection then closes *lingering*: it half-closes and drops what the client still
+  HTTP/1.1, 431 ``headers_too_large`` for a head over :data:`MAX_HEAD_BYTES`, or as
+  many body bytes in a row that give no body byte (an endless chunk extension or
+  trailer section: llhttp holds a header value however long it grows; trailer fields
+  are dropped, never added to the request's headers), 501 for a Transfer-Encoding
+  other than a lone ``chunked`` (all its header lines taken together). The connection
+  then closes *lingering*: it half-closes and drops what the client still
   sends (at most :data:`LINGER_BYTES` for :data:`LINGER_SECONDS`), so the kernel does
   not reset the connection under an answer the client has not read yet. The same
   happens when the app answered without reading the whole body (a 413).
@@ -339,6 +340,12 @@ class Http1Connection:
         self._cl = False
         self._cl_value = b""
         self._host = False
+        self._progress = False
+        """A head ended or body bytes came out of the parser since the last read."""
+        self._stall = 0
+        """Bytes of a body fed in a row that gave no body byte: chunk headers and
+        extensions, trailer fields (llhttp holds a header value however long it gets,
+        so these are bounded as a head is, by :data:`MAX_HEAD_BYTES`)."""
         self._resume = False
         """The next message the parser begins is the synthetic head that carries on the
         body of an ignored upgrade request (see :meth:`_resume_body`)."""
@@ -370,11 +377,8 @@ class Http1Connection:
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._resume:
             return  # the synthetic head's own
-        if self._phase == _IN_BODY:  # a trailer field: bounded as a head, then dropped
-            self._head_bytes += len(name) + len(value) + 4
-            if self._head_bytes > MAX_HEAD_BYTES:
-                raise _Refused(431)
-            return
+        if self._phase == _IN_BODY:
+            return  # a trailer field: dropped (its bytes are bounded in _feed)
         name = name.lower()
         if value and value[-1] in b" \t":
             value = value.rstrip(b" \t")
@@ -400,7 +404,7 @@ class Http1Connection:
         if self._resume:  # the synthetic head: what follows is the real request's body
             self._resume = False
             self._phase = _IN_BODY
-            self._head_bytes = 0
+            self._progress = True
             return
         parser = self._parser
         version = parser.get_http_version()
@@ -428,11 +432,12 @@ class Http1Connection:
                     and b"upgrade" in (token.strip() for token in connection.split(b","))):
                 head.tunnel = True
         self._phase = _IN_BODY
-        self._head_bytes = 0  # from here on: the trailer fields' bytes
+        self._progress = True
         self._last_head = head
         self._events.append(head)
 
     def on_body(self, body: bytes) -> None:
+        self._progress = True
         self._events.append(body)
 
     def on_message_complete(self) -> None:
@@ -465,11 +470,21 @@ class Http1Connection:
                 self._stopped = True
                 self._events.append(_Failure(self._status_of(error)))
                 return
-            if self._phase == _IN_HEAD:
+            phase = self._phase
+            if phase == _IN_HEAD:
                 self._head_bytes += len(data)
                 if self._head_bytes > MAX_HEAD_BYTES:
                     self._stopped = True
                     self._events.append(_Failure(431))
+            elif phase == _IN_BODY:
+                if self._progress:
+                    self._progress = False
+                    self._stall = 0
+                else:
+                    self._stall += len(data)
+                    if self._stall > MAX_HEAD_BYTES:  # an endless chunk header or trailer
+                        self._stopped = True
+                        self._events.append(_Failure(431))
             return
 
     def _resume_body(self) -> None:
