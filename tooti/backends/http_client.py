@@ -37,7 +37,11 @@ What it does:
   timeout (the gateway owns deadlines).
 * The upstream is a peer too: the response head is bounded to
   :data:`MAX_HEAD_BYTES` bytes and :data:`MAX_HEADERS` header lines
-  (:class:`ProtocolFailed` beyond), and a body is read only as the caller asks.
+  (:class:`ProtocolFailed` beyond), and so are chunk headers, extensions and trailers
+  (body bytes in a row that give no body byte; trailer fields are dropped); a body
+  is read only as the caller asks. Nothing after the end of an answer is parsed: a
+  second answer smuggled behind the first (more bytes than its Content-Length) joins
+  neither its body nor its headers, and the connection is not reused.
 * :meth:`Response.close` (synchronous, so it works while cancelled) returns the
   connection to the pool, or closes its socket when the answer was not read to the
   end: the server sees the disconnect at once, which is how it learns the client
@@ -97,6 +101,10 @@ class ConnectFailed(HttpError):
 class ProtocolFailed(HttpError):
     """The connection failed after it was made: closed early, malformed or oversized
     answer, a broken body."""
+
+
+class _Extra(Exception):
+    """Raised in a parser callback: a second message began after the answer ended."""
 
 
 class _Closed(Exception):
@@ -167,6 +175,7 @@ class _Connection:
         "received",
         "sized",
         "socket",
+        "stalled",
         "status",
         "stream",
     )
@@ -202,15 +211,23 @@ class _Connection:
         """The header lines' size (bounds a head that arrived in one read)."""
         self.received = 0
         self.extra = False
-        """A second message began on the connection (never reused then)."""
+        """Bytes followed the answer's end (never reused then, and never parsed: a second
+        answer smuggled behind the first joins neither its body nor its headers)."""
+        self.stalled = 0
+        """Body bytes fed in a row that gave no body byte (chunk headers and extensions,
+        trailers: llhttp holds one header value however long it grows), bounded by
+        :data:`MAX_HEAD_BYTES`."""
 
     # -- httptools callbacks
 
     def on_message_begin(self) -> None:
         if self.complete:
             self.extra = True
+            raise _Extra  # stops the parser: nothing after the answer is parsed
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.head_done:
+            return  # a trailer field: dropped (bounded in feed)
         if len(self.headers) >= MAX_HEADERS:
             raise ProtocolFailed(f"the upstream sent more than {MAX_HEADERS} header lines")
         self.head_size += len(name) + len(value) + 4
@@ -244,16 +261,32 @@ class _Connection:
     def feed(self, data: bytes | bytearray) -> None:
         """Parse ``data``; ProtocolFailed on a malformed answer."""
         self.received += len(data)
-        if not self.head_done:
+        in_body = self.head_done
+        if not in_body:
             self.head_bytes += len(data)
+        elif self.complete:
+            self.extra = True  # bytes after the end of the answer: not parsed
+            return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
             raise ProtocolFailed("the upstream answered with a protocol upgrade") from exc
         except httptools.HttpParserError as exc:
+            if self.complete:
+                self.extra = True
+                return  # the answer ended before what broke the parser: it stands
             raise ProtocolFailed(f"malformed answer from the upstream: {exc}") from exc
-        if not self.head_done and self.head_bytes > MAX_HEAD_BYTES + RECEIVE_SIZE:
-            raise ProtocolFailed(f"the upstream's answer head exceeds {MAX_HEAD_BYTES} bytes")
+        if not self.head_done:
+            if self.head_bytes > MAX_HEAD_BYTES + RECEIVE_SIZE:
+                raise ProtocolFailed(
+                    f"the upstream's answer head exceeds {MAX_HEAD_BYTES} bytes")
+        elif not in_body or self.body or self.complete:
+            self.stalled = 0
+        else:
+            self.stalled += len(data)
+            if self.stalled > MAX_HEAD_BYTES:
+                raise ProtocolFailed(f"the upstream sent over {MAX_HEAD_BYTES} bytes of "
+                                     "chunk headers or trailers")
 
     async def receive(self) -> None:
         """Read once from the socket and parse it; at EOF, end a body that runs to the
