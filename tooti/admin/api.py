@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import parse_qs
 
+import trio
+
 from tooti import clock
 from tooti.admin.events import stream_events
 from tooti.admin.metrics import CONTENT_TYPE as METRICS_TYPE
@@ -49,7 +51,23 @@ IDENTITIES_PATH = "/admin/v1/identities"
 PEERS_PATH = "/admin/v1/peers"
 PEER_ACTIONS = ("disable", "enable", "drain")
 """What ``POST /admin/v1/peers/{id}/{action}`` does (see :class:`PeerControl`)."""
+DESCRIBE_BATCH = 200
+"""Peers described between two checkpoints by the large views (``/admin/v1/peers``, the
+events snapshot): with 10,000 peers the gateway's loop is never blocked for more than a
+few milliseconds at a time, so tunnels keep being read and acknowledged meanwhile."""
 T = TypeVar("T")
+
+
+async def describe_peers(peers: Iterable[Peer]) -> list[dict[str, Any]]:
+    """Every peer's :meth:`~tooti.mesh.peer.Peer.describe`, :data:`DESCRIBE_BATCH` at a
+    time with a checkpoint in between (over a copy: peers may come and go meanwhile; one
+    gone by its turn is described as ``gone``, and its ``peer.left`` follows)."""
+    out: list[dict[str, Any]] = []
+    for index, peer in enumerate(list(peers)):
+        if index and not index % DESCRIBE_BATCH:
+            await trio.lowlevel.checkpoint()
+        out.append(peer.describe())
+    return out
 
 
 def _query_int(scope: Scope, name: str, default: int, low: int, high: int) -> int:
@@ -138,9 +156,10 @@ class AdminAPI:
         if path == METRICS_PATH:
             await send_bytes(send, 200, self.metrics.render(), headers, METRICS_TYPE)
         elif path == "/admin/v1/peers":
+            data = await describe_peers(self.registry.peers.values())
             await send_json(send, 200, {
                 "object": "list",
-                "data": [peer.describe() for peer in self.registry.peers.values()],
+                "data": data,
                 "queued": self.queued(),
                 "disabled": sorted(self.registry.disabled_ids),
             }, headers)
@@ -152,7 +171,7 @@ class AdminAPI:
                 "object": "list", "data": bus.recent_requests(limit)}, headers)
         elif path == "/admin/v1/events":
             await cancel_on_disconnect(receive, send, lambda tracked: stream_events(
-                self.snapshot, bus, tracked, headers))
+                self.snapshot_async, bus, tracked, headers))
         else:
             raise APIError(404, f"no admin route {path}", code="not_found")
 
@@ -210,6 +229,21 @@ class AdminAPI:
             "seq": self.registry.bus.last_seq,
             "ts": clock.wall(),
             "peers": [peer.describe() for peer in self.registry.peers.values()],
+            "requests": self.registry.bus.recent_requests(200),
+            "queued": self.queued(),
+        }
+
+    async def snapshot_async(self) -> dict[str, Any]:
+        """:meth:`snapshot`, its peers described in batches with checkpoints between
+        them (:func:`describe_peers`); current at least up to its ``seq`` (taken first:
+        the events after it describe whole peers, so a subscriber applying them on top
+        gets it right)."""
+        seq = self.registry.bus.last_seq
+        peers = await describe_peers(self.registry.peers.values())
+        return {
+            "seq": seq,
+            "ts": clock.wall(),
+            "peers": peers,
             "requests": self.registry.bus.recent_requests(200),
             "queued": self.queued(),
         }

@@ -11,7 +11,8 @@ grace. A keepalive comment goes out after :data:`KEEPALIVE` seconds of silence.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Callable
+import inspect
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -31,16 +32,28 @@ def sse(kind: str, data: Any, seq: int | None = None) -> bytes:
     return encode_event(kind, data, seq)
 
 
-async def event_frames(snapshot: Callable[[], dict[str, Any]], bus: EventBus
-                       ) -> AsyncGenerator[bytes, None]:
+Snapshot = Callable[[], dict[str, Any] | Awaitable[dict[str, Any]]]
+"""What makes a new subscriber's snapshot: a plain function, or a coroutine function
+that builds a large one in batches with checkpoints between them (the admin API's
+:meth:`~tooti.admin.api.AdminAPI.snapshot_async`: 10,000 peers described at once
+would block the gateway's loop for a good part of a second)."""
+
+
+async def event_frames(snapshot: Snapshot, bus: EventBus) -> AsyncGenerator[bytes, None]:
     """The stream's frames: subscribed before the snapshot is taken (so nothing is
     missed; events up to ``snapshot["seq"]`` are in it), then every event, a keepalive
     comment after :data:`KEEPALIVE` seconds of silence, and a ``dropped`` event naming
     the reason when the subscriber fell behind or the bus was closed. The subscription
-    is released however the iteration ends (close the iterator: ``aclosing``)."""
+    is released however the iteration ends (close the iterator: ``aclosing``). A
+    snapshot built over several checkpoints (``snapshot`` returns an awaitable) is
+    current at least up to its ``seq``; events after it reach the subscriber in order
+    and describe whole peers, so applying them on top is right either way."""
     sub = bus.subscribe()
     try:
-        yield sse("snapshot", snapshot())
+        taken = snapshot()
+        if inspect.isawaitable(taken):
+            taken = await taken
+        yield sse("snapshot", taken)
         while True:
             with trio.move_on_after(KEEPALIVE) as idle:  # never yield inside the scope
                 try:
@@ -56,9 +69,8 @@ async def event_frames(snapshot: Callable[[], dict[str, Any]], bus: EventBus
         bus.unsubscribe(sub)
 
 
-async def stream_events(
-    snapshot: Callable[[], dict[str, Any]], bus: EventBus, send: Send, headers: Headers,
-) -> None:
+async def stream_events(snapshot: Snapshot, bus: EventBus, send: Send, headers: Headers,
+                        ) -> None:
     """:func:`event_frames` as an ASGI answer: until the client leaves, falls behind or
     the bus is closed (a drain or shutdown), which ends it with the ``dropped`` event
     (at once on a bus already closed)."""
