@@ -36,16 +36,19 @@ row.
 row and entry and returns once they are committed. :meth:`Credits.run` writes
 everything queued while a transaction is being written (in a worker thread) in the
 next one (up to ``BATCH`` requests), so concurrent requests share a commit. A settle
-alone in flight (no other request authorized and not yet settled: concurrency 1) that
-finds nothing being written and the last batch written whole writes its record
-itself, in its own task, and on SQLite on the event loop's thread when it can without
-waiting (:meth:`~tooti.accounts.database.Database.write_soon`: no ``fsync`` in a WAL
-commit, the checkpoints done in a worker thread): that saves the request the
+alone in flight (no other request authorized within :data:`OPEN_HINT_AGE` and not yet
+settled: concurrency 1) that finds nothing being written and the last batch written
+whole first tries to commit its record at once on the event loop's thread
+(:meth:`~tooti.accounts.database.Database.try_write_now`: SQLite only, and only when
+that can neither wait for a lock nor ``fsync``): that saves the request the
 worker-thread hop and two task switches, the largest cost of its settle (about
-170 → 70 µs of CPU). PostgreSQL (a network round trip) always commits in a worker
-thread. After a failed batch only :meth:`Credits.run` retries, backing off. The gateway settles a
-completed answer before its last bytes leave, so a client never sees a complete
-answer whose charge a ``kill -9`` could lose.
+170 → 70 µs of CPU). The attempt never waits, so the pipeline's ``SETTLE_TIMEOUT``
+bounds a settle as before; when it declines (PostgreSQL always, a network round trip;
+SQLite when another process holds the file's write lock or a checkpoint is due) or
+fails, :meth:`Credits.run` writes the record in a worker thread, the settle waiting for
+it (cancellable). After a failed batch only :meth:`Credits.run` retries, backing off.
+The gateway settles a completed answer before its last bytes leave, so a client never
+sees a complete answer whose charge a ``kill -9`` could lose.
 
 **Nothing is lost to a failing database** and no error ends ``run``. Queuing never
 blocks and never fails (a settle cut off by the pipeline's timeout is still written,
@@ -132,6 +135,11 @@ RETRY_CAP = 5.0
 POISON_ATTEMPTS = 5
 """Times a request the database refuses on its own, while it answers, is tried before
 it is quarantined (a value no database takes)."""
+OPEN_HINT_AGE = 10.0
+"""Seconds after its authorization a request no longer keeps a settle from writing its
+own record (see :meth:`Credits.settle`): one that old is unlikely to finish within that
+write, and one whose settle never came (the pipeline's deadline passed before this
+plugin's turn) must not keep the fast path off for good."""
 
 COLUMNS = ("request_id", "ts", "account_id", "key_id", "model", "node_id", "owner_id",
            "endpoint", "stream", "prompt_tokens", "completion_tokens", "estimated",
@@ -242,9 +250,10 @@ class Credits:
         self._healthy = True
         """The last batch was written whole: a settle may write its own batch (see
         :meth:`settle`); else the retries are :meth:`run`'s, backing off."""
-        self._open = 0
-        """Requests authorized and not settled or refunded yet (a hint only: a settle
-        alone in flight writes its own record on the event loop's thread)."""
+        self._open: dict[str, float] = {}
+        """Requests authorized and not settled or refunded yet, with when (oldest first;
+        a hint only: a settle alone in flight writes its own record on the event loop's
+        thread; entries older than :data:`OPEN_HINT_AGE` are dropped as it looks)."""
 
     # ------------------------------------------------------------ Billing
 
@@ -304,7 +313,7 @@ class Credits:
                 "is not taking writes); retry shortly", code="billing_unavailable",
                 headers={"retry-after": "5"})
         if not ctx.account_id or ctx.account_id == ADMIN_ACCOUNT:
-            self._open += 1
+            self._open[ctx.request_id] = clock.now()
             return
         try:
             reservation = await self.leases.reserve(ctx.account_id, max(ctx.max_cost, 0))
@@ -315,7 +324,7 @@ class Credits:
                 "top up or redeem a credit code", code="insufficient_quota",
                 type="insufficient_quota") from None
         self._reserved[ctx.request_id] = reservation
-        self._open += 1
+        self._open[ctx.request_id] = clock.now()
 
     async def settle(self, ctx: RequestContext, usage: Usage) -> None:
         """Charge what was delivered (capped at the reservation) and record the usage
@@ -338,29 +347,54 @@ class Credits:
         self._queued += 1
         self._pending.append(item)
         self._reserved.pop(ctx.request_id, None)  # the queued item holds it now
-        self._open = max(0, self._open - 1)
-        try:
-            if not self._open and self._healthy and not self._write_lock.locked():
-                # Alone in flight, nothing being written: write here, at once (SQLite:
-                # on this thread, Database.write_soon), sparing the request the worker
-                # thread hop and two task switches (waking run(), then being woken by
-                # it). With others in flight run() writes, in a worker thread, where the
-                # records of requests finishing meanwhile gather into its next batch.
-                self._write_lock.acquire_nowait()
-                try:
-                    await self._write_batch(soon=True)
-                finally:
-                    self._write_lock.release()
-        finally:
-            if not item.committed.is_set():  # not written here: run() writes it
-                self._wake.set()
-        if not item.committed.is_set():
+        self._open.pop(ctx.request_id, None)
+        if self._healthy and not self._write_lock.locked() and self._alone():
+            # Alone in flight, nothing being written: commit here, at once, if SQLite
+            # can without waiting, sparing the request the worker thread hop and two
+            # task switches (waking run(), then being woken by it). With others in
+            # flight run() writes, in a worker thread, where the records of requests
+            # finishing meanwhile gather into its next batch.
+            self._write_now()
+        if not item.committed.is_set():  # run() writes it
+            self._wake.set()
             await item.committed.wait()
+
+    def _alone(self) -> bool:
+        """No other request in flight (authorized within :data:`OPEN_HINT_AGE` and not
+        settled or refunded): those older are dropped from :attr:`_open`, oldest first."""
+        open_ = self._open
+        while open_:
+            oldest = next(iter(open_))
+            if open_[oldest] > clock.now() - OPEN_HINT_AGE:
+                return False
+            del open_[oldest]
+        return True
+
+    def _write_now(self) -> None:
+        """Write the queued records in one transaction on this thread if the database
+        takes them at once (:meth:`~tooti.accounts.database.Database.try_write_now`);
+        else, or if it fails, they go back to the queue for :meth:`run` (after a failure
+        no settle writes its own batch until :meth:`run` has written one whole). Never
+        waits: called only while nothing else is writing, it needs no lock."""
+        batch: list[_Item] = []
+        while self._pending and len(batch) < BATCH:
+            batch.append(self._pending.popleft())
+        try:
+            done, closed = self.db.try_write_now(functools.partial(self._commit, items=batch))
+        except Exception as exc:  # run() writes it, one by one if need be, and logs
+            log.debug("credits: a settle's own batch failed (%s: %s); left to the writer",
+                      type(exc).__name__, exc)
+            done, closed = False, None
+            self._healthy = False
+        if not done:
+            self._pending.extendleft(reversed(batch))
+            return
+        self._done(batch, closed or [])
 
     async def refund(self, ctx: RequestContext, reason: str) -> None:
         """Free the reservation and queue a ``failed`` row (zero tokens, cost 0)."""
         reservation = self._reserved.pop(ctx.request_id, None)
-        self._open = max(0, self._open - 1)
+        self._open.pop(ctx.request_id, None)
         if reservation is not None:
             self.leases.release(reservation, 0)
         self._queue(_Item(
@@ -421,22 +455,17 @@ class Credits:
     async def _write_round(self) -> bool:
         """Write the next batch; False if part of it is kept to be tried again."""
         async with self._write_lock:
-            return await self._write_batch()
-
-    async def _write_batch(self, *, soon: bool = False) -> bool:
-        """:meth:`_write_round` with :attr:`_write_lock` held by the caller; ``soon``:
-        by :meth:`~tooti.accounts.database.Database.write_soon`."""
-        batch: list[_Item] = []
-        while self._pending and len(batch) < BATCH:
-            batch.append(self._pending.popleft())
-        if not batch:
-            return True
-        # A batch taken off the queue is always dealt with, even during shutdown.
-        with trio.CancelScope(shield=True):
-            kept = await self._write(batch, soon=soon)
-        self._pending.extendleft(reversed(kept))
-        self._healthy = not kept
-        return not kept
+            batch: list[_Item] = []
+            while self._pending and len(batch) < BATCH:
+                batch.append(self._pending.popleft())
+            if not batch:
+                return True
+            # A batch taken off the queue is always dealt with, even during shutdown.
+            with trio.CancelScope(shield=True):
+                kept = await self._write(batch)
+            self._pending.extendleft(reversed(kept))
+            self._healthy = not kept
+            return not kept
 
     def _commit(self, tx: Tx, items: list[_Item], look: bool = False) -> list[str]:
         """:func:`commit`, without waiting for PostgreSQL's WAL flush unless
@@ -446,12 +475,12 @@ class Credits:
                    + ("ON" if self.options.synchronous_commit else "OFF"))
         return commit(tx, items, look=look)
 
-    async def _write(self, items: list[_Item], *, soon: bool = False) -> list[_Item]:
+    async def _write(self, items: list[_Item]) -> list[_Item]:
         """Write ``items``; those to be tried again. A batch that fails is kept whole
         while the database is unreachable, else written request by request: one the
         database refuses :data:`POISON_ATTEMPTS` times while it takes others is
         quarantined."""
-        write = self.db.write_soon if soon else self.db.write
+        write = self.db.write
         try:
             closed = await write(functools.partial(self._commit, items=items))
         except (AlreadyPosted, _Retry):
