@@ -1,4 +1,4 @@
-"""``Database.try_write_now`` (and ``write_soon``, which falls back to a worker thread):
+"""``Database.try_write_now`` (with a fall back to ``Database.write``, as the settles do):
 the settles' commits on the event loop's thread when SQLite can take them at once
 without an ``fsync``, declined otherwise (writer busy in this process, the file locked
 by another process, a checkpoint due, the WAL about to restart after a checkpoint or
@@ -31,6 +31,13 @@ def versions(db: Database) -> set[int]:
         "SELECT version FROM schema_migrations"))}
 
 
+async def write_soon(db: Database, fn: Any) -> Any:
+    """``fn`` committed on this thread if the database takes it at once, else in a
+    worker thread (what a settle does, see :mod:`tooti.billing.credits`)."""
+    done, result = db.try_write_now(fn)
+    return result if done else await db.write(fn)
+
+
 class ThreadHops:
     """Counts the calls that went to a worker thread."""
 
@@ -49,13 +56,13 @@ async def test_commits_in_the_loop_or_in_a_thread_with_the_same_result(
     database: Database, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     hops = ThreadHops(monkeypatch)
-    assert await database.write_soon(insert("1001")) == 1
+    assert await write_soon(database, insert("1001")) == 1
     assert 1001 in versions(database)
     # SQLite commits on the loop (no thread); PostgreSQL always in a thread.
     assert hops.count == (0 if database.dialect == "sqlite" else 1)
     with pytest.raises(Exception):  # noqa: B017 - the driver's own integrity error
-        await database.write_soon(insert("1001"))  # duplicate: rolled back, raised
-    assert await database.write_soon(insert("1002")) == 1  # the writer is usable after
+        await write_soon(database, insert("1001"))  # duplicate: rolled back, raised
+    assert await write_soon(database, insert("1002")) == 1  # the writer is usable after
     assert {1001, 1002} <= versions(database)
 
 
@@ -70,7 +77,7 @@ async def test_sqlite_never_waits_on_the_loop(tmp_path: Path,
         # 1. the in-process writer lock is held
         db._lock.acquire()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(db.write_soon, insert("2001"))
+            nursery.start_soon(write_soon, db, insert("2001"))
             await trio.testing.wait_all_tasks_blocked()
             assert hops.count == 1 and 2001 not in versions(db)
             db._lock.release()
@@ -80,7 +87,7 @@ async def test_sqlite_never_waits_on_the_loop(tmp_path: Path,
                                 check_same_thread=False)
         other.execute("BEGIN IMMEDIATE")
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(db.write_soon, insert("2002"))
+            nursery.start_soon(write_soon, db, insert("2002"))
             await trio.testing.wait_all_tasks_blocked()
             assert hops.count == 2
             other.execute("ROLLBACK")
@@ -112,7 +119,7 @@ async def test_sqlite_checkpoints_in_a_worker_thread(tmp_path: Path,
         assert db.write_sync(lambda tx: tx.value("PRAGMA wal_autocheckpoint")) == 0
         db._commits = 0
         for n in range(10):
-            await db.write_soon(insert(str(3000 + n)))
+            await write_soon(db, insert(str(3000 + n)))
         assert hops.count == 3  # commits 5 and 10, and 6: the WAL restarts after 5
         assert len(checkpoints) == 2
         assert threading.main_thread().name not in checkpoints
@@ -150,7 +157,7 @@ async def test_sqlite_restarts_the_wal_only_in_a_worker_thread(
     try:
         for n in range(12):
             salt, before = wal_salt(path), hops.count
-            await db.write_soon(insert(str(4000 + n)))
+            await write_soon(db, insert(str(4000 + n)))
             if hops.count > before:
                 threaded.append(n)
             if wal_salt(path) != salt:
@@ -204,7 +211,7 @@ async def test_sqlite_without_wal_every_write_goes_to_a_thread(
         assert "the WAL journal was refused (journal mode delete" in caplog.text
         for n in range(3):
             assert db.try_write_now(insert(str(6000 + n))) == (False, None)
-            await db.write_soon(insert(str(6000 + n)))
+            await write_soon(db, insert(str(6000 + n)))
         assert hops.count == 3
         assert {6000, 6001, 6002} <= versions(db)
     finally:

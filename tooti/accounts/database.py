@@ -368,13 +368,6 @@ class Database:
         docstring); its exception is raised here."""
         return await trio.to_thread.run_sync(self.write_sync, fn)
 
-    async def write_soon(self, fn: Callable[[Tx], T]) -> T:
-        """:meth:`try_write_now`, else :meth:`write` (in a worker thread)."""
-        done, result = self.try_write_now(fn)
-        if done:
-            return result  # type: ignore[return-value]  # T, when done
-        return await trio.to_thread.run_sync(self.write_sync, fn)
-
     async def read(self, fn: Callable[[Tx], T]) -> T:
         """Run ``fn`` in one read transaction in a worker thread."""
         return await trio.to_thread.run_sync(self.read_sync, fn)
