@@ -31,6 +31,7 @@ from typing import Any
 import msgspec
 import pytest
 import trio
+import trio.testing
 
 from tests.conftest import Network, simulated
 from tests.hostile.client import (
@@ -355,3 +356,19 @@ async def test_an_unread_body_past_the_discard_bound_closes_the_connection(
             except trio.BrokenResourceError:
                 pass
             await read_to_eof(stream)  # the server closes: the rest is never a request
+
+
+async def test_an_ignored_upgrade_whose_body_comes_later_is_served_with_it(
+        recorded: tuple[Served, Recorder]) -> None:
+    served, app = recorded
+    stream = await connect(served.url)
+    async with stream:
+        with trio.fail_after(TIMEOUT):
+            await stream.send_all(H + H2C + CHUNKED + b"\r\n")  # the head alone
+            await trio.testing.wait_all_tasks_blocked()
+            await stream.send_all(b"5\r\nhello\r\n")
+            await trio.testing.wait_all_tasks_blocked()
+            await stream.send_all(b"0\r\n\r\n")
+            answer = await read_response(stream)
+    assert (answer.status, answer.body) == (200, b"POST / hello")
+    assert app.paths == ["/"]
