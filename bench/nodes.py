@@ -190,6 +190,8 @@ def probe_answer(process: Any, command: str) -> dict[str, Any]:
                 answer["tracemalloc"] = [
                     (str(stat.traceback), stat.size_diff, stat.count_diff)
                     for stat in diff[:40]]
+    elif command == "gc":
+        answer["gc"] = dict(_GC_TIME)
     elif command == "census":
         gc.collect()
         objects = gc.get_objects()
@@ -197,6 +199,22 @@ def probe_answer(process: Any, command: str) -> dict[str, Any]:
         answer["objects"] = len(objects)
         answer["by_type"] = counts.most_common(40)
     return answer
+
+
+_GC_TIME: dict[str, float] = {}
+"""Seconds the gateway spent in each generation's garbage collections (``gen0``..),
+and their counts (``gen0_n``..), summed by a :data:`gc.callbacks` hook."""
+_GC_STARTED: list[float] = [0.0]
+
+
+def _gc_hook(phase: str, info: dict[str, Any]) -> None:
+    """Time every collection of the gateway (``gc`` probe command)."""
+    if phase == "start":
+        _GC_STARTED[0] = time.perf_counter()
+        return
+    generation = f"gen{info.get('generation', '?')}"
+    _GC_TIME[generation] = _GC_TIME.get(generation, 0.0) + time.perf_counter() - _GC_STARTED[0]
+    _GC_TIME[generation + "_n"] = _GC_TIME.get(generation + "_n", 0.0) + 1
 
 
 _TRACE_BASE: list[Any] = []
@@ -220,6 +238,7 @@ async def probe_loop(process: Any, probe_dir: Path) -> None:
 def run_gateway(config: str, data_dir: str, probe_dir: str) -> int:
     """``tooti run --role gateway`` with the probe task beside its roles."""
     raise_own_fd_limit()
+    gc.callbacks.append(_gc_hook)
     import tooti.runner as runner
     from tooti.cli import main
 
@@ -339,6 +358,9 @@ class Report:
     gateway_idle_system: float = 0.0
     diallers_idle_cpu: float = 0.0
     machine_idle_cpu: float = 0.0
+    gc_idle: dict[str, float] = field(default_factory=dict)
+    """The gateway's garbage collections over the idle window: seconds and counts per
+    generation."""
     routing: dict[str, Any] = field(default_factory=dict)
     census: list[tuple[str, int]] = field(default_factory=list)
     census_empty: list[tuple[str, int]] = field(default_factory=list)
@@ -547,8 +569,11 @@ async def benchmark(opts: Options, children: Children, root: Path) -> Report:
         g0 = cpu_seconds(gateway.pid)
         user0, system0 = user_system_seconds(gateway.pid)
         d0 = sum(cpu_seconds(d.pid) for d in diallers)
+        gc0 = (await probe.ask("gc"))["gc"]
         m0, own0, t0 = machine_busy_seconds(), _own_cpu(), time.monotonic()
         await trio.sleep(opts.idle)
+        gc1 = (await probe.ask("gc"))["gc"]
+        report.gc_idle = {k: v - gc0.get(k, 0.0) for k, v in gc1.items()}
         report.idle_seconds = time.monotonic() - t0
         report.gateway_idle_cpu = cpu_seconds(gateway.pid) - g0
         user1, system1 = user_system_seconds(gateway.pid)
@@ -614,6 +639,11 @@ def print_report(opts: Options, report: Report) -> bool:
           "peers' TCP receive work too); "
           f"{report.gateway_idle_cpu / max(1, n) / max(report.idle_seconds, 1e-9) * 1e6 * 3:.0f}"
           " µs per session per 3 s heartbeat interval")
+    if report.gc_idle:
+        gcs = report.gc_idle
+        print("    of which garbage collection: " + ", ".join(
+            f"gen{g} {int(gcs.get(f'gen{g}_n', 0))}x {gcs.get(f'gen{g}', 0.0):.2f} s"
+            for g in range(3)))
     if pick:
         print(f"  routing decision (NodePicker.pick_now, {report.routing.get('policy')}, in "
               f"the gateway over {report.routing.get('peers'):,} live peers): "
