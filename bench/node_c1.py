@@ -17,7 +17,10 @@ scheduler work (task steps, task spawns, I/O waits) per request.
 
 Printed per mode (``non-stream``: a ``chat.completion``; ``stream``: ``--chunks`` SSE
 events sent by the upstream at once): CPU µs, task steps, spawns and I/O waits per
-request. The counts do not depend on the machine's load; CPU does a little (compare
+request; ``paced``: ``--paced-streams`` streams at once, the upstream sending one
+token per write at ``--pace`` tokens per second: CPU µs, task steps and I/O waits per
+token (the node's per-token cost, tunnel included). The counts do not depend on the
+machine's load; CPU does a little (compare
 commits in the same window: ``PYTHONPATH=<worktree> python bench/node_c1.py``).
 
 Run from the repository root::
@@ -77,8 +80,9 @@ class Counter(trio.abc.Instrument):
                 self.trace.append("|" if timeout else "|0")
 
 
-async def driver(port: int, stream: bool, requests: int) -> None:
-    """The gateway's side: HELLO / WELCOME / PROOF, then ``requests`` streams in turn."""
+async def driver(port: int, stream: bool, requests: int, concurrency: int) -> None:
+    """The gateway's side: HELLO / WELCOME / PROOF, then ``requests`` streams,
+    ``concurrency`` at a time."""
     from tooti.tunnel import TunnelSession
 
     listener = (await trio.open_tcp_listeners(port, host="127.0.0.1"))[0]
@@ -94,9 +98,11 @@ async def driver(port: int, stream: bool, requests: int) -> None:
     conn.proof_verified()
     session = TunnelSession(end, conn, heartbeat_interval=30.0)
     body = request_body(stream)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(session.run)
-        for _ in range(requests):
+    left = [requests]
+
+    async def worker() -> None:
+        while left[0] > 0:
+            left[0] -= 1
             out = await session.open_stream({"endpoint": "chat/completions", "model": MODEL},
                                             body)
             head = await out.head()
@@ -104,6 +110,12 @@ async def driver(port: int, stream: bool, requests: int) -> None:
             while await out.next_chunk() is not None:
                 pass
             assert out.end_info is not None and "error" not in out.end_info, out.end_info
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run)
+        async with trio.open_nursery() as workers:
+            for _ in range(concurrency):
+                workers.start_soon(worker)
         session.abort("done")
 
 
@@ -169,50 +181,72 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--warmup", type=int, default=300)
     parser.add_argument("--chunks", type=int, default=32)
-    parser.add_argument("--modes", default="non-stream,stream")
+    parser.add_argument("--modes", default="non-stream,stream",
+                        help="non-stream, stream, paced (comma-separated)")
+    parser.add_argument("--pace", type=float, default=100.0,
+                        help="the paced mode's tokens per second per stream")
+    parser.add_argument("--paced-streams", type=int, default=20,
+                        help="the paced mode's streams in flight at once")
     parser.add_argument("--profile", action="store_true",
                         help="print the node's top functions (cProfile, by own time)")
     parser.add_argument("--trace", action="store_true",
                         help="print the first task steps' task names and I/O waits")
     parser.add_argument("--driver", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--stream", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--concurrency", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.driver:
-        trio.run(driver, args.driver, args.stream, args.requests)
+        trio.run(driver, args.driver, args.stream, args.requests, args.concurrency)
         return 0
     import tooti
 
     print(f"tooti from {Path(tooti.__file__).parent}; {args.requests} requests per mode "
           f"at concurrency 1; this process: the node (tunnel + backend client)")
+    modes = args.modes.split(",")
     upstream, url = start_upstream(args.chunks)
+    paced, paced_url = start_upstream(args.chunks, args.pace) if "paced" in modes else (None, "")
     try:
-        for mode in args.modes.split(","):
-            stream = mode == "stream"
+        for mode in modes:
+            stream = mode != "non-stream"
+            concurrency = args.paced_streams if mode == "paced" else 1
             port = free_port()
             total = args.warmup + args.requests
             drv = subprocess.Popen([sys.executable, __file__, "--driver", str(port),
-                                    "--requests", str(total), *(["--stream"] if stream else [])])
+                                    "--requests", str(total), "--concurrency", str(concurrency),
+                                    *(["--stream"] if stream else [])])
             counter = Counter()
             if args.trace:
                 counter.trace = []
             profiler = cProfile.Profile(time.process_time) if args.profile else None
             try:
                 cpu, steps, spawns, waits = trio.run(
-                    node_side, port, url, args.warmup, args.requests, counter, profiler,
+                    node_side, port, paced_url if mode == "paced" else url, args.warmup,
+                    args.requests, counter, profiler,
                     instruments=[counter])
             finally:
                 drv.wait(timeout=30)
             if counter.trace is not None:
                 print("  trace:", " ".join(counter.trace))
             if profiler is not None:
-                pstats.Stats(profiler).sort_stats("tottime").print_stats(35)
+                stats = pstats.Stats(profiler)
+                stats.sort_stats("tottime").print_stats(35)
+                stats.print_callers(r"__contains__|current_time|is_int|_close")
             n = args.requests
+            if mode == "paced":
+                tokens = n * (args.chunks - 2)
+                print(f"node paced       {cpu / tokens * 1e6:7.1f} µs CPU per token "
+                      f"({tokens / cpu:,.0f} tokens per CPU-second; {args.paced_streams} "
+                      f"streams at {args.pace:g} tok/s);  per token: {steps / tokens:4.2f} "
+                      f"task steps, {waits / tokens:4.2f} I/O waits", flush=True)
+                continue
             print(f"node {mode:10}  {cpu / n * 1e6:7.1f} µs CPU per request;  per request: "
                   f"{steps / n:5.1f} task steps, {spawns / n:4.2f} spawns, "
                   f"{waits / n:4.2f} I/O waits", flush=True)
     finally:
-        upstream.kill()
-        upstream.wait()
+        for child in (upstream, paced):
+            if child is not None:
+                child.kill()
+                child.wait()
     return 0
 
 
