@@ -12,7 +12,11 @@ Compare two versions of the server in the same time window by running this scrip
 from each tree (``PYTHONPATH=<tree> python <tree>/bench/http1_server.py``); the child
 imports tooti from the same tree as the script.
 
-    python bench/http1_server.py [--duration 5] [--chunks 32] [--tls]
+    python bench/http1_server.py [--duration 5] [--chunks 32]
+
+The server is a child of :class:`children.Children` (its own process group, killed
+with this script even on SIGKILL); its log and wrk's script go in a temporary
+directory deleted at the end.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from children import Child, Children, cpu_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
 BODY = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}'
@@ -91,11 +97,6 @@ trio.run(main)
 """
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def run_wrk(url: str, concurrency: int, seconds: float, script: Path) -> int:
     out = subprocess.run(
         ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds:g}s", "-s", str(script), url],
@@ -114,34 +115,47 @@ def main() -> int:
     parser.add_argument("--chunks", type=int, default=32, help="body parts per stream")
     args = parser.parse_args()
     source = SERVER % {"answer": ANSWER, "chunk": CHUNK, "chunks": args.chunks}
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    child = subprocess.Popen([sys.executable, "-c", source], stdout=subprocess.PIPE,
-                             text=True, env=env, cwd=ROOT)
-    try:
-        assert child.stdout is not None
-        url = child.stdout.readline().strip()
-        host, port = url.removeprefix("http://").rsplit(":", 1)
-        socket.create_connection((host, int(port)), timeout=5).close()
-        with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as lua:
-            lua.write(LUA % BODY.decode())
-        script = Path(lua.name)
-        print(f"tooti from {ROOT}; load: {os.getloadavg()[0]:.2f}")
-        print(f"{'cell':<16} {'req/s':>9} {'server CPU/request':>20}")
-        run_wrk(url + "/", 4, 1.0, script)  # warm up
-        for path, mode in (("/", "plain"), ("/stream", "stream")):
-            for concurrency in (1, 16):
-                before, started = cpu_seconds(child.pid), time.monotonic()
-                count = run_wrk(url + path, concurrency, args.duration, script)
-                elapsed = time.monotonic() - started
-                cpu = cpu_seconds(child.pid) - before
-                print(f"{mode + ' c=' + str(concurrency):<16} {count / elapsed:>9.0f} "
-                      f"{cpu / count * 1e6:>17.1f} µs")
-        script.unlink()
-    finally:
-        child.terminate()
-        child.wait(timeout=10)
+    with tempfile.TemporaryDirectory(prefix="tooti-http1-server-") as tmp:
+        children = Children(Path(tmp))
+        try:
+            child = children.start("server", [sys.executable, "-c", source])
+            measure(child, Path(tmp), args.duration)
+        finally:
+            children.stop_all()
     return 0
 
+
+def server_url(child: Child, limit: float = 15.0) -> str:
+    """The URL the server printed once it listens (it fails if the child exits first)."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        match = re.search(r"http://[0-9.]+:\d+", child.log())
+        if match:
+            return match.group(0)
+        if child.proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    raise RuntimeError(f"the server did not start:\n{child.tail()}")
+
+
+def measure(child: Child, tmp: Path, duration: float) -> None:
+    """Drive the server with wrk and print every cell."""
+    url = server_url(child)
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    socket.create_connection((host, int(port)), timeout=5).close()
+    script = tmp / "post.lua"
+    script.write_text(LUA % BODY.decode())
+    print(f"tooti from {ROOT}; load: {os.getloadavg()[0]:.2f}")
+    print(f"{'cell':<16} {'req/s':>9} {'server CPU/request':>20}")
+    run_wrk(url + "/", 4, 1.0, script)  # warm up
+    for path, mode in (("/", "plain"), ("/stream", "stream")):
+        for concurrency in (1, 16):
+            before, started = cpu_seconds(child.pid), time.monotonic()
+            count = run_wrk(url + path, concurrency, duration, script)
+            elapsed = time.monotonic() - started
+            cpu = cpu_seconds(child.pid) - before
+            print(f"{mode + ' c=' + str(concurrency):<16} {count / elapsed:>9.0f} "
+                  f"{cpu / count * 1e6:>17.1f} µs")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -39,6 +39,10 @@ do not: run it twice under ``valgrind --tool=callgrind`` with different
 of the request counts (the start-up cancels out).
 
 ``--profile`` prints the top functions of the node's path (cProfile, by own time).
+
+The fake upstreams are children of :class:`children.Children` (their own process
+groups, killed with this script even on SIGKILL; their logs in a temporary directory
+deleted at the end).
 """
 
 from __future__ import annotations
@@ -47,14 +51,15 @@ import argparse
 import cProfile
 import pstats
 import socket
-import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import trio
+from children import Children, free_port
 
 BENCH_DIR = Path(__file__).resolve().parent
 MODEL = "fake-model"
@@ -64,31 +69,22 @@ SENDS = [0]
 MESSAGES = [{"role": "user", "content": "Say hello in one short sentence, please."}]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
-def start_upstream(chunks: int, pace: float = 0.0) -> tuple[subprocess.Popen[bytes], str]:
-    """Start ``bench/fake_upstream.py`` (``pace``: tokens per second, one SSE event per
-    write); its base URL (``.../v1``) once it answers."""
+def start_upstream(children: Children, name: str, chunks: int, pace: float = 0.0) -> str:
+    """Start ``bench/fake_upstream.py`` as ``name`` (``pace``: tokens per second, one SSE
+    event per write); its base URL (``.../v1``) once it answers."""
     port = free_port()
     paced = ["--tokens-per-second", str(pace)] if pace else []
-    proc = subprocess.Popen(
-        [sys.executable, str(BENCH_DIR / "fake_upstream.py"), "--port", str(port),
-         "--chunks", str(chunks), "--model", MODEL, *paced],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    child = children.start(name, [
+        sys.executable, str(BENCH_DIR / "fake_upstream.py"), "--port", str(port),
+        "--chunks", str(chunks), "--model", MODEL, *paced])
     deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and child.proc.poll() is None:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return proc, f"http://127.0.0.1:{port}/v1"
+                return f"http://127.0.0.1:{port}/v1"
         except OSError:
             time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("the fake upstream did not start")
+    raise RuntimeError(f"the fake upstream did not start:\n{child.tail()}")
 
 
 class Stream:
@@ -286,40 +282,45 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"tooti from {Path(tooti.__file__).parent}; {args.requests} requests per cell; "
           f"{args.chunks}-event streams; CPU time of this process only")
-    proc, url = start_upstream(args.chunks)
-    paced_proc, paced_url = start_upstream(args.chunks, args.pace)
-    try:
-        for mode in args.modes.split(","):
-            if mode == "paced":
-                cpu = trio.run(node_cpu, paced_url, True, args.requests, args.profile,
-                               args.paced_streams)
-                events = args.chunks + 2  # the usage chunk and [DONE] too
-                print(f"node   paced       {cpu:8.1f} µs CPU per request, "
-                      f"{cpu / events:6.2f} µs per upstream event ({args.paced_streams} "
-                      f"streams at {args.pace:g} tok/s, one event per write), "
-                      f"{1e6 / (cpu / args.chunks):,.0f} tokens per CPU-second; "
-                      f"{SENDS[0] / args.requests:.1f} pieces forwarded per stream "
-                      f"(fewer than {args.chunks + 1}: events merged in reads)")
-                continue
-            stream = mode == "stream"
-            if "node" in parts:
-                cpu = trio.run(node_cpu, url, stream, args.requests, args.profile)
-                print(f"node   {mode:10}  {cpu:8.1f} µs CPU per request (Node._serve_stream)")
-            if "client" in parts:
-                try:
-                    lean = trio.run(lean_cpu, url, stream, args.requests)
-                except ImportError:
-                    lean = float("nan")
-                slow = trio.run(httpx_cpu, url, stream, args.requests)
-                fast_parse, slow_parse = parse_cpu(answer_bytes(url, stream), 2000)
-                print(f"client {mode:10}  lean {lean:8.1f} µs  httpx {slow:8.1f} µs per "
-                      f"request; parse one answer: httptools {fast_parse:6.1f} µs, "
-                      f"h11 {slow_parse:6.1f} µs")
-    finally:
-        for child in (proc, paced_proc):
-            child.kill()
-            child.wait()
+    with tempfile.TemporaryDirectory(prefix="tooti-node-micro-") as tmp:
+        children = Children(Path(tmp))
+        try:
+            measure(args, parts, children)
+        finally:
+            children.stop_all()
     return 0
+
+
+def measure(args: argparse.Namespace, parts: set[str], children: Children) -> None:
+    """Start the fake upstreams and print every cell asked for."""
+    url = start_upstream(children, "upstream", args.chunks)
+    paced_url = start_upstream(children, "upstream-paced", args.chunks, args.pace)
+    for mode in args.modes.split(","):
+        if mode == "paced":
+            cpu = trio.run(node_cpu, paced_url, True, args.requests, args.profile,
+                           args.paced_streams)
+            events = args.chunks + 2  # the usage chunk and [DONE] too
+            print(f"node   paced       {cpu:8.1f} µs CPU per request, "
+                  f"{cpu / events:6.2f} µs per upstream event ({args.paced_streams} "
+                  f"streams at {args.pace:g} tok/s, one event per write), "
+                  f"{1e6 / (cpu / args.chunks):,.0f} tokens per CPU-second; "
+                  f"{SENDS[0] / args.requests:.1f} pieces forwarded per stream "
+                  f"(fewer than {args.chunks + 1}: events merged in reads)")
+            continue
+        stream = mode == "stream"
+        if "node" in parts:
+            cpu = trio.run(node_cpu, url, stream, args.requests, args.profile)
+            print(f"node   {mode:10}  {cpu:8.1f} µs CPU per request (Node._serve_stream)")
+        if "client" in parts:
+            try:
+                lean = trio.run(lean_cpu, url, stream, args.requests)
+            except ImportError:
+                lean = float("nan")
+            slow = trio.run(httpx_cpu, url, stream, args.requests)
+            fast_parse, slow_parse = parse_cpu(answer_bytes(url, stream), 2000)
+            print(f"client {mode:10}  lean {lean:8.1f} µs  httpx {slow:8.1f} µs per "
+                  f"request; parse one answer: httptools {fast_parse:6.1f} µs, "
+                  f"h11 {slow_parse:6.1f} µs")
 
 
 if __name__ == "__main__":
