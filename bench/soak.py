@@ -136,6 +136,8 @@ CHAOS_TIMEOUT = 60.0
 IDLE_TIMEOUT = 30.0
 """Seconds an idle checkpoint waits for the gateway's in-flight streams to end."""
 REQUEST_TIMEOUT = 30.0
+KINDS = {"stream": 35, "stream-cut": 15, "chat": 35, "chat-cut": 10, "models": 5}
+"""The kinds of request the clients send, and their weights."""
 NODE_ERROR = re.compile(r"node (node-[a-z0-9]+)")
 
 
@@ -449,8 +451,7 @@ class Load:
 
     async def one(self, client: httpx.AsyncClient, rng: random.Random) -> None:
         """One request of a random kind; its record is appended."""
-        kind = rng.choices(["stream", "stream-cut", "chat", "chat-cut", "models"],
-                           [35, 15, 35, 10, 5])[0]
+        kind = rng.choices(list(KINDS), list(KINDS.values()))[0]
         model = rng.choice([SIM_MODEL, UPSTREAM_MODEL])
         pinned = ""
         body: dict[str, Any] = {"model": model, "max_tokens": 16,

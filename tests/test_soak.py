@@ -4,11 +4,18 @@ twice, must pass its verdicts (no unexpected failure, every restart back, nothin
 in flight, file descriptors and tasks of the gateway and the keepers not growing; RSS
 growth is not judged in one minute and the script says so). The request classification
 the verdicts rest on is checked on its own first.
+
+The soak runs niced (:data:`NICE`, its processes inherit it), so on a loaded machine it
+yields to other work and goes slower: nothing here depends on its speed. That the load
+really ran (the verdicts are not vacuous) is judged by what any speed gives: every kind
+of request answered, requests in flight across every chaos event and answered after
+it, and at least one answer per client, not by a count of requests.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +30,14 @@ import soak  # noqa: E402  (bench/ is not a package)
 SOAK_LIMIT = 600.0
 """Seconds the one-minute soak may take in all (start-up, restarts, checkpoints) on a
 loaded machine before the test gives up."""
+NICE = 15
+"""Niceness of the soak and its processes (as the project runs its load generators):
+eight processes for over a minute must not slow the rest of a shared machine."""
+CLIENTS = 8
+
+
+def _niced() -> None:
+    os.nice(NICE)
 
 
 def _failed(node: str = "", pinned: str = "", error: str = "", start: float = 10.0,
@@ -72,9 +87,9 @@ async def test_one_minute_soak_passes(tmp_path: Path) -> None:
     report = tmp_path / "soak.json"
     with trio.fail_after(SOAK_LIMIT):
         done = await trio.run_process(
-            [sys.executable, str(BENCH / "soak.py"), "--minutes", "1", "--concurrency", "8",
-             "--json", str(report)],
-            capture_stdout=True, stderr=subprocess.STDOUT, check=False)
+            [sys.executable, str(BENCH / "soak.py"), "--minutes", "1", "--concurrency",
+             str(CLIENTS), "--json", str(report)],
+            capture_stdout=True, stderr=subprocess.STDOUT, check=False, preexec_fn=_niced)
     output = done.stdout.decode(errors="replace")
     assert done.returncode == 0, output
     assert "SOAK PASSED" in output
@@ -85,9 +100,19 @@ async def test_one_minute_soak_passes(tmp_path: Path) -> None:
     windows = data["windows"]
     assert sorted(w["kind"] for w in windows) == ["kill", "relay-SIGKILL", "relay-SIGTERM"]
     assert all(w["end"] is not None for w in windows)
-    verdicts = [r["verdict"] for r in data["records"]]
-    assert verdicts.count("unexpected") == 0
-    assert verdicts.count("ok") >= 100
+    records = data["records"]
+    assert [r for r in records if r["verdict"] == "unexpected"] == []
+    ok = [r for r in records if r["verdict"] == "ok"]
+    # The load ran, whatever the machine's speed: every kind of request was answered...
+    assert {r["kind"] for r in ok} == set(soak.KINDS), output
+    # ...at least one answer per client (each client ends a request at least every
+    # REQUEST_TIMEOUT, and the load runs longer than that)...
+    assert len(ok) >= CLIENTS, output
+    # ...and every chaos event hit requests in flight and was followed by answers.
+    for window in windows:
+        assert any(r["start"] < window["end"] and r["end"] > window["start"]
+                   for r in records), window
+        assert any(r["start"] >= window["end"] for r in ok), window
     assert len(data["checkpoints"]) == 2
     assert data["checkpoints"][-1]["in_flight"] == 0
 
