@@ -3,9 +3,9 @@ the script (even on SIGKILL of the script, via PR_SET_PDEATHSIG on Linux), signa
 handling that turns Ctrl-C / SIGTERM / SIGHUP into a clean shutdown, and the small
 measuring helpers the scripts share (a child's CPU time and memory, a free port,
 percentiles, the loopback addresses attackers dial from, waiting for a log line, the
-open-file limit, a chunked body, whether a streamed answer ended cleanly).
-Shared by ``bench/streams.py``, ``bench/failover.py``, ``bench/relay_hop.py``,
-``bench/hostile.py`` and ``bench/slow_clients.py``."""
+open-file limit, a chunked body, whether a streamed answer ended cleanly, how busy the
+whole machine was, and a minimal HTTP/1.1 client for streams: :func:`raw_answer`).
+Shared by the scripts of ``bench/``."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,6 +223,18 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine has spent busy since boot (``/proc/stat``: every
+    state but idle and iowait; 0 where it cannot be read). The difference over a run,
+    less the run's own processes' CPU, is what other processes used meanwhile."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0.0
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / _CLK_TCK
+
+
 def proc_status_kib(pid: int, key: str) -> int:
     """A ``kB`` field (``VmRSS``, ``VmHWM``) of ``/proc/PID/status``; 0 if unknown."""
     try:
@@ -324,6 +337,84 @@ def dechunk(body: bytes) -> bytes:
             return bytes(out)
         out += body[at:at + size]
         at += size + 2
+
+
+def sse_request(port: int, body: bytes, path: str = "/v1/chat/completions") -> bytes:
+    """The bytes of a POST of JSON ``body`` to ``127.0.0.1:port`` asking for an event
+    stream, ``connection: close`` (for :func:`raw_answer`)."""
+    return (f"POST {path} HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\n".encode()
+            + b"content-type: application/json\r\naccept: text/event-stream\r\n"
+            + f"content-length: {len(body)}\r\n".encode()
+            + b"connection: close\r\n\r\n" + body)
+
+
+@dataclass
+class RawAnswer:
+    """An answer as :func:`raw_answer` read it (times in seconds from just before
+    connecting; None: not reached)."""
+
+    status: int = 0
+    payload: bytes = b""
+    """The body, dechunked."""
+    error: str = ""
+    """What went wrong ('' if the status is 200 and the body was read whole)."""
+    connect: float | None = None
+    ttft: float | None = None
+    """When the first ``data: `` of the body arrived."""
+    total: float | None = None
+    reads: int = 0
+    """Socket reads that carried body bytes."""
+
+
+async def raw_answer(port: int, request: bytes) -> RawAnswer:
+    """Send ``request`` (its bytes whole, ``connection: close``) on a fresh connection to
+    ``127.0.0.1:port`` and read the answer with a minimal HTTP/1.1 parser (a
+    ``content-length`` or chunked body, or one that ends when the server closes): far
+    less client CPU per event than a full client, so the client does not limit what a
+    stream benchmark measures."""
+    answer = RawAnswer()
+    began = time.perf_counter()
+    sock = await trio.open_tcp_stream("127.0.0.1", port)
+    answer.connect = time.perf_counter() - began
+    async with sock:
+        await sock.send_all(request)
+        data = bytearray()
+        while b"\r\n\r\n" not in data:
+            chunk = await sock.receive_some(65536)
+            if not chunk:
+                answer.error = "connection closed before the response head"
+                return answer
+            data += chunk
+        head, _, rest = bytes(data).partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        status = int(lines[0].split(b" ", 2)[1])
+        headers = dict(line.lower().split(b": ", 1) for line in lines[1:] if b": " in line)
+        chunked = headers.get(b"transfer-encoding") == b"chunked"
+        length = int(headers.get(b"content-length", b"-1"))
+        body = bytearray(rest)
+        answer.reads = 1 if rest else 0
+        while True:
+            if answer.ttft is None and b"data: " in body:
+                answer.ttft = time.perf_counter() - began
+            if chunked and body.endswith(b"0\r\n\r\n"):
+                break
+            if not chunked and 0 <= length <= len(body):
+                break
+            chunk = await sock.receive_some(65536)
+            if not chunk:
+                break
+            answer.reads += 1
+            body += chunk
+        answer.total = time.perf_counter() - began
+    try:
+        answer.payload = dechunk(bytes(body)) if chunked else bytes(body)
+    except ValueError:
+        answer.error = "malformed chunked body"
+        return answer
+    answer.status = status
+    if status != 200:
+        answer.error = f"HTTP {status}: {answer.payload[:160].decode(errors='replace')}"
+    return answer
 
 
 def sse_problem(payload: bytes) -> str:

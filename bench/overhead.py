@@ -95,6 +95,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from children import machine_busy_seconds
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 LITELLM_VENV = BENCH_DIR / ".litellm-venv"
@@ -303,16 +305,6 @@ def _tree_pids(pid: int) -> list[int]:
     return found
 
 
-def _busy_seconds() -> float:
-    """CPU seconds spent busy by the whole machine since boot (0 if unknown)."""
-    try:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
-        return 0.0
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    return (sum(fields[:8]) - idle) / _CLK_TCK
-
-
 def tree_cpu_seconds(pid: int) -> float:
     """User + system CPU seconds used so far by ``pid`` and its living descendants."""
     total = 0.0
@@ -338,13 +330,13 @@ class ForeignLoad:
         """Start measuring now (the processes in ``children`` count as our own)."""
         self._pids = [c.proc.pid for c in children.children] + children.adopted
         self._wall = time.monotonic()
-        self._busy = _busy_seconds()
+        self._busy = machine_busy_seconds()
         self._own = _own_seconds(self._pids)
 
     def cpus(self) -> float:
         """Average number of CPUs busy with foreign processes since construction."""
         wall = time.monotonic() - self._wall
-        busy = _busy_seconds() - self._busy
+        busy = machine_busy_seconds() - self._busy
         own = _own_seconds(self._pids) - self._own
         return max(0.0, (busy - own) / wall) if wall > 0 else 0.0
 

@@ -62,13 +62,15 @@ from children import (
     Child,
     Children,
     cpu_seconds,
-    dechunk,
     free_port,
     load_average,
+    machine_busy_seconds,
     percentile,
     raise_fd_limit,
+    raw_answer,
     run_in_temp_dir,
     sse_problem,
+    sse_request,
     toml_table,
     wait_for_log,
 )
@@ -125,48 +127,10 @@ def check_events(payload: bytes, tokens: int) -> tuple[int, str]:
 
 async def one_stream(port: int, request: bytes, tokens: int) -> Result:
     """Send one streaming request on a fresh connection and read the whole answer."""
-    result = Result()
-    began = time.perf_counter()
-    sock = await trio.open_tcp_stream("127.0.0.1", port)
-    async with sock:
-        await sock.send_all(request)
-        data = bytearray()
-        while b"\r\n\r\n" not in data:
-            chunk = await sock.receive_some(65536)
-            if not chunk:
-                result.error = "connection closed before the response head"
-                return result
-            data += chunk
-        head, _, rest = bytes(data).partition(b"\r\n\r\n")
-        lines = head.split(b"\r\n")
-        status = int(lines[0].split(b" ", 2)[1])
-        headers = dict(line.lower().split(b": ", 1) for line in lines[1:] if b": " in line)
-        chunked = headers.get(b"transfer-encoding") == b"chunked"
-        length = int(headers.get(b"content-length", b"-1"))
-        body = bytearray(rest)
-        result.reads = 1 if rest else 0
-        while True:
-            if result.ttft is None and b"data: " in body:
-                result.ttft = time.perf_counter() - began
-            if chunked and body.endswith(b"0\r\n\r\n"):
-                break
-            if not chunked and 0 <= length <= len(body):
-                break
-            chunk = await sock.receive_some(65536)
-            if not chunk:
-                break
-            result.reads += 1
-            body += chunk
-        result.total = time.perf_counter() - began
-    try:
-        payload = dechunk(bytes(body)) if chunked else bytes(body)
-    except ValueError:
-        result.error = "malformed chunked body"
-        return result
-    if status != 200:
-        result.error = f"HTTP {status}: {payload[:160].decode(errors='replace')}"
-        return result
-    result.tokens, result.error = check_events(payload, tokens)
+    answer = await raw_answer(port, request)
+    result = Result(answer.ttft, answer.total, reads=answer.reads, error=answer.error)
+    if not answer.error:
+        result.tokens, result.error = check_events(answer.payload, tokens)
     return result
 
 
@@ -175,10 +139,7 @@ async def run_streams(port: int, count: int, tokens: int, limit: float
     """Open ``count`` streams at once; their results and the wall time."""
     body = msgspec.json.encode({"model": MODEL, "stream": True, "messages": [
         {"role": "user", "content": "benchmark"}]})
-    request = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\n"
-               b"content-type: application/json\r\naccept: text/event-stream\r\n"
-               + f"content-length: {len(body)}\r\n".encode()
-               + b"connection: close\r\n\r\n" + body)
+    request = sse_request(port, body)
     results = [Result() for _ in range(count)]
 
     async def one(index: int) -> None:
@@ -278,12 +239,6 @@ async def measure(name: str, opts: argparse.Namespace, upstream: str,
     mine = sum(run.cpu.values()) + time.process_time() - own_before
     run.others_cpu = max(0.0, machine_busy_seconds() - busy_before - mine)
     return run
-
-
-def machine_busy_seconds() -> float:
-    """CPU seconds the whole machine has spent busy since boot (from /proc/stat)."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def report(run: Run, opts: argparse.Namespace) -> bool:

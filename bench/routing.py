@@ -40,10 +40,10 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, cast
 
 import trio
+from children import machine_busy_seconds
 
 from tooti.backends.base import ModelInfo
 from tooti.gateway.proxy import Proxy
@@ -115,15 +115,6 @@ def build_registry(size: int, seed: int = 1) -> Registry:
     registry.known_models.update([MODEL])
     registry._reindex()
     return registry
-
-
-def machine_busy_seconds() -> float:
-    """CPU seconds the whole machine has spent busy since boot (Linux; 0 elsewhere)."""
-    try:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except OSError:
-        return 0.0
-    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def own_cpu_seconds() -> float:

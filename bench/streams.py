@@ -55,15 +55,17 @@ from children import (
     Child,
     Children,
     cpu_seconds,
-    dechunk,
     exit_on_signals,
     interrupted,
     load_average,
+    machine_busy_seconds,
     percentile,
     proc_status_kib,
     raise_fd_limit,
+    raw_answer,
     sigint_raises,
     sse_problem,
+    sse_request,
     toml_table,
     wait_for_log,
 )
@@ -84,12 +86,6 @@ BACKLOG_BOOTSTRAP = (
 
 
 # --------------------------------------------------------------------- /proc
-
-
-def machine_busy_seconds() -> float:
-    """CPU seconds the whole machine has spent busy since boot."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def listen_overflows() -> int:
@@ -152,13 +148,7 @@ class RawClient:
     def __init__(self, port: int, body: bytes) -> None:
         """Requests go to ``127.0.0.1:port``."""
         self.port = port
-        self.request = (
-            b"POST /v1/chat/completions HTTP/1.1\r\n"
-            + f"host: 127.0.0.1:{port}\r\n".encode()
-            + b"content-type: application/json\r\naccept: text/event-stream\r\n"
-            + f"content-length: {len(body)}\r\n".encode()
-            + b"connection: close\r\n\r\n" + body
-        )
+        self.request = sse_request(port, body)
 
     async def __aenter__(self) -> RawClient:
         return self
@@ -168,48 +158,9 @@ class RawClient:
 
     async def stream(self, tokens: int) -> Result:
         """Send one streaming request and read the whole answer."""
-        result = Result()
-        began = time.perf_counter()
-        sock = await trio.open_tcp_stream("127.0.0.1", self.port)
-        result.connect = time.perf_counter() - began
-        async with sock:
-            await sock.send_all(self.request)
-            data = bytearray()
-            while b"\r\n\r\n" not in data:
-                chunk = await sock.receive_some(65536)
-                if not chunk:
-                    result.error = "connection closed before the response head"
-                    return result
-                data += chunk
-            head, _, rest = bytes(data).partition(b"\r\n\r\n")
-            lines = head.split(b"\r\n")
-            status = int(lines[0].split(b" ", 2)[1])
-            headers = dict(line.lower().split(b": ", 1) for line in lines[1:] if b": " in line)
-            chunked = headers.get(b"transfer-encoding") == b"chunked"
-            length = int(headers.get(b"content-length", b"-1"))
-            body = bytearray(rest)
-            while True:
-                if result.ttft is None and b"data: " in body:
-                    result.ttft = time.perf_counter() - began
-                if chunked and body.endswith(b"0\r\n\r\n"):
-                    break
-                if not chunked and 0 <= length <= len(body):
-                    break
-                chunk = await sock.receive_some(65536)
-                if not chunk:
-                    break
-                body += chunk
-            result.total = time.perf_counter() - began
-        try:
-            payload = dechunk(bytes(body)) if chunked else bytes(body)
-        except ValueError:
-            result.error = "malformed chunked body"
-            return result
-        if status != 200:
-            result.error = f"HTTP {status}: {payload[:160].decode(errors='replace')}"
-        else:
-            result.error = check_body(payload, tokens)
-        return result
+        answer = await raw_answer(self.port, self.request)
+        return Result(answer.connect, answer.ttft, answer.total,
+                      answer.error or check_body(answer.payload, tokens))
 
 
 class HttpxClient:
