@@ -84,8 +84,8 @@ class Wakeup:
     async def wait(self) -> None:
         """Wait for :meth:`set` (at once if it was called since the last wait)."""
         if self._marked:
+            await trio.lowlevel.checkpoint()  # cancelled here: the mark stays
             self._marked = False
-            await trio.lowlevel.checkpoint()
             return
         if self._task is not None:
             raise RuntimeError("Wakeup: another task is already waiting")

@@ -67,8 +67,10 @@ class StreamIO:
         """Wait until :meth:`wake` is called (at once if it was since the last wait);
         a checkpoint either way."""
         if self._changed:
-            self._changed = False
+            # Cleared after the checkpoint: a reader cancelled there leaves the mark for
+            # the next one, as an Event that stays set would.
             await trio.lowlevel.checkpoint()
+            self._changed = False
             return
         task = trio.lowlevel.current_task()
         waiters = self._waiters
