@@ -292,6 +292,10 @@ class TunnelSession:
                 self._room.set()
         if self._outgoing or self.transport.pending:
             self._wake_writer.set()
+        elif self._written is not None and not self._writing:
+            # All written here, and the writer may stay parked: a waiting flush() is done.
+            self._written.set()
+            self._written = None
 
     async def _writer(self) -> None:
         """Write queued frames, all that accumulated at once; a failed write ends the
