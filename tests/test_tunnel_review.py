@@ -15,17 +15,124 @@ wait for a condition; the fake peers pace their own frames on the virtual clock)
 
 from __future__ import annotations
 
+import pytest
 import trio
 import trio.testing
 
 from tooti.protocol import frames
-from tooti.protocol.frames import FrameType
+from tooti.protocol.frames import FLAG_ACK, FrameType
 from tooti.transport.memory import memory_pair
 from tooti.tunnel import FLUSH_TIMEOUT, TunnelSession
-from tooti.tunnel.session import Wakeup
+from tooti.tunnel.session import OUTGOING_LIMIT, Wakeup
 from tooti.tunnel.streams import StreamIO
 
-from tests.test_tunnel_session import QUIET, handshake
+from tests.test_tunnel_session import QUIET, Wire, handshake
+
+INTERVAL = 1.0
+
+
+async def test_stuck_writer_and_silent_peer_closes_within_three_intervals(
+        autojump_clock: trio.testing.MockClock) -> None:
+    d_end, a_end = memory_pair()
+    d_conn, _ = await handshake(d_end, a_end, interval=INTERVAL)
+    wire = Wire(d_end)
+    wire.gate = trio.Event()  # the writer never gets its bytes out
+    session = TunnelSession(wire, d_conn, heartbeat_interval=INTERVAL)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(session.run)
+            session.enqueue(frames.encode(FrameType.GOAWAY, 0, b"first"))
+            await trio.testing.wait_all_tasks_blocked()  # the writer holds it, stuck
+            started = trio.current_time()
+            filler = frames.encode(FrameType.GOAWAY, 0, b"x" * 60_000)
+            while session._queued < OUTGOING_LIMIT + len(filler):
+                session.enqueue(filler)
+            await session.closed.wait()
+    assert session.close_reason == "heartbeat timeout"
+    assert trio.current_time() - started <= 3 * INTERVAL + 0.1
+
+
+async def test_a_peer_that_does_not_read_cannot_grow_the_backlog(
+        autojump_clock: trio.testing.MockClock) -> None:
+    peer, a_end = memory_pair()
+    _, a_conn = await handshake(peer, a_end, interval=INTERVAL)
+    wire = Wire(a_end)
+    wire.gate = trio.Event()
+    session = TunnelSession(wire, a_conn, heartbeat_interval=INTERVAL)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run)
+        session.enqueue(frames.encode(FrameType.GOAWAY, 0, b"first"))
+        await trio.testing.wait_all_tasks_blocked()  # the writer holds it, stuck
+        filler = frames.encode(FrameType.GOAWAY, 0, b"x" * 60_000)
+        while session._queued < OUTGOING_LIMIT:
+            session.enqueue(filler)
+        backlog = session._queued
+        for beat in range(20):  # heartbeats with a usable t, never reading a byte back
+            await peer.send(frames.encode_json(FrameType.HEARTBEAT, 0, {"t": float(beat)}))
+            await trio.sleep(INTERVAL)
+        assert not session.closed.is_set()  # the peer is not silent
+        assert session._queued == backlog  # no acknowledgement, no own heartbeat queued
+        session.abort("done")
+
+
+@pytest.mark.parametrize("stats", [{}, {"t": 1e301}, {"t": "soon"}])
+async def test_acceptor_heartbeats_every_interval_when_nothing_is_acknowledged(
+        autojump_clock: trio.testing.MockClock, stats: dict[str, object]) -> None:
+    """The dialer sends HEARTBEATs without a usable ``t``: it gets no acknowledgement,
+    so the acceptor's own HEARTBEATs are its only input and come every interval."""
+    peer, a_end = memory_pair()
+    _, a_conn = await handshake(peer, a_end, interval=INTERVAL)
+    session = TunnelSession(a_end, a_conn, heartbeat_interval=INTERVAL)
+    arrivals: list[float] = []
+
+    async def read() -> None:
+        while True:
+            frame = frames.decode(await peer.receive(), 1 << 20)
+            if frame.type is FrameType.HEARTBEAT:
+                assert not frame.flags & FLAG_ACK  # nothing to acknowledge
+                arrivals.append(trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run)
+        nursery.start_soon(read)
+        start = trio.current_time()
+        for _ in range(12):  # a dialer's own heartbeats, paced on the virtual clock
+            await peer.send(frames.encode_json(FrameType.HEARTBEAT, 0, stats))
+            await trio.sleep(INTERVAL)
+        assert not session.closed.is_set()
+        nursery.cancel_scope.cancel()
+    gaps = [b - a for a, b in zip([start, *arrivals], arrivals, strict=False)]
+    assert len(arrivals) >= 10
+    assert max(gaps) <= INTERVAL + 0.1
+
+
+async def test_acceptor_still_rides_on_acknowledgements_for_a_usable_t(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """The economy the fix keeps: a dialer heartbeating with ``t`` gets an ACK each time
+    and the acceptor's own HEARTBEAT only with every tenth one."""
+    peer, a_end = memory_pair()
+    _, a_conn = await handshake(peer, a_end, interval=INTERVAL)
+    session = TunnelSession(a_end, a_conn, heartbeat_interval=INTERVAL)
+    acks, own = 0, 0
+
+    async def read() -> None:
+        nonlocal acks, own
+        while True:
+            frame = frames.decode(await peer.receive(), 1 << 20)
+            if frame.type is FrameType.HEARTBEAT:
+                if frame.flags & FLAG_ACK:
+                    acks += 1
+                else:
+                    own += 1
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run)
+        nursery.start_soon(read)
+        for beat in range(20):
+            await peer.send(frames.encode_json(FrameType.HEARTBEAT, 0, {"t": float(beat)}))
+            await trio.sleep(INTERVAL)
+        nursery.cancel_scope.cancel()
+    assert acks == 20 and own == 2
 
 
 async def test_flush_returns_when_flush_nowait_wrote_the_queue(
@@ -82,3 +189,4 @@ async def test_the_writer_wakeup_cancelled_on_the_mark_leaves_it(
     with trio.move_on_after(1) as waited:
         await wakeup.wait()
     assert not waited.cancelled_caught
+

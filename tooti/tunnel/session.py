@@ -383,14 +383,15 @@ class TunnelSession:
             return
         if now >= self._own_due:
             self._own_due = now + self.heartbeat_interval
-            try:
-                frame = self._heartbeat_frame()
-            except RuntimeError:  # the connection closed meanwhile
-                return
-            # Straight to the socket when it takes it: no writer wake-up per heartbeat.
-            self._outgoing.append(frame)
-            self._queued += len(frame)
-            self.flush_nowait()
+            if self._queued < OUTGOING_LIMIT:  # else the peer reads nothing: no growth
+                try:
+                    frame = self._heartbeat_frame()
+                except RuntimeError:  # the connection closed meanwhile
+                    return
+                # Straight to the socket when it takes it: no writer wake-up per heartbeat.
+                self._outgoing.append(frame)
+                self._queued += len(frame)
+                self.flush_nowait()
         self._timer = shared_timer().call_at(min(self._own_due, silent_at), self._on_timer)
 
     def _on_peer_heartbeat(self, sent_at: object) -> None:
@@ -399,11 +400,17 @@ class TunnelSession:
         also postpones its own next heartbeat to 1.5 intervals from now and sends one only
         with every :data:`ACCEPTOR_RTT_EVERY`-th acknowledgement (to measure the round
         trip), since the acknowledgement is input enough for the peer's silence watch:
-        one wake-up and one write per idle tunnel and interval."""
-        frames_out: list[bytes] = []
+        one wake-up and one write per idle tunnel and interval. A HEARTBEAT without a
+        usable ``t`` is not acknowledged, so it postpones nothing: the acceptor's own
+        timer keeps feeding the peer's silence watch every interval. Neither an
+        acknowledgement nor an own HEARTBEAT is queued while the outgoing queue is over
+        :data:`OUTGOING_LIMIT` (a peer that sends but does not read cannot grow it)."""
         # abs() < 1e300 keeps float() from overflowing on a huge JSON integer
-        if isinstance(sent_at, int | float) and abs(sent_at) < 1e300:
-            frames_out.append(self.conn.send_heartbeat_ack(float(sent_at)))
+        if not (isinstance(sent_at, int | float) and abs(sent_at) < 1e300):
+            return  # nothing to acknowledge (every field is optional): own timer as usual
+        if self._queued >= OUTGOING_LIMIT:
+            return  # a backlog the peer does not read: acknowledgements would only grow it
+        frames_out = [self.conn.send_heartbeat_ack(float(sent_at))]
         if self.conn.side is Side.ACCEPTOR:
             now = clock.now()
             if self._peer_heartbeats % ACCEPTOR_RTT_EVERY == 0:
