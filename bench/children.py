@@ -14,6 +14,7 @@ import ctypes
 import os
 import re
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -189,16 +190,18 @@ def interrupted(exc: BaseException) -> int | None:
     return None
 
 
-def run_in_temp_dir(prefix: str, work: Callable[..., Awaitable[object]], *args: Any) -> int:
+def run_in_temp_dir(prefix: str, work: Callable[..., Awaitable[object]], *args: Any,
+                    keep: bool = False) -> int:
     """Run ``work(*args, children, root)`` under trio in a temp dir named ``prefix...``
-    (deleted after), stopping every child it started however it ends: the exit code of
-    a Ctrl-C or a signal, 0 when it returns; on any other error the children's last
-    lines go to stderr and the error is raised."""
-    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
-        children = Children(Path(tmp))
+    (deleted after unless ``keep``: then its path is printed), stopping every child it
+    started however it ends: the exit code of a Ctrl-C or a signal, 0 when it returns;
+    on any other error the children's last lines go to stderr and the error is raised."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    children = Children(root)
+    try:
         try:
             with sigint_raises():
-                trio.run(exit_on_signals, work, *[*args, children, Path(tmp)])
+                trio.run(exit_on_signals, work, *[*args, children, root])
         except BaseException as exc:
             code = interrupted(exc)
             if code is None:
@@ -208,19 +211,30 @@ def run_in_temp_dir(prefix: str, work: Callable[..., Awaitable[object]], *args: 
             return code
         finally:
             children.stop_all()
+    finally:
+        if keep:
+            print(f"logs kept in {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
     return 0
 
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds used by ``pid`` so far (0 once it is gone)."""
+def user_system_seconds(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of ``pid`` so far ((0, 0) once it is gone)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+        return 0.0, 0.0
+    return int(fields[11]) / _CLK_TCK, int(fields[12]) / _CLK_TCK
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds used by ``pid`` so far (0 once it is gone)."""
+    user, system = user_system_seconds(pid)
+    return user + system
 
 
 def machine_busy_seconds() -> float:

@@ -43,7 +43,6 @@ Run from the repository root with the project's venv::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import os
@@ -52,7 +51,6 @@ import resource
 import signal
 import statistics
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -66,15 +64,17 @@ from children import (
     Child,
     Children,
     cpu_seconds,
-    exit_on_signals,
     free_port,
-    interrupted,
     load_average,
+    machine_busy_seconds,
     proc_status_kib,
     raise_fd_limit,
-    sigint_raises,
+    run_in_temp_dir,
     toml_table,
+    user_system_seconds,
 )
+
+from tooti.admin.metrics import count_tasks
 
 REPO_DIR = Path(__file__).resolve().parent.parent
 SCRIPT = str(Path(__file__).resolve())
@@ -89,44 +89,7 @@ PENDING = 16
 # ------------------------------------------------------------------ /proc helpers
 
 
-def machine_busy_seconds() -> float:
-    """CPU seconds the whole machine has spent busy since boot."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def user_system_seconds(pid: int) -> tuple[float, float]:
-    """User and system CPU seconds of ``pid`` so far ((0, 0) once it is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0, 0.0
-    tick = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / tick, int(fields[12]) / tick
-
-
-def raise_own_fd_limit() -> None:
-    """Soft RLIMIT_NOFILE up to the hard limit in this process."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
-    if soft < target:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-
-
 # ------------------------------------------------------------------ gateway side
-
-
-def count_tasks() -> int:
-    """Every task of the current trio run (walking the nursery tree from the root)."""
-    root = trio.lowlevel.current_root_task()
-    stack = [root] if root is not None else []
-    count = 0
-    while stack:
-        task = stack.pop()
-        count += 1
-        for nursery in task.child_nurseries:
-            stack.extend(nursery.child_tasks)
-    return count
 
 
 def time_calls(call: Any, budget: float = 1.0) -> dict[str, float]:
@@ -237,7 +200,7 @@ async def probe_loop(process: Any, probe_dir: Path) -> None:
 
 def run_gateway(config: str, data_dir: str, probe_dir: str) -> int:
     """``tooti run --role gateway`` with the probe task beside its roles."""
-    raise_own_fd_limit()
+    raise_fd_limit(0)
     gc.callbacks.append(_gc_hook)
     import tooti.runner as runner
     from tooti.cli import main
@@ -304,7 +267,7 @@ async def dial_nodes(url: str, count: int, pending: int) -> None:
 def run_dialler(url: str, count: int, pending: int) -> int:
     """A dialler process: ``count`` nodes until killed (at nice 15 or more: it is the
     load generator, the gateway is what is measured)."""
-    raise_own_fd_limit()
+    raise_fd_limit(0)
     os.nice(max(0, 15 - os.nice(0)))
     import logging
 
@@ -701,32 +664,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                    keep=args.keep, tracemalloc=args.tracemalloc, stall=args.stall)
     soft, hard = raise_fd_limit(opts.nodes + 1024)
     print(f"fd limit: soft {soft}, hard {hard} (inherited by the children)")
-    root = Path(tempfile.mkdtemp(prefix="tooti-nodes-"))
-    children = Children(root)
-    clean = False
+    reports: list[Report] = []
+
+    async def measure(children: Children, root: Path) -> None:
+        reports.append(await benchmark(opts, children, root))
+
     try:
-        with sigint_raises():
-            report = trio.run(exit_on_signals, benchmark, opts, children, root)
-            clean = print_report(opts, report)
-    except RuntimeError as exc:
+        code = run_in_temp_dir("tooti-nodes-", measure, keep=opts.keep)
+    except RuntimeError as exc:  # the children's last lines are printed above
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except BaseException as exc:
-        code = interrupted(exc)
-        if code is None:
-            raise
-        print(f"interrupted: stopping the children (exit {code})", file=sys.stderr)
+    if code:
+        print(f"interrupted: the children were stopped (exit {code})", file=sys.stderr)
         return code
-    finally:
-        children.stop_all()
-        if opts.keep:
-            print(f"logs kept in {root}")
-        else:
-            for path in sorted(root.rglob("*"), reverse=True):
-                with contextlib.suppress(OSError):
-                    path.rmdir() if path.is_dir() else path.unlink()
-            with contextlib.suppress(OSError):
-                root.rmdir()
+    clean = print_report(opts, reports[0])
     return 0 if clean else 1
 
 
