@@ -122,7 +122,7 @@ class ResponseSend:
     and whether its last body part was handed to the server (the client was served in
     full)."""
 
-    __slots__ = ("answered", "complete", "send", "started", "status")
+    __slots__ = ("answered", "complete", "send", "started", "status", "watched")
 
     def __init__(self, send: Send) -> None:
         self.send = send
@@ -135,6 +135,9 @@ class ResponseSend:
         the node's END has arrived and the request has settled). A client leaving now
         was served: :func:`cancel_on_disconnect` lets the work finish."""
         self.complete = False
+        self.watched: _Watched | None = None
+        """Set while :class:`DisconnectWatch` watches the request: a write that finds
+        the client gone (the connection closed the socket) tells the watch."""
 
     async def __call__(self, message: dict[str, Any]) -> None:
         kind = message["type"]
@@ -144,6 +147,9 @@ class ResponseSend:
         elif kind == "http.response.body" and not message.get("more_body", False):
             self.complete = True
         await self.send(message)
+        watched = self.watched
+        if watched is not None and watched.connection.client_gone:
+            watched.fire()  # a write failed or timed out: the socket left the epoll set
 
 
 class _Watched:
@@ -187,8 +193,8 @@ class DisconnectWatch:
     TLS connections, HTTP/2 and a watch that is not running take the watcher task. A
     client lost on a write (``send_timeout``, a reset) is seen by the write itself:
     the connection closes the socket, which leaves the set without an event, so each
-    ``send`` of the request checks :attr:`~tooti.mesh.http1.Http1Connection.client_gone`
-    after it."""
+    ``send`` of the request (:class:`ResponseSend`) checks
+    :attr:`~tooti.mesh.http1.Http1Connection.client_gone` after it."""
 
     def __init__(self) -> None:
         self._epoll: Any = None
@@ -233,18 +239,11 @@ class DisconnectWatch:
             except FileExistsError:  # a stale registration of a closed, reused number
                 epoll.modify(fd, _RDHUP)
             self._watched[fd] = entry
-            inner = tracked.send
-
-            async def send(message: dict[str, Any]) -> None:
-                await inner(message)
-                if connection.client_gone:  # a write failed or timed out: it closed the
-                    entry.fire()            # socket, which leaves the epoll set unseen
-
-            tracked.send = send
+            tracked.watched = entry
             try:
                 await work(tracked)
             finally:
-                tracked.send = inner
+                tracked.watched = None
                 if self._watched.get(fd) is entry:
                     del self._watched[fd]
                     if self._epoll is epoll:
