@@ -91,7 +91,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -104,11 +103,9 @@ import trio
 from children import (
     Child,
     Children,
-    exit_on_signals,
-    interrupted,
     load_average,
     proc_status_kib,
-    sigint_raises,
+    run_in_temp_dir,
     sse_problem,
     toml_table,
     wait_for_log,
@@ -919,32 +916,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.minutes < 0.5:
         parser.error("--minutes must be at least 0.5")
     opts = Options(args.minutes, args.concurrency, args.sample_every, args.seed)
-    root = Path(tempfile.mkdtemp(prefix="tooti-soak-"))
-    children = Children(root)
+    reports: list[Report] = []
+
+    async def soak(children: Children, root: Path) -> None:
+        reports.append(await run(opts, children, root))
+
     try:
-        with sigint_raises():
-            report = trio.run(exit_on_signals, run, opts, children, root)
-    except RuntimeError as exc:
+        code = run_in_temp_dir("tooti-soak-", soak, keep=args.keep)
+    except RuntimeError as exc:  # the children's last lines are printed above
         print(f"error: {exc}", file=sys.stderr)
-        for child in children.children:
-            print(f"--- {child.name} ---\n{child.tail()}", file=sys.stderr)
         return 1
-    except BaseException as exc:
-        code = interrupted(exc)
-        if code is None:
-            raise
-        print(f"interrupted: stopping the children (exit {code})", file=sys.stderr)
+    if code:
+        print(f"interrupted: the children were stopped (exit {code})", file=sys.stderr)
         return code
-    finally:
-        children.stop_all()
-        if args.keep:
-            print(f"logs kept in {root}")
-        else:
-            for path in sorted(root.rglob("*"), reverse=True):
-                with contextlib.suppress(OSError):
-                    path.rmdir() if path.is_dir() else path.unlink()
-            with contextlib.suppress(OSError):
-                root.rmdir()
+    report = reports[0]
     passed = print_report(report)
     if args.json:
         args.json.write_text(json.dumps({
