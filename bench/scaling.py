@@ -108,23 +108,32 @@ TOP_UP = 10**12
 """Credit of the ``--keys`` account in micro-units (a million credits: never short)."""
 
 
-def haproxy_config(port: int, backends: dict[str, int], nbthread: int) -> str:
-    """HAProxy in front of ``backends`` (name -> gateway port on 127.0.0.1), as in
-    docs/scaling.md: round robin, ``/readyz`` checks every second, retries and
-    redispatch on connection failures, keep-alive to the gateways."""
-    servers = "".join(f"    server {name} 127.0.0.1:{p} check inter 1s fall 2 rise 2\n"
-                      for name, p in backends.items())
+def haproxy_config(port: int, backends: dict[str, int], *, nbthread: int | None = None,
+                   check_interval_ms: int = 1000, log: bool = False,
+                   served_by: bool = False) -> str:
+    """HAProxy in front of ``backends`` (server name -> gateway port on 127.0.0.1), as in
+    docs/scaling.md: ``bind 127.0.0.1:port``, round robin, ``/readyz`` checks every
+    ``check_interval_ms``, retries and redispatch on connection failures, keep-alive to
+    the gateways. ``nbthread``: HAProxy's threads (its default: one per CPU); ``log``:
+    its log (health checks too) on stdout; ``served_by``: an ``x-served-by`` header
+    naming the server that answered (``tests/test_scaling.py`` uses this one too)."""
+    servers = "".join(
+        f"    server {name} 127.0.0.1:{gateway_port} check inter {check_interval_ms}ms "
+        "fall 2 rise 2\n" for name, gateway_port in backends.items())
     return (
         "global\n"
-        f"    nbthread {nbthread}\n"
-        "    maxconn 8000\n"
+        + (f"    nbthread {nbthread}\n" if nbthread else "")
+        + ("    log stdout format raw local0 info\n" if log else "")
+        + "    maxconn 8000\n"
         "defaults\n"
         "    mode http\n"
-        "    option http-keep-alive\n"
+        + ("    log global\n" if log else "")
+        + "    option http-keep-alive\n"
         "    timeout connect 2s\n"
         "    timeout client 120s\n"
         "    timeout server 120s\n"
         "    timeout http-keep-alive 10s\n"
+        "    timeout check 2s\n"
         "frontend api\n"
         f"    bind 127.0.0.1:{port}\n"
         "    default_backend gws\n"
@@ -132,9 +141,11 @@ def haproxy_config(port: int, backends: dict[str, int], nbthread: int) -> str:
         "    balance roundrobin\n"
         "    option httpchk GET /readyz\n"
         "    http-check expect status 200\n"
-        "    retries 3\n"
+        + ("    option log-health-checks\n" if log else "")
+        + "    retries 3\n"
         "    option redispatch 1\n"
         "    retry-on conn-failure empty-response\n"
+        + ("    http-response set-header x-served-by %[srv_name]\n" if served_by else "")
         + servers
     )
 
@@ -209,7 +220,7 @@ def start_haproxy(children: Children, root: Path, backends: dict[str, int],
     gateway that lists the model."""
     port = free_port()
     config = root / "haproxy.cfg"
-    config.write_text(haproxy_config(port, backends, nbthread))
+    config.write_text(haproxy_config(port, backends, nbthread=nbthread))
     child = children.start("haproxy", [HAPROXY, "-W", "-db", "-f", str(config)], None)
     base = f"http://127.0.0.1:{port}"
     wait_until(lambda: serves_model(f"{base}/v1/models", headers), child, "HAProxy", 30)

@@ -49,6 +49,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -71,6 +72,9 @@ from tests.processes import (
 from tooti.accounts.database import Database
 from tooti.accounts.service import AccountService
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import scaling
+
 HAPROXY = "/usr/sbin/haproxy"
 INSTALL_HINT = "bash scripts/install-haproxy.sh installs it (Debian's haproxy package)"
 ADMIN_KEY = "scaling-admin-key"
@@ -91,43 +95,12 @@ MAX_FAILOVER_REQUESTS = 5000
 """Hang guard: requests sent while waiting for HAProxy to mark A down."""
 
 
-def haproxy_config(port: int, backends: dict[str, int], *, check_interval_ms: int = 200,
-                   log: bool = True) -> str:
-    """An HAProxy configuration: ``bind 127.0.0.1:port``, round robin over ``backends``
-    (server name → gateway port on 127.0.0.1), health checks on ``/readyz``, retries and
-    redispatch on connection failures, ``x-served-by`` naming the server that answered.
-    The same shape as docs/scaling.md's example (``bench/scaling.py`` writes its own)."""
-    servers = "".join(
-        f"    server {name} 127.0.0.1:{gateway_port} check inter {check_interval_ms}ms "
-        f"fall 2 rise 2\n" for name, gateway_port in backends.items())
-    logging = ("    log stdout format raw local0 info\n" if log else "")
-    return (
-        "global\n"
-        + logging
-        + "    maxconn 4096\n"
-        "defaults\n"
-        "    mode http\n"
-        + ("    log global\n" if log else "")
-        + "    option http-keep-alive\n"
-        "    timeout connect 2s\n"
-        "    timeout client 120s\n"
-        "    timeout server 120s\n"
-        "    timeout http-keep-alive 10s\n"
-        "    timeout check 2s\n"
-        "frontend api\n"
-        f"    bind 127.0.0.1:{port}\n"
-        "    default_backend gws\n"
-        "backend gws\n"
-        "    balance roundrobin\n"
-        "    option httpchk GET /readyz\n"
-        "    http-check expect status 200\n"
-        "    option log-health-checks\n"
-        "    retries 3\n"
-        "    option redispatch 1\n"
-        "    retry-on conn-failure empty-response\n"
-        "    http-response set-header x-served-by %[srv_name]\n"
-        + servers
-    )
+def haproxy_config(port: int, backends: dict[str, int]) -> str:
+    """``bench/scaling.py``'s HAProxy configuration (docs/scaling.md's shape), with fast
+    health checks, its log on stdout and ``x-served-by`` naming the server that
+    answered."""
+    return scaling.haproxy_config(port, backends, check_interval_ms=200, log=True,
+                                  served_by=True)
 
 
 def free_port() -> int:
