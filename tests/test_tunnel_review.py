@@ -19,14 +19,13 @@ import pytest
 import trio
 import trio.testing
 
+from tests.test_tunnel_session import QUIET, Wire, handshake
 from tooti.protocol import frames
 from tooti.protocol.frames import FLAG_ACK, FrameType
 from tooti.transport.memory import memory_pair
 from tooti.tunnel import FLUSH_TIMEOUT, TunnelSession
 from tooti.tunnel.session import OUTGOING_LIMIT, Wakeup
 from tooti.tunnel.streams import StreamIO
-
-from tests.test_tunnel_session import QUIET, Wire, handshake
 
 INTERVAL = 1.0
 
