@@ -120,6 +120,9 @@ class WebSocketTransport:
         self._leftover = b""
         self._more = True
         """The last read filled its buffer: read again before waiting."""
+        self._peeked: Any = None
+        """An event :meth:`peek_nowait` took from the decoder: :meth:`receive` returns it
+        first (unless :meth:`drop_peeked` consumed it)."""
         self._closed = False
         self._close_sent = False
         self.close_code: int | None = None
@@ -213,6 +216,69 @@ class WebSocketTransport:
             self._more = len(data) == RECEIVE_BYTES
             return data
 
+    # ------------------------------------------------------------ idle reading
+    # A tunnel's read loop with nothing to do parks in the process's idle set
+    # (:mod:`tooti.tunnel.idle`) instead of waiting on this socket; the idle set's task
+    # reads for it with these three calls, all synchronous.
+
+    def idle_fd(self) -> int:
+        """The socket's descriptor when this transport can be read by the idle set (plain
+        TCP, open, nothing buffered, peeked or waiting to be written, no write under way);
+        else -1."""
+        raw = self._raw
+        if (raw is None or self._closed or self._leftover or self._peeked is not None
+                or self._decoder.buffered or self._send_lock.locked()):
+            return -1
+        try:
+            return raw.fileno()
+        except OSError:
+            return -1
+
+    def read_nowait(self) -> bool:
+        """Read what the socket holds, without waiting, into the decoder. False when the
+        read loop must take over: the connection's end or an error (left for its next
+        read to find again), or a full buffer (more is likely waiting)."""
+        raw = self._raw
+        if raw is None:
+            return False
+        try:
+            data = raw.recv(RECEIVE_BYTES)
+        except BlockingIOError:
+            return True
+        except OSError:
+            self._more = True  # the read loop reads at once and meets the error (or EOF)
+            return False
+        if not data:
+            self._more = True
+            return False
+        self._decoder.feed(data)
+        if len(data) == RECEIVE_BYTES:
+            self._more = True
+            return False
+        return True
+
+    def peek_nowait(self) -> bytes | None:
+        """The next binary message if it is whole in the buffer, kept for :meth:`receive`
+        until :meth:`drop_peeked`; None when there is none, or the next event is anything
+        else (a ping, a close, a text message, a protocol error: left for
+        :meth:`receive`, which raises the error again)."""
+        event = self._peeked
+        if event is None:
+            try:
+                event = self._decoder.next_event()
+            except WebSocketError:
+                return None
+            if event is None:
+                return None
+            self._peeked = event
+        if type(event) is Message and not event.text:
+            return event.data
+        return None
+
+    def drop_peeked(self) -> None:
+        """The peeked message was handled: :meth:`receive` will not return it."""
+        self._peeked = None
+
     async def _close_stream(self) -> None:
         self._closed = True
         if self._raw is not None:
@@ -230,7 +296,11 @@ class WebSocketTransport:
             if self._closed:
                 raise TransportClosed("websocket closed")
             try:
-                event = decoder.next_event()
+                event = self._peeked
+                if event is None:
+                    event = decoder.next_event()
+                else:
+                    self._peeked = None
             except WebSocketError as exc:
                 await self._fail(exc.code, exc.message)
                 raise TransportClosed(f"websocket protocol error: {exc.message}") from None

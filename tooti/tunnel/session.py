@@ -7,6 +7,7 @@ See :mod:`tooti.tunnel` for what a session runs; the streams it hands out are in
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +35,7 @@ from tooti.protocol.usage import end_error
 from tooti.transport import Transport, TransportClosed
 from tooti.tunnel.codes import CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_PROTOCOL_ERROR, CLOSE_TIMEOUT
 from tooti.tunnel.deadlines import Entry, shared_timer
+from tooti.tunnel.idle import IdleReadable, idle_set
 from tooti.tunnel.outbox import current_outbox, flush_queued
 from tooti.tunnel.streams import (
     InboundStream,
@@ -54,6 +56,14 @@ with every this many acknowledgements of a heartbeating peer's ones, instead of 
 own timer: see :meth:`TunnelSession._on_peer_heartbeat`."""
 OUTGOING_LIMIT = 1 << 20
 """Bytes of frames queued for the writer beyond which senders wait (backpressure)."""
+IDLE_SET = True
+"""Whether an acceptor's idle plain-TCP tunnels park their read loops in the process's
+:class:`~tooti.tunnel.idle.IdleSet` (see :mod:`tooti.tunnel.idle`)."""
+IDLE_AFTER = 1.0
+"""Seconds without a new stream before a tunnel's read loop parks in the idle set: a
+tunnel carrying requests back to back keeps its read loop's own wait (a parked one
+costs the idle set's task a step on the first frame of each answer)."""
+_HEARTBEAT = bytes([frames.FrameType.HEARTBEAT])
 
 EventHook = Callable[[Event], None]
 StatsSource = Callable[[], dict[str, Any]]
@@ -173,6 +183,14 @@ class TunnelSession:
         self._peer_heartbeats = 0
         """HEARTBEATs received from the peer (an acceptor piggybacks its own on every
         :data:`ACCEPTOR_RTT_EVERY`-th one's acknowledgement)."""
+        self._idle_reader: IdleReadable | None = None
+        """The transport, when this session's read loop may park in the process's idle
+        set (:mod:`tooti.tunnel.idle`): an acceptor's plain-TCP WebSocket tunnel."""
+        self._busy_at = -math.inf
+        """When the last stream was opened (either way); see :data:`IDLE_AFTER`."""
+        self._idle_problem: ProtocolError | float | None = None
+        """What the idle set left for the read loop: a protocol error to close with, or
+        the time until which the peer, over its control budget, is not read."""
 
     # ------------------------------------------------------------ lifecycle
 
@@ -185,6 +203,9 @@ class TunnelSession:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     self._last_input = clock.now()
+                    if (IDLE_SET and self.conn.side is Side.ACCEPTOR
+                            and isinstance(self.transport, IdleReadable)):
+                        self._idle_reader = self.transport
                     nursery.start_soon(self._writer)
                     self._start_timer()
                     code, reason = await self._read_loop()
@@ -427,9 +448,23 @@ class TunnelSession:
         outbox = current_outbox()
         budget = self.control_budget = None if self._control is None else ControlBudget(
             self._control, self.heartbeat_interval, self._last_input)
+        reader = self._idle_reader
+        idle = None if reader is None else idle_set()
         try:
             with self._silence:
                 while True:
+                    if (idle is not None and not self._streams and reader is not None
+                            and self._last_input - self._busy_at >= IDLE_AFTER
+                            and reader.idle_fd() >= 0):  # nothing more to read at once
+                        flush_queued()  # what the last input produced goes out first
+                        if (fd := self._idle_fd()) >= 0:
+                            await idle.park(self, fd)  # until the idle set hands over
+                            problem, self._idle_problem = self._idle_problem, None
+                            if isinstance(problem, ProtocolError):
+                                return await self._protocol_error(problem)
+                            if problem is not None:  # over its budget: slow the peer down
+                                flush_queued()
+                                await trio.sleep_until(problem)
                     try:
                         # Before it waits for input, the transport calls flush_queued:
                         # what this batch of input produced goes out first.
@@ -451,12 +486,7 @@ class TunnelSession:
                             finally:
                                 outbox.dispatching = False
                     except ProtocolError as exc:
-                        log.warning("tunnel %s: protocol error %s, closing", self.name, exc)
-                        self.violation = f"{exc.code}: {exc.message}"
-                        self.close_reason = f"protocol error: {exc.code}"
-                        await self._send_quiet(self.conn.send_goaway(exc.code, exc.message))
-                        await self.flush()
-                        return CLOSE_PROTOCOL_ERROR, exc.code
+                        return await self._protocol_error(exc)
                     if self._cancel_scope.cancel_called:  # aborted while dispatching
                         await trio.lowlevel.checkpoint()
         finally:
@@ -464,6 +494,63 @@ class TunnelSession:
         log.warning("tunnel %s: peer silent for %.1fs, closing", self.name, timeout)
         self.close_reason = "heartbeat timeout"
         return CLOSE_GOING_AWAY, "heartbeat timeout"
+
+    async def _protocol_error(self, exc: ProtocolError) -> tuple[int, str]:
+        """The peer broke the protocol: GOAWAY, flush, and the close code to end with."""
+        log.warning("tunnel %s: protocol error %s, closing", self.name, exc)
+        self.violation = f"{exc.code}: {exc.message}"
+        self.close_reason = f"protocol error: {exc.code}"
+        await self._send_quiet(self.conn.send_goaway(exc.code, exc.message))
+        await self.flush()
+        return CLOSE_PROTOCOL_ERROR, exc.code
+
+    def _idle_fd(self) -> int:
+        """The socket to park the read loop on when the session is idle (an idle-set
+        transport, no stream open, nothing queued or being written, nothing buffered
+        in the transport); else -1."""
+        reader = self._idle_reader
+        if (reader is None or self._streams or self._outgoing or self._writing
+                or self._cancel_scope.cancel_called):
+            return -1
+        return reader.idle_fd()
+
+    def take_idle_input(self) -> bool:
+        """Called by the idle set (:mod:`tooti.tunnel.idle`) when this session's parked
+        socket is readable: read it without waiting and handle whole HEARTBEAT frames here,
+        as the read loop would (input time recorded, control budget charged, the ACK
+        written at once when the socket takes it). Returns whether the session is still
+        idle; False hands over to the read loop (another frame or part of one is
+        buffered, the connection ended, a write is left over, or a problem for the read
+        loop to act on is in :attr:`_idle_problem`)."""
+        reader = self._idle_reader
+        if reader is None or not reader.read_nowait():
+            return False
+        outbox = current_outbox()
+        budget = self.control_budget
+        while (message := reader.peek_nowait()) is not None and message[:1] == _HEARTBEAT:
+            reader.drop_peeked()
+            now = self._last_input = clock.now()
+            try:
+                pause = None if budget is None else budget.charge(message, now)
+                event = self.conn.receive_message(message)
+                if event is not None:
+                    outbox.dispatching = True
+                    try:
+                        self._dispatch(event)  # on_event may raise ProtocolError
+                    finally:
+                        outbox.dispatching = False
+            except ProtocolError as exc:
+                self._idle_problem = exc
+                return False
+            if pause is not None:
+                self._idle_problem = pause
+                return False
+            if self._cancel_scope.cancel_called:  # aborted while dispatching (violate())
+                return False  # nothing more of the peer's is processed
+        if self._outgoing:
+            outbox.queued.discard(self)
+            self.flush_nowait()  # the ACK, straight to the socket when it takes it
+        return self._idle_fd() >= 0
 
     def _dispatch(self, event: Event) -> None:
         if isinstance(event, DataReceived):
@@ -527,6 +614,7 @@ class TunnelSession:
         io.fin = event.fin
         io.scope = trio.CancelScope()
         self._streams[event.stream_id] = io
+        self._busy_at = self._last_input
         stream = InboundStream(self, event.stream_id, event.meta, io)
         assert self._nursery is not None
         if self._handler is None:
@@ -604,6 +692,7 @@ class TunnelSession:
         sid, frame, rest = self.conn.open_stream(meta, body, fin)
         io = StreamIO()
         self._streams[sid] = io
+        self._busy_at = clock.now()
         # Queued past the backpressure limit (OPENs are bounded by the stream limit):
         # OPENs go out in stream-id order, and no later CANCEL names an id the peer
         # never saw. Outside a read loop's dispatch it is written at once when the
