@@ -245,3 +245,47 @@ async def test_a_violation_found_in_the_idle_set_stops_reading_the_peer() -> Non
             await t.session.closed.wait()
     assert len([e for e in seen if isinstance(e, HeartbeatReceived)]) == 1
     assert t.session.violation.startswith("bad_field")
+
+
+async def test_an_owner_exception_in_the_idle_set_ends_the_session_as_in_the_read_loop(
+) -> None:
+    """An exception other than a protocol error from the session's owner (a bug while
+    handling a HEARTBEAT) ends the session, as it does when the read loop dispatches
+    the frame itself; the idle set does not swallow it and park the tunnel again."""
+
+    def on_event(event: Event) -> None:
+        if isinstance(event, HeartbeatReceived):
+            raise TypeError("a bug in the owner")
+
+    with pytest.raises(BaseExceptionGroup) as caught:
+        async with tunnel(on_event=on_event) as t:
+            assert len(idle_set()) == 1
+            await t.peer.send(t.peer_conn.send_heartbeat({"t": 1.0}))
+            with trio.fail_after(5):
+                await t.session.closed.wait()
+    assert caught.value.subgroup(TypeError) is not None
+
+
+async def test_a_failing_stats_source_ends_the_session_instead_of_its_silence_watch(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """A stats source that raises when the session's own HEARTBEAT is due ends the
+    session; the shared timer must not drop the entry and leave a tunnel with neither
+    heartbeats nor a silence watch (a half-open connection would never be noticed)."""
+    calls: list[int] = []
+
+    def stats() -> dict[str, object]:
+        calls.append(1)
+        raise ValueError("stats source broke")
+
+    client, server = await tcp_pair()
+    peer = WebSocketTransport(client, "gateway", client=True, max_message=MAX)
+    ours = WebSocketTransport(server, "node", client=False, max_message=MAX)
+    _, conn = await handshake(peer, ours, interval=1.0)
+    session = TunnelSession(ours, conn, heartbeat_interval=1.0, name="node", stats=stats)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run)
+        with trio.fail_after(30):
+            await session.closed.wait()
+    assert calls
+    assert session.close_reason == "heartbeat failed"
+    await peer.aclose()

@@ -86,15 +86,21 @@ class IdleSet:
 
     async def park(self, session: TunnelSession, fd: int) -> None:
         """Park the calling read loop until its session hands over (returns) or the task
-        is cancelled (raises). ``fd`` is the session's socket, not in the set yet."""
+        is cancelled (raises). ``fd`` is the session's socket, not in the set yet. Once
+        the set has stopped (the run's end) it returns at once: the loop reads itself."""
+        if self._epoll.closed:
+            return
         try:
             self._epoll.register(fd, select.EPOLLIN)
         except FileExistsError:  # a stale registration of a closed, reused number
             self._epoll.modify(fd, select.EPOLLIN)
-        self._parked[fd] = (session, trio.lowlevel.current_task())
+        task = trio.lowlevel.current_task()
+        self._parked[fd] = (session, task)
 
         def abort(_: object) -> trio.lowlevel.Abort:
-            self._forget(fd)
+            parked = self._parked.get(fd)
+            if parked is not None and parked[1] is task:  # not a later tunnel on that number
+                self._forget(fd)
             return trio.lowlevel.Abort.SUCCEEDED
 
         await trio.lowlevel.wait_task_rescheduled(abort)

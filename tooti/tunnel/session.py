@@ -188,7 +188,7 @@ class TunnelSession:
         set (:mod:`tooti.tunnel.idle`): an acceptor's plain-TCP WebSocket tunnel."""
         self._busy_at = -math.inf
         """When the last stream was opened (either way); see :data:`IDLE_AFTER`."""
-        self._idle_problem: ProtocolError | float | None = None
+        self._idle_problem: Exception | float | None = None
         """What the idle set left for the read loop: a protocol error to close with, or
         the time until which the peer, over its control budget, is not read."""
 
@@ -409,6 +409,10 @@ class TunnelSession:
                     frame = self._heartbeat_frame()
                 except RuntimeError:  # the connection closed meanwhile
                     return
+                except Exception:  # a stats source failed: end the session, never its watch
+                    log.exception("tunnel %s: heartbeat failed, closing", self.name)
+                    self.abort("heartbeat failed")
+                    return
                 # Straight to the socket when it takes it: no writer wake-up per heartbeat.
                 self._outgoing.append(frame)
                 self._queued += len(frame)
@@ -462,6 +466,8 @@ class TunnelSession:
                             problem, self._idle_problem = self._idle_problem, None
                             if isinstance(problem, ProtocolError):
                                 return await self._protocol_error(problem)
+                            if isinstance(problem, Exception):  # ends the session, as here
+                                raise problem
                             if problem is not None:  # over its budget: slow the peer down
                                 flush_queued()
                                 await trio.sleep_until(problem)
@@ -539,7 +545,7 @@ class TunnelSession:
                         self._dispatch(event)  # on_event may raise ProtocolError
                     finally:
                         outbox.dispatching = False
-            except ProtocolError as exc:
+            except Exception as exc:  # the read loop acts on it as on its own input's
                 self._idle_problem = exc
                 return False
             if pause is not None:
