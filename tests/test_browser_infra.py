@@ -215,6 +215,7 @@ def run_install_script(tmp_path: Path, apt_get: str | None) -> subprocess.Comple
     given, is the stand-in apt-get's shell body)."""
     script = tmp_path / "install-chromium.sh"
     script.write_text(SCRIPT_PATH.read_text().replace("/usr/bin/chrom", str(tmp_path / "chrom")))
+    shutil.copy(SCRIPT_PATH.parent / "apt-optional.sh", tmp_path)  # what it sources
     tools = tmp_path / "bin"
     tools.mkdir()
     for tool in ("bash", "mktemp", "tail", "id", "rm", "sudo"):

@@ -337,6 +337,20 @@ class _Connection:
             pass
 
 
+
+async def read_limited(body: AsyncIterator[bytes], limit: int) -> bytes:
+    """Up to ``limit`` bytes of ``body`` (an error body, read best effort): a failure of
+    the transport, or what a caller's ``body_error`` made of it, ends it early."""
+    data = bytearray()
+    try:
+        async for chunk in body:
+            data += chunk
+            if len(data) >= limit:
+                break
+    except Exception:  # HttpError, or what body_error made of it
+        pass
+    return bytes(data[:limit])
+
 class Response:
     """A response whose head has arrived; iterate for the raw body chunks, then
     :meth:`close` (always: it releases the connection)."""
@@ -392,15 +406,7 @@ class Response:
 
     async def read(self, limit: int) -> bytes:
         """Up to ``limit`` bytes of the body; a transport failure ends it early."""
-        data = bytearray()
-        try:
-            async for chunk in self:
-                data += chunk
-                if len(data) >= limit:
-                    break
-        except Exception:  # HttpError, or what body_error made of it
-            pass
-        return bytes(data[:limit])
+        return await read_limited(self, limit)
 
     async def aclose(self) -> None:
         """:meth:`close` (no checkpoint: an awaitable form for callers that close

@@ -38,7 +38,13 @@ import httpx
 import trio
 
 from tooti.backends.base import BackendError
-from tooti.backends.http_client import ConnectFailed, HttpClient, HttpError, ProtocolFailed
+from tooti.backends.http_client import (
+    ConnectFailed,
+    HttpClient,
+    HttpError,
+    ProtocolFailed,
+    read_limited,
+)
 from tooti.settings import BackendSettings
 
 MAX_ERROR_BODY = 65_536
@@ -195,15 +201,7 @@ class HttpxAnswer:
             raise ProtocolFailed(f"the answer's body broke: {exc!r}") from exc
 
     async def read(self, limit: int) -> bytes:
-        data = bytearray()
-        try:
-            async for chunk in self:
-                data += chunk
-                if len(data) >= limit:
-                    break
-        except ProtocolFailed:
-            pass
-        return bytes(data[:limit])
+        return await read_limited(self, limit)
 
     async def aclose(self) -> None:
         try:

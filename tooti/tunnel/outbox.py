@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     from tooti.tunnel.session import TunnelSession
 
 
-class _Outbox:
+class Outbox:
     """Per trio run: the sessions with frames queued since the last read-loop flush,
     and whether a read loop is dispatching input right now."""
 
@@ -22,15 +22,15 @@ class _Outbox:
         self.dispatching = False
 
 
-_OUTBOX: trio.lowlevel.RunVar[_Outbox] = trio.lowlevel.RunVar("tooti_outbox")
+_OUTBOX: trio.lowlevel.RunVar[Outbox] = trio.lowlevel.RunVar("tooti_outbox")
 
 
-def current_outbox() -> _Outbox:
+def current_outbox() -> Outbox:
     """The outbox of the current trio run (made on first use)."""
     try:
         return _OUTBOX.get()
     except LookupError:
-        outbox = _Outbox()
+        outbox = Outbox()
         _OUTBOX.set(outbox)
         return outbox
 

@@ -36,7 +36,7 @@ from tooti.transport import Transport, TransportClosed
 from tooti.tunnel.codes import CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_PROTOCOL_ERROR, CLOSE_TIMEOUT
 from tooti.tunnel.deadlines import Entry, shared_timer
 from tooti.tunnel.idle import IdleReadable, idle_set
-from tooti.tunnel.outbox import current_outbox, flush_queued
+from tooti.tunnel.outbox import Outbox, current_outbox, flush_queued
 from tooti.tunnel.streams import (
     InboundStream,
     OutboundStream,
@@ -189,6 +189,8 @@ class TunnelSession:
         self._busy_at = -math.inf
         """When the last stream was opened (either way); see :data:`IDLE_AFTER`."""
         self._idle_problem: Exception | float | None = None
+        self._outbox = Outbox()
+        """The run's outbox, from the read loop's start (:meth:`_take` marks dispatches in it)."""
         """What the idle set left for the read loop: a protocol error to close with, or
         the time until which the peer, over its control budget, is not read."""
 
@@ -449,7 +451,7 @@ class TunnelSession:
     async def _read_loop(self) -> tuple[int, str]:
         timeout = 3 * self.heartbeat_interval
         self._last_input = clock.now()
-        outbox = current_outbox()
+        self._outbox = current_outbox()
         budget = self.control_budget = None if self._control is None else ControlBudget(
             self._control, self.heartbeat_interval, self._last_input)
         reader = self._idle_reader
@@ -484,13 +486,7 @@ class TunnelSession:
                             if pause is not None:  # over its budget: slow the peer down
                                 flush_queued()
                                 await trio.sleep_until(pause)
-                        event = self.conn.receive_message(message)
-                        if event is not None:
-                            outbox.dispatching = True
-                            try:
-                                self._dispatch(event)  # on_event may raise ProtocolError
-                            finally:
-                                outbox.dispatching = False
+                        self._take(message)  # on_event may raise ProtocolError
                     except ProtocolError as exc:
                         return await self._protocol_error(exc)
                     if self._cancel_scope.cancel_called:  # aborted while dispatching
@@ -500,6 +496,19 @@ class TunnelSession:
         log.warning("tunnel %s: peer silent for %.1fs, closing", self.name, timeout)
         self.close_reason = "heartbeat timeout"
         return CLOSE_GOING_AWAY, "heartbeat timeout"
+
+    def _take(self, message: bytes) -> None:
+        """Decode one message of the peer's and dispatch its event, the run's outbox told
+        a dispatch is under way (what it queues is written after the batch); the read
+        loop's and the idle set's one way in."""
+        event = self.conn.receive_message(message)
+        if event is not None:
+            outbox = self._outbox
+            outbox.dispatching = True
+            try:
+                self._dispatch(event)
+            finally:
+                outbox.dispatching = False
 
     async def _protocol_error(self, exc: ProtocolError) -> tuple[int, str]:
         """The peer broke the protocol: GOAWAY, flush, and the close code to end with."""
@@ -538,13 +547,7 @@ class TunnelSession:
             now = self._last_input = clock.now()
             try:
                 pause = None if budget is None else budget.charge(message, now)
-                event = self.conn.receive_message(message)
-                if event is not None:
-                    outbox.dispatching = True
-                    try:
-                        self._dispatch(event)  # on_event may raise ProtocolError
-                    finally:
-                        outbox.dispatching = False
+                self._take(message)  # on_event may raise ProtocolError
             except Exception as exc:  # the read loop acts on it as on its own input's
                 self._idle_problem = exc
                 return False
