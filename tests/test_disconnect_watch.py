@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import httpx
 import pytest
 import trio
 
 from tests.conftest import Network
+from tests.test_e2e_cancellation import walk_away
 from tests.upstream import SlowUpstream, backend_call_cancelled, start_upstream
 from tooti.backends.openai import OpenAIBackend
 from tooti.settings import BackendSettings
@@ -40,22 +40,9 @@ async def test_walk_away_is_seen_by_the_watch_and_reaches_the_upstream(
     await network.add_node([OpenAIBackend(BackendSettings(type="openai", url=url))])
     assert network.gateway.disconnects.running
     spawns = Spawns()
-    body = {"model": "slow", "stream": stream, "messages": [{"role": "user", "content": "x"}]}
     trio.lowlevel.add_instrument(spawns)
     try:
-        async with httpx.AsyncClient(base_url=network.url, timeout=30) as http:
-            if stream:
-                async with http.stream("POST", "/v1/chat/completions", json=body) as answer:
-                    assert answer.status_code == 200
-                    async for line in answer.aiter_lines():
-                        if line.startswith("data:"):
-                            break  # the first token arrived: now walk away
-            else:
-                async with trio.open_nursery() as inner:
-                    inner.start_soon(lambda: http.post("/v1/chat/completions", json=body))
-                    with trio.fail_after(10):
-                        await upstream.started.wait()
-                    inner.cancel_scope.cancel()  # the client gives up before any byte
+        await walk_away(network, upstream, stream)
         await backend_call_cancelled(network, upstream)
     finally:
         trio.lowlevel.remove_instrument(spawns)

@@ -12,13 +12,9 @@ from tooti.backends.openai import OpenAIBackend
 from tooti.settings import BackendSettings
 
 
-@pytest.mark.parametrize("stream", [True, False])
-async def test_client_disconnect_reaches_upstream(
-    network: Network, nursery: trio.Nursery, stream: bool
-) -> None:
-    upstream = SlowUpstream()
-    url = await start_upstream(nursery, upstream)
-    await network.add_node([OpenAIBackend(BackendSettings(type="openai", url=url))])
+async def walk_away(network: Network, upstream: SlowUpstream, stream: bool) -> None:
+    """Ask the slow upstream's model through the gateway and walk away: a stream after
+    its first token, a whole answer before any byte (once the upstream has the request)."""
     body = {"model": "slow", "stream": stream, "messages": [{"role": "user", "content": "x"}]}
     async with httpx.AsyncClient(base_url=network.url, timeout=30) as http:
         if stream:
@@ -33,4 +29,14 @@ async def test_client_disconnect_reaches_upstream(
                 with trio.fail_after(10):
                     await upstream.started.wait()
                 inner.cancel_scope.cancel()  # the client gives up before any byte
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_client_disconnect_reaches_upstream(
+    network: Network, nursery: trio.Nursery, stream: bool
+) -> None:
+    upstream = SlowUpstream()
+    url = await start_upstream(nursery, upstream)
+    await network.add_node([OpenAIBackend(BackendSettings(type="openai", url=url))])
+    await walk_away(network, upstream, stream)
     await backend_call_cancelled(network, upstream)
