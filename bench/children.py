@@ -219,6 +219,27 @@ def run_in_temp_dir(prefix: str, work: Callable[..., Awaitable[object]], *args: 
     return 0
 
 
+def report_in_temp_dir(prefix: str, work: Callable[..., Awaitable[T]], *args: Any,
+                       keep: bool = False) -> tuple[int, T | None]:
+    """:func:`run_in_temp_dir` for a benchmark whose ``work`` returns its report:
+    ``(0, report)``, or ``(exit code, None)`` once it has said on stderr what stopped
+    it (1 for an error: the children's last lines are printed above it)."""
+    reports: list[T] = []
+
+    async def keep_report(*arguments: Any) -> None:
+        reports.append(await work(*arguments))
+
+    try:
+        code = run_in_temp_dir(prefix, keep_report, *args, keep=keep)
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1, None
+    if code:
+        print(f"interrupted: the children were stopped (exit {code})", file=sys.stderr)
+        return code, None
+    return 0, reports[0]
+
+
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 

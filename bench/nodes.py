@@ -69,7 +69,7 @@ from children import (
     machine_busy_seconds,
     proc_status_kib,
     raise_fd_limit,
-    run_in_temp_dir,
+    report_in_temp_dir,
     toml_table,
     user_system_seconds,
 )
@@ -664,20 +664,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                    keep=args.keep, tracemalloc=args.tracemalloc, stall=args.stall)
     soft, hard = raise_fd_limit(opts.nodes + 1024)
     print(f"fd limit: soft {soft}, hard {hard} (inherited by the children)")
-    reports: list[Report] = []
-
-    async def measure(children: Children, root: Path) -> None:
-        reports.append(await benchmark(opts, children, root))
-
-    try:
-        code = run_in_temp_dir("tooti-nodes-", measure, keep=opts.keep)
-    except RuntimeError as exc:  # the children's last lines are printed above
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    if code:
-        print(f"interrupted: the children were stopped (exit {code})", file=sys.stderr)
+    code, report = report_in_temp_dir("tooti-nodes-", benchmark, opts, keep=opts.keep)
+    if report is None:
         return code
-    clean = print_report(opts, reports[0])
+    clean = print_report(opts, report)
     return 0 if clean else 1
 
 

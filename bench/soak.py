@@ -105,7 +105,7 @@ from children import (
     Children,
     load_average,
     proc_status_kib,
-    run_in_temp_dir,
+    report_in_temp_dir,
     sse_problem,
     toml_table,
     wait_for_log,
@@ -916,20 +916,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.minutes < 0.5:
         parser.error("--minutes must be at least 0.5")
     opts = Options(args.minutes, args.concurrency, args.sample_every, args.seed)
-    reports: list[Report] = []
-
-    async def soak(children: Children, root: Path) -> None:
-        reports.append(await run(opts, children, root))
-
-    try:
-        code = run_in_temp_dir("tooti-soak-", soak, keep=args.keep)
-    except RuntimeError as exc:  # the children's last lines are printed above
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    if code:
-        print(f"interrupted: the children were stopped (exit {code})", file=sys.stderr)
+    code, report = report_in_temp_dir("tooti-soak-", run, opts, keep=args.keep)
+    if report is None:
         return code
-    report = reports[0]
     passed = print_report(report)
     if args.json:
         args.json.write_text(json.dumps({
